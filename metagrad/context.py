@@ -1,0 +1,229 @@
+"""``MetaGradient``: one context manager around the user's inner loop."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .estimators import Estimator, resolve
+from .functional import FunctionalModel
+from .optim import Params, UpdateRule
+from .trajectory import Closure, Trajectory
+
+__all__ = ["MetaGradient"]
+
+
+class MetaGradient:
+    """Differentiate a query loss through the user's inner loop.
+
+    Example::
+
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.01),
+                             estimator=mg.Binomial(order=3)) as meta:
+            for _ in range(5):
+                meta.step(lambda fmodel: F.mse_loss(fmodel(x_s), y_s))
+            F.mse_loss(meta.fmodel(x_q), y_q).backward()
+
+    θ is the model's parameters that require grad. ``meta.fmodel`` is the model at
+    the current fast weights φ_K; they reach θ through one custom autograd node
+    whose backward runs ``estimator``. So any loss built from ``meta.fmodel`` can be
+    scaled, combined and backpropagated, and the meta-gradient is *accumulated*
+    into each parameter's ``.grad`` as by any ``.backward()``. The model's
+    parameters are never modified. The model's buffers are never written either:
+    see :mod:`metagrad.functional` for the BatchNorm policy.
+
+    With zero inner steps, ``meta.fmodel`` is the model at θ itself, and backward
+    gives the ordinary gradient ``∇L_val(θ)`` for every estimator.
+
+    If the block raises, every parameter's ``.grad`` is restored to its value at
+    entry, and the stored trajectory (iterates and graphs) is released.
+
+    A loss built inside the block may be backpropagated after it ends; the
+    trajectory is kept until that first backward and released after it. Once a
+    backward has run inside the block, the trajectory is released at its end.
+
+    Args:
+        model: any ``nn.Module``. All its parameters and buffers must be on one device.
+        inner_opt: the differentiable update rule of the inner loop, e.g.
+            ``mg.optim.SGD(lr=0.01)``.
+        estimator: an :class:`~metagrad.Estimator`, or one of the names ``"full"``,
+            ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``)
+            and ``"binomial"`` (``Binomial(order=2)``). Default: ``Full()``.
+        check_finite: raise ``FloatingPointError`` at the first inner step whose loss is
+            NaN or infinite (default). With ``False``, non-finite values propagate.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inner_opt: UpdateRule,
+        estimator: Union[Estimator, str, None] = None,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
+        if not (hasattr(inner_opt, "init") and hasattr(inner_opt, "step")):
+            raise TypeError(
+                f"inner_opt: expected an update rule with init() and step(), such as "
+                f"mg.optim.SGD(lr=0.01), got {type(inner_opt).__name__} {inner_opt!r}."
+            )
+        if isinstance(inner_opt, torch.optim.Optimizer):
+            raise TypeError(
+                "inner_opt: got a torch.optim optimizer, which updates in place and cannot be "
+                "differentiated; use a metagrad rule such as mg.optim.SGD(lr=0.01)."
+            )
+        self.model = model
+        self.inner_opt = inner_opt
+        self.estimator = resolve(estimator)
+        self.check_finite = check_finite
+        self.info: Mapping[str, Any] = types.MappingProxyType({})
+        self._active = False
+        self._trajectory: Optional[Trajectory] = None
+        self._names: tuple[str, ...] = ()
+        self._params: tuple[torch.nn.Parameter, ...] = ()
+        self._saved_grads: list[Optional[torch.Tensor]] = []
+        self._fmodel: Optional[tuple[int, FunctionalModel]] = None
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "MetaGradient":
+        if self._active:
+            raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"model: {type(self.model).__name__} has no parameters that require grad, so "
+                "there is nothing to meta-learn. Pass a model with trainable parameters."
+            )
+        devices = {t.device for t in self.model.parameters()} | {t.device for t in self.model.buffers()}
+        if len(devices) > 1:
+            raise ValueError(
+                f"model: parameters and buffers are on several devices {sorted(map(str, devices))}; "
+                "metagrad needs them on one device. Move the model with model.to(device)."
+            )
+        self._names = tuple(n for n, _ in named)
+        self._params = tuple(p for _, p in named)
+        theta = {n: p.detach() for n, p in named}
+        if self.estimator.differentiable:
+            theta = {n: t.clone().requires_grad_() for n, t in theta.items()}
+        self._trajectory = Trajectory(self.model, theta, self.inner_opt,
+                                      differentiable=self.estimator.differentiable,
+                                      keep=self.estimator.keep(), check_finite=self.check_finite)
+        self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._params]
+        self._fmodel = None
+        self.info = types.MappingProxyType({})
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        trajectory = self._trajectory
+        self._active = False
+        self._fmodel = None
+        self._trajectory = None
+        if trajectory is not None:
+            trajectory.block_ended = True
+            if exc_type is not None or trajectory.backward_calls > 0:
+                trajectory.release()
+        if exc_type is not None:
+            for param, saved in zip(self._params, self._saved_grads):
+                param.grad = saved
+        self._saved_grads = []
+        return False
+
+    # --------------------------------------------------------------- inner loop
+    def step(self, closure: Closure) -> torch.Tensor:
+        """Take one inner step and return its loss, detached.
+
+        Args:
+            closure: called as ``closure(fmodel)`` with the model at the current fast
+                weights; returns the scalar inner loss. Estimators that rebuild step
+                graphs (Checkpointed, Truncated, Binomial) call it again during backward
+                at stored fast weights, so it must depend only on the model it is given
+                and on data that stays the same: no hidden state, no random operations,
+                nothing that changes between calls. For Binomial it is also called under
+                ``torch.func.vmap``.
+        """
+        if not callable(closure):
+            raise TypeError(
+                f"closure: expected a callable fmodel -> loss, got {type(closure).__name__}."
+            )
+        loss = self._open_trajectory().advance(closure)
+        self._fmodel = None
+        return loss
+
+    @property
+    def steps(self) -> int:
+        """The number of inner steps taken so far."""
+        return self._open_trajectory().length
+
+    @property
+    def fmodel(self) -> FunctionalModel:
+        """The model at the current fast weights, attached to θ through the estimator."""
+        trajectory = self._open_trajectory()
+        k = trajectory.length
+        if self._fmodel is None or self._fmodel[0] != k:
+            if k == 0:
+                params = dict(zip(self._names, self._params))
+            else:
+                outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
+                params = dict(zip(self._names, outputs))
+            self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open))
+        return self._fmodel[1]
+
+    def _open_trajectory(self) -> Trajectory:
+        self._check_open()
+        assert self._trajectory is not None
+        return self._trajectory
+
+    def _check_open(self) -> None:
+        if not self._active:
+            raise RuntimeError(
+                "meta.fmodel/meta.step: this MetaGradient block has ended (or was never "
+                "entered). Use them inside `with mg.MetaGradient(...) as meta:`."
+            )
+
+    def __repr__(self) -> str:
+        return (f"MetaGradient({type(self.model).__name__}, inner_opt={self.inner_opt!r}, "
+                f"estimator={self.estimator!r})")
+
+
+class _Snapshot:
+    """What the autograd node needs: the trajectory and the K its output was taken at."""
+
+    def __init__(self, owner: MetaGradient, trajectory: Trajectory, steps: int) -> None:
+        self.owner = owner
+        self.trajectory = trajectory
+        self.steps = steps
+        self.estimator = owner.estimator
+        self.names = owner._names
+
+    def run(self, v: Params) -> Params:
+        trajectory = self.trajectory
+        with torch.enable_grad():
+            grads, info = self.estimator.backward(trajectory, self.steps, v)
+        self.owner.info = types.MappingProxyType({"estimator": repr(self.estimator), **info})
+        trajectory.backward_calls += 1
+        if trajectory.block_ended:
+            trajectory.release()
+        return grads
+
+
+class _ThroughInnerLoop(torch.autograd.Function):
+    """θ ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator."""
+
+    @staticmethod
+    def forward(ctx: Any, snapshot: _Snapshot, *theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.snapshot = snapshot
+        final = snapshot.trajectory.iterate(snapshot.steps)
+        return tuple(final[n].detach() for n in snapshot.names)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        snapshot: _Snapshot = ctx.snapshot
+        grads = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+        return (None, *(grads[n] for n in snapshot.names))

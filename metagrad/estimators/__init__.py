@@ -1,0 +1,49 @@
+"""Meta-gradient estimators, one module each, sharing :class:`Estimator`'s interface."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from .base import Estimator, MetaGradientWarning
+from .binomial import Binomial
+from .checkpointed import Checkpointed
+from .first_order import FirstOrder
+from .full import Full
+from .truncated import Truncated
+
+__all__ = ["Estimator", "MetaGradientWarning", "Full", "Checkpointed", "FirstOrder", "Truncated",
+           "Binomial", "resolve"]
+
+#: The names ``MetaGradient(estimator=...)`` accepts, with their defaults.
+BY_NAME = {
+    "full": Full,
+    "checkpointed": Checkpointed,
+    "first_order": FirstOrder,
+    "truncated": Truncated,  # Truncated(steps=2)
+    "binomial": Binomial,  # Binomial(order=2, chunk_size=None)
+}
+
+
+def resolve(estimator: Union[Estimator, str, None]) -> Estimator:
+    """Turn the ``estimator=`` argument into an :class:`Estimator` (``None`` is Full)."""
+    if estimator is None:
+        return Full()
+    if isinstance(estimator, Estimator):
+        return estimator
+    if isinstance(estimator, str):
+        try:
+            return BY_NAME[estimator]()
+        except KeyError:
+            raise ValueError(
+                f"estimator: unknown name {estimator!r}; accepted names are {sorted(BY_NAME)}, "
+                "or an instance such as mg.Binomial(order=3)."
+            ) from None
+    if isinstance(estimator, type) and issubclass(estimator, Estimator):
+        raise TypeError(
+            f"estimator: got the class {estimator.__name__}; pass an instance, "
+            f"e.g. {estimator.__name__}()."
+        )
+    raise TypeError(
+        f"estimator: expected an Estimator instance or one of {sorted(BY_NAME)}, "
+        f"got {type(estimator).__name__} {estimator!r}."
+    )

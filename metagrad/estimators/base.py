@@ -1,0 +1,82 @@
+"""The one interface every estimator implements."""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from typing import Any, Optional
+
+from ..optim import Params
+from ..trajectory import Trajectory
+
+__all__ = ["Estimator", "MetaGradientWarning"]
+
+
+class MetaGradientWarning(UserWarning):
+    """A warning about how a meta-gradient is computed."""
+
+
+class Estimator(abc.ABC):
+    """A backward strategy: how ``v = ∇L_val(φ_K)`` is carried back to θ.
+
+    Subclasses set two class attributes and implement :meth:`backward`:
+
+    - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
+    - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
+    """
+
+    differentiable: bool = False
+
+    def keep(self) -> Optional[int]:
+        """How many of the most recent inner steps to store; ``None`` stores all."""
+        return None
+
+    @abc.abstractmethod
+    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+        """Return the meta-gradient estimate and a report.
+
+        Args:
+            trajectory: the stored inner loop.
+            steps: K, the number of inner steps the query loss was built after.
+            v: ``∇L_val(φ_K)``, name→tensor.
+
+        Returns:
+            ``(g, info)``: the estimate with the layout of ``v``, and a dict of what was
+            done (read by users as ``meta.info``).
+        """
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> Optional[int]:
+    """Validate an integer argument; the error names it, the value and what is accepted."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        accepted = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise TypeError(f"{argument}: expected {accepted}, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        accepted = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{argument}: expected {accepted}, got {value!r}.")
+    return value
+
+
+def clamp_to_steps(value: int, steps: int, what: str, name: str) -> int:
+    """Clamp an order or step count to K, warning that the result is then exact."""
+    if value <= steps:
+        return value
+    warnings.warn(
+        f"{what}: {name}={value} exceeds the number of inner steps K={steps}; using {name}={steps}, "
+        f"which gives the exact meta-gradient. Pass {name} <= K to silence this warning.",
+        MetaGradientWarning,
+        stacklevel=4,
+    )
+    return steps

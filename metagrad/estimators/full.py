@@ -1,0 +1,35 @@
+"""Full: autograd through the unrolled inner loop (MATH.md (1), table row "Full")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..optim import Params
+from ..trajectory import Trajectory
+from .base import Estimator
+
+__all__ = ["Full"]
+
+
+class Full(Estimator):
+    """The exact meta-gradient by autograd through the unrolled inner loop.
+
+    The inner loop runs with ``create_graph=True`` and keeps K step graphs in
+    memory; backward is one ``torch.autograd.grad`` through them. Exact for any
+    differentiable update rule. The reference every other estimator is measured
+    against.
+    """
+
+    differentiable = True
+
+    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+        final = trajectory.iterate(steps)
+        theta = trajectory.theta
+        # retain_graph: the query loss may be backpropagated more than once while the
+        # block is open; the graph is freed when the trajectory is released.
+        grads = torch.autograd.grad([final[n] for n in v], [theta[n] for n in v],
+                                    [v[n] for n in v], retain_graph=True, allow_unused=True)
+        g = {n: torch.zeros_like(v[n]) if t is None else t for n, t in zip(v, grads)}
+        return g, {"steps": steps}

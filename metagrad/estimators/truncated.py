@@ -1,0 +1,37 @@
+"""Truncated(T): only the last T step Jacobians (MATH.md table, "Truncated(T)")."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..optim import Params
+from ..trajectory import Trajectory
+from .base import Estimator, check_count, clamp_to_steps
+
+__all__ = ["Truncated"]
+
+
+class Truncated(Estimator):
+    """Backpropagate through the last ``steps`` inner steps; earlier ones count as I.
+
+    Computes ``(I − αH_{K−T}) ⋯ (I − αH_{K−1}) v`` with one rebuilt step graph at a
+    time, and stores only the last T iterates. ``Truncated(0)`` is FirstOrder and
+    ``Truncated(K)`` is exact. A ``steps`` larger than K is clamped to K with a
+    :class:`MetaGradientWarning` (the result is then exact).
+
+    Args:
+        steps: T, the number of final inner steps to differentiate through (>= 0).
+    """
+
+    def __init__(self, steps: int = 2) -> None:
+        self.steps = check_count(steps, "Truncated(steps)", minimum=0)
+
+    def keep(self) -> Optional[int]:
+        return self.steps
+
+    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+        kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
+        u = dict(v)
+        for m in reversed(range(steps - kept, steps)):
+            u = trajectory.vjp(m, u)
+        return u, {"steps": steps, "truncated_to": kept, "hessian_vector_products": kept}

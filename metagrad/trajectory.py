@@ -1,0 +1,284 @@
+"""The stored inner trajectory, and the products estimators compute with it.
+
+During the inner loop the trajectory keeps, for each step k, the iterate φ_k, the
+update rule's state, and the closure that gave the step's loss. It keeps no graph,
+except for the Full estimator, whose inner loop is itself differentiable
+(MATH.md, "Dynamic graph management").
+
+Estimators use two products, both with the step Jacobian ``J_m = ∂φ_{m+1}/∂φ_m``
+(the optimizer state held constant, MATH.md "Optimizers other than plain gradient
+descent"). For plain gradient descent ``J_mᵀ u = u − α H_m u``.
+
+- :meth:`Trajectory.vjp` — one product, by a double backward through a step graph
+  rebuilt at φ_m and freed on return. Sequential estimators use it.
+- :meth:`Trajectory.batched_vjp` — many products in one ``torch.func.vmap`` call
+  (``vjp`` of ``grad``), over stored iterates, at most ``chunk_size`` step graphs
+  at a time. The binomial estimator's levels use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .functional import FunctionalModel
+from .optim import Params, State, UpdateRule
+
+__all__ = ["Trajectory", "Closure"]
+
+Closure = Callable[[FunctionalModel], torch.Tensor]
+
+
+@dataclass
+class _Step:
+    """What rebuilds inner step k: the iterate it starts from, the state, the closure."""
+
+    params: Params
+    state: State
+    closure: Closure
+
+
+class Trajectory:
+    """Iterates ``φ_0 … φ_K`` of one inner loop and the means to rebuild each step.
+
+    Args:
+        module: the user's module; evaluated functionally, never modified.
+        theta: the initialization θ, name→tensor. For a differentiable trajectory these
+            are leaf tensors that require grad; otherwise detached values.
+        rule: the inner update rule.
+        differentiable: build each step with ``create_graph=True`` (Full).
+        keep: how many of the most recent steps to keep for rebuilding; ``None`` keeps
+            all. The current iterate is always kept.
+        check_finite: raise if an inner loss is NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        theta: Params,
+        rule: UpdateRule,
+        *,
+        differentiable: bool,
+        keep: Optional[int],
+        check_finite: bool = True,
+    ) -> None:
+        self.module = module
+        self.theta = theta
+        self.rule = rule
+        self.differentiable = differentiable
+        self.keep = keep
+        self.check_finite = check_finite
+        self._steps: list[Optional[_Step]] = []
+        self._current: Params = dict(theta)
+        self._state: State = rule.init(theta)
+        self.released = False
+        self.block_ended = False
+        self.backward_calls = 0
+
+    # ----------------------------------------------------------------- inner loop
+    @property
+    def length(self) -> int:
+        """The number of inner steps taken, K."""
+        return len(self._steps)
+
+    @property
+    def current(self) -> Params:
+        """The current fast weights φ_K (graph-carrying for a differentiable trajectory)."""
+        return self._current
+
+    def advance(self, closure: Closure) -> torch.Tensor:
+        """Take one inner step with ``closure``'s loss; return the loss, detached."""
+        self._check_alive()
+        k = self.length
+        if self.differentiable:
+            params = self._current
+        else:
+            params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
+        with torch.enable_grad():
+            loss = _checked_loss(closure(FunctionalModel(self.module, params)), k)
+            if self.check_finite and not bool(torch.isfinite(loss)):
+                raise FloatingPointError(
+                    f"closure: the inner loss at step {k} is {loss.item()}. metagrad stops here "
+                    "rather than propagate non-finite fast weights; lower the step size or check "
+                    "the data. Pass check_finite=False to MetaGradient to let it propagate."
+                )
+            grads = _grads(loss, params, create_graph=self.differentiable, step=k)
+            if self.differentiable:
+                new_params, new_state = self.rule.step(params, grads, self._state)
+        if not self.differentiable:
+            with torch.no_grad():
+                detached = {n: t.detach() for n, t in params.items()}
+                new_params, new_state = self.rule.step(detached, grads, self._state)
+        self._steps.append(_Step(params=_detach_if(self._current, not self.differentiable),
+                                 state=self._state, closure=closure))
+        if self.keep is not None and len(self._steps) > self.keep:
+            self._steps[len(self._steps) - self.keep - 1] = None
+        self._current, self._state = new_params, new_state
+        return loss.detach()
+
+    def iterate(self, k: int) -> Params:
+        """The fast weights φ_k after k steps (k = K is the current iterate)."""
+        self._check_alive()
+        if k == self.length:
+            return self._current
+        return self._step(k).params
+
+    # ------------------------------------------------------------------- products
+    def vjp(self, m: int, u: Params) -> Params:
+        """``J_mᵀ u`` by a double backward through step m's graph, rebuilt at φ_m."""
+        step = self._step(m)
+        with torch.enable_grad():
+            params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
+            loss = step.closure(FunctionalModel(self.module, params))
+            grads = _grads(loss, params, create_graph=True, step=m)
+            new_params, _ = self.rule.step(params, grads, step.state)
+            outputs = [new_params[n] for n in params]
+            out = torch.autograd.grad(outputs, list(params.values()), [u[n] for n in params],
+                                      allow_unused=True)
+        return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+
+    def batched_vjp(self, steps: Sequence[int], vectors: Params,
+                    chunk_size: Optional[int] = None) -> Params:
+        """``J_mᵀ u_i`` for each ``m = steps[i]`` and row ``u_i`` of ``vectors``.
+
+        ``vectors`` maps each name to a tensor with a leading dimension of
+        ``len(steps)``; the result has the same layout. Steps are batched with
+        ``torch.func.vmap`` in chunks of at most ``chunk_size`` (``None``: all at once).
+        Consecutive steps that share a closure go into one call.
+        """
+        rows = len(steps)
+        size = rows if chunk_size is None else chunk_size
+        pieces: list[Params] = []
+        start = 0
+        while start < rows:
+            closure = self._step(steps[start]).closure
+            key = _closure_key(closure)
+            stop = start + 1
+            while (stop < rows and stop - start < size
+                   and _closure_key(self._step(steps[stop]).closure) == key):
+                stop += 1
+            chunk = [self._step(m) for m in steps[start:stop]]
+            params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
+            states = pytree.tree_map(lambda *xs: torch.stack(xs), *[s.state for s in chunk]) \
+                if chunk[0].state else {}
+            u = {n: t[start:stop] for n, t in vectors.items()}
+            pieces.append(self._vmapped_vjp(closure, params, states, u))
+            start = stop
+        return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
+
+    def _vmapped_vjp(self, closure: Closure, params: Params, states: State, u: Params) -> Params:
+        module, rule = self.module, self.rule
+
+        def row(p: Params, state: State, vector: Params) -> Params:
+            def step_fn(q: Params) -> Params:
+                grads = torch.func.grad(lambda w: closure(FunctionalModel(module, w)))(q)
+                return rule.step(q, grads, state)[0]
+
+            _, pullback = torch.func.vjp(step_fn, p)
+            return pullback(vector)[0]
+
+        try:
+            return torch.func.vmap(row)(params, states, u)
+        except (RuntimeError, ValueError) as error:
+            raise RuntimeError(
+                "closure: rebuilding inner steps under torch.func.vmap failed. Closures used "
+                "with Binomial must be vmap-compatible: no .item() or data-dependent control "
+                "flow, no in-place writes to captured tensors, no random operations. Use "
+                f"estimator=Checkpointed() for closures that cannot be vmapped. ({error})"
+            ) from error
+
+    # ---------------------------------------------------------------- bookkeeping
+    def release(self) -> None:
+        """Drop every stored iterate and graph; later use raises a clear error."""
+        self._steps = []
+        self._current = {}
+        self._state = {}
+        self.theta = {}
+        self.released = True
+
+    def _step(self, m: int) -> _Step:
+        self._check_alive()
+        step = self._steps[m] if 0 <= m < len(self._steps) else None
+        if step is None:
+            raise RuntimeError(
+                f"inner step {m} is no longer stored (the estimator keeps the last {self.keep} "
+                f"of {self.length} steps). Build the query loss from meta.fmodel after the last "
+                "inner step, before taking more steps."
+            )
+        return step
+
+    def _check_alive(self) -> None:
+        if self.released:
+            raise RuntimeError(
+                "the stored inner trajectory was released: its MetaGradient block raised an "
+                "exception, or the block ended and a backward pass through it has already run. "
+                "Call .backward() on the query loss inside the block."
+            )
+
+
+def _checked_loss(loss: Any, step: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"closure: must return a scalar loss tensor, got {type(loss).__name__} at step {step}."
+        )
+    if loss.dim() != 0:
+        raise ValueError(
+            f"closure: must return a scalar (0-dim) loss, got shape {tuple(loss.shape)} at step "
+            f"{step}; reduce it with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"closure: the loss must be floating point, got dtype {loss.dtype}.")
+    return loss
+
+
+def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int) -> Params:
+    """``∇L_tr(φ)`` by autograd; parameters the loss does not use get zero gradient."""
+    if not loss.requires_grad:
+        raise ValueError(
+            f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
+            "from the model the closure receives (fmodel(x)), not from the original module."
+        )
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
+                                allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError(
+            f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
+            "from the model the closure receives (fmodel(x)), not from the original module."
+        )
+    return {n: _zero_if_none(g, params[n]) for n, g in zip(params, grads)}
+
+
+def _zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _detach_if(params: Params, detach: bool) -> Params:
+    return {n: t.detach() for n, t in params.items()} if detach else params
+
+
+def _closure_key(closure: Closure) -> tuple[Any, ...]:
+    """Two closures with equal keys compute the same function of the model.
+
+    Lambdas made afresh at each step (``meta.step(lambda f: loss(f(x), y))``) share
+    their code and the objects they capture, so their steps can be batched together.
+    """
+    function = getattr(closure, "__func__", closure)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ("object", id(closure))
+    cells = tuple(_cell_id(c) for c in (function.__closure__ or ()))
+    defaults = tuple(id(d) for d in (function.__defaults__ or ()))
+    bound = id(getattr(closure, "__self__", None))
+    return ("function", code, cells, defaults, bound, id(function.__globals__))
+
+
+
+def _cell_id(cell: Any) -> int:
+    try:
+        return id(cell.cell_contents)
+    except ValueError:  # an empty cell
+        return 0
