@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -81,7 +79,7 @@ class MetaGradient:
         self.inner_opt = inner_opt
         self.estimator = resolve(estimator)
         self.check_finite = check_finite
-        self.info: Mapping[str, Any] = types.MappingProxyType({})
+        self.info: dict[str, Any] = {}
         self._active = False
         self._trajectory: Optional[Trajectory] = None
         self._names: tuple[str, ...] = ()
@@ -109,13 +107,13 @@ class MetaGradient:
         self._params = tuple(p for _, p in named)
         theta = {n: p.detach() for n, p in named}
         if self.estimator.differentiable:
-            theta = {n: t.clone().requires_grad_() for n, t in theta.items()}
+            theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
                                       keep=self.estimator.keep(), check_finite=self.check_finite)
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._params]
         self._fmodel = None
-        self.info = types.MappingProxyType({})
+        self.info = {}
         self._active = True
         return self
 
@@ -205,7 +203,7 @@ class _Snapshot:
         trajectory = self.trajectory
         with torch.enable_grad():
             grads, info = self.estimator.backward(trajectory, self.steps, v)
-        self.owner.info = types.MappingProxyType({"estimator": repr(self.estimator), **info})
+        self.owner.info = {"estimator": repr(self.estimator), **info}
         trajectory.backward_calls += 1
         if trajectory.block_ended:
             trajectory.release()
