@@ -1,0 +1,548 @@
+"""Bad input: a clear error naming the argument, and the model left untouched.
+
+"Untouched" means every parameter bitwise equal to its value before, and every
+``.grad`` equal to its value before (``None`` stays ``None``).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metagrad as mg
+
+DT = torch.float64
+K = 3
+LR = 0.3
+
+
+# ------------------------------------------------------------------ models, data, reference
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+
+
+def mlp_forward(p, x):
+    h = torch.tanh(F.linear(x, p["0.weight"], p["0.bias"]))
+    return F.linear(h, p["2.weight"], p["2.bias"])
+
+
+def batch(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    return x, torch.sin(2 * x.sum(1, keepdim=True))
+
+
+SUPPORT = [batch(100 + k) for k in range(4)]
+QUERY = batch(200)
+
+
+def closure_for(x, y):
+    return lambda fmodel: F.mse_loss(fmodel(x), y)
+
+
+def query_loss(f):
+    return F.mse_loss(f(QUERY[0]), QUERY[1])
+
+
+def exact_reference(model, steps=K, lr=LR):
+    """∇_θ L_val(φ_K(θ)) by a hand-unrolled float64 loop with create_graph=True (no metagrad)."""
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    phi = theta
+    for k in range(steps):
+        x, y = SUPPORT[k]
+        g = torch.autograd.grad(F.mse_loss(mlp_forward(phi, x), y), list(phi.values()),
+                                create_graph=True)
+        phi = {n: phi[n] - lr * gi for n, gi in zip(phi, g)}
+    grads = torch.autograd.grad(query_loss(lambda x: mlp_forward(phi, x)), list(theta.values()))
+    return dict(zip(theta, grads))
+
+
+ESTIMATOR_SPECS = [
+    ("full", lambda: mg.Full()),
+    ("checkpointed", lambda: mg.Checkpointed()),
+    ("first_order", lambda: mg.FirstOrder()),
+    ("truncated2", lambda: mg.Truncated(steps=2)),
+    ("binomial2", lambda: mg.Binomial(order=2)),
+]
+ESTIMATORS = [pytest.param(factory, id=name) for name, factory in ESTIMATOR_SPECS]
+
+
+# ------------------------------------------------------------------ "untouched" bookkeeping
+def prepare(model, grads: str):
+    """Give the model pre-existing grads ("set") or none ("none"); return a snapshot."""
+    torch.manual_seed(7)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if grads == "set" else None
+    return ({n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+
+
+def assert_untouched(model, state):
+    params, grads = state
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]), f"parameter {n} was modified"
+        if grads[n] is None:
+            assert p.grad is None, f"{n}.grad should still be None"
+        else:
+            assert p.grad is not None and torch.equal(p.grad, grads[n]), f"{n}.grad was modified"
+
+
+def full_task(model, estimator=None, lr=LR, steps=K, closure=None, **kwargs):
+    """Build everything from scratch and run one task: the error may come from any line."""
+    inner_opt = mg.optim.SGD(lr=lr) if not isinstance(lr, mg.optim.SGD) else lr
+    with mg.MetaGradient(model, inner_opt=inner_opt, estimator=estimator, **kwargs) as meta:
+        for k in range(steps):
+            meta.step(closure if closure is not None else closure_for(*SUPPORT[k]))
+        query_loss(meta.fmodel).backward()
+    return meta
+
+
+def check_rejected(error, argument, run, grads="set", model=None):
+    model = make_mlp() if model is None else model
+    state = prepare(model, grads)
+    with pytest.raises(error) as info:
+        run(model)
+    assert argument in str(info.value), f"{argument!r} not named in: {info.value}"
+    assert_untouched(model, state)
+    return info
+
+
+# ------------------------------------------------------------------ estimator arguments
+@pytest.mark.parametrize("make,error,argument", [
+    (lambda: mg.Binomial(order=-1), ValueError, "order"),
+    (lambda: mg.Binomial(order=1.5), TypeError, "order"),
+    (lambda: mg.Binomial(order=True), TypeError, "order"),
+    (lambda: mg.Binomial(order=None), TypeError, "order"),
+    (lambda: mg.Binomial(order="2"), TypeError, "order"),
+    (lambda: mg.Binomial(order=2, chunk_size=0), ValueError, "chunk_size"),
+    (lambda: mg.Binomial(order=2, chunk_size=-3), ValueError, "chunk_size"),
+    (lambda: mg.Binomial(order=2, chunk_size=2.0), TypeError, "chunk_size"),
+    (lambda: mg.Binomial(order=2, chunk_size=False), TypeError, "chunk_size"),
+    (lambda: mg.Truncated(steps=-1), ValueError, "steps"),
+    (lambda: mg.Truncated(steps=1.5), TypeError, "steps"),
+    (lambda: mg.Truncated(steps=True), TypeError, "steps"),
+], ids=["order=-1", "order=1.5", "order=True", "order=None", "order='2'", "chunk_size=0",
+        "chunk_size=-3", "chunk_size=2.0", "chunk_size=False", "steps=-1", "steps=1.5",
+        "steps=True"])
+def test_bad_estimator_arguments(make, error, argument):
+    check_rejected(error, argument, lambda model: full_task(model, make()))
+
+
+@pytest.mark.parametrize("make,argument", [
+    (lambda: mg.Binomial(order=K + 2), "order"),
+    (lambda: mg.Binomial(order=K + 1, chunk_size=1), "order"),
+    (lambda: mg.Truncated(steps=K + 2), "steps"),
+], ids=["binomial", "binomial_chunk1", "truncated"])
+def test_order_above_K_is_clamped_with_a_warning_and_is_exact(make, argument):
+    model = make_mlp()
+    params, _ = prepare(model, "none")
+    with pytest.warns(mg.MetaGradientWarning, match=argument):
+        meta = full_task(model, make())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n])
+    exact = exact_reference(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, exact[n], rtol=1e-9, atol=1e-12)
+    # and equal to the Full estimator's result
+    twin = make_mlp()
+    full_task(twin, mg.Full())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+    assert meta.info["steps"] == K
+
+
+# ------------------------------------------------------------------ step size
+@pytest.mark.parametrize("lr,error", [
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+    (float("-inf"), ValueError),
+    (-0.1, ValueError),
+    ("0.1", TypeError),
+    (True, TypeError),
+    (None, TypeError),
+    (torch.tensor(float("nan"), dtype=DT), ValueError),
+    (torch.tensor(-0.5, dtype=DT), ValueError),
+    (torch.tensor(0.1, dtype=DT, requires_grad=True), ValueError),
+    ({"0.weight": float("nan"), "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1}, ValueError),
+    ({"0.weight": 0.1, "0.bias": -1.0, "2.weight": 0.1, "2.bias": 0.1}, ValueError),
+    ({"0.weight": 0.1, "0.bias": "x", "2.weight": 0.1, "2.bias": 0.1}, TypeError),
+    ({"0.weight": torch.tensor(0.1, requires_grad=True), "0.bias": 0.1, "2.weight": 0.1,
+      "2.bias": 0.1}, ValueError),
+], ids=["nan", "inf", "-inf", "negative", "string", "bool", "none", "tensor-nan",
+        "tensor-negative", "tensor-requires-grad", "mapping-nan", "mapping-negative",
+        "mapping-string", "mapping-tensor-requires-grad"])
+def test_bad_step_size(lr, error):
+    check_rejected(error, "lr", lambda model: full_task(model, mg.Full(), lr=lr))
+
+
+@pytest.mark.parametrize("lr,missing_or_unknown", [
+    ({"0.weight": 0.1, "0.bias": 0.1, "2.weight": 0.1}, "2.bias"),
+    ({"0.weight": 0.1, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1, "3.weight": 0.1}, "3.weight"),
+    ({"weight": 0.1}, "weight"),
+    ({}, "0.weight"),
+], ids=["missing", "unknown", "wrong-names", "empty"])
+@pytest.mark.parametrize("grads", ["none", "set"])
+def test_step_size_mapping_with_wrong_names(lr, missing_or_unknown, grads):
+    info = check_rejected(ValueError, "lr", lambda model: full_task(model, mg.Full(), lr=lr),
+                          grads=grads)
+    assert missing_or_unknown in str(info.value)
+
+
+def test_step_size_mapping_naming_a_frozen_parameter_is_rejected():
+    model = make_mlp()
+    model[0].bias.requires_grad_(False)
+    lr = {"0.weight": 0.1, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1}
+    check_rejected(ValueError, "lr", lambda m: full_task(m, mg.Full(), lr=lr), model=model)
+
+
+def test_step_size_tensor_with_wrong_shape_is_rejected():
+    lr = {"0.weight": torch.ones(2, 2, dtype=DT), "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1}
+    check_rejected(ValueError, "lr", lambda model: full_task(model, mg.Full(), lr=lr))
+
+
+def test_step_size_tensor_on_another_device_in_a_mapping():
+    lr = {"0.weight": torch.tensor(0.1, device="meta"), "0.bias": 0.1, "2.weight": 0.1,
+          "2.bias": 0.1}
+    check_rejected(ValueError, "lr", lambda model: full_task(model, mg.Full(), lr=lr))
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_scalar_step_size_tensor_on_another_device(factory):
+    """SGD accepts a plain step-size tensor; one on 'meta' for a cpu model must be refused."""
+    lr = mg.optim.SGD(lr=torch.tensor(0.1, device="meta"))
+    check_rejected(ValueError, "lr", lambda model: full_task(model, factory(), lr=lr))
+
+
+# ------------------------------------------------------------------ estimator / inner_opt / model
+@pytest.mark.parametrize("estimator,error", [
+    ("binomial_expansion", ValueError),
+    ("Full", ValueError),
+    ("", ValueError),
+    (mg.Full, TypeError),
+    (mg.Binomial, TypeError),
+    (3, TypeError),
+    (mg.optim.SGD(lr=0.1), TypeError),
+], ids=["unknown-name", "wrong-case", "empty", "class-Full", "class-Binomial", "int", "rule"])
+def test_bad_estimator(estimator, error):
+    check_rejected(error, "estimator", lambda model: full_task(model, estimator))
+
+
+def test_estimator_class_error_suggests_an_instance():
+    with pytest.raises(TypeError, match=r"Binomial\(\)"):
+        mg.MetaGradient(make_mlp(), mg.optim.SGD(lr=0.1), mg.Binomial)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda model: torch.optim.SGD(model.parameters(), lr=0.1),
+    lambda model: torch.optim.Adam(model.parameters(), lr=0.1),
+    lambda model: None,
+    lambda model: 0.1,
+    lambda model: mg.optim.SGD,
+], ids=["torch-sgd", "torch-adam", "none", "float", "class"])
+def test_bad_inner_opt(make_opt):
+    def run(model):
+        with mg.MetaGradient(model, inner_opt=make_opt(model), estimator=mg.Full()) as meta:
+            meta.step(closure_for(*SUPPORT[0]))
+            query_loss(meta.fmodel).backward()
+
+    check_rejected(TypeError, "inner_opt", run)
+
+
+def test_torch_optimizer_error_points_to_a_metagrad_rule():
+    model = make_mlp()
+    with pytest.raises(TypeError, match=r"mg\.optim\.SGD"):
+        mg.MetaGradient(model, inner_opt=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("not_a_model", [lambda x: x, None, {"w": torch.zeros(2)}],
+                         ids=["function", "none", "dict"])
+def test_model_not_a_module(not_a_model):
+    with pytest.raises(TypeError, match="model"):
+        mg.MetaGradient(not_a_model, inner_opt=mg.optim.SGD(lr=0.1))
+
+
+@pytest.mark.parametrize("make_model", [
+    lambda: make_mlp().requires_grad_(False),
+    lambda: nn.ReLU(),
+    lambda: nn.Sequential(),
+], ids=["all-frozen", "no-parameters", "empty-sequential"])
+def test_model_without_trainable_parameters(make_model):
+    model = make_model()
+    state = prepare(model, "none")
+    with pytest.raises(ValueError, match="model"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1)) as meta:
+            meta.step(lambda f: f(torch.ones(2, 3, dtype=DT)).sum())
+    assert_untouched(model, state)
+
+
+def test_model_on_mixed_devices():
+    model = make_mlp()
+    model[2].bias = nn.Parameter(torch.zeros(1, dtype=DT, device="meta"))
+    before = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="model"):
+        full_task(model, mg.Full())
+    for n, p in model.named_parameters():
+        assert p is not None and p.device == before[n].device and p.grad is None
+        if p.device.type == "cpu":
+            assert torch.equal(p.detach(), before[n])
+
+
+def test_model_with_a_buffer_on_another_device():
+    model = make_mlp()
+    model.register_buffer("scale", torch.ones(1, device="meta"))
+    check_rejected(ValueError, "model", lambda m: full_task(m, mg.Full()), model=model)
+
+
+# ------------------------------------------------------------------ closures
+BAD_CLOSURES = [
+    (lambda f: F.mse_loss(f(SUPPORT[0][0]), SUPPORT[0][1], reduction="none"), ValueError),
+    (lambda f: f(SUPPORT[0][0]), ValueError),
+    (lambda f: F.mse_loss(f(SUPPORT[0][0]), SUPPORT[0][1]).item(), TypeError),
+    (lambda f: 1.0, TypeError),
+    (lambda f: None, TypeError),
+    (lambda f: (f(SUPPORT[0][0]) > 0).sum(), TypeError),  # integer loss
+    (lambda f: torch.tensor(1.0, dtype=DT), ValueError),  # constant
+]
+BAD_CLOSURE_IDS = ["non-scalar", "model-output", "python-float", "float-constant", "none",
+                   "integer-tensor", "constant-tensor"]
+
+
+@pytest.mark.parametrize("closure,error", BAD_CLOSURES, ids=BAD_CLOSURE_IDS)
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_bad_closure(factory, closure, error):
+    check_rejected(error, "closure", lambda model: full_task(model, factory(), closure=closure))
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_closure_computed_from_the_original_model(factory):
+    def run(model):
+        full_task(model, factory(), closure=lambda f: F.mse_loss(model(SUPPORT[0][0]), SUPPORT[0][1]))
+
+    check_rejected(ValueError, "closure", run)
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_closure_failing_at_a_later_step_after_a_backward(factory):
+    """The error at step 2 comes after a mid-loop backward already accumulated into .grad."""
+    def run(model):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            meta.step(closure_for(*SUPPORT[0]))
+            meta.step(closure_for(*SUPPORT[1]))
+            query_loss(meta.fmodel).backward()
+            assert all(p.grad is not None for p in model.parameters())
+            meta.step(lambda f: f(SUPPORT[2][0]))  # not a scalar
+
+    for grads in ["none", "set"]:
+        info = check_rejected(ValueError, "closure", run, grads=grads)
+        assert "step 2" in str(info.value)
+
+
+def test_closure_not_callable():
+    check_rejected(TypeError, "closure", lambda model: full_task(model, mg.Full(), closure=3.0))
+
+
+@pytest.mark.parametrize("closure", [
+    lambda f: F.mse_loss(f(SUPPORT[0][0]), SUPPORT[0][1]) * (2.0 if F.mse_loss(
+        f(SUPPORT[0][0]), SUPPORT[0][1]).item() > 0 else 1.0),
+    lambda f: (F.mse_loss(f(SUPPORT[0][0]), SUPPORT[0][1]) if f(SUPPORT[0][0]).sum() > -1e9
+               else f(SUPPORT[0][0]).sum()),
+], ids=["item", "data-dependent-if"])
+@pytest.mark.parametrize("grads", ["none", "set"])
+def test_binomial_with_a_closure_that_cannot_be_vmapped(closure, grads):
+    info = check_rejected(RuntimeError, "Checkpointed",
+                          lambda model: full_task(model, mg.Binomial(order=2), closure=closure),
+                          grads=grads)
+    assert "vmap" in str(info.value)
+    # the same closure is fine with Checkpointed
+    model = make_mlp()
+    full_task(model, mg.Checkpointed(), closure=closure)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ use after the block
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_fmodel_and_step_after_the_block(factory):
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+        meta.step(closure_for(*SUPPORT[0]))
+        meta.step(closure_for(*SUPPORT[1]))
+        fmodel = meta.fmodel
+        query_loss(fmodel).backward()
+    state = prepare(model, "set")
+    with pytest.raises(RuntimeError, match="fmodel"):
+        meta.fmodel
+    with pytest.raises(RuntimeError, match="step"):
+        meta.step(closure_for(*SUPPORT[0]))
+    with pytest.raises(RuntimeError):
+        meta.steps
+    with pytest.raises(RuntimeError):
+        fmodel(QUERY[0])  # an fmodel kept from inside the block
+    with pytest.raises(RuntimeError):
+        fmodel.params
+    assert_untouched(model, state)
+
+
+def test_fmodel_and_step_before_entering():
+    meta = mg.MetaGradient(make_mlp(), inner_opt=mg.optim.SGD(lr=LR))
+    with pytest.raises(RuntimeError, match="fmodel"):
+        meta.fmodel
+    with pytest.raises(RuntimeError, match="step"):
+        meta.step(closure_for(*SUPPORT[0]))
+
+
+def test_not_reentrant():
+    model = make_mlp()
+    meta = mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR))
+    state = prepare(model, "set")
+    with meta:
+        with pytest.raises(RuntimeError, match="re-entrant"):
+            with meta:
+                pass
+        meta.step(closure_for(*SUPPORT[0]))
+        query_loss(meta.fmodel).backward()
+    exact = exact_reference(model, steps=1)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, state[1][n] + exact[n], rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ exceptions inside the block
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("grads", ["none", "set"])
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_exception_after_a_backward_restores_grads_and_releases_graphs(factory, grads):
+    model = make_mlp()
+    state = prepare(model, grads)
+    refs = []
+    recording = [True]
+
+    def closure_at(x, y):
+        def closure(fmodel):
+            out = fmodel(x)
+            if recording[0]:  # only during the inner loop, not when steps are rebuilt
+                refs.append(weakref.ref(out))
+                refs.extend(weakref.ref(t) for t in fmodel.params.values())
+            return F.mse_loss(out, y)
+        return closure
+
+    with pytest.raises(Boom):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            for k in range(K):
+                meta.step(closure_at(*SUPPORT[k]))
+            recording[0] = False
+            query_loss(meta.fmodel).backward()  # a backward has run
+            for n, p in model.named_parameters():  # and accumulated into .grad
+                assert p.grad is not None
+                assert state[1][n] is None or not torch.equal(p.grad, state[1][n])
+            pending = query_loss(meta.fmodel)  # built, not yet backpropagated
+            query_refs = [weakref.ref(t) for t in meta.fmodel.params.values()]
+            raise Boom()
+    assert_untouched(model, state)
+    gc.collect()
+    alive = [r for r in refs if r() is not None]
+    assert refs and not alive, f"{len(alive)} of {len(refs)} inner-loop tensors still alive"
+
+    # the loss built before the exception can no longer be backpropagated
+    with pytest.raises(RuntimeError, match="released"):
+        pending.backward()
+    assert_untouched(model, state)
+
+    # once the user drops the loss, nothing of the task stays alive (meta itself is kept)
+    del pending
+    gc.collect()
+    assert all(r() is None for r in query_refs)
+    assert meta is not None
+
+
+@pytest.mark.parametrize("grads", ["none", "set"])
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_exception_before_any_backward_restores_grads(factory, grads):
+    model = make_mlp()
+    state = prepare(model, grads)
+    with pytest.raises(Boom):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            for k in range(K):
+                meta.step(closure_for(*SUPPORT[k]))
+            pending = query_loss(meta.fmodel)
+            raise Boom()
+    assert_untouched(model, state)
+    with pytest.raises(RuntimeError, match="released"):
+        pending.backward()
+    assert_untouched(model, state)
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_a_failing_meta_gradient_does_not_break_the_next_task(factory):
+    model = make_mlp()
+    with pytest.raises(Boom):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            meta.step(closure_for(*SUPPORT[0]))
+            meta.step(closure_for(*SUPPORT[1]))
+            query_loss(meta.fmodel).backward()
+            raise Boom()
+    assert all(p.grad is None for p in model.parameters())
+    with meta:  # the same object, a fresh task
+        for k in range(K):
+            meta.step(closure_for(*SUPPORT[k]))
+        query_loss(meta.fmodel).backward()
+    if isinstance(meta.estimator, (mg.Full, mg.Checkpointed)):
+        exact = exact_reference(model)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, exact[n], rtol=1e-9, atol=1e-12)
+    else:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ non-finite values
+def nan_support():
+    x, y = SUPPORT[2]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return [SUPPORT[0], SUPPORT[1], (x, y)]
+
+
+@pytest.mark.parametrize("grads", ["none", "set"])
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_nan_inner_loss_raises_floating_point_error_naming_the_step(factory, grads):
+    support = nan_support()
+
+    def run(model):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            for k in range(K):
+                meta.step(closure_for(*support[k]))
+            query_loss(meta.fmodel).backward()
+
+    info = check_rejected(FloatingPointError, "step 2", run, grads=grads)
+    assert "check_finite" in str(info.value)
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_inf_inner_loss_raises(factory):
+    def run(model):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+            meta.step(lambda f: f(SUPPORT[0][0]).sum() * float("inf"))
+
+    check_rejected(FloatingPointError, "step 0", run)
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
+def test_nan_propagates_into_grad_with_check_finite_false(factory):
+    support = nan_support()
+    model = make_mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory(),
+                         check_finite=False) as meta:
+        losses = [meta.step(closure_for(*support[k])) for k in range(K)]
+        query_loss(meta.fmodel).backward()
+    assert torch.isfinite(losses[0]) and torch.isnan(losses[2])
+    assert all(torch.isnan(p.grad).any() for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
