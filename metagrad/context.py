@@ -70,6 +70,11 @@ class MetaGradient:
                 f"inner_opt: expected an update rule with init() and step(), such as "
                 f"mg.optim.SGD(lr=0.01), got {type(inner_opt).__name__} {inner_opt!r}."
             )
+        if isinstance(inner_opt, type):
+            raise TypeError(
+                f"inner_opt: got the class {inner_opt.__name__}; pass an instance, "
+                f"e.g. mg.optim.{inner_opt.__name__}(lr=0.01)."
+            )
         if isinstance(inner_opt, torch.optim.Optimizer):
             raise TypeError(
                 "inner_opt: got a torch.optim optimizer, which updates in place and cannot be "
@@ -84,6 +89,7 @@ class MetaGradient:
         self._trajectory: Optional[Trajectory] = None
         self._names: tuple[str, ...] = ()
         self._params: tuple[torch.nn.Parameter, ...] = ()
+        self._versions: tuple[int, ...] = ()
         self._saved_grads: list[Optional[torch.Tensor]] = []
         self._fmodel: Optional[tuple[int, FunctionalModel]] = None
 
@@ -105,6 +111,7 @@ class MetaGradient:
             )
         self._names = tuple(n for n, _ in named)
         self._params = tuple(p for _, p in named)
+        self._versions = tuple(p._version for p in self._params)
         theta = {n: p.detach() for n, p in named}
         if self.estimator.differentiable:
             theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
@@ -198,9 +205,19 @@ class _Snapshot:
         self.steps = steps
         self.estimator = owner.estimator
         self.names = owner._names
+        self.versions = owner._versions
 
     def run(self, v: Params) -> Params:
         trajectory = self.trajectory
+        trajectory.check_alive()
+        changed = [n for n, p, version in zip(self.names, self.owner._params, self.versions)
+                   if p._version != version]
+        if changed:
+            raise RuntimeError(
+                f"model: parameters {changed} were modified in place after this inner loop "
+                "started (for example by outer.step()), so the stored trajectory no longer "
+                "starts from them. Call .backward() on the query loss before updating the model."
+            )
         with torch.enable_grad():
             grads, info = self.estimator.backward(trajectory, self.steps, v)
         self.owner.info = {"estimator": repr(self.estimator), **info}

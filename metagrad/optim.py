@@ -74,6 +74,9 @@ class SGD:
         return f"SGD(lr={self.lr})"
 
     def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        if isinstance(self.lr, torch.Tensor):
+            for name, param in params.items():
+                _check_step_size_fits(self.lr, param, "lr", name)
         if isinstance(self.lr, Mapping):
             missing = [name for name in params if name not in self.lr]
             unknown = [name for name in self.lr if name not in params]
@@ -84,19 +87,7 @@ class SGD:
                 )
             for name, value in self.lr.items():
                 if isinstance(value, torch.Tensor):
-                    param = params[name]
-                    if value.device != param.device:
-                        raise ValueError(
-                            f"lr[{name!r}]: step size is on {value.device} but the parameter is on "
-                            f"{param.device}; move it with .to({str(param.device)!r})."
-                        )
-                    try:
-                        torch.broadcast_shapes(value.shape, param.shape)
-                    except RuntimeError:
-                        raise ValueError(
-                            f"lr[{name!r}]: shape {tuple(value.shape)} does not broadcast to the "
-                            f"parameter's shape {tuple(param.shape)}."
-                        ) from None
+                    _check_step_size_fits(value, params[name], f"lr[{name!r}]", name)
         return {}
 
     def step(
@@ -131,3 +122,19 @@ def _check_step_size(value: Any, argument: str) -> float | torch.Tensor:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument}: expected a finite float >= 0, got {value!r}.")
     return float(value)
+
+
+def _check_step_size_fits(value: torch.Tensor, param: torch.Tensor, argument: str, name: str) -> None:
+    """A step-size tensor must sit on the parameter's device and broadcast to its shape."""
+    if value.device != param.device:
+        raise ValueError(
+            f"{argument}: step size is on {value.device} but parameter {name!r} is on "
+            f"{param.device}; move it with .to({str(param.device)!r})."
+        )
+    try:
+        torch.broadcast_shapes(value.shape, param.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{argument}: shape {tuple(value.shape)} does not broadcast to parameter {name!r}'s "
+            f"shape {tuple(param.shape)}."
+        ) from None

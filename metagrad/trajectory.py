@@ -92,7 +92,7 @@ class Trajectory:
 
     def advance(self, closure: Closure) -> torch.Tensor:
         """Take one inner step with ``closure``'s loss; return the loss, detached."""
-        self._check_alive()
+        self.check_alive()
         k = self.length
         if self.differentiable:
             params = self._current
@@ -122,7 +122,7 @@ class Trajectory:
 
     def iterate(self, k: int) -> Params:
         """The fast weights φ_k after k steps (k = K is the current iterate)."""
-        self._check_alive()
+        self.check_alive()
         if k == self.length:
             return self._current
         return self._step(k).params
@@ -201,7 +201,7 @@ class Trajectory:
         self.released = True
 
     def _step(self, m: int) -> _Step:
-        self._check_alive()
+        self.check_alive()
         step = self._steps[m] if 0 <= m < len(self._steps) else None
         if step is None:
             raise RuntimeError(
@@ -211,7 +211,8 @@ class Trajectory:
             )
         return step
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise if the trajectory was released."""
         if self.released:
             raise RuntimeError(
                 "the stored inner trajectory was released: its MetaGradient block raised an "

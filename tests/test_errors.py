@@ -546,3 +546,17 @@ def test_nan_propagates_into_grad_with_check_finite_false(factory):
     assert all(torch.isnan(p.grad).any() for p in model.parameters())
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])
+
+
+@pytest.mark.parametrize("make_estimator", ESTIMATORS)
+def test_parameters_changed_in_place_before_a_deferred_backward(make_estimator):
+    """Stored iterates start from θ; an in-place update of θ before backward is caught."""
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=make_estimator()) as meta:
+        for k in range(K):
+            meta.step(closure_for(*SUPPORT[k]))
+        loss = query_loss(meta.fmodel)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
