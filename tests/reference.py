@@ -1,0 +1,590 @@
+"""Independent reference for the estimator tests, written with plain torch only.
+
+Nothing here imports metagrad. The reference evaluates every model by hand from a
+flat list of tensors (``F.linear`` and an activation for MLPs, the quadratic form for
+quadratics), unrolls the inner loop itself, and evaluates the formulas of MATH.md
+with dense matrices:
+
+- :func:`unroll`: a hand-unrolled inner loop of gradient descent with
+  ``create_graph=True``; its gradient is the exact meta-gradient ``g``.
+- :func:`hessians`, :func:`factors`: dense ``H_k = ∇²L_tr(φ_k)`` and the factors
+  ``B_k = J_kᵀ − I = −H_k D`` (``D`` the diagonal of step sizes; ``B_k = −αH_k``
+  for one step size), so that ``g = (I + B_0)(I + B_1)⋯(I + B_{K−1}) v``, MATH.md (1).
+- :func:`subset_sum`: MATH.md (2) by explicit enumeration of the subsets
+  ``k_1 < … < k_l`` with ``itertools.combinations``.
+- :func:`level_sum`, :func:`sequential_sum`: the two other forms of (2) given in
+  MATH.md (the a^{(j)}_k levels, and the memory-lean e_j recursion), used only to
+  check the reference against itself.
+- :func:`last_factors`: ``(I + B_{K−T})⋯(I + B_{K−1}) v`` (Truncated(T)).
+- the closed-form error bounds of MATH.md ("Error bounds").
+
+It also holds the small problem builders the tests share (MLPs and quadratics,
+each exposing both a reference evaluation from a list of tensors and a closure for
+the package's functional model), and Hypothesis strategies that draw them. The
+strategies only generate data; they compute nothing the tests compare against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+Tensor = torch.Tensor
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(vector: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Split a vector into tensors of the given shapes (views, differentiable)."""
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(vector[start:start + n].reshape(shape))
+        start += n
+    assert start == vector.numel()
+    return out
+
+
+def rel_err(actual: Tensor, expected: Tensor, scale: Optional[float] = None) -> float:
+    """``‖actual − expected‖ / scale`` (norm-wise; ``scale`` defaults to ``‖expected‖``)."""
+    diff = float(torch.linalg.vector_norm((actual - expected).double()))
+    denom = float(torch.linalg.vector_norm(expected.double())) if scale is None else float(scale)
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom
+
+
+# ----------------------------------------------------------------------------- problems
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+}
+_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def mse(out: Tensor, target: Tensor) -> Tensor:
+    return ((out - target) ** 2).mean()
+
+
+class Problem:
+    """An inner/outer problem seen two ways.
+
+    Reference side: ``inner_loss(params, k)`` and ``query_loss(params)`` take a list of
+    tensors (in ``names`` order). Package side: ``module()`` builds a fresh module whose
+    trainable parameters are ``theta``; ``closure(k)`` is step k's closure over the
+    functional model and ``package_query_loss(fmodel)`` the query loss.
+
+    ``schedule[k]`` selects which inner loss (batch) step k uses, so the inner loss may
+    change from step to step.
+    """
+
+    names: list[str]
+    theta: list[Tensor]
+    schedule: tuple[int, ...]
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [t.shape for t in self.theta]
+
+    @property
+    def dim(self) -> int:
+        return sum(t.numel() for t in self.theta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta[0].dtype
+
+    def batch(self, k: int) -> int:
+        return self.schedule[k % len(self.schedule)]
+
+    def module(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inner_loss(self, params: Sequence[Tensor], k: int) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def query_loss(self, params: Sequence[Tensor]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def closure(self, k: int) -> Callable:  # pragma: no cover
+        raise NotImplementedError
+
+    def package_query_loss(self, fmodel) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _inner_closure(x: Tensor, y: Tensor) -> Callable:
+    # One closure object per step, as a user writes it; steps of the same batch
+    # capture the same tensors.
+    return lambda fmodel: mse(fmodel(x), y)
+
+
+class MLPProblem(Problem):
+    """``nn.Sequential(Linear, act, …, Linear)`` with MSE losses on small data."""
+
+    def __init__(self, widths: Sequence[int], activation: str, seed: int, *,
+                 batches: Sequence[tuple[Tensor, Tensor]], query: tuple[Tensor, Tensor],
+                 schedule: Sequence[int] = (0,), dtype: torch.dtype = torch.float64) -> None:
+        self.widths = tuple(widths)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        with torch.random.fork_rng(devices=[]):  # default nn.Linear init, global RNG untouched
+            torch.manual_seed(seed)
+            module = self._empty_module(torch.float64)  # the same θ for every dtype
+        named = list(module.named_parameters())
+        self.names = [n for n, _ in named]
+        self.theta = [p.detach().to(dtype).clone() for _, p in named]
+        self.batches = [(x.to(dtype), y.to(dtype)) for x, y in batches]
+        self.query = (query[0].to(dtype), query[1].to(dtype))
+        self.schedule = tuple(schedule)
+        self._closures = [_inner_closure(x, y) for x, y in self.batches]
+
+    def _empty_module(self, dtype: torch.dtype) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for i in range(len(self.widths) - 1):
+            layers.append(nn.Linear(self.widths[i], self.widths[i + 1], dtype=dtype))
+            if i < len(self.widths) - 2:
+                layers.append(_MODULES[self.activation]())
+        return nn.Sequential(*layers)
+
+    def module(self) -> nn.Module:
+        module = self._empty_module(self.dtype)
+        with torch.no_grad():
+            for p, t in zip(module.parameters(), self.theta):
+                p.copy_(t)
+        return module
+
+    def forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The network evaluated by hand: ``F.linear`` and the activation."""
+        h = x
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            h = F.linear(h, params[2 * i], params[2 * i + 1])
+            if i < n_layers - 1:
+                h = self.act(h)
+        return h
+
+    def inner_loss(self, params: Sequence[Tensor], k: int) -> Tensor:
+        x, y = self.batches[self.batch(k)]
+        return mse(self.forward(params, x), y)
+
+    def query_loss(self, params: Sequence[Tensor]) -> Tensor:
+        return mse(self.forward(params, self.query[0]), self.query[1])
+
+    def closure(self, k: int) -> Callable:
+        return self._closures[self.batch(k)]
+
+    def package_query_loss(self, fmodel) -> Tensor:
+        return mse(fmodel(self.query[0]), self.query[1])
+
+    def __repr__(self) -> str:
+        return (f"MLPProblem(widths={self.widths}, activation={self.activation!r}, "
+                f"batches={len(self.batches)}, schedule={self.schedule}, dtype={self.dtype})")
+
+
+class QuadraticModel(nn.Module):
+    """A module holding one parameter vector φ; calling it returns φ."""
+
+    def __init__(self, phi: Tensor) -> None:
+        super().__init__()
+        self.phi = nn.Parameter(phi.detach().clone())
+
+    def forward(self) -> Tensor:
+        return self.phi
+
+
+def quadratic(phi: Tensor, A: Tensor, b: Tensor) -> Tensor:
+    """``½ φᵀAφ − bᵀφ``."""
+    return 0.5 * phi @ (A @ phi) - b @ phi
+
+
+def _quadratic_closure(A: Tensor, b: Tensor) -> Callable:
+    return lambda fmodel: quadratic(fmodel(), A, b)
+
+
+class QuadraticProblem(Problem):
+    """``L_tr(φ) = ½φᵀA_kφ − b_kᵀφ`` (``A_k = As[schedule[k]]``, symmetric), and a
+    smooth query loss ``½‖Mφ − c‖² + w·Σ log cosh(φ)``; every ``H_k = A_k``."""
+
+    def __init__(self, theta: Tensor, As: Sequence[Tensor], bs: Sequence[Tensor], *,
+                 M: Tensor, c: Tensor, w: float = 0.0, schedule: Sequence[int] = (0,)) -> None:
+        self.names = ["phi"]
+        self.theta = [theta.detach().clone()]
+        self.As = [0.5 * (A + A.T) for A in As]
+        self.bs = list(bs)
+        self.M, self.c, self.w = M, c, float(w)
+        self.schedule = tuple(schedule)
+        self._closures = [_quadratic_closure(A, b) for A, b in zip(self.As, self.bs)]
+
+    def module(self) -> nn.Module:
+        return QuadraticModel(self.theta[0])
+
+    def inner_loss(self, params: Sequence[Tensor], k: int) -> Tensor:
+        i = self.batch(k)
+        return quadratic(params[0], self.As[i], self.bs[i])
+
+    def _query(self, phi: Tensor) -> Tensor:
+        r = self.M @ phi - self.c
+        out = 0.5 * r @ r
+        if self.w:
+            out = out + self.w * (torch.logaddexp(phi, -phi) - math.log(2)).sum()  # log cosh
+        return out
+
+    def query_loss(self, params: Sequence[Tensor]) -> Tensor:
+        return self._query(params[0])
+
+    def closure(self, k: int) -> Callable:
+        return self._closures[self.batch(k)]
+
+    def package_query_loss(self, fmodel) -> Tensor:
+        return self._query(fmodel())
+
+    def ell(self) -> float:
+        """``ℓ = max_k ‖A_k‖₂`` (largest |eigenvalue|)."""
+        return max(float(torch.linalg.eigvalsh(A).abs().max()) for A in self.As)
+
+    def __repr__(self) -> str:
+        return f"QuadraticProblem(d={self.dim}, inner losses={len(self.As)}, schedule={self.schedule})"
+
+
+def random_symmetric(d: int, generator: torch.Generator, *, psd: bool,
+                     dtype: torch.dtype = torch.float64) -> Tensor:
+    """A random symmetric matrix with spectral norm 1 (PSD, rank ≥ 1, if ``psd``)."""
+    if psd:
+        rank = int(torch.randint(1, d + 1, (), generator=generator))
+        R = torch.randn(d, rank, generator=generator, dtype=dtype)
+        A = R @ R.T
+    else:
+        R = torch.randn(d, d, generator=generator, dtype=dtype)
+        A = 0.5 * (R + R.T)
+    return A / torch.linalg.eigvalsh(A).abs().max()
+
+
+# ----------------------------------------------------------------------------- step sizes
+
+
+@dataclass
+class StepSizes:
+    """Step sizes in both forms: ``package`` for ``SGD(lr=…)``, ``per_param`` for the
+    reference (one tensor per parameter, broadcast to its shape)."""
+
+    package: Union[float, dict[str, Union[float, Tensor]]]
+    per_param: list[Tensor]
+
+    @property
+    def diagonal(self) -> Tensor:
+        """The diagonal D of ``φ_{k+1} = φ_k − D ∇L_tr(φ_k)``, flattened."""
+        return flat(self.per_param)
+
+    @property
+    def max(self) -> float:
+        return float(self.diagonal.max())
+
+
+def step_sizes(problem: Problem, alpha: float, modes: Optional[Sequence[str]] = None,
+               seed: int = 0) -> StepSizes:
+    """One step size ``alpha`` (``modes=None``), or per-parameter step sizes.
+
+    ``modes[i]`` picks the form of parameter i's entry: ``"float"`` (a float),
+    ``"scalar"`` (a 0-dim tensor), ``"full"`` (a tensor of the parameter's shape) or
+    ``"rows"`` (shape ``(n, 1, …)``, broadcast) or ``"zero"`` (the float 0.0). The
+    other values lie in ``alpha·[0.1, 1]``.
+    """
+    dtype = problem.dtype
+    if modes is None:
+        return StepSizes(float(alpha), [torch.full(s, float(alpha), dtype=dtype) for s in problem.shapes])
+    g = torch.Generator().manual_seed(seed)
+    package: dict[str, Union[float, Tensor]] = {}
+    per_param = []
+    assert len(modes) == len(problem.names), (modes, problem.names)
+    for name, shape, mode in zip(problem.names, problem.shapes, modes):
+        if mode == "rows" and len(shape) == 0:
+            mode = "full"
+        if mode == "zero":  # a parameter the inner loop leaves alone
+            value: Union[float, Tensor] = 0.0
+            per_param.append(torch.zeros(shape, dtype=dtype))
+        elif mode == "float":
+            value = alpha * (0.1 + 0.9 * float(torch.rand((), generator=g)))
+            per_param.append(torch.full(shape, value, dtype=dtype))
+        else:
+            lr_shape = {"scalar": (), "full": tuple(shape),
+                        "rows": (shape[0],) + (1,) * (len(shape) - 1) if len(shape) else ()}[mode]
+            value = alpha * (0.1 + 0.9 * torch.rand(lr_shape, generator=g, dtype=torch.float64))
+            value = value.to(dtype)
+            per_param.append(value.expand(shape).clone())
+        package[name] = value
+    return StepSizes(package, per_param)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Unrolled:
+    """The reference inner loop: iterates ``φ_0 … φ_K``, ``v = ∇L_val(φ_K)`` and the
+    exact meta-gradient ``g``, all flattened."""
+
+    iterates: list[Tensor]
+    v: Tensor
+    g: Tensor
+    problem: Problem = field(repr=False)
+    lr: StepSizes = field(repr=False)
+
+    @property
+    def K(self) -> int:
+        return len(self.iterates) - 1
+
+
+def unroll(problem: Problem, K: int, lr: StepSizes) -> Unrolled:
+    """Hand-unrolled gradient descent with ``create_graph=True``; exact ``g`` by autograd."""
+    theta = [t.detach().clone().requires_grad_() for t in problem.theta]
+    params = list(theta)
+    iterates = [flat(params).detach()]
+    for k in range(K):
+        loss = problem.inner_loss(params, k)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        params = [p - a * gr for p, a, gr in zip(params, lr.per_param, grads)]
+        iterates.append(flat(params).detach())
+    g = torch.autograd.grad(problem.query_loss(params), theta)
+    final = [p.detach().clone().requires_grad_() for p in params]
+    v = torch.autograd.grad(problem.query_loss(final), final)
+    return Unrolled(iterates, flat(v).detach(), flat(g).detach(), problem, lr)
+
+
+def hessians(run: Unrolled) -> list[Tensor]:
+    """Dense ``H_k = ∇²L_tr^{(k)}(φ_k)`` for k = 0 … K−1, row by row with a double
+    backward (one ``torch.autograd.grad`` per unit vector)."""
+    problem, out = run.problem, []
+    for k in range(run.K):
+        x = run.iterates[k].clone().requires_grad_()
+        (grad,) = torch.autograd.grad(problem.inner_loss(unflat(x, problem.shapes), k), x,
+                                      create_graph=True)
+        eye = torch.eye(x.numel(), dtype=x.dtype)
+        rows = [torch.autograd.grad(grad, x, e, retain_graph=True, allow_unused=True)[0]
+                for e in eye]
+        H = torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
+        out.append(0.5 * (H + H.T))
+    return out
+
+
+def factors(run: Unrolled, Hs: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
+    """``B_k = J_kᵀ − I = −H_k D`` (``J_k = I − D H_k`` for the SGD step)."""
+    Hs = hessians(run) if Hs is None else Hs
+    D = run.lr.diagonal
+    return [-(H * D.unsqueeze(0)) for H in Hs]
+
+
+def last_factors(Bs: Sequence[Tensor], v: Tensor, T: int) -> Tensor:
+    """``(I + B_{K−T})(I + B_{K−T+1})⋯(I + B_{K−1}) v``; T = K is MATH.md (1)."""
+    K = len(Bs)
+    u = v.clone()
+    for m in reversed(range(K - T, K)):
+        u = u + Bs[m] @ u
+    return u
+
+
+def dense_product(Bs: Sequence[Tensor]) -> Tensor:
+    """The matrix ``(I + B_0)(I + B_1)⋯(I + B_{K−1})``, leftmost factor first step."""
+    d = Bs[0].shape[0] if Bs else 0
+    P = torch.eye(d, dtype=Bs[0].dtype) if Bs else None
+    for B in Bs:
+        P = P @ (torch.eye(d, dtype=B.dtype) + B)
+    return P
+
+
+def subset_sum(Bs: Sequence[Tensor], v: Tensor, L: int) -> tuple[Tensor, float]:
+    """MATH.md (2) by enumeration: ``v + Σ_{l≤L} Σ_{k_1<…<k_l} B_{k_1}⋯B_{k_l} v``.
+
+    Returns the sum and the rounding scale ``Σ ‖term‖`` over all its terms.
+    """
+    total, scale = v.clone(), float(torch.linalg.vector_norm(v))
+    for l in range(1, L + 1):
+        for subset in itertools.combinations(range(len(Bs)), l):
+            term = v
+            for k in reversed(subset):  # B_{k_l} acts on v first
+                term = Bs[k] @ term
+            total = total + term
+            scale += float(torch.linalg.vector_norm(term))
+    return total, scale
+
+
+def level_sum(Bs: Sequence[Tensor], v: Tensor, L: int) -> Tensor:
+    """(2) by MATH.md's levels: ``a^{(1)}_k = B_k v``, ``a^{(j)}_k = B_k Σ_{k'>k} a^{(j−1)}_{k'}``."""
+    K = len(Bs)
+    total = v.clone()
+    prev = None
+    for j in range(1, L + 1):
+        cur = []
+        for k in range(K):
+            if j == 1:
+                u = v
+            else:
+                u = sum((prev[kk] for kk in range(k + 1, K)), torch.zeros_like(v))
+            cur.append(Bs[k] @ u)
+        total = total + sum(cur, torch.zeros_like(v))
+        prev = cur
+    return total
+
+
+def sequential_sum(Bs: Sequence[Tensor], v: Tensor, L: int) -> Tensor:
+    """(2) by MATH.md's memory-lean form: ``e_j ← e_j + B_m e_{j−1}``, m = K−1 … 0."""
+    e = [v.clone()] + [torch.zeros_like(v) for _ in range(L)]
+    for m in reversed(range(len(Bs))):
+        old = [t.clone() for t in e]
+        for j in range(L, 0, -1):
+            e[j] = e[j] + Bs[m] @ old[j - 1]
+    return sum(e, torch.zeros_like(v))
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def binomial_bound(K: int, L: int, x: float) -> float:
+    """``Σ_{l=L+1}^{K} C(K,l) x^l`` with ``x = αℓ`` (times ‖v‖)."""
+    return sum(math.comb(K, l) * x ** l for l in range(L + 1, K + 1))
+
+
+def truncated_bound(K: int, T: int, x: float) -> float:
+    """``(1+x)^K − (1+x)^T`` (times ‖v‖)."""
+    return (1 + x) ** K - (1 + x) ** T
+
+
+def first_order_bound(K: int, x: float) -> float:
+    """``(1+x)^K − 1`` (times ‖v‖)."""
+    return (1 + x) ** K - 1
+
+
+def convex_bound(K: int, L: int, x: float) -> float:
+    """The paper's convex bound ``C(K, L+1) x^{L+1}`` (times ‖v‖); 0 for L ≥ K."""
+    return math.comb(K, L + 1) * x ** (L + 1)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@dataclass(frozen=True)
+class ProblemSpec:
+    """Plain values from which :func:`build` makes a problem (Hypothesis draws these)."""
+
+    kind: str  # "mlp" | "quadratic"
+    seed: int
+    widths: tuple[int, ...] = (1, 4, 1)
+    activation: str = "tanh"
+    n_points: int = 5
+    n_batches: int = 1
+    schedule: tuple[int, ...] = (0,)
+    dim: int = 3
+    psd: bool = False
+    query_w: float = 0.0
+
+
+def build(spec: ProblemSpec, dtype: torch.dtype = torch.float64) -> Problem:
+    g = torch.Generator().manual_seed(spec.seed)
+    if spec.kind == "mlp":
+        d_in, d_out = spec.widths[0], spec.widths[-1]
+
+        def data() -> tuple[Tensor, Tensor]:
+            x = 4 * torch.rand(spec.n_points, d_in, generator=g, dtype=torch.float64) - 2
+            y = torch.randn(spec.n_points, d_out, generator=g, dtype=torch.float64)
+            return x, y
+
+        batches = [data() for _ in range(spec.n_batches)]
+        return MLPProblem(spec.widths, spec.activation, spec.seed, batches=batches, query=data(),
+                          schedule=spec.schedule, dtype=dtype)
+    if spec.kind == "quadratic":
+        d = spec.dim
+        As = [random_symmetric(d, g, psd=spec.psd) * (0.5 + 2.5 * float(torch.rand((), generator=g)))
+              for _ in range(spec.n_batches)]
+        bs = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(spec.n_batches)]
+        theta = torch.randn(d, generator=g, dtype=torch.float64)
+        M = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+        c = torch.randn(d, generator=g, dtype=torch.float64)
+        return QuadraticProblem(theta.to(dtype), [A.to(dtype) for A in As], [b.to(dtype) for b in bs],
+                                M=M.to(dtype), c=c.to(dtype), w=spec.query_w, schedule=spec.schedule)
+    raise ValueError(spec.kind)
+
+
+def sinusoid_problem(seed: int = 0, n_points: int = 10, dtype: torch.dtype = torch.float64) -> MLPProblem:
+    """The 1-40-40-1 ReLU sinusoid regression task of MATH.md: ``y = a·sin(x − p)``,
+    ``a ∈ [0.1, 5]``, ``p ∈ [0, π]``, x uniform in [−5, 5]; ``n_points`` support and
+    query points; default ``nn.Linear`` initialization under ``torch.manual_seed(seed)``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    amplitude = 0.1 + 4.9 * float(torch.rand((), generator=g, dtype=torch.float64))
+    phase = math.pi * float(torch.rand((), generator=g, dtype=torch.float64))
+
+    def data() -> tuple[Tensor, Tensor]:
+        x = 10 * torch.rand(n_points, 1, generator=g, dtype=torch.float64) - 5
+        return x, amplitude * torch.sin(x - phase)
+
+    return MLPProblem((1, 40, 40, 1), "relu", seed, batches=[data()], query=data(), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def problem_specs(draw, kinds: Sequence[str] = ("mlp", "quadratic"), max_K: int = 8,
+                  psd: Optional[bool] = None, varying: bool = True) -> ProblemSpec:
+    """A small problem: an MLP (depth 1–3, widths ≤ 8, ≤ 10 points) or a quadratic
+    (d ≤ 6, A symmetric, possibly indefinite). With ``varying``, the inner loss may
+    switch between up to 3 batches along the steps (schedule of length ``max_K``)."""
+    kind = draw(st.sampled_from(list(kinds)))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    n_batches = draw(st.integers(1, 3)) if varying else 1
+    if n_batches > 1:
+        schedule = tuple(draw(st.lists(st.integers(0, n_batches - 1), min_size=max_K, max_size=max_K)))
+    else:
+        schedule = (0,)
+    if kind == "mlp":
+        # sampled_from draws uniformly, where small integers would be favoured
+        depth = draw(st.sampled_from([1, 2, 3]))
+        d_in = draw(st.sampled_from([1, 2, 3]))
+        d_out = draw(st.sampled_from([1, 2]))
+        hidden = tuple(draw(st.sampled_from(range(1, 9))) for _ in range(depth - 1))
+        return ProblemSpec("mlp", seed, widths=(d_in, *hidden, d_out),
+                           activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+                           n_points=draw(st.sampled_from(range(1, 11))), n_batches=n_batches,
+                           schedule=schedule)
+    return ProblemSpec("quadratic", seed, dim=draw(st.sampled_from(range(1, 7))),
+                       psd=draw(st.booleans()) if psd is None else psd,
+                       n_batches=n_batches, schedule=schedule,
+                       query_w=draw(st.sampled_from([0.0, 0.5])))
+
+
+@st.composite
+def step_size_choices(draw, lo: float = 0.01, hi: float = 0.3) -> tuple[float, Optional[tuple[str, ...]], int]:
+    """``(alpha, modes, seed)`` for :func:`step_sizes`: one step size, or sometimes
+    per-parameter step sizes in every accepted form."""
+    alpha = draw(st.floats(lo, hi))
+    if draw(st.integers(0, 2)) == 0:
+        modes = tuple(draw(st.lists(st.sampled_from(["float", "scalar", "full", "rows", "full", "zero"]),
+                                    min_size=8, max_size=8)))
+        return alpha, modes, draw(st.integers(0, 2 ** 16))
+    return alpha, None, 0
+
+
+def make_step_sizes(problem: Problem, choice: tuple[float, Optional[tuple[str, ...]], int]) -> StepSizes:
+    alpha, modes, seed = choice
+    if modes is not None:
+        modes = tuple(modes[i % len(modes)] for i in range(len(problem.names)))
+    return step_sizes(problem, alpha, modes, seed)
