@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import abc
+import os
+import sys
 import warnings
 from typing import Any, Optional
+
+import torch
 
 from ..optim import Params
 from ..trajectory import Trajectory
 
-__all__ = ["Estimator", "MetaGradientWarning"]
+__all__ = ["Estimator", "MetaGradientWarning", "warn"]
+
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # metagrad/
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
 
 
 class MetaGradientWarning(UserWarning):
@@ -56,6 +65,22 @@ class Estimator(abc.ABC):
         return hash((type(self), tuple(sorted(vars(self).items()))))
 
 
+def warn(message: str) -> None:
+    """Issue a :class:`MetaGradientWarning` attributed to the user's code.
+
+    Estimators warn during backward, several frames below the user's
+    ``loss.backward()`` inside torch's autograd; the warning is attributed to the
+    first frame outside metagrad and torch (the outermost frame when backward runs
+    on an autograd device thread).
+    """
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, MetaGradientWarning, stacklevel=level)
+
+
 def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> Optional[int]:
     """Validate an integer argument; the error names it, the value and what is accepted."""
     if value is None and allow_none:
@@ -73,10 +98,8 @@ def clamp_to_steps(value: int, steps: int, what: str, name: str) -> int:
     """Clamp an order or step count to K, warning that the result is then exact."""
     if value <= steps:
         return value
-    warnings.warn(
+    warn(
         f"{what}: {name}={value} exceeds the number of inner steps K={steps}; using {name}={steps}, "
-        f"which gives the exact meta-gradient. Pass {name} <= K to silence this warning.",
-        MetaGradientWarning,
-        stacklevel=4,
+        f"which gives the exact meta-gradient. Pass {name} <= K to silence this warning."
     )
     return steps
