@@ -560,3 +560,14 @@ def test_parameters_changed_in_place_before_a_deferred_backward(make_estimator):
         model[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
+
+
+@pytest.mark.parametrize("make_estimator", [lambda: mg.Binomial(order=K + 2), lambda: mg.Truncated(steps=K + 2)])
+def test_clamp_warning_points_at_the_users_backward_line(make_estimator):
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=make_estimator()) as meta:
+        for k in range(K):
+            meta.step(closure_for(*SUPPORT[k]))
+        with pytest.warns(mg.MetaGradientWarning) as record:
+            query_loss(meta.fmodel).backward()
+    assert record[0].filename == __file__
