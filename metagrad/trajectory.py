@@ -52,7 +52,9 @@ class Trajectory:
         rule: the inner update rule.
         differentiable: build each step with ``create_graph=True`` (Full).
         keep: how many of the most recent steps to keep for rebuilding; ``None`` keeps
-            all. The current iterate is always kept.
+            all. The current iterate, and the last step's closure, are always kept.
+        proximal: λ of a proximal term ``(λ/2)‖φ − θ‖²`` added to every inner step's loss
+            (the Implicit estimator's inner problem), or ``None``.
         check_finite: raise if an inner loss is NaN or infinite.
     """
 
@@ -64,6 +66,7 @@ class Trajectory:
         *,
         differentiable: bool,
         keep: Optional[int],
+        proximal: Optional[float] = None,
         check_finite: bool = True,
     ) -> None:
         self.module = module
@@ -71,8 +74,11 @@ class Trajectory:
         self.rule = rule
         self.differentiable = differentiable
         self.keep = keep
+        self.proximal = proximal
         self.check_finite = check_finite
-        self._steps: list[Optional[_Step]] = []
+        self._steps: dict[int, _Step] = {}
+        self._length = 0
+        self.last_closure: Optional[Closure] = None
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.released = False
@@ -83,6 +89,11 @@ class Trajectory:
     @property
     def length(self) -> int:
         """The number of inner steps taken, K."""
+        return self._length
+
+    @property
+    def stored(self) -> int:
+        """How many steps are stored for rebuilding (at most ``keep``)."""
         return len(self._steps)
 
     @property
@@ -107,16 +118,19 @@ class Trajectory:
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
             grads = _grads(loss, params, create_graph=self.differentiable, step=k)
-            if self.differentiable:
-                new_params, new_state = self.rule.step(params, grads, self._state)
         if not self.differentiable:
-            with torch.no_grad():
-                detached = {n: t.detach() for n, t in params.items()}
-                new_params, new_state = self.rule.step(detached, grads, self._state)
-        self._steps.append(_Step(params=_detach_if(self._current, not self.differentiable),
-                                 state=self._state, closure=closure))
-        if self.keep is not None and len(self._steps) > self.keep:
-            self._steps[len(self._steps) - self.keep - 1] = None
+            params = {n: t.detach() for n, t in params.items()}
+        with torch.set_grad_enabled(self.differentiable):
+            if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
+                grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
+            new_params, new_state = self.rule.step(params, grads, self._state)
+        if self.keep is None or self.keep > 0:
+            self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
+                                   state=self._state, closure=closure)
+            if self.keep is not None:
+                self._steps.pop(k - self.keep, None)
+        self._length += 1
+        self.last_closure = closure
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -191,10 +205,39 @@ class Trajectory:
                 f"estimator=Checkpointed() for closures that cannot be vmapped. ({error})"
             ) from error
 
+    def hessian_operator(self, k: int) -> Callable[[Params], Params]:
+        """``u ↦ H u`` with ``H = ∇²L_tr(φ_k)``, the Hessian of the last step's loss
+        (without any proximal term) at the current iterate ``k = K``.
+
+        One graph is built here and kept for as long as the returned function lives;
+        each call is one double backward through it.
+        """
+        if k != self.length or self.last_closure is None:
+            raise RuntimeError(
+                f"the Hessian is taken at the final fast weights φ_K (K={self.length}), but the "
+                f"query was built after {k} steps. Build the query loss from meta.fmodel after "
+                "the last inner step."
+            )
+        with torch.enable_grad():
+            params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
+            loss = self.last_closure(FunctionalModel(self.module, params))
+            grads = _grads(loss, params, create_graph=True, step=k - 1)
+        inputs = list(params.values())
+        outputs = [grads[n] for n in params]
+
+        def hvp(u: Params) -> Params:
+            with torch.enable_grad():
+                out = torch.autograd.grad(outputs, inputs, [u[n] for n in params],
+                                          retain_graph=True, allow_unused=True)
+            return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+
+        return hvp
+
     # ---------------------------------------------------------------- bookkeeping
     def release(self) -> None:
         """Drop every stored iterate and graph; later use raises a clear error."""
-        self._steps = []
+        self._steps = {}
+        self.last_closure = None
         self._current = {}
         self._state = {}
         self.theta = {}
@@ -202,7 +245,7 @@ class Trajectory:
 
     def _step(self, m: int) -> _Step:
         self.check_alive()
-        step = self._steps[m] if 0 <= m < len(self._steps) else None
+        step = self._steps.get(m)
         if step is None:
             raise RuntimeError(
                 f"inner step {m} is no longer stored (the estimator keeps the last {self.keep} "
