@@ -1,15 +1,16 @@
 """metagrad: meta-gradients through the user's own inner loop, with a choice of estimator.
 
 One context manager, :class:`MetaGradient`, wraps the inner loop; the backward
-strategy is one argument. See ``../MATH.md``-style derivations in each estimator's
-module docstring.
+strategy (the estimator) is one argument. Each estimator's module docstring gives
+its formula from docs/MATH.md.
 """
 
-from . import optim
+from . import linalg, optim
 from .context import MetaGradient
-from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, MetaGradientWarning,
-                         Truncated)
+from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
+                         MetaGradientWarning, Truncated)
 from .functional import FunctionalModel
+from .linalg import NegativeCurvatureError
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,10 @@ __all__ = [
     "FirstOrder",
     "Truncated",
     "Binomial",
+    "Implicit",
+    "NegativeCurvatureError",
     "MetaGradientWarning",
     "optim",
+    "linalg",
     "__version__",
 ]

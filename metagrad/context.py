@@ -49,8 +49,9 @@ class MetaGradient:
         inner_opt: the differentiable update rule of the inner loop, e.g.
             ``mg.optim.SGD(lr=0.01)``.
         estimator: an :class:`~metagrad.Estimator`, or one of the names ``"full"``,
-            ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``)
-            and ``"binomial"`` (``Binomial(order=2)``). Default: ``Full()``.
+            ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``),
+            ``"binomial"`` (``Binomial(order=2)``) and ``"implicit"`` (``Implicit(reg=1.0)``).
+            Default: ``Full()``.
         check_finite: raise ``FloatingPointError`` at the first inner step whose loss is
             NaN or infinite (default). With ``False``, non-finite values propagate.
     """
@@ -117,7 +118,8 @@ class MetaGradient:
             theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
-                                      keep=self.estimator.keep(), check_finite=self.check_finite)
+                                      keep=self.estimator.keep(), proximal=self.estimator.proximal,
+                                      check_finite=self.check_finite)
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._params]
         self._fmodel = None
         self.info = {}

@@ -9,10 +9,11 @@ from .binomial import Binomial
 from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .full import Full
+from .implicit import Implicit
 from .truncated import Truncated
 
 __all__ = ["Estimator", "MetaGradientWarning", "Full", "Checkpointed", "FirstOrder", "Truncated",
-           "Binomial", "resolve"]
+           "Binomial", "Implicit", "resolve"]
 
 #: The names ``MetaGradient(estimator=...)`` accepts, with their defaults.
 BY_NAME = {
@@ -21,6 +22,7 @@ BY_NAME = {
     "first_order": FirstOrder,
     "truncated": Truncated,  # Truncated(steps=2)
     "binomial": Binomial,  # Binomial(order=2, chunk_size=None)
+    "implicit": Implicit,  # Implicit(reg=1.0, solver="cg", max_iter=50, tol=1e-6)
 }
 
 

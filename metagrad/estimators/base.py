@@ -28,13 +28,16 @@ class MetaGradientWarning(UserWarning):
 class Estimator(abc.ABC):
     """A backward strategy: how ``v = ∇L_val(φ_K)`` is carried back to θ.
 
-    Subclasses set two class attributes and implement :meth:`backward`:
+    Subclasses implement :meth:`backward`, and may set:
 
     - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
+    - ``proximal``: λ of a proximal term the inner loop adds (Implicit).
     - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
     """
 
     differentiable: bool = False
+    #: λ of a proximal term ``(λ/2)‖φ − θ‖²`` the inner loop adds to every step's loss.
+    proximal: Optional[float] = None
 
     def keep(self) -> Optional[int]:
         """How many of the most recent inner steps to store; ``None`` stores all."""

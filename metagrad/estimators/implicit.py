@@ -1,0 +1,99 @@
+"""Implicit (iMAML): implicit differentiation of a proximal inner problem (MATH.md, "Implicit
+differentiation").
+
+The inner problem is ``φ* = argmin_φ L_tr(φ) + (λ/2)‖φ − θ‖²``. At its minimum
+``dφ*/dθ = (I + H*/λ)⁻¹`` with ``H* = ∇²L_tr(φ*)``, so the meta-gradient is the solution x of
+
+    (I + H*/λ) x = ∇L_val(φ*)
+
+taken at the final fast weights φ_K in place of φ*.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from ..linalg import conjugate_gradient, neumann_series
+from ..optim import Params
+from ..trajectory import Trajectory
+from .base import Estimator, check_count, warn
+
+__all__ = ["Implicit"]
+
+SOLVERS = {"cg": conjugate_gradient, "neumann": neumann_series}
+
+
+class Implicit(Estimator):
+    """The iMAML meta-gradient, by a matrix-free linear solve at the final fast weights.
+
+    **The proximal term is added for you.** With this estimator every inner step
+    descends ``L_tr(φ) + (λ/2)‖φ − θ‖²``: the closure returns ``L_tr`` only, and
+    ``meta.step`` returns ``L_tr`` without the proximal term.
+
+    Backward solves ``(I + H/λ) x = ∇L_val(φ_K)``, with H the Hessian of the last inner
+    step's loss (without the proximal term) at φ_K. No iterate is stored, and one
+    graph is built, at φ_K, so memory does not grow with K. The estimate is only as
+    good as φ_K is a minimizer of the proximal problem: take enough inner steps for
+    the inner loop to converge.
+
+    After backward, ``meta.info`` holds ``solver``, ``iterations``, ``residual`` (the
+    final relative residual ``‖(I + H/λ)x − b‖/‖b‖``), ``converged`` and
+    ``hessian_vector_products``. A solve that misses ``tol`` issues a
+    :class:`MetaGradientWarning` giving the residual; a Neumann series detected
+    diverging (``‖H‖/λ ≥ 1``) warns and returns its best partial sum; conjugate
+    gradients that meet negative curvature raise
+    :class:`~metagrad.linalg.NegativeCurvatureError`.
+
+    Args:
+        reg: λ > 0, the strength of the proximal term.
+        solver: ``"cg"`` (conjugate gradients, needs ``H ⪰ −λI``) or ``"neumann"``
+            (``Σ_n (−H/λ)^n b``, needs ``‖H‖ < λ``).
+        max_iter: at most this many solver iterations (>= 1).
+        tol: the relative residual to reach (> 0).
+    """
+
+    def __init__(self, reg: float = 1.0, solver: str = "cg", max_iter: int = 50,
+                 tol: float = 1e-6) -> None:
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+            raise TypeError(f"Implicit(reg): expected a finite float > 0, got {type(reg).__name__} {reg!r}.")
+        if not math.isfinite(reg) or reg <= 0:
+            raise ValueError(f"Implicit(reg): expected a finite float > 0, got {reg!r}.")
+        if solver not in SOLVERS:
+            raise ValueError(f"Implicit(solver): unknown solver {solver!r}; accepted: {sorted(SOLVERS)}.")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"Implicit(tol): expected a float > 0, got {type(tol).__name__} {tol!r}.")
+        if not tol > 0:
+            raise ValueError(f"Implicit(tol): expected a float > 0, got {tol!r}.")
+        self.reg = float(reg)
+        self.solver = solver
+        self.max_iter = check_count(max_iter, "Implicit(max_iter)", minimum=1)
+        self.tol = float(tol)
+
+    @property
+    def proximal(self) -> Optional[float]:  # type: ignore[override]
+        return self.reg
+
+    def keep(self) -> Optional[int]:
+        return 0
+
+    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+        hvp = trajectory.hessian_operator(steps)  # the one graph, at φ_K
+        x, solve = SOLVERS[self.solver](hvp, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
+        info = {"steps": steps, "solver": self.solver, "reg": self.reg,
+                "iterations": solve.iterations, "residual": solve.residual,
+                "converged": solve.converged, "hessian_vector_products": solve.products}
+        if solve.diverged:
+            warn(
+                f"Implicit: the Neumann series is diverging (its terms grew after {solve.iterations} "
+                f"products): ‖H‖/λ is too large for reg={self.reg}. The best partial sum, with "
+                f"relative residual {solve.residual:.3g}, is used. Increase reg above ‖H‖, or use "
+                "solver='cg'."
+            )
+        elif not solve.converged:
+            warn(
+                f"Implicit: the {self.solver} solve stopped at relative residual "
+                f"{solve.residual:.3g} after {solve.iterations} iterations, above tol={self.tol:g}. "
+                "Raise max_iter, loosen tol, or increase reg."
+            )
+        return x, info
