@@ -62,9 +62,11 @@ def test_tiny_run_writes_table_json_and_plot_and_is_reproducible(tmp_path: Path)
     assert all(len(curve) == 3 for curve in results["learning_curves"].values())
 
     # Same seed, same numbers: only timings and memory may differ.
-    again = run_script(*TINY, "--estimators", "full", "binomial", "--out", str(second))
+    # The second run also takes Implicit, which runs only on request (--estimator implicit).
+    again = run_script(*TINY, "--estimator", "full", "binomial", "implicit", "--out", str(second))
     assert again.returncode == 0, again.stderr
     repeat = {row["estimator"]: row for row in json.loads((second / "results.json").read_text())["rows"]}
+    assert repeat["Implicit"]["test_mse_mean"] > 0 and "Implicit (iMAML" in again.stdout
     for name in ("no meta-training", "Full", "Binomial(2)"):
         assert repeat[name]["test_mse_mean"] == rows[name]["test_mse_mean"]
         assert repeat[name]["gradient_error_median"] == rows[name]["gradient_error_median"]
