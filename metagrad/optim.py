@@ -24,7 +24,7 @@ import torch
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
-__all__ = ["UpdateRule", "SGD"]
+__all__ = ["UpdateRule", "SGD", "Momentum", "Adam"]
 
 
 @runtime_checkable
@@ -60,43 +60,203 @@ class SGD:
     """
 
     def __init__(self, lr: LearningRate) -> None:
-        if isinstance(lr, Mapping):
-            checked: dict[str, float | torch.Tensor] = {}
-            for name, value in lr.items():
-                checked[name] = _check_step_size(value, f"lr[{name!r}]")
-            self.lr: LearningRate = checked
-        else:
-            self.lr = _check_step_size(lr, "lr")  # type: ignore[assignment]
+        self.lr = _check_learning_rate(lr)
 
     def __repr__(self) -> str:
-        if isinstance(self.lr, Mapping):
-            return f"SGD(lr=<{len(self.lr)} per-parameter step sizes>)"
-        return f"SGD(lr={self.lr})"
+        return f"SGD(lr={_lr_repr(self.lr)})"
 
     def init(self, params: Mapping[str, torch.Tensor]) -> State:
-        if isinstance(self.lr, torch.Tensor):
-            for name, param in params.items():
-                _check_step_size_fits(self.lr, param, "lr", name)
-        if isinstance(self.lr, Mapping):
-            missing = [name for name in params if name not in self.lr]
-            unknown = [name for name in self.lr if name not in params]
-            if missing or unknown:
-                raise ValueError(
-                    f"lr: per-parameter step sizes must name exactly the trainable parameters; "
-                    f"missing {missing}, unknown {unknown}. Accepted names: {list(params)}."
-                )
-            for name, value in self.lr.items():
-                if isinstance(value, torch.Tensor):
-                    _check_step_size_fits(value, params[name], f"lr[{name!r}]", name)
+        _check_learning_rate_fits(self.lr, params)
         return {}
 
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
-        if isinstance(self.lr, Mapping):
-            lr = self.lr
-            return {name: p - lr[name] * grads[name] for name, p in params.items()}, state
-        return {name: p - self.lr * grads[name] for name, p in params.items()}, state
+        return {name: p - _lr_for(self.lr, name) * grads[name] for name, p in params.items()}, state
+
+
+def _check_learning_rate(lr: Any) -> LearningRate:
+    """Validate ``lr``: a step size, or a mapping name → step size."""
+    if isinstance(lr, Mapping):
+        return {name: _check_step_size(value, f"lr[{name!r}]") for name, value in lr.items()}
+    return _check_step_size(lr, "lr")
+
+
+def _lr_repr(lr: LearningRate) -> str:
+    return f"<{len(lr)} per-parameter step sizes>" if isinstance(lr, Mapping) else repr(lr)
+
+
+def _lr_for(lr: LearningRate, name: str) -> Union[float, torch.Tensor]:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
+def _check_learning_rate_fits(lr: LearningRate, params: Mapping[str, torch.Tensor]) -> None:
+    """Per-parameter step sizes must name exactly the parameters, on their devices and shapes."""
+    if isinstance(lr, torch.Tensor):
+        for name, param in params.items():
+            _check_step_size_fits(lr, param, "lr", name)
+    if isinstance(lr, Mapping):
+        missing = [name for name in params if name not in lr]
+        unknown = [name for name in lr if name not in params]
+        if missing or unknown:
+            raise ValueError(
+                f"lr: per-parameter step sizes must name exactly the trainable parameters; "
+                f"missing {missing}, unknown {unknown}. Accepted names: {list(params)}."
+            )
+        for name, value in lr.items():
+            if isinstance(value, torch.Tensor):
+                _check_step_size_fits(value, params[name], f"lr[{name!r}]", name)
+
+
+class Momentum:
+    """Heavy-ball momentum, optionally Nesterov, as ``torch.optim.SGD(momentum=...)`` computes it.
+
+    With ``g ← ∇L_tr(φ) + weight_decay·φ``::
+
+        b ← g                              (first step)
+        b ← μ b + (1 − dampening) g        (later steps)
+        φ ← φ − α (g + μ b)   if nesterov, else   φ ← φ − α b
+
+    The state is the step count and the buffer b. Full and Checkpointed differentiate
+    through the buffer exactly; Truncated and Binomial hold it constant (MATH.md,
+    "Optimizers other than plain gradient descent").
+
+    Args:
+        lr: α, as for :class:`SGD` (a float or per-parameter mapping).
+        momentum: μ in [0, 1).
+        dampening: in [0, 1]; 0 by default.
+        nesterov: Nesterov momentum (requires ``dampening == 0``, as in torch).
+        weight_decay: L2 coefficient added to the gradient, >= 0.
+    """
+
+    def __init__(self, lr: LearningRate, momentum: float = 0.9, *, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
+        self.lr = _check_learning_rate(lr)
+        self.momentum = _check_unit(momentum, "momentum", upper_open=True)
+        self.dampening = _check_unit(dampening, "dampening")
+        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+        if nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError(
+                f"nesterov: Nesterov momentum needs momentum > 0 and dampening = 0, got "
+                f"momentum={momentum!r}, dampening={dampening!r}."
+            )
+        self.nesterov = bool(nesterov)
+
+    def __repr__(self) -> str:
+        return (f"Momentum(lr={_lr_repr(self.lr)}, momentum={self.momentum}, dampening={self.dampening}, "
+                f"nesterov={self.nesterov}, weight_decay={self.weight_decay})")
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        _check_learning_rate_fits(self.lr, params)
+        return {"step": _step_counter(params),
+                "momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}}
+
+    def step(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
+    ) -> tuple[Params, State]:
+        # The first step copies g into the buffer (torch's rule); later steps damp it.
+        later = (state["step"] > 0).to(torch.float64)
+        new_params, buffers = {}, {}
+        for name, p in params.items():
+            g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+            b = self.momentum * state["momentum_buffer"][name] + (1 - self.dampening * later) * g
+            direction = g + self.momentum * b if self.nesterov else b
+            new_params[name] = p - _lr_for(self.lr, name) * direction
+            buffers[name] = b
+        return new_params, {"step": state["step"] + 1, "momentum_buffer": buffers}
+
+
+class Adam:
+    """Adam, as ``torch.optim.Adam`` computes it (not AMSGrad), differentiably.
+
+    With ``g ← ∇L_tr(φ) + weight_decay·φ`` and t the step number from 1::
+
+        m ← m + (1 − β1)(g − m)        v ← β2 v + (1 − β2) g²
+        φ ← φ − α/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+
+    ``√v`` is taken with a zero derivative where ``v = 0`` (a parameter with zero
+    gradient), where the plain square root would make second derivatives NaN.
+
+    Full and Checkpointed differentiate through m and v exactly; Truncated and
+    Binomial hold them constant (MATH.md, "Optimizers other than plain gradient
+    descent").
+
+    Args:
+        lr: α, as for :class:`SGD` (a float or per-parameter mapping).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε > 0.
+        weight_decay: L2 coefficient added to the gradient, >= 0.
+    """
+
+    def __init__(self, lr: LearningRate = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.lr = _check_learning_rate(lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}.")
+        self.betas = (_check_unit(betas[0], "betas[0]", upper_open=True),
+                      _check_unit(betas[1], "betas[1]", upper_open=True))
+        self.eps = _check_nonnegative(eps, "eps")
+        if self.eps == 0:
+            raise ValueError("eps: expected a float > 0, got 0.")
+        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+
+    def __repr__(self) -> str:
+        return (f"Adam(lr={_lr_repr(self.lr)}, betas={self.betas}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay})")
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        _check_learning_rate_fits(self.lr, params)
+        return {"step": _step_counter(params),
+                "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
+                "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+
+    def step(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
+    ) -> tuple[Params, State]:
+        beta1, beta2 = self.betas
+        t = state["step"] + 1
+        bias_correction1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=t.device), t)
+        bias_correction2 = 1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=t.device), t)
+        new_params, exp_avg, exp_avg_sq = {}, {}, {}
+        for name, p in params.items():
+            g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+            m = torch.lerp(state["exp_avg"][name], g, 1 - beta1)
+            v = beta2 * state["exp_avg_sq"][name] + (1 - beta2) * g * g
+            denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + self.eps
+            new_params[name] = p - (_lr_for(self.lr, name) / bias_correction1) * m / denom
+            exp_avg[name], exp_avg_sq[name] = m, v
+        return new_params, {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _step_counter(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A step count as an integer tensor: state leaves are tensors, so steps can be stacked
+    for ``vmap``, and an integer tensor is never differentiated."""
+    device = next(iter(params.values())).device
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``√x`` whose derivative is 0, not inf·0 = NaN, where ``x = 0``."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
+                       torch.zeros_like(x))
+
+
+def _check_unit(value: Any, argument: str, *, upper_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{argument}: expected a float, got {type(value).__name__} {value!r}.")
+    if value < 0 or value > 1 or (upper_open and value == 1):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{argument}: expected a float in {interval}, got {value!r}.")
+    return float(value)
+
+
+def _check_nonnegative(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument}: expected a finite float >= 0, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{argument}: expected a finite float >= 0, got {value!r}.")
+    return float(value)
 
 
 def _check_step_size(value: Any, argument: str) -> float | torch.Tensor:
