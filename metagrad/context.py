@@ -113,9 +113,9 @@ class MetaGradient:
         self._names = tuple(n for n, _ in named)
         self._params = tuple(p for _, p in named)
         self._versions = tuple(p._version for p in self._params)
-        # θ as the trajectory sees it: detached aliases of the parameters (no copy); for a
-        # differentiable inner loop, leaves that the unrolled graph starts from.
-        theta = {n: p.detach().requires_grad_(self.estimator.differentiable) for n, p in named}
+        # θ as the trajectory sees it: a differentiable inner loop unrolls from the
+        # parameters themselves; otherwise detached aliases of them (no copy).
+        theta = {n: p if self.estimator.differentiable else p.detach() for n, p in named}
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
                                       keep=self.estimator.keep(), proximal=self.estimator.proximal,

@@ -35,11 +35,15 @@ Closure = Callable[[FunctionalModel], torch.Tensor]
 
 @dataclass
 class _Step:
-    """What rebuilds inner step k: the iterate it starts from, the state, the closure."""
+    """What rebuilds inner step k: the iterate it starts from, the state, and either the
+    closure (the step graph is rebuilt on demand) or the step's kept graph."""
 
     params: Params
     state: State
-    closure: Closure
+    closure: Optional[Closure]
+    #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
+    #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
+    graph: Optional[tuple[Params, Params]] = None
 
 
 class Trajectory:
@@ -104,29 +108,49 @@ class Trajectory:
     def advance(self, closure: Closure) -> torch.Tensor:
         """Take one inner step with ``closure``'s loss; return the loss, detached."""
         self.check_alive()
-        k = self.length
         if self.differentiable:
             params = self._current
         else:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
         with torch.enable_grad():
-            loss = _checked_loss(closure(FunctionalModel(self.module, params)), k)
+            loss = closure(FunctionalModel(self.module, params))
+        return self._take_step(loss, params, closure=closure, keep_graph=False)
+
+    def advance_from_loss(self, loss: torch.Tensor, params: Params) -> torch.Tensor:
+        """Take one inner step from a loss the caller built from ``params``, the current
+        fast weights as the caller holds them (for adapters whose users pass a loss).
+
+        No closure is known, so the step's graph cannot be rebuilt later: where the
+        estimator needs products at this step, the gradient is taken with
+        ``create_graph=True`` and kept, so memory grows like an unroll of forward graphs.
+        """
+        self.check_alive()
+        keep_graph = not self.differentiable and (self.keep is None or self.keep > 0)
+        return self._take_step(loss, params, closure=None, keep_graph=keep_graph)
+
+    def _take_step(self, loss: Any, params: Params, *, closure: Optional[Closure],
+                   keep_graph: bool) -> torch.Tensor:
+        k = self.length
+        with torch.enable_grad():
+            loss = _checked_loss(loss, k)
             if self.check_finite and not bool(torch.isfinite(loss)):
                 raise FloatingPointError(
                     f"closure: the inner loss at step {k} is {loss.item()}. metagrad stops here "
                     "rather than propagate non-finite fast weights; lower the step size or check "
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
-            grads = _grads(loss, params, create_graph=self.differentiable, step=k)
+            grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k)
+        graph = (params, grads) if keep_graph else None
         if not self.differentiable:
             params = {n: t.detach() for n, t in params.items()}
+            grads = {n: g.detach() for n, g in grads.items()}
         with torch.set_grad_enabled(self.differentiable):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             new_params, new_state = self.rule.step(params, grads, self._state)
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
-                                   state=self._state, closure=closure)
+                                   state=self._state, closure=closure, graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
@@ -142,18 +166,48 @@ class Trajectory:
         return self._step(k).params
 
     # ------------------------------------------------------------------- products
-    def vjp(self, m: int, u: Params) -> Params:
-        """``J_mᵀ u`` by a double backward through step m's graph, rebuilt at φ_m."""
+    def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
+            ) -> tuple[Params, Optional[list[Optional[torch.Tensor]]]]:
+        """Pull ``u`` back through step m by a double backward through its graph, rebuilt at
+        φ_m (or kept, for a step taken from a given loss).
+
+        Without ``state_adjoint``: ``(J_mᵀ u, None)``, the optimizer state held constant.
+        With it: the vector-Jacobian product of the whole step ``(φ_m, s_m) ↦ (φ_{m+1},
+        s_{m+1})`` applied to ``(u, state_adjoint)``, returning the adjoints of φ_m and s_m.
+        ``state_adjoint`` lists one adjoint per leaf of the flattened state
+        (``torch.utils._pytree``), ``None`` or missing for zero; ``[]`` starts from zero.
+        """
         step = self._step(m)
+        carry = state_adjoint is not None
         with torch.enable_grad():
-            params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-            loss = step.closure(FunctionalModel(self.module, params))
-            grads = _grads(loss, params, create_graph=True, step=m)
-            new_params, _ = self.rule.step(params, grads, step.state)
+            if step.graph is not None:
+                params, grads = step.graph
+            else:
+                params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
+                loss = step.closure(FunctionalModel(self.module, params))  # type: ignore[misc]
+                grads = _grads(loss, params, create_graph=True, step=m)
+            leaves, spec = pytree.tree_flatten(step.state)
+            varied = [i for i, t in enumerate(leaves)
+                      if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
+            leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
+            new_params, new_state = self.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
             outputs = [new_params[n] for n in params]
-            out = torch.autograd.grad(outputs, list(params.values()), [u[n] for n in params],
-                                      allow_unused=True)
-        return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+            cotangents = [u[n] for n in params]
+            if carry:
+                for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):
+                    if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                        outputs.append(leaf)
+                        cotangents.append(adjoint)
+            inputs = list(params.values()) + [leaves[i] for i in varied]
+            out = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
+                                      retain_graph=step.graph is not None)
+        pulled = {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+        if not carry:
+            return pulled, None
+        adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        for i, g in zip(varied, out[len(params):]):
+            adjoint_out[i] = g
+        return pulled, adjoint_out
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
                     chunk_size: Optional[int] = None) -> Params:
@@ -169,10 +223,17 @@ class Trajectory:
         pieces: list[Params] = []
         start = 0
         while start < rows:
-            closure = self._step(steps[start]).closure
+            first = self._step(steps[start])
+            if first.graph is not None:  # a kept graph cannot be vmapped: one product
+                row = {n: t[start] for n, t in vectors.items()}
+                pulled, _ = self.vjp(steps[start], row)
+                pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
+                start += 1
+                continue
+            closure = first.closure
             key = _closure_key(closure)
             stop = start + 1
-            while (stop < rows and stop - start < size
+            while (stop < rows and stop - start < size and self._step(steps[stop]).graph is None
                    and _closure_key(self._step(steps[stop]).closure) == key):
                 stop += 1
             chunk = [self._step(m) for m in steps[start:stop]]
@@ -184,7 +245,7 @@ class Trajectory:
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
 
-    def _vmapped_vjp(self, closure: Closure, params: Params, states: State, u: Params) -> Params:
+    def _vmapped_vjp(self, closure: Optional[Closure], params: Params, states: State, u: Params) -> Params:
         module, rule = self.module, self.rule
 
         def row(p: Params, state: State, vector: Params) -> Params:
@@ -212,6 +273,12 @@ class Trajectory:
         One graph is built here and kept for as long as the returned function lives;
         each call is one double backward through it.
         """
+        if self.last_closure is None and self.length > 0:
+            raise RuntimeError(
+                "the last inner step was taken from a loss tensor, so its graph cannot be "
+                "rebuilt at the final fast weights; take inner steps with a closure "
+                "(diffopt.step(closure=...)) to use this estimator."
+            )
         if k != self.length or self.last_closure is None:
             raise RuntimeError(
                 f"the Hessian is taken at the final fast weights φ_K (K={self.length}), but the "

@@ -33,5 +33,5 @@ class Truncated(Estimator):
         kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
         u = dict(v)
         for m in reversed(range(steps - kept, steps)):
-            u = trajectory.vjp(m, u)
+            u, _ = trajectory.vjp(m, u)  # the optimizer state held constant
         return u, {"steps": steps, "truncated_to": kept, "hessian_vector_products": kept}
