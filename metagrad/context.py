@@ -181,6 +181,24 @@ class MetaGradient:
             self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open))
         return self._fmodel[1]
 
+    # ------------------------------------------------------ for adapters (adapters/)
+    def _fast_weights(self) -> Params:
+        """The current fast weights as an adapter hands them to user code that builds the
+        inner losses itself: for a differentiable inner loop (Full), the unrolled iterate,
+        whose graph reaches the parameters by plain autograd; otherwise ``meta.fmodel``'s,
+        attached to θ through the estimator's node."""
+        trajectory = self._open_trajectory()
+        if self.estimator.differentiable:
+            return dict(trajectory.current)
+        return dict(self.fmodel.params)
+
+    def _step_from_loss(self, loss: torch.Tensor, params: Params) -> torch.Tensor:
+        """One inner step from a loss built from ``params`` (:meth:`_fast_weights`); see
+        :meth:`Trajectory.advance_from_loss` for what it keeps."""
+        loss = self._open_trajectory().advance_from_loss(loss, params)
+        self._fmodel = None
+        return loss
+
     def _open_trajectory(self) -> Trajectory:
         self._check_open()
         assert self._trajectory is not None
