@@ -237,11 +237,15 @@ class Trajectory:
                    and _closure_key(self._step(steps[stop]).closure) == key):
                 stop += 1
             chunk = [self._step(m) for m in steps[start:stop]]
-            params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
-            states = pytree.tree_map(lambda *xs: torch.stack(xs), *[s.state for s in chunk]) \
-                if chunk[0].state else {}
             u = {n: t[start:stop] for n, t in vectors.items()}
-            pieces.append(self._vmapped_vjp(closure, params, states, u))
+            states = _stacked([s.state for s in chunk])
+            if states is None:  # states that cannot be batched: one product per step
+                for i, m in enumerate(steps[start:stop]):
+                    pulled, _ = self.vjp(m, {n: t[i] for n, t in u.items()})
+                    pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
+            else:
+                params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
+                pieces.append(self._vmapped_vjp(closure, params, states, u))
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
 
@@ -386,6 +390,20 @@ def _closure_key(closure: Closure) -> tuple[Any, ...]:
     bound = id(getattr(closure, "__self__", None))
     return ("function", code, cells, defaults, bound, id(function.__globals__))
 
+
+
+def _stacked(states: list[State]) -> Optional[State]:
+    """The optimizer states of several steps stacked along a new first dimension, or
+    ``None`` where they cannot be (different structures, or leaves that are not
+    tensors, such as a Python step count)."""
+    flat = [pytree.tree_flatten(state) for state in states]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        return None
+    columns = list(zip(*(leaves for leaves, _ in flat)))
+    if not all(isinstance(leaf, torch.Tensor) for column in columns for leaf in column):
+        return None
+    return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
 
 
 def _cell_id(cell: Any) -> int:

@@ -1,0 +1,319 @@
+"""``higher`` users switch to metagrad by changing one import.
+
+Before::
+
+    import higher
+    with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(K):
+            diffopt.step(loss_fn(fmodel(x_s), y_s))
+        loss_fn(fmodel(x_q), y_q).backward()
+
+After::
+
+    from metagrad.adapters import higher
+    with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                              estimator=mg.Binomial(order=3)) as (fmodel, diffopt):
+        ...  # the same loop
+
+``fmodel(x)``, ``fmodel(x, params=...)``, ``fmodel.fast_params``,
+``fmodel.parameters()`` and ``diffopt.step(loss)`` behave as in higher. Underneath,
+one :class:`metagrad.MetaGradient` block runs the loop, so ``estimator=`` takes any
+metagrad estimator (default: Full, the same unroll higher does).
+
+**Two ways to step, and their memory.**
+
+- ``diffopt.step(loss)`` (higher's way): the loss already holds that step's forward
+  graph. Full differentiates through it as higher does (K step graphs with their
+  double-backward graphs). The estimators that need the step Hessians later
+  (Checkpointed, Truncated, Binomial) keep each step's gradient graph, so memory
+  grows like an unroll of forward-and-gradient graphs; their products run one step
+  at a time (a kept graph cannot be vmapped). FirstOrder keeps nothing.
+- ``diffopt.step(closure=lambda fmodel: loss_fn(fmodel(x_s), y_s))`` (metagrad's way):
+  nothing but the iterates is stored and each step's graph is rebuilt on demand, as
+  in ``MetaGradient``, so Checkpointed and Binomial get their low memory here too.
+  Implicit needs this form.
+
+**The optimizer.** ``torch.optim.SGD`` (with or without momentum, Nesterov,
+dampening, weight decay) becomes the native :class:`metagrad.optim.SGD` or
+:class:`metagrad.optim.Momentum`, whose arithmetic is higher's. Every other optimizer
+type higher knows (``torch.optim.Adam``, RMSprop, ..., and those added with
+``higher.register_optim``) runs through higher's own differentiable implementation,
+wrapped by :class:`HigherUpdateRule`, so the numbers are higher's. Per-group learning
+rates become per-parameter step sizes.
+
+**Differences from higher.**
+
+- Buffers follow metagrad's policy: never written. A BatchNorm in training mode
+  normalizes with batch statistics and its running statistics stay as they are
+  (higher copies the buffers into the patched module and updates the copies, which
+  are then discarded).
+- ``copy_initial_weights=True`` (higher's default) runs on a copy of the model, so, as
+  in higher, no gradient reaches the model's parameters. MAML wants ``False``.
+- ``track_higher_grads=False`` ("test mode") adapts first-order and hands out
+  detached fast weights: no gradient reaches the model, as in higher.
+- ``fmodel.parameters(time=t)`` for a past step ``t``, ``diffopt.step(params=...)``,
+  per-step ``override`` and ``grad_callback`` are not supported: each raises a clear
+  error. Pass ``override`` to :func:`innerloop_ctx` instead.
+
+higher is imported lazily, only for optimizers without a native rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch.func import functional_call
+
+from metagrad.context import MetaGradient
+from metagrad.estimators import Estimator, FirstOrder, resolve
+from metagrad.functional import FunctionalModel
+from metagrad.optim import SGD, Momentum, Params, State
+
+__all__ = ["innerloop_ctx", "update_rule", "HigherUpdateRule"]
+
+
+def update_rule(opt: torch.optim.Optimizer, model: torch.nn.Module,
+                override: Optional[Mapping[str, Sequence[Any]]] = None) -> Any:
+    """A metagrad update rule doing what ``opt`` does, for ``MetaGradient(inner_opt=...)``.
+
+    Args:
+        opt: a ``torch.optim`` optimizer over (some of) ``model``'s parameters, of a type
+            higher supports.
+        model: the module whose parameters ``opt`` holds (for their names).
+        override: as higher's: hyperparameter name → one value, or one per group.
+
+    Returns:
+        :class:`metagrad.optim.SGD` / :class:`~metagrad.optim.Momentum` for
+        ``torch.optim.SGD``; otherwise a :class:`HigherUpdateRule`.
+    """
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"opt: expected a torch.optim.Optimizer, got {type(opt).__name__}.")
+    groups = [dict(group) for group in opt.param_groups]
+    for key, values in (override or {}).items():
+        if len(values) not in (1, len(groups)):
+            raise ValueError(
+                f"override[{key!r}]: expected 1 value or one per parameter group "
+                f"({len(groups)}), got {len(values)}."
+            )
+        for index, group in enumerate(groups):
+            group[key] = values[0] if len(values) == 1 else values[index]
+    if type(opt) is torch.optim.SGD and not opt.state:
+        return _native_sgd(groups, model)
+    return HigherUpdateRule(opt, model, override)
+
+
+def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[SGD, Momentum]:
+    """``torch.optim.SGD``'s groups as one native rule (per-parameter step sizes)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared = ("momentum", "dampening", "nesterov", "weight_decay")
+    settings = {key: groups[0].get(key, 0) for key in shared}
+    for group in groups[1:]:
+        if any(group.get(key, 0) != settings[key] for key in shared):
+            raise ValueError(
+                "opt: parameter groups of torch.optim.SGD differ in momentum, dampening, nesterov "
+                "or weight_decay; metagrad's native rule supports per-group lr only."
+            )
+    lr = {names[id(p)]: _constant(group["lr"]) for group in groups for p in group["params"]
+          if p.requires_grad}
+    if settings["momentum"] == 0:
+        if settings["weight_decay"]:
+            return Momentum(lr, 0.0, weight_decay=settings["weight_decay"])
+        return SGD(lr)
+    return Momentum(lr, settings["momentum"], dampening=settings["dampening"],
+                    nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+
+
+def _constant(lr: Any) -> Any:
+    if isinstance(lr, torch.Tensor) and lr.requires_grad:
+        raise ValueError("override['lr']: learned step sizes are not supported; pass lr.detach().")
+    return lr
+
+
+class HigherUpdateRule:
+    """higher's differentiable version of a ``torch.optim`` optimizer, as a metagrad rule.
+
+    The state is higher's per-group, per-parameter state dicts. Each :meth:`step`
+    hands higher fresh containers, so the stored states are never mutated. States
+    with a Python step count cannot be batched by ``vmap``; Binomial then computes
+    their products one step at a time.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, model: torch.nn.Module,
+                 override: Optional[Mapping[str, Sequence[Any]]] = None) -> None:
+        import higher.optim  # lazily: the core never imports higher
+
+        mapping = higher.optim._opt_mapping
+        if type(opt) not in mapping:
+            raise ValueError(
+                f"opt: higher has no differentiable version of {type(opt).__name__}; supported: "
+                f"{sorted(t.__name__ for t in mapping)}, or add one with higher.register_optim."
+            )
+        named = list(model.named_parameters())
+        self._names = [n for n, _ in named]
+        self._differentiable = mapping[type(opt)](
+            opt, [p for _, p in named], override=dict(override) if override else None,
+            track_higher_grads=True)
+        self._kind = type(opt).__name__
+
+    def __repr__(self) -> str:
+        return f"HigherUpdateRule({self._kind})"
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        return {"groups": [{index: dict(entry) for index, entry in group.items()}
+                           for group in self._differentiable.state]}
+
+    def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+             state: State) -> tuple[Params, State]:
+        optimizer = self._differentiable
+        optimizer.state = [defaultdict(dict, {index: dict(entry) for index, entry in group.items()})
+                           for group in state["groups"]]
+        grouped = []
+        for group, indices in zip(optimizer.param_groups, optimizer._group_to_param_list):
+            names = [self._names[i] for i in indices]
+            group["params"] = [params.get(n) for n in names]
+            grouped.append([grads.get(n) for n in names])
+        optimizer._update(grouped)
+        new_params = dict(params)
+        for group, indices in zip(optimizer.param_groups, optimizer._group_to_param_list):
+            for tensor, i in zip(group["params"], indices):
+                if self._names[i] in params:
+                    new_params[self._names[i]] = tensor
+        new_state = {"groups": [{index: dict(entry) for index, entry in group.items()}
+                                for group in optimizer.state]}
+        return new_params, new_state
+
+
+class _PatchedModule:
+    """higher's ``fmodel``: the module called at the current fast weights."""
+
+    def __init__(self, loop: "_InnerLoop") -> None:
+        self._loop = loop
+
+    def __call__(self, *args: Any, params: Optional[Sequence[torch.Tensor]] = None,
+                 **kwargs: Any) -> Any:
+        weights = self._loop.weights() if params is None else self._loop.named(params)
+        return functional_call(self._loop.module, weights, args, kwargs)
+
+    @property
+    def fast_params(self) -> list[torch.Tensor]:
+        """The current fast weights, in ``model.parameters()`` order (frozen ones included)."""
+        weights = self._loop.weights()
+        return [weights[n] for n in self._loop.names]
+
+    def parameters(self, recurse: bool = True, time: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """The current fast weights (``time=None`` or ``-1`` only)."""
+        if time not in (None, -1):
+            raise NotImplementedError(
+                f"fmodel.parameters(time={time}): metagrad keeps no list of past fast weights "
+                "(that list is what makes higher's memory grow); use the current ones."
+            )
+        return iter(self.fast_params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop.module, name)
+
+
+class _DifferentiableOptimizer:
+    """higher's ``diffopt``: ``step(loss)`` or ``step(closure=...)``."""
+
+    def __init__(self, loop: "_InnerLoop") -> None:
+        self._loop = loop
+
+    def step(self, loss: Optional[torch.Tensor] = None, params: Optional[Sequence[torch.Tensor]] = None,
+             override: Optional[Mapping[str, Any]] = None, grad_callback: Optional[Callable] = None,
+             *, closure: Optional[Callable[[FunctionalModel], torch.Tensor]] = None,
+             **kwargs: Any) -> list[torch.Tensor]:
+        """One inner step; returns the new fast weights (``model.parameters()`` order).
+
+        Args:
+            loss: the inner loss, built from ``fmodel`` at the current fast weights.
+            closure: instead of ``loss``: ``closure(fmodel) -> loss``, rebuilt on demand.
+        """
+        for argument, value in (("params", params), ("override", override),
+                                ("grad_callback", grad_callback)):
+            if value is not None:
+                raise NotImplementedError(
+                    f"diffopt.step({argument}=...) is not supported by metagrad's higher adapter; "
+                    "pass override to innerloop_ctx, and let the fast weights be the ones fmodel holds."
+                )
+        if kwargs:
+            raise TypeError(f"diffopt.step: unexpected arguments {sorted(kwargs)}.")
+        if (loss is None) == (closure is None):
+            raise TypeError("diffopt.step: pass exactly one of loss and closure=.")
+        self._loop.step(loss, closure)
+        return self._loop.fmodel.fast_params
+
+
+class _InnerLoop:
+    """One MetaGradient block, seen through higher's objects."""
+
+    def __init__(self, model: torch.nn.Module, meta: MetaGradient, detach: bool) -> None:
+        self.module = model
+        self.meta = meta
+        self.detach = detach
+        self.names = [n for n, _ in model.named_parameters()]
+        self.fmodel = _PatchedModule(self)
+        self.diffopt = _DifferentiableOptimizer(self)
+
+    def weights(self) -> Params:
+        fast = self.meta._fast_weights()
+        if self.detach:
+            fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
+        return fast
+
+    def named(self, params: Sequence[torch.Tensor]) -> Params:
+        params = list(params)
+        if len(params) != len(self.names):
+            raise ValueError(
+                f"params: expected {len(self.names)} tensors in model.parameters() order, "
+                f"got {len(params)}."
+            )
+        return dict(zip(self.names, params))
+
+    def step(self, loss: Optional[torch.Tensor], closure: Optional[Callable]) -> None:
+        if closure is not None:
+            self.meta.step(closure)
+        else:
+            self.meta._step_from_loss(loss, self.meta._fast_weights())  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def innerloop_ctx(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  device: Optional[torch.device] = None, copy_initial_weights: bool = True,
+                  override: Optional[Mapping[str, Sequence[Any]]] = None,
+                  track_higher_grads: bool = True, *,
+                  estimator: Union[Estimator, str, None] = None
+                  ) -> Iterator[tuple[_PatchedModule, _DifferentiableOptimizer]]:
+    """A drop-in for ``higher.innerloop_ctx`` that takes ``estimator=``.
+
+    Args:
+        model, opt, device, copy_initial_weights, override, track_higher_grads: as in
+            higher (see the module docstring for the differences).
+        estimator: any metagrad estimator or its name; default Full.
+
+    Yields:
+        ``(fmodel, diffopt)`` as higher does.
+    """
+    if device is not None and any(p.device != torch.device(device) for p in model.parameters()):
+        raise NotImplementedError(
+            f"device={device}: move the model with model.to({str(device)!r}) instead; the adapter "
+            "does not cast fast weights."
+        )
+    if not track_higher_grads:
+        if estimator is not None:
+            raise ValueError(
+                f"estimator: track_higher_grads=False computes no meta-gradient, so estimator="
+                f"{estimator!r} has no effect; drop one of the two."
+            )
+        estimator = FirstOrder()
+    estimator = resolve(estimator)
+    target = copy.deepcopy(model) if copy_initial_weights else model
+    rule = update_rule(opt, model, override)  # a copy has the same parameter names
+    with MetaGradient(target, inner_opt=rule, estimator=estimator) as meta:
+        loop = _InnerLoop(target, meta, detach=not track_higher_grads)
+        yield loop.fmodel, loop.diffopt
