@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,examples]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,examples,higher,torchopt]"
 	touch $(STAMP)
 
 install: $(STAMP)

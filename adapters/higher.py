@@ -67,7 +67,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch.func import functional_call
 
 from metagrad.context import MetaGradient
 from metagrad.estimators import Estimator, FirstOrder, resolve
@@ -138,7 +137,7 @@ class HigherUpdateRule:
     """higher's differentiable version of a ``torch.optim`` optimizer, as a metagrad rule.
 
     The state is higher's per-group, per-parameter state dicts. Each :meth:`step`
-    hands higher fresh containers, so the stored states are never mutated. States
+    hands higher fresh containers and clones, so the stored states are never mutated. States
     with a Python step count cannot be batched by ``vmap``; Binomial then computes
     their products one step at a time.
     """
@@ -170,7 +169,10 @@ class HigherUpdateRule:
     def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
              state: State) -> tuple[Params, State]:
         optimizer = self._differentiable
-        optimizer.state = [defaultdict(dict, {index: dict(entry) for index, entry in group.items()})
+        # higher updates some entries in place (torch's tensor step counts: step += 1): it
+        # gets clones, so the states the trajectory stores are never modified.
+        optimizer.state = [defaultdict(dict, {index: {key: _clone(value) for key, value in entry.items()}
+                                              for index, entry in group.items()})
                            for group in state["groups"]]
         grouped = []
         for group, indices in zip(optimizer.param_groups, optimizer._group_to_param_list):
@@ -188,6 +190,10 @@ class HigherUpdateRule:
         return new_params, new_state
 
 
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 class _PatchedModule:
     """higher's ``fmodel``: the module called at the current fast weights."""
 
@@ -197,7 +203,7 @@ class _PatchedModule:
     def __call__(self, *args: Any, params: Optional[Sequence[torch.Tensor]] = None,
                  **kwargs: Any) -> Any:
         weights = self._loop.weights() if params is None else self._loop.named(params)
-        return functional_call(self._loop.module, weights, args, kwargs)
+        return FunctionalModel(self._loop.module, weights)(*args, **kwargs)  # the buffer policy
 
     @property
     def fast_params(self) -> list[torch.Tensor]:
@@ -259,12 +265,17 @@ class _InnerLoop:
         self.names = [n for n, _ in model.named_parameters()]
         self.fmodel = _PatchedModule(self)
         self.diffopt = _DifferentiableOptimizer(self)
+        self._cache: Optional[tuple[int, Params]] = None
 
     def weights(self) -> Params:
-        fast = self.meta._fast_weights()
-        if self.detach:
-            fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
-        return fast
+        """The fast weights user code sees now: the same tensors until the next step, so
+        that a loss built from them can be stepped on."""
+        if self._cache is None or self._cache[0] != self.meta.steps:
+            fast = self.meta._fast_weights()
+            if self.detach:  # test mode: the gradient stops at the fast weights, as in higher
+                fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
+            self._cache = (self.meta.steps, fast)
+        return self._cache[1]
 
     def named(self, params: Sequence[torch.Tensor]) -> Params:
         params = list(params)
@@ -279,7 +290,7 @@ class _InnerLoop:
         if closure is not None:
             self.meta.step(closure)
         else:
-            self.meta._step_from_loss(loss, self.meta._fast_weights())  # type: ignore[arg-type]
+            self.meta._step_from_loss(loss, self.weights())  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
