@@ -162,3 +162,16 @@ def test_update_rule_works_in_metagradient():
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected, _ = meta_gradient(higher, OPTIMIZERS["adam"])
     assert rel(got, expected) <= 1e-10
+
+
+def test_higher_maml_example_matches_higher_with_the_one_line_change():
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "examples" / "higher_maml.py"
+    tiny = ["--iterations", "3", "--test-tasks", "3", "--meta-batch", "2"]
+    outputs = []
+    for extra in (["--library", "higher"], ["--library", "metagrad"], ["--estimator", "binomial"]):
+        result = subprocess.run([sys.executable, str(script), *tiny, *extra], capture_output=True,
+                                text=True, timeout=120, check=True)
+        outputs.append(result.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert outputs[0].split(":")[-1] == outputs[1].split(":")[-1]  # the same MSE, to the digit
+    assert "query MSE" in outputs[2]
