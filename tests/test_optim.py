@@ -179,3 +179,64 @@ def test_mapping_tensor_on_another_device():
     rule = mg.optim.SGD(lr={"w": torch.tensor(0.1, device="meta"), "b": 0.1})
     with pytest.raises(ValueError, match=r"lr\['w'\]"):
         rule.init(params)
+
+
+# ------------------------------------------------------------ Momentum and Adam vs torch.optim
+TORCH_TWINS = [
+    ("momentum", lambda: mg.optim.Momentum(0.1, 0.9),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    ("momentum-dampening-decay", lambda: mg.optim.Momentum(0.05, 0.8, dampening=0.3, weight_decay=0.01),
+     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01)),
+    ("nesterov", lambda: mg.optim.Momentum(0.1, 0.9, nesterov=True),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+    ("adam", lambda: mg.optim.Adam(0.01), lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    ("adam-betas-eps-decay", lambda: mg.optim.Adam(0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+     lambda ps: torch.optim.Adam(ps, lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("name,ours,theirs", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
+def test_rule_equals_torch_optim_on_the_same_gradients(name, ours, theirs):
+    gen = torch.Generator().manual_seed(3)
+    start = {"w": torch.randn(3, 4, dtype=torch.float64, generator=gen),
+             "b": torch.randn(5, dtype=torch.float64, generator=gen)}
+    twins = [torch.nn.Parameter(t.clone()) for t in start.values()]
+    optimizer = theirs(twins)
+    rule = ours()
+    params, state = dict(start), rule.init(start)
+    for step in range(7):
+        grads = {n: torch.randn(t.shape, dtype=torch.float64, generator=gen) for n, t in params.items()}
+        if step == 2:
+            grads["b"] = torch.zeros_like(grads["b"])  # a zero gradient: Adam's √v at 0
+        for p, g in zip(twins, grads.values()):
+            p.grad = g.clone()
+        optimizer.step()
+        params, state = rule.step(params, grads, state)
+        for p, n in zip(twins, params):
+            torch.testing.assert_close(params[n], p.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adam_second_derivatives_are_finite_at_zero_gradient():
+    rule = mg.optim.Adam(0.01)
+    p = {"w": torch.ones(3, dtype=torch.float64, requires_grad=True)}
+    g = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
+    new, _ = rule.step(p, g, rule.init(p))
+    (grad_g,) = torch.autograd.grad(new["w"].sum(), g["w"])
+    assert torch.isfinite(grad_g).all()
+
+
+@pytest.mark.parametrize("make,argument", [
+    (lambda: mg.optim.Momentum(0.1, momentum=1.0), "momentum"),
+    (lambda: mg.optim.Momentum(0.1, momentum=-0.1), "momentum"),
+    (lambda: mg.optim.Momentum(0.1, dampening=2.0), "dampening"),
+    (lambda: mg.optim.Momentum(0.1, 0.9, dampening=0.1, nesterov=True), "nesterov"),
+    (lambda: mg.optim.Momentum(float("nan")), "lr"),
+    (lambda: mg.optim.Adam(0.1, betas=(0.9, 1.0)), "betas[1]"),
+    (lambda: mg.optim.Adam(0.1, betas=0.9), "betas"),
+    (lambda: mg.optim.Adam(0.1, eps=0.0), "eps"),
+    (lambda: mg.optim.Adam(0.1, weight_decay=-1.0), "weight_decay"),
+])
+def test_stateful_rule_bad_arguments_name_the_argument(make, argument):
+    with pytest.raises((TypeError, ValueError)) as error:
+        make()
+    assert argument in str(error.value)
