@@ -8,7 +8,7 @@ its formula from docs/MATH.md.
 from . import linalg, optim
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
-                         MetaGradientWarning, Truncated)
+                         MetaGradientWarning, SeriesDivergenceError, Truncated)
 from .functional import FunctionalModel
 from .linalg import NegativeCurvatureError
 
@@ -25,6 +25,7 @@ __all__ = [
     "Binomial",
     "Implicit",
     "NegativeCurvatureError",
+    "SeriesDivergenceError",
     "MetaGradientWarning",
     "optim",
     "linalg",

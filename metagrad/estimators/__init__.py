@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Union
 
 from .base import Estimator, MetaGradientWarning
-from .binomial import Binomial
+from .binomial import Binomial, SeriesDivergenceError
 from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .full import Full
@@ -13,7 +13,7 @@ from .implicit import Implicit
 from .truncated import Truncated
 
 __all__ = ["Estimator", "MetaGradientWarning", "Full", "Checkpointed", "FirstOrder", "Truncated",
-           "Binomial", "Implicit", "resolve"]
+           "Binomial", "Implicit", "SeriesDivergenceError", "resolve"]
 
 #: The names ``MetaGradient(estimator=...)`` accepts, with their defaults.
 BY_NAME = {

@@ -28,9 +28,10 @@ def test_binomial_matches_subset_sum_for_every_L(spec, K, lr):
     Bs = ref.factors(run)
     for L in range(K + 1):
         expected, _ = ref.subset_sum(Bs, run.v, L)
-        g, phi = meta_gradient(problem, mg.Binomial(L), K, lr)
-        assert ref.rel_err(phi, run.iterates[-1]) <= RTOL
-        assert ref.rel_err(g, expected) <= RTOL, (L, problem, K, lr.package)
+        for monitor in (True, False):  # the level grouping and the tight grouping
+            g, phi = meta_gradient(problem, mg.Binomial(L, monitor=monitor), K, lr)
+            assert ref.rel_err(phi, run.iterates[-1]) <= RTOL
+            assert ref.rel_err(g, expected) <= RTOL, (L, monitor, problem, K, lr.package)
 
 
 @settings(max_examples=50)
@@ -42,10 +43,11 @@ def test_binomial_chunked_equals_unchunked(spec, K, lr, L):
     problem = ref.build(spec)
     lr = ref.make_step_sizes(problem, lr)
     L = min(L, K)
-    unchunked, _ = meta_gradient(problem, mg.Binomial(L), K, lr)
-    for chunk_size in (1, 2, 3):
-        g, _ = meta_gradient(problem, mg.Binomial(L, chunk_size=chunk_size), K, lr)
-        assert ref.rel_err(g, unchunked) <= RTOL, (chunk_size, L, problem, K)
+    for monitor in (True, False):
+        unchunked, _ = meta_gradient(problem, mg.Binomial(L, monitor=monitor), K, lr)
+        for chunk_size in (1, 2, 3):
+            g, _ = meta_gradient(problem, mg.Binomial(L, chunk_size=chunk_size, monitor=monitor), K, lr)
+            assert ref.rel_err(g, unchunked) <= RTOL, (chunk_size, monitor, L, problem, K)
 
 
 @settings(max_examples=60)
