@@ -86,7 +86,7 @@ class Binomial(Estimator):
                  monitor: bool = True, rtol: float = 1e-3, max_order: int = 8,
                  fallback: Optional[str] = "checkpointed") -> None:
         if isinstance(order, str) and order != "auto":
-            raise ValueError(f"Binomial(order): expected an integer >= 0 or 'auto', got {order!r}.")
+            raise TypeError(f"Binomial(order): expected an integer >= 0 or 'auto', got str {order!r}.")
         if order != "auto":
             check_count(order, "Binomial(order)", minimum=0)
         self.order = order

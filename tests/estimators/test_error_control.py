@@ -93,11 +93,12 @@ def test_divergence_is_detected_where_k_alpha_ell_is_large(seed, dim, K, kal):
     ell = 2.0
     A, b, theta, target = problem(seed, dim, spectrum_for(seed, dim, ell, 0.8))
     alpha = kal / (K * ell)
-    g_true, _, _ = exact(A, b, theta, target, K, alpha)
+    g_true, v, _ = exact(A, b, theta, target, K, alpha)
     with pytest.warns(mg.MetaGradientWarning, match="diverging"):
         g, info = run(mg.Binomial("auto"), A, b, theta, target, K, alpha)
     assert info["diverged"] and info["fallback"] == "Checkpointed()"
-    assert float((g - g_true).norm()) <= 1e-10 * float(g_true.norm())
+    # (I − αA)^K can shrink v by orders of magnitude: rounding is relative to ‖v‖.
+    assert float((g - g_true).norm()) <= 1e-10 * max(float(g_true.norm()), float(v.norm()))
     with pytest.raises(mg.SeriesDivergenceError, match="diverging"):
         run(mg.Binomial("auto", fallback=None), A, b, theta, target, K, alpha)
 
