@@ -1,0 +1,331 @@
+"""metagrad.adapters.torchopt against torchopt's own unroll.
+
+torchopt's unroll is written here two ways: the functional loop (``tx.update(...,
+inplace=False)`` and ``torchopt.apply_updates``, with ``create_graph=True``) and the
+object-style loop (``torchopt.MetaSGD`` / ``MetaAdam`` stepped in place, with
+``extract_state_dict`` / ``recover_state_dict``). With Full, both adapter paths must give
+its meta-gradients to 1e-10 in float64. The other estimators must agree with Full where
+MATH.md says they are exact.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metagrad as mg
+
+torchopt = pytest.importorskip("torchopt", reason="torchopt is not installed (pip install 'metagrad[torchopt]')")
+from metagrad.adapters import torchopt as mg_torchopt  # noqa: E402
+
+DT = torch.float64
+K = 4
+GEN = torch.Generator().manual_seed(2)
+TASKS = [tuple(torch.randn(10, width, dtype=DT, generator=GEN) for width in (3, 1, 3, 1)) for _ in range(2)]
+XS, YS, XQ, YQ = TASKS[0]
+
+TRANSFORMS = {
+    "sgd": lambda: torchopt.sgd(lr=0.1),
+    "momentum": lambda: torchopt.sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam": lambda: torchopt.adam(lr=0.02),
+    "chain": lambda: torchopt.chain(torchopt.transform.add_decayed_weights(0.01), torchopt.adam(lr=0.02)),
+}
+#: torch's batching rule for torchopt's addcmul_ falls back to a loop (correct, slow).
+vmap_fallback = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+def make_model(batchnorm: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, 8)]
+    if batchnorm:
+        layers.append(torch.nn.BatchNorm1d(8))
+    layers += [torch.nn.Tanh(), torch.nn.Linear(8, 1)]
+    return torch.nn.Sequential(*layers).to(DT)
+
+
+def flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------ torchopt's own unroll
+def torchopt_functional(make_tx, batchnorm=False):
+    """torchopt's functional unroll: update(inplace=False), apply_updates, create_graph."""
+    model = make_model(batchnorm)
+    names = [n for n, _ in model.named_parameters()]
+    theta = tuple(model.parameters())
+    tx = make_tx()
+    params, state = theta, tx.init(theta)
+    for _ in range(K):
+        loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (XS,)), YS)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        updates, state = tx.update(grads, state, params=params, inplace=False)
+        params = torchopt.apply_updates(params, updates, inplace=False)
+    query = F.mse_loss(torch.func.functional_call(model, dict(zip(names, params)), (XQ,)), YQ)
+    return torch.cat([g.flatten() for g in torch.autograd.grad(query, theta)]), params
+
+
+def object_loop(make_opt, batchnorm=False, tasks=TASKS):
+    """torchopt's object-style MAML loop, two tasks, gradients accumulated."""
+    model = make_model(batchnorm)
+    inner_opt = make_opt(model)
+    net_state = torchopt.extract_state_dict(model, by="reference", detach_buffers=True)
+    opt_state = torchopt.extract_state_dict(inner_opt, by="reference")
+    for x_s, y_s, x_q, y_q in tasks:
+        for _ in range(K):
+            inner_opt.step(F.mse_loss(model(x_s), y_s))
+        F.mse_loss(model(x_q), y_q).backward()
+        torchopt.recover_state_dict(model, net_state)
+        torchopt.recover_state_dict(inner_opt, opt_state)
+    return flat_grad(model), model, inner_opt
+
+
+# ----------------------------------------------------------------------- functional style
+def adapter_functional(make_tx, estimator=None, batchnorm=False):
+    model = make_model(batchnorm)
+    with mg.MetaGradient(model, inner_opt=mg_torchopt.as_update_rule(make_tx()), estimator=estimator) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(XS), YS))
+        F.mse_loss(meta.fmodel(XQ), YQ).backward()
+        final = dict(meta.fmodel.params)
+    return flat_grad(model), final, model
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_functional_full_equals_torchopt_unroll(name):
+    expected, expected_params = torchopt_functional(TRANSFORMS[name])
+    got, final, _ = adapter_functional(TRANSFORMS[name])
+    error = rel(got, expected)
+    print(f"{name}: Full through as_update_rule vs torchopt's unroll, relative error {error:.1e}")
+    assert error <= 1e-10
+    for value, (n, fast) in zip(expected_params, final.items()):
+        torch.testing.assert_close(fast, value, rtol=1e-12, atol=0)
+
+
+@vmap_fallback
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_checkpointed_equals_full_and_state_held_constant_estimators_run(name):
+    full, _, _ = adapter_functional(TRANSFORMS[name])
+    checkpointed, _, _ = adapter_functional(TRANSFORMS[name], mg.Checkpointed())
+    assert rel(checkpointed, full) <= 1e-10
+    binomial, _, _ = adapter_functional(TRANSFORMS[name], mg.Binomial(K))  # torch.func.vmap rebuilds
+    one_at_a_time, _, _ = adapter_functional(TRANSFORMS[name], mg.Binomial(K, chunk_size=1))
+    truncated, _, _ = adapter_functional(TRANSFORMS[name], mg.Truncated(K))
+    # At full depth both are the product of the parameter blocks, the state held constant.
+    assert rel(binomial, truncated) <= 1e-10
+    assert rel(one_at_a_time, binomial) <= 1e-10
+    error = rel(binomial, full)
+    print(f"{name}: Binomial(K) (state held constant) vs Full, relative error {error:.3f}")
+    if name == "sgd":  # exact for plain gradient descent (MATH.md)
+        assert error <= 1e-10
+    else:  # an approximation: only a generous bound
+        assert error < 2.0
+    lower, _, _ = adapter_functional(TRANSFORMS[name], mg.Binomial(2))
+    assert torch.isfinite(lower).all()
+
+
+def test_clip_grad_norm_is_exact_with_checkpointed_and_cannot_be_vmapped():
+    """torchopt.clip_grad_norm takes float() of the norm: differentiable as torchopt treats it
+    (the coefficient a constant), but not under torch.func.vmap, so Binomial refuses it."""
+    clipped = lambda: torchopt.chain(torchopt.clip_grad_norm(0.5), torchopt.sgd(lr=0.1))  # noqa: E731
+    expected, _ = torchopt_functional(clipped)
+    full, _, _ = adapter_functional(clipped)
+    checkpointed, _, _ = adapter_functional(clipped, mg.Checkpointed())
+    assert rel(full, expected) <= 1e-10 and rel(checkpointed, expected) <= 1e-10
+    with pytest.raises(RuntimeError, match="vmap"):
+        adapter_functional(clipped, mg.Binomial(2))
+
+
+def test_adam_tolerance_against_the_native_rule():
+    """torchopt's Adam and mg.optim.Adam (torch.optim's arithmetic) apply the same formula: ε
+    outside the square root of the bias-corrected second moment, ``eps_root = 0``. They
+    differ in precision only: torchopt computes ``1 − β^t`` as ``1 - pow(β, count)`` with an
+    int64 count tensor, which torch evaluates in float32, so ``1 − β2^t`` (≈ 1e-3 at t = 1)
+    loses about 1e-5 of its relative accuracy to cancellation even for float64 parameters.
+    Measured on this problem: each step about 7e-6 relative, the meta-gradient 2.6e-6
+    relative. Through the adapter the arithmetic is torchopt's own: no difference at all."""
+    expected, _ = torchopt_functional(TRANSFORMS["adam"])
+    model = make_model()
+    with mg.MetaGradient(model, inner_opt=mg.optim.Adam(lr=0.02)) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(XS), YS))
+        F.mse_loss(meta.fmodel(XQ), YQ).backward()
+    error = rel(flat_grad(model), expected)
+    print(f"mg.optim.Adam vs torchopt.adam unroll: relative error {error:.1e}")
+    assert error <= 1e-4
+
+
+def test_update_rule_state_is_torchopts_with_tensor_leaves():
+    rule = mg_torchopt.as_update_rule(torchopt.adam(lr=0.1, moment_requires_grad=True))
+    params = {"w": torch.randn(3, dtype=DT, requires_grad=True)}
+    state = rule.init(params)
+    leaves = torch.utils._pytree.tree_leaves(state)
+    assert leaves and all(isinstance(t, torch.Tensor) and not t.requires_grad for t in leaves)
+    assert any(t.dtype == torch.int64 and t.dim() == 0 for t in leaves)  # the step count
+    grads = {"w": torch.randn(3, dtype=DT)}
+    new, new_state = rule.step(params, grads, state)
+    assert new["w"].grad_fn is not None and params["w"].grad_fn is None  # not in place
+    assert type(new_state) is type(state)
+    assert mg_torchopt.as_update_rule(rule) is rule
+
+
+def test_update_rule_rejects_what_is_not_a_gradient_transformation():
+    with pytest.raises(TypeError, match="object-style"):
+        mg_torchopt.as_update_rule(torchopt.MetaSGD(make_model(), lr=0.1))
+    with pytest.raises(TypeError, match="Call it first"):
+        mg_torchopt.as_update_rule(torchopt.sgd)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        mg_torchopt.as_update_rule(mg.optim.SGD(lr=0.1))
+
+
+# --------------------------------------------------------------------------- object style
+OBJECTS = {
+    "sgd": (lambda m: torchopt.MetaSGD(m, 0.1),
+            lambda m, e: mg_torchopt.MetaSGD(m, 0.1, estimator=e)),
+    "momentum": (lambda m: torchopt.MetaSGD(m, 0.05, 0.9, 0.01, nesterov=True),  # as TRANSFORMS
+                 lambda m, e: mg_torchopt.MetaSGD(m, 0.05, 0.9, 0.01, nesterov=True, estimator=e)),
+    "adam": (lambda m: torchopt.MetaAdam(m, 0.02),
+             lambda m, e: mg_torchopt.MetaAdam(m, 0.02, estimator=e)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTS))
+def test_object_style_equals_torchopt_for_exact_estimators(name):
+    make_torchopt, make_ours = OBJECTS[name]
+    expected, _, _ = object_loop(make_torchopt)
+    for estimator in (None, mg.Checkpointed()):
+        got, model, inner_opt = object_loop(lambda m: make_ours(m, estimator))
+        error = rel(got, expected)
+        print(f"{name}, {estimator}: object style vs torchopt.Meta*, relative error {error:.1e}")
+        assert error <= 1e-10
+        assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    assert isinstance(inner_opt, torchopt.MetaOptimizer)
+
+
+def test_object_style_state_held_constant_estimators():
+    make_torchopt, make_ours = OBJECTS["sgd"]
+    expected, _, _ = object_loop(make_torchopt)
+    for estimator in (mg.Binomial(K), mg.Truncated(K)):
+        got, _, _ = object_loop(lambda m: make_ours(m, estimator))
+        assert rel(got, expected) <= 1e-10, estimator
+    first, _, _ = object_loop(lambda m: make_ours(m, mg.FirstOrder()))
+    b0, _, _ = object_loop(lambda m: make_ours(m, mg.Binomial(0)))
+    assert rel(b0, first) <= 1e-12
+    # Momentum: the object style (kept graphs) and closures compute the same approximation.
+    loop_got, _, _ = object_loop(lambda m: OBJECTS["momentum"][1](m, mg.Binomial(2)), tasks=TASKS[:1])
+    closure_got, _, _ = adapter_functional(TRANSFORMS["momentum"], mg.Binomial(2))
+    assert rel(loop_got, closure_got) <= 1e-10
+
+
+def test_object_style_puts_fast_weights_in_the_module_and_reports():
+    model = make_model()
+    theta = list(model.parameters())
+    inner_opt = mg_torchopt.MetaSGD(model, 0.1, estimator=mg.Binomial(2))
+    net_state = torchopt.extract_state_dict(model, by="reference")
+    for _ in range(K):
+        assert inner_opt.step(F.mse_loss(model(XS), YS)) is None
+    fast = list(model.parameters())
+    assert all(f is not p and f.grad_fn is not None for f, p in zip(fast, theta))
+    functional, final, _ = adapter_functional(lambda: torchopt.sgd(lr=0.1), mg.Binomial(2))
+    for f, value in zip(fast, final.values()):
+        torch.testing.assert_close(f, value, rtol=1e-12, atol=0)
+    query = F.mse_loss(model(XQ), YQ)
+    torchopt.recover_state_dict(model, net_state)  # the loop ends; backward comes later
+    assert all(a is b for a, b in zip(model.parameters(), theta))
+    query.backward()
+    assert rel(flat_grad(model), functional) <= 1e-10
+    assert inner_opt.info["order"] == 2 and inner_opt.info["steps"] == K
+
+
+def test_object_style_lifecycle_errors():
+    model = make_model()
+    inner_opt = mg_torchopt.MetaSGD(model, 0.1, estimator=mg.Checkpointed())
+    assert inner_opt.state_dict() == (torchopt.base.UninitializedState(),)
+    inner_opt.step(F.mse_loss(model(XS), YS))
+    with pytest.raises(RuntimeError, match="in progress"):
+        torchopt.extract_state_dict(inner_opt)
+    with pytest.raises(ValueError, match="fresh optimizer state"):
+        inner_opt.load_state_dict(({"not": "initial"},))
+    torchopt.stop_gradient(model)
+    with pytest.raises(RuntimeError, match="stop_gradient"):
+        inner_opt.step(F.mse_loss(model(XS), YS))
+    # A failed step ends the loop and gives the module its parameters back.
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    with pytest.raises(NotImplementedError, match="one module"):
+        inner_opt.add_param_group(make_model())
+    with pytest.raises(ValueError, match="Implicit"):
+        mg_torchopt.MetaSGD(model, 0.1, estimator=mg.Implicit())
+    inner_opt.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        inner_opt.step(F.mse_loss(model(XS), YS))
+
+
+def test_object_style_context_manager_and_tied_weights():
+    model = make_model()
+    model[2].weight = torch.nn.Parameter(torch.randn(1, 8, dtype=DT))
+    head = torch.nn.Linear(8, 1).to(DT)
+    head.weight = model[2].weight  # tied: one parameter in two modules
+    both = torch.nn.ModuleList([model, head])
+    weight = head.weight
+    with mg_torchopt.MetaSGD(both, 0.1) as inner_opt:
+        for _ in range(K):
+            inner_opt.step(F.mse_loss(model(XS) + head(torch.tanh(model[0](XS))), YS))
+        assert head.weight is model[2].weight and head.weight.grad_fn is not None
+        F.mse_loss(model(XQ), YQ).backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- buffers
+@vmap_fallback
+def test_batchnorm_model_equals_torchopt_and_buffers_are_never_written():
+    adam = lambda: torchopt.adam(lr=0.02, eps_root=1e-10)  # noqa: E731  (BatchNorm zeroes a bias gradient)
+    expected, _ = torchopt_functional(adam, batchnorm=True)
+    for estimator in (None, mg.Checkpointed(), mg.Binomial(2)):
+        got, _, model = adapter_functional(adam, estimator, batchnorm=True)
+        assert torch.equal(model[1].running_mean, torch.zeros(8, dtype=DT))
+        assert int(model[1].num_batches_tracked) == 0
+        if estimator is not None:
+            continue
+        assert rel(got, expected) <= 1e-10
+    # Object style: the same gradients as torchopt's loop, which updates the running statistics.
+    theirs, _, _ = object_loop(lambda m: torchopt.MetaSGD(m, 0.1), batchnorm=True)
+    for estimator in (None, mg.Checkpointed(), mg.Binomial(K)):
+        ours, model, inner_opt = object_loop(lambda m: mg_torchopt.MetaSGD(m, 0.1, estimator=estimator),
+                                             batchnorm=True)
+        assert rel(ours, theirs) <= 1e-10, estimator
+        assert torch.equal(model[1].running_mean, torch.zeros(8, dtype=DT))
+        assert int(model[1].num_batches_tracked) == 0
+    model[1].eval()  # eval mode normalizes with the running statistics, and writes nothing
+    bn = model[1]
+    hidden = F.batch_norm(model[0](XQ), bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False)
+    torch.testing.assert_close(model(XQ), model[3](model[2](hidden)))
+    assert int(bn.num_batches_tracked) == 0
+    inner_opt.close()  # detached: the module is plain torch again, and torchopt's loop writes
+    model[1].train()
+    inner_opt = torchopt.MetaSGD(model, 0.1)
+    inner_opt.step(F.mse_loss(model(XS), YS))
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_adam_eps_root_zero_gives_nan_through_batchnorm_in_torchopt_and_here_alike():
+    """The first layer's bias feeds a BatchNorm: its inner gradient cancels to 0, and Adam's
+    square root at 0 backpropagates 0·inf. eps_root > 0 avoids it (module docstring)."""
+    for eps_root, nan in ((0.0, True), (1e-16, False)):
+        theirs, _, _ = object_loop(lambda m: torchopt.MetaAdam(m, 0.05, eps_root=eps_root), True, TASKS[1:])
+        ours, _, _ = object_loop(lambda m: mg_torchopt.MetaAdam(m, 0.05, eps_root=eps_root), True, TASKS[1:])
+        assert bool(torch.isnan(theirs).any()) == bool(torch.isnan(ours).any()) == nan
+    assert rel(ours, theirs) <= 1e-10
+
+
+def test_importing_metagrad_does_not_import_torchopt():
+    code = ("import sys, metagrad, metagrad.adapters, metagrad.adapters.torchopt as a; "
+            "a.as_update_rule; print('torchopt' in sys.modules); a.MetaSGD; print('torchopt' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
