@@ -47,7 +47,8 @@ class MetaGradient:
     Args:
         model: any ``nn.Module``. All its parameters and buffers must be on one device.
         inner_opt: the differentiable update rule of the inner loop, e.g.
-            ``mg.optim.SGD(lr=0.01)``.
+            ``mg.optim.SGD(lr=0.01)``, or a torchopt GradientTransformation
+            (``torchopt.sgd(...)``, ``torchopt.adam(...)``, ``torchopt.chain(...)``).
         estimator: an :class:`~metagrad.Estimator`, or one of the names ``"full"``,
             ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``),
             ``"binomial"`` (``Binomial(order=2)``) and ``"implicit"`` (``Implicit(reg=1.0)``).
@@ -66,6 +67,9 @@ class MetaGradient:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
+        if type(inner_opt).__module__.split(".")[0] == "torchopt":
+            from metagrad.adapters.torchopt import as_update_rule  # lazily: the core never imports torchopt
+            inner_opt = as_update_rule(inner_opt)
         if not (hasattr(inner_opt, "init") and hasattr(inner_opt, "step")):
             raise TypeError(
                 f"inner_opt: expected an update rule with init() and step(), such as "

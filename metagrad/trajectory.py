@@ -264,8 +264,8 @@ class Trajectory:
             return torch.func.vmap(row)(params, states, u)
         except (RuntimeError, ValueError) as error:
             raise RuntimeError(
-                "closure: rebuilding inner steps under torch.func.vmap failed. Closures used "
-                "with Binomial must be vmap-compatible: no .item() or data-dependent control "
+                "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
+                "Closures and update rules used with Binomial must be vmap-compatible: no .item() or data-dependent control "
                 "flow, no in-place writes to captured tensors, no random operations. Use "
                 f"estimator=Checkpointed() for closures that cannot be vmapped. ({error})"
             ) from error

@@ -329,3 +329,13 @@ def test_importing_metagrad_does_not_import_torchopt():
             "a.as_update_rule; print('torchopt' in sys.modules); a.MetaSGD; print('torchopt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_metagradient_accepts_a_gradient_transformation_directly():
+    expected, _, _ = adapter_functional(TRANSFORMS["adam"])
+    model = make_model()
+    with mg.MetaGradient(model, inner_opt=torchopt.adam(lr=0.02)) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(XS), YS))
+        F.mse_loss(meta.fmodel(XQ), YQ).backward()
+    assert rel(flat_grad(model), expected) <= 1e-12
