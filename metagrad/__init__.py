@@ -6,6 +6,7 @@ its formula from docs/MATH.md.
 """
 
 from . import linalg, optim
+from .diagnosis import diagnose
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
                          MetaGradientWarning, SeriesDivergenceError, Truncated)
@@ -28,6 +29,7 @@ __all__ = [
     "SeriesDivergenceError",
     "MetaGradientWarning",
     "optim",
+    "diagnose",
     "linalg",
     "__version__",
 ]

@@ -10,7 +10,8 @@ a relative-error tolerance::
     print(report)          # a table
     report.recommended     # e.g. Binomial(order=3, chunk_size=None)
 
-From the command line, on a built-in sinusoid task: ``python -m metagrad.diagnose --help``.
+From the command line, on a built-in sinusoid task: ``python -m metagrad.diagnose --help``
+(the entry point is the module metagrad/diagnose.py).
 
 **The ℓ estimate.** At ``probes`` iterates spread over the loop (φ_0, the middle, φ_{K−1})
 it runs ``power_iterations`` steps of power iteration on ``u ↦ (I − J_k)ᵀ u`` (``αH_k u``
