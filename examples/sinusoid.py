@@ -57,7 +57,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import matplotlib
 import matplotlib.ticker
@@ -130,8 +130,9 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
-def make_estimator(name: str, order: int, reg: float = 1.0, solver: str = "cg") -> mg.Estimator:
-    """The estimator called ``name``; Truncated keeps as many steps as Binomial's order.
+def make_estimator(name: str, order: Union[int, str], reg: float = 1.0, solver: str = "cg") -> mg.Estimator:
+    """The estimator called ``name``; Truncated keeps as many steps as Binomial's order
+    (3 with ``order="auto"``, where Binomial chooses its order per task).
 
     Implicit (iMAML) adds ``(reg/2)‖φ − θ‖²`` to the inner loss during meta-training, so
     its meta-gradient differs from Full's by design, not only by approximation.
@@ -143,7 +144,7 @@ def make_estimator(name: str, order: int, reg: float = 1.0, solver: str = "cg") 
     if name == "first_order":
         return mg.FirstOrder()
     if name == "truncated":
-        return mg.Truncated(steps=order)
+        return mg.Truncated(steps=3 if order == "auto" else order)
     if name == "binomial":
         return mg.Binomial(order=order)
     if name == "implicit":
@@ -156,7 +157,7 @@ def label(estimator: mg.Estimator) -> str:
     if isinstance(estimator, mg.Truncated):
         return f"Truncated({estimator.steps})"
     if isinstance(estimator, mg.Binomial):
-        return f"Binomial({estimator.order})"
+        return f"Binomial({estimator.order})"  # Binomial(auto) for order="auto"
     return type(estimator).__name__
 
 
@@ -379,7 +380,7 @@ def regime_notes(rows: Sequence[Row], args: argparse.Namespace) -> str:
     notes = []
     for r in rows:
         # Flag the breakdown only where it shows: a large error with K·α·ℓ above 1.
-        if (r.name == "binomial" and 0 < args.order < args.steps
+        if (r.name == "binomial" and args.order != "auto" and 0 < args.order < args.steps
                 and r.k_alpha_ell_median is not None and r.k_alpha_ell_median > 1
                 and r.gradient_error_median is not None and r.gradient_error_median > 0.1):
             notes.append(
@@ -484,6 +485,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _order(text: str) -> Union[int, str]:
+    """``--order``: an integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -495,8 +506,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=5, help="K, inner SGD steps per task")
     parser.add_argument("--lr-inner", type=float, default=0.01, help="α, the inner SGD step size")
-    parser.add_argument("--order", type=int, default=3,
-                        help="L: Binomial(order=L), and Truncated(steps=L) for a comparison at equal depth")
+    parser.add_argument("--order", type=_order, default=3,
+                        help="L: Binomial(order=L), and Truncated(steps=L) for a comparison at equal depth; "
+                             "'auto': Binomial chooses its order per task (rtol 1e-3, falling back to "
+                             "Checkpointed where the series diverges), Truncated keeps 3 steps")
     parser.add_argument("--iterations", type=int, default=700, help="meta-training iterations (Adam steps)")
     parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
     parser.add_argument("--shots", type=int, default=10, help="support points per task (and as many query points)")
@@ -523,9 +536,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join("results", "sinusoid"),
                         help="output folder for results.json, results.md and learning_curves.png")
     args = parser.parse_args(argv)
-    for name in ("steps", "order"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
+    if args.steps < 0 or (args.order != "auto" and args.order < 0):
+        parser.error("--steps and --order must be >= 0")
     for name in ("iterations", "meta_batch", "shots", "gradient_tasks", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

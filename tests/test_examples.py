@@ -72,3 +72,11 @@ def test_tiny_run_writes_table_json_and_plot_and_is_reproducible(tmp_path: Path)
         assert repeat[name]["gradient_error_median"] == rows[name]["gradient_error_median"]
     assert results["learning_curves"]["binomial"] == json.loads(
         (second / "results.json").read_text())["learning_curves"]["binomial"]
+
+
+def test_order_auto_runs(tmp_path: Path) -> None:
+    result = run_script("--iterations", "2", "--meta-batch", "1", "--test-tasks", "2", "--gradient-tasks", "1",
+                        "--steps", "3", "--order", "auto", "--estimators", "full", "binomial",
+                        "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "| Binomial(auto) |" in result.stdout
