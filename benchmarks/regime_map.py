@@ -26,15 +26,22 @@ import metagrad as mg
 ORDERS = (1, 2, 3)
 
 
+BLOCK = 5
+
+
 def estimators() -> list[mg.Estimator]:
-    """FirstOrder, Truncated(1…3), Binomial(1…3) (tight grouping: nothing but the values)."""
+    """FirstOrder, Truncated(1…3), Binomial(1…3) (tight grouping: nothing but the values), and
+    the blocked Binomial(2…3) in blocks of 5 steps."""
     return ([mg.FirstOrder()] + [mg.Truncated(L) for L in ORDERS]
-            + [mg.Binomial(L, monitor=False) for L in ORDERS] + [mg.Full()])
+            + [mg.Binomial(L, monitor=False) for L in ORDERS]
+            + [mg.Binomial(L, block=BLOCK, monitor=False) for L in (2, 3)] + [mg.Full()])
 
 
 def label(estimator: mg.Estimator) -> str:
     if isinstance(estimator, mg.Truncated):
         return f"Truncated({estimator.steps})"
+    if isinstance(estimator, mg.Binomial) and estimator.block is not None:
+        return f"Binomial({estimator.order}, block={estimator.block})"
     if isinstance(estimator, mg.Binomial):
         return f"Binomial({estimator.order})"
     return type(estimator).__name__
@@ -55,7 +62,8 @@ def sweep(K: int, alphas: Sequence[float], seed: int) -> list[dict]:
         report = mg.diagnose(model, lambda f: F.mse_loss(f(x_s), y_s), steps=K,
                              inner_opt=mg.optim.SGD(alpha), query=lambda f: F.mse_loss(f(x_q), y_q),
                              estimators=[e for e in estimators() if getattr(e, "order", 0) <= K
-                                         and getattr(e, "steps", 0) <= K], repeats=1)
+                                         and getattr(e, "steps", 0) <= K
+                                         and (getattr(e, "block", None) or 0) < K], repeats=1)
         row = {"K": K, "alpha": alpha, "k_alpha_ell": report.k_alpha_ell}
         row.update({label(r.estimator): r.relative_error for r in report.rows
                     if not isinstance(r.estimator, mg.Full)})
@@ -76,6 +84,8 @@ def plot(rows: list[dict], path: str) -> None:
     for i, L in enumerate(ORDERS):  # darker = higher order
         styles[f"Truncated({L})"] = dict(color=oranges[i], linestyle="--", marker="s", ms=3)
         styles[f"Binomial({L})"] = dict(color=blues[i], linestyle="-", marker="o", ms=3)
+        styles[f"Binomial({L}, block={BLOCK})"] = dict(color=("#74c476", "#238b45", "#00441b")[i],
+                                                        linestyle="-.", marker="^", ms=3)
     for ax, K in zip(axes[0], steps):
         subset = sorted((r for r in rows if r["K"] == K), key=lambda r: r["k_alpha_ell"])
         for name in names:

@@ -48,7 +48,7 @@ from .truncated import Truncated
 
 __all__ = ["Binomial", "SeriesDivergenceError"]
 
-FALLBACKS = ("checkpointed", "truncated", None)
+FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
 
 class SeriesDivergenceError(ArithmeticError):
@@ -56,7 +56,8 @@ class SeriesDivergenceError(ArithmeticError):
 
 
 class Binomial(Estimator):
-    """The paper's binomial meta-gradient estimator, at a fixed or automatic order.
+    """The paper's binomial meta-gradient estimator, at a fixed or automatic order,
+    optionally expanded within blocks of steps.
 
     Every step's Hessian enters already at order 1, unlike truncation. The error
     is small when ``K·α·ℓ`` is small (ℓ the largest |eigenvalue| of the inner
@@ -70,27 +71,48 @@ class Binomial(Estimator):
     step graphs it needs and freeing them. See the module docstring for the two
     groupings and the error control.
 
+    **Blocks** (MATH.md, "Beyond the paper: the blocked binomial estimator"). With
+    ``block=S`` the K steps are split into blocks of S steps, laid from the last step
+    backwards (the first block, the earliest steps, takes the remainder). Each block's
+    product is expanded to the order, and the blocks are chained exactly, from the last
+    to the first: the vector one block returns is the one the next expands against.
+    What decides the accuracy is then ``S·α·ℓ``; the depth is ``⌈K/S⌉·L`` levels.
+    ``block=K`` is the plain estimator; ``block=1``, or ``order ≥ block``, is exact.
+    ``block="auto"`` (with ``order="auto"``) starts from blocks of K steps and halves the
+    block size whenever a block's series diverges or misses ``rtol`` by ``max_order``,
+    so every block meets ``rtol`` (blocks of one step are exact).
+
     Args:
         order: L, the truncation order (an integer >= 0), or ``"auto"``.
         chunk_size: at most this many step graphs exist at once. ``None`` batches a
             whole level in one call (fastest, most memory); ``1`` builds one at a time.
+        block: S, the steps per block (an integer >= 1), ``"auto"`` (needs
+            ``order="auto"``), or ``None`` (default: one block, the paper's estimator).
         monitor: record the level norms and warn when they grow (a fixed order); with
             ``False`` a fixed order uses the tight grouping, with the fewest products.
             ``order="auto"`` always monitors.
-        rtol: for ``order="auto"``: stop once ``‖T_j‖ ≤ rtol·‖ĝ_j‖``.
-        max_order: for ``order="auto"``: at most this many levels.
-        fallback: for ``order="auto"``: ``"checkpointed"``, ``"truncated"`` or ``None``.
+        rtol: for ``order="auto"``: stop once ``‖T_j‖ ≤ rtol·‖ĝ_j‖`` (in each block).
+        max_order: for ``order="auto"``: at most this many levels (per block).
+        fallback: for ``order="auto"`` with ``block=None``, when the series diverges or
+            misses ``rtol``: ``"blocked"`` (the default: ``order="auto", block="auto"``),
+            ``"checkpointed"`` (exact, sequential), ``"truncated"`` or ``None`` (raise).
     """
 
     def __init__(self, order: Union[int, str] = 2, chunk_size: Optional[int] = None, *,
-                 monitor: bool = True, rtol: float = 1e-3, max_order: int = 8,
-                 fallback: Optional[str] = "checkpointed") -> None:
+                 block: Union[int, str, None] = None, monitor: bool = True, rtol: float = 1e-3,
+                 max_order: int = 8, fallback: Optional[str] = "blocked") -> None:
         if isinstance(order, str) and order != "auto":
             raise TypeError(f"Binomial(order): expected an integer >= 0 or 'auto', got str {order!r}.")
         if order != "auto":
             check_count(order, "Binomial(order)", minimum=0)
         self.order = order
         self.chunk_size = check_count(chunk_size, "Binomial(chunk_size)", minimum=1, allow_none=True)
+        if block == "auto" and order != "auto":
+            raise ValueError("Binomial(block): block='auto' chooses blocks for an error target, so it "
+                             f"needs order='auto'; got order={order!r}. Pass an integer block instead.")
+        if block != "auto":
+            check_count(block, "Binomial(block)", minimum=1, allow_none=True)
+        self.block = block
         self.monitor = bool(monitor) or order == "auto"
         if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (0 < rtol < math.inf):
             raise ValueError(f"Binomial(rtol): expected a finite float > 0, got {rtol!r}.")
@@ -103,74 +125,181 @@ class Binomial(Estimator):
         self.fallback = fallback
 
     def __repr__(self) -> str:
+        block = "" if self.block is None else f", block={self.block!r}"
         if self.order == "auto":
-            return (f"Binomial(order='auto', chunk_size={self.chunk_size}, rtol={self.rtol}, "
+            return (f"Binomial(order='auto'{block}, chunk_size={self.chunk_size}, rtol={self.rtol}, "
                     f"max_order={self.max_order}, fallback={self.fallback!r})")
         monitor = "" if self.monitor else ", monitor=False"
-        return f"Binomial(order={self.order}, chunk_size={self.chunk_size}{monitor})"
+        return f"Binomial(order={self.order}{block}, chunk_size={self.chunk_size}{monitor})"
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
         if self.order == "auto":
+            if self.block == "auto":
+                return _blocked_auto(trajectory, steps, v, self.rtol, self.max_order, self.chunk_size)
             return self._auto(trajectory, steps, v)
         order = clamp_to_steps(self.order, steps, "Binomial", "order")  # type: ignore[arg-type]
+        spans = _spans(steps, self.block)  # type: ignore[arg-type]
+        u, products, block_norms = dict(v), 0, []
+        for span in spans:
+            kept = min(order, span[1] - span[0])
+            if self.monitor:
+                u_next, norms, used, _ = _levels(trajectory, span, u, kept, self.chunk_size)
+                block_norms.append((norms, u, kept, span))
+            else:
+                u_next, used = _tight(trajectory, span, u, kept, self.chunk_size)
+            u, products = u_next, products + used
+        info: dict[str, Any] = {"steps": steps, "order": order, "depth": sum(
+            min(order, b - a) for a, b in spans), "hessian_vector_products": products}
+        if self.block is not None:
+            info.update(blocks=[span for span in reversed(spans)],
+                        orders=[min(order, b - a) for a, b in reversed(spans)])
         if not self.monitor:
-            g, products = _tight(trajectory, steps, v, order, self.chunk_size)
-            return g, {"steps": steps, "order": order, "depth": order,
-                       "hessian_vector_products": products}
-        g, norms, products = _levels(trajectory, steps, v, order, self.chunk_size)
-        info = _report(steps, order, norms, g, products)
-        if 0 < order < steps and len(norms) >= 1 and _ratio(norms, v, order) >= 1:
-            info["diverged"] = True
-            warn(
-                f"The binomial series is not converging at order {order}: its level norms grow "
-                f"(‖T_{order}‖/‖T_{order - 1}‖ = {_ratio(norms, v, order):.3g}), because K·α·‖H‖ "
-                "is too large. Take fewer inner steps, a smaller step size, or use Checkpointed "
-                "or Binomial(order='auto'). Pass monitor=False to silence this warning."
-            )
-        return g, info
+            return u, info
+        if self.block is None:
+            norms = block_norms[0][0]
+            info.update(_report(steps, order, norms, u, products))
+        else:
+            info.update(level_norms=[norms for norms, _, _, _ in reversed(block_norms)],
+                        error_estimate=sum(_estimate(norms, b - a, kept, start)
+                                           for norms, start, kept, (a, b) in block_norms),
+                        diverged=False, converged=False, fallback=None)
+        for norms, start, kept, (a, b) in block_norms:
+            if 0 < kept < b - a and _ratio(norms, start, kept) >= 1:
+                info["diverged"] = True
+                where = "" if self.block is None else f" in the block of steps {a}…{b - 1}"
+                warn(
+                    f"The binomial series is not converging at order {kept}{where}: its level "
+                    f"norms grow (‖T_{kept}‖/‖T_{kept - 1}‖ = {_ratio(norms, start, kept):.3g}), "
+                    "because K·α·‖H‖ is too large. Take fewer inner steps, a smaller step size, "
+                    "smaller blocks, or use Binomial(order='auto'). Pass monitor=False to "
+                    "silence this warning."
+                )
+                break
+        return u, info
 
     def _auto(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
         limit = min(self.max_order, steps)
-        g, norms, products, stop = _levels(trajectory, steps, v, limit, self.chunk_size,
-                                           rtol=self.rtol, with_stop=True)
+        spans = _spans(steps, self.block)  # type: ignore[arg-type]
+        if len(spans) > 1:  # order='auto' within fixed blocks: every block must converge
+            g, info, failed = _chain_auto(trajectory, spans, v, self.rtol, self.max_order, self.chunk_size)
+            info["steps"] = steps
+            if failed is None:
+                return g, info
+            reason = (f"in the block of steps {failed[0]}…{failed[1] - 1}, the series "
+                      + ("diverges" if info["diverged"] else "misses rtol"))
+            return self._fall_back(trajectory, steps, v, info, reason)
+        g, norms, products, stop = _levels(trajectory, (0, steps), v, limit, self.chunk_size,
+                                           rtol=self.rtol)
         order = len(norms)
         info = _report(steps, order, norms, g, products)
         if stop == "converged" or order == steps:
             info["converged"] = True
             return g, info
+        info["diverged"] = stop == "diverged"
         reason = ("the level norms grew at two consecutive orders: the binomial series is "
                   "diverging, because K·α·‖H‖ is too large" if stop == "diverged" else
                   f"max_order={self.max_order} levels left an error estimate of "
                   f"{info['error_estimate']:.3g}, above rtol={self.rtol:g}")
-        info["diverged"] = stop == "diverged"
+        return self._fall_back(trajectory, steps, v, info, reason)
+
+    def _fall_back(self, trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any],
+                   reason: str) -> tuple[Params, dict[str, Any]]:
         advice = "Take fewer inner steps or a smaller step size, or choose another estimator."
         if self.fallback is None:
             raise SeriesDivergenceError(f"Binomial(order='auto'): {reason}. {advice}")
-        substitute = Checkpointed() if self.fallback == "checkpointed" else Truncated(limit)
-        warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}. {advice}")
+        if self.fallback == "blocked":
+            substitute: Estimator = Binomial("auto", self.chunk_size, block="auto", rtol=self.rtol,
+                                             max_order=self.max_order)
+        elif self.fallback == "checkpointed":
+            substitute = Checkpointed()
+        else:
+            substitute = Truncated(min(self.max_order, steps))
+        warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}.")
         g, extra = substitute.backward(trajectory, steps, v)
         info["fallback"] = repr(substitute)
-        info["hessian_vector_products"] = products + extra.get("hessian_vector_products", 0)
+        info["hessian_vector_products"] += extra.get("hessian_vector_products", 0)
+        info["depth"] += extra.get("depth", steps)
+        for key in ("blocks", "orders", "error_estimate"):
+            if key in extra:
+                info[key] = extra[key]
         return g, info
 
 
-def _levels(trajectory: Trajectory, steps: int, v: Params, order: int, chunk_size: Optional[int],
-            *, rtol: Optional[float] = None, with_stop: bool = False) -> Any:
-    """The level grouping: ĝ and ``[‖T_1‖, …]``, up to ``order`` levels.
+def _chain_auto(trajectory: Trajectory, spans: list[Span], v: Params, rtol: float, max_order: int,
+                chunk_size: Optional[int]) -> tuple[Params, dict[str, Any], Optional[Span]]:
+    """order='auto' in each of the fixed ``spans`` (last first); the first failing span, if any."""
+    u, products, orders, norms_per_block, estimate = dict(v), 0, [], [], 0.0
+    for span in spans:
+        size = span[1] - span[0]
+        u_next, norms, used, stop = _levels(trajectory, span, u, min(max_order, size), chunk_size, rtol=rtol)
+        products += used
+        if stop != "converged" and len(norms) < size:
+            info = {"blocks": [span], "orders": [len(norms)], "depth": sum(orders) + len(norms),
+                    "diverged": stop == "diverged", "converged": False, "fallback": None,
+                    "hessian_vector_products": products, "error_estimate": math.inf}
+            return u, info, span
+        estimate += _estimate(norms, size, len(norms), u)
+        orders.append(len(norms))
+        norms_per_block.append(norms)
+        u = u_next
+    info = {"blocks": list(reversed(spans)), "orders": list(reversed(orders)),
+            "level_norms": list(reversed(norms_per_block)), "depth": sum(orders),
+            "error_estimate": estimate, "diverged": False, "converged": True, "fallback": None,
+            "hessian_vector_products": products}
+    return u, info, None
+
+
+def _blocked_auto(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+                  chunk_size: Optional[int]) -> tuple[Params, dict[str, Any]]:
+    """order='auto', block='auto': blocks from the last step backwards, starting at K steps
+    and halving the block size whenever a block diverges or misses rtol. A block of one
+    step is exact at order 1, so this always meets rtol. The levels of a rejected attempt
+    count in ``depth`` and ``hessian_vector_products``."""
+    u, size, last = dict(v), steps, steps
+    spans, orders, all_norms = [], [], []
+    products, depth, estimate, attempts = 0, 0, 0.0, 0
+    while last > 0:
+        span = (max(0, last - size), last)
+        length = span[1] - span[0]
+        u_next, norms, used, stop = _levels(trajectory, span, u, min(max_order, length), chunk_size,
+                                            rtol=rtol)
+        products, depth, attempts = products + used, depth + len(norms), attempts + 1
+        if stop == "converged" or len(norms) == length:
+            estimate += _estimate(norms, length, len(norms), u)
+            spans.append(span)
+            orders.append(len(norms))
+            all_norms.append(norms)
+            u, last = u_next, span[0]
+        else:
+            size = max(1, length // 2)
+    return u, {"steps": steps, "blocks": list(reversed(spans)), "orders": list(reversed(orders)),
+               "level_norms": list(reversed(all_norms)), "depth": depth, "attempts": attempts,
+               "error_estimate": estimate, "diverged": False, "converged": True, "fallback": None,
+               "hessian_vector_products": products}
+
+
+Span = tuple[int, int]  # the steps [first, last) of a block
+
+
+def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
+            *, rtol: Optional[float] = None) -> tuple[Params, list[float], int, str]:
+    """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
+    level norms ``[‖T_1‖, …]``, the number of products, and why it stopped.
 
     With ``rtol``, stops early once ``‖T_j‖ ≤ rtol·‖ĝ_j‖`` ("converged") or after two
-    consecutive levels whose norms grew ("diverged").
+    consecutive levels whose norms grew ("diverged"); otherwise after ``order`` levels
+    ("limit").
     """
+    first, last = span
     g = dict(v)
     norms: list[float] = []
     products = 0
-    stop = "limit"
     # suffix[k] = Σ_{k' ≥ k} a^{(j−1)}_{k'}; level 1 multiplies v at every step.
-    suffix = {n: t.unsqueeze(0).expand(steps, *t.shape) for n, t in v.items()}
+    suffix = {n: t.unsqueeze(0).expand(last - first, *t.shape) for n, t in v.items()}
     for level in range(1, order + 1):
-        rows = steps - level + 1  # a^{(j)}_k vanishes for k > K−j
+        rows = last - first - level + 1  # a^{(j)}_k vanishes for the last j−1 steps
         vectors = {n: t[:rows] for n, t in suffix.items()}
-        pulled = trajectory.batched_vjp(list(range(rows)), vectors, chunk_size)
+        pulled = trajectory.batched_vjp(list(range(first, first + rows)), vectors, chunk_size)
         terms = {n: pulled[n] - vectors[n] for n in v}  # (J_kᵀ − I) u = −α H_k u for SGD
         products += rows
         level_sum = {n: t.sum(0) for n, t in terms.items()}  # T_j
@@ -178,32 +307,41 @@ def _levels(trajectory: Trajectory, steps: int, v: Params, order: int, chunk_siz
         norms.append(_norm(level_sum))
         if rtol is not None:
             if norms[-1] <= rtol * _norm(g):
-                stop = "converged"
-                break
+                return g, norms, products, "converged"
             if level >= 2 and _ratio(norms, v, level) >= 1 and _ratio(norms, v, level - 1) >= 1:
-                stop = "diverged"
-                break
+                return g, norms, products, "diverged"
         # The next level multiplies, at step k, the sum of this level's terms after k.
         suffix = {n: _suffix_sum(t)[1:] for n, t in terms.items()}
-    if with_stop:
-        return g, norms, products, stop
-    return g, norms, products
+    return g, norms, products, "limit"
 
 
-def _tight(trajectory: Trajectory, steps: int, v: Params, order: int,
+def _tight(trajectory: Trajectory, span: Span, v: Params, order: int,
            chunk_size: Optional[int]) -> tuple[Params, int]:
-    """The tight grouping: ĝ_L in ``L(K−L+1)`` products, no level norms."""
+    """The tight grouping over ``span``: its expansion in ``L(S−L+1)`` products, no norms."""
     if order == 0:
         return dict(v), 0
-    # At level t the window of iterates φ_{L−1−t} … φ_{K−1−t}; row i holds the partial
-    # sums over subsets of {window[i], …, K−1} of size ≤ t+1.
-    width = steps - order + 1
+    first, last = span
+    # At level t the window of iterates φ_{L−1−t} … φ_{S−1−t} of the block; row i holds
+    # the partial sums over subsets of {window[i], …, last−1} of size ≤ t+1.
+    width = last - first - order + 1
     rows = {n: t.unsqueeze(0).expand(width, *t.shape) for n, t in v.items()}
     for level in range(order):
-        first = order - 1 - level
-        products = trajectory.batched_vjp(list(range(first, first + width)), rows, chunk_size)
+        start = first + order - 1 - level
+        products = trajectory.batched_vjp(list(range(start, start + width)), rows, chunk_size)
         rows = {n: rows[n][-1] + _suffix_sum(products[n] - rows[n]) for n in rows}
     return {n: t[0] for n, t in rows.items()}, order * width
+
+
+def _spans(steps: int, block: Optional[int]) -> list[Span]:
+    """Blocks of ``block`` steps laid from the last step backwards; the first block (the
+    earliest steps) takes the remainder. Returned in backward order, last block first."""
+    size = steps if block is None else block
+    spans = []
+    last = steps
+    while last > 0:
+        spans.append((max(0, last - size), last))
+        last -= size
+    return spans
 
 
 def _report(steps: int, order: int, norms: list[float], g: Params, products: int) -> dict[str, Any]:
@@ -212,6 +350,15 @@ def _report(steps: int, order: int, norms: list[float], g: Params, products: int
     return {"steps": steps, "order": order, "depth": order, "level_norms": norms,
             "error_estimate": 0.0 if order == steps else estimate, "diverged": False,
             "converged": False, "fallback": None, "hessian_vector_products": products}
+
+
+def _estimate(norms: list[float], length: int, order: int, start: Params) -> float:
+    """A block's error estimate ``‖T_L‖/‖u‖`` relative to the vector it expanded against
+    (0 when the block was expanded completely). Blocks' estimates add."""
+    if order >= length or not norms:
+        return 0.0
+    size = _norm(start)
+    return norms[-1] / size if size > 0 else 0.0
 
 
 def _ratio(norms: list[float], v: Params, level: int) -> float:

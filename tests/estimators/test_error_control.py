@@ -95,10 +95,15 @@ def test_divergence_is_detected_where_k_alpha_ell_is_large(seed, dim, K, kal):
     alpha = kal / (K * ell)
     g_true, v, _ = exact(A, b, theta, target, K, alpha)
     with pytest.warns(mg.MetaGradientWarning, match="diverging"):
-        g, info = run(mg.Binomial("auto"), A, b, theta, target, K, alpha)
+        g, info = run(mg.Binomial("auto", fallback="checkpointed"), A, b, theta, target, K, alpha)
     assert info["diverged"] and info["fallback"] == "Checkpointed()"
     # (I − αA)^K can shrink v by orders of magnitude: rounding is relative to ‖v‖.
     assert float((g - g_true).norm()) <= 1e-10 * max(float(g_true.norm()), float(v.norm()))
+    # The default fallback is the blocked expansion, which meets rtol block by block.
+    with pytest.warns(mg.MetaGradientWarning, match="diverging"):
+        g, info = run(mg.Binomial("auto"), A, b, theta, target, K, alpha)
+    assert info["diverged"] and info["fallback"].startswith("Binomial(order='auto', block='auto'")
+    assert float((g - g_true).norm()) <= 1e-3 * len(info["blocks"]) * max(float(g_true.norm()), float(v.norm()))
     with pytest.raises(mg.SeriesDivergenceError, match="diverging"):
         run(mg.Binomial("auto", fallback=None), A, b, theta, target, K, alpha)
 
@@ -114,7 +119,8 @@ def test_truncated_fallback_and_max_order_without_convergence():
     # Converging, but max_order=2 is too few for rtol=1e-8: the estimate misses it and falls back.
     alpha = 0.3 / (K * ell)
     with pytest.warns(mg.MetaGradientWarning, match="max_order=2"):
-        g, info = run(mg.Binomial("auto", rtol=1e-8, max_order=2), A, b, theta, target, K, alpha)
+        g, info = run(mg.Binomial("auto", rtol=1e-8, max_order=2, fallback="checkpointed"),
+                      A, b, theta, target, K, alpha)
     g_true, _, _ = exact(A, b, theta, target, K, alpha)
     assert not info["diverged"] and info["fallback"] == "Checkpointed()"
     assert float((g - g_true).norm()) <= 1e-10 * float(g_true.norm())
