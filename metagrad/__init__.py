@@ -5,7 +5,7 @@ strategy (the estimator) is one argument. Each estimator's module docstring give
 its formula from docs/MATH.md.
 """
 
-from . import linalg, optim
+from . import distributed, linalg, optim
 from .diagnosis import diagnose
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
@@ -29,6 +29,7 @@ __all__ = [
     "SeriesDivergenceError",
     "MetaGradientWarning",
     "optim",
+    "distributed",
     "diagnose",
     "linalg",
     "__version__",
