@@ -46,6 +46,7 @@ and Truncated(3) is off by about 17%.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -556,10 +557,8 @@ def setup_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
     # TF32 matmuls carry ~10 bits of mantissa; meta-gradient errors of 1e-3 and below
-    # would be lost in them, and repeated runs would disagree.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
+    # would be lost in them, and repeated runs would disagree. main() runs inside
+    # mg.numerics.exact_gpu() on CUDA.
     print("CUDA: TF32 turned off (torch.backends.cuda.matmul.allow_tf32 = False, "
           "torch.backends.cudnn.allow_tf32 = False) and cudnn.deterministic = True.")
     return torch.device("cuda")
@@ -569,6 +568,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     device = setup_device(args.device)
+    with mg.numerics.exact_gpu() if device.type == "cuda" else contextlib.nullcontext():
+        return run_experiment(args, device)
+
+
+def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Meta-train, evaluate, print and write the results (see the module docstring)."""
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     # Every tensor here is tiny (at most 40 x 40 per task), so intra-op threads only
     # synchronize; on a machine shared with other work, spinning threads made the

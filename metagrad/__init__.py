@@ -5,7 +5,7 @@ strategy (the estimator) is one argument. Each estimator's module docstring give
 its formula from docs/MATH.md.
 """
 
-from . import distributed, linalg, optim
+from . import distributed, linalg, numerics, optim
 from .diagnosis import diagnose
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
@@ -29,6 +29,7 @@ __all__ = [
     "SeriesDivergenceError",
     "MetaGradientWarning",
     "optim",
+    "numerics",
     "distributed",
     "diagnose",
     "linalg",

@@ -38,6 +38,7 @@ from .context import MetaGradient
 from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, MetaGradientWarning, Truncated
 from .functional import FunctionalModel
 from .memory import peak_memory
+from .numerics import tf32_enabled
 from .optim import SGD, UpdateRule
 
 __all__ = ["diagnose", "Report", "Row"]
@@ -131,10 +132,11 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
         raise ValueError(f"rtol: expected a float > 0, got {rtol!r}.")
     device = next(model.parameters()).device
     notes = []
-    if device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+    if device.type == "cuda" and tf32_enabled():
         message = ("TF32 is enabled: GPU meta-gradients then disagree by about 10% between identical "
                    "runs (MATH.md, 'Numerics that bite'), which swamps the error column. Set "
-                   "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False.")
+                   "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False, "
+                   "or run diagnose inside `with mg.numerics.exact_gpu():`.")
         warnings.warn(message, MetaGradientWarning, stacklevel=2)
         notes.append("Warning: " + message)
     chosen = list(estimators) if estimators is not None else default_estimators(steps)
