@@ -58,6 +58,7 @@ sized for a CPU; the paper's inputs are 28×28 (Omniglot) and 84×84 (ImageNet).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -70,7 +71,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -427,7 +427,7 @@ class StopRequest:
     requested = False
 
 
-@contextmanager
+@contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[StopRequest]:
     """Turn the first SIGINT into a request to stop at the next iteration boundary.
 
@@ -658,18 +658,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def setup_device(name: str) -> torch.device:
-    """The torch device; on CUDA, turn TF32 off and cuDNN determinism on (MATH.md, "Numerics")."""
+    """The torch device; on CUDA, say that the run goes without TF32 and with deterministic cuDNN."""
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
     # With TF32, two identical Full meta-gradients of a 4-conv net disagreed by 9-12%
-    # (MATH.md): estimator comparisons would measure rounding, not estimators.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    print("CUDA: TF32 turned off (torch.backends.cuda.matmul.allow_tf32 = False, "
-          "torch.backends.cudnn.allow_tf32 = False) and cudnn.deterministic = True.", file=sys.stderr)
+    # (MATH.md): estimator comparisons would measure rounding, not estimators. main()
+    # runs inside mg.numerics.exact_gpu() on CUDA.
+    print("CUDA: TF32 off and cudnn.deterministic = True for this run (mg.numerics.exact_gpu).", file=sys.stderr)
     return torch.device("cuda")
 
 
@@ -682,6 +679,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     started = time.perf_counter()
     args = parse_args(argv)
     device = setup_device(args.device)
+    with mg.numerics.exact_gpu() if device.type == "cuda" else contextlib.nullcontext():
+        return run_experiment(args, device, started)
+
+
+def run_experiment(args: argparse.Namespace, device: torch.device, started: float) -> dict[str, Any]:
+    """Load the data, meta-train, test, write and print the results (see the module docstring)."""
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     # A task's batches are small (5 to 100 images), so intra-op threads mostly
     # synchronize; on the 2-core CPU this was written on, one thread was fastest.
