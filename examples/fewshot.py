@@ -72,7 +72,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import matplotlib
 
@@ -541,6 +541,16 @@ def load_pools(args: argparse.Namespace) -> dict[str, ClassPool]:
     return pools
 
 
+def _order(text: str) -> Union[int, str]:
+    """``--order``: an integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -583,7 +593,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     est = parser.add_argument_group("meta-gradient estimator")
     est.add_argument("--estimator", choices=ESTIMATORS, default="binomial", help="how the meta-gradient is computed")
-    est.add_argument("--order", type=int, default=2, help="binomial: L, the truncation order")
+    est.add_argument("--order", type=_order, default=2,
+                     help="binomial: L, the truncation order, or 'auto' (chosen per task from the level "
+                          "norms, with the blocked expansion as fallback where the series diverges)")
     est.add_argument("--chunk-size", type=int, default=None,
                      help="binomial: at most this many step graphs at once (default: a whole level)")
     est.add_argument("--truncate-steps", type=int, default=2, help="truncated: T, the last steps differentiated")

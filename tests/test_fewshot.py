@@ -365,6 +365,7 @@ def test_runs_on_folder_datasets(tmp_path: Path, dataset: str) -> None:
     (["--estimator", "first_order"], "FirstOrder()"),
     (["--estimator", "truncated", "--truncate-steps", "3"], "Truncated(steps=3"),
     (["--estimator", "binomial", "--order", "3", "--chunk-size", "2"], "Binomial(order=3, chunk_size=2"),
+    (["--estimator", "binomial", "--order", "auto"], "Binomial(order='auto'"),
     (["--estimator", "implicit", "--reg", "150", "--solver", "neumann", "--max-iter", "5"], "Implicit("),
 ])
 def test_every_estimator_runs(tmp_path: Path, flags: list[str], expected: str) -> None:
