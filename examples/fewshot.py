@@ -650,7 +650,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("inner_steps", "eval_inner_steps", "order", "truncate_steps", "patience"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) != "auto" and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.ways < 2:
         parser.error(f"--ways must be >= 2 for a classification task, got {args.ways}")
