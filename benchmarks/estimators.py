@@ -1,0 +1,791 @@
+"""Benchmark every metagrad estimator against the full unrolls users run today.
+
+For one problem (``--config``) and each number of inner steps K (``--K``), this script
+computes the meta-gradient of one task with every metagrad estimator and with the full
+unroll of ``higher``, of ``torchopt`` and of a plain hand-written autograd loop, all on
+the same model, the same task and the same inner SGD step, side by side in one process.
+For each it reports:
+
+- **time** per meta-gradient (inner loop, query loss and backward): the median of
+  ``--repeats`` timed runs after one warm-up run, with the min–max range; the timed runs
+  of all methods are interleaved, round by round, so that a change in the machine's load
+  hits every method alike;
+- the ratio of that time to Full's;
+- **peak memory** of one meta-gradient (:func:`metagrad.memory.peak_memory`: CUDA tensor
+  memory above the level at entry on a GPU, growth of the process's peak resident set on
+  the CPU) and its ratio to Full's;
+- **relative error** ``‖g − g_Full‖ / ‖g_Full‖`` against metagrad's Full, computed in a
+  separate pass in float64 on the CPU, or on a GPU in the timing dtype with TF32 off and
+  cuDNN deterministic (``--error-dtype`` overrides).
+
+Output: a markdown table per K on stdout (``--markdown`` also writes it to a file) and
+a JSON file (``--json``) with every number, the machine, the versions and the date.
+
+Configs (random inputs of the right shapes; the sinusoid tasks are real sinusoids):
+
+- ``sinusoid``: 1-40-40-1 ReLU MLP, 10-shot support, 10 query points, MSE;
+- ``omniglot``: 28×28 grayscale, 5-way 1-shot, 15 queries per class, CNN4;
+- ``miniimagenet``: 84×84 RGB, 5-way 5-shot, 15 queries per class, CNN4.
+
+CNN4 is four blocks of 3×3 conv → BatchNorm (``track_running_stats=False``: batch
+statistics, as in MAML) → ReLU → 2×2 max-pool, then a linear head; 32 filters by
+default for both image configs, the shapes of issue 5 and of docs/MATH.md's measurements
+(``--filters 64`` gives MAML's Omniglot net).
+
+On a GPU the script sets ``torch.backends.cuda.matmul.allow_tf32 = False``,
+``torch.backends.cudnn.allow_tf32 = False``, ``torch.backends.cudnn.deterministic = True``
+and ``torch.backends.cudnn.benchmark = False`` for the whole run, and prints that it did.
+
+Run::
+
+    python -m benchmarks.estimators --config sinusoid --K 5 20 50 --device cpu --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metagrad as mg
+from metagrad.memory import peak_memory
+
+ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
+BASELINES = ("plain", "higher", "torchopt")
+
+NOISE_NOTE_CPU = (
+    "Timings on a shared CPU are noisy: other jobs run on the same cores, so single ratios can "
+    "move by 10-30% between runs; the min-max range of the repeats is shown beside each median."
+)
+
+
+# ----------------------------------------------------------------------------- problems
+@dataclass(frozen=True)
+class Config:
+    """One benchmark problem."""
+
+    name: str
+    description: str
+    kind: str  # "mlp" or "cnn"
+    channels: int = 1
+    size: int = 28
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15  # per class for the CNN configs; points for the sinusoid
+    filters: int = 32
+
+
+CONFIGS = {
+    "sinusoid": Config("sinusoid", "1-40-40-1 ReLU MLP, sinusoid regression, 10-shot support, "
+                       "10 query points, MSE", "mlp", shots=10, queries=10),
+    "omniglot": Config("omniglot", "28×28×1, 5-way 1-shot, 15 queries/class, CNN4, cross-entropy",
+                       "cnn", channels=1, size=28, ways=5, shots=1, queries=15),
+    "miniimagenet": Config("miniimagenet", "84×84×3, 5-way 5-shot, 15 queries/class, CNN4, "
+                           "cross-entropy", "cnn", channels=3, size=84, ways=5, shots=5, queries=15),
+}
+
+
+def make_model(config: Config) -> nn.Module:
+    """The config's network (float32, CPU); the caller moves and casts it."""
+    if config.kind == "mlp":
+        return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    layers: list[nn.Module] = []
+    channels, size = config.channels, config.size
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, config.filters, 3, padding=1),
+                   nn.BatchNorm2d(config.filters, track_running_stats=False),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        channels, size = config.filters, size // 2
+    layers += [nn.Flatten(), nn.Linear(config.filters * size * size, config.ways)]
+    return nn.Sequential(*layers)
+
+
+def make_task(config: Config, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """``(x_s, y_s, x_q, y_q)`` on the CPU in float32 (labels int64)."""
+    if config.kind == "mlp":
+        amplitude = 0.1 + 4.9 * torch.rand((), generator=generator)
+        phase = math.pi * torch.rand((), generator=generator)
+        x = 10 * torch.rand(config.shots + config.queries, 1, generator=generator) - 5
+        y = amplitude * torch.sin(x - phase)
+        return x[:config.shots], y[:config.shots], x[config.shots:], y[config.shots:]
+    shape = (config.channels, config.size, config.size)
+    x_s = torch.randn(config.ways * config.shots, *shape, generator=generator)
+    x_q = torch.randn(config.ways * config.queries, *shape, generator=generator)
+    y_s = torch.arange(config.ways).repeat_interleave(config.shots)
+    y_q = torch.arange(config.ways).repeat_interleave(config.queries)
+    return x_s, y_s, x_q, y_q
+
+
+def loss_function(config: Config) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return F.mse_loss if config.kind == "mlp" else F.cross_entropy
+
+
+# ------------------------------------------------------------------------------ methods
+@dataclass
+class Method:
+    """One way of computing the meta-gradient: a label and what builds it."""
+
+    key: str  # "full", "binomial", "higher", ...
+    label: str
+    estimator: Optional[mg.Estimator] = None  # None for the baselines
+
+
+@dataclass
+class Problem:
+    """A model and one task on one device in one dtype, with the inner loop's settings."""
+
+    model: nn.Module
+    task: tuple[torch.Tensor, ...]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    steps: int
+    lr: float
+    device: torch.device
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _accepts(function: Callable[..., Any], argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(function).parameters
+
+
+def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
+                      chunk_sizes: Sequence[int], reg: Optional[float], lr: float,
+                      tight: bool = True, max_memory: Sequence[str] = ()) -> list[Method]:
+    methods = []
+    for name in names:
+        if name == "full":
+            methods.append(Method("full", "Full", mg.Full()))
+        elif name == "checkpointed":
+            methods.append(Method("checkpointed", "Checkpointed", mg.Checkpointed()))
+        elif name == "first_order":
+            methods.append(Method("first_order", "FirstOrder", mg.FirstOrder()))
+        elif name == "truncated":
+            for order in orders:
+                methods.append(Method("truncated", f"Truncated({order})", mg.Truncated(steps=order)))
+        elif name == "binomial":
+            for order in orders:
+                methods.append(Method("binomial", f"Binomial({order})", mg.Binomial(order=order)))
+                if tight and _accepts(mg.Binomial, "monitor"):
+                    # The tight grouping: L(K−L+1) products, no level norms (MATH.md).
+                    methods.append(Method("binomial", f"Binomial({order}, monitor=False)",
+                                          mg.Binomial(order=order, monitor=False)))
+                for chunk in chunk_sizes:
+                    methods.append(Method("binomial", f"Binomial({order}, chunk_size={chunk})",
+                                          mg.Binomial(order=order, chunk_size=chunk)))
+                if _accepts(mg.Binomial, "max_memory"):
+                    for budget in max_memory:
+                        methods.append(Method("binomial", f"Binomial({order}, max_memory={budget!r})",
+                                              mg.Binomial(order=order, max_memory=budget)))
+        elif name == "implicit":
+            lam = reg if reg is not None else (1.0 / (steps * lr) if steps * lr > 0 else 1.0)
+            methods.append(Method("implicit", f"Implicit(reg={lam:g})", mg.Implicit(reg=lam)))
+    return methods
+
+
+def baseline_methods(enabled: bool) -> tuple[list[Method], list[str]]:
+    """The full unrolls of a plain autograd loop, higher and torchopt (those installed)."""
+    if not enabled:
+        return [], []
+    methods, notes = [Method("plain", "plain autograd unroll")], []
+    try:
+        import higher  # noqa: F401
+        methods.append(Method("higher", "higher (full unroll)"))
+    except ImportError as error:
+        notes.append(f"higher not installed ({error}); its row is left out.")
+    try:
+        import torchopt  # noqa: F401
+        methods.append(Method("torchopt", "torchopt MetaSGD (full unroll)"))
+    except ImportError as error:
+        notes.append(f"torchopt not installed ({error}); its row is left out.")
+    return methods, notes
+
+
+def run_method(method: Method, problem: Problem) -> dict[str, Any]:
+    """Compute one meta-gradient into the parameters' ``.grad``; return ``meta.info``."""
+    model, loss_fn, steps, lr = problem.model, problem.loss, problem.steps, problem.lr
+    x_s, y_s, x_q, y_q = problem.task
+    if method.estimator is not None:
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=method.estimator) as meta:
+            for _ in range(steps):
+                meta.step(lambda fmodel: loss_fn(fmodel(x_s), y_s))
+            loss_fn(meta.fmodel(x_q), y_q).backward()
+        return dict(meta.info)
+    if method.key == "plain":  # what MetaGradient's Full does, written by hand
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = problem.params()
+        for _ in range(steps):
+            out = torch.func.functional_call(model, dict(zip(names, params)), (x_s,))
+            grads = torch.autograd.grad(loss_fn(out, y_s), params, create_graph=True)
+            params = [p - lr * g for p, g in zip(params, grads)]
+        loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (x_q,)), y_q).backward()
+        return {}
+    if method.key == "higher":
+        import higher
+
+        inner = torch.optim.SGD(problem.params(), lr=lr)
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(loss_fn(fmodel(x_s), y_s))
+            loss_fn(fmodel(x_q), y_q).backward()
+        return {}
+    if method.key == "torchopt":
+        import torchopt
+
+        saved = torchopt.extract_state_dict(model)
+        inner = torchopt.MetaSGD(model, lr=lr)
+        try:
+            for _ in range(steps):
+                inner.step(loss_fn(model(x_s), y_s))
+            loss_fn(model(x_q), y_q).backward()
+        finally:
+            torchopt.recover_state_dict(model, saved)
+        return {}
+    raise ValueError(f"unknown method {method.key!r}")
+
+
+# --------------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clear_grads(problem: Problem) -> None:
+    for p in problem.model.parameters():
+        p.grad = None
+
+
+def flat_grad(problem: Problem) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                      for p in problem.params()]).detach().clone()
+
+
+@dataclass
+class Result:
+    method: Method
+    times: list[float] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+    memory_method: Optional[str] = None
+    grad: Optional[torch.Tensor] = None  # for the error pass
+    rel_error: Optional[float] = None
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    failure: Optional[str] = None
+
+
+def guarded(result: Result, problem: Problem, call: Callable[[], Any]) -> Any:
+    """Run ``call``, recording warnings and turning an exception into a recorded failure."""
+    if result.failure is not None:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - any failure becomes a row note
+            result.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            if os.environ.get("BENCHMARK_TRACEBACK"):
+                traceback.print_exc()
+            clear_grads(problem)
+            if problem.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        finally:
+            for w in caught:
+                message = f"{w.category.__name__}: {str(w.message)[:200]}"
+                if message not in result.warnings:
+                    result.warnings.append(message)
+
+
+def measure_case(methods: Sequence[Method], problem: Problem, error_problem: Optional[Problem],
+                 repeats: int, progress: Any) -> list[Result]:
+    """Warm-up, memory, interleaved timings, then the error pass, for every method."""
+    results = [Result(m) for m in methods]
+    device = problem.device
+
+    def once(result: Result) -> dict[str, Any]:
+        clear_grads(problem)
+        return run_method(result.method, problem)
+
+    # Warm-up: first-call costs (lazy initialization, vmap tracing caches) are not timed.
+    for r in results:
+        info = guarded(r, problem, lambda r=r: once(r))
+        r.info = info or {}
+        synchronize(device)
+        progress.update(1)
+    # Peak memory: one separate run each, nothing else in the process running.
+    for r in results:
+        def measured(r: Result = r) -> None:
+            clear_grads(problem)
+            gc.collect()
+            with peak_memory(device) as mem:
+                run_method(r.method, problem)
+            r.peak_bytes, r.memory_method = mem.peak_bytes, mem.method
+        guarded(r, problem, measured)
+        progress.update(1)
+    # Timings, interleaved: round i starts at method i mod n, so no method always runs first.
+    n = len(results)
+    for i in range(repeats):
+        for j in range(n):
+            r = results[(i + j) % n]
+
+            def timed(r: Result = r) -> None:
+                clear_grads(problem)
+                synchronize(device)
+                start = time.perf_counter()
+                run_method(r.method, problem)
+                synchronize(device)
+                r.times.append(time.perf_counter() - start)
+            guarded(r, problem, timed)
+            progress.update(1)
+    # Error pass: one more meta-gradient per method, on the error problem.
+    if error_problem is not None:
+        for r in results:
+            def gradient(r: Result = r) -> None:
+                clear_grads(error_problem)
+                run_method(r.method, error_problem)
+                r.grad = flat_grad(error_problem)
+            guarded(r, error_problem, gradient)
+            progress.update(1)
+        full = next((r for r in results if r.method.key == "full" and r.grad is not None), None)
+        if full is not None:
+            reference = full.grad
+            norm = torch.linalg.vector_norm(reference)
+            for r in results:
+                if r.grad is not None:
+                    r.rel_error = float(torch.linalg.vector_norm(r.grad - reference) / norm)
+        for r in results:
+            r.grad = None
+        clear_grads(error_problem)
+    clear_grads(problem)
+    return results
+
+
+def sharpness(problem: Problem, iterations: int = 30) -> Optional[float]:
+    """ℓ: the largest |eigenvalue| of the inner Hessian at θ (power iteration, an estimate
+    from below). ``K·α·ℓ`` decides whether Binomial's series converges (MATH.md)."""
+    params = problem.params()
+    x_s, y_s = problem.task[0], problem.task[1]
+    try:
+        loss = problem.loss(problem.model(x_s), y_s)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        generator = torch.Generator().manual_seed(0)
+        vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+        value = 0.0
+        for _ in range(iterations):
+            norm = torch.sqrt(sum((v * v).sum() for v in vector))
+            vector = [v / norm for v in vector]
+            vector = list(torch.autograd.grad(grads, params, vector, retain_graph=True))
+            value = float(torch.sqrt(sum((v * v).sum() for v in vector)))
+        return value
+    except Exception:  # noqa: BLE001 - a missing diagnostic, not a failed benchmark
+        return None
+
+
+# ----------------------------------------------------------------------------- reports
+def format_bytes(value: Optional[int]) -> str:
+    if value is None:
+        return "—"
+    if value < 2**20:
+        return f"{value / 2**10:.0f} KiB"
+    if value < 2**30:
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value / 2**30:.2f} GiB"
+
+
+def format_ratio(value: Optional[float]) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.2f}×"
+
+
+def row_notes(result: Result) -> str:
+    if result.failure is not None:
+        return f"failed: {result.failure[:120]}"
+    info, notes = result.info, []
+    if "hessian_vector_products" in info and result.method.key != "implicit":
+        notes.append(f"{info['hessian_vector_products']} HVPs")
+    if result.method.key == "implicit" and "iterations" in info:
+        notes.append(f"CG {info['iterations']} it, residual {info['residual']:.1e}"
+                     + ("" if info.get("converged") else ", not converged"))
+    if result.warnings:
+        notes.append("warned (see JSON)")
+    return ", ".join(notes)
+
+
+def case_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """The JSON rows of one case, with ratios to Full's time and memory."""
+    full = next((r for r in results if r.method.key == "full"), None)
+    full_time = statistics.median(full.times) if full is not None and full.times else None
+    full_peak = full.peak_bytes if full is not None else None
+    rows = []
+    for r in results:
+        median = statistics.median(r.times) if r.times else None
+        rows.append({
+            "method": r.method.label,
+            "kind": r.method.key,
+            "library": "metagrad" if r.method.estimator is not None else r.method.key,
+            "time_ms": None if median is None else 1e3 * median,
+            "time_ms_min": None if not r.times else 1e3 * min(r.times),
+            "time_ms_max": None if not r.times else 1e3 * max(r.times),
+            "times_ms": [1e3 * t for t in r.times],
+            "time_ratio": None if median is None or not full_time else median / full_time,
+            # Round i of the interleaved timings ran every method once; the median over rounds
+            # of (this method's time / Full's time in the same round) cancels slow load drift.
+            "time_ratio_paired_median": (
+                None if full is None or not r.times or len(r.times) != len(full.times)
+                else statistics.median(t / f for t, f in zip(r.times, full.times))),
+            "peak_bytes": r.peak_bytes,
+            "peak_mib": None if r.peak_bytes is None else r.peak_bytes / 2**20,
+            "memory_ratio": (None if r.peak_bytes is None or not full_peak else r.peak_bytes / full_peak),
+            "memory_method": r.memory_method,
+            "rel_error": r.rel_error,
+            "info": {k: v for k, v in r.info.items()
+                     if isinstance(v, (int, float, str, bool, type(None)))
+                     or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v))},
+            "warnings": r.warnings,
+            "failure": r.failure,
+            "notes": row_notes(r),
+        })
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method | ms / meta-gradient (min–max) | time / Full (paired) | peak memory | memory / Full "
+             "| rel. error vs Full | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["time_ms"] is None:
+            time_cell = "—"
+        else:
+            time_cell = f"{row['time_ms']:.1f} ({row['time_ms_min']:.1f}–{row['time_ms_max']:.1f})"
+        error = row["rel_error"]
+        error_cell = "—" if error is None else ("0" if error == 0 else f"{error:.1e}")
+        ratio_cell = format_ratio(row["time_ratio"])
+        if row["time_ratio_paired_median"] is not None:
+            ratio_cell += f" ({format_ratio(row['time_ratio_paired_median'])})"
+        lines.append(f"| {row['method']} | {time_cell} | {ratio_cell} "
+                     f"| {format_bytes(row['peak_bytes'])} | {format_ratio(row['memory_ratio'])} "
+                     f"| {error_cell} | {row['notes']} |")
+    return "\n".join(lines)
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    description = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "metagrad": mg.__version__,
+        "git": _git_state(),
+    }
+    from importlib import metadata
+
+    for name in ("higher", "torchopt"):
+        try:
+            description[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            description[name] = None
+    if device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+        description["cuda"] = torch.version.cuda
+        description["cudnn"] = torch.backends.cudnn.version()
+    return description
+
+
+# --------------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.estimators",
+        description="Time, peak memory and error against Full of every metagrad estimator and of "
+                    "the full unrolls of higher, torchopt and a plain autograd loop, on one "
+                    "few-shot problem, side by side in one process. Prints markdown tables and "
+                    "writes JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="sinusoid",
+                        help="the problem: " + "; ".join(f"{c.name}: {c.description}" for c in CONFIGS.values()))
+    parser.add_argument("--K", type=int, nargs="+", default=[5, 20, 50], help="numbers of inner SGD steps")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda sets TF32 off, cudnn.deterministic on and cudnn.benchmark off for "
+                             "the whole run (and prints so)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the timed and memory runs")
+    parser.add_argument("--error-dtype", choices=("float32", "float64"), default=None,
+                        help="dtype of the error pass (default: float64 on cpu, the timing dtype on "
+                             "cuda); on cpu the error pass is a separate run per method")
+    parser.add_argument("--errors", choices=("on", "off"), default="on", help="compute the error column")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per method after one warm-up run; the table shows their median")
+    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS),
+                        metavar="NAME", help=f"metagrad estimators, any of {' '.join(ESTIMATORS)}; "
+                                             "full is always run (it is the reference)")
+    parser.add_argument("--order", type=int, nargs="+", default=None,
+                        help="L for Binomial(L) and Truncated(L) (one row per value); default 3 for "
+                             "K < 50 and 4 for K >= 50 (issue 5's targets), at most K")
+    parser.add_argument("--chunk-size", type=int, nargs="*", default=[],
+                        help="also run Binomial(L, chunk_size=C) for each C given")
+    parser.add_argument("--max-memory", nargs="*", default=[], metavar="BUDGET",
+                        help="also run Binomial(L, max_memory=BUDGET) for each budget (e.g. 2GiB), "
+                             "where this metagrad's Binomial has a max_memory argument; otherwise "
+                             "a note says the rows were skipped")
+    parser.add_argument("--tight", choices=("on", "off"), default="on",
+                        help="also run Binomial(L, monitor=False), the tight grouping with the fewest "
+                             "products, where this metagrad's Binomial has the monitor argument")
+    parser.add_argument("--reg", type=float, default=None,
+                        help="λ of Implicit(reg=λ); default 1/(K·α), at which Implicit's first-order "
+                             "term (I − H/λ) matches the unroll's (I − KαH)")
+    parser.add_argument("--lr", type=float, default=0.001, help="α, the inner SGD step size")
+    parser.add_argument("--baselines", choices=("on", "off"), default="on",
+                        help="also run the full unrolls of a plain autograd loop, higher and torchopt")
+    parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, issue 5's shapes (64 is MAML's Omniglot net)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on cpu, where a shared machine makes more "
+                             "threads mostly wait on each other; torch's default on cuda)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init and the task")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="also write the tables here")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="print the markdown tables of an earlier run's JSON and exit")
+    args = parser.parse_args(argv)
+    if any(k < 1 for k in args.K):
+        parser.error("--K: every value must be >= 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.order is not None and any(o < 1 for o in args.order):
+        parser.error("--order: every value must be >= 1")
+    if any(c < 1 for c in args.chunk_size):
+        parser.error("--chunk-size: every value must be >= 1")
+    if args.lr < 0:
+        parser.error("--lr must be >= 0")
+    args.estimators = [e for e in ESTIMATORS if e in args.estimators or e == "full"]
+    return args
+
+
+def setup_device(name: str) -> tuple[torch.device, list[str]]:
+    if name == "cpu":
+        return torch.device("cpu"), []
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    flags = ["torch.backends.cuda.matmul.allow_tf32 = False", "torch.backends.cudnn.allow_tf32 = False",
+             "torch.backends.cudnn.deterministic = True", "torch.backends.cudnn.benchmark = False"]
+    print("This benchmark set, for the whole run: " + ", ".join(flags) + ".")
+    return torch.device("cuda"), flags
+
+
+def build_problem(config: Config, steps: int, lr: float, seed: int, device: torch.device,
+                  dtype: torch.dtype) -> Problem:
+    torch.manual_seed(seed)
+    model = make_model(config)
+    task = make_task(config, torch.Generator().manual_seed(seed + 1))
+    model = model.to(device=device, dtype=dtype)
+    task = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in task)
+    return Problem(model, task, loss_function(config), steps, lr, device)
+
+
+def render(path: str) -> dict[str, Any]:
+    """Print the tables of a JSON file this script wrote."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    machine = data["machine"]
+    where = (machine.get("gpu") or f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, "
+             f"torch threads: {machine['torch_threads']}")
+    for case in data["cases"]:
+        kal = case.get("k_alpha_ell")
+        title = case.get("title") or (f"{case['config']}, K = {case['K']}, α = {case['lr']}"
+                                      + ("" if kal is None else f", K·α·ℓ at θ ≈ {kal:.2g}")
+                                      + f" ({where}, torch {machine['torch']}, {data['date']})")
+        print(f"#### {title}\n\n{markdown_table(case['rows'])}\n")
+    return data
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.render:
+        return render(args.render)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device, flags = setup_device(args.device)
+    config = CONFIGS[args.config]
+    if args.filters is not None:
+        config = Config(**{**config.__dict__, "filters": args.filters})
+    dtype = getattr(torch, args.dtype)
+    error_dtype_name = args.error_dtype or ("float64" if device.type == "cpu" else args.dtype)
+    error_device = torch.device("cpu") if device.type == "cpu" else device
+    error_dtype = getattr(torch, error_dtype_name)
+    baselines, baseline_notes = baseline_methods(args.baselines == "on")
+    if args.max_memory and not _accepts(mg.Binomial, "max_memory"):
+        baseline_notes.append(f"--max-memory {' '.join(args.max_memory)}: this metagrad's Binomial "
+                              "has no max_memory argument; those rows are skipped.")
+    machine = machine_description(device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    where = (f"{machine['gpu']} (CUDA {machine['cuda']}, TF32 off, cuDNN deterministic)"
+             if device.type == "cuda" else
+             f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, torch threads: {machine['torch_threads']}")
+    header = [
+        f"metagrad estimator benchmark: {config.name} ({config.description}"
+        + (f", {config.filters} filters" if config.kind == "cnn" else "") + ")",
+        f"Device: {where}; {platform.platform()}",
+        f"torch {machine['torch']}, higher {machine['higher']}, torchopt {machine['torchopt']}, "
+        f"metagrad {mg.__version__}; {date}",
+        f"Inner loop: SGD, α = {args.lr}; timing dtype {args.dtype}; median of {args.repeats} timed "
+        f"runs after one warm-up, all methods interleaved in one process; "
+        + (f"error pass in {error_dtype_name} on {error_device.type}." if args.errors == "on"
+           else "no error pass (--errors off)."),
+    ]
+    if device.type == "cpu":
+        header.append(NOISE_NOTE_CPU)
+    header += baseline_notes
+    print("\n".join(header), flush=True)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is optional
+        tqdm = None
+
+    plans = []
+    for steps in args.K:
+        orders = args.order or [3 if steps < 50 else 4]
+        orders = sorted({min(o, steps) for o in orders})
+        methods = estimator_methods(args.estimators, steps, orders, args.chunk_size, args.reg, args.lr,
+                                    tight=args.tight == "on", max_memory=args.max_memory)
+        plans.append((steps, methods + baselines))
+    runs_per_method = 2 + args.repeats + (1 if args.errors == "on" else 0)
+    total = sum(len(m) for _, m in plans) * runs_per_method
+    progress = (tqdm(total=total, desc=f"{config.name}", unit="run", file=sys.stderr)
+                if tqdm is not None and not args.no_progress else _NoProgress())
+
+    cases, tables = [], []
+    memory_description = None
+    for steps, methods in plans:
+        progress.set_description(f"{config.name} K={steps}")
+        problem = build_problem(config, steps, args.lr, args.seed, device, dtype)
+        error_problem = None
+        if args.errors == "on":
+            if error_device == device and error_dtype == dtype:
+                error_problem = problem
+            else:
+                error_problem = build_problem(config, steps, args.lr, args.seed, error_device, error_dtype)
+        ell = sharpness(error_problem or problem)
+        started = time.perf_counter()
+        results = measure_case(methods, problem, error_problem, args.repeats, progress)
+        rows = case_rows(results)
+        memory_method = next((r.memory_method for r in results if r.memory_method), None)
+        if memory_method is not None:
+            memory_description = peak_memory(device).description if memory_description is None else memory_description
+        kal = None if ell is None else steps * args.lr * ell
+        title = (f"{config.name}, K = {steps}, α = {args.lr}"
+                 + ("" if kal is None else f", K·α·ℓ at θ ≈ {kal:.2g}")
+                 + f" ({where}, torch {machine['torch']}, {date})")
+        table = f"#### {title}\n\n{markdown_table(rows)}\n"
+        tables.append(table)
+        if hasattr(progress, "write"):
+            progress.write("\n" + table)
+        else:
+            print("\n" + table, flush=True)
+        cases.append({"config": config.name, "K": steps, "lr": args.lr, "title": title, "ell_at_theta": ell,
+                      "k_alpha_ell": kal, "seconds": time.perf_counter() - started, "rows": rows})
+        del problem, error_problem
+        gc.collect()
+    progress.close()
+
+    footer = [
+        "Columns: time is the wall time of one meta-gradient (inner loop, query loss, backward), "
+        f"median of {args.repeats} after a warm-up; time / Full is the ratio of the medians, and in "
+        "parentheses the median over rounds of the ratio to Full's time in the same round (the "
+        "rounds interleave all methods, so this cancels slow changes in load); peak memory: "
+        + (memory_description or "not measured") + ".",
+        "Relative error: ‖g − g_Full‖/‖g_Full‖ against metagrad's Full on the same task, in "
+        f"{error_dtype_name}. Implicit solves a different (proximal) inner problem, so its error "
+        "column measures how far iMAML's gradient is from MAML's, not rounding.",
+    ]
+    print("\n".join(footer))
+    result = {
+        "config": config.name,
+        "description": config.description,
+        "config_fields": dict(config.__dict__),
+        "device": str(device),
+        "machine": machine,
+        "date": date,
+        "flags_set": flags,
+        "dtype": args.dtype,
+        "error_dtype": error_dtype_name if args.errors == "on" else None,
+        "repeats": args.repeats,
+        "lr": args.lr,
+        "memory_measure": memory_description,
+        "noise_note": NOISE_NOTE_CPU if device.type == "cpu" else None,
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "cases": cases,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(header) + "\n\n" + "\n".join(tables) + "\n" + "\n".join(footer) + "\n")
+    return result
+
+
+def _git_state() -> Optional[dict[str, Any]]:
+    """The commit the benchmark ran at, and whether metagrad/ had uncommitted changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "metagrad", "adapters"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "metagrad_uncommitted_changes": bool(dirty)}
+
+
+class _NoProgress:
+    def update(self, n: float) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The estimator benchmark runs end to end on a tiny case and reports every column.
+
+No timing is asserted: the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ESTIMATOR_LABELS = ["Full", "Checkpointed", "FirstOrder", "Truncated(2)", "Binomial(2)"]
+COLUMNS = ["| method | ms / meta-gradient (min–max) | time / Full (paired) | peak memory | memory / Full "
+           "| rel. error vs Full | notes |"]
+ROW_KEYS = {"method", "kind", "library", "time_ms", "time_ms_min", "time_ms_max", "times_ms",
+            "time_ratio", "time_ratio_paired_median", "peak_bytes", "peak_mib", "memory_ratio",
+            "memory_method", "rel_error", "info", "warnings", "failure", "notes"}
+
+
+def run_benchmark(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchmarks.estimators", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_help_lists_the_flags() -> None:
+    result = run_benchmark("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--config", "--K", "--device", "--json", "--repeats", "--estimators", "--order",
+                 "--dtype", "--baselines", "--chunk-size", "--markdown"):
+        assert flag in result.stdout, flag
+    for config in ("sinusoid", "omniglot", "miniimagenet"):
+        assert config in result.stdout
+
+
+def test_tiny_sinusoid_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    out, table = tmp_path / "out.json", tmp_path / "out.md"
+    result = run_benchmark("--config", "sinusoid", "--K", "2", "--repeats", "1", "--order", "2",
+                           "--json", str(out), "--markdown", str(table), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    stdout = result.stdout
+
+    # Header: machine, versions, date, the noise warning on the CPU.
+    assert "Device: CPU" in stdout and "torch " in stdout and "UTC" in stdout
+    assert "noisy" in stdout
+    assert COLUMNS[0] in stdout
+    assert "#### sinusoid, K = 2" in stdout
+
+    baselines = ["plain autograd unroll"]
+    if importlib.util.find_spec("higher") is not None:
+        baselines.append("higher (full unroll)")
+    if importlib.util.find_spec("torchopt") is not None:
+        baselines.append("torchopt MetaSGD (full unroll)")
+    for label in [*ESTIMATOR_LABELS, *baselines]:
+        assert f"| {label} |" in stdout, label
+    assert any(line.startswith("| Implicit(reg=") for line in stdout.splitlines())
+    assert COLUMNS[0] in table.read_text(encoding="utf-8")
+
+    data = json.loads(out.read_text(encoding="utf-8"))
+    for key in ("config", "device", "machine", "date", "dtype", "error_dtype", "repeats", "cases",
+                "memory_measure", "flags_set"):
+        assert key in data, key
+    assert data["config"] == "sinusoid" and data["device"] == "cpu" and data["flags_set"] == []
+    assert data["machine"]["torch"]
+    [case] = data["cases"]
+    assert case["K"] == 2
+    rows = {row["method"]: row for row in case["rows"]}
+    for label in [*ESTIMATOR_LABELS, *baselines]:
+        row = rows[label]
+        assert ROW_KEYS <= set(row), label
+        assert row["failure"] is None, (label, row["failure"])
+        assert row["time_ms"] > 0 and len(row["times_ms"]) == 1
+        assert row["peak_bytes"] is not None and row["peak_bytes"] >= 0
+        assert row["rel_error"] is not None and row["rel_error"] >= 0
+    full = rows["Full"]
+    assert full["time_ratio"] == pytest.approx(1.0) and full["rel_error"] == 0
+    # Exact methods agree with Full to float64 rounding; the error pass is float64.
+    assert data["error_dtype"] == "float64"
+    for label in ["Checkpointed", "Truncated(2)", "Binomial(2)", *baselines]:
+        assert rows[label]["rel_error"] < 1e-10, label
+    assert rows["FirstOrder"]["rel_error"] > 1e-6
+    assert rows["Binomial(2)"]["info"]["hessian_vector_products"] >= 2  # L(K−L+1) at the fewest
+    tight = rows.get("Binomial(2, monitor=False)")  # where this metagrad has the tight grouping
+    if tight is not None:
+        assert tight["rel_error"] < 1e-10
+        assert tight["info"]["hessian_vector_products"] == 2
+
+
+def test_rejects_bad_arguments() -> None:
+    result = run_benchmark("--config", "sinusoid", "--K", "0", timeout=60)
+    assert result.returncode != 0 and "--K" in result.stderr
