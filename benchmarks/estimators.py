@@ -29,7 +29,7 @@ Configs (random inputs of the right shapes; the sinusoid tasks are real sinusoid
 
 CNN4 is four blocks of 3×3 conv → BatchNorm (``track_running_stats=False``: batch
 statistics, as in MAML) → ReLU → 2×2 max-pool, then a linear head; 32 filters by
-default for both image configs, the shapes of issue 5 and of docs/MATH.md's measurements
+default for both image configs, the shapes of docs/MATH.md's measurements
 (``--filters 64`` gives MAML's Omniglot net).
 
 On a GPU the script sets ``torch.backends.cuda.matmul.allow_tf32 = False``,
@@ -548,7 +548,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                              "full is always run (it is the reference)")
     parser.add_argument("--order", type=int, nargs="+", default=None,
                         help="L for Binomial(L) and Truncated(L) (one row per value); default 3 for "
-                             "K < 50 and 4 for K >= 50 (issue 5's targets), at most K")
+                             "K < 50 and 4 for K >= 50 (the sizes of the speed targets), at most K")
     parser.add_argument("--chunk-size", type=int, nargs="*", default=[],
                         help="also run Binomial(L, chunk_size=C) for each C given")
     parser.add_argument("--max-memory", nargs="*", default=[], metavar="BUDGET",
@@ -564,7 +564,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.001, help="α, the inner SGD step size")
     parser.add_argument("--baselines", choices=("on", "off"), default="on",
                         help="also run the full unrolls of a plain autograd loop, higher and torchopt")
-    parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, issue 5's shapes (64 is MAML's Omniglot net)")
+    parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, MATH.md's shapes (64 is MAML's Omniglot net)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on cpu, where a shared machine makes more "
                              "threads mostly wait on each other; torch's default on cuda)")
