@@ -72,7 +72,10 @@ def test_auto_blocks_meet_rtol_where_the_plain_expansion_diverges(seed, dim, K, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", mg.MetaGradientWarning)
         plain, _ = run(mg.Binomial(min(8, K - 1)), A, b, theta, target, K, alpha)
-    scale = max(float(g_true.norm()), 1e-12 * float(v.norm()))
+    # (I − αA)^K can shrink v by many orders of magnitude (to 1e-13‖v‖ at K·α·ℓ ≈ 10), where
+    # float64 rounding of the K products, measured up to 1e-13‖v‖ when every block is
+    # exact, is all that is left: errors are measured against at least 1e-8‖v‖.
+    scale = max(float(g_true.norm()), 1e-8 * float(v.norm()))
     with warnings.catch_warnings():
         warnings.simplefilter("error", mg.MetaGradientWarning)
         g, info = run(mg.Binomial("auto", block="auto", rtol=rtol), A, b, theta, target, K, alpha)
