@@ -88,6 +88,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fewshot_data beside this file
+from cli import order_argument  # noqa: E402
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -541,16 +542,6 @@ def load_pools(args: argparse.Namespace) -> dict[str, ClassPool]:
     return pools
 
 
-def _order(text: str) -> Union[int, str]:
-    """``--order``: an integer, or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -593,7 +584,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     est = parser.add_argument_group("meta-gradient estimator")
     est.add_argument("--estimator", choices=ESTIMATORS, default="binomial", help="how the meta-gradient is computed")
-    est.add_argument("--order", type=_order, default=2,
+    est.add_argument("--order", type=order_argument, default=2,
                      help="binomial: L, the truncation order, or 'auto' (chosen per task from the level "
                           "norms, with the blocked expansion as fallback where the series diverges)")
     est.add_argument("--chunk-size", type=int, default=None,

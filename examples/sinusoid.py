@@ -73,6 +73,9 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metagrad as mg  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
+from cli import order_argument  # noqa: E402
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -486,16 +489,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _order(text: str) -> Union[int, str]:
-    """``--order``: an integer, or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -507,7 +500,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=5, help="K, inner SGD steps per task")
     parser.add_argument("--lr-inner", type=float, default=0.01, help="α, the inner SGD step size")
-    parser.add_argument("--order", type=_order, default=3,
+    parser.add_argument("--order", type=order_argument, default=3,
                         help="L: Binomial(order=L), and Truncated(steps=L) for a comparison at equal depth; "
                              "'auto': Binomial chooses its order per task (rtol 1e-3, falling back to "
                              "Checkpointed where the series diverges), Truncated keeps 3 steps")
