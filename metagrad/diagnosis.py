@@ -37,6 +37,7 @@ import torch
 from .context import MetaGradient
 from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, MetaGradientWarning, Truncated
 from .functional import FunctionalModel
+from .linalg import norm
 from .memory import peak_memory
 from .numerics import tf32_enabled
 from .optim import SGD, UpdateRule
@@ -196,19 +197,16 @@ def _largest_step_curvature(model: torch.nn.Module, closure: Closure, steps: int
                  for n, t in trajectory.iterate(k).items()}
             estimate = 0.0
             for _ in range(iterations):
-                size = _norm(u)
+                size = norm(u)
                 if size == 0:
                     break
                 u = {n: t / size for n, t in u.items()}
                 pulled, _ = trajectory.vjp(k, u)
                 u = {n: u[n] - pulled[n] for n in u}  # (I − J_k)ᵀ u
-                estimate = _norm(u)
+                estimate = norm(u)
             largest = max(largest, estimate)
     return largest
 
-
-def _norm(x: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in x.values()))
 
 
 def _relative(g: torch.Tensor, exact: torch.Tensor) -> float:

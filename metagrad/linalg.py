@@ -20,7 +20,7 @@ import torch
 
 from .optim import Params
 
-__all__ = ["SolveInfo", "NegativeCurvatureError", "conjugate_gradient", "neumann_series"]
+__all__ = ["SolveInfo", "NegativeCurvatureError", "conjugate_gradient", "neumann_series", "norm"]
 
 Operator = Callable[[Params], Params]
 
@@ -69,7 +69,7 @@ def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
         hu = hvp(u)
         return {n: u[n] + hu[n] / reg for n in u}
 
-    b_norm = _norm(b)
+    b_norm = norm(b)
     x = {n: torch.zeros_like(t) for n, t in b.items()}
     if b_norm == 0.0:
         return x, SolveInfo(iterations=0, products=0, residual=0.0, converged=True)
@@ -96,7 +96,7 @@ def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
         p = {n: r[n] + (rr_next / rr) * p[n] for n in p}
         rr = rr_next
     ax = apply(x)
-    residual = _norm({n: ax[n] - b[n] for n in b}) / b_norm
+    residual = norm({n: ax[n] - b[n] for n in b}) / b_norm
     return x, SolveInfo(iterations=iterations, products=iterations + 1, residual=residual,
                         converged=residual <= tol)
 
@@ -111,7 +111,7 @@ def neumann_series(hvp: Operator, b: Params, *, reg: float, max_iter: int,
     products, or when the terms grow (divergence: ``‖H‖/λ ≥ 1`` along b). On divergence
     the partial sum with the smallest residual is returned, with ``diverged=True``.
     """
-    b_norm = _norm(b)
+    b_norm = norm(b)
     x = dict(b)
     if b_norm == 0.0:
         return x, SolveInfo(iterations=0, products=0, residual=0.0, converged=True)
@@ -120,7 +120,7 @@ def neumann_series(hvp: Operator, b: Params, *, reg: float, max_iter: int,
     for iterations in range(1, max_iter + 1):
         h_term = hvp(term)
         next_term = {n: -h_term[n] / reg for n in term}
-        next_norm = _norm(next_term)
+        next_norm = norm(next_term)
         if next_norm > term_norm:
             # Terms grow from here on; the sum before the last term had the smallest residual.
             x = {n: x[n] - term[n] for n in x}
@@ -135,8 +135,10 @@ def neumann_series(hvp: Operator, b: Params, *, reg: float, max_iter: int,
 
 
 def _dot(a: Params, b: Params) -> float:
-    return float(sum((a[n] * b[n]).sum() for n in a))
+    """``⟨a, b⟩`` over name→tensor mappings, accumulated in float64."""
+    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
 
 
-def _norm(a: Params) -> float:
+def norm(a: Params) -> float:
+    """The Euclidean norm of a name→tensor mapping, accumulated in float64."""
     return math.sqrt(_dot(a, a))

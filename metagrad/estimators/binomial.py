@@ -40,6 +40,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..linalg import norm
 from ..optim import Params
 from ..trajectory import Trajectory
 from .base import Estimator, check_count, clamp_to_steps, warn
@@ -304,9 +305,9 @@ def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_siz
         products += rows
         level_sum = {n: t.sum(0) for n, t in terms.items()}  # T_j
         g = {n: g[n] + level_sum[n] for n in g}
-        norms.append(_norm(level_sum))
+        norms.append(norm(level_sum))
         if rtol is not None:
-            if norms[-1] <= rtol * _norm(g):
+            if norms[-1] <= rtol * norm(g):
                 return g, norms, products, "converged"
             if level >= 2 and _ratio(norms, v, level) >= 1 and _ratio(norms, v, level - 1) >= 1:
                 return g, norms, products, "diverged"
@@ -345,7 +346,7 @@ def _spans(steps: int, block: Optional[int]) -> list[Span]:
 
 
 def _report(steps: int, order: int, norms: list[float], g: Params, products: int) -> dict[str, Any]:
-    size = _norm(g)
+    size = norm(g)
     estimate = norms[-1] / size if norms and size > 0 else 0.0
     return {"steps": steps, "order": order, "depth": order, "level_norms": norms,
             "error_estimate": 0.0 if order == steps else estimate, "diverged": False,
@@ -357,20 +358,17 @@ def _estimate(norms: list[float], length: int, order: int, start: Params) -> flo
     (0 when the block was expanded completely). Blocks' estimates add."""
     if order >= length or not norms:
         return 0.0
-    size = _norm(start)
+    size = norm(start)
     return norms[-1] / size if size > 0 else 0.0
 
 
 def _ratio(norms: list[float], v: Params, level: int) -> float:
     """``ρ_j = ‖T_j‖/‖T_{j−1}‖`` with ``T_0 = v``."""
-    previous = norms[level - 2] if level >= 2 else _norm(v)
+    previous = norms[level - 2] if level >= 2 else norm(v)
     if norms[level - 1] == 0:
         return 0.0
     return norms[level - 1] / previous if previous > 0 else math.inf
 
-
-def _norm(x: Params) -> float:
-    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in x.values()))
 
 
 def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
