@@ -169,7 +169,8 @@ def _accepts(function: Callable[..., Any], argument: str) -> bool:
 
 def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                       chunk_sizes: Sequence[int], reg: Optional[float], lr: float,
-                      tight: bool = True, max_memory: Sequence[str] = ()) -> list[Method]:
+                      tight: bool = True, max_memory: Sequence[str] = (),
+                      blocks: Sequence[int] = ()) -> list[Method]:
     methods = []
     for name in names:
         if name == "full":
@@ -188,6 +189,10 @@ def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                     # The tight grouping: L(K−L+1) products, no level norms (MATH.md).
                     methods.append(Method("binomial", f"Binomial({order}, monitor=False)",
                                           mg.Binomial(order=order, monitor=False)))
+                for block in blocks:
+                    if order < block < steps:  # otherwise the same as plain Binomial, or exact
+                        methods.append(Method("binomial", f"Binomial({order}, block={block})",
+                                              mg.Binomial(order=order, block=block)))
                 for chunk in chunk_sizes:
                     methods.append(Method("binomial", f"Binomial({order}, chunk_size={chunk})",
                                           mg.Binomial(order=order, chunk_size=chunk)))
@@ -549,6 +554,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--order", type=int, nargs="+", default=None,
                         help="L for Binomial(L) and Truncated(L) (one row per value); default 3 for "
                              "K < 50 and 4 for K >= 50 (the sizes of the speed targets), at most K")
+    parser.add_argument("--block", type=int, nargs="*", default=[5],
+                        help="also run the blocked Binomial(L, block=S) for each S given (where L < S < K)")
     parser.add_argument("--chunk-size", type=int, nargs="*", default=[],
                         help="also run Binomial(L, chunk_size=C) for each C given")
     parser.add_argument("--max-memory", nargs="*", default=[], metavar="BUDGET",
@@ -681,7 +688,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         orders = args.order or [3 if steps < 50 else 4]
         orders = sorted({min(o, steps) for o in orders})
         methods = estimator_methods(args.estimators, steps, orders, args.chunk_size, args.reg, args.lr,
-                                    tight=args.tight == "on", max_memory=args.max_memory)
+                                    tight=args.tight == "on", max_memory=args.max_memory,
+                                    blocks=args.block)
         plans.append((steps, methods + baselines))
     runs_per_method = 2 + args.repeats + (1 if args.errors == "on" else 0)
     total = sum(len(m) for _, m in plans) * runs_per_method
