@@ -51,9 +51,12 @@ rates become per-parameter step sizes.
   in higher, no gradient reaches the model's parameters. MAML wants ``False``.
 - ``track_higher_grads=False`` ("test mode") adapts first-order and hands out
   detached fast weights: no gradient reaches the model, as in higher.
-- ``fmodel.parameters(time=t)`` for a past step ``t``, ``diffopt.step(params=...)``,
-  per-step ``override`` and ``grad_callback`` are not supported: each raises a clear
-  error. Pass ``override`` to :func:`innerloop_ctx` instead.
+- ``fmodel.parameters(time=t)`` for a past step ``t`` and ``diffopt.step(params=...)``
+  are not supported: each raises a clear error. ``diffopt.step(..., override=...)`` stays
+  in force for later steps, as in higher, and may change hyperparameters that keep the
+  rule's kind (such as ``lr``). ``grad_callback`` is applied to the gradients before the
+  update, also when a step is rebuilt, so it must be differentiable (and
+  ``torch.func.vmap``-compatible for Binomial).
 
 higher is imported lazily, only for optimizers without a native rule.
 """
@@ -194,6 +197,28 @@ def _clone(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
+class _GradientCallbackRule:
+    """``rule`` applied to ``callback(grads)``: higher's ``grad_callback``, which receives
+    and returns the gradients as a list in ``model.parameters()`` order (``None`` for a
+    frozen parameter). The callback is rebuilt with the step, so it must be
+    differentiable, and vmap-compatible for Binomial."""
+
+    def __init__(self, rule: Any, callback: Callable, names: Sequence[str]) -> None:
+        self.rule, self.callback, self.names = rule, callback, list(names)
+
+    def __repr__(self) -> str:
+        return f"{self.rule!r} with grad_callback {getattr(self.callback, '__name__', self.callback)!r}"
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        return self.rule.init(params)
+
+    def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+             state: State) -> tuple[Params, State]:
+        transformed = list(self.callback([grads.get(n) for n in self.names]))
+        new_grads = {n: g for n, g in zip(self.names, transformed) if n in params}
+        return self.rule.step(params, new_grads, state)
+
+
 class _PatchedModule:
     """higher's ``fmodel``: the module called at the current fast weights."""
 
@@ -240,28 +265,31 @@ class _DifferentiableOptimizer:
             loss: the inner loss, built from ``fmodel`` at the current fast weights.
             closure: instead of ``loss``: ``closure(fmodel) -> loss``, rebuilt on demand.
         """
-        for argument, value in (("params", params), ("override", override),
-                                ("grad_callback", grad_callback)):
-            if value is not None:
-                raise NotImplementedError(
-                    f"diffopt.step({argument}=...) is not supported by metagrad's higher adapter; "
-                    "pass override to innerloop_ctx, and let the fast weights be the ones fmodel holds."
-                )
+        if params is not None:
+            raise NotImplementedError(
+                "diffopt.step(params=...) is not supported by metagrad's higher adapter: the fast "
+                "weights are the ones fmodel holds, which the estimator differentiates through."
+            )
         if kwargs:
             raise TypeError(f"diffopt.step: unexpected arguments {sorted(kwargs)}.")
         if (loss is None) == (closure is None):
             raise TypeError("diffopt.step: pass exactly one of loss and closure=.")
-        self._loop.step(loss, closure)
+        self._loop.step(loss, closure, override, grad_callback)
         return self._loop.fmodel.fast_params
 
 
 class _InnerLoop:
     """One MetaGradient block, seen through higher's objects."""
 
-    def __init__(self, model: torch.nn.Module, meta: MetaGradient, detach: bool) -> None:
+    def __init__(self, model: torch.nn.Module, meta: MetaGradient, detach: bool,
+                 opt: torch.optim.Optimizer, override: Optional[Mapping[str, Sequence[Any]]]) -> None:
         self.module = model
         self.meta = meta
         self.detach = detach
+        self.opt = opt
+        self.override = dict(override or {})
+        self.rule: Optional[Any] = None  # the rule after a per-step override, if any
+        self._wrapped: dict[tuple[int, int], "_GradientCallbackRule"] = {}
         self.names = [n for n, _ in model.named_parameters()]
         self.fmodel = _PatchedModule(self)
         self.diffopt = _DifferentiableOptimizer(self)
@@ -286,11 +314,32 @@ class _InnerLoop:
             )
         return dict(zip(self.names, params))
 
-    def step(self, loss: Optional[torch.Tensor], closure: Optional[Callable]) -> None:
+    def step(self, loss: Optional[torch.Tensor], closure: Optional[Callable],
+             override: Optional[Mapping[str, Sequence[Any]]], grad_callback: Optional[Callable]) -> None:
+        if override:  # as in higher, a step's override stays in force for later steps
+            self.override.update(override)
+            rule = update_rule(self.opt, self.module, self.override)
+            if type(rule) is not type(self.meta.inner_opt):
+                raise ValueError(
+                    f"override: {sorted(override)} turns the inner rule {self.meta.inner_opt!r} into "
+                    f"{rule!r}, whose state differs; override hyperparameters that keep its kind "
+                    "(for example lr), or pass the override to innerloop_ctx."
+                )
+            self.rule = rule
+        rule = self.rule
+        if grad_callback is not None:
+            base = rule if rule is not None else self.meta.inner_opt
+            key = (id(base), id(grad_callback))  # the same callback each step: one rule, batched
+            if key not in self._wrapped:
+                self._wrapped[key] = _GradientCallbackRule(base, grad_callback, self.names)
+            rule = self._wrapped[key]
         if closure is not None:
-            self.meta.step(closure)
+            if rule is None:
+                self.meta.step(closure)
+            else:
+                self.meta._step_with_rule(closure, rule)
         else:
-            self.meta._step_from_loss(loss, self.weights())  # type: ignore[arg-type]
+            self.meta._step_from_loss(loss, self.weights(), rule)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -326,5 +375,5 @@ def innerloop_ctx(model: torch.nn.Module, opt: torch.optim.Optimizer,
     target = copy.deepcopy(model) if copy_initial_weights else model
     rule = update_rule(opt, model, override)  # a copy has the same parameter names
     with MetaGradient(target, inner_opt=rule, estimator=estimator) as meta:
-        loop = _InnerLoop(target, meta, detach=not track_higher_grads)
+        loop = _InnerLoop(target, meta, detach=not track_higher_grads, opt=opt, override=override)
         yield loop.fmodel, loop.diffopt

@@ -196,10 +196,18 @@ class MetaGradient:
             return dict(trajectory.current)
         return dict(self.fmodel.params)
 
-    def _step_from_loss(self, loss: torch.Tensor, params: Params) -> torch.Tensor:
+    def _step_from_loss(self, loss: torch.Tensor, params: Params,
+                        rule: Optional[UpdateRule] = None) -> torch.Tensor:
         """One inner step from a loss built from ``params`` (:meth:`_fast_weights`); see
-        :meth:`Trajectory.advance_from_loss` for what it keeps."""
-        loss = self._open_trajectory().advance_from_loss(loss, params)
+        :meth:`Trajectory.advance_from_loss` for what it keeps. ``rule`` replaces the
+        update rule for this step only."""
+        loss = self._open_trajectory().advance_from_loss(loss, params, rule)
+        self._fmodel = None
+        return loss
+
+    def _step_with_rule(self, closure: Closure, rule: UpdateRule) -> torch.Tensor:
+        """:meth:`step` with ``rule`` in place of the update rule, for this step only."""
+        loss = self._open_trajectory().advance(closure, rule)
         self._fmodel = None
         return loss
 

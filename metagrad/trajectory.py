@@ -41,6 +41,8 @@ class _Step:
     params: Params
     state: State
     closure: Optional[Closure]
+    #: The update rule this step used (the trajectory's, unless a step was given its own).
+    rule: UpdateRule
     #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
@@ -105,8 +107,13 @@ class Trajectory:
         """The current fast weights φ_K (graph-carrying for a differentiable trajectory)."""
         return self._current
 
-    def advance(self, closure: Closure) -> torch.Tensor:
-        """Take one inner step with ``closure``'s loss; return the loss, detached."""
+    def advance(self, closure: Closure, rule: Optional[UpdateRule] = None) -> torch.Tensor:
+        """Take one inner step with ``closure``'s loss; return the loss, detached.
+
+        ``rule`` replaces the trajectory's update rule for this step only (for adapters
+        whose users change hyperparameters or transform gradients per step); it must use
+        the same state as the trajectory's rule.
+        """
         self.check_alive()
         if self.differentiable:
             params = self._current
@@ -114,9 +121,10 @@ class Trajectory:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
         with torch.enable_grad():
             loss = closure(FunctionalModel(self.module, params))
-        return self._take_step(loss, params, closure=closure, keep_graph=False)
+        return self._take_step(loss, params, closure=closure, keep_graph=False, rule=rule)
 
-    def advance_from_loss(self, loss: torch.Tensor, params: Params) -> torch.Tensor:
+    def advance_from_loss(self, loss: torch.Tensor, params: Params,
+                          rule: Optional[UpdateRule] = None) -> torch.Tensor:
         """Take one inner step from a loss the caller built from ``params``, the current
         fast weights as the caller holds them (for adapters whose users pass a loss).
 
@@ -126,11 +134,12 @@ class Trajectory:
         """
         self.check_alive()
         keep_graph = not self.differentiable and (self.keep is None or self.keep > 0)
-        return self._take_step(loss, params, closure=None, keep_graph=keep_graph)
+        return self._take_step(loss, params, closure=None, keep_graph=keep_graph, rule=rule)
 
     def _take_step(self, loss: Any, params: Params, *, closure: Optional[Closure],
-                   keep_graph: bool) -> torch.Tensor:
+                   keep_graph: bool, rule: Optional[UpdateRule]) -> torch.Tensor:
         k = self.length
+        rule = self.rule if rule is None else rule
         with torch.enable_grad():
             loss = _checked_loss(loss, k)
             if self.check_finite and not bool(torch.isfinite(loss)):
@@ -147,10 +156,10 @@ class Trajectory:
         with torch.set_grad_enabled(self.differentiable):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
-            new_params, new_state = self.rule.step(params, grads, self._state)
+            new_params, new_state = rule.step(params, grads, self._state)
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
-                                   state=self._state, closure=closure, graph=graph)
+                                   state=self._state, closure=closure, rule=rule, graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
@@ -190,7 +199,7 @@ class Trajectory:
             varied = [i for i, t in enumerate(leaves)
                       if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
             leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
-            new_params, new_state = self.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
+            new_params, new_state = step.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             if carry:
@@ -231,10 +240,11 @@ class Trajectory:
                 start += 1
                 continue
             closure = first.closure
-            key = _closure_key(closure)
+            key = (_closure_key(closure), id(first.rule))
             stop = start + 1
             while (stop < rows and stop - start < size and self._step(steps[stop]).graph is None
-                   and _closure_key(self._step(steps[stop]).closure) == key):
+                   and (_closure_key(self._step(steps[stop]).closure),
+                        id(self._step(steps[stop]).rule)) == key):
                 stop += 1
             chunk = [self._step(m) for m in steps[start:stop]]
             u = {n: t[start:stop] for n, t in vectors.items()}
@@ -245,12 +255,13 @@ class Trajectory:
                     pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
             else:
                 params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
-                pieces.append(self._vmapped_vjp(closure, params, states, u))
+                pieces.append(self._vmapped_vjp(closure, first.rule, params, states, u))
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
 
-    def _vmapped_vjp(self, closure: Optional[Closure], params: Params, states: State, u: Params) -> Params:
-        module, rule = self.module, self.rule
+    def _vmapped_vjp(self, closure: Optional[Closure], rule: UpdateRule, params: Params, states: State,
+                     u: Params) -> Params:
+        module = self.module
 
         def row(p: Params, state: State, vector: Params) -> Params:
             def step_fn(q: Params) -> Params:
