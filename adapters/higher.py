@@ -51,8 +51,10 @@ rates become per-parameter step sizes.
   in higher, no gradient reaches the model's parameters. MAML wants ``False``.
 - ``track_higher_grads=False`` ("test mode") adapts first-order and hands out
   detached fast weights: no gradient reaches the model, as in higher.
-- ``fmodel.parameters(time=t)`` for a past step ``t`` and ``diffopt.step(params=...)``
-  are not supported: each raises a clear error. ``diffopt.step(..., override=...)`` stays
+- ``diffopt.step(params=...)`` is not supported and raises a clear error.
+  ``fmodel.parameters(time=t)`` rebuilds past fast weights from the stored iterates
+  (Full and the estimators that store every iterate; Truncated and FirstOrder keep too
+  few and say so). ``diffopt.step(..., override=...)`` stays
   in force for later steps, as in higher, and may change hyperparameters that keep the
   rule's kind (such as ``lr``). ``grad_callback`` is applied to the gradients before the
   update, also when a step is rebuilt, so it must be differentiable (and
@@ -95,6 +97,10 @@ def update_rule(opt: torch.optim.Optimizer, model: torch.nn.Module,
     """
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt: expected a torch.optim.Optimizer, got {type(opt).__name__}.")
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for group in opt.param_groups for p in group["params"]):
+        raise ValueError("opt: holds parameters that are not the model's; build the inner "
+                         "optimizer over model.parameters().")
     groups = [dict(group) for group in opt.param_groups]
     for key, values in (override or {}).items():
         if len(values) not in (1, len(groups)):
@@ -237,13 +243,21 @@ class _PatchedModule:
         return [weights[n] for n in self._loop.names]
 
     def parameters(self, recurse: bool = True, time: Optional[int] = None) -> Iterator[torch.Tensor]:
-        """The current fast weights (``time=None`` or ``-1`` only)."""
-        if time not in (None, -1):
-            raise NotImplementedError(
-                f"fmodel.parameters(time={time}): metagrad keeps no list of past fast weights "
-                "(that list is what makes higher's memory grow); use the current ones."
-            )
-        return iter(self.fast_params)
+        """The fast weights after ``time`` steps (``None`` or ``-1``: the current ones; negative
+        values count back from the current step, as in higher). Past fast weights are
+        rebuilt from the stored iterates and attached to θ through the estimator, so an
+        estimator that keeps fewer steps (Truncated, FirstOrder) refuses old ones."""
+        if time is None or time == -1:
+            return iter(self.fast_params)
+        steps = self._loop.meta.steps
+        index = time + steps + 1 if time < 0 else time
+        if not 0 <= index <= steps:
+            raise IndexError(f"fmodel.parameters(time={time}): {steps} steps taken, so time must be "
+                             f"in [{-steps - 1}, {steps}].")
+        weights = self._loop.meta._weights_at(index)
+        names = self._loop.names
+        frozen = dict(self._loop.module.named_parameters())
+        return iter([weights[n] if n in weights else frozen[n] for n in names])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loop.module, name)

@@ -196,6 +196,20 @@ class MetaGradient:
             return dict(trajectory.current)
         return dict(self.fmodel.params)
 
+    def _weights_at(self, k: int) -> Params:
+        """The fast weights after ``k`` of the steps taken so far, attached to θ as
+        :meth:`_fast_weights` are (for adapters that expose past fast weights)."""
+        trajectory = self._open_trajectory()
+        if k == trajectory.length:
+            return self._fast_weights()
+        if self.estimator.differentiable:
+            return dict(trajectory.iterate(k))
+        if k == 0:
+            return dict(zip(self._names, self._params))
+        trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
+        outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
+        return dict(zip(self._names, outputs))
+
     def _step_from_loss(self, loss: torch.Tensor, params: Params,
                         rule: Optional[UpdateRule] = None) -> torch.Tensor:
         """One inner step from a loss built from ``params`` (:meth:`_fast_weights`); see

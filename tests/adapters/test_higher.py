@@ -126,8 +126,8 @@ def test_fmodel_interface():
         explicit = fmodel(XQ, params=[p.detach() for p in model.parameters()])
         torch.testing.assert_close(explicit, model(XQ))
         assert len(list(fmodel.parameters())) == len(new)
-        with pytest.raises(NotImplementedError, match="time"):
-            fmodel.parameters(time=0)
+        initial = list(fmodel.parameters(time=0))
+        assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters()))
         with pytest.raises(NotImplementedError, match="params"):
             diffopt.step(F.mse_loss(fmodel(XS), YS), params=list(model.parameters()))
         with pytest.raises(TypeError, match="exactly one"):
@@ -216,3 +216,33 @@ def test_override_that_changes_the_rule_kind_is_refused():
         with mg_higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                      copy_initial_weights=False) as (fmodel, diffopt):
             diffopt.step(F.mse_loss(fmodel(XS), YS), override={"momentum": [0.9]})
+
+
+@pytest.mark.parametrize("estimator", [None, mg.Checkpointed(), mg.Binomial(2)], ids=repr)
+def test_past_fast_weights_equal_higher_and_carry_the_meta_gradient(estimator):
+    def run(library, **kwargs):
+        model = make_model()
+        with library.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                   copy_initial_weights=False, **kwargs) as (fmodel, diffopt):
+            for _ in range(K):
+                diffopt.step(F.mse_loss(fmodel(XS), YS))
+            past = list(fmodel.parameters(time=2))
+            F.mse_loss(fmodel(XQ, params=past), YQ).backward()
+        return [p.detach().clone() for p in past], torch.cat([p.grad.flatten() for p in model.parameters()])
+    past_h, grad_h = run(higher)
+    past_m, grad_m = run(mg_higher, estimator=estimator)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(past_h, past_m))
+    if estimator is None or isinstance(estimator, mg.Checkpointed):
+        assert rel(grad_m, grad_h) <= 1e-10
+    model = make_model()
+    with mg_higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 copy_initial_weights=False, estimator=mg.FirstOrder()) as (fmodel, diffopt):
+        for _ in range(K):
+            diffopt.step(F.mse_loss(fmodel(XS), YS))
+        with pytest.raises(RuntimeError, match="no longer stored"):
+            fmodel.parameters(time=1)
+
+
+def test_optimizer_over_another_model_is_refused_clearly():
+    with pytest.raises(ValueError, match="opt"):
+        mg_higher.update_rule(torch.optim.SGD(make_model().parameters(), lr=0.1), make_model())
