@@ -252,6 +252,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     try:
         result = train(args, device, dtype, rank, world)
+        if dist.is_initialized():
+            # Every rank reaches teardown together: a rank that tears its gloo connections
+            # down while another still uses them can abort the other process.
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
