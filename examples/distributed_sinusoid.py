@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 import metagrad as mg
 import metagrad.distributed  # noqa: F401  (mg.distributed)
-from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks, device_description, label,
+from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks, accumulate_meta_gradients,
+                      device_description, label,
                       make_estimator, make_model, mean_ci95, meta_test_mse, sample_tasks, seed_everything,
                       stream)
 
@@ -61,16 +62,8 @@ def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
     Each loss is divided by the size of the *whole* meta-batch, as in single-process
     code, so that the ranks' ``.grad`` add up to the mean (``average_gradients`` sums).
     """
-    total = 0.0
-    for i in mg.distributed.shard(range(len(tasks))):
-        x_s, y_s, x_q, y_q = tasks.task(i)
-        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
-            for _ in range(steps):
-                meta.step(lambda fmodel: F.mse_loss(fmodel(x_s), y_s))
-            loss = F.mse_loss(meta.fmodel(x_q), y_q)
-            (loss / len(tasks)).backward()
-        total += loss.item()
-    return total
+    return accumulate_meta_gradients(model, estimator, tasks, mg.distributed.shard(range(len(tasks))),
+                                     steps, lr_inner)
 
 
 def meta_batch_mse(local_sum: float, meta_batch: int, device: torch.device) -> float:

@@ -88,7 +88,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fewshot_data beside this file
-from cli import order_argument  # noqa: E402
+from cli import exact_numerics_on, order_argument, setup_device  # noqa: E402
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -660,19 +660,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def setup_device(name: str) -> torch.device:
-    """The torch device; on CUDA, say that the run goes without TF32 and with deterministic cuDNN."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
-    # With TF32, two identical Full meta-gradients of a 4-conv net disagreed by 9-12%
-    # (MATH.md): estimator comparisons would measure rounding, not estimators. main()
-    # runs inside mg.numerics.exact_gpu() on CUDA.
-    print("CUDA: TF32 off and cudnn.deterministic = True for this run (mg.numerics.exact_gpu).", file=sys.stderr)
-    return torch.device("cuda")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to the results JSON.
 
@@ -682,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     started = time.perf_counter()
     args = parse_args(argv)
     device = setup_device(args.device)
-    with mg.numerics.exact_gpu() if device.type == "cuda" else contextlib.nullcontext():
+    with exact_numerics_on(device):
         return run_experiment(args, device, started)
 
 

@@ -46,7 +46,6 @@ and Truncated(3) is off by about 17%.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -56,7 +55,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
@@ -75,7 +74,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import order_argument  # noqa: E402
+from cli import exact_numerics_on, order_argument, setup_device  # noqa: E402
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -168,14 +167,21 @@ def label(estimator: mg.Estimator) -> str:
 # ---------------------------------------------------------------- meta-learning
 def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
                        steps: int, lr_inner: float) -> float:
-    """Accumulate the meta-batch's averaged meta-gradient into ``.grad``; return its query MSE.
+    """Accumulate the meta-batch's averaged meta-gradient into ``.grad``; return its query MSE."""
+    return accumulate_meta_gradients(model, estimator, tasks, range(len(tasks)), steps, lr_inner) / len(tasks)
+
+
+def accumulate_meta_gradients(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
+                              indices: Iterable[int], steps: int, lr_inner: float) -> float:
+    """Accumulate the meta-gradients of the tasks ``indices`` into ``.grad``, each scaled by
+    1/len(tasks) (the whole meta-batch); return their summed query MSE.
 
     One MetaGradient block per task: the meta-gradient of the mean query loss is
     the mean of the per-task meta-gradients, and each block's ``.backward()``
     accumulates into the model's ``.grad``.
     """
     total = 0.0
-    for i in range(len(tasks)):
+    for i in indices:
         x_s, y_s, x_q, y_q = tasks.task(i)
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
             for _ in range(steps):
@@ -185,7 +191,7 @@ def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
             loss = F.mse_loss(meta.fmodel(x_q), y_q)
             (loss / len(tasks)).backward()
         total += loss.item()
-    return total / len(tasks)
+    return total
 
 
 @dataclass
@@ -543,25 +549,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def setup_device(name: str) -> torch.device:
-    """The torch device; on CUDA, turn TF32 off and cuDNN determinism on (MATH.md, "Numerics")."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
-    # TF32 matmuls carry ~10 bits of mantissa; meta-gradient errors of 1e-3 and below
-    # would be lost in them, and repeated runs would disagree. main() runs inside
-    # mg.numerics.exact_gpu() on CUDA.
-    print("CUDA: TF32 turned off (torch.backends.cuda.matmul.allow_tf32 = False, "
-          "torch.backends.cudnn.allow_tf32 = False) and cudnn.deterministic = True.")
-    return torch.device("cuda")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     device = setup_device(args.device)
-    with mg.numerics.exact_gpu() if device.type == "cuda" else contextlib.nullcontext():
+    with exact_numerics_on(device):
         return run_experiment(args, device)
 
 
