@@ -136,7 +136,9 @@ class Binomial(Estimator):
     def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
         if self.order == "auto":
             if self.block == "auto":
-                return _blocked_auto(trajectory, steps, v, self.rtol, self.max_order, self.chunk_size)
+                g, info, _ = _auto_blocks(trajectory, steps, v, steps, self.rtol, self.max_order,
+                                          self.chunk_size, shrink=True)
+                return g, info
             return self._auto(trajectory, steps, v)
         order = clamp_to_steps(self.order, steps, "Binomial", "order")  # type: ignore[arg-type]
         spans = _spans(steps, self.block)  # type: ignore[arg-type]
@@ -180,10 +182,9 @@ class Binomial(Estimator):
 
     def _auto(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
         limit = min(self.max_order, steps)
-        spans = _spans(steps, self.block)  # type: ignore[arg-type]
-        if len(spans) > 1:  # order='auto' within fixed blocks: every block must converge
-            g, info, failed = _chain_auto(trajectory, spans, v, self.rtol, self.max_order, self.chunk_size)
-            info["steps"] = steps
+        if self.block is not None and self.block < steps:  # fixed blocks: every one must converge
+            g, info, failed = _auto_blocks(trajectory, steps, v, self.block, self.rtol,  # type: ignore[arg-type]
+                                           self.max_order, self.chunk_size, shrink=False)
             if failed is None:
                 return g, info
             reason = (f"in the block of steps {failed[0]}…{failed[1] - 1}, the series "
@@ -226,39 +227,22 @@ class Binomial(Estimator):
         return g, info
 
 
-def _chain_auto(trajectory: Trajectory, spans: list[Span], v: Params, rtol: float, max_order: int,
-                chunk_size: Optional[int]) -> tuple[Params, dict[str, Any], Optional[Span]]:
-    """order='auto' in each of the fixed ``spans`` (last first); the first failing span, if any."""
-    u, products, orders, norms_per_block, estimate = dict(v), 0, [], [], 0.0
-    for span in spans:
-        size = span[1] - span[0]
-        u_next, norms, used, stop = _levels(trajectory, span, u, min(max_order, size), chunk_size, rtol=rtol)
-        products += used
-        if stop != "converged" and len(norms) < size:
-            info = {"blocks": [span], "orders": [len(norms)], "depth": sum(orders) + len(norms),
-                    "diverged": stop == "diverged", "converged": False, "fallback": None,
-                    "hessian_vector_products": products, "error_estimate": math.inf}
-            return u, info, span
-        estimate += _estimate(norms, size, len(norms), u)
-        orders.append(len(norms))
-        norms_per_block.append(norms)
-        u = u_next
-    info = {"blocks": list(reversed(spans)), "orders": list(reversed(orders)),
-            "level_norms": list(reversed(norms_per_block)), "depth": sum(orders),
-            "error_estimate": estimate, "diverged": False, "converged": True, "fallback": None,
-            "hessian_vector_products": products}
-    return u, info, None
+def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,
+                 max_order: int, chunk_size: Optional[int], *, shrink: bool
+                 ) -> tuple[Params, dict[str, Any], Optional[Span]]:
+    """order='auto' in blocks of ``size`` steps, laid from the last step backwards.
 
-
-def _blocked_auto(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
-                  chunk_size: Optional[int]) -> tuple[Params, dict[str, Any]]:
-    """order='auto', block='auto': blocks from the last step backwards, starting at K steps
-    and halving the block size whenever a block diverges or misses rtol. A block of one
-    step is exact at order 1, so this always meets rtol. The levels of a rejected attempt
-    count in ``depth`` and ``hessian_vector_products``."""
-    u, size, last = dict(v), steps, steps
+    A block that diverges or misses rtol within ``max_order`` levels is retried at half
+    the size when ``shrink`` (block='auto': a block of one step is exact at order 1, so
+    every block ends up meeting rtol), and otherwise ends the loop: that block is returned
+    as the failure. The levels of a rejected attempt count in ``depth`` and
+    ``hessian_vector_products``.
+    """
+    u, last = dict(v), steps
     spans, orders, all_norms = [], [], []
     products, depth, estimate, attempts = 0, 0, 0.0, 0
+    failed: Optional[Span] = None
+    diverged = False
     while last > 0:
         span = (max(0, last - size), last)
         length = span[1] - span[0]
@@ -271,12 +255,16 @@ def _blocked_auto(trajectory: Trajectory, steps: int, v: Params, rtol: float, ma
             orders.append(len(norms))
             all_norms.append(norms)
             u, last = u_next, span[0]
-        else:
+        elif shrink:
             size = max(1, length // 2)
-    return u, {"steps": steps, "blocks": list(reversed(spans)), "orders": list(reversed(orders)),
-               "level_norms": list(reversed(all_norms)), "depth": depth, "attempts": attempts,
-               "error_estimate": estimate, "diverged": False, "converged": True, "fallback": None,
-               "hessian_vector_products": products}
+        else:
+            failed, diverged = span, stop == "diverged"
+            break
+    info = {"steps": steps, "blocks": list(reversed(spans)), "orders": list(reversed(orders)),
+            "level_norms": list(reversed(all_norms)), "depth": depth, "attempts": attempts,
+            "error_estimate": math.inf if failed else estimate, "diverged": diverged,
+            "converged": failed is None, "fallback": None, "hessian_vector_products": products}
+    return u, info, failed
 
 
 Span = tuple[int, int]  # the steps [first, last) of a block

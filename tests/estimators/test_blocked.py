@@ -103,3 +103,19 @@ def test_report_of_fixed_blocks():
 def test_bad_block_arguments(kwargs, error, argument):
     with pytest.raises(error, match=argument):
         mg.Binomial(**kwargs)
+
+
+def test_auto_order_in_fixed_blocks():
+    """order='auto' with block=S: each block chooses its order; a block that cannot meet
+    rtol sends the whole estimate to the fallback."""
+    A, b, theta, target = problem(4, 3, [1.0, 0.6, 0.3])
+    K, alpha = 12, 0.05
+    g_true, v, _ = exact(A, b, theta, target, K, alpha)
+    g, info = run(mg.Binomial("auto", block=5, rtol=1e-6), A, b, theta, target, K, alpha)
+    assert info["blocks"] == [(0, 2), (2, 7), (7, 12)] and info["converged"]
+    assert float((g - g_true).norm()) <= 1e-5 * float(g_true.norm())
+    with pytest.warns(mg.MetaGradientWarning, match="in the block of steps 7…11"):
+        g, info = run(mg.Binomial("auto", block=5, rtol=1e-12, max_order=1, fallback="checkpointed"),
+                      A, b, theta, target, K, alpha)
+    assert info["fallback"] == "Checkpointed()"
+    assert float((g - g_true).norm()) <= 1e-10 * max(float(g_true.norm()), float(v.norm()))
