@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -102,13 +103,14 @@ class MetaGradient:
     def __enter__(self) -> "MetaGradient":
         if self._active:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        every = list(self.model.named_parameters())
+        named = [(n, p) for n, p in every if p.requires_grad]
         if not named:
             raise ValueError(
                 f"model: {type(self.model).__name__} has no parameters that require grad, so "
                 "there is nothing to meta-learn. Pass a model with trainable parameters."
             )
-        devices = {t.device for t in self.model.parameters()} | {t.device for t in self.model.buffers()}
+        devices = {p.device for _, p in every} | {t.device for t in self.model.buffers()}
         if len(devices) > 1:
             raise ValueError(
                 f"model: parameters and buffers are on several devices {sorted(map(str, devices))}; "
@@ -136,8 +138,8 @@ class MetaGradient:
         self._fmodel = None
         self._trajectory = None
         if trajectory is not None:
-            trajectory.block_ended = True
-            if exc_type is not None or trajectory.backward_calls > 0:
+            trajectory.lifetime.block_ended = True
+            if exc_type is not None or trajectory.lifetime.backward_calls > 0:
                 trajectory.release()
         if exc_type is not None:
             for param, saved in zip(self._params, self._saved_grads):
@@ -179,10 +181,17 @@ class MetaGradient:
         if self._fmodel is None or self._fmodel[0] != k:
             if k == 0:
                 params = dict(zip(self._names, self._params))
+            elif self.estimator.differentiable:
+                # The unrolled iterates themselves, behind a node that only checks: backward
+                # is autograd's own pass through the query and the K step graphs.
+                final = trajectory.iterate(k)
+                outputs = _Watched.apply(_Snapshot(self, trajectory, k), *(final[n] for n in self._names))
+                params = dict(zip(self._names, outputs))
             else:
                 outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
                 params = dict(zip(self._names, outputs))
-            self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open))
+            self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open,
+                                                  norms=trajectory.norms))
         return self._fmodel[1]
 
     # ------------------------------------------------------ for adapters (adapters/)
@@ -243,20 +252,30 @@ class MetaGradient:
 
 
 class _Snapshot:
-    """What the autograd node needs: the trajectory and the K its output was taken at."""
+    """What the backward of a query built after ``steps`` inner steps needs."""
 
     def __init__(self, owner: MetaGradient, trajectory: Trajectory, steps: int) -> None:
-        self.owner = owner
+        self._owner = weakref.ref(owner)
         self.trajectory = trajectory
+        self.lifetime = trajectory.lifetime
         self.steps = steps
         self.estimator = owner.estimator
         self.names = owner._names
+        self.params = owner._params
         self.versions = owner._versions
 
     def run(self, v: Params) -> Params:
-        trajectory = self.trajectory
-        trajectory.check_alive()
-        changed = [n for n, p, version in zip(self.names, self.owner._params, self.versions)
+        """The estimator's backward, between the checks and the bookkeeping."""
+        self.begin()
+        with torch.enable_grad():
+            grads, info = self.estimator.backward(self.trajectory, self.steps, v)
+        self.end(info)
+        return grads
+
+    def begin(self) -> None:
+        """Raise if the trajectory was released or θ changed in place since the block began."""
+        self.lifetime.check()
+        changed = [n for n, p, version in zip(self.names, self.params, self.versions)
                    if p._version != version]
         if changed:
             raise RuntimeError(
@@ -264,13 +283,15 @@ class _Snapshot:
                 "started (for example by outer.step()), so the stored trajectory no longer "
                 "starts from them. Call .backward() on the query loss before updating the model."
             )
-        with torch.enable_grad():
-            grads, info = self.estimator.backward(trajectory, self.steps, v)
-        self.owner.info = {"estimator": repr(self.estimator), **info}
-        trajectory.backward_calls += 1
-        if trajectory.block_ended:
-            trajectory.release()
-        return grads
+
+    def end(self, info: dict[str, Any]) -> None:
+        """Report ``info`` as ``meta.info``; release the trajectory if the block has ended."""
+        owner = self._owner()
+        if owner is not None:
+            owner.info = {"estimator": repr(self.estimator), **info}
+        self.lifetime.backward_calls += 1
+        if self.lifetime.block_ended:
+            self.trajectory.release()
 
 
 class _ThroughInnerLoop(torch.autograd.Function):
@@ -288,3 +309,20 @@ class _ThroughInnerLoop(torch.autograd.Function):
         snapshot: _Snapshot = ctx.snapshot
         grads = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
         return (None, *(grads[n] for n in snapshot.names))
+
+
+class _Watched(torch.autograd.Function):
+    """φ_K ↦ φ_K for a differentiable inner loop (Full): gradients pass through unchanged,
+    after the block's checks; autograd then carries them through the unrolled steps."""
+
+    @staticmethod
+    def forward(ctx: Any, snapshot: _Snapshot, *final: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.snapshot = snapshot
+        return tuple(t.view_as(t) for t in final)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        snapshot: _Snapshot = ctx.snapshot
+        snapshot.begin()
+        snapshot.end({"steps": snapshot.steps})
+        return (None, *grad_outputs)

@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["FunctionalModel"]
+__all__ = ["FunctionalModel", "norm_layers"]
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -32,6 +32,9 @@ class FunctionalModel:
     parameters replaced by :attr:`params` (``torch.func.functional_call``).
     Parameters that do not require grad, and buffers, are taken from the module
     (see the module docstring for the buffer policy).
+
+    ``norms`` is :func:`norm_layers` of the module, for callers that evaluate the same
+    module many times (each call otherwise walks the module tree to find them).
     """
 
     def __init__(
@@ -40,10 +43,12 @@ class FunctionalModel:
         params: Mapping[str, torch.Tensor],
         *,
         guard: Optional[Callable[[], None]] = None,
+        norms: Optional[list[tuple[str, _NormBase]]] = None,
     ) -> None:
         self._module = module
         self._params = dict(params)
         self._guard = guard
+        self._norms = norm_layers(module) if norms is None else norms
 
     @property
     def module(self) -> torch.nn.Module:
@@ -68,23 +73,25 @@ class FunctionalModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
-        tensors = {**_frozen_buffers(self._module), **self._params}
+        tensors = {**_frozen_buffers(self._norms), **self._params}
         return functional_call(self._module, tensors, args, kwargs)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights)"
 
 
-def _frozen_buffers(module: torch.nn.Module) -> dict[str, Optional[torch.Tensor]]:
+def norm_layers(module: torch.nn.Module) -> list[tuple[str, _NormBase]]:
+    """The normalization layers of ``module`` that track running statistics, with the
+    prefixes of their buffers (``""`` for the module itself)."""
+    return [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
+            if isinstance(sub, _NormBase) and sub.track_running_stats]
+
+
+def _frozen_buffers(norms: list[tuple[str, _NormBase]]) -> dict[str, Optional[torch.Tensor]]:
     """Replacement buffers that implement the buffer policy.
 
     For a normalization layer in training mode that tracks running statistics,
     the statistics are replaced by ``None``: it then normalizes with batch
     statistics and updates nothing. Every other buffer is left as it is.
     """
-    frozen: dict[str, Optional[torch.Tensor]] = {}
-    for prefix, sub in module.named_modules():
-        if isinstance(sub, _NormBase) and sub.training and sub.track_running_stats:
-            for stat in _RUNNING_STATS:
-                frozen[f"{prefix}.{stat}" if prefix else stat] = None
-    return frozen
+    return {prefix + stat: None for prefix, sub in norms if sub.training for stat in _RUNNING_STATS}

@@ -72,7 +72,10 @@ class SGD:
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
-        return {name: p - _lr_for(self.lr, name) * grads[name] for name, p in params.items()}, state
+        lr = self.lr
+        if isinstance(lr, Mapping):
+            return {name: p - lr[name] * grads[name] for name, p in params.items()}, state
+        return {name: p - lr * grads[name] for name, p in params.items()}, state
 
 
 def _check_learning_rate(lr: Any) -> LearningRate:

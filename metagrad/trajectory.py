@@ -18,6 +18,7 @@ descent"). For plain gradient descent ``J_mᵀ u = u − α H_m u``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,12 +26,33 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .functional import FunctionalModel
+from .functional import FunctionalModel, norm_layers
 from .optim import Params, State, UpdateRule
 
-__all__ = ["Trajectory", "Closure"]
+__all__ = ["Trajectory", "Closure", "Lifetime"]
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
+
+
+@dataclass
+class Lifetime:
+    """Where a trajectory is in its life, as its ``MetaGradient`` block and the
+    backward passes of queries built from it see it."""
+
+    released: bool = False
+    #: The ``MetaGradient`` block has ended (a later backward releases the trajectory).
+    block_ended: bool = False
+    #: Backward passes that have reached the inner loop.
+    backward_calls: int = 0
+
+    def check(self) -> None:
+        """Raise if the trajectory was released."""
+        if self.released:
+            raise RuntimeError(
+                "the stored inner trajectory was released: its MetaGradient block raised an "
+                "exception, or the block ended and a backward pass through it has already run. "
+                "Call .backward() on the query loss inside the block."
+            )
 
 
 @dataclass
@@ -87,9 +109,8 @@ class Trajectory:
         self.last_closure: Optional[Closure] = None
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
-        self.released = False
-        self.block_ended = False
-        self.backward_calls = 0
+        self.lifetime = Lifetime()
+        self.norms = norm_layers(module)
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -120,7 +141,7 @@ class Trajectory:
         else:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
         with torch.enable_grad():
-            loss = closure(FunctionalModel(self.module, params))
+            loss = closure(self.model_at(params))
         return self._take_step(loss, params, closure=closure, keep_graph=False, rule=rule)
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
@@ -142,7 +163,7 @@ class Trajectory:
         rule = self.rule if rule is None else rule
         with torch.enable_grad():
             loss = _checked_loss(loss, k)
-            if self.check_finite and not bool(torch.isfinite(loss)):
+            if self.check_finite and not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"closure: the inner loss at step {k} is {loss.item()}. metagrad stops here "
                     "rather than propagate non-finite fast weights; lower the step size or check "
@@ -166,6 +187,10 @@ class Trajectory:
         self.last_closure = closure
         self._current, self._state = new_params, new_state
         return loss.detach()
+
+    def model_at(self, params: Params) -> FunctionalModel:
+        """The module evaluated at the fast weights ``params``."""
+        return FunctionalModel(self.module, params, norms=self.norms)
 
     def iterate(self, k: int) -> Params:
         """The fast weights φ_k after k steps (k = K is the current iterate)."""
@@ -193,7 +218,7 @@ class Trajectory:
                 params, grads = step.graph
             else:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-                loss = step.closure(FunctionalModel(self.module, params))  # type: ignore[misc]
+                loss = step.closure(self.model_at(params))  # type: ignore[misc]
                 grads = _grads(loss, params, create_graph=True, step=m)
             leaves, spec = pytree.tree_flatten(step.state)
             varied = [i for i, t in enumerate(leaves)
@@ -261,11 +286,11 @@ class Trajectory:
 
     def _vmapped_vjp(self, closure: Optional[Closure], rule: UpdateRule, params: Params, states: State,
                      u: Params) -> Params:
-        module = self.module
+        model_at = self.model_at
 
         def row(p: Params, state: State, vector: Params) -> Params:
             def step_fn(q: Params) -> Params:
-                grads = torch.func.grad(lambda w: closure(FunctionalModel(module, w)))(q)
+                grads = torch.func.grad(lambda w: closure(model_at(w)))(q)
                 return rule.step(q, grads, state)[0]
 
             _, pullback = torch.func.vjp(step_fn, p)
@@ -302,7 +327,7 @@ class Trajectory:
             )
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            loss = self.last_closure(FunctionalModel(self.module, params))
+            loss = self.last_closure(self.model_at(params))
             grads = _grads(loss, params, create_graph=True, step=k - 1)
         inputs = list(params.values())
         outputs = [grads[n] for n in params]
@@ -323,7 +348,7 @@ class Trajectory:
         self._current = {}
         self._state = {}
         self.theta = {}
-        self.released = True
+        self.lifetime.released = True
 
     def _step(self, m: int) -> _Step:
         self.check_alive()
@@ -338,12 +363,7 @@ class Trajectory:
 
     def check_alive(self) -> None:
         """Raise if the trajectory was released."""
-        if self.released:
-            raise RuntimeError(
-                "the stored inner trajectory was released: its MetaGradient block raised an "
-                "exception, or the block ended and a backward pass through it has already run. "
-                "Call .backward() on the query loss inside the block."
-            )
+        self.lifetime.check()
 
 
 def _checked_loss(loss: Any, step: int) -> torch.Tensor:

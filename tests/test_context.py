@@ -372,7 +372,11 @@ def test_fmodel_params_is_a_name_to_tensor_mapping_of_the_fast_weights(factory, 
 
 @pytest.mark.parametrize("factory,kind", ESTIMATORS)
 def test_fmodel_accessed_mid_loop(factory, kind):
-    """Reading meta.fmodel mid-loop (and backpropagating through it then) leaves the rest intact."""
+    """Reading meta.fmodel mid-loop (and backpropagating through it then) leaves the rest intact.
+
+    Full's fast weights are the unrolled graph itself, so, as with any autograd graph, a
+    backward that is to be followed by another through the same steps keeps it with
+    ``retain_graph=True`` (the other estimators do not need it, and ignore it)."""
     model = make_mlp()
     ref = Reference(model, mlp_forward)
     phis = ref.iterates(4)
@@ -381,7 +385,7 @@ def test_fmodel_accessed_mid_loop(factory, kind):
         mid = meta.fmodel
         torch.testing.assert_close(mid(QUERY[0]).detach(), ref.at(phis[2])(QUERY[0]),
                                    rtol=1e-12, atol=1e-14)
-        query_loss(mid).backward()  # a meta-gradient at K = 2
+        query_loss(mid).backward(retain_graph=True)  # a meta-gradient at K = 2
         for k in range(2, 4):
             meta.step(closure_for(*SUPPORT[k]))
         assert meta.steps == 4
@@ -391,6 +395,17 @@ def test_fmodel_accessed_mid_loop(factory, kind):
                                    rtol=1e-12, atol=1e-14)
         query_loss(final).backward()
     assert_grads(model, add(ref.estimate(kind, 2, query_loss), ref.estimate(kind, 4, query_loss)))
+
+
+def test_full_mid_loop_backward_frees_the_unrolled_steps_as_autograd_does():
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Full()) as meta:
+        run_inner(meta, 2)
+        query_loss(meta.fmodel).backward()
+        for k in range(2, 4):
+            meta.step(closure_for(*SUPPORT[k]))
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            query_loss(meta.fmodel).backward()
 
 
 @pytest.mark.parametrize("factory,kind", ESTIMATORS)

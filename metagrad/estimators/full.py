@@ -17,9 +17,13 @@ class Full(Estimator):
     """The exact meta-gradient by autograd through the unrolled inner loop.
 
     The inner loop runs with ``create_graph=True`` and keeps K step graphs in
-    memory; backward is one ``torch.autograd.grad`` through them. Exact for any
-    differentiable update rule. The reference every other estimator is measured
-    against.
+    memory. Exact for any differentiable update rule. The reference every other
+    estimator is measured against.
+
+    ``meta.fmodel`` holds the unrolled fast weights themselves, so the query's
+    ``.backward()`` runs through the query and the K step graphs in one autograd pass,
+    as a hand-written unroll does (a pass-through node makes the block's checks).
+    :meth:`backward` is the same product for callers that hold a trajectory.
     """
 
     differentiable = True
