@@ -48,7 +48,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["PeakMemory", "peak_memory"]
+__all__ = ["PeakMemory", "peak_memory", "parse_bytes"]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -152,6 +152,34 @@ class PeakMemory:
 def peak_memory(device: Union[str, torch.device] = "cpu", *, trim: bool = True) -> PeakMemory:
     """Return a :class:`PeakMemory` context manager for ``device`` (see its docstring)."""
     return PeakMemory(device, trim=trim)
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Union[int, str], argument: str) -> int:
+    """A memory size in bytes, from an integer or a string such as ``"2GiB"``, ``"500MB"``
+    or ``"1.5 GiB"`` (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024; the unit is
+    case-insensitive). ``argument`` names the argument in the error message."""
+    accepted = "an integer number of bytes > 0, or a string such as '2GiB', '500MB' or '1.5 GiB'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+        raise ValueError(f"{argument}: expected {accepted}, got {value!r}.")
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):] or "b"
+        try:
+            size = float(number) * _UNITS[unit]
+        except (KeyError, ValueError):
+            size = -1.0
+        if size >= 1:
+            return int(size)
+        raise ValueError(f"{argument}: expected {accepted}, got {value!r}. Units: B, KB, MB, "
+                         "GB, TB, KiB, MiB, GiB, TiB.")
+    raise TypeError(f"{argument}: expected {accepted}, got {type(value).__name__} {value!r}.")
 
 
 def _clear_refs_writable() -> bool:

@@ -43,3 +43,11 @@ def test_fallback_without_clear_refs_says_it_is_a_lower_bound(monkeypatch: pytes
     assert mem.method == "ru_maxrss"
     assert "lower bound" in mem.description
     assert mem.peak_bytes is not None and mem.peak_bytes >= 0
+
+
+@pytest.mark.parametrize("text,size", [("2GiB", 2 * 2**30), ("500MB", 500 * 10**6), ("1.5 GiB", 3 * 2**29),
+                                       ("64kib", 64 * 2**10), ("4096", 4096), (123, 123)])
+def test_parse_bytes(text, size) -> None:
+    from metagrad.memory import parse_bytes
+
+    assert parse_bytes(text, "x") == size

@@ -41,6 +41,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..linalg import norm
+from ..memory import parse_bytes
 from ..optim import Params
 from ..trajectory import Trajectory
 from .base import Estimator, check_count, clamp_to_steps, warn
@@ -83,10 +84,26 @@ class Binomial(Estimator):
     block size whenever a block's series diverges or misses ``rtol`` by ``max_order``,
     so every block meets ``rtol`` (blocks of one step are exact).
 
+    **Memory budget.** With ``max_memory=B`` each backward first measures one rebuilt
+    step graph (:meth:`~metagrad.trajectory.Trajectory.graph_bytes`: the bytes its
+    forward pass and gradient save for backward, ``b``), then takes the largest chunk
+    size ``c ≥ 1`` with ``4·K·d + 6.5·c·b ≤ B``, ``d`` the bytes of one iterate (``4·K·d``
+    covers the iterates and level vectors). The factor is measured, not derived: on a CPU,
+    a batched call of c products peaked at 4.5–6.5·b for the first product and 2–6.8·b for
+    each further one (CNNs at 28×28, 32×32 and 84×84), so the choice is conservative
+    for large images. B is a target for the peak above what the model and the query
+    already hold, not a hard limit; GPU allocators differ, and the factor has not been
+    measured on one. Where B is below one product's need, one step graph at a time is
+    used, with a warning. ``meta.info`` reports ``chunk_size`` and ``step_graph_bytes``.
+
     Args:
         order: L, the truncation order (an integer >= 0), or ``"auto"``.
         chunk_size: at most this many step graphs exist at once. ``None`` batches a
-            whole level in one call (fastest, most memory); ``1`` builds one at a time.
+            whole level in one call (most memory); ``1`` builds one at a time, each
+            product a plain double backward (no vmap).
+        max_memory: a memory budget for backward, in bytes or as a string such as
+            ``"2GiB"`` or ``"500MB"``, in place of ``chunk_size``: the chunk size is
+            chosen from a measured step graph (see "Memory budget" above).
         block: S, the steps per block (an integer >= 1), ``"auto"`` (needs
             ``order="auto"``), or ``None`` (default: one block, the paper's estimator).
         monitor: record the level norms and warn when they grow (a fixed order); with
@@ -100,6 +117,7 @@ class Binomial(Estimator):
     """
 
     def __init__(self, order: Union[int, str] = 2, chunk_size: Optional[int] = None, *,
+                 max_memory: Union[int, str, None] = None,
                  block: Union[int, str, None] = None, monitor: bool = True, rtol: float = 1e-3,
                  max_order: int = 8, fallback: Optional[str] = "blocked") -> None:
         if isinstance(order, str) and order != "auto":
@@ -108,6 +126,12 @@ class Binomial(Estimator):
             check_count(order, "Binomial(order)", minimum=0)
         self.order = order
         self.chunk_size = check_count(chunk_size, "Binomial(chunk_size)", minimum=1, allow_none=True)
+        if max_memory is not None and chunk_size is not None:
+            raise ValueError(
+                f"Binomial(max_memory): give a memory budget or a chunk size, not both; got "
+                f"max_memory={max_memory!r} and chunk_size={chunk_size!r}."
+            )
+        self.max_memory = None if max_memory is None else parse_bytes(max_memory, "Binomial(max_memory)")
         if block == "auto" and order != "auto":
             raise ValueError("Binomial(block): block='auto' chooses blocks for an error target, so it "
                              f"needs order='auto'; got order={order!r}. Pass an integer block instead.")
@@ -127,29 +151,40 @@ class Binomial(Estimator):
 
     def __repr__(self) -> str:
         block = "" if self.block is None else f", block={self.block!r}"
+        chunk = (f"chunk_size={self.chunk_size}" if self.max_memory is None
+                 else f"max_memory={_format_bytes(self.max_memory)!r}")
         if self.order == "auto":
-            return (f"Binomial(order='auto'{block}, chunk_size={self.chunk_size}, rtol={self.rtol}, "
+            return (f"Binomial(order='auto'{block}, {chunk}, rtol={self.rtol}, "
                     f"max_order={self.max_order}, fallback={self.fallback!r})")
         monitor = "" if self.monitor else ", monitor=False"
-        return f"Binomial(order={self.order}{block}, chunk_size={self.chunk_size}{monitor})"
+        return f"Binomial(order={self.order}{block}, {chunk}{monitor})"
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+        chunk, budget = self.chunk_size, {}
+        if self.max_memory is not None and steps > 0:
+            chunk, graph = _budget_chunk(trajectory, steps, v, self.max_memory)
+            budget = {"chunk_size": chunk, "step_graph_bytes": graph}
+        g, info = self._backward(trajectory, steps, v, chunk)
+        return g, {**info, **budget}
+
+    def _backward(self, trajectory: Trajectory, steps: int, v: Params,
+                  chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
         if self.order == "auto":
             if self.block == "auto":
                 g, info, _ = _auto_blocks(trajectory, steps, v, steps, self.rtol, self.max_order,
-                                          self.chunk_size, shrink=True)
+                                          chunk, shrink=True)
                 return g, info
-            return self._auto(trajectory, steps, v)
+            return self._auto(trajectory, steps, v, chunk)
         order = clamp_to_steps(self.order, steps, "Binomial", "order")  # type: ignore[arg-type]
         spans = _spans(steps, self.block)  # type: ignore[arg-type]
         u, products, block_norms = dict(v), 0, []
         for span in spans:
             kept = min(order, span[1] - span[0])
             if self.monitor:
-                u_next, norms, used, _ = _levels(trajectory, span, u, kept, self.chunk_size)
+                u_next, norms, used, _ = _levels(trajectory, span, u, kept, chunk)
                 block_norms.append((norms, u, kept, span))
             else:
-                u_next, used = _tight(trajectory, span, u, kept, self.chunk_size)
+                u_next, used = _tight(trajectory, span, u, kept, chunk)
             u, products = u_next, products + used
         info: dict[str, Any] = {"steps": steps, "order": order, "depth": sum(
             min(order, b - a) for a, b in spans), "hessian_vector_products": products}
@@ -180,18 +215,18 @@ class Binomial(Estimator):
                 break
         return u, info
 
-    def _auto(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+    def _auto(self, trajectory: Trajectory, steps: int, v: Params,
+              chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
         limit = min(self.max_order, steps)
         if self.block is not None and self.block < steps:  # fixed blocks: every one must converge
             g, info, failed = _auto_blocks(trajectory, steps, v, self.block, self.rtol,  # type: ignore[arg-type]
-                                           self.max_order, self.chunk_size, shrink=False)
+                                           self.max_order, chunk, shrink=False)
             if failed is None:
                 return g, info
             reason = (f"in the block of steps {failed[0]}…{failed[1] - 1}, the series "
                       + ("diverges" if info["diverged"] else "misses rtol"))
-            return self._fall_back(trajectory, steps, v, info, reason)
-        g, norms, products, stop = _levels(trajectory, (0, steps), v, limit, self.chunk_size,
-                                           rtol=self.rtol)
+            return self._fall_back(trajectory, steps, v, info, reason, chunk)
+        g, norms, products, stop = _levels(trajectory, (0, steps), v, limit, chunk, rtol=self.rtol)
         order = len(norms)
         info = _report(steps, order, norms, g, products)
         if stop == "converged" or order == steps:
@@ -202,15 +237,15 @@ class Binomial(Estimator):
                   "diverging, because K·α·‖H‖ is too large" if stop == "diverged" else
                   f"max_order={self.max_order} levels left an error estimate of "
                   f"{info['error_estimate']:.3g}, above rtol={self.rtol:g}")
-        return self._fall_back(trajectory, steps, v, info, reason)
+        return self._fall_back(trajectory, steps, v, info, reason, chunk)
 
     def _fall_back(self, trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any],
-                   reason: str) -> tuple[Params, dict[str, Any]]:
+                   reason: str, chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
         advice = "Take fewer inner steps or a smaller step size, or choose another estimator."
         if self.fallback is None:
             raise SeriesDivergenceError(f"Binomial(order='auto'): {reason}. {advice}")
         if self.fallback == "blocked":
-            substitute: Estimator = Binomial("auto", self.chunk_size, block="auto", rtol=self.rtol,
+            substitute: Estimator = Binomial("auto", chunk, block="auto", rtol=self.rtol,
                                              max_order=self.max_order)
         elif self.fallback == "checkpointed":
             substitute = Checkpointed()
@@ -225,6 +260,35 @@ class Binomial(Estimator):
             if key in extra:
                 info[key] = extra[key]
         return g, info
+
+
+#: Peak bytes of one product in a batched call, in units of its step graph's saved bytes
+#: (measured; see "Memory budget" in the class docstring).
+FOOTPRINT = 6.5
+
+
+def _budget_chunk(trajectory: Trajectory, steps: int, v: Params, budget: int) -> tuple[int, int]:
+    """The chunk size that keeps backward within ``budget`` bytes, and the step graph's bytes
+    it was chosen from (the larger of the first and the last step's)."""
+    graph = max(trajectory.graph_bytes(0), trajectory.graph_bytes(steps - 1))
+    vectors = 4 * steps * sum(t.numel() * t.element_size() for t in v.values())
+    chunk = int((budget - vectors) // (FOOTPRINT * graph)) if graph > 0 else steps
+    if chunk < 1:
+        warn(
+            f"Binomial(max_memory={_format_bytes(budget)!r}): the budget is below what one product needs "
+            f"(about {(vectors + FOOTPRINT * graph) / 2**20:.1f} MiB, from a step graph of "
+            f"{graph / 2**20:.1f} MiB measured and the stored iterates); using one step graph "
+            "at a time. Raise max_memory, or pass chunk_size=1 to silence this warning."
+        )
+        return 1, graph
+    return chunk, graph
+
+
+def _format_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
 
 
 def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,

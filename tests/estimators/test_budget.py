@@ -1,0 +1,117 @@
+"""Binomial(max_memory=...): a memory budget in place of a chunk size.
+
+The chunk size is chosen from the measured bytes of one step graph; the estimate itself
+must not change: it equals the explicit subset sum of MATH.md (2), as without a budget.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import metagrad as mg
+from metagrad.estimators.binomial import FOOTPRINT
+
+from ._package import RTOL, meta_gradient, ref
+
+
+@settings(max_examples=30)
+@given(spec=ref.problem_specs(max_K=6), K=st.integers(1, 6), lr=ref.step_size_choices(),
+       L=st.integers(0, 6), budget=st.sampled_from(["1KiB", "64KiB", "1MiB", "1GiB"]))
+def test_budgeted_binomial_is_the_subset_sum(spec, K, lr, L, budget):
+    problem = ref.build(spec)
+    lr = ref.make_step_sizes(problem, lr)
+    run = ref.unroll(problem, K, lr)
+    L = min(L, K)
+    expected, _ = ref.subset_sum(ref.factors(run), run.v, L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mg.MetaGradientWarning)  # small budgets warn
+        g, _ = meta_gradient(problem, mg.Binomial(L, max_memory=budget), K, lr)
+    assert ref.rel_err(g, expected) <= RTOL
+
+
+def mlp_block(estimator, K=6, batch=64, width=32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 1)).double()
+    x, y = torch.randn(batch, 8, dtype=torch.float64), torch.randn(batch, 1, dtype=torch.float64)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.01), estimator=estimator) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(x), y).backward()
+    return meta.info, [p.grad.clone() for p in model.parameters()]
+
+
+def test_chunk_size_follows_the_budget_and_the_measured_graph():
+    info, _ = mlp_block(mg.Binomial(2, max_memory="1GiB"))
+    graph = info["step_graph_bytes"]
+    assert graph > 0
+    assert info["chunk_size"] >= 6  # a whole level fits
+    iterate = (8 * 32 + 32 + 32 + 1) * 8
+    budget = 4 * 6 * iterate + int(3 * FOOTPRINT * graph) + 1
+    info, _ = mlp_block(mg.Binomial(2, max_memory=budget))
+    assert info["chunk_size"] == 3 and info["step_graph_bytes"] == graph
+
+
+def test_graph_bytes_grow_with_the_batch():
+    small, _ = mlp_block(mg.Binomial(1, max_memory="1GiB"), batch=256)
+    large, _ = mlp_block(mg.Binomial(1, max_memory="1GiB"), batch=512)
+    ratio = large["step_graph_bytes"] / small["step_graph_bytes"]
+    assert 1.6 < ratio < 2.1, ratio  # activations dominate; the parameters do not double
+
+
+def test_a_budget_below_one_product_warns_and_uses_one_graph_at_a_time():
+    with pytest.warns(mg.MetaGradientWarning, match="below what one product needs"):
+        info, g = mlp_block(mg.Binomial(2, max_memory=1000))
+    assert info["chunk_size"] == 1
+    _, whole = mlp_block(mg.Binomial(2))
+    for a, b in zip(g, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_max_memory_and_chunk_size_together_are_refused():
+    with pytest.raises(ValueError, match=r"max_memory.*not both"):
+        mg.Binomial(2, chunk_size=4, max_memory="1GiB")
+
+
+@pytest.mark.parametrize("bad,error", [("lots", ValueError), ("-2GiB", ValueError), (0, ValueError),
+                                       (1.5e9, TypeError), (True, TypeError)])
+def test_bad_budgets_name_the_argument(bad, error):
+    with pytest.raises(error, match=r"Binomial\(max_memory\).*'2GiB'"):
+        mg.Binomial(2, max_memory=bad)
+
+
+def test_repr_shows_the_budget():
+    assert "max_memory='2GiB'" in repr(mg.Binomial(3, max_memory="2GiB"))
+    assert "max_memory='500MiB'" in repr(mg.Binomial(3, max_memory=500 * 2**20))
+
+
+def test_cpu_peak_memory_of_backward_stays_within_the_budget():
+    """Process memory (metagrad.memory, VmHWM on Linux) of the backward alone."""
+    from metagrad.memory import peak_memory
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 5))
+    x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 5, (20,))
+
+    def backward_peak(estimator):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.01), estimator=estimator) as meta:
+            for _ in range(10):
+                meta.step(lambda f: F.cross_entropy(f(x), y))
+            loss = F.cross_entropy(meta.fmodel(x), y)
+            with peak_memory("cpu") as mem:
+                loss.backward()
+        model.zero_grad()
+        return mem
+
+    budget = 160 * 2**20
+    whole = backward_peak(mg.Binomial(2))
+    budgeted = backward_peak(mg.Binomial(2, max_memory=budget))
+    if budgeted.method != "proc_vmhwm":
+        pytest.skip(f"needs a resettable peak-RSS counter ({budgeted.description})")
+    assert budgeted.peak_bytes <= budget, (budgeted.peak_bytes, whole.peak_bytes)
+    assert whole.peak_bytes > 1.3 * budgeted.peak_bytes, (budgeted.peak_bytes, whole.peak_bytes)
