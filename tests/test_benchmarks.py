@@ -93,3 +93,20 @@ def test_tiny_sinusoid_run_prints_the_table_and_writes_json(tmp_path: Path) -> N
 def test_rejects_bad_arguments() -> None:
     result = run_benchmark("--config", "sinusoid", "--K", "0", timeout=60)
     assert result.returncode != 0 and "--K" in result.stderr
+
+
+def test_products_benchmark_compares_the_formulations(tmp_path: Path) -> None:
+    out = tmp_path / "products.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.products", "--config", "sinusoid",
+                             "--batch", "3", "--dtype", "float64", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "| formulation | ms (B products) |" in result.stdout
+    rows = {row["method"]: row for row in json.loads(out.read_text())["cases"][0]["rows"]}
+    assert set(rows) == {"vmap(vjp∘grad)", "vmap(jvp∘grad)", "loop"}
+    assert rows["loop"]["ratio_to_loop"] == 1.0 and len(rows["loop"]["times_ms"]) == 5
+    assert rows["vmap(vjp∘grad)"]["rel_diff"] < 1e-12  # the same products, float64
+    help_text = subprocess.run([sys.executable, "-m", "benchmarks.products", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60, check=False).stdout
+    for flag in ("--config", "--batch", "--device", "--json", "--repeats"):
+        assert flag in help_text

@@ -27,6 +27,14 @@ Error control. With ``ρ_j = ‖T_j‖/‖T_{j−1}‖`` (``T_0 = v``):
 - A fixed ``order=L`` computes (2) exactly as asked and, when monitored, warns if
   ``ρ_L ≥ 1``: the series was cut where its terms were not shrinking.
 
+Schedule. The levels batch the products of many steps in one call, so a level costs
+one round of products however many steps it spans, on hardware with room for them side by
+side. Reusing each rebuilt step graph for all L orders instead (one graph per step, the L
+vectors in one batched double backward, the K steps one after another) was measured on a
+2-core CPU in float64, K = 20, L = 3: 1.0 s against the levels' 1.4 s at 28×28 (CNN4),
+26 ms against 10 ms on the 1-40-40-1 MLP, and slower than Checkpointed's 0.49 s in both. It
+gives up the batching across steps that the estimator exists for, so it is not used.
+
 The report (``meta.info``) holds ``order``, ``level_norms`` ``[‖T_1‖, …]``,
 ``error_estimate`` ``‖T_L‖/‖ĝ_L‖`` (the size of the last level kept, relative to
 the estimate: a heuristic for the truncation error), ``diverged``, ``converged``
