@@ -144,6 +144,7 @@ class Method:
     key: str  # "full", "binomial", "higher", ...
     label: str
     estimator: Optional[mg.Estimator] = None  # None for the baselines
+    order: int = 0  # L, for the hand-written Binomial
 
 
 @dataclass
@@ -243,6 +244,9 @@ def run_method(method: Method, problem: Problem) -> dict[str, Any]:
             params = [p - lr * g for p, g in zip(params, grads)]
         loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (x_q,)), y_q).backward()
         return {}
+    if method.key == "plain_binomial":  # what MetaGradient's Binomial(L) does, written by hand
+        plain_binomial(problem, method.order)
+        return {}
     if method.key == "higher":
         import higher
 
@@ -265,6 +269,42 @@ def run_method(method: Method, problem: Problem) -> dict[str, Any]:
             torchopt.recover_state_dict(model, saved)
         return {}
     raise ValueError(f"unknown method {method.key!r}")
+
+
+def plain_binomial(problem: Problem, order: int) -> None:
+    """Binomial(L) in its level grouping (MATH.md (2)) written directly with torch.func:
+    iterates in a list, one ``vmap(vjp∘grad)`` call per level; the meta-gradient is added
+    to the parameters' ``.grad``. The yardstick of metagrad's own overhead."""
+    model, loss_fn, steps, lr = problem.model, problem.loss, problem.steps, problem.lr
+    x_s, y_s, x_q, y_q = problem.task
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    inner = lambda p: loss_fn(torch.func.functional_call(model, p, (x_s,)), y_s)  # noqa: E731
+    phi = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    iterates = []
+    for _ in range(steps):
+        iterates.append(phi)
+        grads = torch.func.grad(inner)(phi)
+        phi = {n: phi[n] - lr * grads[n] for n in names}
+    final = {n: t.requires_grad_() for n, t in phi.items()}
+    query = loss_fn(torch.func.functional_call(model, final, (x_q,)), y_q)
+    v = dict(zip(names, torch.autograd.grad(query, [final[n] for n in names])))
+    stacked = {n: torch.stack([it[n] for it in iterates]) for n in names}
+
+    def term(p: dict[str, torch.Tensor], u: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        _, pullback = torch.func.vjp(torch.func.grad(inner), p)
+        return {n: -lr * h for n, h in pullback(u)[0].items()}  # (J_kᵀ − I) u = −α H_k u
+
+    g = dict(v)
+    suffix = {n: t.expand(steps, *t.shape) for n, t in v.items()}
+    for level in range(1, order + 1):
+        rows = steps - level + 1
+        terms = torch.func.vmap(term)({n: t[:rows] for n, t in stacked.items()},
+                                      {n: t[:rows] for n, t in suffix.items()})
+        g = {n: g[n] + terms[n].sum(0) for n in names}
+        suffix = {n: t.flip(0).cumsum(0).flip(0)[1:] for n, t in terms.items()}
+    for n, p in model.named_parameters():
+        if n in g:
+            p.grad = g[n].detach() if p.grad is None else p.grad + g[n].detach()
 
 
 # --------------------------------------------------------------------------- measuring
@@ -690,7 +730,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         methods = estimator_methods(args.estimators, steps, orders, args.chunk_size, args.reg, args.lr,
                                     tight=args.tight == "on", max_memory=args.max_memory,
                                     blocks=args.block)
-        plans.append((steps, methods + baselines))
+        hand_written = [Method("plain_binomial", f"hand-written torch.func Binomial({order})", order=order)
+                        for order in orders if baselines and "binomial" in args.estimators]
+        plans.append((steps, methods + baselines + hand_written))
     runs_per_method = 2 + args.repeats + (1 if args.errors == "on" else 0)
     total = sum(len(m) for _, m in plans) * runs_per_method
     progress = (tqdm(total=total, desc=f"{config.name}", unit="run", file=sys.stderr)

@@ -440,6 +440,8 @@ def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int)
         )
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                 allow_unused=True)
+    if None not in grads:
+        return dict(zip(params, grads))
     if all(g is None for g in grads):
         raise ValueError(
             f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
