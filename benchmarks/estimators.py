@@ -171,7 +171,7 @@ def _accepts(function: Callable[..., Any], argument: str) -> bool:
 def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                       chunk_sizes: Sequence[int], reg: Optional[float], lr: float,
                       tight: bool = True, max_memory: Sequence[str] = (),
-                      blocks: Sequence[int] = ()) -> list[Method]:
+                      blocks: Sequence[int] = (), whole_levels: bool = True) -> list[Method]:
     methods = []
     for name in names:
         if name == "full":
@@ -185,8 +185,9 @@ def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                 methods.append(Method("truncated", f"Truncated({order})", mg.Truncated(steps=order)))
         elif name == "binomial":
             for order in orders:
-                methods.append(Method("binomial", f"Binomial({order})", mg.Binomial(order=order)))
-                if tight and _accepts(mg.Binomial, "monitor"):
+                if whole_levels:
+                    methods.append(Method("binomial", f"Binomial({order})", mg.Binomial(order=order)))
+                if tight and whole_levels and _accepts(mg.Binomial, "monitor"):
                     # The tight grouping: L(K−L+1) products, no level norms (MATH.md).
                     methods.append(Method("binomial", f"Binomial({order}, monitor=False)",
                                           mg.Binomial(order=order, monitor=False)))
@@ -602,6 +603,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also run Binomial(L, max_memory=BUDGET) for each budget (e.g. 2GiB), "
                              "where this metagrad's Binomial has a max_memory argument; otherwise "
                              "a note says the rows were skipped")
+    parser.add_argument("--whole-levels", choices=("on", "off"), default="on",
+                        help="run Binomial(L) with whole levels in one call; off where they do not fit "
+                             "in memory (84×84, K = 50 needs tens of GiB), leaving its --chunk-size, "
+                             "--max-memory and --block rows")
     parser.add_argument("--tight", choices=("on", "off"), default="on",
                         help="also run Binomial(L, monitor=False), the tight grouping with the fewest "
                              "products, where this metagrad's Binomial has the monitor argument")
@@ -729,9 +734,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         orders = sorted({min(o, steps) for o in orders})
         methods = estimator_methods(args.estimators, steps, orders, args.chunk_size, args.reg, args.lr,
                                     tight=args.tight == "on", max_memory=args.max_memory,
-                                    blocks=args.block)
+                                    blocks=args.block, whole_levels=args.whole_levels == "on")
         hand_written = [Method("plain_binomial", f"hand-written torch.func Binomial({order})", order=order)
-                        for order in orders if baselines and "binomial" in args.estimators]
+                        for order in orders
+                        if baselines and "binomial" in args.estimators and args.whole_levels == "on"]
         plans.append((steps, methods + baselines + hand_written))
     runs_per_method = 2 + args.repeats + (1 if args.errors == "on" else 0)
     total = sum(len(m) for _, m in plans) * runs_per_method

@@ -345,15 +345,24 @@ class Trajectory:
         params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
         seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        held: list[list[torch.Tensor]] = []
+
+        def pack(t: torch.Tensor) -> list[torch.Tensor]:
             storage = t.untyped_storage()
             seen.setdefault(id(storage), storage.nbytes())
-            return t
+            held.append([t])
+            return held[-1]
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step.closure(self.model_at(params))  # type: ignore[misc]
-            grads = _grads(loss, params, create_graph=True, step=m)
-            step.rule.step(params, grads, step.state)
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]):
+                loss = step.closure(self.model_at(params))  # type: ignore[misc]
+                grads = _grads(loss, params, create_graph=True, step=m)
+                step.rule.step(params, grads, step.state)
+        finally:
+            # A saved output held by the hook holds its own graph in a cycle that garbage
+            # collection cannot see; emptying the boxes frees the graphs.
+            for box in held:
+                box.clear()
         return sum(seen.values())
 
     def hessian_operator(self, k: int) -> Callable[[Params], Params]:

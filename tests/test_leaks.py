@@ -16,6 +16,7 @@ import metagrad as mg
 
 ESTIMATORS = [mg.Full(), mg.Checkpointed(), mg.FirstOrder(), mg.Truncated(2), mg.Binomial(2),
               mg.Binomial(2, monitor=False), mg.Binomial("auto"), mg.Binomial(2, block=2),
+              mg.Binomial(2, chunk_size=1), mg.Binomial(2, max_memory="1MiB"),
               mg.Implicit(reg=5.0, max_iter=5, tol=1e-3)]
 
 
