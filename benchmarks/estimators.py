@@ -547,6 +547,9 @@ def machine_description(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # glibc's mmap threshold, where fixed: large blocks then go back to the OS on free, so
+        # the CPU memory column follows tensor memory instead of the heap's high-water mark.
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "torch": torch.__version__,
         "metagrad": mg.__version__,
         "git": _git_state(),
@@ -587,6 +590,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="dtype of the error pass (default: float64 on cpu, the timing dtype on "
                              "cuda); on cpu the error pass is a separate run per method")
     parser.add_argument("--errors", choices=("on", "off"), default="on", help="compute the error column")
+    parser.add_argument("--timing", choices=("on", "off"), default="on",
+                        help="time the methods; off measures memory (and errors) only, e.g. in a "
+                             "process started with MALLOC_MMAP_THRESHOLD_=131072, where the CPU "
+                             "memory column follows tensor memory closely but every run is slower")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs per method after one warm-up run; the table shows their median")
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS),
@@ -739,7 +746,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                         for order in orders
                         if baselines and "binomial" in args.estimators and args.whole_levels == "on"]
         plans.append((steps, methods + baselines + hand_written))
-    runs_per_method = 2 + args.repeats + (1 if args.errors == "on" else 0)
+    repeats = args.repeats if args.timing == "on" else 0
+    runs_per_method = 2 + repeats + (1 if args.errors == "on" else 0)
     total = sum(len(m) for _, m in plans) * runs_per_method
     progress = (tqdm(total=total, desc=f"{config.name}", unit="run", file=sys.stderr)
                 if tqdm is not None and not args.no_progress else _NoProgress())
@@ -757,7 +765,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 error_problem = build_problem(config, steps, args.lr, args.seed, error_device, error_dtype)
         ell = sharpness(error_problem or problem)
         started = time.perf_counter()
-        results = measure_case(methods, problem, error_problem, args.repeats, progress)
+        results = measure_case(methods, problem, error_problem, repeats, progress)
         rows = case_rows(results)
         memory_method = next((r.memory_method for r in results if r.memory_method), None)
         if memory_method is not None:

@@ -449,7 +449,7 @@ def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int)
         )
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                 allow_unused=True)
-    if None not in grads:
+    if not any(g is None for g in grads):  # (`None in grads` would compare tensors: slow)
         return dict(zip(params, grads))
     if all(g is None for g in grads):
         raise ValueError(
