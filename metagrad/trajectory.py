@@ -21,18 +21,19 @@ CPU, 1 torch thread, torch 2.13.0, float32; time per product, B products per cal
 ============  ====  ===============  ===============  =====================
 config        B     vmap(vjp∘grad)   vmap(jvp∘grad)   loop of double backward
 ============  ====  ===============  ===============  =====================
-sinusoid MLP  20    0.14 ms          fails            0.61 ms
-28×28 CNN4    20    12.0 ms          12.4 ms          14.1 ms
-84×84 CNN4    4     1054 ms          1014 ms          413 ms
+sinusoid MLP  20    0.13 ms          fails            0.62 ms
+28×28 CNN4    20    12.8 ms          13.4 ms          13.1 ms
+84×84 CNN4    4     1031 ms          979 ms           447 ms
 ============  ====  ===============  ===============  =====================
 
 Reverse-over-reverse (``vjp`` of ``grad``, a double backward) is kept on every device:
-forward-over-reverse (``jvp`` of ``grad``) was within 4% of it on the CPU where it ran,
-used 1.2–1.5× its memory, and fails under ``vmap`` on ``F.mse_loss`` in this torch
+forward-over-reverse (``jvp`` of ``grad``) was within 5% of it on the CPU where it ran,
+used 1.2–1.4× its memory, and fails under ``vmap`` on ``F.mse_loss`` in this torch
 ("ZeroTensors are immutable"). It has not been measured on a GPU (``benchmarks/gpu.sh``
-includes the comparison). Batching with ``vmap`` pays on the CPU for small models (4.4×
-faster than a loop on the MLP) and not for large ones (2.5× slower at 84×84, and 2.3× the
-memory): there, ``Binomial(chunk_size=1)`` computes one plain double backward at a time.
+includes the comparison). Batching with ``vmap`` pays on the CPU for small models (4.8×
+faster than a loop on the MLP), breaks even at 28×28 and loses on large ones (2.3× slower
+at 84×84, with 2.5× the memory): there, ``Binomial(chunk_size=1)`` computes one plain double
+backward at a time.
 
 A product needs the gradient's graph at φ_m. The inner loop's own gradient has none (that
 is what keeps its memory at iterates only), so each product rebuilds it: there is no
