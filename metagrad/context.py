@@ -191,7 +191,7 @@ class MetaGradient:
                 outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
                 params = dict(zip(self._names, outputs))
             self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open,
-                                                  norms=trajectory.norms))
+                                                  layout=trajectory.layout))
         return self._fmodel[1]
 
     # ------------------------------------------------------ for adapters (adapters/)

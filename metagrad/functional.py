@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
+from dataclasses import dataclass
+
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["FunctionalModel", "norm_layers"]
+__all__ = ["FunctionalModel", "Layout"]
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -33,8 +35,11 @@ class FunctionalModel:
     Parameters that do not require grad, and buffers, are taken from the module
     (see the module docstring for the buffer policy).
 
-    ``norms`` is :func:`norm_layers` of the module, for callers that evaluate the same
-    module many times (each call otherwise walks the module tree to find them).
+    A parameter registered under several names (tied weights) is replaced under
+    every one of them by the fast weight of the name ``named_parameters()`` gives it.
+
+    ``layout`` is :meth:`Layout.of` the module, for callers that evaluate the same
+    module many times (each call otherwise walks the module tree to find it).
     """
 
     def __init__(
@@ -43,12 +48,12 @@ class FunctionalModel:
         params: Mapping[str, torch.Tensor],
         *,
         guard: Optional[Callable[[], None]] = None,
-        norms: Optional[list[tuple[str, _NormBase]]] = None,
+        layout: Optional["Layout"] = None,
     ) -> None:
         self._module = module
         self._params = dict(params)
         self._guard = guard
-        self._norms = norm_layers(module) if norms is None else norms
+        self._layout = Layout.of(module) if layout is None else layout
 
     @property
     def module(self) -> torch.nn.Module:
@@ -73,18 +78,40 @@ class FunctionalModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
-        tensors = {**_frozen_buffers(self._norms), **self._params}
-        return functional_call(self._module, tensors, args, kwargs)
+        params = self._params
+        tensors = {**_frozen_buffers(self._layout.norms), **params}
+        for alias, name in self._layout.aliases:
+            if name in params:
+                tensors[alias] = params[name]
+        # Tied names are filled in above, so functional_call's own untying, which costs as
+        # much as a small MLP's forward pass, is not needed.
+        return functional_call(self._module, tensors, args, kwargs, tie_weights=False)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights)"
 
 
-def norm_layers(module: torch.nn.Module) -> list[tuple[str, _NormBase]]:
-    """The normalization layers of ``module`` that track running statistics, with the
-    prefixes of their buffers (``""`` for the module itself)."""
-    return [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
-            if isinstance(sub, _NormBase) and sub.track_running_stats]
+@dataclass(frozen=True)
+class Layout:
+    """What evaluating a module at fast weights needs to know about its structure."""
+
+    #: Normalization layers that track running statistics, with their buffers' prefix.
+    norms: list[tuple[str, _NormBase]]
+    #: ``(alias, name)`` for each further name of a parameter registered under several.
+    aliases: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "Layout":
+        norms = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
+                 if isinstance(sub, _NormBase) and sub.track_running_stats]
+        first: dict[int, str] = {}
+        aliases = []
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) in first:
+                aliases.append((name, first[id(param)]))
+            else:
+                first[id(param)] = name
+        return cls(norms, aliases)
 
 
 def _frozen_buffers(norms: list[tuple[str, _NormBase]]) -> dict[str, Optional[torch.Tensor]]:

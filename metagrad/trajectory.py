@@ -50,7 +50,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .functional import FunctionalModel, norm_layers
+from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
 
 __all__ = ["Trajectory", "Closure", "Lifetime"]
@@ -134,7 +134,7 @@ class Trajectory:
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
-        self.norms = norm_layers(module)
+        self.layout = Layout.of(module)
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -214,7 +214,7 @@ class Trajectory:
 
     def model_at(self, params: Params) -> FunctionalModel:
         """The module evaluated at the fast weights ``params``."""
-        return FunctionalModel(self.module, params, norms=self.norms)
+        return FunctionalModel(self.module, params, layout=self.layout)
 
     def iterate(self, k: int) -> Params:
         """The fast weights φ_k after k steps (k = K is the current iterate)."""

@@ -269,3 +269,43 @@ def test_meta_fmodel_is_a_functional_model_of_the_user_model():
     # the buffers were not written
     for k in ["1.running_mean", "1.running_var", "1.num_batches_tracked"]:
         assert torch.equal(model.state_dict()[k], before[k])
+
+
+def tied_model():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).to(DT)
+    model[2].weight = model[0].weight  # one parameter, two names
+    return model
+
+
+def test_tied_weights_use_the_fast_weight_under_every_name():
+    model = tied_model()
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "2.bias"]
+    phi = fast_weights(model)
+    x = torch.randn(6, 4, dtype=DT)
+    expected = torch.tanh(x @ phi["0.weight"].T + phi["0.bias"]) @ phi["0.weight"].T + phi["2.bias"]
+    torch.testing.assert_close(mg.FunctionalModel(model, phi)(x), expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(3)], ids=repr)
+def test_tied_weights_meta_gradient_equals_a_hand_unrolled_loop(estimator):
+    model = tied_model()
+    x, y = torch.randn(8, 4, dtype=DT), torch.randn(8, 4, dtype=DT)
+    K, lr = 3, 0.1
+
+    def forward(w, b0, b2, inputs):
+        return torch.tanh(inputs @ w.T + b0) @ w.T + b2
+
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    params = theta
+    for _ in range(K):
+        grads = torch.autograd.grad(F.mse_loss(forward(*params, x), y), params, create_graph=True)
+        params = [p - lr * g for p, g in zip(params, grads)]
+    expected = torch.autograd.grad(F.mse_loss(forward(*params, y), x), theta)
+
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(y), x).backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
