@@ -29,7 +29,8 @@ class MetaGradient:
 
     θ is the model's parameters that require grad. ``meta.fmodel`` is the model at
     the current fast weights φ_K; they reach θ through one custom autograd node
-    whose backward runs ``estimator``. So any loss built from ``meta.fmodel`` can be
+    whose backward runs ``estimator`` (for Full, through the unrolled inner steps
+    themselves, see :class:`~metagrad.Full`). So any loss built from ``meta.fmodel`` can be
     scaled, combined and backpropagated, and the meta-gradient is *accumulated*
     into each parameter's ``.grad`` as by any ``.backward()``. The model's
     parameters are never modified. The model's buffers are never written either:
