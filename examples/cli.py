@@ -1,12 +1,14 @@
-"""Command-line pieces shared by the examples."""
+"""Command-line and output pieces shared by the examples."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+from collections.abc import Sequence
 from typing import ContextManager, Union
 
+import numpy as np
 import torch
 
 import metagrad as mg
@@ -39,3 +41,12 @@ def setup_device(name: str) -> torch.device:
 def exact_numerics_on(device: torch.device) -> ContextManager[None]:
     """``mg.numerics.exact_gpu()`` on CUDA; nothing to change on the CPU."""
     return mg.numerics.exact_gpu() if device.type == "cuda" else contextlib.nullcontext()
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average; the first points average over what is available."""
+    values = np.asarray(values, dtype=float)
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    index = np.arange(1, len(values) + 1)
+    start = np.maximum(index - window, 0)
+    return (cumulative[index] - cumulative[start]) / (index - start)

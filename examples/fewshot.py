@@ -88,7 +88,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fewshot_data beside this file
-from cli import exact_numerics_on, order_argument, setup_device  # noqa: E402
+from cli import exact_numerics_on, order_argument, setup_device, smooth  # noqa: E402
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -461,15 +461,6 @@ def _plain(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- outputs
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing moving average; the first points average over what is available."""
-    values = np.asarray(values, dtype=float)
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    index = np.arange(1, len(values) + 1)
-    start = np.maximum(index - window, 0)
-    return (cumulative[index] - cumulative[start]) / (index - start)
-
-
 def plot_curves(training: Training, path: Path, title: str, chance: float,
                 test: Optional[tuple[float, float]]) -> None:
     """Query loss and accuracy after adaptation per iteration; validation accuracy with its CI."""

@@ -74,7 +74,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import exact_numerics_on, order_argument, setup_device  # noqa: E402
+from cli import exact_numerics_on, order_argument, setup_device, smooth  # noqa: E402
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -445,15 +445,6 @@ def device_description(device: torch.device) -> str:
     cores = os.cpu_count()
     threads = torch.get_num_threads()
     return f"CPU ({platform.machine()}, {cores} cores, {threads} torch thread{'s' if threads != 1 else ''})"
-
-
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing moving average; the first points average over what is available."""
-    values = np.asarray(values, dtype=float)
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    index = np.arange(1, len(values) + 1)
-    start = np.maximum(index - window, 0)
-    return (cumulative[index] - cumulative[start]) / (index - start)
 
 
 def plot_learning_curves(runs: Sequence[Run], path: str, baseline_mse: float) -> None:
