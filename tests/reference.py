@@ -456,6 +456,17 @@ def sequential_sum(Bs: Sequence[Tensor], v: Tensor, L: int) -> Tensor:
     return sum(e, torch.zeros_like(v))
 
 
+def neumann_partial_sums(A: Tensor, lam: float, b: Tensor, count: int) -> list[Tensor]:
+    """``[S_{−1}, S_0, …, S_{count−1}]`` with ``S_{−1} = 0``, ``S_N = Σ_{n≤N} (−A/λ)^n b``,
+    by dense products: the Neumann series of ``(I + A/λ)⁻¹ b``."""
+    sums, term, total = [torch.zeros_like(b)], b.clone(), torch.zeros_like(b)
+    for _ in range(count):
+        total = total + term
+        sums.append(total.clone())
+        term = -(A @ term) / lam
+    return sums
+
+
 # ----------------------------------------------------------------------------- bounds
 
 

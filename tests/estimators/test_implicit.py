@@ -31,6 +31,8 @@ from torch import nn
 
 import metagrad as mg
 
+from ._package import ref
+
 F64 = torch.float64
 
 
@@ -419,14 +421,6 @@ def test_unconverged_solve_warns_with_residual(solver):
     assert info["residual"] > 1e-3
 
 
-def partial_sums(A, lam, b, n_max=80):
-    """``S_{−1} = 0``, ``S_N = Σ_{n≤N} (−A/λ)^n b``, by dense products."""
-    sums, term, total = [torch.zeros_like(b)], b.clone(), torch.zeros_like(b)
-    for _ in range(n_max):
-        total = total + term
-        sums.append(total.clone())
-        term = -(A @ term) / lam
-    return sums
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1e-3], [0.0, 0.0, 1.0]],
@@ -454,7 +448,7 @@ def test_diverging_neumann_is_detected_and_returns_best_partial_sum(weights):
     residual = true_residual(A, lam, x, q)
     assert math.isfinite(residual)
     assert residual <= true_residual(A, lam, q, q)  # no worse than the first term alone
-    sums = partial_sums(A, lam, q)
+    sums = ref.neumann_partial_sums(A, lam, q, 80)
     residuals = [true_residual(A, lam, s, q) for s in sums]
     best = min(range(len(sums)), key=residuals.__getitem__)
     assert float((x - sums[best]).norm()) <= 1e-12 * float(q.norm())
