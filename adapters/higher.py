@@ -75,7 +75,7 @@ import torch
 
 from metagrad.context import MetaGradient
 from metagrad.estimators import Estimator, FirstOrder, resolve
-from metagrad.functional import FunctionalModel
+from metagrad.functional import FunctionalModel, Layout
 from metagrad.optim import SGD, Momentum, Params, State
 
 __all__ = ["innerloop_ctx", "update_rule", "HigherUpdateRule"]
@@ -234,7 +234,8 @@ class _PatchedModule:
     def __call__(self, *args: Any, params: Optional[Sequence[torch.Tensor]] = None,
                  **kwargs: Any) -> Any:
         weights = self._loop.weights() if params is None else self._loop.named(params)
-        return FunctionalModel(self._loop.module, weights)(*args, **kwargs)  # the buffer policy
+        # the buffer policy and tied weights, as in MetaGradient's own fmodel
+        return FunctionalModel(self._loop.module, weights, layout=self._loop.layout)(*args, **kwargs)
 
     @property
     def fast_params(self) -> list[torch.Tensor]:
@@ -305,6 +306,7 @@ class _InnerLoop:
         self.rule: Optional[Any] = None  # the rule after a per-step override, if any
         self._wrapped: dict[tuple[int, int], "_GradientCallbackRule"] = {}
         self.names = [n for n, _ in model.named_parameters()]
+        self.layout = Layout.of(model)  # found once, not at every fmodel call
         self.fmodel = _PatchedModule(self)
         self.diffopt = _DifferentiableOptimizer(self)
         self._cache: Optional[tuple[int, Params]] = None
