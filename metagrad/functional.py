@@ -35,8 +35,11 @@ class FunctionalModel:
     Parameters that do not require grad, and buffers, are taken from the module
     (see the module docstring for the buffer policy).
 
-    A parameter registered under several names (tied weights) is replaced under
-    every one of them by the fast weight of the name ``named_parameters()`` gives it.
+    A parameter held by several submodules (tied weights) is replaced in every one of
+    them by the fast weight of the name ``named_parameters()`` gives it. A submodule
+    registered under several names (an attribute that is also an entry of a
+    ``Sequential``, one layer used twice) is swapped once, so after every call the
+    module holds its own Parameters again.
 
     ``layout`` is :meth:`Layout.of` the module, for callers that evaluate the same
     module many times (each call otherwise walks the module tree to find it).
@@ -97,20 +100,35 @@ class Layout:
 
     #: Normalization layers that track running statistics, with their buffers' prefix.
     norms: list[tuple[str, _NormBase]]
-    #: ``(alias, name)`` for each further name of a parameter registered under several.
+    #: ``(alias, name)`` for each further slot (submodule, attribute) holding a parameter that
+    #: ``name``, its first name, already holds: tied weights. Further names of one slot (a
+    #: submodule registered under several names) are not aliases.
     aliases: list[tuple[str, str]]
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
         norms = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
                  if isinstance(sub, _NormBase) and sub.track_running_stats]
+        # A name is an alias only where it reaches a slot (submodule object, attribute name)
+        # that no earlier name reaches. A submodule registered under several names (``self.body``
+        # also in ``self.seq``, one layer twice in a Sequential) gives one slot several names;
+        # handing functional_call more than one of them swaps the slot twice, and the second swap
+        # saves the first one's fast weight as the "original" it restores: the module would keep
+        # a fast weight in place of its Parameter. Weights tied between two submodules (or two
+        # attributes) are different slots holding one Parameter, and each slot needs its name.
         first: dict[int, str] = {}
+        slots: set[tuple[int, str]] = set()
         aliases = []
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if id(param) in first:
-                aliases.append((name, first[id(param)]))
-            else:
-                first[id(param)] = name
+        for prefix, sub in module.named_modules(remove_duplicate=False):
+            for key, param in sub._parameters.items():
+                if param is None or (id(sub), key) in slots:
+                    continue
+                slots.add((id(sub), key))
+                name = f"{prefix}.{key}" if prefix else key
+                if id(param) in first:
+                    aliases.append((name, first[id(param)]))
+                else:
+                    first[id(param)] = name
         return cls(norms, aliases)
 
 
