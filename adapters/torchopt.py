@@ -208,8 +208,18 @@ class TorchoptUpdateRule:
 
     def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
              state: State) -> tuple[Params, State]:
-        updates, new_state = self.tx.update(dict(grads), state, params=dict(params), inplace=False)
+        # A parameter without a gradient (None) is skipped, as torchopt skips it; torchopt then
+        # drops its entry of a momentum trace to None, which is put back, so that the state
+        # keeps one structure from step to step.
+        full = {n: grads.get(n) for n in params}
+        updates, new_state = self.tx.update(full, state, params=dict(params), inplace=False)
         new_params = {n: p if updates[n] is None else p + updates[n] for n, p in params.items()}
+        if any(g is None for g in full.values()):
+            old, _ = pytree.tree_flatten(state)
+            new, spec = pytree.tree_flatten(new_state)
+            if len(old) == len(new):
+                new_state = pytree.tree_unflatten(
+                    [o if n is None and o is not None else n for o, n in zip(old, new)], spec)
         return new_params, new_state
 
 

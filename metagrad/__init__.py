@@ -5,13 +5,14 @@ strategy (the estimator) is one argument. Each estimator's module docstring give
 its formula from docs/MATH.md.
 """
 
-from . import distributed, linalg, numerics, optim
+from . import distributed, linalg, numerics, optim, replay
 from .diagnosis import diagnose
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
                          MetaGradientWarning, SeriesDivergenceError, Truncated)
 from .functional import FunctionalModel
 from .linalg import NegativeCurvatureError
+from .replay import ReplayError
 
 __version__ = "0.1.0"
 
@@ -27,11 +28,13 @@ __all__ = [
     "Implicit",
     "NegativeCurvatureError",
     "SeriesDivergenceError",
+    "ReplayError",
     "MetaGradientWarning",
     "optim",
     "numerics",
     "distributed",
     "diagnose",
     "linalg",
+    "replay",
     "__version__",
 ]

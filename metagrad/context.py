@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from .estimators import Estimator, resolve
 from .functional import FunctionalModel
 from .optim import Params, UpdateRule
+from .replay import relative_tolerance
 from .trajectory import Closure, Trajectory
 
 __all__ = ["MetaGradient"]
@@ -53,10 +54,29 @@ class MetaGradient:
             (``torchopt.sgd(...)``, ``torchopt.adam(...)``, ``torchopt.chain(...)``).
         estimator: an :class:`~metagrad.Estimator`, or one of the names ``"full"``,
             ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``),
-            ``"binomial"`` (``Binomial(order=2)``) and ``"implicit"`` (``Implicit(reg=1.0)``).
+            ``"binomial"`` (``Binomial(order="auto")``) and ``"implicit"`` (``Implicit(reg=1.0)``).
             Default: ``Full()``.
         check_finite: raise ``FloatingPointError`` at the first inner step whose loss is
             NaN or infinite (default). With ``False``, non-finite values propagate.
+        check_replay: the replay check of every step an estimator rebuilds during backward
+            (Checkpointed, Truncated, Binomial; :mod:`metagrad.replay`). ``True`` (default):
+            the rebuilt ``Φ_m(φ_m)`` must equal the stored ``φ_{m+1}``, and the rebuilt loss
+            the recorded one, to a relative tolerance of 1e-7 (float64) or 1e-3 (float32;
+            3e-2 on a CUDA device with TF32 allowed), else :class:`~metagrad.ReplayError` is
+            raised. A float sets that tolerance. ``False`` skips the comparison: then nothing
+            verifies that a rebuilt step is the step taken (a closure that reads an iterator
+            or data changed in place would give a wrong meta-gradient silently). Closures
+            are frozen and random generator states replayed either way.
+
+    Closures and replay: an estimator that rebuilds steps calls a copy of the closure
+    frozen at its step, with the values it captured then (a loop's ``xb, yb``), and with
+    the random generator states it started from if it drew random numbers (dropout). What
+    cannot be frozen (an iterator read inside the closure, data modified in place, state
+    read through an object) is caught by the replay check.
+
+    Parameters the inner loss does not use are left as they are by the update rule (no
+    weight decay, no momentum), and a parameter neither the inner loop nor the query uses
+    keeps ``.grad`` as it was (``None``), as with plain autograd.
     """
 
     def __init__(
@@ -66,31 +86,36 @@ class MetaGradient:
         estimator: Union[Estimator, str, None] = None,
         *,
         check_finite: bool = True,
+        check_replay: Union[bool, float] = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
         if type(inner_opt).__module__.split(".")[0] == "torchopt":
             from metagrad.adapters.torchopt import as_update_rule  # lazily: the core never imports torchopt
             inner_opt = as_update_rule(inner_opt)
-        if not (hasattr(inner_opt, "init") and hasattr(inner_opt, "step")):
+        if isinstance(inner_opt, torch.optim.Optimizer):
             raise TypeError(
-                f"inner_opt: expected an update rule with init() and step(), such as "
-                f"mg.optim.SGD(lr=0.01), got {type(inner_opt).__name__} {inner_opt!r}."
+                f"inner_opt: got the torch.optim optimizer {type(inner_opt).__name__}, which updates "
+                "in place and cannot be differentiated. Use a metagrad rule such as "
+                "mg.optim.SGD(lr=0.01), or wrap it with "
+                "metagrad.adapters.higher.update_rule(optimizer, model)."
             )
         if isinstance(inner_opt, type):
             raise TypeError(
                 f"inner_opt: got the class {inner_opt.__name__}; pass an instance, "
                 f"e.g. mg.optim.{inner_opt.__name__}(lr=0.01)."
             )
-        if isinstance(inner_opt, torch.optim.Optimizer):
+        if not (hasattr(inner_opt, "init") and hasattr(inner_opt, "step")):
             raise TypeError(
-                "inner_opt: got a torch.optim optimizer, which updates in place and cannot be "
-                "differentiated; use a metagrad rule such as mg.optim.SGD(lr=0.01)."
+                f"inner_opt: expected an update rule with init() and step(), such as "
+                f"mg.optim.SGD(lr=0.01), got {type(inner_opt).__name__}."
             )
+        relative_tolerance(check_replay, torch.float32, torch.device("cpu"))  # validates it
         self.model = model
         self.inner_opt = inner_opt
         self.estimator = resolve(estimator)
         self.check_finite = check_finite
+        self.check_replay = check_replay
         self.info: dict[str, Any] = {}
         self._active = False
         self._trajectory: Optional[Trajectory] = None
@@ -123,10 +148,13 @@ class MetaGradient:
         # θ as the trajectory sees it: a differentiable inner loop unrolls from the
         # parameters themselves; otherwise detached aliases of them (no copy).
         theta = {n: p if self.estimator.differentiable else p.detach() for n, p in named}
+        first = self._params[0]
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
                                       keep=self.estimator.keep(), proximal=self.estimator.proximal,
-                                      check_finite=self.check_finite)
+                                      check_finite=self.check_finite,
+                                      replay_rtol=relative_tolerance(self.check_replay, first.dtype,
+                                                                     first.device))
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._params]
         self._fmodel = None
         self.info = {}
@@ -265,13 +293,19 @@ class _Snapshot:
         self.params = owner._params
         self.versions = owner._versions
 
-    def run(self, v: Params) -> Params:
-        """The estimator's backward, between the checks and the bookkeeping."""
+    def run(self, v: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
+        """The estimator's backward, between the checks and the bookkeeping.
+
+        ``v[n]`` is ``None`` where the query does not use fast weight n; it counts as zero,
+        and θ_n's gradient stays ``None`` if no inner step used n either (no path reaches it,
+        as plain autograd would find)."""
         self.begin()
+        dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
         with torch.enable_grad():
-            grads, info = self.estimator.backward(self.trajectory, self.steps, v)
+            grads, info = self.estimator.backward(self.trajectory, self.steps, dense)
         self.end(info)
-        return grads
+        used = self.trajectory.used if self.steps > 0 else set()
+        return {n: None if v[n] is None and n not in used else grads[n] for n in self.names}
 
     def begin(self) -> None:
         """Raise if the trajectory was released or θ changed in place since the block began."""
@@ -301,6 +335,7 @@ class _ThroughInnerLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, snapshot: _Snapshot, *theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.snapshot = snapshot
+        ctx.set_materialize_grads(False)  # a fast weight the query does not use: None
         final = snapshot.trajectory.iterate(snapshot.steps)
         return tuple(final[n].detach() for n in snapshot.names)
 
@@ -319,11 +354,13 @@ class _Watched(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, snapshot: _Snapshot, *final: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.snapshot = snapshot
+        ctx.set_materialize_grads(False)  # None passes through, as plain autograd leaves it
         return tuple(t.view_as(t) for t in final)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         snapshot: _Snapshot = ctx.snapshot
         snapshot.begin()
-        snapshot.end({"steps": snapshot.steps})
+        # MATH.md's table: Full's backward through the K step graphs makes K products.
+        snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps})
         return (None, *grad_outputs)

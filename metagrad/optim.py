@@ -6,6 +6,11 @@ shape of optax's ``GradientTransformation``::
     state = rule.init(params)
     params, state = rule.step(params, grads, state)
 
+``grads`` may lack a parameter's name, or map it to ``None``: the inner loss does not
+depend on that parameter, and ``step`` leaves it, and its state, as they are (as
+``torch.optim``, higher and torchopt skip a parameter whose ``.grad`` is ``None``, so weight
+decay and momentum do not move it).
+
 ``step`` must be differentiable in ``params`` and ``grads`` with ordinary torch
 operations and must not modify its inputs in place: the Full estimator
 differentiates through it with autograd, and Checkpointed, Truncated and
@@ -72,10 +77,11 @@ class SGD:
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
-        lr = self.lr
-        if isinstance(lr, Mapping):
-            return {name: p - lr[name] * grads[name] for name, p in params.items()}, state
-        return {name: p - lr * grads[name] for name, p in params.items()}, state
+        new_params = {}
+        for name, p in params.items():
+            g = grads.get(name)
+            new_params[name] = p if g is None else p - _lr_for(self.lr, name) * g
+        return new_params, state
 
 
 def _check_learning_rate(lr: Any) -> LearningRate:
@@ -159,9 +165,13 @@ class Momentum:
     ) -> tuple[Params, State]:
         # The first step copies g into the buffer (torch's rule); later steps damp it.
         later = (state["step"] > 0).to(torch.float64)
-        new_params, buffers = {}, {}
+        new_params, buffers = {}, dict(state["momentum_buffer"])
         for name, p in params.items():
-            g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+            g = grads.get(name)
+            if g is None:  # not in the loss: left as it is, with its buffer
+                new_params[name] = p
+                continue
+            g = g + self.weight_decay * p if self.weight_decay else g
             b = self.momentum * state["momentum_buffer"][name] + (1 - self.dampening * later) * g
             direction = g + self.momentum * b if self.nesterov else b
             new_params[name] = p - _lr_for(self.lr, name) * direction
@@ -220,9 +230,13 @@ class Adam:
         t = state["step"] + 1
         bias_correction1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=t.device), t)
         bias_correction2 = 1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=t.device), t)
-        new_params, exp_avg, exp_avg_sq = {}, {}, {}
+        new_params, exp_avg, exp_avg_sq = {}, dict(state["exp_avg"]), dict(state["exp_avg_sq"])
         for name, p in params.items():
-            g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+            g = grads.get(name)
+            if g is None:  # not in the loss: left as it is, with its moments
+                new_params[name] = p
+                continue
+            g = g + self.weight_decay * p if self.weight_decay else g
             m = torch.lerp(state["exp_avg"][name], g, 1 - beta1)
             v = beta2 * state["exp_avg_sq"][name] + (1 - beta2) * g * g
             denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + self.eps

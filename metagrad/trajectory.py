@@ -42,6 +42,7 @@ gradient to reuse in an exact product.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
+from .replay import Frozen, RandomState, check_second_order, check_step, freeze
 
 __all__ = ["Trajectory", "Closure", "Lifetime"]
 
@@ -82,16 +84,30 @@ class Lifetime:
 @dataclass
 class _Step:
     """What rebuilds inner step k: the iterate it starts from, the state, and either the
-    closure (the step graph is rebuilt on demand) or the step's kept graph."""
+    closure, frozen at the step (the step graph is rebuilt on demand), or the step's kept
+    graph."""
 
     params: Params
     state: State
-    closure: Optional[Closure]
+    closure: Optional[Frozen]
     #: The update rule this step used (the trajectory's, unless a step was given its own).
     rule: UpdateRule
+    #: The names of the fast weights the step's loss depends on; the others were left as
+    #: they were (the update rule skips a parameter without a gradient).
+    used: tuple[str, ...] = ()
+    #: The step's loss, detached, as recorded (for the replay check).
+    loss: Optional[torch.Tensor] = None
+    #: The generator states the closure started from, if it drew random numbers.
+    rng: Optional[RandomState] = None
     #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
+
+    def batch_key(self) -> Optional[tuple[Any, ...]]:
+        """Steps with equal keys can be rebuilt in one vmapped call; ``None``: only alone."""
+        if self.graph is not None or self.rng is not None or self.closure is None:
+            return None
+        return (self.closure.key, id(self.rule), self.used)
 
 
 class Trajectory:
@@ -108,6 +124,8 @@ class Trajectory:
         proximal: λ of a proximal term ``(λ/2)‖φ − θ‖²`` added to every inner step's loss
             (the Implicit estimator's inner problem), or ``None``.
         check_finite: raise if an inner loss is NaN or infinite.
+        replay_rtol: the relative tolerance of the replay check (:func:`metagrad.replay.check_step`)
+            every rebuilt step passes, or ``None`` for no check.
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class Trajectory:
         keep: Optional[int],
         proximal: Optional[float] = None,
         check_finite: bool = True,
+        replay_rtol: Optional[float] = None,
     ) -> None:
         self.module = module
         self.theta = theta
@@ -128,13 +147,20 @@ class Trajectory:
         self.keep = keep
         self.proximal = proximal
         self.check_finite = check_finite
+        self.replay_rtol = replay_rtol
         self._steps: dict[int, _Step] = {}
         self._length = 0
-        self.last_closure: Optional[Closure] = None
+        self.last_closure: Optional[Frozen] = None
+        self._last_rng: Optional[RandomState] = None
+        self._last_used: tuple[str, ...] = tuple(theta)
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
         self.layout = Layout.of(module)
+        self._device = next(iter(theta.values())).device if theta else torch.device("cpu")
+        #: The names of the fast weights that some inner step's loss depended on.
+        self.used: set[str] = set()
+        self._second_order_checked: set[Any] = set()
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -158,15 +184,25 @@ class Trajectory:
         ``rule`` replaces the trajectory's update rule for this step only (for adapters
         whose users change hyperparameters or transform gradients per step); it must use
         the same state as the trajectory's rule.
+
+        Unless the trajectory is differentiable (nothing is rebuilt then), the closure is
+        frozen with the values it captures now, and the generator states it starts from are
+        kept if it draws random numbers (:mod:`metagrad.replay`).
         """
         self.check_alive()
+        frozen: Optional[Frozen] = None
+        rng: Optional[RandomState] = None
         if self.differentiable:
             params = self._current
         else:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
+            frozen = freeze(closure)
+            rng = RandomState.capture(self._device)
         with torch.enable_grad():
             loss = closure(self.model_at(params))
-        return self._take_step(loss, params, closure=closure, keep_graph=False, rule=rule)
+        if rng is not None and not rng.changed():
+            rng = None
+        return self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng)
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -181,8 +217,9 @@ class Trajectory:
         keep_graph = not self.differentiable and (self.keep is None or self.keep > 0)
         return self._take_step(loss, params, closure=None, keep_graph=keep_graph, rule=rule)
 
-    def _take_step(self, loss: Any, params: Params, *, closure: Optional[Closure],
-                   keep_graph: bool, rule: Optional[UpdateRule]) -> torch.Tensor:
+    def _take_step(self, loss: Any, params: Params, *, closure: Optional[Frozen],
+                   keep_graph: bool, rule: Optional[UpdateRule],
+                   rng: Optional[RandomState] = None) -> torch.Tensor:
         k = self.length
         rule = self.rule if rule is None else rule
         with torch.enable_grad():
@@ -202,13 +239,16 @@ class Trajectory:
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             new_params, new_state = rule.step(params, grads, self._state)
+        used = tuple(grads)
+        self.used.update(used)
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
-                                   state=self._state, closure=closure, rule=rule, graph=graph)
+                                   state=self._state, closure=closure, rule=rule, used=used,
+                                   loss=loss.detach(), rng=rng, graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
-        self.last_closure = closure
+        self.last_closure, self._last_rng, self._last_used = closure, rng, used
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -224,6 +264,31 @@ class Trajectory:
         return self._step(k).params
 
     # ------------------------------------------------------------------- products
+    def _rebuild(self, m: int, step: _Step, params: Params) -> tuple[torch.Tensor, Params]:
+        """Step m's loss and gradient at ``params`` (leaves that require grad), with the
+        gradient's graph (``create_graph=True``), from the frozen closure and, if the step drew
+        random numbers, the generator states it drew them from."""
+        assert step.closure is not None
+        replaying = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
+        with replaying:
+            loss = step.closure(self.model_at(params))
+        grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
+        if step.closure.key not in self._second_order_checked:
+            check_second_order(list(grads.values()), m)
+            self._second_order_checked.add(step.closure.key)
+        return loss, grads
+
+    def _check(self, m: int, step: _Step, rebuilt: Params, loss: Optional[torch.Tensor]) -> None:
+        """The replay check of step m: the rebuilt ``Φ_m(φ_m)`` against the stored ``φ_{m+1}``."""
+        if self.replay_rtol is None:
+            return
+        stored = self.iterate(m + 1)
+        names = list(stored)
+        losses = None if loss is None or step.loss is None else (loss, step.loss)
+        check_step(m, [rebuilt[n] for n in names], [stored[n] for n in names],
+                   [step.params[n] for n in names], self.replay_rtol, losses=losses,
+                   frozen=step.closure)
+
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
             ) -> tuple[Params, Optional[list[Optional[torch.Tensor]]]]:
         """Pull ``u`` back through step m by a double backward through its graph, rebuilt at
@@ -234,21 +299,25 @@ class Trajectory:
         s_{m+1})`` applied to ``(u, state_adjoint)``, returning the adjoints of φ_m and s_m.
         ``state_adjoint`` lists one adjoint per leaf of the flattened state
         (``torch.utils._pytree``), ``None`` or missing for zero; ``[]`` starts from zero.
+
+        A rebuilt step passes the replay check first (:meth:`_check`).
         """
         step = self._step(m)
         carry = state_adjoint is not None
         with torch.enable_grad():
             if step.graph is not None:
                 params, grads = step.graph
+                loss = None
             else:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-                loss = step.closure(self.model_at(params))  # type: ignore[misc]
-                grads = _grads(loss, params, create_graph=True, step=m)
+                loss, grads = self._rebuild(m, step, params)
             leaves, spec = pytree.tree_flatten(step.state)
             varied = [i for i, t in enumerate(leaves)
                       if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
             leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
             new_params, new_state = step.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
+            if step.graph is None:
+                self._check(m, step, new_params, loss)
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             if carry:
@@ -274,28 +343,23 @@ class Trajectory:
         ``vectors`` maps each name to a tensor with a leading dimension of
         ``len(steps)``; the result has the same layout. Steps are batched with
         ``torch.func.vmap`` in chunks of at most ``chunk_size`` (``None``: all at once).
-        Consecutive steps that share a closure go into one call. A chunk of one step is a
-        plain double backward (:meth:`vjp`): on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0, at 84×84, a vmapped
-        call of one product took 2.3× the time and 1.4× the memory of one.
+        Consecutive steps whose frozen closures differ at most in the tensors they capture
+        (equal :attr:`~metagrad.replay.Frozen.key`), with the same rule, go into one call; the
+        tensors that differ become batched inputs. A step that drew random numbers, or was
+        taken from a given loss, is computed alone, and so is a chunk of one step, as a plain
+        double backward (:meth:`vjp`): on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0, at
+        84×84, a vmapped call of one product took 2.3× the time and 1.4× the memory of one.
+        Every rebuilt step passes the replay check.
         """
         rows = len(steps)
         size = rows if chunk_size is None else chunk_size
         pieces: list[Params] = []
         start = 0
         while start < rows:
-            first = self._step(steps[start])
-            if first.graph is not None:  # a kept graph cannot be vmapped: one product
-                row = {n: t[start] for n, t in vectors.items()}
-                pulled, _ = self.vjp(steps[start], row)
-                pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
-                start += 1
-                continue
-            closure = first.closure
-            key = (_closure_key(closure), id(first.rule))
+            key = self._step(steps[start]).batch_key()
             stop = start + 1
-            while (stop < rows and stop - start < size and self._step(steps[stop]).graph is None
-                   and (_closure_key(self._step(steps[stop]).closure),
-                        id(self._step(steps[stop]).rule)) == key):
+            while (key is not None and stop < rows and stop - start < size
+                   and self._step(steps[stop]).batch_key() == key):
                 stop += 1
             chunk = [self._step(m) for m in steps[start:stop]]
             u = {n: t[start:stop] for n, t in vectors.items()}
@@ -305,32 +369,55 @@ class Trajectory:
                     pulled, _ = self.vjp(m, {n: t[i] for n, t in u.items()})
                     pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
             else:
-                params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
-                pieces.append(self._vmapped_vjp(closure, first.rule, params, states, u))
+                pieces.append(self._vmapped_vjp(list(steps[start:stop]), chunk, states, u))
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
 
-    def _vmapped_vjp(self, closure: Optional[Closure], rule: UpdateRule, params: Params, states: State,
-                     u: Params) -> Params:
+    def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params) -> Params:
+        first = chunk[0]
+        template, rule, used = first.closure, first.rule, first.used
+        assert template is not None
+        # The captured tensors that differ between the chunk's steps become batched inputs.
+        varying = [j for j, (_, tensor) in enumerate(template.tensors)
+                   if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:])]  # type: ignore[union-attr]
+        slots = [template.tensors[j][0] for j in varying]
+        captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) for j in varying]  # type: ignore[union-attr]
+        params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
         model_at = self.model_at
 
-        def row(p: Params, state: State, vector: Params) -> Params:
-            def step_fn(q: Params) -> Params:
-                grads = torch.func.grad(lambda w: closure(model_at(w)))(q)
-                return rule.step(q, grads, state)[0]
+        def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor]
+                ) -> tuple[Params, Params, torch.Tensor]:
+            closure = template.with_tensors(dict(zip(slots, tensors)))
 
-            _, pullback = torch.func.vjp(step_fn, p)
-            return pullback(vector)[0]
+            def step_fn(q: Params) -> tuple[Params, torch.Tensor]:
+                def loss_of(w: Params) -> torch.Tensor:
+                    return closure(model_at({**q, **w}))
+
+                grads, loss = torch.func.grad_and_value(loss_of)({n: q[n] for n in used})
+                return rule.step(q, grads, state)[0], loss
+
+            new, pullback, loss = torch.func.vjp(step_fn, p, has_aux=True)
+            return pullback(vector)[0], new, loss
 
         try:
-            return torch.func.vmap(row)(params, states, u)
+            pulled, rebuilt, losses = torch.func.vmap(row)(params, states, u, captured)
         except (RuntimeError, ValueError) as error:
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
-                "Closures and update rules used with Binomial must be vmap-compatible: no .item() or data-dependent control "
-                "flow, no in-place writes to captured tensors, no random operations. Use "
-                f"estimator=Checkpointed() for closures that cannot be vmapped. ({error})"
+                "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "
+                "data-dependent control flow, no in-place writes to captured tensors. Use "
+                "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
+                f"estimator=Checkpointed(). ({error})"
             ) from error
+        if self.replay_rtol is not None:
+            nexts = [self.iterate(m + 1) for m in steps]
+            names = list(self.theta)
+            recorded = torch.stack([s.loss for s in chunk])  # type: ignore[misc]
+            check_step(steps[0], [rebuilt[n] for n in names],
+                       [torch.stack([nxt[n] for nxt in nexts]) for n in names],
+                       [params[n] for n in names], self.replay_rtol, losses=(losses, recorded),
+                       frozen=template, steps=steps)
+        return pulled
 
     def graph_bytes(self, m: int) -> int:
         """The bytes one rebuilt graph of step m holds: the tensors its forward pass and its
@@ -345,6 +432,7 @@ class Trajectory:
             return sum(g.untyped_storage().nbytes() for g in grads.values())
         params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
         seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
+        replaying = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
 
         held: list[list[torch.Tensor]] = []
 
@@ -355,9 +443,10 @@ class Trajectory:
             return held[-1]
 
         try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]):
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
+                    replaying:
                 loss = step.closure(self.model_at(params))  # type: ignore[misc]
-                grads = _grads(loss, params, create_graph=True, step=m)
+                grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
         finally:
             # A saved output held by the hook holds its own graph in a cycle that garbage
@@ -385,16 +474,24 @@ class Trajectory:
                 f"query was built after {k} steps. Build the query loss from meta.fmodel after "
                 "the last inner step."
             )
+        replaying = self._last_rng.replay() if self._last_rng is not None else contextlib.nullcontext()
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            loss = self.last_closure(self.model_at(params))
-            grads = _grads(loss, params, create_graph=True, step=k - 1)
+            with replaying:
+                loss = self.last_closure(self.model_at(params))
+            grads = _grads(loss, params, create_graph=True, step=k - 1, used=self._last_used)
+        check_second_order(list(grads.values()), k - 1)
+        # Parameters the loss does not use have a zero Hessian row; so do gradients that
+        # carry no graph (a loss linear in them).
+        names = [n for n in grads if grads[n].requires_grad]
         inputs = list(params.values())
-        outputs = [grads[n] for n in params]
+        outputs = [grads[n] for n in names]
 
         def hvp(u: Params) -> Params:
+            if not outputs:
+                return {n: torch.zeros_like(t) for n, t in params.items()}
             with torch.enable_grad():
-                out = torch.autograd.grad(outputs, inputs, [u[n] for n in params],
+                out = torch.autograd.grad(outputs, inputs, [u[n] for n in names],
                                           retain_graph=True, allow_unused=True)
             return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
 
@@ -441,23 +538,28 @@ def _checked_loss(loss: Any, step: int) -> torch.Tensor:
     return loss
 
 
-def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int) -> Params:
-    """``∇L_tr(φ)`` by autograd; parameters the loss does not use get zero gradient."""
+def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
+           used: Optional[Sequence[str]] = None) -> Params:
+    """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
+    known: the names that had a gradient when the step was taken; a rebuilt step that no
+    longer reaches one of them gets a zero gradient there, which the replay check sees).
+    Parameters the loss does not use get no entry: the update rule leaves them as they are."""
     if not loss.requires_grad:
         raise ValueError(
             f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
             "from the model the closure receives (fmodel(x)), not from the original module."
         )
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
+    names = list(params) if used is None else list(used)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
                                 allow_unused=True)
-    if not any(g is None for g in grads):  # (`None in grads` would compare tensors: slow)
-        return dict(zip(params, grads))
+    if used is not None:
+        return {n: _zero_if_none(g, params[n]) for n, g in zip(names, grads)}
     if all(g is None for g in grads):
         raise ValueError(
             f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
             "from the model the closure receives (fmodel(x)), not from the original module."
         )
-    return {n: _zero_if_none(g, params[n]) for n, g in zip(params, grads)}
+    return {n: g for n, g in zip(names, grads) if g is not None}
 
 
 def _zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -466,23 +568,6 @@ def _zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Ten
 
 def _detach_if(params: Params, detach: bool) -> Params:
     return {n: t.detach() for n, t in params.items()} if detach else params
-
-
-def _closure_key(closure: Closure) -> tuple[Any, ...]:
-    """Two closures with equal keys compute the same function of the model.
-
-    Lambdas made afresh at each step (``meta.step(lambda f: loss(f(x), y))``) share
-    their code and the objects they capture, so their steps can be batched together.
-    """
-    function = getattr(closure, "__func__", closure)
-    code = getattr(function, "__code__", None)
-    if code is None:
-        return ("object", id(closure))
-    cells = tuple(_cell_id(c) for c in (function.__closure__ or ()))
-    defaults = tuple(id(d) for d in (function.__defaults__ or ()))
-    bound = id(getattr(closure, "__self__", None))
-    return ("function", code, cells, defaults, bound, id(function.__globals__))
-
 
 
 def _stacked(states: list[State]) -> Optional[State]:
@@ -498,9 +583,3 @@ def _stacked(states: list[State]) -> Optional[State]:
         return None
     return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
 
-
-def _cell_id(cell: Any) -> int:
-    try:
-        return id(cell.cell_contents)
-    except ValueError:  # an empty cell
-        return 0

@@ -36,4 +36,4 @@ class Full(Estimator):
         grads = torch.autograd.grad([final[n] for n in v], [theta[n] for n in v],
                                     [v[n] for n in v], retain_graph=True, allow_unused=True)
         g = {n: torch.zeros_like(v[n]) if t is None else t for n, t in zip(v, grads)}
-        return g, {"steps": steps}
+        return g, {"steps": steps, "hessian_vector_products": steps}

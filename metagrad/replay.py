@@ -1,0 +1,364 @@
+"""Replaying an inner step exactly, and checking that it was (MATH.md, "Replaying a step").
+
+Checkpointed, Truncated and Binomial call the user's closure again during backward, at a
+stored iterate φ_m. They are right only if the rebuilt step is the step that was taken. Three
+things make that true for the loops people write, and one makes it checkable:
+
+- **Frozen closures.** :func:`freeze` copies a closure with the values it captures bound as
+  they were at the step: the cells of a nested function, the globals its code reads (a
+  script's or notebook's top-level loop variables), its defaults, the arguments of a
+  ``functools.partial``, and shallow copies of small tuples, lists and dicts among them.
+  ``for xb, yb in batches: meta.step(lambda f: loss(f(xb), yb))`` then rebuilds every step with
+  its own batch. Tensors are not copied: a tensor changed in place after its step is caught by
+  the check below, and named in its error.
+- **Random numbers.** A closure that consumed random numbers (dropout, augmentation) is replayed
+  with the generator states it started from, CPU and the model's CUDA device, as
+  ``torch.utils.checkpoint(preserve_rng_state=True)`` does; the caller's generators are left as
+  they were. Such steps are rebuilt one at a time, never under ``torch.func.vmap``.
+- **Batching.** Frozen closures that differ only in the tensors they capture, with equal shapes
+  and dtypes (a mini-batch loop), share a :attr:`Frozen.key`; :meth:`Frozen.with_tensors` puts
+  batched tensors in their place, so their steps still go into one vmapped call.
+- **The check.** The stored next iterate is the truth: every rebuilt step's ``Φ_m(φ_m)`` is
+  compared with the stored ``φ_{m+1}``, and its loss with the recorded loss
+  (:func:`check_step`). A mismatch beyond rounding raises :class:`ReplayError`.
+
+What a frozen closure cannot freeze is what the check is for: state read through an object
+(``self.batch``), an iterator (``next(it)`` inside the closure), a function the closure calls
+that reads globals of its own, a generator object passed explicitly, Python state inside an
+update rule (torchopt's ``sgd(dampening>0)`` keeps a first-call flag), or a non-deterministic
+kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance"]
+
+#: Containers captured by a closure are copied (and their tensors batched) up to this many
+#: leaves; larger ones are kept by reference, and the check guards them.
+_MAX_LEAVES = 64
+
+
+class ReplayError(RuntimeError):
+    """A step rebuilt during backward is not the step the inner loop took, or cannot be
+    differentiated twice: the estimator would otherwise return a wrong meta-gradient."""
+
+
+# ------------------------------------------------------------------ frozen closures
+class Frozen:
+    """A closure with the values it captured at one inner step.
+
+    Calling it calls a copy of the user's function whose cells, globals, defaults (or a
+    partial's arguments) hold what they held at the step. ``key`` is equal for two frozen
+    closures that compute the same function up to the tensors they capture;
+    :meth:`with_tensors` substitutes those tensors (for ``torch.func.vmap``).
+    """
+
+    __slots__ = ("_build", "_values", "_specs", "key", "tensors", "versions", "names", "source")
+
+    def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
+                 names: list[str], identity: tuple[Any, ...], source: Callable[..., Any]) -> None:
+        self._build = build
+        self.source = source
+        flat: list[Any] = []
+        specs: list[Any] = []
+        leaf_names: list[str] = []
+        for name, value in zip(names, values):
+            if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
+                leaves, spec = pytree.tree_flatten(value)
+                if len(leaves) <= _MAX_LEAVES:
+                    flat.extend(leaves)
+                    specs.append((spec, len(leaves)))
+                    leaf_names.extend(f"{name}[{i}]" for i in range(len(leaves)))
+                    continue
+            flat.append(value)
+            specs.append(None)
+            leaf_names.append(name)
+        self._values = flat
+        self._specs = specs
+        #: The captured tensors, in slot order, and their version counters at the step.
+        self.tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        self.versions = [v._version for _, v in self.tensors]
+        self.names = leaf_names
+        self.key = (identity, tuple(specs_key(specs)), tuple(
+            ("tensor", v.shape, v.dtype, v.device, v.requires_grad) if isinstance(v, torch.Tensor)
+            else _value_key(v) for v in flat))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self._values)(*args, **kwargs)
+
+    def with_tensors(self, replace: Mapping[int, torch.Tensor]) -> Callable[..., Any]:
+        """The function with the captured values at slots ``replace`` swapped for other tensors."""
+        values = list(self._values)
+        for slot, tensor in replace.items():
+            values[slot] = tensor
+        return self._function(values)
+
+    def modified(self) -> list[str]:
+        """The names of captured tensors changed in place since the step."""
+        return [self.names[i] for (i, t), version in zip(self.tensors, self.versions)
+                if t._version != version]
+
+    def _function(self, flat: list[Any]) -> Callable[..., Any]:
+        values, start = [], 0
+        for spec in self._specs:
+            if spec is None:
+                values.append(flat[start])
+                start += 1
+            else:
+                tree, count = spec
+                values.append(pytree.tree_unflatten(flat[start:start + count], tree))
+                start += count
+        return self._build(values)
+
+
+def specs_key(specs: list[Any]) -> list[Any]:
+    return [None if spec is None else (str(spec[0]), spec[1]) for spec in specs]
+
+
+def _value_key(value: Any) -> tuple[Any, ...]:
+    # Numbers and strings compare by value (a loop index captured as an int); every other
+    # object by identity, which the frozen closure keeps alive.
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return ("value", type(value), value)
+    return ("object", id(value))
+
+
+def freeze(closure: Callable[..., Any]) -> Frozen:
+    """``closure`` with the values it captures bound as they are now (see the module docstring)."""
+    if isinstance(closure, Frozen):
+        return closure
+    if isinstance(closure, functools.partial):
+        inner = freeze(closure.func) if isinstance(closure.func, types.FunctionType) else closure.func
+        names = [f"argument {i}" for i in range(len(closure.args))] + list(closure.keywords)
+        values = [*closure.args, *closure.keywords.values()]
+        count, keywords = len(closure.args), list(closure.keywords)
+
+        def build_partial(values: list[Any]) -> Callable[..., Any]:
+            return functools.partial(inner, *values[:count], **dict(zip(keywords, values[count:])))
+
+        identity = ("partial", inner.key if isinstance(inner, Frozen) else id(inner), count, tuple(keywords))
+        return Frozen(build_partial, values, names, identity, closure)
+    bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
+    function = closure.__func__ if isinstance(closure, types.MethodType) else closure
+    if not isinstance(function, types.FunctionType):  # a callable object: kept as it is
+        return Frozen(lambda values: closure, [], [], ("object", id(closure)), closure)
+    code = function.__code__
+    cells = function.__closure__ or ()
+    cell_values = [_cell_value(cell) for cell in cells]
+    namespace = function.__globals__
+    global_names = [name for name in _global_names(code) if name in namespace]
+    defaults = list(function.__defaults__ or ())
+    values = [*cell_values, *(namespace[name] for name in global_names), *defaults]
+    names = [*code.co_freevars, *global_names, *(f"default {i}" for i in range(len(defaults)))]
+    cuts = (len(cell_values), len(cell_values) + len(global_names))
+    base = {"__builtins__": namespace.get("__builtins__"), "__name__": namespace.get("__name__")}
+
+    def build(values: list[Any]) -> Callable[..., Any]:
+        frozen_cells = tuple(types.CellType() if v is _EMPTY else types.CellType(v)
+                             for v in values[:cuts[0]])
+        frozen_globals = {**base, **dict(zip(global_names, values[cuts[0]:cuts[1]]))}
+        copy = types.FunctionType(code, frozen_globals, function.__name__,
+                                  tuple(values[cuts[1]:]) or None, frozen_cells)
+        copy.__kwdefaults__ = function.__kwdefaults__
+        return copy if bound is None else types.MethodType(copy, bound)
+
+    identity = ("function", code, id(namespace), tuple(global_names), id(bound))
+    return Frozen(build, values, names, identity, closure)
+
+
+class _Empty:
+    def __repr__(self) -> str:
+        return "<empty cell>"
+
+
+_EMPTY = _Empty()
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return _EMPTY
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name the code, and code nested in it (comprehensions, inner functions), may read
+    as a global. Attribute names are included too; they are looked up and skipped if absent."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(dict.fromkeys(_global_names(const)))
+    return tuple(names)
+
+
+# ------------------------------------------------------------------- random numbers
+@dataclass
+class RandomState:
+    """The generator states a step's closure started from (CPU, and a CUDA device if used)."""
+
+    cpu: torch.Tensor
+    cuda: Optional[tuple[int, torch.Tensor]] = None
+
+    @staticmethod
+    def capture(device: torch.device) -> "RandomState":
+        cuda = None
+        if device.type == "cuda" and torch.cuda.is_initialized():
+            index = torch.cuda.current_device() if device.index is None else device.index
+            cuda = (index, torch.cuda.get_rng_state(index))
+        return RandomState(torch.get_rng_state(), cuda)
+
+    def changed(self) -> bool:
+        """Whether any generator has moved since :meth:`capture` (the closure drew numbers)."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return True
+        return self.cuda is not None and not torch.equal(self.cuda[1], torch.cuda.get_rng_state(self.cuda[0]))
+
+    def replay(self) -> Any:
+        """A context in which the generators start from these states; the caller's states are
+        restored on exit."""
+        return _Replaying(self)
+
+
+class _Replaying:
+    def __init__(self, state: RandomState) -> None:
+        self.state = state
+        self.fork: Any = None
+
+    def __enter__(self) -> None:
+        devices = [] if self.state.cuda is None else [self.state.cuda[0]]
+        self.fork = torch.random.fork_rng(devices=devices)
+        self.fork.__enter__()
+        torch.set_rng_state(self.state.cpu)
+        if self.state.cuda is not None:
+            torch.cuda.set_rng_state(self.state.cuda[1], self.state.cuda[0])
+
+    def __exit__(self, *exc: Any) -> None:
+        self.fork.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------ the check
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """The default relative tolerance of the replay check for fast weights of ``dtype``.
+
+    A rebuilt step runs the same operations as the step taken, sometimes in other kernels
+    (batched under vmap, another convolution algorithm), so it agrees to a few units of
+    rounding in the gradient. A step that read other data, other random numbers or another
+    flag differs by a sizeable fraction of the step itself.
+    """
+    if dtype == torch.float64:
+        return 1e-7
+    if dtype == torch.float32:
+        tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
+                                          or torch.backends.cudnn.allow_tf32)
+        return 3e-2 if tf32 else 1e-3
+    return 5e-2 if dtype == torch.float16 else 1e-1
+
+
+def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torch.Tensor],
+               start: Sequence[torch.Tensor], rtol: float, *,
+               losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+               frozen: Optional[Frozen] = None, steps: Optional[Sequence[int]] = None) -> None:
+    """Raise :class:`ReplayError` unless the rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
+
+    The test, for each step m (rows of a batch when ``steps`` is given)::
+
+        ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
+        |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
+
+    with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
+    small fraction of the step's own length, and to rounding of the fast weights themselves.
+    """
+    batched = steps is not None
+
+    def squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+        for t in tensors:
+            t = t.detach().to(torch.float64)
+            total = total + (t.reshape(t.shape[0], -1) if batched else t.reshape(-1)).square().sum(-1)
+        return total
+
+    mismatch = squares([a - b for a, b in zip(rebuilt, stored)]).sqrt()
+    length = squares([b - a for a, b in zip(start, stored)]).sqrt()
+    size = squares(stored).sqrt()
+    eps = torch.finfo(stored[0].dtype).eps
+    bound = rtol * length + 16 * eps * size
+    bad = mismatch > bound
+    loss_bad = torch.zeros_like(bad)
+    if losses is not None:
+        losses = (losses[0].detach(), losses[1].detach())
+        new, old = (t.to(torch.float64) for t in losses)
+        loss_bad = (new - old).abs() > (rtol + 16 * eps) * old.abs()
+    failed = bad | loss_bad
+    if not bool(failed.any()):
+        return
+    rows = [0] if not batched else [int(i) for i in failed.nonzero().flatten()]
+    row = rows[0]
+    at = (lambda t: t[row]) if batched else (lambda t: t)
+    which = step if not batched else steps[row]  # type: ignore[index]
+    found = f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {float(at(mismatch)):.3g} against a step of length " \
+            f"{float(at(length)):.3g} (tolerance {float(at(bound)):.3g})"
+    if losses is not None:
+        found += f"; rebuilt loss {float(at(losses[0])):.10g}, recorded {float(at(losses[1])):.10g}"
+    hint = ""
+    if frozen is not None and frozen.modified():
+        hint = (f" The closure's captured tensors {frozen.modified()} were modified in place after "
+                "this step: give each step its own tensor instead (x = x + noise, not x.add_(noise)).")
+    raise ReplayError(
+        f"inner step {which}, rebuilt during backward, is not the step the inner loop took: {found}. "
+        "The closure or the update rule read something that changed since that step: state read "
+        "through an object or a function the closure calls (self.batch, a helper reading globals), "
+        "an iterator (next(it) inside the closure), data changed in place, a random generator "
+        "passed explicitly, a non-deterministic kernel, or Python state in the update rule (such "
+        f"as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
+        "data outside the closure and capture it (xb, yb = next(it); meta.step(lambda f: "
+        "loss(f(xb), yb))), or use estimator=mg.Full(), which does not rebuild steps. "
+        "MetaGradient(check_replay=<float>) sets the relative tolerance; check_replay=False skips "
+        "this check, and then nothing verifies the rebuilt steps."
+    )
+
+
+def check_second_order(gradients: Sequence[torch.Tensor], step: int) -> None:
+    """Raise :class:`ReplayError` if an inner gradient built with ``create_graph=True`` came
+    through a ``torch.compile``'d function, whose backward cannot be differentiated again: its
+    second derivatives would silently be taken as zero."""
+    seen: set[int] = set()
+    stack = [g.grad_fn for g in gradients if g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("CompiledFunctionBackward"):
+            raise ReplayError(
+                f"closure: the inner gradient at step {step} comes through a torch.compile'd "
+                "function, whose backward cannot be differentiated again (aot_autograd has no "
+                "double backward), so the estimator's second derivatives would be lost. Pass the "
+                "closure uncompiled, or use estimator=mg.FirstOrder(), which needs no second "
+                "derivative."
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def relative_tolerance(check: Any, dtype: torch.dtype, device: torch.device) -> Optional[float]:
+    """The tolerance ``MetaGradient(check_replay=...)`` asks for: ``None`` for no check."""
+    if check is False:
+        return None
+    if check is True:
+        return tolerance(dtype, device)
+    if isinstance(check, (int, float)) and not isinstance(check, bool) and math.isfinite(check) and check > 0:
+        return float(check)
+    raise ValueError(
+        f"check_replay: expected True (the default tolerance), False (no check) or a relative "
+        f"tolerance > 0, got {check!r}."
+    )
