@@ -16,7 +16,29 @@ with dense matrices:
   MATH.md (the a^{(j)}_k levels, and the memory-lean e_j recursion), used only to
   check the reference against itself.
 - :func:`last_factors`: ``(I + B_{K−T})⋯(I + B_{K−1}) v`` (Truncated(T)).
+- :func:`blocked_subset_sum`: (2) within blocks of S steps laid from the last step
+  backwards, chained exactly (the blocked binomial estimator).
 - the closed-form error bounds of MATH.md ("Error bounds").
+
+For any model written as a function of a list of tensors, and for update rules with a
+state (MATH.md, "Optimizers other than plain gradient descent"):
+
+- :class:`SGDRule`, :class:`MomentumRule`, :class:`AdamRule`, :class:`AdagradRule`:
+  ``torch.optim``'s SGD, SGD(momentum), Adam and Adagrad written out by hand as pure
+  ``step(params, grads, state) -> (params, state)`` functions over lists.
+- :func:`plain_loop`: the inner loop without any graph; its ``v = ∇L_val(φ_K)`` is what
+  FirstOrder computes, and it records the state each step starts from.
+- :func:`exact_meta_gradient`: the loop unrolled with ``create_graph=True`` through the
+  parameters *and* the state: the exact meta-gradient.
+- :func:`state_held_constant_factors`: dense ``B_k = J_kᵀ − I`` with
+  ``J_k = ∂φ_{k+1}/∂φ_k`` at the recorded state ``s_k`` held constant, by
+  ``torch.autograd.functional.jacobian``; :func:`last_factors` and :func:`subset_sum`
+  of these are MATH.md's Truncated(T) and Binomial(L) for that rule.
+- :func:`sgd_factors`: ``B_k = −D H_k`` with ``H_k`` by ``torch.autograd.functional.hessian``.
+- :func:`restarted_gradient`: the gradient of the query with respect to a detached leaf
+  copy of ``φ_{K−T}``, through the last T steps unrolled again from it with the state
+  ``s_{K−T}`` a constant (which, for a stateful rule, lets the later states depend on
+  the leaf: it equals the state-held-constant product only for SGD, or for T ≤ 1).
 
 It also holds the small problem builders the tests share (MLPs and quadratics,
 each exposing both a reference evaluation from a list of tensors and a closure for
@@ -456,6 +478,17 @@ def sequential_sum(Bs: Sequence[Tensor], v: Tensor, L: int) -> Tensor:
     return sum(e, torch.zeros_like(v))
 
 
+def blocked_subset_sum(Bs: Sequence[Tensor], v: Tensor, L: int, S: int) -> Tensor:
+    """Blocks of S steps laid from the last step backwards (the earliest block takes the
+    remainder); each block's (2) to order L applied in turn, the last block first."""
+    u, last = v, len(Bs)
+    while last > 0:
+        first = max(0, last - S)
+        u, _ = subset_sum(Bs[first:last], u, L)
+        last = first
+    return u
+
+
 def neumann_partial_sums(A: Tensor, lam: float, b: Tensor, count: int) -> list[Tensor]:
     """``[S_{−1}, S_0, …, S_{count−1}]`` with ``S_{−1} = 0``, ``S_N = Σ_{n≤N} (−A/λ)^n b``,
     by dense products: the Neumann series of ``(I + A/λ)⁻¹ b``."""
@@ -465,6 +498,224 @@ def neumann_partial_sums(A: Tensor, lam: float, b: Tensor, count: int) -> list[T
         sums.append(total.clone())
         term = -(A @ term) / lam
     return sums
+
+
+# ----------------------------------------------------------------------------- stateful rules
+#
+# MATH.md, "Optimizers other than plain gradient descent": one inner step is
+# z_{k+1} = F(z_k) with z = (φ, state). Truncated and Binomial use the parameter block
+# J_k = ∂φ_{k+1}/∂φ_k with the state s_k held constant. The rules below are torch.optim's,
+# written out by hand over lists of tensors; the state is a tuple whose first entry is the
+# number of steps taken (a Python int).
+
+InnerLoss = Callable[[Sequence[Tensor], int], Tensor]
+QueryLoss = Callable[[Sequence[Tensor]], Tensor]
+
+
+def _per_param(lr, i: int):
+    return lr[i] if isinstance(lr, (list, tuple)) else lr
+
+
+class SGDRule:
+    """``φ ← φ − α g`` (``lr`` a float, or one step size per parameter)."""
+
+    def __init__(self, lr) -> None:
+        self.lr = lr
+
+    def init(self, params: Sequence[Tensor]):
+        return (0,)
+
+    def step(self, params, grads, state):
+        return [p - _per_param(self.lr, i) * g for i, (p, g) in enumerate(zip(params, grads))], (state[0] + 1,)
+
+
+class MomentumRule:
+    """``torch.optim.SGD(lr, momentum, dampening, nesterov, weight_decay)``: with
+    ``g ← g + wd·φ``, ``b ← g`` at the first step, else ``b ← μb + (1 − dampening)g``;
+    ``φ ← φ − α(g + μb)`` (Nesterov) or ``φ ← φ − αb``."""
+
+    def __init__(self, lr, momentum: float = 0.9, dampening: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay = nesterov, weight_decay
+
+    def init(self, params):
+        return (0, [torch.zeros_like(p) for p in params])
+
+    def step(self, params, grads, state):
+        count, buffers = state
+        new_params, new_buffers = [], []
+        for i, (p, g, b) in enumerate(zip(params, grads, buffers)):
+            g = g + self.weight_decay * p if self.weight_decay else g
+            b = g if count == 0 else self.momentum * b + (1 - self.dampening) * g
+            direction = g + self.momentum * b if self.nesterov else b
+            new_params.append(p - _per_param(self.lr, i) * direction)
+            new_buffers.append(b)
+        return new_params, (count + 1, new_buffers)
+
+
+class AdamRule:
+    """``torch.optim.Adam(lr, betas, eps, weight_decay)`` (not AMSGrad): with t the step
+    number from 1, ``m ← β1 m + (1 − β1)g``, ``v ← β2 v + (1 − β2)g²``,
+    ``φ ← φ − α/(1 − β1^t) · m / (√v/√(1 − β2^t) + ε)``."""
+
+    def __init__(self, lr, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+
+    def init(self, params):
+        return (0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+
+    def step(self, params, grads, state):
+        count, ms, vs = state
+        beta1, beta2 = self.betas
+        t = count + 1
+        c1, c2 = 1 - beta1 ** t, 1 - beta2 ** t
+        new_params, new_ms, new_vs = [], [], []
+        for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+            g = g + self.weight_decay * p if self.weight_decay else g
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * g * g
+            denom = torch.sqrt(v) / math.sqrt(c2) + self.eps
+            new_params.append(p - (_per_param(self.lr, i) / c1) * m / denom)
+            new_ms.append(m)
+            new_vs.append(v)
+        return new_params, (t, new_ms, new_vs)
+
+
+class AdagradRule:
+    """``torch.optim.Adagrad(lr, eps=1e-10)`` (no lr decay, initial accumulator 0):
+    ``s ← s + g²``, ``φ ← φ − α g / (√s + ε)``."""
+
+    def __init__(self, lr, eps: float = 1e-10) -> None:
+        self.lr, self.eps = lr, eps
+
+    def init(self, params):
+        return (0, [torch.zeros_like(p) for p in params])
+
+    def step(self, params, grads, state):
+        count, sums = state
+        new_params, new_sums = [], []
+        for i, (p, g, s) in enumerate(zip(params, grads, sums)):
+            s = s + g * g
+            new_params.append(p - _per_param(self.lr, i) * g / (torch.sqrt(s) + self.eps))
+            new_sums.append(s)
+        return new_params, (count + 1, new_sums)
+
+
+class TransformRule:
+    """An optax-style gradient transformation (``tx.init(params)``,
+    ``tx.update(grads, state, params=params, inplace=False)``, e.g. torchopt's) as a rule,
+    ``φ ← φ + u``: the transformation's own arithmetic, nothing of metagrad's."""
+
+    def __init__(self, tx) -> None:
+        self.tx = tx
+
+    def init(self, params):
+        return self.tx.init(tuple(params))
+
+    def step(self, params, grads, state):
+        updates, state = self.tx.update(tuple(grads), state, params=tuple(params), inplace=False)
+        return [p + u for p, u in zip(params, updates)], state
+
+
+def _detached(state):
+    """The state with every tensor leaf detached (a constant)."""
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+
+
+@dataclass
+class PlainLoop:
+    """The inner loop run without a graph: the iterates ``φ_0 … φ_K`` (flat), the state
+    each step k starts from (``states[k]``, detached), and ``v = ∇L_val(φ_K)`` (flat)."""
+
+    iterates: list[Tensor]
+    states: list
+    v: Tensor
+    shapes: list[torch.Size]
+
+    @property
+    def K(self) -> int:
+        return len(self.iterates) - 1
+
+
+def plain_loop(theta: Sequence[Tensor], inner_loss: InnerLoss, query_loss: QueryLoss, rule,
+               K: int) -> PlainLoop:
+    """K steps of ``rule`` from θ, each gradient taken at a detached leaf: FirstOrder's v."""
+    shapes = [t.shape for t in theta]
+    params = [t.detach().clone() for t in theta]
+    state = _detached(rule.init(params))
+    iterates, states = [flat(params)], []
+    for k in range(K):
+        leaves = [p.clone().requires_grad_() for p in params]
+        grads = torch.autograd.grad(inner_loss(leaves, k), leaves)
+        states.append(state)
+        new, state = rule.step(params, list(grads), state)
+        params, state = [p.detach() for p in new], _detached(state)
+        iterates.append(flat(params))
+    leaves = [p.clone().requires_grad_() for p in params]
+    v = flat(torch.autograd.grad(query_loss(leaves), leaves))
+    return PlainLoop(iterates, states, v, shapes)
+
+
+def exact_meta_gradient(theta: Sequence[Tensor], inner_loss: InnerLoss, query_loss: QueryLoss,
+                        rule, K: int) -> Tensor:
+    """``∇_θ L_val(φ_K(θ))`` through the parameters and the state, by plain autograd."""
+    theta = [t.detach().clone().requires_grad_() for t in theta]
+    params, state = list(theta), rule.init(theta)
+    state = _detached(state)
+    for k in range(K):
+        grads = torch.autograd.grad(inner_loss(params, k), params, create_graph=True)
+        params, state = rule.step(params, list(grads), state)
+    return flat(torch.autograd.grad(query_loss(params), theta))
+
+
+def state_held_constant_factors(loop: PlainLoop, inner_loss: InnerLoss, rule) -> list[Tensor]:
+    """``B_k = J_kᵀ − I``, with ``J_k`` the dense Jacobian of
+    ``φ ↦ rule.step(φ, ∇L_tr(φ), s_k)[0]`` at ``φ_k`` and the recorded ``s_k`` a constant."""
+    out = []
+    for k in range(loop.K):
+        state = loop.states[k]
+
+        def next_iterate(x: Tensor, k: int = k, state=state) -> Tensor:
+            params = unflat(x, loop.shapes)
+            (gx,) = torch.autograd.grad(inner_loss(params, k), x, create_graph=True)
+            new, _ = rule.step(params, unflat(gx, loop.shapes), state)
+            return flat(new)
+
+        J = torch.autograd.functional.jacobian(next_iterate, loop.iterates[k].clone())
+        out.append(J.T - torch.eye(J.shape[0], dtype=J.dtype))
+    return out
+
+
+def sgd_factors(loop: PlainLoop, inner_loss: InnerLoss, lr) -> list[Tensor]:
+    """``B_k = −H_k D`` for plain SGD (``D`` the step sizes), ``H_k`` the dense Hessian of the
+    flattened inner loss at ``φ_k`` by ``torch.autograd.functional.hessian``."""
+    if isinstance(lr, (list, tuple)):
+        D = flat([torch.as_tensor(a, dtype=loop.v.dtype).expand(s) for a, s in zip(lr, loop.shapes)])
+    else:
+        D = torch.full_like(loop.v, float(lr))
+    out = []
+    for k in range(loop.K):
+        H = torch.autograd.functional.hessian(
+            lambda x, k=k: inner_loss(unflat(x, loop.shapes), k), loop.iterates[k].clone())
+        out.append(-(0.5 * (H + H.T)) * D.unsqueeze(0))
+    return out
+
+
+def restarted_gradient(loop: PlainLoop, inner_loss: InnerLoss, query_loss: QueryLoss, rule,
+                       T: int) -> Tensor:
+    """The gradient of ``L_val(φ_K)`` with respect to a detached leaf copy of ``φ_{K−T}``,
+    the last T steps unrolled again from it with ``create_graph=True`` and the state
+    ``s_{K−T}`` a constant. For SGD this is Truncated(T)."""
+    K = loop.K
+    leaf = loop.iterates[K - T].clone().requires_grad_()
+    params = unflat(leaf, loop.shapes)
+    state = loop.states[K - T] if T > 0 else None
+    for k in range(K - T, K):
+        grads = torch.autograd.grad(inner_loss(params, k), params, create_graph=True)
+        params, state = rule.step(params, list(grads), state)
+    return torch.autograd.grad(query_loss(params), leaf)[0]
 
 
 # ----------------------------------------------------------------------------- bounds

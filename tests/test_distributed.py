@@ -6,10 +6,13 @@ Spawning two processes costs seconds and each scenario milliseconds, so one spaw
 results. The reference, one process over the whole meta-batch with no process group,
 is computed here in the pytest process.
 
-Every wait is bounded: the process group's timeout is 30 s, the scenario that must
-time out uses a group of its own with a 2 s timeout, and the spawn is killed after
-``SPAWN_DEADLINE_S``. Only 127.0.0.1 is used: the pytest process holds the rendezvous
-store on a free loopback port, and gloo is told to use the loopback interface.
+Every wait is bounded: the process group's timeout is ``GROUP_TIMEOUT_S``, the scenario
+that must time out uses a group of its own with a 2 s timeout, and the spawn is killed
+after ``SPAWN_DEADLINE_S``. These bounds are hang guards, generous so that a loaded
+machine does not trip them; no test asserts how long anything took, except that the
+scenario that must time out did wait for its timeout. Ranks are compared with each other
+to ``ACROSS_RANKS``, not bitwise. Only 127.0.0.1 is used: the pytest process holds the
+rendezvous store on a free loopback port, and gloo is told to use the loopback interface.
 """
 
 from __future__ import annotations
@@ -43,9 +46,12 @@ WORLD = 2
 K = 3
 LR = 0.1
 TOLERANCE = 1e-12
-GROUP_TIMEOUT_S = 30
+#: Two ranks hold the same all-reduced sum: equal up to a few rounding errors, whatever the
+#: reduction order of the machine's gloo.
+ACROSS_RANKS = 1e-14
+GROUP_TIMEOUT_S = 120
 SHORT_TIMEOUT_S = 2
-SPAWN_DEADLINE_S = 120
+SPAWN_DEADLINE_S = 600
 LOOPBACK = "127.0.0.1"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_sinusoid.py"
 EXAMPLE_TINY = ["--iterations", "4", "--warmup", "1", "--meta-batch", "5", "--steps", "2", "--test-tasks", "3",
@@ -272,8 +278,9 @@ def test_half_a_meta_batch_per_rank_equals_one_process(ranks, estimator):
     assert [r["share"] for r in per_rank] == [2, 2]
     for rank, outcome in enumerate(per_rank):
         assert_grads_equal(outcome["grads"], expected, f"rank {rank}")
-    for name in expected:  # the same sum on every rank, so θ stays identical after outer.step()
-        assert torch.equal(per_rank[0]["grads"][name], per_rank[1]["grads"][name]), name
+    for name in expected:  # the same sum on every rank, so θ stays the same after outer.step()
+        torch.testing.assert_close(per_rank[1]["grads"][name], per_rank[0]["grads"][name], rtol=0,
+                                   atol=ACROSS_RANKS, msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_one_all_reduce_per_bucket_not_per_tensor(ranks):
@@ -315,8 +322,8 @@ def test_parameters_that_differ_across_ranks_are_named_on_every_rank_without_han
         outcome = result(ranks, scenario, rank)
         assert outcome["error"] is not None, f"rank {rank} did not raise"
         kind, text, _ = outcome["error"]
+        # A ValueError naming the difference, not the TimeoutError of a collective left waiting.
         assert kind == "ValueError" and "ranks [1] differ from rank 0" in text and message in text, text
-        assert outcome["seconds"] < 10, "detected, but only after waiting (a timeout, not the check)"
     for rank in range(WORLD):  # and the group is still usable afterwards
         assert result(ranks, "after_errors", rank)["grads"]["0.weight"] is not None
 
@@ -327,7 +334,8 @@ def test_a_collective_that_times_out_says_so(ranks):
     kind, text, _ = outcome["error"]
     assert kind == "TimeoutError", text
     assert "timed out on rank 0 of 2" in text and "Another rank did not reach the same collective" in text
-    assert SHORT_TIMEOUT_S - 0.5 < outcome["seconds"] < SHORT_TIMEOUT_S + 5
+    # It waited for the group's timeout (a lower bound: load can only lengthen the wait).
+    assert outcome["seconds"] >= SHORT_TIMEOUT_S - 0.5
 
 
 def test_shard_gives_each_rank_a_contiguous_share_covering_the_sequence(ranks):
@@ -391,7 +399,7 @@ def test_example_under_torchrun_on_two_processes_matches_one_process(tmp_path, m
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
                f"--rdzv-endpoint={LOOPBACK}:0", "--nproc_per_node=2", str(EXAMPLE), *EXAMPLE_TINY,
                "--json", str(tmp_path / "two.json")]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_DEADLINE_S, check=False,
                                env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Full on 2 processes" in completed.stdout
@@ -403,7 +411,7 @@ def test_example_under_torchrun_on_two_processes_matches_one_process(tmp_path, m
     finally:
         torch.set_num_threads(threads)
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert two["max_theta_difference_across_ranks"] == 0.0
+    assert 0.0 <= two["max_theta_difference_across_ranks"] <= ACROSS_RANKS
     assert two["train_query_mse"] == pytest.approx(one["train_query_mse"], rel=1e-10)
     assert two["test_mse_mean"] == pytest.approx(one["test_mse_mean"], rel=1e-10)
     assert two["ms_per_iteration"] > 0 and two["ms_average_gradients_alone"] > 0

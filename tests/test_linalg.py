@@ -116,20 +116,39 @@ def test_cg_reaches_tol_on_positive_definite_systems(problem, tol):
     assert float((x - x_star).norm()) <= inverse_norm * (tol + 1e-13) * float(b.norm())
 
 
+def krylov_minimizer(A: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """The x in span{b, Ab, …, A^{k−1}b} that minimizes ‖x − A⁻¹b‖_A (A SPD), by a dense
+    projected solve: what k iterations of CG from x = 0 return, in exact arithmetic."""
+    columns, u = [], b
+    for _ in range(k):
+        columns.append(u / u.norm())
+        u = A @ columns[-1]
+    V, _ = torch.linalg.qr(torch.stack(columns, dim=1))
+    return V @ torch.linalg.solve(V.T @ A @ V, V.T @ b)
+
+
 @settings(max_examples=40)
 @given(problem=dense_problems(low=0.0, high=20.0, min_d=3), max_iter=st.integers(1, 2))
 def test_cg_reports_the_true_residual_when_stopped_early(problem, max_iter):
-    """Stopped by max_iter, CG reports the residual of the x it returns (recomputed, not
-    the recursion's), and converged is exactly ``residual ≤ tol``."""
+    """Stopped by max_iter, CG reports the residual of the x it returns (recomputed here
+    from the dense system, not the recursion's), converged is exactly ``residual ≤ tol``,
+    it ran to the limit unless it converged, and x is the CG iterate: not the zero start,
+    but the Krylov-subspace minimizer for that many iterations."""
     H, b, reg, split = problem
     op = DenseOperator(H, split)
     tol = 1e-14
     x, info = conjugate_gradient(op, op.pack(b), reg=reg, max_iter=max_iter, tol=tol)
     x = op.unpack(x)
-    true = residual(H, reg, x, b)
+    A = system(H, reg)
+    true = float((A @ x - b).norm() / b.norm())
     assert abs(info.residual - true) <= 1e-13
     assert info.converged == (info.residual <= tol)
-    assert info.iterations <= max_iter
+    assert info.iterations == max_iter or (info.converged and 1 <= info.iterations < max_iter)
+    assert info.products == info.iterations + 1 == op.calls
+    assert float(x.norm()) > 0.0
+    x_star = torch.linalg.solve(A, b)
+    expected = krylov_minimizer(A, b, info.iterations)
+    assert float((x - expected).norm()) <= 1e-9 * float(x_star.norm()), (info.iterations, true)
 
 
 def test_cg_one_iteration_is_the_steepest_descent_step():

@@ -5,7 +5,11 @@ inplace=False)`` and ``torchopt.apply_updates``, with ``create_graph=True``) and
 object-style loop (``torchopt.MetaSGD`` / ``MetaAdam`` stepped in place, with
 ``extract_state_dict`` / ``recover_state_dict``). With Full, both adapter paths must give
 its meta-gradients to 1e-10 in float64. The other estimators must agree with Full where
-MATH.md says they are exact.
+MATH.md says they are exact, and FirstOrder, Truncated and Binomial must agree with a
+reference that uses torchopt's transformation itself and no metagrad (tests/reference.py):
+FirstOrder is ``∇L_val(φ_K)`` of a plain loop; Truncated(T) and Binomial(L) are built from
+the dense parameter blocks ``J_k = ∂φ_{k+1}/∂φ_k`` with torchopt's state at step k held
+constant, the approximation MATH.md defines for optimizers with a state.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import metagrad as mg
 
 torchopt = pytest.importorskip("torchopt", reason="torchopt is not installed (pip install 'metagrad[torchopt]')")
 from metagrad.adapters import torchopt as mg_torchopt  # noqa: E402
+
+try:
+    import reference as ref
+except ImportError:  # tests/ made a package
+    from tests import reference as ref
 
 DT = torch.float64
 K = 4
@@ -45,6 +54,28 @@ def make_model(batchnorm: bool = False) -> torch.nn.Module:
         layers.append(torch.nn.BatchNorm1d(8))
     layers += [torch.nn.Tanh(), torch.nn.Linear(8, 1)]
     return torch.nn.Sequential(*layers).to(DT)
+
+
+def forward(params, x, batchnorm: bool = False) -> torch.Tensor:
+    """make_model's network by hand, from the list of its parameters (BatchNorm in
+    training mode: batch statistics, no running statistics)."""
+    h = F.linear(x, params[0], params[1])
+    if batchnorm:
+        h = F.batch_norm(h, None, None, params[2], params[3], training=True)
+    return F.linear(torch.tanh(h), params[-2], params[-1])
+
+
+def reference(make_tx, batchnorm=False, task=TASKS[0]):
+    """The inner loop through torchopt's own transformation, with no metagrad: the plain loop
+    (FirstOrder's v, the iterates, the state each step starts from) and the dense factors
+    ``B_k = J_kᵀ − I`` with that state held constant."""
+    x_s, y_s, x_q, y_q = task
+    theta = [p.detach() for p in make_model(batchnorm).parameters()]
+    inner = lambda p, k: F.mse_loss(forward(p, x_s, batchnorm), y_s)  # noqa: E731
+    query = lambda p: F.mse_loss(forward(p, x_q, batchnorm), y_q)  # noqa: E731
+    rule = ref.TransformRule(make_tx())
+    loop = ref.plain_loop(theta, inner, query, rule, K)
+    return loop, ref.state_held_constant_factors(loop, inner, rule)
 
 
 def flat_grad(model: torch.nn.Module) -> torch.Tensor:
@@ -127,8 +158,15 @@ def test_checkpointed_equals_full_and_state_held_constant_estimators_run(name):
         assert error <= 1e-10
     else:  # an approximation: only a generous bound
         assert error < 2.0
-    lower, _, _ = adapter_functional(TRANSFORMS[name], mg.Binomial(2))
-    assert torch.isfinite(lower).all()
+    # Against the reference: torchopt's own transformation, its state held constant per step.
+    loop, Bs = reference(TRANSFORMS[name])
+    assert rel(truncated, ref.last_factors(Bs, loop.v, K)) <= 1e-10
+    for estimator, expected in ((mg.Binomial(2), ref.subset_sum(Bs, loop.v, 2)[0]),
+                                (mg.Truncated(2), ref.last_factors(Bs, loop.v, 2)),
+                                (mg.FirstOrder(), loop.v)):
+        got, final, _ = adapter_functional(TRANSFORMS[name], estimator)
+        assert rel(ref.flat([t.detach() for t in final.values()]), loop.iterates[-1]) <= 1e-12
+        assert rel(got, expected) <= 1e-10, estimator
 
 
 def test_clip_grad_norm_is_exact_with_checkpointed_and_cannot_be_vmapped():
@@ -218,10 +256,19 @@ def test_object_style_state_held_constant_estimators():
     first, _, _ = object_loop(lambda m: make_ours(m, mg.FirstOrder()))
     b0, _, _ = object_loop(lambda m: make_ours(m, mg.Binomial(0)))
     assert rel(b0, first) <= 1e-12
-    # Momentum: the object style (kept graphs) and closures compute the same approximation.
+    # FirstOrder: the sum over both tasks of ∇L_val(φ_K), φ_K from a plain loop.
+    sgd = lambda: torchopt.sgd(lr=0.1)  # noqa: E731  (as OBJECTS["sgd"])
+    expected_first = sum(reference(sgd, task=task)[0].v for task in TASKS)
+    assert rel(first, expected_first) <= 1e-12
+    # Momentum: the object style (kept graphs) and closures compute the same approximation,
+    # the reference's, with torchopt's momentum buffer held constant in each step.
     loop_got, _, _ = object_loop(lambda m: OBJECTS["momentum"][1](m, mg.Binomial(2)), tasks=TASKS[:1])
     closure_got, _, _ = adapter_functional(TRANSFORMS["momentum"], mg.Binomial(2))
     assert rel(loop_got, closure_got) <= 1e-10
+    loop, Bs = reference(TRANSFORMS["momentum"])
+    assert rel(closure_got, ref.subset_sum(Bs, loop.v, 2)[0]) <= 1e-10
+    truncated, _, _ = object_loop(lambda m: OBJECTS["momentum"][1](m, mg.Truncated(2)), tasks=TASKS[:1])
+    assert rel(truncated, ref.last_factors(Bs, loop.v, 2)) <= 1e-10
 
 
 def test_object_style_puts_fast_weights_in_the_module_and_reports():
@@ -242,6 +289,11 @@ def test_object_style_puts_fast_weights_in_the_module_and_reports():
     query.backward()
     assert rel(flat_grad(model), functional) <= 1e-10
     assert inner_opt.info["order"] == 2 and inner_opt.info["steps"] == K
+    # Plain SGD: MATH.md (2) with dense Hessians of the inner loss at the plain loop's iterates.
+    loop, _ = reference(lambda: torchopt.sgd(lr=0.1))
+    inner = lambda p, k: F.mse_loss(forward(p, XS), YS)  # noqa: E731
+    expected, _ = ref.subset_sum(ref.sgd_factors(loop, inner, 0.1), loop.v, 2)
+    assert rel(functional, expected) <= 1e-10
 
 
 def test_object_style_lifecycle_errors():
@@ -287,13 +339,13 @@ def test_object_style_context_manager_and_tied_weights():
 def test_batchnorm_model_equals_torchopt_and_buffers_are_never_written():
     adam = lambda: torchopt.adam(lr=0.02, eps_root=1e-10)  # noqa: E731  (BatchNorm zeroes a bias gradient)
     expected, _ = torchopt_functional(adam, batchnorm=True)
-    for estimator in (None, mg.Checkpointed(), mg.Binomial(2)):
+    loop, Bs = reference(adam, batchnorm=True)  # batch statistics, Adam's moments held constant
+    for estimator, reference_value in ((None, expected), (mg.Checkpointed(), expected),
+                                       (mg.Binomial(2), ref.subset_sum(Bs, loop.v, 2)[0])):
         got, _, model = adapter_functional(adam, estimator, batchnorm=True)
         assert torch.equal(model[1].running_mean, torch.zeros(8, dtype=DT))
         assert int(model[1].num_batches_tracked) == 0
-        if estimator is not None:
-            continue
-        assert rel(got, expected) <= 1e-10
+        assert rel(got, reference_value) <= 1e-10, estimator
     # Object style: the same gradients as torchopt's loop, which updates the running statistics.
     theirs, _, _ = object_loop(lambda m: torchopt.MetaSGD(m, 0.1), batchnorm=True)
     for estimator in (None, mg.Checkpointed(), mg.Binomial(K)):
@@ -314,14 +366,49 @@ def test_batchnorm_model_equals_torchopt_and_buffers_are_never_written():
     assert int(model[1].num_batches_tracked) == 1
 
 
+def assert_alike(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """NaN in the same entries, the finite entries equal to 1e-10 of the finite part's norm."""
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    finite = ~torch.isnan(theirs)
+    if finite.any():
+        scale = float(theirs[finite].norm())
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=1e-10 * max(scale, 1e-300))
+
+
 def test_adam_eps_root_zero_gives_nan_through_batchnorm_in_torchopt_and_here_alike():
-    """The first layer's bias feeds a BatchNorm: its inner gradient cancels to 0, and Adam's
-    square root at 0 backpropagates 0·inf. eps_root > 0 avoids it (module docstring)."""
-    for eps_root, nan in ((0.0, True), (1e-16, False)):
+    """The first layer's bias feeds a BatchNorm: its inner gradient cancels to 0 in exact
+    arithmetic, and in floating point to 0 or to about 1e-17, depending on the machine's
+    rounding. Where it is exactly 0, Adam's square root at 0 backpropagates 0·inf = NaN; where
+    it is not, the meta-gradient is finite. Either way torchopt's loop and the adapter must
+    agree. eps_root > 0 avoids the square root at 0 on every machine (module docstring)."""
+    for eps_root in (0.0, 1e-16):
         theirs, _, _ = object_loop(lambda m: torchopt.MetaAdam(m, 0.05, eps_root=eps_root), True, TASKS[1:])
         ours, _, _ = object_loop(lambda m: mg_torchopt.MetaAdam(m, 0.05, eps_root=eps_root), True, TASKS[1:])
-        assert bool(torch.isnan(theirs).any()) == bool(torch.isnan(ours).any()) == nan
-    assert rel(ours, theirs) <= 1e-10
+        assert_alike(ours, theirs)
+        if eps_root > 0:
+            assert torch.isfinite(theirs).all() and torch.isfinite(ours).all()
+
+
+def test_adam_eps_root_zero_gives_nan_for_an_exactly_zero_inner_gradient_on_every_machine():
+    """An input feature that is 0 in every support point makes the inner gradient of its
+    first-layer weights exactly 0 (a sum of products with 0: no cancellation, no rounding).
+    With eps_root = 0 the square root at 0 then gives NaN in torchopt's loop and through the
+    adapter alike; eps_root > 0, or mg.optim.Adam (zero derivative of √v at 0), stays finite."""
+    x_s, y_s, x_q, y_q = TASKS[1]
+    x_s = x_s.clone()
+    x_s[:, 1] = 0.0
+    tasks = [(x_s, y_s, x_q, y_q)]
+    for eps_root in (0.0, 1e-16):
+        theirs, _, _ = object_loop(lambda m: torchopt.MetaAdam(m, 0.05, eps_root=eps_root), tasks=tasks)
+        ours, _, _ = object_loop(lambda m: mg_torchopt.MetaAdam(m, 0.05, eps_root=eps_root), tasks=tasks)
+        assert bool(torch.isnan(theirs).any()) is (eps_root == 0.0)
+        assert_alike(ours, theirs)
+    model = make_model()
+    with mg.MetaGradient(model, inner_opt=mg.optim.Adam(lr=0.05)) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(x_s), y_s))
+        F.mse_loss(meta.fmodel(x_q), y_q).backward()
+    assert torch.isfinite(flat_grad(model)).all()
 
 
 def test_importing_metagrad_does_not_import_torchopt():

@@ -459,34 +459,58 @@ def test_diverging_neumann_is_detected_and_returns_best_partial_sum(weights):
         assert residual < 0.05
 
 
-@pytest.mark.parametrize("initial_grad", [None, "ones"])
+class TwoVectors(nn.Module):
+    """Two parameter vectors; calling the module returns their sum."""
+
+    def __init__(self, phi: torch.Tensor, psi: torch.Tensor) -> None:
+        super().__init__()
+        self.phi = nn.Parameter(phi.detach().clone())
+        self.psi = nn.Parameter(psi.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.phi + self.psi
+
+
+@pytest.mark.parametrize("initial_grad", [None, "known"])
 def test_cg_negative_curvature_raises_and_leaves_the_model(initial_grad):
     """H = diag(−3, 1, 2) (rotated), λ = 1: I + H/λ has the eigenvalue −2, and the query
     gradient points mostly along it, so CG meets negative curvature at its first iteration.
-    The error propagates out of backward and out of the block; parameters and .grad are as
-    before the block."""
+    The error propagates out of backward and out of the block. Inside the block a first
+    backward (a penalty on θ itself) has already accumulated into ``.grad``; after the error
+    every ``.grad`` is what it was before the block (None, or the known tensors set there),
+    and the module holds the same Parameter objects with the same values."""
     g = torch.Generator().manual_seed(5)
     Q = random_orthogonal(3, g)
     A = Q @ torch.diag(torch.tensor([-3.0, 1.0, 2.0], dtype=F64)) @ Q.T
     A = 0.5 * (A + A.T)
     q = Q @ torch.tensor([1.0, 0.1, 0.1], dtype=F64)
-    model = Vector(torch.tensor([0.3, -0.2, 0.5], dtype=F64))
-    before = model.phi.detach().clone()
-    if initial_grad == "ones":
-        model.phi.grad = torch.ones(3, dtype=F64)
+    model = TwoVectors(torch.tensor([0.3, -0.2, 0.5], dtype=F64), torch.tensor([0.1, 0.4, -0.6], dtype=F64))
+    params = dict(model.named_parameters())
+    values = {n: p.detach().clone() for n, p in params.items()}
+    known = {"phi": torch.tensor([0.5, -1.5, 2.0], dtype=F64), "psi": torch.tensor([-0.25, 3.0, 0.75], dtype=F64)}
+    if initial_grad == "known":
+        for n, p in params.items():
+            p.grad = known[n].clone()
     with pytest.raises(mg.NegativeCurvatureError, match=r"not positive definite") as excinfo:
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.05),
                              estimator=mg.Implicit(reg=1.0, solver="cg")) as meta:
             for _ in range(3):
                 meta.step(quadratic_closure(A, torch.zeros(3, dtype=F64)))
+            (model.phi ** 2).sum().backward()  # accumulates 2φ into phi.grad inside the block
+            assert model.psi.grad is None or torch.equal(model.psi.grad, known["psi"])
+            assert not torch.equal(model.phi.grad, known["phi"] if initial_grad else torch.zeros(3, dtype=F64))
             linear_query(q)(meta.fmodel).backward()
     message = str(excinfo.value)
     assert "reg" in message and "eigenvalue" in message
-    assert torch.equal(model.phi.detach(), before)
-    if initial_grad is None:
-        assert model.phi.grad is None
-    else:
-        assert torch.equal(model.phi.grad, torch.ones(3, dtype=F64))
+    assert [n for n, _ in model.named_parameters()] == list(params)
+    assert all(model.get_parameter(n) is p for n, p in params.items())  # the same objects
+    assert all(type(p) is nn.Parameter and p.requires_grad for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), values[n]), n
+        if initial_grad is None:
+            assert p.grad is None, n
+        else:
+            assert p.grad is not None and torch.equal(p.grad, known[n]), n
 
 
 def test_neumann_on_indefinite_hessian_with_small_norm_is_fine():

@@ -2,8 +2,14 @@
 
 Full and Checkpointed are exact for every rule: they agree with a hand-unrolled
 float64 reference that writes the momentum and Adam updates out by hand. Truncated and
-Binomial hold the optimizer state constant, an approximation for momentum and Adam:
-their relative error against Full is printed (run with ``-s``) and bounded generously.
+Binomial hold the optimizer state constant. That approximation has a dense reference of
+its own (tests/reference.py): ``J_k = ∂φ_{k+1}/∂φ_k`` at the state ``s_k`` recorded by a
+plain loop, by ``torch.autograd.functional.jacobian``; Truncated(T) is
+``J_{K−T}ᵀ⋯J_{K−1}ᵀ v`` and Binomial(L) the expansion of ``∏(I − A_k)``,
+``A_k = I − J_kᵀ``, to order L. The package must match it to 1e-10 for mg.optim.Momentum,
+mg.optim.Adam and two torchopt rules; the reference itself must differ from the exact
+meta-gradient (it is not Full in disguise). Their relative error against Full is also
+printed (run with ``-s``) and bounded generously.
 """
 
 import math
@@ -11,8 +17,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import metagrad as mg
+
+from ._package import RTOL, ref
+
+try:
+    import torchopt
+    from metagrad.adapters import torchopt as mg_torchopt
+except ImportError:  # the torchopt rules are skipped
+    torchopt = mg_torchopt = None
 
 DT = torch.float64
 K = 5
@@ -102,3 +118,107 @@ def test_sgd_with_per_parameter_step_sizes_stays_exact_for_binomial_and_truncate
     full = meta_gradient(mg.optim.SGD(lr), mg.Full())
     for estimator in (mg.Binomial(K), mg.Truncated(K), mg.Checkpointed()):
         assert rel(meta_gradient(mg.optim.SGD(lr), estimator), full) <= 1e-10
+
+
+# ------------------------------------------------------------ the state-held-constant reference
+needs_torchopt = pytest.mark.skipif(torchopt is None, reason="torchopt is not installed")
+
+#: name -> (the package's rule, the reference's rule, step-size range), both built from one lr.
+STATEFUL = {
+    "momentum": (lambda lr: mg.optim.Momentum(lr, 0.9), lambda lr: ref.MomentumRule(lr, 0.9), (0.01, 0.1)),
+    "adam": (lambda lr: mg.optim.Adam(lr), lambda lr: ref.AdamRule(lr), (0.005, 0.05)),
+    "torchopt.adam": (lambda lr: mg_torchopt.as_update_rule(torchopt.adam(lr=lr)),
+                      lambda lr: ref.TransformRule(torchopt.adam(lr=lr)), (0.005, 0.05)),
+    "torchopt.sgd(momentum=0.9)": (lambda lr: mg_torchopt.as_update_rule(torchopt.sgd(lr=lr, momentum=0.9)),
+                                   lambda lr: ref.TransformRule(torchopt.sgd(lr=lr, momentum=0.9)),
+                                   (0.01, 0.1)),
+}
+STATEFUL_PARAMS = [pytest.param(name, marks=[needs_torchopt] if name.startswith("torchopt") else [])
+                   for name in STATEFUL]
+
+
+def mlp_problem(seed: int) -> ref.MLPProblem:
+    """A 3-4-2 tanh MLP (26 parameters), 6 support and 6 query points."""
+    return ref.build(ref.ProblemSpec("mlp", seed, widths=(3, 4, 2), activation="tanh", n_points=6))
+
+
+def package_meta_gradient(problem, rule, estimator, K):
+    model = problem.module()
+    with mg.MetaGradient(model, inner_opt=rule, estimator=estimator) as meta:
+        for k in range(K):
+            meta.step(problem.closure(k))
+        phi = ref.flat(list(meta.fmodel.params.values())).detach().clone()
+        problem.package_query_loss(meta.fmodel).backward()
+    return ref.flat([p.grad for p in model.parameters()]), phi
+
+
+def held_constant_reference(problem, rule, K):
+    loop = ref.plain_loop(problem.theta, problem.inner_loss, problem.query_loss, rule, K)
+    return loop, ref.state_held_constant_factors(loop, problem.inner_loss, rule)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torchopt's addcmul_ under vmap
+@pytest.mark.parametrize("name", STATEFUL_PARAMS)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), K=st.integers(1, 5), lr_fraction=st.floats(0.0, 1.0),
+       T_fraction=st.floats(0.0, 1.0), L_fraction=st.floats(0.0, 1.0))
+def test_truncated_and_binomial_equal_the_state_held_constant_reference(name, seed, K, lr_fraction,
+                                                                        T_fraction, L_fraction):
+    make_package, make_reference, (lo, hi) = STATEFUL[name]
+    lr = lo + (hi - lo) * lr_fraction
+    T, L = round(T_fraction * K), 1 + round(L_fraction * (K - 1))  # 0 ≤ T ≤ K, 1 ≤ L ≤ K
+    problem = mlp_problem(seed)
+    loop, Bs = held_constant_reference(problem, make_reference(lr), K)
+    cases = {
+        f"Truncated({T})": (mg.Truncated(T), ref.last_factors(Bs, loop.v, T)),
+        f"Binomial({L})": (mg.Binomial(L), ref.subset_sum(Bs, loop.v, L)[0]),
+        f"Binomial({L}, block=2)": (mg.Binomial(L, block=2), ref.blocked_subset_sum(Bs, loop.v, L, 2)),
+    }
+    for label, (estimator, expected) in cases.items():
+        got, phi = package_meta_gradient(problem, make_package(lr), estimator, K)
+        assert ref.rel_err(phi, loop.iterates[-1]) <= 1e-12, (name, label)  # the same inner loop
+        assert ref.rel_err(got, expected) <= RTOL, (name, label, K, lr, seed)
+
+
+@pytest.mark.parametrize("name", STATEFUL_PARAMS)
+def test_the_state_held_constant_reference_is_not_the_exact_meta_gradient(name):
+    """The reference is an approximation, as MATH.md says: for K ≥ 2 it differs from the exact
+    meta-gradient (hand-unrolled through the state) by far more than rounding, except at
+    T = 1, where only the last step is differentiated and its input state is a constant in
+    both. Full is checked against the same exact gradient, so the two references cannot
+    both be the package's."""
+    make_package, make_reference, (lo, hi) = STATEFUL[name]
+    lr, K = hi / 2, 4
+    problem = mlp_problem(3)
+    rule = make_reference(lr)
+    loop, Bs = held_constant_reference(problem, rule, K)
+    exact = ref.exact_meta_gradient(problem.theta, problem.inner_loss, problem.query_loss, rule, K)
+    full, _ = package_meta_gradient(problem, make_package(lr), mg.Full(), K)
+    assert ref.rel_err(full, exact) <= RTOL
+    for T in (2, K):
+        error = ref.rel_err(ref.last_factors(Bs, loop.v, T), exact)
+        print(f"{name}: state-held-constant Truncated({T}) vs exact, relative error {error:.1e}")
+        assert error > 1e-6, (name, T)
+    assert ref.rel_err(ref.subset_sum(Bs, loop.v, K)[0], exact) > 1e-6
+    # Restarted from a leaf copy of φ_{K−T} with s_{K−T} a constant, the later states follow
+    # the leaf: the same as the held-constant product at T = 1, not at T ≥ 2.
+    restart = ref.restarted_gradient(loop, problem.inner_loss, problem.query_loss, rule, 1)
+    assert ref.rel_err(restart, ref.last_factors(Bs, loop.v, 1)) <= RTOL
+    restart = ref.restarted_gradient(loop, problem.inner_loss, problem.query_loss, rule, K)
+    assert ref.rel_err(restart, exact) <= RTOL
+
+
+def test_state_held_constant_reference_is_exact_for_sgd():
+    """With plain SGD nothing is held: the Jacobian reference equals MATH.md's −αH_k
+    (Hessians by torch.autograd.functional.hessian) and its full product the exact g."""
+    problem, K, lr = mlp_problem(7), 4, 0.2
+    rule = ref.SGDRule(lr)
+    loop, Bs = held_constant_reference(problem, rule, K)
+    hessian_factors = ref.sgd_factors(loop, problem.inner_loss, lr)
+    for B, B_h in zip(Bs, hessian_factors):
+        torch.testing.assert_close(B, B_h, rtol=0, atol=1e-13)
+    exact = ref.exact_meta_gradient(problem.theta, problem.inner_loss, problem.query_loss, rule, K)
+    assert ref.rel_err(ref.last_factors(Bs, loop.v, K), exact) <= RTOL
+    for T in range(K + 1):
+        restart = ref.restarted_gradient(loop, problem.inner_loss, problem.query_loss, rule, T)
+        assert ref.rel_err(restart, ref.last_factors(Bs, loop.v, T)) <= RTOL
