@@ -59,7 +59,12 @@ closes at the end of the ``with``. A query loss may be backpropagated after its 
   closures too, so the object style rejects it.
 
 **Optimizer state and the estimators** (MATH.md, "Optimizers other than plain gradient
-descent"). Full and Checkpointed are exact for every torchopt optimizer. Truncated and
+descent"). Full is exact for every torchopt optimizer, and Checkpointed for every one whose
+state is all in its state tree. A rule that keeps Python state of its own, such as
+``torchopt.sgd(momentum, dampening>0)`` (a first-call flag in a Python closure), is rebuilt
+with that state as it is at backward time, not as it was at the step: the replay check
+(:mod:`metagrad.replay`) sees the rebuilt step differ and raises ``ReplayError`` for the
+rebuilding estimators; use Full, or ``mg.optim.Momentum(dampening=...)``. Truncated and
 Binomial hold the state (momentum, Adam's moments and count) constant. That is exact for
 ``torchopt.sgd`` without momentum and an approximation otherwise. torchopt 0.7.3's states
 are NamedTuples and lists whose leaves are all tensors, its step counts included (0-dim

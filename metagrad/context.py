@@ -183,10 +183,12 @@ class MetaGradient:
         Args:
             closure: called as ``closure(fmodel)`` with the model at the current fast
                 weights; returns the scalar inner loss. Estimators that rebuild step
-                graphs (Checkpointed, Truncated, Binomial) call it again during backward
-                at stored fast weights, so it must depend only on the model it is given
-                and on data that stays the same: no hidden state, no random operations,
-                nothing that changes between calls. For Binomial it is also called under
+                graphs (Checkpointed, Truncated, Binomial) call a copy of it frozen at this
+                step (the values it captures now, the random generator states it starts
+                from) again during backward, and check the rebuilt step against the step
+                taken (:mod:`metagrad.replay`): what it reads some other way (an iterator,
+                an object's attributes, data changed in place later) raises
+                :class:`~metagrad.ReplayError`. For Binomial it is also called under
                 ``torch.func.vmap``.
         """
         if not callable(closure):
@@ -303,6 +305,7 @@ class _Snapshot:
         dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
         with torch.enable_grad():
             grads, info = self.estimator.backward(self.trajectory, self.steps, dense)
+        self.trajectory.verify()  # the replay checks still queued (metagrad.replay)
         self.end(info)
         used = self.trajectory.used if self.steps > 0 else set()
         return {n: None if v[n] is None and n not in used else grads[n] for n in self.names}

@@ -11,7 +11,10 @@ a relative-error tolerance::
     report.recommended     # e.g. Binomial(order=3, chunk_size=None)
 
 From the command line, on a built-in sinusoid task: ``python -m metagrad.diagnose --help``
-(the entry point is the module metagrad/diagnose.py).
+(the entry point is the module metagrad/diagnose.py: ``python -m metagrad.diagnosis`` runs
+the same but warns, because ``import metagrad`` has imported this module already). It runs
+with one torch CPU thread unless ``--threads`` says otherwise: the task's ops are small, so
+spreading them over threads costs more than it saves.
 
 **The ℓ estimate.** At ``probes`` iterates spread over the loop (φ_0, the middle, φ_{K−1})
 it runs ``power_iterations`` steps of power iteration on ``u ↦ (I − J_k)ᵀ u`` (``αH_k u``
@@ -205,6 +208,7 @@ def _largest_step_curvature(model: torch.nn.Module, closure: Closure, steps: int
                 u = {n: u[n] - pulled[n] for n in u}  # (I − J_k)ᵀ u
                 estimate = norm(u)
             largest = max(largest, estimate)
+        trajectory.verify()  # the replay checks of the rebuilt steps
     return largest
 
 
@@ -252,13 +256,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per estimator")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--seed", type=int, default=0, help="seed for the net and the task")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (torch.set_num_threads); 1: the task's ops are small, so "
+                             "thread fan-out costs more than it saves, and the timings are comparable")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, (x_s, y_s, x_q, y_q) = _sinusoid_task(args.seed, args.shots, dtype)
     mse = torch.nn.functional.mse_loss
     report = diagnose(model, lambda f: mse(f(x_s), y_s), steps=args.steps, inner_opt=SGD(args.lr),
                       query=lambda f: mse(f(x_q), y_q), rtol=args.rtol, repeats=args.repeats)
     print(report)
+    threads = torch.get_num_threads()
+    print(f"torch CPU threads: {threads} (--threads), torch {torch.__version__}.")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance"]
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance", "compiled"]
 
 #: Containers captured by a closure are copied (and their tensors batched) up to this many
 #: leaves; larger ones are kept by reference, and the check guards them.
@@ -268,10 +268,12 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
 def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torch.Tensor],
                start: Sequence[torch.Tensor], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-               frozen: Optional[Frozen] = None, steps: Optional[Sequence[int]] = None) -> None:
+               frozen: Optional[Frozen] = None, steps: Optional[Sequence[int]] = None,
+               closures: Optional[Sequence[Optional[Frozen]]] = None) -> None:
     """Raise :class:`ReplayError` unless the rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
-    The test, for each step m (rows of a batch when ``steps`` is given)::
+    The test, for each step m (rows of a batch when ``steps`` is given, with ``closures``
+    the frozen closure of each row, for the error's hint)::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
@@ -279,37 +281,48 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
     with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
     small fraction of the step's own length, and to rounding of the fast weights themselves.
     """
-    batched = steps is not None
-
-    def squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-        for t in tensors:
-            t = t.detach().to(torch.float64)
-            total = total + (t.reshape(t.shape[0], -1) if batched else t.reshape(-1)).square().sum(-1)
-        return total
-
-    mismatch = squares([a - b for a, b in zip(rebuilt, stored)]).sqrt()
-    length = squares([b - a for a, b in zip(start, stored)]).sqrt()
-    size = squares(stored).sqrt()
     eps = torch.finfo(stored[0].dtype).eps
-    bound = rtol * length + 16 * eps * size
-    bad = mismatch > bound
-    loss_bad = torch.zeros_like(bad)
-    if losses is not None:
-        losses = (losses[0].detach(), losses[1].detach())
-        new, old = (t.to(torch.float64) for t in losses)
-        loss_bad = (new - old).abs() > (rtol + 16 * eps) * old.abs()
-    failed = bad | loss_bad
-    if not bool(failed.any()):
+    with torch.no_grad():
+        if steps is None:  # one step: a few fused calls, whatever the number of tensors
+            extra = [] if losses is None else [losses[0] - losses[1], losses[1]]
+            norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(list(rebuilt), list(stored)),
+                                                     *torch._foreach_sub(list(stored), list(start)),
+                                                     *stored, *extra])).tolist()
+            count = len(stored)
+            values = [[math.sqrt(sum(x * x for x in norms[i * count:(i + 1) * count]))] for i in range(3)]
+            if losses is not None:  # |ΔL| against |L|: the difference stands in for "new"
+                values += [[norms[-1] + norms[-2]], [norms[-1]]]
+        else:  # rows of a batch: each row's tensors flattened side by side
+            def rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1)
+
+            new, old, first = rows_of(rebuilt), rows_of(stored), rows_of(start)
+            table = torch.stack([(new - old).norm(dim=1), (old - first).norm(dim=1), old.norm(dim=1)])
+            if losses is not None:
+                table = torch.cat([table, torch.stack([t.reshape(-1).to(table.dtype) for t in losses])])
+            values = table.tolist()
+    mismatch, length, size = values[0], values[1], values[2]
+    failed = []
+    for row in range(len(mismatch)):
+        if not math.isfinite(size[row]) or not math.isfinite(length[row]):
+            continue  # the step taken was not finite (check_finite=False): nothing to compare
+        bound = rtol * length[row] + 16 * eps * size[row]
+        bad = not mismatch[row] <= bound  # NaN fails too
+        if losses is not None:
+            new_loss, old_loss = values[3][row], values[4][row]
+            bad = bad or not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss)
+        if bad:
+            failed.append((row, bound))
+    if not failed:
         return
-    rows = [0] if not batched else [int(i) for i in failed.nonzero().flatten()]
-    row = rows[0]
-    at = (lambda t: t[row]) if batched else (lambda t: t)
-    which = step if not batched else steps[row]  # type: ignore[index]
-    found = f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {float(at(mismatch)):.3g} against a step of length " \
-            f"{float(at(length)):.3g} (tolerance {float(at(bound)):.3g})"
+    row, bound = failed[0]
+    which = step if steps is None else steps[row]
+    if closures is not None:
+        frozen = closures[row]
+    found = (f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {mismatch[row]:.3g} against a step of length "
+             f"{length[row]:.3g} (tolerance {bound:.3g})")
     if losses is not None:
-        found += f"; rebuilt loss {float(at(losses[0])):.10g}, recorded {float(at(losses[1])):.10g}"
+        found += f"; rebuilt loss {values[3][row]:.10g}, recorded {values[4][row]:.10g}"
     hint = ""
     if frozen is not None and frozen.modified():
         hint = (f" The closure's captured tensors {frozen.modified()} were modified in place after "
@@ -328,26 +341,32 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
     )
 
 
-def check_second_order(gradients: Sequence[torch.Tensor], step: int) -> None:
-    """Raise :class:`ReplayError` if an inner gradient built with ``create_graph=True`` came
-    through a ``torch.compile``'d function, whose backward cannot be differentiated again: its
-    second derivatives would silently be taken as zero."""
+def compiled(loss: torch.Tensor) -> bool:
+    """Whether ``loss``'s graph goes through a ``torch.compile``'d function (an aot_autograd
+    node), whose backward cannot be differentiated again: a product through such a step would
+    silently take its second derivatives as zero."""
     seen: set[int] = set()
-    stack = [g.grad_fn for g in gradients if g.grad_fn is not None]
+    stack = [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node).__name__.startswith("CompiledFunctionBackward"):
-            raise ReplayError(
-                f"closure: the inner gradient at step {step} comes through a torch.compile'd "
-                "function, whose backward cannot be differentiated again (aot_autograd has no "
-                "double backward), so the estimator's second derivatives would be lost. Pass the "
-                "closure uncompiled, or use estimator=mg.FirstOrder(), which needs no second "
-                "derivative."
-            )
+        if type(node).__name__.startswith("CompiledFunction"):
+            return True
         stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def refuse_compiled(step: int) -> None:
+    """Raise :class:`ReplayError` for a step whose loss came through a compiled function."""
+    raise ReplayError(
+        f"closure: the inner loss at step {step} comes through a torch.compile'd function, whose "
+        "backward cannot be differentiated again (aot_autograd has no double backward), so this "
+        "estimator's second derivatives would be lost and the answer would silently be the "
+        "first-order one. Pass the closure (and the model) uncompiled, or use "
+        "estimator=mg.FirstOrder(), which needs no second derivative."
+    )
 
 
 def relative_tolerance(check: Any, dtype: torch.dtype, device: torch.device) -> Optional[float]:

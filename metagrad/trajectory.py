@@ -1,9 +1,11 @@
 """The stored inner trajectory, and the products estimators compute with it.
 
 During the inner loop the trajectory keeps, for each step k, the iterate φ_k, the
-update rule's state, and the closure that gave the step's loss. It keeps no graph,
-except for the Full estimator, whose inner loop is itself differentiable
-(MATH.md, "Dynamic graph management").
+update rule's state, the step's loss, and the closure that gave it, frozen with the values
+it captured at the step and, if it drew random numbers, the generator states it started
+from (:mod:`metagrad.replay`). It keeps no graph, except for the Full estimator, whose inner
+loop is itself differentiable (MATH.md, "Dynamic graph management"). Every step rebuilt for
+a product is checked against the stored next iterate (MATH.md, "Replaying a step").
 
 Estimators use two products, both with the step Jacobian ``J_m = ∂φ_{m+1}/∂φ_m``
 (the optimizer state held constant, MATH.md "Optimizers other than plain gradient
@@ -53,11 +55,14 @@ from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
-from .replay import Frozen, RandomState, check_second_order, check_step, freeze
+from .replay import Frozen, RandomState, ReplayError, check_step, compiled, freeze, refuse_compiled
 
 __all__ = ["Trajectory", "Closure", "Lifetime"]
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
+
+#: Rebuilt steps whose replay checks are queued before they run together (:meth:`Trajectory.verify`).
+_CHECK_BATCH = 16
 
 
 @dataclass
@@ -99,6 +104,8 @@ class _Step:
     loss: Optional[torch.Tensor] = None
     #: The generator states the closure started from, if it drew random numbers.
     rng: Optional[RandomState] = None
+    #: The loss came through a ``torch.compile``'d function (no second derivative).
+    compiled: bool = False
     #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
@@ -153,6 +160,7 @@ class Trajectory:
         self.last_closure: Optional[Frozen] = None
         self._last_rng: Optional[RandomState] = None
         self._last_used: tuple[str, ...] = tuple(theta)
+        self._last_compiled = False
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
@@ -160,7 +168,9 @@ class Trajectory:
         self._device = next(iter(theta.values())).device if theta else torch.device("cpu")
         #: The names of the fast weights that some inner step's loss depended on.
         self.used: set[str] = set()
-        self._second_order_checked: set[Any] = set()
+        #: Per closure key: whether its loss came through a compiled function (looked at once).
+        self._compiled: dict[Any, bool] = {}
+        self._pending: list[tuple[int, Params, torch.Tensor]] = []
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -202,7 +212,8 @@ class Trajectory:
             loss = closure(self.model_at(params))
         if rng is not None and not rng.changed():
             rng = None
-        return self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng)
+        loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng)
+        return loss
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -241,14 +252,20 @@ class Trajectory:
             new_params, new_state = rule.step(params, grads, self._state)
         used = tuple(grads)
         self.used.update(used)
+        is_compiled = False
+        if closure is not None:
+            if closure.key not in self._compiled:
+                self._compiled[closure.key] = compiled(loss)
+            is_compiled = self._compiled[closure.key]
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
                                    state=self._state, closure=closure, rule=rule, used=used,
-                                   loss=loss.detach(), rng=rng, graph=graph)
+                                   loss=loss.detach(), rng=rng, compiled=is_compiled, graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
         self.last_closure, self._last_rng, self._last_used = closure, rng, used
+        self._last_compiled = is_compiled
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -269,25 +286,51 @@ class Trajectory:
         gradient's graph (``create_graph=True``), from the frozen closure and, if the step drew
         random numbers, the generator states it drew them from."""
         assert step.closure is not None
+        if step.compiled:
+            refuse_compiled(m)
         replaying = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
-        with replaying:
-            loss = step.closure(self.model_at(params))
-        grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
-        if step.closure.key not in self._second_order_checked:
-            check_second_order(list(grads.values()), m)
-            self._second_order_checked.add(step.closure.key)
-        return loss, grads
+        try:
+            with replaying:
+                loss = step.closure(self.model_at(params))
+        except Exception as error:
+            self.verify()  # a mismatch found earlier says more
+            raise ReplayError(
+                f"closure: rebuilt during backward at inner step {m}, it raised {type(error).__name__}: "
+                f"{error}. It ran at that step in the inner loop, so it reads something that has "
+                "changed since (an iterator read with next() inside the closure is exhausted, an "
+                "object's state moved on). Compute each step's data outside the closure and capture "
+                "it, or use estimator=mg.Full(), which does not rebuild steps."
+            ) from error
+        return loss, _grads(loss, params, create_graph=True, step=m, used=step.used)
 
-    def _check(self, m: int, step: _Step, rebuilt: Params, loss: Optional[torch.Tensor]) -> None:
-        """The replay check of step m: the rebuilt ``Φ_m(φ_m)`` against the stored ``φ_{m+1}``."""
+    def _check(self, m: int, rebuilt: Params, loss: torch.Tensor) -> None:
+        """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
+        ``φ_{m+1}``); :meth:`verify` runs the queue, and so does every 16th entry. Checking
+        steps together costs a few batched calls instead of a few calls per tensor per step."""
         if self.replay_rtol is None:
             return
-        stored = self.iterate(m + 1)
-        names = list(stored)
-        losses = None if loss is None or step.loss is None else (loss, step.loss)
-        check_step(m, [rebuilt[n] for n in names], [stored[n] for n in names],
-                   [step.params[n] for n in names], self.replay_rtol, losses=losses,
-                   frozen=step.closure)
+        self._pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach()))
+        if len(self._pending) >= _CHECK_BATCH:
+            self.verify()
+
+    def verify(self) -> None:
+        """Run the queued replay checks; raise :class:`~metagrad.ReplayError` on a mismatch.
+
+        Callers of :meth:`vjp` call it before they hand out a result (the context manager does,
+        after every estimator's backward)."""
+        pending, self._pending = self._pending, []
+        if not pending or self.replay_rtol is None:
+            return
+        names = list(self.theta)
+        steps = [m for m, _, _ in pending]
+        nexts = [self.iterate(m + 1) for m in steps]
+        starts = [self._step(m).params for m in steps]
+        recorded = [self._step(m).loss for m in steps]
+        check_step(steps[0], [torch.stack([r[n] for _, r, _ in pending]) for n in names],
+                   [torch.stack([t[n] for t in nexts]) for n in names],
+                   [torch.stack([t[n] for t in starts]) for n in names], self.replay_rtol,
+                   losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),  # type: ignore[arg-type]
+                   frozen=None, steps=steps, closures=[self._step(m).closure for m in steps])
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
             ) -> tuple[Params, Optional[list[Optional[torch.Tensor]]]]:
@@ -316,8 +359,8 @@ class Trajectory:
                       if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
             leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
             new_params, new_state = step.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
-            if step.graph is None:
-                self._check(m, step, new_params, loss)
+            if loss is not None:
+                self._check(m, new_params, loss)
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             if carry:
@@ -377,6 +420,8 @@ class Trajectory:
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
         assert template is not None
+        if first.compiled:
+            refuse_compiled(steps[0])
         # The captured tensors that differ between the chunk's steps become batched inputs.
         varying = [j for j, (_, tensor) in enumerate(template.tensors)
                    if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:])]  # type: ignore[union-attr]
@@ -416,7 +461,7 @@ class Trajectory:
             check_step(steps[0], [rebuilt[n] for n in names],
                        [torch.stack([nxt[n] for nxt in nexts]) for n in names],
                        [params[n] for n in names], self.replay_rtol, losses=(losses, recorded),
-                       frozen=template, steps=steps)
+                       steps=steps, closures=[s.closure for s in chunk])
         return pulled
 
     def graph_bytes(self, m: int) -> int:
@@ -474,13 +519,14 @@ class Trajectory:
                 f"query was built after {k} steps. Build the query loss from meta.fmodel after "
                 "the last inner step."
             )
+        if self._last_compiled:
+            refuse_compiled(k - 1)
         replaying = self._last_rng.replay() if self._last_rng is not None else contextlib.nullcontext()
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
             with replaying:
                 loss = self.last_closure(self.model_at(params))
             grads = _grads(loss, params, create_graph=True, step=k - 1, used=self._last_used)
-        check_second_order(list(grads.values()), k - 1)
         # Parameters the loss does not use have a zero Hessian row; so do gradients that
         # carry no graph (a loss linear in them).
         names = [n for n in grads if grads[n].requires_grad]
@@ -501,6 +547,7 @@ class Trajectory:
     def release(self) -> None:
         """Drop every stored iterate and graph; later use raises a clear error."""
         self._steps = {}
+        self._pending = []
         self.last_closure = None
         self._current = {}
         self._state = {}
