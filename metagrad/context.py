@@ -307,8 +307,10 @@ class _Snapshot:
             grads, info = self.estimator.backward(self.trajectory, self.steps, dense)
         self.trajectory.verify()  # the replay checks still queued (metagrad.replay)
         self.end(info)
-        used = self.trajectory.used if self.steps > 0 else set()
-        return {n: None if v[n] is None and n not in used else grads[n] for n in self.names}
+        # No path from the query reaches θ_n when the query does not use φ_K[n] and the
+        # estimate for it is structurally zero (an inner-only parameter that nothing couples
+        # to the rest); plain autograd then leaves .grad as it was, and so does this.
+        return {n: None if v[n] is None and not bool(grads[n].any()) else grads[n] for n in self.names}
 
     def begin(self) -> None:
         """Raise if the trajectory was released or θ changed in place since the block began."""

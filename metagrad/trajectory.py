@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -106,6 +106,8 @@ class _Step:
     rng: Optional[RandomState] = None
     #: The loss came through a ``torch.compile``'d function (no second derivative).
     compiled: bool = False
+    #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
+    modes: tuple[bool, ...] = ()
     #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
@@ -114,7 +116,7 @@ class _Step:
         """Steps with equal keys can be rebuilt in one vmapped call; ``None``: only alone."""
         if self.graph is not None or self.rng is not None or self.closure is None:
             return None
-        return (self.closure.key, id(self.rule), self.used)
+        return (self.closure.key, id(self.rule), self.used, self.modes)
 
 
 class Trajectory:
@@ -161,6 +163,8 @@ class Trajectory:
         self._last_rng: Optional[RandomState] = None
         self._last_used: tuple[str, ...] = tuple(theta)
         self._last_compiled = False
+        self._submodules = list(module.modules())
+        self._last_modes: tuple[bool, ...] = ()
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
@@ -252,6 +256,7 @@ class Trajectory:
             new_params, new_state = rule.step(params, grads, self._state)
         used = tuple(grads)
         self.used.update(used)
+        modes = self._modes()
         is_compiled = False
         if closure is not None:
             if closure.key not in self._compiled:
@@ -260,12 +265,13 @@ class Trajectory:
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
                                    state=self._state, closure=closure, rule=rule, used=used,
-                                   loss=loss.detach(), rng=rng, compiled=is_compiled, graph=graph)
+                                   loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
+                                   graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
         self.last_closure, self._last_rng, self._last_used = closure, rng, used
-        self._last_compiled = is_compiled
+        self._last_compiled, self._last_modes = is_compiled, modes
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -288,9 +294,8 @@ class Trajectory:
         assert step.closure is not None
         if step.compiled:
             refuse_compiled(m)
-        replaying = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
         try:
-            with replaying:
+            with self._as_taken(step.rng, step.modes):
                 loss = step.closure(self.model_at(params))
         except Exception as error:
             self.verify()  # a mismatch found earlier says more
@@ -302,6 +307,28 @@ class Trajectory:
                 "it, or use estimator=mg.Full(), which does not rebuild steps."
             ) from error
         return loss, _grads(loss, params, create_graph=True, step=m, used=step.used)
+
+    def _modes(self) -> tuple[bool, ...]:
+        """``training`` of every submodule now; the previous step's tuple when unchanged."""
+        modes = tuple(sub.training for sub in self._submodules)
+        return self._last_modes if modes == self._last_modes else modes
+
+    @contextlib.contextmanager
+    def _as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...]) -> Iterator[None]:
+        """Run a rebuild as its step ran: the random generators from the states the step drew
+        from, and every submodule in the mode (train or eval) it was in. Both are put back."""
+        now = tuple(sub.training for sub in self._submodules)
+        changed = bool(modes) and modes != now
+        if changed:
+            for sub, mode in zip(self._submodules, modes):
+                sub.training = mode
+        try:
+            with rng.replay() if rng is not None else contextlib.nullcontext():
+                yield
+        finally:
+            if changed:
+                for sub, mode in zip(self._submodules, now):
+                    sub.training = mode
 
     def _check(self, m: int, rebuilt: Params, loss: torch.Tensor) -> None:
         """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
@@ -445,8 +472,18 @@ class Trajectory:
             return pullback(vector)[0], new, loss
 
         try:
-            pulled, rebuilt, losses = torch.func.vmap(row)(params, states, u, captured)
-        except (RuntimeError, ValueError) as error:
+            with self._as_taken(None, first.modes):
+                pulled, rebuilt, losses = torch.func.vmap(row)(params, states, u, captured)
+        except Exception as error:
+            if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
+                self.verify()
+                raise ReplayError(
+                    f"closure: rebuilt during backward at inner steps {steps[0]}…{steps[-1]}, it raised "
+                    f"{type(error).__name__}: {error}. It ran at those steps in the inner loop, so it "
+                    "reads something that has changed since (an iterator read with next() inside the "
+                    "closure). Compute each step's data outside the closure and capture it, or use "
+                    "estimator=mg.Full(), which does not rebuild steps."
+                ) from error
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
                 "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "
@@ -477,7 +514,6 @@ class Trajectory:
             return sum(g.untyped_storage().nbytes() for g in grads.values())
         params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
         seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
-        replaying = step.rng.replay() if step.rng is not None else contextlib.nullcontext()
 
         held: list[list[torch.Tensor]] = []
 
@@ -489,7 +525,7 @@ class Trajectory:
 
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
-                    replaying:
+                    self._as_taken(step.rng, step.modes):
                 loss = step.closure(self.model_at(params))  # type: ignore[misc]
                 grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
@@ -521,10 +557,9 @@ class Trajectory:
             )
         if self._last_compiled:
             refuse_compiled(k - 1)
-        replaying = self._last_rng.replay() if self._last_rng is not None else contextlib.nullcontext()
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            with replaying:
+            with self._as_taken(self._last_rng, self._last_modes):
                 loss = self.last_closure(self.model_at(params))
             grads = _grads(loss, params, create_graph=True, step=k - 1, used=self._last_used)
         # Parameters the loss does not use have a zero Hessian row; so do gradients that

@@ -51,7 +51,6 @@ ESTIMATORS = {
 ALL = list(ESTIMATORS)
 REBUILDING = [name for name in ALL if name != "Full"]
 #: The estimators whose rebuilt steps go through one torch.func.vmap call per level.
-VMAPPED = ["Binomial(K)", "Binomial(2,block=2)"]
 
 
 def estimator(name, K):
@@ -402,13 +401,7 @@ def test_iterator_read_inside_closure(name):
     assert_matches(model, expected)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, raises=StopIteration,
-        reason="library bug: a closure that raises while rebuilt under torch.func.vmap (here "
-               "next(it) on an exhausted iterator) lets a bare StopIteration out of backward "
-               "instead of a ReplayError; the one-step-at-a-time path wraps it"))
-    if name in VMAPPED else name for name in REBUILDING])
+@pytest.mark.parametrize("name", REBUILDING)
 def test_exhausted_iterator_read_inside_closure(name):
     """``it = iter(batches)`` with exactly K batches, read inside the closure: the rebuilt
     step's ``next(it)`` finds the iterator exhausted. This is a step that cannot be replayed,
@@ -478,13 +471,7 @@ def test_dropout_in_train_mode(name, case, p):
 EVAL_QUERY = dict(seed=5, K=3, lr=0.1, d_in=2, width=5, n=4)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=() if name == "Full" else pytest.mark.xfail(
-        strict=True, raises=mg.ReplayError,
-        reason="library limitation: the module's train/eval mode is not recorded with a step; "
-               "after model.eval() for the query, backward rebuilds the inner steps (taken in "
-               "train mode, with dropout) in eval mode, and the replay check rejects them"))
-    for name in ALL])
+@pytest.mark.parametrize("name", ALL)
 def test_dropout_inner_train_query_eval(name):
     """Inner loop in train mode (dropout), ``model.eval()`` before the query: the meta-gradient
     of MATH.md is the one through the steps as taken, which Full and the reference give."""
@@ -690,13 +677,7 @@ def test_unused_parameters_sgd(name):
     assert_matches(model, expected, [n for n in expected if n != "aux"])
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=() if name == "Full" else pytest.mark.xfail(
-        strict=True,
-        reason="library bug: a parameter only the inner loss uses, which no path connects to the "
-               "query, gets .grad = zeros where plain autograd (and Full) leaves it None, so an "
-               "outer optimizer's weight decay/momentum then moves it under these estimators only"))
-    for name in ALL])
+@pytest.mark.parametrize("name", ALL)
 def test_inner_only_parameter_unreached_by_query(name):
     """``aux`` enters the inner loss as its own regularizer term; the query never reaches it.
     Plain autograd leaves its ``.grad`` None."""
