@@ -51,7 +51,7 @@ def run_example(processes: int, estimator: str, args: argparse.Namespace, device
     flags = ["--estimator", estimator, "--meta-batch", str(args.meta_batch), "--iterations",
              str(args.iterations), "--warmup", str(args.warmup), "--steps", str(args.steps),
              "--order", str(args.order), "--test-tasks", str(args.test_tasks), "--device", device,
-             "--seed", str(args.seed), "--json", out]
+             "--seed", str(args.seed), "--threads", str(args.threads), "--json", out]
     if processes == 1:
         command = [sys.executable, str(EXAMPLE), *flags]
     else:  # torchrun from this interpreter; --standalone: a local rendezvous on a free port
@@ -102,13 +102,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: add a row for one process on one GPU beside the CPU rows")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per process (torch.set_num_threads in the example); 1: the "
+                             "per-task ops are small, and the processes share the cores")
     parser.add_argument("--out", default=os.path.join("results", "distributed_scaling"),
                         help="folder for results.json and results.md")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    print(f"torch CPU threads per process: {args.threads} (--threads)", file=sys.stderr)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available to this torch build.")
     configurations = [(1, "cpu"), (2, "cpu")] + ([(1, "cuda")] if args.device == "cuda" else [])
@@ -137,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                 })
     caption = (f"Meta-batch {args.meta_batch}, K = {args.steps}, {args.iterations - args.warmup} timed "
                f"iterations per run, median of {args.repeats} runs; {cpu_model()}, {os.cpu_count()} cores, "
-               f"1 torch thread per process, torch {torch.__version__}; load average (1/5/15 min) "
+               f"{args.threads} torch thread{'s' if args.threads != 1 else ''} per process, torch {torch.__version__}; load average (1/5/15 min) "
                f"{load_before} before and {load_average()} after.")
     lines = ["| estimator | processes | device | ms / meta-iter | vs 1 CPU process | ms in average_gradients "
              "| collectives alone (after a barrier) | meta-test MSE |", "|---|---|---|---|---|---|---|---|"]

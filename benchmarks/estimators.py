@@ -624,9 +624,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--baselines", choices=("on", "off"), default="on",
                         help="also run the full unrolls of a plain autograd loop, higher and torchopt")
     parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, MATH.md's shapes (64 is MAML's Omniglot net)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 on cpu, where a shared machine makes more "
-                             "threads mostly wait on each other; torch's default on cuda)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (torch.set_num_threads), on cpu and cuda alike; 1, as in "
+                             "every table of the README: the per-task ops are small, so thread fan-out costs "
+                             "more than it saves, and on a shared machine more threads mostly wait on each other")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the task")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also write the tables here")
@@ -644,6 +645,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--chunk-size: every value must be >= 1")
     if args.lr < 0:
         parser.error("--lr must be >= 0")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
     args.estimators = [e for e in ESTIMATORS if e in args.estimators or e == "full"]
     return args
 
@@ -693,9 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
         return render(args.render)
-    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     device, flags = setup_device(args.device)
     config = CONFIGS[args.config]
     if args.filters is not None:
@@ -711,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     machine = machine_description(device)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    where = (f"{machine['gpu']} (CUDA {machine['cuda']}, TF32 off, cuDNN deterministic)"
+    where = (f"{machine['gpu']} (CUDA {machine['cuda']}, TF32 off, cuDNN deterministic), "
+             f"torch CPU threads: {machine['torch_threads']}"
              if device.type == "cuda" else
              f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, torch threads: {machine['torch_threads']}")
     header = [

@@ -7,16 +7,29 @@
 # The benchmark sets TF32 off, cudnn.deterministic on and cudnn.benchmark off for its run
 # and prints that it did. The error column is computed on the GPU in float32.
 #
-# Usage (from anywhere):  benchmarks/gpu.sh [OUTDIR]
+# Usage (from anywhere):  benchmarks/gpu.sh [OUTDIR]      benchmarks/gpu.sh --help
 #   OUTDIR defaults to results/benchmarks/gpu-<UTC time>. It receives, per config,
 #   <config>.json, <config>.md and <config>.out (stdout), plus products.json/.md,
 #   tables.md (everything) and nvidia-smi.txt.
 # PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
+# THREADS=... sets the torch CPU threads of every run (default 1, as in the CPU tables).
 set -euo pipefail
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    -*) echo "benchmarks/gpu.sh: unknown option $1 (the one argument is OUTDIR; --help)" >&2; exit 2 ;;
+esac
+[ $# -le 1 ] || { echo "benchmarks/gpu.sh: expected at most one argument, OUTDIR (--help)" >&2; exit 2; }
+
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+THREADS=${THREADS:-1}
+echo "torch CPU threads: $THREADS (THREADS)"
 OUT=${1:-results/benchmarks/gpu-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
@@ -26,7 +39,7 @@ run() {
     local config=$1
     shift
     local start=$SECONDS
-    "$PY" -m benchmarks.estimators --config "$config" --device cuda --K 5 20 50 --repeats 5 \
+    "$PY" -m benchmarks.estimators --config "$config" --device cuda --K 5 20 50 --repeats 5 --threads "$THREADS" \
         --json "$OUT/$config.json" --markdown "$OUT/$config.md" --no-progress "$@" \
         | tee "$OUT/$config.out"
     echo "$config: $((SECONDS - start)) s" | tee -a "$OUT/seconds.txt"
@@ -39,7 +52,7 @@ run omniglot
 run miniimagenet --chunk-size 10 --max-memory 3GiB
 
 start=$SECONDS
-"$PY" -m benchmarks.products --device cuda --config sinusoid omniglot miniimagenet --batch 20 \
+"$PY" -m benchmarks.products --device cuda --config sinusoid omniglot miniimagenet --batch 20 --threads "$THREADS" \
     --json "$OUT/products.json" | tee "$OUT/products.md"
 echo "products: $((SECONDS - start)) s" | tee -a "$OUT/seconds.txt"
 

@@ -19,7 +19,7 @@ from ``loop``'s products (rounding only: the three compute the same products).
 A formulation that fails (some operators have no forward-mode rule under ``vmap``) gets
 its error in the notes column.
 
-Run::
+Run (from the repository root; ``python benchmarks/products.py`` works too)::
 
     python -m benchmarks.products --config omniglot --batch 20 --device cpu --json out.json
 """
@@ -32,8 +32,10 @@ import gc
 import json
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -41,8 +43,10 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from metagrad.memory import peak_memory
 
-from .estimators import (CONFIGS, build_problem, format_bytes, machine_description, setup_device,
-                         synchronize)
+if __package__ in (None, ""):  # run as a file, python benchmarks/products.py: import the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.estimators import (CONFIGS, build_problem, format_bytes,  # noqa: E402
+                                   machine_description, setup_device, synchronize)
 
 Params = dict[str, torch.Tensor]
 
@@ -147,7 +151,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="cuda sets TF32 off and cudnn.deterministic on for the run")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (torch.set_num_threads); 1, as in every table of the README: "
+                             "the per-task ops are small, so thread fan-out costs more than it saves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every number here")
     args = parser.parse_args(argv)
@@ -155,18 +161,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--repeats: expected at least 5 (the median of >= 5 runs), got {args.repeats}.")
     if any(b < 1 for b in args.batch):
         parser.error(f"--batch: expected integers >= 1, got {args.batch}.")
+    if args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}.")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device, flags = setup_device(args.device)
     dtype = getattr(torch, args.dtype)
     machine = machine_description(device)
-    where = machine.get("gpu") or f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, " \
-                                  f"torch threads: {machine['torch_threads']}"
+    where = (f"{machine['gpu']}, torch CPU threads: {machine['torch_threads']}" if machine.get("gpu") else
+             f"CPU: {machine['cpu']}, {machine['cpu_count']} cores, torch threads: {machine['torch_threads']}")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cases = []
     for name in args.config:

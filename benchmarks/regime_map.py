@@ -4,9 +4,10 @@ On the 1-40-40-1 ReLU sinusoid net of MATH.md (float64, one task, random init), 
 sweeps the inner step size α at fixed K, and records for FirstOrder, Truncated(L) and
 Binomial(L) the relative error against the exact meta-gradient, with K·α·ℓ estimated
 by :func:`metagrad.diagnose` (power iteration over the inner iterates). It prints a
-Markdown table and writes a log-log plot::
+Markdown table and writes a log-log plot, ``regime_map.png``, into the folder ``--out``
+(``docs/regime_map.png`` is this command's)::
 
-    python -m benchmarks.regime_map --K 5 20 --out docs/regime_map.png
+    python -m benchmarks.regime_map --K 5 20 --out docs
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 from typing import Optional, Sequence
@@ -114,24 +116,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max", type=float, default=10.0, help="largest K·α·ℓ aimed at")
     parser.add_argument("--ell", type=float, default=30.0, help="ℓ guess used to place the α grid")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="regime_map.png", help="the plot (PNG)")
+    parser.add_argument("--out", default=os.path.join("results", "regime_map"), metavar="DIR",
+                        help="output folder for the plot, regime_map.png (a path ending in .png is still read "
+                             "as the earlier form: the plot file itself)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (torch.set_num_threads); 1: the net is 40 wide, so thread "
+                             "fan-out costs more than it saves")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.points < 2:
+        parser.error("--points must be >= 2")
+    torch.set_num_threads(args.threads)
+    png = args.out if args.out.endswith(".png") else os.path.join(args.out, "regime_map.png")
     rows = []
     for K in args.K:
         alphas = [args.min * (args.max / args.min) ** (i / (args.points - 1)) / (K * args.ell)
                   for i in range(args.points)]
         rows += sweep(K, alphas, args.seed)
     names = [label(e) for e in estimators() if not isinstance(e, mg.Full)]
-    print(f"torch {torch.__version__}, {platform.machine()} CPU, float64, seed {args.seed}")
+    print(f"torch {torch.__version__}, {platform.machine()} CPU, {torch.get_num_threads()} torch "
+          f"thread{'s' if torch.get_num_threads() != 1 else ''}, float64, seed {args.seed}")
     print("| K | α | K·α·ℓ | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for r in rows:
         print(f"| {r['K']} | {r['alpha']:.2e} | {r['k_alpha_ell']:.3g} | "
               + " | ".join(f"{r[n]:.1e}" if n in r else "—" for n in names) + " |")
-    plot(rows, args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    plot(rows, png)
+    print(f"wrote {png}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(rows, handle, indent=1)

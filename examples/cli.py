@@ -1,12 +1,18 @@
-"""Command-line and output pieces shared by the examples."""
+"""Command-line and output pieces shared by the examples.
+
+This is a module, not a script: ``examples/sinusoid.py``, ``fewshot.py``,
+``distributed_sinusoid.py`` and ``higher_maml.py`` import it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
-from collections.abc import Sequence
-from typing import ContextManager, Union
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, ContextManager, Optional, Union
 
 import numpy as np
 import torch
@@ -22,6 +28,27 @@ def order_argument(text: str) -> Union[int, str]:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+#: ``--threads`` help, shared by the examples.
+THREADS_HELP = ("torch CPU threads (torch.set_num_threads). Default 1: a task's tensors here are small, so "
+                "spreading each op over threads costs more in synchronization than it saves; on a loaded "
+                "2-core machine Binomial(3) took 12-19x longer per meta-iteration at torch's default of 2 "
+                "threads (README, Benchmarks)")
+
+
+def add_threads_argument(parser: Union[argparse.ArgumentParser, Any], text: str = THREADS_HELP) -> None:
+    """``--threads N`` (default 1) on ``parser`` or an argument group of it."""
+    parser.add_argument("--threads", type=int, default=1, help=text)
+
+
+def set_threads(threads: int, say: bool = True) -> int:
+    """Set torch's CPU thread count to ``threads``, say so on stderr (if ``say``), and return it."""
+    torch.set_num_threads(threads)
+    used = torch.get_num_threads()
+    if say:
+        print(f"torch CPU threads: {used} (--threads)", file=sys.stderr)
+    return used
 
 
 def setup_device(name: str) -> torch.device:
@@ -50,3 +77,56 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     index = np.arange(1, len(values) + 1)
     start = np.maximum(index - window, 0)
     return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+# --------------------------------------------------------------------- warnings
+#: An estimator's warnings by kind: the message with its numbers masked → ``{"count", "first"}``.
+WarningCounts = dict[str, dict[str, Any]]
+
+
+def warning_kind(message: str) -> str:
+    """A warning's message with its numbers masked, so that one kind of warning is one key."""
+    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
+
+
+@contextlib.contextmanager
+def counting_warnings(seen: Optional[WarningCounts]) -> Iterator[None]:
+    """Count metagrad's warnings raised inside the block into ``seen`` instead of printing them.
+
+    An estimator's warnings (:class:`mg.MetaGradientWarning`: a binomial series that is not
+    converging, a fallback, a solve that missed its tolerance) would otherwise print once
+    per task, each with its own numbers, into the progress bars. Wrap one task's
+    meta-gradient in this block: each kind that the task raised counts once (``count`` is
+    then the number of tasks it warned on), and the first message of each kind is kept.
+    Other warnings are shown as they would have been. With ``seen=None`` nothing changes.
+    """
+    if seen is None:
+        yield
+        return
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", mg.MetaGradientWarning)
+            yield
+    finally:
+        kinds = set()
+        for record in caught:
+            if issubclass(record.category, mg.MetaGradientWarning):
+                kind = warning_kind(str(record.message))
+                entry = seen.setdefault(kind, {"count": 0, "first": str(record.message)})
+                if kind not in kinds:
+                    entry["count"] += 1
+                    kinds.add(kind)
+            else:  # not ours to summarize: show it as it would have been
+                warnings.showwarning(record.message, record.category, record.filename, record.lineno)
+
+
+def warning_summary(seen: WarningCounts, who: str, tasks: int, what: str = "meta-training tasks") -> list[str]:
+    """One line per kind of warning: ``note: <who> warned in N of <tasks> <what>; the first: ...``."""
+    return [f"note: {who} warned in {entry['count']} of {tasks} {what}; the first: {entry['first']}"
+            for entry in seen.values()]
+
+
+if __name__ == "__main__":
+    print("examples/cli.py holds pieces shared by the examples; it is not a script. Run "
+          "python examples/sinusoid.py --help (or fewshot.py, distributed_sinusoid.py, higher_maml.py).")

@@ -11,21 +11,25 @@ Run it as one process (no process group; the metagrad calls do nothing)::
 
     python examples/distributed_sinusoid.py
 
-or as two processes on this machine (gloo on the CPU)::
+or as two processes on this machine (gloo on the CPU; ``torchrun`` is in ``.venv/bin``
+after ``make``)::
 
-    torchrun --nproc_per_node=2 examples/distributed_sinusoid.py
+    .venv/bin/torchrun --nproc_per_node=2 examples/distributed_sinusoid.py
 
 or across machines: the same command on every node, HOST being one of them (NCCL on
 the GPUs, one process per GPU)::
 
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=sinusoid --rdzv_backend=c10d \\
+    .venv/bin/torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=sinusoid --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29400 examples/distributed_sinusoid.py --device cuda
 
 Rank 0 shows the progress bar and prints the result: the meta-test MSE on held-out
 tasks, the median time per meta-iteration, and the part of it spent in
 ``average_gradients`` (communication, plus waiting for the slowest rank). With
 ``--json PATH`` rank 0 also writes them to a file; ``benchmarks/distributed_scaling.py``
-runs this script at 1 and 2 processes and compares.
+runs this script at 1 and 2 processes and compares. The process group's backend follows
+the device: gloo on the CPU, NCCL with ``--device cuda`` (``--backend`` overrides it).
+The estimator's warnings are counted on every rank and reported once by rank 0, at the
+end, for the whole meta-batch.
 """
 
 from __future__ import annotations
@@ -49,21 +53,37 @@ from tqdm import tqdm
 
 import metagrad as mg
 import metagrad.distributed  # noqa: F401  (mg.distributed)
-from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks, accumulate_meta_gradients,
-                      device_description, label,
-                      make_estimator, make_model, mean_ci95, meta_test_mse, sample_tasks, seed_everything,
-                      stream)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sinusoid and cli beside this file
+from cli import WarningCounts, add_threads_argument, order_argument, set_threads, warning_summary  # noqa: E402
+from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks,  # noqa: E402
+                      accumulate_meta_gradients, device_description, label, make_estimator, make_model,
+                      mean_ci95, meta_test_mse, sample_tasks, seed_everything, stream)
 
 
 def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
-                       steps: int, lr_inner: float) -> float:
+                       steps: int, lr_inner: float, warnings_seen: Optional[WarningCounts] = None) -> float:
     """Accumulate this rank's share of the meta-batch's mean meta-gradient; return its summed query MSE.
 
     Each loss is divided by the size of the *whole* meta-batch, as in single-process
     code, so that the ranks' ``.grad`` add up to the mean (``average_gradients`` sums).
     """
     return accumulate_meta_gradients(model, estimator, tasks, mg.distributed.shard(range(len(tasks))),
-                                     steps, lr_inner)
+                                     steps, lr_inner, warnings_seen)
+
+
+def all_ranks_warnings(seen: WarningCounts) -> WarningCounts:
+    """Every rank's counted warnings added up (a collective when distributed); the first message
+    of each kind from the lowest rank that saw it."""
+    if not dist.is_initialized():
+        return seen
+    gathered: list[Optional[WarningCounts]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, seen)
+    total: WarningCounts = {}
+    for rank_seen in gathered:
+        for kind, entry in (rank_seen or {}).items():
+            total.setdefault(kind, {"count": 0, "first": entry["first"]})["count"] += entry["count"]
+    return total
 
 
 def meta_batch_mse(local_sum: float, meta_batch: int, device: torch.device) -> float:
@@ -119,6 +139,7 @@ def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ra
     optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR)
     generator = stream(args.seed, TRAIN_STREAM)  # the same meta-batches on every rank
     iteration_seconds, averaging_seconds, train_mse = [], [], []
+    seen: WarningCounts = {}  # the estimator's warnings on this rank's tasks
     bar = tqdm(range(args.iterations), desc=f"{label(estimator)} × {world}", unit="it", dynamic_ncols=True,
                mininterval=0.5, file=sys.stderr, disable=rank != 0)
     for iteration in bar:
@@ -126,7 +147,7 @@ def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ra
         synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        local_mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner)
+        local_mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner, seen)
         synchronize(device)
         averaging = time.perf_counter()
         mg.distributed.average_gradients(model)
@@ -151,6 +172,9 @@ def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, ra
         "max_theta_difference_across_ranks": largest_difference_across_ranks(model),
         "ms_average_gradients_alone": time_average_gradients_alone(model, device),
         "train_query_mse": train_mse,
+        "estimator_warnings": [{"message": entry["first"], "tasks": entry["count"],
+                                "of_tasks": args.iterations * args.meta_batch}
+                               for entry in all_ranks_warnings(seen).values()],
     }
     if rank == 0:
         test_tasks = sample_tasks(args.test_tasks, args.shots, stream(args.seed, TEST_STREAM), device, dtype)
@@ -200,7 +224,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--estimator", choices=ESTIMATORS, default="full", help="the meta-gradient estimator")
-    parser.add_argument("--order", type=int, default=3, help="L of Binomial(order=L); T of Truncated(steps=T)")
+    parser.add_argument("--order", type=order_argument, default="auto",
+                        help="'auto': Binomial(order='auto') (falls back to the blocked expansion where the "
+                             "series diverges) and Truncated(steps=3); L: Binomial(order=L), Truncated(steps=L)")
     parser.add_argument("--reg", type=float, default=100.0, help="λ of Implicit's proximal term")
     parser.add_argument("--solver", choices=("cg", "neumann"), default="cg", help="Implicit's linear solver")
     parser.add_argument("--steps", type=int, default=5, help="K, inner SGD steps per task")
@@ -218,12 +244,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds a collective may wait for the other ranks before it fails")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    add_threads_argument(parser, "torch CPU threads per process (default 1: the per-task ops are small, so "
+                                 "spreading them over threads costs more than it saves, and the processes "
+                                 "share the cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the init and the task streams")
     parser.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes the results to this file")
     args = parser.parse_args(argv)
     for name in ("steps", "order", "warmup"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) != "auto" and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
     for name in ("iterations", "meta_batch", "shots", "threads"):
         if getattr(args, name) < 1:
@@ -240,7 +268,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     """Run on this rank; rank 0 prints and returns the results."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=os.environ.get("RANK", "0") == "0")
     device, rank, world = setup(args)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     try:
@@ -265,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
           f"{result['ms_average_gradients']:.2f} ms of it in average_gradients "
           f"({result['ms_average_gradients_alone']:.2f} ms when no rank has to wait)")
     print(f"  θ identical on every rank: max |θ_r − θ_0| = {result['max_theta_difference_across_ranks']:.1e}")
+    for warning in result["estimator_warnings"]:
+        print("  " + warning_summary({"": {"count": warning["tasks"], "first": warning["message"]}},
+                                     result["estimator"], warning["of_tasks"])[0])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -31,9 +31,9 @@ Datasets (``--dataset``, see ``examples/fewshot_data.py`` and docs/fewshot.md):
 
 Decoded images are cached beside the data; later runs load the cache.
 
-Outputs, beside ``--out`` (a JSON file): the results JSON (``test_accuracy_mean``,
-``test_accuracy_ci95`` as fractions, the configuration, wall time, curves), a PNG of the
-training curves (``.png`` in place of ``.json``) and the checkpoint (``.checkpoint.pt``).
+Outputs, in the folder ``--out``: ``results.json`` (``test_accuracy_mean``,
+``test_accuracy_ci95`` as fractions, the configuration, wall time, curves, the estimator's
+warnings), ``learning_curves.png`` (the training curves) and ``checkpoint.pt``.
 The checkpoint (model, Adam state, random-number state, iteration, validation history)
 is written every ``--checkpoint-every`` iterations, at the end, and on Ctrl-C;
 ``--resume`` continues from it and produces the parameters the uninterrupted run would
@@ -41,17 +41,22 @@ have. The last line printed states the test accuracy.
 
 Run it::
 
-    python examples/fewshot.py --dataset synthetic --iterations 300      # CPU, a few minutes
+    python examples/fewshot.py --dataset synthetic --iterations 300      # CPU, minutes
     python examples/fewshot.py --dataset omniglot --data-root ~/data/omniglot --ways 20 --device cuda
     python examples/fewshot.py --dataset miniimagenet --data-root ~/data/miniimagenet --shots 5 \\
         --estimator binomial --order 3 --device cuda
 
-What to expect (docs/fewshot.md has the table): the synthetic command above took 2 min 23 s on
-an otherwise idle 2-core CPU and reached 91.3% ± 0.5% test accuracy (5-way 1-shot, chance
-20%; the random initialization adapted the same way scores 53%). Full reached 92.5% and
-FirstOrder 90.7% on the same tasks. Binomial(2) reported on about a fifth of its tasks that
-its series was not converging: with α = 0.01 and BatchNorm over 5 support images, K·α·ℓ sits
-near the edge of its regime (MATH.md). The synthetic defaults (16×16 glyphs, CNN4-32) are
+The default estimator is ``Binomial(order="auto")`` (``--order auto``): it adds orders until
+the last is below 1e-3 of the estimate, and falls back to the blocked expansion where the
+series diverges. ``--order L`` is the paper's fixed-order BinomMAML.
+
+What to expect (docs/fewshot.md has the table): the synthetic command above with ``--order 2``
+(the earlier default) took 2 min 23 s on an otherwise idle 2-core CPU and reached 91.3% ± 0.5%
+test accuracy (5-way 1-shot, chance 20%; the random initialization adapted the same way
+scores 53%). Full reached 92.5% and FirstOrder 90.7% on the same tasks. Binomial(2) reported
+on about a fifth of its tasks that its series was not converging: with α = 0.01 and
+BatchNorm over 5 support images, K·α·ℓ sits near the edge of its regime (MATH.md). The run
+counts the estimator's warnings and prints them once, at the end. The synthetic defaults (16×16 glyphs, CNN4-32) are
 sized for a CPU; the paper's inputs are 28×28 (Omniglot) and 84×84 (ImageNet).
 """
 
@@ -63,13 +68,11 @@ import json
 import math
 import os
 import platform
-import re
 import signal
 import statistics
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -87,8 +90,9 @@ from tqdm import tqdm  # noqa: E402
 
 import metagrad as mg  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fewshot_data beside this file
-from cli import exact_numerics_on, order_argument, setup_device, smooth  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and fewshot_data beside this file
+from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
+                 order_argument, set_threads, setup_device, smooth, warning_kind, warning_summary)
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -184,7 +188,7 @@ def task_tensors(task: Task, device: torch.device, dtype: torch.dtype) -> tuple[
 
 def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[Task], steps: int,
                     lr_inner: float, device: torch.device, dtype: torch.dtype,
-                    warnings_seen: Optional[dict[str, dict[str, Any]]] = None) -> tuple[float, float]:
+                    warnings_seen: Optional[WarningCounts] = None) -> tuple[float, float]:
     """Accumulate the meta-batch's mean meta-gradient into ``.grad``; return query loss and accuracy.
 
     One MetaGradient block per task: the meta-gradient of the mean query loss is the
@@ -193,14 +197,13 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
     The estimator's warnings (:class:`mg.MetaGradientWarning`: a solve that missed its
     tolerance, a binomial series that is not converging) would otherwise print once per
     task, with different numbers in each; they are counted into ``warnings_seen`` (one
-    entry per kind, keeping the first message) and summarized at the end of the run.
+    entry per kind: the tasks it warned on and the first message; ``cli.counting_warnings``)
+    and summarized at the end of the run.
     """
     total_loss = total_accuracy = 0.0
     for task in tasks:
         x_s, y_s, x_q, y_q = task_tensors(task, device, dtype)
-        with warnings.catch_warnings(record=warnings_seen is not None) as caught:
-            if warnings_seen is not None:
-                warnings.simplefilter("always", mg.MetaGradientWarning)
+        with counting_warnings(warnings_seen):
             with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
                 for _ in range(steps):
                     # Estimators that store iterates rebuild this step in backward (Binomial
@@ -209,22 +212,9 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
                 logits = meta.fmodel(x_q)
                 loss = F.cross_entropy(logits, y_q)
                 (loss / len(tasks)).backward()
-        for record in caught or ():
-            if issubclass(record.category, mg.MetaGradientWarning):
-                assert warnings_seen is not None  # recording is on only then
-                entry = warnings_seen.setdefault(warning_kind(str(record.message)),
-                                                 {"count": 0, "first": str(record.message)})
-                entry["count"] += 1
-            else:  # not ours to summarize: show it as it would have been
-                warnings.showwarning(record.message, record.category, record.filename, record.lineno)
         total_loss += loss.item()
         total_accuracy += (logits.argmax(1) == y_q).double().mean().item()
     return total_loss / len(tasks), total_accuracy / len(tasks)
-
-
-def warning_kind(message: str) -> str:
-    """A warning's message with its numbers masked, so that one kind of warning is one key."""
-    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
 
 
 def adapted_accuracy(model: nn.Module, task: Task, steps: int, lr_inner: float, adapt_with: mg.Estimator,
@@ -512,6 +502,20 @@ def describe(args: argparse.Namespace) -> str:
 
 
 # --------------------------------------------------------------------- plumbing
+def run_files(out: str) -> tuple[Path, Path, Path]:
+    """``--out``: the results JSON, the curves PNG and the default checkpoint of the run.
+
+    ``--out DIR`` (the convention of every example): ``DIR/results.json``,
+    ``DIR/learning_curves.png``, ``DIR/checkpoint.pt``. A path ending in ``.json`` is the
+    earlier form, kept so that existing command lines run: that file, and the PNG and
+    checkpoint beside it (``.png``, ``.checkpoint.pt`` in place of ``.json``).
+    """
+    path = Path(out)
+    if path.suffix == ".json":
+        return path, path.with_suffix(".png"), path.with_suffix(".checkpoint.pt")
+    return path / "results.json", path / "learning_curves.png", path / "checkpoint.pt"
+
+
 def load_pools(args: argparse.Namespace) -> dict[str, ClassPool]:
     """The three splits of ``--dataset``, checked against what a task needs."""
     if args.dataset == "synthetic":
@@ -575,9 +579,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     est = parser.add_argument_group("meta-gradient estimator")
     est.add_argument("--estimator", choices=ESTIMATORS, default="binomial", help="how the meta-gradient is computed")
-    est.add_argument("--order", type=order_argument, default=2,
-                     help="binomial: L, the truncation order, or 'auto' (chosen per task from the level "
-                          "norms, with the blocked expansion as fallback where the series diverges)")
+    est.add_argument("--order", type=order_argument, default="auto",
+                     help="binomial: 'auto' (Binomial(order='auto'): the order chosen per task from the level "
+                          "norms, with the blocked expansion as fallback where the series diverges), or L, "
+                          "a fixed truncation order (the paper's BinomMAML: 2 or 3)")
     est.add_argument("--chunk-size", type=int, default=None,
                      help="binomial: at most this many step graphs at once (default: a whole level)")
     est.add_argument("--truncate-steps", type=int, default=2, help="truncated: T, the last steps differentiated")
@@ -600,21 +605,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     evaluation.add_argument("--test-tasks", type=int, default=600, help="test tasks for the mean ± 95%% CI")
     evaluation.add_argument("--checkpoint-every", type=int, default=None,
                             help="checkpoint every this many iterations (default: 500; 100 for synthetic)")
-    evaluation.add_argument("--checkpoint", default=None,
-                            help="checkpoint file (default: beside --out, .checkpoint.pt in place of .json)")
+    evaluation.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT/checkpoint.pt)")
     evaluation.add_argument("--resume", action="store_true",
                             help="continue from --checkpoint; the run then ends as the uninterrupted one would")
-    evaluation.add_argument("--out", default=None,
-                            help="results JSON; the curves PNG goes beside it "
-                                 "(default: results/fewshot/<dataset>_<N>way<K>shot_<estimator>.json)")
+    evaluation.add_argument("--out", default=None, metavar="DIR",
+                            help="output folder for results.json, learning_curves.png and checkpoint.pt "
+                                 "(default: results/fewshot/<dataset>_<N>way<K>shot_<estimator>). A path "
+                                 "ending in .json is still read as the earlier form: the results file, with "
+                                 "<name>.png and <name>.checkpoint.pt beside it")
 
     machine = parser.add_argument_group("machine")
     machine.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                          help="cuda turns TF32 off and cuDNN determinism on (docs/MATH.md, numerics)")
     machine.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
-    machine.add_argument("--threads", type=int, default=1,
-                         help="torch CPU threads; with these small per-task batches one thread was fastest on "
-                              "a 2-core CPU")
+    add_threads_argument(machine)
     machine.add_argument("--seed", type=int, default=0, help="seed of the initialization and all task streams")
     args = parser.parse_args(argv)
 
@@ -623,10 +627,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.out is None:
-        args.out = os.path.join("results", "fewshot",
-                                f"{args.dataset}_{args.ways}way{args.shots}shot_{args.estimator}.json")
+        args.out = os.path.join("results", "fewshot", f"{args.dataset}_{args.ways}way{args.shots}shot_{args.estimator}")
+    if Path(args.out).suffix != ".json" and Path(args.out).is_file():
+        parser.error(f"--out names a folder for the run's files; {args.out} is a file")
     if args.checkpoint is None:
-        args.checkpoint = str(Path(args.out).with_suffix(".checkpoint.pt"))
+        args.checkpoint = str(run_files(args.out)[2])
     for name in ("ways", "shots", "queries", "eval_queries", "iterations", "meta_batch", "val_every",
                  "val_tasks", "checkpoint_every", "threads", "filters"):
         if getattr(args, name) < 1:
@@ -646,8 +651,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.estimator == "implicit" and not (args.reg > 0 and args.tol > 0 and args.max_iter >= 1):
         parser.error("implicit: --reg and --tol must be > 0 and --max-iter >= 1")
-    if not Path(args.out).suffix == ".json":
-        parser.error(f"--out must name a .json file, got {args.out}")
     return args
 
 
@@ -669,8 +672,9 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     # A task's batches are small (5 to 100 images), so intra-op threads mostly
     # synchronize; on the 2-core CPU this was written on, one thread was fastest.
-    torch.set_num_threads(args.threads)
-    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    set_threads(args.threads)
+    out, png, _ = run_files(args.out)
+    checkpoint = Path(args.checkpoint)
     try:
         pools = load_pools(args)
         channels = DATASET_DEFAULTS[args.dataset]["channels"]
@@ -700,9 +704,8 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
               "Run the same command with --resume to continue.", file=sys.stderr)
         raise SystemExit(130)
     tasks_trained = training.iteration * args.meta_batch
-    for kind in training.estimator_warnings.values():
-        print(f"note: {make_estimator(args)!r} warned in {kind['count']} of {tasks_trained} meta-training "
-              f"tasks; the first: {kind['first']}", file=sys.stderr)
+    for line in warning_summary(training.estimator_warnings, repr(make_estimator(args)), tasks_trained):
+        print(line, file=sys.stderr)
     if training.stopped_early:
         print(f"Early stop at iteration {training.iteration}: no validation improvement since iteration "
               f"{training.best_iteration} (--patience {args.patience}).", file=sys.stderr)
@@ -716,7 +719,6 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
     mean, ci = mean_ci95(accuracies)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
     title = (f"{describe(args)}; CNN4-{args.filters}, K = {args.inner_steps} (eval {args.eval_inner_steps}), "
              f"α = {args.lr_inner}, meta-batch {args.meta_batch}; {device_description(device)}")
     plot_curves(training, png, title, 1 / args.ways, (mean, ci))

@@ -487,3 +487,8 @@ def synthetic_glyphs(image_size: int = 28, classes: Sequence[int] = (300, 50, 10
         pools[split] = pool_from_lists(split, images, [f"glyph-{split}-{c:04d}" for c in range(count)],
                                        [images_per_class] * count)
     return pools
+
+
+if __name__ == "__main__":
+    print("examples/fewshot_data.py holds the data loaders of examples/fewshot.py; it is not a script. "
+          "Run python examples/fewshot.py --help.")

@@ -9,19 +9,23 @@ change is the import::
 
 after which ``innerloop_ctx`` also takes ``estimator=``. Run it with any estimator::
 
-    python examples/higher_maml.py --estimator binomial --order 3
+    python examples/higher_maml.py --estimator binomial             # Binomial(order="auto")
+    python examples/higher_maml.py --estimator binomial --order 3   # the paper's fixed order
     python examples/higher_maml.py --estimator checkpointed --steps 20
     python examples/higher_maml.py --library higher      # the original, if higher is installed
 
 It prints the meta-training query loss as it goes and, at the end, the query MSE after
-adaptation on held-out tasks.
+adaptation on held-out tasks. The estimator's warnings are counted and reported once, at
+the end (on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 import metagrad as mg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
+from cli import (WarningCounts, add_threads_argument, counting_warnings, order_argument,  # noqa: E402
+                 set_threads, warning_summary)
 
 
 def sample_task(generator: torch.Generator, shots: int) -> tuple[torch.Tensor, ...]:
@@ -47,7 +55,7 @@ def make_estimator(args: argparse.Namespace) -> Optional[mg.Estimator]:
         "full": lambda: mg.Full(),
         "checkpointed": lambda: mg.Checkpointed(),
         "first_order": lambda: mg.FirstOrder(),
-        "truncated": lambda: mg.Truncated(steps=args.order),
+        "truncated": lambda: mg.Truncated(steps=3 if args.order == "auto" else args.order),
         "binomial": lambda: mg.Binomial(order=args.order),
     }[args.estimator]()
 
@@ -61,7 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--estimator", default="full",
                         choices=("full", "checkpointed", "first_order", "truncated", "binomial"),
                         help="metagrad estimator (ignored with --library higher)")
-    parser.add_argument("--order", type=int, default=3, help="order of binomial, steps of truncated")
+    parser.add_argument("--order", type=order_argument, default="auto",
+                        help="binomial: 'auto' (Binomial(order='auto'), falling back to the blocked expansion "
+                             "where the series diverges) or a fixed order L; truncated: its steps (3 for auto)")
     parser.add_argument("--steps", type=int, default=5, help="inner SGD steps per task")
     parser.add_argument("--lr-inner", type=float, default=0.01, help="inner SGD step size")
     parser.add_argument("--iterations", type=int, default=300, help="meta-training iterations")
@@ -69,13 +79,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=10, help="support (and query) points per task")
     parser.add_argument("--test-tasks", type=int, default=100, help="held-out tasks for the final MSE")
     parser.add_argument("--seed", type=int, default=0, help="seed for the init and the tasks")
-    return parser.parse_args(argv)
+    add_threads_argument(parser)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # 40-wide layers: threads add synchronization, not speed
+    set_threads(args.threads)  # 40-wide layers: threads add synchronization, not speed
     if args.library == "higher":
         import higher  # the original library
         context = higher.innerloop_ctx
@@ -90,14 +104,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     inner_opt = torch.optim.SGD(model.parameters(), lr=args.lr_inner)
     generator = torch.Generator().manual_seed(args.seed)
 
+    seen: WarningCounts = {}  # the estimator's warnings, reported once at the end
     bar = tqdm(range(args.iterations), desc=f"{args.library}:{args.estimator}")
     for _ in bar:
         meta_opt.zero_grad()
         total = 0.0
         for _ in range(args.meta_batch):
             x_s, y_s, x_q, y_q = sample_task(generator, args.shots)
-            # --- the higher loop, unchanged ---
-            with context(model, inner_opt, copy_initial_weights=False, **extra) as (fmodel, diffopt):
+            # --- the higher loop, unchanged (counting_warnings only gathers the estimator's warnings) ---
+            with counting_warnings(seen), \
+                    context(model, inner_opt, copy_initial_weights=False, **extra) as (fmodel, diffopt):
                 for _ in range(args.steps):
                     diffopt.step(F.mse_loss(fmodel(x_s), y_s))
                 query = F.mse_loss(fmodel(x_q), y_q)
@@ -114,6 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for _ in range(args.steps):
                 diffopt.step(F.mse_loss(fmodel(x_s), y_s))
             errors.append(F.mse_loss(fmodel(x_q), y_q).item())
+    who = args.library if args.library == "higher" else repr(extra["estimator"])
+    for line in warning_summary(seen, who, args.iterations * args.meta_batch):
+        print(line, file=sys.stderr)
     half = 1.96 * statistics.stdev(errors) / math.sqrt(len(errors))
     print(f"{args.library} ({args.estimator}): query MSE after {args.steps} steps on "
           f"{args.test_tasks} held-out tasks: {statistics.fmean(errors):.3f} ± {half:.3f}")

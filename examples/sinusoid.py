@@ -9,8 +9,11 @@ initialization θ with Adam (lr 1e-3) on the query MSE after adaptation, average
 over a meta-batch of tasks.
 
 The script meta-trains the same initialization on the same stream of tasks once
-per estimator (Full, Checkpointed, FirstOrder, Truncated(T = L), Binomial(L)) and
-prints one table row per estimator:
+per estimator (Full, Checkpointed, FirstOrder, Truncated, Binomial; Implicit on
+request) and prints one table row per estimator. Binomial is ``Binomial(order="auto")``
+by default, which chooses its order per task and falls back to the blocked expansion
+where the series diverges, with Truncated(3) beside it; ``--order L`` runs the paper's
+fixed-order Binomial(L) and Truncated(L) instead. The columns:
 
 - meta-test MSE: query MSE after K inner steps from the learned θ, on held-out
   tasks, as mean ± 95% confidence interval (normal approximation); the row
@@ -23,12 +26,16 @@ prints one table row per estimator:
   :mod:`metagrad.memory` (on the CPU this is process resident memory, see the table
   caption).
 
-It also writes ``results.json``, ``results.md`` and ``learning_curves.png`` (the
-smoothed meta-training query MSE per iteration) into ``--out``.
+The estimators' warnings (a series that is not converging, a fallback) are counted
+per task instead of printed into the progress bars, and reported once per estimator
+and kind under the table. The script also writes ``results.json``, ``results.md`` and
+``learning_curves.png`` (the smoothed meta-training query MSE per iteration) into the
+folder ``--out``.
 
 Run it with ``make demo`` or::
 
-    python examples/sinusoid.py                      # defaults, about 1.5 minutes on 2 CPU cores
+    python examples/sinusoid.py                      # defaults
+    python examples/sinusoid.py --iterations 50 --test-tasks 20 --gradient-tasks 4   # a quick look
     python examples/sinusoid.py --order 2 --estimators full binomial truncated
     python examples/sinusoid.py --device cuda --dtype float64 --iterations 5000
 
@@ -36,11 +43,13 @@ What to expect (MATH.md, "Where it works, and where it breaks"): the accuracy of
 Binomial(L) is governed by ``K·α·ℓ``, ℓ the largest |eigenvalue| of the inner
 Hessians, which the table reports. Meta-training sharpens the inner Hessians. At
 the defaults (K = 5, α = 0.01) K·α·ℓ is about 1.3 at the random initialization and
-4 to 6 after meta-training, past the point where the expansion converges, so
-Binomial(3)'s meta-gradient ends up off by tens of percent (the script says so under
-the table) while Truncated(3) stays near 30%. With ``--lr-inner 0.002``, K·α·ℓ stays
-near 2, Binomial(3) stays within a few percent of Full and matches its meta-test MSE,
-and Truncated(3) is off by about 17%.
+4 to 6 after meta-training, past the point where the expansion converges. With
+``--order 3`` Binomial(3)'s meta-gradient then ends up off by tens of percent (the
+script says so under the table) while Truncated(3) stays near 30%; the default
+``Binomial(order="auto")`` detects the divergence and falls back to the blocked
+expansion, and the warnings it raises doing so are counted under the table. With
+``--lr-inner 0.002``, K·α·ℓ stays near 2, Binomial(3) stays within a few percent of
+Full and matches its meta-test MSE, and Truncated(3) is off by about 17%.
 """
 
 from __future__ import annotations
@@ -74,7 +83,8 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import exact_numerics_on, order_argument, setup_device, smooth  # noqa: E402
+from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
+                 order_argument, set_threads, setup_device, smooth, warning_summary)
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -166,24 +176,28 @@ def label(estimator: mg.Estimator) -> str:
 
 # ---------------------------------------------------------------- meta-learning
 def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
-                       steps: int, lr_inner: float) -> float:
+                       steps: int, lr_inner: float, warnings_seen: Optional[WarningCounts] = None) -> float:
     """Accumulate the meta-batch's averaged meta-gradient into ``.grad``; return its query MSE."""
-    return accumulate_meta_gradients(model, estimator, tasks, range(len(tasks)), steps, lr_inner) / len(tasks)
+    return accumulate_meta_gradients(model, estimator, tasks, range(len(tasks)), steps, lr_inner,
+                                     warnings_seen) / len(tasks)
 
 
 def accumulate_meta_gradients(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
-                              indices: Iterable[int], steps: int, lr_inner: float) -> float:
+                              indices: Iterable[int], steps: int, lr_inner: float,
+                              warnings_seen: Optional[WarningCounts] = None) -> float:
     """Accumulate the meta-gradients of the tasks ``indices`` into ``.grad``, each scaled by
     1/len(tasks) (the whole meta-batch); return their summed query MSE.
 
     One MetaGradient block per task: the meta-gradient of the mean query loss is
     the mean of the per-task meta-gradients, and each block's ``.backward()``
-    accumulates into the model's ``.grad``.
+    accumulates into the model's ``.grad``. With ``warnings_seen``, the estimator's
+    warnings are counted there per task instead of printed (``cli.counting_warnings``).
     """
     total = 0.0
     for i in indices:
         x_s, y_s, x_q, y_q = tasks.task(i)
-        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
+        with counting_warnings(warnings_seen), \
+                mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
             for _ in range(steps):
                 # Rebuilt during backward by the estimators that store iterates only;
                 # it reads nothing but x_s and y_s, which stay fixed in this block.
@@ -203,6 +217,10 @@ class Run:
     model: nn.Module
     train_mse: list[float] = field(default_factory=list)
     seconds_per_iteration: list[float] = field(default_factory=list)
+    #: the estimator's warnings in meta-training, and in the evaluation after it (error and memory)
+    train_warnings: WarningCounts = field(default_factory=dict)
+    evaluation_warnings: WarningCounts = field(default_factory=dict)
+    evaluation_tasks: int = 0
 
 
 def meta_train(name: str, estimator: mg.Estimator, init: nn.Module, args: argparse.Namespace,
@@ -220,13 +238,16 @@ def meta_train(name: str, estimator: mg.Estimator, init: nn.Module, args: argpar
         synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner)
+        mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner, run.train_warnings)
         optimizer.step()
         synchronize(device)
         run.seconds_per_iteration.append(time.perf_counter() - start)
         run.train_mse.append(mse)
         if iteration % 25 == 0 or iteration == args.iterations - 1:
-            bar.set_postfix(query_mse=f"{np.mean(run.train_mse[-25:]):.3f}", refresh=False)
+            postfix = {"query_mse": f"{np.mean(run.train_mse[-25:]):.3f}"}
+            if run.train_warnings:  # counted here, reported once after the table
+                postfix["warned"] = str(max(w["count"] for w in run.train_warnings.values()))
+            bar.set_postfix(postfix, refresh=False)
     bar.close()
     return run
 
@@ -257,11 +278,13 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
 
 
 def single_task_meta_gradient(model: nn.Module, estimator: mg.Estimator, task: tuple[torch.Tensor, ...],
-                              steps: int, lr_inner: float) -> torch.Tensor:
+                              steps: int, lr_inner: float,
+                              warnings_seen: Optional[WarningCounts] = None) -> torch.Tensor:
     """One task's meta-gradient under ``estimator``, flattened; ``.grad`` is left alone."""
     params = [p for p in model.parameters() if p.requires_grad]
     x_s, y_s, x_q, y_q = task
-    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
+    with counting_warnings(warnings_seen), \
+            mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
         for _ in range(steps):
             meta.step(lambda fmodel: F.mse_loss(fmodel(x_s), y_s))
         loss = F.mse_loss(meta.fmodel(x_q), y_q)
@@ -270,12 +293,13 @@ def single_task_meta_gradient(model: nn.Module, estimator: mg.Estimator, task: t
 
 
 def relative_gradient_errors(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
-                             steps: int, lr_inner: float) -> list[float]:
+                             steps: int, lr_inner: float,
+                             warnings_seen: Optional[WarningCounts] = None) -> list[float]:
     """``‖g − g_full‖ / ‖g_full‖`` per task, both computed at the model's current θ."""
     errors = []
     for i in range(len(tasks)):
         task = tasks.task(i)
-        g = single_task_meta_gradient(model, estimator, task, steps, lr_inner)
+        g = single_task_meta_gradient(model, estimator, task, steps, lr_inner, warnings_seen)
         g_full = single_task_meta_gradient(model, mg.Full(), task, steps, lr_inner)
         errors.append((torch.linalg.vector_norm(g - g_full) / torch.linalg.vector_norm(g_full)).item())
     return errors
@@ -327,19 +351,19 @@ def k_alpha_ell(model: nn.Module, tasks: Tasks, steps: int, lr_inner: float) -> 
 
 def meta_iteration_peak_memory(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
                                steps: int, lr_inner: float, device: torch.device,
-                               repeats: int = 3) -> tuple[int, str]:
+                               repeats: int = 3, warnings_seen: Optional[WarningCounts] = None) -> tuple[int, str]:
     """Median peak memory (bytes) of one meta-batch's meta-gradient, and the measure used.
 
     One unmeasured call first, so that one-off costs (code paths run for the first
     time, lazily allocated buffers) are not counted. ``.grad`` is restored afterwards.
     """
     saved = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    meta_gradient_step(model, estimator, tasks, steps, lr_inner)
+    meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen)
     peaks, method = [], ""
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
         with peak_memory(device) as mem:
-            meta_gradient_step(model, estimator, tasks, steps, lr_inner)
+            meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen)
         assert mem.peak_bytes is not None
         peaks.append(mem.peak_bytes)
         method = mem.method
@@ -362,6 +386,8 @@ class Row:
     time_vs_full: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
     k_alpha_ell_median: Optional[float] = None
+    #: the estimator's warnings: {"phase", "message" (the first), "tasks" (warned on), "of_tasks"}
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def format_table(rows: Sequence[Row], caption: str) -> str:
@@ -408,6 +434,30 @@ def regime_notes(rows: Sequence[Row], args: argparse.Namespace) -> str:
                 "Its meta-test MSE uses the same plain K-step adaptation as every other row."
             )
     return "\n".join(notes)
+
+
+def warning_records(run: Run, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run's counted warnings, for results.json."""
+    phases = (("meta-training", run.train_warnings, args.iterations * args.meta_batch),
+              ("evaluation", run.evaluation_warnings, run.evaluation_tasks))
+    return [{"phase": phase, "message": entry["first"], "tasks": entry["count"], "of_tasks": of}
+            for phase, seen, of in phases for entry in seen.values()]
+
+
+def warning_notes(runs: Sequence[Run], args: argparse.Namespace) -> str:
+    """The estimators' warnings, counted during the run: one line per estimator and kind of warning."""
+    lines = []
+    for run in runs:
+        for kind in {**run.train_warnings, **run.evaluation_warnings}:
+            train = run.train_warnings.get(kind, {"count": 0})
+            evaluation = run.evaluation_warnings.get(kind, {"count": 0})
+            first = train.get("first") or evaluation["first"]
+            lines += warning_summary(
+                {kind: {"count": train["count"], "first": first}}, label(run.estimator),
+                args.iterations * args.meta_batch,
+                f"meta-training tasks and {evaluation['count']} of the {run.evaluation_tasks} meta-gradients "
+                "after it (error comparison, memory measurement)")
+    return "\n".join(lines)
 
 
 def table_caption(args: argparse.Namespace, device: torch.device, memory_method: str,
@@ -497,10 +547,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=5, help="K, inner SGD steps per task")
     parser.add_argument("--lr-inner", type=float, default=0.01, help="α, the inner SGD step size")
-    parser.add_argument("--order", type=order_argument, default=3,
-                        help="L: Binomial(order=L), and Truncated(steps=L) for a comparison at equal depth; "
-                             "'auto': Binomial chooses its order per task (rtol 1e-3, falling back to "
-                             "Checkpointed where the series diverges), Truncated keeps 3 steps")
+    parser.add_argument("--order", type=order_argument, default="auto",
+                        help="'auto': Binomial(order='auto') chooses its order per task (rtol 1e-3, falling "
+                             "back to the blocked binomial expansion, which meets rtol block by block, where "
+                             "the series diverges), and Truncated keeps 3 steps; L: the paper's fixed-order "
+                             "Binomial(order=L), and Truncated(steps=L) for a comparison at equal depth")
     parser.add_argument("--iterations", type=int, default=700, help="meta-training iterations (Adam steps)")
     parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
     parser.add_argument("--shots", type=int, default=10, help="support points per task (and as many query points)")
@@ -511,9 +562,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="cuda turns TF32 off and cuDNN determinism on, so that accuracy columns are not "
                              "dominated by reduced-precision matmuls")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; the layers are 40 wide, so more threads add synchronization "
-                             "rather than speed")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for the init and all task streams")
     parser.add_argument("--estimators", "--estimator", nargs="+", choices=ESTIMATORS,
                         default=list(DEFAULT_ESTIMATORS), metavar="NAME",
@@ -554,7 +603,7 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
     # Every tensor here is tiny (at most 40 x 40 per task), so intra-op threads only
     # synchronize; on a machine shared with other work, spinning threads made the
     # evaluation about 10x slower.
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     seed_everything(args.seed)
     os.makedirs(args.out, exist_ok=True)
 
@@ -576,20 +625,24 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
         run = meta_train(name, estimator, init, args, device, dtype)
         runs.append(run)
         mse = mean_ci95(meta_test_mse(run.model, test_tasks, args.steps, args.lr_inner))
-        errors = relative_gradient_errors(run.model, estimator, gradient_tasks, args.steps, args.lr_inner)
+        errors = relative_gradient_errors(run.model, estimator, gradient_tasks, args.steps, args.lr_inner,
+                                          run.evaluation_warnings)
+        repeats = 3
         peak, memory_method = meta_iteration_peak_memory(run.model, estimator, memory_tasks, args.steps,
-                                                         args.lr_inner, device)
+                                                         args.lr_inner, device, repeats, run.evaluation_warnings)
+        run.evaluation_tasks = len(gradient_tasks) + (1 + repeats) * len(memory_tasks)
         rows.append(Row(name, label(estimator), *mse, gradient_error_median=statistics.median(errors),
                         ms_per_iteration=1000 * statistics.median(run.seconds_per_iteration),
                         peak_memory_bytes=peak,
-                        k_alpha_ell_median=k_alpha_ell(run.model, gradient_tasks, args.steps, args.lr_inner)))
+                        k_alpha_ell_median=k_alpha_ell(run.model, gradient_tasks, args.steps, args.lr_inner),
+                        warnings=warning_records(run, args)))
     full_ms = next((r.ms_per_iteration for r in rows if r.name == "full"), None)
     for r in rows[1:]:
         r.time_vs_full = None if full_ms is None or r.ms_per_iteration is None else r.ms_per_iteration / full_ms
 
     caption = table_caption(args, device, memory_method, args.gradient_tasks)
     table = format_table(rows, caption)
-    notes = regime_notes(rows, args)
+    notes = "\n".join(filter(None, [regime_notes(rows, args), warning_notes(runs, args)]))
     if notes:
         table += "\n" + notes + "\n"
     print()

@@ -127,7 +127,8 @@ def test_diagnose_rejects_bad_arguments():
 def test_command_line():
     out = subprocess.run([sys.executable, "-m", "metagrad.diagnose", "--help"], capture_output=True,
                          text=True, check=True)
-    assert "--rtol" in out.stdout and "RuntimeWarning" not in out.stderr
+    assert "--rtol" in out.stdout and "--threads" in out.stdout and "RuntimeWarning" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "metagrad.diagnose", "--steps", "3", "--repeats", "1"],
                          capture_output=True, text=True, check=True, timeout=120)
     assert "recommended" in out.stdout and "Binomial" in out.stdout
+    assert "torch CPU threads: 1 (--threads)" in out.stdout  # one thread unless asked otherwise
