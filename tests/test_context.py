@@ -665,11 +665,16 @@ def test_binomial_orders_match_subset_sum(order):
     ("checkpointed", mg.Checkpointed(), ("exact",)),
     ("first_order", mg.FirstOrder(), ("first_order",)),
     ("truncated", mg.Truncated(steps=2), ("truncated", 2)),
-    ("binomial", mg.Binomial(order=2), ("binomial", 2)),
+    # "binomial" is the automatic order (the fixed order of the paper is Binomial(order=2)):
+    # compared with (2) at the order it stopped at.
+    ("binomial", mg.Binomial(order="auto"), ("binomial", "auto")),
     (None, mg.Full(), ("exact",)),
 ])
 def test_estimator_names(name, expected, kind):
     model = make_mlp()
     meta = meta_gradient(model, name)
     assert meta.estimator == expected
+    if kind == ("binomial", "auto"):
+        assert meta.info["fallback"] is None and meta.info["order"] >= 1
+        kind = ("binomial", meta.info["order"])
     assert_grads(model, Reference(model, mlp_forward).estimate(kind, K, query_loss))

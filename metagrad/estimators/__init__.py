@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Union
 
 from .base import Estimator, MetaGradientWarning
@@ -21,7 +22,9 @@ BY_NAME = {
     "checkpointed": Checkpointed,
     "first_order": FirstOrder,
     "truncated": Truncated,  # Truncated(steps=2)
-    "binomial": Binomial,  # Binomial(order=2, chunk_size=None)
+    # Binomial(order="auto"): adds levels until rtol=1e-3, falling back to blocks (fallback="blocked")
+    # where the series does not converge; the paper's fixed order is Binomial(order=2).
+    "binomial": partial(Binomial, order="auto"),
     "implicit": Implicit,  # Implicit(reg=1.0, solver="cg", max_iter=50, tol=1e-6)
 }
 

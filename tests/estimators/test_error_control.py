@@ -166,3 +166,133 @@ def test_fixed_order_warns_when_the_norms_grow_and_the_warning_is_switchable():
 def test_bad_error_control_arguments(kwargs, argument):
     with pytest.raises((TypeError, ValueError), match=argument):
         mg.Binomial(**kwargs)
+
+
+# ------------------------------------------------------------------ the fixed-order warning
+# benchmarks/binomial_sweep.py's case where the growth rule alone was silent on results many
+# times off: 1-40-1 ReLU sinusoid tasks at their random initialization, K = 5, α = 0.01.
+SWEEP_K, SWEEP_ALPHA = 5, 0.01
+
+
+def sinusoid_case(seed):
+    """The sweep's draw: the net's initialization from ``seed``, then the task from ``seed``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1)).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    amplitude = 0.1 + 4.9 * torch.rand((), generator=g, dtype=DT)
+    phase = math.pi * torch.rand((), generator=g, dtype=DT)
+    x = 10 * torch.rand(20, 1, generator=g, dtype=DT) - 5
+    y = amplitude * torch.sin(x - phase)
+    return model, (x[:10], y[:10], x[10:], y[10:])
+
+
+def unrolled_meta_gradient(model, task, K, alpha):
+    """The exact meta-gradient by a plain unrolled autograd loop, written out for the MLP."""
+    x_s, y_s, x_q, y_q = task
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    def net(w, x):
+        return torch.relu(x @ w[0].T + w[1]) @ w[2].T + w[3]
+
+    phi = theta
+    for _ in range(K):
+        grads = torch.autograd.grad(((net(phi, x_s) - y_s) ** 2).mean(), phi, create_graph=True)
+        phi = [p - alpha * g for p, g in zip(phi, grads)]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(((net(phi, x_q) - y_q) ** 2).mean(), theta)])
+
+
+def fixed_order_on_sinusoid(seed, orders):
+    """Binomial(L) for each L of ``orders`` on the seed's task: relative error, meta.info
+    and the MetaGradientWarnings it issued, per order."""
+    model, (x_s, y_s, x_q, y_q) = sinusoid_case(seed)
+    exact_g = unrolled_meta_gradient(model, (x_s, y_s, x_q, y_q), SWEEP_K, SWEEP_ALPHA)
+    out = []
+    for order in orders:
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # pyproject ignores "not converging" by default
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=SWEEP_ALPHA),
+                                 estimator=mg.Binomial(order)) as meta:
+                for _ in range(SWEEP_K):
+                    meta.step(lambda f: torch.nn.functional.mse_loss(f(x_s), y_s))
+                torch.nn.functional.mse_loss(meta.fmodel(x_q), y_q).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        ours = [w for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
+        out.append((float((g - exact_g).norm() / exact_g.norm()), dict(meta.info), ours))
+    return out
+
+
+def check_warns_where_far_off(seed, orders=(2, 3)):
+    results = fixed_order_on_sinusoid(seed, orders)
+    for order, (error, info, caught) in zip(orders, results):
+        assert info["warned"] == bool(caught) and len(caught) <= 1
+        if error > 0.3:
+            assert caught, (seed, order, error, info["level_norms"], info["error_estimate"])
+            assert str(caught[0].message).startswith("The binomial series is not converging")
+            assert "Binomial(order='auto')" in str(caught[0].message)
+            assert "Checkpointed()" in str(caught[0].message)
+    return results
+
+
+def test_fixed_order_warns_on_every_sweep_case_more_than_30_percent_off():
+    """Seeds 0…15 of the sweep at L = 2 and 3: 23 of the 32 results are > 30% off, 11 of them
+    with norms that shrink at the last order (the growth rule alone was silent there); all warn."""
+    far, quiet_before = 0, 0
+    for seed in range(16):
+        for error, info, _ in check_warns_where_far_off(seed):
+            ratio = info["level_norms"][-1] / info["level_norms"][-2]
+            assert info["diverged"] == (ratio >= 1)
+            far += error > 0.3
+            quiet_before += error > 0.3 and ratio < 1
+    assert far >= 15 and quiet_before >= 6, (far, quiet_before)
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_fixed_order_warns_wherever_it_is_more_than_30_percent_off(seed):
+    check_warns_where_far_off(seed)
+
+
+def test_fixed_order_warns_on_a_large_estimate_in_a_block_whose_norms_shrink():
+    """One eigenvalue, α·λ = 0.3: in a block of S = 5 steps at order 2, ρ_2 = 2αλ = 0.6 < 1
+    but ‖T_2‖/‖u‖ = C(5,2)(αλ)² = 0.9, and the block is 2.4× off ((1−αλ)^5 = 0.168
+    against 1 − 1.5 + 0.9 = 0.4)."""
+    ell, K = 2.0, 10
+    A, b, theta, target = problem(4, 1, [ell])
+    alpha = 0.3 / ell
+    g_true, _, _ = exact(A, b, theta, target, K, alpha)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g, info = run(mg.Binomial(2, block=5), A, b, theta, target, K, alpha)
+    messages = [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
+    assert len(messages) == 1 and "in the block of steps 5…9" in messages[0], messages
+    assert "0.9 of the vector the block expanded against" in messages[0]
+    assert info["warned"] and not info["diverged"]
+    assert float((g - g_true).norm()) > 0.3 * float(g_true.norm())
+    # Unblocked, the same cut is ‖T_2‖/‖ĝ_2‖ = 0.9/0.4 of its estimate: it warns as well.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, info = run(mg.Binomial(2), A, b, theta, target, 5, alpha)
+    assert info["warned"] and not info["diverged"]
+    assert info["error_estimate"] == pytest.approx(0.9 / 0.4, rel=1e-10)
+    # Blocks of 2 steps at order 2 are exact: nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mg.MetaGradientWarning)
+        _, info = run(mg.Binomial(2, block=2), A, b, theta, target, K, alpha)
+    assert not info["warned"]
+
+
+def test_the_name_binomial_is_the_automatic_order_with_the_blocked_fallback():
+    estimator = mg.estimators.resolve("binomial")
+    assert estimator == mg.Binomial(order="auto")
+    assert estimator.fallback == "blocked" and estimator.block is None
+    assert mg.estimators.resolve("binomial") is not estimator  # a fresh instance each time
+    # Where the plain series diverges, the name gives the blocked expansion, within rtol.
+    ell, K = 2.0, 20
+    A, b, theta, target = problem(5, 3, [ell, 0.9 * ell, 0.8 * ell])
+    alpha = 5.0 / (K * ell)
+    g_true, v, _ = exact(A, b, theta, target, K, alpha)
+    with pytest.warns(mg.MetaGradientWarning, match="Falling back to Binomial"):
+        g, info = run("binomial", A, b, theta, target, K, alpha)
+    assert info["warned"] and info["fallback"].startswith("Binomial(order='auto', block='auto'")
+    assert float((g - g_true).norm()) <= 1e-3 * len(info["blocks"]) * max(float(g_true.norm()), float(v.norm()))
