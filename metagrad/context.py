@@ -58,6 +58,11 @@ class MetaGradient:
             Default: ``Full()``.
         check_finite: raise ``FloatingPointError`` at the first inner step whose loss is
             NaN or infinite (default). With ``False``, non-finite values propagate.
+        adapt: the parameters the inner loop adapts, as names (``model.named_parameters()``)
+            or Parameter objects; default: every parameter that requires grad. The others
+            that require grad stay fixed during the inner loop and are meta-parameters: they
+            get their meta-gradient through it (ANIL adapts the head only; its body learns
+            through the inner loop).
         check_replay: the replay check of every step an estimator rebuilds during backward
             (Checkpointed, Truncated, Binomial; :mod:`metagrad.replay`). ``True`` (default):
             the rebuilt ``Φ_m(φ_m)`` must equal the stored ``φ_{m+1}``, and the rebuilt loss
@@ -77,6 +82,16 @@ class MetaGradient:
     Parameters the inner loss does not use are left as they are by the update rule (no
     weight decay, no momentum), and a parameter neither the inner loop nor the query uses
     keeps ``.grad`` as it was (``None``), as with plain autograd.
+
+    Meta-parameters other than θ (MATH.md, "Meta-parameters other than θ"): η is every
+    tensor that requires grad, other than the fast weights, that an inner step depends on:
+    a tensor the closure captures (``log_wd``, per-example weights, ``w = hypernet(z)``, whose
+    gradient then reaches ``hypernet``), a parameter not adapted (``adapt=``), a parameter
+    of a module the closure calls, a step size that requires grad inside the update rule.
+    Every estimator fills their ``.grad`` with what MATH.md's table defines, with no
+    declaration; ``meta.info["meta_parameters"]`` lists what was found (Full's autograd
+    finds them itself and lists none). They are found from the graph of each closure's
+    first step (see :meth:`metagrad.trajectory.Trajectory._discover` for the rule).
     """
 
     def __init__(
@@ -87,6 +102,7 @@ class MetaGradient:
         *,
         check_finite: bool = True,
         check_replay: Union[bool, float] = True,
+        adapt: Optional[Any] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -116,6 +132,7 @@ class MetaGradient:
         self.estimator = resolve(estimator)
         self.check_finite = check_finite
         self.check_replay = check_replay
+        self.adapt = _checked_adapt(adapt, model)
         self.info: dict[str, Any] = {}
         self._active = False
         self._trajectory: Optional[Trajectory] = None
@@ -130,7 +147,13 @@ class MetaGradient:
         if self._active:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
         every = list(self.model.named_parameters())
-        named = [(n, p) for n, p in every if p.requires_grad]
+        named = [(n, p) for n, p in every if p.requires_grad
+                 and (self.adapt is None or n in self.adapt)]
+        if self.adapt is not None and not named:
+            raise ValueError(
+                f"adapt: none of {sorted(self.adapt)} requires grad, so the inner loop adapts "
+                "nothing. Pass parameters that require grad."
+            )
         if not named:
             raise ValueError(
                 f"model: {type(self.model).__name__} has no parameters that require grad, so "
@@ -155,7 +178,9 @@ class MetaGradient:
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
                                                                      first.device))
-        self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._params]
+        # Every parameter's .grad, adapted or a meta-parameter, as it was at entry.
+        self._every = tuple(p for _, p in every)
+        self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]
         self._fmodel = None
         self.info = {}
         self._active = True
@@ -171,8 +196,11 @@ class MetaGradient:
             if exc_type is not None or trajectory.lifetime.backward_calls > 0:
                 trajectory.release()
         if exc_type is not None:
-            for param, saved in zip(self._params, self._saved_grads):
+            for param, saved in zip(self._every, self._saved_grads):
                 param.grad = saved
+            if trajectory is not None:  # the other meta-parameters, as found
+                for tensor, saved in trajectory.meta_saved_grads:
+                    tensor.grad = saved
         self._saved_grads = []
         return False
 
@@ -219,7 +247,8 @@ class MetaGradient:
                 outputs = _Watched.apply(_Snapshot(self, trajectory, k), *(final[n] for n in self._names))
                 params = dict(zip(self._names, outputs))
             else:
-                outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
+                snapshot = _Snapshot(self, trajectory, k)
+                outputs = _ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
                 params = dict(zip(self._names, outputs))
             self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open,
                                                   layout=trajectory.layout))
@@ -247,7 +276,8 @@ class MetaGradient:
         if k == 0:
             return dict(zip(self._names, self._params))
         trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
-        outputs = _ThroughInnerLoop.apply(_Snapshot(self, trajectory, k), *self._params)
+        snapshot = _Snapshot(self, trajectory, k)
+        outputs = _ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
         return dict(zip(self._names, outputs))
 
     def _step_from_loss(self, loss: torch.Tensor, params: Params,
@@ -294,9 +324,14 @@ class _Snapshot:
         self.names = owner._names
         self.params = owner._params
         self.versions = owner._versions
+        #: The meta-parameters η found in the first ``steps`` inner steps.
+        self.meta = list(trajectory.meta)
+        self.meta_names = list(trajectory.meta_names)
 
-    def run(self, v: dict[str, Optional[torch.Tensor]]) -> dict[str, Optional[torch.Tensor]]:
-        """The estimator's backward, between the checks and the bookkeeping.
+    def run(self, v: dict[str, Optional[torch.Tensor]]
+            ) -> tuple[dict[str, Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
+        """The estimator's backward, between the checks and the bookkeeping: the gradients
+        for θ (by name) and for η (one per :attr:`meta`, ``None`` for zero).
 
         ``v[n]`` is ``None`` where the query does not use fast weight n; it counts as zero,
         and θ_n's gradient stays ``None`` if no inner step used n either (no path reaches it,
@@ -304,13 +339,15 @@ class _Snapshot:
         self.begin()
         dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
         with torch.enable_grad():
-            grads, info = self.estimator.backward(self.trajectory, self.steps, dense)
+            grads, meta, info = self.estimator.backward(self.trajectory, self.steps, dense)
         self.trajectory.verify()  # the replay checks still queued (metagrad.replay)
-        self.end(info)
+        self.end({**info, "meta_parameters": self.meta_names})
         # No path from the query reaches θ_n when the query does not use φ_K[n] and the
         # estimate for it is structurally zero (an inner-only parameter that nothing couples
         # to the rest); plain autograd then leaves .grad as it was, and so does this.
-        return {n: None if v[n] is None and not bool(grads[n].any()) else grads[n] for n in self.names}
+        theta = {n: None if v[n] is None and not bool(grads[n].any()) else grads[n] for n in self.names}
+        meta = list(meta)[:len(self.meta)] + [None] * (len(self.meta) - len(meta))
+        return theta, meta
 
     def begin(self) -> None:
         """Raise if the trajectory was released or θ changed in place since the block began."""
@@ -335,10 +372,11 @@ class _Snapshot:
 
 
 class _ThroughInnerLoop(torch.autograd.Function):
-    """θ ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator."""
+    """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator."""
 
     @staticmethod
-    def forward(ctx: Any, snapshot: _Snapshot, *theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, snapshot: _Snapshot, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # inputs: θ, then the meta-parameters η, whose gradients backward returns too.
         ctx.snapshot = snapshot
         ctx.set_materialize_grads(False)  # a fast weight the query does not use: None
         final = snapshot.trajectory.iterate(snapshot.steps)
@@ -348,8 +386,8 @@ class _ThroughInnerLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         snapshot: _Snapshot = ctx.snapshot
-        grads = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
-        return (None, *(grads[n] for n in snapshot.names))
+        grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+        return (None, *(grads[n] for n in snapshot.names), *meta)
 
 
 class _Watched(torch.autograd.Function):
@@ -369,3 +407,35 @@ class _Watched(torch.autograd.Function):
         # MATH.md's table: Full's backward through the K step graphs makes K products.
         snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps})
         return (None, *grad_outputs)
+
+
+def _checked_adapt(adapt: Any, model: torch.nn.Module) -> Optional[frozenset[str]]:
+    """``adapt=`` as a set of parameter names, or ``None`` for every parameter."""
+    if adapt is None:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None  # the model's own check raises
+    if isinstance(adapt, (str, torch.Tensor)):
+        adapt = [adapt]
+    named = list(model.named_parameters())
+    valid = [n for n, _ in named]
+    by_identity = {id(p): n for n, p in named}
+    names = []
+    for entry in adapt:
+        if isinstance(entry, str):
+            if entry not in valid:
+                raise ValueError(f"adapt: {entry!r} is not a parameter of {type(model).__name__}; "
+                                 f"valid names: {valid}.")
+            names.append(entry)
+        elif isinstance(entry, torch.Tensor):
+            if id(entry) not in by_identity:
+                raise ValueError(f"adapt: a tensor of shape {tuple(entry.shape)} is not one of "
+                                 f"{type(model).__name__}'s parameters; valid names: {valid}.")
+            names.append(by_identity[id(entry)])
+        else:
+            raise TypeError(f"adapt: expected parameter names or Parameter objects, got "
+                            f"{type(entry).__name__} {entry!r}.")
+    if not names:
+        raise ValueError(f"adapt: empty; name at least one parameter to adapt, from {valid}, or "
+                         "pass adapt=None to adapt every parameter that requires grad.")
+    return frozenset(names)

@@ -204,7 +204,7 @@ def _largest_step_curvature(model: torch.nn.Module, closure: Closure, steps: int
                 if size == 0:
                     break
                 u = {n: t / size for n, t in u.items()}
-                pulled, _ = trajectory.vjp(k, u)
+                pulled, _, _ = trajectory.vjp(k, u)
                 u = {n: u[n] - pulled[n] for n in u}  # (I − J_k)ᵀ u
                 estimate = norm(u)
             largest = max(largest, estimate)

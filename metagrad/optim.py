@@ -57,8 +57,9 @@ class SGD:
         lr: the step size α. A finite non-negative float, or a mapping from parameter
             name to a float or tensor (broadcastable to the parameter's shape) for
             per-parameter step sizes. Every trainable parameter must have an entry.
-            Step-size tensors are constants: metagrad differentiates with respect to the
-            initialization θ only, so they must not require grad.
+            A step-size tensor that requires grad is a meta-parameter (Meta-SGD, learned
+            per-layer step sizes): every estimator gives it the gradient MATH.md's table
+            defines ("Meta-parameters other than θ").
 
     The state is empty. With a per-parameter ``lr`` the step Jacobian is
     ``I − diag(α) H``, and every estimator stays exact in the sense of MATH.md.
@@ -279,17 +280,12 @@ def _check_nonnegative(value: Any, argument: str) -> float:
 def _check_step_size(value: Any, argument: str) -> float | torch.Tensor:
     """Validate one step size; return it as a float or a detached-free tensor."""
     if isinstance(value, torch.Tensor):
-        if value.requires_grad:
-            raise ValueError(
-                f"{argument}: the step-size tensor requires grad, but metagrad differentiates with "
-                "respect to the initialization only; pass lr.detach()."
-            )
         if not value.is_floating_point():
             raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {value.dtype}.")
         if value.device.type != "meta":
-            if not bool(torch.isfinite(value).all()):
+            if not bool(torch.isfinite(value.detach()).all()):
                 raise ValueError(f"{argument}: step sizes must be finite, got {value}.")
-            if bool((value < 0).any()):
+            if bool((value.detach() < 0).any()):
                 raise ValueError(f"{argument}: step sizes must be >= 0, got {value}.")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -309,9 +305,12 @@ def _check_step_size_fits(value: torch.Tensor, param: torch.Tensor, argument: st
             f"{param.device}; move it with .to({str(param.device)!r})."
         )
     try:
-        torch.broadcast_shapes(value.shape, param.shape)
+        fits = torch.broadcast_shapes(value.shape, param.shape) == param.shape
     except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(
             f"{argument}: shape {tuple(value.shape)} does not broadcast to parameter {name!r}'s "
-            f"shape {tuple(param.shape)}."
-        ) from None
+            f"shape {tuple(param.shape)}; use a scalar, the parameter's shape, or a shape that "
+            "broadcasts to it."
+        )

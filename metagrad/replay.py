@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance", "compiled"]
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance"]
 
 #: Containers captured by a closure are copied (and their tensors batched) up to this many
 #: leaves; larger ones are kept by reference, and the check guards them.
@@ -90,7 +90,10 @@ class Frozen:
         self.versions = [v._version for _, v in self.tensors]
         self.names = leaf_names
         self.key = (identity, tuple(specs_key(specs)), tuple(
-            ("tensor", v.shape, v.dtype, v.device, v.requires_grad) if isinstance(v, torch.Tensor)
+            # A tensor that requires grad is a meta-parameter: by identity, so that another one
+            # is looked for again (Trajectory._discover).
+            ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
+            if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -339,23 +342,6 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
         "MetaGradient(check_replay=<float>) sets the relative tolerance; check_replay=False skips "
         "this check, and then nothing verifies the rebuilt steps."
     )
-
-
-def compiled(loss: torch.Tensor) -> bool:
-    """Whether ``loss``'s graph goes through a ``torch.compile``'d function (an aot_autograd
-    node), whose backward cannot be differentiated again: a product through such a step would
-    silently take its second derivatives as zero."""
-    seen: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__.startswith("CompiledFunction"):
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
 
 
 def refuse_compiled(step: int) -> None:

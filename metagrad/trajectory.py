@@ -55,11 +55,13 @@ from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
-from .replay import Frozen, RandomState, ReplayError, check_step, compiled, freeze, refuse_compiled
+from .replay import Frozen, RandomState, ReplayError, check_step, freeze, refuse_compiled
 
 __all__ = ["Trajectory", "Closure", "Lifetime"]
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
+#: One entry per meta-parameter η (:attr:`Trajectory.meta`): its gradient, or ``None`` for zero.
+MetaGrads = list[Optional[torch.Tensor]]
 
 #: Rebuilt steps whose replay checks are queued before they run together (:meth:`Trajectory.verify`).
 _CHECK_BATCH = 16
@@ -174,6 +176,19 @@ class Trajectory:
         self.used: set[str] = set()
         #: Per closure key: whether its loss came through a compiled function (looked at once).
         self._compiled: dict[Any, bool] = {}
+        #: The meta-parameters η: every tensor besides the fast weights that requires grad and
+        #: that an inner step depends on (see :meth:`_discover`), with a description of each.
+        self.meta: list[torch.Tensor] = []
+        self.meta_names: list[str] = []
+        #: Which η come from the update rule (step sizes): their part of B_k needs no second
+        #: derivative (MATH.md, "Meta-parameters other than θ").
+        self.rule_meta: set[int] = set()
+        self._meta_index: dict[int, int] = {}
+        #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
+        self.meta_saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._rules_seen: set[int] = set()
+        #: Per step: the update's graph to the rule's η, with the gradient held constant.
+        self._first_order: dict[int, Params] = {}
         self._pending: list[tuple[int, Params, torch.Tensor]] = []
 
     # ----------------------------------------------------------------- inner loop
@@ -247,10 +262,11 @@ class Trajectory:
                 )
             grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k)
         graph = (params, grads) if keep_graph else None
+        inputs = params  # the tensors the loss was built from (the step's fast weights)
         if not self.differentiable:
             params = {n: t.detach() for n, t in params.items()}
             grads = {n: g.detach() for n, g in grads.items()}
-        with torch.set_grad_enabled(self.differentiable):
+        with torch.enable_grad():  # detached inputs: a graph only to the rule's own η
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             new_params, new_state = rule.step(params, grads, self._state)
@@ -258,10 +274,21 @@ class Trajectory:
         self.used.update(used)
         modes = self._modes()
         is_compiled = False
-        if closure is not None:
-            if closure.key not in self._compiled:
-                self._compiled[closure.key] = compiled(loss)
-            is_compiled = self._compiled[closure.key]
+        if not self.differentiable:
+            if closure is None or closure.key not in self._compiled:
+                found = self._discover(loss, inputs, closure)
+                if closure is not None:
+                    self._compiled[closure.key] = found
+            is_compiled = self._compiled[closure.key] if closure is not None else False
+            if any(t.requires_grad for t in new_params.values()):
+                if id(rule) not in self._rules_seen:
+                    self._rules_seen.add(id(rule))
+                    self._add_meta(_graph_inputs(list(new_params.values()), set(), {})[0],
+                                   rule=True, names=_step_size_names(rule))
+                self._first_order[k] = new_params
+            new_params = {n: t.detach() for n, t in new_params.items()}
+            new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                        new_state)
         if self.keep is None or self.keep > 0:
             self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
                                    state=self._state, closure=closure, rule=rule, used=used,
@@ -274,6 +301,45 @@ class Trajectory:
         self._last_compiled, self._last_modes = is_compiled, modes
         self._current, self._state = new_params, new_state
         return loss.detach()
+
+    def _discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> bool:
+        """Add the η the step's loss depends on to :attr:`meta`; return whether the loss came
+        through a compiled function.
+
+        The rule: η is every tensor that requires grad, other than the fast weights, that the
+        loss's graph reaches. A tensor the closure captures (a cell, a global, a default) is
+        taken as it is, even when it is itself computed (``w = hypernet(z)``: the gradient then
+        reaches ``hypernet`` through ``w``'s own graph); anything else is found as the leaf the
+        graph ends at (a module parameter not adapted, a parameter of a module the closure
+        calls). The graph is looked at once per closure key (its code, and the objects and
+        tensor shapes it captures, tensors that require grad by identity).
+        """
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        stop: dict[int, list[torch.Tensor]] = {}
+        if closure is not None:
+            for slot, tensor in closure.tensors:
+                names.setdefault(id(tensor), f"{closure.names[slot]} (captured by the closure)")
+                if tensor.requires_grad and tensor.grad_fn is not None:
+                    stop.setdefault(id(tensor.grad_fn), []).append(tensor)
+        for t in params.values():  # fast weights that are themselves computed (adapters)
+            if t.grad_fn is not None:
+                stop.setdefault(id(t.grad_fn), [])
+        found, is_compiled = _graph_inputs([loss], {id(t) for t in params.values()}, stop)
+        self._add_meta(found, rule=False, names=names)
+        return is_compiled
+
+    def _add_meta(self, tensors: list[torch.Tensor], *, rule: bool, names: dict[int, str]) -> None:
+        for tensor in tensors:
+            if id(tensor) in self._meta_index:
+                continue
+            self._meta_index[id(tensor)] = len(self.meta)
+            if rule:
+                self.rule_meta.add(len(self.meta))
+            self.meta.append(tensor)
+            if tensor.is_leaf:
+                self.meta_saved_grads.append((tensor, None if tensor.grad is None else tensor.grad.clone()))
+            default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
+            self.meta_names.append(names.get(id(tensor), default))
 
     def model_at(self, params: Params) -> FunctionalModel:
         """The module evaluated at the fast weights ``params``."""
@@ -359,19 +425,38 @@ class Trajectory:
                    losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),  # type: ignore[arg-type]
                    frozen=None, steps=steps, closures=[self._step(m).closure for m in steps])
 
-    def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
-            ) -> tuple[Params, Optional[list[Optional[torch.Tensor]]]]:
-        """Pull ``u`` back through step m by a double backward through its graph, rebuilt at
-        φ_m (or kept, for a step taken from a given loss).
+    def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
+            *, second_order: bool = True
+            ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
+        """The primitive every estimator composes: pull ``u`` back through step m, with respect
+        to the step's input φ_m and to the meta-parameters η (:attr:`meta`).
 
-        Without ``state_adjoint``: ``(J_mᵀ u, None)``, the optimizer state held constant.
-        With it: the vector-Jacobian product of the whole step ``(φ_m, s_m) ↦ (φ_{m+1},
-        s_{m+1})`` applied to ``(u, state_adjoint)``, returning the adjoints of φ_m and s_m.
-        ``state_adjoint`` lists one adjoint per leaf of the flattened state
-        (``torch.utils._pytree``), ``None`` or missing for zero; ``[]`` starts from zero.
+        Returns ``(J_mᵀ u, B_mᵀ u, state adjoint)`` with ``J_m = ∂φ_{m+1}/∂φ_m`` and ``B_m =
+        ∂φ_{m+1}/∂η`` (MATH.md (3)), by a double backward through the step's graph, rebuilt
+        at φ_m (or kept, for a step taken from a given loss); ``B_mᵀ u`` lists one entry per η,
+        ``None`` for zero.
 
-        A rebuilt step passes the replay check first (:meth:`_check`).
+        - Without ``state_adjoint`` the optimizer state is held constant. With it: the
+          vector-Jacobian product of the whole step ``(φ_m, s_m) ↦ (φ_{m+1}, s_{m+1})``
+          applied to ``(u, state_adjoint)``, and the adjoint of s_m is returned third.
+          ``state_adjoint`` lists one adjoint per leaf of the flattened state
+          (``torch.utils._pytree``), ``None`` or missing for zero; ``[]`` starts from zero.
+        - ``second_order=False``: the step with its gradient held constant (MATH.md's table,
+          the earlier steps of Truncated, FirstOrder): ``(u, the step-size part of B_mᵀ u,
+          None)``, from the update's graph to the rule's η that the inner loop kept; no
+          graph is rebuilt.
+
+        A rebuilt step passes the replay check (:meth:`_check`).
         """
+        meta = self.meta
+        if not second_order:
+            kept = self._first_order.get(m)
+            if kept is None or not meta:
+                return dict(u), [None] * len(meta), None
+            with torch.enable_grad():
+                grads = torch.autograd.grad([kept[n] for n in kept], meta, [u[n] for n in kept],
+                                            allow_unused=True, retain_graph=True)
+            return dict(u), list(grads), None
         step = self._step(m)
         carry = state_adjoint is not None
         with torch.enable_grad():
@@ -395,20 +480,23 @@ class Trajectory:
                     if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                         outputs.append(leaf)
                         cotangents.append(adjoint)
-            inputs = list(params.values()) + [leaves[i] for i in varied]
+            inputs = list(params.values()) + [leaves[i] for i in varied] + meta
+            # η may be reached through graphs of the user's (w = hypernet(z)): keep them.
             out = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
-                                      retain_graph=step.graph is not None)
+                                      retain_graph=step.graph is not None or bool(meta))
         pulled = {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+        meta_grads = list(out[len(out) - len(meta):]) if meta else []
         if not carry:
-            return pulled, None
+            return pulled, meta_grads, None
         adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
-        for i, g in zip(varied, out[len(params):]):
+        for i, g in zip(varied, out[len(params):len(params) + len(varied)]):
             adjoint_out[i] = g
-        return pulled, adjoint_out
+        return pulled, meta_grads, adjoint_out
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
-                    chunk_size: Optional[int] = None) -> Params:
-        """``J_mᵀ u_i`` for each ``m = steps[i]`` and row ``u_i`` of ``vectors``.
+                    chunk_size: Optional[int] = None) -> tuple[Params, MetaGrads]:
+        """:meth:`vjp` for many steps at once: ``J_mᵀ u_i`` for each ``m = steps[i]`` and row
+        ``u_i`` of ``vectors``, and ``Σ_i B_mᵀ u_i`` (one entry per η, ``None`` for zero).
 
         ``vectors`` maps each name to a tensor with a leading dimension of
         ``len(steps)``; the result has the same layout. Steps are batched with
@@ -419,14 +507,17 @@ class Trajectory:
         taken from a given loss, is computed alone, and so is a chunk of one step, as a plain
         double backward (:meth:`vjp`): on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0, at
         84×84, a vmapped call of one product took 2.3× the time and 1.4× the memory of one.
-        Every rebuilt step passes the replay check.
+        Every rebuilt step passes the replay check. With meta-parameters η, every product is
+        computed alone, by autograd, which reaches η wherever it sits (a captured tensor, a
+        module parameter not adapted, a step size inside the rule).
         """
         rows = len(steps)
         size = rows if chunk_size is None else chunk_size
         pieces: list[Params] = []
+        meta_sum: MetaGrads = [None] * len(self.meta)
         start = 0
         while start < rows:
-            key = self._step(steps[start]).batch_key()
+            key = self._step(steps[start]).batch_key() if not self.meta else None
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
                    and self._step(steps[stop]).batch_key() == key):
@@ -436,12 +527,13 @@ class Trajectory:
             states = _stacked([s.state for s in chunk]) if stop - start > 1 else None
             if states is None:  # one step, or states that cannot be batched: one product per step
                 for i, m in enumerate(steps[start:stop]):
-                    pulled, _ = self.vjp(m, {n: t[i] for n, t in u.items()})
+                    pulled, meta_grads, _ = self.vjp(m, {n: t[i] for n, t in u.items()})
                     pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
+                    meta_sum = add_meta(meta_sum, meta_grads)
             else:
                 pieces.append(self._vmapped_vjp(list(steps[start:stop]), chunk, states, u))
             start = stop
-        return {n: torch.cat([p[n] for p in pieces]) for n in vectors}
+        return {n: torch.cat([p[n] for p in pieces]) for n in vectors}, meta_sum
 
     def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params) -> Params:
         first = chunk[0]
@@ -536,11 +628,12 @@ class Trajectory:
                 box.clear()
         return sum(seen.values())
 
-    def hessian_operator(self, k: int) -> Callable[[Params], Params]:
+    def hessian_operator(self, k: int) -> "Hessian":
         """``u ↦ H u`` with ``H = ∇²L_tr(φ_k)``, the Hessian of the last step's loss
-        (without any proximal term) at the current iterate ``k = K``.
+        (without any proximal term) at the current iterate ``k = K``, and its mixed block
+        ``x ↦ (∂_η ∇_φ L_tr)ᵀ x`` (:meth:`Hessian.mixed`).
 
-        One graph is built here and kept for as long as the returned function lives;
+        One graph is built here and kept for as long as the returned operator lives;
         each call is one double backward through it.
         """
         if self.last_closure is None and self.length > 0:
@@ -568,20 +661,15 @@ class Trajectory:
         inputs = list(params.values())
         outputs = [grads[n] for n in names]
 
-        def hvp(u: Params) -> Params:
-            if not outputs:
-                return {n: torch.zeros_like(t) for n, t in params.items()}
-            with torch.enable_grad():
-                out = torch.autograd.grad(outputs, inputs, [u[n] for n in names],
-                                          retain_graph=True, allow_unused=True)
-            return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
-
-        return hvp
+        return Hessian(params, names, outputs, [t for i, t in enumerate(self.meta)
+                                                if i not in self.rule_meta])
 
     # ---------------------------------------------------------------- bookkeeping
     def release(self) -> None:
         """Drop every stored iterate and graph; later use raises a clear error."""
         self._steps = {}
+        self._first_order = {}
+        self.meta = []
         self._pending = []
         self.last_closure = None
         self._current = {}
@@ -665,3 +753,80 @@ def _stacked(states: list[State]) -> Optional[State]:
         return None
     return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
 
+
+class Hessian:
+    """The Hessian of one rebuilt inner loss at φ (:meth:`Trajectory.hessian_operator`)."""
+
+    def __init__(self, params: Params, names: list[str], gradients: list[torch.Tensor],
+                 meta: list[torch.Tensor]) -> None:
+        self._params, self._names, self._gradients, self._meta = params, names, gradients, meta
+
+    def __call__(self, u: Params) -> Params:
+        """``H u``."""
+        params = self._params
+        if not self._gradients:
+            return {n: torch.zeros_like(t) for n, t in params.items()}
+        with torch.enable_grad():
+            out = torch.autograd.grad(self._gradients, list(params.values()),
+                                      [u[n] for n in self._names], retain_graph=True, allow_unused=True)
+        return {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
+
+    def mixed(self, x: Params) -> dict[int, Optional[torch.Tensor]]:
+        """``(∂_η ∇_φ L)ᵀ x`` for the η of the inner loss (not the rule's step sizes), by
+        identity of the η tensor."""
+        if not self._gradients or not self._meta:
+            return {}
+        with torch.enable_grad():
+            out = torch.autograd.grad(self._gradients, self._meta, [x[n] for n in self._names],
+                                      retain_graph=True, allow_unused=True)
+        return {id(t): g for t, g in zip(self._meta, out)}
+
+
+def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGrads:
+    """Entrywise sum of two η-gradient lists (``None`` is zero; a shorter list is padded)."""
+    size = max(len(total), len(more))
+    out: MetaGrads = []
+    for i in range(size):
+        a = total[i] if i < len(total) else None
+        b = more[i] if i < len(more) else None
+        out.append(b if a is None else a if b is None else a + b)
+    return out
+
+
+def _graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]]
+                  ) -> tuple[list[torch.Tensor], bool]:
+    """The tensors requiring grad that the graph of ``roots`` reaches: the leaves (not in
+    ``skip``, by id) and, where a node is the ``grad_fn`` of tensors in ``stop`` (by the node's
+    id), those tensors (none, for an empty list), without looking behind them. Also whether a ``torch.compile``'d
+    function (an aot_autograd node, whose backward cannot be differentiated again) is on it."""
+    seen: set[int] = set()
+    found: list[torch.Tensor] = []
+    is_compiled = False
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in stop:
+            found.extend(stop[id(node)])
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) not in skip:
+                found.append(variable)
+            continue
+        if type(node).__name__.startswith("CompiledFunction"):
+            is_compiled = True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found, is_compiled
+
+
+def _step_size_names(rule: Any) -> dict[int, str]:
+    """Descriptions of a rule's step-size tensors (``lr``, scalar or per parameter), by id."""
+    lr = getattr(rule, "lr", None)
+    if isinstance(lr, torch.Tensor):
+        return {id(lr): "lr (update rule)"}
+    if isinstance(lr, dict):
+        return {id(t): f"lr[{n!r}] (update rule)" for n, t in lr.items() if isinstance(t, torch.Tensor)}
+    return {}

@@ -168,15 +168,15 @@ def test_order_above_K_is_clamped_with_a_warning_and_is_exact(make, argument):
     (None, TypeError),
     (torch.tensor(float("nan"), dtype=DT), ValueError),
     (torch.tensor(-0.5, dtype=DT), ValueError),
-    (torch.tensor(0.1, dtype=DT, requires_grad=True), ValueError),
+    (torch.tensor(-0.1, dtype=DT, requires_grad=True), ValueError),
     ({"0.weight": float("nan"), "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1}, ValueError),
     ({"0.weight": 0.1, "0.bias": -1.0, "2.weight": 0.1, "2.bias": 0.1}, ValueError),
     ({"0.weight": 0.1, "0.bias": "x", "2.weight": 0.1, "2.bias": 0.1}, TypeError),
-    ({"0.weight": torch.tensor(0.1, requires_grad=True), "0.bias": 0.1, "2.weight": 0.1,
+    ({"0.weight": torch.ones(7, 7, 7, dtype=DT), "0.bias": 0.1, "2.weight": 0.1,
       "2.bias": 0.1}, ValueError),
 ], ids=["nan", "inf", "-inf", "negative", "string", "bool", "none", "tensor-nan",
-        "tensor-negative", "tensor-requires-grad", "mapping-nan", "mapping-negative",
-        "mapping-string", "mapping-tensor-requires-grad"])
+        "tensor-negative", "tensor-requires-grad-negative", "mapping-nan", "mapping-negative",
+        "mapping-string", "mapping-tensor-wrong-shape"])
 def test_bad_step_size(lr, error):
     check_rejected(error, "lr", lambda model: full_task(model, mg.Full(), lr=lr))
 

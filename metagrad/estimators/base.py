@@ -26,9 +26,13 @@ class MetaGradientWarning(UserWarning):
 
 
 class Estimator(abc.ABC):
-    """A backward strategy: how ``v = ∇L_val(φ_K)`` is carried back to θ.
+    """A backward strategy: how ``v = ∇L_val(φ_K)`` is carried back to θ and to the
+    meta-parameters η (MATH.md, "Meta-parameters other than θ").
 
-    Subclasses implement :meth:`backward`, and may set:
+    Subclasses implement :meth:`backward` by composing the trajectory's one primitive,
+    :meth:`Trajectory.vjp <metagrad.trajectory.Trajectory.vjp>` (``J_mᵀ u`` and ``B_mᵀ u``
+    of one step; :meth:`~metagrad.trajectory.Trajectory.batched_vjp` for many at once), and
+    may set:
 
     - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
     - ``proximal``: λ of a proximal term the inner loop adds (Implicit).
@@ -44,17 +48,20 @@ class Estimator(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
-        """Return the meta-gradient estimate and a report.
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, list[Optional[torch.Tensor]], dict[str, Any]]:
+        """Return the meta-gradient estimate for θ and for η, and a report.
 
         Args:
-            trajectory: the stored inner loop.
+            trajectory: the stored inner loop; ``trajectory.meta`` lists η.
             steps: K, the number of inner steps the query loss was built after.
             v: ``∇L_val(φ_K)``, name→tensor.
 
         Returns:
-            ``(g, info)``: the estimate with the layout of ``v``, and a dict of what was
-            done (read by users as ``meta.info``).
+            ``(g, g_meta, info)``: the θ-estimate with the layout of ``v``; the η-estimate
+            through the inner loop, one entry per ``trajectory.meta`` (``None`` for zero, and
+            the list may be shorter: missing entries are zero); and a dict of what was done
+            (read by users as ``meta.info``).
         """
 
     def __repr__(self) -> str:

@@ -63,7 +63,7 @@ import torch
 from ..linalg import norm
 from ..memory import parse_bytes
 from ..optim import Params
-from ..trajectory import Trajectory
+from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator, check_count, clamp_to_steps, warn
 from .checkpointed import Checkpointed
 from .truncated import Truncated
@@ -187,30 +187,32 @@ class Binomial(Estimator):
         monitor = "" if self.monitor else ", monitor=False"
         return f"Binomial(order={self.order}{block}, {chunk}{monitor})"
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         chunk, budget = self.chunk_size, {}
         if self.max_memory is not None and steps > 0:
             chunk, graph = _budget_chunk(trajectory, steps, v, self.max_memory)
             budget = {"chunk_size": chunk, "step_graph_bytes": graph}
-        g, info = self._backward(trajectory, steps, v, chunk)
-        return g, {**info, **budget}
+        g, meta, info = self._backward(trajectory, steps, v, chunk)
+        return g, meta, {**info, **budget}
 
     def _backward(self, trajectory: Trajectory, steps: int, v: Params,
-                  chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
+                  chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
         if self.order == "auto":
             if self.block == "auto":
-                g, info, _ = _auto_blocks(trajectory, steps, v, steps, self.rtol, self.max_order,
-                                          chunk, shrink=True)
-                return g, info
+                g, info, _, meta = _auto_blocks(trajectory, steps, v, steps, self.rtol, self.max_order,
+                                                chunk, shrink=True)
+                return g, meta, info
             return self._auto(trajectory, steps, v, chunk)
         order = clamp_to_steps(self.order, steps, "Binomial", "order")  # type: ignore[arg-type]
         spans = _spans(steps, self.block)  # type: ignore[arg-type]
-        u, products, block_norms = dict(v), 0, []
+        u, products, block_norms, meta = dict(v), 0, [], []
         for span in spans:
             kept = min(order, span[1] - span[0])
-            if self.monitor:
-                u_next, norms, used, _ = _levels(trajectory, span, u, kept, chunk)
+            if self.monitor or trajectory.meta:  # η needs the adjoint at every step: levels
+                u_next, norms, used, _, more = _levels(trajectory, span, u, kept, chunk)
                 block_norms.append((norms, u, kept, span))
+                meta = add_meta(meta, more)
             else:
                 u_next, used = _tight(trajectory, span, u, kept, chunk)
             u, products = u_next, products + used
@@ -220,7 +222,7 @@ class Binomial(Estimator):
             info.update(blocks=[span for span in reversed(spans)],
                         orders=[min(order, b - a) for a, b in reversed(spans)])
         if not self.monitor:
-            return u, info
+            return u, meta, info
         if self.block is None:
             norms = block_norms[0][0]
             info.update(_report(steps, order, norms, u, products))
@@ -254,25 +256,25 @@ class Binomial(Estimator):
                 "smaller blocks (block=S), or Checkpointed() for the exact meta-gradient; or take "
                 "fewer inner steps or a smaller step size. Pass monitor=False to silence this warning."
             )
-        return u, info
+        return u, meta, info
 
     def _auto(self, trajectory: Trajectory, steps: int, v: Params,
-              chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
+              chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
         limit = min(self.max_order, steps)
         if self.block is not None and self.block < steps:  # fixed blocks: every one must converge
-            g, info, failed = _auto_blocks(trajectory, steps, v, self.block, self.rtol,  # type: ignore[arg-type]
-                                           self.max_order, chunk, shrink=False)
+            g, info, failed, meta = _auto_blocks(trajectory, steps, v, self.block, self.rtol,  # type: ignore[arg-type]
+                                                 self.max_order, chunk, shrink=False)
             if failed is None:
-                return g, info
+                return g, meta, info
             reason = (f"in the block of steps {failed[0]}…{failed[1] - 1}, the series "
                       + ("diverges" if info["diverged"] else "misses rtol"))
             return self._fall_back(trajectory, steps, v, info, reason, chunk)
-        g, norms, products, stop = _levels(trajectory, (0, steps), v, limit, chunk, rtol=self.rtol)
+        g, norms, products, stop, meta = _levels(trajectory, (0, steps), v, limit, chunk, rtol=self.rtol)
         order = len(norms)
         info = _report(steps, order, norms, g, products)
         if stop == "converged" or order == steps:
             info["converged"] = True
-            return g, info
+            return g, meta, info
         info["diverged"] = stop == "diverged"
         reason = ("the level norms grew at two consecutive orders: the binomial series is "
                   "diverging, because K·α·‖H‖ is too large" if stop == "diverged" else
@@ -281,7 +283,7 @@ class Binomial(Estimator):
         return self._fall_back(trajectory, steps, v, info, reason, chunk)
 
     def _fall_back(self, trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any],
-                   reason: str, chunk: Optional[int]) -> tuple[Params, dict[str, Any]]:
+                   reason: str, chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
         advice = "Take fewer inner steps or a smaller step size, or choose another estimator."
         if self.fallback is None:
             raise SeriesDivergenceError(f"Binomial(order='auto'): {reason}. {advice}")
@@ -293,14 +295,14 @@ class Binomial(Estimator):
         else:
             substitute = Truncated(min(self.max_order, steps))
         warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}.")
-        g, extra = substitute.backward(trajectory, steps, v)
+        g, meta, extra = substitute.backward(trajectory, steps, v)
         info["fallback"], info["warned"] = repr(substitute), True
         info["hessian_vector_products"] += extra.get("hessian_vector_products", 0)
         info["depth"] += extra.get("depth", steps)
         for key in ("blocks", "orders", "error_estimate"):
             if key in extra:
                 info[key] = extra[key]
-        return g, info
+        return g, meta, info
 
 
 #: Peak bytes of one product in a batched call, in units of its step graph's saved bytes
@@ -334,8 +336,10 @@ def _format_bytes(size: int) -> str:
 
 def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,
                  max_order: int, chunk_size: Optional[int], *, shrink: bool
-                 ) -> tuple[Params, dict[str, Any], Optional[Span]]:
-    """order='auto' in blocks of ``size`` steps, laid from the last step backwards.
+                 ) -> tuple[Params, dict[str, Any], Optional[Span], MetaGrads]:
+    """order='auto' in blocks of ``size`` steps, laid from the last step backwards; returns
+    the estimate, the report, the failed block (or ``None``) and the η-gradient of the
+    blocks kept.
 
     A block that diverges or misses rtol within ``max_order`` levels is retried at half
     the size when ``shrink`` (block='auto': a block of one step is exact at order 1, so
@@ -343,7 +347,7 @@ def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol:
     as the failure. The levels of a rejected attempt count in ``depth`` and
     ``hessian_vector_products``.
     """
-    u, last = dict(v), steps
+    u, last, meta = dict(v), steps, []
     spans, orders, all_norms = [], [], []
     products, depth, estimate, attempts = 0, 0, 0.0, 0
     failed: Optional[Span] = None
@@ -351,15 +355,15 @@ def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol:
     while last > 0:
         span = (max(0, last - size), last)
         length = span[1] - span[0]
-        u_next, norms, used, stop = _levels(trajectory, span, u, min(max_order, length), chunk_size,
-                                            rtol=rtol)
+        u_next, norms, used, stop, more = _levels(trajectory, span, u, min(max_order, length),
+                                                  chunk_size, rtol=rtol)
         products, depth, attempts = products + used, depth + len(norms), attempts + 1
         if stop == "converged" or len(norms) == length:
             estimate += _estimate(norms, length, len(norms), u)
             spans.append(span)
             orders.append(len(norms))
             all_norms.append(norms)
-            u, last = u_next, span[0]
+            u, last, meta = u_next, span[0], add_meta(meta, more)
         elif shrink:
             size = max(1, length // 2)
         else:
@@ -370,44 +374,64 @@ def _auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol:
             "error_estimate": math.inf if failed else estimate, "diverged": diverged,
             "converged": failed is None, "warned": False, "fallback": None,
             "hessian_vector_products": products}
-    return u, info, failed
+    return u, info, failed, meta
 
 
 Span = tuple[int, int]  # the steps [first, last) of a block
 
 
 def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
-            *, rtol: Optional[float] = None) -> tuple[Params, list[float], int, str]:
+            *, rtol: Optional[float] = None) -> tuple[Params, list[float], int, str, MetaGrads]:
     """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
-    level norms ``[‖T_1‖, …]``, the number of products, and why it stopped.
+    level norms ``[‖T_1‖, …]``, the number of products, why it stopped, and the η-gradient.
 
     With ``rtol``, stops early once ``‖T_j‖ ≤ rtol·‖ĝ_j‖`` ("converged") or after two
     consecutive levels whose norms grew ("diverged"); otherwise after ``order`` levels
     ("limit").
+
+    η (MATH.md, "Computing it"): level j's products are taken at the vectors
+    ``S^{(j−1)}_{k+1}``, the order-(j−1) part of the adjoint after step k, so the same call
+    gives ``Σ_k B_kᵀ S^{(j−1)}_{k+1}``: the mixed part at order j and the step-size part at
+    order j−1. The step-size part at the last order L, ``Σ_k B_kᵀ S^{(L)}_{k+1}`` with the
+    gradients held constant, is one more call without second derivatives.
     """
     first, last = span
     g = dict(v)
     norms: list[float] = []
     products = 0
+    meta: MetaGrads = []
     # suffix[k] = Σ_{k' ≥ k} a^{(j−1)}_{k'}; level 1 multiplies v at every step.
     suffix = {n: t.unsqueeze(0).expand(last - first, *t.shape) for n, t in v.items()}
     for level in range(1, order + 1):
         rows = last - first - level + 1  # a^{(j)}_k vanishes for the last j−1 steps
         vectors = {n: t[:rows] for n, t in suffix.items()}
-        pulled = trajectory.batched_vjp(list(range(first, first + rows)), vectors, chunk_size)
+        pulled, more = trajectory.batched_vjp(list(range(first, first + rows)), vectors, chunk_size)
+        meta = add_meta(meta, more)
         terms = {n: pulled[n] - vectors[n] for n in v}  # (J_kᵀ − I) u = −α H_k u for SGD
         products += rows
         level_sum = {n: t.sum(0) for n, t in terms.items()}  # T_j
         g = {n: g[n] + level_sum[n] for n in g}
         norms.append(norm(level_sum))
-        if rtol is not None:
-            if norms[-1] <= rtol * norm(g):
-                return g, norms, products, "converged"
-            if level >= 2 and _ratio(norms, v, level) >= 1 and _ratio(norms, v, level - 1) >= 1:
-                return g, norms, products, "diverged"
         # The next level multiplies, at step k, the sum of this level's terms after k.
         suffix = {n: _suffix_sum(t)[1:] for n, t in terms.items()}
-    return g, norms, products, "limit"
+        stop = "limit"
+        if rtol is not None:
+            if norms[-1] <= rtol * norm(g):
+                stop = "converged"
+            elif level >= 2 and _ratio(norms, v, level) >= 1 and _ratio(norms, v, level - 1) >= 1:
+                stop = "diverged"
+        if stop != "limit" or level == order:
+            break
+    if trajectory.meta and order > 0:  # the step-size part at the last order kept
+        for i in range(next(iter(suffix.values())).shape[0]):
+            _, more, _ = trajectory.vjp(first + i, {n: t[i] for n, t in suffix.items()},
+                                        second_order=False)
+            meta = add_meta(meta, more)
+    elif trajectory.meta:  # order 0: FirstOrder's step-size part
+        for m in range(first, last):
+            _, more, _ = trajectory.vjp(m, v, second_order=False)
+            meta = add_meta(meta, more)
+    return g, norms, products, stop if order > 0 else "limit", meta
 
 
 def _tight(trajectory: Trajectory, span: Span, v: Params, order: int,
@@ -422,7 +446,7 @@ def _tight(trajectory: Trajectory, span: Span, v: Params, order: int,
     rows = {n: t.unsqueeze(0).expand(width, *t.shape) for n, t in v.items()}
     for level in range(order):
         start = first + order - 1 - level
-        products = trajectory.batched_vjp(list(range(start, start + width)), rows, chunk_size)
+        products, _ = trajectory.batched_vjp(list(range(start, start + width)), rows, chunk_size)  # no η here
         rows = {n: rows[n][-1] + _suffix_sum(products[n] - rows[n]) for n in rows}
     return {n: t[0] for n, t in rows.items()}, order * width
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..optim import Params
-from ..trajectory import Trajectory
+from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator
 
 __all__ = ["Checkpointed"]
@@ -22,10 +22,16 @@ class Checkpointed(Estimator):
     (MATH.md, "Optimizers other than plain gradient descent").
     Memory: K iterates plus one step graph. Time: about one extra forward and
     backward per step compared with Full.
+
+    Meta-parameters η (MATH.md (3)): the same sweep gives ``B_mᵀ u`` at every step with the
+    same rebuilt graph, and their sum is η's exact gradient through the inner loop.
     """
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         u, state_adjoint = dict(v), []  # the query does not depend on the optimizer state
+        meta: MetaGrads = []
         for m in reversed(range(steps)):  # MATH.md (1): the last step's factor acts first
-            u, state_adjoint = trajectory.vjp(m, u, state_adjoint)
-        return u, {"steps": steps, "hessian_vector_products": steps}
+            u, grads, state_adjoint = trajectory.vjp(m, u, state_adjoint)
+            meta = add_meta(meta, grads)  # MATH.md (3): B_mᵀ a_{m+1}
+        return u, meta, {"steps": steps, "hessian_vector_products": steps}

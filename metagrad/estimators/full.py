@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..optim import Params
-from ..trajectory import Trajectory
+from ..trajectory import MetaGrads, Trajectory
 from .base import Estimator
 
 __all__ = ["Full"]
@@ -28,12 +28,14 @@ class Full(Estimator):
 
     differentiable = True
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         final = trajectory.iterate(steps)
         theta = trajectory.theta
         # retain_graph: the query loss may be backpropagated more than once while the
-        # block is open; the graph is freed when the trajectory is released.
+        # block is open; the graph is freed when the trajectory is released. Meta-parameters
+        # η need nothing here: the unrolled graph reaches them, and autograd carries them.
         grads = torch.autograd.grad([final[n] for n in v], [theta[n] for n in v],
                                     [v[n] for n in v], retain_graph=True, allow_unused=True)
         g = {n: torch.zeros_like(v[n]) if t is None else t for n, t in zip(v, grads)}
-        return g, {"steps": steps, "hessian_vector_products": steps}
+        return g, [], {"steps": steps, "hessian_vector_products": steps}

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..linalg import conjugate_gradient, neumann_series
 from ..optim import Params
-from ..trajectory import Trajectory
+from ..trajectory import MetaGrads, Trajectory
 from .base import Estimator, check_count, warn
 
 __all__ = ["Implicit"]
@@ -44,6 +44,11 @@ class Implicit(Estimator):
     diverging (``‖H‖/λ ≥ 1``) warns and returns its best partial sum; conjugate
     gradients that meet negative curvature raise
     :class:`~metagrad.linalg.NegativeCurvatureError`.
+
+    Meta-parameters η of the inner loss (MATH.md's table): ``−(1/λ)(∂_η ∇_φ L_tr(φ_K, η))ᵀ x``
+    with x the same solution, one more product through the same graph, besides η's direct
+    gradient from the query. A step size does not move the fixed point φ*, so it gets no
+    gradient through the inner loop: a :class:`MetaGradientWarning` says so.
 
     Args:
         reg: λ > 0, the strength of the proximal term.
@@ -77,9 +82,20 @@ class Implicit(Estimator):
     def keep(self) -> Optional[int]:
         return 0
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
-        hvp = trajectory.hessian_operator(steps)  # the one graph, at φ_K
-        x, solve = SOLVERS[self.solver](hvp, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
+        hessian = trajectory.hessian_operator(steps)  # the one graph, at φ_K
+        x, solve = SOLVERS[self.solver](hessian, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
+        mixed = hessian.mixed(x) if steps > 0 else {}
+        meta: MetaGrads = [None if mixed.get(id(t)) is None else -mixed[id(t)] / self.reg  # type: ignore[operator]
+                           for t in trajectory.meta]
+        step_sizes = [trajectory.meta_names[i] for i in sorted(trajectory.rule_meta)]
+        if step_sizes:
+            warn(
+                f"Implicit: the step sizes {step_sizes} do not move the fixed point of the proximal "
+                "inner problem, so implicit differentiation gives them no gradient through the inner "
+                "loop (MATH.md). Use Checkpointed() or Truncated(T) to learn step sizes."
+            )
         info = {"steps": steps, "solver": self.solver, "reg": self.reg,
                 "iterations": solve.iterations, "residual": solve.residual,
                 "converged": solve.converged, "hessian_vector_products": solve.products}
@@ -96,4 +112,4 @@ class Implicit(Estimator):
                 f"{solve.residual:.3g} after {solve.iterations} iterations, above tol={self.tol:g}. "
                 "Raise max_iter, loosen tol, or increase reg."
             )
-        return x, info
+        return x, meta, info

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..optim import Params
-from ..trajectory import Trajectory
+from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator, check_count, clamp_to_steps
 
 __all__ = ["Truncated"]
@@ -19,6 +19,10 @@ class Truncated(Estimator):
     ``Truncated(K)`` is exact. A ``steps`` larger than K is clamped to K with a
     :class:`MetaGradientWarning` (the result is then exact).
 
+    Meta-parameters η (MATH.md's table): (3) over the last T steps, plus the step-size
+    part of every earlier step's ``B_k`` with ``a_{K−T}`` (the earlier inner gradients are
+    constants, so a learned step size still gets their contribution).
+
     Args:
         steps: T, the number of final inner steps to differentiate through (>= 0).
     """
@@ -29,9 +33,14 @@ class Truncated(Estimator):
     def keep(self) -> Optional[int]:
         return self.steps
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params) -> tuple[Params, dict[str, Any]]:
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
-        u = dict(v)
+        u, meta = dict(v), []
         for m in reversed(range(steps - kept, steps)):
-            u, _ = trajectory.vjp(m, u)  # the optimizer state held constant
-        return u, {"steps": steps, "truncated_to": kept, "hessian_vector_products": kept}
+            u, grads, _ = trajectory.vjp(m, u)  # the optimizer state held constant
+            meta = add_meta(meta, grads)
+        for m in range(steps - kept):  # earlier steps: their gradients are constants
+            _, grads, _ = trajectory.vjp(m, u, second_order=False)
+            meta = add_meta(meta, grads)
+        return u, meta, {"steps": steps, "truncated_to": kept, "hessian_vector_products": kept}
