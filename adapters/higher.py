@@ -137,8 +137,8 @@ def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[S
 
 
 def _constant(lr: Any) -> Any:
-    if isinstance(lr, torch.Tensor) and lr.requires_grad:
-        raise ValueError("override['lr']: learned step sizes are not supported; pass lr.detach().")
+    """A group's step size: a float, or a tensor (one that requires grad is a meta-parameter,
+    learned with every estimator)."""
     return lr
 
 

@@ -386,6 +386,8 @@ class _ThroughInnerLoop(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         snapshot: _Snapshot = ctx.snapshot
+        if snapshot.trajectory.pulling:  # reached from inside a product: φ_m is held fixed there
+            return (None,) * (1 + len(snapshot.names) + len(snapshot.meta))
         grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
         return (None, *(grads[n] for n in snapshot.names), *meta)
 

@@ -190,6 +190,8 @@ class Trajectory:
         #: Per step: the update's graph to the rule's η, with the gradient held constant.
         self._first_order: dict[int, Params] = {}
         self._pending: list[tuple[int, Params, torch.Tensor]] = []
+        #: A product through a kept graph is being computed (see :meth:`vjp`).
+        self.pulling = False
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -481,9 +483,16 @@ class Trajectory:
                         outputs.append(leaf)
                         cotangents.append(adjoint)
             inputs = list(params.values()) + [leaves[i] for i in varied] + meta
-            # η may be reached through graphs of the user's (w = hypernet(z)): keep them.
-            out = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
-                                      retain_graph=step.graph is not None or bool(meta))
+            # η may be reached through graphs of the user's (w = hypernet(z)): keep them. A
+            # kept graph's fast weights are themselves computed from θ and η (the estimator's
+            # node of an earlier step): with `pulling` set, that node passes nothing back, so
+            # B_m holds φ_m fixed as it must.
+            self.pulling = step.graph is not None
+            try:
+                out = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
+                                          retain_graph=step.graph is not None or bool(meta))
+            finally:
+                self.pulling = False
         pulled = {n: _zero_if_none(g, params[n]) for n, g in zip(params, out)}
         meta_grads = list(out[len(out) - len(meta):]) if meta else []
         if not carry:
