@@ -341,3 +341,35 @@ def test_past_fast_weights_equal_higher_and_carry_the_meta_gradient(estimator):
 def test_optimizer_over_another_model_is_refused_clearly():
     with pytest.raises(ValueError, match="opt"):
         mg_higher.update_rule(torch.optim.SGD(make_model().parameters(), lr=0.1), make_model())
+
+
+@pytest.mark.parametrize("make_estimator", [mg.Full, mg.Checkpointed, lambda: mg.Truncated(K),
+                                            lambda: mg.Binomial(K), lambda: mg.Binomial(K, chunk_size=1)],
+                         ids=["full", "checkpointed", "truncated-K", "binomial-K", "binomial-K-chunk1"])
+@pytest.mark.parametrize("form", ["loss", "closure"])
+def test_override_step_size_that_requires_grad_is_learned_as_higher_learns_it(make_estimator, form):
+    """``diffopt.step(loss, override={"lr": [tensor requiring grad]})``: higher learns the step
+    size by a full unroll; the adapter gives the same θ- and lr-gradients with every exact
+    estimator (MATH.md (3))."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(DT)
+    lr = torch.tensor(0.2, dtype=DT, requires_grad=True)
+
+    def run(innerloop_ctx, **kwargs):
+        for t in [*net.parameters(), lr]:
+            t.grad = None
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        with innerloop_ctx(net, opt, copy_initial_weights=False, **kwargs) as (fmodel, diffopt):
+            for _ in range(K):
+                if form == "loss" or innerloop_ctx is higher.innerloop_ctx:
+                    diffopt.step(F.mse_loss(fmodel(XS), YS), override={"lr": [lr]})
+                else:
+                    diffopt.step(closure=lambda f: F.mse_loss(f(XS), YS), override={"lr": [lr]})
+            F.mse_loss(fmodel(XQ), YQ).backward()
+        return [t.grad.clone() for t in [*net.parameters(), lr]]
+
+    expected = run(higher.innerloop_ctx)
+    got = run(mg_higher.innerloop_ctx, estimator=make_estimator())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert expected[-1].abs() > 1e-6  # the step size's gradient is not trivially zero
