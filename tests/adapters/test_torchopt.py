@@ -426,3 +426,37 @@ def test_metagradient_accepts_a_gradient_transformation_directly():
             meta.step(lambda f: F.mse_loss(f(XS), YS))
         F.mse_loss(meta.fmodel(XQ), YQ).backward()
     assert rel(flat_grad(model), expected) <= 1e-12
+
+
+@pytest.mark.parametrize("make_estimator", [mg.Full, mg.Checkpointed, lambda: mg.Truncated(3),
+                                            lambda: mg.Binomial(3, chunk_size=1)],
+                         ids=["full", "checkpointed", "truncated-K", "binomial-K"])
+def test_tensor_learning_rate_that_requires_grad_is_learned(make_estimator):
+    """``torchopt.sgd(lr=tensor)`` with a tensor that requires grad: its gradient through the
+    inner loop, against torchopt's own differentiable loop (no metagrad), for the estimators
+    that are exact with plain SGD."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 2, generator=gen, dtype=torch.float64), torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    xq, yq = torch.randn(6, 2, generator=gen, dtype=torch.float64), torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    tx = torchopt.sgd(lr=lr)
+    params = dict(net.named_parameters())
+    state = tx.init(params)
+    for _ in range(3):
+        loss = F.mse_loss(torch.func.functional_call(net, params, (x,)), y)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=True)))
+        updates, state = tx.update(grads, state, params=params, inplace=False)
+        params = {n: p + updates[n] for n, p in params.items()}
+    query = F.mse_loss(torch.func.functional_call(net, params, (xq,)), yq)
+    expected = torch.autograd.grad(query, [*net.parameters(), lr])
+
+    with mg.MetaGradient(net, torchopt.sgd(lr=lr), estimator=make_estimator()) as meta:
+        for _ in range(3):
+            meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    for tensor, e in zip([*net.parameters(), lr], expected):
+        torch.testing.assert_close(tensor.grad, e, rtol=1e-10, atol=1e-12)
+    assert expected[-1].abs() > 1e-6
