@@ -91,11 +91,9 @@ are the same, since a layer in training mode normalizes with batch statistics in
   ``recover_state_dict(inner_opt, ...)``) accepts only the state saved before a loop's
   first step, and ``state_dict()`` during a loop raises. torchopt keeps the state of an
   unrecovered optimizer and carries it into the next loop.
-- metagrad differentiates with respect to θ only. The optimizer's initial state is a
-  constant, even with ``moment_requires_grad=True``. A learning-rate tensor that requires
-  grad receives a gradient only in the object style with Full, whose fast weights carry
-  plain autograd graphs. It receives none with any other estimator, or in the
-  functional style.
+- The optimizer's initial state is a constant, even with ``moment_requires_grad=True``. A
+  learning-rate tensor that requires grad (``torchopt.sgd(lr=tensor)``) is a meta-parameter:
+  every estimator gives it the gradient MATH.md's table defines, in both styles.
 - ``torchopt.stop_gradient(net)`` / ``stop_gradient(inner_opt)`` would cut the
   estimator's graph. The next ``step`` raises, and so does ``state_dict()``. Pass
   ``estimator=mg.Truncated(T)`` or ``mg.FirstOrder()`` instead.

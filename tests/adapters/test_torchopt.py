@@ -460,3 +460,32 @@ def test_tensor_learning_rate_that_requires_grad_is_learned(make_estimator):
     for tensor, e in zip([*net.parameters(), lr], expected):
         torch.testing.assert_close(tensor.grad, e, rtol=1e-10, atol=1e-12)
     assert expected[-1].abs() > 1e-6
+
+
+@pytest.mark.parametrize("make_estimator", [mg.Full, mg.Checkpointed, lambda: mg.Binomial(3)],
+                         ids=["full", "checkpointed", "binomial-K"])
+def test_object_style_learning_rate_that_requires_grad_is_learned_as_torchopt_learns_it(make_estimator):
+    """``MetaSGD(net, lr=tensor requiring grad)``: the adapter's θ- and lr-gradients equal
+    torchopt's own unroll with every estimator that is exact here."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 3, generator=gen, dtype=torch.float64), torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    xq, yq = torch.randn(6, 3, generator=gen, dtype=torch.float64), torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def run(make):
+        for t in [*net.parameters(), lr]:
+            t.grad = None
+        saved = torchopt.extract_state_dict(net, by="reference", detach_buffers=True)
+        opt = make()
+        for _ in range(3):
+            opt.step(F.mse_loss(net(x), y))
+        F.mse_loss(net(xq), yq).backward()
+        torchopt.recover_state_dict(net, saved)
+        return [t.grad.clone() for t in [*net.parameters(), lr]]
+
+    expected = run(lambda: torchopt.MetaSGD(net, lr=lr))
+    got = run(lambda: mg_torchopt.MetaSGD(net, lr=lr, estimator=make_estimator()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
