@@ -226,15 +226,15 @@ def test_script_reports_data_errors_as_one_message(tmp_path: Path) -> None:
     # A SystemExit carrying a string prints it, without a traceback, and exits with status 1.
     with pytest.raises(SystemExit) as error:
         fewshot.main(["--dataset", "miniimagenet", "--data-root", str(tmp_path / "absent"),
-                      "--out", str(tmp_path / "r.json")])
+                      "--out", str(tmp_path / "r")])
     assert str(error.value.code).startswith("error: miniimagenet: --data-root") and "does not exist" in str(
         error.value.code)
     with pytest.raises(SystemExit, match="--dataset omniglot reads images from disk: pass --data-root"):
-        fewshot.main(["--dataset", "omniglot", "--out", str(tmp_path / "r.json")])
+        fewshot.main(["--dataset", "omniglot", "--out", str(tmp_path / "r")])
     root = make_folder_tree(tmp_path / "mini", classes=3, images=3)
     with pytest.raises(SystemExit, match=r"split 'train': 3 of 3 classes have fewer than the 16 images"):
         fewshot.main(["--dataset", "miniimagenet", "--data-root", str(root), "--image-size", "16", "--ways", "3",
-                      "--out", str(tmp_path / "r.json")])
+                      "--out", str(tmp_path / "r")])
 
 
 def test_synthetic_glyphs_are_reproducible_and_distinct() -> None:
@@ -326,22 +326,36 @@ def test_defaults_are_the_papers_protocol() -> None:
 
 
 def test_smoke_run_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "run" / "results.json"
+    folder = tmp_path / "run"  # --out DIR: results.json, learning_curves.png, checkpoint.pt in it
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--iterations", "3", "--val-every", "2",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+                             "--out", str(folder)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("Test accuracy") and "% ±" in last and "95% CI, 4 tasks" in last
-    results = json.loads(out.read_text(encoding="utf-8"))
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "learning_curves.png", "results.json"]
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     assert 0 <= results["test_accuracy_mean"] <= 1 and 0 <= results["test_accuracy_ci95"] <= 1
     assert f"{100 * results['test_accuracy_mean']:.2f}%" in last
     assert results["config"]["ways"] == 3 and results["config"]["estimator"] == "binomial"
     assert results["wall_time_seconds"] > 0 and results["iterations_completed"] == 3
     assert [v["iteration"] for v in results["history"]["validation"]] == [0, 2, 3]
     assert len(results["history"]["train_loss"]) == 3
-    png = out.with_suffix(".png").read_bytes()
+    png = (folder / "learning_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
-    assert out.with_suffix(".checkpoint.pt").is_file()
+    assert results["checkpoint"] == str(folder / "checkpoint.pt")
+
+
+def test_out_ending_in_json_is_the_earlier_form(tmp_path: Path) -> None:
+    # --out x.json, as command lines written before the folder form: that file, with the
+    # PNG and the checkpoint beside it.
+    out = tmp_path / "legacy" / "r.json"
+    results = fewshot.main([*TINY, "--iterations", "1", "--estimator", "first_order", "--out", str(out)])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.checkpoint.pt", "r.json", "r.png"]
+    assert json.loads(out.read_text(encoding="utf-8"))["test_accuracy_mean"] == results["test_accuracy_mean"]
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    # A folder --out that names an existing file (not .json) is refused before any work.
+    with pytest.raises(SystemExit):
+        fewshot.parse_args(["--out", str(out.with_suffix(".png"))])
 
 
 @pytest.mark.parametrize("dataset", ["omniglot", "miniimagenet", "tieredimagenet"])
@@ -353,7 +367,7 @@ def test_runs_on_folder_datasets(tmp_path: Path, dataset: str) -> None:
     results = fewshot.main(["--dataset", dataset, "--data-root", str(root), "--image-size", "16",
                             "--filters", "4", "--ways", "3", "--queries", "1", "--eval-queries", "1",
                             "--iterations", "1", "--val-tasks", "2", "--test-tasks", "2",
-                            "--estimator", "first_order", "--out", str(tmp_path / "r.json")])
+                            "--estimator", "first_order", "--out", str(tmp_path / "r")])
     channels = 1 if dataset == "omniglot" else 3
     assert results["data"]["train"]["image_shape"] == [channels, 16, 16]
     assert 0 <= results["test_accuracy_mean"] <= 1
@@ -370,7 +384,7 @@ def test_runs_on_folder_datasets(tmp_path: Path, dataset: str) -> None:
 ])
 def test_every_estimator_runs(tmp_path: Path, flags: list[str], expected: str) -> None:
     results = fewshot.main([*TINY, "--iterations", "1", "--inner-steps", "4", "--eval-inner-steps", "2",
-                            *flags, "--out", str(tmp_path / "r.json")])
+                            *flags, "--out", str(tmp_path / "r")])
     assert results["estimator"].startswith(expected)
     assert 0 <= results["test_accuracy_mean"] <= 1
 
@@ -395,8 +409,9 @@ RESUME = [*TINY, "--dtype", "float64", "--iterations", "6", "--val-every", "3", 
           "--inner-steps", "3", "--eval-inner-steps", "3"]
 
 
-def checkpoint_of(out: Path) -> dict[str, Any]:
-    return torch.load(out.with_suffix(".checkpoint.pt"), weights_only=True)
+def checkpoint_of(folder: Path) -> dict[str, Any]:
+    """The checkpoint of the run whose ``--out`` was ``folder``."""
+    return torch.load(folder / "checkpoint.pt", weights_only=True)
 
 
 def assert_same_tensors(a: Any, b: Any) -> None:
@@ -417,7 +432,7 @@ def assert_same_tensors(a: Any, b: Any) -> None:
 
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = fewshot.main([*RESUME, "--out", str(tmp_path / "whole.json")])
+    whole = fewshot.main([*RESUME, "--out", str(tmp_path / "whole")])
 
     # Ctrl-C during the 4th meta-iteration: it finishes, checkpoints and exits with 130.
     original, calls = fewshot.meta_batch_step, []
@@ -429,16 +444,16 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path: Path,
         return original(*args, **kwargs)
 
     monkeypatch.setattr(fewshot, "meta_batch_step", interrupted)
-    parted = tmp_path / "parted.json"
+    parted = tmp_path / "parted"
     with pytest.raises(SystemExit) as stop:
         fewshot.main([*RESUME, "--out", str(parted)])
-    assert stop.value.code == 130 and not parted.exists()
+    assert stop.value.code == 130 and not (parted / "results.json").exists()
     at_interrupt = checkpoint_of(parted)
     assert at_interrupt["iteration"] == 4
     monkeypatch.undo()
 
     resumed = fewshot.main([*RESUME, "--out", str(parted), "--resume"])
-    a, b = checkpoint_of(tmp_path / "whole.json"), checkpoint_of(parted)
+    a, b = checkpoint_of(tmp_path / "whole"), checkpoint_of(parted)
     for key in ("iteration", "model", "optimizer", "rng", "train_loss", "train_accuracy", "validation",
                 "best_iteration", "best_accuracy", "best_state"):
         assert_same_tensors(a[key], b[key])
@@ -448,10 +463,10 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path: Path,
 
 
 def test_resume_extends_a_finished_run_and_refuses_other_settings(tmp_path: Path) -> None:
-    whole = tmp_path / "whole.json"
+    whole = tmp_path / "whole"
     fewshot.main([*RESUME, "--out", str(whole)])
     short = [*RESUME, "--iterations", "3"]  # the later flag wins
-    parted = tmp_path / "parted.json"
+    parted = tmp_path / "parted"
     fewshot.main([*short, "--out", str(parted)])
     fewshot.main([*RESUME, "--out", str(parted), "--resume"])  # 3 more iterations
     assert_same_tensors(checkpoint_of(whole)["model"], checkpoint_of(parted)["model"])
@@ -460,7 +475,7 @@ def test_resume_extends_a_finished_run_and_refuses_other_settings(tmp_path: Path
     with pytest.raises(SystemExit, match=r"different settings: --lr-inner 0.01 \(now 0.05\)"):
         fewshot.main([*RESUME, "--lr-inner", "0.05", "--out", str(parted), "--resume"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        fewshot.main([*RESUME, "--out", str(tmp_path / "never.json"), "--resume"])
+        fewshot.main([*RESUME, "--out", str(tmp_path / "never"), "--resume"])
 
 
 def test_early_stopping_tests_the_best_validated_parameters(tmp_path: Path,
@@ -479,7 +494,7 @@ def test_early_stopping_tests_the_best_validated_parameters(tmp_path: Path,
         return [value, value]
 
     monkeypatch.setattr(fewshot, "evaluate", scripted)
-    out = tmp_path / "r.json"
+    out = tmp_path / "r"
     results = fewshot.main([*TINY, "--iterations", "10", "--val-every", "1", "--patience", "2",
                             "--out", str(out)])
     assert results["stopped_early"] and results["iterations_completed"] == 3
