@@ -52,9 +52,13 @@ class FunctionalModel:
         *,
         guard: Optional[Callable[[], None]] = None,
         layout: Optional["Layout"] = None,
+        fixed: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> None:
         self._module = module
         self._params = dict(params)
+        # Tensors used in place of parameters that are not fast weights (a rebuilt step's
+        # meta-parameters under torch.func); not part of `params`.
+        self._fixed = dict(fixed) if fixed else {}
         self._guard = guard
         self._layout = Layout.of(module) if layout is None else layout
 
@@ -81,7 +85,7 @@ class FunctionalModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
-        params = self._params
+        params = {**self._fixed, **self._params} if self._fixed else self._params
         tensors = {**_frozen_buffers(self._layout.norms), **params}
         for alias, name in self._layout.aliases:
             if name in params:

@@ -189,6 +189,7 @@ class Trajectory:
         self._rules_seen: set[int] = set()
         #: Per step: the update's graph to the rule's η, with the gradient held constant.
         self._first_order: dict[int, Params] = {}
+        self._param_names = {id(p): n for n, p in module.named_parameters()}
         self._pending: list[tuple[int, Params, torch.Tensor]] = []
         #: A product through a kept graph is being computed (see :meth:`vjp`).
         self.pulling = False
@@ -343,9 +344,10 @@ class Trajectory:
             default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
             self.meta_names.append(names.get(id(tensor), default))
 
-    def model_at(self, params: Params) -> FunctionalModel:
-        """The module evaluated at the fast weights ``params``."""
-        return FunctionalModel(self.module, params, layout=self.layout)
+    def model_at(self, params: Params, fixed: Optional[Params] = None) -> FunctionalModel:
+        """The module evaluated at the fast weights ``params`` (and, under torch.func, with
+        ``fixed`` in place of parameters that are not fast weights)."""
+        return FunctionalModel(self.module, params, layout=self.layout, fixed=fixed)
 
     def iterate(self, k: int) -> Params:
         """The fast weights φ_k after k steps (k = K is the current iterate)."""
@@ -516,9 +518,11 @@ class Trajectory:
         taken from a given loss, is computed alone, and so is a chunk of one step, as a plain
         double backward (:meth:`vjp`): on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0, at
         84×84, a vmapped call of one product took 2.3× the time and 1.4× the memory of one.
-        Every rebuilt step passes the replay check. With meta-parameters η, every product is
-        computed alone, by autograd, which reaches η wherever it sits (a captured tensor, a
-        module parameter not adapted, a step size inside the rule).
+        Every rebuilt step passes the replay check. Meta-parameters η that the closure captures,
+        or module parameters not adapted, are explicit inputs of the vmapped call, and a step
+        size's part comes from the update the inner loop kept; an η found elsewhere (behind an
+        object the closure calls) can only be followed by autograd, and then every product is
+        computed alone.
         """
         rows = len(steps)
         size = rows if chunk_size is None else chunk_size
@@ -526,7 +530,8 @@ class Trajectory:
         meta_sum: MetaGrads = [None] * len(self.meta)
         start = 0
         while start < rows:
-            key = self._step(steps[start]).batch_key() if not self.meta else None
+            first_step = self._step(steps[start])
+            key = first_step.batch_key() if not self.meta or self._explicit_meta(first_step) else None
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
                    and self._step(steps[stop]).batch_key() == key):
@@ -540,16 +545,45 @@ class Trajectory:
                     pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
                     meta_sum = add_meta(meta_sum, meta_grads)
             else:
-                pieces.append(self._vmapped_vjp(list(steps[start:stop]), chunk, states, u))
+                pulled, meta_grads = self._vmapped_vjp(list(steps[start:stop]), chunk, states, u)
+                pieces.append(pulled)
+                meta_sum = add_meta(meta_sum, meta_grads)
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}, meta_sum
 
-    def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params) -> Params:
+    def _explicit_meta(self, step: _Step) -> Optional[dict[int, tuple[str, Any]]]:
+        """Where each meta-parameter sits for a vmapped rebuild of ``step``: a slot of its
+        frozen closure (``("slot", slot)``), a module parameter not adapted (``("param",
+        name)``), or the update rule (``("rule", None)``, whose part needs no rebuild). ``None``
+        if some η is elsewhere (reached through an object), which only autograd can follow."""
+        if step.closure is None:
+            return None
+        slots = {id(t): slot for slot, t in step.closure.tensors}
+        where: dict[int, tuple[str, Any]] = {}
+        for i, tensor in enumerate(self.meta):
+            if i in self.rule_meta:
+                where[i] = ("rule", None)
+            elif id(tensor) in slots:
+                where[i] = ("slot", slots[id(tensor)])
+            elif id(tensor) in self._param_names and self._param_names[id(tensor)] not in self.theta:
+                where[i] = ("param", self._param_names[id(tensor)])
+            else:
+                return None
+        return where
+
+    def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params
+                     ) -> tuple[Params, MetaGrads]:
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
         assert template is not None
         if first.compiled:
             refuse_compiled(steps[0])
+        where = self._explicit_meta(first) or {}
+        # η as explicit, unbatched inputs of the vmapped step (the rule's own come after).
+        explicit = [i for i, (kind, _) in where.items() if kind != "rule"]
+        eta = [self.meta[i] for i in explicit]
+        eta_slots = {where[i][1]: k for k, i in enumerate(explicit) if where[i][0] == "slot"}
+        eta_params = {where[i][1]: k for k, i in enumerate(explicit) if where[i][0] == "param"}
         # The captured tensors that differ between the chunk's steps become batched inputs.
         varying = [j for j, (_, tensor) in enumerate(template.tensors)
                    if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:])]  # type: ignore[union-attr]
@@ -558,23 +592,29 @@ class Trajectory:
         params = {n: torch.stack([s.params[n] for s in chunk]) for n in self.theta}
         model_at = self.model_at
 
-        def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor]
-                ) -> tuple[Params, Params, torch.Tensor]:
-            closure = template.with_tensors(dict(zip(slots, tensors)))
+        def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
+                eta: list[torch.Tensor]) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor]:
+            def step_fn(q: Params, e: list[torch.Tensor]) -> tuple[Params, torch.Tensor]:
+                closure = template.with_tensors({**dict(zip(slots, tensors)),
+                                                 **{slot: e[k] for slot, k in eta_slots.items()}})
+                fixed = {name: e[k] for name, k in eta_params.items()}
 
-            def step_fn(q: Params) -> tuple[Params, torch.Tensor]:
                 def loss_of(w: Params) -> torch.Tensor:
-                    return closure(model_at({**q, **w}))
+                    return closure(model_at({**q, **w}, fixed))
 
                 grads, loss = torch.func.grad_and_value(loss_of)({n: q[n] for n in used})
                 return rule.step(q, grads, state)[0], loss
 
-            new, pullback, loss = torch.func.vjp(step_fn, p, has_aux=True)
-            return pullback(vector)[0], new, loss
+            new, pullback, loss = torch.func.vjp(step_fn, p, eta, has_aux=True)
+            pulled_p, pulled_eta = pullback(vector)
+            return pulled_p, pulled_eta, new, loss
 
         try:
-            with self._as_taken(None, first.modes):
-                pulled, rebuilt, losses = torch.func.vmap(row)(params, states, u, captured)
+            # no_grad: the rule's own η (a step size that requires grad) must not record an
+            # autograd graph through the batch; its part comes from the kept update below.
+            with self._as_taken(None, first.modes), torch.no_grad():
+                pulled, pulled_eta, rebuilt, losses = torch.func.vmap(
+                    row, in_dims=(0, 0, 0, 0, None))(params, states, u, captured, eta)
         except Exception as error:
             if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
                 self.verify()
@@ -600,7 +640,14 @@ class Trajectory:
                        [torch.stack([nxt[n] for nxt in nexts]) for n in names],
                        [params[n] for n in names], self.replay_rtol, losses=(losses, recorded),
                        steps=steps, closures=[s.closure for s in chunk])
-        return pulled
+        meta: MetaGrads = [None] * len(self.meta)
+        for k, i in enumerate(explicit):
+            meta[i] = pulled_eta[k].sum(0)
+        if self.rule_meta:  # B_mᵀu of a step size: the update with its gradient held constant
+            for row_index, m in enumerate(steps):
+                _, more, _ = self.vjp(m, {n: t[row_index] for n, t in u.items()}, second_order=False)
+                meta = add_meta(meta, more)
+        return pulled, meta
 
     def graph_bytes(self, m: int) -> int:
         """The bytes one rebuilt graph of step m holds: the tensors its forward pass and its
