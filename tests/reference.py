@@ -850,3 +850,340 @@ def make_step_sizes(problem: Problem, choice: tuple[float, Optional[tuple[str, .
     if modes is not None:
         modes = tuple(modes[i % len(modes)] for i in range(len(problem.names)))
     return step_sizes(problem, alpha, modes, seed)
+
+
+# ----------------------------------------------------------------------------- meta-parameters η
+#
+# MATH.md, "Meta-parameters other than θ": one inner step is φ_{k+1} = Φ_k(φ_k, η) and the
+# meta-objective F(θ, η) = L_val(φ_K, η). Everything below works on flattened φ (d numbers) and
+# flattened η (e numbers), with dense matrices:
+#
+#   J_k = ∂Φ_k/∂φ_k (d×d), B_k = ∂Φ_k/∂η (d×e) = M_k + S_k,
+#   M_k: the mixed part (one second-derivative factor), S_k: the step-size part (none),
+#
+# and the estimators are written as MATH.md's table defines them, term by term.
+
+
+def mlp(params: Sequence[Tensor], x: Tensor, act: Callable[[Tensor], Tensor] = torch.tanh) -> Tensor:
+    """``[W0, b0, W1, b1, …]`` evaluated by hand: ``F.linear`` and ``act`` between layers."""
+    h = x
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        h = F.linear(h, params[2 * i], params[2 * i + 1])
+        if i < n_layers - 1:
+            h = act(h)
+    return h
+
+
+@dataclass
+class EtaProblem:
+    """An inner loop with meta-parameters η besides θ, as plain functions of lists of tensors.
+
+    ``inner_loss(φ, η, k)`` and ``query_loss(φ, η)`` take lists; ``rule(η)`` returns an update
+    rule over lists (:class:`SGDRule`, :class:`MomentumRule`, :class:`AdamRule`) whose step sizes
+    may be built from η (Meta-SGD). ``step_sizes(η)``, for plain SGD only, returns one step-size
+    tensor per fast weight, broadcastable to its shape (the D of ``Φ = φ − D ∇L_tr``)."""
+
+    theta: list[Tensor]
+    eta: list[Tensor]
+    inner_loss: Callable
+    query_loss: Callable
+    rule: Callable
+    step_sizes: Optional[Callable] = None
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [t.shape for t in self.theta]
+
+    @property
+    def eta_shapes(self) -> list[torch.Size]:
+        return [t.shape for t in self.eta]
+
+
+@dataclass
+class EtaLoop:
+    """The inner loop run without a graph: iterates ``φ_0 … φ_K`` (flat), the state each step
+    starts from, the inner gradients ``∇_φ L_tr(φ_k, η)`` (flat, without any proximal term),
+    ``v = ∇_φ L_val(φ_K)`` and ``∂_η L_val(φ_K, η)`` (flat), and η (flat)."""
+
+    iterates: list[Tensor]
+    states: list
+    grads: list[Tensor]
+    v: Tensor
+    dval: Tensor
+    eta: Tensor
+    problem: EtaProblem = field(repr=False)
+
+    @property
+    def K(self) -> int:
+        return len(self.iterates) - 1
+
+
+def _grad_or_zero(grads, like):
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def eta_loop(problem: EtaProblem, K: int, proximal: Optional[float] = None) -> EtaLoop:
+    """K steps of ``problem.rule(η)`` from θ; with ``proximal`` = λ every step's gradient gets
+    ``λ(φ − θ)`` added (the proximal inner problem of Implicit)."""
+    eta = [e.detach().clone() for e in problem.eta]
+    rule = problem.rule(eta)
+    theta = [t.detach().clone() for t in problem.theta]
+    params = list(theta)
+    state = _detached(rule.init(params))
+    iterates, states, inner_grads = [flat(params)], [], []
+    for k in range(K):
+        leaves = [p.clone().requires_grad_() for p in params]
+        grads = list(torch.autograd.grad(problem.inner_loss(leaves, eta, k), leaves))
+        inner_grads.append(flat(grads))
+        if proximal is not None:
+            grads = [g + proximal * (p - t) for g, p, t in zip(grads, params, theta)]
+        states.append(state)
+        new, state = rule.step(params, grads, state)
+        params, state = [p.detach() for p in new], _detached(state)
+        iterates.append(flat(params))
+    leaves = [p.clone().requires_grad_() for p in params]
+    eta_leaves = [e.clone().requires_grad_() for e in eta]
+    out = torch.autograd.grad(problem.query_loss(leaves, eta_leaves), leaves + eta_leaves,
+                              allow_unused=True)
+    out = _grad_or_zero(out, leaves + eta_leaves)
+    return EtaLoop(iterates, states, inner_grads, flat(out[:len(leaves)]), flat(out[len(leaves):]),
+                   flat(eta), problem)
+
+
+@dataclass
+class EtaFactors:
+    """Per step k: ``J_k`` (d×d), the mixed part ``M_k`` and the step-size part ``S_k`` of
+    ``B_k`` (d×e each)."""
+
+    J: list[Tensor]
+    M: list[Tensor]
+    S: list[Tensor]
+
+    @property
+    def K(self) -> int:
+        return len(self.J)
+
+
+def sgd_eta_factors(loop: EtaLoop) -> EtaFactors:
+    """For plain SGD, written out: ``J_k = I − D H_k``, ``M_k = −D ∂_η∇_φ L_tr(φ_k, η)``,
+    ``S_k = −diag(∇_φ L_tr(φ_k)) ∂D/∂η``, with ``D = diag(α(η))`` (``problem.step_sizes``) and
+    the dense Hessian and mixed derivative by ``torch.autograd.functional`` (vectorized)."""
+    problem = loop.problem
+    shapes, eta_shapes = problem.shapes, problem.eta_shapes
+    assert problem.step_sizes is not None
+
+    def diagonal(y: Tensor) -> Tensor:
+        lrs = problem.step_sizes(unflat(y, eta_shapes))
+        return flat([torch.as_tensor(a, dtype=y.dtype).expand(s) for a, s in zip(lrs, shapes)])
+
+    D = diagonal(loop.eta)
+    dD = torch.autograd.functional.jacobian(diagonal, loop.eta.clone(), vectorize=True)
+    eye = torch.eye(D.numel(), dtype=D.dtype)
+    Js, Ms, Ss = [], [], []
+    for k in range(loop.K):
+        x = loop.iterates[k].clone()
+
+        def loss(x: Tensor, y: Tensor, k: int = k) -> Tensor:
+            return problem.inner_loss(unflat(x, shapes), unflat(y, eta_shapes), k)
+
+        def gradient(y: Tensor, k: int = k) -> Tensor:
+            xl = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(loss(xl, y), xl, create_graph=True)
+            return g
+
+        H = torch.autograd.functional.hessian(lambda x: loss(x, loop.eta), x, vectorize=True)
+        H = 0.5 * (H + H.T)
+        mixed = torch.autograd.functional.jacobian(gradient, loop.eta.clone(), vectorize=True)
+        Js.append(eye - D.unsqueeze(1) * H)
+        Ms.append(-D.unsqueeze(1) * mixed)
+        Ss.append(-loop.grads[k].unsqueeze(1) * dD)
+    return EtaFactors(Js, Ms, Ss)
+
+
+def rule_eta_factors(loop: EtaLoop) -> EtaFactors:
+    """For any rule, with the state ``s_k`` the step started from held constant (MATH.md,
+    "Optimizers other than plain gradient descent"): ``J_k`` and ``B_k`` the dense Jacobians of
+    ``(φ, η) ↦ rule(η).step(φ, ∇_φ L_tr(φ, η), s_k)``, ``S_k`` that of
+    ``η ↦ rule(η).step(φ_k, g_k, s_k)`` with the gradient ``g_k`` a constant, ``M_k = B_k − S_k``."""
+    problem = loop.problem
+    shapes, eta_shapes = problem.shapes, problem.eta_shapes
+    Js, Ms, Ss = [], [], []
+    for k in range(loop.K):
+        state = loop.states[k]
+
+        def step(x: Tensor, y: Tensor, k: int = k, state=state) -> Tensor:
+            params, eta = unflat(x, shapes), unflat(y, eta_shapes)
+            (g,) = torch.autograd.grad(problem.inner_loss(params, eta, k), x, create_graph=True)
+            new, _ = problem.rule(eta).step(params, unflat(g, shapes), state)
+            return flat(new)
+
+        def constant_gradient(y: Tensor, k: int = k, state=state) -> Tensor:
+            params = unflat(loop.iterates[k], shapes)
+            new, _ = problem.rule(unflat(y, eta_shapes)).step(params, unflat(loop.grads[k], shapes), state)
+            return flat(new)
+
+        J, B = torch.autograd.functional.jacobian(step, (loop.iterates[k].clone(), loop.eta.clone()))
+        S = torch.autograd.functional.jacobian(constant_gradient, loop.eta.clone())
+        Js.append(J)
+        Ms.append(B - S)
+        Ss.append(S)
+    return EtaFactors(Js, Ms, Ss)
+
+
+def eta_truncated(f: EtaFactors, v: Tensor, dval: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """Truncated(T) for θ and η: ``a_K = v``, ``a_k = J_kᵀ a_{k+1}`` for k ≥ K−T, then
+    ``∂_η L_val + Σ_{k≥K−T} B_kᵀ a_{k+1} + Σ_{k<K−T} S_kᵀ a_{K−T}``; T = K is (3), exact."""
+    K = f.K
+    a, eta = v.clone(), dval.clone()
+    for k in reversed(range(K - T, K)):
+        eta = eta + (f.M[k] + f.S[k]).T @ a
+        a = f.J[k].T @ a
+    for k in range(K - T):
+        eta = eta + f.S[k].T @ a
+    return a, eta
+
+
+def eta_exact(f: EtaFactors, v: Tensor, dval: Tensor) -> tuple[Tensor, Tensor]:
+    """(3): the exact θ- and η-gradients by the adjoints ``a_k``."""
+    return eta_truncated(f, v, dval, f.K)
+
+
+def eta_expansion(f: EtaFactors, u: Tensor, first: int, last: int, order: int) -> Tensor:
+    """The terms of ``J_firstᵀ J_{first+1}ᵀ ⋯ J_{last−1}ᵀ u`` with at most ``order`` factors
+    ``A_j = J_jᵀ − I`` (``−H_j D`` for SGD), by explicit enumeration of the subsets
+    ``j_1 < … < j_l`` (MATH.md (2)); the empty product (first ≥ last) is ``u``."""
+    if order < 0:
+        return torch.zeros_like(u)
+    eye = torch.eye(u.numel(), dtype=u.dtype)
+    total = u.clone()
+    for l in range(1, order + 1):
+        for subset in itertools.combinations(range(first, last), l):
+            term = u
+            for j in reversed(subset):  # the latest step's factor acts on u first
+                term = (f.J[j].T - eye) @ term
+            total = total + term
+    return total
+
+
+def eta_blocked(f: EtaFactors, v: Tensor, dval: Tensor,
+                blocks: Sequence[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
+    """Binomial with blocks ``(first, last, order)`` tiling 0 … K−1 (one block (0, K, L) is
+    Binomial(L)): within a block, ``â_{k+1}`` is the expansion of the block's remaining factors
+    applied to the vector ``u`` entering the block from the later one; the η-gradient is
+    ``∂_η L_val + Σ_k [M_kᵀ â^{(≤L−1)}_{k+1} + S_kᵀ â^{(≤L)}_{k+1}]`` and the vector leaving
+    the block, toward θ, is its expansion to order L."""
+    blocks = sorted(blocks, key=lambda b: b[0])
+    edges = [0] + [b[1] for b in blocks]
+    assert [b[0] for b in blocks] == edges[:-1] and edges[-1] == f.K, blocks  # they tile 0 … K−1
+    blocks = blocks[::-1]  # the last block first
+    u, eta = v.clone(), dval.clone()
+    for first, last, order in blocks:
+        for k in range(first, last):
+            eta = eta + f.M[k].T @ eta_expansion(f, u, k + 1, last, order - 1)
+            eta = eta + f.S[k].T @ eta_expansion(f, u, k + 1, last, order)
+        u = eta_expansion(f, u, first, last, order)
+    return u, eta
+
+
+def eta_blocks(K: int, size: int, order: int) -> list[tuple[int, int, int]]:
+    """Blocks of ``size`` steps laid from the last step backwards, each expanded to
+    ``min(order, its length)``."""
+    out, last = [], K
+    while last > 0:
+        first = max(0, last - size)
+        out.append((first, last, min(order, last - first)))
+        last = first
+    return out
+
+
+def eta_implicit(loop: EtaLoop, reg: float) -> tuple[Tensor, Tensor, float]:
+    """Implicit(λ) at the final iterate of a proximal loop (:func:`eta_loop` with
+    ``proximal=λ``): ``x = (I + H*/λ)⁻¹ v`` with ``H* = ∇²_φ L_tr(φ_K, η)`` (the last step's
+    loss, without the proximal term), and ``∂_η L_val − (1/λ)(∂_η ∇_φ L_tr(φ_K, η))ᵀ x``.
+    Also returns the smallest eigenvalue of ``I + H*/λ``."""
+    problem = loop.problem
+    shapes, eta_shapes = problem.shapes, problem.eta_shapes
+    x_K = loop.iterates[-1].clone()
+    k = loop.K - 1
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        return problem.inner_loss(unflat(x, shapes), unflat(y, eta_shapes), k)
+
+    def gradient(y: Tensor) -> Tensor:
+        xl = x_K.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(xl, y), xl, create_graph=True)
+        return g
+
+    H = torch.autograd.functional.hessian(lambda x: loss(x, loop.eta), x_K)
+    H = 0.5 * (H + H.T)
+    A = torch.eye(H.shape[0], dtype=H.dtype) + H / reg
+    x = torch.linalg.solve(A, loop.v)
+    mixed = torch.autograd.functional.jacobian(gradient, loop.eta.clone())
+    return x, loop.dval - mixed.T @ x / reg, float(torch.linalg.eigvalsh(A).min())
+
+
+def eta_unrolled(problem: EtaProblem, K: int) -> tuple[Tensor, Tensor]:
+    """``∇_θ F`` and ``∇_η F`` by plain autograd through the loop unrolled with
+    ``create_graph=True`` (through φ, the state and η)."""
+    theta = [t.detach().clone().requires_grad_() for t in problem.theta]
+    eta = [e.detach().clone().requires_grad_() for e in problem.eta]
+    rule = problem.rule(eta)
+    params, state = list(theta), _detached(rule.init(theta))
+    for k in range(K):
+        grads = torch.autograd.grad(problem.inner_loss(params, eta, k), params, create_graph=True)
+        params, state = rule.step(params, list(grads), state)
+    out = torch.autograd.grad(problem.query_loss(params, eta), theta + eta, allow_unused=True)
+    out = _grad_or_zero(out, theta + eta)
+    return flat(out[:len(theta)]), flat(out[len(theta):])
+
+
+def eta_objective(problem: EtaProblem, K: int, eta: Sequence[Tensor]) -> float:
+    """``F(θ, η) = L_val(φ_K(θ, η), η)`` at the given η, without any graph (for finite
+    differences)."""
+    eta = [e.detach() for e in eta]
+    rule = problem.rule(eta)
+    params = [t.detach().clone() for t in problem.theta]
+    state = _detached(rule.init(params))
+    for k in range(K):
+        leaves = [p.clone().requires_grad_() for p in params]
+        grads = torch.autograd.grad(problem.inner_loss(leaves, eta, k), leaves)
+        new, state = rule.step(params, list(grads), state)
+        params, state = [p.detach() for p in new], _detached(state)
+    with torch.no_grad():
+        return float(problem.query_loss(params, eta))
+
+
+def central_difference(f: Callable[[float], float], x: float, h: float) -> float:
+    """``(f(x+h) − f(x−h)) / 2h`` with one Richardson step (error O(h⁴))."""
+    d1 = (f(x + h) - f(x - h)) / (2 * h)
+    d2 = (f(x + h / 2) - f(x - h / 2)) / h
+    return (4 * d2 - d1) / 3
+
+
+class Functional:
+    """``module`` called at ``params`` (name → tensor) with ``torch.func.functional_call``;
+    ``f.params`` are those tensors. The module's other parameters are its own."""
+
+    def __init__(self, module: nn.Module, params: dict) -> None:
+        self.module, self.params = module, dict(params)
+
+    def __call__(self, *args):
+        return torch.func.functional_call(self.module, self.params, args)
+
+
+def functional_unroll(module: nn.Module, names: Sequence[str], closures: Sequence[Callable],
+                      query: Callable, rule, wrt: Sequence[Tensor]) -> list[Optional[Tensor]]:
+    """A hand-unrolled inner loop from the module's own parameters ``names`` (θ): step k takes
+    the gradient of ``closures[k](Functional(module, φ_k))`` with ``create_graph=True`` and
+    applies ``rule`` (over lists); returns ``autograd.grad(query(Functional(module, φ_K)), wrt)``
+    (``None`` where unused)."""
+    named = dict(module.named_parameters())
+    params = [named[n] for n in names]
+    state = rule.init(params)
+    for closure in closures:
+        loss = closure(Functional(module, dict(zip(names, params))))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        params, state = rule.step(params, list(grads), state)
+    out = query(Functional(module, dict(zip(names, params))))
+    return list(torch.autograd.grad(out, list(wrt), allow_unused=True))
