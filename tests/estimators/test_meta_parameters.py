@@ -415,7 +415,7 @@ _CRASH = ("Trajectory.vjp(second_order=False) hands autograd.grad the kept updat
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CRASH)
-@pytest.mark.parametrize("label", ["FirstOrder", "Truncated(1)", "Binomial(1)"])
+@pytest.mark.parametrize("label", ["FirstOrder", "Truncated(1)", "Binomial(1)", "Binomial('auto')"])
 def test_step_size_mapping_mixing_floats_and_tensors(label):
     """SGD(lr={name: float or tensor}) with some entries learned: the step-size part of the
     other steps (FirstOrder, Truncated's earlier steps, Binomial's last order)."""
