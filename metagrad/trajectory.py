@@ -186,6 +186,7 @@ class Trajectory:
         self._meta_index: dict[int, int] = {}
         #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
         self.meta_saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._saved_ids: set[int] = set()
         self._rules_seen: set[int] = set()
         #: Per step: the update's graph to the rule's η, with the gradient held constant.
         self._first_order: dict[int, Params] = {}
@@ -339,8 +340,13 @@ class Trajectory:
             if rule:
                 self.rule_meta.add(len(self.meta))
             self.meta.append(tensor)
-            if tensor.is_leaf:
-                self.meta_saved_grads.append((tensor, None if tensor.grad is None else tensor.grad.clone()))
+            # The leaves whose .grad a backward through η will write (η itself, or those
+            # behind a computed η such as hypernet's parameters), as they are now.
+            behind = [tensor] if tensor.is_leaf else _graph_inputs([tensor], set(), {})[0]
+            for leaf in behind:
+                if id(leaf) not in self._saved_ids:
+                    self._saved_ids.add(id(leaf))
+                    self.meta_saved_grads.append((leaf, None if leaf.grad is None else leaf.grad.clone()))
             default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
             self.meta_names.append(names.get(id(tensor), default))
 
@@ -455,10 +461,13 @@ class Trajectory:
         meta = self.meta
         if not second_order:
             kept = self._first_order.get(m)
-            if kept is None or not meta:
+            # Only the updates that depend on a step size carry a graph (a float step size,
+            # or a parameter without a gradient, leaves its update constant).
+            names = [] if kept is None else [n for n in kept if kept[n].requires_grad]
+            if not names or not meta:
                 return dict(u), [None] * len(meta), None
             with torch.enable_grad():
-                grads = torch.autograd.grad([kept[n] for n in kept], meta, [u[n] for n in kept],
+                grads = torch.autograd.grad([kept[n] for n in names], meta, [u[n] for n in names],
                                             allow_unused=True, retain_graph=True)
             return dict(u), list(grads), None
         step = self._step(m)

@@ -934,7 +934,10 @@ def eta_loop(problem: EtaProblem, K: int, proximal: Optional[float] = None) -> E
     iterates, states, inner_grads = [flat(params)], [], []
     for k in range(K):
         leaves = [p.clone().requires_grad_() for p in params]
-        grads = list(torch.autograd.grad(problem.inner_loss(leaves, eta, k), leaves))
+        # A parameter the inner loss does not use has zero gradient (for SGD the same as the
+        # skipped update torch.optim and metagrad make).
+        grads = _grad_or_zero(torch.autograd.grad(problem.inner_loss(leaves, eta, k), leaves,
+                                                  allow_unused=True), leaves)
         inner_grads.append(flat(grads))
         if proximal is not None:
             grads = [g + proximal * (p - t) for g, p, t in zip(grads, params, theta)]

@@ -408,13 +408,6 @@ def test_sgd_factors_agree_with_plain_jacobians(s):
     check(exact[1], unrolled[1], unrolled[1], "η")
 
 
-_CRASH = ("Trajectory.vjp(second_order=False) hands autograd.grad the kept update of every fast "
-          "weight, also those that no step size requiring grad reaches (a float entry of an lr "
-          "mapping, a parameter the inner loss does not use): RuntimeError 'element i of tensors "
-          "does not require grad and does not have a grad_fn'")
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CRASH)
 @pytest.mark.parametrize("label", ["FirstOrder", "Truncated(1)", "Binomial(1)", "Binomial('auto')"])
 def test_step_size_mapping_mixing_floats_and_tensors(label):
     """SGD(lr={name: float or tensor}) with some entries learned: the step-size part of the
@@ -441,7 +434,6 @@ class TwoHeads(nn.Module):
         return (self.a if which == "a" else self.b)(x)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_CRASH)
 @pytest.mark.parametrize("T", [0, 1])
 def test_learned_step_size_with_a_parameter_the_inner_loss_does_not_use(T):
     """A learned scalar step size; the inner loss uses head a only, the query both heads."""
@@ -864,9 +856,10 @@ def test_full_lists_no_meta_parameters():
 
 _RESTORE = [
     pytest.param(mg.Full, marks=pytest.mark.xfail(
-        strict=True, reason="Full does not look for η (its inner loop is differentiable, "
-                            "Trajectory._discover is skipped), so a raising block leaves the .grad of "
-                            "captured tensors and step sizes as the inner backward accumulated it")),
+        strict=True, reason="documented limit: Full does not look for η (its inner loop is "
+                            "differentiable, Trajectory._discover is skipped), so a raising block "
+                            "restores the model's .grad but leaves captured tensors' and step sizes' "
+                            ".grad as the inner backward accumulated it")),
     mg.Checkpointed, mg.FirstOrder, lambda: mg.Truncated(1), lambda: mg.Binomial(1),
     lambda: mg.Implicit(1.0),
 ]
@@ -901,9 +894,6 @@ def test_exception_restores_meta_parameter_grads(estimator):
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
 
 
-@pytest.mark.xfail(strict=True, reason="the parameters of a hypernetwork behind a non-leaf η "
-                                       "(w = hypernet(z)) are not recorded, so a raising block "
-                                       "keeps the gradient the inner backward gave them")
 @pytest.mark.parametrize("estimator", [mg.Checkpointed])
 def test_exception_restores_hypernetwork_grads(estimator):
     torch.manual_seed(3)
