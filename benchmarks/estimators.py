@@ -18,6 +18,15 @@ For each it reports:
   separate pass in float64 on the CPU, or on a GPU in the timing dtype with TF32 off and
   cuDNN deterministic (``--error-dtype`` overrides).
 
+With ``--meta on`` (off by default) every metagrad estimator row and the plain unroll run a
+second time, in the same interleaved rounds, with meta-parameters η (MATH.md, "Meta-parameters
+other than θ"): per-parameter learned step sizes (Meta-SGD, ``mg.optim.SGD(lr={name: tensor
+requiring grad})``) and a weight-decay strength ``exp(log_wd)`` captured by the inner loss
+``L_tr + exp(log_wd)·Σ‖φ‖²``. A second table per K gives each η row's time, its ratio to the
+same row's time without η (of the medians, and paired per round), its ratio to Full with η,
+and the relative error of its η-gradient (every η's ``.grad``, concatenated) and of its
+θ-gradient against Full's with η, in the error pass's dtype.
+
 Output: a markdown table per K on stdout (``--markdown`` also writes it to a file) and
 a JSON file (``--json``) with every number, the machine, the versions and the date.
 
@@ -39,6 +48,7 @@ and ``torch.backends.cudnn.benchmark = False`` for the whole run, and prints tha
 Run::
 
     python -m benchmarks.estimators --config sinusoid --K 5 20 50 --device cpu --json out.json
+    python -m benchmarks.estimators --config sinusoid --K 5 20 --meta on --json meta.json
 """
 
 from __future__ import annotations
@@ -68,6 +78,16 @@ from metagrad.memory import peak_memory
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
 BASELINES = ("plain", "higher", "torchopt")
+
+#: The weight-decay strength exp(log_wd) of the --meta inner loss, at which log_wd starts.
+WEIGHT_DECAY = 1e-4
+#: The baselines that also run with η under --meta (written by hand here, as Full's reference).
+META_BASELINES = ("plain",)
+META_NOTE = (
+    "η (--meta on): per-parameter learned step sizes (Meta-SGD: mg.optim.SGD(lr={name: tensor "
+    "of α requiring grad})) and a weight-decay strength captured by the inner loss "
+    "L_tr + exp(log_wd)·Σ‖φ‖², log_wd = log(1e-4) requiring grad."
+)
 
 NOISE_NOTE_CPU = (
     "Timings on a shared CPU are noisy: other jobs run on the same cores, so single ratios can "
@@ -145,6 +165,7 @@ class Method:
     label: str
     estimator: Optional[mg.Estimator] = None  # None for the baselines
     order: int = 0  # L, for the hand-written Binomial
+    meta: bool = False  # with the meta-parameters η of --meta (Meta-SGD step sizes, weight decay)
 
 
 @dataclass
@@ -157,9 +178,29 @@ class Problem:
     steps: int
     lr: float
     device: torch.device
+    #: The meta-parameters of ``--meta``: a learned step size per parameter entry (Meta-SGD,
+    #: by parameter name) and the log of a weight-decay strength in the inner loss.
+    lrs: Optional[dict[str, torch.Tensor]] = None
+    log_wd: Optional[torch.Tensor] = None
 
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def meta_tensors(self) -> list[torch.Tensor]:
+        """η in a fixed order: ``log_wd``, then the step sizes in parameter order."""
+        if self.log_wd is None or self.lrs is None:
+            return []
+        return [self.log_wd, *self.lrs.values()]
+
+    def attach_meta(self) -> None:
+        """Create η (MATH.md, "Meta-parameters other than θ"): ``lrs[n]``, a tensor of α the
+        shape of parameter n that requires grad, and ``log_wd = log(1e-4)``, captured by the
+        inner loss ``L + exp(log_wd)·Σ‖φ‖²``."""
+        dtype = next(iter(self.model.parameters())).dtype
+        self.lrs = {n: torch.full_like(p, self.lr, requires_grad=True)
+                    for n, p in self.model.named_parameters() if p.requires_grad}
+        self.log_wd = torch.tensor(math.log(WEIGHT_DECAY), dtype=dtype, device=self.device,
+                                   requires_grad=True)
 
 
 def _accepts(function: Callable[..., Any], argument: str) -> bool:
@@ -230,6 +271,8 @@ def run_method(method: Method, problem: Problem) -> dict[str, Any]:
     """Compute one meta-gradient into the parameters' ``.grad``; return ``meta.info``."""
     model, loss_fn, steps, lr = problem.model, problem.loss, problem.steps, problem.lr
     x_s, y_s, x_q, y_q = problem.task
+    if method.meta:
+        return run_meta_method(method, problem)
     if method.estimator is not None:
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=method.estimator) as meta:
             for _ in range(steps):
@@ -270,6 +313,44 @@ def run_method(method: Method, problem: Problem) -> dict[str, Any]:
             torchopt.recover_state_dict(model, saved)
         return {}
     raise ValueError(f"unknown method {method.key!r}")
+
+
+def run_meta_method(method: Method, problem: Problem) -> dict[str, Any]:
+    """The same meta-gradient with η (``--meta``): Meta-SGD step sizes ``problem.lrs`` and the
+    weight decay ``exp(problem.log_wd)·Σ‖φ‖²`` in the inner loss. Fills the ``.grad`` of θ and
+    of every η; returns ``meta.info``."""
+    model, loss_fn, steps = problem.model, problem.loss, problem.steps
+    x_s, y_s, x_q, y_q = problem.task
+    lrs, log_wd = problem.lrs, problem.log_wd
+    if lrs is None or log_wd is None:
+        raise ValueError("a --meta method needs Problem.attach_meta()")
+    if method.estimator is not None:
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lrs), estimator=method.estimator) as meta:
+            for _ in range(steps):
+                meta.step(lambda fmodel: loss_fn(fmodel(x_s), y_s)
+                          + log_wd.exp() * sum((p ** 2).sum() for p in fmodel.params.values()))
+            loss_fn(meta.fmodel(x_q), y_q).backward()
+        return dict(meta.info)
+    if method.key == "plain":  # what MetaGradient's Full does with η, written by hand
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = problem.params()
+        for _ in range(steps):
+            out = torch.func.functional_call(model, dict(zip(names, params)), (x_s,))
+            inner = loss_fn(out, y_s) + log_wd.exp() * sum((p ** 2).sum() for p in params)
+            grads = torch.autograd.grad(inner, params, create_graph=True)
+            params = [p - lrs[n] * g for n, p, g in zip(names, params, grads)]
+        loss_fn(torch.func.functional_call(model, dict(zip(names, params)), (x_q,)), y_q).backward()
+        return {}
+    raise ValueError(f"no --meta variant of method {method.key!r}")
+
+
+def meta_methods(methods: Sequence[Method]) -> list[Method]:
+    """The η twin of every metagrad estimator row and of the plain unroll, in the same order
+    (each with its own copy of the estimator, so that no state passes between the twins)."""
+    import copy
+
+    return [Method(m.key, m.label, copy.deepcopy(m.estimator), m.order, meta=True) for m in methods
+            if m.estimator is not None or m.key in META_BASELINES]
 
 
 def plain_binomial(problem: Problem, order: int) -> None:
@@ -315,13 +396,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def clear_grads(problem: Problem) -> None:
-    for p in problem.model.parameters():
+    for p in [*problem.model.parameters(), *problem.meta_tensors()]:
         p.grad = None
 
 
 def flat_grad(problem: Problem) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
                       for p in problem.params()]).detach().clone()
+
+
+def flat_meta_grad(problem: Problem) -> torch.Tensor:
+    """The concatenation of every η's ``.grad`` (``log_wd``, then the step sizes; zero where
+    an estimator leaves one without a gradient)."""
+    return torch.cat([(torch.zeros_like(t) if t.grad is None else t.grad).reshape(-1)
+                      for t in problem.meta_tensors()]).detach().clone()
 
 
 @dataclass
@@ -332,6 +420,12 @@ class Result:
     memory_method: Optional[str] = None
     grad: Optional[torch.Tensor] = None  # for the error pass
     rel_error: Optional[float] = None
+    meta_grad: Optional[torch.Tensor] = None  # the η-gradient, for the error pass of an η row
+    meta_rel_error: Optional[float] = None
+    #: The same error for log_wd alone and for the step sizes alone: the step sizes' part is
+    #: most of the norm, so the concatenation says little about log_wd.
+    meta_rel_error_log_wd: Optional[float] = None
+    meta_rel_error_step_sizes: Optional[float] = None
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     failure: Optional[str] = None
@@ -408,17 +502,33 @@ def measure_case(methods: Sequence[Method], problem: Problem, error_problem: Opt
                 clear_grads(error_problem)
                 run_method(r.method, error_problem)
                 r.grad = flat_grad(error_problem)
+                if r.method.meta:
+                    r.meta_grad = flat_meta_grad(error_problem)
             guarded(r, error_problem, gradient)
             progress.update(1)
-        full = next((r for r in results if r.method.key == "full" and r.grad is not None), None)
-        if full is not None:
+        # Each row against Full of its own problem: rows with η against Full with η.
+        for meta in (False, True):
+            full = next((r for r in results if r.method.key == "full" and r.method.meta == meta
+                         and r.grad is not None), None)
+            if full is None:
+                continue
             reference = full.grad
             norm = torch.linalg.vector_norm(reference)
             for r in results:
-                if r.grad is not None:
+                if r.method.meta == meta and r.grad is not None:
                     r.rel_error = float(torch.linalg.vector_norm(r.grad - reference) / norm)
+            if meta and full.meta_grad is not None:
+                def relative(g: torch.Tensor, ref: torch.Tensor) -> float:
+                    return float(torch.linalg.vector_norm(g - ref) / torch.linalg.vector_norm(ref))
+
+                for r in results:
+                    if r.method.meta and r.meta_grad is not None:
+                        # Element 0 is log_wd, the rest the step sizes (Problem.meta_tensors).
+                        r.meta_rel_error = relative(r.meta_grad, full.meta_grad)
+                        r.meta_rel_error_log_wd = relative(r.meta_grad[:1], full.meta_grad[:1])
+                        r.meta_rel_error_step_sizes = relative(r.meta_grad[1:], full.meta_grad[1:])
         for r in results:
-            r.grad = None
+            r.grad = r.meta_grad = None
         clear_grads(error_problem)
     clear_grads(problem)
     return results
@@ -509,6 +619,61 @@ def case_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
             "notes": row_notes(r),
         })
     return rows
+
+
+def meta_case_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """The JSON rows of the η runs of one case (``--meta``): :func:`case_rows`' keys with
+    ``time_ratio``, ``memory_ratio`` and ``rel_error`` (of θ's gradient) against Full with η,
+    plus ``meta_rel_error`` (of η's gradient, against Full's with η; ``meta_rel_error_log_wd``
+    and ``meta_rel_error_step_sizes`` for each part alone) and the ratio of the time
+    to the same method's time without η: of the medians (``meta_time_ratio``) and the median
+    over rounds (``meta_time_ratio_paired_median``; the two ran in every round)."""
+    plain = {r.method.label: r for r in results if not r.method.meta}
+    with_meta = [r for r in results if r.method.meta]
+    rows = case_rows(with_meta)
+    for r, row in zip(with_meta, rows):
+        twin = plain.get(r.method.label)
+        median = statistics.median(r.times) if r.times else None
+        twin_median = statistics.median(twin.times) if twin is not None and twin.times else None
+        row["meta"] = True
+        row["meta_rel_error"] = r.meta_rel_error
+        row["meta_rel_error_log_wd"] = r.meta_rel_error_log_wd
+        row["meta_rel_error_step_sizes"] = r.meta_rel_error_step_sizes
+        row["without_meta_time_ms"] = None if twin_median is None else 1e3 * twin_median
+        row["meta_time_ratio"] = None if median is None or not twin_median else median / twin_median
+        row["meta_time_ratio_paired_median"] = (
+            None if twin is None or not r.times or len(r.times) != len(twin.times)
+            else statistics.median(t / u for t, u in zip(r.times, twin.times)))
+        found = r.info.get("meta_parameters")
+        row["meta_parameters"] = list(found) if isinstance(found, (list, tuple)) else None
+    return rows
+
+
+def meta_markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| method, with η | ms / meta-gradient (min–max) | time / same without η (paired) "
+             "| time / Full with η (paired) | peak memory | η rel. error vs Full | log_wd rel. error "
+             "| θ rel. error vs Full | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def error_cell(error: Optional[float]) -> str:
+        return "—" if error is None else ("0" if error == 0 else f"{error:.1e}")
+
+    for row in rows:
+        if row["time_ms"] is None:
+            time_cell = "—"
+        else:
+            time_cell = f"{row['time_ms']:.1f} ({row['time_ms_min']:.1f}–{row['time_ms_max']:.1f})"
+        own = format_ratio(row["meta_time_ratio"])
+        if row["meta_time_ratio_paired_median"] is not None:
+            own += f" ({format_ratio(row['meta_time_ratio_paired_median'])})"
+        full = format_ratio(row["time_ratio"])
+        if row["time_ratio_paired_median"] is not None:
+            full += f" ({format_ratio(row['time_ratio_paired_median'])})"
+        lines.append(f"| {row['method']} | {time_cell} | {own} | {full} | {format_bytes(row['peak_bytes'])} "
+                     f"| {error_cell(row['meta_rel_error'])} | {error_cell(row['meta_rel_error_log_wd'])} "
+                     f"| {error_cell(row['rel_error'])} "
+                     f"| {row['notes']} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -623,6 +788,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.001, help="α, the inner SGD step size")
     parser.add_argument("--baselines", choices=("on", "off"), default="on",
                         help="also run the full unrolls of a plain autograd loop, higher and torchopt")
+    parser.add_argument("--meta", choices=("on", "off"), default="off",
+                        help="also run every metagrad estimator row and the plain unroll with "
+                             "meta-parameters η: per-parameter learned step sizes (Meta-SGD) and a "
+                             "weight-decay strength exp(log_wd) captured by the inner loss; a second "
+                             "table per K gives each η row's time, its ratio to the same row without η "
+                             "(timed in the same rounds) and the error of its η-gradient against Full's")
     parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, MATH.md's shapes (64 is MAML's Omniglot net)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (torch.set_num_threads), on cpu and cuda alike; 1, as in "
@@ -667,13 +838,17 @@ def setup_device(name: str) -> tuple[torch.device, list[str]]:
 
 
 def build_problem(config: Config, steps: int, lr: float, seed: int, device: torch.device,
-                  dtype: torch.dtype) -> Problem:
+                  dtype: torch.dtype, meta: bool = False) -> Problem:
+    """The problem; with ``meta``, also its meta-parameters η (:meth:`Problem.attach_meta`)."""
     torch.manual_seed(seed)
     model = make_model(config)
     task = make_task(config, torch.Generator().manual_seed(seed + 1))
     model = model.to(device=device, dtype=dtype)
     task = tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in task)
-    return Problem(model, task, loss_function(config), steps, lr, device)
+    problem = Problem(model, task, loss_function(config), steps, lr, device)
+    if meta:
+        problem.attach_meta()
+    return problem
 
 
 def render(path: str) -> dict[str, Any]:
@@ -689,6 +864,8 @@ def render(path: str) -> dict[str, Any]:
                                       + ("" if kal is None else f", K·α·ℓ at θ ≈ {kal:.2g}")
                                       + f" ({where}, torch {machine['torch']}, {data['date']})")
         print(f"#### {title}\n\n{markdown_table(case['rows'])}\n")
+        if case.get("meta_rows"):
+            print(f"#### {title}, with η\n\n{meta_markdown_table(case['meta_rows'])}\n")
     return data
 
 
@@ -727,6 +904,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         + (f"error pass in {error_dtype_name} on {error_device.type}." if args.errors == "on"
            else "no error pass (--errors off)."),
     ]
+    meta = args.meta == "on"
+    if meta:
+        header.append(META_NOTE)
     if device.type == "cpu":
         header.append(NOISE_NOTE_CPU)
     header += baseline_notes
@@ -747,7 +927,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         hand_written = [Method("plain_binomial", f"hand-written torch.func Binomial({order})", order=order)
                         for order in orders
                         if baselines and "binomial" in args.estimators and args.whole_levels == "on"]
-        plans.append((steps, methods + baselines + hand_written))
+        twins = meta_methods(methods + baselines) if meta else []
+        plans.append((steps, methods + baselines + hand_written + twins))
     repeats = args.repeats if args.timing == "on" else 0
     runs_per_method = 2 + repeats + (1 if args.errors == "on" else 0)
     total = sum(len(m) for _, m in plans) * runs_per_method
@@ -758,17 +939,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     memory_description = None
     for steps, methods in plans:
         progress.set_description(f"{config.name} K={steps}")
-        problem = build_problem(config, steps, args.lr, args.seed, device, dtype)
+        problem = build_problem(config, steps, args.lr, args.seed, device, dtype, meta=meta)
         error_problem = None
         if args.errors == "on":
             if error_device == device and error_dtype == dtype:
                 error_problem = problem
             else:
-                error_problem = build_problem(config, steps, args.lr, args.seed, error_device, error_dtype)
+                error_problem = build_problem(config, steps, args.lr, args.seed, error_device, error_dtype,
+                                              meta=meta)
         ell = sharpness(error_problem or problem)
         started = time.perf_counter()
         results = measure_case(methods, problem, error_problem, repeats, progress)
-        rows = case_rows(results)
+        rows = case_rows([r for r in results if not r.method.meta])
+        meta_rows = meta_case_rows(results) if meta else None
         memory_method = next((r.memory_method for r in results if r.memory_method), None)
         if memory_method is not None:
             memory_description = peak_memory(device).description if memory_description is None else memory_description
@@ -777,13 +960,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                  + ("" if kal is None else f", K·α·ℓ at θ ≈ {kal:.2g}")
                  + f" ({where}, torch {machine['torch']}, {date})")
         table = f"#### {title}\n\n{markdown_table(rows)}\n"
+        if meta_rows is not None:
+            table += f"\n#### {title}, with η\n\n{meta_markdown_table(meta_rows)}\n"
         tables.append(table)
         if hasattr(progress, "write"):
             progress.write("\n" + table)
         else:
             print("\n" + table, flush=True)
         cases.append({"config": config.name, "K": steps, "lr": args.lr, "title": title, "ell_at_theta": ell,
-                      "k_alpha_ell": kal, "seconds": time.perf_counter() - started, "rows": rows})
+                      "k_alpha_ell": kal, "seconds": time.perf_counter() - started, "rows": rows,
+                      **({"meta_rows": meta_rows} if meta_rows is not None else {})})
         del problem, error_problem
         gc.collect()
     progress.close()
@@ -798,6 +984,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         f"{error_dtype_name}. Implicit solves a different (proximal) inner problem, so its error "
         "column measures how far iMAML's gradient is from MAML's, not rounding.",
     ]
+    if meta:
+        footer.append(
+            "With η: the same rows on the same task with η (" + META_NOTE.split("(--meta on): ", 1)[1]
+            .rstrip(".") + "), timed in the same interleaved rounds as the rows without η. time / same "
+            "without η: the ratio of the medians, in parentheses the median over rounds of the ratio "
+            "in the same round. time / Full with η, θ rel. error: against Full with η. η rel. error: "
+            "‖g_η − g_η,Full‖/‖g_η,Full‖ over the concatenation of every η's .grad (log_wd, then the "
+            "step sizes; zero where an estimator gives one none), in " + error_dtype_name + "; the "
+            "step sizes' part is most of its norm, so log_wd rel. error gives log_wd's alone. "
+            "Binomial with η always uses the level grouping (monitor=False included: η needs the "
+            "adjoint at every step); it keeps its vmapped levels for these η (captured, step sizes) "
+            "where this metagrad does so. Implicit gives no step-size "
+            "gradient (a warning says so); FirstOrder gives log_wd none through the inner loop.")
     print("\n".join(footer))
     result = {
         "config": config.name,
@@ -814,6 +1013,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "memory_measure": memory_description,
         "noise_note": NOISE_NOTE_CPU if device.type == "cpu" else None,
         "argv": list(sys.argv[1:] if argv is None else argv),
+        **({"meta": {"description": META_NOTE, "weight_decay": WEIGHT_DECAY, "step_size": args.lr}}
+           if meta else {}),
         "cases": cases,
     }
     if args.json:

@@ -31,7 +31,7 @@ def test_help_lists_the_flags() -> None:
     result = run_benchmark("--help", timeout=60)
     assert result.returncode == 0, result.stderr
     for flag in ("--config", "--K", "--device", "--json", "--repeats", "--estimators", "--order",
-                 "--dtype", "--baselines", "--chunk-size", "--markdown"):
+                 "--dtype", "--baselines", "--chunk-size", "--markdown", "--meta"):
         assert flag in result.stdout, flag
     for config in ("sinusoid", "omniglot", "miniimagenet"):
         assert config in result.stdout
@@ -88,6 +88,51 @@ def test_tiny_sinusoid_run_prints_the_table_and_writes_json(tmp_path: Path) -> N
     if tight is not None:
         assert tight["rel_error"] < 1e-10
         assert tight["info"]["hessian_vector_products"] == 2
+
+
+META_ROW_KEYS = ROW_KEYS | {"meta", "meta_rel_error", "meta_rel_error_log_wd", "meta_rel_error_step_sizes",
+                            "without_meta_time_ms", "meta_time_ratio",
+                            "meta_time_ratio_paired_median", "meta_parameters"}
+
+
+def test_meta_flag_adds_the_eta_rows(tmp_path: Path) -> None:
+    """--meta on: every estimator row and the plain unroll again with Meta-SGD step sizes and a
+    captured weight decay; η-gradient errors against Full's in float64, time ratios to the
+    same row without η."""
+    out = tmp_path / "meta.json"
+    result = run_benchmark("--config", "sinusoid", "--K", "2", "--repeats", "1", "--order", "2",
+                           "--estimators", "full", "checkpointed", "first_order", "binomial",
+                           "--tight", "off", "--block", "--meta", "on", "--json", str(out),
+                           "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "#### sinusoid, K = 2" in result.stdout and "with η" in result.stdout
+    assert "| method, with η |" in result.stdout and "η rel. error vs Full" in result.stdout
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["meta"]["weight_decay"] == 1e-4 and data["error_dtype"] == "float64"
+    [case] = data["cases"]
+    rows = {row["method"]: row for row in case["rows"]}
+    meta = {row["method"]: row for row in case["meta_rows"]}
+    assert set(meta) == {"Full", "Checkpointed", "FirstOrder", "Binomial(2)", "plain autograd unroll"}
+    assert all("meta" not in row for row in case["rows"])  # the rows without η are unchanged
+    for label, row in meta.items():
+        assert META_ROW_KEYS <= set(row), label
+        assert row["meta"] is True and row["failure"] is None, (label, row["failure"])
+        assert row["time_ms"] > 0 and len(row["times_ms"]) == 1
+        assert row["without_meta_time_ms"] == pytest.approx(rows[label]["time_ms"])
+        assert row["meta_time_ratio"] == pytest.approx(row["time_ms"] / rows[label]["time_ms"])
+        assert row["meta_time_ratio_paired_median"] > 0
+        assert row["meta_rel_error"] is not None and row["rel_error"] is not None
+    assert meta["Full"]["meta_rel_error"] == 0 and meta["Full"]["rel_error"] == 0
+    assert meta["Full"]["meta_rel_error_log_wd"] == 0
+    assert meta["Full"]["time_ratio"] == pytest.approx(1.0)
+    # Exact with η too: Checkpointed, Binomial(K) and the hand-written unroll, in float64.
+    for label in ("Checkpointed", "Binomial(2)", "plain autograd unroll"):
+        for key in ("meta_rel_error", "meta_rel_error_log_wd", "meta_rel_error_step_sizes", "rel_error"):
+            assert meta[label][key] < 1e-10, (label, key)
+    assert meta["FirstOrder"]["meta_rel_error"] > 1e-6  # the step-size part only
+    assert meta["FirstOrder"]["meta_rel_error_log_wd"] == pytest.approx(1.0)  # log_wd gets none
+    assert any("FirstOrder" in w for w in meta["FirstOrder"]["warnings"])
+    assert any("log_wd" in name for name in meta["Checkpointed"]["meta_parameters"])
 
 
 def test_rejects_bad_arguments() -> None:
