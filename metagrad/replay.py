@@ -272,7 +272,8 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
                start: Sequence[torch.Tensor], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                frozen: Optional[Frozen] = None, steps: Optional[Sequence[int]] = None,
-               closures: Optional[Sequence[Optional[Frozen]]] = None) -> None:
+               closures: Optional[Sequence[Optional[Frozen]]] = None,
+               raising: bool = True) -> list[int]:
     """Raise :class:`ReplayError` unless the rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
     The test, for each step m (rows of a batch when ``steps`` is given, with ``closures``
@@ -283,6 +284,8 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
 
     with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
     small fraction of the step's own length, and to rounding of the fast weights themselves.
+    With ``raising=False`` it returns the rows that fail instead of raising (an empty list
+    when all pass).
     """
     eps = torch.finfo(stored[0].dtype).eps
     with torch.no_grad():
@@ -316,8 +319,8 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
             bad = bad or not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss)
         if bad:
             failed.append((row, bound))
-    if not failed:
-        return
+    if not failed or not raising:
+        return [row for row, _ in failed]
     row, bound = failed[0]
     which = step if steps is None else steps[row]
     if closures is not None:
