@@ -187,7 +187,8 @@ class Trajectory:
         #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
         self.meta_saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         self._saved_ids: set[int] = set()
-        self._rules_seen: set[int] = set()
+        #: Per update rule (by id, the rule kept): whether its update reaches η of its own.
+        self._rules_seen: dict[int, tuple[Any, bool]] = {}
         #: Per step: the update's graph to the rule's η, with the gradient held constant.
         self._first_order: dict[int, Params] = {}
         self._param_names = {id(p): n for n, p in module.named_parameters()}
@@ -270,7 +271,12 @@ class Trajectory:
         if not self.differentiable:
             params = {n: t.detach() for n, t in params.items()}
             grads = {n: g.detach() for n, g in grads.items()}
-        with torch.enable_grad():  # detached inputs: a graph only to the rule's own η
+        # The rule runs with grad enabled where it may hold its own η (a step size that
+        # requires grad): its inputs are detached, so the graph reaches only those. A rule seen
+        # before without any runs without.
+        seen = self._rules_seen.get(id(rule))
+        rule_meta = None if seen is None else seen[1]
+        with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             new_params, new_state = rule.step(params, grads, self._state)
@@ -284,17 +290,19 @@ class Trajectory:
                 if closure is not None:
                     self._compiled[closure.key] = found
             is_compiled = self._compiled[closure.key] if closure is not None else False
-            if any(t.requires_grad for t in new_params.values()):
-                if id(rule) not in self._rules_seen:
-                    self._rules_seen.add(id(rule))
+            if rule_meta is None:
+                rule_meta = any(t.requires_grad for t in new_params.values())
+                self._rules_seen[id(rule)] = (rule, rule_meta)  # the rule is kept: its id stays its own
+                if rule_meta:
                     self._add_meta(_graph_inputs(list(new_params.values()), set(), {})[0],
                                    rule=True, names=_step_size_names(rule))
+            if rule_meta:
                 self._first_order[k] = new_params
-            new_params = {n: t.detach() for n, t in new_params.items()}
-            new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
-                                        new_state)
+                new_params = {n: t.detach() for n, t in new_params.items()}
+                new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                            new_state)
         if self.keep is None or self.keep > 0:
-            self._steps[k] = _Step(params=_detach_if(self._current, not self.differentiable),
+            self._steps[k] = _Step(params=self._current,  # detached unless differentiable
                                    state=self._state, closure=closure, rule=rule, used=used,
                                    loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
                                    graph=graph)
@@ -813,10 +821,6 @@ def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
 
 def _zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad
-
-
-def _detach_if(params: Params, detach: bool) -> Params:
-    return {n: t.detach() for n, t in params.items()} if detach else params
 
 
 def _stacked(states: list[State]) -> Optional[State]:
