@@ -1,4 +1,4 @@
-"""Few-shot image classification with MAML, the paper's main experiment, with any estimator.
+"""Few-shot image classification with MAML, ANIL or Meta-SGD, the paper's main experiment, with any estimator.
 
 The model is CNN4: four blocks of 3×3 convolution → BatchNorm → ReLU → 2×2 max-pool, then
 a linear head with one output per class of a task. BatchNorm keeps no running statistics
@@ -10,6 +10,21 @@ assignment of classes to labels. The inner loop takes ``--inner-steps`` SGD step
 with Adam on the query cross-entropy after adaptation, averaged over ``--meta-batch``
 tasks. The meta-gradient comes from the estimator chosen by ``--estimator``
 (Full, Checkpointed, FirstOrder, Truncated, Binomial, Implicit).
+
+``--algorithm`` chooses what is meta-learned, with every estimator:
+
+- ``maml`` (default): the inner loop adapts every parameter; the outer loop learns θ.
+- ``anil`` (Raghu et al. 2020): the inner loop adapts the final linear layer only (its
+  parameter names are found from the model: the last ``nn.Linear``), passed to
+  ``mg.MetaGradient(adapt=...)``; the body stays fixed in the inner loop and gets its
+  meta-gradient through it, as a meta-parameter.
+- ``metasgd`` (Li et al. 2017): every parameter gets a learned step size of its own shape,
+  initialized at ``--lr-inner`` and passed as ``mg.optim.SGD(lr={name: α_name})``; the step
+  sizes are learned directly by the outer Adam beside θ (as in Li et al.), and after each outer
+  step they are clamped at 0 (a projected step: metagrad's SGD refuses negative step sizes, and
+  a negative one would ascend the support loss). Validation and test adapt with the learned
+  step sizes; checkpoints hold them. ``Implicit`` gives step sizes no gradient (it warns, and
+  they stay at ``--lr-inner``).
 
 Every ``--val-every`` iterations the model adapts (``--eval-inner-steps`` steps) to a
 fixed set of validation tasks; the θ with the best validation accuracy is kept, and
@@ -34,14 +49,15 @@ Decoded images are cached beside the data; later runs load the cache.
 Outputs, in the folder ``--out``: ``results.json`` (``test_accuracy_mean``,
 ``test_accuracy_ci95`` as fractions, the configuration, wall time, curves, the estimator's
 warnings), ``learning_curves.png`` (the training curves) and ``checkpoint.pt``.
-The checkpoint (model, Adam state, random-number state, iteration, validation history)
-is written every ``--checkpoint-every`` iterations, at the end, and on Ctrl-C;
+The checkpoint (model, Adam state, Meta-SGD's step sizes, random-number state, iteration,
+validation history) is written every ``--checkpoint-every`` iterations, at the end, and on Ctrl-C;
 ``--resume`` continues from it and produces the parameters the uninterrupted run would
 have. The last line printed states the test accuracy.
 
 Run it::
 
     python examples/fewshot.py --dataset synthetic --iterations 300      # CPU, minutes
+    python examples/fewshot.py --dataset synthetic --iterations 300 --algorithm anil --estimator full
     python examples/fewshot.py --dataset omniglot --data-root ~/data/omniglot --ways 20 --device cuda
     python examples/fewshot.py --dataset miniimagenet --data-root ~/data/miniimagenet --shots 5 \\
         --estimator binomial --order 3 --device cuda
@@ -73,7 +89,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -89,6 +105,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import metagrad as mg  # noqa: E402
+from metagrad.optim import LearningRate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and fewshot_data beside this file
 from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
@@ -98,6 +115,8 @@ from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_o
 
 DATASETS = ("synthetic", "omniglot", "miniimagenet", "tieredimagenet")
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
+ALGORITHMS = ("maml", "anil", "metasgd")
+ALGORITHM_NAMES = {"maml": "MAML", "anil": "ANIL", "metasgd": "Meta-SGD"}
 
 #: Per-dataset defaults of the flags left unset: image side, channels, CNN width, and how
 #: often to validate and checkpoint (the synthetic runs are short, so more often).
@@ -114,11 +133,13 @@ TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1_000_003, 2_000_003
 
 #: Settings that define the training trajectory (and the validation that selects θ):
 #: --resume refuses a checkpoint written under different values.
-RESUME_MUST_MATCH = ("dataset", "ways", "shots", "queries", "eval_queries", "inner_steps",
+RESUME_MUST_MATCH = ("algorithm", "dataset", "ways", "shots", "queries", "eval_queries", "inner_steps",
                      "eval_inner_steps", "lr_inner", "meta_batch", "outer_lr", "estimator", "order",
                      "truncate_steps", "chunk_size", "reg", "solver", "max_iter", "tol", "filters",
                      "image_size", "omniglot_rotations", "synthetic_classes", "data_seed", "seed",
                      "dtype", "val_tasks")
+#: What a setting missing from a checkpoint meant when it was written (before the flag existed).
+RESUME_DEFAULTS = {"algorithm": "maml"}
 CHECKPOINT_VERSION = 1
 
 
@@ -148,6 +169,35 @@ def make_model(channels: int, image_size: int, filters: int, ways: int) -> nn.Se
         *conv_block(filters, filters), *conv_block(filters, filters),
         nn.Flatten(), nn.Linear(filters * side * side, ways),
     )
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """The names of the final linear layer's trainable parameters (ANIL's adapted part).
+
+    The head is the last ``nn.Linear`` in ``model.named_modules()`` order: ``17.weight``,
+    ``17.bias`` for this script's CNN4, found from the model rather than written down.
+    """
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"--algorithm anil adapts the final nn.Linear, and {type(model).__name__} has none.")
+    head = model.get_submodule(linears[-1])
+    names = [f"{linears[-1]}.{name}" if linears[-1] else name
+             for name, param in head.named_parameters() if param.requires_grad]
+    if not names:
+        raise ValueError(f"--algorithm anil: the final nn.Linear ({linears[-1]!r}) has no parameters that "
+                         "require grad.")
+    return names
+
+
+def adapted_names(model: nn.Module, algorithm: str) -> Optional[list[str]]:
+    """``adapt=`` of the inner loop: the head for ANIL; ``None`` (every parameter) otherwise."""
+    return head_parameter_names(model) if algorithm == "anil" else None
+
+
+def make_step_sizes(model: nn.Module, alpha: float) -> dict[str, torch.Tensor]:
+    """Meta-SGD's step sizes: one leaf tensor per trainable parameter, of its shape, all at ``alpha``."""
+    return {name: torch.full_like(param, alpha, requires_grad=True)
+            for name, param in model.named_parameters() if param.requires_grad}
 
 
 def make_estimator(args: argparse.Namespace) -> mg.Estimator:
@@ -187,12 +237,18 @@ def task_tensors(task: Task, device: torch.device, dtype: torch.dtype) -> tuple[
 
 
 def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[Task], steps: int,
-                    lr_inner: float, device: torch.device, dtype: torch.dtype,
-                    warnings_seen: Optional[WarningCounts] = None) -> tuple[float, float]:
+                    lr_inner: LearningRate, device: torch.device, dtype: torch.dtype,
+                    warnings_seen: Optional[WarningCounts] = None, *, adapt: Optional[Sequence[str]] = None,
+                    infos: Optional[list[dict[str, Any]]] = None) -> tuple[float, float]:
     """Accumulate the meta-batch's mean meta-gradient into ``.grad``; return query loss and accuracy.
 
     One MetaGradient block per task: the meta-gradient of the mean query loss is the
     mean of the per-task meta-gradients, and each ``.backward()`` accumulates.
+
+    ``lr_inner`` is the inner SGD step size: a float, or (Meta-SGD) a mapping name → step-size
+    tensor; tensors that require grad get their meta-gradient in ``.grad`` too. ``adapt``
+    names the parameters the inner loop adapts (ANIL: the head); the other parameters get
+    theirs through the inner loop. Each task's ``meta.info`` is appended to ``infos``.
 
     The estimator's warnings (:class:`mg.MetaGradientWarning`: a solve that missed its
     tolerance, a binomial series that is not converging) would otherwise print once per
@@ -204,7 +260,8 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
     for task in tasks:
         x_s, y_s, x_q, y_q = task_tensors(task, device, dtype)
         with counting_warnings(warnings_seen):
-            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator) as meta:
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator,
+                                 adapt=adapt) as meta:
                 for _ in range(steps):
                     # Estimators that store iterates rebuild this step in backward (Binomial
                     # under vmap): the closure reads nothing but x_s and y_s, fixed in the block.
@@ -212,16 +269,25 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
                 logits = meta.fmodel(x_q)
                 loss = F.cross_entropy(logits, y_q)
                 (loss / len(tasks)).backward()
+        if infos is not None:
+            infos.append(dict(meta.info))
         total_loss += loss.item()
         total_accuracy += (logits.argmax(1) == y_q).double().mean().item()
     return total_loss / len(tasks), total_accuracy / len(tasks)
 
 
-def adapted_accuracy(model: nn.Module, task: Task, steps: int, lr_inner: float, adapt_with: mg.Estimator,
-                     device: torch.device, dtype: torch.dtype) -> float:
-    """Query accuracy of one task after ``steps`` inner SGD steps from the model's θ."""
+def adapted_accuracy(model: nn.Module, task: Task, steps: int, lr_inner: LearningRate, adapt_with: mg.Estimator,
+                     device: torch.device, dtype: torch.dtype, adapt: Optional[Sequence[str]] = None) -> float:
+    """Query accuracy of one task after ``steps`` inner SGD steps from the model's θ.
+
+    ``lr_inner`` and ``adapt`` as in :func:`meta_batch_step` (step-size tensors detached here:
+    no meta-gradient is taken).
+    """
     x_s, y_s, x_q, y_q = task_tensors(task, device, dtype)
-    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=adapt_with) as meta:
+    if isinstance(lr_inner, Mapping):
+        lr_inner = {name: value.detach() for name, value in lr_inner.items()}
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=adapt_with,
+                         adapt=adapt) as meta:
         for _ in range(steps):
             meta.step(lambda fmodel: F.cross_entropy(fmodel(x_s), y_s))
         with torch.no_grad():
@@ -229,16 +295,23 @@ def adapted_accuracy(model: nn.Module, task: Task, steps: int, lr_inner: float, 
 
 
 def evaluate(model: nn.Module, pool: ClassPool, count: int, offset: int, args: argparse.Namespace,
-             device: torch.device, dtype: torch.dtype, desc: str) -> list[float]:
-    """Accuracy on ``count`` tasks of ``pool`` drawn from stream ``offset``: the same tasks every call."""
+             device: torch.device, dtype: torch.dtype, desc: str,
+             step_sizes: Optional[dict[str, torch.Tensor]] = None) -> list[float]:
+    """Accuracy on ``count`` tasks of ``pool`` drawn from stream ``offset``: the same tasks every call.
+
+    The tasks adapt as in meta-training: the head only for ANIL, with ``step_sizes`` (Meta-SGD's
+    learned ones) in place of ``--lr-inner`` where given.
+    """
     generator = stream(args.seed, offset)
     adapt_with = adaptation_estimator(args)
+    lr_inner: LearningRate = step_sizes if step_sizes else args.lr_inner
+    adapt = adapted_names(model, args.algorithm)
     accuracies = []
     for _ in tqdm(range(count), desc=desc, unit="task", leave=False, dynamic_ncols=True,
                   mininterval=0.5, file=sys.stderr):
         task = sample_task(pool, args.ways, args.shots, args.eval_queries, generator)
-        accuracies.append(adapted_accuracy(model, task, args.eval_inner_steps, args.lr_inner, adapt_with,
-                                           device, dtype))
+        accuracies.append(adapted_accuracy(model, task, args.eval_inner_steps, lr_inner, adapt_with,
+                                           device, dtype, adapt))
     return accuracies
 
 
@@ -258,16 +331,24 @@ def stream(seed: int, offset: int) -> torch.Generator:
 class Training:
     """Everything a checkpoint holds, and the loop that advances it.
 
-    The state is exactly what the next iteration depends on: θ, Adam's state, the
-    training task generator, torch's global generator, the iteration count, and the
-    validation record that early stopping reads. Restoring it makes the rest of the
-    run identical to the uninterrupted one.
+    The state is exactly what the next iteration depends on: θ, Meta-SGD's step sizes,
+    Adam's state, the training task generator, torch's global generator, the iteration
+    count, and the validation record that early stopping reads. Restoring it makes the
+    rest of the run identical to the uninterrupted one.
     """
 
     def __init__(self, model: nn.Module, args: argparse.Namespace) -> None:
         self.model = model
         self.args = args
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+        #: ANIL: the head's parameter names (the inner loop adapts these only); else None (all).
+        self.adapt = adapted_names(model, args.algorithm)
+        #: Meta-SGD: the learned step sizes, name → leaf tensor of the parameter's shape; else {}.
+        self.step_sizes: dict[str, torch.Tensor] = (make_step_sizes(model, args.lr_inner)
+                                                    if args.algorithm == "metasgd" else {})
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+        if self.step_sizes:  # a second group, same Adam settings (Li et al. learn α and θ alike)
+            groups.append({"params": list(self.step_sizes.values())})
+        self.optimizer = torch.optim.Adam(groups, lr=args.outer_lr)
         self.generator = stream(args.seed, TRAIN_STREAM)
         self.iteration = 0
         self.train_loss: list[float] = []
@@ -276,6 +357,7 @@ class Training:
         self.best_iteration = -1
         self.best_accuracy = -math.inf
         self.best_state: Optional[dict[str, torch.Tensor]] = None
+        self.best_step_sizes: dict[str, torch.Tensor] = {}  # Meta-SGD: the step sizes of best_state
         self.stopped_early = False
         self.training_seconds = 0.0
         self.saved_iteration = -1  # the iteration of the last checkpoint this process wrote or read
@@ -298,6 +380,8 @@ class Training:
             "best_iteration": self.best_iteration,
             "best_accuracy": self.best_accuracy,
             "best_state": self.best_state,
+            "step_sizes": {name: value.detach().clone() for name, value in self.step_sizes.items()},
+            "best_step_sizes": self.best_step_sizes,
             "stopped_early": self.stopped_early,
             "training_seconds": self.training_seconds,
             "estimator_warnings": self.estimator_warnings,
@@ -320,13 +404,20 @@ class Training:
             raise DataError(f"--resume: {path} is not a checkpoint of this script (version "
                             f"{state.get('version')!r}, expected {CHECKPOINT_VERSION}).")
         mine = {key: getattr(self.args, key) for key in RESUME_MUST_MATCH}
-        theirs = state["config"]
+        theirs = {**RESUME_DEFAULTS, **state["config"]}
         differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} (now {mine[k]!r})"
                   for k in RESUME_MUST_MATCH if _plain(theirs.get(k)) != _plain(mine[k])]
         if differ:
             raise DataError(f"--resume: {path} was written with different settings: {'; '.join(differ)}. "
                             "Resume with the checkpoint's settings, or start a new run with another --out.")
         self.model.load_state_dict(state["model"])
+        saved_sizes = state.get("step_sizes", {})
+        if saved_sizes.keys() != self.step_sizes.keys():
+            raise DataError(f"--resume: {path} holds step sizes for {sorted(saved_sizes)}, but this run "
+                            f"learns them for {sorted(self.step_sizes)}.")
+        with torch.no_grad():  # in place: the optimizer holds these very tensors
+            for name, value in saved_sizes.items():
+                self.step_sizes[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng"]["tasks"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -337,12 +428,31 @@ class Training:
         self.best_iteration = state["best_iteration"]
         self.best_accuracy = state["best_accuracy"]
         self.best_state = state["best_state"]
+        self.best_step_sizes = state.get("best_step_sizes", {})
         # Early stopping is decided again under this run's --patience, so a larger one
         # lets a run that stopped early go on.
         self.stopped_early = bool(self.args.patience) and self.iteration - self.best_iteration >= self.args.patience
         self.training_seconds = state["training_seconds"]
         self.estimator_warnings = state["estimator_warnings"]
         self.saved_iteration = self.iteration
+
+    # --------------------------------------------------------- the inner loop
+    def inner_lr(self) -> LearningRate:
+        """The inner step size: Meta-SGD's learned tensors (meta-parameters), else ``--lr-inner``."""
+        return self.step_sizes if self.step_sizes else self.args.lr_inner
+
+    def project_step_sizes(self) -> None:
+        """Clamp Meta-SGD's step sizes at 0 after an outer step (a projected gradient step).
+
+        Li et al. learn α directly, unconstrained; a negative step size would ascend the
+        support loss, and ``mg.optim.SGD`` refuses one. Clamping keeps the direct
+        parametrization (Adam's steps act on α itself) and only bites where a step size
+        would cross 0.
+        """
+        if self.step_sizes:
+            with torch.no_grad():
+                for value in self.step_sizes.values():
+                    value.clamp_(min=0)
 
     # ------------------------------------------------------------------ loop
     def run(self, pools: dict[str, ClassPool], estimator: mg.Estimator, checkpoint: Path,
@@ -362,7 +472,8 @@ class Training:
                 self.optimizer.zero_grad(set_to_none=True)
                 try:
                     loss, accuracy = meta_batch_step(self.model, estimator, tasks, args.inner_steps,
-                                                     args.lr_inner, device, dtype, self.estimator_warnings)
+                                                     self.inner_lr(), device, dtype, self.estimator_warnings,
+                                                     adapt=self.adapt)
                 except (mg.NegativeCurvatureError, FloatingPointError) as error:
                     # The estimator or the inner loop cannot go on from this θ; say so
                     # plainly (and where the run can be taken up again) instead of a trace.
@@ -372,6 +483,7 @@ class Training:
                         f"holds the run up to iteration {self.saved_iteration}." if self.saved_iteration >= 0
                         else f"meta-iteration {self.iteration + 1} stopped: {error}") from None
                 self.optimizer.step()
+                self.project_step_sizes()
                 self.iteration += 1
                 self.train_loss.append(loss)
                 self.train_accuracy.append(accuracy)
@@ -398,12 +510,14 @@ class Training:
     def validate(self, pool: ClassPool, device: torch.device, dtype: torch.dtype) -> None:
         """Score θ on the fixed validation tasks; keep it if best; decide early stopping."""
         args = self.args
-        accuracies = evaluate(self.model, pool, args.val_tasks, VAL_STREAM, args, device, dtype, "validation")
+        accuracies = evaluate(self.model, pool, args.val_tasks, VAL_STREAM, args, device, dtype, "validation",
+                              step_sizes=self.step_sizes)
         mean, ci = mean_ci95(accuracies)
         self.validation.append({"iteration": self.iteration, "accuracy_mean": mean, "accuracy_ci95": ci})
         if mean > self.best_accuracy:
             self.best_accuracy, self.best_iteration = mean, self.iteration
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_step_sizes = {k: v.detach().clone() for k, v in self.step_sizes.items()}
         if args.patience and self.iteration - self.best_iteration >= args.patience:
             self.stopped_early = True
 
@@ -487,6 +601,12 @@ def plot_curves(training: Training, path: Path, title: str, chance: float,
     plt.close(fig)
 
 
+def summarize_step_sizes(step_sizes: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Name → mean, min and max of Meta-SGD's step sizes for that parameter (empty without them)."""
+    return {name: {"mean": value.detach().double().mean().item(), "min": value.min().item(),
+                   "max": value.max().item()} for name, value in step_sizes.items()}
+
+
 def device_description(device: torch.device) -> str:
     """A short description of the machine the numbers come from."""
     if device.type == "cuda":
@@ -497,8 +617,9 @@ def device_description(device: torch.device) -> str:
 
 
 def describe(args: argparse.Namespace) -> str:
-    """``5-way 1-shot synthetic, Binomial(order=2)``-style summary."""
-    return f"{args.ways}-way {args.shots}-shot {args.dataset}, {make_estimator(args)!r}"
+    """``5-way 1-shot synthetic, MAML, Binomial(order=2)``-style summary."""
+    return (f"{args.ways}-way {args.shots}-shot {args.dataset}, {ALGORITHM_NAMES[args.algorithm]}, "
+            f"{make_estimator(args)!r}")
 
 
 # --------------------------------------------------------------------- plumbing
@@ -540,7 +661,8 @@ def load_pools(args: argparse.Namespace) -> dict[str, ClassPool]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
-        description="Meta-train CNN4 with MAML on N-way K-shot image classification, with the meta-gradient "
+        description="Meta-train CNN4 with MAML, ANIL or Meta-SGD on N-way K-shot image classification, with the "
+                    "meta-gradient "
                     "estimator of your choice; report test accuracy ± 95% CI, write results JSON, a PNG of "
                     "the training curves and a resumable checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -568,10 +690,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     task.add_argument("--eval-queries", type=int, default=15, help="query images per class in validation and test")
 
     train = parser.add_argument_group("meta-training")
+    train.add_argument("--algorithm", choices=ALGORITHMS, default="maml",
+                       help="maml: the inner loop adapts every parameter. anil (Raghu et al. 2020): it adapts the "
+                            "final linear layer only; the body is meta-learned through the inner loop. metasgd "
+                            "(Li et al. 2017): a learned step size per parameter entry, initialized at "
+                            "--lr-inner, learned by the outer Adam and clamped at 0")
     train.add_argument("--iterations", type=int, default=20000, help="meta-iterations (Adam steps)")
     train.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
     train.add_argument("--outer-lr", type=float, default=1e-3, help="Adam's learning rate")
-    train.add_argument("--lr-inner", type=float, default=0.01, help="α, the inner SGD step size")
+    train.add_argument("--lr-inner", type=float, default=0.01,
+                       help="α, the inner SGD step size (metasgd: the learned step sizes' initial value)")
     train.add_argument("--inner-steps", type=int, default=5, help="K, inner SGD steps in meta-training")
     train.add_argument("--eval-inner-steps", type=int, default=10, help="inner SGD steps at validation and test")
     train.add_argument("--filters", type=int, default=None,
@@ -610,7 +738,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                             help="continue from --checkpoint; the run then ends as the uninterrupted one would")
     evaluation.add_argument("--out", default=None, metavar="DIR",
                             help="output folder for results.json, learning_curves.png and checkpoint.pt "
-                                 "(default: results/fewshot/<dataset>_<N>way<K>shot_<estimator>). A path "
+                                 "(default: results/fewshot/<dataset>_<N>way<K>shot_<estimator>, with <algorithm>_ "
+                                 "before <estimator> for anil and metasgd). A path "
                                  "ending in .json is still read as the earlier form: the results file, with "
                                  "<name>.png and <name>.checkpoint.pt beside it")
 
@@ -627,7 +756,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.out is None:
-        args.out = os.path.join("results", "fewshot", f"{args.dataset}_{args.ways}way{args.shots}shot_{args.estimator}")
+        algorithm = "" if args.algorithm == "maml" else f"{args.algorithm}_"
+        args.out = os.path.join("results", "fewshot",
+                                f"{args.dataset}_{args.ways}way{args.shots}shot_{algorithm}{args.estimator}")
     if Path(args.out).suffix != ".json" and Path(args.out).is_file():
         parser.error(f"--out names a folder for the run's files; {args.out} is a file")
     if args.checkpoint is None:
@@ -694,6 +825,12 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
           f"{pools['test'].num_classes} train/val/test classes, CNN4-{args.filters} on "
           f"{channels}×{args.image_size}×{args.image_size}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {device_description(device)}.", file=sys.stderr)
+    if training.adapt is not None:
+        print(f"ANIL: the inner loop adapts {', '.join(training.adapt)}; the other parameters are meta-learned "
+              "through it.", file=sys.stderr)
+    if training.step_sizes:
+        print(f"Meta-SGD: {sum(v.numel() for v in training.step_sizes.values()):,} learned step sizes "
+              f"(one per parameter entry), initialized at {args.lr_inner}, clamped at 0.", file=sys.stderr)
 
     try:
         finished = training.run(pools, estimator, checkpoint, device, dtype)
@@ -710,17 +847,23 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
         print(f"Early stop at iteration {training.iteration}: no validation improvement since iteration "
               f"{training.best_iteration} (--patience {args.patience}).", file=sys.stderr)
 
-    # Test the θ that validated best (early stopping), not necessarily the last one.
+    # Test the θ (and Meta-SGD's step sizes) that validated best (early stopping), not
+    # necessarily the last ones.
+    test_step_sizes = training.step_sizes
     if training.best_state is not None:
         model.load_state_dict(training.best_state)
+        if training.step_sizes:
+            test_step_sizes = {k: v.to(device) for k, v in training.best_step_sizes.items()}
     test_started = time.perf_counter()
-    accuracies = evaluate(model, pools["test"], args.test_tasks, TEST_STREAM, args, device, dtype, "test")
+    accuracies = evaluate(model, pools["test"], args.test_tasks, TEST_STREAM, args, device, dtype, "test",
+                          step_sizes=test_step_sizes)
     test_seconds = time.perf_counter() - test_started
     mean, ci = mean_ci95(accuracies)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    alpha = f"α learned from {args.lr_inner}" if training.step_sizes else f"α = {args.lr_inner}"
     title = (f"{describe(args)}; CNN4-{args.filters}, K = {args.inner_steps} (eval {args.eval_inner_steps}), "
-             f"α = {args.lr_inner}, meta-batch {args.meta_batch}; {device_description(device)}")
+             f"{alpha}, meta-batch {args.meta_batch}; {device_description(device)}")
     plot_curves(training, png, title, 1 / args.ways, (mean, ci))
     results = {
         "test_accuracy_mean": mean,
@@ -731,6 +874,13 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
         "iterations_completed": training.iteration,
         "stopped_early": training.stopped_early,
         "estimator": repr(estimator),
+        "algorithm": args.algorithm,
+        "adapted_parameters": (list(training.adapt) if training.adapt is not None
+                               else [n for n, p in model.named_parameters() if p.requires_grad]),
+        # Meta-SGD: per parameter, the mean, min and max of its learned step sizes, as tested
+        # (the best validation's) and at the end of meta-training.
+        "step_sizes_tested": summarize_step_sizes(test_step_sizes),
+        "step_sizes_final": summarize_step_sizes(training.step_sizes),
         "estimator_warnings": [{"message": kind["first"], "tasks": kind["count"], "of_tasks": tasks_trained}
                                for kind in training.estimator_warnings.values()],
         "config": vars(args),

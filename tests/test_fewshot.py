@@ -3,8 +3,10 @@
 The loaders read tiny folder trees made here, in each layout the example accepts, and
 every malformed case gets a DataError that names what was expected and where. Task
 sampling is checked for its properties. The script runs end to end on the synthetic
-glyphs with every estimator, and a run interrupted by Ctrl-C and resumed ends with the
-same parameters, Adam state and history as the uninterrupted run (CPU, float64).
+glyphs with every estimator and with each ``--algorithm`` (MAML, ANIL, Meta-SGD), and a
+run interrupted by Ctrl-C and resumed ends with the same parameters, Meta-SGD step sizes,
+Adam state and history as the uninterrupted run (CPU, float64). ANIL adapts the head only,
+and its body's meta-gradient from Checkpointed equals Full's.
 """
 
 from __future__ import annotations
@@ -307,7 +309,8 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--dataset", "--data-root", "--ways", "--shots", "--queries", "--iterations", "--meta-batch",
                  "--outer-lr", "--lr-inner", "--inner-steps", "--eval-inner-steps", "--test-tasks",
                  "--estimator", "--order", "--truncate-steps", "--chunk-size", "--reg", "--solver",
-                 "--patience", "--resume", "--device", "--seed", "--out", "--filters", "--image-size"):
+                 "--patience", "--resume", "--device", "--seed", "--out", "--filters", "--image-size",
+                 "--algorithm", "anil", "metasgd"):
         assert flag in help_text, flag
     assert "default: 600" in help_text
 
@@ -486,7 +489,7 @@ def test_early_stopping_tests_the_best_validated_parameters(tmp_path: Path,
     seen: dict[str, Any] = {}
 
     def scripted(model: torch.nn.Module, pool: Any, count: int, offset: int, args: Any, device: Any,
-                 dtype: Any, desc: str) -> list[float]:
+                 dtype: Any, desc: str, **kwargs: Any) -> list[float]:
         if desc == "test":
             seen["tested"] = {k: v.clone() for k, v in model.state_dict().items()}
             return [0.7, 0.9]
@@ -503,3 +506,172 @@ def test_early_stopping_tests_the_best_validated_parameters(tmp_path: Path,
     state = checkpoint_of(out)
     assert_same_tensors(seen["tested"], state["best_state"])
     assert not torch.equal(state["best_state"]["0.weight"], state["model"]["0.weight"])
+
+
+# ------------------------------------------------------------- --algorithm
+BODY = [f"{layer}.{kind}" for layer in (0, 1, 4, 5, 8, 9, 12, 13) for kind in ("weight", "bias")]
+HEAD = ["17.weight", "17.bias"]  # CNN4's final nn.Linear, module 17 of the Sequential
+
+
+@pytest.mark.parametrize("estimator", ["full", "checkpointed"])
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_every_algorithm_runs(tmp_path: Path, algorithm: str, estimator: str) -> None:
+    results = fewshot.main([*TINY, "--iterations", "2", "--inner-steps", "2", "--eval-inner-steps", "2",
+                            "--algorithm", algorithm, "--estimator", estimator, "--out", str(tmp_path / "r")])
+    assert results["algorithm"] == algorithm and results["iterations_completed"] == 2
+    assert 0 <= results["test_accuracy_mean"] <= 1
+    assert results["adapted_parameters"] == (HEAD if algorithm == "anil" else BODY + HEAD)
+    assert bool(results["step_sizes_final"]) == (algorithm == "metasgd")
+    assert not results["estimator_warnings"]
+    if algorithm == "metasgd":
+        # Two outer steps moved the conv weights' step sizes away from --lr-inner (0.01).
+        moved = results["step_sizes_final"]["0.weight"]
+        assert moved["min"] < 0.01 < moved["max"]
+
+
+@pytest.mark.parametrize("flags", [["--estimator", "first_order"], ["--estimator", "truncated"],
+                                   ["--estimator", "binomial", "--order", "auto"],
+                                   ["--estimator", "binomial", "--order", "2"],
+                                   ["--estimator", "implicit", "--reg", "150", "--max-iter", "5"]])
+@pytest.mark.parametrize("algorithm", ["anil", "metasgd"])
+def test_other_estimators_run_with_anil_and_metasgd(tmp_path: Path, algorithm: str, flags: list[str]) -> None:
+    results = fewshot.main([*TINY, "--iterations", "1", "--inner-steps", "2", "--eval-inner-steps", "2",
+                            "--algorithm", algorithm, *flags, "--out", str(tmp_path / "r")])
+    assert 0 <= results["test_accuracy_mean"] <= 1
+    messages = " ".join(w["message"] for w in results["estimator_warnings"])
+    # FirstOrder keeps no second derivative: ANIL's body gets only its direct query gradient,
+    # and it says so. Implicit gives step sizes nothing, and says so.
+    assert ("FirstOrder: the meta-parameters" in messages) == (algorithm == "anil" and flags[1] == "first_order")
+    assert ("Implicit: the step sizes" in messages) == (algorithm == "metasgd" and flags[1] == "implicit")
+
+
+def test_default_out_names_the_algorithm() -> None:
+    assert fewshot.parse_args([]).out.endswith("synthetic_5way1shot_binomial")  # MAML: as before
+    assert fewshot.parse_args(["--algorithm", "anil", "--estimator", "full"]).out.endswith(
+        "synthetic_5way1shot_anil_full")
+
+
+def test_anil_adapts_the_head_only_and_meta_learns_the_body() -> None:
+    model = fewshot.make_model(1, 16, 4, 3).double()
+    assert fewshot.head_parameter_names(model) == HEAD
+    assert fewshot.adapted_names(model, "anil") == HEAD and fewshot.adapted_names(model, "maml") is None
+    assert fewshot.head_parameter_names(torch.nn.Sequential(torch.nn.Linear(2, 3))) == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match="has no"):
+        fewshot.head_parameter_names(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))
+
+    pool = fd.synthetic_glyphs(16, classes=(3, 1, 1), images_per_class=3)["train"]
+    task = fd.sample_task(pool, 3, 1, 1, torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+    for name, estimator in (("full", fewshot.mg.Full()), ("checkpointed", fewshot.mg.Checkpointed())):
+        model.zero_grad(set_to_none=True)
+        infos: list[dict[str, Any]] = []
+        # A large step, so that the inner loop moves the head enough to matter for the body.
+        fewshot.meta_batch_step(model, estimator, [task], 3, 0.5, torch.device("cpu"), torch.float64,
+                                adapt=HEAD, infos=infos)
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        if name == "checkpointed":
+            # The body is a meta-parameter of the inner loop, not adapted by it: only the
+            # head's parameters are fast weights.
+            assert sorted(infos[0]["meta_parameters"]) == sorted(BODY)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])  # the inner loop never writes θ
+    for n in BODY + HEAD:
+        assert grads["full"][n] is not None
+        torch.testing.assert_close(grads["checkpointed"][n], grads["full"][n], rtol=0, atol=1e-8)
+    # Every body weight gets a meta-gradient (the conv biases sit before BatchNorm, which
+    # cancels them, so theirs is zero up to rounding).
+    for layer in (0, 1, 4, 5, 8, 9, 12, 13):
+        assert grads["full"][f"{layer}.weight"].abs().max() > 1e-6
+
+    # Through the inner loop, not only directly from the query: FirstOrder, which keeps no
+    # second derivative, gives the body a different meta-gradient (and says so).
+    model.zero_grad(set_to_none=True)
+    seen: dict[str, Any] = {}
+    fewshot.meta_batch_step(model, fewshot.mg.FirstOrder(), [task], 3, 0.5, torch.device("cpu"), torch.float64,
+                            seen, adapt=HEAD)
+    assert any("FirstOrder: the meta-parameters" in entry["first"] for entry in seen.values())
+    assert not torch.allclose(model.get_parameter("0.weight").grad, grads["full"]["0.weight"], rtol=0, atol=1e-8)
+
+
+METASGD = [*RESUME, "--algorithm", "metasgd", "--estimator", "checkpointed"]
+
+
+def test_metasgd_learns_step_sizes_and_resume_restores_them(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = tmp_path / "whole"
+    fewshot.main([*METASGD, "--out", str(whole)])
+    finished = checkpoint_of(whole)
+    sizes = finished["step_sizes"]
+    assert sorted(sizes) == sorted(BODY + HEAD)
+    for name, param in finished["model"].items():
+        assert sizes[name].shape == param.shape  # one step size per parameter entry
+    assert not torch.equal(sizes["0.weight"], torch.full_like(sizes["0.weight"], 0.01))  # learned
+    assert all(bool((value >= 0).all()) for value in sizes.values())
+    # Adam's second group holds exactly the step sizes.
+    assert len(finished["optimizer"]["param_groups"]) == 2
+    assert len(finished["optimizer"]["param_groups"][1]["params"]) == len(sizes)
+
+    # Interrupted after its 4th meta-iteration and resumed: the same step sizes as the whole run.
+    original, calls = fewshot.meta_batch_step, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot, "meta_batch_step", interrupted)
+    parted = tmp_path / "parted"
+    with pytest.raises(SystemExit):
+        fewshot.main([*METASGD, "--out", str(parted)])
+    at_interrupt = checkpoint_of(parted)
+    assert at_interrupt["iteration"] == 4
+    monkeypatch.undo()
+    resumed = fewshot.main([*METASGD, "--out", str(parted), "--resume"])
+    again = checkpoint_of(parted)
+    for key in ("model", "step_sizes", "best_step_sizes", "optimizer", "train_loss", "validation"):
+        assert_same_tensors(finished[key], again[key])
+    assert not torch.equal(at_interrupt["step_sizes"]["0.weight"], again["step_sizes"]["0.weight"])
+    assert resumed["step_sizes_final"] == summarize(sizes)
+
+    # Another algorithm cannot resume it.
+    with pytest.raises(SystemExit, match=r"different settings: --algorithm 'metasgd' \(now 'maml'\)"):
+        fewshot.main([*METASGD, "--algorithm", "maml", "--out", str(parted), "--resume"])
+
+
+def summarize(sizes: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    return fewshot.summarize_step_sizes(sizes)
+
+
+def test_metasgd_step_sizes_are_clamped_at_zero() -> None:
+    args = fewshot.parse_args([*TINY, "--algorithm", "metasgd"])
+    training = fewshot.Training(fewshot.make_model(1, 16, 4, 3), args)
+    with torch.no_grad():
+        training.step_sizes["0.weight"].view(-1)[0] = -0.5
+    training.project_step_sizes()
+    value = training.step_sizes["0.weight"]
+    assert value.view(-1)[0] == 0 and bool((value.view(-1)[1:] == 0.01).all()) and value.requires_grad
+
+
+def test_checkpoint_from_before_the_flag_resumes_as_maml(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    fewshot.main([*RESUME, "--iterations", "2", "--out", str(out)])
+    state = checkpoint_of(out)
+    del state["config"]["algorithm"], state["step_sizes"], state["best_step_sizes"]  # an earlier checkpoint
+    torch.save(state, out / "checkpoint.pt")
+    results = fewshot.main([*RESUME, "--iterations", "3", "--out", str(out), "--resume"])
+    assert results["iterations_completed"] == 3
+    with pytest.raises(SystemExit, match=r"--algorithm 'maml' \(now 'anil'\)"):
+        fewshot.main([*RESUME, "--iterations", "4", "--algorithm", "anil", "--out", str(out), "--resume"])
+
+
+def test_implicit_gives_metasgd_step_sizes_no_gradient_and_says_so(tmp_path: Path) -> None:
+    results = fewshot.main([*TINY, "--iterations", "1", "--inner-steps", "2", "--eval-inner-steps", "2",
+                            "--algorithm", "metasgd", "--estimator", "implicit", "--reg", "150",
+                            "--out", str(tmp_path / "r")])
+    messages = [w["message"] for w in results["estimator_warnings"]]
+    assert any(m.startswith("Implicit: the step sizes") for m in messages), messages
+    for stats in results["step_sizes_final"].values():
+        # Untouched: Adam skips a .grad of None. (0.01 in float32.)
+        assert stats["min"] == stats["max"] == torch.tensor(0.01, dtype=torch.float32).item()
