@@ -256,8 +256,11 @@ def test_bad_inner_opt(make_opt):
 
 def test_torch_optimizer_error_points_to_a_metagrad_rule():
     model = make_mlp()
-    with pytest.raises(TypeError, match=r"mg\.optim\.SGD"):
+    with pytest.raises(TypeError, match=r"mg\.optim\.SGD") as info:
         mg.MetaGradient(model, inner_opt=torch.optim.SGD(model.parameters(), lr=0.1))
+    message = str(info.value)
+    assert "metagrad.adapters.higher.update_rule" in message
+    assert "Parameter Group" not in message  # names the optimizer, does not print its repr
 
 
 @pytest.mark.parametrize("not_a_model", [lambda x: x, None, {"w": torch.zeros(2)}],
