@@ -110,6 +110,8 @@ class _Step:
     compiled: bool = False
     #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
     modes: tuple[bool, ...] = ()
+    #: The autocast dtype the step ran under on the model's device type, or ``None``.
+    autocast: Optional[torch.dtype] = None
     #: For a step taken from a given loss (:meth:`Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
@@ -118,7 +120,7 @@ class _Step:
         """Steps with equal keys can be rebuilt in one vmapped call; ``None``: only alone."""
         if self.graph is not None or self.rng is not None or self.closure is None:
             return None
-        return (self.closure.key, id(self.rule), self.used, self.modes)
+        return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 
 
 class Trajectory:
@@ -167,6 +169,7 @@ class Trajectory:
         self._last_compiled = False
         self._submodules = list(module.modules())
         self._last_modes: tuple[bool, ...] = ()
+        self._last_autocast: Optional[torch.dtype] = None
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
@@ -283,6 +286,7 @@ class Trajectory:
         used = tuple(grads)
         self.used.update(used)
         modes = self._modes()
+        autocast = _autocast_dtype(self._device.type)
         is_compiled = False
         if not self.differentiable:
             if closure is None or closure.key not in self._compiled:
@@ -305,12 +309,12 @@ class Trajectory:
             self._steps[k] = _Step(params=self._current,  # detached unless differentiable
                                    state=self._state, closure=closure, rule=rule, used=used,
                                    loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
-                                   graph=graph)
+                                   autocast=autocast, graph=graph)
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
         self._length += 1
         self.last_closure, self._last_rng, self._last_used = closure, rng, used
-        self._last_compiled, self._last_modes = is_compiled, modes
+        self._last_compiled, self._last_modes, self._last_autocast = is_compiled, modes, autocast
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -379,7 +383,7 @@ class Trajectory:
         if step.compiled:
             refuse_compiled(m)
         try:
-            with self._as_taken(step.rng, step.modes):
+            with self._as_taken(step.rng, step.modes, step.autocast):
                 loss = step.closure(self.model_at(params))
         except Exception as error:
             self.verify()  # a mismatch found earlier says more
@@ -398,16 +402,21 @@ class Trajectory:
         return self._last_modes if modes == self._last_modes else modes
 
     @contextlib.contextmanager
-    def _as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...]) -> Iterator[None]:
+    def _as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
+                  autocast: Optional[torch.dtype] = None) -> Iterator[None]:
         """Run a rebuild as its step ran: the random generators from the states the step drew
-        from, and every submodule in the mode (train or eval) it was in. Both are put back."""
+        from, every submodule in the mode (train or eval) it was in, and autocast as it was
+        (mixed precision set around the inner loop). All are put back."""
         now = tuple(sub.training for sub in self._submodules)
         changed = bool(modes) and modes != now
         if changed:
             for sub, mode in zip(self._submodules, modes):
                 sub.training = mode
+        device_type = self._device.type
+        precision = (contextlib.nullcontext() if autocast == _autocast_dtype(device_type) else
+                     torch.autocast(device_type, dtype=autocast, enabled=autocast is not None))
         try:
-            with rng.replay() if rng is not None else contextlib.nullcontext():
+            with rng.replay() if rng is not None else contextlib.nullcontext(), precision:
                 yield
         finally:
             if changed:
@@ -629,7 +638,7 @@ class Trajectory:
         try:
             # no_grad: the rule's own η (a step size that requires grad) must not record an
             # autograd graph through the batch; its part comes from the kept update below.
-            with self._as_taken(None, first.modes), torch.no_grad():
+            with self._as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, rebuilt, losses = torch.func.vmap(
                     row, in_dims=(0, 0, 0, 0, None))(params, states, u, captured, eta)
         except Exception as error:
@@ -704,7 +713,7 @@ class Trajectory:
 
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
-                    self._as_taken(step.rng, step.modes):
+                    self._as_taken(step.rng, step.modes, step.autocast):
                 loss = step.closure(self.model_at(params))  # type: ignore[misc]
                 grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
@@ -739,7 +748,7 @@ class Trajectory:
             refuse_compiled(k - 1)
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            with self._as_taken(self._last_rng, self._last_modes):
+            with self._as_taken(self._last_rng, self._last_modes, self._last_autocast):
                 loss = self.last_closure(self.model_at(params))
             grads = _grads(loss, params, create_graph=True, step=k - 1, used=self._last_used)
         # Parameters the loss does not use have a zero Hessian row; so do gradients that
@@ -913,3 +922,10 @@ def _step_size_names(rule: Any) -> dict[int, str]:
     if isinstance(lr, dict):
         return {id(t): f"lr[{n!r}] (update rule)" for n, t in lr.items() if isinstance(t, torch.Tensor)}
     return {}
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type`` now, or ``None`` when it is off."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

@@ -164,3 +164,33 @@ def test_frozen_key_separates_tensors_that_require_grad():
     """A tensor that requires grad is a meta-parameter: another one makes another closure."""
     u, w = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
     assert replay.freeze(lambda f: f + u).key != replay.freeze(lambda f: f + w).key
+
+
+@pytest.mark.parametrize("make_estimator", [mg.Checkpointed, lambda: mg.Truncated(3)],
+                         ids=["checkpointed", "truncated-K"])
+def test_steps_taken_under_autocast_are_rebuilt_under_it(make_estimator):
+    """An inner loop inside ``torch.autocast`` (mixed precision) and a backward outside it: the
+    rebuilt steps run under the autocast they were taken in, and give the unrolled gradient.
+    (Binomial is left out: its products ``(J − I)u`` are differences of nearly equal vectors,
+    which bfloat16 cannot resolve; it is replayed the same way.)"""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    data = [(x.float(), y.float()) for x, y in batches(3)]
+    xq, yq = QUERY[0].float(), QUERY[1].float()
+
+    params = dict(net.named_parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x, y in data:
+            loss = F.mse_loss(torch.func.functional_call(net, params, (x,)).float(), y)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            params = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+    expected = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, params, (xq,)), yq),
+                                   list(net.parameters()))
+
+    with mg.MetaGradient(net, mg.optim.SGD(lr=0.1), estimator=make_estimator()) as meta:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for x, y in data:
+                meta.step(lambda f: F.mse_loss(f(x).float(), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
