@@ -92,7 +92,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import matplotlib
 
@@ -110,7 +110,7 @@ from metagrad.optim import LearningRate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and fewshot_data beside this file
 from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
-                 order_argument, set_threads, setup_device, smooth, warning_kind, warning_summary)
+                 order_argument, set_threads, setup_device, smooth, warning_summary)
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 

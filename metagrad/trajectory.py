@@ -754,9 +754,7 @@ class Trajectory:
         # Parameters the loss does not use have a zero Hessian row; so do gradients that
         # carry no graph (a loss linear in them).
         names = [n for n in grads if grads[n].requires_grad]
-        inputs = list(params.values())
         outputs = [grads[n] for n in names]
-
         return Hessian(params, names, outputs, [t for i, t in enumerate(self.meta)
                                                 if i not in self.rule_meta])
 
