@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["FunctionalModel", "Layout"]
+__all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -144,3 +144,73 @@ def _frozen_buffers(norms: list[tuple[str, _NormBase]]) -> dict[str, Optional[to
     statistics and updates nothing. Every other buffer is left as it is.
     """
     return {prefix + stat: None for prefix, sub in norms if sub.training for stat in _RUNNING_STATS}
+
+
+def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
+              params: Mapping[str, torch.Tensor], support: Any, query: Any, *,
+              inner_opt: Any, steps: int, estimator: Any = None) -> dict[str, torch.Tensor]:
+    """The meta-gradient ``∇_θ loss_fn(φ_K(θ), query)`` of K inner steps, as a pure function.
+
+    The functional face of the estimators: the same estimator code as
+    :class:`~metagrad.MetaGradient`, run on a :class:`~metagrad.pure.PureTrajectory`
+    (the step ``Φ(φ) = inner_opt.step(φ, torch.func.grad(loss_fn)(φ, support), s)[0]``,
+    its products by ``torch.func.vjp`` and ``torch.func.vmap``). It reads no Python-side
+    state, so it runs under ``torch.func.vmap`` (a meta-batch of tasks at once) and
+    ``torch.compile``::
+
+        g = mg.functional.meta_grad(loss_fn, params, support, query,
+                                    inner_opt=mg.optim.SGD(lr=0.01), steps=5,
+                                    estimator=mg.Checkpointed())
+        grads = torch.func.vmap(functools.partial(mg.functional.meta_grad, loss_fn,
+                                                  inner_opt=..., steps=5, estimator=...),
+                                in_dims=(None, 0, 0))(params, supports, queries)
+
+    Every inner step takes its loss on ``support``; every parameter in ``params`` is a
+    fast weight (one the loss does not use gets a zero gradient, which moves it only under
+    weight decay). A step size that is a tensor is a constant: only θ's meta-gradient is
+    returned. ``mg.Full()`` is ``torch.func.grad`` of ``θ ↦ loss_fn(unroll(θ), query)``,
+    autograd through the unroll.
+
+    Supported: Full, Checkpointed, FirstOrder, Truncated(T), and Binomial with a fixed order
+    and ``monitor=False`` (any ``chunk_size`` or ``block``). Refused with a ``ValueError``
+    naming ``estimator``: ``Binomial(order="auto")`` and a monitored fixed order (their level
+    norms are read back as Python floats, which fails under vmap), ``Binomial(max_memory=...)``
+    (it measures a rebuilt graph), and ``Implicit`` (a proximal inner loop, and a solver that
+    stops on a residual read back as a Python float).
+
+    Binomial's levels are themselves ``torch.func.vmap`` calls over the stored iterates, so
+    ``vmap`` of ``meta_grad`` nests two ``vmap`` levels around a second derivative of
+    ``loss_fn``. In torch 2.13 ``F.mse_loss`` fails there ("The size of tensor a (16) must
+    match the size of tensor b (8)"): write the loss as ``((pred - y) ** 2).mean()``, or pass
+    ``chunk_size=1`` (one product at a time, no inner ``vmap``).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``, e.g. built on
+            ``torch.func.functional_call(model, params, (x,))``.
+        params: θ, name→tensor.
+        support: the batch of the inner loss (any pytree ``loss_fn`` accepts).
+        query: the batch of the outer loss.
+        inner_opt: the update rule, e.g. ``mg.optim.SGD(lr=0.01)``.
+        steps: K >= 0.
+        estimator: an estimator instance or name; ``None`` is ``mg.Full()``.
+
+    Returns:
+        The meta-gradient, name→tensor, with the layout of ``params``.
+    """
+    from .estimators.base import check_count
+    from .estimators.full import Full
+    from .pure import PureTrajectory, check_estimator, unroll
+
+    check_count(steps, "steps", minimum=0)
+    estimator = check_estimator(estimator)
+    theta = dict(params)
+    if isinstance(estimator, Full):
+        def outer(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return loss_fn(unroll(loss_fn, p, support, inner_opt, steps)[0][-1], query)
+
+        return dict(torch.func.grad(outer)(theta))
+    with torch.no_grad():
+        trajectory = PureTrajectory(loss_fn, theta, support, inner_opt, steps)
+        v = torch.func.grad(lambda phi: loss_fn(phi, query))(trajectory.current)
+        g, _, _ = estimator.backward(trajectory, steps, dict(v))  # type: ignore[arg-type]
+    return {n: g[n] for n in theta}

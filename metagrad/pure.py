@@ -1,0 +1,223 @@
+"""A trajectory computed purely with ``torch.func``, for :func:`metagrad.functional.meta_grad`.
+
+:class:`PureTrajectory` offers the primitive every estimator composes (:meth:`vjp`,
+:meth:`batched_vjp`, :meth:`iterate`, ``length``, ``theta``, ``meta``), like
+:class:`~metagrad.trajectory.Trajectory`, but for an inner loop given as a pure function:
+
+    Φ(φ, s) = rule.step(φ, torch.func.grad(loss_fn)(φ, support), s)
+
+The inner loop runs without an autograd graph and stores the iterates φ_0 … φ_K and the
+optimizer states s_0 … s_K. A product is ``torch.func.vjp`` of Φ at a stored φ_m, and many
+products are ``torch.func.vmap`` over the stored iterates stacked along a new first
+dimension. Nothing is replayed from a closure, so there is nothing to check
+(:meth:`verify` does nothing), and no Python-side state is read: the estimators that only
+compose these products run under ``torch.func.vmap`` and ``torch.compile``.
+
+There are no meta-parameters η here (``meta`` is empty): a step size that is a tensor is a
+constant of Φ, and only θ's meta-gradient is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .estimators import Binomial, Estimator, Full, Implicit, resolve
+from .optim import Params, State, UpdateRule
+
+__all__ = ["PureTrajectory", "check_estimator", "unroll"]
+
+LossFn = Callable[[Params, Any], torch.Tensor]
+
+
+def _is_float_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def unroll(loss_fn: LossFn, params: Params, support: Any, rule: UpdateRule, steps: int
+           ) -> tuple[list[Params], list[State]]:
+    """The iterates φ_0 … φ_K and states s_0 … s_K of K steps of ``rule`` on ``loss_fn``.
+
+    Differentiable when called under a ``torch.func`` transform of ``params`` (Full's branch).
+    """
+    grad_fn = torch.func.grad(loss_fn)
+    phi, state = dict(params), rule.init(params)
+    iterates, states = [phi], [state]
+    for _ in range(steps):
+        phi, state = rule.step(phi, grad_fn(phi, support), state)
+        phi = dict(phi)
+        iterates.append(phi)
+        states.append(state)
+    return iterates, states
+
+
+class PureTrajectory:
+    """The stored inner loop of a pure ``loss_fn``, with the products estimators use.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        theta: the initialization θ, name→tensor.
+        support: the batch every inner step's loss is taken on.
+        rule: the inner update rule (``rule.init`` / ``rule.step``).
+        steps: K, the number of inner steps (taken here, without an autograd graph).
+    """
+
+    def __init__(self, loss_fn: LossFn, theta: Params, support: Any, rule: UpdateRule,
+                 steps: int) -> None:
+        self.loss_fn = loss_fn
+        self.support = support
+        self.rule = rule
+        self.theta = dict(theta)
+        #: No meta-parameters η: only θ's meta-gradient is computed.
+        self.meta: list[torch.Tensor] = []
+        self.meta_names: list[str] = []
+        self.rule_meta: set[int] = set()
+        with torch.no_grad():
+            self._iterates, self._states = unroll(loss_fn, self.theta, support, rule, steps)
+        self._length = steps
+
+    @property
+    def length(self) -> int:
+        """The number of inner steps taken, K."""
+        return self._length
+
+    @property
+    def current(self) -> Params:
+        """The final fast weights φ_K."""
+        return self._iterates[-1]
+
+    def iterate(self, k: int) -> Params:
+        """The fast weights φ_k after k steps."""
+        return self._iterates[k]
+
+    def state(self, k: int) -> State:
+        """The update rule's state s_k before step k."""
+        return self._states[k]
+
+    def verify(self) -> None:
+        """Nothing to check: no step is replayed, the step function is pure."""
+
+    def _step_fn(self, state: State) -> Callable[[Params], Params]:
+        grad_fn = torch.func.grad(self.loss_fn)
+        support, rule = self.support, self.rule
+
+        def step(phi: Params) -> Params:
+            return dict(rule.step(phi, grad_fn(phi, support), state)[0])
+
+        return step
+
+    def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
+            *, second_order: bool = True
+            ) -> tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]:
+        """``(J_mᵀ u, B_mᵀ u, state adjoint)`` as :meth:`metagrad.trajectory.Trajectory.vjp`
+        defines them, by ``torch.func.vjp`` of the step at φ_m.
+
+        Without ``state_adjoint`` the optimizer state is held constant; with it (``[]`` is
+        zero) the product is through the whole step ``(φ_m, s_m) ↦ (φ_{m+1}, s_{m+1})``, its
+        floating-point state leaves as inputs, and the adjoint of s_m (one entry per leaf of
+        the flattened state, ``None`` for a leaf that is not a floating-point tensor) is
+        returned third. ``second_order=False`` returns ``u`` itself (no η here).
+        """
+        if not second_order:
+            return dict(u), [], None
+        phi = self._iterates[m]
+        names = list(phi)
+        if state_adjoint is None:
+            _, pullback = torch.func.vjp(self._step_fn(self._states[m]), phi)
+            (pulled,) = pullback({n: u[n] for n in names})
+            return dict(pulled), [], None
+        leaves, spec = pytree.tree_flatten(self._states[m])
+        varied = [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
+        grad_fn = torch.func.grad(self.loss_fn)
+        support, rule = self.support, self.rule
+
+        def whole(p: Params, moving: list[torch.Tensor]) -> tuple[Params, list[torch.Tensor]]:
+            state_leaves = list(leaves)
+            for i, t in zip(varied, moving):
+                state_leaves[i] = t
+            new_p, new_s = rule.step(p, grad_fn(p, support), pytree.tree_unflatten(state_leaves, spec))
+            new_leaves = pytree.tree_leaves(new_s)
+            return dict(new_p), [new_leaves[i] for i in varied]
+
+        (new_p, new_moving), pullback = torch.func.vjp(whole, phi, [leaves[i] for i in varied])
+        adjoint = list(state_adjoint)
+        cotangent = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(t)
+                     for i, t in zip(varied, new_moving)]
+        pulled, pulled_state = pullback(({n: u[n] for n in names}, cotangent))
+        adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        for i, g in zip(varied, pulled_state):
+            adjoint_out[i] = g
+        return dict(pulled), [], adjoint_out
+
+    def batched_vjp(self, steps: Sequence[int], vectors: Params,
+                    chunk_size: Optional[int] = None) -> tuple[Params, list[Optional[torch.Tensor]]]:
+        """``J_mᵀ u_i`` for each ``m = steps[i]`` and row ``u_i`` of ``vectors`` (the state held
+        constant), in one ``torch.func.vmap`` over the stored iterates and states stacked
+        along a new first dimension (``chunk_size`` rows at a time, ``None``: all); and the
+        η sum, empty here. ``chunk_size=1`` (or a single step) computes one :meth:`vjp` at a
+        time without ``vmap``, as :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
+        steps = list(steps)
+        if chunk_size == 1 or len(steps) == 1:  # one product at a time, without vmap
+            rows = [self.vjp(m, {n: t[i] for n, t in vectors.items()})[0] for i, m in enumerate(steps)]
+            return {n: torch.stack([r[n] for r in rows]) for n in vectors}, []
+        phis = {n: torch.stack([self._iterates[m][n] for m in steps]) for n in self.theta}
+        states = pytree.tree_map(lambda *ts: torch.stack(ts) if isinstance(ts[0], torch.Tensor) else ts[0],
+                                 *[self._states[m] for m in steps])
+        grad_fn = torch.func.grad(self.loss_fn)
+        support, rule = self.support, self.rule
+
+        def row(phi: Params, state: State, u: Params) -> Params:
+            def step(p: Params) -> Params:
+                return dict(rule.step(p, grad_fn(p, support), state)[0])
+
+            _, pullback = torch.func.vjp(step, phi)
+            return dict(pullback(u)[0])
+
+        state_dims = pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, states)
+        pulled = torch.func.vmap(row, in_dims=(0, state_dims, 0), chunk_size=chunk_size)(
+            phis, states, dict(vectors))
+        return {n: pulled[n] for n in vectors}, []
+
+
+def check_estimator(estimator: Any) -> Estimator:
+    """Resolve ``estimator`` and refuse those that need Python-side state (see
+    :func:`metagrad.functional.meta_grad`)."""
+    estimator = resolve(estimator)
+    if isinstance(estimator, Full):
+        return estimator
+    if isinstance(estimator, Implicit) or estimator.proximal is not None:
+        raise ValueError(
+            f"estimator: {estimator!r} is not supported by meta_grad. Implicit's inner loop adds "
+            "a proximal term, and its solver (conjugate gradients or a Neumann series) stops on "
+            "a residual read back as a Python float, which torch.func.vmap and torch.compile "
+            "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
+        )
+    if isinstance(estimator, Binomial):
+        if estimator.order == "auto":
+            raise ValueError(
+                "estimator: Binomial(order='auto') is not supported by meta_grad: it chooses its "
+                "order (and its blocks) from level norms read back as Python floats, which "
+                "torch.func.vmap and torch.compile cannot trace. Use a fixed order with "
+                "monitor=False, e.g. mg.Binomial(order=2, monitor=False)."
+            )
+        if estimator.max_memory is not None:
+            raise ValueError(
+                "estimator: Binomial(max_memory=...) is not supported by meta_grad: it measures a "
+                "rebuilt step graph to choose its chunk size. Pass chunk_size=... instead."
+            )
+        if estimator.monitor:
+            raise ValueError(
+                f"estimator: {estimator!r} monitors its level norms (monitor=True, the default), "
+                "which reads them back as Python floats (.item()): that fails under "
+                "torch.func.vmap and breaks torch.compile's graph. Pass monitor=False, e.g. "
+                f"mg.Binomial(order={estimator.order}, monitor=False)."
+            )
+    if estimator.differentiable:
+        raise ValueError(
+            f"estimator: {estimator!r} needs a differentiable trajectory (differentiable=True), "
+            "which meta_grad does not build; only mg.Full() is computed that way, in its own branch."
+        )
+    return estimator
