@@ -46,10 +46,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pathlib import Path
+
 import torch
 
-import metagrad as mg
-from benchmarks.estimators import CONFIGS, build_problem, machine_description
+if __package__ in (None, ""):  # run as a file, python benchmarks/compiled.py: import the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import metagrad as mg  # noqa: E402
+from benchmarks.estimators import CONFIGS, build_problem, machine_description  # noqa: E402
 
 META_BATCH = 4
 LR = 0.01
