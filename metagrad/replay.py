@@ -268,16 +268,15 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 5e-2 if dtype == torch.float16 else 1e-1
 
 
-def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torch.Tensor],
+def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Sequence[torch.Tensor],
                start: Sequence[torch.Tensor], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-               frozen: Optional[Frozen] = None, steps: Optional[Sequence[int]] = None,
                closures: Optional[Sequence[Optional[Frozen]]] = None,
                raising: bool = True) -> list[int]:
-    """Raise :class:`ReplayError` unless the rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
+    """Raise :class:`ReplayError` unless each rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
-    The test, for each step m (rows of a batch when ``steps`` is given, with ``closures``
-    the frozen closure of each row, for the error's hint)::
+    The tensors hold one row per step of ``steps`` (a leading dimension); ``closures`` are the
+    rows' frozen closures, for the error's hint. The test, for each row::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
@@ -288,25 +287,16 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
     when all pass).
     """
     eps = torch.finfo(stored[0].dtype).eps
-    with torch.no_grad():
-        if steps is None:  # one step: a few fused calls, whatever the number of tensors
-            extra = [] if losses is None else [losses[0] - losses[1], losses[1]]
-            norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(list(rebuilt), list(stored)),
-                                                     *torch._foreach_sub(list(stored), list(start)),
-                                                     *stored, *extra])).tolist()
-            count = len(stored)
-            values = [[math.sqrt(sum(x * x for x in norms[i * count:(i + 1) * count]))] for i in range(3)]
-            if losses is not None:  # |ΔL| against |L|: the difference stands in for "new"
-                values += [[norms[-1] + norms[-2]], [norms[-1]]]
-        else:  # rows of a batch: each row's tensors flattened side by side
-            def rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-                return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1)
 
-            new, old, first = rows_of(rebuilt), rows_of(stored), rows_of(start)
-            table = torch.stack([(new - old).norm(dim=1), (old - first).norm(dim=1), old.norm(dim=1)])
-            if losses is not None:
-                table = torch.cat([table, torch.stack([t.reshape(-1).to(table.dtype) for t in losses])])
-            values = table.tolist()
+    def rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:  # each row's tensors side by side
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1)
+
+    with torch.no_grad():
+        new, old, first = rows_of(rebuilt), rows_of(stored), rows_of(start)
+        table = torch.stack([(new - old).norm(dim=1), (old - first).norm(dim=1), old.norm(dim=1)])
+        if losses is not None:
+            table = torch.cat([table, torch.stack([t.reshape(-1).to(table.dtype) for t in losses])])
+        values = table.tolist()
     mismatch, length, size = values[0], values[1], values[2]
     failed = []
     for row in range(len(mismatch)):
@@ -322,9 +312,8 @@ def check_step(step: int, rebuilt: Sequence[torch.Tensor], stored: Sequence[torc
     if not failed or not raising:
         return [row for row, _ in failed]
     row, bound = failed[0]
-    which = step if steps is None else steps[row]
-    if closures is not None:
-        frozen = closures[row]
+    which = steps[row]
+    frozen = None if closures is None else closures[row]
     found = (f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {mismatch[row]:.3g} against a step of length "
              f"{length[row]:.3g} (tolerance {bound:.3g})")
     if losses is not None:

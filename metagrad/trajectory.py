@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -163,13 +164,9 @@ class Trajectory:
         self.replay_rtol = replay_rtol
         self._steps: dict[int, _Step] = {}
         self._length = 0
-        self.last_closure: Optional[Frozen] = None
-        self._last_rng: Optional[RandomState] = None
-        self._last_used: tuple[str, ...] = tuple(theta)
-        self._last_compiled = False
+        #: The last step taken, kept whatever ``keep`` is (Implicit's Hessian is its loss at φ_K).
+        self._last: Optional[_Step] = None
         self._submodules = list(module.modules())
-        self._last_modes: tuple[bool, ...] = ()
-        self._last_autocast: Optional[torch.dtype] = None
         self._current: Params = dict(theta)
         self._state: State = rule.init(theta)
         self.lifetime = Lifetime()
@@ -305,16 +302,18 @@ class Trajectory:
                 new_params = {n: t.detach() for n, t in new_params.items()}
                 new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
                                             new_state)
+        step = _Step(params=self._current,  # detached unless differentiable
+                     state=self._state, closure=closure, rule=rule, used=used,
+                     loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
+                     autocast=autocast, graph=graph)
         if self.keep is None or self.keep > 0:
-            self._steps[k] = _Step(params=self._current,  # detached unless differentiable
-                                   state=self._state, closure=closure, rule=rule, used=used,
-                                   loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
-                                   autocast=autocast, graph=graph)
+            self._steps[k] = step
             if self.keep is not None:
                 self._steps.pop(k - self.keep, None)
+            self._last = step
+        else:  # nothing is stored: keep how the step ran, not its iterate
+            self._last = dataclasses.replace(step, params={}, state={}, graph=None)
         self._length += 1
-        self.last_closure, self._last_rng, self._last_used = closure, rng, used
-        self._last_compiled, self._last_modes, self._last_autocast = is_compiled, modes, autocast
         self._current, self._state = new_params, new_state
         return loss.detach()
 
@@ -399,7 +398,7 @@ class Trajectory:
     def _modes(self) -> tuple[bool, ...]:
         """``training`` of every submodule now; the previous step's tuple when unchanged."""
         modes = tuple(sub.training for sub in self._submodules)
-        return self._last_modes if modes == self._last_modes else modes
+        return self._last.modes if self._last is not None and modes == self._last.modes else modes
 
     @contextlib.contextmanager
     def _as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
@@ -446,11 +445,11 @@ class Trajectory:
         nexts = [self.iterate(m + 1) for m in steps]
         starts = [self._step(m).params for m in steps]
         recorded = [self._step(m).loss for m in steps]
-        check_step(steps[0], [torch.stack([r[n] for _, r, _ in pending]) for n in names],
+        check_step(steps, [torch.stack([r[n] for _, r, _ in pending]) for n in names],
                    [torch.stack([t[n] for t in nexts]) for n in names],
                    [torch.stack([t[n] for t in starts]) for n in names], self.replay_rtol,
                    losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),  # type: ignore[arg-type]
-                   frozen=None, steps=steps, closures=[self._step(m).closure for m in steps])
+                   closures=[self._step(m).closure for m in steps])
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True
@@ -665,10 +664,10 @@ class Trajectory:
             nexts = [self.iterate(m + 1) for m in steps]
             names = list(self.theta)
             recorded = torch.stack([s.loss for s in chunk])  # type: ignore[misc]
-            failed = check_step(steps[0], [rebuilt[n] for n in names],
+            failed = check_step(steps, [rebuilt[n] for n in names],
                                 [torch.stack([nxt[n] for nxt in nexts]) for n in names],
                                 [params[n] for n in names], self.replay_rtol, losses=(losses, recorded),
-                                steps=steps, raising=False)
+                                raising=False)
             if failed:
                 # A batched kernel rounds differently from the one the step was taken with,
                 # and an ill-conditioned step (BatchNorm over a few examples in float32) can
@@ -732,25 +731,27 @@ class Trajectory:
         One graph is built here and kept for as long as the returned operator lives;
         each call is one double backward through it.
         """
-        if self.last_closure is None and self.length > 0:
+        last = self._last
+        closure = None if last is None else last.closure
+        if closure is None and self.length > 0:
             raise RuntimeError(
                 "the last inner step was taken from a loss tensor, so its graph cannot be "
                 "rebuilt at the final fast weights; take inner steps with a closure "
                 "(diffopt.step(closure=...)) to use this estimator."
             )
-        if k != self.length or self.last_closure is None:
+        if k != self.length or last is None or closure is None:
             raise RuntimeError(
                 f"the Hessian is taken at the final fast weights φ_K (K={self.length}), but the "
                 f"query was built after {k} steps. Build the query loss from meta.fmodel after "
                 "the last inner step."
             )
-        if self._last_compiled:
+        if last.compiled:
             refuse_compiled(k - 1)
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            with self._as_taken(self._last_rng, self._last_modes, self._last_autocast):
-                loss = self.last_closure(self.model_at(params))
-            grads = _grads(loss, params, create_graph=True, step=k - 1, used=self._last_used)
+            with self._as_taken(last.rng, last.modes, last.autocast):
+                loss = closure(self.model_at(params))
+            grads = _grads(loss, params, create_graph=True, step=k - 1, used=last.used)
         # Parameters the loss does not use have a zero Hessian row; so do gradients that
         # carry no graph (a loss linear in them).
         names = [n for n in grads if grads[n].requires_grad]
@@ -765,7 +766,7 @@ class Trajectory:
         self._first_order = {}
         self.meta = []
         self._pending = []
-        self.last_closure = None
+        self._last = None
         self._current = {}
         self._state = {}
         self.theta = {}

@@ -74,8 +74,9 @@ def test_vmapped_rows_that_miss_the_tolerance_are_rebuilt_alone(monkeypatch):
     def strict_under_vmap(*args, **kwargs):
         if kwargs.get("raising", True):
             return real(*args, **kwargs)
-        rows = list(range(len(kwargs["steps"])))[::2]  # every other row "fails"
-        flagged.extend(kwargs["steps"][i] for i in rows)
+        steps = args[0]
+        rows = list(range(len(steps)))[::2]  # every other row "fails"
+        flagged.extend(steps[i] for i in rows)
         return rows
 
     monkeypatch.setattr(trajectory, "check_step", strict_under_vmap)
