@@ -8,7 +8,9 @@ from typing import Any, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from .compiled import Compiler
 from .estimators import Estimator, resolve
+from .estimators.base import warn
 from .functional import FunctionalModel
 from .optim import Params, UpdateRule
 from .replay import relative_tolerance
@@ -72,6 +74,13 @@ class MetaGradient:
             verifies that a rebuilt step is the step taken (a closure that reads an iterator
             or data changed in place would give a wrong meta-gradient silently). Closures
             are frozen and random generator states replayed either way.
+        compile: compute the inner steps' gradients and the estimator's step products by
+            ``torch.compile``'d calls (:mod:`metagrad.compiled`): the same estimator, the same
+            meta-gradient to rounding, and the replay check still covers every rebuilt step. The
+            first call for each closure and shape compiles (seconds to a minute; compiled
+            functions are reused by later blocks, tasks of the same shapes compile nothing).
+            What cannot be compiled runs eagerly with one warning saying why. Full runs eagerly
+            (its graph is differentiated twice); Checkpointed is the compiled exact path.
 
     Closures and replay: an estimator that rebuilds steps calls a copy of the closure
     frozen at its step, with the values it captured then (a loop's ``xb, yb``), and with
@@ -103,6 +112,7 @@ class MetaGradient:
         check_finite: bool = True,
         check_replay: Union[bool, float] = True,
         adapt: Optional[Any] = None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -133,6 +143,9 @@ class MetaGradient:
         self.check_finite = check_finite
         self.check_replay = check_replay
         self.adapt = _checked_adapt(adapt, model)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile: expected True or False, got {type(compile).__name__} {compile!r}.")
+        self.compile = compile
         self.info: dict[str, Any] = {}
         self._active = False
         self._trajectory: Optional[Trajectory] = None
@@ -172,12 +185,21 @@ class MetaGradient:
         # parameters themselves; otherwise detached aliases of them (no copy).
         theta = {n: p if self.estimator.differentiable else p.detach() for n, p in named}
         first = self._params[0]
+        compiler = None
+        if self.compile and self.estimator.differentiable:
+            warn(f"compile=True: {self.estimator!r} builds the inner loop's graph with "
+                 "create_graph=True and differentiates it again, which the backward of a compiled "
+                 "function cannot be in this torch; it runs eagerly. estimator=mg.Checkpointed() "
+                 "gives the same exact meta-gradient with compiled steps.")
+        elif self.compile:
+            compiler = Compiler(warn)
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
                                       keep=self.estimator.keep(), proximal=self.estimator.proximal,
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
-                                                                     first.device))
+                                                                     first.device),
+                                      compiler=compiler)
         # Every parameter's .grad, adapted or a meta-parameter, as it was at entry.
         self._every = tuple(p for _, p in every)
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]

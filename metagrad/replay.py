@@ -227,6 +227,12 @@ class RandomState:
             return True
         return self.cuda is not None and not torch.equal(self.cuda[1], torch.cuda.get_rng_state(self.cuda[0]))
 
+    def restore(self) -> None:
+        """Put the generators back to these states."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
     def replay(self) -> Any:
         """A context in which the generators start from these states; the caller's states are
         restored on exit."""
@@ -242,9 +248,7 @@ class _Replaying:
         devices = [] if self.state.cuda is None else [self.state.cuda[0]]
         self.fork = torch.random.fork_rng(devices=devices)
         self.fork.__enter__()
-        torch.set_rng_state(self.state.cpu)
-        if self.state.cuda is not None:
-            torch.cuda.set_rng_state(self.state.cuda[1], self.state.cuda[0])
+        self.state.restore()
 
     def __exit__(self, *exc: Any) -> None:
         self.fork.__exit__(*exc)

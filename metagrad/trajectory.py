@@ -49,7 +49,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -57,6 +57,9 @@ from torch.utils import _pytree as pytree
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
 from .replay import Frozen, RandomState, ReplayError, check_step, freeze, refuse_compiled
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .compiled import Compiler
 
 __all__ = ["Trajectory", "Closure", "Lifetime"]
 
@@ -140,6 +143,8 @@ class Trajectory:
         check_finite: raise if an inner loss is NaN or infinite.
         replay_rtol: the relative tolerance of the replay check (:func:`metagrad.replay.check_step`)
             every rebuilt step passes, or ``None`` for no check.
+        compiler: computes inner gradients and step products by compiled calls where it can
+            (:mod:`metagrad.compiled`), or ``None`` for eager.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class Trajectory:
         proximal: Optional[float] = None,
         check_finite: bool = True,
         replay_rtol: Optional[float] = None,
+        compiler: Optional["Compiler"] = None,
     ) -> None:
         self.module = module
         self.theta = theta
@@ -162,6 +168,11 @@ class Trajectory:
         self.proximal = proximal
         self.check_finite = check_finite
         self.replay_rtol = replay_rtol
+        self.compiler = compiler
+        #: Per closure key: the fast weights its loss uses, and whether it draws random numbers
+        #: (from its first, eager, step; a compiled inner step needs both).
+        self._key_used: dict[Any, tuple[str, ...]] = {}
+        self._key_random: set[Any] = set()
         self._steps: dict[int, _Step] = {}
         self._length = 0
         #: The last step taken, kept whatever ``keep`` is (Implicit's Hessian is its loss at φ_K).
@@ -232,12 +243,33 @@ class Trajectory:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
             frozen = freeze(closure)
             rng = RandomState.capture(self._device)
-        with torch.enable_grad():
-            loss = closure(self.model_at(params))
+        grads = None
+        if frozen is not None and self._compilable(frozen.key):
+            out = self.compiler.inner_grad(self, closure, frozen.key, params,  # type: ignore[union-attr]
+                                           self._key_used[frozen.key])
+            if out is not None and rng is not None and rng.changed():
+                # It drew random numbers inside compiled code, which an eager replay cannot
+                # reproduce: the step is taken again eagerly, from the same generator states.
+                self._key_random.add(frozen.key)
+                rng.restore()
+                out = None
+            if out is not None:
+                loss, grads = out
+        if grads is None:
+            with torch.enable_grad():
+                loss = closure(self.model_at(params))
         if rng is not None and not rng.changed():
             rng = None
-        loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng)
+        loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
+                               grads=grads)
         return loss
+
+    def _compilable(self, key: Any) -> bool:
+        """Whether a step of the closure with this key can take its gradient by a compiled call:
+        a compiler is set, and the closure's first step (eager) was seen, did not draw random
+        numbers, and did not come through a function the user compiled."""
+        return (self.compiler is not None and key in self._compiled and not self._compiled[key]
+                and key not in self._key_random)
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -254,7 +286,7 @@ class Trajectory:
 
     def _take_step(self, loss: Any, params: Params, *, closure: Optional[Frozen],
                    keep_graph: bool, rule: Optional[UpdateRule],
-                   rng: Optional[RandomState] = None) -> torch.Tensor:
+                   rng: Optional[RandomState] = None, grads: Optional[Params] = None) -> torch.Tensor:
         k = self.length
         rule = self.rule if rule is None else rule
         with torch.enable_grad():
@@ -265,7 +297,8 @@ class Trajectory:
                     "rather than propagate non-finite fast weights; lower the step size or check "
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
-            grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k)
+            if grads is None:  # (given: computed by a compiled call)
+                grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k)
         graph = (params, grads) if keep_graph else None
         inputs = params  # the tensors the loss was built from (the step's fast weights)
         if not self.differentiable:
@@ -291,6 +324,10 @@ class Trajectory:
                 if closure is not None:
                     self._compiled[closure.key] = found
             is_compiled = self._compiled[closure.key] if closure is not None else False
+            if closure is not None:
+                self._key_used.setdefault(closure.key, used)
+                if rng is not None:
+                    self._key_random.add(closure.key)
             if rule_meta is None:
                 rule_meta = any(t.requires_grad for t in new_params.values())
                 self._rules_seen[id(rule)] = (rule, rule_meta)  # the rule is kept: its id stays its own
@@ -488,6 +525,17 @@ class Trajectory:
             return dict(u), list(grads), None
         step = self._step(m)
         carry = state_adjoint is not None
+        if self.compiler is not None and step.graph is None and step.rng is None and not step.compiled:
+            out = self.compiler.product(self, [m], [step], u, step.state, state_adjoint, batched=False)
+            if out is not None:
+                pulled, pulled_eta, adjoint, rebuilt, loss, explicit = out
+                self._check(m, rebuilt, loss)
+                meta_grads: MetaGrads = [None] * len(meta)
+                for k, i in enumerate(explicit):
+                    meta_grads[i] = pulled_eta[k]
+                if self.rule_meta:  # a step size's part: the update the inner loop kept
+                    meta_grads = add_meta(meta_grads, self.vjp(m, u, second_order=False)[1])
+                return pulled, meta_grads, adjoint
         with torch.enable_grad():
             if step.graph is not None:
                 params, grads = step.graph
@@ -599,10 +647,53 @@ class Trajectory:
     def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params
                      ) -> tuple[Params, MetaGrads]:
         first = chunk[0]
-        template, rule, used = first.closure, first.rule, first.used
-        assert template is not None
         if first.compiled:
             refuse_compiled(steps[0])
+        out = None if self.compiler is None else self.compiler.product(self, steps, chunk, u, states, None,
+                                                                        batched=True)
+        if out is None:
+            pulled, pulled_eta, rebuilt, losses, explicit = self._vmapped_rows(steps, chunk, states, u)
+        else:
+            pulled, pulled_eta, _, rebuilt, losses, explicit = out
+        meta: MetaGrads = [None] * len(self.meta)
+        for k, i in enumerate(explicit):
+            meta[i] = pulled_eta[k].sum(0)
+        if self.replay_rtol is not None:
+            nexts = [self.iterate(m + 1) for m in steps]
+            names = list(self.theta)
+            recorded = torch.stack([s.loss for s in chunk])  # type: ignore[misc]
+            failed = check_step(steps, [rebuilt[n] for n in names],
+                                [torch.stack([nxt[n] for nxt in nexts]) for n in names],
+                                [torch.stack([s.params[n] for s in chunk]) for n in names], self.replay_rtol,
+                                losses=(losses, recorded), raising=False)
+            if failed:
+                # A batched kernel rounds differently from the one the step was taken with,
+                # and an ill-conditioned step (BatchNorm over a few examples in float32) can
+                # magnify that past the tolerance. Those rows are rebuilt alone, as the step
+                # was taken, and checked again there: a real mismatch raises then.
+                pulled = {n: t.clone() for n, t in pulled.items()}
+                for row_index in failed:
+                    for k, i in enumerate(explicit):
+                        meta[i] = meta[i] - pulled_eta[k][row_index]  # type: ignore[operator]
+                    alone, more, _ = self.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
+                    for n in pulled:
+                        pulled[n][row_index] = alone[n]
+                    meta = add_meta(meta, [m if i not in self.rule_meta else None
+                                           for i, m in enumerate(more)])
+        if self.rule_meta:  # B_mᵀu of a step size: the update with its gradient held constant
+            for row_index, m in enumerate(steps):
+                _, more, _ = self.vjp(m, {n: t[row_index] for n, t in u.items()}, second_order=False)
+                meta = add_meta(meta, more)
+        return pulled, meta
+
+    def _vmapped_rows(self, steps: list[int], chunk: list[_Step], states: State, u: Params
+                      ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, list[int]]:
+        """The rows of :meth:`_vmapped_vjp` by one eager ``torch.func.vmap`` call: ``J_mᵀu_i``,
+        ``B_mᵀu_i`` per explicit η (per row), the rebuilt ``Φ_m(φ_m)`` and losses, and the
+        indices of those η in :attr:`meta`."""
+        first = chunk[0]
+        template, rule, used = first.closure, first.rule, first.used
+        assert template is not None
         where = self._explicit_meta(first) or {}
         # η as explicit, unbatched inputs of the vmapped step (the rule's own come after).
         explicit = [i for i, (kind, _) in where.items() if kind != "rule"]
@@ -657,36 +748,7 @@ class Trajectory:
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
                 f"estimator=Checkpointed(). ({error})"
             ) from error
-        meta: MetaGrads = [None] * len(self.meta)
-        for k, i in enumerate(explicit):
-            meta[i] = pulled_eta[k].sum(0)
-        if self.replay_rtol is not None:
-            nexts = [self.iterate(m + 1) for m in steps]
-            names = list(self.theta)
-            recorded = torch.stack([s.loss for s in chunk])  # type: ignore[misc]
-            failed = check_step(steps, [rebuilt[n] for n in names],
-                                [torch.stack([nxt[n] for nxt in nexts]) for n in names],
-                                [params[n] for n in names], self.replay_rtol, losses=(losses, recorded),
-                                raising=False)
-            if failed:
-                # A batched kernel rounds differently from the one the step was taken with,
-                # and an ill-conditioned step (BatchNorm over a few examples in float32) can
-                # magnify that past the tolerance. Those rows are rebuilt alone, as the step
-                # was taken, and checked again there: a real mismatch raises then.
-                pulled = {n: t.clone() for n, t in pulled.items()}
-                for row_index in failed:
-                    for k, i in enumerate(explicit):
-                        meta[i] = meta[i] - pulled_eta[k][row_index]  # type: ignore[operator]
-                    alone, more, _ = self.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
-                    for n in pulled:
-                        pulled[n][row_index] = alone[n]
-                    meta = add_meta(meta, [m if i not in self.rule_meta else None
-                                           for i, m in enumerate(more)])
-        if self.rule_meta:  # B_mᵀu of a step size: the update with its gradient held constant
-            for row_index, m in enumerate(steps):
-                _, more, _ = self.vjp(m, {n: t[row_index] for n, t in u.items()}, second_order=False)
-                meta = add_meta(meta, more)
-        return pulled, meta
+        return pulled, pulled_eta, rebuilt, losses, explicit
 
     def graph_bytes(self, m: int) -> int:
         """The bytes one rebuilt graph of step m holds: the tensors its forward pass and its

@@ -1,0 +1,335 @@
+"""Compiled inner steps and step products: ``MetaGradient(..., compile=True)``.
+
+On the small models meta-learning runs on, eager PyTorch spends most of an inner step in
+per-op overhead. With ``compile=True`` the two pieces every estimator is made of run as
+``torch.compile``'d calls (inductor), the estimators themselves unchanged:
+
+- **The inner step's gradient** ``∇L_tr(φ)``, one compiled call per step. The user's closure
+  is traced by TorchDynamo, which guards on what it reads (the closure's code, the values it
+  captures, the module's attributes), so a step whose Python state changed is recompiled or
+  run eagerly, never computed with stale values. The first step of each closure runs eagerly:
+  it finds the meta-parameters η and whether the closure draws random numbers.
+- **The step product** (:meth:`~metagrad.trajectory.Trajectory.vjp`, and the vmapped rows of
+  :meth:`~metagrad.trajectory.Trajectory.batched_vjp`): ``torch.func.vjp`` of the whole step
+  ``Φ(φ, η) = rule.step(φ, ∇L_tr(φ, η), s)``, with the state's adjoint where it is carried,
+  one compiled call per product (per chunk of rows under ``vmap``). The closure's loss is
+  first traced to an aten graph (``make_fx``) with every tensor it captures, every parameter
+  not adapted and every buffer as an input, so that η can be differentiated although the user
+  captured it; Python values are constants of that graph. Every rebuilt step still passes the
+  replay check against the stored iterate, so a graph whose constants went stale raises
+  :class:`~metagrad.ReplayError` instead of giving a wrong product.
+
+The compiled functions are kept in a process-wide cache keyed on what changes them: the
+closure's code and the kinds of values it captures (:attr:`metagrad.replay.Frozen.key`),
+the update rule's type and hyperparameters, the fast weights' shapes and dtypes, the
+modules' train/eval modes and autocast. A new task with the same shapes reuses them.
+
+What falls back to eager, with one :class:`~metagrad.MetaGradientWarning` per closure that says why:
+
+- a closure TorchDynamo cannot trace in one graph (``print``, ``.item()`` in control flow,
+  an unsupported op); steps that draw random numbers (their generator replay is eager);
+- a product whose η is reached through an object rather than captured (only autograd can
+  follow it); a rule or closure that fails to trace;
+- the Full estimator: its inner loop is built with ``create_graph=True`` and differentiated
+  again by the query's backward, and the backward of a compiled function cannot be
+  differentiated again in this torch (it raises). Checkpointed is the compiled exact path.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .functional import FunctionalModel, _frozen_buffers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trajectory import Trajectory, _Step
+
+__all__ = ["Compiler", "clear_cache"]
+
+#: Compiled functions kept process-wide (least recently used dropped first).
+_CACHE_SIZE = 64
+_CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+#: Keys that could not be compiled, with why.
+_REFUSED: dict[Any, str] = {}
+#: Closures (by :attr:`~metagrad.replay.Frozen.key`) already warned about: one warning each.
+_WARNED: set[Any] = set()
+
+
+def clear_cache() -> None:
+    """Forget every compiled step and product (they are compiled again when next needed), and
+    which closures were warned about."""
+    _CACHE.clear()
+    _REFUSED.clear()
+    _WARNED.clear()
+
+
+def _cached(key: Any, build: Callable[[], Any]) -> Any:
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = build()
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``function`` with its own code object: TorchDynamo keeps its compiled graphs
+    per code object, so each cache entry gets its own and none evicts another's."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return copy
+
+
+def _value_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return ("value", type(value), value)
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _value_key(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return ("seq", tuple(_value_key(v) for v in value))
+    return ("object", id(value))
+
+
+def rule_key(rule: Any) -> Any:
+    """Equal for two update rules that compute the same step: the type and the hyperparameters
+    (numbers by value, tensors and other objects by identity)."""
+    fields = getattr(rule, "__dict__", None)
+    if fields is None:
+        return ("object", id(rule))
+    return (type(rule), tuple((name, _value_key(value)) for name, value in sorted(fields.items())))
+
+
+def _shapes(params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    return tuple((n, t.shape, t.dtype, t.device) for n, t in params.items())
+
+
+class Compiler:
+    """The compiled pieces of one trajectory (see the module docstring).
+
+    ``warn`` is called with a message the first time a piece falls back to eager.
+    """
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self._warn = warn
+        #: Per closure key (inner gradients) or step batch key (products): the compiled
+        #: function found in the process-wide cache, with what calling it needs; ``None``:
+        #: eager. Looked up once per trajectory, so that a step pays for one call.
+        self._inner: dict[Any, Any] = {}
+        self._products: dict[Any, Any] = {}
+
+    def refuse(self, key: Any, closure_key: Any, error: BaseException) -> None:
+        """Run the piece ``key`` eagerly from now on, and warn once per closure why."""
+        _REFUSED[key] = f"{type(error).__name__}: {_first_line(error)}"
+        if closure_key not in _WARNED:
+            _WARNED.add(closure_key)
+            self._warn(
+                "compile=True: this closure cannot be compiled in one graph, so its inner steps or "
+                f"their products run eagerly ({_REFUSED[key]}). Python side effects that torch.compile "
+                "cannot trace (print, .item(), control flow on a tensor's value), or an unsupported op, "
+                "cause this; the meta-gradient is the same.")
+
+    # ------------------------------------------------------------------ the inner step
+    def inner_grad(self, trajectory: "Trajectory", closure: Callable[..., torch.Tensor],
+                   key: Any, params: dict[str, torch.Tensor], used: tuple[str, ...]
+                   ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(L_tr(φ), ∇L_tr(φ))`` for the fast weights ``used``, by one compiled call, or
+        ``None`` where the closure cannot be compiled (then it is computed eagerly)."""
+        if key not in self._inner:
+            self._inner[key] = self._inner_function(trajectory, key, params, used)
+        found = self._inner[key]
+        if found is None:
+            return None
+        entry_key, compiled = found
+        try:
+            with torch.no_grad():
+                grads, loss = compiled(closure, {n: t.detach() for n, t in params.items()})
+        except Exception as error:  # a graph break, an unsupported op: eager from now on
+            self._inner[key] = None
+            self.refuse(entry_key, key, error)
+            return None
+        return loss, dict(grads)
+
+    def _inner_function(self, trajectory: "Trajectory", key: Any, params: dict[str, torch.Tensor],
+                        used: tuple[str, ...]) -> Optional[tuple[Any, Callable[..., Any]]]:
+        entry_key = ("inner", key, id(trajectory.module), used, _shapes(params))
+        if entry_key in _REFUSED:
+            return None
+        module, layout = trajectory.module, trajectory.layout
+
+        def build() -> Callable[..., Any]:
+            def inner_grad(closure: Callable[..., torch.Tensor], params: dict[str, torch.Tensor]
+                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                def loss_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
+                    return closure(FunctionalModel(module, {**params, **w}, layout=layout))
+                return torch.func.grad_and_value(loss_of)({n: params[n] for n in used})
+
+            return torch.compile(_fresh(inner_grad), fullgraph=True, dynamic=False)
+
+        return entry_key, _cached(entry_key, build)
+
+    # ----------------------------------------------------------------- step products
+    def product(self, trajectory: "Trajectory", steps: list[int], chunk: list["_Step"],
+                u: dict[str, torch.Tensor], state: Any, state_adjoint: Optional[list[Any]],
+                batched: bool) -> Optional[tuple[Any, ...]]:
+        """The compiled ``torch.func.vjp`` of the step at each of ``steps`` (one step, or a
+        chunk of steps with equal :meth:`~metagrad.trajectory._Step.batch_key` under ``vmap``
+        when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, Φ_m(φ_m), L_m,
+        explicit η indices)``, or ``None`` where it cannot be compiled.
+
+        ``u``, the iterates and ``state`` (stacked) have a leading dimension of ``len(steps)``
+        when ``batched``; the η products are then per row. ``state_adjoint`` (not batched)
+        carries the optimizer state's adjoint through the step, as
+        :meth:`~metagrad.trajectory.Trajectory.vjp` defines it."""
+        first = chunk[0]
+        template = first.closure
+        if template is None:
+            return None
+        varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
+                        if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:]))  # type: ignore[union-attr]
+        leaves, spec = pytree.tree_flatten(state)
+        carry = state_adjoint is not None
+        memo = (first.batch_key(), batched, varying, carry, str(spec))
+        if memo not in self._products:
+            self._products[memo] = self._product_function(trajectory, first, leaves, spec, batched, varying, carry)
+        found = self._products[memo]
+        if found is None:
+            return None
+        key, compiled, explicit, fixed, varied = found
+        eta = [trajectory.meta[i].detach() for i in explicit]
+        if batched:
+            params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
+            captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) if j in varying  # type: ignore[union-attr]
+                        else t for j, (_, t) in enumerate(template.tensors)]
+        else:
+            params = first.params
+            captured = [t for _, t in template.tensors]
+        moving = [leaves[i] for i in varied]
+        adjoint = list(state_adjoint or [])
+        moving_adjoint = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(leaves[i])
+                          for i in varied]
+        try:
+            with trajectory._as_taken(None, first.modes, first.autocast), torch.no_grad():
+                pulled, pulled_eta, pulled_state, new, value = compiled(
+                    params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta, leaves)
+        except Exception as error:
+            self._products[memo] = None
+            self.refuse(key, template.key, error)
+            return None
+        state_out: Optional[list[Any]] = None
+        if carry:
+            state_out = [None] * len(leaves)
+            for i, g in zip(varied, pulled_state):
+                state_out[i] = g
+        return dict(pulled), list(pulled_eta), state_out, dict(new), value, explicit
+
+    def _product_function(self, trajectory: "Trajectory", first: "_Step", leaves: list[Any], spec: Any,
+                          batched: bool, varying: tuple[int, ...], carry: bool) -> Optional[tuple[Any, ...]]:
+        """The compiled product for steps like ``first`` from the process-wide cache (built
+        there if missing): ``(cache key, function, explicit η indices, module tensors, the
+        state leaves carried)``, or ``None`` where it cannot be compiled."""
+        template = first.closure
+        assert template is not None
+        where = trajectory._explicit_meta(first)
+        if where is None:  # an η reached through an object: only autograd follows it
+            return None
+        if any(not isinstance(t, torch.Tensor) for t in leaves):
+            return None  # a Python value in the optimizer state (a step count)
+        # η as explicit inputs: the captured ones, then the parameters not adapted.
+        explicit = ([i for i, (kind, _) in where.items() if kind == "slot"]
+                    + [i for i, (kind, _) in where.items() if kind == "param"])
+        eta_slots = tuple(where[i][1] for i in explicit if where[i][0] == "slot")
+        eta_params = tuple(where[i][1] for i in explicit if where[i][0] == "param")
+        slots = [slot for slot, _ in template.tensors]
+        module = trajectory.module
+        fixed_names = tuple(n for n, p in module.named_parameters() if n not in trajectory.theta)
+        with trajectory._as_taken(None, first.modes, first.autocast):  # the step's train/eval modes
+            replaced = set(_frozen_buffers(trajectory.layout.norms))
+        buffer_names = tuple(n for n, _ in module.named_buffers() if n not in replaced)
+        varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
+        params0 = first.params
+        key = ("product", template.key, rule_key(first.rule), first.used, first.modes, first.autocast,
+               id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
+               varying if batched else None, varied, str(spec))
+        if key in _REFUSED:
+            return None
+        rule, used = first.rule, first.used
+        eta_slot_index = {slot: k for k, slot in enumerate(eta_slots)}
+        eta_param_index = {name: len(eta_slots) + k for k, name in enumerate(eta_params)}
+        slot_position = {slot: j for j, slot in enumerate(slots)}
+        fixed = _module_tensors(module, fixed_names, buffer_names)
+
+        def build() -> Any:
+            # The closure's loss as an aten graph of (fast weights, module tensors, captured
+            # tensors): traced once, at this step, as the step was taken.
+            layout = trajectory.layout
+
+            def loss(p: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                     captured: list[torch.Tensor]) -> torch.Tensor:
+                function = template.with_tensors(dict(zip(slots, captured)))
+                return function(FunctionalModel(module, p, layout=layout, fixed=fixed))
+
+            from torch.fx.experimental.proxy_tensor import make_fx
+            with trajectory._as_taken(None, first.modes, first.autocast), torch.no_grad():
+                graph = make_fx(loss)({n: t.detach() for n, t in params0.items()}, fixed,
+                                      [t.detach() for _, t in template.tensors])
+
+            def row(p: dict[str, torch.Tensor], moving: list[torch.Tensor], vector: dict[str, torch.Tensor],
+                    moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor],
+                    fixed: dict[str, torch.Tensor], eta: list[torch.Tensor], state_leaves: list[Any]
+                    ) -> tuple[Any, ...]:
+                def step_fn(q: dict[str, torch.Tensor], e: list[torch.Tensor], s: list[torch.Tensor]
+                            ) -> tuple[tuple[dict[str, torch.Tensor], list[torch.Tensor]], torch.Tensor]:
+                    tensors = list(captured)
+                    for slot, k in eta_slot_index.items():
+                        tensors[slot_position[slot]] = e[k]
+                    module_in = dict(fixed)
+                    for name, k in eta_param_index.items():
+                        module_in[name] = e[k]
+                    grads, value = torch.func.grad_and_value(
+                        lambda w: graph({**q, **w}, module_in, tensors))({n: q[n] for n in used})
+                    full_state = list(state_leaves)
+                    for i, t in zip(varied, s):
+                        full_state[i] = t
+                    new_p, new_s = rule.step(q, grads, pytree.tree_unflatten(full_state, spec))
+                    new_leaves = pytree.tree_leaves(new_s)
+                    return (dict(new_p), [new_leaves[i] for i in varied]), value
+
+                (new, _), pullback, value = torch.func.vjp(step_fn, p, eta, moving, has_aux=True)
+                pulled_p, pulled_eta, pulled_state = pullback((vector, moving_adjoint))
+                return pulled_p, pulled_eta, pulled_state, new, value
+
+            if batched:
+                dims_captured = [0 if j in varying else None for j in range(len(slots))]
+                function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, 0))
+            else:
+                function = row
+            return torch.compile(_fresh(function), fullgraph=True, dynamic=False)
+
+        try:
+            compiled = _cached(key, build)
+        except Exception as error:  # the closure's loss could not be traced
+            self.refuse(key, template.key, error)
+            return None
+        return key, compiled, explicit, fixed, varied
+
+
+def _module_tensors(module: torch.nn.Module, fixed_names: tuple[str, ...], buffer_names: tuple[str, ...]
+                    ) -> dict[str, torch.Tensor]:
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    return {**{n: params[n].detach() for n in fixed_names}, **{n: buffers[n] for n in buffer_names}}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

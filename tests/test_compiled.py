@@ -1,0 +1,231 @@
+"""``MetaGradient(compile=True)``: compiled inner steps and step products (metagrad.compiled).
+
+Every estimator with ``compile=True`` must give what it gives eagerly (1e-10 in float64, 1e-6
+in float32), for θ and for every kind of meta-parameter; Checkpointed with ``compile=True`` is
+also checked against a hand-unrolled autograd loop. What cannot be compiled runs eagerly with
+one warning, and the replay check still covers compiled products.
+
+Compiling costs seconds per function, so one small model and one shape are shared by the
+tests (the compiled functions are cached across them, as across a user's tasks).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import metagrad as mg
+from metagrad.compiled import clear_cache
+
+DT = torch.float64
+HIDDEN = 8
+SHOTS = 6
+
+
+def make_model(dtype: torch.dtype = DT, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(dtype)
+
+
+def tasks(count: int, steps: int, seed: int, dtype: torch.dtype = DT) -> list[tuple[list, torch.Tensor, torch.Tensor]]:
+    """Per task: the mini-batches of its inner steps, and a query."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        batches = []
+        for _ in range(steps):
+            x = torch.rand(SHOTS, 1, generator=g, dtype=dtype) * 4 - 2
+            batches.append((x, torch.sin(x)))
+        xq = torch.rand(SHOTS, 1, generator=g, dtype=dtype) * 4 - 2
+        out.append((batches, xq, torch.sin(xq)))
+    return out
+
+
+def meta_gradient(model: torch.nn.Module, estimator: mg.Estimator, rule, compile: bool, task,
+                  lam: torch.Tensor | None = None, adapt=None) -> torch.Tensor:
+    """One meta-gradient from the context manager: the loop a user writes."""
+    batches, xq, yq = task
+    extra = [] if lam is None else [lam]
+    for p in [*model.parameters(), *extra]:
+        p.grad = None
+    with mg.MetaGradient(model, rule, estimator=estimator, compile=compile, adapt=adapt) as meta:
+        for x, y in batches:
+            if lam is None:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            else:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
+        ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    grads = [p.grad for p in [*model.parameters(), *extra]]
+    return torch.cat([torch.zeros(1, dtype=xq.dtype) if g is None else g.reshape(-1) for g in grads])
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+ESTIMATORS = [mg.Checkpointed(), mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False),
+              mg.Binomial(order=2, block=2, monitor=False), mg.Binomial(order="auto"), mg.Implicit(reg=5.0)]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=repr)
+def test_every_estimator_equals_its_eager_self_float64(estimator):
+    model = make_model()
+    lam = torch.tensor(0.01, dtype=DT, requires_grad=True)  # a captured meta-parameter
+    rule = mg.optim.SGD(lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mg.MetaGradientWarning)
+        for task in tasks(2, 4, seed=1):
+            eager = meta_gradient(model, estimator, rule, False, task, lam)
+            compiled = meta_gradient(model, estimator, rule, True, task, lam)
+            assert relative(compiled, eager) < 1e-10
+
+
+@pytest.mark.parametrize("rule", [mg.optim.Momentum(lr=0.05, momentum=0.9), mg.optim.Adam(lr=0.01)], ids=repr)
+def test_stateful_rules_carry_the_state_adjoint(rule):
+    model = make_model()
+    for task in tasks(2, 4, seed=2):
+        eager = meta_gradient(model, mg.Checkpointed(), rule, False, task)
+        compiled = meta_gradient(model, mg.Checkpointed(), rule, True, task)
+        assert relative(compiled, eager) < 1e-10
+
+
+def test_anil_and_learned_step_sizes():
+    """Parameters outside adapt= and step sizes that require grad are meta-parameters."""
+    model = make_model()
+    head = [n for n, _ in model.named_parameters() if n.startswith("2.")]
+    lr = {n: torch.full_like(p, 0.05).requires_grad_() for n, p in model.named_parameters() if n in head}
+    for estimator in (mg.Checkpointed(), mg.Binomial(order=2, monitor=False)):
+        results = []
+        for compile in (False, True):
+            for t in lr.values():
+                t.grad = None
+            g = meta_gradient(model, estimator, mg.optim.SGD(lr=lr), compile, tasks(1, 3, seed=3)[0], adapt=head)
+            results.append(torch.cat([g, *[t.grad.reshape(-1) for t in lr.values()]]))
+        assert relative(results[1], results[0]) < 1e-10
+
+
+@settings(max_examples=5, deadline=None)
+@given(steps=st.integers(1, 5), lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16))
+def test_checkpointed_compiled_equals_a_hand_unrolled_loop(steps, lr, seed):
+    model = make_model()
+    task = tasks(1, steps, seed)[0]
+    got = meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=lr), True, task)
+    # The reference: a plain autograd unroll with create_graph=True, written here.
+    theta = list(model.parameters())
+    phi = list(theta)
+
+    def forward(params, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, params[0], params[1])),
+                                          params[2], params[3])
+
+    batches, xq, yq = task
+    for x, y in batches:
+        loss = ((forward(phi, x) - y) ** 2).mean()
+        grads = torch.autograd.grad(loss, phi, create_graph=True)
+        phi = [p - lr * g for p, g in zip(phi, grads)]
+    want = torch.autograd.grad(((forward(phi, xq) - yq) ** 2).mean(), theta)
+    assert relative(got, torch.cat([g.reshape(-1) for g in want])) < 1e-10
+
+
+def test_float32_equals_eager_to_1e_6():
+    model = make_model(torch.float32)
+    for estimator in (mg.Checkpointed(), mg.Binomial(order=2, monitor=False)):
+        for task in tasks(2, 4, seed=4, dtype=torch.float32):
+            eager = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), False, task)
+            compiled = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), True, task)
+            assert relative(compiled, eager) < 1e-6
+
+
+def test_new_tasks_of_the_same_shapes_do_not_recompile():
+    model = make_model()
+    rule = mg.optim.SGD(lr=0.05)
+    meta_gradient(model, mg.Checkpointed(), rule, True, tasks(1, 3, seed=5)[0])  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for task in tasks(3, 3, seed=6):  # new data, a new rule object with the same lr
+            meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), True, task)
+
+
+def test_a_closure_that_cannot_be_compiled_runs_eagerly_with_one_warning(capsys):
+    model = make_model()
+    batches, xq, yq = tasks(1, 3, seed=7)[0]
+
+    def run(compile: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=compile) as meta:
+            for x, y in batches:
+                def closure(f, x=x, y=y):
+                    loss = ((f(x) - y) ** 2).mean()
+                    print(f"inner loss {float(loss):.3f}")  # a Python side effect on a tensor value
+                    return loss
+                meta.step(closure)
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    clear_cache()
+    eager = run(False)
+    with pytest.warns(mg.MetaGradientWarning, match="compile=True") as record:
+        compiled = run(True)
+    messages = [str(w.message) for w in record if "compile=True" in str(w.message)]
+
+    assert len(messages) == 1
+    assert relative(compiled, eager) < 1e-10
+    assert "inner loss" in capsys.readouterr().out
+
+
+def test_dropout_steps_are_replayed_eagerly():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(HIDDEN, 1)).to(DT)
+    task = tasks(1, 3, seed=8)[0]
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(1)
+        results.append(meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), compile, task))
+    assert relative(results[1], results[0]) < 1e-10
+
+
+def test_the_replay_check_covers_compiled_products():
+    model = make_model()
+    batches, xq, yq = tasks(1, 3, seed=9)[0]
+    with pytest.raises(mg.ReplayError, match="step"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            batches[0][0].mul_(3.0)  # a captured mini-batch changed in place after its step
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+
+
+def test_full_runs_eagerly_and_says_so():
+    model = make_model()
+    task = tasks(1, 3, seed=10)[0]
+    eager = meta_gradient(model, mg.Full(), mg.optim.SGD(lr=0.05), False, task)
+    with pytest.warns(mg.MetaGradientWarning, match="Checkpointed"):
+        compiled = meta_gradient(model, mg.Full(), mg.optim.SGD(lr=0.05), True, task)
+    assert relative(compiled, eager) < 1e-12
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile: expected True or False, got str 'yes'"):
+        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), compile="yes")
+
+
+def test_a_user_training_loop_with_compile_matches_eager():
+    """The ordinary pattern: a real outer optimizer over tasks, the same run with and without compile."""
+    finals = []
+    for compile in (False, True):
+        model = make_model(seed=11)
+        outer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for task in tasks(4, 3, seed=12):
+            outer.zero_grad()
+            batches, xq, yq = task
+            with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator="checkpointed", compile=compile) as meta:
+                for x, y in batches:
+                    meta.step(lambda f: ((f(x) - y) ** 2).mean())
+                ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+            outer.step()
+        finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert relative(finals[1], finals[0]) < 1e-10
