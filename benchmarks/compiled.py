@@ -70,22 +70,27 @@ class Batch:
     model: torch.nn.Module
     tasks: list[tuple[torch.Tensor, ...]]
     steps: int
+    config: str = "sinusoid"
+    #: The inner and outer loss: MSE for the sinusoid, cross-entropy for the CNN configs.
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(default=None)  # type: ignore[assignment]
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = [n for n, _ in self.model.named_parameters()]
+        if self.loss is None:
+            self.loss = mse if self.config == "sinusoid" else torch.nn.functional.cross_entropy
         self.stacked = tuple(torch.stack([t[i] for t in self.tasks]) for i in range(4))
 
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
 
 
-def make_batch(steps: int, seed: int) -> Batch:
-    """θ from ``build_problem``'s seed ``seed``, and the tasks of seeds seed … seed+3."""
-    config = CONFIGS["sinusoid"]
+def make_batch(steps: int, seed: int, config: str = "sinusoid") -> Batch:
+    """θ from ``build_problem``'s seed ``seed``, and the tasks of seeds seed … seed+3, of
+    ``benchmarks.estimators.CONFIGS[config]``."""
     cpu = torch.device("cpu")
-    problems = [build_problem(config, steps, LR, seed + i, cpu, torch.float32) for i in range(META_BATCH)]
-    return Batch(problems[0].model, [p.task for p in problems], steps)
+    problems = [build_problem(CONFIGS[config], steps, LR, seed + i, cpu, torch.float32) for i in range(META_BATCH)]
+    return Batch(problems[0].model, [p.task for p in problems], steps, config)
 
 
 def flatten(grads: dict[str, Any], names: Sequence[str]) -> torch.Tensor:
@@ -93,18 +98,20 @@ def flatten(grads: dict[str, Any], names: Sequence[str]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- rows
-def eager_metagradient(batch: Batch, estimator: mg.Estimator) -> Callable[[], torch.Tensor]:
-    """The context manager over the tasks; the mean of the tasks' meta-gradients."""
-    model, params = batch.model, list(batch.model.parameters())
+def eager_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = False) -> Callable[[], torch.Tensor]:
+    """The context manager over the tasks; the mean of the tasks' meta-gradients
+    (``compile=True``: its compiled steps and products, :mod:`metagrad.compiled`)."""
+    model, params, loss = batch.model, list(batch.model.parameters()), batch.loss
 
     def run() -> torch.Tensor:
         for p in params:
             p.grad = None
         for x_s, y_s, x_q, y_q in batch.tasks:
-            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator) as meta:
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator,
+                                 compile=compile) as meta:
                 for _ in range(batch.steps):
-                    meta.step(lambda f: ((f(x_s) - y_s) ** 2).mean())
-                (mse(meta.fmodel(x_q), y_q) / len(batch.tasks)).backward()
+                    meta.step(lambda f: loss(f(x_s), y_s))
+                (loss(meta.fmodel(x_q), y_q) / len(batch.tasks)).backward()
         return torch.cat([p.grad.reshape(-1) for p in params])
 
     return run
@@ -112,7 +119,7 @@ def eager_metagradient(batch: Batch, estimator: mg.Estimator) -> Callable[[], to
 
 def plain_unroll(batch: Batch) -> Callable[[], torch.Tensor]:
     """A hand-written autograd loop, ``create_graph=True``, task by task."""
-    model, names = batch.model, batch.names
+    model, names, mse = batch.model, batch.names, batch.loss
     theta = list(model.parameters())
 
     def run() -> torch.Tensor:
@@ -133,7 +140,7 @@ def plain_unroll(batch: Batch) -> Callable[[], torch.Tensor]:
 
 def functional_meta_grad(batch: Batch, estimator: mg.Estimator) -> Callable[..., dict[str, torch.Tensor]]:
     """``vmap`` over the tasks of ``mg.functional.meta_grad``; the mean over the tasks."""
-    model = batch.model
+    model, mse = batch.model, batch.loss
 
     def loss_fn(p: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return mse(torch.func.functional_call(model, p, (data[0],)), data[1])
@@ -152,7 +159,7 @@ def functional_meta_grad(batch: Batch, estimator: mg.Estimator) -> Callable[...,
 
 def hand_torch_func(batch: Batch) -> Callable[..., dict[str, torch.Tensor]]:
     """``torch.func.grad`` of the unrolled query loss, vmapped over the tasks, by hand."""
-    model, steps = batch.model, batch.steps
+    model, steps, mse = batch.model, batch.steps, batch.loss
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return mse(torch.func.functional_call(model, p, (x,)), y)
@@ -237,6 +244,13 @@ def jax_row(batch: Batch, jax: Any) -> Callable[[], torch.Tensor]:
     return run
 
 
+def compiled_estimators(steps: int) -> list[tuple[str, mg.Estimator]]:
+    """The estimators timed with ``compile=True``: each one the context manager offers."""
+    return [("checkpointed", mg.Checkpointed()), ("truncated", mg.Truncated(steps=min(2, steps))),
+            ("first_order", mg.FirstOrder()), ("binomial3", mg.Binomial(order=min(3, steps))),
+            ("implicit", mg.Implicit(reg=100.0))]
+
+
 # ------------------------------------------------------------------------------- timing
 @dataclass
 class Row:
@@ -257,6 +271,9 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
         Row("eager_full", "eager metagrad Full (context manager)", eager_metagradient(batch, mg.Full())),
         Row("eager_checkpointed", "eager metagrad Checkpointed (context manager)",
             eager_metagradient(batch, mg.Checkpointed())),
+        *[Row(f"eager_{name}", f"eager metagrad {estimator!r} (context manager)",
+              eager_metagradient(batch, estimator))
+          for name, estimator in compiled_estimators(batch.steps) if name != "checkpointed"],
         Row("plain", "plain eager unroll (autograd, create_graph=True)", plain_unroll(batch), library="torch"),
         Row("functional_full", "mg.functional.meta_grad Full, vmap, eager",
             pure_call(batch, functional_meta_grad(batch, mg.Full()))),
@@ -267,6 +284,11 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
     ]
     if compile_rows:
         rows += [
+            Row(f"compiled_{name}", f"metagrad {estimator!r}, compile=True (context manager)",
+                eager_metagradient(batch, estimator, compile=True), compiled=True)
+            for name, estimator in compiled_estimators(batch.steps)
+        ]
+        rows += [
             Row("functional_full_compiled", "mg.functional.meta_grad Full, vmap, torch.compile",
                 pure_call(batch, torch.compile(functional_meta_grad(batch, mg.Full()))), compiled=True),
             Row("functional_checkpointed_compiled", "mg.functional.meta_grad Checkpointed, vmap, torch.compile",
@@ -274,7 +296,10 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
             Row("torch_func_compiled", "hand-written torch.func (grad of unroll, vmap), torch.compile",
                 pure_call(batch, torch.compile(hand_torch_func(batch))), compiled=True, library="torch"),
         ]
-    if jax is not None:
+    if batch.config != "sinusoid":
+        rows.append(Row("jax", "JAX jit(vmap(grad(lax.scan)))", None, compiled=True, library="jax",
+                        failure="the JAX row is written for the sinusoid MLP only"))
+    elif jax is not None:
         rows.append(Row("jax", f"JAX {jax.__version__} jit(vmap(grad(lax.scan)))", jax_row(batch, jax),
                         compiled=True, library="jax"))
     else:
@@ -352,6 +377,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="numbers of inner SGD steps K (default 5 20; --quick: 2)")
+    parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
+                        help="sinusoid: the 1-40-40-1 MLP; omniglot: CNN4 on 28×28 5-way 1-shot "
+                             "(benchmarks.estimators' configs; no JAX row)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per row after a warm-up, at least 7 (default 11; --quick: 7)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (and XLA's, for JAX)")
@@ -422,11 +450,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               f"compile threads {args.threads}")
     cases = []
     for steps in args.steps:
-        batch = make_batch(steps, args.seed)
+        batch = make_batch(steps, args.seed, args.config)
         rows = build_rows(batch, args.compile, jax, jax_note)
         measure(rows, args.repeats)
         table = rows_json(rows)
-        print(f"\n#### sinusoid 1-40-40-1, K = {steps}, α = {LR}, meta-batch {META_BATCH}, float32\n")
+        print(f"\n#### {CONFIGS[args.config].description}, K = {steps}, α = {LR}, meta-batch {META_BATCH}, "
+              "float32\n")
         print(markdown(table))
         cases.append({"K": steps, "rows": table})
     print(f"\nTimes: median of {args.repeats} interleaved rounds after a warm-up; in parentheses the "
@@ -437,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         machine["load_average_end"] = list(os.getloadavg())
     result = {"benchmark": "compiled", "date": date, "machine": machine, "threads": args.threads,
               "repeats": args.repeats, "lr": LR, "meta_batch": META_BATCH, "dtype": "float32",
-              "config": CONFIGS["sinusoid"].description, "inductor_cache": cache,
+              "config": CONFIGS[args.config].description, "inductor_cache": cache,
               "argv": list(sys.argv[1:] if argv is None else argv), "cases": cases}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
