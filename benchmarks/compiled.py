@@ -183,6 +183,52 @@ def hand_torch_func(batch: Batch) -> Callable[..., dict[str, torch.Tensor]]:
     return meta_batch
 
 
+def scan_checkpointed(batch: Batch) -> Callable[..., dict[str, torch.Tensor]]:
+    """A loop form that does not unroll: Checkpointed's sweep written with
+    ``torch._higher_order_ops.scan``, one compiled call per task.
+
+    A forward ``scan`` of the inner SGD steps stores the iterates each step starts from, and a
+    backward ``scan`` over them in reverse pulls ``u`` back with ``torch.func.vjp`` of the step.
+    The program is one loop body whatever K, so it compiles once. In torch 2.13 it cannot be put
+    under ``torch.func.vmap`` over the tasks (an internal functorch assertion fails, eager and
+    compiled), nor differentiated by autograd (Full's form), hence the Python loop over the tasks.
+    """
+    from torch._higher_order_ops.scan import scan
+
+    model, steps, mse = batch.model, batch.steps, batch.loss
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mse(torch.func.functional_call(model, p, (x,)), y)
+
+    def task(p: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor,
+             x_q: torch.Tensor, y_q: torch.Tensor) -> dict[str, torch.Tensor]:
+        def step(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            g = torch.func.grad(loss)(q, x_s, y_s)
+            return {n: q[n] - LR * g[n] for n in q}
+
+        def forward(phi: dict[str, torch.Tensor], _: torch.Tensor) -> tuple[dict[str, torch.Tensor], ...]:
+            return step(phi), {n: t.clone() for n, t in phi.items()}  # the iterate the step starts from
+
+        final, iterates = scan(forward, p, torch.zeros(steps))
+        v = torch.func.grad(loss)(final, x_q, y_q)
+
+        def backward(u: dict[str, torch.Tensor], phi: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            _, pull = torch.func.vjp(step, phi)
+            return pull(u)[0], torch.zeros(())
+
+        g, _ = scan(backward, v, {n: t.flip(0) for n, t in iterates.items()})
+        return g
+
+    compiled = torch.compile(task, fullgraph=True)
+
+    def meta_batch(params: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor,
+                   x_q: torch.Tensor, y_q: torch.Tensor) -> dict[str, torch.Tensor]:
+        grads = [compiled(params, x_s[i], y_s[i], x_q[i], y_q[i]) for i in range(x_s.shape[0])]
+        return {n: torch.stack([g[n] for g in grads]).mean(0) for n in params}
+
+    return meta_batch
+
+
 def pure_call(batch: Batch, fn: Callable[..., dict[str, torch.Tensor]]) -> Callable[[], torch.Tensor]:
     params, names, data = batch.params(), batch.names, batch.stacked
 
@@ -295,6 +341,8 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
                 pure_call(batch, torch.compile(functional_meta_grad(batch, mg.Checkpointed()))), compiled=True),
             Row("torch_func_compiled", "hand-written torch.func (grad of unroll, vmap), torch.compile",
                 pure_call(batch, torch.compile(hand_torch_func(batch))), compiled=True, library="torch"),
+            Row("scan_checkpointed_compiled", "hand-written Checkpointed with scan (no unroll), torch.compile, per task",
+                pure_call(batch, scan_checkpointed(batch)), compiled=True, library="torch"),
         ]
     if batch.config != "sinusoid":
         rows.append(Row("jax", "JAX jit(vmap(grad(lax.scan)))", None, compiled=True, library="jax",
