@@ -313,7 +313,11 @@ class Compiler:
                 function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, 0))
             else:
                 function = row
-            return torch.compile(_fresh(function), fullgraph=True, dynamic=False)
+            compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False)
+            # The key names objects by identity: the entry keeps them alive, so no other
+            # object can take their identity while it is cached.
+            compiled._metagrad_closure = template  # type: ignore[attr-defined]
+            return compiled
 
         try:
             compiled = _cached(key, build)

@@ -229,3 +229,15 @@ def test_a_user_training_loop_with_compile_matches_eager():
             outer.step()
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     assert relative(finals[1], finals[0]) < 1e-10
+
+
+def test_a_closure_the_user_compiled_still_raises_for_second_order_estimators():
+    """A torch.compile'd inner loss has no second derivative: compile=True changes nothing there."""
+    model = make_model()
+    batches, xq, yq = tasks(1, 2, seed=13)[0]
+    loss = torch.compile(lambda out, y: ((out - y) ** 2).mean())
+    with pytest.raises(mg.ReplayError, match="compile"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: loss(f(x), y))
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
