@@ -8,7 +8,7 @@ from ..memory import parse_bytes
 from ..optim import Params
 from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
-from .base import Estimator, check_count
+from .base import Estimator
 
 __all__ = ["Checkpointed"]
 
@@ -62,11 +62,14 @@ class Checkpointed(Estimator):
                 f"Checkpointed(max_memory): give a number of snapshots or a memory budget, not both; "
                 f"got snapshots={snapshots!r} and max_memory={max_memory!r}."
             )
-        if snapshots != "sqrt":
-            if isinstance(snapshots, str):
-                raise ValueError(f"Checkpointed(snapshots): expected an integer >= 1, 'sqrt' or None, "
-                                 f"got str {snapshots!r}.")
-            check_count(snapshots, "Checkpointed(snapshots)", minimum=1, allow_none=True)
+        accepted = "expected an integer >= 1, 'sqrt' or None"
+        if snapshots is not None and snapshots != "sqrt":
+            if isinstance(snapshots, bool) or not isinstance(snapshots, (int, str)):
+                raise TypeError(f"Checkpointed(snapshots): {accepted}, got "
+                                f"{type(snapshots).__name__} {snapshots!r}.")
+            if isinstance(snapshots, str) or snapshots < 1:
+                kind = "str " if isinstance(snapshots, str) else ""
+                raise ValueError(f"Checkpointed(snapshots): {accepted}, got {kind}{snapshots!r}.")
         self.snapshots = snapshots
         self.max_memory = None if max_memory is None else parse_bytes(max_memory, "Checkpointed(max_memory)")
 
