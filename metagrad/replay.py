@@ -272,7 +272,7 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
                start: Sequence[torch.Tensor], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                closures: Optional[Sequence[Optional[Frozen]]] = None,
-               raising: bool = True) -> list[int]:
+               raising: bool = True, recomputed_from: Optional[int] = None) -> list[int]:
     """Raise :class:`ReplayError` unless each rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
     The tensors hold one row per step of ``steps`` (a leading dimension); ``closures`` are the
@@ -284,7 +284,9 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
     with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
     small fraction of the step's own length, and to rounding of the fast weights themselves.
     With ``raising=False`` it returns the rows that fail instead of raising (an empty list
-    when all pass).
+    when all pass). ``recomputed_from``: the rows' iterates φ_m were recomputed forward from the
+    snapshot at this step (:meth:`metagrad.trajectory.Trajectory.restore`), so a mismatch may
+    come from any step since, and the error says so.
     """
     eps = torch.finfo(stored[0].dtype).eps
 
@@ -317,11 +319,12 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
              f"{length[row]:.3g} (tolerance {bound:.3g})")
     if losses is not None:
         found += f"; rebuilt loss {values[3][row]:.10g}, recorded {values[4][row]:.10g}"
-    raise _mismatch(which, found, None if closures is None else closures[row])
+    raise _mismatch(which, found + _since(recomputed_from, which), None if closures is None else closures[row])
 
 
 def check_losses(steps: Sequence[int], rebuilt: torch.Tensor, recorded: torch.Tensor, rtol: float, *,
-                 closures: Optional[Sequence[Optional[Frozen]]] = None) -> None:
+                 closures: Optional[Sequence[Optional[Frozen]]] = None,
+                 recomputed_from: Optional[int] = None) -> None:
     """Raise :class:`ReplayError` unless each rebuilt loss equals the recorded one (the loss part
     of :func:`check_step`): ``|L_m(rebuilt) − L_m(recorded)| ≤ (rtol + 16·ε)·|L_m(recorded)|``.
     For steps recomputed forward from a snapshot, whose next iterates were not stored (only the
@@ -333,8 +336,16 @@ def check_losses(steps: Sequence[int], rebuilt: torch.Tensor, recorded: torch.Te
         if not math.isfinite(old_loss):
             continue  # the step taken was not finite (check_finite=False)
         if not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss):
-            raise _mismatch(steps[row], f"recomputed loss {new_loss:.10g}, recorded {old_loss:.10g}",
+            found = f"recomputed loss {new_loss:.10g}, recorded {old_loss:.10g}"
+            raise _mismatch(steps[row], found + _since(recomputed_from, steps[row]),
                             None if closures is None else closures[row])
+
+
+def _since(first: Optional[int], which: int) -> str:
+    if first is None or first == which:
+        return ""
+    return (f" (recomputed forward from the snapshot φ_{first}: one of the inner steps {first} … "
+            f"{which} differs from the step taken)")
 
 
 def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:

@@ -469,11 +469,12 @@ class Trajectory:
         steps = list(range(start, end))
         closures = [self._steps[m].closure for m in steps]
         check_losses(steps, torch.stack(losses), torch.stack([self._steps[m].loss for m in steps]),  # type: ignore[misc]
-                     self.replay_rtol, closures=closures)
+                     self.replay_rtol, closures=closures, recomputed_from=start)
         names = list(self.theta)
         stored, before = self.iterate(end), self.iterate(end - 1)
         check_step([end - 1], [params[n].unsqueeze(0) for n in names], [stored[n].unsqueeze(0) for n in names],
-                   [before[n].unsqueeze(0) for n in names], self.replay_rtol, closures=closures[-1:])
+                   [before[n].unsqueeze(0) for n in names], self.replay_rtol, closures=closures[-1:],
+                   recomputed_from=start)
 
     def storage(self) -> dict[str, int]:
         """What a backward reports about storage (``meta.info``): the iterates stored now, the
