@@ -13,9 +13,10 @@ stored than the capacity allows. At any K the snapshots are then ``φ_0, φ_σ, 
 
 - ``capacity=S``: at most S snapshots, and more than S/2 once thinning started, so the
   segments hold fewer than 2K/S steps: backward holds about ``(S + 2K/S)`` iterates;
-- ``capacity="sqrt"``: at most 2σ snapshots, so σ ≈ √(K/2) … √K and at most √(2K) + 1
-  snapshots, about ``3√K`` iterates at once in backward, within a factor of 1.5 of the
-  best possible ``2√K`` for segments recomputed once each;
+- ``capacity="sqrt"``: at most 2σ snapshots, and more than σ/2, so the stride and the number
+  of snapshots both lie between √(K/2) and √(2K): backward holds at most about 2.1√K iterates
+  at once (the snapshots and one segment), within 6% of the best possible ``2√K`` for
+  segments recomputed once each;
 - ``capacity=None``: the stride never changes (``Binomial(block=S, snapshots=True)``
   stores every S-th iterate: K/S snapshots).
 
