@@ -44,7 +44,6 @@ gradient to reuse in an exact product.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
