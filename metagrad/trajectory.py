@@ -7,6 +7,10 @@ from (:mod:`metagrad.replay`). It keeps no graph, except for the Full estimator,
 loop is itself differentiable (MATH.md, "Dynamic graph management"). Every step rebuilt for
 a product is checked against the stored next iterate (MATH.md, "Replaying a step").
 
+With snapshots (:mod:`metagrad.snapshots`) the iterates are stored only at a thinned schedule;
+:meth:`Trajectory.restore` recomputes the others forward from the snapshot before them when a
+product needs them, and checks the recomputed steps the same way.
+
 Estimators use two products, both with the step Jacobian ``J_m = ∂φ_{m+1}/∂φ_m``
 (the optimizer state held constant, MATH.md "Optimizers other than plain gradient
 descent"). For plain gradient descent ``J_mᵀ u = u − α H_m u``.
