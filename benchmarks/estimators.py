@@ -902,11 +902,14 @@ def plot_memory(cases: Sequence[dict[str, Any]], path: str, description: str) ->
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted({case["K"] for case in cases}), [str(case["K"]) for case in
+                                                              sorted(cases, key=lambda c: c["K"])])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("K, inner steps")
         ax.set_ylabel("MiB")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(description, fontsize=9)
+    fig.suptitle(description, fontsize=8, wrap=True)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
@@ -1113,7 +1116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "cases": cases,
     }
     if args.plot:
-        plot_memory(cases, args.plot, f"{config.name}: {config.description}; {where}, torch {machine['torch']}")
+        plot_memory(cases, args.plot, f"{config.name} ({config.description})\n{where}, torch {machine['torch']}, "
+                    f"{args.dtype}; Full, Checkpointed and Binomial(block) hold the same K iterates")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:
