@@ -34,7 +34,21 @@ Configs (random inputs of the right shapes; the sinusoid tasks are real sinusoid
 
 - ``sinusoid``: 1-40-40-1 ReLU MLP, 10-shot support, 10 query points, MSE;
 - ``omniglot``: 28×28 grayscale, 5-way 1-shot, 15 queries per class, CNN4;
-- ``miniimagenet``: 84×84 RGB, 5-way 5-shot, 15 queries per class, CNN4.
+- ``miniimagenet``: 84×84 RGB, 5-way 5-shot, 15 queries per class, CNN4;
+- ``long_horizon``: a 1-100-100-1 ReLU MLP on a sinusoid task, for K in the thousands.
+
+Long horizons (``--snapshots``): each value (an integer S, or ``sqrt``) adds the row
+``Checkpointed(snapshots=S)``, and each ``--block`` S adds ``Binomial(L, block=S,
+snapshots=True)`` beside ``Binomial(L, block=S)``. The notes column and the JSON then give the
+exact bytes of the iterates (and optimizer states) held at once (``meta.info``:
+``peak_iterate_bytes``, a finer measure than the CPU's resident memory), the iterates stored and
+the steps recomputed; ``--plot`` draws memory against K, log-log. ``--full-max-K`` skips Full
+above a K (its unrolled graph grows with K); Checkpointed, exact too, is then the reference of
+the error column::
+
+    python -m benchmarks.estimators --config long_horizon --K 200 1000 5000 --lr 0.001 \
+        --estimators full checkpointed binomial --order 2 --block 25 --snapshots sqrt \
+        --whole-levels off --tight off --baselines off --plot docs/long_horizon.png --json lh.json
 
 CNN4 is four blocks of 3×3 conv → BatchNorm (``track_running_stats=False``: batch
 statistics, as in MAML) → ReLU → 2×2 max-pool, then a linear head; 32 filters by
@@ -109,6 +123,7 @@ class Config:
     shots: int = 1
     queries: int = 15  # per class for the CNN configs; points for the sinusoid
     filters: int = 32
+    width: int = 40  # the MLP's hidden units
 
 
 CONFIGS = {
@@ -118,13 +133,17 @@ CONFIGS = {
                        "cnn", channels=1, size=28, ways=5, shots=1, queries=15),
     "miniimagenet": Config("miniimagenet", "84×84×3, 5-way 5-shot, 15 queries/class, CNN4, "
                            "cross-entropy", "cnn", channels=3, size=84, ways=5, shots=5, queries=15),
+    "long_horizon": Config("long_horizon", "1-100-100-1 ReLU MLP, sinusoid regression, 10-shot support, "
+                           "10 query points, MSE", "mlp", shots=10, queries=10, width=100),
 }
 
 
 def make_model(config: Config) -> nn.Module:
     """The config's network (float32, CPU); the caller moves and casts it."""
     if config.kind == "mlp":
-        return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+        width = config.width
+        return nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, 1))
     layers: list[nn.Module] = []
     channels, size = config.channels, config.size
     for _ in range(4):
@@ -212,13 +231,18 @@ def _accepts(function: Callable[..., Any], argument: str) -> bool:
 def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                       chunk_sizes: Sequence[int], reg: Optional[float], lr: float,
                       tight: bool = True, max_memory: Sequence[str] = (),
-                      blocks: Sequence[int] = (), whole_levels: bool = True) -> list[Method]:
+                      blocks: Sequence[int] = (), whole_levels: bool = True,
+                      snapshots: Sequence[Any] = (), full: bool = True) -> list[Method]:
     methods = []
     for name in names:
         if name == "full":
-            methods.append(Method("full", "Full", mg.Full()))
+            if full:
+                methods.append(Method("full", "Full", mg.Full()))
         elif name == "checkpointed":
             methods.append(Method("checkpointed", "Checkpointed", mg.Checkpointed()))
+            for count in snapshots:
+                methods.append(Method("checkpointed", f"Checkpointed(snapshots={count!r})",
+                                      mg.Checkpointed(snapshots=count)))
         elif name == "first_order":
             methods.append(Method("first_order", "FirstOrder", mg.FirstOrder()))
         elif name == "truncated":
@@ -236,6 +260,9 @@ def estimator_methods(names: Sequence[str], steps: int, orders: Sequence[int],
                     if order < block < steps:  # otherwise the same as plain Binomial, or exact
                         methods.append(Method("binomial", f"Binomial({order}, block={block})",
                                               mg.Binomial(order=order, block=block)))
+                        if snapshots:
+                            methods.append(Method("binomial", f"Binomial({order}, block={block}, snapshots=True)",
+                                                  mg.Binomial(order=order, block=block, snapshots=True)))
                 for chunk in chunk_sizes:
                     methods.append(Method("binomial", f"Binomial({order}, chunk_size={chunk})",
                                           mg.Binomial(order=order, chunk_size=chunk)))
@@ -510,6 +537,9 @@ def measure_case(methods: Sequence[Method], problem: Problem, error_problem: Opt
         for meta in (False, True):
             full = next((r for r in results if r.method.key == "full" and r.method.meta == meta
                          and r.grad is not None), None)
+            if full is None:  # Full skipped (--full-max-K): Checkpointed is exact too
+                full = next((r for r in results if r.method.label == "Checkpointed"
+                             and r.method.meta == meta and r.grad is not None), None)
             if full is None:
                 continue
             reference = full.grad
@@ -576,6 +606,9 @@ def row_notes(result: Result) -> str:
     info, notes = result.info, []
     if "hessian_vector_products" in info and result.method.key != "implicit":
         notes.append(f"{info['hessian_vector_products']} HVPs")
+    if "peak_iterate_bytes" in info and result.method.key != "implicit":
+        notes.append(f"iterates {format_bytes(info['peak_iterate_bytes'])} at once "
+                     f"({info['stored_iterates']} stored, {info['recomputed_steps']} recomputed)")
     if result.method.key == "implicit" and "iterations" in info:
         notes.append(f"CG {info['iterations']} it, residual {info['residual']:.1e}"
                      + ("" if info.get("converged") else ", not converged"))
@@ -610,6 +643,8 @@ def case_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
             "peak_mib": None if r.peak_bytes is None else r.peak_bytes / 2**20,
             "memory_ratio": (None if r.peak_bytes is None or not full_peak else r.peak_bytes / full_peak),
             "memory_method": r.memory_method,
+            # The exact bytes of the iterates and optimizer states held at once (meta.info).
+            "iterate_bytes": r.info.get("peak_iterate_bytes"),
             "rel_error": r.rel_error,
             "info": {k: v for k, v in r.info.items()
                      if isinstance(v, (int, float, str, bool, type(None)))
@@ -769,6 +804,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "K < 50 and 4 for K >= 50 (the sizes of the speed targets), at most K")
     parser.add_argument("--block", type=int, nargs="*", default=[5],
                         help="also run the blocked Binomial(L, block=S) for each S given (where L < S < K)")
+    parser.add_argument("--snapshots", type=_snapshots, nargs="*", default=[], metavar="S",
+                        help="also run Checkpointed(snapshots=S) for each S (an integer or 'sqrt'), and "
+                             "Binomial(L, block=B, snapshots=True) beside each --block row")
+    parser.add_argument("--full-max-K", type=int, default=None, metavar="K",
+                        help="skip Full for K above this (its unrolled graph grows with K); Checkpointed "
+                             "is then the error column's reference")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="write a log-log plot of memory against K (exact iterate bytes and peak "
+                             "memory, per method) here")
     parser.add_argument("--chunk-size", type=int, nargs="*", default=[],
                         help="also run Binomial(L, chunk_size=C) for each C given")
     parser.add_argument("--max-memory", nargs="*", default=[], metavar="BUDGET",
@@ -820,6 +864,56 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--threads must be >= 1")
     args.estimators = [e for e in ESTIMATORS if e in args.estimators or e == "full"]
     return args
+
+
+def _snapshots(text: str) -> Any:
+    """``--snapshots``: ``sqrt`` or an integer >= 1."""
+    if text == "sqrt":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'sqrt', got {text!r}")
+    return value
+
+
+def plot_memory(cases: Sequence[dict[str, Any]], path: str, description: str) -> None:
+    """Memory against K, log-log: each method's exact iterate bytes (solid) and peak memory
+    (dashed), from the cases' rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(row["method"] for case in cases for row in case["rows"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for index, label in enumerate(labels):
+        color = f"C{index % 10}"
+        for ax, key in zip(axes, ("iterate_bytes", "peak_bytes")):
+            points = [(case["K"], row[key]) for case in cases for row in case["rows"]
+                      if row["method"] == label and row.get(key)]
+            if points:
+                ks, values = zip(*points)
+                ax.plot(ks, [v / 2**20 for v in values], "o-", color=color, label=label)
+    axes[0].set_title("iterates held at once (exact, meta.info)", fontsize=10)
+    axes[1].set_title("peak memory of one meta-gradient", fontsize=10)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({case["K"] for case in cases}), [str(case["K"]) for case in
+                                                              sorted(cases, key=lambda c: c["K"])])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("K, inner steps")
+        ax.set_ylabel("MiB")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(description, fontsize=8, wrap=True)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def setup_device(name: str) -> tuple[torch.device, list[str]]:
@@ -923,7 +1017,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         orders = sorted({min(o, steps) for o in orders})
         methods = estimator_methods(args.estimators, steps, orders, args.chunk_size, args.reg, args.lr,
                                     tight=args.tight == "on", max_memory=args.max_memory,
-                                    blocks=args.block, whole_levels=args.whole_levels == "on")
+                                    blocks=args.block, whole_levels=args.whole_levels == "on",
+                                    snapshots=args.snapshots,
+                                    full=args.full_max_K is None or steps <= args.full_max_K)
         hand_written = [Method("plain_binomial", f"hand-written torch.func Binomial({order})", order=order)
                         for order in orders
                         if baselines and "binomial" in args.estimators and args.whole_levels == "on"]
@@ -981,7 +1077,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "rounds interleave all methods, so this cancels slow changes in load); peak memory: "
         + (memory_description or "not measured") + ".",
         "Relative error: ‖g − g_Full‖/‖g_Full‖ against metagrad's Full on the same task, in "
-        f"{error_dtype_name}. Implicit solves a different (proximal) inner problem, so its error "
+        f"{error_dtype_name}" + ("" if args.full_max_K is None else
+                                 f" (against Checkpointed where Full was skipped, K > {args.full_max_K})")
+        + ". Implicit solves a different (proximal) inner problem, so its error "
         "column measures how far iMAML's gradient is from MAML's, not rounding.",
     ]
     if meta:
@@ -1017,6 +1115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
            if meta else {}),
         "cases": cases,
     }
+    if args.plot:
+        plot_memory(cases, args.plot, f"{config.name} ({config.description})\n{where}, torch {machine['torch']}, "
+                    f"{args.dtype}; Full, Checkpointed and Binomial(block) hold the same K iterates")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -35,6 +35,18 @@ per estimator:
   for w's gradient, computed in float64 whatever ``--dtype`` trains in;
 - the median wall time of an outer step (inner loop, hypergradient, Adam step).
 
+Long inner loops (``--snapshots sqrt`` or ``--snapshots S``): Checkpointed stores only about
+√K (or S) of the K iterates and recomputes the others during backward (MATH.md, "Replaying a
+step"), and the blocked Binomial stores one iterate per block. The script then also measures, at
+the first outer step, one hypergradient of Full, Checkpointed, Checkpointed with snapshots and
+the blocked Binomial with and without them: wall time, peak memory
+(:func:`metagrad.memory.peak_memory`: on the CPU the process's resident memory, an
+approximation, see its docstring), and the exact bytes of the iterates held at once and the
+steps recomputed (``meta.info``)::
+
+    python examples/hypercleaning.py --inner-steps 1000 --outer-steps 5 --estimators checkpointed \
+        binomial --snapshots sqrt
+
 Binomial is blocked by default: at K = 100 and α = 1, K·α·ℓ is about 7 (ℓ the largest
 |eigenvalue| of the inner Hessians, MATH.md), past where one expansion of all K steps converges;
 blocks of 10 steps are at about 0.7. ``--order auto --block auto`` lets Binomial choose both.
@@ -239,6 +251,19 @@ def load_split(args: argparse.Namespace) -> Split:
                  tensor(x_te - mean), tensor(y_te), classes)
 
 
+def snapshots_argument(text: str) -> Union[int, str, None]:
+    """``--snapshots``: how many iterates Checkpointed stores (an integer >= 1), ``sqrt`` or ``none``."""
+    if text in ("none", "sqrt"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, 'sqrt' or 'none', got {text!r}")
+    return value
+
+
 def block_argument(text: str) -> Union[int, str, None]:
     """``--block``: a block size (an integer >= 1), ``none`` or ``auto``."""
     if text in ("none", "auto"):
@@ -265,16 +290,22 @@ def make_estimator(name: str, args: argparse.Namespace) -> mg.Estimator:
     if name == "full":
         return mg.Full()
     if name == "checkpointed":
-        return mg.Checkpointed()
+        return mg.Checkpointed(snapshots=args.snapshots)
     if name == "truncated":
         return mg.Truncated(steps=args.truncate_steps)
     if name == "binomial":
-        return mg.Binomial(order=args.order, block=args.block)
+        return mg.Binomial(order=args.order, block=args.block, snapshots=binomial_snapshots(args))
     if name == "first_order":
         return mg.FirstOrder()
     if name == "implicit":
         return mg.Implicit(reg=args.reg)
     raise ValueError(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
+
+
+def binomial_snapshots(args: argparse.Namespace) -> bool:
+    """With ``--snapshots``, the blocked Binomial stores one iterate per block (it needs an
+    integer order and block; otherwise it stores them all)."""
+    return args.snapshots is not None and isinstance(args.block, int) and args.order != "auto"
 
 
 def label(estimator: mg.Estimator) -> str:
@@ -283,7 +314,10 @@ def label(estimator: mg.Estimator) -> str:
         return f"Truncated({estimator.steps})"
     if isinstance(estimator, mg.Binomial):
         block = "" if estimator.block is None else f", block={estimator.block}"
-        return f"Binomial({estimator.order}{block})"
+        snapshots = ", snapshots" if estimator.snapshots else ""
+        return f"Binomial({estimator.order}{block}{snapshots})"
+    if isinstance(estimator, mg.Checkpointed) and estimator.snapshots is not None:
+        return f"Checkpointed(snapshots={estimator.snapshots})"
     if isinstance(estimator, mg.Implicit):
         return f"Implicit(reg={estimator.reg:g})"
     return type(estimator).__name__
@@ -308,8 +342,10 @@ def describe(error: BaseException) -> str:
 
 
 def hypergradient(model: nn.Module, estimator: mg.Estimator, data: Split, w: torch.Tensor, steps: int,
-                  lr_inner: float, warnings_seen: Optional[WarningCounts] = None) -> tuple[float, torch.Tensor]:
-    """One outer step's validation loss and ``w``'s gradient, left in ``w.grad``.
+                  lr_inner: float, warnings_seen: Optional[WarningCounts] = None,
+                  info: Optional[dict[str, Any]] = None) -> tuple[float, torch.Tensor]:
+    """One outer step's validation loss and ``w``'s gradient, left in ``w.grad`` (and, in
+    ``info``, the estimator's ``meta.info``).
 
     K inner steps from the model's parameters θ_0 on the σ(w)-weighted training loss, then the
     validation cross-entropy of ``meta.fmodel``, backpropagated. θ_0's own ``.grad`` is discarded
@@ -329,6 +365,8 @@ def hypergradient(model: nn.Module, estimator: mg.Estimator, data: Split, w: tor
                 meta.step(lambda fmodel: weighted_loss(fmodel, w, data.x_train, data.y_train))
             loss = F.cross_entropy(meta.fmodel(data.x_val), data.y_val)
             loss.backward()
+        if info is not None:
+            info.update(meta.info)
     except UNSUPPORTED as error:
         raise NotSupported(describe(error)) from error
     except Exception as error:  # noqa: BLE001 -- only metagrad's own errors are a verdict on support
@@ -421,6 +459,46 @@ def first_step_hypergradients(init: nn.Module, names: Sequence[str], data: Split
         except NotSupported as why:
             out[name] = str(why)
     return out
+
+
+def memory_comparison(init: nn.Module, data: Split, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--snapshots``: one hypergradient at the first outer step (θ_0, w = 0, ``--dtype``) per
+    configuration, with its wall time, peak memory (:func:`metagrad.memory.peak_memory`), the
+    bytes of the iterates held at once and the steps recomputed (``meta.info``), and its
+    distance to Full's."""
+    block = args.block if isinstance(args.block, int) else 10
+    order = args.order if args.order != "auto" else 3
+    configs = [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=args.snapshots),
+               mg.Binomial(order, block=block), mg.Binomial(order, block=block, snapshots=True)]
+    rows, reference = [], None
+    for estimator in configs:
+        model = copy.deepcopy(init)
+        w = torch.zeros(len(data.y_train), dtype=data.x_train.dtype, requires_grad=True)
+        info: dict[str, Any] = {}
+        with counting_warnings({}), mg.memory.peak_memory("cpu") as memory:
+            started = time.perf_counter()
+            _, grad = hypergradient(model, estimator, data, w, args.inner_steps, args.lr_inner, info=info)
+            seconds = time.perf_counter() - started
+        reference = grad.clone() if reference is None else reference
+        rows.append({"estimator": label(estimator), "seconds": seconds, "peak_mib": memory.peak_bytes / 2**20,
+                     "iterate_mib": info.get("peak_iterate_bytes", 0) / 2**20,
+                     "stored_iterates": info.get("stored_iterates"), "recomputed_steps": info.get("recomputed_steps"),
+                     "error_vs_full": (torch.linalg.vector_norm(grad - reference)
+                                       / torch.linalg.vector_norm(reference)).item(),
+                     "memory_method": memory.method})
+    return rows
+
+
+def format_memory_table(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The ``--snapshots`` comparison as a Markdown table, with what its columns measure."""
+    lines = ["| estimator | time (s) | peak memory (MiB) | iterates held at once (MiB) | stored iterates "
+             "| recomputed steps | error vs Full |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['estimator']} | {r['seconds']:.2f} | {r['peak_mib']:.1f} | {r['iterate_mib']:.2f} "
+                     f"| {r['stored_iterates']} | {r['recomputed_steps']} | {r['error_vs_full']:.1e} |")
+    return ("\n".join(lines) + f"\n\nOne hypergradient at the first outer step, K = {args.inner_steps}, {args.dtype}, "
+            f"{device_description()}. Peak memory: {mg.memory.peak_memory('cpu').description}. Iterates held "
+            "at once: the exact bytes of the stored and recomputed iterates at their peak (meta.info).\n")
 
 
 def clean(init: nn.Module, name: str, data: Split, args: argparse.Namespace, row: Row) -> torch.Tensor:
@@ -588,6 +666,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     est.add_argument("--block", type=block_argument, default=10,
                      help="binomial: S, the block size of the blocked expansion (blocks chained exactly); 'none': "
                           "one block of K steps (the paper's estimator); 'auto' (with --order auto): chosen")
+    est.add_argument("--snapshots", type=snapshots_argument, default=None,
+                     help="checkpointed: store only this many iterates (an integer, or 'sqrt': about √K) and "
+                          "recompute the others during backward; binomial with an integer --block and --order: "
+                          "one iterate per block. Also measures time and peak memory of one hypergradient per "
+                          "configuration. 'none': store every iterate")
     est.add_argument("--reg", type=float, default=1.0,
                      help="implicit: λ of its proximal term (reg/2)‖φ − θ_0‖², which it adds to the inner loss")
     run = parser.add_argument_group("run")
@@ -672,6 +755,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     notes = "\n".join(filter(None, [implicit_note(rows, args), warning_notes(rows)]))
     if notes:
         table += "\n" + notes + "\n"
+    memory = memory_comparison(init, data, args) if args.snapshots is not None else []
+    if memory:
+        table += "\n## Time and memory of one hypergradient\n\n" + format_memory_table(memory, args)
     print()
     print(table)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
@@ -687,6 +773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "baselines": {"uniform_test_accuracy": baselines["uniform"], "oracle_test_accuracy": baselines["oracle"]},
         "caption": caption,
         "rows": [asdict(r) for r in rows],
+        "memory": memory,
         "seconds": time.perf_counter() - started,
     }
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:

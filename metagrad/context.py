@@ -196,6 +196,7 @@ class MetaGradient:
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self.estimator.differentiable,
                                       keep=self.estimator.keep(), proximal=self.estimator.proximal,
+                                      snapshots=self.estimator.snapshot_schedule(),
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
                                                                      first.device),
@@ -360,10 +361,14 @@ class _Snapshot:
         as plain autograd would find)."""
         self.begin()
         dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
+        recomputed = self.trajectory.recomputed_steps
+        stored = self.trajectory.stored_iterates
         with torch.enable_grad():
             grads, meta, info = self.estimator.backward(self.trajectory, self.steps, dense)
-        self.trajectory.verify()  # the replay checks still queued (metagrad.replay)
-        self.end({**info, "meta_parameters": self.meta_names})
+        self.trajectory.forget()  # runs the replay checks still queued (metagrad.replay)
+        storage = self.trajectory.storage()
+        storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
+        self.end({**info, **storage, "meta_parameters": self.meta_names})
         # No path from the query reaches θ_n when the query does not use φ_K[n] and the
         # estimate for it is structurally zero (an inner-only parameter that nothing couples
         # to the rest); plain autograd then leaves .grad as it was, and so does this.
@@ -429,7 +434,8 @@ class _Watched(torch.autograd.Function):
         snapshot: _Snapshot = ctx.snapshot
         snapshot.begin()
         # MATH.md's table: Full's backward through the K step graphs makes K products.
-        snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps})
+        snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
+                      **snapshot.trajectory.storage()})
         return (None, *grad_outputs)
 
 

@@ -100,6 +100,9 @@ class PureTrajectory:
     def verify(self) -> None:
         """Nothing to check: no step is replayed, the step function is pure."""
 
+    def restore(self, first: int, last: int) -> None:
+        """Nothing to recompute: every iterate is stored (see :meth:`metagrad.trajectory.Trajectory.restore`)."""
+
     def _step_fn(self, state: State) -> Callable[[Params], Params]:
         grad_fn = torch.func.grad(self.loss_fn)
         support, rule = self.support, self.rule

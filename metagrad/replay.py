@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "tolerance"]
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_losses", "tolerance"]
 
 #: Containers captured by a closure are copied (and their tensors batched) up to this many
 #: leaves; larger ones are kept by reference, and the check guards them.
@@ -276,7 +276,7 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
                start: Sequence[torch.Tensor], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                closures: Optional[Sequence[Optional[Frozen]]] = None,
-               raising: bool = True) -> list[int]:
+               raising: bool = True, recomputed_from: Optional[int] = None) -> list[int]:
     """Raise :class:`ReplayError` unless each rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
     The tensors hold one row per step of ``steps`` (a leading dimension); ``closures`` are the
@@ -288,7 +288,9 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
     with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
     small fraction of the step's own length, and to rounding of the fast weights themselves.
     With ``raising=False`` it returns the rows that fail instead of raising (an empty list
-    when all pass).
+    when all pass). ``recomputed_from``: the rows' iterates φ_m were recomputed forward from the
+    snapshot at this step (:meth:`metagrad.trajectory.Trajectory.restore`), so a mismatch may
+    come from any step since, and the error says so.
     """
     eps = torch.finfo(stored[0].dtype).eps
 
@@ -317,16 +319,45 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
         return [row for row, _ in failed]
     row, bound = failed[0]
     which = steps[row]
-    frozen = None if closures is None else closures[row]
     found = (f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {mismatch[row]:.3g} against a step of length "
              f"{length[row]:.3g} (tolerance {bound:.3g})")
     if losses is not None:
         found += f"; rebuilt loss {values[3][row]:.10g}, recorded {values[4][row]:.10g}"
+    raise _mismatch(which, found + _since(recomputed_from, which), None if closures is None else closures[row])
+
+
+def check_losses(steps: Sequence[int], rebuilt: torch.Tensor, recorded: torch.Tensor, rtol: float, *,
+                 closures: Optional[Sequence[Optional[Frozen]]] = None,
+                 recomputed_from: Optional[int] = None) -> None:
+    """Raise :class:`ReplayError` unless each rebuilt loss equals the recorded one (the loss part
+    of :func:`check_step`): ``|L_m(rebuilt) − L_m(recorded)| ≤ (rtol + 16·ε)·|L_m(recorded)|``.
+    For steps recomputed forward from a snapshot, whose next iterates were not stored (only the
+    segment's last one is, and :func:`check_step` compares it)."""
+    eps = torch.finfo(recorded.dtype).eps
+    with torch.no_grad():
+        new, old = rebuilt.reshape(-1).tolist(), recorded.reshape(-1).tolist()
+    for row, (new_loss, old_loss) in enumerate(zip(new, old)):
+        if not math.isfinite(old_loss):
+            continue  # the step taken was not finite (check_finite=False)
+        if not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss):
+            found = f"recomputed loss {new_loss:.10g}, recorded {old_loss:.10g}"
+            raise _mismatch(steps[row], found + _since(recomputed_from, steps[row]),
+                            None if closures is None else closures[row])
+
+
+def _since(first: Optional[int], which: int) -> str:
+    if first is None or first == which:
+        return ""
+    return (f" (recomputed forward from the snapshot φ_{first}: one of the inner steps {first} … "
+            f"{which} differs from the step taken)")
+
+
+def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
     hint = ""
     if frozen is not None and frozen.modified():
         hint = (f" The closure's captured tensors {frozen.modified()} were modified in place after "
                 "this step: give each step its own tensor instead (x = x + noise, not x.add_(noise)).")
-    raise ReplayError(
+    return ReplayError(
         f"inner step {which}, rebuilt during backward, is not the step the inner loop took: {found}. "
         "The closure or the update rule read something that changed since that step: state read "
         "through an object or a function the closure calls (self.batch, a helper reading globals), "

@@ -7,6 +7,10 @@ from (:mod:`metagrad.replay`). It keeps no graph, except for the Full estimator,
 loop is itself differentiable (MATH.md, "Dynamic graph management"). Every step rebuilt for
 a product is checked against the stored next iterate (MATH.md, "Replaying a step").
 
+With snapshots (:mod:`metagrad.snapshots`) the iterates are stored only at a thinned schedule;
+:meth:`Trajectory.restore` recomputes the others forward from the snapshot before them when a
+product needs them, and checks the recomputed steps the same way.
+
 Estimators use two products, both with the step Jacobian ``J_m = ∂φ_{m+1}/∂φ_m``
 (the optimizer state held constant, MATH.md "Optimizers other than plain gradient
 descent"). For plain gradient descent ``J_mᵀ u = u − α H_m u``.
@@ -56,7 +60,8 @@ from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
-from .replay import Frozen, RandomState, ReplayError, check_step, freeze, refuse_compiled
+from .replay import Frozen, RandomState, ReplayError, check_losses, check_step, freeze, refuse_compiled
+from .snapshots import Schedule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .compiled import Compiler
@@ -145,6 +150,10 @@ class Trajectory:
             every rebuilt step passes, or ``None`` for no check.
         compiler: computes inner gradients and step products by compiled calls where it can
             (:mod:`metagrad.compiled`), or ``None`` for eager.
+        snapshots: store the iterates (with their optimizer states) only at the snapshots of
+            this schedule (:mod:`metagrad.snapshots`), and recompute the others when a product
+            needs them (:meth:`restore`); ``None`` stores every iterate. Every step's closure,
+            generator states and loss are kept either way.
     """
 
     def __init__(
@@ -159,7 +168,11 @@ class Trajectory:
         check_finite: bool = True,
         replay_rtol: Optional[float] = None,
         compiler: Optional["Compiler"] = None,
+        snapshots: Optional[Schedule] = None,
     ) -> None:
+        if snapshots is not None and (differentiable or keep is not None):
+            raise ValueError("snapshots: a differentiable trajectory, or one that keeps only its last "
+                             f"steps (keep={keep!r}), stores no snapshots; got {snapshots!r}.")
         self.module = module
         self.theta = theta
         self.rule = rule
@@ -206,6 +219,24 @@ class Trajectory:
         self._pending: list[tuple[int, Params, torch.Tensor]] = []
         #: A product through a kept graph is being computed (see :meth:`vjp`).
         self.pulling = False
+        # Snapshots (metagrad.snapshots): the schedule, its stride now, the steps whose iterate
+        # is stored (sorted), those that stay stored whatever the stride, the steps whose
+        # iterate is neither stored nor recomputed now, and the recomputed segments (first
+        # step → the steps filled in).
+        self._schedule = snapshots
+        self._stride = 1 if snapshots is None else snapshots.stride
+        self._stored: list[int] = []
+        self._pinned: set[int] = set()
+        self._absent: set[int] = set()
+        self._restored: dict[int, list[int]] = {}
+        #: Inner steps recomputed forward from a snapshot so far (:meth:`restore`).
+        self.recomputed_steps = 0
+        #: The bytes of the iterates and optimizer states held now, and the most held at once.
+        self.iterate_bytes = 0
+        self.peak_iterate_bytes = 0
+        self._held = 0
+        #: The most iterates held at once (stored and recomputed).
+        self.peak_iterates = 0
 
     # ----------------------------------------------------------------- inner loop
     @property
@@ -217,6 +248,12 @@ class Trajectory:
     def stored(self) -> int:
         """How many steps are stored for rebuilding (at most ``keep``)."""
         return len(self._steps)
+
+    @property
+    def stored_iterates(self) -> int:
+        """How many iterates φ_k (k < K) are held now: every stored step's, or, with snapshots,
+        the snapshots' and those recomputed for backward (:meth:`restore`)."""
+        return self._held
 
     @property
     def current(self) -> Params:
@@ -345,14 +382,146 @@ class Trajectory:
                      autocast=autocast, graph=graph)
         if self.keep is None or self.keep > 0:
             self._steps[k] = step
+            self._hold(step, +1)
             if self.keep is not None:
-                self._steps.pop(k - self.keep, None)
+                dropped = self._steps.pop(k - self.keep, None)
+                if dropped is not None:
+                    self._hold(dropped, -1)
             self._last = step
+            if self._schedule is not None:
+                self._thin(k, step)
         else:  # nothing is stored: keep how the step ran, not its iterate
             self._last = dataclasses.replace(step, params={}, state={}, graph=None)
         self._length += 1
         self._current, self._state = new_params, new_state
         return loss.detach()
+
+    # ------------------------------------------------------------------ snapshots
+    def _hold(self, step: _Step, sign: int) -> None:
+        """Count step's iterate and state in (``sign=+1``) or out (``-1``) of what is held."""
+        self._held += sign
+        self.iterate_bytes += sign * _nbytes(step.params, step.state)
+        self.peak_iterates = max(self.peak_iterates, self._held)
+        self.peak_iterate_bytes = max(self.peak_iterate_bytes, self.iterate_bytes)
+
+    def _drop(self, m: int) -> None:
+        """Free step m's iterate, state and step-size graph (closure and loss stay)."""
+        step = self._steps[m]
+        self._hold(step, -1)
+        step.params, step.state = {}, {}
+        self._first_order.pop(m, None)
+        self._absent.add(m)
+
+    def _thin(self, k: int, step: _Step) -> None:
+        """Online uniform thinning (metagrad.snapshots): keep φ_k if k is a multiple of the
+        stride, then double the stride while more snapshots are stored than the schedule
+        allows. A step taken from a given loss, and the step after it, stay stored: its graph
+        was kept, not its closure, so it cannot be recomputed."""
+        assert self._schedule is not None
+        if k == 0:
+            self._schedule = self._schedule.for_bytes(_nbytes(step.params, step.state))
+        if step.graph is not None or (k > 0 and self._steps[k - 1].graph is not None):
+            self._pinned.add(k)
+        if k % self._stride and k not in self._pinned:
+            self._drop(k)
+            return
+        self._stored.append(k)
+        while len(self._stored) - len(self._pinned) > self._schedule.limit(self._stride):
+            self._stride *= 2
+            for m in self._stored:
+                if m % self._stride and m not in self._pinned:
+                    self._drop(m)
+            self._stored = [m for m in self._stored if m not in self._absent]
+
+    def restore(self, first: int, last: int) -> None:
+        """Make the iterates φ_first … φ_last (and their optimizer states) available, for the
+        products an estimator is about to take there.
+
+        With snapshots (:mod:`metagrad.snapshots`), each segment between two stored iterates
+        that holds one of them is recomputed forward from its snapshot (:meth:`_recompute`),
+        unless it is already; segments recomputed before that hold none of them are freed
+        first, after their queued replay checks ran. Estimators that sweep backwards in time
+        recompute every segment once. :meth:`vjp` and :meth:`iterate` call this for a step
+        whose iterate is missing; :meth:`batched_vjp` for the steps of its call. Without
+        snapshots it does nothing."""
+        if self._schedule is None or not self._absent:
+            return
+        first, last = max(first, 0), min(last, self.length - 1)
+        needed = []
+        for i, start in enumerate(self._stored):
+            end = self._stored[i + 1] if i + 1 < len(self._stored) else self.length
+            if max(start + 1, first) <= min(end - 1, last):  # an iterate of the window inside
+                needed.append((start, end))
+        for start in [s for s in self._restored if s not in dict(needed)]:
+            self.verify()  # its replay checks compare with the iterates about to be freed
+            for m in self._restored.pop(start):
+                self._drop(m)
+        for start, end in needed:
+            if start not in self._restored:
+                self._recompute(start, end)
+
+    def forget(self) -> None:
+        """Free every recomputed iterate (after the queued replay checks): the end of a backward."""
+        self.verify()
+        for start in list(self._restored):
+            for m in self._restored.pop(start):
+                self._drop(m)
+
+    def _recompute(self, start: int, end: int) -> None:
+        """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
+        taken: the frozen closure, the generator states replayed, modes and autocast as they
+        were (:meth:`_rebuild` without ``create_graph``: only the gradient is needed), the same
+        update rule and state. The iterates between are filled in; so are the step-size graphs
+        the inner loop kept (:meth:`vjp` with ``second_order=False``).
+
+        The replay check (MATH.md, "Replaying a step"): every recomputed loss must equal the
+        recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
+        that iterate was stored, and a step that changed since it was taken moves it."""
+        params, state = self._steps[start].params, self._steps[start].state
+        filled, losses = [], []
+        for m in range(start, end):
+            step = self._steps[m]
+            if m > start:
+                step.params, step.state = params, state
+                self._absent.discard(m)
+                self._hold(step, +1)
+                filled.append(m)
+            leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
+            with torch.enable_grad():
+                loss, grads = self._rebuild(m, step, leaves, create_graph=False)
+            losses.append(loss.detach())
+            if self.proximal is not None:  # as in the inner loop (_take_step)
+                grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
+            rule_meta = self._rules_seen[id(step.rule)][1]
+            with torch.set_grad_enabled(rule_meta):
+                new_params, new_state = step.rule.step(params, grads, state)
+            if rule_meta:
+                if m not in self._first_order:  # a snapshot keeps the inner loop's own
+                    self._first_order[m] = new_params
+                new_params = {n: t.detach() for n, t in new_params.items()}
+                new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                            new_state)
+            params, state = new_params, new_state
+        self._restored[start] = filled
+        self.recomputed_steps += end - start
+        if self.replay_rtol is None:
+            return
+        steps = list(range(start, end))
+        closures = [self._steps[m].closure for m in steps]
+        check_losses(steps, torch.stack(losses), torch.stack([self._steps[m].loss for m in steps]),  # type: ignore[misc]
+                     self.replay_rtol, closures=closures, recomputed_from=start)
+        names = list(self.theta)
+        stored, before = self.iterate(end), self.iterate(end - 1)
+        check_step([end - 1], [params[n].unsqueeze(0) for n in names], [stored[n].unsqueeze(0) for n in names],
+                   [before[n].unsqueeze(0) for n in names], self.replay_rtol, closures=closures[-1:],
+                   recomputed_from=start)
+
+    def storage(self) -> dict[str, int]:
+        """What a backward reports about storage (``meta.info``): the iterates stored now, the
+        steps recomputed so far, and the most iterates (and bytes, with optimizer states) held
+        at once."""
+        return {"stored_iterates": self.stored_iterates, "recomputed_steps": self.recomputed_steps,
+                "peak_iterates": self.peak_iterates, "peak_iterate_bytes": self.peak_iterate_bytes}
 
     def _discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> bool:
         """Add the η the step's loss depends on to :attr:`meta`; return whether the loss came
@@ -411,12 +580,14 @@ class Trajectory:
         return self._step(k).params
 
     # ------------------------------------------------------------------- products
-    def _rebuild(self, m: int, step: _Step, params: Params) -> tuple[torch.Tensor, Params]:
+    def _rebuild(self, m: int, step: _Step, params: Params, *, create_graph: bool = True
+                 ) -> tuple[torch.Tensor, Params]:
         """Step m's loss and gradient at ``params`` (leaves that require grad), with the
-        gradient's graph (``create_graph=True``), from the frozen closure and, if the step drew
-        random numbers, the generator states it drew them from."""
+        gradient's graph (``create_graph=True``; without it, for a step recomputed forward),
+        from the frozen closure and, if the step drew random numbers, the generator states it
+        drew them from."""
         assert step.closure is not None
-        if step.compiled:
+        if step.compiled and create_graph:
             refuse_compiled(m)
         try:
             with self._as_taken(step.rng, step.modes, step.autocast):
@@ -430,7 +601,7 @@ class Trajectory:
                 "object's state moved on). Compute each step's data outside the closure and capture "
                 "it, or use estimator=mg.Full(), which does not rebuild steps."
             ) from error
-        return loss, _grads(loss, params, create_graph=True, step=m, used=step.used)
+        return loss, _grads(loss, params, create_graph=create_graph, step=m, used=step.used)
 
     def _modes(self) -> tuple[bool, ...]:
         """``training`` of every submodule now; the previous step's tuple when unchanged."""
@@ -513,6 +684,8 @@ class Trajectory:
         """
         meta = self.meta
         if not second_order:
+            if m in self._absent:  # its step-size graph is recomputed with its iterate
+                self.restore(m, m)
             kept = self._first_order.get(m)
             # Only the updates that depend on a step size carry a graph (a float step size,
             # or a parameter without a gradient, leaves its update constant).
@@ -598,6 +771,8 @@ class Trajectory:
         computed alone.
         """
         rows = len(steps)
+        if rows:  # the iterates of these steps, and the next one for the replay check
+            self.restore(min(steps), max(steps) + 1)
         size = rows if chunk_size is None else chunk_size
         pieces: list[Params] = []
         meta_sum: MetaGrads = [None] * len(self.meta)
@@ -828,6 +1003,7 @@ class Trajectory:
         self._first_order = {}
         self.meta = []
         self._pending = []
+        self._restored, self._absent, self._stored = {}, set(), []
         self._last = None
         self._current = {}
         self._state = {}
@@ -836,6 +1012,8 @@ class Trajectory:
 
     def _step(self, m: int) -> _Step:
         self.check_alive()
+        if m in self._absent:
+            self.restore(m, m)
         step = self._steps.get(m)
         if step is None:
             raise RuntimeError(
@@ -887,6 +1065,12 @@ def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
             "from the model the closure receives (fmodel(x)), not from the original module."
         )
     return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def _nbytes(params: Params, state: State) -> int:
+    """The bytes of an iterate's tensors and its optimizer state's."""
+    leaves = list(params.values()) + pytree.tree_leaves(state)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -155,3 +155,31 @@ def test_products_benchmark_compares_the_formulations(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=60, check=False).stdout
     for flag in ("--config", "--batch", "--device", "--json", "--repeats"):
         assert flag in help_text
+
+
+def test_tiny_long_horizon_run_reports_snapshots_and_plots(tmp_path: Path) -> None:
+    """The long-horizon rows, tiny: Checkpointed with and without snapshots, the blocked Binomial
+    with and without, the exact iterate bytes of each, and the memory plot."""
+    out, plot = tmp_path / "out.json", tmp_path / "memory.png"
+    result = run_benchmark("--config", "long_horizon", "--K", "6", "12", "--repeats", "1", "--order", "2",
+                           "--block", "3", "--snapshots", "sqrt", "2", "--estimators", "checkpointed", "binomial",
+                           "--whole-levels", "off", "--tight", "off", "--baselines", "off", "--full-max-K", "6",
+                           "--plot", str(plot), "--json", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    first, second = data["cases"]
+    labels = ["Checkpointed", "Checkpointed(snapshots='sqrt')", "Checkpointed(snapshots=2)",
+              "Binomial(2, block=3)", "Binomial(2, block=3, snapshots=True)"]
+    assert [row["method"] for row in first["rows"]] == ["Full", *labels]
+    rows = {row["method"]: row for row in second["rows"]}
+    assert list(rows) == labels  # Full skipped above --full-max-K; Checkpointed is the reference
+    assert rows["Checkpointed"]["rel_error"] == 0
+    for label in labels:
+        row = rows[label]
+        assert row["failure"] is None, (label, row["failure"])
+        assert row["iterate_bytes"] > 0 and "at once" in row["notes"]
+    assert rows["Checkpointed(snapshots=2)"]["info"]["stored_iterates"] == 2
+    assert rows["Checkpointed(snapshots=2)"]["iterate_bytes"] < rows["Checkpointed"]["iterate_bytes"]
+    assert rows["Binomial(2, block=3, snapshots=True)"]["info"]["stored_iterates"] == 4
+    assert rows["Binomial(2, block=3, snapshots=True)"]["rel_error"] < 1e-3
+    assert plot.read_bytes().startswith(b"\x89PNG")

@@ -241,3 +241,14 @@ def test_a_closure_the_user_compiled_still_raises_for_second_order_estimators():
             for x, y in batches:
                 meta.step(lambda f: loss(f(x), y))
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(snapshots="sqrt"),
+                                       mg.Binomial(order=2, block=2, snapshots=True, monitor=False)], ids=repr)
+def test_snapshots_with_compiled_products(estimator):
+    """Recomputed segments feed compiled products like stored ones."""
+    model = make_model()
+    for task in tasks(2, 6, seed=14):
+        eager = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), False, task)
+        compiled = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), True, task)
+        assert relative(compiled, eager) < 1e-10

@@ -153,6 +153,27 @@ def test_first_order_row_where_it_warns_of_no_gradient_through_the_inner_loop(tm
     json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))  # strict JSON: no NaN
 
 
+def test_snapshots_run_measures_time_and_memory(tmp_path: Path) -> None:
+    """``--snapshots 3``: Checkpointed and the blocked Binomial store few iterates and give Full's
+    and Binomial's own hypergradients; the comparison table has one row per configuration."""
+    results = hc.main(["--quick", "--estimators", "checkpointed", "binomial", "--snapshots", "3",
+                       "--outer-steps", "2", "--out", str(tmp_path)])
+    rows = {row["name"]: row for row in results["rows"]}
+    assert rows["checkpointed"]["estimator"] == "Checkpointed(snapshots=3)"
+    assert rows["binomial"]["estimator"] == "Binomial(3, block=10, snapshots)"
+    memory = {row["estimator"]: row for row in results["memory"]}
+    assert list(memory) == ["Full", "Checkpointed", "Checkpointed(snapshots=3)", "Binomial(3, block=10)",
+                            "Binomial(3, block=10, snapshots)"]
+    assert memory["Checkpointed"]["stored_iterates"] == 20 and memory["Checkpointed"]["recomputed_steps"] == 0
+    lean = memory["Checkpointed(snapshots=3)"]
+    assert lean["stored_iterates"] <= 3 and lean["recomputed_steps"] == 20 and lean["error_vs_full"] < 1e-5
+    assert lean["iterate_mib"] < memory["Checkpointed"]["iterate_mib"]
+    assert memory["Binomial(3, block=10, snapshots)"]["stored_iterates"] == 2
+    assert "## Time and memory of one hypergradient" in (tmp_path / "results.md").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        hc.parse_args(["--snapshots", "0"])
+
+
 def test_quick_defaults_yield_to_explicit_flags() -> None:
     args = hc.parse_args(["--quick", "--inner-steps", "7"])
     assert args.inner_steps == 7 and args.outer_steps == hc.QUICK["outer_steps"]

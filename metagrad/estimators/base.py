@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 
 from ..optim import Params
+from ..snapshots import Schedule
 from ..trajectory import Trajectory
 
 __all__ = ["Estimator", "MetaGradientWarning", "warn"]
@@ -37,6 +38,8 @@ class Estimator(abc.ABC):
     - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
     - ``proximal``: λ of a proximal term the inner loop adds (Implicit).
     - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
+    - :meth:`snapshot_schedule`: which iterates it stores, the others recomputed when a product
+      needs them (``None``: all).
     """
 
     differentiable: bool = False
@@ -45,6 +48,12 @@ class Estimator(abc.ABC):
 
     def keep(self) -> Optional[int]:
         """How many of the most recent inner steps to store; ``None`` stores all."""
+        return None
+
+    def snapshot_schedule(self) -> Optional[Schedule]:
+        """Which iterates the inner loop stores (:mod:`metagrad.snapshots`); ``None`` stores all.
+        The trajectory recomputes the others, from the snapshot before them, for the products
+        that need them (:meth:`Trajectory.restore <metagrad.trajectory.Trajectory.restore>`)."""
         return None
 
     @abc.abstractmethod

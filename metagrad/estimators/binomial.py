@@ -63,6 +63,7 @@ import torch
 from ..linalg import norm
 from ..memory import parse_bytes
 from ..optim import Params
+from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator, check_count, clamp_to_steps, warn
 from .checkpointed import Checkpointed
@@ -110,6 +111,16 @@ class Binomial(Estimator):
     block size whenever a block's series diverges or misses ``rtol`` by ``max_order``,
     so every block meets ``rtol`` (blocks of one step are exact).
 
+    **Snapshots.** With an integer ``block=S`` and ``snapshots=True`` the inner loop stores
+    only every S-th iterate, ``φ_0, φ_S, φ_2S, …`` (with its optimizer state:
+    :mod:`metagrad.snapshots`, a fixed stride), and backward recomputes a block's iterates
+    forward from the snapshot before it just before the block's levels run, freeing them when
+    the next block no longer needs them. The blocks are laid from the last step, which the
+    inner loop does not know yet, so a block straddles at most two segments between
+    snapshots, and each segment is recomputed once (K recomputed steps, one forward and
+    gradient each). Memory: about ``(K/S + 2S)`` iterates instead of K; the result is the
+    same computation, to rounding. Needs an integer ``order`` and ``block``.
+
     **Memory budget.** With ``max_memory=B`` each backward first measures one rebuilt
     step graph (:meth:`~metagrad.trajectory.Trajectory.graph_bytes`: the bytes its
     forward pass and gradient save for backward, ``b``), then takes the largest chunk
@@ -142,12 +153,15 @@ class Binomial(Estimator):
         fallback: for ``order="auto"`` with ``block=None``, when the series diverges or
             misses ``rtol``: ``"blocked"`` (the default: ``order="auto", block="auto"``),
             ``"checkpointed"`` (exact, sequential), ``"truncated"`` or ``None`` (raise).
+        snapshots: store only each S-th iterate and recompute a block's when it runs (see
+            "Snapshots" above); needs an integer ``order`` and an integer ``block``.
     """
 
     def __init__(self, order: Union[int, str] = 2, chunk_size: Optional[int] = None, *,
                  max_memory: Union[int, str, None] = None,
                  block: Union[int, str, None] = None, monitor: bool = True, rtol: float = 1e-3,
-                 max_order: int = 8, fallback: Optional[str] = "blocked") -> None:
+                 max_order: int = 8, fallback: Optional[str] = "blocked",
+                 snapshots: bool = False) -> None:
         if isinstance(order, str) and order != "auto":
             raise TypeError(f"Binomial(order): expected an integer >= 0 or 'auto', got str {order!r}.")
         if order != "auto":
@@ -176,6 +190,19 @@ class Binomial(Estimator):
                 f"Binomial(fallback): expected one of {FALLBACKS}, got {fallback!r}."
             )
         self.fallback = fallback
+        if not isinstance(snapshots, bool):
+            raise TypeError(f"Binomial(snapshots): expected True or False, got "
+                            f"{type(snapshots).__name__} {snapshots!r}.")
+        if snapshots and (isinstance(block, str) or block is None or order == "auto"):
+            raise ValueError(
+                "Binomial(snapshots): snapshots are laid at the stride of the blocks, so they need an "
+                f"integer order and an integer block; got order={order!r}, block={block!r}. Pass "
+                "e.g. Binomial(order=2, block=20, snapshots=True)."
+            )
+        self.snapshots = snapshots
+
+    def snapshot_schedule(self) -> Optional[Schedule]:
+        return Schedule(stride=self.block) if self.snapshots else None  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         block = "" if self.block is None else f", block={self.block!r}"
@@ -185,7 +212,8 @@ class Binomial(Estimator):
             return (f"Binomial(order='auto'{block}, {chunk}, rtol={self.rtol}, "
                     f"max_order={self.max_order}, fallback={self.fallback!r})")
         monitor = "" if self.monitor else ", monitor=False"
-        return f"Binomial(order={self.order}{block}, {chunk}{monitor})"
+        snapshots = ", snapshots=True" if self.snapshots else ""
+        return f"Binomial(order={self.order}{block}, {chunk}{monitor}{snapshots})"
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
@@ -209,6 +237,7 @@ class Binomial(Estimator):
         u, products, block_norms, meta = dict(v), 0, [], []
         for span in spans:
             kept = min(order, span[1] - span[0])
+            trajectory.restore(*span)  # with snapshots: recompute the block's iterates, once
             if self.monitor or trajectory.meta:  # η needs the adjoint at every step: levels
                 u_next, norms, used, _, more = _levels(trajectory, span, u, kept, chunk)
                 block_norms.append((norms, u, kept, span))

@@ -155,6 +155,9 @@ def test_loss_and_closure_paths_agree_for_every_estimator():
     theta = [p.detach() for p in make_model().parameters()]
     expected = {
         mg.Checkpointed(): ref.exact_meta_gradient(theta, inner, query, rule, K),
+        # Snapshots: the closure path recomputes iterates; the loss path keeps every step's
+        # graph, so its iterates stay stored.
+        mg.Checkpointed(snapshots=2): ref.exact_meta_gradient(theta, inner, query, rule, K),
         mg.Truncated(2): ref.last_factors(Bs, loop.v, 2),
         mg.Binomial(2): ref.subset_sum(Bs, loop.v, 2)[0],
         mg.FirstOrder(): loop.v,
@@ -312,7 +315,8 @@ def test_override_that_changes_the_rule_kind_is_refused():
             diffopt.step(F.mse_loss(fmodel(XS), YS), override={"momentum": [0.9]})
 
 
-@pytest.mark.parametrize("estimator", [None, mg.Checkpointed(), mg.Binomial(2)], ids=repr)
+@pytest.mark.parametrize("estimator", [None, mg.Checkpointed(), mg.Checkpointed(snapshots=2), mg.Binomial(2)],
+                         ids=repr)
 def test_past_fast_weights_equal_higher_and_carry_the_meta_gradient(estimator):
     def run(library, **kwargs):
         model = make_model()
