@@ -11,7 +11,7 @@ import contextlib
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager, Optional, Union
 
 import numpy as np
@@ -28,6 +28,24 @@ def order_argument(text: str) -> Union[int, str]:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def count_argument(*words: str) -> Callable[[str], Union[int, str, None]]:
+    """An argparse type: an integer >= 1, or one of ``words`` (``"none"`` reads as ``None``)."""
+    accepted = " or ".join(repr(w) for w in words)
+
+    def parse(text: str) -> Union[int, str, None]:
+        if text in words:
+            return None if text == "none" else text
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1 or {accepted}, got {text!r}")
+        return value
+
+    return parse
 
 
 #: ``--threads`` help, shared by the examples.

@@ -116,7 +116,7 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import (WarningCounts, add_threads_argument, counting_warnings, order_argument,  # noqa: E402
+from cli import (WarningCounts, add_threads_argument, count_argument, counting_warnings, order_argument,  # noqa: E402
                  set_threads, warning_summary)
 
 ESTIMATORS = ("full", "checkpointed", "truncated", "binomial", "first_order", "implicit")
@@ -251,30 +251,10 @@ def load_split(args: argparse.Namespace) -> Split:
                  tensor(x_te - mean), tensor(y_te), classes)
 
 
-def snapshots_argument(text: str) -> Union[int, str, None]:
-    """``--snapshots``: how many iterates Checkpointed stores (an integer >= 1), ``sqrt`` or ``none``."""
-    if text in ("none", "sqrt"):
-        return None if text == "none" else text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, 'sqrt' or 'none', got {text!r}")
-    return value
-
-
-def block_argument(text: str) -> Union[int, str, None]:
-    """``--block``: a block size (an integer >= 1), ``none`` or ``auto``."""
-    if text in ("none", "auto"):
-        return None if text == "none" else text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, 'none' or 'auto', got {text!r}")
-    return value
+#: ``--snapshots``: how many iterates Checkpointed stores (an integer >= 1), ``sqrt`` or ``none``.
+snapshots_argument = count_argument("sqrt", "none")
+#: ``--block``: a block size (an integer >= 1), ``none`` or ``auto``.
+block_argument = count_argument("none", "auto")
 
 
 # -------------------------------------------------------------------------- model
