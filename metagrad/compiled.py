@@ -126,6 +126,9 @@ class Compiler:
         #: eager. Looked up once per trajectory, so that a step pays for one call.
         self._inner: dict[Any, Any] = {}
         self._products: dict[Any, Any] = {}
+        #: What ran compiled: inner steps, and step products (rows of vmapped calls counted
+        #: one each); ``meta.info["compiled"]`` reports it.
+        self.counts = {"inner_steps": 0, "products": 0}
 
     def refuse(self, key: Any, closure_key: Any, error: BaseException) -> None:
         """Run the piece ``key`` eagerly from now on, and warn once per closure why."""
@@ -157,6 +160,7 @@ class Compiler:
             self._inner[key] = None
             self.refuse(entry_key, key, error)
             return None
+        self.counts["inner_steps"] += 1
         return loss, dict(grads)
 
     def _inner_function(self, trajectory: "Trajectory", key: Any, params: dict[str, torch.Tensor],
@@ -225,6 +229,7 @@ class Compiler:
             self._products[memo] = None
             self.refuse(key, template.key, error)
             return None
+        self.counts["products"] += len(steps)
         state_out: Optional[list[Any]] = None
         if carry:
             state_out = [None] * len(leaves)

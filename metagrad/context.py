@@ -81,6 +81,8 @@ class MetaGradient:
             functions are reused by later blocks, tasks of the same shapes compile nothing).
             What cannot be compiled runs eagerly with one warning saying why. Full runs eagerly
             (its graph is differentiated twice); Checkpointed is the compiled exact path.
+            ``meta.info["compiled"]`` counts the inner steps and step products that ran
+            compiled (each closure's first step in a block runs eagerly: it finds η).
 
     Closures and replay: an estimator that rebuilds steps calls a copy of the closure
     frozen at its step, with the values it captured then (a loop's ``xb, yb``), and with
@@ -368,6 +370,8 @@ class _Snapshot:
         self.trajectory.forget()  # runs the replay checks still queued (metagrad.replay)
         storage = self.trajectory.storage()
         storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
+        if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
+            storage["compiled"] = dict(self.trajectory.compiler.counts)
         self.end({**info, **storage, "meta_parameters": self.meta_names})
         # No path from the query reaches θ_n when the query does not use φ_K[n] and the
         # estimate for it is structurally zero (an inner-only parameter that nothing couples

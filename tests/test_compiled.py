@@ -46,8 +46,10 @@ def tasks(count: int, steps: int, seed: int, dtype: torch.dtype = DT) -> list[tu
 
 
 def meta_gradient(model: torch.nn.Module, estimator: mg.Estimator, rule, compile: bool, task,
-                  lam: torch.Tensor | None = None, adapt=None) -> torch.Tensor:
-    """One meta-gradient from the context manager: the loop a user writes."""
+                  lam: torch.Tensor | None = None, adapt=None, random: bool = False) -> torch.Tensor:
+    """One meta-gradient from the context manager: the loop a user writes. With ``compile``,
+    also checks that the inner steps after the first ran compiled, and the products if the
+    estimator computes any (none of either for a closure that draws ``random`` numbers)."""
     batches, xq, yq = task
     extra = [] if lam is None else [lam]
     for p in [*model.parameters(), *extra]:
@@ -59,6 +61,14 @@ def meta_gradient(model: torch.nn.Module, estimator: mg.Estimator, rule, compile
             else:
                 meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
         ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    if compile and not isinstance(estimator, mg.Full):
+        counts = meta.info["compiled"]
+        if random:
+            assert counts == {"inner_steps": 0, "products": 0}, counts
+            return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert counts["inner_steps"] == len(batches) - 1, counts
+        if meta.info.get("hessian_vector_products") and not isinstance(estimator, mg.Implicit):
+            assert counts["products"] > 0, counts
     grads = [p.grad for p in [*model.parameters(), *extra]]
     return torch.cat([torch.zeros(1, dtype=xq.dtype) if g is None else g.reshape(-1) for g in grads])
 
@@ -184,7 +194,7 @@ def test_dropout_steps_are_replayed_eagerly():
     results = []
     for compile in (False, True):
         torch.manual_seed(1)
-        results.append(meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), compile, task))
+        results.append(meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), compile, task, random=True))
     assert relative(results[1], results[0]) < 1e-10
 
 
@@ -252,3 +262,40 @@ def test_snapshots_with_compiled_products(estimator):
         eager = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), False, task)
         compiled = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), True, task)
         assert relative(compiled, eager) < 1e-10
+
+
+class Tied(torch.nn.Module):
+    """One layer used twice, a BatchNorm in training mode, and a buffer the forward reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 1)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        h = torch.tanh(self.inner(self.norm(h)))  # the same layer again
+        return self.head(h) * self.scale
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.Binomial(order=2, monitor=False)], ids=repr)
+def test_shared_layers_batchnorm_and_buffers(estimator):
+    torch.manual_seed(0)
+    model = Tied().to(DT)
+    g = torch.Generator().manual_seed(15)
+    batches = [(torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 1, generator=g, dtype=DT)) for _ in range(3)]
+    xq, yq = torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 1, generator=g, dtype=DT)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    results = []
+    for compile in (False, True):
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator, compile=compile) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+        results.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert relative(results[1], results[0]) < 1e-10
+    assert all(p is model.get_parameter(n) and torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert model.norm.num_batches_tracked.item() == 0  # buffers never written
