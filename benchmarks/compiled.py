@@ -428,6 +428,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
                         help="sinusoid: the 1-40-40-1 MLP; omniglot: CNN4 on 28×28 5-way 1-shot "
                              "(benchmarks.estimators' configs; no JAX row)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="KEY",
+                        help="run only the rows with these keys (e.g. eager_full compiled_checkpointed; "
+                             "the JSON names every row's key); eager_full always runs, as the reference")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per row after a warm-up, at least 7 (default 11; --quick: 7)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (and XLA's, for JAX)")
@@ -500,6 +503,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for steps in args.steps:
         batch = make_batch(steps, args.seed, args.config)
         rows = build_rows(batch, args.compile, jax, jax_note)
+        if args.rows is not None:
+            rows = [r for r in rows if r.key in args.rows or r.key == "eager_full"]
         measure(rows, args.repeats)
         table = rows_json(rows)
         print(f"\n#### {CONFIGS[args.config].description}, K = {steps}, α = {LR}, meta-batch {META_BATCH}, "

@@ -1,7 +1,7 @@
 """Where the time of ``MetaGradient(compile=True)`` goes, by cProfile.
 
-One sinusoid-MAML meta-batch (benchmarks.compiled's problem: 1-40-40-1 MLP, meta-batch 4,
-float32, one thread) with a compiled estimator, profiled over ``--runs`` meta-batches after two
+One MAML meta-batch of benchmarks.compiled's problem (``--config sinusoid``: the 1-40-40-1
+MLP; ``omniglot``: CNN4 on 28×28 5-way 1-shot; meta-batch 4, float32, one thread) with a compiled estimator, profiled over ``--runs`` meta-batches after two
 warm-ups (compiling). The profiler's own overhead inflates Python-heavy parts, so the shares
 are approximate; the absolute times are not the benchmark's. Shares of the profiled time:
 
@@ -52,12 +52,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled_profile", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default="checkpointed")
+    parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
+                        help="benchmarks.compiled's problem: the sinusoid MLP or CNN4 on 28×28 5-way 1-shot")
     parser.add_argument("--steps", type=int, default=5, help="inner steps K")
     parser.add_argument("--runs", type=int, default=20, help="profiled meta-batches")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    batch = make_batch(args.steps, 0)
+    batch = make_batch(args.steps, 0, args.config)
     run = eager_metagradient(batch, ESTIMATORS[args.estimator](args.steps), compile=True)
     run()
     run()
@@ -69,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     result = shares(pstats.Stats(profile))
     total = result["total_s"]
     rest = total - result["kernels_s"] - result["wrappers_s"]
-    print(f"{args.estimator}, K = {args.steps}, {args.runs} meta-batches, torch threads {torch.get_num_threads()}: "
+    print(f"{args.config}, {args.estimator}, K = {args.steps}, {args.runs} meta-batches, torch threads {torch.get_num_threads()}: "
           f"{1e3 * total / args.runs:.2f} ms per meta-batch under the profiler")
     for label, seconds in (("compiled kernels", result["kernels_s"]), ("compiled-call wrappers", result["wrappers_s"]),
                            ("eager ops and Python", rest)):
