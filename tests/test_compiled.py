@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metagrad as mg
+import metagrad.compiled as compiled_cache
 from metagrad.compiled import clear_cache
 
 DT = torch.float64
@@ -154,9 +155,11 @@ def test_new_tasks_of_the_same_shapes_do_not_recompile():
     model = make_model()
     rule = mg.optim.SGD(lr=0.05)
     meta_gradient(model, mg.Checkpointed(), rule, True, tasks(1, 3, seed=5)[0])  # compiles
+    entries = len(compiled_cache._CACHE)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for task in tasks(3, 3, seed=6):  # new data, a new rule object with the same lr
             meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), True, task)
+    assert len(compiled_cache._CACHE) == entries  # nothing new is kept per task
 
 
 def test_a_closure_that_cannot_be_compiled_runs_eagerly_with_one_warning(capsys):
