@@ -130,16 +130,20 @@ class Compiler:
         #: one each); ``meta.info["compiled"]`` reports it.
         self.counts = {"inner_steps": 0, "products": 0}
 
-    def refuse(self, key: Any, closure_key: Any, error: BaseException) -> None:
-        """Run the piece ``key`` eagerly from now on, and warn once per closure why."""
+    def refuse(self, key: Any, closure_key: Any, error: BaseException, rule: Any = None) -> None:
+        """Run the piece ``key`` eagerly from now on, and warn once per closure why. ``rule``:
+        the update rule, for a step product (the step is the closure's gradient and the rule)."""
         _REFUSED[key] = f"{type(error).__name__}: {_first_line(error)}"
         if closure_key not in _WARNED:
             _WARNED.add(closure_key)
+            what = ("this closure's inner steps cannot be compiled in one graph, so they run eagerly"
+                    if rule is None else
+                    f"the step products of this closure with the update rule {rule!r} cannot be compiled "
+                    "in one graph, so they run eagerly")
             self._warn(
-                "compile=True: this closure cannot be compiled in one graph, so its inner steps or "
-                f"their products run eagerly ({_REFUSED[key]}). Python side effects that torch.compile "
-                "cannot trace (print, .item(), control flow on a tensor's value), or an unsupported op, "
-                "cause this; the meta-gradient is the same.")
+                f"compile=True: {what} ({_REFUSED[key]}). Python side effects that torch.compile cannot "
+                "trace (print, .item(), control flow on a tensor's value), an unsupported op, or an "
+                "update rule torch.compile cannot trace cause this; the meta-gradient is the same.")
 
     # ------------------------------------------------------------------ the inner step
     def inner_grad(self, trajectory: "Trajectory", closure: Callable[..., torch.Tensor],
@@ -227,7 +231,7 @@ class Compiler:
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta, leaves)
         except Exception as error:
             self._products[memo] = None
-            self.refuse(key, template.key, error)
+            self.refuse(key, template.key, error, first.rule)
             return None
         self.counts["products"] += len(steps)
         state_out: Optional[list[Any]] = None
@@ -327,7 +331,7 @@ class Compiler:
         try:
             compiled = _cached(key, build)
         except Exception as error:  # the closure's loss could not be traced
-            self.refuse(key, template.key, error)
+            self.refuse(key, template.key, error, first.rule)
             return None
         return key, compiled, explicit, fixed, varied
 

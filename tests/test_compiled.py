@@ -302,3 +302,27 @@ def test_shared_layers_batchnorm_and_buffers(estimator):
     assert relative(results[1], results[0]) < 1e-10
     assert all(p is model.get_parameter(n) and torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
     assert model.norm.num_batches_tracked.item() == 0  # buffers never written
+
+
+def test_torchopt_rules_compile_or_fall_back_with_one_warning():
+    """torchopt's sgd compiles; its adam updates its state in place, which a compiled vjp cannot
+    trace: the products run eagerly, with one warning naming the rule, and the same answer."""
+    torchopt = pytest.importorskip("torchopt")
+    model = make_model()
+    task = tasks(1, 3, seed=16)[0]
+    for rule in (torchopt.sgd(lr=0.05), torchopt.sgd(lr=0.05, momentum=0.9)):
+        assert relative(meta_gradient(model, mg.Checkpointed(), rule, True, task),
+                        meta_gradient(model, mg.Checkpointed(), rule, False, task)) < 1e-10
+    clear_cache()
+    rule = torchopt.adam(lr=0.01)
+    eager = meta_gradient(model, mg.Checkpointed(), rule, False, task)
+    with pytest.warns(mg.MetaGradientWarning, match="step products of this closure with the update rule") as record:
+        model.zero_grad(set_to_none=True)
+        batches, xq, yq = task
+        with mg.MetaGradient(model, rule, estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    assert len([w for w in record if "compile=True" in str(w.message)]) == 1
+    compiled = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert relative(compiled, eager) < 1e-10
