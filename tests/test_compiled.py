@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 import metagrad as mg
 import metagrad.compiled as compiled_cache
-from metagrad.compiled import clear_cache
 
 DT = torch.float64
 HIDDEN = 8
@@ -178,7 +177,6 @@ def test_a_closure_that_cannot_be_compiled_runs_eagerly_with_one_warning(capsys)
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
-    clear_cache()
     eager = run(False)
     with pytest.warns(mg.MetaGradientWarning, match="compile=True") as record:
         compiled = run(True)
@@ -313,7 +311,6 @@ def test_torchopt_rules_compile_or_fall_back_with_one_warning():
     for rule in (torchopt.sgd(lr=0.05), torchopt.sgd(lr=0.05, momentum=0.9)):
         assert relative(meta_gradient(model, mg.Checkpointed(), rule, True, task),
                         meta_gradient(model, mg.Checkpointed(), rule, False, task)) < 1e-10
-    clear_cache()
     rule = torchopt.adam(lr=0.01)
     eager = meta_gradient(model, mg.Checkpointed(), rule, False, task)
     with pytest.warns(mg.MetaGradientWarning, match="step products of this closure with the update rule") as record:
