@@ -119,7 +119,9 @@ def test_anil_and_learned_step_sizes():
 
 
 @settings(max_examples=5, deadline=None)
-@given(steps=st.integers(1, 5), lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16))
+# The step size is a constant of the compiled step (the cache is keyed on it), so a few values
+# are drawn from, not a continuum: each new value would compile again.
+@given(steps=st.integers(1, 5), lr=st.sampled_from([0.02, 0.1, 0.2]), seed=st.integers(0, 2**16))
 def test_checkpointed_compiled_equals_a_hand_unrolled_loop(steps, lr, seed):
     model = make_model()
     task = tasks(1, steps, seed)[0]
