@@ -55,6 +55,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, _frozen_buffers
+from .replay import _value_key as replay_value_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trajectory import Trajectory, _Step
@@ -98,15 +99,15 @@ def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _value_key(value: Any) -> Any:
+    """:func:`metagrad.replay._value_key` (numbers by value, objects by identity), with tensors
+    by identity and containers (a per-parameter step-size dict) entry by entry."""
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
-    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
-        return ("value", type(value), value)
     if isinstance(value, dict):
         return ("dict", tuple((k, _value_key(v)) for k, v in value.items()))
     if isinstance(value, (tuple, list)):
         return ("seq", tuple(_value_key(v) for v in value))
-    return ("object", id(value))
+    return replay_value_key(value)
 
 
 def rule_key(rule: Any) -> Any:

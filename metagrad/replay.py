@@ -311,8 +311,7 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
         bound = rtol * length[row] + 16 * eps * size[row]
         bad = not mismatch[row] <= bound  # NaN fails too
         if losses is not None:
-            new_loss, old_loss = values[3][row], values[4][row]
-            bad = bad or not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss)
+            bad = bad or not _loss_agrees(values[3][row], values[4][row], rtol, eps)
         if bad:
             failed.append((row, bound))
     if not failed or not raising:
@@ -339,10 +338,15 @@ def check_losses(steps: Sequence[int], rebuilt: torch.Tensor, recorded: torch.Te
     for row, (new_loss, old_loss) in enumerate(zip(new, old)):
         if not math.isfinite(old_loss):
             continue  # the step taken was not finite (check_finite=False)
-        if not abs(new_loss - old_loss) <= (rtol + 16 * eps) * abs(old_loss):
+        if not _loss_agrees(new_loss, old_loss, rtol, eps):
             found = f"recomputed loss {new_loss:.10g}, recorded {old_loss:.10g}"
             raise _mismatch(steps[row], found + _since(recomputed_from, steps[row]),
                             None if closures is None else closures[row])
+
+
+def _loss_agrees(new: float, old: float, rtol: float, eps: float) -> bool:
+    """``|L(rebuilt) − L(recorded)| ≤ (rtol + 16·ε)·|L(recorded)|`` (NaN fails)."""
+    return abs(new - old) <= (rtol + 16 * eps) * abs(old)
 
 
 def _since(first: Optional[int], which: int) -> str:
