@@ -98,6 +98,20 @@ class Lifetime:
 
 
 @dataclass
+class _Seen:
+    """What the first step of a closure (by :attr:`~metagrad.replay.Frozen.key`) showed; its
+    later steps take their gradient by a compiled call (``compile=True``) unless ``compiled``
+    or ``random``."""
+
+    #: Its loss came through a ``torch.compile``'d function of the user's (no second derivative).
+    compiled: bool
+    #: The fast weights its loss uses.
+    used: tuple[str, ...]
+    #: A step of it drew random numbers (its replay must be eager).
+    random: bool = False
+
+
+@dataclass
 class _Step:
     """What rebuilds inner step k: the iterate it starts from, the state, and either the
     closure, frozen at the step (the step graph is rebuilt on demand), or the step's kept
@@ -182,10 +196,6 @@ class Trajectory:
         self.check_finite = check_finite
         self.replay_rtol = replay_rtol
         self.compiler = compiler
-        #: Per closure key: the fast weights its loss uses, and whether it draws random numbers
-        #: (from its first, eager, step; a compiled inner step needs both).
-        self._key_used: dict[Any, tuple[str, ...]] = {}
-        self._key_random: set[Any] = set()
         self._steps: dict[int, _Step] = {}
         self._length = 0
         #: The last step taken, kept whatever ``keep`` is (Implicit's Hessian is its loss at φ_K).
@@ -198,8 +208,8 @@ class Trajectory:
         self._device = next(iter(theta.values())).device if theta else torch.device("cpu")
         #: The names of the fast weights that some inner step's loss depended on.
         self.used: set[str] = set()
-        #: Per closure key: whether its loss came through a compiled function (looked at once).
-        self._compiled: dict[Any, bool] = {}
+        #: Per closure key: what its first step showed (:class:`_Seen`; the graph is looked at once).
+        self._seen: dict[Any, _Seen] = {}
         #: The meta-parameters η: every tensor besides the fast weights that requires grad and
         #: that an inner step depends on (see :meth:`_discover`), with a description of each.
         self.meta: list[torch.Tensor] = []
@@ -281,13 +291,13 @@ class Trajectory:
             frozen = freeze(closure)
             rng = RandomState.capture(self._device)
         grads = None
-        if frozen is not None and self._compilable(frozen.key):
-            out = self.compiler.inner_grad(self, closure, frozen.key, params,  # type: ignore[union-attr]
-                                           self._key_used[frozen.key])
+        seen = None if frozen is None else self._seen.get(frozen.key)
+        if self.compiler is not None and seen is not None and not seen.compiled and not seen.random:
+            out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)  # type: ignore[union-attr]
             if out is not None and rng is not None and rng.changed():
                 # It drew random numbers inside compiled code, which an eager replay cannot
                 # reproduce: the step is taken again eagerly, from the same generator states.
-                self._key_random.add(frozen.key)
+                seen.random = True
                 rng.restore()
                 out = None
             if out is not None:
@@ -300,13 +310,6 @@ class Trajectory:
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
                                grads=grads)
         return loss
-
-    def _compilable(self, key: Any) -> bool:
-        """Whether a step of the closure with this key can take its gradient by a compiled call:
-        a compiler is set, and the closure's first step (eager) was seen, did not draw random
-        numbers, and did not come through a function the user compiled."""
-        return (self.compiler is not None and key in self._compiled and not self._compiled[key]
-                and key not in self._key_random)
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -341,30 +344,23 @@ class Trajectory:
         if not self.differentiable:
             params = {n: t.detach() for n, t in params.items()}
             grads = {n: g.detach() for n, g in grads.items()}
-        # The rule runs with grad enabled where it may hold its own η (a step size that
-        # requires grad): its inputs are detached, so the graph reaches only those. A rule seen
-        # before without any runs without.
-        seen = self._rules_seen.get(id(rule))
-        rule_meta = None if seen is None else seen[1]
-        with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
-            if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
-                grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
-            new_params, new_state = rule.step(params, grads, self._state)
+        seen_rule = self._rules_seen.get(id(rule))  # whether the rule holds η of its own, once known
+        rule_meta = None if seen_rule is None else seen_rule[1]
         used = tuple(grads)
+        new_params, new_state = self._update(rule, params, grads, self._state, rule_meta)
         self.used.update(used)
         modes = self._modes()
         autocast = _autocast_dtype(self._device.type)
         is_compiled = False
         if not self.differentiable:
-            if closure is None or closure.key not in self._compiled:
+            seen = None if closure is None else self._seen.get(closure.key)
+            if seen is None:
                 found = self._discover(loss, inputs, closure)
                 if closure is not None:
-                    self._compiled[closure.key] = found
-            is_compiled = self._compiled[closure.key] if closure is not None else False
-            if closure is not None:
-                self._key_used.setdefault(closure.key, used)
-                if rng is not None:
-                    self._key_random.add(closure.key)
+                    seen = self._seen[closure.key] = _Seen(compiled=found, used=used)
+            if seen is not None:
+                is_compiled = seen.compiled
+                seen.random = seen.random or rng is not None
             if rule_meta is None:
                 rule_meta = any(t.requires_grad for t in new_params.values())
                 self._rules_seen[id(rule)] = (rule, rule_meta)  # the rule is kept: its id stays its own
@@ -373,9 +369,7 @@ class Trajectory:
                                    rule=True, names=_step_size_names(rule))
             if rule_meta:
                 self._first_order[k] = new_params
-                new_params = {n: t.detach() for n, t in new_params.items()}
-                new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
-                                            new_state)
+                new_params, new_state = _detached(new_params, new_state)
         step = _Step(params=self._current,  # detached unless differentiable
                      state=self._state, closure=closure, rule=rule, used=used,
                      loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
@@ -395,6 +389,18 @@ class Trajectory:
         self._length += 1
         self._current, self._state = new_params, new_state
         return loss.detach()
+
+    def _update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
+                rule_meta: Optional[bool]) -> tuple[Params, State]:
+        """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (the
+        Implicit estimator's inner problem). It runs with grad enabled where the rule may hold
+        η of its own (a step size that requires grad; ``rule_meta`` not known yet, or true):
+        its inputs are detached, so the graph reaches only those. A rule seen before without
+        any runs without."""
+        with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
+            if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
+                grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
+            return rule.step(params, grads, state)
 
     # ------------------------------------------------------------------ snapshots
     def _hold(self, step: _Step, sign: int) -> None:
@@ -490,17 +496,12 @@ class Trajectory:
             with torch.enable_grad():
                 loss, grads = self._rebuild(m, step, leaves, create_graph=False)
             losses.append(loss.detach())
-            if self.proximal is not None:  # as in the inner loop (_take_step)
-                grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             rule_meta = self._rules_seen[id(step.rule)][1]
-            with torch.set_grad_enabled(rule_meta):
-                new_params, new_state = step.rule.step(params, grads, state)
+            new_params, new_state = self._update(step.rule, params, grads, state, rule_meta)
             if rule_meta:
                 if m not in self._first_order:  # a snapshot keeps the inner loop's own
                     self._first_order[m] = new_params
-                new_params = {n: t.detach() for n, t in new_params.items()}
-                new_state = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
-                                            new_state)
+                new_params, new_state = _detached(new_params, new_state)
             params, state = new_params, new_state
         self._restored[start] = filled
         self.recomputed_steps += end - start
@@ -1065,6 +1066,12 @@ def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
             "from the model the closure receives (fmodel(x)), not from the original module."
         )
     return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def _detached(params: Params, state: State) -> tuple[Params, State]:
+    """An update's fast weights and state without the graph to the rule's step sizes."""
+    return ({n: t.detach() for n, t in params.items()},
+            pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state))
 
 
 def _nbytes(params: Params, state: State) -> int:
