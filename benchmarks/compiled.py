@@ -1,22 +1,27 @@
 """Eager metagrad against ``mg.functional.meta_grad`` under vmap and torch.compile, torch.func and JAX.
 
-One meta-iteration of sinusoid MAML (benchmarks.estimators' ``sinusoid`` config: 1-40-40-1
-ReLU MLP, 10-shot support, 10 query points), a meta-batch of 4 tasks, K inner SGD steps of
-α = 0.01, float32: the exact second-order meta-gradient of the meta-batch (the mean over its
-tasks of ∇_θ L_query(φ_K(θ))), no outer step. Side by side in one process, one torch thread
+One meta-iteration of MAML (benchmarks.estimators' ``sinusoid`` config, a 1-40-40-1 ReLU MLP
+with 10-shot support and 10 query points; or, with ``--config omniglot``, CNN4 on 28×28 5-way
+1-shot), a meta-batch of 4 tasks, K inner SGD steps of α = 0.01, float32: the meta-gradient of
+the meta-batch (the mean over its tasks of ∇_θ L_query(φ_K(θ))), no outer step. Side by side in one process, one torch thread
 by default, each row timed ``--repeats`` times after a warm-up, the rows interleaved round by
 round so that a change of load hits all of them alike:
 
 - eager metagrad, the context manager ``mg.MetaGradient`` over the tasks with Full (the
-  reference every ratio and error is taken against) and Checkpointed;
+  reference every ratio and error is taken against), Checkpointed, Truncated(2), FirstOrder,
+  Binomial(3) and Implicit; and the same estimators but Full with ``compile=True``;
 - the plain eager unroll: a hand-written autograd loop with ``create_graph=True``;
 - ``mg.functional.meta_grad`` under ``torch.func.vmap`` over the meta-batch, eager and under
   ``torch.compile`` (inductor), with Full and Checkpointed;
 - hand-written torch.func: ``torch.func.grad`` of the unrolled loss, vmapped over the tasks,
   eager and under ``torch.compile``;
+- a loop form that does not unroll: Checkpointed's sweep with ``torch._higher_order_ops.scan``,
+  compiled, one call per task (:func:`scan_checkpointed`);
 - JAX: ``jit`` of ``vmap`` over the tasks of ``grad`` of a ``lax.scan`` over the inner steps,
   on the CPU in float32, when ``jax`` is importable (``pip install jax``; not a dependency of
-  metagrad).
+  metagrad), for the sinusoid only.
+
+``--rows`` runs a subset (by the keys the JSON names).
 
 A compiled row's first call (tracing and compiling, then one run) is reported in its own
 column. ``--cold`` points ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary directory first, so
@@ -417,11 +422,11 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compiled",
-        description="One meta-iteration of sinusoid MAML (meta-batch 4, float32, exact second-order "
-                    "meta-gradient): eager metagrad (Full, Checkpointed), a plain autograd unroll, "
+        description="One meta-iteration of MAML (meta-batch 4, float32): metagrad's context manager "
+                    "with every estimator, eager and with compile=True, a plain autograd unroll, "
                     "mg.functional.meta_grad under vmap eager and under torch.compile, hand-written "
-                    "torch.func eager and compiled, and JAX jit (when installed), side by side in "
-                    "one process, as ratios to eager Full.",
+                    "torch.func eager and compiled, a scan loop form, and JAX jit (when installed), "
+                    "side by side in one process, as ratios to eager Full.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="numbers of inner SGD steps K (default 5 20; --quick: 2)")
