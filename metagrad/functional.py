@@ -199,8 +199,14 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
     """
     from .estimators.base import check_count
     from .estimators.full import Full
+    from .optim import check_update_rule
     from .pure import PureTrajectory, check_estimator, unroll
 
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
+                        f"{type(loss_fn).__name__}.")
+    _check_params(params)
+    check_update_rule(inner_opt, model=False)
     check_count(steps, "steps", minimum=0)
     estimator = check_estimator(estimator)
     theta = dict(params)
@@ -214,3 +220,29 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
         v = torch.func.grad(lambda phi: loss_fn(phi, query))(trajectory.current)
         g, _, _ = estimator.backward(trajectory, steps, dict(v))  # type: ignore[arg-type]
     return {n: g[n] for n in theta}
+
+def _check_params(params: Any) -> None:
+    """``params`` of :func:`meta_grad`: a flat, non-empty mapping from names to floating-point
+    tensors."""
+    accepted = ("a flat mapping from parameter names to tensors, e.g. "
+                "{n: p.detach() for n, p in model.named_parameters()}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected {accepted}; got {type(params).__name__}.")
+    if not params:
+        raise ValueError(f"params: empty; expected {accepted}.")
+    for name, value in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"params: names must be strings, got the key {name!r} "
+                            f"({type(name).__name__}); expected {accepted}.")
+        if isinstance(value, Mapping):
+            raise TypeError(
+                f"params[{name!r}]: a nested mapping; params must be flat. Join the names with "
+                f"dots instead, e.g. {{'{name}.{next(iter(value), 'weight')}': tensor}} for "
+                f"{{'{name}': {{'{next(iter(value), 'weight')}': tensor}}}}."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"params[{name!r}]: expected a tensor, got {type(value).__name__}; "
+                            f"params must be {accepted}.")
+        if not value.is_floating_point():
+            raise TypeError(f"params[{name!r}]: expected a floating-point tensor (it is "
+                            f"differentiated), got dtype {value.dtype}.")

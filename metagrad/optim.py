@@ -29,7 +29,8 @@ import torch
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
-__all__ = ["UpdateRule", "SGD", "Momentum", "Adam"]
+__all__ = ["UpdateRule", "SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "RULES",
+           "check_update_rule"]
 
 
 @runtime_checkable
@@ -205,13 +206,8 @@ class Adam:
     def __init__(self, lr: LearningRate = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.lr = _check_learning_rate(lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}.")
-        self.betas = (_check_unit(betas[0], "betas[0]", upper_open=True),
-                      _check_unit(betas[1], "betas[1]", upper_open=True))
-        self.eps = _check_nonnegative(eps, "eps")
-        if self.eps == 0:
-            raise ValueError("eps: expected a float > 0, got 0.")
+        self.betas = _check_betas(betas)
+        self.eps = _check_positive(eps, "eps")
         self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
 
     def __repr__(self) -> str:
@@ -227,23 +223,265 @@ class Adam:
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
-        beta1, beta2 = self.betas
-        t = state["step"] + 1
-        bias_correction1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=t.device), t)
-        bias_correction2 = 1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=t.device), t)
-        new_params, exp_avg, exp_avg_sq = {}, dict(state["exp_avg"]), dict(state["exp_avg_sq"])
+        return _adam_step(self, params, grads, state, decoupled=False)
+
+
+class AdamW:
+    """AdamW, as ``torch.optim.AdamW`` computes it (not AMSGrad), differentiably.
+
+    Adam with decoupled weight decay λ: with g ← ∇L_tr(φ) and t the step number from 1::
+
+        φ ← φ (1 − α λ)
+        m ← m + (1 − β1)(g − m)        v ← β2 v + (1 − β2) g²
+        φ ← φ − α/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+
+    The decay does not enter m and v (it does in :class:`Adam`'s ``weight_decay``). ``√v``
+    has a zero derivative at ``v = 0``, as in :class:`Adam`. Full and Checkpointed
+    differentiate through m and v exactly; Truncated and Binomial hold them constant.
+
+    Args:
+        lr: α, as for :class:`SGD` (a float or per-parameter mapping).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε > 0.
+        weight_decay: λ >= 0; 1e-2 by default, as in torch.
+    """
+
+    def __init__(self, lr: LearningRate = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        self.lr = _check_learning_rate(lr)
+        self.betas = _check_betas(betas)
+        self.eps = _check_positive(eps, "eps")
+        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+
+    def __repr__(self) -> str:
+        return (f"AdamW(lr={_lr_repr(self.lr)}, betas={self.betas}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay})")
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        _check_learning_rate_fits(self.lr, params)
+        return {"step": _step_counter(params),
+                "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
+                "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+
+    def step(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
+    ) -> tuple[Params, State]:
+        return _adam_step(self, params, grads, state, decoupled=True)
+
+
+def _adam_step(rule: Union[Adam, AdamW], params: Mapping[str, torch.Tensor],
+               grads: Mapping[str, torch.Tensor], state: State, *, decoupled: bool
+               ) -> tuple[Params, State]:
+    """One step of :class:`Adam` (weight decay added to g) or :class:`AdamW` (``decoupled``:
+    weight decay applied to φ before the update)."""
+    beta1, beta2 = rule.betas
+    t = state["step"] + 1
+    bias_correction1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=t.device), t)
+    bias_correction2 = 1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=t.device), t)
+    new_params, exp_avg, exp_avg_sq = {}, dict(state["exp_avg"]), dict(state["exp_avg_sq"])
+    for name, p in params.items():
+        g = grads.get(name)
+        if g is None:  # not in the loss: left as it is, with its moments
+            new_params[name] = p
+            continue
+        lr = _lr_for(rule.lr, name)
+        if decoupled and rule.weight_decay:
+            p = p * (1 - lr * rule.weight_decay)
+        elif rule.weight_decay:
+            g = g + rule.weight_decay * p
+        m = torch.lerp(state["exp_avg"][name], g, 1 - beta1)
+        v = beta2 * state["exp_avg_sq"][name] + (1 - beta2) * g * g
+        denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + rule.eps
+        new_params[name] = p - (lr / bias_correction1) * m / denom
+        exp_avg[name], exp_avg_sq[name] = m, v
+    return new_params, {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+class RMSprop:
+    """RMSprop, as ``torch.optim.RMSprop`` computes it, differentiably.
+
+    With ``g ← ∇L_tr(φ) + weight_decay·φ``::
+
+        v ← a v + (1 − a) g²
+        m ← m + (1 − a)(g − m),  d ← √(v − m²) + ε   if centered, else   d ← √v + ε
+        b ← μ b + g / d,  φ ← φ − α b                 if momentum μ > 0, else   φ ← φ − α g / d
+
+    The square roots have a zero derivative at 0 (a parameter whose gradient has been
+    zero), as in :class:`Adam`. The state is v, and m (``centered``) and b (``momentum``)
+    where they are used. Full and Checkpointed differentiate through it exactly;
+    Truncated and Binomial hold it constant.
+
+    Args:
+        lr: α, as for :class:`SGD` (a float or per-parameter mapping); 1e-2 by default.
+        alpha: the smoothing constant a, in [0, 1].
+        eps: ε > 0.
+        weight_decay: L2 coefficient added to the gradient, >= 0.
+        momentum: μ in [0, 1).
+        centered: normalize by an estimate of the gradient's variance instead of its second
+            moment.
+    """
+
+    def __init__(self, lr: LearningRate = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
+        self.lr = _check_learning_rate(lr)
+        self.alpha = _check_unit(alpha, "alpha")
+        self.eps = _check_positive(eps, "eps")
+        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+        self.momentum = _check_unit(momentum, "momentum", upper_open=True)
+        if not isinstance(centered, bool):
+            raise TypeError(f"centered: expected True or False, got {type(centered).__name__} {centered!r}.")
+        self.centered = centered
+
+    def __repr__(self) -> str:
+        return (f"RMSprop(lr={_lr_repr(self.lr)}, alpha={self.alpha}, eps={self.eps}, "
+                f"weight_decay={self.weight_decay}, momentum={self.momentum}, centered={self.centered})")
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        _check_learning_rate_fits(self.lr, params)
+        state: State = {"square_avg": {n: torch.zeros_like(p) for n, p in params.items()}}
+        if self.centered:
+            state["grad_avg"] = {n: torch.zeros_like(p) for n, p in params.items()}
+        if self.momentum:
+            state["momentum_buffer"] = {n: torch.zeros_like(p) for n, p in params.items()}
+        return state
+
+    def step(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
+    ) -> tuple[Params, State]:
+        alpha = self.alpha
+        new_params = {}
+        new_state = {key: dict(value) for key, value in state.items()}
         for name, p in params.items():
             g = grads.get(name)
-            if g is None:  # not in the loss: left as it is, with its moments
+            if g is None:  # not in the loss: left as it is, with its averages
                 new_params[name] = p
                 continue
             g = g + self.weight_decay * p if self.weight_decay else g
-            m = torch.lerp(state["exp_avg"][name], g, 1 - beta1)
-            v = beta2 * state["exp_avg_sq"][name] + (1 - beta2) * g * g
-            denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + self.eps
-            new_params[name] = p - (_lr_for(self.lr, name) / bias_correction1) * m / denom
-            exp_avg[name], exp_avg_sq[name] = m, v
-        return new_params, {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            v = alpha * state["square_avg"][name] + (1 - alpha) * g * g
+            new_state["square_avg"][name] = v
+            if self.centered:
+                m = torch.lerp(state["grad_avg"][name], g, 1 - alpha)
+                new_state["grad_avg"][name] = m
+                avg = _safe_sqrt(v - m * m) + self.eps
+            else:
+                avg = _safe_sqrt(v) + self.eps
+            if self.momentum:
+                b = self.momentum * state["momentum_buffer"][name] + g / avg
+                new_state["momentum_buffer"][name] = b
+                new_params[name] = p - _lr_for(self.lr, name) * b
+            else:
+                new_params[name] = p - _lr_for(self.lr, name) * (g / avg)
+        return new_params, new_state
+
+
+class Adagrad:
+    """Adagrad, as ``torch.optim.Adagrad`` computes it, differentiably.
+
+    With ``g ← ∇L_tr(φ) + weight_decay·φ`` and t the step number from 1::
+
+        s ← s + g²
+        φ ← φ − α / (1 + (t − 1)·lr_decay) · g / (√s + ε)
+
+    s starts at ``initial_accumulator_value``. ``√s`` has a zero derivative at 0, as in
+    :class:`Adam`. The state is the step count and s. Full and Checkpointed differentiate
+    through s exactly; Truncated and Binomial hold it constant.
+
+    Args:
+        lr: α, as for :class:`SGD` (a float or per-parameter mapping); 1e-2 by default.
+        lr_decay: >= 0.
+        weight_decay: L2 coefficient added to the gradient, >= 0.
+        initial_accumulator_value: s at the start, >= 0.
+        eps: ε > 0; 1e-10 by default, as in torch.
+    """
+
+    def __init__(self, lr: LearningRate = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
+        self.lr = _check_learning_rate(lr)
+        self.lr_decay = _check_nonnegative(lr_decay, "lr_decay")
+        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
+        self.initial_accumulator_value = _check_nonnegative(initial_accumulator_value,
+                                                            "initial_accumulator_value")
+        self.eps = _check_positive(eps, "eps")
+
+    def __repr__(self) -> str:
+        return (f"Adagrad(lr={_lr_repr(self.lr)}, lr_decay={self.lr_decay}, "
+                f"weight_decay={self.weight_decay}, "
+                f"initial_accumulator_value={self.initial_accumulator_value}, eps={self.eps})")
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        _check_learning_rate_fits(self.lr, params)
+        return {"step": _step_counter(params),
+                "sum": {n: torch.full_like(p, self.initial_accumulator_value) for n, p in params.items()}}
+
+    def step(
+        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
+    ) -> tuple[Params, State]:
+        t = state["step"] + 1
+        decay = 1 + (t.to(torch.float64) - 1) * self.lr_decay if self.lr_decay else None
+        new_params, sums = {}, dict(state["sum"])
+        for name, p in params.items():
+            g = grads.get(name)
+            if g is None:  # not in the loss: left as it is, with its sum
+                new_params[name] = p
+                continue
+            g = g + self.weight_decay * p if self.weight_decay else g
+            s = state["sum"][name] + g * g
+            lr = _lr_for(self.lr, name)
+            lr = lr if decay is None else lr / decay
+            new_params[name] = p - lr * (g / (_safe_sqrt(s) + self.eps))
+            sums[name] = s
+        return new_params, {"step": t, "sum": sums}
+
+
+#: The update rules this module defines, named in errors that suggest one.
+RULES = ("SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad")
+
+
+def check_update_rule(rule: Any, argument: str = "inner_opt", *, model: bool = True) -> None:
+    """Raise a ``TypeError`` naming ``argument`` unless ``rule`` is an update rule: an object
+    with ``init()`` and ``step()``. A ``torch.optim`` optimizer, or a class, is refused with
+    the metagrad rule to use instead (one of :data:`RULES`). ``model``: the caller has a
+    model, so wrapping the optimizer with ``metagrad.adapters.higher.update_rule`` is offered
+    too."""
+    if isinstance(rule, torch.optim.Optimizer) or (
+            isinstance(rule, type) and issubclass(rule, torch.optim.Optimizer)):
+        what = "class" if isinstance(rule, type) else "optimizer"
+        name = rule.__name__ if isinstance(rule, type) else type(rule).__name__
+        wrap = (f", or wrap {'an instance' if what == 'class' else 'it'} with "
+                "metagrad.adapters.higher.update_rule(optimizer, model)" if model else "")
+        raise TypeError(
+            f"{argument}: got the torch.optim {what} {name}, which updates in place and cannot "
+            f"be differentiated. Use {_twin(rule)}{wrap}."
+        )
+    if isinstance(rule, type):
+        example = f"mg.optim.{rule.__name__}(lr=0.01)" if rule.__name__ in RULES and \
+            globals().get(rule.__name__) is rule else f"{rule.__name__}(...)"
+        raise TypeError(f"{argument}: got the class {rule.__name__}; pass an instance, e.g. {example}.")
+    if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "step", None))):
+        raise TypeError(
+            f"{argument}: expected an update rule with init() and step(), such as "
+            f"mg.optim.SGD(lr=0.01), got {type(rule).__name__}. metagrad's rules: "
+            f"{', '.join('mg.optim.' + r for r in RULES)}."
+        )
+
+
+def _twin(optimizer: Any) -> str:
+    """The metagrad rule that computes what a torch.optim optimizer (or class) computes, as
+    code to write; where there is none, the list of metagrad's rules."""
+    name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
+    settings: dict[str, Any] = {}
+    if not isinstance(optimizer, type) and optimizer.param_groups:
+        settings = optimizer.param_groups[0]
+    lr = settings.get("lr", 0.01)
+    lr = lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else 0.01
+    if name == "SGD" and settings.get("momentum"):
+        nesterov = ", nesterov=True" if settings.get("nesterov") else ""
+        return f"mg.optim.Momentum(lr={lr!r}, momentum={settings['momentum']!r}{nesterov})"
+    if name in RULES and not settings.get("amsgrad"):
+        return f"mg.optim.{name}(lr={lr!r})"
+    missing = f"{name}(amsgrad=True)" if name in RULES else name
+    return (f"one of metagrad's rules ({', '.join('mg.optim.' + r for r in RULES)}; none computes "
+            f"{missing}), e.g. mg.optim.SGD(lr={lr!r})")
 
 
 def _step_counter(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -275,6 +513,20 @@ def _check_nonnegative(value: Any, argument: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument}: expected a finite float >= 0, got {value!r}.")
     return float(value)
+
+
+def _check_positive(value: Any, argument: str) -> float:
+    value = _check_nonnegative(value, argument)
+    if value == 0:
+        raise ValueError(f"{argument}: expected a float > 0, got 0.")
+    return value
+
+
+def _check_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}.")
+    return (_check_unit(betas[0], "betas[0]", upper_open=True),
+            _check_unit(betas[1], "betas[1]", upper_open=True))
 
 
 def _check_step_size(value: Any, argument: str) -> float | torch.Tensor:

@@ -577,3 +577,199 @@ def test_clamp_warning_points_at_the_users_backward_line(make_estimator):
         with pytest.warns(mg.MetaGradientWarning) as record:
             query_loss(meta.fmodel).backward()
     assert record[0].filename == __file__
+
+
+# ------------------------------------------------------------------ adapt=
+def _meta_gradient(model, adapt):
+    model.zero_grad(set_to_none=True)
+    full_task(model, mg.Checkpointed(), adapt=adapt)
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(
+        (a[n] is None and b[n] is None) or (a[n] is not None and b[n] is not None and torch.equal(a[n], b[n]))
+        for n in a)
+
+
+def test_adapt_a_submodule_means_its_parameters_by_their_names_in_the_model():
+    model = make_mlp()
+    by_names = _meta_gradient(model, ["2.weight", "2.bias"])
+    assert _same(_meta_gradient(model, model[2]), by_names)
+    assert _same(_meta_gradient(model, [model[2]]), by_names)
+
+
+def test_adapt_mixing_names_parameters_and_submodules():
+    model = make_mlp()
+    every = _meta_gradient(model, None)
+    assert _same(_meta_gradient(model, ["0.weight", model[0].bias, model[2]]), every)
+    assert _same(_meta_gradient(model, model), every)  # the model itself is one of its modules
+
+
+def test_adapt_a_module_that_is_not_a_submodule_of_the_model():
+    other = make_mlp(seed=1)
+    info = check_rejected(ValueError, "adapt", lambda model: full_task(model, adapt=other[2]))
+    assert "not a submodule of Sequential" in str(info.value)
+    assert "'2.weight'" in str(info.value)  # what would be accepted
+
+
+def test_adapt_a_submodule_without_parameters():
+    info = check_rejected(ValueError, "adapt", lambda model: full_task(model, adapt=model[1]))
+    assert "'1' (Tanh) has no parameters" in str(info.value)
+
+
+@pytest.mark.parametrize("adapt,shown", [
+    (3, "got int 3"),
+    ([2.5], "got float 2.5"),
+    (lambda model: model[2].named_parameters(), "named_parameters() yields"),
+], ids=["int", "float-in-list", "named-parameters-pairs"])
+def test_adapt_of_the_wrong_type_names_what_is_accepted(adapt, shown):
+    def run(model):
+        full_task(model, adapt=adapt(model) if callable(adapt) else adapt)
+
+    info = check_rejected(TypeError, "adapt", run)
+    message = str(info.value)
+    assert shown in message and "Parameter objects" in message and "submodules" in message
+
+
+def test_adapt_naming_a_frozen_parameter_is_refused_naming_it():
+    def run(model):
+        model[2].bias.requires_grad_(False)
+        full_task(model, adapt=["2.weight", "2.bias"])
+
+    info = check_rejected(ValueError, "adapt", run)
+    message = str(info.value)
+    assert "'2.bias' does not require grad" in message
+    assert "requires_grad=True" in message and "leave it out of adapt" in message
+
+
+def test_adapt_parameter_frozen_between_construction_and_entry_is_refused_at_entry():
+    model = make_mlp()
+    state = prepare(model, "set")
+    meta = mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), adapt=[model[2].weight, model[2].bias])
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"adapt: '2\.weight' does not require grad"):
+        with meta:
+            pass
+    model[2].weight.requires_grad_(True)
+    assert_untouched(model, state)
+    with meta:  # unfrozen again before entry: accepted
+        meta.step(closure_for(*SUPPORT[0]))
+
+
+def test_adapt_a_submodule_leaves_out_its_frozen_parameters():
+    """A submodule stands for its parameters that require grad at entry: one frozen inside it
+    is not adapted, and is not an error."""
+    model = make_mlp()
+    model[2].bias.requires_grad_(False)
+    assert _same(_meta_gradient(model, model[2]), _meta_gradient(model, ["2.weight"]))
+    assert model[2].bias.grad is None
+
+
+# ------------------------------------------------------------------ inner_opt from torch.optim
+TORCH_OPTIMIZERS = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "ASGD",
+                    "NAdam", "RAdam", "Rprop", "LBFGS"]
+
+
+@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
+@pytest.mark.parametrize("form", ["instance", "class"])
+def test_torch_optimizer_error_names_only_rules_that_exist(name, form):
+    import re
+
+    model = make_mlp()
+    optimizer = getattr(torch.optim, name)
+    inner_opt = optimizer(model.parameters()) if form == "instance" else optimizer
+    with pytest.raises(TypeError) as info:
+        mg.MetaGradient(model, inner_opt=inner_opt)
+    message = str(info.value)
+    assert message.startswith(f"inner_opt: got the torch.optim {'optimizer' if form == 'instance' else 'class'} "
+                              f"{name}"), message
+    suggested = re.findall(r"mg\.optim\.(\w+)", message)
+    assert suggested and all(hasattr(mg.optim, rule) for rule in suggested), message
+    if hasattr(mg.optim, name):
+        assert f"mg.optim.{name}(" in message
+    else:
+        assert set(mg.optim.RULES) <= set(suggested)
+
+
+def test_torch_rmsprop_error_suggests_mg_rmsprop_with_its_step_size():
+    model = make_mlp()
+    with pytest.raises(TypeError, match=r"Use mg\.optim\.RMSprop\(lr=0\.002\)"):
+        mg.MetaGradient(model, inner_opt=torch.optim.RMSprop(model.parameters(), lr=0.002))
+    # and the suggestion works
+    with mg.MetaGradient(model, inner_opt=mg.optim.RMSprop(lr=0.002)) as meta:
+        meta.step(closure_for(*SUPPORT[0]))
+        query_loss(meta.fmodel).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_torch_sgd_with_momentum_suggests_mg_momentum():
+    model = make_mlp()
+    with pytest.raises(TypeError, match=r"mg\.optim\.Momentum\(lr=0\.1, momentum=0\.9\)"):
+        mg.MetaGradient(model, inner_opt=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+# ------------------------------------------------------------------ mg.functional.meta_grad
+THETA = {n: p.detach() for n, p in make_mlp().named_parameters()}
+
+
+def functional_loss(p, batch):
+    return F.mse_loss(mlp_forward(p, batch[0]), batch[1])
+
+
+def functional_call_with(**changes):
+    arguments = dict(params=THETA, inner_opt=mg.optim.SGD(lr=LR))
+    arguments.update(changes)
+    return mg.functional.meta_grad(functional_loss, arguments["params"], SUPPORT[0], QUERY,
+                                   inner_opt=arguments["inner_opt"], steps=2)
+
+
+@pytest.mark.parametrize("params,error,shown", [
+    (list(THETA.values()), TypeError, "params: expected a flat mapping from parameter names to tensors"),
+    (list(THETA.items()), TypeError, "got list"),
+    ({"0": {"weight": THETA["0.weight"], "bias": THETA["0.bias"]},
+      "2": {"weight": THETA["2.weight"], "bias": THETA["2.bias"]}},
+     TypeError, "params['0']: a nested mapping; params must be flat"),
+    ({**THETA, "0.bias": 0.5}, TypeError, "params['0.bias']: expected a tensor, got float"),
+    ({**THETA, 3: THETA["0.bias"]}, TypeError, "params: names must be strings"),
+    ({**THETA, "0.bias": THETA["0.bias"].long()}, TypeError, "floating-point"),
+    ({}, ValueError, "params: empty"),
+], ids=["list", "named-pairs", "nested", "float-value", "int-key", "integer-tensor", "empty"])
+def test_functional_meta_grad_bad_params(params, error, shown):
+    with pytest.raises(error) as info:
+        functional_call_with(params=params)
+    assert shown in str(info.value), str(info.value)
+
+
+def test_functional_meta_grad_nested_params_error_shows_the_flat_name():
+    nested = {"0": {"weight": THETA["0.weight"]}}
+    with pytest.raises(TypeError, match=r"\{'0\.weight': tensor\}"):
+        functional_call_with(params=nested)
+
+
+@pytest.mark.parametrize("inner_opt", [
+    None, 0.1, "sgd", mg.optim.SGD, torch.optim.RMSprop,
+    torch.optim.RMSprop([nn.Parameter(torch.zeros(1))], lr=0.01),
+], ids=["none", "float", "str", "class", "torch-class", "torch-instance"])
+def test_functional_meta_grad_bad_inner_opt_has_the_context_managers_wording(inner_opt):
+    with pytest.raises(TypeError) as functional:
+        functional_call_with(inner_opt=inner_opt)
+    with pytest.raises(TypeError) as context:
+        mg.MetaGradient(make_mlp(), inner_opt=inner_opt)
+    message = str(functional.value)
+    assert message.startswith("inner_opt: ")
+    # the same message; only the context manager offers the higher adapter, which needs a model
+    wrap = str(context.value).find(", or wrap")
+    expected = str(context.value) if wrap < 0 else str(context.value)[:wrap] + "."
+    assert message == expected
+    assert "metagrad.adapters.higher" not in message
+
+
+def test_functional_meta_grad_loss_fn_not_callable():
+    with pytest.raises(TypeError, match="loss_fn"):
+        mg.functional.meta_grad(None, THETA, SUPPORT[0], QUERY, inner_opt=mg.optim.SGD(lr=LR), steps=1)
+
+
+def test_functional_meta_grad_valid_arguments_still_run():
+    g = functional_call_with()
+    assert set(g) == set(THETA) and all(torch.isfinite(t).all() for t in g.values())
