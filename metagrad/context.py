@@ -12,9 +12,9 @@ from .compiled import Compiler
 from .estimators import Estimator, resolve
 from .estimators.base import warn
 from .functional import FunctionalModel
-from .optim import Params, UpdateRule
+from .optim import Params, UpdateRule, check_update_rule
 from .replay import relative_tolerance
-from .trajectory import Closure, Trajectory
+from .trajectory import Closure, NestedBlockError, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
 
@@ -121,23 +121,7 @@ class MetaGradient:
         if type(inner_opt).__module__.split(".")[0] == "torchopt":
             from metagrad.adapters.torchopt import as_update_rule  # lazily: the core never imports torchopt
             inner_opt = as_update_rule(inner_opt)
-        if isinstance(inner_opt, torch.optim.Optimizer):
-            raise TypeError(
-                f"inner_opt: got the torch.optim optimizer {type(inner_opt).__name__}, which updates "
-                "in place and cannot be differentiated. Use a metagrad rule such as "
-                "mg.optim.SGD(lr=0.01), or wrap it with "
-                "metagrad.adapters.higher.update_rule(optimizer, model)."
-            )
-        if isinstance(inner_opt, type):
-            raise TypeError(
-                f"inner_opt: got the class {inner_opt.__name__}; pass an instance, "
-                f"e.g. mg.optim.{inner_opt.__name__}(lr=0.01)."
-            )
-        if not (hasattr(inner_opt, "init") and hasattr(inner_opt, "step")):
-            raise TypeError(
-                f"inner_opt: expected an update rule with init() and step(), such as "
-                f"mg.optim.SGD(lr=0.01), got {type(inner_opt).__name__}."
-            )
+        check_update_rule(inner_opt)
         relative_tolerance(check_replay, torch.float32, torch.device("cpu"))  # validates it
         self.model = model
         self.inner_opt = inner_opt
@@ -156,11 +140,13 @@ class MetaGradient:
         self._versions: tuple[int, ...] = ()
         self._saved_grads: list[Optional[torch.Tensor]] = []
         self._fmodel: Optional[tuple[int, FunctionalModel]] = None
+        self._differentiable = self.estimator.differentiable
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MetaGradient":
         if self._active:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
+        _check_adapted_require_grad(self.adapt, self.model)
         every = list(self.model.named_parameters())
         named = [(n, p) for n, p in every if p.requires_grad
                  and (self.adapt is None or n in self.adapt)]
@@ -180,15 +166,19 @@ class MetaGradient:
                 f"model: parameters and buffers are on several devices {sorted(map(str, devices))}; "
                 "metagrad needs them on one device. Move the model with model.to(device)."
             )
+        nested = _nesting(self.estimator)
         self._names = tuple(n for n, _ in named)
         self._params = tuple(p for _, p in named)
         self._versions = tuple(p._version for p in self._params)
-        # θ as the trajectory sees it: a differentiable inner loop unrolls from the
-        # parameters themselves; otherwise detached aliases of them (no copy).
-        theta = {n: p if self.estimator.differentiable else p.detach() for n, p in named}
+        # A differentiable inner loop (Full, or an exact estimator in a nested block) unrolls
+        # from the parameters themselves; otherwise θ is detached aliases of them (no copy).
+        self._differentiable = self.estimator.differentiable or nested
+        theta = {n: p if self._differentiable else p.detach() for n, p in named}
         first = self._params[0]
         compiler = None
-        if self.compile and self.estimator.differentiable:
+        if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild
+            pass
+        elif self.compile and self.estimator.differentiable:
             warn(f"compile=True: {self.estimator!r} builds the inner loop's graph with "
                  "create_graph=True and differentiates it again, which the backward of a compiled "
                  "function cannot be in this torch; it runs eagerly. estimator=mg.Checkpointed() "
@@ -196,9 +186,10 @@ class MetaGradient:
         elif self.compile:
             compiler = Compiler(warn)
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
-                                      differentiable=self.estimator.differentiable,
-                                      keep=self.estimator.keep(), proximal=self.estimator.proximal,
-                                      snapshots=self.estimator.snapshot_schedule(),
+                                      differentiable=self._differentiable,
+                                      keep=None if nested else self.estimator.keep(),
+                                      proximal=self.estimator.proximal,
+                                      snapshots=None if nested else self.estimator.snapshot_schedule(),
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
                                                                      first.device),
@@ -265,7 +256,7 @@ class MetaGradient:
         if self._fmodel is None or self._fmodel[0] != k:
             if k == 0:
                 params = dict(zip(self._names, self._params))
-            elif self.estimator.differentiable:
+            elif self._differentiable:
                 # The unrolled iterates themselves, behind a node that only checks: backward
                 # is autograd's own pass through the query and the K step graphs.
                 final = trajectory.iterate(k)
@@ -286,7 +277,7 @@ class MetaGradient:
         whose graph reaches the parameters by plain autograd; otherwise ``meta.fmodel``'s,
         attached to θ through the estimator's node."""
         trajectory = self._open_trajectory()
-        if self.estimator.differentiable:
+        if self._differentiable:
             return dict(trajectory.current)
         return dict(self.fmodel.params)
 
@@ -296,7 +287,7 @@ class MetaGradient:
         trajectory = self._open_trajectory()
         if k == trajectory.length:
             return self._fast_weights()
-        if self.estimator.differentiable:
+        if self._differentiable:
             return dict(trajectory.iterate(k))
         if k == 0:
             return dict(zip(self._names, self._params))
@@ -392,18 +383,28 @@ class _Snapshot:
                 "starts from them. Call .backward() on the query loss before updating the model."
             )
 
-    def end(self, info: dict[str, Any]) -> None:
-        """Report ``info`` as ``meta.info``; release the trajectory if the block has ended."""
+    def end(self, info: dict[str, Any], final: bool = True) -> None:
+        """Report ``info`` as ``meta.info``; release the trajectory if the block has ended,
+        unless another backward will come (``final=False``)."""
         owner = self._owner()
         if owner is not None:
             owner.info = {"estimator": repr(self.estimator), **info}
+        if not final:
+            return
         self.lifetime.backward_calls += 1
         if self.lifetime.block_ended:
             self.trajectory.release()
 
 
 class _ThroughInnerLoop(torch.autograd.Function):
-    """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator."""
+    """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator.
+
+    Its backward is once differentiable. That is right inside an outer block's step that is
+    differentiated only once (an outer block's inner loop without ``create_graph``); where an
+    outer step is differentiated twice, a nested block does not use this node (:func:`_nesting`)."""
+
+    #: Exempt from the outer block's search for nodes that cannot be differentiated twice.
+    differentiable_when_nested = True
 
     @staticmethod
     def forward(ctx: Any, snapshot: _Snapshot, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -437,39 +438,144 @@ class _Watched(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         snapshot: _Snapshot = ctx.snapshot
         snapshot.begin()
-        # MATH.md's table: Full's backward through the K step graphs makes K products.
+        # MATH.md's table: Full's backward through the K step graphs makes K products. A
+        # backward with create_graph=True (grad mode on here: an outer block's step through a
+        # nested block) is followed by one through its graph, which comes here again: the
+        # trajectory is released after that one.
         snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
-                      **snapshot.trajectory.storage()})
+                      **snapshot.trajectory.storage()}, final=not torch.is_grad_enabled())
         return (None, *grad_outputs)
 
 
+def _nesting(estimator: Estimator) -> bool:
+    """Whether a block opened now is nested in an outer block's inner step whose graph will be
+    differentiated twice (:func:`~metagrad.trajectory.second_order`): then its meta-gradient
+    must itself be differentiable, and it is computed by autograd through the unrolled inner
+    loop, which for an exact estimator (Full, Checkpointed) is the same number. Raise for an
+    approximate estimator (its estimate has no derivative that the outer step could take),
+    and inside a ``torch.func`` transform (an outer Binomial rebuilding steps under vmap)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise NestedBlockError(
+            "MetaGradient: a block was opened inside a torch.func transform (vmap, grad), for "
+            "example in the inner loss of an outer block whose Binomial estimator rebuilds steps "
+            "under torch.func.vmap. Nested blocks work with an outer mg.Full(), mg.Checkpointed(), "
+            "mg.Truncated(T), mg.FirstOrder() or mg.Binomial(order, chunk_size=1) (one step at a "
+            "time, no vmap)."
+        )
+    if not second_order():
+        return False
+    if not estimator.exact:
+        raise NestedBlockError(
+            f"estimator: {estimator!r} for a block nested inside an outer block's inner step, "
+            "which the outer estimator differentiates twice (its second derivatives run through "
+            f"this block's meta-gradient); {type(estimator).__name__}'s estimate cannot be "
+            "differentiated again. Use estimator=mg.Full() or mg.Checkpointed() for the inner "
+            "block (exact, and differentiable then), or mg.FirstOrder() for the outer block, "
+            "which differentiates its steps only once."
+        )
+    return True
+
+
+class _Adapted(frozenset):
+    """The names ``adapt=`` selects. ``listed``: those named directly (a name or a Parameter),
+    which must require grad at block entry; a submodule's parameters that do not are left out."""
+
+    listed: frozenset[str] = frozenset()
+
+
 def _checked_adapt(adapt: Any, model: torch.nn.Module) -> Optional[frozenset[str]]:
-    """``adapt=`` as a set of parameter names, or ``None`` for every parameter."""
+    """``adapt=`` as a set of parameter names, or ``None`` for every parameter.
+
+    ``adapt`` is one entry or a list of entries, each a name (``model.named_parameters()``), a
+    Parameter of the model, or a submodule of the model (``model.head``: every parameter it
+    holds, by its name in the model)."""
     if adapt is None:
         return None
     if not isinstance(model, torch.nn.Module):
         return None  # the model's own check raises
-    if isinstance(adapt, (str, torch.Tensor)):
+    if isinstance(adapt, (str, torch.Tensor, torch.nn.Module)):
         adapt = [adapt]
+    owner = type(model).__name__
+    child = next(iter(dict(model.named_children())), "head")
+    accepted = (f"parameter names or Parameter objects of {owner}, or submodules of it (e.g. "
+                f"{f'model.{child}' if child.isidentifier() else f'model[{child}]'})")
+    try:
+        entries = list(adapt)
+    except TypeError:
+        raise TypeError(f"adapt: expected {accepted}, one or a list of them; got "
+                        f"{_described(adapt)}.") from None
     named = list(model.named_parameters())
     valid = [n for n, _ in named]
     by_identity = {id(p): n for n, p in named}
-    names = []
-    for entry in adapt:
+    submodules = {id(m): n for n, m in model.named_modules()}
+    names, listed = [], []
+    for entry in entries:
         if isinstance(entry, str):
             if entry not in valid:
-                raise ValueError(f"adapt: {entry!r} is not a parameter of {type(model).__name__}; "
+                raise ValueError(f"adapt: {entry!r} is not a parameter of {owner}; "
                                  f"valid names: {valid}.")
             names.append(entry)
+            listed.append(entry)
         elif isinstance(entry, torch.Tensor):
             if id(entry) not in by_identity:
                 raise ValueError(f"adapt: a tensor of shape {tuple(entry.shape)} is not one of "
-                                 f"{type(model).__name__}'s parameters; valid names: {valid}.")
+                                 f"{owner}'s parameters; valid names: {valid}.")
             names.append(by_identity[id(entry)])
+            listed.append(by_identity[id(entry)])
+        elif isinstance(entry, torch.nn.Module):
+            if id(entry) not in submodules:
+                raise ValueError(
+                    f"adapt: the {type(entry).__name__} module given is not a submodule of {owner} "
+                    f"(not in model.modules()); pass one of its submodules, or parameter names "
+                    f"from {valid}."
+                )
+            inside = [by_identity[id(p)] for p in entry.parameters()]
+            if not inside:
+                raise ValueError(
+                    f"adapt: submodule {submodules[id(entry)]!r} ({type(entry).__name__}) has no "
+                    f"parameters, so it adapts nothing; valid names: {valid}."
+                )
+            names.extend(inside)
         else:
-            raise TypeError(f"adapt: expected parameter names or Parameter objects, got "
-                            f"{type(entry).__name__} {entry!r}.")
+            raise TypeError(f"adapt: expected {accepted}; got {_described(entry)}.")
     if not names:
         raise ValueError(f"adapt: empty; name at least one parameter to adapt, from {valid}, or "
                          "pass adapt=None to adapt every parameter that requires grad.")
-    return frozenset(names)
+    adapted = _Adapted(names)
+    adapted.listed = frozenset(listed)
+    return adapted
+
+
+def _described(value: Any) -> str:
+    """``value`` in an error message: its type, and a short form of it."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+            and isinstance(value[1], torch.Tensor):
+        return (f"the pair ({value[0]!r}, tensor) that named_parameters() yields; pass the "
+                "Parameter, its name in the model, or the submodule itself")
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _check_adapted_require_grad(adapt: Optional[frozenset[str]], model: torch.nn.Module) -> None:
+    """At block entry: every parameter ``adapt=`` names directly must require grad (it may
+    have been frozen since the block was built)."""
+    listed = getattr(adapt, "listed", frozenset())
+    frozen = [n for n, p in model.named_parameters() if n in listed and not p.requires_grad]
+    if not frozen:
+        return
+    trainable = [n for n, p in model.named_parameters() if n in adapt and p.requires_grad]  # type: ignore[operator]
+    if not trainable:
+        raise ValueError(
+            f"adapt: none of {sorted(adapt)} requires grad (requires_grad=False), so the inner "  # type: ignore[arg-type]
+            f"loop adapts nothing. Set requires_grad=True on {frozen} before the block "
+            "(model.get_parameter(name).requires_grad_()), or adapt parameters that require grad."
+        )
+    raise ValueError(
+        f"adapt: {', '.join(map(repr, frozen))} {'does' if len(frozen) == 1 else 'do'} not require "
+        f"grad (requires_grad=False), so the inner loop cannot adapt "
+        f"{'it' if len(frozen) == 1 else 'them'}. Set requires_grad=True before the block "
+        f"(model.get_parameter(name).requires_grad_()), or leave "
+        f"{'it' if len(frozen) == 1 else 'them'} out of adapt; the others adapted: {trainable}."
+    )

@@ -12,6 +12,7 @@ inner loop took.
 
 from __future__ import annotations
 
+import copy
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
@@ -90,6 +91,12 @@ class FunctionalModel:
         for alias, name in self._layout.aliases:
             if name in params:
                 tensors[alias] = params[name]
+        if self._layout.checkpoints:
+            # Activation checkpointing recomputes part of the forward pass during backward,
+            # after functional_call has put the module's own parameters back: the recomputation
+            # would see θ instead of the fast weights. A copy of the module that holds the fast
+            # weights for good is what its recomputation sees instead.
+            return _holding(self._module, tensors)(*args, **kwargs)
         # Tied names are filled in above, so functional_call's own untying, which costs as
         # much as a small MLP's forward pass, is not needed.
         return functional_call(self._module, tensors, args, kwargs, tie_weights=False)
@@ -108,6 +115,9 @@ class Layout:
     #: ``name``, its first name, already holds: tied weights. Further names of one slot (a
     #: submodule registered under several names) are not aliases.
     aliases: list[tuple[str, str]]
+    #: Some submodule's ``forward`` uses activation checkpointing (``torch.utils.checkpoint``):
+    #: the module is evaluated as a copy that holds the fast weights (:func:`_holding`).
+    checkpoints: bool = False
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
@@ -133,7 +143,44 @@ class Layout:
                     aliases.append((name, first[id(param)]))
                 else:
                     first[id(param)] = name
-        return cls(norms, aliases)
+        checkpoints = any(_calls_checkpoint(type(sub).forward) for sub in module.modules())
+        return cls(norms, aliases, checkpoints)
+
+
+def _calls_checkpoint(function: Any) -> bool:
+    """Whether ``function``'s code (or a function or lambda defined inside it) names
+    ``checkpoint`` or ``checkpoint_sequential`` (``torch.utils.checkpoint``)."""
+    code = getattr(function, "__code__", None)
+    stack = [] if code is None else [code]
+    while stack:
+        code = stack.pop()
+        if {"checkpoint", "checkpoint_sequential"} & set(code.co_names):
+            return True
+        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return False
+
+
+def _holding(module: torch.nn.Module, tensors: Mapping[str, Optional[torch.Tensor]]) -> torch.nn.Module:
+    """A shallow copy of ``module``'s tree whose parameters and buffers are ``tensors`` (by
+    name, aliases included) where given. Submodules are copied once each (a submodule under
+    several names stays one object); everything else (hooks, flags, other attributes) is
+    shared with the module, which is left untouched."""
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copy_of(sub: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        if id(sub) in copies:
+            return copies[id(sub)]
+        new = copy.copy(sub)
+        copies[id(sub)] = new
+        new.__dict__["_parameters"] = {key: tensors.get(prefix + key, value) if prefix + key in tensors
+                                       else value for key, value in sub._parameters.items()}
+        new.__dict__["_buffers"] = {key: tensors[prefix + key] if prefix + key in tensors else value
+                                    for key, value in sub._buffers.items()}
+        new.__dict__["_modules"] = {key: None if child is None else copy_of(child, f"{prefix}{key}.")
+                                    for key, child in sub._modules.items()}
+        return new
+
+    return copy_of(module, "")
 
 
 def _frozen_buffers(norms: list[tuple[str, _NormBase]]) -> dict[str, Optional[torch.Tensor]]:
@@ -220,6 +267,7 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
         v = torch.func.grad(lambda phi: loss_fn(phi, query))(trajectory.current)
         g, _, _ = estimator.backward(trajectory, steps, dict(v))  # type: ignore[arg-type]
     return {n: g[n] for n in theta}
+
 
 def _check_params(params: Any) -> None:
     """``params`` of :func:`meta_grad`: a flat, non-empty mapping from names to floating-point

@@ -375,14 +375,20 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
     )
 
 
-def refuse_compiled(step: int) -> None:
-    """Raise :class:`ReplayError` for a step whose loss came through a compiled function."""
+def refuse_twice(step: int, what: str) -> None:
+    """Raise :class:`ReplayError` for a step whose loss came through ``what``, a node whose
+    backward cannot be differentiated again: the second derivatives the estimator needs there
+    would be lost, and the answer would silently be the first-order one."""
+    compiled = "torch.compile" in what
+    fix = ("Pass the closure (and the model) uncompiled" if compiled else
+           "Give the function a backward that can itself be differentiated (drop "
+           "@once_differentiable and write the backward with differentiable torch ops), or "
+           "compute the loss without it")
     raise ReplayError(
-        f"closure: the inner loss at step {step} comes through a torch.compile'd function, whose "
-        "backward cannot be differentiated again (aot_autograd has no double backward), so this "
-        "estimator's second derivatives would be lost and the answer would silently be the "
-        "first-order one. Pass the closure (and the model) uncompiled, or use "
-        "estimator=mg.FirstOrder(), which needs no second derivative."
+        f"closure: the inner loss at step {step} comes through {what}, so the second derivatives "
+        "this estimator needs through it would be lost and the meta-gradient would silently be "
+        f"the first-order one. {fix}, or use estimator=mg.FirstOrder(), which needs no second "
+        "derivative."
     )
 
 

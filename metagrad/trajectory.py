@@ -49,7 +49,9 @@ gradient to reuse in an exact product.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 from dataclasses import dataclass
@@ -60,13 +62,13 @@ from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
-from .replay import Frozen, RandomState, ReplayError, check_losses, check_step, freeze, refuse_compiled
+from .replay import Frozen, RandomState, ReplayError, check_losses, check_step, freeze, refuse_twice
 from .snapshots import Schedule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .compiled import Compiler
 
-__all__ = ["Trajectory", "Closure", "Lifetime"]
+__all__ = ["Trajectory", "Closure", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order"]
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
 #: One entry per meta-parameter η (:attr:`Trajectory.meta`): its gradient, or ``None`` for zero.
@@ -74,6 +76,36 @@ MetaGrads = list[Optional[torch.Tensor]]
 
 #: Rebuilt steps whose replay checks are queued before they run together (:meth:`Trajectory.verify`).
 _CHECK_BATCH = 16
+
+
+_nesting = threading.local()
+
+
+class NestedBlockError(ValueError):
+    """A ``MetaGradient`` block nested in an outer block's inner step cannot give what the
+    outer estimator needs there (its estimator, or a ``torch.func`` transform around it)."""
+
+
+@contextlib.contextmanager
+def differentiated_twice(active: bool = True) -> Iterator[None]:
+    """Mark the code run inside as an inner step whose graph will be differentiated twice (a
+    differentiable inner loop's step, a step rebuilt for a product): a ``MetaGradient`` block
+    opened there (a nested block, MATH.md's meta-meta-gradient) must give a gradient that can
+    itself be differentiated (:func:`second_order`). Per thread; ``active=False`` marks nothing."""
+    if not active:
+        yield
+        return
+    _nesting.depth = getattr(_nesting, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _nesting.depth -= 1
+
+
+def second_order() -> bool:
+    """Whether this thread is inside an inner step that will be differentiated twice
+    (:func:`differentiated_twice`)."""
+    return getattr(_nesting, "depth", 0) > 0
 
 
 @dataclass
@@ -100,11 +132,12 @@ class Lifetime:
 @dataclass
 class _Seen:
     """What the first step of a closure (by :attr:`~metagrad.replay.Frozen.key`) showed; its
-    later steps take their gradient by a compiled call (``compile=True``) unless ``compiled``
+    later steps take their gradient by a compiled call (``compile=True``) unless ``once``
     or ``random``."""
 
-    #: Its loss came through a ``torch.compile``'d function of the user's (no second derivative).
-    compiled: bool
+    #: Its loss came through a node whose backward cannot be differentiated again (a
+    #: ``torch.compile``'d function, an ``@once_differentiable`` autograd.Function): which one.
+    once: Optional[str]
     #: The fast weights its loss uses.
     used: tuple[str, ...]
     #: A step of it drew random numbers (its replay must be eager).
@@ -129,8 +162,8 @@ class _Step:
     loss: Optional[torch.Tensor] = None
     #: The generator states the closure started from, if it drew random numbers.
     rng: Optional[RandomState] = None
-    #: The loss came through a ``torch.compile``'d function (no second derivative).
-    compiled: bool = False
+    #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
+    once: Optional[str] = None
     #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
     modes: tuple[bool, ...] = ()
     #: The autocast dtype the step ran under on the model's device type, or ``None``.
@@ -221,11 +254,17 @@ class Trajectory:
         #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
         self.meta_saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         self._saved_ids: set[int] = set()
-        #: Per update rule (by id, the rule kept): whether its update reaches η of its own.
-        self._rules_seen: dict[int, tuple[Any, bool]] = {}
+        #: Per update rule (by id, the rule kept): whether its update reaches η of its own, and
+        #: the fast weights it has updated so far (a step that updates another one looks again:
+        #: its step size may be a tensor that requires grad where the others' are not).
+        self._rules_seen: dict[int, tuple[Any, bool, frozenset[str]]] = {}
+        #: The update rule as the last step used it, and its hyperparameters then (:func:`_frozen_rule`).
+        self._rule_now: Optional[tuple[Any, Any, tuple[Any, ...]]] = None
         #: Per step: the update's graph to the rule's η, with the gradient held constant.
         self._first_order: dict[int, Params] = {}
         self._param_names = {id(p): n for n, p in module.named_parameters()}
+        #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
+        self._theta_ids = {id(p) for n, p in module.named_parameters() if n in theta}
         self._pending: list[tuple[int, Params, torch.Tensor]] = []
         #: A product through a kept graph is being computed (see :meth:`vjp`).
         self.pulling = False
@@ -285,14 +324,18 @@ class Trajectory:
         frozen: Optional[Frozen] = None
         rng: Optional[RandomState] = None
         if self.differentiable:
-            params = self._current
+            # At step 0, aliases of θ (a view node each, no copy): the step's gradient is then
+            # the partial derivative in φ, also where the inner loss reaches θ another way (an
+            # η computed from θ; in a nested block, an outer block's fast weights that depend
+            # on θ), as every other estimator's detached iterates give it.
+            params = self._current if self.length else {n: t.view_as(t) for n, t in self._current.items()}
         else:
             params = {n: t.detach().requires_grad_() for n, t in self._current.items()}
             frozen = freeze(closure)
             rng = RandomState.capture(self._device)
         grads = None
         seen = None if frozen is None else self._seen.get(frozen.key)
-        if self.compiler is not None and seen is not None and not seen.compiled and not seen.random:
+        if self.compiler is not None and seen is not None and not seen.once and not seen.random:
             out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)  # type: ignore[union-attr]
             if out is not None and rng is not None and rng.changed():
                 # It drew random numbers inside compiled code, which an eager replay cannot
@@ -303,7 +346,7 @@ class Trajectory:
             if out is not None:
                 loss, grads = out
         if grads is None:
-            with torch.enable_grad():
+            with torch.enable_grad(), differentiated_twice(self.differentiable):
                 loss = closure(self.model_at(params))
         if rng is not None and not rng.changed():
             rng = None
@@ -328,7 +371,7 @@ class Trajectory:
                    keep_graph: bool, rule: Optional[UpdateRule],
                    rng: Optional[RandomState] = None, grads: Optional[Params] = None) -> torch.Tensor:
         k = self.length
-        rule = self.rule if rule is None else rule
+        rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
             loss = _checked_loss(loss, k)
             if self.check_finite and not math.isfinite(loss.item()):
@@ -338,41 +381,50 @@ class Trajectory:
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
             if grads is None:  # (given: computed by a compiled call)
-                grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k)
+                grads = _grads(loss, params, create_graph=self.differentiable or keep_graph, step=k,
+                               theta=self._theta_ids)
         graph = (params, grads) if keep_graph else None
         inputs = params  # the tensors the loss was built from (the step's fast weights)
         if not self.differentiable:
             params = {n: t.detach() for n, t in params.items()}
             grads = {n: g.detach() for n, g in grads.items()}
-        seen_rule = self._rules_seen.get(id(rule))  # whether the rule holds η of its own, once known
-        rule_meta = None if seen_rule is None else seen_rule[1]
         used = tuple(grads)
+        # Whether the rule holds η of its own, once known for every fast weight this step updates.
+        seen_rule = self._rules_seen.get(id(rule))
+        rule_meta = None if seen_rule is None or not seen_rule[2].issuperset(used) else seen_rule[1]
         new_params, new_state = self._update(rule, params, grads, self._state, rule_meta)
         self.used.update(used)
         modes = self._modes()
         autocast = _autocast_dtype(self._device.type)
-        is_compiled = False
-        if not self.differentiable:
+        once: Optional[str] = None
+        if self.differentiable:  # autograd differentiates this step's graph twice, now or later
+            _, once = _graph_inputs([loss], set(), {})
+            if once is not None:
+                refuse_twice(k, once)
+        else:
             seen = None if closure is None else self._seen.get(closure.key)
             if seen is None:
-                found = self._discover(loss, inputs, closure)
+                once = self._discover(loss, inputs, closure)
                 if closure is not None:
-                    seen = self._seen[closure.key] = _Seen(compiled=found, used=used)
+                    seen = self._seen[closure.key] = _Seen(once=once, used=used)
             if seen is not None:
-                is_compiled = seen.compiled
+                once = seen.once
                 seen.random = seen.random or rng is not None
-            if rule_meta is None:
-                rule_meta = any(t.requires_grad for t in new_params.values())
-                self._rules_seen[id(rule)] = (rule, rule_meta)  # the rule is kept: its id stays its own
-                if rule_meta:
+            if rule_meta is None:  # a new rule, or fast weights it has not updated before
+                found = any(t.requires_grad for t in new_params.values())
+                if found:
                     self._add_meta(_graph_inputs(list(new_params.values()), set(), {})[0],
                                    rule=True, names=_step_size_names(rule))
+                before = (False, frozenset()) if seen_rule is None else seen_rule[1:]
+                rule_meta = found or before[0]
+                # The rule is kept: its id stays its own.
+                self._rules_seen[id(rule)] = (rule, rule_meta, before[1] | frozenset(used))
             if rule_meta:
                 self._first_order[k] = new_params
                 new_params, new_state = _detached(new_params, new_state)
         step = _Step(params=self._current,  # detached unless differentiable
                      state=self._state, closure=closure, rule=rule, used=used,
-                     loss=loss.detach(), rng=rng, compiled=is_compiled, modes=modes,
+                     loss=loss.detach(), rng=rng, once=once, modes=modes,
                      autocast=autocast, graph=graph)
         if self.keep is None or self.keep > 0:
             self._steps[k] = step
@@ -389,6 +441,29 @@ class Trajectory:
         self._length += 1
         self._current, self._state = new_params, new_state
         return loss.detach()
+
+    def _frozen_rule(self, rule: UpdateRule) -> UpdateRule:
+        """``rule`` as it is now, for this step and for every rebuild of it: the last step's
+        frozen copy while the hyperparameters are unchanged, else a new shallow copy whose
+        tensors that do not require grad are cloned. A schedule that sets ``rule.lr`` between
+        steps (or changes an lr tensor in place) then rebuilds each step with the step size it
+        was taken with, as closures are frozen with the values they capture. A tensor that
+        requires grad (a learned step size, η) is kept as it is."""
+        values = _hyperparameters(rule)
+        last = self._rule_now
+        if last is not None and last[0] is rule and last[2] == values:
+            return last[1]
+        frozen = rule
+        if values:
+            # A shallow copy: attributes are the same objects (compiled calls, keyed on them,
+            # are found again), except a value holding a constant tensor, which is cloned.
+            frozen = copy.copy(rule)
+            for attribute, value in vars(rule).items():
+                if any(isinstance(leaf, torch.Tensor) and not leaf.requires_grad
+                       for leaf in pytree.tree_leaves(value)):
+                    setattr(frozen, attribute, pytree.tree_map(_clone_constant, value))
+        self._rule_now = (rule, frozen, values)
+        return frozen
 
     def _update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
                 rule_meta: Optional[bool]) -> tuple[Params, State]:
@@ -524,9 +599,9 @@ class Trajectory:
         return {"stored_iterates": self.stored_iterates, "recomputed_steps": self.recomputed_steps,
                 "peak_iterates": self.peak_iterates, "peak_iterate_bytes": self.peak_iterate_bytes}
 
-    def _discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> bool:
-        """Add the η the step's loss depends on to :attr:`meta`; return whether the loss came
-        through a compiled function.
+    def _discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> Optional[str]:
+        """Add the η the step's loss depends on to :attr:`meta`; return the node on the loss's
+        graph whose backward cannot be differentiated again (``None``: none).
 
         The rule: η is every tensor that requires grad, other than the fast weights, that the
         loss's graph reaches. A tensor the closure captures (a cell, a global, a default) is
@@ -546,9 +621,9 @@ class Trajectory:
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])
-        found, is_compiled = _graph_inputs([loss], {id(t) for t in params.values()}, stop)
+        found, once = _graph_inputs([loss], {id(t) for t in params.values()}, stop)
         self._add_meta(found, rule=False, names=names)
-        return is_compiled
+        return once
 
     def _add_meta(self, tensors: list[torch.Tensor], *, rule: bool, names: dict[int, str]) -> None:
         for tensor in tensors:
@@ -588,11 +663,13 @@ class Trajectory:
         from the frozen closure and, if the step drew random numbers, the generator states it
         drew them from."""
         assert step.closure is not None
-        if step.compiled and create_graph:
-            refuse_compiled(m)
+        if step.once and create_graph:
+            refuse_twice(m, step.once)
         try:
-            with self._as_taken(step.rng, step.modes, step.autocast):
+            with self._as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
                 loss = step.closure(self.model_at(params))
+        except NestedBlockError:
+            raise
         except Exception as error:
             self.verify()  # a mismatch found earlier says more
             raise ReplayError(
@@ -699,7 +776,7 @@ class Trajectory:
             return dict(u), list(grads), None
         step = self._step(m)
         carry = state_adjoint is not None
-        if self.compiler is not None and step.graph is None and step.rng is None and not step.compiled:
+        if self.compiler is not None and step.graph is None and step.rng is None and not step.once:
             out = self.compiler.product(self, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
                 pulled, pulled_eta, adjoint, rebuilt, loss, explicit = out
@@ -823,8 +900,8 @@ class Trajectory:
     def _vmapped_vjp(self, steps: list[int], chunk: list[_Step], states: State, u: Params
                      ) -> tuple[Params, MetaGrads]:
         first = chunk[0]
-        if first.compiled:
-            refuse_compiled(steps[0])
+        if first.once:
+            refuse_twice(steps[0], first.once)
         out = None if self.compiler is None else self.compiler.product(self, steps, chunk, u, states, None,
                                                                         batched=True)
         if out is None:
@@ -950,7 +1027,7 @@ class Trajectory:
 
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
-                    self._as_taken(step.rng, step.modes, step.autocast):
+                    self._as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
                 loss = step.closure(self.model_at(params))  # type: ignore[misc]
                 grads = _grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
@@ -983,11 +1060,11 @@ class Trajectory:
                 f"query was built after {k} steps. Build the query loss from meta.fmodel after "
                 "the last inner step."
             )
-        if last.compiled:
-            refuse_compiled(k - 1)
+        if last.once:
+            refuse_twice(k - 1, last.once)
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in self.iterate(k).items()}
-            with self._as_taken(last.rng, last.modes, last.autocast):
+            with self._as_taken(last.rng, last.modes, last.autocast), differentiated_twice(True):
                 loss = closure(self.model_at(params))
             grads = _grads(loss, params, create_graph=True, step=k - 1, used=last.used)
         # Parameters the loss does not use have a zero Hessian row; so do gradients that
@@ -1029,6 +1106,27 @@ class Trajectory:
         self.lifetime.check()
 
 
+def _hyperparameters(rule: Any) -> tuple[Any, ...]:
+    """What a rule's step depends on besides its inputs, comparable between two steps: its
+    attributes, with each tensor as (identity, version) and containers unpacked; ``()`` for a
+    rule without attributes (nothing to freeze)."""
+    attributes = getattr(rule, "__dict__", None)
+    if not attributes:
+        return ()
+    leaves, spec = pytree.tree_flatten(dict(attributes))
+    return (spec, tuple((id(leaf), leaf._version) if isinstance(leaf, torch.Tensor) else
+                        leaf if isinstance(leaf, (int, float, str, bool, type(None))) else id(leaf)
+                        for leaf in leaves))
+
+
+def _clone_constant(value: Any) -> Any:
+    """A tensor that does not require grad, cloned (a later in-place change leaves it as it
+    was); anything else as it is."""
+    if isinstance(value, torch.Tensor) and not value.requires_grad:
+        return value.clone()
+    return value
+
+
 def _checked_loss(loss: Any, step: int) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
@@ -1045,26 +1143,32 @@ def _checked_loss(loss: Any, step: int) -> torch.Tensor:
 
 
 def _grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
-           used: Optional[Sequence[str]] = None) -> Params:
+           used: Optional[Sequence[str]] = None, theta: Optional[set[int]] = None) -> Params:
     """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
     known: the names that had a gradient when the step was taken; a rebuilt step that no
     longer reaches one of them gets a zero gradient there, which the replay check sees).
-    Parameters the loss does not use get no entry: the update rule leaves them as they are."""
+    Parameters the loss does not use get no entry: the update rule leaves them as they are.
+
+    A loss that uses none of the fast weights but depends on something else (a parameter
+    that ``adapt=`` leaves out, a meta-parameter) takes a step that moves nothing, as a plain
+    unroll does. A loss that depends on nothing, or that reaches θ's own Parameters (``theta``,
+    by id) instead of the fast weights, is refused: it was built from the original module."""
+    wrong = ValueError(
+        f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
+        "from the model the closure receives (fmodel(x)), not from the original module."
+    )
     if not loss.requires_grad:
-        raise ValueError(
-            f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
-            "from the model the closure receives (fmodel(x)), not from the original module."
-        )
+        raise wrong
     names = list(params) if used is None else list(used)
+    if not names:
+        return {}
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
                                 allow_unused=True)
     if used is not None:
         return {n: _zero_if_none(g, params[n]) for n, g in zip(names, grads)}
-    if all(g is None for g in grads):
-        raise ValueError(
-            f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
-            "from the model the closure receives (fmodel(x)), not from the original module."
-        )
+    if all(g is None for g in grads) and theta and any(
+            id(leaf) in theta for leaf in _graph_inputs([loss], set(), {})[0]):
+        raise wrong
     return {n: g for n, g in zip(names, grads) if g is not None}
 
 
@@ -1138,14 +1242,15 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
 
 
 def _graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]]
-                  ) -> tuple[list[torch.Tensor], bool]:
+                  ) -> tuple[list[torch.Tensor], Optional[str]]:
     """The tensors requiring grad that the graph of ``roots`` reaches: the leaves (not in
     ``skip``, by id) and, where a node is the ``grad_fn`` of tensors in ``stop`` (by the node's
-    id), those tensors (none, for an empty list), without looking behind them. Also whether a ``torch.compile``'d
-    function (an aot_autograd node, whose backward cannot be differentiated again) is on it."""
+    id), those tensors (none, for an empty list), without looking behind them. Also the first
+    node found whose backward cannot be differentiated again (:func:`_once_differentiable`),
+    described, or ``None``."""
     seen: set[int] = set()
     found: list[torch.Tensor] = []
-    is_compiled = False
+    once: Optional[str] = None
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
         node = stack.pop()
@@ -1160,10 +1265,39 @@ def _graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, lis
             if id(variable) not in skip:
                 found.append(variable)
             continue
-        if type(node).__name__.startswith("CompiledFunction"):
-            is_compiled = True
+        if once is None:
+            once = _once_differentiable(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return found, is_compiled
+    return found, once
+
+
+#: The code of the wrapper ``torch.autograd.function.once_differentiable`` puts around a backward.
+_ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _once_differentiable(node: Any) -> Optional[str]:
+    """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
+    a ``torch.compile``'d function (aot_autograd has no double backward), an
+    ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
+    CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
+    torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
+    block's own node is exempt: a block opened inside a step that is differentiated twice
+    builds its graph with autograd (:func:`second_order`)."""
+    name = type(node).__name__
+    if name.startswith("CompiledFunction"):
+        return "a torch.compile'd function (aot_autograd's backward has no double backward)"
+    if name in ("DelayedError", "DelayedErrorBackward"):
+        return "a once-differentiable backward (torch raises when it is differentiated twice)"
+    function = getattr(node, "_forward_cls", None)
+    if function is None or getattr(function, "differentiable_when_nested", False):
+        return None
+    backward = getattr(function, "backward", None)
+    if getattr(backward, "__code__", None) is _ONCE_CODE:
+        return (f"the autograd.Function {function.__qualname__}, whose backward is marked "
+                "@once_differentiable")
+    if name == "CheckpointFunctionBackward":
+        return "torch.utils.checkpoint with use_reentrant=True (its backward cannot be differentiated again)"
+    return None
 
 
 def _step_size_names(rule: Any) -> dict[int, str]:

@@ -36,6 +36,9 @@ class Estimator(abc.ABC):
     may set:
 
     - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
+    - ``exact``: it returns MATH.md's exact (1) and (3), whatever the problem; a block nested
+      in an outer step that is differentiated twice then runs as a differentiable unroll,
+      which gives the same number (an approximate estimator is refused there).
     - ``proximal``: λ of a proximal term the inner loop adds (Implicit).
     - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
     - :meth:`snapshot_schedule`: which iterates it stores, the others recomputed when a product
@@ -43,6 +46,8 @@ class Estimator(abc.ABC):
     """
 
     differentiable: bool = False
+    #: The estimate is the exact meta-gradient (MATH.md (1), (3)) for every problem.
+    exact: bool = False
     #: λ of a proximal term ``(λ/2)‖φ − θ‖²`` the inner loop adds to every step's loss.
     proximal: Optional[float] = None
 

@@ -55,6 +55,8 @@ class Checkpointed(Estimator):
             The recomputed segment of backward comes on top.
     """
 
+    exact = True
+
     def __init__(self, snapshots: Union[int, str, None] = None, *,
                  max_memory: Union[int, str, None] = None) -> None:
         if snapshots is not None and max_memory is not None:

@@ -27,6 +27,7 @@ class Full(Estimator):
     """
 
     differentiable = True
+    exact = True
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:

@@ -505,7 +505,12 @@ def test_scalar_meta_parameter_against_finite_differences(s):
     h = 1e-4 * max(abs(eta0), 0.1)
     objective = lambda e: ref.eta_objective(case.problem, s.K, [torch.tensor(e, dtype=DT)])  # noqa: E731
     fd = ref.central_difference(objective, eta0, h)
-    atol = 1e3 * 2.2e-16 * abs(objective(eta0)) / h  # the differences' rounding
+    # The differences' rounding, and their truncation error, bounded by how far the Richardson
+    # step moved the plain central difference (Adam's normalized step is nearly sign(g) where a
+    # gradient is small: the objective's third derivative, and so the plain difference's error,
+    # is then large; seen at 5e-7 relative on one drawn case).
+    plain = (objective(eta0 + h) - objective(eta0 - h)) / (2 * h)
+    atol = 1e3 * 2.2e-16 * abs(objective(eta0)) / h + abs(fd - plain)
     estimators = [mg.Full(), mg.Checkpointed()]
     if s.rule == "sgd":
         estimators += [mg.Truncated(s.K), mg.Binomial(s.K), mg.Binomial(s.K, block=2)]
