@@ -1,0 +1,393 @@
+"""Patterns that once gave a silently wrong meta-gradient (issue 21), written as users write
+them, each against a hand-written float64 unroll (a double unroll for nested blocks): exact,
+or a clear error before any number is returned.
+
+1. an op whose backward is ``@once_differentiable`` in the inner loss;
+2. nested blocks (a meta-meta-gradient);
+3. learned step sizes of parameters the inner loss does not use at step 0;
+4. activation checkpointing inside the model;
+and an inner learning-rate schedule, and a step whose loss uses none of the adapted parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+import metagrad as mg
+
+DT = torch.float64
+
+
+def data(seed, n=6, d=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=DT) if i % 2 == 0 else torch.randn(n, 1, generator=g, dtype=DT)
+            for i in range(6)]
+
+
+def mlp(seed, widths=(2, 4, 1)):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b, dtype=DT), nn.Tanh()]
+        return nn.Sequential(*layers[:-1])
+
+
+def unrolled(model, inner, query, lrs, *, first_order=False, wrt=None, forward=None):
+    """The meta-gradient by a plain autograd loop: ``inner(f, k)`` is step k's loss at the
+    functional model ``f``; ``lrs[k]`` maps names to step k's step size. ``forward(params,
+    *args)`` evaluates the model (default: ``functional_call``)."""
+    if forward is None:
+        forward = lambda params, *a: functional_call(model, params, a)  # noqa: E731
+    theta = dict(model.named_parameters())
+    phi = {n: p.view_as(p) for n, p in theta.items()}
+    for k, lr in enumerate(lrs):
+        loss = inner(lambda *a: forward(phi, *a), k)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=not first_order, allow_unused=True)
+        phi = {n: p if g is None else p - lr[n] * g for (n, p), g in zip(phi.items(), grads)}
+        if first_order:
+            phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
+    out = query(lambda *a: forward(phi, *a))
+    inputs = list(phi.values()) if first_order else list(theta.values()) + list(wrt or [])
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def close(got, want, tol=1e-10):
+    for g, w in zip(got, want):
+        g = torch.zeros_like(w) if g is None else g
+        assert (g - w).abs().max() <= tol * (1 + w.abs().max()), (g, w)
+
+
+def grads_of(tensors):
+    return [t.grad for t in tensors]
+
+
+# ------------------------------------------------------------ 1. once-differentiable ops
+class Cube(torch.autograd.Function):
+    """x³ with a backward marked @once_differentiable, as many custom CUDA ops are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+SECOND_ORDER = [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2), mg.Truncated(3),
+                mg.Binomial(3), mg.Binomial(3, chunk_size=1), mg.Implicit()]
+
+
+@pytest.mark.parametrize("where", ["inside", "last"])
+@pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
+def test_a_once_differentiable_op_is_refused_by_every_second_order_estimator(estimator, where):
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+
+    def inner(f):
+        if where == "inside":
+            return ((Cube.apply(f(x)) - y) ** 2).mean()
+        return Cube.apply(f(x) - y).abs().mean()  # the op's grad_output is a constant here
+
+    with pytest.raises(mg.ReplayError, match="once_differentiable"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(3):
+                meta.step(inner)
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_once_differentiable_op_is_fine_for_first_order():
+    x, y, xq, yq, _, _ = data(2)
+    model = mlp(2)
+    inner = lambda f, k=0: ((Cube.apply(f(x)) - y) ** 2).mean()  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq), yq)  # noqa: E731
+    want = unrolled(model, inner, query, [dict.fromkeys(dict(model.named_parameters()), 0.1)] * 3,
+                    first_order=True)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.FirstOrder()) as meta:
+        for _ in range(3):
+            meta.step(inner)
+        query(meta.fmodel).backward()
+    close(grads_of(model.parameters()), want)
+
+
+# ------------------------------------------------------------------- 2. nested blocks
+K_IN, J_OUT, A_IN, A_OUT = 3, 2, 0.2, 0.5
+
+
+def nested_problem(seed):
+    x, y, xv, yv, xo, yo = data(seed)
+    net = mlp(seed)  # the inner model θ
+    hyper = nn.Linear(2, 1, dtype=DT)  # the outer model: a weight per training example
+    with torch.no_grad():
+        hyper.weight.copy_(torch.tensor([[0.3, -0.2]], dtype=DT))
+    return net, hyper, (x, y, xv, yv, xo, yo)
+
+
+def double_unroll(net, hyper, batch):
+    """The meta-meta-gradient by two nested hand-written unrolls, for θ_hyper and θ_net."""
+    x, y, xv, yv, xo, yo = batch
+    tp0, hp0 = dict(net.named_parameters()), dict(hyper.named_parameters())
+
+    def inner_meta_loss(hp, xq, yq):
+        w = torch.sigmoid(functional_call(hyper, hp, (x,))).squeeze(-1)
+        phi = {n: p.view_as(p) for n, p in tp0.items()}
+        for _ in range(K_IN):
+            loss = (w * ((functional_call(net, phi, (x,)) - y) ** 2).squeeze(-1)).mean()
+            g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {n: p - A_IN * gg for (n, p), gg in zip(phi.items(), g)}
+        return F.mse_loss(functional_call(net, phi, (xq,)), yq)
+
+    hp = {n: p.view_as(p) for n, p in hp0.items()}
+    for _ in range(J_OUT):
+        g = torch.autograd.grad(inner_meta_loss(hp, xv, yv), list(hp.values()), create_graph=True)
+        hp = {n: p - A_OUT * gg for (n, p), gg in zip(hp.items(), g)}
+    return torch.autograd.grad(inner_meta_loss(hp, xo, yo), list(hp0.values()) + list(tp0.values()))
+
+
+def nested_run(net, hyper, batch, outer_estimator, inner_estimator):
+    """What a user writes: a MetaGradient over the hyper-module, whose inner loss is the query
+    loss of a MetaGradient over the network, with example weights from the hyper-module."""
+    x, y, xv, yv, xo, yo = batch
+
+    def meta_loss(fh, xq, yq):
+        w = torch.sigmoid(fh(x)).squeeze(-1)
+        with mg.MetaGradient(net, mg.optim.SGD(lr=A_IN), estimator=inner_estimator) as inner:
+            for _ in range(K_IN):
+                inner.step(lambda f: (w * ((f(x) - y) ** 2).squeeze(-1)).mean())
+            return F.mse_loss(inner.fmodel(xq), yq)
+
+    with mg.MetaGradient(hyper, mg.optim.SGD(lr=A_OUT), estimator=outer_estimator) as outer:
+        for _ in range(J_OUT):
+            outer.step(lambda fh: meta_loss(fh, xv, yv))
+        meta_loss(outer.fmodel, xo, yo).backward()
+    return grads_of(list(hyper.parameters()) + list(net.parameters()))
+
+
+EXACT_PAIRS = [
+    (mg.Full(), mg.Full()), (mg.Checkpointed(), mg.Checkpointed()), (mg.Full(), mg.Checkpointed()),
+    (mg.Checkpointed(), mg.Full()), (mg.Truncated(J_OUT), mg.Checkpointed(snapshots=1)),
+    (mg.Binomial(J_OUT, chunk_size=1), mg.Checkpointed()),
+]
+
+
+@pytest.mark.parametrize("outer,inner", EXACT_PAIRS, ids=repr)
+def test_nested_blocks_equal_a_hand_written_double_unroll(outer, inner):
+    net, hyper, batch = nested_problem(3)
+    want = double_unroll(net, hyper, batch)
+    close(nested_run(net, hyper, batch, outer, inner), want)
+
+
+@pytest.mark.filterwarnings("ignore::metagrad.MetaGradientWarning")  # FirstOrder's, in the outer forward
+@pytest.mark.parametrize("inner", [mg.Truncated(2), mg.Binomial(2), mg.FirstOrder(), mg.Implicit()], ids=repr)
+@pytest.mark.parametrize("outer", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_an_approximate_inner_estimator_under_a_second_order_outer_one_is_refused(outer, inner):
+    net, hyper, batch = nested_problem(4)
+    with pytest.raises(ValueError, match=r"mg\.Full\(\) or mg\.Checkpointed\(\)"):
+        nested_run(net, hyper, batch, outer, inner)
+    assert all(p.grad is None for p in list(hyper.parameters()) + list(net.parameters()))
+
+
+# ---------------------------------------------- 3. step sizes of parameters used later
+class TwoHeads(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.body, self.a, self.b = nn.Linear(2, 3, dtype=DT), nn.Linear(3, 1, dtype=DT), nn.Linear(3, 1, dtype=DT)
+
+    def forward(self, x, head):
+        return getattr(self, head)(torch.tanh(self.body(x)))
+
+
+RULES = {"sgd": lambda lr: mg.optim.SGD(lr=lr), "momentum": lambda lr: mg.optim.Momentum(lr=lr, momentum=0.9),
+         "adam": lambda lr: mg.optim.Adam(lr=lr)}
+
+
+def heads_run(rule, estimator, K=4, seed=6):
+    """Meta-SGD over a two-head model, the heads used at alternating steps (head b first at
+    step 1): every step size is a meta-parameter."""
+    model = TwoHeads(seed)
+    x, y, xq, yq, _, _ = data(seed)
+    lrs = {n: torch.tensor(0.1, dtype=DT, requires_grad=True) for n, _ in model.named_parameters()}
+    with mg.MetaGradient(model, RULES[rule](lrs), estimator=estimator) as meta:
+        for k in range(K):
+            head = "a" if k % 2 == 0 else "b"
+            meta.step(lambda f: F.mse_loss(f(x, head), y))
+        (F.mse_loss(meta.fmodel(xq, "a"), yq) + F.mse_loss(meta.fmodel(xq, "b"), yq)).backward()
+    return model, lrs, meta.info, (x, y, xq, yq)
+
+
+def heads_reference(model, lrs, batch, K=4, first_order=False):
+    x, y, xq, yq = batch
+    inner = lambda f, k: F.mse_loss(f(x, "a" if k % 2 == 0 else "b"), y)  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq, "a"), yq) + F.mse_loss(f(xq, "b"), yq)  # noqa: E731
+    return unrolled(model, inner, query, [lrs] * K, wrt=list(lrs.values()), first_order=first_order)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2), mg.Truncated(4),
+                                       mg.Binomial(4), mg.Binomial(4, chunk_size=1)], ids=repr)
+def test_step_sizes_of_heads_used_from_step_one_on_get_their_gradient(estimator):
+    model, lrs, info, batch = heads_run("sgd", estimator)
+    want = heads_reference(model, lrs, batch)
+    close(grads_of(list(model.parameters()) + list(lrs.values())), want)
+    if not isinstance(estimator, mg.Full):
+        assert len(info["meta_parameters"]) == 6
+
+
+def test_first_order_learns_the_step_sizes_of_every_head():
+    """MATH.md: first-order Meta-SGD's step-size gradient is −Σ_k ∇L_tr(φ_k)·v."""
+    model, lrs, info, (x, y, xq, yq) = heads_run("sgd", mg.FirstOrder())
+    phi = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    steps = []
+    for k in range(4):
+        loss = F.mse_loss(functional_call(model, phi, (x, "a" if k % 2 == 0 else "b")), y)
+        g = dict(zip(phi, torch.autograd.grad(loss, list(phi.values()), allow_unused=True)))
+        steps.append(g)
+        phi = {n: (p if g[n] is None else p - 0.1 * g[n]).detach().requires_grad_() for n, p in phi.items()}
+    query = F.mse_loss(functional_call(model, phi, (xq, "a")), yq) + F.mse_loss(functional_call(model, phi, (xq, "b")), yq)
+    v = dict(zip(phi, torch.autograd.grad(query, list(phi.values()))))
+    want = [-sum((g[n] * v[n]).sum() for g in steps if g[n] is not None) for n in phi]
+    close([lrs[n].grad for n in phi], want)
+    assert len(info["meta_parameters"]) == 6
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_step_sizes_of_later_heads_with_stateful_rules(rule, estimator):
+    model, lrs, _, batch = heads_run(rule, estimator)
+    x, y, xq, yq = batch
+    # The same rule, unrolled by hand through its own step (a plain loop over rule.step).
+    r = RULES[rule](lrs)
+    theta = dict(model.named_parameters())
+    phi, state = {n: p.view_as(p) for n, p in theta.items()}, r.init(theta)
+    for k in range(4):
+        loss = F.mse_loss(functional_call(model, phi, (x, "a" if k % 2 == 0 else "b")), y)
+        g = torch.autograd.grad(loss, list(phi.values()), create_graph=True, allow_unused=True)
+        phi, state = r.step(phi, {n: gg for n, gg in zip(phi, g) if gg is not None}, state)
+    query = F.mse_loss(functional_call(model, phi, (xq, "a")), yq) + F.mse_loss(functional_call(model, phi, (xq, "b")), yq)
+    want = torch.autograd.grad(query, list(theta.values()) + list(lrs.values()), allow_unused=True)
+    want = [torch.zeros_like(t) if g is None else g for g, t in zip(want, list(theta.values()) + list(lrs.values()))]
+    close(grads_of(list(model.parameters()) + list(lrs.values())), want)
+    assert lrs["b.weight"].grad is not None and lrs["b.weight"].grad.abs() > 0
+
+
+# ------------------------------------------------------------ 4. activation checkpointing
+class Checkpointing(nn.Module):
+    def __init__(self, seed, reentrant=False):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b, self.c = nn.Linear(2, 4, dtype=DT), nn.Linear(4, 4, dtype=DT), nn.Linear(4, 1, dtype=DT)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = checkpoint(lambda t: torch.tanh(self.b(t)), h, use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2), mg.Truncated(3),
+                                       mg.Binomial(3, chunk_size=1), mg.FirstOrder()], ids=repr)
+def test_activation_checkpointing_inside_the_model(estimator):
+    x, y, xq, yq, _, _ = data(7)
+    model = Checkpointing(7)
+    lr = dict.fromkeys(dict(model.named_parameters()), 0.2)
+    inner = lambda f, k=0: F.mse_loss(f(x), y)  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq), yq)  # noqa: E731
+
+    def forward(p, x):  # the same function, written out without checkpointing
+        h = torch.tanh(F.linear(x, p["a.weight"], p["a.bias"]))
+        h = torch.tanh(F.linear(h, p["b.weight"], p["b.bias"]))
+        return F.linear(h, p["c.weight"], p["c.bias"])
+
+    want = unrolled(model, inner, query, [lr] * 3, first_order=isinstance(estimator, mg.FirstOrder),
+                    forward=forward)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.2), estimator=estimator) as meta:
+        for _ in range(3):
+            meta.step(inner)
+        query(meta.fmodel).backward()
+    close(grads_of(model.parameters()), want)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_reentrant_activation_checkpointing_raises():
+    x, y, _, _, _, _ = data(8)
+    model = Checkpointing(8, reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.2), estimator=mg.Checkpointed()) as meta:
+            meta.step(lambda f: F.mse_loss(f(x), y))
+
+
+# -------------------------------------------------------------- learning-rate schedules
+@pytest.mark.parametrize("how", ["attribute", "in place"])
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2), mg.Truncated(4),
+                                       mg.Binomial(4), mg.Binomial(2, block=2)], ids=repr)
+def test_an_inner_learning_rate_schedule(estimator, how):
+    x, y, xq, yq, _, _ = data(9)
+    model = mlp(9)
+    schedule = [0.3, 0.2, 0.1, 0.05]
+    inner = lambda f, k=0: F.mse_loss(f(x), y)  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq), yq)  # noqa: E731
+    names = list(dict(model.named_parameters()))
+    want = unrolled(model, inner, query, [dict.fromkeys(names, a) for a in schedule])
+    rule = mg.optim.SGD(lr=0.3 if how == "attribute" else torch.tensor(0.3, dtype=DT))
+    with mg.MetaGradient(model, rule, estimator=estimator) as meta:
+        for lr in schedule:
+            if how == "attribute":
+                rule.lr = lr
+            else:
+                rule.lr.fill_(lr)
+            meta.step(inner)
+        query(meta.fmodel).backward()
+    close(grads_of(model.parameters()), want)
+
+
+# ------------------------------------------- a step that uses none of the adapted weights
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Truncated(3), mg.Binomial(3, chunk_size=1)],
+                         ids=repr)
+def test_a_step_whose_loss_uses_no_adapted_parameter_moves_nothing(estimator):
+    """adapt= the head; step 1's loss uses only the body (a meta-parameter): a plain unroll
+    takes a step that moves nothing there."""
+    x, y, xq, yq, _, _ = data(10)
+    model = mlp(10, (2, 3, 1))
+    head = ["2.weight", "2.bias"]
+
+    def inner(f, k):  # step 1: a penalty on the body's features, which is not adapted
+        return F.mse_loss(f(x), y) if k != 1 else torch.tanh(model[0](x)).pow(2).mean()
+
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.2), estimator=estimator, adapt=head) as meta:
+        for k in range(3):
+            meta.step(lambda f: inner(f, k))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    got = grads_of(model.parameters())
+    # By hand: φ moves at steps 0 and 2 only; the body is fixed, and a meta-parameter.
+    params = dict(model.named_parameters())
+    phi = {n: params[n].view_as(params[n]) for n in head}
+    for k in (0, 2):
+        out = functional_call(model, phi, (x,))
+        g = torch.autograd.grad(F.mse_loss(out, y), list(phi.values()), create_graph=True)
+        phi = {n: p - 0.2 * gg for (n, p), gg in zip(phi.items(), g)}
+    q = F.mse_loss(functional_call(model, phi, (xq,)), yq)
+    want = torch.autograd.grad(q, list(params.values()))
+    close(got, want)
+
+
+def test_a_loss_built_from_the_module_itself_is_still_refused():
+    x, y, _, _, _, _ = data(11)
+    model = mlp(11)
+    for estimator in (mg.Full(), mg.Checkpointed()):
+        with pytest.raises(ValueError, match="fmodel"):
+            with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+                meta.step(lambda f: F.mse_loss(model(x), y))
