@@ -20,8 +20,10 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   :class:`~metagrad.ReplayError` instead of giving a wrong product.
 
 The compiled functions are kept in a process-wide cache keyed on what changes them: the
-closure's code and the kinds of values it captures (:attr:`metagrad.replay.Frozen.key`),
-the update rule's type and hyperparameters (a new step size compiles again), the fast
+closure's code and the kinds of values it captures (:attr:`metagrad.replay.Frozen.key`), the
+numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
+forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
+hyperparameters (a new step size, or a new ``cfg.temp``, compiles again), the fast
 weights' shapes and dtypes, the modules' train/eval modes and autocast. A new task with the
 same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
 compiled.
@@ -55,6 +57,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .functional import FunctionalModel, _frozen_buffers
+from .replay import _SCALARS, _global_names
 from .replay import _value_key as replay_value_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,6 +122,23 @@ def rule_key(rule: Any) -> Any:
     return (type(rule), tuple((name, _value_key(value)) for name, value in sorted(fields.items())))
 
 
+def module_reads_key(module: torch.nn.Module) -> tuple[Any, ...]:
+    """The numbers and strings each submodule's ``forward`` reads from its own attributes
+    (``self.negative_slope``, ``self.temperature``, ``self.training``), by value: a traced graph
+    holds them as constants."""
+    out = []
+    for prefix, sub in module.named_modules():
+        forward = getattr(type(sub).forward, "__code__", None)
+        if forward is None:
+            continue
+        fields = vars(sub)
+        values = tuple((name, replay_value_key(fields[name])) for name in _global_names(forward)
+                       if name in fields and isinstance(fields[name], _SCALARS))
+        if values:
+            out.append((prefix, values))
+    return tuple(out)
+
+
 def _shapes(params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
     return tuple((n, t.shape, t.dtype, t.device) for n, t in params.items())
 
@@ -139,6 +159,8 @@ class Compiler:
         #: What ran compiled: inner steps, and step products (rows of vmapped calls counted
         #: one each); ``meta.info["compiled"]`` reports it.
         self.counts = {"inner_steps": 0, "products": 0}
+        #: The inner steps whose gradient came from a compiled call (for the replay error).
+        self.inner_steps: set[int] = set()
 
     def refuse(self, key: Any, closure_key: Any, error: BaseException, rule: Any = None) -> None:
         """Run the piece ``key`` eagerly from now on, and warn once per closure why. ``rule``:
@@ -175,6 +197,7 @@ class Compiler:
             self.refuse(entry_key, key, error)
             return None
         self.counts["inner_steps"] += 1
+        self.inner_steps.add(trajectory.length)  # the step about to be taken
         return loss, dict(grads)
 
     def _inner_function(self, trajectory: "Trajectory", key: Any, params: dict[str, torch.Tensor],
@@ -212,6 +235,9 @@ class Compiler:
         template = first.closure
         if template is None:
             return None
+        for m, step in zip(steps, chunk):  # a replay error names what ran compiled
+            if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
+                step.closure.compiled = "inner"
         varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
                         if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:]))  # type: ignore[union-attr]
         leaves, spec = pytree.tree_flatten(state)
@@ -244,6 +270,8 @@ class Compiler:
             self.refuse(key, template.key, error, first.rule)
             return None
         self.counts["products"] += len(steps)
+        for step in chunk:
+            step.closure.compiled = "product"  # type: ignore[union-attr]
         state_out: Optional[list[Any]] = None
         if carry:
             state_out = [None] * len(leaves)
@@ -276,8 +304,12 @@ class Compiler:
         buffer_names = tuple(n for n, _ in module.named_buffers() if n not in replaced)
         varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
         params0 = first.params
-        key = ("product", template.key, rule_key(first.rule), first.used, first.modes, first.autocast,
-               id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
+        # The numbers the closure reads through the objects it captures (cfg.temp), and those
+        # the modules' forwards read from their attributes, as they are now, when the graph is
+        # traced: they are constants of it. The closure's key holds objects by identity only.
+        key = ("product", template.key, template.reads_key(), module_reads_key(module), rule_key(first.rule),
+               first.used, first.modes,
+               first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
                varying if batched else None, varied, str(spec))
         if key in _REFUSED:
             return None

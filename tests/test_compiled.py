@@ -325,3 +325,80 @@ def test_torchopt_rules_compile_or_fall_back_with_one_warning():
     assert len([w for w in record if "compile=True" in str(w.message)]) == 1
     compiled = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert relative(compiled, eager) < 1e-10
+
+
+@pytest.fixture
+def traced_not_compiled(monkeypatch):
+    """``torch.compile`` as the identity: the step products are still the graphs traced once by
+    ``make_fx`` (where a Python value is a constant), and the process-wide cache still keys them,
+    but nothing is compiled (seconds saved). The entries added are dropped afterwards."""
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    before = set(compiled_cache._CACHE)
+    yield
+    for key in set(compiled_cache._CACHE) - before:
+        del compiled_cache._CACHE[key]
+
+
+class Scaled(torch.nn.Module):
+    """The sinusoid MLP with a LeakyReLU, whose slope is a Python float its forward reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.LeakyReLU(0.1),
+                                       torch.nn.Linear(HIDDEN, 1)).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_numbers_read_through_objects_key_the_compiled_products(traced_not_compiled):
+    """A number the closure reads through an object it captures (``cfg.temp``), and one a module's
+    forward reads (LeakyReLU's slope), changed between blocks: each block's compiled products
+    are traced with its own values and equal a hand-unrolled loop. Changed between steps of one
+    block, the rebuilt step reads the new value (eagerly too): the error names it, the fix and that
+    the step ran compiled, and does not offer check_replay=False."""
+    class Config:
+        temp = 1.0
+
+    cfg = Config()
+    model = Scaled()
+    batches, xq, yq = tasks(1, 3, seed=17)[0]
+    lr = 0.05
+
+    def run() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=lr), estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean() * cfg.temp)
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+        assert meta.info["compiled"]["products"] > 0
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    def unrolled() -> torch.Tensor:
+        theta = list(model.parameters())
+        slope = model.net[1].negative_slope
+
+        def forward(params, x):
+            hidden = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, params[0], params[1]), slope)
+            return torch.nn.functional.linear(hidden, params[2], params[3])
+
+        phi = list(theta)
+        for x, y in batches:
+            grads = torch.autograd.grad(((forward(phi, x) - y) ** 2).mean() * cfg.temp, phi, create_graph=True)
+            phi = [p - lr * g for p, g in zip(phi, grads)]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(((forward(phi, xq) - yq) ** 2).mean(), theta)])
+
+    for temp, slope in ((1.0, 0.1), (3.0, 0.1), (3.0, 0.6)):
+        cfg.temp, model.net[1].negative_slope = temp, slope
+        assert relative(run(), unrolled()) < 1e-10
+
+    with pytest.raises(mg.ReplayError) as error:
+        with mg.MetaGradient(model, mg.optim.SGD(lr=lr), estimator=mg.Checkpointed(), compile=True) as meta:
+            for k, (x, y) in enumerate(batches):
+                cfg.temp = 1.0 + k
+                meta.step(lambda f: ((f(x) - y) ** 2).mean() * cfg.temp)
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    message = str(error.value)
+    assert "cfg.temp was 2.0 at this step and is 3.0 now" in message
+    assert "ran compiled" in message and "temp = cfg.temp" in message and "check_replay=False" not in message

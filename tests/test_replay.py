@@ -7,6 +7,7 @@ tests/test_user_patterns.py; here are the pieces they rest on.
 from __future__ import annotations
 
 import functools
+import threading
 
 import pytest
 import torch
@@ -195,3 +196,198 @@ def test_steps_taken_under_autocast_are_rebuilt_under_it(make_estimator):
         F.mse_loss(meta.fmodel(xq), yq).backward()
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------- what a replay error names (issue 21)
+def unrolled(net: torch.nn.Module, data, lr: float, loss_of) -> list[torch.Tensor]:
+    """A hand-unrolled loop: the query's gradient w.r.t. θ, with ``loss_of(params, x, y)``."""
+    params = dict(net.named_parameters())
+    for x, y in data:
+        grads = torch.autograd.grad(loss_of(params, x, y), list(params.values()), create_graph=True)
+        params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+    return list(torch.autograd.grad(loss_of(params, *QUERY), list(net.parameters())))
+
+
+def test_a_number_read_through_a_captured_object_is_named():
+    """``cfg.temp`` changed between steps: objects are not frozen, so the rebuilt step reads the
+    new value. The error names the attribute, both values and the fix, and does not offer
+    check_replay=False (the answer would be wrong)."""
+    class Config:
+        temp = 0.0
+
+    def run(cfg):
+        net, data = make_net(), batches(3)
+        with mg.MetaGradient(net, mg.optim.SGD(lr=0.2), estimator=mg.Checkpointed()) as meta:
+            for k, (x, y) in enumerate(data):
+                cfg.temp = 1.0 + k
+                meta.step(lambda f: F.mse_loss(f(x), y) * cfg.temp)
+            F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+
+    with pytest.raises(mg.ReplayError) as error:
+        run(Config())
+    message = str(error.value)
+    assert "cfg.temp was 2.0 at this step and is 3.0 now" in message
+    assert "temp = cfg.temp" in message and "check_replay=False" not in message
+
+
+def test_a_frozen_closure_sees_attributes_of_captured_objects_and_modules():
+    class Inner:
+        def __init__(self) -> None:
+            self.temp = 0.5
+
+    class Outer:
+        def __init__(self) -> None:
+            self.inner = Inner()
+            self.name = "x"
+
+    outer = Outer()
+    frozen = replay.freeze(lambda f: f * outer.inner.temp)
+    assert [(name, value) for name, _, _, value in frozen.reads] == [("outer.inner.temp", 0.5)]
+    before = frozen.reads_key()
+    outer.inner.temp = 0.25
+    assert frozen.reads_key() != before
+    assert frozen.changed_reads() == [("outer.inner.temp", 0.5, 0.25)]
+    module = torch.nn.LeakyReLU(0.1)
+    assert [name for name, *_ in replay.freeze(lambda f: f * module.negative_slope).reads] == [
+        "module.negative_slope"]
+
+
+def spectral_net(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 5).to(DT)
+    layer = (torch.nn.utils.spectral_norm(layer) if kind == "hook"
+             else torch.nn.utils.parametrizations.spectral_norm(layer))
+    return torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(5, 2).to(DT))
+
+
+def spectral_loss(net: torch.nn.Module):
+    """The loss of ``net`` at given parameters, spectral norm with u and v held as they are."""
+    first = [n for n, _ in net.named_parameters() if n.startswith("0.") and "bias" not in n][0]
+    buffers = dict(net.named_buffers())
+    u, v = [t for n, t in buffers.items() if n.endswith("u")][0], [t for n, t in buffers.items() if n.endswith("v")][0]
+
+    def loss(params, x, y):
+        weight = params[first]
+        weight = weight / torch.dot(u, torch.mv(weight, v))
+        hidden = torch.tanh(F.linear(x, weight, params["0.bias"]))
+        return F.mse_loss(F.linear(hidden, params["2.weight"], params["2.bias"]), y)
+
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["hook", "parametrizations"])
+def test_spectral_norm_in_training_mode_is_named_and_eval_mode_is_exact(kind):
+    """spectral_norm's power iteration writes u and v at every call in training mode, so no rebuilt
+    step is the step taken: the error names the buffers, the layer and eval mode. In eval mode
+    (u and v held) every estimator that rebuilds steps gives the hand-unrolled gradient."""
+    data = batches(3)
+    net = spectral_net(kind)
+    with pytest.raises(mg.ReplayError) as error:
+        with mg.MetaGradient(net, mg.optim.SGD(lr=0.2), estimator=mg.Checkpointed()) as meta:
+            for x, y in data:
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+    message = str(error.value)
+    buffers = ["0.weight_u", "0.weight_v"] if kind == "hook" else [
+        "0.parametrizations.weight.0._u", "0.parametrizations.weight.0._v"]
+    assert str(buffers) in message
+    assert ("torch.nn.utils.spectral_norm on '0'" if kind == "hook"
+            else "torch.nn.utils.parametrizations.spectral_norm on '0'") in message
+    assert "model.get_submodule('0').eval()" in message and "check_replay=False" not in message
+
+    for estimator in (mg.Checkpointed(), mg.Binomial(order=3)):
+        net = spectral_net(kind)
+        net[0].eval()
+        expected = unrolled(net, data, 0.2, spectral_loss(net))
+        net.zero_grad(set_to_none=True)
+        with mg.MetaGradient(net, mg.optim.SGD(lr=0.2), estimator=estimator) as meta:
+            for x, y in data:
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+        assert_close_all([p.grad for p in net.parameters()], expected)
+
+
+def dropout_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(8, 2)).to(DT)
+
+
+def test_random_state_sees_draws_that_are_not_the_steps_own():
+    """The conditions the replay error reads, in one thread: a replay that draws what the step
+    drew ends where the step ended; one that draws more does not; no other thread is named."""
+    state = replay.RandomState.capture(torch.device("cpu"))
+    drawn = torch.rand(3)
+    assert state.changed() and state.others == ()
+    with state.replay():
+        assert torch.equal(torch.rand(3), drawn)
+    assert not state.foreign
+    with state.replay():
+        torch.rand(4)  # another count of numbers: not the step's draws
+    assert state.foreign
+
+
+def test_a_thread_drawing_during_another_threads_step_is_named():
+    """Two threads, each with its own model and block, dropout on. The events make thread B draw
+    its dropout mask while thread A's step is open (what happens by chance in 12–28% of blocks
+    when both run freely): A's step then drew other numbers than its replay does, and the error
+    says so, names B and the fixes. B's block, whose draws nothing interleaved, passes the check."""
+    data = batches(2)
+    net_a, net_b = dropout_net(0), dropout_net(1)  # (seeding draws nothing during the steps)
+    a_open, b_drew, a_done = threading.Event(), threading.Event(), threading.Event()
+    b_result: dict[str, object] = {}
+
+    def b_closure(f):
+        a_open.wait(30)
+        loss = F.mse_loss(f(data[1][0]), data[1][1])  # draws a dropout mask
+        b_drew.set()
+        return loss
+
+    def b_block():
+        net = net_b
+        try:
+            with mg.MetaGradient(net, mg.optim.SGD(lr=0.2), estimator=mg.Checkpointed()) as meta:
+                meta.step(b_closure)
+                a_done.wait(30)  # A's block has ended: nothing else draws now
+                F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+            b_result["grads"] = [p.grad for p in net.parameters()]
+        except Exception as error:  # pragma: no cover - reported by the assertion below
+            b_result["error"] = error
+
+    def a_closure(f):
+        a_open.set()
+        b_drew.wait(30)
+        return F.mse_loss(f(data[0][0]), data[0][1])
+
+    other = threading.Thread(target=b_block, name="metagrad-test-B")
+    torch.manual_seed(5)
+    other.start()
+    try:
+        with pytest.raises(mg.ReplayError) as error:
+            with mg.MetaGradient(net_a, mg.optim.SGD(lr=0.2), estimator=mg.Checkpointed()) as meta:
+                meta.step(a_closure)
+                F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+    finally:
+        a_done.set()
+        other.join(60)
+    message = str(error.value)
+    assert "metagrad-test-B" in message and "thread" in message
+    assert "torch.Generator" in message and "mg.Full()" in message and "check_replay=False" not in message
+    assert "error" not in b_result and all(torch.isfinite(g).all() for g in b_result["grads"])
+
+
+def test_a_mismatch_on_a_step_that_ran_compiled_says_so():
+    """A step product computed by a compiled function holds the Python values it was traced with:
+    a mismatch there names compile=True and its fixes, and does not offer check_replay=False."""
+    helper = {"temp": 1.0}  # read through a call: not a number the frozen closure can see
+    frozen = replay.freeze(lambda f: f * helper.get("temp"))
+    frozen.compiled = "product"
+    start, stored = torch.zeros(1, 2, dtype=DT), torch.ones(1, 2, dtype=DT)
+    with pytest.raises(mg.ReplayError) as error:
+        replay.check_step([3], [2 * stored], [stored], [start], 1e-7, closures=[frozen])
+    message = str(error.value)
+    assert "Inner step 3 ran compiled" in message and "compile=False" in message
+    assert "temp = cfg.temp" in message and "check_replay=False" not in message
+    frozen.compiled = None  # the same mismatch, eager: the generic causes and the tolerance
+    with pytest.raises(mg.ReplayError, match="check_replay=False skips this check"):
+        replay.check_step([3], [2 * stored], [stored], [start], 1e-7, closures=[frozen])
