@@ -56,6 +56,7 @@ or ``None``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -121,26 +122,36 @@ class Binomial(Estimator):
     gradient each). Memory: about ``(K/S + 2S)`` iterates instead of K; the result is the
     same computation, to rounding. Needs an integer ``order`` and ``block``.
 
-    **Memory budget.** With ``max_memory=B`` each backward first measures one rebuilt
-    step graph (:meth:`~metagrad.trajectory.Trajectory.graph_bytes`: the bytes its
-    forward pass and gradient save for backward, ``b``), then takes the largest chunk
-    size ``c ≥ 1`` with ``4·K·d + 6.5·c·b ≤ B``, ``d`` the bytes of one iterate (``4·K·d``
-    covers the iterates and level vectors). The factor is measured, not derived: on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0,
-    a batched call of c products peaked at 4.5–6.5·b for the first product and 2–6.8·b for
-    each further one (CNNs at 28×28, 32×32 and 84×84), so the choice is conservative
-    for large images. B is a target for the peak above what the model and the query
-    already hold, not a hard limit; GPU allocators differ, and the factor has not been
-    measured on one. Where B is below one product's need, one step graph at a time is
-    used, with a warning. ``meta.info`` reports ``chunk_size`` and ``step_graph_bytes``.
+    **Memory.** Backward holds the stored iterates, one buffer of S vectors (S the steps of the
+    longest block, K without blocks) that each level overwrites in place, a few more vectors,
+    and the products of one chunk: each adds about ``GRAPH_FACTOR·b + ITERATE_FACTOR·d``
+    (:data:`GRAPH_FACTOR`, :data:`ITERATE_FACTOR`), with ``b`` the bytes its step graph saves
+    and ``d`` one iterate's. So ``chunk_size=1`` holds about 2K iterates and one product's
+    graph: measured (``python -m benchmarks.budget``, tensor memory, 8-256-256-1 MLP, float32,
+    K=200) 411 iterates at its peak. With snapshots one call per level returns the block's rows
+    at once: about 3S vectors.
+
+    **Memory budget.** With ``max_memory=B`` each backward first measures one rebuilt step
+    graph (:meth:`~metagrad.trajectory.Trajectory.graph_bytes`) and takes the largest chunk
+    size that keeps the planned peak (the stored iterates, the level vectors and the chunk's
+    products, :func:`plan_budget`) within B. Where no chunk size does, backward is refused
+    before any product with a :class:`ValueError` that names the smallest budget that works
+    (the stored iterates alone may exceed B: they are known only once the inner loop ran). B
+    counts what metagrad holds above the model, the data and the query. Measured on a 2-core
+    x86_64 CPU (AMD EPYC), torch 2.13.0, one thread, the 8-256-256-1 MLP at K=200: for
+    ``"150MiB"`` the tensor peak was 140 MiB and the process's peak growth 1.1× the budget
+    (with ``MALLOC_MMAP_THRESHOLD_=131072``; 1.4× with glibc's default caching). GPU allocators
+    have not been measured. ``meta.info`` reports ``chunk_size``, ``step_graph_bytes`` and
+    ``planned_peak_bytes``.
 
     Args:
         order: L, the truncation order (an integer >= 0), or ``"auto"``.
         chunk_size: at most this many step graphs exist at once. ``None`` batches a
             whole level in one call (most memory); ``1`` builds one at a time, each
             product a plain double backward (no vmap).
-        max_memory: a memory budget for backward, in bytes or as a string such as
-            ``"2GiB"`` or ``"500MB"``, in place of ``chunk_size``: the chunk size is
-            chosen from a measured step graph (see "Memory budget" above).
+        max_memory: a memory budget, in bytes or as a string such as ``"2GiB"`` or
+            ``"500MB"``, in place of ``chunk_size``: the chunk size is chosen from the stored
+            iterates and a measured step graph, or the budget refused (see "Memory budget").
         block: S, the steps per block (an integer >= 1), ``"auto"`` (needs
             ``order="auto"``), or ``None`` (default: one block, the paper's estimator).
         monitor: record the level norms and, for a fixed order, warn when they grow at the
@@ -219,8 +230,9 @@ class Binomial(Estimator):
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         chunk, budget = self.chunk_size, {}
         if self.max_memory is not None and steps > 0:
-            chunk, graph = _budget_chunk(trajectory, steps, v, self.max_memory)
-            budget = {"chunk_size": chunk, "step_graph_bytes": graph}
+            rows = steps if not isinstance(self.block, int) else min(self.block, steps)
+            budget = plan_budget(trajectory, steps, v, self.max_memory, rows, self.snapshots)
+            chunk = budget["chunk_size"]
         g, meta, info = self._backward(trajectory, steps, v, chunk)
         return g, meta, {**info, **budget}
 
@@ -239,11 +251,12 @@ class Binomial(Estimator):
             kept = min(order, span[1] - span[0])
             trajectory.restore(*span)  # with snapshots: recompute the block's iterates, once
             if self.monitor or trajectory.meta:  # η needs the adjoint at every step: levels
-                u_next, norms, used, _, more = _levels(trajectory, span, u, kept, chunk)
+                u_next, norms, used, _, more = _levels(trajectory, span, u, kept, chunk,
+                                                       piecewise=not self.snapshots)
                 block_norms.append((norms, u, kept, span))
                 meta = add_meta(meta, more)
             else:
-                u_next, used = _tight(trajectory, span, u, kept, chunk)
+                u_next, used = _tight(trajectory, span, u, kept, chunk, piecewise=not self.snapshots)
             u, products = u_next, products + used
         info: dict[str, Any] = {"steps": steps, "order": order, "depth": sum(
             min(order, b - a) for a, b in spans), "hessian_vector_products": products}
@@ -334,26 +347,68 @@ class Binomial(Estimator):
         return g, meta, info
 
 
-#: Peak bytes of one product in a batched call, in units of its step graph's saved bytes
-#: (measured; see "Memory budget" in the class docstring).
-FOOTPRINT = 6.5
+#: What one product in a chunk adds to the peak of backward, in units of its step graph's saved
+#: bytes (``b``, :meth:`~metagrad.trajectory.Trajectory.graph_bytes`) and of one stored iterate
+#: with its optimizer state (``d``): ``GRAPH_FACTOR·b + ITERATE_FACTOR·d``. Measured, not derived
+#: (``python -m benchmarks.budget --fit``): tensor memory on a 2-core x86_64 CPU (AMD EPYC), torch
+#: 2.13.0, float32, per product 2.5–3.4·b + 6·d (an 8-256-256-1 MLP, where d dominates; small CNNs
+#: at 28×28 and 32×32 and a 64-512-1 MLP on 2000 examples, where b does). The ``d`` part is the
+#: stacked iterate, its gradient, the next iterate, the product and the replay check's rows.
+GRAPH_FACTOR = 3.5
+ITERATE_FACTOR = 6.5
+
+#: Vectors the size of the parameters that backward holds besides the level buffer (v, the
+#: running estimate, a level's sum, the tight grouping's last row and carry), with a margin.
+VECTORS = 4
+
+#: With snapshots, the replay checks of up to this many products queue before they run
+#: (:meth:`~metagrad.trajectory.Trajectory.verify`), each holding about ``CHECK_ROWS`` vectors.
+CHECK_QUEUE, CHECK_ROWS = 16, 8
 
 
-def _budget_chunk(trajectory: Trajectory, steps: int, v: Params, budget: int) -> tuple[int, int]:
-    """The chunk size that keeps backward within ``budget`` bytes, and the step graph's bytes
-    it was chosen from (the larger of the first and the last step's)."""
+def plan_budget(trajectory: Trajectory, steps: int, v: Params, budget: int, rows: int,
+                snapshots: bool) -> dict[str, Any]:
+    """The chunk size that keeps backward's peak within ``budget`` bytes, or a
+    :class:`ValueError` that names the smallest budget that would work.
+
+    The peak above the memory the model, the data and the query hold is planned as
+
+        stored iterates + level vectors + c·(GRAPH_FACTOR·b + ITERATE_FACTOR·d)
+
+    with the stored iterates (and optimizer states) as the inner loop left them, plus, with
+    snapshots, a block's two recomputed segments; the level vectors ``rows`` (the steps of the
+    longest block) plus :data:`VECTORS`, three times ``rows`` with snapshots (one call returns a
+    level's rows at once); ``b`` the larger of the first and last step's graph bytes and ``d``
+    the bytes of one stored iterate with its state. Returns ``chunk_size`` (at most ``rows``),
+    ``step_graph_bytes`` and ``planned_peak_bytes`` (the sum above, for that chunk size)."""
     graph = max(trajectory.graph_bytes(m) for m in {0, steps - 1})  # one graph when K = 1
-    vectors = 4 * steps * sum(t.numel() * t.element_size() for t in v.values())
-    chunk = int((budget - vectors) // (FOOTPRINT * graph)) if graph > 0 else steps
+    vector = sum(t.numel() * t.element_size() for t in v.values())
+    held = trajectory.iterate_bytes
+    count = trajectory.stored_iterates
+    iterate = held // count if count else vector
+    vectors = (rows + VECTORS) * vector
+    if snapshots:
+        held += 2 * rows * iterate
+        vectors += 2 * rows * vector + CHECK_QUEUE * CHECK_ROWS * vector
+    fixed = held + vectors
+    product = int(GRAPH_FACTOR * graph + ITERATE_FACTOR * iterate)
+    chunk = min(rows, int((budget - fixed) // product))
     if chunk < 1:
-        warn(
-            f"Binomial(max_memory={_format_bytes(budget)!r}): the budget is below what one product needs "
-            f"(about {(vectors + FOOTPRINT * graph) / 2**20:.1f} MiB, from a step graph of "
-            f"{graph / 2**20:.1f} MiB measured and the stored iterates); using one step graph "
-            "at a time. Raise max_memory, or pass chunk_size=1 to silence this warning."
+        need = fixed + product
+        raise ValueError(
+            f"Binomial(max_memory): got {_format_bytes(budget)} ({budget} bytes), below what this "
+            f"backward needs at K={steps}: the stored iterates take {_mib(held)}, the level vectors "
+            f"{_mib(vectors)} and one product at a time {_mib(product)} (from a step graph of "
+            f"{_mib(graph)} measured and iterates of {_mib(iterate)}). The smallest budget that "
+            f"works here is {need} bytes: pass max_memory='{math.ceil(need / 2**20)}MiB' or more; or "
+            "store fewer iterates with Binomial(order, block=S, snapshots=True), or use "
+            "Checkpointed(snapshots='sqrt')."
         )
-        return 1, graph
-    return chunk, graph
+    return {"chunk_size": chunk, "step_graph_bytes": graph, "planned_peak_bytes": fixed + chunk * product}
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _format_bytes(size: int) -> str:
@@ -410,13 +465,20 @@ Span = tuple[int, int]  # the steps [first, last) of a block
 
 
 def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
-            *, rtol: Optional[float] = None) -> tuple[Params, list[float], int, str, MetaGrads]:
+            *, rtol: Optional[float] = None, piecewise: bool = True
+            ) -> tuple[Params, list[float], int, str, MetaGrads]:
     """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
     level norms ``[‖T_1‖, …]``, the number of products, why it stopped, and the η-gradient.
 
     With ``rtol``, stops early once ``‖T_j‖ ≤ rtol·‖ĝ_j‖`` ("converged") or after two
     consecutive levels whose norms grew ("diverged"); otherwise after ``order`` levels
     ("limit").
+
+    Memory: one buffer of ``S`` vectors (S the steps of the span), overwritten level by level.
+    Row k of level j is first the product ``a^{(j)}_k = (J_kᵀ − I) S^{(j−1)}_{k+1}``, whose input
+    is row k+1 of the level before (read before row k is written, the chunks running forwards),
+    then, after the level, the suffix sum ``S^{(j)}_k = Σ_{k' ≥ k} a^{(j)}_{k'}`` in place, so
+    ``T_j`` is row 0 (see :func:`_products` for ``piecewise``).
 
     η (MATH.md, "Computing it"): level j's products are taken at the vectors
     ``S^{(j−1)}_{k+1}``, the order-(j−1) part of the adjoint after step k, so the same call
@@ -429,21 +491,26 @@ def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_siz
     norms: list[float] = []
     products = 0
     meta: MetaGrads = []
-    # suffix[k] = Σ_{k' ≥ k} a^{(j−1)}_{k'}; level 1 multiplies v at every step.
-    suffix = {n: t.unsqueeze(0).expand(last - first, *t.shape) for n, t in v.items()}
+    stop = "limit"
+    rows = 0
+    buffer: Params = {}
     for level in range(1, order + 1):
         rows = last - first - level + 1  # a^{(j)}_k vanishes for the last j−1 steps
-        vectors = {n: t[:rows] for n, t in suffix.items()}
-        pulled, more = trajectory.batched_vjp(list(range(first, first + rows)), vectors, chunk_size)
-        meta = add_meta(meta, more)
-        terms = {n: pulled[n] - vectors[n] for n in v}  # (J_kᵀ − I) u = −α H_k u for SGD
+        if level == 1:  # level 1 multiplies v at every step
+            inputs = {n: t.unsqueeze(0).expand(rows, *t.shape) for n, t in v.items()}
+            buffer = {n: t.new_empty((rows, *t.shape)) for n, t in v.items()}
+        else:  # row k multiplies S^{(j−1)}_{k+1}: the next row of the level before
+            inputs = {n: t[1:rows + 1] for n, t in buffer.items()}
+        for a, b, pulled, more in _products(trajectory, first, inputs, chunk_size, piecewise):
+            meta = add_meta(meta, more)
+            for n, t in buffer.items():  # (J_kᵀ − I) u = −α H_k u for SGD
+                t[a:b].copy_(pulled[n].sub_(inputs[n][a:b]))
+            del pulled
         products += rows
-        level_sum = {n: t.sum(0) for n, t in terms.items()}  # T_j
+        _suffix_sum_(buffer, rows, rows if chunk_size is None else chunk_size)
+        level_sum = {n: t[0] for n, t in buffer.items()}  # T_j
         g = {n: g[n] + level_sum[n] for n in g}
         norms.append(norm(level_sum))
-        # The next level multiplies, at step k, the sum of this level's terms after k.
-        suffix = {n: _suffix_sum(t)[1:] for n, t in terms.items()}
-        stop = "limit"
         if rtol is not None:
             if norms[-1] <= rtol * norm(g):
                 stop = "converged"
@@ -452,8 +519,8 @@ def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_siz
         if stop != "limit" or level == order:
             break
     if trajectory.meta and order > 0:  # the step-size part at the last order kept
-        for i in range(next(iter(suffix.values())).shape[0]):
-            _, more, _ = trajectory.vjp(first + i, {n: t[i] for n, t in suffix.items()},
+        for i in range(rows - 1):
+            _, more, _ = trajectory.vjp(first + i, {n: t[i + 1] for n, t in buffer.items()},
                                         second_order=False)
             meta = add_meta(meta, more)
     elif trajectory.meta:  # order 0: FirstOrder's step-size part
@@ -464,20 +531,61 @@ def _levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_siz
 
 
 def _tight(trajectory: Trajectory, span: Span, v: Params, order: int,
-           chunk_size: Optional[int]) -> tuple[Params, int]:
-    """The tight grouping over ``span``: its expansion in ``L(S−L+1)`` products, no norms."""
+           chunk_size: Optional[int], *, piecewise: bool = True) -> tuple[Params, int]:
+    """The tight grouping over ``span``: its expansion in ``L(S−L+1)`` products, no norms.
+
+    At level t the window of iterates φ_{L−1−t} … φ_{S−1−t} of the block; row i holds the
+    partial sums over subsets of {window[i], …, last−1} of size ≤ t+1, and becomes
+    ``rows[last] + Σ_{i' ≥ i} (P_{i'} − rows[i'])`` with ``P_i`` its product. One buffer of
+    ``S−L+1`` vectors, overwritten in place: the chunks run backwards, carrying the sum of
+    the differences after them, so a row is written only after its product was taken."""
     if order == 0:
         return dict(v), 0
     first, last = span
-    # At level t the window of iterates φ_{L−1−t} … φ_{S−1−t} of the block; row i holds
-    # the partial sums over subsets of {window[i], …, last−1} of size ≤ t+1.
     width = last - first - order + 1
-    rows = {n: t.unsqueeze(0).expand(width, *t.shape) for n, t in v.items()}
+    inputs = {n: t.unsqueeze(0).expand(width, *t.shape) for n, t in v.items()}
+    buffer = {n: t.new_empty((width, *t.shape)) for n, t in v.items()}
     for level in range(order):
         start = first + order - 1 - level
-        products, _ = trajectory.batched_vjp(list(range(start, start + width)), rows, chunk_size)  # no η here
-        rows = {n: rows[n][-1] + _suffix_sum(products[n] - rows[n]) for n in rows}
-    return {n: t[0] for n, t in rows.items()}, order * width
+        tail = {n: t[-1].clone() for n, t in inputs.items()}
+        carry: Optional[Params] = None
+        for a, b, pulled, _ in _products(trajectory, start, inputs, chunk_size, piecewise,  # no η here
+                                         backwards=True):
+            sums = {}
+            for n, t in buffer.items():
+                summed = _suffix_sum(pulled[n].sub_(inputs[n][a:b]))
+                if carry is not None:
+                    summed += carry[n]
+                sums[n] = summed[0].clone()
+                t[a:b].copy_(summed.add_(tail[n]))
+            carry = sums
+            del pulled
+        inputs = buffer
+    return {n: t[0].clone() for n, t in buffer.items()}, order * width
+
+
+def _products(trajectory: Trajectory, first: int, vectors: Params, chunk_size: Optional[int],
+              piecewise: bool, *, backwards: bool = False
+              ) -> Iterator[tuple[int, int, Params, MetaGrads]]:
+    """``(a, b, J_mᵀ u_i, Σ B_mᵀ u_i)`` for the rows ``a … b−1`` of ``vectors`` (row i at step
+    ``first + i``), chunk by chunk (the last chunk first with ``backwards``).
+
+    ``piecewise``: one :meth:`~metagrad.trajectory.Trajectory.batched_vjp` call per chunk, so
+    only a chunk's products and results exist at once, and the queued replay checks of a chunk
+    run before the next one (:meth:`~metagrad.trajectory.Trajectory.verify`). Otherwise (the
+    iterates are recomputed from snapshots: one call restores them once) one call for all the
+    rows, which chunks them itself and returns all the rows at once."""
+    rows = next(iter(vectors.values())).shape[0]
+    if not piecewise or chunk_size is None or chunk_size >= rows:
+        bounds = [(0, rows)]
+    else:
+        bounds = [(a, min(a + chunk_size, rows)) for a in range(0, rows, chunk_size)]
+    for a, b in reversed(bounds) if backwards else bounds:
+        pulled, meta = trajectory.batched_vjp(list(range(first + a, first + b)),
+                                              {n: t[a:b] for n, t in vectors.items()}, chunk_size)
+        if piecewise:
+            trajectory.verify()
+        yield a, b, pulled, meta
 
 
 def _spans(steps: int, block: Optional[int]) -> list[Span]:
@@ -521,3 +629,17 @@ def _ratio(norms: list[float], v: Params, level: int) -> float:
 def _suffix_sum(x: torch.Tensor) -> torch.Tensor:
     """``out[i] = Σ_{i' ≥ i} x[i']`` along the first dimension."""
     return x.flip(0).cumsum(0).flip(0)
+
+
+def _suffix_sum_(buffer: Params, rows: int, piece: int) -> None:
+    """``buffer[i] ← Σ_{i ≤ i' < rows} buffer[i']`` in place, in pieces of ``piece`` rows from the
+    last (at most about ``2·piece`` vectors of scratch at once)."""
+    carry: Optional[Params] = None
+    for b in range(rows, 0, -piece):
+        a = max(0, b - piece)
+        for n, t in buffer.items():
+            summed = _suffix_sum(t[a:b])
+            if carry is not None:
+                summed += carry[n]
+            t[a:b].copy_(summed)
+        carry = {n: t[a] for n, t in buffer.items()}

@@ -164,21 +164,27 @@ def test_non_adapted_body_is_a_meta_parameter():
     assert rel_err(g, g_ref) <= RTOL and rel_err(eta[0], eta_ref[0]) <= RTOL
 
 
-def test_max_memory_picks_the_number_of_snapshots():
+def test_max_memory_holds_the_snapshots_and_a_segment_or_refuses_the_step():
+    from metagrad.snapshots import RESERVE, most_steps
+
     model, batches, weights, query = problem(3)
     d = sum(p.numel() for p in model.parameters()) * 8  # float64, SGD: no optimizer state
     K = 12
+    assert most_steps(5) < K <= most_steps(6)
     g_ref, eta_ref = hand_unrolled(model, batches, weights, query, K, 0.3, [True] * 4)
-    g, eta, info = package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory=3 * d + 7))
+    g, eta, info = package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory=(RESERVE + 6) * d + 7))
     assert rel_err(g, g_ref) <= RTOL and rel_err(eta[0], eta_ref[0]) <= RTOL
-    assert 2 <= info["stored_iterates"] <= 3
-    with pytest.warns(mg.MetaGradientWarning, match="below one iterate"):
-        _, _, info = package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory=8))
-    assert info["stored_iterates"] == 1
-    with_adam = sum(p.numel() for p in model.parameters()) * 8 * 3  # φ and Adam's two moments
-    _, _, info = package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory="%dB" % (2 * with_adam + 10)),
+    assert info["peak_iterates"] <= 6 and info["peak_iterate_bytes"] <= 6 * d
+    smallest = f"smallest budget for {most_steps(5) + 1} steps is {(RESERVE + 6) * d} bytes"
+    with pytest.raises(ValueError, match=r"Checkpointed\(max_memory\): got .*" + smallest):
+        package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory=(RESERVE + 6) * d - 1))
+    with pytest.raises(ValueError, match=r"Checkpointed\(max_memory\): got 8 bytes"):
+        package(model, batches, weights, query, K, 0.3, mg.Checkpointed(max_memory=8))
+    with_adam = sum(p.numel() for p in model.parameters()) * 8 * 3 + 8  # φ, Adam's two moments, its count
+    _, _, info = package(model, batches, weights, query, K, 0.3,
+                         mg.Checkpointed(max_memory="%dB" % ((RESERVE + 6) * with_adam + 10)),
                          rule=mg.optim.Adam(lr=0.01))
-    assert info["stored_iterates"] <= 2
+    assert info["peak_iterates"] <= 6
 
 
 # --------------------------------------------------------------- blocked binomial on snapshots
