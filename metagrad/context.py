@@ -60,8 +60,10 @@ class MetaGradient:
             Default: ``Full()``.
         check_finite: raise ``FloatingPointError`` at the first inner step whose loss is
             NaN or infinite (default). With ``False``, non-finite values propagate.
-        adapt: the parameters the inner loop adapts, as names (``model.named_parameters()``)
-            or Parameter objects; default: every parameter that requires grad. The others
+        adapt: the parameters the inner loop adapts, as names (``model.named_parameters()``),
+            Parameter objects or submodules (``adapt=model.head``: all of its parameters), or a
+            list mixing them; default: every parameter that requires grad. A listed parameter
+            that does not require grad at block entry is an error. The others
             that require grad stay fixed during the inner loop and are meta-parameters: they
             get their meta-gradient through it (ANIL adapts the head only; its body learns
             through the inner loop).
@@ -102,7 +104,13 @@ class MetaGradient:
     Every estimator fills their ``.grad`` with what MATH.md's table defines, with no
     declaration; ``meta.info["meta_parameters"]`` lists what was found (Full's autograd
     finds them itself and lists none). They are found from the graph of each closure's
-    first step (see :meth:`metagrad.trajectory.Trajectory._discover` for the rule).
+    first step (see :meth:`metagrad.trajectory.Trajectory._discover` for the rule), and a
+    step size where a step first updates a fast weight.
+
+    Nested blocks: a block opened inside another block's inner loss, in a step the outer
+    estimator differentiates twice, runs as a differentiable unroll if its estimator is exact
+    (Full, Checkpointed), which gives the same meta-gradient and one that can be differentiated
+    again; an approximate estimator raises there (README, "Nested blocks").
     """
 
     def __init__(
@@ -141,6 +149,8 @@ class MetaGradient:
         self._saved_grads: list[Optional[torch.Tensor]] = []
         self._fmodel: Optional[tuple[int, FunctionalModel]] = None
         self._differentiable = self.estimator.differentiable
+        self._hooks: list[Any] = []
+        self._warned = False
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MetaGradient":
@@ -199,13 +209,32 @@ class MetaGradient:
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]
         self._fmodel = None
         self.info = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._reached) for p in self._params]
+        self._warned = False
         self._active = True
         return self
+
+    def _reached(self, param: torch.Tensor) -> None:
+        """A backward inside the block wrote θ's ``.grad``: warn, once, if it did not go through
+        the inner loop although steps were taken (a query built from the model itself gives the
+        plain ∇L(θ))."""
+        trajectory = self._trajectory
+        if (self._warned or trajectory is None or trajectory.length == 0
+                or torch._C._current_graph_task_id() in trajectory.lifetime.tasks):
+            return
+        self._warned = True
+        warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "
+             f"through the inner loop ({trajectory.length} steps taken): its loss was built from the "
+             "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "
+             "loss from meta.fmodel (meta.fmodel(x)), the model at the fast weights.")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         trajectory = self._trajectory
         self._active = False
         self._fmodel = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._trajectory = None
         if trajectory is not None:
             trajectory.lifetime.block_ended = True
@@ -277,6 +306,9 @@ class MetaGradient:
         whose graph reaches the parameters by plain autograd; otherwise ``meta.fmodel``'s,
         attached to θ through the estimator's node."""
         trajectory = self._open_trajectory()
+        # The adapter's user builds losses from these, which for Full reach θ by plain autograd
+        # through the unrolled steps: a backward that does is no query built from the model.
+        self._warned = True
         if self._differentiable:
             return dict(trajectory.current)
         return dict(self.fmodel.params)
@@ -374,6 +406,7 @@ class _Snapshot:
     def begin(self) -> None:
         """Raise if the trajectory was released or θ changed in place since the block began."""
         self.lifetime.check()
+        self.lifetime.tasks.add(torch._C._current_graph_task_id())
         changed = [n for n, p, version in zip(self.names, self.params, self.versions)
                    if p._version != version]
         if changed:

@@ -203,6 +203,9 @@ class Adam:
         weight_decay: L2 coefficient added to the gradient, >= 0.
     """
 
+    #: Weight decay enters the gradient, hence the moments (:class:`AdamW` decouples it).
+    decoupled = False
+
     def __init__(self, lr: LearningRate = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         self.lr = _check_learning_rate(lr)
@@ -211,7 +214,7 @@ class Adam:
         self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
 
     def __repr__(self) -> str:
-        return (f"Adam(lr={_lr_repr(self.lr)}, betas={self.betas}, eps={self.eps}, "
+        return (f"{type(self).__name__}(lr={_lr_repr(self.lr)}, betas={self.betas}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay})")
 
     def init(self, params: Mapping[str, torch.Tensor]) -> State:
@@ -223,10 +226,10 @@ class Adam:
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
-        return _adam_step(self, params, grads, state, decoupled=False)
+        return _adam_step(self, params, grads, state, decoupled=self.decoupled)
 
 
-class AdamW:
+class AdamW(Adam):
     """AdamW, as ``torch.optim.AdamW`` computes it (not AMSGrad), differentiably.
 
     Adam with decoupled weight decay λ: with g ← ∇L_tr(φ) and t the step number from 1::
@@ -246,30 +249,15 @@ class AdamW:
         weight_decay: λ >= 0; 1e-2 by default, as in torch.
     """
 
+    #: The weight decay is decoupled from the moments (:func:`_adam_step`).
+    decoupled = True
+
     def __init__(self, lr: LearningRate = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        self.lr = _check_learning_rate(lr)
-        self.betas = _check_betas(betas)
-        self.eps = _check_positive(eps, "eps")
-        self.weight_decay = _check_nonnegative(weight_decay, "weight_decay")
-
-    def __repr__(self) -> str:
-        return (f"AdamW(lr={_lr_repr(self.lr)}, betas={self.betas}, eps={self.eps}, "
-                f"weight_decay={self.weight_decay})")
-
-    def init(self, params: Mapping[str, torch.Tensor]) -> State:
-        _check_learning_rate_fits(self.lr, params)
-        return {"step": _step_counter(params),
-                "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
-                "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
-
-    def step(
-        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
-    ) -> tuple[Params, State]:
-        return _adam_step(self, params, grads, state, decoupled=True)
+        super().__init__(lr, betas, eps, weight_decay)
 
 
-def _adam_step(rule: Union[Adam, AdamW], params: Mapping[str, torch.Tensor],
+def _adam_step(rule: Adam, params: Mapping[str, torch.Tensor],
                grads: Mapping[str, torch.Tensor], state: State, *, decoupled: bool
                ) -> tuple[Params, State]:
     """One step of :class:`Adam` (weight decay added to g) or :class:`AdamW` (``decoupled``:

@@ -118,6 +118,8 @@ class Lifetime:
     block_ended: bool = False
     #: Backward passes that have reached the inner loop.
     backward_calls: int = 0
+    #: The autograd graph tasks whose backward went through the block's node (the query's).
+    tasks: set[int] = dataclasses.field(default_factory=set)
 
     def check(self) -> None:
         """Raise if the trajectory was released."""
@@ -398,9 +400,15 @@ class Trajectory:
         autocast = _autocast_dtype(self._device.type)
         once: Optional[str] = None
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
-            _, once = _graph_inputs([loss], set(), {})
+            # The step's own graph, not behind the fast weights (their graph is the earlier steps').
+            stop: dict[int, list[torch.Tensor]] = {id(t.grad_fn): [] for t in inputs.values()
+                                                   if t.grad_fn is not None}
+            found, once = _graph_inputs([loss], {id(t) for t in inputs.values()}, stop)
             if once is not None:
                 refuse_twice(k, once)
+            # η is autograd's to follow here; their .grad is restored if the block raises.
+            self._remember_grads(found + [t for t in pytree.tree_leaves(getattr(rule, "__dict__", {}))
+                                          if isinstance(t, torch.Tensor) and t.requires_grad])
         else:
             seen = None if closure is None else self._seen.get(closure.key)
             if seen is None:
@@ -633,15 +641,20 @@ class Trajectory:
             if rule:
                 self.rule_meta.add(len(self.meta))
             self.meta.append(tensor)
-            # The leaves whose .grad a backward through η will write (η itself, or those
-            # behind a computed η such as hypernet's parameters), as they are now.
+            self._remember_grads([tensor])
+            default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
+            self.meta_names.append(names.get(id(tensor), default))
+
+    def _remember_grads(self, tensors: list[torch.Tensor]) -> None:
+        """Keep the ``.grad`` of the leaves a backward through ``tensors`` writes (each tensor,
+        or the leaves behind a computed one, such as a hypernetwork's parameters) as it is
+        now, the first time each is seen: :attr:`meta_saved_grads`, restored if the block raises."""
+        for tensor in tensors:
             behind = [tensor] if tensor.is_leaf else _graph_inputs([tensor], set(), {})[0]
             for leaf in behind:
                 if id(leaf) not in self._saved_ids:
                     self._saved_ids.add(id(leaf))
                     self.meta_saved_grads.append((leaf, None if leaf.grad is None else leaf.grad.clone()))
-            default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
-            self.meta_names.append(names.get(id(tensor), default))
 
     def model_at(self, params: Params, fixed: Optional[Params] = None) -> FunctionalModel:
         """The module evaluated at the fast weights ``params`` (and, under torch.func, with

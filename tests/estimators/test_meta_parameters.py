@@ -860,11 +860,7 @@ def test_full_lists_no_meta_parameters():
 
 
 _RESTORE = [
-    pytest.param(mg.Full, marks=pytest.mark.xfail(
-        strict=True, reason="documented limit: Full does not look for η (its inner loop is "
-                            "differentiable, Trajectory._discover is skipped), so a raising block "
-                            "restores the model's .grad but leaves captured tensors' and step sizes' "
-                            ".grad as the inner backward accumulated it")),
+    mg.Full,
     mg.Checkpointed, mg.FirstOrder, lambda: mg.Truncated(1), lambda: mg.Binomial(1),
     lambda: mg.Implicit(1.0),
 ]
