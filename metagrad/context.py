@@ -6,7 +6,6 @@ import weakref
 from typing import Any, Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .compiled import Compiler
 from .estimators import Estimator, resolve
@@ -432,12 +431,10 @@ class _Snapshot:
 class _ThroughInnerLoop(torch.autograd.Function):
     """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator.
 
-    Its backward is once differentiable. That is right inside an outer block's step that is
-    differentiated only once (an outer block's inner loop without ``create_graph``); where an
-    outer step is differentiated twice, a nested block does not use this node (:func:`_nesting`)."""
-
-    #: Exempt from the outer block's search for nodes that cannot be differentiated twice.
-    differentiable_when_nested = True
+    The estimator's result carries no graph, so this backward cannot be differentiated again:
+    a backward with ``create_graph=True`` through it raises rather than lose the second
+    derivative. A block nested in an outer block's step that is differentiated twice does not
+    use this node (:func:`_nesting`)."""
 
     @staticmethod
     def forward(ctx: Any, snapshot: _Snapshot, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -448,12 +445,21 @@ class _ThroughInnerLoop(torch.autograd.Function):
         return tuple(final[n].detach() for n in snapshot.names)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         snapshot: _Snapshot = ctx.snapshot
         if snapshot.trajectory.pulling:  # reached from inside a product: φ_m is held fixed there
             return (None,) * (1 + len(snapshot.names) + len(snapshot.meta))
-        grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+        if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate the result
+            raise RuntimeError(
+                f"MetaGradient: a backward with create_graph=True reached a block whose estimator "
+                f"{snapshot.estimator!r} computes the meta-gradient outside autograd, so the result "
+                "could not be differentiated again and the second derivative through the block "
+                "would be lost. Use estimator=mg.Full() for that block, or open it inside another "
+                "MetaGradient block's inner step (nested blocks), where Full and Checkpointed are "
+                "differentiable."
+            )
+        with torch.no_grad():
+            grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
         return (None, *(grads[n] for n in snapshot.names), *meta)
 
 

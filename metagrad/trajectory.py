@@ -1294,15 +1294,15 @@ def _once_differentiable(node: Any) -> Optional[str]:
     ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
     CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
     torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
-    block's own node is exempt: a block opened inside a step that is differentiated twice
-    builds its graph with autograd (:func:`second_order`)."""
+    block's own node is not one: inside a step that is differentiated twice, a block builds its
+    graph with autograd (:func:`second_order`), and elsewhere its node refuses ``create_graph``."""
     name = type(node).__name__
     if name.startswith("CompiledFunction"):
         return "a torch.compile'd function (aot_autograd's backward has no double backward)"
     if name in ("DelayedError", "DelayedErrorBackward"):
         return "a once-differentiable backward (torch raises when it is differentiated twice)"
     function = getattr(node, "_forward_cls", None)
-    if function is None or getattr(function, "differentiable_when_nested", False):
+    if function is None:
         return None
     backward = getattr(function, "backward", None)
     if getattr(backward, "__code__", None) is _ONCE_CODE:

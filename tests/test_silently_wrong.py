@@ -391,3 +391,38 @@ def test_a_loss_built_from_the_module_itself_is_still_refused():
         with pytest.raises(ValueError, match="fmodel"):
             with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
                 meta.step(lambda f: F.mse_loss(model(x), y))
+
+
+def hand_outer(net, hyper, batch, inner_estimator):
+    """An outer loop the user unrolls by hand (create_graph=True) around a MetaGradient block."""
+    x, y, xv, yv, xo, yo = batch
+    hp0 = dict(hyper.named_parameters())
+
+    def meta_loss(hp, xq, yq):
+        w = torch.sigmoid(functional_call(hyper, hp, (x,))).squeeze(-1)
+        with mg.MetaGradient(net, mg.optim.SGD(lr=A_IN), estimator=inner_estimator) as inner:
+            for _ in range(K_IN):
+                inner.step(lambda f: (w * ((f(x) - y) ** 2).squeeze(-1)).mean())
+            return F.mse_loss(inner.fmodel(xq), yq)
+
+    hp = {n: p.view_as(p) for n, p in hp0.items()}
+    for _ in range(J_OUT):
+        g = torch.autograd.grad(meta_loss(hp, xv, yv), list(hp.values()), create_graph=True)
+        hp = {n: p - A_OUT * gg for (n, p), gg in zip(hp.items(), g)}
+    meta_loss(hp, xo, yo).backward()
+    return grads_of(list(hyper.parameters()) + list(net.parameters()))
+
+
+def test_a_hand_written_outer_unroll_around_a_full_block_is_exact():
+    net, hyper, batch = nested_problem(12)
+    want = double_unroll(net, hyper, batch)
+    close(hand_outer(net, hyper, batch, mg.Full()), want)
+
+
+@pytest.mark.parametrize("inner", [mg.Checkpointed(), mg.Binomial(2), mg.FirstOrder()], ids=repr)
+def test_create_graph_through_a_block_that_is_not_differentiable_raises(inner):
+    """Its meta-gradient is computed outside autograd: differentiating it again would lose the
+    second derivative, so a backward with create_graph=True through it raises."""
+    net, hyper, batch = nested_problem(13)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        hand_outer(net, hyper, batch, inner)
