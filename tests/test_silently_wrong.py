@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -426,3 +428,31 @@ def test_create_graph_through_a_block_that_is_not_differentiable_raises(inner):
     net, hyper, batch = nested_problem(13)
     with pytest.raises(RuntimeError, match="create_graph=True"):
         hand_outer(net, hyper, batch, inner)
+
+
+@settings(max_examples=10, deadline=None)
+@given(K=st.integers(2, 5), seed=st.integers(0, 10_000), first=st.sampled_from(["a", "b"]),
+       schedule=st.lists(st.floats(0.02, 0.3), min_size=5, max_size=5),
+       estimator=st.sampled_from([lambda K: mg.Checkpointed(), lambda K: mg.Checkpointed(snapshots=1),
+                                  mg.Truncated, mg.Binomial, lambda K: mg.Binomial(K, chunk_size=1),
+                                  lambda K: mg.Binomial(2, block=1)]))
+def test_drawn_heads_schedules_and_step_sizes_equal_a_hand_unroll(K, seed, first, schedule, estimator):
+    """Drawn: which head comes first, K, an lr schedule applied to the learned step sizes' scale,
+    the data and the initialization. θ and every step size against a plain loop."""
+    model = TwoHeads(seed)
+    x, y, xq, yq, _, _ = data(seed)
+    other = "b" if first == "a" else "a"
+    heads = [first if k % 2 == 0 else other for k in range(K)]
+    lrs = {n: torch.tensor(0.1, dtype=DT, requires_grad=True) for n, _ in model.named_parameters()}
+    scale = torch.tensor(1.0, dtype=DT)
+    rule = mg.optim.SGD(lr={n: lr * scale for n, lr in lrs.items()})
+    with mg.MetaGradient(model, rule, estimator=estimator(K)) as meta:
+        for k in range(K):
+            rule.lr = {n: lr * schedule[k] for n, lr in lrs.items()}
+            meta.step(lambda f: F.mse_loss(f(x, heads[k]), y))
+        (F.mse_loss(meta.fmodel(xq, "a"), yq) + F.mse_loss(meta.fmodel(xq, "b"), yq)).backward()
+    inner = lambda f, k: F.mse_loss(f(x, heads[k]), y)  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq, "a"), yq) + F.mse_loss(f(xq, "b"), yq)  # noqa: E731
+    want = unrolled(model, inner, query, [{n: lr * schedule[k] for n, lr in lrs.items()} for k in range(K)],
+                    wrt=list(lrs.values()))
+    close(grads_of(list(model.parameters()) + list(lrs.values())), want)
