@@ -75,7 +75,7 @@ import torch
 
 from metagrad.context import MetaGradient
 from metagrad.estimators import Estimator, FirstOrder, resolve
-from metagrad.functional import FunctionalModel, Layout
+from metagrad.fmodel import FunctionalModel, Layout
 from metagrad.optim import SGD, Momentum, Params, State
 
 __all__ = ["innerloop_ctx", "update_rule", "HigherUpdateRule"]

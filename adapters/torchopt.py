@@ -134,7 +134,7 @@ from torch.utils import _pytree as pytree
 
 from metagrad.context import MetaGradient
 from metagrad.estimators import Estimator, Implicit, resolve
-from metagrad.functional import _RUNNING_STATS
+from metagrad.fmodel import RUNNING_STATS as _RUNNING_STATS
 from metagrad.optim import Params, State
 
 __all__ = ["as_update_rule", "TorchoptUpdateRule", "MetaOptimizer", "MetaSGD", "MetaAdam"]

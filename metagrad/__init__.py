@@ -5,12 +5,12 @@ strategy (the estimator) is one argument. Each estimator's module docstring give
 its formula from docs/MATH.md.
 """
 
-from . import distributed, linalg, numerics, optim, replay
+from . import distributed, functional, linalg, numerics, optim, replay
 from .diagnosis import diagnose
 from .context import MetaGradient
 from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
                          MetaGradientWarning, SeriesDivergenceError, Truncated)
-from .functional import FunctionalModel
+from .fmodel import FunctionalModel
 from .linalg import NegativeCurvatureError
 from .replay import ReplayError
 
@@ -31,6 +31,7 @@ __all__ = [
     "ReplayError",
     "MetaGradientWarning",
     "optim",
+    "functional",
     "numerics",
     "distributed",
     "diagnose",

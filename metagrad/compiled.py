@@ -51,17 +51,14 @@ from __future__ import annotations
 import collections
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
-from .functional import FunctionalModel, _frozen_buffers
+from .fmodel import FunctionalModel, _frozen_buffers
 from .replay import _SCALARS, _global_names
 from .replay import _value_key as replay_value_key
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trajectory import Trajectory, _Step
 
 __all__ = ["Compiler", "clear_cache"]
 
@@ -178,7 +175,7 @@ class Compiler:
                 "update rule torch.compile cannot trace cause this; the meta-gradient is the same.")
 
     # ------------------------------------------------------------------ the inner step
-    def inner_grad(self, trajectory: "Trajectory", closure: Callable[..., torch.Tensor],
+    def inner_grad(self, trajectory: Any, closure: Callable[..., torch.Tensor],
                    key: Any, params: dict[str, torch.Tensor], used: tuple[str, ...]
                    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """``(L_tr(φ), ∇L_tr(φ))`` for the fast weights ``used``, by one compiled call, or
@@ -200,7 +197,7 @@ class Compiler:
         self.inner_steps.add(trajectory.length)  # the step about to be taken
         return loss, dict(grads)
 
-    def _inner_function(self, trajectory: "Trajectory", key: Any, params: dict[str, torch.Tensor],
+    def _inner_function(self, trajectory: Any, key: Any, params: dict[str, torch.Tensor],
                         used: tuple[str, ...]) -> Optional[tuple[Any, Callable[..., Any]]]:
         entry_key = ("inner", key, id(trajectory.module), used, _shapes(params))
         if entry_key in _REFUSED:
@@ -219,7 +216,7 @@ class Compiler:
         return entry_key, _cached(entry_key, build)
 
     # ----------------------------------------------------------------- step products
-    def product(self, trajectory: "Trajectory", steps: list[int], chunk: list["_Step"],
+    def product(self, trajectory: Any, steps: list[int], chunk: list[Any],
                 u: dict[str, torch.Tensor], state: Any, state_adjoint: Optional[list[Any]],
                 batched: bool) -> Optional[tuple[Any, ...]]:
         """The compiled ``torch.func.vjp`` of the step at each of ``steps`` (one step, or a
@@ -279,7 +276,7 @@ class Compiler:
                 state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, dict(new), value, explicit
 
-    def _product_function(self, trajectory: "Trajectory", first: "_Step", leaves: list[Any], spec: Any,
+    def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
                           batched: bool, varying: tuple[int, ...], carry: bool) -> Optional[tuple[Any, ...]]:
         """The compiled product for steps like ``first`` from the process-wide cache (built
         there if missing): ``(cache key, function, explicit η indices, module tensors, the

@@ -10,7 +10,7 @@ import torch
 from .compiled import Compiler
 from .estimators import Estimator, resolve
 from .estimators.base import warn
-from .functional import FunctionalModel
+from .fmodel import FunctionalModel
 from .optim import Params, UpdateRule, check_update_rule
 from .replay import relative_tolerance
 from .trajectory import Closure, NestedBlockError, Trajectory, second_order

@@ -39,7 +39,7 @@ import torch
 
 from .context import MetaGradient
 from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, MetaGradientWarning, Truncated
-from .functional import FunctionalModel
+from .fmodel import FunctionalModel
 from .linalg import norm
 from .memory import peak_memory
 from .numerics import tf32_enabled

@@ -1,196 +1,23 @@
-"""The user's module evaluated at fast weights, and the buffer policy.
+"""The functional face: a meta-gradient as a pure function (:func:`meta_grad`).
 
-Buffer policy (MATH.md, "Numerics that bite"): metagrad never writes to a buffer.
-Every inner step, every rebuilt step graph and the query see the buffers as they
-are. A normalization layer (BatchNorm, InstanceNorm) in training mode normalizes
-with the statistics of the batch it is given and leaves its running statistics
-untouched; in eval mode it uses the stored running statistics. This is what
-MAML does, and it is the only policy under which a step graph rebuilt later, or
-rebuilt inside ``torch.func.vmap``, computes the same function as the step the
-inner loop took.
+The same estimators as :class:`~metagrad.MetaGradient`, on a trajectory built from a pure
+loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) lives in
+:mod:`metagrad.fmodel` and is also importable from here.
 """
 
 from __future__ import annotations
 
-import copy
-import types
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from dataclasses import dataclass
 
-from torch.func import functional_call
-from torch.nn.modules.batchnorm import _NormBase
+from .estimators.base import check_count
+from .fmodel import FunctionalModel, Layout
+from .optim import check_update_rule
+from .pure import PureTrajectory, check_estimator, unroll
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
-
-_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-class FunctionalModel:
-    """A module called at given fast weights, without touching the module.
-
-    ``fmodel(*args, **kwargs)`` runs ``module.forward`` with its trainable
-    parameters replaced by :attr:`params` (``torch.func.functional_call``).
-    Parameters that do not require grad, and buffers, are taken from the module
-    (see the module docstring for the buffer policy).
-
-    A parameter held by several submodules (tied weights) is replaced in every one of
-    them by the fast weight of the name ``named_parameters()`` gives it. A submodule
-    registered under several names (an attribute that is also an entry of a
-    ``Sequential``, one layer used twice) is swapped once, so after every call the
-    module holds its own Parameters again.
-
-    ``layout`` is :meth:`Layout.of` the module, for callers that evaluate the same
-    module many times (each call otherwise walks the module tree to find it).
-    """
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        params: Mapping[str, torch.Tensor],
-        *,
-        guard: Optional[Callable[[], None]] = None,
-        layout: Optional["Layout"] = None,
-        fixed: Optional[Mapping[str, torch.Tensor]] = None,
-    ) -> None:
-        self._module = module
-        self._params = dict(params)
-        # Tensors used in place of parameters that are not fast weights (a rebuilt step's
-        # meta-parameters under torch.func); not part of `params`.
-        self._fixed = dict(fixed) if fixed else {}
-        self._guard = guard
-        self._layout = Layout.of(module) if layout is None else layout
-
-    @property
-    def module(self) -> torch.nn.Module:
-        """The wrapped module (never modified)."""
-        return self._module
-
-    @property
-    def params(self) -> Mapping[str, torch.Tensor]:
-        """The fast weights, as a read-only name→tensor mapping."""
-        if self._guard is not None:
-            self._guard()
-        return types.MappingProxyType(self._params)
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Iterate over ``(name, fast weight)`` pairs, like ``nn.Module.named_parameters``."""
-        return iter(self.params.items())
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        """Iterate over the fast weights, like ``nn.Module.parameters``."""
-        return iter(self.params.values())
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._guard is not None:
-            self._guard()
-        params = {**self._fixed, **self._params} if self._fixed else self._params
-        tensors = {**_frozen_buffers(self._layout.norms), **params}
-        for alias, name in self._layout.aliases:
-            if name in params:
-                tensors[alias] = params[name]
-        if self._layout.checkpoints:
-            # Activation checkpointing recomputes part of the forward pass during backward,
-            # after functional_call has put the module's own parameters back: the recomputation
-            # would see θ instead of the fast weights. A copy of the module that holds the fast
-            # weights for good is what its recomputation sees instead.
-            return _holding(self._module, tensors)(*args, **kwargs)
-        # Tied names are filled in above, so functional_call's own untying, which costs as
-        # much as a small MLP's forward pass, is not needed.
-        return functional_call(self._module, tensors, args, kwargs, tie_weights=False)
-
-    def __repr__(self) -> str:
-        return f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights)"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What evaluating a module at fast weights needs to know about its structure."""
-
-    #: Normalization layers that track running statistics, with their buffers' prefix.
-    norms: list[tuple[str, _NormBase]]
-    #: ``(alias, name)`` for each further slot (submodule, attribute) holding a parameter that
-    #: ``name``, its first name, already holds: tied weights. Further names of one slot (a
-    #: submodule registered under several names) are not aliases.
-    aliases: list[tuple[str, str]]
-    #: Some submodule's ``forward`` uses activation checkpointing (``torch.utils.checkpoint``):
-    #: the module is evaluated as a copy that holds the fast weights (:func:`_holding`).
-    checkpoints: bool = False
-
-    @classmethod
-    def of(cls, module: torch.nn.Module) -> "Layout":
-        norms = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
-                 if isinstance(sub, _NormBase) and sub.track_running_stats]
-        # A name is an alias only where it reaches a slot (submodule object, attribute name)
-        # that no earlier name reaches. A submodule registered under several names (``self.body``
-        # also in ``self.seq``, one layer twice in a Sequential) gives one slot several names;
-        # handing functional_call more than one of them swaps the slot twice, and the second swap
-        # saves the first one's fast weight as the "original" it restores: the module would keep
-        # a fast weight in place of its Parameter. Weights tied between two submodules (or two
-        # attributes) are different slots holding one Parameter, and each slot needs its name.
-        first: dict[int, str] = {}
-        slots: set[tuple[int, str]] = set()
-        aliases = []
-        for prefix, sub in module.named_modules(remove_duplicate=False):
-            for key, param in sub._parameters.items():
-                if param is None or (id(sub), key) in slots:
-                    continue
-                slots.add((id(sub), key))
-                name = f"{prefix}.{key}" if prefix else key
-                if id(param) in first:
-                    aliases.append((name, first[id(param)]))
-                else:
-                    first[id(param)] = name
-        checkpoints = any(_calls_checkpoint(type(sub).forward) for sub in module.modules())
-        return cls(norms, aliases, checkpoints)
-
-
-def _calls_checkpoint(function: Any) -> bool:
-    """Whether ``function``'s code (or a function or lambda defined inside it) names
-    ``checkpoint`` or ``checkpoint_sequential`` (``torch.utils.checkpoint``)."""
-    code = getattr(function, "__code__", None)
-    stack = [] if code is None else [code]
-    while stack:
-        code = stack.pop()
-        if {"checkpoint", "checkpoint_sequential"} & set(code.co_names):
-            return True
-        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return False
-
-
-def _holding(module: torch.nn.Module, tensors: Mapping[str, Optional[torch.Tensor]]) -> torch.nn.Module:
-    """A shallow copy of ``module``'s tree whose parameters and buffers are ``tensors`` (by
-    name, aliases included) where given. Submodules are copied once each (a submodule under
-    several names stays one object); everything else (hooks, flags, other attributes) is
-    shared with the module, which is left untouched."""
-    copies: dict[int, torch.nn.Module] = {}
-
-    def copy_of(sub: torch.nn.Module, prefix: str) -> torch.nn.Module:
-        if id(sub) in copies:
-            return copies[id(sub)]
-        new = copy.copy(sub)
-        copies[id(sub)] = new
-        new.__dict__["_parameters"] = {key: tensors.get(prefix + key, value) if prefix + key in tensors
-                                       else value for key, value in sub._parameters.items()}
-        new.__dict__["_buffers"] = {key: tensors[prefix + key] if prefix + key in tensors else value
-                                    for key, value in sub._buffers.items()}
-        new.__dict__["_modules"] = {key: None if child is None else copy_of(child, f"{prefix}{key}.")
-                                    for key, child in sub._modules.items()}
-        return new
-
-    return copy_of(module, "")
-
-
-def _frozen_buffers(norms: list[tuple[str, _NormBase]]) -> dict[str, Optional[torch.Tensor]]:
-    """Replacement buffers that implement the buffer policy.
-
-    For a normalization layer in training mode that tracks running statistics,
-    the statistics are replaced by ``None``: it then normalizes with batch
-    statistics and updates nothing. Every other buffer is left as it is.
-    """
-    return {prefix + stat: None for prefix, sub in norms if sub.training for stat in _RUNNING_STATS}
 
 
 def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
@@ -244,11 +71,6 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
     Returns:
         The meta-gradient, name→tensor, with the layout of ``params``.
     """
-    from .estimators.base import check_count
-    from .estimators.full import Full
-    from .optim import check_update_rule
-    from .pure import PureTrajectory, check_estimator, unroll
-
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
                         f"{type(loss_fn).__name__}.")
@@ -257,7 +79,7 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
     check_count(steps, "steps", minimum=0)
     estimator = check_estimator(estimator)
     theta = dict(params)
-    if isinstance(estimator, Full):
+    if estimator.differentiable:  # Full: autograd through the unroll
         def outer(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return loss_fn(unroll(loss_fn, p, support, inner_opt, steps)[0][-1], query)
 

@@ -48,7 +48,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .functional import FunctionalModel
+from .fmodel import FunctionalModel
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_losses", "tolerance"]
 

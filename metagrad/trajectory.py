@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .functional import FunctionalModel, Layout
+from .fmodel import FunctionalModel, Layout
 from .optim import Params, State, UpdateRule
 from .replay import Frozen, RandomState, ReplayError, check_losses, check_step, freeze, refuse_twice
 from .snapshots import Schedule
