@@ -60,6 +60,10 @@ from tqdm import tqdm
 import metagrad as mg
 from metagrad.estimators.binomial import WARN_ESTIMATE
 
+if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.cli import add_seed_argument, add_threads_argument, make_parser, set_threads, write_json  # noqa: E402
+
 DT = torch.float64
 ORDERS = (1, 2, 3, 4)
 SINUSOID_K = (5, 10, 20)
@@ -314,8 +318,7 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/binomial_sweep"),
                         help="folder for binomial_sweep.json and binomial_sweep.png")
     parser.add_argument("--quick", action="store_true",
@@ -328,16 +331,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--cnn-alphas", type=float, nargs="+", default=list(CNN_ALPHAS))
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(CANDIDATES),
                         help="candidate thresholds for the table")
-    parser.add_argument("--seed", type=int, default=0, help="first task seed")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (torch.set_num_threads); the nets are small, so 1")
+    add_seed_argument(parser, "first task seed")
+    add_threads_argument(parser, "torch CPU threads (torch.set_num_threads); the nets are small, so 1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="print the tables of an earlier run's binomial_sweep.json and redraw its plot "
                              "into --out, without running anything")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
     if args.quick:
         args.tasks, args.cnn_tasks, args.sinusoid_K, args.cnn_alphas = 1, 1, [5, 10], [0.1]
     if args.render is not None:
@@ -349,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         plot(earlier["points"], args.out / "binomial_sweep.png", earlier["warn_estimate"])
         print(f"wrote {args.out / 'binomial_sweep.png'}")
         return earlier
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     info = machine()
     print(f"CPU: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
           f"torch threads: {info['torch_threads']}, float64")
@@ -365,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result = {"machine": info, "seconds": seconds, "warn_estimate": WARN_ESTIMATE,
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "table": table(rows, args.thresholds), "critical_threshold": critical(rows), "skipped": skipped, "points": rows}
-    (args.out / "binomial_sweep.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out / "binomial_sweep.json", result, indent=1)
     plot(rows, args.out / "binomial_sweep.png", WARN_ESTIMATE)
     print(f"wrote {args.out / 'binomial_sweep.json'} and {args.out / 'binomial_sweep.png'}")
     return result

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -52,7 +51,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metagrad as mg  # noqa: E402
-from examples.cli import add_threads_argument, set_threads  # noqa: E402
+from examples.cli import (add_dtype_argument, add_json_argument, add_threads_argument,  # noqa: E402
+                          make_parser, set_threads, write_json)
 from metagrad.memory import parse_bytes, peak_memory  # noqa: E402
 
 Problem = tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]
@@ -199,12 +199,12 @@ def fit(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="mlp", choices=("mlp", "wide", "cnn", "cnn4"),
                         help="the model and task (default: the 8-256-256-1 MLP)")
     parser.add_argument("--K", type=int, nargs="+", default=[200], help="inner steps (default 200)")
     parser.add_argument("--lr", type=float, default=0.001, help="inner SGD step size")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_dtype_argument(parser)
     parser.add_argument("--budgets", nargs="*", default=["150MiB", "400MiB"],
                         help="Binomial(2, max_memory=...) rows")
     parser.add_argument("--checkpoint-budgets", nargs="*", default=["10MiB", "40MiB"],
@@ -212,7 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tensor", choices=("on", "off"), default="on",
                         help="also measure tensor memory with torch.profiler (one more run per row)")
     parser.add_argument("--fit", action="store_true", help="measure the per-product factors instead")
-    parser.add_argument("--json", default=None, help="write every number to this file")
+    add_json_argument(parser, "write every number to this file")
     add_threads_argument(parser)
     return parser.parse_args(argv)
 
@@ -230,9 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
               "|---|---|---|---|---|---|---|", file=sys.stderr)
         results = measure(args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": threads,
-                                               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-                                               "torch": torch.__version__, "results": results}, indent=1))
+        write_json(args.json, {"args": vars(args), "threads": threads,
+                               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                               "torch": torch.__version__, "results": results}, indent=1)
     return results
 
 

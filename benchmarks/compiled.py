@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -59,6 +58,8 @@ if __package__ in (None, ""):  # run as a file, python benchmarks/compiled.py: i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metagrad as mg  # noqa: E402
 from benchmarks.estimators import CONFIGS, build_problem, machine_description  # noqa: E402
+from examples.cli import (add_json_argument, add_seed_argument, add_threads_argument, make_parser,  # noqa: E402
+                          set_threads, write_json)
 
 META_BATCH = 4
 LR = 0.01
@@ -420,14 +421,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 # --------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog="python -m benchmarks.compiled",
         description="One meta-iteration of MAML (meta-batch 4, float32): metagrad's context manager "
                     "with every estimator, eager and with compile=True, a plain autograd unroll, "
                     "mg.functional.meta_grad under vmap eager and under torch.compile, hand-written "
                     "torch.func eager and compiled, a scan loop form, and JAX jit (when installed), "
-                    "side by side in one process, as ratios to eager Full.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "side by side in one process, as ratios to eager Full.")
     parser.add_argument("--steps", type=int, nargs="+", default=None,
                         help="numbers of inner SGD steps K (default 5 20; --quick: 2)")
     parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
@@ -438,7 +438,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "the JSON names every row's key); eager_full always runs, as the reference")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per row after a warm-up, at least 7 (default 11; --quick: 7)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (and XLA's, for JAX)")
+    add_threads_argument(parser, "torch CPU threads (and XLA's, for JAX)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="run the torch.compile rows (default on; off with --quick)")
     parser.add_argument("--jax", action=argparse.BooleanOptionalAction, default=True,
@@ -448,8 +448,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "from an empty inductor cache")
     parser.add_argument("--quick", action="store_true",
                         help="K = 2, 7 repeats, no torch.compile unless --compile: a fast smoke run")
-    parser.add_argument("--seed", type=int, default=0, help="seed of θ (tasks: seed … seed+3)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    add_seed_argument(parser, "seed of θ (tasks: seed … seed+3)")
+    add_json_argument(parser, "write the results as JSON here")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = [2] if args.quick else [5, 20]
@@ -461,8 +461,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--repeats must be >= 7")
     if any(k < 1 for k in args.steps):
         parser.error("--steps: every value must be >= 1")
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
     return args
 
 
@@ -478,13 +476,8 @@ def inductor_cache_state(cold: bool) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cache = None
-    if args.compile:
-        cache = inductor_cache_state(args.cold)
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = args.threads
+    cache = inductor_cache_state(args.cold) if args.compile else None
+    set_threads(args.threads, say=False, compile_threads=args.compile)
     jax, jax_note = None, "jax not installed"
     if args.jax:
         jax = setup_jax(args.threads)
@@ -527,9 +520,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               "config": CONFIGS[args.config].description, "inductor_cache": cache,
               "argv": list(sys.argv[1:] if argv is None else argv), "cases": cases}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -17,7 +17,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import sys
@@ -31,6 +30,7 @@ if __package__ in (None, ""):  # run as a file: import the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metagrad as mg  # noqa: E402
 from benchmarks.compiled import eager_metagradient, make_batch  # noqa: E402
+from examples.cli import add_threads_argument, make_parser, set_threads  # noqa: E402
 
 ESTIMATORS = {"checkpointed": lambda k: mg.Checkpointed(), "binomial3": lambda k: mg.Binomial(order=min(3, k), monitor=False)}
 
@@ -49,16 +49,15 @@ def shares(stats: pstats.Stats) -> dict[str, float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled_profile", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(__doc__.split("\n\n")[0], prog="python -m benchmarks.compiled_profile")
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default="checkpointed")
     parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
                         help="benchmarks.compiled's problem: the sinusoid MLP or CNN4 on 28×28 5-way 1-shot")
     parser.add_argument("--steps", type=int, default=5, help="inner steps K")
     parser.add_argument("--runs", type=int, default=20, help="profiled meta-batches")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_threads_argument(parser, "torch CPU threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     batch = make_batch(args.steps, 0, args.config)
     run = eager_metagradient(batch, ESTIMATORS[args.estimator](args.steps), compile=True)
     run()

@@ -41,6 +41,10 @@ from typing import Any, Optional
 
 import torch
 
+if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.cli import add_seed_argument, add_threads_argument, make_parser, write_json  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_sinusoid.py"
 
 
@@ -84,10 +88,9 @@ def load_average() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Time per meta-iteration of examples/distributed_sinusoid.py at 1 and 2 processes "
                     "(gloo on the CPU) on the same meta-batch; print the ratio.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--estimators", nargs="+", default=["full", "binomial"],
                         choices=("full", "checkpointed", "first_order", "truncated", "binomial", "implicit"))
@@ -98,19 +101,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--order", type=int, default=3, help="L of Binomial")
     parser.add_argument("--test-tasks", type=int, default=100, help="held-out tasks for the meta-test MSE")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, alternating")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_argument(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: add a row for one process on one GPU beside the CPU rows")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per process (torch.set_num_threads in the example); 1: the "
-                             "per-task ops are small, and the processes share the cores")
+    add_threads_argument(parser, "torch CPU threads per process (torch.set_num_threads in the example); 1: the "
+                                 "per-task ops are small, and the processes share the cores")
     parser.add_argument("--out", default=os.path.join("results", "distributed_scaling"),
                         help="folder for results.json and results.md")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
@@ -157,8 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
         handle.write("# Time per meta-iteration at 1 and 2 processes\n\n" + table)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"config": vars(args), "caption": caption, "rows": rows}, handle, indent=2)
+    write_json(os.path.join(args.out, "results.json"), {"config": vars(args), "caption": caption, "rows": rows})
     return rows
 
 

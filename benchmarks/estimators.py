@@ -81,6 +81,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -89,6 +90,11 @@ import torch.nn.functional as F
 
 import metagrad as mg
 from metagrad.memory import peak_memory
+
+if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.cli import (add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
+                          add_threads_argument, count_argument, make_parser, set_threads, write_json)
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
 BASELINES = ("plain", "higher", "torchopt")
@@ -770,13 +776,12 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog="python -m benchmarks.estimators",
         description="Time, peak memory and error against Full of every metagrad estimator and of "
                     "the full unrolls of higher, torchopt and a plain autograd loop, on one "
                     "few-shot problem, side by side in one process. Prints markdown tables and "
                     "writes JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sinusoid",
                         help="the problem: " + "; ".join(f"{c.name}: {c.description}" for c in CONFIGS.values()))
@@ -784,8 +789,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda sets TF32 off, cudnn.deterministic on and cudnn.benchmark off for "
                              "the whole run (and prints so)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="dtype of the timed and memory runs")
+    add_dtype_argument(parser, "dtype of the timed and memory runs")
     parser.add_argument("--error-dtype", choices=("float32", "float64"), default=None,
                         help="dtype of the error pass (default: float64 on cpu, the timing dtype on "
                              "cuda); on cpu the error pass is a separate run per method")
@@ -804,7 +808,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "K < 50 and 4 for K >= 50 (the sizes of the speed targets), at most K")
     parser.add_argument("--block", type=int, nargs="*", default=[5],
                         help="also run the blocked Binomial(L, block=S) for each S given (where L < S < K)")
-    parser.add_argument("--snapshots", type=_snapshots, nargs="*", default=[], metavar="S",
+    parser.add_argument("--snapshots", type=count_argument("sqrt"), nargs="*", default=[], metavar="S",
                         help="also run Checkpointed(snapshots=S) for each S (an integer or 'sqrt'), and "
                              "Binomial(L, block=B, snapshots=True) beside each --block row")
     parser.add_argument("--full-max-K", type=int, default=None, metavar="K",
@@ -839,12 +843,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "table per K gives each η row's time, its ratio to the same row without η "
                              "(timed in the same rounds) and the error of its η-gradient against Full's")
     parser.add_argument("--filters", type=int, default=None, help="CNN4 filters; None means 32, MATH.md's shapes (64 is MAML's Omniglot net)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (torch.set_num_threads), on cpu and cuda alike; 1, as in "
-                             "every table of the README: the per-task ops are small, so thread fan-out costs "
-                             "more than it saves, and on a shared machine more threads mostly wait on each other")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the init and the task")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON here")
+    add_threads_argument(parser, "torch CPU threads (torch.set_num_threads), on cpu and cuda alike; 1, as in "
+                                 "every table of the README: the per-task ops are small, so thread fan-out costs "
+                                 "more than it saves, and on a shared machine more threads mostly wait on each other")
+    add_seed_argument(parser, "seed of the init and the task")
+    add_json_argument(parser, "write the results as JSON here")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also write the tables here")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--render", default=None, metavar="JSON",
@@ -860,23 +863,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--chunk-size: every value must be >= 1")
     if args.lr < 0:
         parser.error("--lr must be >= 0")
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
     args.estimators = [e for e in ESTIMATORS if e in args.estimators or e == "full"]
     return args
-
-
-def _snapshots(text: str) -> Any:
-    """``--snapshots``: ``sqrt`` or an integer >= 1."""
-    if text == "sqrt":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'sqrt', got {text!r}")
-    return value
 
 
 def plot_memory(cases: Sequence[dict[str, Any]], path: str, description: str) -> None:
@@ -967,7 +955,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
         return render(args.render)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     device, flags = setup_device(args.device)
     config = CONFIGS[args.config]
     if args.filters is not None:
@@ -1119,9 +1107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         plot_memory(cases, args.plot, f"{config.name} ({config.description})\n{where}, torch {machine['torch']}, "
                     f"{args.dtype}; Full, Checkpointed and Binomial(block) hold the same K iterates")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(args.json, result)
     if args.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w", encoding="utf-8") as handle:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import random
 import statistics
 import sys
@@ -47,6 +46,8 @@ if __package__ in (None, ""):  # run as a file, python benchmarks/products.py: i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.estimators import (CONFIGS, build_problem, format_bytes,  # noqa: E402
                                    machine_description, setup_device, synchronize)
+from examples.cli import (add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
+                          add_threads_argument, make_parser, set_threads, write_json)
 
 Params = dict[str, torch.Tensor]
 
@@ -139,36 +140,32 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         prog="python -m benchmarks.products",
         description="Time B step products (Hessian-vector products at B iterates) computed as "
-                    "vmap(vjp∘grad), vmap(jvp∘grad) and a loop of double backwards, side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "vmap(vjp∘grad), vmap(jvp∘grad) and a loop of double backwards, side by side.")
     parser.add_argument("--config", nargs="+", default=["sinusoid", "omniglot"], choices=sorted(CONFIGS),
                         help="benchmark problems (as in benchmarks.estimators)")
     parser.add_argument("--batch", type=int, nargs="+", default=[20], help="products per call, B")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda sets TF32 off and cudnn.deterministic on for the run")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_dtype_argument(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (torch.set_num_threads); 1, as in every table of the README: "
-                             "the per-task ops are small, so thread fan-out costs more than it saves")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write every number here")
+    add_threads_argument(parser, "torch CPU threads (torch.set_num_threads); 1, as in every table of the README: "
+                                 "the per-task ops are small, so thread fan-out costs more than it saves")
+    add_seed_argument(parser)
+    add_json_argument(parser, "write every number here")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(f"--repeats: expected at least 5 (the median of >= 5 runs), got {args.repeats}.")
     if any(b < 1 for b in args.batch):
         parser.error(f"--batch: expected integers >= 1, got {args.batch}.")
-    if args.threads < 1:
-        parser.error(f"--threads: expected an integer >= 1, got {args.threads}.")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     device, flags = setup_device(args.device)
     dtype = getattr(torch, args.dtype)
     machine = machine_description(device)
@@ -185,8 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     data = {"date": date, "machine": machine, "device_flags": flags, "dtype": args.dtype,
             "repeats": args.repeats, "cases": cases}
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
+        write_json(args.json, data, indent=1)
     return data
 
 

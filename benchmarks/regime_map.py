@@ -12,18 +12,22 @@ Markdown table and writes a log-log plot, ``regime_map.png``, into the folder ``
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 import metagrad as mg
+
+if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.cli import (add_json_argument, add_seed_argument, add_threads_argument, make_parser,  # noqa: E402
+                          set_threads, write_json)
 
 ORDERS = (1, 2, 3)
 
@@ -108,27 +112,23 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--K", type=int, nargs="+", default=[5, 20], help="inner steps")
     parser.add_argument("--points", type=int, default=10, help="step sizes per K")
     parser.add_argument("--min", type=float, default=0.03, help="smallest K·α·ℓ aimed at")
     parser.add_argument("--max", type=float, default=10.0, help="largest K·α·ℓ aimed at")
     parser.add_argument("--ell", type=float, default=30.0, help="ℓ guess used to place the α grid")
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_argument(parser)
     parser.add_argument("--out", default=os.path.join("results", "regime_map"), metavar="DIR",
                         help="output folder for the plot, regime_map.png (a path ending in .png is still read "
                              "as the earlier form: the plot file itself)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (torch.set_num_threads); 1: the net is 40 wide, so thread "
-                             "fan-out costs more than it saves")
+    add_json_argument(parser, "also write the rows as JSON here")
+    add_threads_argument(parser, "torch CPU threads (torch.set_num_threads); 1: the net is 40 wide, so thread "
+                                 "fan-out costs more than it saves")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
     if args.points < 2:
         parser.error("--points must be >= 2")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     png = args.out if args.out.endswith(".png") else os.path.join(args.out, "regime_map.png")
     rows = []
     for K in args.K:
@@ -147,8 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plot(rows, png)
     print(f"wrote {png}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=1)
+        write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import statistics
 import sys
@@ -43,6 +42,7 @@ if __package__ in (None, ""):  # run as a file, python benchmarks/replay_overhea
 import metagrad as mg  # noqa: E402
 from metagrad import replay, trajectory  # noqa: E402
 from benchmarks.estimators import CONFIGS, build_problem, machine_description  # noqa: E402
+from examples.cli import add_json_argument, add_threads_argument, make_parser, set_threads, write_json  # noqa: E402
 
 VARIANTS = ("shipped", "no check", "bare")
 
@@ -111,28 +111,25 @@ def measure(config: str, steps: int, estimator: mg.Estimator, repeats: int) -> d
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring for what each variant does.")
+    parser = make_parser(__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="See the module docstring for what each variant does.")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sinusoid")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20], help="K, inner steps")
     parser.add_argument("--estimators", nargs="+", choices=["checkpointed", "binomial"],
                         default=["checkpointed", "binomial"],
                         help="checkpointed: Checkpointed(); binomial: Binomial(order=3)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up (>= 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--json", metavar="PATH", help="write every number here")
+    add_threads_argument(parser, "torch CPU threads (default 1)")
+    add_json_argument(parser, "write every number here")
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error(f"--repeats: expected at least 5 (the median of >= 5 runs), got {args.repeats}.")
-    if args.threads < 1:
-        parser.error(f"--threads: expected an integer >= 1, got {args.threads}.")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, say=False)
     random.seed(0)
     machine = machine_description(torch.device("cpu"))
     print(f"{machine['cpu']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
@@ -149,8 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             print(f"| {args.config} | {steps} | {row['estimator']} | {1e3 * medians['bare']:.2f} ms | "
                   f"{ratios['shipped']:.3f}× | {ratios['no check']:.3f}× |", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        write_json(args.json, {"machine": machine, "rows": rows})
     return rows
 
 

@@ -1,13 +1,27 @@
-"""Command-line and output pieces shared by the examples.
+"""Command-line and output pieces shared by the examples and the benchmarks.
 
-This is a module, not a script: ``examples/sinusoid.py``, ``fewshot.py``,
-``distributed_sinusoid.py`` and ``higher_maml.py`` import it.
+This is a module, not a script. The examples import it as ``cli`` (it lies beside them);
+the benchmarks, run from the repository root, as ``examples.cli``. It holds what every
+script would otherwise write again:
+
+- :func:`make_parser`: the argument parser (defaults shown in ``--help``);
+- the common flags, each with its type and default, and the script's own help text:
+  :func:`add_threads_argument` (``--threads N``, an integer >= 1, default 1),
+  :func:`add_seed_argument` (``--seed``, default 0), :func:`add_dtype_argument`
+  (``--dtype float32|float64``, default float32), :func:`add_json_argument` (``--json PATH``);
+- :func:`set_threads`: applies ``--threads`` (torch's CPU threads and, for scripts that
+  compile, inductor's compile threads);
+- :func:`write_json`: writes a result file, making its folder;
+- argument types (:func:`order_argument`, :func:`count_argument`), the device set-up, and the
+  counting of an estimator's warnings.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import re
 import sys
 import warnings
@@ -32,7 +46,7 @@ def order_argument(text: str) -> Union[int, str]:
 
 def count_argument(*words: str) -> Callable[[str], Union[int, str, None]]:
     """An argparse type: an integer >= 1, or one of ``words`` (``"none"`` reads as ``None``)."""
-    accepted = " or ".join(repr(w) for w in words)
+    accepted = "".join(f" or {w!r}" for w in words)
 
     def parse(text: str) -> Union[int, str, None]:
         if text in words:
@@ -42,13 +56,26 @@ def count_argument(*words: str) -> Callable[[str], Union[int, str, None]]:
         except ValueError:
             value = 0
         if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1 or {accepted}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1{accepted}, got {text!r}")
         return value
 
     return parse
 
 
-#: ``--threads`` help, shared by the examples.
+# --------------------------------------------------------------------- the parser
+#: An argparse type: an integer >= 1.
+positive_int = count_argument()
+
+
+def make_parser(description: Optional[str], *, prog: Optional[str] = None, epilog: Optional[str] = None,
+                formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter
+                ) -> argparse.ArgumentParser:
+    """A script's argument parser; by default ``--help`` shows each flag's default."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=formatter_class)
+
+
+#: ``--threads`` help of the examples.
 THREADS_HELP = ("torch CPU threads (torch.set_num_threads). Default 1: a task's tensors here are small, so "
                 "spreading each op over threads costs more in synchronization than it saves; on a loaded "
                 "2-core machine Binomial(3) took 12-19x longer per meta-iteration at torch's default of 2 "
@@ -56,17 +83,46 @@ THREADS_HELP = ("torch CPU threads (torch.set_num_threads). Default 1: a task's 
 
 
 def add_threads_argument(parser: Union[argparse.ArgumentParser, Any], text: str = THREADS_HELP) -> None:
-    """``--threads N`` (default 1) on ``parser`` or an argument group of it."""
-    parser.add_argument("--threads", type=int, default=1, help=text)
+    """``--threads N`` (an integer >= 1, default 1) on ``parser`` or an argument group of it."""
+    parser.add_argument("--threads", type=positive_int, default=1, help=text)
 
 
-def set_threads(threads: int, say: bool = True) -> int:
-    """Set torch's CPU thread count to ``threads``, say so on stderr (if ``say``), and return it."""
+def add_seed_argument(parser: Union[argparse.ArgumentParser, Any], text: Optional[str] = None) -> None:
+    """``--seed N`` (default 0) on ``parser`` or an argument group of it."""
+    parser.add_argument("--seed", type=int, default=0, help=text)
+
+
+def add_dtype_argument(parser: Union[argparse.ArgumentParser, Any], text: Optional[str] = None) -> None:
+    """``--dtype float32|float64`` (default float32) on ``parser`` or an argument group of it."""
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help=text)
+
+
+def add_json_argument(parser: Union[argparse.ArgumentParser, Any], text: str) -> None:
+    """``--json PATH`` (default: none written) on ``parser``; the script writes it with :func:`write_json`."""
+    parser.add_argument("--json", default=None, metavar="PATH", help=text)
+
+
+def set_threads(threads: int, say: bool = True, compile_threads: bool = False) -> int:
+    """Set torch's CPU thread count to ``threads`` and return it; say so on stderr (if ``say``).
+
+    With ``compile_threads``, torch.compile's inductor also compiles with ``threads`` workers.
+    """
     torch.set_num_threads(threads)
+    if compile_threads:
+        import torch._inductor.config as inductor_config  # only where the script compiles
+
+        inductor_config.compile_threads = threads
     used = torch.get_num_threads()
     if say:
         print(f"torch CPU threads: {used} (--threads)", file=sys.stderr)
     return used
+
+
+def write_json(path: Union[str, os.PathLike], data: Any, indent: int = 2, allow_nan: bool = True) -> None:
+    """Write ``data`` as JSON to ``path`` (UTF-8), making its folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=indent, allow_nan=allow_nan)
 
 
 def setup_device(name: str) -> torch.device:
@@ -146,5 +202,6 @@ def warning_summary(seen: WarningCounts, who: str, tasks: int, what: str = "meta
 
 
 if __name__ == "__main__":
-    print("examples/cli.py holds pieces shared by the examples; it is not a script. Run "
-          "python examples/sinusoid.py --help (or fewshot.py, distributed_sinusoid.py, higher_maml.py).")
+    print("examples/cli.py holds pieces shared by the examples and the benchmarks; it is not a script. Run "
+          "python examples/sinusoid.py --help (or fewshot.py, hypercleaning.py, distributed_sinusoid.py, "
+          "higher_maml.py), or python -m benchmarks.estimators --help.")

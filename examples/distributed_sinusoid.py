@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -54,7 +53,8 @@ import metagrad as mg
 import metagrad.distributed  # noqa: F401  (mg.distributed)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sinusoid and cli beside this file
-from cli import WarningCounts, add_threads_argument, order_argument, set_threads, warning_summary  # noqa: E402
+from cli import (WarningCounts, add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
+                 add_threads_argument, make_parser, order_argument, set_threads, warning_summary, write_json)
 from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks,  # noqa: E402
                       accumulate_meta_gradients, device_description, label, make_estimator, make_model,
                       mean_ci95, meta_test_mse, sample_tasks, seed_everything, stream)
@@ -216,11 +216,10 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, int, int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Meta-train the sinusoid regression net with each meta-batch split across processes: "
                     "run it with python (one process) or torchrun (--nproc_per_node=N, and --nnodes for "
                     "several machines). Rank 0 prints the meta-test MSE and the time per meta-iteration.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--estimator", choices=ESTIMATORS, default="full", help="the meta-gradient estimator")
     parser.add_argument("--order", type=order_argument, default="auto",
@@ -242,17 +241,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds a collective may wait for the other ranks before it fails")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
+    add_dtype_argument(parser, "floating-point type")
     add_threads_argument(parser, "torch CPU threads per process (default 1: the per-task ops are small, so "
                                  "spreading them over threads costs more than it saves, and the processes "
                                  "share the cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the task streams")
-    parser.add_argument("--json", default=None, metavar="PATH", help="rank 0 writes the results to this file")
+    add_seed_argument(parser, "seed for the init and the task streams")
+    add_json_argument(parser, "rank 0 writes the results to this file")
     args = parser.parse_args(argv)
     for name in ("steps", "order", "warmup"):
         if getattr(args, name) != "auto" and getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
-    for name in ("iterations", "meta_batch", "shots", "threads"):
+    for name in ("iterations", "meta_batch", "shots"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.test_tasks < 2:
@@ -296,9 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
         print("  " + warning_summary({"": {"count": warning["tasks"], "first": warning["message"]}},
                                      result["estimator"], warning["of_tasks"])[0])
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -109,8 +108,9 @@ import metagrad as mg  # noqa: E402
 from metagrad.optim import LearningRate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and fewshot_data beside this file
-from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
-                 order_argument, set_threads, setup_device, smooth, warning_summary)
+from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
+                 counting_warnings, exact_numerics_on, make_parser, order_argument, set_threads, setup_device,
+                 smooth, warning_summary, write_json)
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -661,12 +661,11 @@ def load_pools(args: argparse.Namespace) -> dict[str, ClassPool]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Meta-train CNN4 with MAML, ANIL or Meta-SGD on N-way K-shot image classification, with the "
                     "meta-gradient "
                     "estimator of your choice; report test accuracy ± 95% CI, write results JSON, a PNG of "
                     "the training curves and a resumable checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="synthetic",
@@ -747,9 +746,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     machine = parser.add_argument_group("machine")
     machine.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                          help="cuda turns TF32 off and cuDNN determinism on (docs/MATH.md, numerics)")
-    machine.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
+    add_dtype_argument(machine, "floating-point type")
     add_threads_argument(machine)
-    machine.add_argument("--seed", type=int, default=0, help="seed of the initialization and all task streams")
+    add_seed_argument(machine, "seed of the initialization and all task streams")
     args = parser.parse_args(argv)
 
     defaults = DATASET_DEFAULTS[args.dataset]
@@ -765,7 +764,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.checkpoint is None:
         args.checkpoint = str(run_files(args.out)[2])
     for name in ("ways", "shots", "queries", "eval_queries", "iterations", "meta_batch", "val_every",
-                 "val_tasks", "checkpoint_every", "threads", "filters"):
+                 "val_tasks", "checkpoint_every", "filters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("inner_steps", "eval_inner_steps", "order", "truncate_steps", "patience"):
@@ -897,8 +896,7 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
         "curves_png": str(png),
         "checkpoint": str(checkpoint),
     }
-    with open(out, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(out, results)
     print(f"Wrote {out}, {png} and {checkpoint}.")
     print(f"Test accuracy, {describe(args)}, best validation θ (iteration {training.best_iteration}): "
           f"{100 * mean:.2f}% ± {100 * ci:.2f}% (95% CI, {len(accuracies)} tasks; chance {100 / args.ways:.0f}%)")

@@ -36,8 +36,8 @@ from tqdm import tqdm
 import metagrad as mg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import (WarningCounts, add_threads_argument, counting_warnings, order_argument,  # noqa: E402
-                 set_threads, warning_summary)
+from cli import (WarningCounts, add_seed_argument, add_threads_argument, counting_warnings,  # noqa: E402
+                 make_parser, order_argument, set_threads, warning_summary)
 
 
 def sample_task(generator: torch.Generator, shots: int) -> tuple[torch.Tensor, ...]:
@@ -62,8 +62,7 @@ def make_estimator(args: argparse.Namespace) -> Optional[mg.Estimator]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--library", choices=("metagrad", "higher"), default="metagrad",
                         help="run the loop through metagrad's adapter, or through higher itself")
     parser.add_argument("--estimator", default="full",
@@ -78,12 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
     parser.add_argument("--shots", type=int, default=10, help="support (and query) points per task")
     parser.add_argument("--test-tasks", type=int, default=100, help="held-out tasks for the final MSE")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the init and the tasks")
+    add_seed_argument(parser, "seed for the init and the tasks")
     add_threads_argument(parser)
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

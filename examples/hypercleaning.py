@@ -89,7 +89,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import json
 import math
 import os
 import platform
@@ -116,8 +115,9 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import (WarningCounts, add_threads_argument, count_argument, counting_warnings, order_argument,  # noqa: E402
-                 set_threads, warning_summary)
+from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
+                 count_argument, counting_warnings, make_parser, order_argument, set_threads, warning_summary,
+                 write_json)
 
 ESTIMATORS = ("full", "checkpointed", "truncated", "binomial", "first_order", "implicit")
 DEFAULT_ESTIMATORS = ("full", "checkpointed", "truncated", "binomial")
@@ -603,13 +603,12 @@ def plot_weights(rows: Sequence[Row], corrupted: torch.Tensor, path: str) -> Non
 # --------------------------------------------------------------------- plumbing
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Data hyper-cleaning (Franceschi et al. 2017; Shaban et al. 2019): learn a weight σ(w_i) per "
                     "training example, half of whose labels are corrupted, by hypergradient descent through K "
                     "inner SGD steps of a classifier, once per meta-gradient estimator; print test accuracy, "
                     "precision/recall/F1 of flagging the corrupted examples, the first-step hypergradient error "
                     "against Full and the time per outer step, and write results.json, results.md and weights.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="digits",
@@ -631,9 +630,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     inner.add_argument("--lr-inner", type=float, default=1.0, help="α, the inner SGD step size")
     inner.add_argument("--outer-steps", type=int, default=100, help="Adam steps on w")
     inner.add_argument("--outer-lr", type=float, default=0.1, help="Adam's learning rate on w")
-    inner.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                       help="floating-point type of the training runs (the first-step hypergradient error is "
-                            "always measured in float64)")
+    add_dtype_argument(inner, "floating-point type of the training runs (the first-step hypergradient error is "
+                              "always measured in float64)")
     est = parser.add_argument_group("estimators")
     est.add_argument("--estimators", "--estimator", nargs="+", choices=ESTIMATORS,
                      default=list(DEFAULT_ESTIMATORS), metavar="NAME", help=f"estimators to run, any of {' '.join(ESTIMATORS)}")
@@ -658,7 +656,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--quick", action="store_true",
                      help=f"a smoke test in seconds: {quick} (flags given explicitly win)")
     add_threads_argument(run)
-    run.add_argument("--seed", type=int, default=0, help="seed of the split, the corruption and θ_0")
+    add_seed_argument(run, "seed of the split, the corruption and θ_0")
     run.add_argument("--out", default=os.path.join("results", "hypercleaning"), metavar="DIR",
                      help="output folder for results.json, results.md and weights.png")
     args = parser.parse_args(argv)
@@ -670,7 +668,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for key, value in zip(("train_size", "val_size", "test_size"), DEFAULT_SIZES[args.dataset]):
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name in ("train_size", "val_size", "test_size", "outer_steps", "threads", "hidden"):
+    for name in ("train_size", "val_size", "test_size", "outer_steps", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.inner_steps < 0 or args.truncate_steps < 0:
@@ -756,8 +754,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "memory": memory,
         "seconds": time.perf_counter() - started,
     }
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, allow_nan=False)
+    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
     print(f"Wrote results.md, results.json and weights.png to {args.out} ({results['seconds']:.0f} s)")
     return results
 

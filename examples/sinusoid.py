@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -83,8 +82,9 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import (WarningCounts, add_threads_argument, counting_warnings, exact_numerics_on,  # noqa: E402
-                 order_argument, set_threads, setup_device, smooth, warning_summary)
+from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
+                 counting_warnings, exact_numerics_on, make_parser, order_argument, set_threads, setup_device,
+                 smooth, warning_summary, write_json)
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -538,12 +538,11 @@ def seed_everything(seed: int) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = make_parser(
         description="Meta-train a 1-40-40-1 ReLU net on sinusoid regression (MAML setting) once per "
                     "meta-gradient estimator, from the same init on the same tasks; print a table of "
                     "meta-test MSE, meta-gradient error against Full, time and peak memory, and "
                     "write results.json, results.md and learning_curves.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--steps", type=int, default=5, help="K, inner SGD steps per task")
     parser.add_argument("--lr-inner", type=float, default=0.01, help="α, the inner SGD step size")
@@ -561,9 +560,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda turns TF32 off and cuDNN determinism on, so that accuracy columns are not "
                              "dominated by reduced-precision matmuls")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="floating-point type")
+    add_dtype_argument(parser, "floating-point type")
     add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed for the init and all task streams")
+    add_seed_argument(parser, "seed for the init and all task streams")
     parser.add_argument("--estimators", "--estimator", nargs="+", choices=ESTIMATORS,
                         default=list(DEFAULT_ESTIMATORS), metavar="NAME",
                         help=f"estimators to run, any of {' '.join(ESTIMATORS)} (implicit: iMAML, whose "
@@ -578,7 +577,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 0 or (args.order != "auto" and args.order < 0):
         parser.error("--steps and --order must be >= 0")
-    for name in ("iterations", "meta_batch", "shots", "gradient_tasks", "threads"):
+    for name in ("iterations", "meta_batch", "shots", "gradient_tasks"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.test_tasks < 2:
@@ -659,8 +658,7 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
         "learning_curves": {run.name: run.train_mse for run in runs},
         "seconds_meta_training_and_evaluation": time.perf_counter() - started,
     }
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(os.path.join(args.out, "results.json"), results)
     if runs:
         plot_learning_curves(runs, os.path.join(args.out, "learning_curves.png"), baseline[0])
     print(f"Wrote results.md, results.json and learning_curves.png to {args.out}")
