@@ -73,9 +73,9 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from metagrad.context import MetaGradient
-from metagrad.estimators import Estimator, FirstOrder, resolve
-from metagrad.fmodel import FunctionalModel, Layout
+from metagrad import Estimator, FirstOrder, FunctionalModel, MetaGradient
+from metagrad.estimators import resolve
+from metagrad.functional import Layout
 from metagrad.optim import SGD, Momentum, Params, State
 
 __all__ = ["innerloop_ctx", "update_rule", "HigherUpdateRule"]
@@ -255,7 +255,7 @@ class _PatchedModule:
         if not 0 <= index <= steps:
             raise IndexError(f"fmodel.parameters(time={time}): {steps} steps taken, so time must be "
                              f"in [{-steps - 1}, {steps}].")
-        weights = self._loop.meta._weights_at(index)
+        weights = self._loop.meta.weights_at(index)
         names = self._loop.names
         frozen = dict(self._loop.module.named_parameters())
         return iter([weights[n] if n in weights else frozen[n] for n in names])
@@ -315,7 +315,7 @@ class _InnerLoop:
         """The fast weights user code sees now: the same tensors until the next step, so
         that a loss built from them can be stepped on."""
         if self._cache is None or self._cache[0] != self.meta.steps:
-            fast = self.meta._fast_weights()
+            fast = self.meta.fast_weights()
             if self.detach:  # test mode: the gradient stops at the fast weights, as in higher
                 fast = {n: t.detach().requires_grad_() for n, t in fast.items()}
             self._cache = (self.meta.steps, fast)
@@ -350,12 +350,10 @@ class _InnerLoop:
                 self._wrapped[key] = _GradientCallbackRule(base, grad_callback, self.names)
             rule = self._wrapped[key]
         if closure is not None:
-            if rule is None:
-                self.meta.step(closure)
-            else:
-                self.meta._step_with_rule(closure, rule)
+            self.meta.step(closure, rule=rule)
         else:
-            self.meta._step_from_loss(loss, self.weights(), rule)  # type: ignore[arg-type]
+            assert loss is not None  # diffopt.step checked that one of the two is given
+            self.meta.step_from_loss(loss, self.weights(), rule=rule)
 
 
 @contextlib.contextmanager

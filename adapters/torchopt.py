@@ -5,9 +5,11 @@ Installed as ``metagrad.adapters.torchopt``. torchopt is imported on first use: 
 
 **Functional style: a torchopt optimizer as the inner update rule.** A
 ``GradientTransformation`` (``torchopt.sgd``, ``torchopt.adam``, ``torchopt.chain(...)``)
-becomes a metagrad update rule with :func:`as_update_rule`::
+is an inner rule as it is: the core recognizes a gradient transformation by its ``init``
+and ``update`` and wraps it in :class:`metagrad.optim.TransformationRule`, without this
+module. :func:`as_update_rule` does the same after checking that it is torchopt's::
 
-    with mg.MetaGradient(net, inner_opt=as_update_rule(torchopt.adam(lr=0.01)),
+    with mg.MetaGradient(net, inner_opt=torchopt.adam(lr=0.01),
                          estimator=mg.Checkpointed()) as meta:
         for _ in range(K):
             meta.step(lambda fmodel: F.cross_entropy(fmodel(x_s), y_s))
@@ -125,17 +127,15 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
-from torch.utils import _pytree as pytree
 
-from metagrad.context import MetaGradient
-from metagrad.estimators import Estimator, Implicit, resolve
-from metagrad.fmodel import RUNNING_STATS as _RUNNING_STATS
-from metagrad.optim import Params, State
+from metagrad import Estimator, MetaGradient
+from metagrad.estimators import resolve
+from metagrad.fmodel import RUNNING_STATS
+from metagrad.optim import Params, TransformationRule
 
 __all__ = ["as_update_rule", "TorchoptUpdateRule", "MetaOptimizer", "MetaSGD", "MetaAdam"]
 
@@ -156,74 +156,41 @@ def _import_torchopt() -> Any:
 
 
 # ----------------------------------------------------------------- functional style
-def as_update_rule(tx: Any) -> TorchoptUpdateRule:
+def as_update_rule(tx: Any) -> TransformationRule:
     """A torchopt ``GradientTransformation`` as a metagrad update rule.
+
+    ``mg.MetaGradient(inner_opt=tx)`` does this itself; this function also checks that ``tx``
+    is torchopt's, with a hint where it is not.
 
     Args:
         tx: ``torchopt.sgd(...)``, ``torchopt.adam(...)``, ``torchopt.chain(...)`` or any
             other ``GradientTransformation``.
 
     Returns:
-        A rule for ``mg.MetaGradient(inner_opt=...)``, whose state is torchopt's own.
+        A :class:`metagrad.optim.TransformationRule` for ``mg.MetaGradient(inner_opt=...)``,
+        whose state is torchopt's own.
     """
-    if isinstance(tx, TorchoptUpdateRule):
+    if isinstance(tx, TransformationRule):
         return tx
-    return TorchoptUpdateRule(tx)
+    torchopt = _import_torchopt()
+    if not isinstance(tx, torchopt.base.GradientTransformation):
+        hint = ""
+        if isinstance(tx, torchopt.MetaOptimizer):
+            hint = (" It is an object-style optimizer: pass its functional form (torchopt.sgd, "
+                    "torchopt.adam, ...), or use metagrad.adapters.torchopt.MetaSGD/MetaAdam.")
+        elif isinstance(tx, type) or callable(tx) and not hasattr(tx, "update"):
+            hint = " Call it first, e.g. torchopt.sgd(lr=0.1)."
+        raise TypeError(
+            f"inner_opt: expected a torchopt GradientTransformation such as torchopt.sgd(lr=0.1), "
+            f"got {type(tx).__module__}.{type(tx).__qualname__}.{hint}"
+        )
+    return TransformationRule(tx)
 
 
-class TorchoptUpdateRule:
-    """``φ, s ↦ φ + u, s'`` with ``u, s' = tx.update(∇L_tr(φ), s, params=φ, inplace=False)``.
-
-    Pure and differentiable as torchopt's non-inplace path is. The state is
-    ``tx.init(θ)`` with its tensors detached: metagrad differentiates with respect to θ
-    only, so the initial state is a constant. Every leaf of the state must be a tensor,
-    so that Binomial can stack the states of several steps for ``torch.func.vmap``.
-    """
-
-    def __init__(self, tx: Any) -> None:
-        torchopt = _import_torchopt()
-        if not isinstance(tx, torchopt.base.GradientTransformation):
-            hint = ""
-            if isinstance(tx, torchopt.MetaOptimizer):
-                hint = (" It is an object-style optimizer: pass its functional form (torchopt.sgd, "
-                        "torchopt.adam, ...), or use metagrad.adapters.torchopt.MetaSGD/MetaAdam.")
-            elif isinstance(tx, type) or callable(tx) and not hasattr(tx, "update"):
-                hint = " Call it first, e.g. torchopt.sgd(lr=0.1)."
-            raise TypeError(
-                f"inner_opt: expected a torchopt GradientTransformation such as torchopt.sgd(lr=0.1), "
-                f"got {type(tx).__module__}.{type(tx).__qualname__}.{hint}"
-            )
-        self.tx = tx
-
-    def __repr__(self) -> str:
-        return f"TorchoptUpdateRule({type(self.tx).__name__})"
-
-    def init(self, params: Mapping[str, torch.Tensor]) -> State:
-        state = self.tx.init(dict(params))
-        leaves, _ = pytree.tree_flatten(state)
-        bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-        if bad:
-            raise TypeError(
-                f"inner_opt: the torchopt state {type(state).__name__} has leaves of type {bad}; "
-                "metagrad needs tensor leaves to store and stack the state of each step."
-            )
-        return pytree.tree_map(torch.Tensor.detach, state)
-
-    def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
-             state: State) -> tuple[Params, State]:
-        # A parameter without a gradient (None) is skipped, as torchopt skips it; torchopt then
-        # drops its entry of a momentum trace to None, which is put back, so that the state
-        # keeps one structure from step to step.
-        full = {n: grads.get(n) for n in params}
-        updates, new_state = self.tx.update(full, state, params=dict(params), inplace=False)
-        new_params = {n: p if updates[n] is None else p + updates[n] for n, p in params.items()}
-        if any(g is None for g in full.values()):
-            old, _ = pytree.tree_flatten(state)
-            new, spec = pytree.tree_flatten(new_state)
-            if len(old) == len(new):
-                new_state = pytree.tree_unflatten(
-                    [o if n is None and o is not None else n for o, n in zip(old, new)], spec)
-        return new_params, new_state
+#: The rule :func:`as_update_rule` returns: the core's rule for any gradient transformation
+#: (``φ, s ↦ φ + u, s'`` with ``u, s' = tx.update(∇L_tr(φ), s, params=φ, inplace=False)``),
+#: under the name this module gave it first.
+TorchoptUpdateRule = TransformationRule
 
 
 # --------------------------------------------------------------------- object style
@@ -276,10 +243,11 @@ class _MetaOptimizer:
         self.impl = impl
         self.rule = as_update_rule(impl)
         self.estimator = resolve(estimator)
-        if isinstance(self.estimator, Implicit):
+        if self.estimator.needs_closure:
+            name = type(self.estimator).__name__
             raise ValueError(
-                "estimator: Implicit needs each inner step as a closure, which step(loss) does not "
-                "give. Use mg.MetaGradient(net, inner_opt=as_update_rule(tx), estimator=mg.Implicit()) "
+                f"estimator: {name} needs each inner step as a closure, which step(loss) does not "
+                f"give. Use mg.MetaGradient(net, inner_opt=tx, estimator=mg.{name}()) "
                 "with meta.step(closure)."
             )
         self.module = module
@@ -307,8 +275,8 @@ class _MetaOptimizer:
             else:
                 self._check_module_holds_fast_weights()
             assert self._meta is not None
-            self._meta._step_from_loss(loss, self._installed)
-            self._install(self._meta._fast_weights())
+            self._meta.step_from_loss(loss, self._installed)
+            self._install(self._meta.fast_weights())
         except BaseException:
             self._end(sys.exc_info())
             raise
@@ -385,7 +353,7 @@ class _MetaOptimizer:
                             check_finite=self.check_finite)
         meta.__enter__()
         self._meta, self._theta, self._slots = meta, named, slots
-        self._installed = meta._fast_weights()  # at step 0: the parameters themselves
+        self._installed = meta.fast_weights()  # at step 0: the parameters themselves
 
     def _end(self, exc_info: Any = (None, None, None)) -> None:
         """End the inner loop in progress. On an error the module gets θ back, since its fast
@@ -507,7 +475,7 @@ def _batch_statistics_hooks(module: torch.nn.Module) -> list[Any]:
 
 def _hide_stats(layer: _NormBase, args: Any, *, hidden: dict[str, torch.Tensor]) -> None:
     if layer.training and layer.track_running_stats:
-        for stat in _RUNNING_STATS:
+        for stat in RUNNING_STATS:
             # Already hidden (another optimizer's hook on the same layer): leave it to that one.
             if layer._buffers.get(stat) is not None:
                 hidden[stat] = layer._buffers[stat]

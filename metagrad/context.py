@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -11,7 +12,7 @@ from .compiled import Compiler
 from .estimators import Estimator, resolve
 from .estimators.base import warn
 from .fmodel import FunctionalModel
-from .optim import Params, UpdateRule, check_update_rule
+from .optim import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .trajectory import Closure, NestedBlockError, Trajectory, second_order
 
@@ -51,8 +52,9 @@ class MetaGradient:
     Args:
         model: any ``nn.Module``. All its parameters and buffers must be on one device.
         inner_opt: the differentiable update rule of the inner loop, e.g.
-            ``mg.optim.SGD(lr=0.01)``, or a torchopt GradientTransformation
-            (``torchopt.sgd(...)``, ``torchopt.adam(...)``, ``torchopt.chain(...)``).
+            ``mg.optim.SGD(lr=0.01)``, or a gradient transformation such as torchopt's
+            (``torchopt.sgd(...)``, ``torchopt.adam(...)``, ``torchopt.chain(...)``), which is
+            wrapped in :class:`~metagrad.optim.TransformationRule`.
         estimator: an :class:`~metagrad.Estimator`, or one of the names ``"full"``,
             ``"checkpointed"``, ``"first_order"``, ``"truncated"`` (``Truncated(steps=2)``),
             ``"binomial"`` (``Binomial(order="auto")``) and ``"implicit"`` (``Implicit(reg=1.0)``).
@@ -125,10 +127,7 @@ class MetaGradient:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
-        if type(inner_opt).__module__.split(".")[0] == "torchopt":
-            from metagrad.adapters.torchopt import as_update_rule  # lazily: the core never imports torchopt
-            inner_opt = as_update_rule(inner_opt)
-        check_update_rule(inner_opt)
+        inner_opt = as_update_rule(inner_opt)  # a gradient transformation (torchopt.adam(...)) too
         relative_tolerance(check_replay, torch.float32, torch.device("cpu"))  # validates it
         self.model = model
         self.inner_opt = inner_opt
@@ -249,7 +248,7 @@ class MetaGradient:
         return False
 
     # --------------------------------------------------------------- inner loop
-    def step(self, closure: Closure) -> torch.Tensor:
+    def step(self, closure: Closure, *, rule: Optional[UpdateRule] = None) -> torch.Tensor:
         """Take one inner step and return its loss, detached.
 
         Args:
@@ -262,12 +261,18 @@ class MetaGradient:
                 an object's attributes, data changed in place later) raises
                 :class:`~metagrad.ReplayError`. For Binomial it is also called under
                 ``torch.func.vmap``.
+            rule: an update rule used in place of ``inner_opt`` for this step only (and
+                for every rebuild of it), e.g. ``inner_opt`` with another step size, or one
+                that transforms the gradients first. It receives the block's optimizer state,
+                so it must keep ``inner_opt``'s state layout.
         """
         if not callable(closure):
             raise TypeError(
                 f"closure: expected a callable fmodel -> loss, got {type(closure).__name__}."
             )
-        loss = self._open_trajectory().advance(closure)
+        if rule is not None:
+            check_update_rule(rule, "rule")
+        loss = self._open_trajectory().advance(closure, rule)
         self._fmodel = None
         return loss
 
@@ -298,26 +303,47 @@ class MetaGradient:
                                                   layout=trajectory.layout))
         return self._fmodel[1]
 
-    # ------------------------------------------------------ for adapters (adapters/)
-    def _fast_weights(self) -> Params:
-        """The current fast weights as an adapter hands them to user code that builds the
-        inner losses itself: for a differentiable inner loop (Full), the unrolled iterate,
-        whose graph reaches the parameters by plain autograd; otherwise ``meta.fmodel``'s,
-        attached to θ through the estimator's node."""
+    # ------------------------------------------- for code that builds inner losses itself
+    # The adapters (metagrad.adapters) are built on these: their users hand over a loss tensor
+    # (diffopt.step(loss), inner_opt.step(loss)) built from weights the adapter gave out.
+
+    def fast_weights(self) -> Params:
+        """The current fast weights φ_k, name→tensor, for code that builds an inner or query
+        loss from them itself (with :func:`torch.func.functional_call`, say) instead of
+        through :attr:`fmodel`; pass the loss to :meth:`step_from_loss`.
+
+        For a differentiable inner loop (Full) they are the unrolled iterate itself, whose
+        graph reaches θ and η by plain autograd; otherwise :attr:`fmodel`'s weights, attached
+        to θ through the estimator's node. A backward through them counts as going through
+        the inner loop: it is not warned about as a query built from the model itself is.
+        """
         trajectory = self._open_trajectory()
-        # The adapter's user builds losses from these, which for Full reach θ by plain autograd
-        # through the unrolled steps: a backward that does is no query built from the model.
+        # With Full a loss built from these reaches θ by plain autograd through the unrolled
+        # steps, without the node that tells a backward through the inner loop from one that
+        # is not: no warning for it.
         self._warned = True
         if self._differentiable:
             return dict(trajectory.current)
         return dict(self.fmodel.params)
 
-    def _weights_at(self, k: int) -> Params:
-        """The fast weights after ``k`` of the steps taken so far, attached to θ as
-        :meth:`_fast_weights` are (for adapters that expose past fast weights)."""
+    def weights_at(self, k: int) -> Params:
+        """The fast weights φ_k after ``k`` of the :attr:`steps` taken so far
+        (``0 <= k <= meta.steps``), attached to θ as :meth:`fast_weights` are.
+
+        Raises:
+            IndexError: ``k`` is outside ``[0, meta.steps]``.
+            RuntimeError: the estimator no longer stores step ``k`` (Truncated and FirstOrder
+                keep only the last steps).
+        """
         trajectory = self._open_trajectory()
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k: expected an integer in [0, {trajectory.length}], "
+                            f"got {type(k).__name__} {k!r}.")
+        if not 0 <= k <= trajectory.length:
+            raise IndexError(f"k: expected an integer in [0, {trajectory.length}] (the inner steps "
+                             f"taken so far), got {k}.")
         if k == trajectory.length:
-            return self._fast_weights()
+            return self.fast_weights()
         if self._differentiable:
             return dict(trajectory.iterate(k))
         if k == 0:
@@ -327,18 +353,35 @@ class MetaGradient:
         outputs = _ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
         return dict(zip(self._names, outputs))
 
-    def _step_from_loss(self, loss: torch.Tensor, params: Params,
-                        rule: Optional[UpdateRule] = None) -> torch.Tensor:
-        """One inner step from a loss built from ``params`` (:meth:`_fast_weights`); see
-        :meth:`Trajectory.advance_from_loss` for what it keeps. ``rule`` replaces the
-        update rule for this step only."""
-        loss = self._open_trajectory().advance_from_loss(loss, params, rule)
-        self._fmodel = None
-        return loss
+    def step_from_loss(self, loss: torch.Tensor, params: Params, *,
+                       rule: Optional[UpdateRule] = None) -> torch.Tensor:
+        """Take one inner step from ``loss`` and return it, detached: :meth:`step` for a loss
+        already built, from ``params``, the current :meth:`fast_weights`.
 
-    def _step_with_rule(self, closure: Closure, rule: UpdateRule) -> torch.Tensor:
-        """:meth:`step` with ``rule`` in place of the update rule, for this step only."""
-        loss = self._open_trajectory().advance(closure, rule)
+        No closure is known, so the step cannot be rebuilt later: where the estimator needs
+        its products (Checkpointed, Truncated, Binomial), the gradient is taken with
+        ``create_graph=True`` and kept, so memory grows like an unroll of forward and
+        gradient graphs, and Binomial computes its products one step at a time. Implicit
+        needs a closure at the last step (:meth:`step`).
+
+        Args:
+            loss: the scalar inner loss, built from ``params``.
+            params: the tensors :meth:`fast_weights` returned since the last step, name→tensor
+                (one entry per adapted parameter).
+            rule: as in :meth:`step`.
+        """
+        trajectory = self._open_trajectory()
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params: expected the name→tensor mapping meta.fast_weights() "
+                            f"returned, got {type(params).__name__}.")
+        if set(params) != set(self._names):
+            raise ValueError(
+                f"params: expected the mapping meta.fast_weights() returned, with the names "
+                f"{list(self._names)}, got {sorted(params)}. Build the loss from meta.fast_weights()."
+            )
+        if rule is not None:
+            check_update_rule(rule, "rule")
+        loss = trajectory.advance_from_loss(loss, dict(params), rule)
         self._fmodel = None
         return loss
 

@@ -14,7 +14,7 @@ import torch
 
 from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout
-from .optim import check_update_rule
+from .optim import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
@@ -64,7 +64,8 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
         params: θ, name→tensor.
         support: the batch of the inner loss (any pytree ``loss_fn`` accepts).
         query: the batch of the outer loss.
-        inner_opt: the update rule, e.g. ``mg.optim.SGD(lr=0.01)``.
+        inner_opt: the update rule, e.g. ``mg.optim.SGD(lr=0.01)``, or a gradient
+            transformation (``torchopt.sgd(lr=0.01)``; :class:`~metagrad.optim.TransformationRule`).
         steps: K >= 0.
         estimator: an estimator instance or name; ``None`` is ``mg.Full()``.
 
@@ -75,7 +76,7 @@ def meta_grad(loss_fn: Callable[[dict[str, torch.Tensor], Any], torch.Tensor],
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
                         f"{type(loss_fn).__name__}.")
     _check_params(params)
-    check_update_rule(inner_opt, model=False)
+    inner_opt = as_update_rule(inner_opt, model=False)
     check_count(steps, "steps", minimum=0)
     estimator = check_estimator(estimator)
     theta = dict(params)

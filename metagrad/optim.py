@@ -16,21 +16,28 @@ operations and must not modify its inputs in place: the Full estimator
 differentiates through it with autograd, and Checkpointed, Truncated and
 Binomial rebuild it under ``torch.autograd`` and ``torch.func`` transforms at
 stored iterates (MATH.md, "Optimizers other than plain gradient descent").
+
+A gradient transformation (``init(params) -> state`` and ``update(updates, state,
+params=...) -> (updates, state)``, as ``torchopt.sgd(...)`` returns) is an update rule
+through :class:`TransformationRule`; :func:`as_update_rule` wraps one where ``inner_opt``
+is given.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 import torch
+from torch.utils import _pytree as pytree
 
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
-__all__ = ["UpdateRule", "SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad", "RULES",
-           "check_update_rule"]
+__all__ = ["UpdateRule", "SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad",
+           "TransformationRule", "RULES", "as_update_rule", "check_update_rule", "is_transformation"]
 
 
 @runtime_checkable
@@ -421,8 +428,110 @@ class Adagrad:
         return new_params, {"step": t, "sum": sums}
 
 
+class TransformationRule:
+    """A gradient transformation as an update rule: ``φ, s ↦ φ + u, s'`` with
+    ``u, s' = tx.update(∇L_tr(φ), s, params=φ)``.
+
+    A gradient transformation is a pair of functions over trees of tensors,
+    ``init(params) -> state`` and ``update(updates, state, params=...) -> (updates, state)``:
+    optax's shape, as ``torchopt.sgd(...)``, ``torchopt.adam(...)`` and
+    ``torchopt.chain(...)`` return it. ``MetaGradient(inner_opt=tx)`` wraps one in this rule
+    itself (:func:`as_update_rule`).
+
+    The step is the transformation's own arithmetic. ``update`` is called with
+    ``inplace=False`` where it takes that argument (torchopt's does, and writes in place
+    otherwise), so that the step is differentiable and leaves the stored states as they are.
+    The state is ``tx.init(θ)`` with its tensors detached: metagrad differentiates with respect
+    to θ and η only, so the initial state is a constant. Every leaf of the state must be a
+    tensor, so that Binomial can stack the states of several steps for ``torch.func.vmap``.
+
+    Args:
+        tx: the gradient transformation.
+    """
+
+    def __init__(self, tx: Any) -> None:
+        if not is_transformation(tx):
+            raise TypeError(
+                f"tx: expected a gradient transformation, an object with init() and update() such "
+                f"as torchopt.sgd(lr=0.1), got {_qualified(tx)}.{_hint(tx)}"
+            )
+        self.tx = tx
+        #: ``{"inplace": False}`` where ``tx.update`` takes ``inplace``, else nothing.
+        self.update_options = {"inplace": False} if _takes(tx.update, "inplace") else {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.tx).__name__})"
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> State:
+        state = self.tx.init(dict(params))
+        leaves, _ = pytree.tree_flatten(state)
+        bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+        if bad:
+            raise TypeError(
+                f"inner_opt: the state {type(state).__name__} of {self!r} has leaves of type {bad}; "
+                "metagrad needs tensor leaves to store and stack the state of each step."
+            )
+        return pytree.tree_map(torch.Tensor.detach, state)
+
+    def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+             state: State) -> tuple[Params, State]:
+        # A parameter without a gradient (None) is skipped, as torchopt skips it; torchopt then
+        # drops its entry of a momentum trace to None, which is put back, so that the state
+        # keeps one structure from step to step.
+        full = {n: grads.get(n) for n in params}
+        updates, new_state = self.tx.update(full, state, params=dict(params), **self.update_options)
+        new_params = {n: p if updates[n] is None else p + updates[n] for n, p in params.items()}
+        if any(g is None for g in full.values()):
+            old, _ = pytree.tree_flatten(state)
+            new, spec = pytree.tree_flatten(new_state)
+            if len(old) == len(new):
+                new_state = pytree.tree_unflatten(
+                    [o if n is None and o is not None else n for o, n in zip(old, new)], spec)
+        return new_params, new_state
+
+
+def is_transformation(value: Any) -> bool:
+    """Whether ``value`` is a gradient transformation (:class:`TransformationRule`): an object,
+    not a class, with callable ``init`` and ``update`` and no ``step`` (an object with
+    ``step`` is an update rule)."""
+    return (not isinstance(value, type) and callable(getattr(value, "init", None))
+            and callable(getattr(value, "update", None)) and not callable(getattr(value, "step", None)))
+
+
+def _takes(function: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``keyword``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass nothing extra
+        return False
+    return any((p.name == keyword and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
+               for p in parameters)
+
+
 #: The update rules this module defines, named in errors that suggest one.
 RULES = ("SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad")
+
+
+def as_update_rule(inner_opt: Any, argument: str = "inner_opt", *, model: bool = True) -> UpdateRule:
+    """``inner_opt`` as an update rule: a gradient transformation (:func:`is_transformation`,
+    e.g. ``torchopt.adam(lr=0.01)``) wrapped in a :class:`TransformationRule`, an update rule
+    as it is.
+
+    Args:
+        inner_opt: an update rule (``init()`` and ``step()``) or a gradient transformation.
+        argument: the argument's name in errors.
+        model: as :func:`check_update_rule`.
+
+    Returns:
+        The update rule.
+
+    Raises:
+        TypeError: naming ``argument``, as :func:`check_update_rule` does, for anything else.
+    """
+    if is_transformation(inner_opt):
+        return TransformationRule(inner_opt)
+    check_update_rule(inner_opt, argument, model=model)
+    return inner_opt
 
 
 def check_update_rule(rule: Any, argument: str = "inner_opt", *, model: bool = True) -> None:
@@ -445,12 +554,35 @@ def check_update_rule(rule: Any, argument: str = "inner_opt", *, model: bool = T
         example = f"mg.optim.{rule.__name__}(lr=0.01)" if rule.__name__ in RULES and \
             globals().get(rule.__name__) is rule else f"{rule.__name__}(...)"
         raise TypeError(f"{argument}: got the class {rule.__name__}; pass an instance, e.g. {example}.")
+    if is_transformation(rule):
+        raise TypeError(
+            f"{argument}: got {_qualified(rule)}, a gradient transformation (init() and update()), "
+            f"where an update rule with init() and step() is needed. Wrap it once, outside the "
+            f"loop: mg.optim.TransformationRule(tx) (inner_opt= wraps one itself)."
+        )
     if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "step", None))):
         raise TypeError(
             f"{argument}: expected an update rule with init() and step(), such as "
             f"mg.optim.SGD(lr=0.01), got {type(rule).__name__}. metagrad's rules: "
-            f"{', '.join('mg.optim.' + r for r in RULES)}."
+            f"{', '.join('mg.optim.' + r for r in RULES)}.{_hint(rule)}"
         )
+
+
+def _qualified(value: Any) -> str:
+    """The type of ``value`` as module.name, for errors."""
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _hint(value: Any) -> str:
+    """What a value that is neither an update rule nor a gradient transformation probably is,
+    and what to pass instead (empty when nothing is known)."""
+    if inspect.isroutine(value):
+        return " If it builds one, call it first, e.g. torchopt.sgd(lr=0.1)."
+    if callable(getattr(value, "step", None)) and not callable(getattr(value, "init", None)):
+        return (" It has step() but no init(): an optimizer object that updates a model in place. "
+                "Pass a pure rule or its functional form (torchopt.sgd, torchopt.adam, ...), or, for "
+                "torchopt's object style, use metagrad.adapters.torchopt.MetaSGD/MetaAdam.")
+    return ""
 
 
 def _twin(optimizer: Any) -> str:

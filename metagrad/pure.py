@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .estimators import Binomial, Estimator, Full, Implicit, resolve
+from .estimators import Estimator, resolve
 from .optim import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -186,41 +186,11 @@ class PureTrajectory:
 
 
 def check_estimator(estimator: Any) -> Estimator:
-    """Resolve ``estimator`` and refuse those that need Python-side state (see
+    """Resolve ``estimator`` and refuse those a pure function cannot run, with the reason the
+    estimator gives (:meth:`~metagrad.Estimator.why_not_pure`; see
     :func:`metagrad.functional.meta_grad`)."""
     estimator = resolve(estimator)
-    if isinstance(estimator, Full):
-        return estimator
-    if isinstance(estimator, Implicit) or estimator.proximal is not None:
-        raise ValueError(
-            f"estimator: {estimator!r} is not supported by meta_grad. Implicit's inner loop adds "
-            "a proximal term, and its solver (conjugate gradients or a Neumann series) stops on "
-            "a residual read back as a Python float, which torch.func.vmap and torch.compile "
-            "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
-        )
-    if isinstance(estimator, Binomial):
-        if estimator.order == "auto":
-            raise ValueError(
-                "estimator: Binomial(order='auto') is not supported by meta_grad: it chooses its "
-                "order (and its blocks) from level norms read back as Python floats, which "
-                "torch.func.vmap and torch.compile cannot trace. Use a fixed order with "
-                "monitor=False, e.g. mg.Binomial(order=2, monitor=False)."
-            )
-        if estimator.max_memory is not None:
-            raise ValueError(
-                "estimator: Binomial(max_memory=...) is not supported by meta_grad: it measures a "
-                "rebuilt step graph to choose its chunk size. Pass chunk_size=... instead."
-            )
-        if estimator.monitor:
-            raise ValueError(
-                f"estimator: {estimator!r} monitors its level norms (monitor=True, the default), "
-                "which reads them back as Python floats (.item()): that fails under "
-                "torch.func.vmap and breaks torch.compile's graph. Pass monitor=False, e.g. "
-                f"mg.Binomial(order={estimator.order}, monitor=False)."
-            )
-    if estimator.differentiable:
-        raise ValueError(
-            f"estimator: {estimator!r} needs a differentiable trajectory (differentiable=True), "
-            "which meta_grad does not build; only mg.Full() is computed that way, in its own branch."
-        )
+    reason = estimator.why_not_pure()
+    if reason is not None:
+        raise ValueError(f"estimator: {reason}")
     return estimator

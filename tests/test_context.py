@@ -678,3 +678,96 @@ def test_estimator_names(name, expected, kind):
         assert meta.info["fallback"] is None and meta.info["order"] >= 1
         kind = ("binomial", meta.info["order"])
     assert_grads(model, Reference(model, mlp_forward).estimate(kind, K, query_loss))
+
+
+# ------------------------------------------------ for code that builds inner losses itself
+@pytest.mark.parametrize("factory,kind", ESTIMATORS)
+def test_step_from_loss_on_fast_weights_equals_the_reference(factory, kind):
+    """The public interface the adapters use: a loss built from ``meta.fast_weights()`` (here
+    with the reference's own forward) stepped by ``meta.step_from_loss``, a query built from
+    them too, gives the estimator's quantity; ``weights_at(k)`` are the reference's iterates."""
+    model = make_mlp()
+    ref = Reference(model, mlp_forward)
+    iterates = ref.iterates(K)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+        for k in range(K):
+            weights = meta.fast_weights()
+            x, y = SUPPORT[k]
+            loss = meta.step_from_loss(F.mse_loss(mlp_forward(weights, x), y), weights)
+            assert not loss.requires_grad and meta.steps == k + 1
+        for k in ([0, K - 1, K] if kind[0] == "exact" else [K]):
+            for n, t in meta.weights_at(k).items():
+                torch.testing.assert_close(t.detach(), iterates[k][n], rtol=1e-12, atol=1e-14)
+        query_loss(lambda x: mlp_forward(meta.fast_weights(), x)).backward()
+    assert_grads(model, ref.estimate(kind, K, query_loss))
+
+
+def test_step_rule_replaces_the_update_rule_for_that_step_only():
+    """``meta.step(closure, rule=...)``: step 1 with half the step size, the others with
+    ``inner_opt``; the same meta-gradient by Full and by Checkpointed, which rebuilds step 1
+    with the rule it was taken with."""
+    lrs = [LR, LR / 2, LR]
+    model = make_mlp()
+    ref = Reference(model, mlp_forward)
+    theta = {n: t.clone().requires_grad_() for n, t in ref.theta.items()}
+    phi = theta
+    for k, lr in enumerate(lrs):
+        g = torch.autograd.grad(ref.inner_loss(phi, k), list(phi.values()), create_graph=True)
+        phi = {n: phi[n] - lr * gi for n, gi in zip(phi, g)}
+    expected = dict(zip(theta, torch.autograd.grad(query_loss(ref.at(phi)), list(theta.values()))))
+    for estimator in (mg.Full(), mg.Checkpointed()):
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator) as meta:
+            for k, lr in enumerate(lrs):
+                meta.step(closure_for(*SUPPORT[k]), rule=None if lr == LR else mg.optim.SGD(lr=lr))
+            query_loss(meta.fmodel).backward()
+        assert_grads(model, expected)
+
+
+def test_public_interface_errors_name_the_argument():
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR)) as meta:
+        with pytest.raises(TypeError, match="rule: expected an update rule"):
+            meta.step(closure_for(*SUPPORT[0]), rule="sgd")
+        with pytest.raises(TypeError, match="rule: .*gradient transformation.*TransformationRule"):
+            meta.step(closure_for(*SUPPORT[0]), rule=_PlainSGDTransformation(LR))
+        weights = meta.fast_weights()
+        loss = F.mse_loss(mlp_forward(weights, SUPPORT[0][0]), SUPPORT[0][1])
+        with pytest.raises(ValueError, match=r"params: .*\['0.weight', '0.bias'"):
+            meta.step_from_loss(loss, {"0.weight": weights["0.weight"]})
+        with pytest.raises(TypeError, match="params: expected the name→tensor mapping"):
+            meta.step_from_loss(loss, list(weights.values()))
+        meta.step_from_loss(loss, weights)
+        with pytest.raises(IndexError, match=r"k: expected an integer in \[0, 1\].*got 2"):
+            meta.weights_at(2)
+        with pytest.raises(TypeError, match="k: expected an integer"):
+            meta.weights_at(1.0)
+    with pytest.raises(RuntimeError, match="block has ended"):
+        meta.fast_weights()
+
+
+class _PlainSGDTransformation:
+    """A gradient transformation in optax's shape, written here (no torchopt, no ``inplace``):
+    ``u = −lr·g``, no state."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return ()
+
+    def update(self, updates, state, params=None):
+        return {n: None if g is None else -self.lr * g for n, g in updates.items()}, state
+
+
+@pytest.mark.parametrize("factory,kind", ESTIMATORS)
+def test_a_gradient_transformation_is_an_inner_rule_by_its_shape(factory, kind):
+    """Any object with init() and update() is recognized as a gradient transformation, by the
+    core itself, and gives the same meta-gradient as the rule it computes."""
+    model = make_mlp()
+    with mg.MetaGradient(model, inner_opt=_PlainSGDTransformation(LR), estimator=factory()) as meta:
+        assert isinstance(meta.inner_opt, mg.optim.TransformationRule)
+        assert meta.inner_opt.update_options == {}  # its update takes no inplace=
+        run_inner(meta, K)
+        query_loss(meta.fmodel).backward()
+    assert_grads(model, Reference(model, mlp_forward).estimate(kind, K, query_loss))

@@ -183,6 +183,40 @@ def test_unsupported_estimators_raise_clearly(estimator, words):
     assert words in str(info.value)
 
 
+class _Proximal(mg.Checkpointed):
+    """An estimator of the user's whose inner loop adds a proximal term."""
+
+    proximal = 0.5
+
+
+class _Differentiable(mg.Checkpointed):
+    """An estimator of the user's that asks for a differentiable trajectory."""
+
+    differentiable = True
+
+
+class _PureAnyway(mg.Binomial):
+    """An estimator of the user's that declares itself runnable by a pure function."""
+
+    def why_not_pure(self):
+        return None
+
+
+def test_what_a_pure_function_refuses_is_what_the_estimator_says():
+    """meta_grad asks the estimator (``Estimator.why_not_pure``), it tests no class: a user's
+    subclass is refused for what it declares, and runs where it declares nothing."""
+    assert mg.Full().why_not_pure() is None and mg.Checkpointed().why_not_pure() is None
+    for estimator, words in ((_Proximal(), "proximal term"), (_Differentiable(), "differentiable=True")):
+        with pytest.raises(ValueError, match="estimator: ") as info:
+            mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                    estimator=estimator)
+        assert words in str(info.value)
+    got = mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                  estimator=_PureAnyway(K))  # monitored, run eagerly: allowed here
+    assert_close(got, mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](),
+                                              steps=K, estimator=mg.Full()))
+
+
 def test_monitored_binomial_really_fails_under_vmap():
     """Why monitor=True is refused: the level norms are Python floats, read with .item()."""
     from metagrad.pure import PureTrajectory

@@ -40,6 +40,9 @@ class Estimator(abc.ABC):
       in an outer step that is differentiated twice then runs as a differentiable unroll,
       which gives the same number (an approximate estimator is refused there).
     - ``proximal``: λ of a proximal term the inner loop adds (Implicit).
+    - ``needs_closure``: it rebuilds the last step from its closure, with no fallback for a step
+      taken from a loss tensor (``meta.step_from_loss``, the adapters' ``step(loss)``).
+    - :meth:`why_not_pure`: why the functional face cannot run it (``None``: it can).
     - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
     - :meth:`snapshot_schedule`: which iterates it stores, the others recomputed when a product
       needs them (``None``: all).
@@ -50,6 +53,27 @@ class Estimator(abc.ABC):
     exact: bool = False
     #: λ of a proximal term ``(λ/2)‖φ − θ‖²`` the inner loop adds to every step's loss.
     proximal: Optional[float] = None
+    #: It rebuilds the last inner step from its closure, which a step taken from a loss tensor
+    #: (:meth:`MetaGradient.step_from_loss <metagrad.MetaGradient.step_from_loss>`) lacks.
+    needs_closure: bool = False
+
+    def why_not_pure(self) -> Optional[str]:
+        """Why :func:`metagrad.functional.meta_grad`, a pure function that runs under
+        ``torch.func.vmap`` and ``torch.compile``, cannot run this estimator: the rest of a
+        ``ValueError`` message after ``"estimator: "``. ``None`` where it can.
+
+        Here: a proximal term, which the pure inner loop does not add, and a differentiable
+        trajectory, which it does not build (Full overrides this: it has its own branch there).
+        An estimator that reads values back as Python floats says so in its override.
+        """
+        if self.proximal is not None:
+            return (f"{self!r} is not supported by meta_grad: its inner loop adds a proximal term "
+                    f"(λ={self.proximal}), which meta_grad's does not. Use mg.Checkpointed(), "
+                    "mg.Full(), or MetaGradient(estimator=...).")
+        if self.differentiable:
+            return (f"{self!r} needs a differentiable trajectory (differentiable=True), which "
+                    "meta_grad does not build; only mg.Full() is computed that way, in its own branch.")
+        return None
 
     def keep(self) -> Optional[int]:
         """How many of the most recent inner steps to store; ``None`` stores all."""

@@ -29,6 +29,9 @@ class Full(Estimator):
     differentiable = True
     exact = True
 
+    def why_not_pure(self) -> str | None:
+        return None  # meta_grad's own branch: torch.func.grad through the unroll
+
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         final = trajectory.iterate(steps)

@@ -75,9 +75,20 @@ class Implicit(Estimator):
         self.max_iter = check_count(max_iter, "Implicit(max_iter)", minimum=1)
         self.tol = float(tol)
 
+    #: The Hessian is taken at φ_K from the last step's closure.
+    needs_closure = True
+
     @property
     def proximal(self) -> Optional[float]:  # type: ignore[override]
         return self.reg
+
+    def why_not_pure(self) -> Optional[str]:
+        return (
+            f"{self!r} is not supported by meta_grad. Implicit's inner loop adds "
+            "a proximal term, and its solver (conjugate gradients or a Neumann series) stops on "
+            "a residual read back as a Python float, which torch.func.vmap and torch.compile "
+            "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
+        )
 
     def keep(self) -> Optional[int]:
         return 0

@@ -489,3 +489,36 @@ def test_object_style_learning_rate_that_requires_grad_is_learned_as_torchopt_le
     got = run(lambda: mg_torchopt.MetaSGD(net, lr=lr, estimator=make_estimator()))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_the_core_wraps_a_gradient_transformation_without_the_adapter():
+    """``inner_opt=torchopt.sgd(...)`` is wrapped by the core (metagrad.optim), which imports
+    no adapter: metagrad.adapters stays unimported."""
+    code = ("import sys, torch, torchopt, metagrad as mg\n"
+            "m = torch.nn.Linear(2, 1)\n"
+            "with mg.MetaGradient(m, inner_opt=torchopt.sgd(lr=0.1), estimator=mg.Checkpointed()) as meta:\n"
+            "    meta.step(lambda f: f(torch.ones(3, 2)).pow(2).mean())\n"
+            "    meta.fmodel(torch.ones(3, 2)).sum().backward()\n"
+            "print(type(meta.inner_opt).__name__, [k for k in sys.modules if k.startswith('metagrad.adapters')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["TransformationRule", "[]"]
+    assert mg_torchopt.TorchoptUpdateRule is mg.optim.TransformationRule
+    assert mg.optim.TransformationRule(torchopt.sgd(lr=0.1)).update_options == {"inplace": False}
+
+
+def test_meta_grad_accepts_a_gradient_transformation():
+    """The functional face takes the same inner rules: torchopt's sgd gives mg.optim.SGD's
+    meta-gradient, for Full and Checkpointed."""
+    model = make_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p, data):
+        return F.mse_loss(torch.func.functional_call(model, p, (data[0],)), data[1])
+
+    for estimator in (mg.Full(), mg.Checkpointed()):
+        ours = mg.functional.meta_grad(loss_fn, params, (XS, YS), (XQ, YQ), inner_opt=torchopt.sgd(lr=0.1),
+                                       steps=K, estimator=estimator)
+        native = mg.functional.meta_grad(loss_fn, params, (XS, YS), (XQ, YQ), inner_opt=mg.optim.SGD(lr=0.1),
+                                         steps=K, estimator=estimator)
+        for n in params:
+            torch.testing.assert_close(ours[n], native[n], rtol=1e-12, atol=0)
