@@ -220,7 +220,7 @@ class Compiler:
                 u: dict[str, torch.Tensor], state: Any, state_adjoint: Optional[list[Any]],
                 batched: bool) -> Optional[tuple[Any, ...]]:
         """The compiled ``torch.func.vjp`` of the step at each of ``steps`` (one step, or a
-        chunk of steps with equal :meth:`~metagrad.trajectory._Step.batch_key` under ``vmap``
+        chunk of steps with equal :meth:`~metagrad.step.StepRecord.batch_key` under ``vmap``
         when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, Φ_m(φ_m), L_m,
         explicit η indices)``, or ``None`` where it cannot be compiled.
 
@@ -259,7 +259,7 @@ class Compiler:
         moving_adjoint = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(leaves[i])
                           for i in varied]
         try:
-            with trajectory._as_taken(None, first.modes, first.autocast), torch.no_grad():
+            with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, new, value = compiled(
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta, leaves)
         except Exception as error:
@@ -283,7 +283,7 @@ class Compiler:
         state leaves carried)``, or ``None`` where it cannot be compiled."""
         template = first.closure
         assert template is not None
-        where = trajectory._explicit_meta(first)
+        where = trajectory.eta.explicit(first.closure)
         if where is None:  # an η reached through an object: only autograd follows it
             return None
         if any(not isinstance(t, torch.Tensor) for t in leaves):
@@ -296,7 +296,7 @@ class Compiler:
         slots = [slot for slot, _ in template.tensors]
         module = trajectory.module
         fixed_names = tuple(n for n, p in module.named_parameters() if n not in trajectory.theta)
-        with trajectory._as_taken(None, first.modes, first.autocast):  # the step's train/eval modes
+        with trajectory.products.as_taken(None, first.modes, first.autocast):  # the step's train/eval modes
             replaced = set(_frozen_buffers(trajectory.layout.norms))
         buffer_names = tuple(n for n, _ in module.named_buffers() if n not in replaced)
         varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
@@ -327,7 +327,7 @@ class Compiler:
                 return function(FunctionalModel(module, p, layout=layout, fixed=fixed))
 
             from torch.fx.experimental.proxy_tensor import make_fx
-            with trajectory._as_taken(None, first.modes, first.autocast), torch.no_grad():
+            with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 graph = make_fx(loss)({n: t.detach() for n, t in params0.items()}, fixed,
                                       [t.detach() for _, t in template.tensors])
 

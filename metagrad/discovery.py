@@ -1,0 +1,268 @@
+"""Finding the meta-parameters η, and what on an inner step's graph cannot be differentiated twice.
+
+MATH.md, "Meta-parameters other than θ": η is every tensor that requires grad, other than the
+fast weights, that an inner step depends on. It is found from the graphs autograd builds, with
+no declaration: a closure's inner loss (once per closure key), and an update rule's step (a
+step size that requires grad, looked at again where a step updates fast weights the rule has
+not updated before). :class:`MetaParameters` keeps what was found for one inner loop, with
+each η leaf's ``.grad`` as it was (restored if the block raises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .optim import Params
+from .replay import Frozen
+
+__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable",
+           "step_size_names"]
+
+#: One entry per meta-parameter η (:attr:`MetaParameters.tensors`): its gradient, or ``None`` for zero.
+MetaGrads = list[Optional[torch.Tensor]]
+
+
+@dataclass
+class Seen:
+    """What the first step of a closure (by :attr:`~metagrad.replay.Frozen.key`) showed; its
+    later steps take their gradient by a compiled call (``compile=True``) unless ``once``
+    or ``random``."""
+
+    #: Its loss came through a node whose backward cannot be differentiated again (a
+    #: ``torch.compile``'d function, an ``@once_differentiable`` autograd.Function): which one.
+    once: Optional[str]
+    #: The fast weights its loss uses.
+    used: tuple[str, ...]
+    #: A step of it drew random numbers (its replay must be eager).
+    random: bool = False
+
+
+class MetaParameters:
+    """The η of one inner loop, as found so far.
+
+    Args:
+        module: the user's module (its parameters name what is found).
+        adapted: the names of the fast weights (the parameters not adapted can be η).
+    """
+
+    def __init__(self, module: torch.nn.Module, adapted: Sequence[str]) -> None:
+        #: The meta-parameters, in the order found, with a description of each.
+        self.tensors: list[torch.Tensor] = []
+        self.names: list[str] = []
+        #: Which η come from the update rule (step sizes): their part of B_k needs no second
+        #: derivative (MATH.md, "Meta-parameters other than θ").
+        self.rule: set[int] = set()
+        #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
+        self.saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        #: Per closure key: what its first step showed (the graph is looked at once).
+        self.closures: dict[Any, Seen] = {}
+        self._index: dict[int, int] = {}
+        self._saved_ids: set[int] = set()
+        self._module = module
+        self._param_names = {id(p): n for n, p in module.named_parameters()}
+        self._adapted = set(adapted)
+        #: Per update rule (by id, the rule kept): whether its update reaches η of its own, and
+        #: the fast weights it has updated so far (a step that updates another one looks again:
+        #: its step size may be a tensor that requires grad where the others' are not).
+        self._rules: dict[int, tuple[Any, bool, frozenset[str]]] = {}
+
+    # --------------------------------------------------------------------- closures
+    def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> Optional[str]:
+        """Add the η the step's loss depends on; return the node on the loss's graph whose
+        backward cannot be differentiated again (``None``: none).
+
+        The rule: η is every tensor that requires grad, other than the fast weights, that the
+        loss's graph reaches. A tensor the closure captures (a cell, a global, a default) is
+        taken as it is, even when it is itself computed (``w = hypernet(z)``: the gradient then
+        reaches ``hypernet`` through ``w``'s own graph); anything else is found as the leaf the
+        graph ends at (a module parameter not adapted, a parameter of a module the closure
+        calls). The caller looks at the graph once per closure key (its code, and the objects
+        and tensor shapes it captures, tensors that require grad by identity).
+        """
+        names = dict(self._param_names)
+        stop: dict[int, list[torch.Tensor]] = {}
+        if closure is not None:
+            for slot, tensor in closure.tensors:
+                names.setdefault(id(tensor), f"{closure.names[slot]} (captured by the closure)")
+                if tensor.requires_grad and tensor.grad_fn is not None:
+                    stop.setdefault(id(tensor.grad_fn), []).append(tensor)
+        for t in params.values():  # fast weights that are themselves computed (adapters)
+            if t.grad_fn is not None:
+                stop.setdefault(id(t.grad_fn), [])
+        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop)
+        self.add(found, rule=False, names=names)
+        return once
+
+    def differentiable_step(self, loss: torch.Tensor, inputs: Params, rule: Any) -> Optional[str]:
+        """For a step whose graph autograd differentiates itself (Full): keep the ``.grad`` of
+        what the step's own graph reaches (not behind the fast weights: that is the earlier
+        steps'), and of the rule's tensors that require grad; return the node that cannot be
+        differentiated twice, or ``None``."""
+        stop: dict[int, list[torch.Tensor]] = {id(t.grad_fn): [] for t in inputs.values()
+                                               if t.grad_fn is not None}
+        found, once = graph_inputs([loss], {id(t) for t in inputs.values()}, stop)
+        attributes = getattr(rule, "__dict__", {})
+        self.remember_grads(found + [t for t in pytree.tree_leaves(attributes)
+                                     if isinstance(t, torch.Tensor) and t.requires_grad])
+        return once
+
+    # ------------------------------------------------------------------ update rules
+    def rule_holds_eta(self, rule: Any, used: Sequence[str]) -> Optional[bool]:
+        """Whether ``rule``'s update reaches η of its own, if known for every fast weight in
+        ``used``; ``None``: not yet (a new rule, or a fast weight it has not updated before)."""
+        seen = self._rules.get(id(rule))
+        if seen is None or not seen[2].issuperset(used):
+            return None
+        return seen[1]
+
+    def learn_rule(self, rule: Any, new_params: Params, used: Sequence[str]) -> bool:
+        """Look at an update the rule just made (with grad enabled) for η of its own (a step
+        size that requires grad), add them, and return whether the rule holds any."""
+        found = any(t.requires_grad for t in new_params.values())
+        if found:
+            self.add(graph_inputs(list(new_params.values()), set(), {})[0], rule=True,
+                     names=step_size_names(rule))
+        before = self._rules.get(id(rule), (rule, False, frozenset()))
+        holds = found or before[1]
+        self._rules[id(rule)] = (rule, holds, before[2] | frozenset(used))  # the rule kept: its id stays its own
+        return holds
+
+    def holds(self, rule: Any) -> bool:
+        """Whether ``rule`` (seen before) holds η of its own."""
+        return self._rules[id(rule)][1]
+
+    # ----------------------------------------------------------------------- records
+    def add(self, tensors: list[torch.Tensor], *, rule: bool, names: dict[int, str]) -> None:
+        """Add the tensors not already η, with their descriptions (``names``, by id)."""
+        for tensor in tensors:
+            if id(tensor) in self._index:
+                continue
+            self._index[id(tensor)] = len(self.tensors)
+            if rule:
+                self.rule.add(len(self.tensors))
+            self.tensors.append(tensor)
+            self.remember_grads([tensor])
+            default = f"a tensor of shape {tuple(tensor.shape)}" + (" (update rule)" if rule else "")
+            self.names.append(names.get(id(tensor), default))
+
+    def remember_grads(self, tensors: list[torch.Tensor]) -> None:
+        """Keep the ``.grad`` of the leaves a backward through ``tensors`` writes (each tensor,
+        or the leaves behind a computed one, such as a hypernetwork's parameters) as it is
+        now, the first time each is seen: :attr:`saved_grads`, restored if the block raises."""
+        for tensor in tensors:
+            behind = [tensor] if tensor.is_leaf else graph_inputs([tensor], set(), {})[0]
+            for leaf in behind:
+                if id(leaf) not in self._saved_ids:
+                    self._saved_ids.add(id(leaf))
+                    self.saved_grads.append((leaf, None if leaf.grad is None else leaf.grad.clone()))
+
+    def explicit(self, closure: Optional[Frozen]) -> Optional[dict[int, tuple[str, Any]]]:
+        """Where each η sits for a rebuild under ``torch.func`` of a step of ``closure``: a slot
+        of the frozen closure (``("slot", slot)``), a module parameter not adapted (``("param",
+        name)``), or the update rule (``("rule", None)``, whose part needs no rebuild). ``None``
+        if some η is elsewhere (reached through an object), which only autograd can follow."""
+        if closure is None:
+            return None
+        slots = {id(t): slot for slot, t in closure.tensors}
+        where: dict[int, tuple[str, Any]] = {}
+        for i, tensor in enumerate(self.tensors):
+            name = self._param_names.get(id(tensor))
+            if i in self.rule:
+                where[i] = ("rule", None)
+            elif id(tensor) in slots:
+                where[i] = ("slot", slots[id(tensor)])
+            elif name is not None and name not in self._adapted:
+                where[i] = ("param", name)
+            else:
+                return None
+        return where
+
+    def clear(self) -> None:
+        """Forget the η (the trajectory was released); the saved ``.grad`` stay for a restore."""
+        self.tensors = []
+
+
+def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGrads:
+    """Entrywise sum of two η-gradient lists (``None`` is zero; a shorter list is padded)."""
+    size = max(len(total), len(more))
+    out: MetaGrads = []
+    for i in range(size):
+        a = total[i] if i < len(total) else None
+        b = more[i] if i < len(more) else None
+        out.append(b if a is None else a if b is None else a + b)
+    return out
+
+
+
+def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]]
+                  ) -> tuple[list[torch.Tensor], Optional[str]]:
+    """The tensors requiring grad that the graph of ``roots`` reaches: the leaves (not in
+    ``skip``, by id) and, where a node is the ``grad_fn`` of tensors in ``stop`` (by the node's
+    id), those tensors (none, for an empty list), without looking behind them. Also the first
+    node found whose backward cannot be differentiated again (:func:`once_differentiable`),
+    described, or ``None``."""
+    seen: set[int] = set()
+    found: list[torch.Tensor] = []
+    once: Optional[str] = None
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in stop:
+            found.extend(stop[id(node)])
+            continue
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # AccumulateGrad: a leaf
+            if id(variable) not in skip:
+                found.append(variable)
+            continue
+        if once is None:
+            once = once_differentiable(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found, once
+
+
+#: The code of the wrapper ``torch.autograd.function.once_differentiable`` puts around a backward.
+_ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable(node: Any) -> Optional[str]:
+    """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
+    a ``torch.compile``'d function (aot_autograd has no double backward), an
+    ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
+    CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
+    torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
+    block's own node is not one: inside a step that is differentiated twice, a block builds its
+    graph with autograd (:func:`metagrad.tape.second_order`), and elsewhere its node refuses ``create_graph``."""
+    name = type(node).__name__
+    if name.startswith("CompiledFunction"):
+        return "a torch.compile'd function (aot_autograd's backward has no double backward)"
+    if name in ("DelayedError", "DelayedErrorBackward"):
+        return "a once-differentiable backward (torch raises when it is differentiated twice)"
+    function = getattr(node, "_forward_cls", None)
+    if function is None:
+        return None
+    backward = getattr(function, "backward", None)
+    if getattr(backward, "__code__", None) is _ONCE_CODE:
+        return (f"the autograd.Function {function.__qualname__}, whose backward is marked "
+                "@once_differentiable")
+    if name == "CheckpointFunctionBackward":
+        return "torch.utils.checkpoint with use_reentrant=True (its backward cannot be differentiated again)"
+    return None
+
+
+def step_size_names(rule: Any) -> dict[int, str]:
+    """Descriptions of a rule's step-size tensors (``lr``, scalar or per parameter), by id."""
+    lr = getattr(rule, "lr", None)
+    if isinstance(lr, torch.Tensor):
+        return {id(lr): "lr (update rule)"}
+    if isinstance(lr, dict):
+        return {id(t): f"lr[{n!r}] (update rule)" for n, t in lr.items() if isinstance(t, torch.Tensor)}
+    return {}

@@ -1,0 +1,311 @@
+"""The step's products: a vector pulled back through one inner step rebuilt from its record.
+
+Estimators compose one primitive, :meth:`Products.vjp` (``J_mᵀ u`` and ``B_mᵀ u`` of step m, MATH.md
+(3)), by a double backward through the step's graph rebuilt at φ_m and freed on return;
+:mod:`metagrad.batched` computes many at once under ``torch.func.vmap``. Every rebuilt step is
+checked against the stored next iterate (MATH.md, "Replaying a step"): the checks are queued
+and run together (:meth:`Products.verify`).
+
+How a product is formed, measured (``python -m benchmarks.products``; a 2-core x86_64
+CPU, 1 torch thread, torch 2.13.0, float32; time per product, B products per call):
+
+============  ====  ===============  ===============  =====================
+config        B     vmap(vjp∘grad)   vmap(jvp∘grad)   loop of double backward
+============  ====  ===============  ===============  =====================
+sinusoid MLP  20    0.13 ms          fails            0.62 ms
+28×28 CNN4    20    12.8 ms          13.4 ms          13.1 ms
+84×84 CNN4    4     1031 ms          979 ms           447 ms
+============  ====  ===============  ===============  =====================
+
+Reverse-over-reverse (``vjp`` of ``grad``, a double backward) is kept on every device:
+forward-over-reverse (``jvp`` of ``grad``) was within 5% of it on the CPU where it ran,
+used 1.2–1.4× its memory, and fails under ``vmap`` on ``F.mse_loss`` in this torch
+("ZeroTensors are immutable"). Batching with ``vmap`` pays on the CPU for small models (4.8×
+faster than a loop on the MLP), breaks even at 28×28 and loses on large ones (2.3× slower
+at 84×84, with 2.5× the memory): there, ``Binomial(chunk_size=1)`` computes one plain double
+backward at a time.
+
+A product needs the gradient's graph at φ_m. The inner loop's own gradient has none (that
+is what keeps its memory at iterates only), so each product rebuilds it: there is no
+gradient to reuse in an exact product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .discovery import MetaGrads, add_meta
+from .optim import Params
+from .replay import RandomState, ReplayError, check_step, refuse_twice
+from .step import Hessian, StepRecord, autocast_dtype, loss_grads, zero_if_none
+from .tape import NestedBlockError, differentiated_twice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trajectory import Trajectory
+
+__all__ = ["Products"]
+
+#: Rebuilt steps whose replay checks are queued before they run together (:meth:`Products.verify`).
+_CHECK_BATCH = 16
+
+
+class Products:
+    """The products of one trajectory's steps (see the module docstring)."""
+
+    def __init__(self, trajectory: "Trajectory") -> None:
+        self.trajectory = trajectory
+        #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss).
+        self.pending: list[tuple[int, Params, torch.Tensor]] = []
+        #: A product through a kept graph is being computed (see :meth:`vjp`).
+        self.pulling = False
+
+    def rebuild(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True
+                 ) -> tuple[torch.Tensor, Params]:
+        """Step m's loss and gradient at ``params`` (leaves that require grad), with the
+        gradient's graph (``create_graph=True``; without it, for a step recomputed forward),
+        from the frozen closure and, if the step drew random numbers, the generator states it
+        drew them from."""
+        tr = self.trajectory
+        assert step.closure is not None
+        if step.once and create_graph:
+            refuse_twice(m, step.once)
+        try:
+            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
+                loss = step.closure(tr.model_at(params))
+        except NestedBlockError:
+            raise
+        except Exception as error:
+            self.verify()  # a mismatch found earlier says more
+            raise ReplayError(
+                f"closure: rebuilt during backward at inner step {m}, it raised {type(error).__name__}: "
+                f"{error}. It ran at that step in the inner loop, so it reads something that has "
+                "changed since (an iterator read with next() inside the closure is exhausted, an "
+                "object's state moved on). Compute each step's data outside the closure and capture "
+                "it, or use estimator=mg.Full(), which does not rebuild steps."
+            ) from error
+        return loss, loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used)
+
+    @contextlib.contextmanager
+    def as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
+                  autocast: Optional[torch.dtype] = None) -> Iterator[None]:
+        """Run a rebuild as its step ran: the random generators from the states the step drew
+        from, every submodule in the mode (train or eval) it was in, and autocast as it was
+        (mixed precision set around the inner loop). All are put back."""
+        tr = self.trajectory
+        now = tuple(sub.training for sub in tr.submodules)
+        changed = bool(modes) and modes != now
+        if changed:
+            for sub, mode in zip(tr.submodules, modes):
+                sub.training = mode
+        device_type = tr.device.type
+        precision = (contextlib.nullcontext() if autocast == autocast_dtype(device_type) else
+                     torch.autocast(device_type, dtype=autocast, enabled=autocast is not None))
+        try:
+            with rng.replay() if rng is not None else contextlib.nullcontext(), precision:
+                yield
+        finally:
+            if changed:
+                for sub, mode in zip(tr.submodules, now):
+                    sub.training = mode
+
+    def check(self, m: int, rebuilt: Params, loss: torch.Tensor) -> None:
+        """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
+        ``φ_{m+1}``); :meth:`verify` runs the queue, and so does every 16th entry. Checking
+        steps together costs a few batched calls instead of a few calls per tensor per step."""
+        tr = self.trajectory
+        if tr.replay_rtol is None:
+            return
+        self.pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach()))
+        if len(self.pending) >= _CHECK_BATCH:
+            self.verify()
+
+    def verify(self) -> None:
+        """Run the queued replay checks; raise :class:`~metagrad.ReplayError` on a mismatch.
+
+        Callers of :meth:`vjp` call it before they hand out a result (the context manager does,
+        after every estimator's backward)."""
+        tr = self.trajectory
+        pending, self.pending = self.pending, []
+        if not pending or tr.replay_rtol is None:
+            return
+        names = list(tr.theta)
+        steps = [m for m, _, _ in pending]
+        nexts = [tr.iterate(m + 1) for m in steps]
+        starts = [tr._step(m).params for m in steps]
+        recorded = [tr._step(m).loss for m in steps]
+        check_step(steps, [torch.stack([r[n] for _, r, _ in pending]) for n in names],
+                   [torch.stack([t[n] for t in nexts]) for n in names],
+                   [torch.stack([t[n] for t in starts]) for n in names], tr.replay_rtol,
+                   losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),  # type: ignore[arg-type]
+                   closures=[tr._step(m).closure for m in steps])
+
+    def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
+            *, second_order: bool = True
+            ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
+        """The primitive every estimator composes: pull ``u`` back through step m, with respect
+        to the step's input φ_m and to the meta-parameters η (:attr:`meta`).
+
+        Returns ``(J_mᵀ u, B_mᵀ u, state adjoint)`` with ``J_m = ∂φ_{m+1}/∂φ_m`` and ``B_m =
+        ∂φ_{m+1}/∂η`` (MATH.md (3)), by a double backward through the step's graph, rebuilt
+        at φ_m (or kept, for a step taken from a given loss); ``B_mᵀ u`` lists one entry per η,
+        ``None`` for zero.
+
+        - Without ``state_adjoint`` the optimizer state is held constant. With it: the
+          vector-Jacobian product of the whole step ``(φ_m, s_m) ↦ (φ_{m+1}, s_{m+1})``
+          applied to ``(u, state_adjoint)``, and the adjoint of s_m is returned third.
+          ``state_adjoint`` lists one adjoint per leaf of the flattened state
+          (``torch.utils._pytree``), ``None`` or missing for zero; ``[]`` starts from zero.
+        - ``second_order=False``: the step with its gradient held constant (MATH.md's table,
+          the earlier steps of Truncated, FirstOrder): ``(u, the step-size part of B_mᵀ u,
+          None)``, from the update's graph to the rule's η that the inner loop kept; no
+          graph is rebuilt.
+
+        A rebuilt step passes the replay check (:meth:`_check`).
+        """
+        tr = self.trajectory
+        meta = tr.meta
+        if not second_order:
+            if m in tr.tape.absent:  # its step-size graph is recomputed with its iterate
+                tr.restore(m, m)
+            kept = tr.tape.first_order.get(m)
+            # Only the updates that depend on a step size carry a graph (a float step size,
+            # or a parameter without a gradient, leaves its update constant).
+            names = [] if kept is None else [n for n in kept if kept[n].requires_grad]
+            if not names or not meta:
+                return dict(u), [None] * len(meta), None
+            with torch.enable_grad():
+                grads = torch.autograd.grad([kept[n] for n in names], meta, [u[n] for n in names],
+                                            allow_unused=True, retain_graph=True)
+            return dict(u), list(grads), None
+        step = tr._step(m)
+        carry = state_adjoint is not None
+        if tr.compiler is not None and step.graph is None and step.rng is None and not step.once:
+            out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
+            if out is not None:
+                pulled, pulled_eta, adjoint, rebuilt, loss, explicit = out
+                self.check(m, rebuilt, loss)
+                meta_grads: MetaGrads = [None] * len(meta)
+                for k, i in enumerate(explicit):
+                    meta_grads[i] = pulled_eta[k]
+                if tr.rule_meta:  # a step size's part: the update the inner loop kept
+                    meta_grads = add_meta(meta_grads, self.vjp(m, u, second_order=False)[1])
+                return pulled, meta_grads, adjoint
+        with torch.enable_grad():
+            if step.graph is not None:
+                params, grads = step.graph
+                loss = None
+            else:
+                params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
+                loss, grads = self.rebuild(m, step, params)
+            leaves, spec = pytree.tree_flatten(step.state)
+            varied = [i for i, t in enumerate(leaves)
+                      if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
+            leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
+            new_params, new_state = step.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
+            if loss is not None:
+                self.check(m, new_params, loss)
+            outputs = [new_params[n] for n in params]
+            cotangents = [u[n] for n in params]
+            if carry:
+                for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):
+                    if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                        outputs.append(leaf)
+                        cotangents.append(adjoint)
+            inputs = list(params.values()) + [leaves[i] for i in varied] + meta
+            # η may be reached through graphs of the user's (w = hypernet(z)): keep them. A
+            # kept graph's fast weights are themselves computed from θ and η (the estimator's
+            # node of an earlier step): with `pulling` set, that node passes nothing back, so
+            # B_m holds φ_m fixed as it must.
+            self.pulling = step.graph is not None
+            try:
+                out = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True,
+                                          retain_graph=step.graph is not None or bool(meta))
+            finally:
+                self.pulling = False
+        pulled = {n: zero_if_none(g, params[n]) for n, g in zip(params, out)}
+        meta_grads = list(out[len(out) - len(meta):]) if meta else []
+        if not carry:
+            return pulled, meta_grads, None
+        adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
+        for i, g in zip(varied, out[len(params):len(params) + len(varied)]):
+            adjoint_out[i] = g
+        return pulled, meta_grads, adjoint_out
+
+    def graph_bytes(self, m: int) -> int:
+        """The bytes one rebuilt graph of step m holds: the tensors its forward pass and its
+        gradient (built with ``create_graph=True``) save for backward, each storage counted
+        once, the iterate itself not counted. This is what each further product in a batched
+        call adds (:meth:`batched_vjp`), and what ``Binomial(max_memory=...)`` divides its
+        budget by. The graph is built here and freed on return.
+        """
+        tr = self.trajectory
+        step = tr._step(m)
+        if step.graph is not None:
+            params, grads = step.graph
+            return sum(g.untyped_storage().nbytes() for g in grads.values())
+        params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
+        seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
+
+        held: list[list[torch.Tensor]] = []
+
+        def pack(t: torch.Tensor) -> list[torch.Tensor]:
+            storage = t.untyped_storage()
+            seen.setdefault(id(storage), storage.nbytes())
+            held.append([t])
+            return held[-1]
+
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
+                    self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
+                loss = step.closure(tr.model_at(params))  # type: ignore[misc]
+                grads = loss_grads(loss, params, create_graph=True, step=m, used=step.used)
+                step.rule.step(params, grads, step.state)
+        finally:
+            # A saved output held by the hook holds its own graph in a cycle that garbage
+            # collection cannot see; emptying the boxes frees the graphs.
+            for box in held:
+                box.clear()
+        return sum(seen.values())
+
+    def hessian_operator(self, k: int) -> Hessian:
+        """``u ↦ H u`` with ``H = ∇²L_tr(φ_k)``, the Hessian of the last step's loss
+        (without any proximal term) at the current iterate ``k = K``, and its mixed block
+        ``x ↦ (∂_η ∇_φ L_tr)ᵀ x`` (:meth:`Hessian.mixed`).
+
+        One graph is built here and kept for as long as the returned operator lives;
+        each call is one double backward through it.
+        """
+        tr = self.trajectory
+        last = tr.tape.last
+        closure = None if last is None else last.closure
+        if closure is None and tr.length > 0:
+            raise RuntimeError(
+                "the last inner step was taken from a loss tensor, so its graph cannot be "
+                "rebuilt at the final fast weights; take inner steps with a closure "
+                "(diffopt.step(closure=...)) to use this estimator."
+            )
+        if k != tr.length or last is None or closure is None:
+            raise RuntimeError(
+                f"the Hessian is taken at the final fast weights φ_K (K={tr.length}), but the "
+                f"query was built after {k} steps. Build the query loss from meta.fmodel after "
+                "the last inner step."
+            )
+        if last.once:
+            refuse_twice(k - 1, last.once)
+        with torch.enable_grad():
+            params = {n: t.detach().requires_grad_() for n, t in tr.iterate(k).items()}
+            with self.as_taken(last.rng, last.modes, last.autocast), differentiated_twice(True):
+                loss = closure(tr.model_at(params))
+            grads = loss_grads(loss, params, create_graph=True, step=k - 1, used=last.used)
+        # Parameters the loss does not use have a zero Hessian row; so do gradients that
+        # carry no graph (a loss linear in them).
+        names = [n for n in grads if grads[n].requires_grad]
+        outputs = [grads[n] for n in names]
+        return Hessian(params, names, outputs, [t for i, t in enumerate(tr.meta)
+                                                if i not in tr.rule_meta])
+

@@ -1,0 +1,222 @@
+"""One inner step: what it is made of, recorded once (:class:`StepRecord`), and the pieces
+every form of it uses — the checked loss, its gradient, the update with its state.
+
+An inner step is ``Φ(φ, s; η) = rule(φ, ∇_φ ℓ(φ), s; η)``. The inner loop takes it
+(:meth:`metagrad.trajectory.Trajectory.advance`); a product rebuilds it from its record and
+pulls a vector back through it (:mod:`metagrad.products`, one step by a double backward;
+:mod:`metagrad.batched`, many steps under ``torch.func.vmap``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .discovery import graph_inputs
+from .optim import Params, State, UpdateRule
+from .replay import Frozen, RandomState
+
+__all__ = ["StepRecord", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+           "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
+
+
+@dataclass
+class StepRecord:
+    """What rebuilds inner step k: the iterate it starts from, the state, and either the
+    closure, frozen at the step (the step graph is rebuilt on demand), or the step's kept
+    graph."""
+
+    params: Params
+    state: State
+    closure: Optional[Frozen]
+    #: The update rule this step used (the trajectory's, unless a step was given its own).
+    rule: UpdateRule
+    #: The names of the fast weights the step's loss depends on; the others were left as
+    #: they were (the update rule skips a parameter without a gradient).
+    used: tuple[str, ...] = ()
+    #: The step's loss, detached, as recorded (for the replay check).
+    loss: Optional[torch.Tensor] = None
+    #: The generator states the closure started from, if it drew random numbers.
+    rng: Optional[RandomState] = None
+    #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
+    once: Optional[str] = None
+    #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
+    modes: tuple[bool, ...] = ()
+    #: The autocast dtype the step ran under on the model's device type, or ``None``.
+    autocast: Optional[torch.dtype] = None
+    #: For a step taken from a given loss (:meth:`~metagrad.trajectory.Trajectory.advance_from_loss`): the
+    #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
+    graph: Optional[tuple[Params, Params]] = None
+
+    def batch_key(self) -> Optional[tuple[Any, ...]]:
+        """Steps with equal keys can be rebuilt in one vmapped call; ``None``: only alone."""
+        if self.graph is not None or self.rng is not None or self.closure is None:
+            return None
+        return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
+
+
+class RuleFreezer:
+    """Freezes an update rule per step, as closures are frozen (:mod:`metagrad.replay`)."""
+
+    def __init__(self) -> None:
+        #: The rule as the last step used it, its frozen copy, and its hyperparameters then.
+        self._now: Optional[tuple[Any, Any, tuple[Any, ...]]] = None
+
+    def __call__(self, rule: UpdateRule) -> UpdateRule:
+        """``rule`` as it is now, for this step and for every rebuild of it: the last step's
+        frozen copy while the hyperparameters are unchanged, else a new shallow copy whose
+        tensors that do not require grad are cloned. A schedule that sets ``rule.lr`` between
+        steps (or changes an lr tensor in place) then rebuilds each step with the step size it
+        was taken with, as closures are frozen with the values they capture. A tensor that
+        requires grad (a learned step size, η) is kept as it is."""
+        values = hyperparameters(rule)
+        last = self._now
+        if last is not None and last[0] is rule and last[2] == values:
+            return last[1]
+        frozen = rule
+        if values:
+            # A shallow copy: attributes are the same objects (compiled calls, keyed on them,
+            # are found again), except a value holding a constant tensor, which is cloned.
+            frozen = copy.copy(rule)
+            for attribute, value in vars(rule).items():
+                if any(isinstance(leaf, torch.Tensor) and not leaf.requires_grad
+                       for leaf in pytree.tree_leaves(value)):
+                    setattr(frozen, attribute, pytree.tree_map(clone_constant, value))
+        self._now = (rule, frozen, values)
+        return frozen
+
+
+def hyperparameters(rule: Any) -> tuple[Any, ...]:
+    """What a rule's step depends on besides its inputs, comparable between two steps: its
+    attributes, with each tensor as (identity, version) and containers unpacked; ``()`` for a
+    rule without attributes (nothing to freeze)."""
+    attributes = getattr(rule, "__dict__", None)
+    if not attributes:
+        return ()
+    leaves, spec = pytree.tree_flatten(dict(attributes))
+    return (spec, tuple((id(leaf), leaf._version) if isinstance(leaf, torch.Tensor) else
+                        leaf if isinstance(leaf, (int, float, str, bool, type(None))) else id(leaf)
+                        for leaf in leaves))
+
+
+def clone_constant(value: Any) -> Any:
+    """A tensor that does not require grad, cloned (a later in-place change leaves it as it
+    was); anything else as it is."""
+    if isinstance(value, torch.Tensor) and not value.requires_grad:
+        return value.clone()
+    return value
+
+
+def checked_loss(loss: Any, step: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"closure: must return a scalar loss tensor, got {type(loss).__name__} at step {step}."
+        )
+    if loss.dim() != 0:
+        raise ValueError(
+            f"closure: must return a scalar (0-dim) loss, got shape {tuple(loss.shape)} at step "
+            f"{step}; reduce it with .mean() or .sum()."
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"closure: the loss must be floating point, got dtype {loss.dtype}.")
+    return loss
+
+
+def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
+           used: Optional[Sequence[str]] = None, theta: Optional[set[int]] = None) -> Params:
+    """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
+    known: the names that had a gradient when the step was taken; a rebuilt step that no
+    longer reaches one of them gets a zero gradient there, which the replay check sees).
+    Parameters the loss does not use get no entry: the update rule leaves them as they are.
+
+    A loss that uses none of the fast weights but depends on something else (a parameter
+    that ``adapt=`` leaves out, a meta-parameter) takes a step that moves nothing, as a plain
+    unroll does. A loss that depends on nothing, or that reaches θ's own Parameters (``theta``,
+    by id) instead of the fast weights, is refused: it was built from the original module."""
+    wrong = ValueError(
+        f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
+        "from the model the closure receives (fmodel(x)), not from the original module."
+    )
+    if not loss.requires_grad:
+        raise wrong
+    names = list(params) if used is None else list(used)
+    if not names:
+        return {}
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
+                                allow_unused=True)
+    if used is not None:
+        return {n: zero_if_none(g, params[n]) for n, g in zip(names, grads)}
+    if all(g is None for g in grads) and theta and any(
+            id(leaf) in theta for leaf in graph_inputs([loss], set(), {})[0]):
+        raise wrong
+    return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def detached(params: Params, state: State) -> tuple[Params, State]:
+    """An update's fast weights and state without the graph to the rule's step sizes."""
+    return ({n: t.detach() for n, t in params.items()},
+            pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state))
+
+
+def nbytes(params: Params, state: State) -> int:
+    """The bytes of an iterate's tensors and its optimizer state's."""
+    leaves = list(params.values()) + pytree.tree_leaves(state)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def stacked(states: list[State]) -> Optional[State]:
+    """The optimizer states of several steps stacked along a new first dimension, or
+    ``None`` where they cannot be (different structures, or leaves that are not
+    tensors, such as a Python step count)."""
+    flat = [pytree.tree_flatten(state) for state in states]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        return None
+    columns = list(zip(*(leaves for leaves, _ in flat)))
+    if not all(isinstance(leaf, torch.Tensor) for column in columns for leaf in column):
+        return None
+    return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
+
+
+class Hessian:
+    """The Hessian of one rebuilt inner loss at φ (:meth:`~metagrad.products.Products.hessian_operator`)."""
+
+    def __init__(self, params: Params, names: list[str], gradients: list[torch.Tensor],
+                 meta: list[torch.Tensor]) -> None:
+        self._params, self._names, self._gradients, self._meta = params, names, gradients, meta
+
+    def __call__(self, u: Params) -> Params:
+        """``H u``."""
+        params = self._params
+        if not self._gradients:
+            return {n: torch.zeros_like(t) for n, t in params.items()}
+        with torch.enable_grad():
+            out = torch.autograd.grad(self._gradients, list(params.values()),
+                                      [u[n] for n in self._names], retain_graph=True, allow_unused=True)
+        return {n: zero_if_none(g, params[n]) for n, g in zip(params, out)}
+
+    def mixed(self, x: Params) -> dict[int, Optional[torch.Tensor]]:
+        """``(∂_η ∇_φ L)ᵀ x`` for the η of the inner loss (not the rule's step sizes), by
+        identity of the η tensor."""
+        if not self._gradients or not self._meta:
+            return {}
+        with torch.enable_grad():
+            out = torch.autograd.grad(self._gradients, self._meta, [x[n] for n in self._names],
+                                      retain_graph=True, allow_unused=True)
+        return {id(t): g for t, g in zip(self._meta, out)}
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device_type`` now, or ``None`` when it is off."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)

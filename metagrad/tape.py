@@ -1,0 +1,193 @@
+"""The tape: what one inner loop recorded, step by step.
+
+For each step k the tape keeps a :class:`~metagrad.step.StepRecord`: the iterate φ_k and the
+update rule's state (unless snapshots thinned it out), the step's loss, and the closure that
+gave it, frozen with the values it captured and the generator states it started from
+(:mod:`metagrad.replay`). With snapshots (:mod:`metagrad.snapshots`) iterates are stored only
+at a thinned schedule, and :meth:`metagrad.trajectory.Trajectory.restore` recomputes the
+others; the tape counts what is held. It also holds where the trajectory is in its life
+(:class:`Lifetime`) and, per thread, whether an inner step being built will be differentiated
+twice (:func:`second_order`, for nested blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+from .optim import Params, State
+from .snapshots import Schedule
+from .step import StepRecord, nbytes
+
+__all__ = ["Tape", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order"]
+
+
+_nesting = threading.local()
+
+
+class NestedBlockError(ValueError):
+    """A ``MetaGradient`` block nested in an outer block's inner step cannot give what the
+    outer estimator needs there (its estimator, or a ``torch.func`` transform around it)."""
+
+
+@contextlib.contextmanager
+def differentiated_twice(active: bool = True) -> Iterator[None]:
+    """Mark the code run inside as an inner step whose graph will be differentiated twice (a
+    differentiable inner loop's step, a step rebuilt for a product): a ``MetaGradient`` block
+    opened there (a nested block, MATH.md's meta-meta-gradient) must give a gradient that can
+    itself be differentiated (:func:`second_order`). Per thread; ``active=False`` marks nothing."""
+    if not active:
+        yield
+        return
+    _nesting.depth = getattr(_nesting, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _nesting.depth -= 1
+
+
+def second_order() -> bool:
+    """Whether this thread is inside an inner step that will be differentiated twice
+    (:func:`differentiated_twice`)."""
+    return getattr(_nesting, "depth", 0) > 0
+
+
+@dataclass
+class Lifetime:
+    """Where a trajectory is in its life, as its ``MetaGradient`` block and the
+    backward passes of queries built from it see it."""
+
+    released: bool = False
+    #: The ``MetaGradient`` block has ended (a later backward releases the trajectory).
+    block_ended: bool = False
+    #: Backward passes that have reached the inner loop.
+    backward_calls: int = 0
+    #: The autograd graph tasks whose backward went through the block's node (the query's).
+    tasks: set[int] = dataclasses.field(default_factory=set)
+
+    def check(self) -> None:
+        """Raise if the trajectory was released."""
+        if self.released:
+            raise RuntimeError(
+                "the stored inner trajectory was released: its MetaGradient block raised an "
+                "exception, or the block ended and a backward pass through it has already run. "
+                "Call .backward() on the query loss inside the block."
+            )
+
+
+class Tape:
+    """The records of one inner loop's steps, and the iterates and optimizer states held.
+
+    Args:
+        theta: φ_0.
+        state: the update rule's state at φ_0.
+        keep: how many of the most recent steps to store; ``None`` stores all. The last
+            step's record (without its iterate) is kept whatever ``keep`` is.
+        snapshots: store the iterates only at the snapshots of this schedule; ``None``: all.
+    """
+
+    def __init__(self, theta: Params, state: State, *, keep: Optional[int],
+                 snapshots: Optional[Schedule]) -> None:
+        self.steps: dict[int, StepRecord] = {}
+        #: The number of steps taken, K.
+        self.length = 0
+        #: The last step taken, kept whatever ``keep`` is (Implicit's Hessian is its loss at φ_K).
+        self.last: Optional[StepRecord] = None
+        #: The current fast weights φ_K and the rule's state there.
+        self.current: Params = dict(theta)
+        self.state: State = state
+        self.keep = keep
+        self.lifetime = Lifetime()
+        #: Per step: the update's graph to the rule's η, with the gradient held constant.
+        self.first_order: dict[int, Params] = {}
+        # Snapshots (metagrad.snapshots): the schedule, its stride now, the steps whose iterate
+        # is stored (sorted), those that stay stored whatever the stride, the steps whose
+        # iterate is neither stored nor recomputed now, and the recomputed segments (first
+        # step → the steps filled in).
+        self.schedule = snapshots
+        self.stride = 1 if snapshots is None else snapshots.stride
+        self.stored: list[int] = []
+        self.pinned: set[int] = set()
+        self.absent: set[int] = set()
+        self.restored: dict[int, list[int]] = {}
+        #: Inner steps recomputed forward from a snapshot so far.
+        self.recomputed_steps = 0
+        #: The bytes of the iterates and optimizer states held now, and the most held at once.
+        self.iterate_bytes = 0
+        self.peak_iterate_bytes = 0
+        #: The iterates held now, and the most held at once (stored and recomputed).
+        self.held = 0
+        self.peak_iterates = 0
+
+    def append(self, step: StepRecord, new_params: Params, new_state: State) -> None:
+        """Record step K (taken from ``step.params``) and move to φ_{K+1} = ``new_params``."""
+        k = self.length
+        if self.keep is None or self.keep > 0:
+            self.steps[k] = step
+            self.hold(step, +1)
+            if self.keep is not None:
+                dropped = self.steps.pop(k - self.keep, None)
+                if dropped is not None:
+                    self.hold(dropped, -1)
+            self.last = step
+            if self.schedule is not None:
+                self.thin(k, step)
+        else:  # nothing is stored: keep how the step ran, not its iterate
+            self.last = dataclasses.replace(step, params={}, state={}, graph=None)
+        self.length += 1
+        self.current, self.state = new_params, new_state
+
+    def hold(self, step: StepRecord, sign: int) -> None:
+        """Count step's iterate and state in (``sign=+1``) or out (``-1``) of what is held."""
+        self.held += sign
+        self.iterate_bytes += sign * nbytes(step.params, step.state)
+        self.peak_iterates = max(self.peak_iterates, self.held)
+        self.peak_iterate_bytes = max(self.peak_iterate_bytes, self.iterate_bytes)
+
+    def drop(self, m: int) -> None:
+        """Free step m's iterate, state and step-size graph (closure and loss stay)."""
+        step = self.steps[m]
+        self.hold(step, -1)
+        step.params, step.state = {}, {}
+        self.first_order.pop(m, None)
+        self.absent.add(m)
+
+    def thin(self, k: int, step: StepRecord) -> None:
+        """Online uniform thinning (metagrad.snapshots): keep φ_k if k is a multiple of the
+        stride, then double the stride while more snapshots are stored than the schedule
+        allows. A step taken from a given loss, and the step after it, stay stored: its graph
+        was kept, not its closure, so it cannot be recomputed."""
+        assert self.schedule is not None
+        if k == 0:
+            self.schedule = self.schedule.for_bytes(nbytes(step.params, step.state))
+        if step.graph is not None or (k > 0 and self.steps[k - 1].graph is not None):
+            self.pinned.add(k)
+        if k % self.stride and k not in self.pinned:
+            self.drop(k)
+            return
+        self.stored.append(k)
+        while len(self.stored) - len(self.pinned) > self.schedule.limit(self.stride):
+            self.stride *= 2
+            for m in self.stored:
+                if m % self.stride and m not in self.pinned:
+                    self.drop(m)
+            self.stored = [m for m in self.stored if m not in self.absent]
+
+    def storage(self) -> dict[str, int]:
+        """What a backward reports about storage (``meta.info``): the iterates held now, the
+        steps recomputed so far, and the most iterates (and bytes, with optimizer states) held
+        at once."""
+        return {"stored_iterates": self.held, "recomputed_steps": self.recomputed_steps,
+                "peak_iterates": self.peak_iterates, "peak_iterate_bytes": self.peak_iterate_bytes}
+
+    def release(self) -> None:
+        """Drop every record, iterate and graph; later use raises a clear error."""
+        self.steps, self.first_order = {}, {}
+        self.restored, self.absent, self.stored = {}, set(), []
+        self.last = None
+        self.current, self.state = {}, {}
+        self.lifetime.released = True
