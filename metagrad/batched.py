@@ -10,7 +10,7 @@ comes from the update the inner loop kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -19,17 +19,15 @@ from .optim import Params, State
 from .replay import ReplayError, check_step, refuse_twice
 from .step import StepRecord, stacked
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .products import Products
-    from .trajectory import Trajectory
-
 __all__ = ["Batched"]
 
 
 class Batched:
     """The vmapped products of one trajectory's steps."""
 
-    def __init__(self, trajectory: "Trajectory", products: "Products") -> None:
+    def __init__(self, trajectory: Any, products: Any) -> None:
+        # trajectory: the metagrad.trajectory.Trajectory (the layer above); products: its
+        # metagrad.products.Products, whose single products and checks these batch.
         self.trajectory = trajectory
         self.products = products
 

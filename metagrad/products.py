@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -45,9 +45,6 @@ from .replay import RandomState, ReplayError, check_step, refuse_twice
 from .step import Hessian, StepRecord, autocast_dtype, loss_grads, zero_if_none
 from .tape import NestedBlockError, differentiated_twice
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trajectory import Trajectory
-
 __all__ = ["Products"]
 
 #: Rebuilt steps whose replay checks are queued before they run together (:meth:`Products.verify`).
@@ -57,7 +54,9 @@ _CHECK_BATCH = 16
 class Products:
     """The products of one trajectory's steps (see the module docstring)."""
 
-    def __init__(self, trajectory: "Trajectory") -> None:
+    def __init__(self, trajectory: Any) -> None:
+        # trajectory: the metagrad.trajectory.Trajectory these products belong to (its tape,
+        # η, module and replay tolerance); typed loosely, as it is the layer above.
         self.trajectory = trajectory
         #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss).
         self.pending: list[tuple[int, Params, torch.Tensor]] = []
