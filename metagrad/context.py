@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -12,8 +11,10 @@ from .compiled import Compiler
 from .estimators import Estimator, resolve
 from .estimators.base import warn
 from .fmodel import FunctionalModel
-from .optim import Params, UpdateRule, as_update_rule, check_update_rule
+from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
+from .adapted import check_adapted_require_grad, checked_adapt
+from .query import Snapshot, ThroughInnerLoop, Watched
 from .trajectory import Closure, NestedBlockError, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -134,7 +135,7 @@ class MetaGradient:
         self.estimator = resolve(estimator)
         self.check_finite = check_finite
         self.check_replay = check_replay
-        self.adapt = _checked_adapt(adapt, model)
+        self.adapt = checked_adapt(adapt, model)
         if not isinstance(compile, bool):
             raise TypeError(f"compile: expected True or False, got {type(compile).__name__} {compile!r}.")
         self.compile = compile
@@ -154,7 +155,7 @@ class MetaGradient:
     def __enter__(self) -> "MetaGradient":
         if self._active:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
-        _check_adapted_require_grad(self.adapt, self.model)
+        check_adapted_require_grad(self.adapt, self.model)
         every = list(self.model.named_parameters())
         named = [(n, p) for n, p in every if p.requires_grad
                  and (self.adapt is None or n in self.adapt)]
@@ -293,11 +294,11 @@ class MetaGradient:
                 # The unrolled iterates themselves, behind a node that only checks: backward
                 # is autograd's own pass through the query and the K step graphs.
                 final = trajectory.iterate(k)
-                outputs = _Watched.apply(_Snapshot(self, trajectory, k), *(final[n] for n in self._names))
+                outputs = Watched.apply(Snapshot(self, trajectory, k), *(final[n] for n in self._names))
                 params = dict(zip(self._names, outputs))
             else:
-                snapshot = _Snapshot(self, trajectory, k)
-                outputs = _ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
+                snapshot = Snapshot(self, trajectory, k)
+                outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
                 params = dict(zip(self._names, outputs))
             self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open,
                                                   layout=trajectory.layout))
@@ -349,8 +350,8 @@ class MetaGradient:
         if k == 0:
             return dict(zip(self._names, self._params))
         trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
-        snapshot = _Snapshot(self, trajectory, k)
-        outputs = _ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
+        snapshot = Snapshot(self, trajectory, k)
+        outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
         return dict(zip(self._names, outputs))
 
     def step_from_loss(self, loss: torch.Tensor, params: Params, *,
@@ -402,133 +403,6 @@ class MetaGradient:
                 f"estimator={self.estimator!r})")
 
 
-class _Snapshot:
-    """What the backward of a query built after ``steps`` inner steps needs."""
-
-    def __init__(self, owner: MetaGradient, trajectory: Trajectory, steps: int) -> None:
-        self._owner = weakref.ref(owner)
-        self.trajectory = trajectory
-        self.lifetime = trajectory.lifetime
-        self.steps = steps
-        self.estimator = owner.estimator
-        self.names = owner._names
-        self.params = owner._params
-        self.versions = owner._versions
-        #: The meta-parameters η found in the first ``steps`` inner steps.
-        self.meta = list(trajectory.meta)
-        self.meta_names = list(trajectory.meta_names)
-
-    def run(self, v: dict[str, Optional[torch.Tensor]]
-            ) -> tuple[dict[str, Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
-        """The estimator's backward, between the checks and the bookkeeping: the gradients
-        for θ (by name) and for η (one per :attr:`meta`, ``None`` for zero).
-
-        ``v[n]`` is ``None`` where the query does not use fast weight n; it counts as zero,
-        and θ_n's gradient stays ``None`` if no inner step used n either (no path reaches it,
-        as plain autograd would find)."""
-        self.begin()
-        dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
-        recomputed = self.trajectory.recomputed_steps
-        stored = self.trajectory.stored_iterates
-        with torch.enable_grad():
-            grads, meta, info = self.estimator.backward(self.trajectory, self.steps, dense)
-        self.trajectory.forget()  # runs the replay checks still queued (metagrad.replay)
-        storage = self.trajectory.storage()
-        storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
-        if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
-            storage["compiled"] = dict(self.trajectory.compiler.counts)
-        self.end({**info, **storage, "meta_parameters": self.meta_names})
-        # No path from the query reaches θ_n when the query does not use φ_K[n] and the
-        # estimate for it is structurally zero (an inner-only parameter that nothing couples
-        # to the rest); plain autograd then leaves .grad as it was, and so does this.
-        theta = {n: None if v[n] is None and not bool(grads[n].any()) else grads[n] for n in self.names}
-        meta = list(meta)[:len(self.meta)] + [None] * (len(self.meta) - len(meta))
-        return theta, meta
-
-    def begin(self) -> None:
-        """Raise if the trajectory was released or θ changed in place since the block began."""
-        self.lifetime.check()
-        self.lifetime.tasks.add(torch._C._current_graph_task_id())
-        changed = [n for n, p, version in zip(self.names, self.params, self.versions)
-                   if p._version != version]
-        if changed:
-            raise RuntimeError(
-                f"model: parameters {changed} were modified in place after this inner loop "
-                "started (for example by outer.step()), so the stored trajectory no longer "
-                "starts from them. Call .backward() on the query loss before updating the model."
-            )
-
-    def end(self, info: dict[str, Any], final: bool = True) -> None:
-        """Report ``info`` as ``meta.info``; release the trajectory if the block has ended,
-        unless another backward will come (``final=False``)."""
-        owner = self._owner()
-        if owner is not None:
-            owner.info = {"estimator": repr(self.estimator), **info}
-        if not final:
-            return
-        self.lifetime.backward_calls += 1
-        if self.lifetime.block_ended:
-            self.trajectory.release()
-
-
-class _ThroughInnerLoop(torch.autograd.Function):
-    """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator.
-
-    The estimator's result carries no graph, so this backward cannot be differentiated again:
-    a backward with ``create_graph=True`` through it raises rather than lose the second
-    derivative. A block nested in an outer block's step that is differentiated twice does not
-    use this node (:func:`_nesting`)."""
-
-    @staticmethod
-    def forward(ctx: Any, snapshot: _Snapshot, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # inputs: θ, then the meta-parameters η, whose gradients backward returns too.
-        ctx.snapshot = snapshot
-        ctx.set_materialize_grads(False)  # a fast weight the query does not use: None
-        final = snapshot.trajectory.iterate(snapshot.steps)
-        return tuple(final[n].detach() for n in snapshot.names)
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        snapshot: _Snapshot = ctx.snapshot
-        if snapshot.trajectory.pulling:  # reached from inside a product: φ_m is held fixed there
-            return (None,) * (1 + len(snapshot.names) + len(snapshot.meta))
-        if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate the result
-            raise RuntimeError(
-                f"MetaGradient: a backward with create_graph=True reached a block whose estimator "
-                f"{snapshot.estimator!r} computes the meta-gradient outside autograd, so the result "
-                "could not be differentiated again and the second derivative through the block "
-                "would be lost. Use estimator=mg.Full() for that block, or open it inside another "
-                "MetaGradient block's inner step (nested blocks), where Full and Checkpointed are "
-                "differentiable."
-            )
-        with torch.no_grad():
-            grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
-        return (None, *(grads[n] for n in snapshot.names), *meta)
-
-
-class _Watched(torch.autograd.Function):
-    """φ_K ↦ φ_K for a differentiable inner loop (Full): gradients pass through unchanged,
-    after the block's checks; autograd then carries them through the unrolled steps."""
-
-    @staticmethod
-    def forward(ctx: Any, snapshot: _Snapshot, *final: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.snapshot = snapshot
-        ctx.set_materialize_grads(False)  # None passes through, as plain autograd leaves it
-        return tuple(t.view_as(t) for t in final)
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        snapshot: _Snapshot = ctx.snapshot
-        snapshot.begin()
-        # MATH.md's table: Full's backward through the K step graphs makes K products. A
-        # backward with create_graph=True (grad mode on here: an outer block's step through a
-        # nested block) is followed by one through its graph, which comes here again: the
-        # trajectory is released after that one.
-        snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
-                      **snapshot.trajectory.storage()}, final=not torch.is_grad_enabled())
-        return (None, *grad_outputs)
-
-
 def _nesting(estimator: Estimator) -> bool:
     """Whether a block opened now is nested in an outer block's inner step whose graph will be
     differentiated twice (:func:`~metagrad.trajectory.second_order`): then its meta-gradient
@@ -558,106 +432,3 @@ def _nesting(estimator: Estimator) -> bool:
     return True
 
 
-class _Adapted(frozenset):
-    """The names ``adapt=`` selects. ``listed``: those named directly (a name or a Parameter),
-    which must require grad at block entry; a submodule's parameters that do not are left out."""
-
-    listed: frozenset[str] = frozenset()
-
-
-def _checked_adapt(adapt: Any, model: torch.nn.Module) -> Optional[frozenset[str]]:
-    """``adapt=`` as a set of parameter names, or ``None`` for every parameter.
-
-    ``adapt`` is one entry or a list of entries, each a name (``model.named_parameters()``), a
-    Parameter of the model, or a submodule of the model (``model.head``: every parameter it
-    holds, by its name in the model)."""
-    if adapt is None:
-        return None
-    if not isinstance(model, torch.nn.Module):
-        return None  # the model's own check raises
-    if isinstance(adapt, (str, torch.Tensor, torch.nn.Module)):
-        adapt = [adapt]
-    owner = type(model).__name__
-    child = next(iter(dict(model.named_children())), "head")
-    accepted = (f"parameter names or Parameter objects of {owner}, or submodules of it (e.g. "
-                f"{f'model.{child}' if child.isidentifier() else f'model[{child}]'})")
-    try:
-        entries = list(adapt)
-    except TypeError:
-        raise TypeError(f"adapt: expected {accepted}, one or a list of them; got "
-                        f"{_described(adapt)}.") from None
-    named = list(model.named_parameters())
-    valid = [n for n, _ in named]
-    by_identity = {id(p): n for n, p in named}
-    submodules = {id(m): n for n, m in model.named_modules()}
-    names, listed = [], []
-    for entry in entries:
-        if isinstance(entry, str):
-            if entry not in valid:
-                raise ValueError(f"adapt: {entry!r} is not a parameter of {owner}; "
-                                 f"valid names: {valid}.")
-            names.append(entry)
-            listed.append(entry)
-        elif isinstance(entry, torch.Tensor):
-            if id(entry) not in by_identity:
-                raise ValueError(f"adapt: a tensor of shape {tuple(entry.shape)} is not one of "
-                                 f"{owner}'s parameters; valid names: {valid}.")
-            names.append(by_identity[id(entry)])
-            listed.append(by_identity[id(entry)])
-        elif isinstance(entry, torch.nn.Module):
-            if id(entry) not in submodules:
-                raise ValueError(
-                    f"adapt: the {type(entry).__name__} module given is not a submodule of {owner} "
-                    f"(not in model.modules()); pass one of its submodules, or parameter names "
-                    f"from {valid}."
-                )
-            inside = [by_identity[id(p)] for p in entry.parameters()]
-            if not inside:
-                raise ValueError(
-                    f"adapt: submodule {submodules[id(entry)]!r} ({type(entry).__name__}) has no "
-                    f"parameters, so it adapts nothing; valid names: {valid}."
-                )
-            names.extend(inside)
-        else:
-            raise TypeError(f"adapt: expected {accepted}; got {_described(entry)}.")
-    if not names:
-        raise ValueError(f"adapt: empty; name at least one parameter to adapt, from {valid}, or "
-                         "pass adapt=None to adapt every parameter that requires grad.")
-    adapted = _Adapted(names)
-    adapted.listed = frozenset(listed)
-    return adapted
-
-
-def _described(value: Any) -> str:
-    """``value`` in an error message: its type, and a short form of it."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
-            and isinstance(value[1], torch.Tensor):
-        return (f"the pair ({value[0]!r}, tensor) that named_parameters() yields; pass the "
-                "Parameter, its name in the model, or the submodule itself")
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
-
-
-def _check_adapted_require_grad(adapt: Optional[frozenset[str]], model: torch.nn.Module) -> None:
-    """At block entry: every parameter ``adapt=`` names directly must require grad (it may
-    have been frozen since the block was built)."""
-    listed = getattr(adapt, "listed", frozenset())
-    frozen = [n for n, p in model.named_parameters() if n in listed and not p.requires_grad]
-    if not frozen:
-        return
-    trainable = [n for n, p in model.named_parameters() if n in adapt and p.requires_grad]  # type: ignore[operator]
-    if not trainable:
-        raise ValueError(
-            f"adapt: none of {sorted(adapt)} requires grad (requires_grad=False), so the inner "  # type: ignore[arg-type]
-            f"loop adapts nothing. Set requires_grad=True on {frozen} before the block "
-            "(model.get_parameter(name).requires_grad_()), or adapt parameters that require grad."
-        )
-    raise ValueError(
-        f"adapt: {', '.join(map(repr, frozen))} {'does' if len(frozen) == 1 else 'do'} not require "
-        f"grad (requires_grad=False), so the inner loop cannot adapt "
-        f"{'it' if len(frozen) == 1 else 'them'}. Set requires_grad=True before the block "
-        f"(model.get_parameter(name).requires_grad_()), or leave "
-        f"{'it' if len(frozen) == 1 else 'them'} out of adapt; the others adapted: {trainable}."
-    )

@@ -1,0 +1,148 @@
+"""Where a query meets the inner loop: the autograd nodes between θ, η and the fast weights φ_K.
+
+``meta.fmodel`` holds φ_K behind one of two nodes. :class:`ThroughInnerLoop` ((θ, η) ↦ φ_K)
+runs the estimator in its backward; :class:`Watched` (φ_K ↦ φ_K) passes gradients through to
+a differentiable inner loop's own graph (Full, and exact estimators in nested blocks), after
+the same checks. :class:`Snapshot` is what either needs: the trajectory, the steps the query
+was built after, and the checks and bookkeeping around a backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+
+from .estimators import Estimator
+from .trajectory import Trajectory
+
+__all__ = ["Snapshot", "ThroughInnerLoop", "Watched"]
+
+
+class Snapshot:
+    """What the backward of a query built after ``steps`` inner steps needs."""
+
+    def __init__(self, owner: Any, trajectory: Trajectory, steps: int) -> None:
+        # owner: the MetaGradient block (held weakly; ``meta.info`` is written to it).
+        self._owner = weakref.ref(owner)
+        self.trajectory = trajectory
+        self.lifetime = trajectory.lifetime
+        self.steps = steps
+        self.estimator: Estimator = owner.estimator
+        self.names: tuple[str, ...] = owner._names
+        self.params: tuple[torch.nn.Parameter, ...] = owner._params
+        self.versions: tuple[int, ...] = owner._versions
+        #: The meta-parameters η found in the first ``steps`` inner steps.
+        self.meta = list(trajectory.meta)
+        self.meta_names = list(trajectory.meta_names)
+
+    def run(self, v: dict[str, Optional[torch.Tensor]]
+            ) -> tuple[dict[str, Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
+        """The estimator's backward, between the checks and the bookkeeping: the gradients
+        for θ (by name) and for η (one per :attr:`meta`, ``None`` for zero).
+
+        ``v[n]`` is ``None`` where the query does not use fast weight n; it counts as zero,
+        and θ_n's gradient stays ``None`` if no inner step used n either (no path reaches it,
+        as plain autograd would find)."""
+        self.begin()
+        dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
+        recomputed = self.trajectory.recomputed_steps
+        stored = self.trajectory.stored_iterates
+        with torch.enable_grad():
+            grads, meta, info = self.estimator.backward(self.trajectory, self.steps, dense)
+        self.trajectory.forget()  # runs the replay checks still queued (metagrad.replay)
+        storage = self.trajectory.storage()
+        storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
+        if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
+            storage["compiled"] = dict(self.trajectory.compiler.counts)
+        self.end({**info, **storage, "meta_parameters": self.meta_names})
+        # No path from the query reaches θ_n when the query does not use φ_K[n] and the
+        # estimate for it is structurally zero (an inner-only parameter that nothing couples
+        # to the rest); plain autograd then leaves .grad as it was, and so does this.
+        theta = {n: None if v[n] is None and not bool(grads[n].any()) else grads[n] for n in self.names}
+        meta = list(meta)[:len(self.meta)] + [None] * (len(self.meta) - len(meta))
+        return theta, meta
+
+    def begin(self) -> None:
+        """Raise if the trajectory was released or θ changed in place since the block began."""
+        self.lifetime.check()
+        self.lifetime.tasks.add(torch._C._current_graph_task_id())
+        changed = [n for n, p, version in zip(self.names, self.params, self.versions)
+                   if p._version != version]
+        if changed:
+            raise RuntimeError(
+                f"model: parameters {changed} were modified in place after this inner loop "
+                "started (for example by outer.step()), so the stored trajectory no longer "
+                "starts from them. Call .backward() on the query loss before updating the model."
+            )
+
+    def end(self, info: dict[str, Any], final: bool = True) -> None:
+        """Report ``info`` as ``meta.info``; release the trajectory if the block has ended,
+        unless another backward will come (``final=False``)."""
+        owner = self._owner()
+        if owner is not None:
+            owner.info = {"estimator": repr(self.estimator), **info}
+        if not final:
+            return
+        self.lifetime.backward_calls += 1
+        if self.lifetime.block_ended:
+            self.trajectory.release()
+
+
+class ThroughInnerLoop(torch.autograd.Function):
+    """(θ, η) ↦ φ_K. Forward returns the stored fast weights; backward runs the estimator.
+
+    The estimator's result carries no graph, so this backward cannot be differentiated again:
+    a backward with ``create_graph=True`` through it raises rather than lose the second
+    derivative. A block nested in an outer block's step that is differentiated twice does not
+    use this node (:func:`metagrad.context._nesting`)."""
+
+    @staticmethod
+    def forward(ctx: Any, snapshot: Snapshot, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # inputs: θ, then the meta-parameters η, whose gradients backward returns too.
+        ctx.snapshot = snapshot
+        ctx.set_materialize_grads(False)  # a fast weight the query does not use: None
+        final = snapshot.trajectory.iterate(snapshot.steps)
+        return tuple(final[n].detach() for n in snapshot.names)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        snapshot: Snapshot = ctx.snapshot
+        if snapshot.trajectory.pulling:  # reached from inside a product: φ_m is held fixed there
+            return (None,) * (1 + len(snapshot.names) + len(snapshot.meta))
+        if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate the result
+            raise RuntimeError(
+                f"MetaGradient: a backward with create_graph=True reached a block whose estimator "
+                f"{snapshot.estimator!r} computes the meta-gradient outside autograd, so the result "
+                "could not be differentiated again and the second derivative through the block "
+                "would be lost. Use estimator=mg.Full() for that block, or open it inside another "
+                "MetaGradient block's inner step (nested blocks), where Full and Checkpointed are "
+                "differentiable."
+            )
+        with torch.no_grad():
+            grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+        return (None, *(grads[n] for n in snapshot.names), *meta)
+
+
+class Watched(torch.autograd.Function):
+    """φ_K ↦ φ_K for a differentiable inner loop (Full): gradients pass through unchanged,
+    after the block's checks; autograd then carries them through the unrolled steps."""
+
+    @staticmethod
+    def forward(ctx: Any, snapshot: Snapshot, *final: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.snapshot = snapshot
+        ctx.set_materialize_grads(False)  # None passes through, as plain autograd leaves it
+        return tuple(t.view_as(t) for t in final)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        snapshot: Snapshot = ctx.snapshot
+        snapshot.begin()
+        # MATH.md's table: Full's backward through the K step graphs makes K products. A
+        # backward with create_graph=True (grad mode on here: an outer block's step through a
+        # nested block) is followed by one through its graph, which comes here again: the
+        # trajectory is released after that one.
+        snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
+                      **snapshot.trajectory.storage()}, final=not torch.is_grad_enabled())
+        return (None, *grad_outputs)
