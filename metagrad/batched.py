@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .discovery import MetaGrads, add_meta
-from .optim import Params, State
+from .update_rule import Params, State
 from .replay import ReplayError, check_step, refuse_twice
 from .step import StepRecord, stacked
 

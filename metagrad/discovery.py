@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .optim import Params
+from .update_rule import Params
 from .replay import Frozen
 
 __all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable",

@@ -14,7 +14,7 @@ import torch
 
 from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout
-from .optim import as_update_rule
+from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]

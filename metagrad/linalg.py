@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 
-from .optim import Params
+from .update_rule import Params
 
 __all__ = ["SolveInfo", "NegativeCurvatureError", "conjugate_gradient", "neumann_series", "norm"]
 

@@ -1,59 +1,36 @@
-"""Differentiable inner-loop update rules.
+"""metagrad's differentiable inner-loop update rules: :class:`SGD`, :class:`Momentum`,
+:class:`Adam`, :class:`AdamW`, :class:`RMSprop` and :class:`Adagrad`, each computing what its
+``torch.optim`` namesake computes, and the checks of their arguments.
 
-An update rule is a pair of pure functions over name→tensor mappings, in the
-shape of optax's ``GradientTransformation``::
-
-    state = rule.init(params)
-    params, state = rule.step(params, grads, state)
-
-``grads`` may lack a parameter's name, or map it to ``None``: the inner loss does not
-depend on that parameter, and ``step`` leaves it, and its state, as they are (as
-``torch.optim``, higher and torchopt skip a parameter whose ``.grad`` is ``None``, so weight
-decay and momentum do not move it).
-
-``step`` must be differentiable in ``params`` and ``grads`` with ordinary torch
-operations and must not modify its inputs in place: the Full estimator
-differentiates through it with autograd, and Checkpointed, Truncated and
-Binomial rebuild it under ``torch.autograd`` and ``torch.func`` transforms at
-stored iterates (MATH.md, "Optimizers other than plain gradient descent").
-
-A gradient transformation (``init(params) -> state`` and ``update(updates, state,
-params=...) -> (updates, state)``, as ``torchopt.sgd(...)`` returns) is an update rule
-through :class:`TransformationRule`; :func:`as_update_rule` wraps one where ``inner_opt``
-is given.
+Each implements :class:`UpdateRule` (``init(params) -> state`` and ``step(params, grads,
+state) -> (params, state)``, pure and differentiable). That interface, the wrapper that makes a
+gradient transformation (``torchopt.sgd(...)``) a rule (:class:`TransformationRule`) and the
+check of an ``inner_opt`` argument (:func:`as_update_rule`, :func:`check_update_rule`) are in
+:mod:`metagrad.update_rule`; their names are re-exported here, so that ``mg.optim.UpdateRule``,
+``mg.optim.TransformationRule`` and the rest are where they always were.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, Protocol, Union, runtime_checkable
+from typing import Any, Union
 
 import torch
-from torch.utils import _pytree as pytree
 
-Params = dict[str, torch.Tensor]
-State = dict[str, Any]
+from .update_rule import (
+    RULES,
+    Params,
+    State,
+    TransformationRule,
+    UpdateRule,
+    as_update_rule,
+    check_update_rule,
+    is_transformation,
+)
 
 __all__ = ["UpdateRule", "SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad",
            "TransformationRule", "RULES", "as_update_rule", "check_update_rule", "is_transformation"]
-
-
-@runtime_checkable
-class UpdateRule(Protocol):
-    """The interface every inner-loop update rule implements."""
-
-    def init(self, params: Mapping[str, torch.Tensor]) -> State:
-        """Return the rule's state for the first step (a possibly empty dict of tensors)."""
-        ...
-
-    def step(
-        self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
-    ) -> tuple[Params, State]:
-        """Return the updated parameters and state, without modifying the inputs."""
-        ...
-
 
 LearningRate = Union[float, Mapping[str, Union[float, torch.Tensor]]]
 
@@ -426,182 +403,6 @@ class Adagrad:
             new_params[name] = p - lr * (g / (_safe_sqrt(s) + self.eps))
             sums[name] = s
         return new_params, {"step": t, "sum": sums}
-
-
-class TransformationRule:
-    """A gradient transformation as an update rule: ``φ, s ↦ φ + u, s'`` with
-    ``u, s' = tx.update(∇L_tr(φ), s, params=φ)``.
-
-    A gradient transformation is a pair of functions over trees of tensors,
-    ``init(params) -> state`` and ``update(updates, state, params=...) -> (updates, state)``:
-    optax's shape, as ``torchopt.sgd(...)``, ``torchopt.adam(...)`` and
-    ``torchopt.chain(...)`` return it. ``MetaGradient(inner_opt=tx)`` wraps one in this rule
-    itself (:func:`as_update_rule`).
-
-    The step is the transformation's own arithmetic. ``update`` is called with
-    ``inplace=False`` where it takes that argument (torchopt's does, and writes in place
-    otherwise), so that the step is differentiable and leaves the stored states as they are.
-    The state is ``tx.init(θ)`` with its tensors detached: metagrad differentiates with respect
-    to θ and η only, so the initial state is a constant. Every leaf of the state must be a
-    tensor, so that Binomial can stack the states of several steps for ``torch.func.vmap``.
-
-    Args:
-        tx: the gradient transformation.
-    """
-
-    def __init__(self, tx: Any) -> None:
-        if not is_transformation(tx):
-            raise TypeError(
-                f"tx: expected a gradient transformation, an object with init() and update() such "
-                f"as torchopt.sgd(lr=0.1), got {_qualified(tx)}.{_hint(tx)}"
-            )
-        self.tx = tx
-        #: ``{"inplace": False}`` where ``tx.update`` takes ``inplace``, else nothing.
-        self.update_options = {"inplace": False} if _takes(tx.update, "inplace") else {}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.tx).__name__})"
-
-    def init(self, params: Mapping[str, torch.Tensor]) -> State:
-        state = self.tx.init(dict(params))
-        leaves, _ = pytree.tree_flatten(state)
-        bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-        if bad:
-            raise TypeError(
-                f"inner_opt: the state {type(state).__name__} of {self!r} has leaves of type {bad}; "
-                "metagrad needs tensor leaves to store and stack the state of each step."
-            )
-        return pytree.tree_map(torch.Tensor.detach, state)
-
-    def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
-             state: State) -> tuple[Params, State]:
-        # A parameter without a gradient (None) is skipped, as torchopt skips it; torchopt then
-        # drops its entry of a momentum trace to None, which is put back, so that the state
-        # keeps one structure from step to step.
-        full = {n: grads.get(n) for n in params}
-        updates, new_state = self.tx.update(full, state, params=dict(params), **self.update_options)
-        new_params = {n: p if updates[n] is None else p + updates[n] for n, p in params.items()}
-        if any(g is None for g in full.values()):
-            old, _ = pytree.tree_flatten(state)
-            new, spec = pytree.tree_flatten(new_state)
-            if len(old) == len(new):
-                new_state = pytree.tree_unflatten(
-                    [o if n is None and o is not None else n for o, n in zip(old, new)], spec)
-        return new_params, new_state
-
-
-def is_transformation(value: Any) -> bool:
-    """Whether ``value`` is a gradient transformation (:class:`TransformationRule`): an object,
-    not a class, with callable ``init`` and ``update`` and no ``step`` (an object with
-    ``step`` is an update rule)."""
-    return (not isinstance(value, type) and callable(getattr(value, "init", None))
-            and callable(getattr(value, "update", None)) and not callable(getattr(value, "step", None)))
-
-
-def _takes(function: Callable[..., Any], keyword: str) -> bool:
-    """Whether ``function`` accepts the keyword argument ``keyword``."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: pass nothing extra
-        return False
-    return any((p.name == keyword and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
-               for p in parameters)
-
-
-#: The update rules this module defines, named in errors that suggest one.
-RULES = ("SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad")
-
-
-def as_update_rule(inner_opt: Any, argument: str = "inner_opt", *, model: bool = True) -> UpdateRule:
-    """``inner_opt`` as an update rule: a gradient transformation (:func:`is_transformation`,
-    e.g. ``torchopt.adam(lr=0.01)``) wrapped in a :class:`TransformationRule`, an update rule
-    as it is.
-
-    Args:
-        inner_opt: an update rule (``init()`` and ``step()``) or a gradient transformation.
-        argument: the argument's name in errors.
-        model: as :func:`check_update_rule`.
-
-    Returns:
-        The update rule.
-
-    Raises:
-        TypeError: naming ``argument``, as :func:`check_update_rule` does, for anything else.
-    """
-    if is_transformation(inner_opt):
-        return TransformationRule(inner_opt)
-    check_update_rule(inner_opt, argument, model=model)
-    return inner_opt
-
-
-def check_update_rule(rule: Any, argument: str = "inner_opt", *, model: bool = True) -> None:
-    """Raise a ``TypeError`` naming ``argument`` unless ``rule`` is an update rule: an object
-    with ``init()`` and ``step()``. A ``torch.optim`` optimizer, or a class, is refused with
-    the metagrad rule to use instead (one of :data:`RULES`). ``model``: the caller has a
-    model, so wrapping the optimizer with ``metagrad.adapters.higher.update_rule`` is offered
-    too."""
-    if isinstance(rule, torch.optim.Optimizer) or (
-            isinstance(rule, type) and issubclass(rule, torch.optim.Optimizer)):
-        what = "class" if isinstance(rule, type) else "optimizer"
-        name = rule.__name__ if isinstance(rule, type) else type(rule).__name__
-        wrap = (f", or wrap {'an instance' if what == 'class' else 'it'} with "
-                "metagrad.adapters.higher.update_rule(optimizer, model)" if model else "")
-        raise TypeError(
-            f"{argument}: got the torch.optim {what} {name}, which updates in place and cannot "
-            f"be differentiated. Use {_twin(rule)}{wrap}."
-        )
-    if isinstance(rule, type):
-        example = f"mg.optim.{rule.__name__}(lr=0.01)" if rule.__name__ in RULES and \
-            globals().get(rule.__name__) is rule else f"{rule.__name__}(...)"
-        raise TypeError(f"{argument}: got the class {rule.__name__}; pass an instance, e.g. {example}.")
-    if is_transformation(rule):
-        raise TypeError(
-            f"{argument}: got {_qualified(rule)}, a gradient transformation (init() and update()), "
-            f"where an update rule with init() and step() is needed. Wrap it once, outside the "
-            f"loop: mg.optim.TransformationRule(tx) (inner_opt= wraps one itself)."
-        )
-    if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "step", None))):
-        raise TypeError(
-            f"{argument}: expected an update rule with init() and step(), such as "
-            f"mg.optim.SGD(lr=0.01), got {type(rule).__name__}. metagrad's rules: "
-            f"{', '.join('mg.optim.' + r for r in RULES)}.{_hint(rule)}"
-        )
-
-
-def _qualified(value: Any) -> str:
-    """The type of ``value`` as module.name, for errors."""
-    return f"{type(value).__module__}.{type(value).__qualname__}"
-
-
-def _hint(value: Any) -> str:
-    """What a value that is neither an update rule nor a gradient transformation probably is,
-    and what to pass instead (empty when nothing is known)."""
-    if inspect.isroutine(value):
-        return " If it builds one, call it first, e.g. torchopt.sgd(lr=0.1)."
-    if callable(getattr(value, "step", None)) and not callable(getattr(value, "init", None)):
-        return (" It has step() but no init(): an optimizer object that updates a model in place. "
-                "Pass a pure rule or its functional form (torchopt.sgd, torchopt.adam, ...), or, for "
-                "torchopt's object style, use metagrad.adapters.torchopt.MetaSGD/MetaAdam.")
-    return ""
-
-
-def _twin(optimizer: Any) -> str:
-    """The metagrad rule that computes what a torch.optim optimizer (or class) computes, as
-    code to write; where there is none, the list of metagrad's rules."""
-    name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
-    settings: dict[str, Any] = {}
-    if not isinstance(optimizer, type) and optimizer.param_groups:
-        settings = optimizer.param_groups[0]
-    lr = settings.get("lr", 0.01)
-    lr = lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else 0.01
-    if name == "SGD" and settings.get("momentum"):
-        nesterov = ", nesterov=True" if settings.get("nesterov") else ""
-        return f"mg.optim.Momentum(lr={lr!r}, momentum={settings['momentum']!r}{nesterov})"
-    if name in RULES and not settings.get("amsgrad"):
-        return f"mg.optim.{name}(lr={lr!r})"
-    missing = f"{name}(amsgrad=True)" if name in RULES else name
-    return (f"one of metagrad's rules ({', '.join('mg.optim.' + r for r in RULES)}; none computes "
-            f"{missing}), e.g. mg.optim.SGD(lr={lr!r})")
 
 
 def _step_counter(params: Mapping[str, torch.Tensor]) -> torch.Tensor:

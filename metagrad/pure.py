@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .estimators import Estimator, resolve
-from .optim import Params, State, UpdateRule
+from .update_rule import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import graph_inputs
-from .optim import Params, State, UpdateRule
+from .update_rule import Params, State, UpdateRule
 from .replay import Frozen, RandomState
 
 __all__ = ["StepRecord", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-from .optim import Params, State
+from .update_rule import Params, State
 from .snapshots import Schedule
 from .step import StepRecord, nbytes
 

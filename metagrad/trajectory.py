@@ -39,7 +39,7 @@ import torch
 from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta
 from .fmodel import FunctionalModel, Layout
-from .optim import Params, State, UpdateRule
+from .update_rule import Params, State, UpdateRule
 from .products import Products
 from .replay import Frozen, RandomState, check_losses, check_step, freeze, refuse_twice
 from .snapshots import Schedule

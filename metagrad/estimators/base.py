@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..optim import Params
+from ..update_rule import Params
 from ..snapshots import Schedule
 from ..trajectory import Trajectory
 

@@ -63,7 +63,7 @@ import torch
 
 from ..linalg import norm
 from ..memory import parse_bytes
-from ..optim import Params
+from ..update_rule import Params
 from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator, check_count, clamp_to_steps, warn

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from ..memory import parse_bytes
-from ..optim import Params
+from ..update_rule import Params
 from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator

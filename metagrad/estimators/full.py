@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..optim import Params
+from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory
 from .base import Estimator
 

@@ -15,7 +15,7 @@ import math
 from typing import Any, Optional
 
 from ..linalg import conjugate_gradient, neumann_series
-from ..optim import Params
+from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory
 from .base import Estimator, check_count, warn
 

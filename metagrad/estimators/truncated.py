@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..optim import Params
+from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator, check_count, clamp_to_steps
 
