@@ -40,7 +40,7 @@ class Batched:
         ``len(steps)``; the result has the same layout. Steps are batched with
         ``torch.func.vmap`` in chunks of at most ``chunk_size`` (``None``: all at once).
         Consecutive steps whose frozen closures differ at most in the tensors they capture
-        (equal :attr:`~metagrad.replay.Frozen.key`), with the same rule, go into one call; the
+        (equal :attr:`~metagrad.frozen.Frozen.key`), with the same rule, go into one call; the
         tensors that differ become batched inputs. A step that drew random numbers, or was
         taken from a given loss, is computed alone, and so is a chunk of one step, as a plain
         double backward (:meth:`vjp`): on a 2-core x86_64 CPU (AMD EPYC), torch 2.13.0, at

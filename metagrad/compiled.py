@@ -20,7 +20,7 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   :class:`~metagrad.ReplayError` instead of giving a wrong product.
 
 The compiled functions are kept in a process-wide cache keyed on what changes them: the
-closure's code and the kinds of values it captures (:attr:`metagrad.replay.Frozen.key`), the
+closure's code and the kinds of values it captures (:attr:`metagrad.frozen.Frozen.key`), the
 numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
 forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
 hyperparameters (a new step size, or a new ``cfg.temp``, compiles again), the fast
@@ -57,8 +57,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, _frozen_buffers
-from .replay import _SCALARS, _global_names
-from .replay import _value_key as replay_value_key
+from .frozen import _SCALARS, _global_names
+from .frozen import _value_key as replay_value_key
 
 __all__ = ["Compiler", "clear_cache"]
 
@@ -67,7 +67,7 @@ _CACHE_SIZE = 64
 _CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 #: Keys that could not be compiled, with why.
 _REFUSED: dict[Any, str] = {}
-#: Closures (by :attr:`~metagrad.replay.Frozen.key`) already warned about: one warning each.
+#: Closures (by :attr:`~metagrad.frozen.Frozen.key`) already warned about: one warning each.
 _WARNED: set[Any] = set()
 
 
@@ -99,7 +99,7 @@ def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _value_key(value: Any) -> Any:
-    """:func:`metagrad.replay._value_key` (numbers by value, objects by identity), with tensors
+    """:func:`metagrad.frozen._value_key` (numbers by value, objects by identity), with tensors
     by identity and containers (a per-parameter step-size dict) entry by entry."""
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))

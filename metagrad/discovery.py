@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from .frozen import Frozen
 from .update_rule import Params
-from .replay import Frozen
 
 __all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable",
            "step_size_names"]
@@ -29,7 +29,7 @@ MetaGrads = list[Optional[torch.Tensor]]
 
 @dataclass
 class Seen:
-    """What the first step of a closure (by :attr:`~metagrad.replay.Frozen.key`) showed; its
+    """What the first step of a closure (by :attr:`~metagrad.frozen.Frozen.key`) showed; its
     later steps take their gradient by a compiled call (``compile=True``) unless ``once``
     or ``random``."""
 

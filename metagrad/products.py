@@ -40,8 +40,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
+from .frozen import RandomState
 from .update_rule import Params
-from .replay import RandomState, ReplayError, check_step, refuse_twice
+from .replay import ReplayError, check_step, refuse_twice
 from .step import Hessian, StepRecord, autocast_dtype, loss_grads, zero_if_none
 from .tape import NestedBlockError, differentiated_twice
 

@@ -18,8 +18,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import graph_inputs
+from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
-from .replay import Frozen, RandomState
 
 __all__ = ["StepRecord", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
@@ -61,7 +61,7 @@ class StepRecord:
 
 
 class RuleFreezer:
-    """Freezes an update rule per step, as closures are frozen (:mod:`metagrad.replay`)."""
+    """Freezes an update rule per step, as closures are frozen (:mod:`metagrad.frozen`)."""
 
     def __init__(self) -> None:
         #: The rule as the last step used it, its frozen copy, and its hyperparameters then.

@@ -3,7 +3,7 @@
 For each step k the tape keeps a :class:`~metagrad.step.StepRecord`: the iterate φ_k and the
 update rule's state (unless snapshots thinned it out), the step's loss, and the closure that
 gave it, frozen with the values it captured and the generator states it started from
-(:mod:`metagrad.replay`). With snapshots (:mod:`metagrad.snapshots`) iterates are stored only
+(:mod:`metagrad.frozen`). With snapshots (:mod:`metagrad.snapshots`) iterates are stored only
 at a thinned schedule, and :meth:`metagrad.trajectory.Trajectory.restore` recomputes the
 others; the tape counts what is held. It also holds where the trajectory is in its life
 (:class:`Lifetime`) and, per thread, whether an inner step being built will be differentiated

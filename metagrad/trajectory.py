@@ -3,7 +3,7 @@
 During the inner loop the trajectory keeps, for each step k, the iterate φ_k, the
 update rule's state, the step's loss, and the closure that gave it, frozen with the values
 it captured at the step and, if it drew random numbers, the generator states it started
-from (:mod:`metagrad.replay`). It keeps no graph, except for the Full estimator, whose inner
+from (:mod:`metagrad.frozen`). It keeps no graph, except for the Full estimator, whose inner
 loop is itself differentiable (MATH.md, "Dynamic graph management"). Every step rebuilt for
 a product is checked against the stored next iterate (MATH.md, "Replaying a step").
 
@@ -39,9 +39,10 @@ import torch
 from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta
 from .fmodel import FunctionalModel, Layout
+from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import Frozen, RandomState, check_losses, check_step, freeze, refuse_twice
+from .replay import check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import Hessian, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads
 from .tape import Lifetime, NestedBlockError, Tape, differentiated_twice, second_order
@@ -206,7 +207,7 @@ class Trajectory:
 
         Unless the trajectory is differentiable (nothing is rebuilt then), the closure is
         frozen with the values it captures now, and the generator states it starts from are
-        kept if it draws random numbers (:mod:`metagrad.replay`).
+        kept if it draws random numbers (:mod:`metagrad.frozen`).
         """
         self.check_alive()
         frozen: Optional[Frozen] = None

@@ -1,0 +1,457 @@
+"""Freezing a closure at its inner step, and the generator states it drew from (MATH.md,
+"Replaying a step").
+
+Checkpointed, Truncated and Binomial call the user's closure again during backward, at a
+stored iterate φ_m, and :mod:`metagrad.replay` checks that the rebuilt step is the step taken.
+What makes it so for the loops people write is kept here:
+
+- **Frozen closures.** :func:`freeze` copies a closure with the values it captures bound as
+  they were at the step: the cells of a nested function, the globals its code reads (a
+  script's or notebook's top-level loop variables), its defaults, the arguments of a
+  ``functools.partial``, and shallow copies of small tuples, lists and dicts among them.
+  ``for xb, yb in batches: meta.step(lambda f: loss(f(xb), yb))`` then rebuilds every step with
+  its own batch. Tensors are not copied: a tensor changed in place after its step is caught by
+  the replay check, and named in its error (:meth:`Frozen.modified`).
+- **Random numbers.** A closure that consumed random numbers (dropout, augmentation) is replayed
+  with the generator states it started from, CPU and the model's CUDA device, as
+  ``torch.utils.checkpoint(preserve_rng_state=True)`` does; the caller's generators are left as
+  they were (:class:`RandomState`). Such steps are rebuilt one at a time, never under
+  ``torch.func.vmap``. torch's default generators are one per process: a step whose draws
+  another thread interleaved with cannot be replayed, and nothing here can prevent it. What
+  shows it is kept: a replay that does not end at the state the step ended at, and the threads
+  whose inner steps overlapped.
+- **Batching.** Frozen closures that differ only in the tensors they capture, with equal shapes
+  and dtypes (a mini-batch loop), share a :attr:`Frozen.key`; :meth:`Frozen.with_tensors` puts
+  batched tensors in their place, so their steps still go into one vmapped call.
+
+A frozen closure also keeps what the replay error names when a rebuild differs: the numbers it
+reads through the objects it captures (:attr:`Frozen.reads`), the buffers a rebuild wrote to
+(:attr:`Frozen.written`), the generator states a rebuild ran with (:attr:`Frozen.replayed`),
+and whether it ran compiled (:attr:`Frozen.compiled`).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .fmodel import FunctionalModel
+
+__all__ = ["Frozen", "freeze", "RandomState"]
+
+#: Containers captured by a closure are copied (and their tensors batched) up to this many
+#: leaves; larger ones are kept by reference, and the replay check guards them.
+_MAX_LEAVES = 64
+
+
+# ------------------------------------------------------------------ frozen closures
+class Frozen:
+    """A closure with the values it captured at one inner step.
+
+    Calling it calls a copy of the user's function whose cells, globals, defaults (or a
+    partial's arguments) hold what they held at the step. ``key`` is equal for two frozen
+    closures that compute the same function up to the tensors they capture;
+    :meth:`with_tensors` substitutes those tensors (for ``torch.func.vmap``).
+    """
+
+    __slots__ = ("_build", "_values", "_specs", "key", "tensors", "versions", "names", "source",
+                 "reads", "compiled", "written", "replayed")
+
+    def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
+                 names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
+                 attributes: tuple[str, ...] = (), bound: Any = None) -> None:
+        self._build = build
+        self.source = source
+        #: How a rebuild of this step was computed by a compiled call (``compile=True``):
+        #: ``"product"`` (the step product), ``"inner"`` (the step's gradient when it was
+        #: taken), or ``None``. Set by :mod:`metagrad.compiled`, read by the replay error.
+        self.compiled: Optional[str] = None
+        #: ``(module, buffer names)`` a rebuild of this step wrote to in place, if any.
+        self.written: Optional[tuple[torch.nn.Module, list[str]]] = None
+        #: The generator states the last rebuild ran with (:meth:`RandomState.replay`).
+        self.replayed: Optional["RandomState"] = None
+        flat: list[Any] = []
+        specs: list[Any] = []
+        leaf_names: list[str] = []
+        for name, value in zip(names, values):
+            if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
+                leaves, spec = pytree.tree_flatten(value)
+                if len(leaves) <= _MAX_LEAVES:
+                    flat.extend(leaves)
+                    specs.append((spec, len(leaves)))
+                    leaf_names.extend(f"{name}[{i}]" for i in range(len(leaves)))
+                    continue
+            flat.append(value)
+            specs.append(None)
+            leaf_names.append(name)
+        self._values = flat
+        self._specs = specs
+        #: The captured tensors, in slot order, and their version counters at the step.
+        self.tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        self.versions = [v._version for _, v in self.tensors]
+        self.names = leaf_names
+        #: Numbers and strings the code reads through captured objects (``cfg.temp``): ``(name,
+        #: object, attribute path, value at the step)``. Not frozen (an object is shared), but
+        #: a compiled step product is keyed on their values (:meth:`reads_key`) and the replay
+        #: error names the ones that changed (:meth:`changed_reads`).
+        roots = [(n, v) for n, v in zip(leaf_names, flat)]
+        if bound is not None:
+            roots.append(("self", bound))
+        self.reads = _attribute_reads(roots, frozenset(attributes)) if attributes else []
+        self.key = (identity, tuple(specs_key(specs)), tuple(
+            # A tensor that requires grad is a meta-parameter: by identity, so that another one
+            # is looked for again (Trajectory._discover).
+            ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
+            if isinstance(v, torch.Tensor)
+            else _value_key(v) for v in flat))
+
+    def with_tensors(self, replace: Mapping[int, torch.Tensor]) -> Callable[..., Any]:
+        """The function with the captured values at slots ``replace`` swapped for other tensors."""
+        values = list(self._values)
+        for slot, tensor in replace.items():
+            values[slot] = tensor
+        return self._function(values)
+
+    def modified(self) -> list[str]:
+        """The names of captured tensors changed in place since the step."""
+        return [self.names[i] for (i, t), version in zip(self.tensors, self.versions)
+                if t._version != version]
+
+    def reads_key(self) -> tuple[Any, ...]:
+        """The values of :attr:`reads` now (numbers by value, other objects by identity)."""
+        return tuple((name, _value_key(_follow(root, path))) for name, root, path, _ in self.reads)
+
+    def changed_reads(self) -> list[tuple[str, Any, Any]]:
+        """``(name, value at the step, value now)`` for each of :attr:`reads` that changed."""
+        out = []
+        for name, root, path, then in self.reads:
+            now = _follow(root, path)
+            if _value_key(now) != _value_key(then):
+                out.append((name, then, now))
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A rebuild: note the generator states it replays (set by RandomState.replay on this
+        # thread), and the model's buffers it writes to in place (a forward hook's update).
+        self.replayed = getattr(_REPLAYING, "state", None)
+        module = args[0].module if args and isinstance(args[0], FunctionalModel) else None
+        before = None if module is None else _buffer_versions(module)
+        out = self._function(self._values)(*args, **kwargs)
+        if before is not None:
+            after = _buffer_versions(module)  # type: ignore[arg-type]
+            written = [name for name, version in after.items() if before.get(name) != version]
+            if written:
+                self.written = (module, written)  # type: ignore[assignment]
+        return out
+
+    def _function(self, flat: list[Any]) -> Callable[..., Any]:
+        values, start = [], 0
+        for spec in self._specs:
+            if spec is None:
+                values.append(flat[start])
+                start += 1
+            else:
+                tree, count = spec
+                values.append(pytree.tree_unflatten(flat[start:start + count], tree))
+                start += count
+        return self._build(values)
+
+
+def specs_key(specs: list[Any]) -> list[Any]:
+    return [None if spec is None else (str(spec[0]), spec[1]) for spec in specs]
+
+
+def _value_key(value: Any) -> tuple[Any, ...]:
+    # Numbers and strings compare by value (a loop index captured as an int); every other
+    # object by identity, which the frozen closure keeps alive.
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return ("value", type(value), value)
+    return ("object", id(value))
+
+
+def freeze(closure: Callable[..., Any]) -> Frozen:
+    """``closure`` with the values it captures bound as they are now (see the module docstring)."""
+    if isinstance(closure, Frozen):
+        return closure
+    if isinstance(closure, functools.partial):
+        inner = freeze(closure.func) if isinstance(closure.func, types.FunctionType) else closure.func
+        names = [f"argument {i}" for i in range(len(closure.args))] + list(closure.keywords)
+        values = [*closure.args, *closure.keywords.values()]
+        count, keywords = len(closure.args), list(closure.keywords)
+
+        def build_partial(values: list[Any]) -> Callable[..., Any]:
+            return functools.partial(inner, *values[:count], **dict(zip(keywords, values[count:])))
+
+        identity = ("partial", inner.key if isinstance(inner, Frozen) else id(inner), count, tuple(keywords))
+        code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
+        return Frozen(build_partial, values, names, identity, closure,
+                      attributes=() if code is None else _global_names(code))
+    bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
+    function = closure.__func__ if isinstance(closure, types.MethodType) else closure
+    if not isinstance(function, types.FunctionType):  # a callable object: kept as it is
+        call = getattr(type(closure), "__call__", None)
+        code = getattr(call, "__code__", None)
+        return Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
+                      attributes=() if code is None else _global_names(code), bound=closure)
+    code = function.__code__
+    cells = function.__closure__ or ()
+    cell_values = [_cell_value(cell) for cell in cells]
+    namespace = function.__globals__
+    global_names = [name for name in _global_names(code) if name in namespace]
+    defaults = list(function.__defaults__ or ())
+    values = [*cell_values, *(namespace[name] for name in global_names), *defaults]
+    names = [*code.co_freevars, *global_names, *(f"default {i}" for i in range(len(defaults)))]
+    cuts = (len(cell_values), len(cell_values) + len(global_names))
+    base = {"__builtins__": namespace.get("__builtins__"), "__name__": namespace.get("__name__")}
+
+    def build(values: list[Any]) -> Callable[..., Any]:
+        frozen_cells = tuple(types.CellType() if v is _EMPTY else types.CellType(v)
+                             for v in values[:cuts[0]])
+        frozen_globals = {**base, **dict(zip(global_names, values[cuts[0]:cuts[1]]))}
+        copy = types.FunctionType(code, frozen_globals, function.__name__,
+                                  tuple(values[cuts[1]:]) or None, frozen_cells)
+        copy.__kwdefaults__ = function.__kwdefaults__
+        return copy if bound is None else types.MethodType(copy, bound)
+
+    identity = ("function", code, id(namespace), tuple(global_names), id(bound))
+    return Frozen(build, values, names, identity, closure, attributes=_global_names(code), bound=bound)
+
+
+class _Empty:
+    def __repr__(self) -> str:
+        return "<empty cell>"
+
+
+_EMPTY = _Empty()
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return _EMPTY
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name the code, and code nested in it (comprehensions, inner functions), may read
+    as a global. Attribute names are included too; they are looked up and skipped if absent."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(dict.fromkeys(_global_names(const)))
+    return tuple(names)
+
+
+#: At most this many attribute reads are kept per frozen closure, and objects are followed
+#: this many attributes deep (``self.cfg.temp``).
+_MAX_READS = 32
+_MAX_DEPTH = 3
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
+                     ) -> list[tuple[str, Any, tuple[str, ...], Any]]:
+    """The numbers and strings reachable from ``roots`` through attributes whose names the code
+    reads (``attributes``): instance attributes (a module's submodules too), and the attributes of
+    a captured class or Python module. Properties and other descriptors are not called."""
+    reads: list[tuple[str, Any, tuple[str, ...], Any]] = []
+    seen: set[int] = set()
+
+    def visit(name: str, root: Any, path: tuple[str, ...], value: Any, depth: int) -> None:
+        if len(reads) >= _MAX_READS or id(value) in seen:
+            return
+        fields = _fields(value)
+        if fields is None:
+            return
+        seen.add(id(value))
+        for attribute in attributes:
+            if attribute not in fields:
+                continue
+            found = fields[attribute]
+            if isinstance(found, _SCALARS):
+                reads.append((f"{name}.{attribute}", root, (*path, attribute), found))
+                if len(reads) >= _MAX_READS:
+                    return
+            elif depth < _MAX_DEPTH and not isinstance(value, (type, types.ModuleType)):
+                visit(f"{name}.{attribute}", root, (*path, attribute), found, depth + 1)
+
+    for name, value in roots:
+        visit(name, value, (), value, 1)
+    return reads
+
+
+def _fields(value: Any) -> Optional[Mapping[str, Any]]:
+    """The attributes of ``value`` that :func:`_attribute_reads` looks at, or ``None``."""
+    if isinstance(value, (torch.Tensor, types.FunctionType, types.BuiltinFunctionType, _Empty, *_SCALARS)):
+        return None
+    if isinstance(value, torch.nn.Module):
+        return _ModuleFields(value)
+    try:
+        fields = getattr(value, "__dict__", None)
+    except Exception:  # an object whose __getattr__ raises for what it does not have
+        return None
+    return fields if isinstance(fields, Mapping) else None
+
+
+class _ModuleFields(Mapping):
+    """A module's plain attributes and submodules (``self.temperature``, ``self.head``)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.plain, self.modules = vars(module), module._modules
+
+    def __getitem__(self, name: str) -> Any:
+        return self.plain[name] if name in self.plain else self.modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.plain or name in self.modules
+
+    def __iter__(self) -> Any:
+        return iter({**self.plain, **self.modules})
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.modules)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no such attribute>"
+
+
+_MISSING = _Missing()
+
+
+def _follow(root: Any, path: tuple[str, ...]) -> Any:
+    value = root
+    for attribute in path:
+        fields = _fields(value)
+        if fields is None or attribute not in fields:
+            return _MISSING
+        value = fields[attribute]
+    return value
+
+
+def _buffer_versions(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (id(buffer), buffer._version) for name, buffer in module.named_buffers()
+            if buffer is not None}
+
+
+# ------------------------------------------------------------------- random numbers
+#: The inner steps being taken now, per thread: ``thread id -> [start, end]`` in the order of
+#: :data:`_CLOCK` (``end`` is ``None`` while the step runs). Two steps that overlap in time, in
+#: two threads, draw from the one process-wide generator in an order nothing fixes.
+_WINDOWS: dict[int, list[Any]] = {}
+_CLOCK = [0]
+_WINDOWS_LOCK = threading.Lock()
+#: The generator states being replayed on this thread (``state``), for :class:`Frozen`.
+_REPLAYING = threading.local()
+
+
+@dataclass
+class RandomState:
+    """The generator states a step's closure started from (CPU, and a CUDA device if used).
+
+    torch's default generators are one per process, shared by every thread: a step whose
+    random numbers another thread drew from in the middle cannot be replayed. So the state also
+    keeps what shows that happened: the states the step ended at (:meth:`changed`), the threads
+    that took inner steps at the same time (:attr:`others`), and whether a replay ended at
+    other states than the step did (:attr:`foreign`)."""
+
+    cpu: torch.Tensor
+    cuda: Optional[tuple[int, torch.Tensor]] = None
+    #: The states when the step's closure returned (CPU, CUDA or ``None``).
+    end: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+    #: The names of other threads that took inner steps while this one ran.
+    others: tuple[str, ...] = ()
+    #: A replay from :attr:`cpu` ended at other states than :attr:`end`: something else drew
+    #: from the generator while the step (or the replay) ran.
+    foreign: bool = False
+    thread: int = 0
+    start: int = 0
+
+    @staticmethod
+    def capture(device: torch.device) -> "RandomState":
+        cuda = None
+        if device.type == "cuda" and torch.cuda.is_initialized():
+            index = torch.cuda.current_device() if device.index is None else device.index
+            cuda = (index, torch.cuda.get_rng_state(index))
+        thread = threading.get_ident()
+        with _WINDOWS_LOCK:
+            _CLOCK[0] += 1
+            start = _CLOCK[0]
+            _WINDOWS[thread] = [start, None]
+        return RandomState(torch.get_rng_state(), cuda, thread=thread, start=start)
+
+    def changed(self) -> bool:
+        """Whether any generator has moved since :meth:`capture` (the closure drew numbers).
+        Called when the closure returned: it keeps the states the step ended at, and the
+        threads whose steps overlapped this one."""
+        cpu = torch.get_rng_state()
+        cuda = None if self.cuda is None else torch.cuda.get_rng_state(self.cuda[0])
+        self.end = (cpu, cuda)
+        self.others = _overlapping(self.thread, self.start)
+        if not torch.equal(self.cpu, cpu):
+            return True
+        return cuda is not None and not torch.equal(self.cuda[1], cuda)  # type: ignore[index]
+
+    def restore(self) -> None:
+        """Put the generators back to these states."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+    def replay(self) -> Any:
+        """A context in which the generators start from these states; the caller's states are
+        restored on exit."""
+        return _Replaying(self)
+
+
+def _overlapping(thread: int, start: int) -> tuple[str, ...]:
+    """The names of the live threads, other than ``thread``, whose last inner step overlapped
+    the one that started at ``start`` (and ends now)."""
+    with _WINDOWS_LOCK:
+        _CLOCK[0] += 1
+        if thread in _WINDOWS and _WINDOWS[thread][0] == start:
+            _WINDOWS[thread][1] = _CLOCK[0]
+        others = [ident for ident, (_, end) in _WINDOWS.items()
+                  if ident != thread and (end is None or end >= start)]
+        if not others and len(_WINDOWS) <= 64:
+            return ()
+        alive = {t.ident: t.name for t in threading.enumerate()}
+        for ident in [i for i in _WINDOWS if i not in alive]:  # threads that have ended
+            del _WINDOWS[ident]
+    return tuple(alive[i] for i in others if i in alive)
+
+
+class _Replaying:
+    def __init__(self, state: RandomState) -> None:
+        self.state = state
+        self.fork: Any = None
+        self.outer: Any = None
+
+    def __enter__(self) -> None:
+        devices = [] if self.state.cuda is None else [self.state.cuda[0]]
+        self.fork = torch.random.fork_rng(devices=devices)
+        self.fork.__enter__()
+        self.state.restore()
+        self.outer = getattr(_REPLAYING, "state", None)
+        _REPLAYING.state = self.state
+
+    def __exit__(self, *exc: Any) -> None:
+        _REPLAYING.state = self.outer
+        end = self.state.end
+        if exc[0] is None and end is not None:
+            # The replay drew what the step drew from the same start: it ends where the step
+            # ended, unless something else drew from the generator during one of them.
+            moved = not torch.equal(torch.get_rng_state(), end[0])
+            if end[1] is not None and self.state.cuda is not None:
+                moved = moved or not torch.equal(torch.cuda.get_rng_state(self.state.cuda[0]), end[1])
+            self.state.foreign = self.state.foreign or moved
+        self.fork.__exit__(*exc)
