@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metagrad as mg
-from metagrad.estimators.binomial import GRAPH_FACTOR, ITERATE_FACTOR, VECTORS
+from metagrad.estimators.binomial_control import GRAPH_FACTOR, ITERATE_FACTOR, VECTORS
 
 from ._package import RTOL, meta_gradient, ref
 

@@ -1,0 +1,312 @@
+"""The binomial series' control: how many levels, which blocks, what to warn about, how much memory.
+
+The series itself (:mod:`metagrad.estimators.binomial_series`) computes MATH.md (2) at the
+order and in the blocks it is given. This module decides them and reads its level norms.
+
+Error control. With ``ρ_j = ‖T_j‖/‖T_{j−1}‖`` (``T_0 = v``):
+
+- ``order="auto"`` (:func:`auto_order`) adds levels until ``‖T_j‖ ≤ rtol·‖ĝ_j‖``
+  (converged), until ``min(max_order, K)`` levels (at K the result is exact), or until the
+  terms grow at two consecutive levels (``ρ_{j−1} ≥ 1`` and ``ρ_j ≥ 1``: diverging), the
+  stopping rule :func:`guard`. Diverging, or stopping at ``max_order`` above ``rtol``,
+  issues a warning and runs the fallback (:func:`fall_back`): ``"blocked"`` (the default:
+  ``Binomial(order="auto", block="auto")``, which halves the blocks until every block meets
+  ``rtol``, :func:`auto_blocks`; blocks of one step are exact), ``"checkpointed"`` (exact,
+  sequential), ``"truncated"`` (``Truncated(max_order)``) or ``None`` (raise
+  :class:`SeriesDivergenceError`). ``MetaGradient(estimator="binomial")`` is
+  ``Binomial(order="auto")`` with this default fallback.
+- A fixed ``order=L`` computes (2) exactly as asked and, when monitored, warns
+  (:func:`fixed_order_info`) if ``ρ_L ≥ 1`` (the series was cut where its terms were not
+  shrinking) or if the error estimate ``‖T_L‖/‖ĝ_L‖`` is at least :data:`WARN_ESTIMATE` (the
+  last level kept is still large). With blocks, both are checked block by block, the estimate
+  relative to the vector the block expanded against. The threshold is measured
+  (``benchmarks/binomial_sweep.py``, docs/binomial_sweep.md): of 4476 fixed-order results
+  (L = 1…4) on sinusoid MLPs and a 5-way 1-shot CNN4, float64, all 2688 that were more than
+  30% off the exact meta-gradient warn (the growth rule alone: 77%), and 9 of the 1257 less
+  than 5% off (0.7%).
+
+Memory budget. :func:`plan_budget` chooses the chunk size for ``max_memory`` from the stored
+iterates and a measured step graph, with the measured :data:`GRAPH_FACTOR` and
+:data:`ITERATE_FACTOR`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from ..linalg import norm
+from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..update_rule import Params
+from .base import Estimator, warn
+from .binomial_series import BlockNorms, Guard, Span, levels
+from .checkpointed import Checkpointed
+from .truncated import Truncated
+
+__all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
+           "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
+           "auto_order", "auto_blocks", "fall_back", "fixed_order_info"]
+
+FALLBACKS = ("blocked", "checkpointed", "truncated", None)
+
+#: A monitored fixed order warns when its error estimate ``‖T_L‖/‖ĝ_L‖`` (per block: relative
+#: to the vector the block expanded against) is at least this. Measured, not derived
+#: (docs/binomial_sweep.md): the largest threshold that caught every sweep result more than
+#: 30% off was 0.47, rounded down.
+WARN_ESTIMATE = 0.4
+
+
+class SeriesDivergenceError(ArithmeticError):
+    """The binomial series diverged (or missed ``rtol``) and ``fallback=None`` was asked for."""
+
+
+def guard(rtol: float) -> Guard:
+    """The stopping rule of ``order="auto"``: ``"converged"`` once ``‖T_j‖ ≤ rtol·‖ĝ_j‖``,
+    ``"diverged"`` once the level norms grew at two consecutive levels, else ``"limit"``."""
+    def stop(norms: list[float], g: Params, v: Params) -> str:
+        level = len(norms)
+        if norms[-1] <= rtol * norm(g):
+            return "converged"
+        if level >= 2 and _ratio(norms, v, level) >= 1 and _ratio(norms, v, level - 1) >= 1:
+            return "diverged"
+        return "limit"
+    return stop
+
+
+def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+               chunk_size: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any], Optional[str]]:
+    """order='auto' over all the steps: the estimate, the η-gradient, the report and, where
+    the series diverged or missed ``rtol`` within ``min(max_order, K)`` levels, why (else
+    ``None``)."""
+    limit = min(max_order, steps)
+    g, norms, products, stop, meta = levels(trajectory, (0, steps), v, limit, chunk_size,
+                                            guard=guard(rtol))
+    order = len(norms)
+    info = _report(steps, order, norms, g, products)
+    if stop == "converged" or order == steps:
+        info["converged"] = True
+        return g, meta, info, None
+    info["diverged"] = stop == "diverged"
+    reason = ("the level norms grew at two consecutive orders: the binomial series is "
+              "diverging, because K·α·‖H‖ is too large" if stop == "diverged" else
+              f"max_order={max_order} levels left an error estimate of "
+              f"{info['error_estimate']:.3g}, above rtol={rtol:g}")
+    return g, meta, info, reason
+
+
+def auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,
+                max_order: int, chunk_size: Optional[int], *, shrink: bool
+                ) -> tuple[Params, dict[str, Any], Optional[Span], MetaGrads]:
+    """order='auto' in blocks of ``size`` steps, laid from the last step backwards; returns
+    the estimate, the report, the failed block (or ``None``) and the η-gradient of the
+    blocks kept.
+
+    A block that diverges or misses rtol within ``max_order`` levels is retried at half
+    the size when ``shrink`` (block='auto': a block of one step is exact at order 1, so
+    every block ends up meeting rtol), and otherwise ends the loop: that block is returned
+    as the failure. The levels of a rejected attempt count in ``depth`` and
+    ``hessian_vector_products``.
+    """
+    u, last, meta = dict(v), steps, []
+    spans, orders, all_norms = [], [], []
+    products, depth, estimate, attempts = 0, 0, 0.0, 0
+    failed: Optional[Span] = None
+    diverged = False
+    stop_rule = guard(rtol)
+    while last > 0:
+        span = (max(0, last - size), last)
+        length = span[1] - span[0]
+        u_next, norms, used, stop, more = levels(trajectory, span, u, min(max_order, length),
+                                                 chunk_size, guard=stop_rule)
+        products, depth, attempts = products + used, depth + len(norms), attempts + 1
+        if stop == "converged" or len(norms) == length:
+            estimate += _estimate(norms, length, len(norms), u)
+            spans.append(span)
+            orders.append(len(norms))
+            all_norms.append(norms)
+            u, last, meta = u_next, span[0], add_meta(meta, more)
+        elif shrink:
+            size = max(1, length // 2)
+        else:
+            failed, diverged = span, stop == "diverged"
+            break
+    info = {"steps": steps, "blocks": list(reversed(spans)), "orders": list(reversed(orders)),
+            "level_norms": list(reversed(all_norms)), "depth": depth, "attempts": attempts,
+            "error_estimate": math.inf if failed else estimate, "diverged": diverged,
+            "converged": failed is None, "warned": False, "fallback": None,
+            "hessian_vector_products": products}
+    return u, info, failed, meta
+
+
+def fall_back(trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any], reason: str,
+              fallback: Optional[str], max_order: int, blocked: Optional[Estimator]
+              ) -> tuple[Params, MetaGrads, dict[str, Any]]:
+    """Where order='auto' failed for ``reason``: raise :class:`SeriesDivergenceError`
+    (``fallback=None``) or warn and run the fallback (``blocked``, the estimator
+    ``"blocked"`` stands for, Checkpointed or ``Truncated(max_order)``), merging its report
+    into ``info``."""
+    advice = "Take fewer inner steps or a smaller step size, or choose another estimator."
+    if fallback is None:
+        raise SeriesDivergenceError(f"Binomial(order='auto'): {reason}. {advice}")
+    if fallback == "blocked":
+        assert blocked is not None
+        substitute: Estimator = blocked
+    elif fallback == "checkpointed":
+        substitute = Checkpointed()
+    else:
+        substitute = Truncated(min(max_order, steps))
+    warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}.")
+    g, meta, extra = substitute.backward(trajectory, steps, v)
+    info["fallback"], info["warned"] = repr(substitute), True
+    info["hessian_vector_products"] += extra.get("hessian_vector_products", 0)
+    info["depth"] += extra.get("depth", steps)
+    for key in ("blocks", "orders", "error_estimate"):
+        if key in extra:
+            info[key] = extra[key]
+    return g, meta, info
+
+
+def fixed_order_info(steps: int, order: int, block: Optional[int], g: Params, products: int,
+                     spans: list[Span], block_norms: list[BlockNorms], monitor: bool
+                     ) -> dict[str, Any]:
+    """The report of a fixed order's expansion (blocks and level norms last first, as
+    :func:`~metagrad.estimators.binomial_series.expand` returns them); when ``monitor``, also
+    its error estimate, with a warning where a block's level norms grew at its last order or
+    its error estimate is at least :data:`WARN_ESTIMATE`."""
+    info: dict[str, Any] = {"steps": steps, "order": order, "depth": sum(
+        min(order, b - a) for a, b in spans), "hessian_vector_products": products}
+    if block is not None:
+        info.update(blocks=[span for span in reversed(spans)],
+                    orders=[min(order, b - a) for a, b in reversed(spans)])
+    if not monitor:
+        return info
+    if block is None:
+        norms = block_norms[0][0]
+        info.update(_report(steps, order, norms, g, products))
+    else:
+        info.update(level_norms=[norms for norms, _, _, _ in reversed(block_norms)],
+                    error_estimate=sum(_estimate(norms, b - a, kept, start)
+                                       for norms, start, kept, (a, b) in block_norms),
+                    diverged=False, converged=False, fallback=None)
+    info["warned"] = False
+    for norms, start, kept, (a, b) in block_norms:  # the last block first
+        if not 0 < kept < b - a:
+            continue  # expanded completely: exact
+        ratio = _ratio(norms, start, kept)
+        estimate = info["error_estimate"] if block is None else _estimate(norms, b - a, kept, start)
+        info["diverged"] = info["diverged"] or ratio >= 1
+        if info["warned"] or (ratio < 1 and estimate < WARN_ESTIMATE):
+            continue
+        info["warned"] = True
+        if block is None:
+            where, size, relative = "", "K·α·‖H‖", "the estimate"
+        else:
+            where, size = f" in the block of steps {a}…{b - 1}", "S·α·‖H‖ (S the steps of a block)"
+            relative = "the vector the block expanded against"
+        reason = (f"its level norms grow (‖T_{kept}‖/‖T_{kept - 1}‖ = {ratio:.3g})" if ratio >= 1 else
+                  f"its last level is still {estimate:.3g} of {relative} (error estimate ≥ "
+                  f"WARN_ESTIMATE = {WARN_ESTIMATE:g})")
+        warn(
+            f"The binomial series is not converging at order {kept}{where}: {reason}. {size} "
+            "is too large for this order, and the result may be far from the exact "
+            "meta-gradient. Use Binomial(order='auto') (it falls back to smaller blocks), "
+            "smaller blocks (block=S), or Checkpointed() for the exact meta-gradient; or take "
+            "fewer inner steps or a smaller step size. Pass monitor=False to silence this warning."
+        )
+    return info
+
+
+def _report(steps: int, order: int, norms: list[float], g: Params, products: int) -> dict[str, Any]:
+    size = norm(g)
+    estimate = norms[-1] / size if norms and size > 0 else 0.0
+    return {"steps": steps, "order": order, "depth": order, "level_norms": norms,
+            "error_estimate": 0.0 if order == steps else estimate, "diverged": False,
+            "converged": False, "warned": False, "fallback": None, "hessian_vector_products": products}
+
+
+def _estimate(norms: list[float], length: int, order: int, start: Params) -> float:
+    """A block's error estimate ``‖T_L‖/‖u‖`` relative to the vector it expanded against
+    (0 when the block was expanded completely). Blocks' estimates add."""
+    if order >= length or not norms:
+        return 0.0
+    size = norm(start)
+    return norms[-1] / size if size > 0 else 0.0
+
+
+def _ratio(norms: list[float], v: Params, level: int) -> float:
+    """``ρ_j = ‖T_j‖/‖T_{j−1}‖`` with ``T_0 = v``."""
+    previous = norms[level - 2] if level >= 2 else norm(v)
+    if norms[level - 1] == 0:
+        return 0.0
+    return norms[level - 1] / previous if previous > 0 else math.inf
+
+
+#: What one product in a chunk adds to the peak of backward, in units of its step graph's saved
+#: bytes (``b``, :meth:`~metagrad.trajectory.Trajectory.graph_bytes`) and of one stored iterate
+#: with its optimizer state (``d``): ``GRAPH_FACTOR·b + ITERATE_FACTOR·d``. Measured, not derived
+#: (``python -m benchmarks.budget --fit``): tensor memory on a 2-core x86_64 CPU (AMD EPYC), torch
+#: 2.13.0, float32, per product 2.5–3.4·b + 6·d (an 8-256-256-1 MLP, where d dominates; small CNNs
+#: at 28×28 and 32×32 and a 64-512-1 MLP on 2000 examples, where b does). The ``d`` part is the
+#: stacked iterate, its gradient, the next iterate, the product and the replay check's rows.
+GRAPH_FACTOR = 3.5
+ITERATE_FACTOR = 6.5
+
+#: Vectors the size of the parameters that backward holds besides the level buffer (v, the
+#: running estimate, a level's sum, the tight grouping's last row and carry), with a margin.
+VECTORS = 4
+
+#: With snapshots, the replay checks of up to this many products queue before they run
+#: (:meth:`~metagrad.trajectory.Trajectory.verify`), each holding about ``CHECK_ROWS`` vectors.
+CHECK_QUEUE, CHECK_ROWS = 16, 8
+
+
+def plan_budget(trajectory: Trajectory, steps: int, v: Params, budget: int, rows: int,
+                snapshots: bool) -> dict[str, Any]:
+    """The chunk size that keeps backward's peak within ``budget`` bytes, or a
+    :class:`ValueError` that names the smallest budget that would work.
+
+    The peak above the memory the model, the data and the query hold is planned as
+
+        stored iterates + level vectors + c·(GRAPH_FACTOR·b + ITERATE_FACTOR·d)
+
+    with the stored iterates (and optimizer states) as the inner loop left them, plus, with
+    snapshots, a block's two recomputed segments; the level vectors ``rows`` (the steps of the
+    longest block) plus :data:`VECTORS`, three times ``rows`` with snapshots (one call returns a
+    level's rows at once); ``b`` the larger of the first and last step's graph bytes and ``d``
+    the bytes of one stored iterate with its state. Returns ``chunk_size`` (at most ``rows``),
+    ``step_graph_bytes`` and ``planned_peak_bytes`` (the sum above, for that chunk size)."""
+    graph = max(trajectory.graph_bytes(m) for m in {0, steps - 1})  # one graph when K = 1
+    vector = sum(t.numel() * t.element_size() for t in v.values())
+    held = trajectory.iterate_bytes
+    count = trajectory.stored_iterates
+    iterate = held // count if count else vector
+    vectors = (rows + VECTORS) * vector
+    if snapshots:
+        held += 2 * rows * iterate
+        vectors += 2 * rows * vector + CHECK_QUEUE * CHECK_ROWS * vector
+    fixed = held + vectors
+    product = int(GRAPH_FACTOR * graph + ITERATE_FACTOR * iterate)
+    chunk = min(rows, int((budget - fixed) // product))
+    if chunk < 1:
+        need = fixed + product
+        raise ValueError(
+            f"Binomial(max_memory): got {format_bytes(budget)} ({budget} bytes), below what this "
+            f"backward needs at K={steps}: the stored iterates take {_mib(held)}, the level vectors "
+            f"{_mib(vectors)} and one product at a time {_mib(product)} (from a step graph of "
+            f"{_mib(graph)} measured and iterates of {_mib(iterate)}). The smallest budget that "
+            f"works here is {need} bytes: pass max_memory='{math.ceil(need / 2**20)}MiB' or more; or "
+            "store fewer iterates with Binomial(order, block=S, snapshots=True), or use "
+            "Checkpointed(snapshots='sqrt')."
+        )
+    return {"chunk_size": chunk, "step_graph_bytes": graph, "planned_peak_bytes": fixed + chunk * product}
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def format_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
