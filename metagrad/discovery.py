@@ -70,6 +70,8 @@ class MetaParameters:
         #: the fast weights it has updated so far (a step that updates another one looks again:
         #: its step size may be a tensor that requires grad where the others' are not).
         self._rules: dict[int, tuple[Any, bool, frozenset[str]]] = {}
+        #: Per closure shape of a differentiable step: the node that cannot be differentiated twice.
+        self._differentiable_seen: dict[tuple[Any, ...], Optional[str]] = {}
 
     # --------------------------------------------------------------------- closures
     def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> Optional[str]:
@@ -98,17 +100,23 @@ class MetaParameters:
         self.add(found, rule=False, names=names)
         return once
 
-    def differentiable_step(self, loss: torch.Tensor, inputs: Params, rule: Any) -> Optional[str]:
+    def differentiable_step(self, loss: torch.Tensor, inputs: Params, rule: Any,
+                            shape: Optional[tuple[Any, ...]] = None) -> Optional[str]:
         """For a step whose graph autograd differentiates itself (Full): keep the ``.grad`` of
         what the step's own graph reaches (not behind the fast weights: that is the earlier
         steps'), and of the rule's tensors that require grad; return the node that cannot be
-        differentiated twice, or ``None``."""
+        differentiated twice, or ``None``. A step of a closure ``shape`` seen before (its code
+        and the tensors it captures) finds what that one found, and is not searched again."""
+        if shape is not None and shape in self._differentiable_seen:
+            return self._differentiable_seen[shape]
         stop: dict[int, list[torch.Tensor]] = {id(t.grad_fn): [] for t in inputs.values()
                                                if t.grad_fn is not None}
         found, once = graph_inputs([loss], {id(t) for t in inputs.values()}, stop)
         attributes = getattr(rule, "__dict__", {})
         self.remember_grads(found + [t for t in pytree.tree_leaves(attributes)
                                      if isinstance(t, torch.Tensor) and t.requires_grad])
+        if shape is not None:
+            self._differentiable_seen[shape] = once
         return once
 
     # ------------------------------------------------------------------ update rules
@@ -218,15 +226,24 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
         if id(node) in stop:
             found.extend(stop[id(node)])
             continue
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # AccumulateGrad: a leaf
+        kind = type(node)
+        if kind is _ACCUMULATE:  # a leaf
+            variable = node.variable
             if id(variable) not in skip:
                 found.append(variable)
             continue
         if once is None:
-            once = once_differentiable(node)
+            if kind not in _ONCE_BY_TYPE:  # a property of the node's class: looked up once
+                _ONCE_BY_TYPE[kind] = once_differentiable(node)
+            once = _ONCE_BY_TYPE[kind]
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found, once
+
+
+#: The node class of a leaf (``AccumulateGrad``).
+_ACCUMULATE = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+#: :func:`once_differentiable` per node class (each autograd.Function has a class of its own).
+_ONCE_BY_TYPE: dict[type, Optional[str]] = {}
 
 
 #: The code of the wrapper ``torch.autograd.function.once_differentiable`` puts around a backward.

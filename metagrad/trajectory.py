@@ -240,6 +240,7 @@ class Trajectory:
         if rng is not None and not rng.changed():
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
+                               shape=_shape(closure) if self.differentiable else None,
                                grads=grads)
         return loss
 
@@ -258,7 +259,8 @@ class Trajectory:
 
     def _take_step(self, loss: Any, params: Params, *, closure: Optional[Frozen],
                    keep_graph: bool, rule: Optional[UpdateRule],
-                   rng: Optional[RandomState] = None, grads: Optional[Params] = None) -> torch.Tensor:
+                   rng: Optional[RandomState] = None, grads: Optional[Params] = None,
+                   shape: Optional[tuple[Any, ...]] = None) -> torch.Tensor:
         k = self.length
         rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
@@ -283,7 +285,7 @@ class Trajectory:
         self.used.update(used)
         once: Optional[str] = None
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
-            once = self.eta.differentiable_step(loss, inputs, rule)
+            once = self.eta.differentiable_step(loss, inputs, rule, shape)
             if once is not None:
                 refuse_twice(k, once)
         else:
@@ -453,3 +455,24 @@ class Trajectory:
     def check_alive(self) -> None:
         """Raise if the trajectory was released."""
         self.lifetime.check()
+
+
+def _shape(closure: Callable[..., Any]) -> Optional[tuple[Any, ...]]:
+    """What a differentiable step's graph search is cached on (:meth:`MetaParameters.differentiable_step
+    <metagrad.discovery.MetaParameters.differentiable_step>`): the closure's code and the tensors
+    that require grad among the values it captures, by identity (a new lambda per step with the
+    same code and captures shares it); ``None`` (search every step) for another callable."""
+    code = getattr(closure, "__code__", None)
+    if code is None:
+        return None
+    values = [cell.cell_contents for cell in closure.__closure__ or () if _filled(cell)]
+    values += list(closure.__defaults__ or ())
+    return (code, tuple(id(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad))
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return False
+    return True
