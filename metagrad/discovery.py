@@ -64,7 +64,7 @@ class MetaParameters:
         self._index: dict[int, int] = {}
         self._saved_ids: set[int] = set()
         self._module = module
-        self._param_names = {id(p): n for n, p in module.named_parameters()}
+        self._names_by_id: Optional[dict[int, str]] = None  # looked up when first needed
         self._adapted = set(adapted)
         #: Per update rule (by id, the rule kept): whether its update reaches η of its own, and
         #: the fast weights it has updated so far (a step that updates another one looks again:
@@ -72,6 +72,12 @@ class MetaParameters:
         self._rules: dict[int, tuple[Any, bool, frozenset[str]]] = {}
         #: Per closure shape of a differentiable step: the node that cannot be differentiated twice.
         self._differentiable_seen: dict[tuple[Any, ...], Optional[str]] = {}
+
+    def _param_names(self) -> dict[int, str]:
+        """The module's parameters' names, by the parameter's id."""
+        if self._names_by_id is None:
+            self._names_by_id = {id(p): n for n, p in self._module.named_parameters()}
+        return self._names_by_id
 
     # --------------------------------------------------------------------- closures
     def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> Optional[str]:
@@ -86,7 +92,7 @@ class MetaParameters:
         calls). The caller looks at the graph once per closure key (its code, and the objects
         and tensor shapes it captures, tensors that require grad by identity).
         """
-        names = dict(self._param_names)
+        names = dict(self._param_names())
         stop: dict[int, list[torch.Tensor]] = {}
         if closure is not None:
             for slot, tensor in closure.tensors:
@@ -179,7 +185,7 @@ class MetaParameters:
         slots = {id(t): slot for slot, t in closure.tensors}
         where: dict[int, tuple[str, Any]] = {}
         for i, tensor in enumerate(self.tensors):
-            name = self._param_names.get(id(tensor))
+            name = self._param_names().get(id(tensor))
             if i in self.rule:
                 where[i] = ("rule", None)
             elif id(tensor) in slots:

@@ -13,6 +13,7 @@ inner loop took.
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
@@ -147,6 +148,7 @@ class Layout:
         return cls(norms, aliases, checkpoints)
 
 
+@functools.lru_cache(maxsize=256)
 def _calls_checkpoint(function: Any) -> bool:
     """Whether ``function``'s code (or a function or lambda defined inside it) names
     ``checkpoint`` or ``checkpoint_sequential`` (``torch.utils.checkpoint``)."""

@@ -10,7 +10,7 @@ pulls a vector back through it (:mod:`metagrad.products`, one step by a double b
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -128,7 +128,7 @@ def checked_loss(loss: Any, step: int) -> torch.Tensor:
 
 
 def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
-           used: Optional[Sequence[str]] = None, theta: Optional[set[int]] = None) -> Params:
+           used: Optional[Sequence[str]] = None, theta: Optional[Container[int]] = None) -> Params:
     """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
     known: the names that had a gradient when the step was taken; a rebuilt step that no
     longer reaches one of them gets a zero gradient there, which the replay check sees).

@@ -120,7 +120,7 @@ class Trajectory:
         #: Each step's update rule as it was when the step was taken (schedules, :class:`RuleFreezer`).
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
-        self._theta_ids = {id(p) for n, p in module.named_parameters() if n in theta}
+        self._theta_ids = _ParameterIds(module, theta)
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -476,3 +476,19 @@ def _filled(cell: Any) -> bool:
     except ValueError:  # a cell not filled yet
         return False
     return True
+
+
+class _ParameterIds:
+    """The ids of the module's parameters named in ``names``, looked up on the first ``in``
+    (needed only where a step's loss reaches none of the fast weights)."""
+
+    def __init__(self, module: torch.nn.Module, names: Params) -> None:
+        self._module, self._names, self._ids = module, names, None
+
+    def __contains__(self, key: int) -> bool:
+        if self._ids is None:
+            self._ids = {id(p) for n, p in self._module.named_parameters() if n in self._names}
+        return key in self._ids
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
