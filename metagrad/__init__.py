@@ -5,14 +5,13 @@ strategy (the estimator) is one argument. Each estimator's module docstring give
 its formula from docs/MATH.md.
 """
 
-from . import distributed, functional, linalg, numerics, optim, replay
+from . import distributed, errors, functional, linalg, numerics, optim, replay
 from .diagnosis import diagnose
 from .context import MetaGradient
-from .estimators import (Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit,
-                         MetaGradientWarning, SeriesDivergenceError, Truncated)
+from .errors import (MetaGradientWarning, NegativeCurvatureError, NestedBlockError, ReplayError,
+                     SeriesDivergenceError)
+from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit, Truncated
 from .fmodel import FunctionalModel
-from .linalg import NegativeCurvatureError
-from .replay import ReplayError
 
 __version__ = "0.1.0"
 
@@ -29,6 +28,8 @@ __all__ = [
     "NegativeCurvatureError",
     "SeriesDivergenceError",
     "ReplayError",
+    "NestedBlockError",
+    "errors",
     "MetaGradientWarning",
     "optim",
     "functional",

@@ -9,13 +9,13 @@ import torch
 
 from .compiled import Compiler
 from .estimators import Estimator, resolve
-from .estimators.base import warn
+from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
 from .query import Snapshot, ThroughInnerLoop, Watched
-from .trajectory import Closure, NestedBlockError, Trajectory, second_order
+from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
 

@@ -18,15 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 import torch
 
+from .errors import NegativeCurvatureError
 from .update_rule import Params
 
 __all__ = ["SolveInfo", "NegativeCurvatureError", "conjugate_gradient", "neumann_series", "norm"]
 
 Operator = Callable[[Params], Params]
-
-
-class NegativeCurvatureError(ArithmeticError):
-    """Conjugate gradients met a direction p with ``pᵀ A p ≤ 0``: A is not positive definite."""
 
 
 @dataclass

@@ -34,14 +34,10 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_losses", "tolerance"]
-
-
-class ReplayError(RuntimeError):
-    """A step rebuilt during backward is not the step the inner loop took, or cannot be
-    differentiated twice: the estimator would otherwise return a wrong meta-gradient."""
 
 
 # ------------------------------------------------------------------------ the check

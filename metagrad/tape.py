@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import NestedBlockError
 from .update_rule import Params, State
 from .snapshots import Schedule
 from .step import StepRecord, nbytes
@@ -27,11 +28,6 @@ __all__ = ["Tape", "Lifetime", "NestedBlockError", "differentiated_twice", "seco
 
 
 _nesting = threading.local()
-
-
-class NestedBlockError(ValueError):
-    """A ``MetaGradient`` block nested in an outer block's inner step cannot give what the
-    outer estimator needs there (its estimator, or a ``torch.func`` transform around it)."""
 
 
 @contextlib.contextmanager

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import abc
-import os
-import sys
-import warnings
 from typing import Any, Optional
 
 import torch
 
+from ..errors import MetaGradientWarning, warn
 from ..update_rule import Params
 from ..snapshots import Schedule
 from ..trajectory import Trajectory
 
 __all__ = ["Estimator", "MetaGradientWarning", "warn"]
 
-_LIBRARY_DIRS = (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # metagrad/
-    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
-)
-
-
-class MetaGradientWarning(UserWarning):
-    """A warning about how a meta-gradient is computed."""
 
 
 class Estimator(abc.ABC):
@@ -111,22 +101,6 @@ class Estimator(abc.ABC):
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(vars(self).items()))))
-
-
-def warn(message: str) -> None:
-    """Issue a :class:`MetaGradientWarning` attributed to the user's code.
-
-    Estimators warn during backward, several frames below the user's
-    ``loss.backward()`` inside torch's autograd; the warning is attributed to the
-    first frame outside metagrad and torch (the outermost frame when backward runs
-    on an autograd device thread).
-    """
-    frame = sys._getframe(1)
-    level = 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, MetaGradientWarning, stacklevel=level)
 
 
 def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> Optional[int]:

@@ -38,7 +38,8 @@ from typing import Any, Optional
 from ..linalg import norm
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from ..update_rule import Params
-from .base import Estimator, warn
+from ..errors import SeriesDivergenceError, warn
+from .base import Estimator
 from .binomial_series import BlockNorms, Guard, Span, levels
 from .checkpointed import Checkpointed
 from .truncated import Truncated
@@ -54,10 +55,6 @@ FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 #: (docs/binomial_sweep.md): the largest threshold that caught every sweep result more than
 #: 30% off was 0.47, rounded down.
 WARN_ESTIMATE = 0.4
-
-
-class SeriesDivergenceError(ArithmeticError):
-    """The binomial series diverged (or missed ``rtol``) and ``fallback=None`` was asked for."""
 
 
 def guard(rtol: float) -> Guard:

@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory, add_meta
-from .base import Estimator, warn
+from ..errors import warn
+from .base import Estimator
 
 __all__ = ["FirstOrder"]
 

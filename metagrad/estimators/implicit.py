@@ -17,7 +17,8 @@ from typing import Any, Optional
 from ..linalg import conjugate_gradient, neumann_series
 from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory
-from .base import Estimator, check_count, warn
+from ..errors import warn
+from .base import Estimator, check_count
 
 __all__ = ["Implicit"]
 

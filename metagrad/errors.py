@@ -1,0 +1,60 @@
+"""The library's errors and warnings, in one place.
+
+Each says what went wrong and what to do. They are raised where the problem is found and are
+importable from the top level (``mg.ReplayError``, ``mg.MetaGradientWarning``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+__all__ = ["ReplayError", "NestedBlockError", "SeriesDivergenceError", "NegativeCurvatureError",
+           "MetaGradientWarning", "warn"]
+
+
+class ReplayError(RuntimeError):
+    """A step rebuilt during backward is not the step the inner loop took, or cannot be
+    differentiated twice: the estimator would otherwise return a wrong meta-gradient."""
+
+
+class NestedBlockError(ValueError):
+    """A ``MetaGradient`` block nested in an outer block's inner step cannot give what the
+    outer estimator needs there (its estimator, or a ``torch.func`` transform around it)."""
+
+
+class SeriesDivergenceError(ArithmeticError):
+    """The binomial series diverged (or missed ``rtol``) and ``fallback=None`` was asked for."""
+
+
+class NegativeCurvatureError(ArithmeticError):
+    """Conjugate gradients met a direction p with ``pᵀ A p ≤ 0``: A is not positive definite."""
+
+
+class MetaGradientWarning(UserWarning):
+    """A warning about how a meta-gradient is computed."""
+
+
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # metagrad/
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`MetaGradientWarning` attributed to the user's code.
+
+    Estimators warn during backward, several frames below the user's
+    ``loss.backward()`` inside torch's autograd; the warning is attributed to the
+    first frame outside metagrad and torch (the outermost frame when backward runs
+    on an autograd device thread).
+    """
+    frame = sys._getframe(1)
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, MetaGradientWarning, stacklevel=level)
