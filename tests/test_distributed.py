@@ -399,8 +399,15 @@ def test_example_under_torchrun_on_two_processes_matches_one_process(tmp_path, m
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--rdzv-backend=c10d",
                f"--rdzv-endpoint={LOOPBACK}:0", "--nproc_per_node=2", str(EXAMPLE), *EXAMPLE_TINY,
                "--json", str(tmp_path / "two.json")]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_DEADLINE_S, check=False,
-                               env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_DEADLINE_S, check=False,
+                              env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+
+    completed = launch()
+    if completed.returncode != 0 and "terminate called without an active exception" in completed.stderr:
+        # A rank aborted in the process group's C++ teardown (seen twice in ~10 runs while other
+        # jobs loaded both cores; never in the example's own code): one more launch.
+        completed = launch()
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Full on 2 processes" in completed.stdout
     two = json.loads((tmp_path / "two.json").read_text(encoding="utf-8"))
