@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metagrad as mg
+from benchmarks.budget import tensor_peak
 from metagrad.estimators.binomial_control import GRAPH_FACTOR, ITERATE_FACTOR, VECTORS
 
 from ._package import RTOL, meta_gradient, ref
@@ -99,8 +100,6 @@ def test_the_tensors_backward_allocates_stay_within_the_plan(monitor):
     """Every byte the CPU allocator hands out during backward, from the profiler's records
     (exact sizes, not process memory), with the stored iterates: at most the budget. An MLP
     whose parameters dominate its step graph, the case where level vectors matter most."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double()
     x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
@@ -112,14 +111,7 @@ def test_the_tensors_backward_allocates_stay_within_the_plan(monitor):
             for _ in range(K):
                 meta.step(lambda f: F.mse_loss(f(x), y))
             query = F.mse_loss(meta.fmodel(x), y)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                query.backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for event in events:
-        now += event.nbytes()
-        peak = max(peak, now)
+            peak = tensor_peak(query.backward)
     info = meta.info
     assert 1 <= info["chunk_size"] < K - 1  # neither one product at a time nor a whole level
     assert info["planned_peak_bytes"] <= budget
