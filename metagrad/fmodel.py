@@ -174,10 +174,8 @@ def _holding(module: torch.nn.Module, tensors: Mapping[str, Optional[torch.Tenso
             return copies[id(sub)]
         new = copy.copy(sub)
         copies[id(sub)] = new
-        new.__dict__["_parameters"] = {key: tensors.get(prefix + key, value) if prefix + key in tensors
-                                       else value for key, value in sub._parameters.items()}
-        new.__dict__["_buffers"] = {key: tensors[prefix + key] if prefix + key in tensors else value
-                                    for key, value in sub._buffers.items()}
+        new.__dict__["_parameters"] = {key: tensors.get(prefix + key, value) for key, value in sub._parameters.items()}
+        new.__dict__["_buffers"] = {key: tensors.get(prefix + key, value) for key, value in sub._buffers.items()}
         new.__dict__["_modules"] = {key: None if child is None else copy_of(child, f"{prefix}{key}.")
                                     for key, child in sub._modules.items()}
         return new

@@ -115,8 +115,6 @@ class Trajectory:
         self.submodules = list(module.modules())
         self.layout = Layout.of(module)
         self.device = next(iter(theta.values())).device if theta else torch.device("cpu")
-        #: The names of the fast weights that some inner step's loss depended on.
-        self.used: set[str] = set()
         #: Each step's update rule as it was when the step was taken (schedules, :class:`RuleFreezer`).
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
@@ -282,7 +280,6 @@ class Trajectory:
         used = tuple(grads)
         rule_meta = self.eta.rule_holds_eta(rule, used)
         new_params, new_state = self._update(rule, params, grads, self.tape.state, rule_meta)
-        self.used.update(used)
         once: Optional[str] = None
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
             once = self.eta.differentiable_step(loss, inputs, rule, shape)
