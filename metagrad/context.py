@@ -106,7 +106,7 @@ class MetaGradient:
     Every estimator fills their ``.grad`` with what MATH.md's table defines, with no
     declaration; ``meta.info["meta_parameters"]`` lists what was found (Full's autograd
     finds them itself and lists none). They are found from the graph of each closure's
-    first step (see :meth:`metagrad.trajectory.Trajectory._discover` for the rule), and a
+    first step (see :meth:`metagrad.discovery.MetaParameters.discover` for the rule), and a
     step size where a step first updates a fast weight.
 
     Nested blocks: a block opened inside another block's inner loss, in a step the outer

@@ -107,7 +107,7 @@ class Frozen:
         self.reads = _attribute_reads(roots, frozenset(attributes)) if attributes else []
         self.key = (identity, tuple(specs_key(specs)), tuple(
             # A tensor that requires grad is a meta-parameter: by identity, so that another one
-            # is looked for again (Trajectory._discover).
+            # is looked for again (MetaParameters.discover, metagrad.discovery).
             ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
             if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat))
