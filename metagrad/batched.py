@@ -17,7 +17,7 @@ import torch
 from .discovery import MetaGrads, add_meta
 from .update_rule import Params, State
 from .replay import ReplayError, check_step, refuse_twice
-from .step import StepRecord, stacked
+from .step import StepRecord, stacked, step_body, step_vjp, with_eta
 
 __all__ = ["Batched"]
 
@@ -90,12 +90,13 @@ class Batched:
         out = None if tr.compiler is None else tr.compiler.product(tr, steps, chunk, u, states, None,
                                                                         batched=True)
         if out is None:
-            pulled, pulled_eta, rebuilt, losses, explicit = self.rows(steps, chunk, states, u)
+            pulled, pulled_eta, rebuilt, losses, grads, explicit = self.rows(steps, chunk, states, u)
         else:
-            pulled, pulled_eta, _, rebuilt, losses, explicit = out
+            pulled, pulled_eta, _, rebuilt, losses, grads, explicit = out
         meta: MetaGrads = [None] * len(tr.meta)
         for k, i in enumerate(explicit):
             meta[i] = pulled_eta[k].sum(0)
+        failed: list[int] = []
         if tr.replay_rtol is not None:
             nexts = [tr.iterate(m + 1) for m in steps]
             names = list(tr.theta)
@@ -116,11 +117,13 @@ class Batched:
                     alone, more, _ = self.products.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
                     for n in pulled:
                         pulled[n][row_index] = alone[n]
-                    meta = add_meta(meta, [m if i not in tr.rule_meta else None
-                                           for i, m in enumerate(more)])
-        if tr.rule_meta:  # B_mᵀu of a step size: the update with its gradient held constant
+                    meta = add_meta(meta, more)
+        if tr.rule_meta:  # B_mᵀu of a step size: the update with the rows' gradients held constant
             for row_index, m in enumerate(steps):
-                _, more, _ = self.products.vjp(m, {n: t[row_index] for n, t in u.items()}, second_order=False)
+                if row_index in failed:
+                    continue  # (its whole product was computed alone above)
+                more = self.products.step_size_part(m, {n: t[row_index] for n, t in u.items()},
+                                                    {n: g[row_index] for n, g in grads.items()})
                 meta = add_meta(meta, more)
         return pulled, meta
 
@@ -137,39 +140,34 @@ class Batched:
         # η as explicit, unbatched inputs of the vmapped step (the rule's own come after).
         explicit = [i for i, (kind, _) in where.items() if kind != "rule"]
         eta = [tr.meta[i] for i in explicit]
-        eta_slots = {where[i][1]: k for k, i in enumerate(explicit) if where[i][0] == "slot"}
+        slots = [slot for slot, _ in template.tensors]
+        position = {slot: j for j, slot in enumerate(slots)}
+        eta_slots = {position[where[i][1]]: k for k, i in enumerate(explicit) if where[i][0] == "slot"}
         eta_params = {where[i][1]: k for k, i in enumerate(explicit) if where[i][0] == "param"}
-        # The captured tensors that differ between the chunk's steps become batched inputs.
+        # The captured tensors that differ between the chunk's steps are batched inputs.
         varying = [j for j, (_, tensor) in enumerate(template.tensors)
                    if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:])]  # type: ignore[union-attr]
-        slots = [template.tensors[j][0] for j in varying]
-        captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) for j in varying]  # type: ignore[union-attr]
+        captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) if j in varying  # type: ignore[union-attr]
+                    else t for j, (_, t) in enumerate(template.tensors)]
         params = {n: torch.stack([s.params[n] for s in chunk]) for n in tr.theta}
         model_at = tr.model_at
 
+        def loss(q: Params, module: Params, tensors: list[torch.Tensor]) -> torch.Tensor:
+            return template.with_tensors(dict(zip(slots, tensors)))(model_at(q, module))
+
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
-                eta: list[torch.Tensor]) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor]:
-            def step_fn(q: Params, e: list[torch.Tensor]) -> tuple[Params, torch.Tensor]:
-                closure = template.with_tensors({**dict(zip(slots, tensors)),
-                                                 **{slot: e[k] for slot, k in eta_slots.items()}})
-                fixed = {name: e[k] for name, k in eta_params.items()}
-
-                def loss_of(w: Params) -> torch.Tensor:
-                    return closure(model_at({**q, **w}, fixed))
-
-                grads, loss = torch.func.grad_and_value(loss_of)({n: q[n] for n in used})
-                return rule.step(q, grads, state)[0], loss
-
-            new, pullback, loss = torch.func.vjp(step_fn, p, eta, has_aux=True)
-            pulled_p, pulled_eta = pullback(vector)
-            return pulled_p, pulled_eta, new, loss
+                eta: list[torch.Tensor]) -> tuple[Any, ...]:
+            body = step_body(with_eta(loss, tensors, {}, eta_slots, eta_params), rule, used, state=state)
+            pulled_p, pulled_eta, _, new, loss_value, grads = step_vjp(body, p, eta, [], vector, [])
+            return pulled_p, pulled_eta, new, loss_value, grads
 
         try:
             # no_grad: the rule's own η (a step size that requires grad) must not record an
             # autograd graph through the batch; its part comes from the kept update below.
             with self.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, rebuilt, losses = torch.func.vmap(
-                    row, in_dims=(0, 0, 0, 0, None))(params, states, u, captured, eta)
+                pulled, pulled_eta, rebuilt, losses, grads = torch.func.vmap(
+                    row, in_dims=(0, 0, 0, [0 if j in varying else None for j in range(len(slots))], None))(
+                        params, states, u, captured, eta)
         except Exception as error:
             if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
                 self.products.verify()
@@ -187,5 +185,5 @@ class Batched:
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
                 f"estimator=Checkpointed(). ({error})"
             ) from error
-        return pulled, pulled_eta, rebuilt, losses, explicit
+        return pulled, pulled_eta, rebuilt, losses, grads, explicit
 

@@ -57,6 +57,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, _frozen_buffers
+from .step import step_body, step_vjp, with_eta
 from .frozen import _SCALARS, _global_names
 from .frozen import _value_key as replay_value_key
 
@@ -221,7 +222,7 @@ class Compiler:
                 batched: bool) -> Optional[tuple[Any, ...]]:
         """The compiled ``torch.func.vjp`` of the step at each of ``steps`` (one step, or a
         chunk of steps with equal :meth:`~metagrad.step.StepRecord.batch_key` under ``vmap``
-        when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, Φ_m(φ_m), L_m,
+        when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, Φ_m(φ_m), L_m, ∇L_m,
         explicit η indices)``, or ``None`` where it cannot be compiled.
 
         ``u``, the iterates and ``state`` (stacked) have a leading dimension of ``len(steps)``
@@ -260,7 +261,7 @@ class Compiler:
                           for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, pulled_state, new, value = compiled(
+                pulled, pulled_eta, pulled_state, new, value, grads = compiled(
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta, leaves)
         except Exception as error:
             self._products[memo] = None
@@ -274,7 +275,7 @@ class Compiler:
             state_out = [None] * len(leaves)
             for i, g in zip(varied, pulled_state):
                 state_out[i] = g
-        return dict(pulled), list(pulled_eta), state_out, dict(new), value, explicit
+        return dict(pulled), list(pulled_eta), state_out, dict(new), value, dict(grads), explicit
 
     def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
                           batched: bool, varying: tuple[int, ...], carry: bool) -> Optional[tuple[Any, ...]]:
@@ -311,9 +312,9 @@ class Compiler:
         if key in _REFUSED:
             return None
         rule, used = first.rule, first.used
-        eta_slot_index = {slot: k for k, slot in enumerate(eta_slots)}
-        eta_param_index = {name: len(eta_slots) + k for k, name in enumerate(eta_params)}
         slot_position = {slot: j for j, slot in enumerate(slots)}
+        eta_slot_index = {slot_position[slot]: k for k, slot in enumerate(eta_slots)}
+        eta_param_index = {name: len(eta_slots) + k for k, name in enumerate(eta_params)}
         fixed = _module_tensors(module, fixed_names, buffer_names)
 
         def build() -> Any:
@@ -335,26 +336,10 @@ class Compiler:
                     moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor],
                     fixed: dict[str, torch.Tensor], eta: list[torch.Tensor], state_leaves: list[Any]
                     ) -> tuple[Any, ...]:
-                def step_fn(q: dict[str, torch.Tensor], e: list[torch.Tensor], s: list[torch.Tensor]
-                            ) -> tuple[tuple[dict[str, torch.Tensor], list[torch.Tensor]], torch.Tensor]:
-                    tensors = list(captured)
-                    for slot, k in eta_slot_index.items():
-                        tensors[slot_position[slot]] = e[k]
-                    module_in = dict(fixed)
-                    for name, k in eta_param_index.items():
-                        module_in[name] = e[k]
-                    grads, value = torch.func.grad_and_value(
-                        lambda w: graph({**q, **w}, module_in, tensors))({n: q[n] for n in used})
-                    full_state = list(state_leaves)
-                    for i, t in zip(varied, s):
-                        full_state[i] = t
-                    new_p, new_s = rule.step(q, grads, pytree.tree_unflatten(full_state, spec))
-                    new_leaves = pytree.tree_leaves(new_s)
-                    return (dict(new_p), [new_leaves[i] for i in varied]), value
-
-                (new, _), pullback, value = torch.func.vjp(step_fn, p, eta, moving, has_aux=True)
-                pulled_p, pulled_eta, pulled_state = pullback((vector, moving_adjoint))
-                return pulled_p, pulled_eta, pulled_state, new, value
+                loss_at = with_eta(graph, captured, fixed, eta_slot_index, eta_param_index)
+                body = step_body(loss_at, rule, used, state=pytree.tree_unflatten(state_leaves, spec),
+                                 carried=varied)
+                return step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
 
             if batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]

@@ -169,11 +169,39 @@ def specs_key(specs: list[Any]) -> list[Any]:
 
 
 def _value_key(value: Any) -> tuple[Any, ...]:
-    # Numbers and strings compare by value (a loop index captured as an int); every other
-    # object by identity, which the frozen closure keeps alive.
+    # Numbers and strings compare by value (a loop index captured as an int); a module without
+    # state (a loss module, nn.MSELoss()) by its type and settings, so that a new one per task
+    # finds what was found for the last; every other object by identity, which the frozen
+    # closure keeps alive.
     if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
         return ("value", type(value), value)
+    if isinstance(value, torch.nn.Module) and _stateless(value):
+        # Its registries (parameters, buffers, submodules, hooks) are empty: its settings are
+        # the rest of its attributes.
+        return ("module", type(value), tuple((name, _setting_key(v)) for name, v in sorted(vars(value).items())))
     return ("object", id(value))
+
+
+def _stateless(module: torch.nn.Module) -> bool:
+    """A module with no parameters, buffers, submodules or hooks of its own (a loss module;
+    CrossEntropyLoss's ``weight=None`` is an empty buffer slot)."""
+    attributes = vars(module)
+    return not any(v is not None for registry in _MODULE_REGISTRIES
+                   for v in (attributes.get(registry) or {}).values())
+
+
+def _setting_key(value: Any) -> Any:
+    """A stateless module's attribute: a registry or other container holding only ``None``
+    (or nothing) by its keys, anything else as :func:`_value_key` keys it."""
+    if isinstance(value, (dict, set)) and all(v is None for v in (value.values() if isinstance(value, dict) else value)):
+        return ("empty", tuple(sorted(map(str, value))))
+    return _value_key(value)
+
+
+#: The registries of a module's state; a module with all of them empty is :func:`_stateless`.
+_MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                      "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
 
 def freeze(closure: Callable[..., Any]) -> Frozen:

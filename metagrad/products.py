@@ -43,7 +43,8 @@ from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
 from .update_rule import Params
 from .replay import ReplayError, check_step, refuse_twice
-from .step import Hessian, StepRecord, autocast_dtype, loss_grads, zero_if_none
+from .step import (Hessian, StepRecord, autocast_dtype, autograd_gradient, loss_grads, step_body,
+                   zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
 __all__ = ["Products"]
@@ -70,24 +71,7 @@ class Products:
         gradient's graph (``create_graph=True``; without it, for a step recomputed forward),
         from the frozen closure and, if the step drew random numbers, the generator states it
         drew them from."""
-        tr = self.trajectory
-        assert step.closure is not None
-        if step.once and create_graph:
-            refuse_twice(m, step.once)
-        try:
-            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
-                loss = step.closure(tr.model_at(params))
-        except NestedBlockError:
-            raise
-        except Exception as error:
-            self.verify()  # a mismatch found earlier says more
-            raise ReplayError(
-                f"closure: rebuilt during backward at inner step {m}, it raised {type(error).__name__}: "
-                f"{error}. It ran at that step in the inner loop, so it reads something that has "
-                "changed since (an iterator read with next() inside the closure is exhausted, an "
-                "object's state moved on). Compute each step's data outside the closure and capture "
-                "it, or use estimator=mg.Full(), which does not rebuild steps."
-            ) from error
+        loss = self.rebuilt_loss(m, step, params, create_graph=create_graph)
         return loss, loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used)
 
     @contextlib.contextmanager
@@ -170,53 +154,45 @@ class Products:
         tr = self.trajectory
         meta = tr.meta
         if not second_order:
-            if m in tr.tape.absent:  # its step-size graph is recomputed with its iterate
-                tr.restore(m, m)
-            kept = tr.tape.first_order.get(m)
-            # Only the updates that depend on a step size carry a graph (a float step size,
-            # or a parameter without a gradient, leaves its update constant).
-            names = [] if kept is None else [n for n in kept if kept[n].requires_grad]
-            if not names or not meta:
-                return dict(u), [None] * len(meta), None
-            with torch.enable_grad():
-                grads = torch.autograd.grad([kept[n] for n in names], meta, [u[n] for n in names],
-                                            allow_unused=True, retain_graph=True)
-            return dict(u), list(grads), None
+            return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
         if tr.compiler is not None and step.graph is None and step.rng is None and not step.once:
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
-                pulled, pulled_eta, adjoint, rebuilt, loss, explicit = out
+                pulled, pulled_eta, adjoint, rebuilt, loss, grads, explicit = out
                 self.check(m, rebuilt, loss)
                 meta_grads: MetaGrads = [None] * len(meta)
                 for k, i in enumerate(explicit):
                     meta_grads[i] = pulled_eta[k]
-                if tr.rule_meta:  # a step size's part: the update the inner loop kept
-                    meta_grads = add_meta(meta_grads, self.vjp(m, u, second_order=False)[1])
+                if tr.rule_meta:  # a step size's part, from the gradient the compiled call took
+                    meta_grads = add_meta(meta_grads, self.step_size_part(m, u, grads))
                 return pulled, meta_grads, adjoint
+        leaves, spec = pytree.tree_flatten(step.state)
+        carried = [i for i, t in enumerate(leaves)
+                   if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
         with torch.enable_grad():
-            if step.graph is not None:
-                params, grads = step.graph
-                loss = None
+            if step.graph is not None:  # taken from a given loss: its gradient's graph was kept
+                params, kept = step.graph
+                gradient = lambda loss_of, w: (kept, None)  # noqa: E731
             else:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-                loss, grads = self.rebuild(m, step, params)
-            leaves, spec = pytree.tree_flatten(step.state)
-            varied = [i for i, t in enumerate(leaves)
-                      if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
-            leaves = [t.detach().requires_grad_() if i in varied else t for i, t in enumerate(leaves)]
-            new_params, new_state = step.rule.step(params, grads, pytree.tree_unflatten(leaves, spec))
+                gradient = autograd_gradient(m, step.used)
+            moving = [leaves[i].detach().requires_grad_() for i in carried]
+            # The step's body (metagrad.step.step_body), differentiated again by autograd: the
+            # closure reads η where it holds them, so autograd follows η wherever they are.
+            body = step_body(lambda q, eta: self.rebuilt_loss(m, step, q), step.rule, step.used,
+                             state=step.state, carried=carried, gradient=gradient)
+            (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
                 self.check(m, new_params, loss)
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
-            if carry:
-                for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):
-                    if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                        outputs.append(leaf)
-                        cotangents.append(adjoint)
-            inputs = list(params.values()) + [leaves[i] for i in varied] + meta
+            for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):  # (by the new state's leaves)
+                if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    outputs.append(leaf)
+                    cotangents.append(adjoint)
+            inputs = list(params.values()) + moving + meta
             # η may be reached through graphs of the user's (w = hypernet(z)): keep them. A
             # kept graph's fast weights are themselves computed from θ and η (the estimator's
             # node of an earlier step): with `pulling` set, that node passes nothing back, so
@@ -232,9 +208,72 @@ class Products:
         if not carry:
             return pulled, meta_grads, None
         adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
-        for i, g in zip(varied, out[len(params):len(params) + len(varied)]):
+        for i, g in zip(carried, out[len(params):len(params) + len(carried)]):
             adjoint_out[i] = g
         return pulled, meta_grads, adjoint_out
+
+    def step_size_part(self, m: int, u: Params, grads: Optional[Params] = None) -> MetaGrads:
+        """``B_mᵀu`` of the update rule's own η (learned step sizes) with the gradient held
+        constant: the update ``rule(φ_m, g_m, s_m)`` differentiated in η by autograd.
+
+        It is the whole of ``B_mᵀu`` for those η where the step Jacobian is taken as the
+        identity (MATH.md's table: FirstOrder, Truncated's earlier steps) and their part of it
+        where a product was computed under ``torch.func`` (vmapped or compiled: there the rule's
+        η are constants). ``g_m`` is the gradient that product took (``grads``); else, for a step
+        whose iterate is not stored (an estimator that keeps only the last steps), the update
+        the inner loop kept; else recomputed at φ_m, one forward and backward without a second
+        derivative, and checked against the record like every rebuilt step. No estimator
+        that stores the iterates keeps an update graph per step."""
+        tr = self.trajectory
+        meta = tr.meta
+        if not tr.rule_meta:
+            return [None] * len(meta)
+        new = tr.tape.first_order.get(m)
+        if new is None:
+            step = tr._step(m)
+            if tr.eta.rule_holds_eta(step.rule, ()) is False:
+                return [None] * len(meta)
+            loss = None
+            if grads is None and step.graph is not None:
+                grads = step.graph[1]
+            elif grads is None:
+                with torch.enable_grad():
+                    params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
+                    loss, grads = self.rebuild(m, step, params, create_graph=False)
+            with torch.enable_grad():
+                new, _ = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
+                                   step.state, True)
+            if loss is not None:
+                self.check(m, new, loss)
+        names = [n for n in new if new[n].requires_grad]
+        if not names:
+            return [None] * len(meta)
+        with torch.enable_grad():
+            return list(torch.autograd.grad([new[n] for n in names], meta, [u[n] for n in names],
+                                            allow_unused=True, retain_graph=True))
+
+    def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True
+                     ) -> torch.Tensor:
+        """Step m's loss at ``params``, from the frozen closure run as the step ran
+        (:meth:`as_taken`); an error the closure raises now is a :class:`~metagrad.ReplayError`."""
+        tr = self.trajectory
+        assert step.closure is not None
+        if step.once and create_graph:
+            refuse_twice(m, step.once)
+        try:
+            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
+                return step.closure(tr.model_at(params))
+        except NestedBlockError:
+            raise
+        except Exception as error:
+            self.verify()  # a mismatch found earlier says more
+            raise ReplayError(
+                f"closure: rebuilt during backward at inner step {m}, it raised {type(error).__name__}: "
+                f"{error}. It ran at that step in the inner loop, so it reads something that has "
+                "changed since (an iterator read with next() inside the closure is exhausted, an "
+                "object's state moved on). Compute each step's data outside the closure and capture "
+                "it, or use estimator=mg.Full(), which does not rebuild steps."
+            ) from error
 
     def graph_bytes(self, m: int) -> int:
         """The bytes one rebuilt graph of step m holds: the tensors its forward pass and its

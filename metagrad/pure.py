@@ -26,6 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .estimators import Estimator, resolve
+from .step import step_body, step_vjp
 from .update_rule import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -39,19 +40,23 @@ def _is_float_tensor(t: Any) -> bool:
 
 def unroll(loss_fn: LossFn, params: Params, support: Any, rule: UpdateRule, steps: int
            ) -> tuple[list[Params], list[State]]:
-    """The iterates φ_0 … φ_K and states s_0 … s_K of K steps of ``rule`` on ``loss_fn``.
+    """The iterates φ_0 … φ_K and states s_0 … s_K of K steps of ``rule`` on ``loss_fn``, each
+    the step's body (:func:`metagrad.step.step_body`).
 
     Differentiable when called under a ``torch.func`` transform of ``params`` (Full's branch).
     """
-    grad_fn = torch.func.grad(loss_fn)
     phi, state = dict(params), rule.init(params)
     iterates, states = [phi], [state]
     for _ in range(steps):
-        phi, state = rule.step(phi, grad_fn(phi, support), state)
-        phi = dict(phi)
+        (phi, state), _ = step_body(_loss_at(loss_fn, support), rule, list(phi), state=state)(phi, [], [])
         iterates.append(phi)
         states.append(state)
     return iterates, states
+
+
+def _loss_at(loss_fn: LossFn, support: Any) -> Callable[[Params, Sequence[torch.Tensor]], torch.Tensor]:
+    """A pure loss as a step body's ``loss_at`` (no explicit η)."""
+    return lambda q, eta: loss_fn(q, support)
 
 
 class PureTrajectory:
@@ -103,20 +108,11 @@ class PureTrajectory:
     def restore(self, first: int, last: int) -> None:
         """Nothing to recompute: every iterate is stored (see :meth:`metagrad.trajectory.Trajectory.restore`)."""
 
-    def _step_fn(self, state: State) -> Callable[[Params], Params]:
-        grad_fn = torch.func.grad(self.loss_fn)
-        support, rule = self.support, self.rule
-
-        def step(phi: Params) -> Params:
-            return dict(rule.step(phi, grad_fn(phi, support), state)[0])
-
-        return step
-
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True
             ) -> tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]:
         """``(J_mᵀ u, B_mᵀ u, state adjoint)`` as :meth:`metagrad.trajectory.Trajectory.vjp`
-        defines them, by ``torch.func.vjp`` of the step at φ_m.
+        defines them, by :func:`metagrad.step.step_vjp` of the step at φ_m.
 
         Without ``state_adjoint`` the optimizer state is held constant; with it (``[]`` is
         zero) the product is through the whole step ``(φ_m, s_m) ↦ (φ_{m+1}, s_{m+1})``, its
@@ -126,42 +122,30 @@ class PureTrajectory:
         """
         if not second_order:
             return dict(u), [], None
-        phi = self._iterates[m]
-        names = list(phi)
+        leaves = pytree.tree_leaves(self._states[m])
+        carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
+        adjoint = list(state_adjoint or [])
+        s_adjoint = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(leaves[i])
+                     for i in carried]
+        body = step_body(_loss_at(self.loss_fn, self.support), self.rule, list(self.theta),
+                         state=self._states[m], carried=carried)
+        pulled, _, pulled_state, *_ = step_vjp(body, self._iterates[m], [], [leaves[i] for i in carried],
+                                              u, s_adjoint, carried)
         if state_adjoint is None:
-            _, pullback = torch.func.vjp(self._step_fn(self._states[m]), phi)
-            (pulled,) = pullback({n: u[n] for n in names})
             return dict(pulled), [], None
-        leaves, spec = pytree.tree_flatten(self._states[m])
-        varied = [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
-        grad_fn = torch.func.grad(self.loss_fn)
-        support, rule = self.support, self.rule
-
-        def whole(p: Params, moving: list[torch.Tensor]) -> tuple[Params, list[torch.Tensor]]:
-            state_leaves = list(leaves)
-            for i, t in zip(varied, moving):
-                state_leaves[i] = t
-            new_p, new_s = rule.step(p, grad_fn(p, support), pytree.tree_unflatten(state_leaves, spec))
-            new_leaves = pytree.tree_leaves(new_s)
-            return dict(new_p), [new_leaves[i] for i in varied]
-
-        (new_p, new_moving), pullback = torch.func.vjp(whole, phi, [leaves[i] for i in varied])
-        adjoint = list(state_adjoint)
-        cotangent = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(t)
-                     for i, t in zip(varied, new_moving)]
-        pulled, pulled_state = pullback(({n: u[n] for n in names}, cotangent))
         adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
-        for i, g in zip(varied, pulled_state):
+        for i, g in zip(carried, pulled_state):
             adjoint_out[i] = g
         return dict(pulled), [], adjoint_out
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
                     chunk_size: Optional[int] = None) -> tuple[Params, list[Optional[torch.Tensor]]]:
         """``J_mᵀ u_i`` for each ``m = steps[i]`` and row ``u_i`` of ``vectors`` (the state held
-        constant), in one ``torch.func.vmap`` over the stored iterates and states stacked
-        along a new first dimension (``chunk_size`` rows at a time, ``None``: all); and the
-        η sum, empty here. ``chunk_size=1`` (or a single step) computes one :meth:`vjp` at a
-        time without ``vmap``, as :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
+        constant), in one ``torch.func.vmap`` of :func:`metagrad.step.step_vjp` over the stored
+        iterates and states stacked along a new first dimension (``chunk_size`` rows at a time,
+        ``None``: all); and the η sum, empty here. ``chunk_size=1`` (or a single step) computes
+        one :meth:`vjp` at a time without ``vmap``, as
+        :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
         steps = list(steps)
         if chunk_size == 1 or len(steps) == 1:  # one product at a time, without vmap
             rows = [self.vjp(m, {n: t[i] for n, t in vectors.items()})[0] for i, m in enumerate(steps)]
@@ -169,15 +153,10 @@ class PureTrajectory:
         phis = {n: torch.stack([self._iterates[m][n] for m in steps]) for n in self.theta}
         states = pytree.tree_map(lambda *ts: torch.stack(ts) if isinstance(ts[0], torch.Tensor) else ts[0],
                                  *[self._states[m] for m in steps])
-        grad_fn = torch.func.grad(self.loss_fn)
-        support, rule = self.support, self.rule
+        loss_at, rule, names = _loss_at(self.loss_fn, self.support), self.rule, list(self.theta)
 
         def row(phi: Params, state: State, u: Params) -> Params:
-            def step(p: Params) -> Params:
-                return dict(rule.step(p, grad_fn(p, support), state)[0])
-
-            _, pullback = torch.func.vjp(step, phi)
-            return dict(pullback(u)[0])
+            return dict(step_vjp(step_body(loss_at, rule, names, state=state), phi, [], [], u, [])[0])
 
         state_dims = pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, states)
         pulled = torch.func.vmap(row, in_dims=(0, state_dims, 0), chunk_size=chunk_size)(

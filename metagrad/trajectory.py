@@ -279,7 +279,7 @@ class Trajectory:
             grads = {n: g.detach() for n, g in grads.items()}
         used = tuple(grads)
         rule_meta = self.eta.rule_holds_eta(rule, used)
-        new_params, new_state = self._update(rule, params, grads, self.tape.state, rule_meta)
+        new_params, new_state = self.update(rule, params, grads, self.tape.state, rule_meta)
         once: Optional[str] = None
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
             once = self.eta.differentiable_step(loss, inputs, rule, shape)
@@ -297,7 +297,8 @@ class Trajectory:
             if rule_meta is None:  # a new rule, or fast weights it has not updated before
                 rule_meta = self.eta.learn_rule(rule, new_params, used)
             if rule_meta:
-                self.tape.first_order[k] = new_params
+                if self.keep is not None:  # its iterate is not kept: the step-size part is this graph
+                    self.tape.first_order[k] = new_params
                 new_params, new_state = detached(new_params, new_state)
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
@@ -306,7 +307,7 @@ class Trajectory:
         self.tape.append(step, new_params, new_state)
         return loss.detach()
 
-    def _update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
+    def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
                 rule_meta: Optional[bool]) -> tuple[Params, State]:
         """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (the
         Implicit estimator's inner problem). It runs with grad enabled where the rule may hold
@@ -363,8 +364,7 @@ class Trajectory:
         """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
         taken: the frozen closure, the generator states replayed, modes and autocast as they
         were (:meth:`~metagrad.products.Products.rebuild` without ``create_graph``: only the gradient is needed), the same
-        update rule and state. The iterates between are filled in; so are the step-size graphs
-        the inner loop kept (:meth:`~metagrad.products.Products.vjp` with ``second_order=False``).
+        update rule and state. The iterates between are filled in.
 
         The replay check (MATH.md, "Replaying a step"): every recomputed loss must equal the
         recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
@@ -382,12 +382,7 @@ class Trajectory:
             with torch.enable_grad():
                 loss, grads = self.products.rebuild(m, step, leaves, create_graph=False)
             losses.append(loss.detach())
-            rule_meta = self.eta.holds(step.rule)
-            new_params, new_state = self._update(step.rule, params, grads, state, rule_meta)
-            if rule_meta:
-                if m not in self.tape.first_order:  # a snapshot keeps the inner loop's own
-                    self.tape.first_order[m] = new_params
-                new_params, new_state = detached(new_params, new_state)
+            new_params, new_state = self.update(step.rule, params, grads, state, False)
             params, state = new_params, new_state
         self.tape.restored[start] = filled
         self.tape.recomputed_steps += end - start

@@ -911,3 +911,30 @@ def test_exception_restores_hypernetwork_grads(estimator):
             F.mse_loss(meta.fmodel(x), y).backward()
             raise KeyError("inside the block")
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in hyper.parameters())
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.Checkpointed(snapshots="sqrt"), mg.Binomial(2)],
+                         ids=repr)
+def test_a_learned_step_size_keeps_no_update_graph_per_step(estimator):
+    """Meta-SGD's per-parameter step sizes as a user writes them: the inner loop of an estimator
+    that stores (or recomputes) the iterates holds no more than with a float step size (the
+    step-size part of B_k is taken from the gradient rebuilt in backward), and the step sizes
+    still get their exact gradient."""
+    from benchmarks.budget import tensor_peak
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    K = 30
+
+    def inner_loop(lr):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator) as meta:
+            peak = tensor_peak(lambda: [meta.step(lambda f: F.mse_loss(f(x), y)) for _ in range(K)])
+            F.mse_loss(meta.fmodel(x), y).backward()
+        return peak
+
+    lrs = {n: torch.full_like(p, 0.01, requires_grad=True) for n, p in model.named_parameters()}
+    learned = inner_loop(lrs)
+    fixed = inner_loop(0.01)
+    assert learned <= 1.25 * fixed, (learned, fixed)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in lrs.values())
