@@ -163,6 +163,33 @@ def test_new_tasks_of_the_same_shapes_do_not_recompile():
     assert len(compiled_cache._CACHE) == entries  # nothing new is kept per task
 
 
+def test_a_new_loss_module_per_task_does_not_recompile():
+    """Written as users write it: a new ``nn.MSELoss()`` per task, a new lambda per step. A
+    module without state is keyed by its type and settings, so the compiled step and product
+    of the first task are found again; one with other settings compiles its own."""
+    model = make_model()
+    rule = mg.optim.SGD(lr=0.05)
+
+    def run(task, criterion):
+        batches, xq, yq = task
+        model.zero_grad()
+        with mg.MetaGradient(model, rule, estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: criterion(f(x), y))
+            criterion(meta.fmodel(xq), yq).backward()
+        return meta.info["compiled"]
+
+    run(tasks(1, 3, seed=11)[0], torch.nn.MSELoss())  # compiles
+    entries = len(compiled_cache._CACHE)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for task in tasks(3, 3, seed=12):
+            counts = run(task, torch.nn.MSELoss())
+            assert counts["inner_steps"] == 2 and counts["products"] > 0, counts
+    assert len(compiled_cache._CACHE) == entries
+    run(tasks(1, 3, seed=13)[0], torch.nn.MSELoss(reduction="sum"))  # other settings: its own entries
+    assert len(compiled_cache._CACHE) > entries
+
+
 def test_a_closure_that_cannot_be_compiled_runs_eagerly_with_one_warning(capsys):
     model = make_model()
     batches, xq, yq = tasks(1, 3, seed=7)[0]
