@@ -30,7 +30,7 @@ from .discovery import graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "rule_with", "rule_tensors", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -95,7 +95,8 @@ def autograd_gradient(step: int, used: Optional[Sequence[str]] = None, *, create
 
 
 def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: State,
-              carried: Sequence[int] = (), gradient: Gradient = functional_gradient) -> Body:
+              carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
+              rule_eta: Optional[Mapping[int, int]] = None) -> Body:
     """The one body of an inner step, ``Φ(φ, s; η) = rule(φ, ∇_φ ℓ(φ; η), s)``.
 
     ``body(φ, η, s)`` takes the fast weights, the explicit η ``loss_at`` reads, and the
@@ -104,7 +105,8 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     for the fast weights in ``used`` (the rule leaves the others as they are). The new state
     may have more leaves than ``state`` (a rule whose state starts empty).
     ``gradient`` takes the inner gradient: ``torch.func``'s (the default) under a transform,
-    :func:`autograd_gradient` eagerly."""
+    :func:`autograd_gradient` eagerly. ``rule_eta`` maps the id of a tensor the rule holds (a
+    step size) to its index in η: the body's rule holds ``η[k]`` there (:func:`rule_with`)."""
     leaves, spec = pytree.tree_flatten(state)
 
     def body(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
@@ -113,10 +115,39 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
         full = list(leaves)
         for i, t in zip(carried, s):
             full[i] = t
-        new_q, new_s = rule.step(q, grads, pytree.tree_unflatten(full, spec))
+        step_rule = rule if not rule_eta else rule_with(rule, {i: eta[k] for i, k in rule_eta.items()})
+        new_q, new_s = step_rule.step(q, grads, pytree.tree_unflatten(full, spec))
         return (dict(new_q), new_s), (loss, grads)
 
     return body
+
+
+def held(gradient: Gradient) -> Gradient:
+    """``gradient`` held constant (detached): the step with ``J`` taken as the identity in the
+    gradient, whose η part is then only the rule's (MATH.md's table, FirstOrder)."""
+    def constant(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, torch.Tensor]:
+        grads, loss = gradient(loss_of, w)
+        return {n: g.detach() for n, g in grads.items()}, loss
+    return constant
+
+
+def rule_tensors(rule: Any) -> list[torch.Tensor]:
+    """The tensors among a rule's hyperparameters (a step size, per-parameter step sizes)."""
+    return [leaf for leaf in pytree.tree_leaves(dict(getattr(rule, "__dict__", {})))
+            if isinstance(leaf, torch.Tensor)]
+
+
+def rule_with(rule: Any, replace: Mapping[int, torch.Tensor]) -> Any:
+    """A shallow copy of ``rule`` whose hyperparameter tensors with an id in ``replace`` are
+    swapped for the tensor given there (``rule`` itself where none is)."""
+    attributes = getattr(rule, "__dict__", None)
+    if not attributes or not any(id(t) in replace for t in rule_tensors(rule)):
+        return rule
+    out = copy.copy(rule)
+    for name, value in attributes.items():
+        setattr(out, name, pytree.tree_map(
+            lambda leaf: replace.get(id(leaf), leaf) if isinstance(leaf, torch.Tensor) else leaf, value))
+    return out
 
 
 def with_eta(loss: Callable[[Params, Params, list[torch.Tensor]], torch.Tensor], captured: Sequence[torch.Tensor],

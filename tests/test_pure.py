@@ -222,7 +222,7 @@ def test_monitored_binomial_really_fails_under_vmap():
     from metagrad.pure import PureTrajectory
 
     def monitored(support, query):
-        trajectory = PureTrajectory(loss_fn, theta(), support, mg.optim.SGD(lr=LR), K)
+        trajectory = PureTrajectory(lambda phi, eta: loss_fn(phi, support), theta(), mg.optim.SGD(lr=LR), K)
         v = torch.func.grad(lambda phi: loss_fn(phi, query))(trajectory.current)
         return mg.Binomial(2).backward(trajectory, K, dict(v))[0]
 

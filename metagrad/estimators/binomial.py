@@ -223,7 +223,7 @@ class Binomial(Estimator):
         u, meta, products, spans, block_norms = expand(
             trajectory, steps, v, order, self.block, chunk,  # type: ignore[arg-type]
             grouping_levels=bool(self.monitor or trajectory.meta),  # η needs the adjoint at every step
-            piecewise=not self.snapshots)
+            piecewise=not self.snapshots, measured=bool(self.monitor))
         info = fixed_order_info(steps, order, self.block, u, products, spans,  # type: ignore[arg-type]
                                 block_norms, self.monitor)
         return u, meta, info

@@ -74,7 +74,7 @@ def spans(steps: int, block: Optional[int]) -> list[Span]:
 
 
 def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Optional[int],
-           chunk_size: Optional[int], *, grouping_levels: bool, piecewise: bool
+           chunk_size: Optional[int], *, grouping_levels: bool, piecewise: bool, measured: bool = True
            ) -> tuple[Params, MetaGrads, int, list[Span], list[BlockNorms]]:
     """(2) at a fixed ``order`` within blocks of ``block`` steps (``None``: one block), chained
     exactly from the last block to the first: the estimate, the η-gradient, the number of
@@ -92,7 +92,7 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
         trajectory.restore(*span)  # with snapshots: recompute the block's iterates, once
         if grouping_levels:
             u_next, norms, used, _, more = levels(trajectory, span, u, kept, chunk_size,
-                                                  piecewise=piecewise)
+                                                  piecewise=piecewise, measured=measured)
             block_norms.append((norms, u, kept, span))
             meta = add_meta(meta, more)
         else:
@@ -102,10 +102,12 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
 
 
 def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
-           *, guard: Optional[Guard] = None, piecewise: bool = True
+           *, guard: Optional[Guard] = None, piecewise: bool = True, measured: bool = True
            ) -> tuple[Params, list[float], int, str, MetaGrads]:
     """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
-    level norms ``[‖T_1‖, …]``, the number of products, why it stopped, and the η-gradient.
+    level norms ``[‖T_1‖, …]`` (read back as Python floats: none unless ``measured`` or a
+    ``guard`` needs them, so that it runs under ``torch.func.vmap``), the number of products,
+    why it stopped, and the η-gradient.
 
     With a ``guard``, stops early where it says ``"converged"`` or ``"diverged"``; otherwise
     after ``order`` levels ("limit").
@@ -146,7 +148,8 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
         _suffix_sum_(buffer, rows, rows if chunk_size is None else chunk_size)
         level_sum = {n: t[0] for n, t in buffer.items()}  # T_j
         g = {n: g[n] + level_sum[n] for n in g}
-        norms.append(norm(level_sum))
+        if measured or guard is not None:
+            norms.append(norm(level_sum))
         if guard is not None:
             stop = guard(norms, g, v)
         if stop != "limit" or level == order:

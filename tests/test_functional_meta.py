@@ -1,0 +1,172 @@
+"""Meta-parameters η in the functional face: ``mg.functional.meta_grad(..., meta=...)``.
+
+A learned weight decay inside the loss and Meta-SGD's per-parameter step sizes held by the
+update rule, in float64, against a plain hand-unrolled autograd loop written here (MATH.md's
+table: exact estimators differentiate every step; FirstOrder holds every inner gradient
+constant; Truncated(T) holds the gradients of all but the last T steps constant, so η gets
+only the step-size part there), for one task and under ``torch.func.vmap`` over tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+import metagrad as mg
+
+DT = torch.float64
+TOL = 1e-10
+
+
+def make_model(width: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)).to(DT)
+
+
+MODEL = make_model()
+
+
+def data(seed: int, n: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, dtype=DT)
+    return x, torch.sin(3 * x.sum(1, keepdim=True))
+
+
+def loss_fn(params, batch, meta):
+    """The user's loss: mean squared error plus a learned L2 penalty exp(log_wd)·‖φ‖²."""
+    x, y = batch
+    fit = ((functional_call(MODEL, params, (x,)) - y) ** 2).mean()
+    return fit + meta["log_wd"].exp() * sum((p ** 2).sum() for p in params.values())
+
+
+def theta():
+    return {n: p.detach().clone() for n, p in MODEL.named_parameters()}
+
+
+def meta_parameters(lr: float = 0.1):
+    return {"log_wd": torch.tensor(-3.0, dtype=DT),
+            "lr": {n: torch.full_like(p, lr) for n, p in MODEL.named_parameters()}}
+
+
+def hand_unrolled(support, query, K, held_until=0, lr=0.1):
+    """The meta-gradient of θ, log_wd and the step sizes by a plain create_graph unroll; the
+    gradients of steps k < held_until are detached (held constant)."""
+    th = {n: t.requires_grad_() for n, t in theta().items()}
+    meta = meta_parameters(lr)
+    leaves = [meta["log_wd"], *meta["lr"].values()]
+    for t in leaves:
+        t.requires_grad_()
+    phi = dict(th)
+    for k in range(K):
+        loss = loss_fn(phi, support, meta)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=k >= held_until)
+        if k < held_until:
+            grads = [g.detach() for g in grads]
+        phi = {n: phi[n] - meta["lr"][n] * g for n, g in zip(phi, grads)}
+    inputs = [*th.values(), *leaves]
+    out = torch.autograd.grad(loss_fn(phi, query, meta), inputs, allow_unused=True)
+    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for g, t in zip(out, inputs)])
+
+
+def flat(g, g_meta):
+    return torch.cat([t.reshape(-1) for t in [*g.values(), g_meta["log_wd"], *g_meta["lr"].values()]])
+
+
+def functional(estimator, support, query, K, lr=0.1):
+    meta = meta_parameters(lr)
+    return flat(*mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=meta["lr"]),
+                                         steps=K, estimator=estimator, meta=meta))
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+EXACT = [mg.Full(), mg.Checkpointed(), lambda K: mg.Truncated(K), lambda K: mg.Binomial(K, monitor=False),
+         lambda K: mg.Binomial(K, monitor=False, chunk_size=1)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(K=st.integers(0, 4), lr=st.floats(0.02, 0.3), seed=st.integers(0, 100),
+       which=st.integers(0, len(EXACT) - 1))
+def test_exact_estimators_equal_a_hand_unroll_for_every_meta_parameter(K, lr, seed, which):
+    support, query = data(seed), data(seed + 1)
+    estimator = EXACT[which] if isinstance(EXACT[which], mg.Estimator) else EXACT[which](K)
+    got = functional(estimator, support, query, K, lr)
+    assert relative(got, hand_unrolled(support, query, K, lr=lr)) < TOL
+
+
+@pytest.mark.parametrize("K,T", [(4, 0), (4, 1), (4, 2), (3, 3)])
+def test_truncated_and_first_order_hold_the_earlier_gradients_constant(K, T):
+    support, query = data(3), data(4)
+    expected = hand_unrolled(support, query, K, held_until=K - T)
+    if T:
+        got = functional(mg.Truncated(T), support, query, K)
+    else:  # the weight decay gets its direct gradient only, and a warning says so
+        with pytest.warns(mg.MetaGradientWarning, match="log_wd"):
+            got = functional(mg.FirstOrder(), support, query, K)
+    assert relative(got, expected) < TOL
+
+
+def test_meta_gradients_under_vmap_over_tasks():
+    """A meta-batch of 3 tasks in one vmapped call, η shared (in_dims=None): each row equals
+    that task alone."""
+    supports = [data(10 + i) for i in range(3)]
+    queries = [data(20 + i) for i in range(3)]
+    meta = meta_parameters()
+    rule = mg.optim.SGD(lr=meta["lr"])
+    for estimator in (mg.Checkpointed(), mg.Binomial(3, monitor=False), mg.Full()):
+        one = functools.partial(mg.functional.meta_grad, loss_fn, inner_opt=rule, steps=3,
+                                estimator=estimator, meta=meta)
+        stack = lambda batches: tuple(torch.stack(t) for t in zip(*batches))  # noqa: E731
+        g, g_meta = torch.func.vmap(one, in_dims=(None, 0, 0))(theta(), stack(supports), stack(queries))
+        for i in range(3):
+            alone = hand_unrolled(supports[i], queries[i], 3)
+            row = flat({n: t[i] for n, t in g.items()},
+                       {"log_wd": g_meta["log_wd"][i], "lr": {n: t[i] for n, t in g_meta["lr"].items()}})
+            assert relative(row, alone) < TOL, estimator
+
+
+def test_without_meta_the_result_is_the_theta_gradient_alone():
+    support, query = data(5), data(6)
+    g = mg.functional.meta_grad(lambda p, b: loss_fn(p, b, meta_parameters()), theta(), support, query,
+                                inner_opt=mg.optim.SGD(lr=0.1), steps=2, estimator=mg.Checkpointed())
+    assert isinstance(g, dict) and set(g) == set(theta())
+
+
+@pytest.mark.parametrize("meta,error,match", [
+    ({}, ValueError, "meta: holds no tensor"),
+    ({"wd": 0.1}, TypeError, r"meta: meta\['wd'\] is float"),
+    ({"n": torch.tensor(3)}, TypeError, "floating-point"),
+])
+def test_bad_meta_names_the_argument(meta, error, match):
+    with pytest.raises(error, match=match):
+        mg.functional.meta_grad(loss_fn, theta(), data(1), data(2), inner_opt=mg.optim.SGD(lr=0.1), steps=1,
+                                meta=meta)
+
+
+@pytest.mark.parametrize("estimator", [mg.Binomial(2, monitor=False), mg.Binomial(1, block=2, monitor=False),
+                                       mg.Truncated(2)], ids=repr)
+def test_both_faces_give_the_same_approximation(estimator):
+    """The approximate estimators' η-gradients (MATH.md's table, checked against dense
+    references in tests/estimators/test_meta_parameters.py for the context manager) are the
+    same in the functional face."""
+    support, query = data(7), data(8)
+    K = 4
+    model = make_model()
+    meta = meta_parameters()
+    leaves = [meta["log_wd"], *meta["lr"].values()]
+    for t in leaves:
+        t.requires_grad_()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=meta["lr"]), estimator=estimator) as block:
+        for _ in range(K):
+            block.step(lambda f: loss_fn(dict(f.named_parameters()), support, meta))
+        loss_fn(dict(block.fmodel.named_parameters()), query, meta).backward()
+    expected = torch.cat([t.grad.reshape(-1) for t in [*model.parameters(), *leaves]])
+    assert relative(functional(estimator, support, query, K), expected) < TOL
