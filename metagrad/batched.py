@@ -100,7 +100,7 @@ class Batched:
         if tr.replay_rtol is not None:
             nexts = [tr.iterate(m + 1) for m in steps]
             names = list(tr.theta)
-            recorded = torch.stack([s.loss for s in chunk])  # type: ignore[misc]
+            recorded = torch.stack([s.loss for s in chunk])
             failed = check_step(steps, [rebuilt[n] for n in names],
                                 [torch.stack([nxt[n] for nxt in nexts]) for n in names],
                                 [torch.stack([s.params[n] for s in chunk]) for n in names], tr.replay_rtol,
@@ -113,7 +113,8 @@ class Batched:
                 pulled = {n: t.clone() for n, t in pulled.items()}
                 for row_index in failed:
                     for k, i in enumerate(explicit):
-                        meta[i] = meta[i] - pulled_eta[k][row_index]  # type: ignore[operator]
+                        total = meta[i]
+                        meta[i] = None if total is None else total - pulled_eta[k][row_index]
                     alone, more, _ = self.products.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
                     for n in pulled:
                         pulled[n][row_index] = alone[n]
@@ -128,10 +129,10 @@ class Batched:
         return pulled, meta
 
     def rows(self, steps: list[int], chunk: list[StepRecord], states: State, u: Params
-                      ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, list[int]]:
-        """The rows of :meth:`_vmapped_vjp` by one eager ``torch.func.vmap`` call: ``J_mᵀu_i``,
-        ``B_mᵀu_i`` per explicit η (per row), the rebuilt ``Φ_m(φ_m)`` and losses, and the
-        indices of those η in :attr:`meta`."""
+             ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int]]:
+        """The rows of :meth:`vmapped_vjp` by one eager ``torch.func.vmap`` of the step's VJP
+        (:func:`metagrad.step.step_vjp`): ``J_mᵀu_i``, ``B_mᵀu_i`` per explicit η (per row),
+        the rebuilt ``Φ_m(φ_m)``, losses and gradients, and the indices of those η in ``meta``."""
         tr = self.trajectory
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
@@ -146,8 +147,8 @@ class Batched:
         eta_params = {where[i][1]: k for k, i in enumerate(explicit) if where[i][0] == "param"}
         # The captured tensors that differ between the chunk's steps are batched inputs.
         varying = [j for j, (_, tensor) in enumerate(template.tensors)
-                   if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:])]  # type: ignore[union-attr]
-        captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) if j in varying  # type: ignore[union-attr]
+                   if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:])]
+        captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying
                     else t for j, (_, t) in enumerate(template.tensors)]
         params = {n: torch.stack([s.params[n] for s in chunk]) for n in tr.theta}
         model_at = tr.model_at

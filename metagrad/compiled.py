@@ -237,7 +237,7 @@ class Compiler:
             if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
                 step.closure.compiled = "inner"
         varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
-                        if any(s.closure.tensors[j][1] is not tensor for s in chunk[1:]))  # type: ignore[union-attr]
+                        if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
         leaves, spec = pytree.tree_flatten(state)
         carry = state_adjoint is not None
         memo = (first.batch_key(), batched, varying, carry, str(spec))
@@ -250,7 +250,7 @@ class Compiler:
         eta = [trajectory.meta[i].detach() for i in explicit]
         if batched:
             params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
-            captured = [torch.stack([s.closure.tensors[j][1] for s in chunk]) if j in varying  # type: ignore[union-attr]
+            captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying
                         else t for j, (_, t) in enumerate(template.tensors)]
         else:
             params = first.params
@@ -269,7 +269,7 @@ class Compiler:
             return None
         self.counts["products"] += len(steps)
         for step in chunk:
-            step.closure.compiled = "product"  # type: ignore[union-attr]
+            step.frozen().compiled = "product"
         state_out: Optional[list[Any]] = None
         if carry:
             state_out = [None] * len(leaves)
@@ -349,7 +349,7 @@ class Compiler:
             compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False)
             # The key names objects by identity: the entry keeps them alive, so no other
             # object can take their identity while it is cached.
-            compiled._metagrad_closure = template  # type: ignore[attr-defined]
+            setattr(compiled, "_metagrad_closure", template)
             return compiled
 
         try:

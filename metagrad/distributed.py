@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -118,7 +118,7 @@ def shard(sequence: SequenceT, group: Optional[ProcessGroup] = None) -> Sequence
     base, extra = divmod(len(sequence), world)
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
-    return sequence[start:stop]  # type: ignore[return-value]
+    return cast(SequenceT, sequence[start:stop])  # a slice of a list, tuple, range or tensor is one
 
 
 def average_gradients(

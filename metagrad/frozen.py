@@ -144,11 +144,11 @@ class Frozen:
         module = args[0].module if args and isinstance(args[0], FunctionalModel) else None
         before = None if module is None else _buffer_versions(module)
         out = self._function(self._values)(*args, **kwargs)
-        if before is not None:
-            after = _buffer_versions(module)  # type: ignore[arg-type]
+        if module is not None and before is not None:
+            after = _buffer_versions(module)
             written = [name for name, version in after.items() if before.get(name) != version]
             if written:
-                self.written = (module, written)  # type: ignore[assignment]
+                self.written = (module, written)
         return out
 
     def _function(self, flat: list[Any]) -> Callable[..., Any]:
@@ -427,7 +427,7 @@ class RandomState:
         self.others = _overlapping(self.thread, self.start)
         if not torch.equal(self.cpu, cpu):
             return True
-        return cuda is not None and not torch.equal(self.cuda[1], cuda)  # type: ignore[index]
+        return self.cuda is not None and cuda is not None and not torch.equal(self.cuda[1], cuda)
 
     def restore(self) -> None:
         """Put the generators back to these states."""

@@ -113,7 +113,7 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     with torch.no_grad():
         trajectory = PureTrajectory(inner, theta, inner_opt, steps, eta, names)
         v, direct = torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
-        g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))  # type: ignore[arg-type]
+        g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]
     return _result({n: g[n] for n in theta}, total, meta, spec)
 

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
 from .update_rule import Params
 from .replay import ReplayError, check_step, refuse_twice
-from .step import (Hessian, StepRecord, autocast_dtype, autograd_gradient, loss_grads, step_body,
+from .step import (Hessian, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
@@ -125,7 +125,7 @@ class Products:
         check_step(steps, [torch.stack([r[n] for _, r, _ in pending]) for n in names],
                    [torch.stack([t[n] for t in nexts]) for n in names],
                    [torch.stack([t[n] for t in starts]) for n in names], tr.replay_rtol,
-                   losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),  # type: ignore[arg-type]
+                   losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),
                    closures=[tr._step(m).closure for m in steps])
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
@@ -174,7 +174,7 @@ class Products:
         with torch.enable_grad():
             if step.graph is not None:  # taken from a given loss: its gradient's graph was kept
                 params, kept = step.graph
-                gradient = lambda loss_of, w: (kept, None)  # noqa: E731
+                gradient = kept_gradient(kept)
             else:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
                 gradient = autograd_gradient(m, step.used)
@@ -301,7 +301,7 @@ class Products:
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
                     self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
-                loss = step.closure(tr.model_at(params))  # type: ignore[misc]
+                loss = step.frozen()(tr.model_at(params))
                 grads = loss_grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
         finally:

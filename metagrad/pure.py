@@ -41,6 +41,10 @@ def _is_float_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
+def _or_zeros(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t
+
+
 def unroll(loss_at: LossAt, params: Params, rule: UpdateRule, steps: int,
            eta: Sequence[torch.Tensor] = (), rule_eta: Optional[dict[int, int]] = None
            ) -> tuple[list[Params], list[State]]:
@@ -138,8 +142,7 @@ class PureTrajectory:
         leaves = pytree.tree_leaves(self._states[m])
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
-        s_adjoint = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(leaves[i])
-                     for i in carried]
+        s_adjoint = [_or_zeros(adjoint[i] if i < len(adjoint) else None, leaves[i]) for i in carried]
         pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self._states[m], carried), self._iterates[m],
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
                                                         carried)
@@ -160,7 +163,8 @@ class PureTrajectory:
         :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
         steps = list(steps)
         if chunk_size == 1 or len(steps) == 1:  # one product at a time, without vmap
-            rows, meta = [], []
+            rows: list[Params] = []
+            meta: list[Optional[torch.Tensor]] = []
             for i, m in enumerate(steps):
                 pulled, more, _ = self.vjp(m, {n: t[i] for n, t in vectors.items()})
                 rows.append(pulled)

@@ -65,20 +65,21 @@ class Schedule:
         """The most snapshots that may be stored at ``stride`` before it doubles."""
         if self.capacity == "sqrt":
             return 2 * stride
-        if self.iterate_bytes is not None:
-            room = _room(self.max_bytes, self.iterate_bytes) - max(stride - 1, 1)  # type: ignore[arg-type]
+        if self.iterate_bytes is not None and self.max_bytes is not None:
+            room = _room(self.max_bytes, self.iterate_bytes) - max(stride - 1, 1)
             if room < 1:
                 self._refuse()
             return room
-        return math.inf if self.capacity is None else self.capacity  # type: ignore[return-value]
+        return math.inf if not isinstance(self.capacity, int) else self.capacity
 
     def for_bytes(self, iterate_bytes: int) -> "Schedule":
         """The schedule a byte budget gives for iterates of this size (known at the first step);
         a budget below ``1 + RESERVE`` iterates is refused with a :class:`ValueError`."""
         if self.max_bytes is None:
             return self
-        schedule = Schedule(stride=self.stride, max_bytes=self.max_bytes, iterate_bytes=max(iterate_bytes, 1))
-        if _room(self.max_bytes, schedule.iterate_bytes) < 1:  # type: ignore[arg-type]
+        size = max(iterate_bytes, 1)
+        schedule = Schedule(stride=self.stride, max_bytes=self.max_bytes, iterate_bytes=size)
+        if _room(self.max_bytes, size) < 1:
             schedule._refuse(steps=1)
         return schedule
 

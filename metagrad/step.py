@@ -30,7 +30,7 @@ from .discovery import graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "rule_with", "rule_tensors", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "kept_gradient", "rule_with", "rule_tensors", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -45,11 +45,11 @@ class StepRecord:
     closure: Optional[Frozen]
     #: The update rule this step used (the trajectory's, unless a step was given its own).
     rule: UpdateRule
+    #: The step's loss, detached, as recorded (for the replay check).
+    loss: torch.Tensor
     #: The names of the fast weights the step's loss depends on; the others were left as
     #: they were (the update rule skips a parameter without a gradient).
     used: tuple[str, ...] = ()
-    #: The step's loss, detached, as recorded (for the replay check).
-    loss: Optional[torch.Tensor] = None
     #: The generator states the closure started from, if it drew random numbers.
     rng: Optional[RandomState] = None
     #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
@@ -62,6 +62,12 @@ class StepRecord:
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
 
+    def frozen(self) -> Frozen:
+        """The frozen closure of a step taken from a closure (rebuilt on demand)."""
+        if self.closure is None:
+            raise RuntimeError("a step taken from a loss tensor has no closure to rebuild it from.")
+        return self.closure
+
     def batch_key(self) -> Optional[tuple[Any, ...]]:
         """Steps with equal keys can be rebuilt in one vmapped call; ``None``: only alone."""
         if self.graph is not None or self.rng is not None or self.closure is None:
@@ -69,16 +75,18 @@ class StepRecord:
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 
 
-#: ``gradient(loss_of, w) -> (∇loss_of(w), loss_of(w))``: how a step body takes its inner gradient.
-Gradient = Callable[[Callable[[Params], torch.Tensor], Params], tuple[Params, torch.Tensor]]
+#: ``gradient(loss_of, w) -> (∇loss_of(w), loss_of(w))``: how a step body takes its inner gradient
+#: (the loss ``None`` where the gradient was kept from the inner loop, :func:`kept_gradient`).
+Gradient = Callable[[Callable[[Params], torch.Tensor], Params], tuple[Params, Optional[torch.Tensor]]]
 #: ``loss_at(φ, η) -> scalar``: a step's inner loss at fast weights φ and explicit η.
 LossAt = Callable[[Params, Sequence[torch.Tensor]], torch.Tensor]
 #: A step body: ``(φ, η, carried state leaves) -> ((Φ(φ), the new state), (loss, ∇loss))``.
 Body = Callable[[Params, Sequence[torch.Tensor], Sequence[torch.Tensor]],
-                tuple[tuple[Params, State], tuple[torch.Tensor, Params]]]
+                tuple[tuple[Params, State], tuple[Optional[torch.Tensor], Params]]]
 
 
-def functional_gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, torch.Tensor]:
+def functional_gradient(loss_of: Callable[[Params], torch.Tensor], w: Params
+                        ) -> tuple[Params, Optional[torch.Tensor]]:
     """The gradient under ``torch.func`` transforms (:func:`step_vjp`, vmapped, compiled)."""
     grads, loss = torch.func.grad_and_value(loss_of)(w)
     return grads, loss
@@ -88,7 +96,7 @@ def autograd_gradient(step: int, used: Optional[Sequence[str]] = None, *, create
     """The gradient by ``torch.autograd.grad`` with its graph (``create_graph``), for the
     eager product, which differentiates the body again with autograd (:func:`loss_grads`:
     ``w`` must be leaves that require grad)."""
-    def gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, torch.Tensor]:
+    def gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
         loss = loss_of(w)
         return loss_grads(loss, w, create_graph=create_graph, step=step, used=used), loss
     return gradient
@@ -110,7 +118,7 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     leaves, spec = pytree.tree_flatten(state)
 
     def body(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
-             ) -> tuple[tuple[Params, list[torch.Tensor]], tuple[torch.Tensor, Params]]:
+             ) -> tuple[tuple[Params, State], tuple[Optional[torch.Tensor], Params]]:
         grads, loss = gradient(lambda w: loss_at({**q, **w}, eta), {n: q[n] for n in used})
         full = list(leaves)
         for i, t in zip(carried, s):
@@ -122,10 +130,18 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     return body
 
 
+def kept_gradient(grads: Params) -> Gradient:
+    """The gradient the inner loop kept with its graph (a step taken from a given loss), for
+    the eager product; no loss is known."""
+    def gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
+        return grads, None
+    return gradient
+
+
 def held(gradient: Gradient) -> Gradient:
     """``gradient`` held constant (detached): the step with ``J`` taken as the identity in the
     gradient, whose η part is then only the rule's (MATH.md's table, FirstOrder)."""
-    def constant(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, torch.Tensor]:
+    def constant(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
         grads, loss = gradient(loss_of, w)
         return {n: g.detach() for n, g in grads.items()}, loss
     return constant
@@ -178,7 +194,8 @@ def step_vjp(body: Body, q: Params, eta: Sequence[torch.Tensor], s: Sequence[tor
         new_leaves = pytree.tree_leaves(new_s)
         return (new_q, [new_leaves[i] for i in carried]), aux
 
-    (new, _), pullback, (loss, grads) = torch.func.vjp(selected, q, list(eta), list(s), has_aux=True)
+    out: Any = torch.func.vjp(selected, q, list(eta), list(s), has_aux=True)
+    (new, _), pullback, (loss, grads) = out[0], out[1], out[2]
     pulled_q, pulled_eta, pulled_s = pullback(({n: u[n] for n in new}, list(s_adjoint)))
     return pulled_q, pulled_eta, pulled_s, new, loss, grads
 

@@ -222,8 +222,9 @@ class Trajectory:
             rng = RandomState.capture(self.device)
         grads = None
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
-        if self.compiler is not None and seen is not None and not seen.once and not seen.random:
-            out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)  # type: ignore[union-attr]
+        if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
+                and not seen.random:
+            out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
             if out is not None and rng is not None and rng.changed():
                 # It drew random numbers inside compiled code, which an eager replay cannot
                 # reproduce: the step is taken again eagerly, from the same generator states.
@@ -390,7 +391,7 @@ class Trajectory:
             return
         steps = list(range(start, end))
         closures = [self.tape.steps[m].closure for m in steps]
-        check_losses(steps, torch.stack(losses), torch.stack([self.tape.steps[m].loss for m in steps]),  # type: ignore[misc]
+        check_losses(steps, torch.stack(losses), torch.stack([self.tape.steps[m].loss for m in steps]),
                      self.replay_rtol, closures=closures, recomputed_from=start)
         names = list(self.theta)
         stored, before = self.iterate(end), self.iterate(end - 1)
@@ -475,9 +476,10 @@ class _ParameterIds:
     (needed only where a step's loss reaches none of the fast weights)."""
 
     def __init__(self, module: torch.nn.Module, names: Params) -> None:
-        self._module, self._names, self._ids = module, names, None
+        self._module, self._names = module, names
+        self._ids: Optional[set[int]] = None
 
-    def __contains__(self, key: int) -> bool:
+    def __contains__(self, key: object) -> bool:
         if self._ids is None:
             self._ids = {id(p) for n, p in self._module.named_parameters() if n in self._names}
         return key in self._ids

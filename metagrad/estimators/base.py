@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import torch
 
@@ -41,8 +41,11 @@ class Estimator(abc.ABC):
     differentiable: bool = False
     #: The estimate is the exact meta-gradient (MATH.md (1), (3)) for every problem.
     exact: bool = False
-    #: λ of a proximal term ``(λ/2)‖φ − θ‖²`` the inner loop adds to every step's loss.
-    proximal: Optional[float] = None
+    @property
+    def proximal(self) -> Optional[float]:
+        """λ of a proximal term ``(λ/2)‖φ − θ‖²`` the inner loop adds to every step's loss, or
+        ``None``."""
+        return None
     #: It rebuilds the last inner step from its closure, which a step taken from a loss tensor
     #: (:meth:`MetaGradient.step_from_loss <metagrad.MetaGradient.step_from_loss>`) lacks.
     needs_closure: bool = False
@@ -103,6 +106,10 @@ class Estimator(abc.ABC):
         return hash((type(self), tuple(sorted(vars(self).items()))))
 
 
+@overload
+def check_count(value: Any, argument: str, *, minimum: int, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool) -> Optional[int]: ...
 def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> Optional[int]:
     """Validate an integer argument; the error names it, the value and what is accepted."""
     if value is None and allow_none:

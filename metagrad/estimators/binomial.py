@@ -188,7 +188,8 @@ class Binomial(Estimator):
         return super().why_not_pure()
 
     def snapshot_schedule(self) -> Optional[Schedule]:
-        return Schedule(stride=self.block) if self.snapshots else None  # type: ignore[arg-type]
+        # (snapshots need an integer block: __init__)
+        return Schedule(stride=self.block) if self.snapshots and isinstance(self.block, int) else None
 
     def __repr__(self) -> str:
         block = "" if self.block is None else f", block={self.block!r}"
@@ -219,19 +220,20 @@ class Binomial(Estimator):
                                                chunk, shrink=True)
                 return g, meta, info
             return self._auto(trajectory, steps, v, chunk)
-        order = clamp_to_steps(self.order, steps, "Binomial", "order")  # type: ignore[arg-type]
+        fixed, block = self.order, self.block
+        assert isinstance(fixed, int) and not isinstance(block, str)  # block="auto" needs order="auto"
+        order = clamp_to_steps(fixed, steps, "Binomial", "order")
         u, meta, products, spans, block_norms = expand(
-            trajectory, steps, v, order, self.block, chunk,  # type: ignore[arg-type]
+            trajectory, steps, v, order, block, chunk,
             grouping_levels=bool(self.monitor or trajectory.meta),  # η needs the adjoint at every step
             piecewise=not self.snapshots, measured=bool(self.monitor))
-        info = fixed_order_info(steps, order, self.block, u, products, spans,  # type: ignore[arg-type]
-                                block_norms, self.monitor)
+        info = fixed_order_info(steps, order, block, u, products, spans, block_norms, self.monitor)
         return u, meta, info
 
     def _auto(self, trajectory: Trajectory, steps: int, v: Params,
               chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        if self.block is not None and self.block < steps:  # fixed blocks: every one must converge
-            g, info, failed, meta = auto_blocks(trajectory, steps, v, self.block, self.rtol,  # type: ignore[arg-type]
+        if isinstance(self.block, int) and self.block < steps:  # fixed blocks: every one must converge
+            g, info, failed, meta = auto_blocks(trajectory, steps, v, self.block, self.rtol,
                                                 self.max_order, chunk, shrink=False)
             if failed is None:
                 return g, meta, info

@@ -104,7 +104,8 @@ def auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: 
     as the failure. The levels of a rejected attempt count in ``depth`` and
     ``hessian_vector_products``.
     """
-    u, last, meta = dict(v), steps, []
+    u, last = dict(v), steps
+    meta: MetaGrads = []
     spans, orders, all_norms = [], [], []
     products, depth, estimate, attempts = 0, 0, 0.0, 0
     failed: Optional[Span] = None

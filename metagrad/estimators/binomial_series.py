@@ -86,7 +86,8 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
     ``piecewise`` is False when the iterates are recomputed from snapshots (see
     :func:`_products`)."""
     blocks = spans(steps, block)
-    u, products, block_norms, meta = dict(v), 0, [], []
+    u, products, block_norms = dict(v), 0, []
+    meta: MetaGrads = []
     for span in blocks:
         kept = min(order, span[1] - span[0])
         trajectory.restore(*span)  # with snapshots: recompute the block's iterates, once

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import torch
+
 from ..memory import parse_bytes
 from ..update_rule import Params
 from ..snapshots import Schedule
@@ -105,7 +107,8 @@ class Checkpointed(Estimator):
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        u, state_adjoint = dict(v), []  # the query does not depend on the optimizer state
+        u = dict(v)
+        state_adjoint: Optional[list[Optional[torch.Tensor]]] = []  # the query does not depend on the state
         meta: MetaGrads = []
         # Each rebuilt step's replay check is queued (Trajectory.verify runs the queue): a batch
         # of checks holds about CHECK_ROWS vectors per step, so it is kept below CHECK_BYTES, and

@@ -80,7 +80,7 @@ class Implicit(Estimator):
     needs_closure = True
 
     @property
-    def proximal(self) -> Optional[float]:  # type: ignore[override]
+    def proximal(self) -> Optional[float]:
         return self.reg
 
     def why_not_pure(self) -> Optional[str]:
@@ -99,8 +99,10 @@ class Implicit(Estimator):
         hessian = trajectory.hessian_operator(steps)  # the one graph, at φ_K
         x, solve = SOLVERS[self.solver](hessian, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
         mixed = hessian.mixed(x) if steps > 0 else {}
-        meta: MetaGrads = [None if mixed.get(id(t)) is None else -mixed[id(t)] / self.reg  # type: ignore[operator]
-                           for t in trajectory.meta]
+        meta: MetaGrads = []
+        for t in trajectory.meta:
+            part = mixed.get(id(t))
+            meta.append(None if part is None else -part / self.reg)
         step_sizes = [trajectory.meta_names[i] for i in sorted(trajectory.rule_meta)]
         if step_sizes:
             warn(

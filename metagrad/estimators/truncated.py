@@ -36,7 +36,8 @@ class Truncated(Estimator):
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
-        u, meta = dict(v), []
+        u = dict(v)
+        meta: MetaGrads = []
         for m in reversed(range(steps - kept, steps)):
             u, grads, _ = trajectory.vjp(m, u)  # the optimizer state held constant
             meta = add_meta(meta, grads)
