@@ -2,6 +2,8 @@
 
 ``adapt`` names the fast weights: parameter names, Parameter objects or submodules of the
 model. The others that require grad stay fixed during the inner loop and are meta-parameters.
+Where none of the adapted parameters requires grad, θ is fixed: the inner loop adapts them
+from their values and only meta-parameters are learned.
 """
 
 from __future__ import annotations
@@ -97,18 +99,16 @@ def _described(value: Any) -> str:
 
 def check_adapted_require_grad(adapt: Optional[frozenset[str]], model: torch.nn.Module) -> None:
     """At block entry: every parameter ``adapt=`` names directly must require grad (it may
-    have been frozen since the block was built)."""
+    have been frozen since the block was built), unless none of the adapted parameters does:
+    then θ is fixed (the inner loop adapts them from their values, and only meta-parameters
+    are learned)."""
     listed = getattr(adapt, "listed", frozenset())
     frozen = [n for n, p in model.named_parameters() if n in listed and not p.requires_grad]
     if not frozen:
         return
     trainable = [n for n, p in model.named_parameters() if n in adapt and p.requires_grad]  # type: ignore[operator]
     if not trainable:
-        raise ValueError(
-            f"adapt: none of {sorted(adapt)} requires grad (requires_grad=False), so the inner "  # type: ignore[arg-type]
-            f"loop adapts nothing. Set requires_grad=True on {frozen} before the block "
-            "(model.get_parameter(name).requires_grad_()), or adapt parameters that require grad."
-        )
+        return  # θ fixed
     raise ValueError(
         f"adapt: {', '.join(map(repr, frozen))} {'does' if len(frozen) == 1 else 'do'} not require "
         f"grad (requires_grad=False), so the inner loop cannot adapt "

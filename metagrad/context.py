@@ -14,7 +14,8 @@ from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
-from .query import Snapshot, ThroughInnerLoop, Watched
+from .discovery import graph_inputs
+from .query import NothingToLearn, Snapshot, ThroughInnerLoop, Watched
 from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -31,7 +32,7 @@ class MetaGradient:
                 meta.step(lambda fmodel: F.mse_loss(fmodel(x_s), y_s))
             F.mse_loss(meta.fmodel(x_q), y_q).backward()
 
-    θ is the model's parameters that require grad. ``meta.fmodel`` is the model at
+    θ is the model's parameters that require grad (those ``adapt=`` selects). ``meta.fmodel`` is the model at
     the current fast weights φ_K; they reach θ through one custom autograd node
     whose backward runs ``estimator`` (for Full, through the unrolled inner steps
     themselves, see :class:`~metagrad.Full`). So any loss built from ``meta.fmodel`` can be
@@ -42,6 +43,12 @@ class MetaGradient:
 
     With zero inner steps, ``meta.fmodel`` is the model at θ itself, and backward
     gives the ordinary gradient ``∇L_val(θ)`` for every estimator.
+
+    θ fixed: where no adapted parameter requires grad (a model re-initialized every outer
+    step and frozen, as in dataset distillation), the inner loop adapts them from their
+    values, they get no gradient, and only the meta-parameters η are learned (below). A
+    backward through ``meta.fmodel`` with no η found either has nothing to learn and raises
+    a ``ValueError`` saying what would work.
 
     If the block raises, every parameter's ``.grad`` is restored to its value at
     entry, and the stored trajectory (iterates and graphs) is released.
@@ -65,7 +72,8 @@ class MetaGradient:
         adapt: the parameters the inner loop adapts, as names (``model.named_parameters()``),
             Parameter objects or submodules (``adapt=model.head``: all of its parameters), or a
             list mixing them; default: every parameter that requires grad. A listed parameter
-            that does not require grad at block entry is an error. The others
+            that does not require grad at block entry is an error, unless none of the adapted
+            parameters requires grad (θ fixed; with ``adapt=None``, every parameter). The others
             that require grad stay fixed during the inner loop and are meta-parameters: they
             get their meta-gradient through it (ANIL adapts the head only; its body learns
             through the inner loop).
@@ -146,7 +154,7 @@ class MetaGradient:
         self._params: tuple[torch.nn.Parameter, ...] = ()
         self._versions: tuple[int, ...] = ()
         self._saved_grads: list[Optional[torch.Tensor]] = []
-        self._fmodel: Optional[tuple[int, FunctionalModel]] = None
+        self._fmodel: Optional[tuple[int, bool, FunctionalModel]] = None
         self._differentiable = self.estimator.differentiable
         self._hooks: list[Any] = []
         self._warned = False
@@ -157,17 +165,20 @@ class MetaGradient:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
         check_adapted_require_grad(self.adapt, self.model)
         every = list(self.model.named_parameters())
-        named = [(n, p) for n, p in every if p.requires_grad
-                 and (self.adapt is None or n in self.adapt)]
-        if self.adapt is not None and not named:
-            raise ValueError(
-                f"adapt: none of {sorted(self.adapt)} requires grad, so the inner loop adapts "
-                "nothing. Pass parameters that require grad."
-            )
+        adapted = [(n, p) for n, p in every if self.adapt is None or n in self.adapt]
+        named = [(n, p) for n, p in adapted if p.requires_grad]
+        # θ fixed: no adapted parameter requires grad (a model re-initialized every outer step,
+        # as in dataset distillation). The fast weights then start from the parameters' values,
+        # θ gets no gradient, and the meta-parameters η get theirs; with none of those either,
+        # the query's backward raises (:class:`~metagrad.query.NothingToLearn`).
+        self._theta_fixed = not named
+        if not named:
+            named = adapted
         if not named:
             raise ValueError(
-                f"model: {type(self.model).__name__} has no parameters that require grad, so "
-                "there is nothing to meta-learn. Pass a model with trainable parameters."
+                f"model: {type(self.model).__name__} has no parameters, so the inner loop has "
+                "nothing to adapt. Pass a model with parameters (its initialization θ, or fixed "
+                "weights that the inner loop adapts while meta-parameters are learned)."
             )
         devices = {p.device for _, p in every} | {t.device for t in self.model.buffers()}
         if len(devices) > 1:
@@ -182,7 +193,12 @@ class MetaGradient:
         # A differentiable inner loop (Full, or an exact estimator in a nested block) unrolls
         # from the parameters themselves; otherwise θ is detached aliases of them (no copy).
         self._differentiable = self.estimator.differentiable or nested
-        theta = {n: p if self._differentiable else p.detach() for n, p in named}
+        if not self._differentiable:  # detached aliases of the parameters
+            theta = {n: p.detach() for n, p in named}
+        elif self._theta_fixed:  # an unroll needs leaves that require grad to start from
+            theta = {n: p.detach().requires_grad_() for n, p in named}
+        else:
+            theta = dict(named)
         first = self._params[0]
         compiler = None
         if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild
@@ -208,7 +224,8 @@ class MetaGradient:
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]
         self._fmodel = None
         self.info = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._reached) for p in self._params]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._reached) for p in self._params
+                       if p.requires_grad]
         self._warned = False
         self._active = True
         return self
@@ -287,22 +304,14 @@ class MetaGradient:
         """The model at the current fast weights, attached to θ through the estimator."""
         trajectory = self._open_trajectory()
         k = trajectory.length
-        if self._fmodel is None or self._fmodel[0] != k:
-            if k == 0:
-                params = dict(zip(self._names, self._params))
-            elif self._differentiable:
-                # The unrolled iterates themselves, behind a node that only checks: backward
-                # is autograd's own pass through the query and the K step graphs.
-                final = trajectory.iterate(k)
-                outputs = Watched.apply(Snapshot(self, trajectory, k), *(final[n] for n in self._names))
-                params = dict(zip(self._names, outputs))
-            else:
-                snapshot = Snapshot(self, trajectory, k)
-                outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
-                params = dict(zip(self._names, outputs))
-            self._fmodel = (k, FunctionalModel(self.model, params, guard=self._check_open,
-                                                  layout=trajectory.layout))
-        return self._fmodel[1]
+        grad = torch.is_grad_enabled()
+        # One per step; one first made under torch.no_grad() (evaluation) holds weights without
+        # the node to θ and η, and is made again for a query built with grad enabled.
+        if self._fmodel is None or self._fmodel[0] != k or (grad and not self._fmodel[1]):
+            params = self._attached(trajectory, k, watched=True)
+            self._fmodel = (k, grad, FunctionalModel(self.model, params, guard=self._check_open,
+                                                     layout=trajectory.layout))
+        return self._fmodel[2]
 
     # ------------------------------------------- for code that builds inner losses itself
     # The adapters (metagrad.adapters) are built on these: their users hand over a loss tensor
@@ -345,14 +354,59 @@ class MetaGradient:
                              f"taken so far), got {k}.")
         if k == trajectory.length:
             return self.fast_weights()
-        if self._differentiable:
-            return dict(trajectory.iterate(k))
+        return self._attached(trajectory, k, watched=False)
+
+    def _attached(self, trajectory: Trajectory, k: int, *, watched: bool) -> dict[str, torch.Tensor]:
+        """φ_k, name→tensor, attached to θ and η: behind :class:`ThroughInnerLoop` (whose
+        backward runs the estimator), or for a differentiable inner loop the unrolled iterate
+        itself (behind :class:`Watched`'s checks if ``watched``). With θ fixed and no η found,
+        behind :class:`NothingToLearn`, whose backward raises."""
+        if k > 0:
+            trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
+        if self._theta_fixed and not self._learnable(trajectory):
+            weights = self._params if k == 0 else [trajectory.iterate(k)[n].detach() for n in self._names]
+            outputs = NothingToLearn.of(self._nothing_to_learn(k), weights)
+            return dict(zip(self._names, outputs))
         if k == 0:
             return dict(zip(self._names, self._params))
-        trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
+        if self._differentiable:
+            final = trajectory.iterate(k)
+            if not watched:
+                return dict(final)
+            # The unrolled iterates themselves, behind a node that only checks: backward
+            # is autograd's own pass through the query and the K step graphs.
+            outputs = Watched.apply(Snapshot(self, trajectory, k), *(final[n] for n in self._names))
+            return dict(zip(self._names, outputs))
         snapshot = Snapshot(self, trajectory, k)
         outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
         return dict(zip(self._names, outputs))
+
+    def _learnable(self, trajectory: Trajectory) -> bool:
+        """With θ fixed: whether the inner steps taken so far depend on a meta-parameter η.
+        The η found by discovery; a differentiable inner loop (Full) finds none and keeps the
+        ``.grad`` of what its steps reach instead, and failing that its graph is searched for a
+        leaf that requires grad other than its starting point."""
+        if trajectory.meta or trajectory.meta_saved_grads:
+            return True
+        if not self._differentiable or trajectory.length == 0:
+            return False
+        start = {id(t) for t in trajectory.theta.values()}
+        return bool(graph_inputs(list(trajectory.current.values()), start, {})[0])
+
+    def _nothing_to_learn(self, k: int) -> str:
+        """The error a backward through fast weights with nothing to learn raises."""
+        among = "" if self.adapt is None else f" among adapt={sorted(self.adapt)}"
+        steps = ("no inner step was taken" if k == 0 else
+                 f"the {k} inner step{'' if k == 1 else 's'} taken depend{'s' if k == 1 else ''} on no "
+                 "meta-parameter (a tensor that requires grad used by the inner loss, or a step "
+                 "size that requires grad in inner_opt)")
+        return (
+            f"model: {type(self.model).__name__} has no parameters that require grad{among}, and "
+            f"{steps}, so a backward through meta.fmodel has nothing to meta-learn. Make the model's "
+            "parameters require grad (model.requires_grad_()) to learn θ, or use in the closure a "
+            "tensor that requires grad (torch.tensor(..., requires_grad=True)), or pass one as "
+            "inner_opt's step size (mg.optim.SGD(lr=lr_tensor)), to learn it."
+        )
 
     def step_from_loss(self, loss: torch.Tensor, params: Params, *,
                        rule: Optional[UpdateRule] = None) -> torch.Tensor:

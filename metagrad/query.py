@@ -4,12 +4,15 @@
 runs the estimator in its backward; :class:`Watched` (φ_K ↦ φ_K) passes gradients through to
 a differentiable inner loop's own graph (Full, and exact estimators in nested blocks), after
 the same checks. :class:`Snapshot` is what either needs: the trajectory, the steps the query
-was built after, and the checks and bookkeeping around a backward.
+was built after, and the checks and bookkeeping around a backward. Where θ is fixed and no
+meta-parameter was found, :class:`NothingToLearn` stands in their place and its backward
+raises.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from .estimators import Estimator
 from .trajectory import Trajectory
 
-__all__ = ["Snapshot", "ThroughInnerLoop", "Watched"]
+__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn"]
 
 
 class Snapshot:
@@ -146,3 +149,28 @@ class Watched(torch.autograd.Function):
         snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
                       **snapshot.trajectory.storage()}, final=not torch.is_grad_enabled())
         return (None, *grad_outputs)
+
+
+class NothingToLearn(torch.autograd.Function):
+    """φ ↦ φ for a block with θ fixed (no adapted parameter requires grad) and no
+    meta-parameter found: nothing reaches anything to learn, and a backward through the fast
+    weights raises ``ValueError(message)``, which says what would work. Its first input is an
+    empty leaf that requires grad (:meth:`of` makes it), so that the outputs require grad and
+    the backward comes here."""
+
+    @staticmethod
+    def forward(ctx: Any, message: str, anchor: torch.Tensor, *weights: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        ctx.message = message
+        return tuple(t.detach().view_as(t) for t in weights)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        raise ValueError(ctx.message)
+
+    @staticmethod
+    def of(message: str, weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``weights`` behind the node, which raises ``message`` in backward."""
+        anchor = torch.empty(0, requires_grad=True)
+        return NothingToLearn.apply(message, anchor, *weights)  # type: ignore[no-any-return]
+

@@ -276,11 +276,14 @@ def test_model_not_a_module(not_a_model):
     lambda: nn.Sequential(),
 ], ids=["all-frozen", "no-parameters", "empty-sequential"])
 def test_model_without_trainable_parameters(make_model):
+    """Nothing at all to learn: a model without parameters is refused at entry; an all-frozen
+    one (θ fixed) with no meta-parameter, when the query's backward runs."""
     model = make_model()
     state = prepare(model, "none")
     with pytest.raises(ValueError, match="model"):
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1)) as meta:
             meta.step(lambda f: f(torch.ones(2, 3, dtype=DT)).sum())
+            meta.fmodel(torch.ones(2, 3, dtype=DT)).sum().backward()
     assert_untouched(model, state)
 
 

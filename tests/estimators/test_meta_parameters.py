@@ -794,12 +794,15 @@ def test_adapt_of_the_wrong_type_is_refused():
         mg.MetaGradient(_linear(), inner_opt=mg.optim.SGD(lr=0.1), adapt=[3])
 
 
-def test_adapt_of_parameters_that_do_not_require_grad_is_refused():
-    model = _linear()
-    model.weight.requires_grad_(False)
-    meta = mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), adapt=["weight"])
-    with pytest.raises(ValueError, match=r"adapt: none of \['weight'\] requires grad"):
-        meta.__enter__()
+def test_adapt_of_parameters_that_do_not_require_grad_with_nothing_else_to_learn_is_refused():
+    """None of adapt= requires grad (θ fixed) and no η: the query's backward raises naming it
+    (tests/test_theta_fixed.py has θ fixed with η)."""
+    model = _linear().requires_grad_(False)
+    x = torch.ones(2, 3, dtype=DT)
+    with pytest.raises(ValueError, match=r"no parameters that require grad among adapt=\['weight'\]"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), adapt=["weight"]) as meta:
+            meta.step(lambda f: f(x).pow(2).sum())
+            meta.fmodel(x).sum().backward()
 
 
 @pytest.mark.parametrize("rule", [mg.optim.SGD, mg.optim.Momentum, mg.optim.Adam])
