@@ -50,6 +50,10 @@ class MetaGradient:
     backward through ``meta.fmodel`` with no η found either has nothing to learn and raises
     a ``ValueError`` saying what would work.
 
+    ``torch.autograd.grad(query_loss, [η...])`` returns η's meta-gradient alone and leaves
+    every ``.grad`` as it was; an η the estimator gives nothing through the inner loop
+    (FirstOrder: an η of the inner loss) gets zeros there, after the estimator's warning.
+
     If the block raises, every parameter's ``.grad`` is restored to its value at
     entry, and the stored trajectory (iterates and graphs) is released.
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from .discovery import graph_inputs
 from .estimators import Estimator
 from .trajectory import Trajectory
 
@@ -125,6 +126,12 @@ class ThroughInnerLoop(torch.autograd.Function):
             )
         with torch.no_grad():
             grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+        # An η the estimator gives nothing through the inner loop (FirstOrder keeps no second
+        # derivative: an η of the inner loss, MATH.md's table) gets zeros where the backward is
+        # a torch.autograd.grad that returns its gradient: torch would otherwise raise that it
+        # "appears to not have been used in the graph". A .backward() leaves its .grad as it is.
+        meta = [torch.zeros_like(eta) if g is None and _captured(eta) else g
+                for g, eta in zip(meta, snapshot.meta)]
         return (None, *(grads[n] for n in snapshot.names), *meta)
 
 
@@ -174,3 +181,19 @@ class NothingToLearn(torch.autograd.Function):
         anchor = torch.empty(0, requires_grad=True)
         return NothingToLearn.apply(message, anchor, *weights)  # type: ignore[no-any-return]
 
+
+def _captured(eta: torch.Tensor) -> bool:
+    """Whether the backward running now returns a gradient for ``eta``, or for a leaf behind
+    it (``w = hypernet(z)``: hypernet's parameters), instead of accumulating it into ``.grad``:
+    ``torch.autograd.grad(query_loss, [eta])``. Torch refuses to say whether it will execute a
+    leaf's accumulation node while ``autograd.grad`` captures that leaf; it answers ``False``
+    for a leaf the backward does not reach at all (zeros are not used there)."""
+    leaves = [eta] if eta.is_leaf else graph_inputs([eta], set(), {})[0]
+    for leaf in leaves:
+        try:
+            node = torch.autograd.graph.get_gradient_edge(leaf).node
+            if not torch._C._will_engine_execute_node(node):
+                return True
+        except RuntimeError:  # "... we are currently running autograd.grad()"
+            return True
+    return False
