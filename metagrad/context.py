@@ -305,7 +305,9 @@ class MetaGradient:
 
     @property
     def fmodel(self) -> FunctionalModel:
-        """The model at the current fast weights, attached to θ through the estimator."""
+        """The model at the current fast weights, attached to θ through the estimator.
+        ``meta.fmodel.state_dict()`` and ``meta.fmodel.to_module()`` give the adapted model
+        out, detached (:class:`~metagrad.fmodel.FunctionalModel`)."""
         trajectory = self._open_trajectory()
         k = trajectory.length
         grad = torch.is_grad_enabled()

@@ -84,6 +84,31 @@ class FunctionalModel:
         """Iterate over the fast weights, like ``nn.Module.parameters``."""
         return iter(self.params.values())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's ``state_dict()`` at the fast weights: the same keys (tied weights under
+        each of their names), each fast weight and every other parameter and buffer detached
+        (buffers as the module holds them: metagrad never writes one). For
+        ``other.load_state_dict(meta.fmodel.state_dict())``, or saving the adapted model."""
+        params = self.params
+        first = dict(self._layout.aliases)
+        out = {}
+        for key, value in self._module.state_dict(keep_vars=True).items():
+            name = key if key in params else first.get(key)
+            out[key] = (params[name] if name in params else value).detach()
+        return out
+
+    def to_module(self) -> torch.nn.Module:
+        """A deep copy of the module whose parameters hold the fast weights (detached): a real
+        ``nn.Module`` at the adapted weights for evaluation code that expects one. The copy's
+        parameters are new ``nn.Parameter`` objects with the module's ``requires_grad`` flags
+        and no ``.grad``; nothing of it reaches θ or the inner loop."""
+        state = self.state_dict()
+        copy_ = copy.deepcopy(self._module)
+        for param in copy_.parameters():
+            param.grad = None
+        copy_.load_state_dict(state)
+        return copy_
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
