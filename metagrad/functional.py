@@ -57,7 +57,10 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                                             estimator=mg.Checkpointed())
 
     Supported: Full, Checkpointed, FirstOrder, Truncated(T), and Binomial with a fixed order
-    and ``monitor=False`` (any ``chunk_size`` or ``block``). Refused with a ``ValueError``
+    and ``monitor=False`` (any ``chunk_size`` or ``block``), with snapshots too
+    (``Checkpointed(snapshots=...)``, ``Binomial(..., snapshots=True)``: the iterates of the
+    schedule are stored on the same tape as the context manager's, the others recomputed by the
+    pure step when a product needs them). Refused with a ``ValueError``
     naming ``estimator``: ``Binomial(order="auto")`` and a monitored fixed order (their level
     norms are read back as Python floats, which fails under vmap), ``Binomial(max_memory=...)``
     (it measures a rebuilt graph), and ``Implicit`` (a proximal inner loop, and a solver that
@@ -111,7 +114,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         g, g_eta = torch.func.grad(objective, argnums=(0, 1))(theta, eta)
         return _result(dict(g), list(g_eta), meta, spec)
     with torch.no_grad():
-        trajectory = PureTrajectory(inner, theta, inner_opt, steps, eta, names)
+        trajectory = PureTrajectory(inner, theta, inner_opt, steps, eta, names,
+                                    snapshots=estimator.snapshot_schedule())
         v, direct = torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]

@@ -6,8 +6,10 @@
 
     Φ(φ, s; η) = rule(η).step(φ, torch.func.grad(loss_at)(φ, η), s)
 
-The inner loop runs without an autograd graph and stores the iterates φ_0 … φ_K and the
-optimizer states s_0 … s_K. A product is ``torch.func.vjp`` of the step's one body
+The inner loop runs without an autograd graph and records into the tape the context manager
+records into (:class:`metagrad.tape.Tape`): the iterates φ_0 … φ_K and the optimizer states
+s_0 … s_K, or with snapshots those of the schedule, the others recomputed by the same body
+when a product needs them (:meth:`PureTrajectory.restore`). A product is ``torch.func.vjp`` of the step's one body
 (:func:`metagrad.step.step_vjp`) at a stored φ_m, and many products are ``torch.func.vmap``
 over the stored iterates stacked along a new first dimension. Nothing is replayed from a
 closure, so there is nothing to check (:meth:`verify` does nothing), and no Python-side state
@@ -29,7 +31,9 @@ from torch.utils import _pytree as pytree
 
 from .estimators import Estimator, resolve
 from .discovery import add_meta
-from .step import Body, Gradient, functional_gradient, held, rule_tensors, step_body, step_vjp
+from .snapshots import Schedule
+from .tape import Tape
+from .step import Body, Gradient, StepRecord, functional_gradient, held, rule_tensors, step_body, step_vjp
 from .update_rule import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -79,7 +83,8 @@ class PureTrajectory:
     """
 
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
-                 meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = ()) -> None:
+                 meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
+                 snapshots: Optional[Schedule] = None) -> None:
         self.loss_at = loss_at
         self.rule = rule
         self.theta = dict(theta)
@@ -89,33 +94,58 @@ class PureTrajectory:
         #: Which η the rule holds (its step sizes), and where: id of the tensor → index in η.
         self.rule_eta = {id(t): k for k, t in enumerate(self.meta) if id(t) in held_by_rule}
         self.rule_meta = set(self.rule_eta.values())
+        #: The tape both faces record into (metagrad.tape): every iterate, or with ``snapshots``
+        #: those of the schedule, the others recomputed by the body when a product needs them.
+        self.tape = Tape(self.theta, rule.init(self.theta), keep=None, snapshots=snapshots)
         with torch.no_grad():
-            self._iterates, self._states = unroll(loss_at, self.theta, rule, steps, self.meta, self.rule_eta)
-        self._length = steps
+            for _ in range(steps):
+                current, state = self.tape.current, self.tape.state
+                (new, new_state), (loss, _) = self._body(state)(current, self.meta, [])
+                record = StepRecord(params=current, state=state, closure=None, rule=rule,
+                                    loss=torch.zeros(()) if loss is None else loss)
+                self.tape.append(record, new, new_state)
 
     @property
     def length(self) -> int:
         """The number of inner steps taken, K."""
-        return self._length
+        return self.tape.length
 
     @property
     def current(self) -> Params:
         """The final fast weights φ_K."""
-        return self._iterates[-1]
+        return self.tape.current
+
+    def _step(self, m: int) -> StepRecord:
+        if m in self.tape.absent:
+            self.restore(m, m)
+        return self.tape.steps[m]
 
     def iterate(self, k: int) -> Params:
         """The fast weights φ_k after k steps."""
-        return self._iterates[k]
+        return self.tape.current if k == self.length else self._step(k).params
 
     def state(self, k: int) -> State:
         """The update rule's state s_k before step k."""
-        return self._states[k]
+        return self.tape.state if k == self.length else self._step(k).state
+
+    @property
+    def recomputed_steps(self) -> int:
+        """Inner steps recomputed forward from a snapshot so far."""
+        return self.tape.recomputed_steps
 
     def verify(self) -> None:
         """Nothing to check: no step is replayed, the step function is pure."""
 
     def restore(self, first: int, last: int) -> None:
-        """Nothing to recompute: every iterate is stored (see :meth:`metagrad.trajectory.Trajectory.restore`)."""
+        """Make the iterates φ_first … φ_last available (:meth:`metagrad.tape.Tape.restore`):
+        with snapshots, recompute their segments by the step's body; otherwise nothing."""
+        def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
+            return self._body(state)(params, self.meta, [])[0]
+
+        def recompute(start: int, end: int) -> None:
+            self.tape.recompute(start, end, advance)
+
+        self.tape.restore(first, last, recompute, self.verify)
 
     def _body(self, state: State, carried: Sequence[int] = (), gradient: Gradient = functional_gradient) -> Body:
         return step_body(self.loss_at, self.rule, list(self.theta), state=state, carried=carried,
@@ -137,13 +167,13 @@ class PureTrajectory:
         if not second_order:
             if not self.rule_meta:
                 return dict(u), [], None
-            body = self._body(self._states[m], gradient=held(functional_gradient))
-            return dict(u), list(step_vjp(body, self._iterates[m], self.meta, [], u, [])[1]), None
-        leaves = pytree.tree_leaves(self._states[m])
+            body = self._body(self.state(m), gradient=held(functional_gradient))
+            return dict(u), list(step_vjp(body, self.iterate(m), self.meta, [], u, [])[1]), None
+        leaves = pytree.tree_leaves(self.state(m))
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
         s_adjoint = [_or_zeros(adjoint[i] if i < len(adjoint) else None, leaves[i]) for i in carried]
-        pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self._states[m], carried), self._iterates[m],
+        pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self.state(m), carried), self.iterate(m),
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
                                                         carried)
         if state_adjoint is None:
@@ -170,9 +200,10 @@ class PureTrajectory:
                 rows.append(pulled)
                 meta = add_meta(meta, more)
             return {n: torch.stack([r[n] for r in rows]) for n in vectors}, meta
-        phis = {n: torch.stack([self._iterates[m][n] for m in steps]) for n in self.theta}
+        self.restore(min(steps), max(steps) + 1)  # with snapshots: their segments, recomputed once
+        phis = {n: torch.stack([self.iterate(m)[n] for m in steps]) for n in self.theta}
         states = pytree.tree_map(lambda *ts: torch.stack(ts) if isinstance(ts[0], torch.Tensor) else ts[0],
-                                 *[self._states[m] for m in steps])
+                                 *[self.state(m) for m in steps])
 
         def row(phi: Params, state: State, u: Params, eta: list[torch.Tensor]) -> tuple[Params, list[torch.Tensor]]:
             pulled, pulled_eta, *_ = step_vjp(self._body(state), phi, eta, [], u, [])

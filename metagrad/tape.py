@@ -4,8 +4,9 @@ For each step k the tape keeps a :class:`~metagrad.step.StepRecord`: the iterate
 update rule's state (unless snapshots thinned it out), the step's loss, and the closure that
 gave it, frozen with the values it captured and the generator states it started from
 (:mod:`metagrad.frozen`). With snapshots (:mod:`metagrad.snapshots`) iterates are stored only
-at a thinned schedule, and :meth:`metagrad.trajectory.Trajectory.restore` recomputes the
-others; the tape counts what is held. It also holds where the trajectory is in its life
+at a thinned schedule, and :meth:`Tape.restore` recomputes the others with the step the
+caller gives (the context manager's rebuilt closure, the functional face's pure body); the
+tape counts what is held. Both faces record into it. It also holds where the trajectory is in its life
 (:class:`Lifetime`) and, per thread, whether an inner step being built will be differentiated
 twice (:func:`second_order`, for nested blocks).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -172,6 +173,54 @@ class Tape:
                 if m % self.stride and m not in self.pinned:
                     self.drop(m)
             self.stored = [m for m in self.stored if m not in self.absent]
+
+    def restore(self, first: int, last: int, recompute: Callable[[int, int], None],
+                before_free: Callable[[], None]) -> None:
+        """Make the iterates φ_first … φ_last available: each segment between two stored
+        iterates that holds one of them is recomputed (``recompute(start, end)``, which calls
+        :meth:`recompute`), unless it is already; segments recomputed before that hold none of
+        them are freed first, after ``before_free()`` (the replay checks that compare with
+        them). Without snapshots it does nothing."""
+        if self.schedule is None or not self.absent:
+            return
+        first, last = max(first, 0), min(last, self.length - 1)
+        needed = []
+        for i, start in enumerate(self.stored):
+            end = self.stored[i + 1] if i + 1 < len(self.stored) else self.length
+            if max(start + 1, first) <= min(end - 1, last):  # an iterate of the window inside
+                needed.append((start, end))
+        for start in [s for s in self.restored if s not in dict(needed)]:
+            before_free()
+            for m in self.restored.pop(start):
+                self.drop(m)
+        for start, end in needed:
+            if start not in self.restored:
+                recompute(start, end)
+
+    def recompute(self, start: int, end: int,
+                  advance: Callable[[int, StepRecord, Params, State], tuple[Params, State]]) -> tuple[Params, State]:
+        """Run steps start … end−1 again from the snapshot φ_start with ``advance(m, record,
+        φ_m, s_m) -> (φ_{m+1}, s_{m+1})``, filling in the iterates between; return the last
+        (φ_end recomputed, which the caller may check against the stored one)."""
+        params, state = self.steps[start].params, self.steps[start].state
+        filled = []
+        for m in range(start, end):
+            step = self.steps[m]
+            if m > start:
+                step.params, step.state = params, state
+                self.absent.discard(m)
+                self.hold(step, +1)
+                filled.append(m)
+            params, state = advance(m, step, params, state)
+        self.restored[start] = filled
+        self.recomputed_steps += end - start
+        return params, state
+
+    def forget(self) -> None:
+        """Free every recomputed iterate (the end of a backward)."""
+        for start in list(self.restored):
+            for m in self.restored.pop(start):
+                self.drop(m)
 
     def storage(self) -> dict[str, int]:
         """What a backward reports about storage (``meta.info``): the iterates held now, the

@@ -338,28 +338,12 @@ class Trajectory:
         recompute every segment once. :meth:`~metagrad.products.Products.vjp` and :meth:`iterate` call this for a step
         whose iterate is missing; :meth:`~metagrad.batched.Batched.batched_vjp` for the steps of its call. Without
         snapshots it does nothing."""
-        if self.tape.schedule is None or not self.tape.absent:
-            return
-        first, last = max(first, 0), min(last, self.length - 1)
-        needed = []
-        for i, start in enumerate(self.tape.stored):
-            end = self.tape.stored[i + 1] if i + 1 < len(self.tape.stored) else self.length
-            if max(start + 1, first) <= min(end - 1, last):  # an iterate of the window inside
-                needed.append((start, end))
-        for start in [s for s in self.tape.restored if s not in dict(needed)]:
-            self.products.verify()  # its replay checks compare with the iterates about to be freed
-            for m in self.tape.restored.pop(start):
-                self.tape.drop(m)
-        for start, end in needed:
-            if start not in self.tape.restored:
-                self._recompute(start, end)
+        self.tape.restore(first, last, self._recompute, self.products.verify)
 
     def forget(self) -> None:
         """Free every recomputed iterate (after the queued replay checks): the end of a backward."""
         self.products.verify()
-        for start in list(self.tape.restored):
-            for m in self.tape.restored.pop(start):
-                self.tape.drop(m)
+        self.tape.forget()
 
     def _recompute(self, start: int, end: int) -> None:
         """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
@@ -370,23 +354,16 @@ class Trajectory:
         The replay check (MATH.md, "Replaying a step"): every recomputed loss must equal the
         recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
         that iterate was stored, and a step that changed since it was taken moves it."""
-        params, state = self.tape.steps[start].params, self.tape.steps[start].state
-        filled, losses = [], []
-        for m in range(start, end):
-            step = self.tape.steps[m]
-            if m > start:
-                step.params, step.state = params, state
-                self.tape.absent.discard(m)
-                self.tape.hold(step, +1)
-                filled.append(m)
+        losses = []
+
+        def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
             leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
             with torch.enable_grad():
                 loss, grads = self.products.rebuild(m, step, leaves, create_graph=False)
             losses.append(loss.detach())
-            new_params, new_state = self.update(step.rule, params, grads, state, False)
-            params, state = new_params, new_state
-        self.tape.restored[start] = filled
-        self.tape.recomputed_steps += end - start
+            return self.update(step.rule, params, grads, state, False)
+
+        params, _ = self.tape.recompute(start, end, advance)
         if self.replay_rtol is None:
             return
         steps = list(range(start, end))

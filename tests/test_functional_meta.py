@@ -170,3 +170,31 @@ def test_both_faces_give_the_same_approximation(estimator):
         loss_fn(dict(block.fmodel.named_parameters()), query, meta).backward()
     expected = torch.cat([t.grad.reshape(-1) for t in [*model.parameters(), *leaves]])
     assert relative(functional(estimator, support, query, K), expected) < TOL
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(snapshots="sqrt"), mg.Checkpointed(snapshots=3),
+                                       mg.Binomial(9, block=3, snapshots=True, monitor=False)], ids=repr)
+def test_snapshots_in_the_functional_face(estimator):
+    """Snapshots store a thinned schedule of iterates and recompute the others with the same
+    pure step body: the same exact answer as a hand unroll, with fewer iterates held, for one
+    task and under vmap over tasks."""
+    from metagrad.pure import PureTrajectory
+
+    K = 9
+    support, query = data(30), data(31)
+    assert relative(functional(estimator, support, query, K), hand_unrolled(support, query, K)) < TOL
+    meta = meta_parameters()
+    trajectory = PureTrajectory(lambda p, e: loss_fn(p, support, meta), theta(), mg.optim.SGD(lr=meta["lr"]), K,
+                                snapshots=estimator.snapshot_schedule())
+    assert trajectory.tape.held < K
+    trajectory.restore(0, K - 1)
+    assert trajectory.recomputed_steps > 0
+    supports, queries = [data(40 + i) for i in range(2)], [data(50 + i) for i in range(2)]
+    stack = lambda batches: tuple(torch.stack(t) for t in zip(*batches))  # noqa: E731
+    one = functools.partial(mg.functional.meta_grad, loss_fn, inner_opt=mg.optim.SGD(lr=meta["lr"]), steps=K,
+                            estimator=estimator, meta=meta)
+    g, g_meta = torch.func.vmap(one, in_dims=(None, 0, 0))(theta(), stack(supports), stack(queries))
+    for i in range(2):
+        row = flat({n: t[i] for n, t in g.items()},
+                   {"log_wd": g_meta["log_wd"][i], "lr": {n: t[i] for n, t in g_meta["lr"].items()}})
+        assert relative(row, hand_unrolled(supports[i], queries[i], K)) < TOL
