@@ -33,7 +33,7 @@ gradient to reuse in an exact product.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -41,9 +41,9 @@ from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
-from .update_rule import Params
+from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_step, refuse_twice
-from .step import (Hessian, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body,
+from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, proximal, step_body,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
@@ -311,13 +311,13 @@ class Products:
                 box.clear()
         return sum(seen.values())
 
-    def hessian_operator(self, k: int) -> Hessian:
-        """``u ↦ H u`` with ``H = ∇²L_tr(φ_k)``, the Hessian of the last step's loss
-        (without any proximal term) at the current iterate ``k = K``, and its mixed block
-        ``x ↦ (∂_η ∇_φ L_tr)ᵀ x`` (:meth:`Hessian.mixed`).
-
-        One graph is built here and kept for as long as the returned operator lives;
-        each call is one double backward through it.
+    def fixed_point(self, k: int, rule: UpdateRule) -> KeptStep:
+        """The step's body at the final fast weights φ_K = φ*, with ``rule`` in place of the
+        inner loop's and the proximal term of the trajectory in its loss, its graph kept for
+        repeated VJPs (MATH.md, "The same thing through the step's VJP"): Implicit's
+        ``(I − ∂Φ/∂φ)ᵀ λ = v`` is solved on these products. The loss is the last step's closure
+        rebuilt at φ_K; the proximal term's gradient covers every fast weight (one the loss does
+        not use is then pulled to θ by it alone, a fixed point whatever θ).
         """
         tr = self.trajectory
         last = tr.tape.last
@@ -330,21 +330,17 @@ class Products:
             )
         if k != tr.length or last is None or closure is None:
             raise RuntimeError(
-                f"the Hessian is taken at the final fast weights φ_K (K={tr.length}), but the "
+                f"the fixed point is the final fast weights φ_K (K={tr.length}), but the "
                 f"query was built after {k} steps. Build the query loss from meta.fmodel after "
                 "the last inner step."
             )
-        if last.once:
-            refuse_twice(k - 1, last.once)
+        step = last
+        if step.once:
+            refuse_twice(k - 1, step.once)
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in tr.iterate(k).items()}
-            with self.as_taken(last.rng, last.modes, last.autocast), differentiated_twice(True):
-                loss = closure(tr.model_at(params))
-            grads = loss_grads(loss, params, create_graph=True, step=k - 1, used=last.used)
-        # Parameters the loss does not use have a zero Hessian row; so do gradients that
-        # carry no graph (a loss linear in them).
-        names = [n for n in grads if grads[n].requires_grad]
-        outputs = [grads[n] for n in names]
-        return Hessian(params, names, outputs, [t for i, t in enumerate(tr.meta)
-                                                if i not in tr.rule_meta])
-
+            body = step_body(lambda q, eta: self.rebuilt_loss(k - 1, step, q), rule, list(params),
+                             state=rule.init(params),
+                             gradient=proximal(autograd_gradient(k - 1, step.used), tr.theta, tr.proximal or 0.0))
+            (new_params, _), _ = body(params, tr.meta, [])
+        return KeptStep(params, new_params, list(tr.meta))

@@ -30,7 +30,7 @@ from .discovery import graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "kept_gradient", "rule_with", "rule_tensors", "RuleFreezer", "Hessian", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -136,6 +136,16 @@ def kept_gradient(grads: Params) -> Gradient:
     def gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
         return grads, None
     return gradient
+
+
+def proximal(gradient: Gradient, theta: Params, reg: float) -> Gradient:
+    """``gradient`` plus the proximal term's, ``λ(φ − θ)``, for every fast weight (Implicit's inner
+    problem ``L_tr(φ) + (λ/2)‖φ − θ‖²``, as the inner loop adds it)."""
+    def with_term(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
+        grads, loss = gradient(loss_of, w)
+        return {n: grads[n] + reg * (w[n] - theta[n]) if n in grads else reg * (w[n] - theta[n])
+                for n in w}, loss
+    return with_term
 
 
 def held(gradient: Gradient) -> Gradient:
@@ -327,32 +337,26 @@ def stacked(states: list[State]) -> Optional[State]:
     return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
 
 
-class Hessian:
-    """The Hessian of one rebuilt inner loss at φ (:meth:`~metagrad.products.Products.hessian_operator`)."""
+class KeptStep:
+    """One step's body built once with its graph kept (:meth:`~metagrad.products.Products.fixed_point`):
+    each call is one VJP of it by autograd, ``u ↦ (J ᵀu, B ᵀu)`` with ``J = ∂Φ/∂φ`` and
+    ``B = ∂Φ/∂η``, as many times as a solver asks."""
 
-    def __init__(self, params: Params, names: list[str], gradients: list[torch.Tensor],
-                 meta: list[torch.Tensor]) -> None:
-        self._params, self._names, self._gradients, self._meta = params, names, gradients, meta
+    def __init__(self, params: Params, new_params: Params, meta: list[torch.Tensor]) -> None:
+        self._params, self._meta = params, meta
+        self._names = [n for n in new_params if new_params[n].requires_grad]
+        self._outputs = [new_params[n] for n in self._names]
 
-    def __call__(self, u: Params) -> Params:
-        """``H u``."""
+    def __call__(self, u: Params, *, eta: bool = False) -> tuple[Params, list[Optional[torch.Tensor]]]:
+        """``(Jᵀu, Bᵀu)``; ``Bᵀu`` (one entry per η, ``None`` for zero) only with ``eta``."""
         params = self._params
-        if not self._gradients:
-            return {n: torch.zeros_like(t) for n, t in params.items()}
+        meta = self._meta if eta else []
+        if not self._outputs:
+            return {n: torch.zeros_like(t) for n, t in params.items()}, [None] * len(meta)
         with torch.enable_grad():
-            out = torch.autograd.grad(self._gradients, list(params.values()),
+            out = torch.autograd.grad(self._outputs, list(params.values()) + meta,
                                       [u[n] for n in self._names], retain_graph=True, allow_unused=True)
-        return {n: zero_if_none(g, params[n]) for n, g in zip(params, out)}
-
-    def mixed(self, x: Params) -> dict[int, Optional[torch.Tensor]]:
-        """``(∂_η ∇_φ L)ᵀ x`` for the η of the inner loss (not the rule's step sizes), by
-        identity of the η tensor."""
-        if not self._gradients or not self._meta:
-            return {}
-        with torch.enable_grad():
-            out = torch.autograd.grad(self._gradients, self._meta, [x[n] for n in self._names],
-                                      retain_graph=True, allow_unused=True)
-        return {id(t): g for t, g in zip(self._meta, out)}
+        return ({n: zero_if_none(g, params[n]) for n, g in zip(params, out)}, list(out[len(params):]))
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -92,7 +92,7 @@ class Tape:
         self.steps: dict[int, StepRecord] = {}
         #: The number of steps taken, K.
         self.length = 0
-        #: The last step taken, kept whatever ``keep`` is (Implicit's Hessian is its loss at φ_K).
+        #: The last step taken, kept whatever ``keep`` is (Implicit's fixed-point step is its loss at φ_K).
         self.last: Optional[StepRecord] = None
         #: The current fast weights φ_K and the rule's state there.
         self.current: Params = dict(theta)

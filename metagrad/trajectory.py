@@ -44,7 +44,7 @@ from .update_rule import Params, State, UpdateRule
 from .products import Products
 from .replay import check_losses, check_step, refuse_twice
 from .snapshots import Schedule
-from .step import Hessian, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads
+from .step import KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads
 from .tape import Lifetime, NestedBlockError, Tape, differentiated_twice, second_order
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -393,9 +393,10 @@ class Trajectory:
         <metagrad.products.Products.graph_bytes>`)."""
         return self.products.graph_bytes(m)
 
-    def hessian_operator(self, k: int) -> Hessian:
-        """``u ↦ H u`` at φ_K (:meth:`Products.hessian_operator <metagrad.products.Products.hessian_operator>`)."""
-        return self.products.hessian_operator(k)
+    def fixed_point(self, k: int, rule: UpdateRule) -> KeptStep:
+        """The step at φ_K with ``rule``, kept for repeated VJPs (:meth:`Products.fixed_point
+        <metagrad.products.Products.fixed_point>`)."""
+        return self.products.fixed_point(k, rule)
 
     def verify(self) -> None:
         """Run the queued replay checks (:meth:`Products.verify <metagrad.products.Products.verify>`)."""

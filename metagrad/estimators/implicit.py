@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ..linalg import conjugate_gradient, neumann_series
 from ..update_rule import Params
+from ..optim import SGD
 from ..trajectory import MetaGrads, Trajectory
 from ..errors import warn
 from .base import Estimator, check_count
@@ -33,8 +34,12 @@ class Implicit(Estimator):
     ``meta.step`` returns ``L_tr`` without the proximal term.
 
     Backward solves ``(I + H/λ) x = ∇L_val(φ_K)``, with H the Hessian of the last inner
-    step's loss (without the proximal term) at φ_K. No iterate is stored, and one
-    graph is built, at φ_K, so memory does not grow with K. The estimate is only as
+    step's loss (without the proximal term) at φ_K, as fixed-point differentiation through
+    the step's VJP (MATH.md): the step is the proximal SGD step with α = 1/λ, for which
+    ``I − ∂Φ/∂φ = I + H/λ`` and ``∂Φ/∂θ = I``, built once at φ_K
+    (:meth:`~metagrad.trajectory.Trajectory.fixed_point`, the step's one body) and pulled back
+    through once per solver iteration; η's gradient is ``(∂Φ/∂η)ᵀ x``. No iterate is stored,
+    and one graph is built, at φ_K, so memory does not grow with K. The estimate is only as
     good as φ_K is a minimizer of the proximal problem: take enough inner steps for
     the inner loop to converge.
 
@@ -76,7 +81,7 @@ class Implicit(Estimator):
         self.max_iter = check_count(max_iter, "Implicit(max_iter)", minimum=1)
         self.tol = float(tol)
 
-    #: The Hessian is taken at φ_K from the last step's closure.
+    #: The fixed-point step is rebuilt at φ_K from the last step's closure.
     needs_closure = True
 
     @property
@@ -96,13 +101,16 @@ class Implicit(Estimator):
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        hessian = trajectory.hessian_operator(steps)  # the one graph, at φ_K
+        # Fixed-point differentiation through the step's VJP (MATH.md): the proximal SGD step
+        # Φ(φ) = φ − α(∇L_tr(φ) + λ(φ − θ)) with α = 1/λ has I − ∂Φ/∂φ = I + H*/λ and
+        # ∂Φ/∂θ = I, so θ̄ = x solves (I + H*/λ) x = v, and η̄ = (∂Φ/∂η)ᵀ x.
+        step = trajectory.fixed_point(steps, SGD(lr=1.0 / self.reg))  # the one graph, at φ_K
+
+        def hessian(u: Params) -> Params:  # H*u = −λ Jᵀu for this step
+            return {n: -self.reg * t for n, t in step(u)[0].items()}
+
         x, solve = SOLVERS[self.solver](hessian, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
-        mixed = hessian.mixed(x) if steps > 0 else {}
-        meta: MetaGrads = []
-        for t in trajectory.meta:
-            part = mixed.get(id(t))
-            meta.append(None if part is None else -part / self.reg)
+        meta: MetaGrads = step(x, eta=True)[1] if steps > 0 and trajectory.meta else []
         step_sizes = [trajectory.meta_names[i] for i in sorted(trajectory.rule_meta)]
         if step_sizes:
             warn(
