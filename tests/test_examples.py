@@ -139,3 +139,192 @@ def test_gpu_script_answers_help_without_side_effects(tmp_path: Path) -> None:
     wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--bogus"], capture_output=True,
                            text=True, timeout=60, check=False)
     assert wrong.returncode == 2 and "--help" in wrong.stderr
+
+
+# ------------------------------------------------------------------------------ bilevel workloads
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def import_example(name: str):
+    """An example script as a module (its folder on sys.path, as the scripts put it)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    import importlib
+
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("reweighting", ("--corruption", "--val-size", "--steps", "--batch-size", "--lr", "--repeats")),
+    ("hyperparameters", ("--inner-steps", "--outer-steps", "--outer-lr", "--lr-init", "--wd-init", "--lr-range",
+                         "--wd-range", "--repeats")),
+    ("nested", ("--inner-steps", "--alpha-init", "--maml-steps", "--beta", "--meta-batch", "--iterations",
+                "--outer-estimator", "--inner-estimator", "--grid")),
+])
+def test_bilevel_examples_help_lists_the_flags(name: str, flags: tuple[str, ...]) -> None:
+    result = run_example(name, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in (*flags, "--quick", "--threads", "--seed", "--dtype", "--out", "--json"):
+        assert flag in result.stdout, flag
+    assert "default" in result.stdout
+
+
+@pytest.mark.parametrize("name,args,flag,accepted", [
+    ("reweighting", ["--corruption", "1.5"], "--corruption", "a number in [0, 1)"),
+    ("reweighting", ["--steps", "0"], "--steps", "an integer >= 1"),
+    ("hyperparameters", ["--lr-range", "3,1"], "--lr-range", "0 < LOW <= HIGH"),
+    ("hyperparameters", ["--outer-lr", "-1"], "--outer-lr", "a finite number > 0"),
+    ("nested", ["--inner-estimator", "binomial"], "--inner-estimator", "choose from"),
+])
+def test_bilevel_examples_name_the_flag_of_bad_input(name: str, args: list[str], flag: str, accepted: str) -> None:
+    result = run_example(name, *args, timeout=60)
+    assert result.returncode == 2
+    assert f"argument {flag}:" in result.stderr and accepted in result.stderr and repr(args[1]) in result.stderr
+
+
+def check_outputs(out: Path, png: str, copy: Path) -> dict:
+    """The folder holds exactly the table, the results and the figure; --json wrote the same results."""
+    assert sorted(p.name for p in out.iterdir()) == sorted([png, "results.json", "results.md"])
+    assert (out / png).read_bytes().startswith(b"\x89PNG")
+    assert (out / "results.md").read_text(encoding="utf-8").count("|") > 10
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert json.loads(copy.read_text(encoding="utf-8"))["config"] == results["config"]
+    return results
+
+
+def test_reweighting_quick_run(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    result = run_example("reweighting", "--quick", "--out", str(tmp_path / "run"), "--json", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch CPU threads: 1 (--threads)" in result.stderr
+    results = check_outputs(tmp_path / "run", "reweighting.png", tmp_path / "c.json")
+    rows = {row["method"]: row for row in results["rows"]}
+    assert list(rows) == ["plain", "reweighted", "clean-only"]
+    for row in rows.values():
+        assert len(row["values"]) == 2 and 0 <= row["mean"] <= 1 and row["std"] >= 0
+    assert rows["clean-only"]["early_mean"] is None and 0 <= rows["plain"]["early_mean"] <= 1
+    shares = [run["curve"]["corrupted_weight"] for run in results["runs"] if run["method"] == "reweighted"]
+    assert all(0 <= share <= 1 for curve in shares for share in curve) and shares[0]
+    assert "| reweighted (lookahead) |" in result.stdout
+
+
+def test_reweighting_weights_equal_a_hand_written_virtual_step() -> None:
+    """Ren et al.'s weights by mg.MetaGradient + torch.autograd.grad equal a hand-written one-step
+    lookahead (float64), and the model's .grad is left untouched."""
+    import torch
+    import torch.nn.functional as F
+
+    rw = import_example("reweighting")
+    generator = torch.Generator().manual_seed(0)
+    x, x_clean = (torch.randn(n, 5, generator=generator, dtype=torch.float64) for n in (12, 7))
+    y, y_clean = (torch.randint(0, 3, (n,), generator=generator) for n in (12, 7))
+    torch.manual_seed(1)
+    model = rw.make_model(5, 3, hidden=6).double()
+    got = rw.example_weights(model, x, y, x_clean, y_clean, lr=0.3)
+    assert all(p.grad is None for p in model.parameters())
+
+    eps = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+    loss = (eps * F.cross_entropy(torch.func.functional_call(model, params, (x,)), y, reduction="none")).sum()
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    ahead = {n: p - 0.3 * g for (n, p), g in zip(params.items(), grads)}
+    (grad,) = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, ahead, (x_clean,)), y_clean), eps)
+    want = torch.clamp(-grad, min=0)
+    want = want / want.sum()
+    assert (want > 0).any() and (want == 0).any()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_hyperparameters_quick_run(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    result = run_example("hyperparameters", "--quick", "--out", str(tmp_path / "run"),
+                         "--json", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = check_outputs(tmp_path / "run", "hyperparameters.png", tmp_path / "c.json")
+    assert [row["method"] for row in results["rows"]] == ["hypergradient", "random"]
+    for row in results["rows"]:
+        assert row["trainings"] == 3 and len(row["val_losses"]) == 2
+    for run in results["runs"]:  # three layers: a step size and a weight decay each, every trial
+        assert all(len(t["lr"]) == len(t["wd"]) == 3 for m in ("hypergradient", "random") for t in run[m]["trials"])
+    assert 0 <= results["hypergradient_wins"] <= 2
+    assert "| random search |" in result.stdout
+    assert "lower validation loss than random search on " in result.stdout
+
+
+def test_hyperparameters_hypergradient_equals_a_hand_unroll() -> None:
+    """The per-layer step sizes' and weight decays' hypergradients (Checkpointed, float64) equal
+    plain autograd through the unrolled steps, and the validation loss equals the plain training's."""
+    import argparse
+
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    hp = import_example("hyperparameters")
+    generator = torch.Generator().manual_seed(0)
+    data = argparse.Namespace(x_train=torch.randn(10, 4, generator=generator, dtype=torch.float64),
+                              y_train=torch.randint(0, 3, (10,), generator=generator),
+                              x_val=torch.randn(8, 4, generator=generator, dtype=torch.float64),
+                              y_val=torch.randint(0, 3, (8,), generator=generator),
+                              x_test=torch.randn(8, 4, generator=generator, dtype=torch.float64),
+                              y_test=torch.randint(0, 3, (8,), generator=generator))
+    torch.manual_seed(2)
+    model = hp.make_model(4, 3, hidden=5).double()
+    log_lr = torch.log(torch.tensor([0.3, 0.2, 0.4], dtype=torch.float64)).requires_grad_(True)
+    log_wd = torch.log(torch.tensor([1e-2, 3e-3, 1e-3], dtype=torch.float64)).requires_grad_(True)
+    val_loss, _, grad_lr, grad_wd = hp.hypergradient(model, data, log_lr, log_wd, steps=4)
+    assert all(p.grad is None for p in model.parameters()) and log_lr.grad is None
+
+    index = hp.layer_index(model)
+    params = {n: p.view_as(p) for n, p in model.named_parameters()}
+    for _ in range(4):
+        loss = hp.inner_loss(functional_call(model, params, (data.x_train,)), data.y_train, params, log_wd.exp(), index)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {n: p - log_lr.exp()[index[n]] * g for (n, p), g in zip(params.items(), grads)}
+    want_loss = F.cross_entropy(functional_call(model, params, (data.x_val,)), data.y_val)
+    want_lr, want_wd = torch.autograd.grad(want_loss, [log_lr, log_wd])
+    torch.testing.assert_close(grad_lr, want_lr, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(grad_wd, want_wd, rtol=1e-9, atol=1e-14)
+    plain_loss, _ = hp.train_and_evaluate(model, data, log_lr.exp().tolist(), log_wd.exp().tolist(), steps=4)
+    assert val_loss == pytest.approx(want_loss.item(), rel=1e-10) == pytest.approx(plain_loss, rel=1e-10)
+
+
+def test_nested_quick_run_is_exact(tmp_path: Path) -> None:
+    result = run_example("nested", "--quick", "--out", str(tmp_path / "run"), "--json", str(tmp_path / "c.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = check_outputs(tmp_path / "run", "nested.png", tmp_path / "c.json")
+    assert results["exactness"]["alpha_error"] < 1e-10 and results["exactness"]["theta_error"] < 1e-10
+    assert len(results["learning"]["alpha"]) == 4 and all(a > 0 for a in results["learning"]["alpha"])
+    assert len(results["grid"]["alpha"]) == 3
+    assert "| verdict (threshold 1e-08) | exact |" in result.stdout
+
+
+@pytest.mark.parametrize("outer,inner", [("full", "full"), ("checkpointed", "full")])
+def test_nested_meta_meta_gradient_equals_a_hand_written_double_unroll(outer: str, inner: str) -> None:
+    """d L_val / d log α and d L_val / d θ_0 through J MAML steps, each through K adaptation steps
+    in a nested block, against plain torch.autograd.grad with create_graph=True (float64)."""
+    import math
+
+    import torch
+
+    nested = import_example("nested")
+    generator = torch.Generator().manual_seed(3)
+    train = [nested.sample_tasks(2, 4, generator, torch.float64) for _ in range(2)]
+    val = nested.sample_tasks(2, 4, generator, torch.float64)
+    torch.manual_seed(4)
+    net = nested.make_model().double()
+    log_alpha = torch.tensor(math.log(0.05), dtype=torch.float64, requires_grad=True)
+    settings = {"beta": 0.1, "inner_steps": 2}
+    loss, got = nested.meta_meta_gradient(net, log_alpha, train, val, outer=nested.make_estimator(outer),
+                                          inner=nested.make_estimator(inner), wrt_theta=True, **settings)
+    want_loss, want = nested.double_unroll(net, log_alpha, train, val, **settings)
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    assert want[0].abs() > 0 and all(p.grad is None for p in net.parameters()) and log_alpha.grad is None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    assert nested.relative_error(got, want) < 1e-10
