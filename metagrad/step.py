@@ -248,10 +248,16 @@ def hyperparameters(rule: Any) -> tuple[Any, ...]:
     attributes = getattr(rule, "__dict__", None)
     if not attributes:
         return ()
+    if all(type(value) in _NUMBERS for value in attributes.values()):  # floats only: by value
+        return tuple(attributes.items())
     leaves, spec = pytree.tree_flatten(dict(attributes))
     return (spec, tuple((id(leaf), leaf._version) if isinstance(leaf, torch.Tensor) else
                         leaf if isinstance(leaf, (int, float, str, bool, type(None))) else id(leaf)
                         for leaf in leaves))
+
+
+#: Hyperparameter types compared by value as they are (:func:`hyperparameters`).
+_NUMBERS = (float, int, bool, str, type(None))
 
 
 def clone_constant(value: Any) -> Any:
@@ -315,8 +321,10 @@ def detached(params: Params, state: State) -> tuple[Params, State]:
 
 def nbytes(params: Params, state: State) -> int:
     """The bytes of an iterate's tensors and its optimizer state's."""
-    leaves = list(params.values()) + pytree.tree_leaves(state)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+    total = sum(t.nbytes for t in params.values())
+    if state:
+        total += sum(t.nbytes for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor))
+    return total
 
 
 def zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
