@@ -39,7 +39,7 @@ results there too.
 
 Run it::
 
-    python examples/hyperparameters.py                 # digits, 3 seeds, about a minute on 2 cores
+    python examples/hyperparameters.py                 # digits, 3 seeds, under a minute on 2 cores
     python examples/hyperparameters.py --quick         # a smoke test in seconds
     python examples/hyperparameters.py --dataset fashion-mnist --hidden 256
 """

@@ -49,7 +49,7 @@ the grid, with α_0 and the learned α marked). ``--json PATH`` writes the resul
 
 Run it::
 
-    python examples/nested.py                  # about a minute on 2 CPU cores
+    python examples/nested.py                  # about 20 s on 2 CPU cores
     python examples/nested.py --quick          # a smoke test in seconds
     python examples/nested.py --inner-steps 2 --maml-steps 20 --outer-estimator full
 """

@@ -51,7 +51,7 @@ data). ``--json PATH`` writes the results there too.
 
 Run it::
 
-    python examples/reweighting.py                    # digits, 3 seeds, well under a minute on 2 cores
+    python examples/reweighting.py                    # digits, 3 seeds, about 20 s on 2 cores
     python examples/reweighting.py --quick            # a smoke test in seconds
     python examples/reweighting.py --dataset fashion-mnist --steps 4000
 """
