@@ -141,6 +141,78 @@ def test_gpu_script_answers_help_without_side_effects(tmp_path: Path) -> None:
     assert wrong.returncode == 2 and "--help" in wrong.stderr
 
 
+# ------------------------------------------------------------------------------ dataset distillation
+DISTILLATION = ROOT / "examples" / "distillation.py"
+
+
+def run_distillation(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(DISTILLATION), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_distillation_help_lists_the_flags() -> None:
+    result = run_distillation("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--dataset", "--data-root", "--inner-steps", "--lr-inner", "--learn-labels", "--outer-steps",
+                 "--outer-lr", "--estimator", "--snapshots", "--eval-inits", "--quick", "--threads", "--seed",
+                 "--out", "--json"):
+        assert flag in result.stdout, flag
+    assert "(default: checkpointed)" in result.stdout and "'sqrt'" in result.stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--learn-labels", "--estimator", "full"]], ids=["default", "labels-full"])
+def test_distillation_quick_run_writes_table_json_and_images(tmp_path: Path, extra: list[str]) -> None:
+    pytest.importorskip("sklearn")
+    out, copy = tmp_path / "run", tmp_path / "copy.json"
+    result = run_distillation("--quick", "--inner-steps", "4", "--outer-steps", "2", "--out", str(out),
+                              "--json", str(copy), *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch CPU threads: 1 (--threads)" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["images.png", "results.json", "results.md"]
+    assert (out / "images.png").read_bytes().startswith(b"\x89PNG")
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "| trained on | images | step size | test accuracy (mean ± std) |" in table
+    assert "| real images, one per class at random | 10 |" in table
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert json.loads(copy.read_text(encoding="utf-8"))["rows"] == results["rows"]
+    rows = results["rows"]
+    assert [r["lr_from"] for r in rows] == ["learned", "validation", "validation"]
+    assert all(len(r["test_accuracies"]) == 2 and 0 <= r["test_accuracy_mean"] <= 1 for r in rows)
+    assert len(results["outer_loss"]) == 2 and results["learned_lr"] > 0
+    assert results["estimator"] == ("Full" if "full" in extra else "Checkpointed(snapshots=sqrt)")
+    labels = results["labels"]
+    if "--learn-labels" in extra:  # a probability vector per image
+        assert len(labels) == 10 and all(abs(sum(row) - 1) < 1e-5 for row in labels)
+    else:
+        assert labels == list(range(10))
+
+
+def test_distillation_reads_fashion_mnist_idx_files(tmp_path: Path) -> None:
+    import gzip
+    import struct
+
+    import numpy as np
+
+    root = tmp_path / "fashion"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 60), ("t10k", 30)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 40, size=(count, 6, 6)) + 20 * labels[:, None, None]
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+            (root / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    result = run_distillation("--quick", "--dataset", "fashion-mnist", "--data-root", str(root), "--train-size", "40",
+                              "--val-size", "20", "--test-size", "30", "--inner-steps", "3", "--outer-steps", "1",
+                              "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert results["data"] == {"train": 40, "val": 20, "test": 30, "classes": 10, "image_shape": [6, 6]}
+    missing = run_distillation("--dataset", "fashion-mnist", "--data-root", str(tmp_path / "nowhere"),
+                               "--out", str(tmp_path / "out2"), timeout=60)
+    assert missing.returncode != 0 and "--data-root" in missing.stderr
+
+
 # ------------------------------------------------------------------------------ bilevel workloads
 EXAMPLES = ROOT / "examples"
 
