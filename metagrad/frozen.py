@@ -138,12 +138,22 @@ class Frozen:
         return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call({}, *args, **kwargs)
+
+    def call(self, replace: Mapping[int, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Call it with the captured values at slots ``replace`` swapped for other tensors (as
+        :meth:`with_tensors`), noting what a rebuild notes."""
         # A rebuild: note the generator states it replays (set by RandomState.replay on this
         # thread), and the model's buffers it writes to in place (a forward hook's update).
         self.replayed = getattr(_REPLAYING, "state", None)
         module = args[0].module if args and isinstance(args[0], FunctionalModel) else None
         before = None if module is None else _buffer_versions(module)
-        out = self._function(self._values)(*args, **kwargs)
+        values = self._values
+        if replace:
+            values = list(values)
+            for slot, tensor in replace.items():
+                values[slot] = tensor
+        out = self._function(values)(*args, **kwargs)
         if module is not None and before is not None:
             after = _buffer_versions(module)
             written = [name for name, version in after.items() if before.get(name) != version]

@@ -179,10 +179,11 @@ class Products:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
                 gradient = autograd_gradient(m, step.used)
             moving = [leaves[i].detach().requires_grad_() for i in carried]
+            replace, meta = self.partial_eta(step)
             # The step's body (metagrad.step.step_body), differentiated again by autograd: the
             # closure reads η where it holds them, so autograd follows η wherever they are.
-            body = step_body(lambda q, eta: self.rebuilt_loss(m, step, q), step.rule, step.used,
-                             state=step.state, carried=carried, gradient=gradient)
+            body = step_body(lambda q, eta: self.rebuilt_loss(m, step, q, replace=replace), step.rule,
+                             step.used, state=step.state, carried=carried, gradient=gradient)
             (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
                 self.check(m, new_params, loss)
@@ -211,6 +212,25 @@ class Products:
         for i, g in zip(carried, out[len(params):len(params) + len(carried)]):
             adjoint_out[i] = g
         return pulled, meta_grads, adjoint_out
+
+    def partial_eta(self, step: StepRecord) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+        """For a product by autograd: η as the tensors to differentiate by, with each captured η
+        that has a history of its own (a computed tensor: ``w = hypernet(z)``, an outer block's
+        fast weights) replaced by a leaf alias in the rebuild, ``(slot → alias, η list)``.
+        ``B_m = ∂φ_{m+1}/∂η`` is a partial derivative: autograd must not follow one η into
+        the history of another (an outer block's fast weights depend on its own η, which may
+        be η here too), which would count that path twice and run the outer block's backward
+        inside this product."""
+        meta = list(self.trajectory.meta)
+        replace: dict[int, torch.Tensor] = {}
+        if step.closure is None or not meta:
+            return replace, meta
+        index = {id(t): i for i, t in enumerate(meta)}
+        for slot, tensor in step.closure.tensors:
+            i = index.get(id(tensor))
+            if i is not None and tensor.grad_fn is not None:
+                meta[i] = replace[slot] = tensor.detach().requires_grad_()
+        return replace, meta
 
     def step_size_part(self, m: int, u: Params, grads: Optional[Params] = None) -> MetaGrads:
         """``B_mᵀu`` of the update rule's own η (learned step sizes) with the gradient held
@@ -252,17 +272,18 @@ class Products:
             return list(torch.autograd.grad([new[n] for n in names], meta, [u[n] for n in names],
                                             allow_unused=True, retain_graph=True))
 
-    def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True
-                     ) -> torch.Tensor:
+    def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,
+                     replace: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
         """Step m's loss at ``params``, from the frozen closure run as the step ran
-        (:meth:`as_taken`); an error the closure raises now is a :class:`~metagrad.ReplayError`."""
+        (:meth:`as_taken`), the captured tensors at slots ``replace`` swapped (:meth:`partial_eta`);
+        an error the closure raises now is a :class:`~metagrad.ReplayError`."""
         tr = self.trajectory
         assert step.closure is not None
         if step.once and create_graph:
             refuse_twice(m, step.once)
         try:
             with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
-                return step.closure(tr.model_at(params))
+                return step.frozen().call(replace or {}, tr.model_at(params))
         except NestedBlockError:
             raise
         except Exception as error:
@@ -337,10 +358,11 @@ class Products:
         step = last
         if step.once:
             refuse_twice(k - 1, step.once)
+        replace, meta = self.partial_eta(step)
         with torch.enable_grad():
             params = {n: t.detach().requires_grad_() for n, t in tr.iterate(k).items()}
-            body = step_body(lambda q, eta: self.rebuilt_loss(k - 1, step, q), rule, list(params),
+            body = step_body(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, list(params),
                              state=rule.init(params),
                              gradient=proximal(autograd_gradient(k - 1, step.used), tr.theta, tr.proximal or 0.0))
-            (new_params, _), _ = body(params, tr.meta, [])
-        return KeptStep(params, new_params, list(tr.meta))
+            (new_params, _), _ = body(params, meta, [])
+        return KeptStep(params, new_params, meta)
