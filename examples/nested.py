@@ -36,11 +36,9 @@ inner block as a meta-parameter that the closure captures (it is passed to every
 by the module: a tensor reached only through an object the closure calls is followed by autograd
 alone, README "Meta-parameters").
 
-The inner estimator is Full by default because it is the one this structure gets exactly:
-with ``--inner-estimator checkpointed``, an outer Checkpointed block gave α's gradient 9e-2 away
-from the double unroll (θ_0's stayed exact; the exactness rows show it), and an outer Full block
-raised "the stored inner trajectory was released" during the backward. Inner Full is exact under
-both outer estimators.
+Every exact pair is exact here (the exactness rows show it): inner Full or Checkpointed under an
+outer Full or Checkpointed block. Inner Full is the default: under an outer block that
+differentiates twice, an exact inner block runs as a differentiable unroll either way.
 
 Outputs, in ``--out`` (default ``results/nested``): ``results.md`` (the table), ``results.json``
 (configuration, machine, the exactness check, α and the meta-validation loss at every iteration,
