@@ -13,7 +13,14 @@ script would otherwise write again:
   compile, inductor's compile threads);
 - :func:`write_json`: writes a result file, making its folder;
 - argument types (:func:`order_argument`, :func:`count_argument`), the device set-up, and the
-  counting of an estimator's warnings.
+  counting of an estimator's warnings;
+- what the experiments that write ``results.md`` / ``results.json`` / a figure into ``--out``
+  share (distillation, reweighting, hyperparameters, nested, hypercleaning):
+  :func:`add_quick_argument` and :func:`parse_with_quick` (``--quick``: smoke-test settings
+  that yield to the flags given), :func:`add_data_arguments` and :func:`fill_default_sizes`
+  (``--dataset digits|fashion-mnist``, ``--data-root``, the split sizes), :func:`add_out_argument`,
+  :func:`torch_dtype`, :func:`cpu_description` and :func:`machine_description` (the machine the
+  numbers come from), :func:`save_figure`, :func:`write_table` and :func:`write_results`.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ContextManager, Optional, Union
 
 import numpy as np
@@ -151,6 +159,140 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     index = np.arange(1, len(values) + 1)
     start = np.maximum(index - window, 0)
     return (cumulative[index] - cumulative[start]) / (index - start)
+
+
+
+# --------------------------------------------------------------------- experiments writing into --out
+#: ``--dataset`` of the classification examples: scikit-learn's bundled digits, or Fashion-MNIST's IDX files.
+DATASETS = ("digits", "fashion-mnist")
+#: Where Debian's dataset-fashion-mnist package puts the IDX files.
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+#: Images in scikit-learn's bundled 8x8 digits.
+DIGITS_IMAGES = 1797
+#: The split sizes' flags, as attributes of the parsed arguments.
+SIZE_KEYS = ("train_size", "val_size", "test_size")
+
+
+def add_quick_argument(parser: Union[argparse.ArgumentParser, Any], quick: Mapping[str, Any]) -> None:
+    """``--quick`` on ``parser`` or an argument group of it: a smoke test with the settings ``quick``
+    (attribute name → value), which :func:`parse_with_quick` applies; its help lists them as flags."""
+    flags = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"a smoke test in seconds: {flags} (flags given win)")
+
+
+def parse_with_quick(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                     quick: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, each setting of ``quick`` whose flag was not given replaces its default.
+
+    Which flags were given is read from a second parse into a namespace of Nones (argparse fills
+    in a default only where the namespace lacks the attribute), so a flag given with its default
+    value still wins over ``quick``.
+    """
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
+        for key, value in quick.items():
+            if getattr(given, key) is None:
+                setattr(args, key, value)
+    return args
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, sizes: Mapping[str, Sequence[int]], *,
+                       data_root: Optional[str] = FASHION_MNIST, size_type: Callable[[str], int] = positive_int,
+                       what: tuple[str, str, str] = ("training examples", "validation examples", "test examples")
+                       ) -> Any:
+    """The argument group ``data``: ``--dataset`` (:data:`DATASETS`, default digits), ``--data-root DIR``
+    (default ``data_root``) and ``--train-size``, ``--val-size``, ``--test-size`` (of type ``size_type``).
+
+    The sizes default to None, and :func:`fill_default_sizes` then takes them from ``sizes``
+    (dataset → (train, validation, test)); their help names the three sets by ``what`` and
+    gives those defaults. Returns the group, for a script's own data flags.
+    """
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, default="digits",
+                       help="digits: scikit-learn's bundled 8x8 digits (no download); fashion-mnist: the IDX files "
+                            "in --data-root")
+    group.add_argument("--data-root", default=data_root, metavar="DIR",
+                       help="fashion-mnist: the folder of its IDX files")
+    digits, fashion = sizes["digits"], sizes["fashion-mnist"]
+    rest = ", the rest" if sum(digits) == DIGITS_IMAGES else ""
+    group.add_argument("--train-size", type=size_type, default=None,
+                       help=f"{what[0]} (default: digits {digits[0]}, fashion-mnist {fashion[0]})")
+    group.add_argument("--val-size", type=size_type, default=None,
+                       help=f"{what[1]} (default: digits {digits[1]}, fashion-mnist {fashion[1]})")
+    group.add_argument("--test-size", type=size_type, default=None,
+                       help=f"{what[2]} (default: digits {digits[2]}{rest}; fashion-mnist {fashion[2]})")
+    return group
+
+
+def fill_default_sizes(args: argparse.Namespace, sizes: Mapping[str, Sequence[int]]) -> None:
+    """Set each split size of :func:`add_data_arguments` still None to ``sizes[args.dataset]``'s."""
+    for key, value in zip(SIZE_KEYS, sizes[args.dataset]):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def add_out_argument(parser: Union[argparse.ArgumentParser, Any], name: str, figure: str) -> None:
+    """``--out DIR`` (default ``results/<name>``): the folder of results.md, results.json and ``figure``."""
+    parser.add_argument("--out", default=os.path.join("results", name), metavar="DIR",
+                        help=f"output folder for results.md, results.json and {figure}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``--dtype``'s value (see :func:`add_dtype_argument`) as a torch dtype."""
+    return torch.float64 if name == "float64" else torch.float32
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_description(cpu: Optional[str] = None) -> str:
+    """``CPU (<cpu>, <n> cores, <t> torch threads)``; ``cpu`` defaults to the architecture (``x86_64``)."""
+    threads = torch.get_num_threads()
+    return (f"CPU ({cpu or platform.machine()}, {os.cpu_count()} cores, "
+            f"{threads} torch thread{'s' if threads != 1 else ''})")
+
+
+def machine_description(device: str, **extra: Any) -> dict[str, Any]:
+    """``results.json``'s ``machine``: ``device`` (a description), then ``extra``, then torch's and
+    Python's versions and the platform."""
+    return {"device": device, **extra, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def save_figure(fig: Any, path: Union[str, os.PathLike]) -> None:
+    """Lay out a matplotlib figure tightly, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt  # the script has chosen its backend by now
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_table(out: str, title: str, table: str) -> None:
+    """Print ``table`` after a blank line, and write it to ``out``/results.md under the heading ``title``."""
+    print()
+    print(table)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# {title}\n\n" + table)
+
+
+def write_results(out: str, results: dict[str, Any], figure: str, json_path: Optional[str] = None) -> None:
+    """Write ``results`` to ``out``/results.json and, if given, to ``json_path`` (strict JSON: a NaN or
+    an infinity is an error); then say so, with ``results["seconds"]``, the run's wall time."""
+    write_json(os.path.join(out, "results.json"), results, allow_nan=False)
+    if json_path:
+        write_json(json_path, results, allow_nan=False)
+    print(f"Wrote results.md, results.json and {figure} to {out} ({results['seconds']:.0f} s)")
 
 
 # --------------------------------------------------------------------- warnings
