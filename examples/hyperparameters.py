@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -71,10 +70,12 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli, hypercleaning, reweighting beside this file
-from cli import (add_dtype_argument, add_json_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 make_parser, positive_int, set_threads, write_json)
-from hypercleaning import DATASETS, Split, device_description  # noqa: E402
-from reweighting import FASHION_MNIST, load_data, mean_std, positive_float  # noqa: E402
+from cli import (add_data_arguments, add_dtype_argument, add_json_argument, add_out_argument,  # noqa: E402
+                 add_quick_argument, add_seed_argument, add_threads_argument, cpu_description, fill_default_sizes,
+                 machine_description, make_parser, parse_with_quick, positive_int, save_figure, set_threads,
+                 torch_dtype, write_results, write_table)
+from hypercleaning import Split  # noqa: E402
+from reweighting import load_data, mean_std, positive_float  # noqa: E402
 
 #: (training, validation, test) sizes per dataset; the flags override them.
 DEFAULT_SIZES = {"digits": (200, 300, 1297), "fashion-mnist": (1000, 1000, 10000)}
@@ -244,7 +245,7 @@ def table_caption(args: argparse.Namespace, data: Split, seeds: Sequence[int]) -
         f"α in [{args.lr_range[0]:g}, {args.lr_range[1]:g}], λ in [{args.wd_range[0]:g}, {args.wd_range[1]:g}]. "
         "Each method's row is the configuration of lowest validation loss it trained; its test accuracy is "
         f"that training's. Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; {args.dtype}; "
-        f"{device_description()}, torch {torch.__version__}. s / seed: wall time of the method for one seed."
+        f"{cpu_description()}, torch {torch.__version__}. s / seed: wall time of the method for one seed."
     )
 
 
@@ -275,9 +276,7 @@ def plot(runs: Sequence[dict[str, Any]], args: argparse.Namespace, path: str) ->
         ax.set_xlabel("outer step")
         ax.set_title(f"{title} (seed {runs[0]['seed']})", fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------- plumbing
@@ -287,18 +286,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Per-layer weight decay and per-layer step sizes learned by hypergradient descent through "
                     "K inner training steps (mg.Checkpointed), against random search with the same number of "
                     "inner trainings; write results.md, results.json and hyperparameters.png.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="digits",
-                      help="digits: scikit-learn's bundled 8x8 digits (no download); fashion-mnist: the IDX files "
-                           "in --data-root")
-    data.add_argument("--data-root", default=FASHION_MNIST, metavar="DIR",
-                      help="fashion-mnist: the folder of its IDX files")
-    data.add_argument("--train-size", type=positive_int, default=None,
-                      help="training examples (default: digits 200, fashion-mnist 1000)")
-    data.add_argument("--val-size", type=positive_int, default=None,
-                      help="validation examples (default: digits 300, fashion-mnist 1000)")
-    data.add_argument("--test-size", type=positive_int, default=None,
-                      help="test examples (default: digits 1297, the rest; fashion-mnist 10000)")
+    add_data_arguments(parser, DEFAULT_SIZES)
     inner = parser.add_argument_group("inner training")
     inner.add_argument("--hidden", type=positive_int, default=128, help="units of each hidden layer")
     inner.add_argument("--inner-steps", type=positive_int, default=50, help="K, full-batch gradient steps")
@@ -317,24 +305,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     search.add_argument("--wd-range", type=range_argument, default=(1e-6, 1e-1), metavar="LOW,HIGH",
                         help="random search: the weight decays' range (log-uniform)")
     run = parser.add_argument_group("run")
-    quick = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
-    run.add_argument("--quick", action="store_true", help=f"a smoke test in seconds: {quick} (flags given win)")
+    add_quick_argument(run, QUICK)
     run.add_argument("--repeats", type=positive_int, default=3,
                      help="seeds to run: --seed, --seed + 1, ... (mean ± std over them)")
     add_threads_argument(run)
     add_seed_argument(run, "first seed: of the split, θ_0 and the random search's draws")
-    run.add_argument("--out", default=os.path.join("results", "hyperparameters"), metavar="DIR",
-                     help="output folder for results.md, results.json and hyperparameters.png")
+    add_out_argument(run, "hyperparameters", "hyperparameters.png")
     add_json_argument(run, "also write the results to this file")
-    args = parser.parse_args(argv)
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
-    for key, value in zip(("train_size", "val_size", "test_size"), DEFAULT_SIZES[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_quick(parser, argv, QUICK)
+    fill_default_sizes(args, DEFAULT_SIZES)
     args.corruption = 0.0  # load_split's label corruption: none here
     return args
 
@@ -343,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     set_threads(args.threads)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     seeds = [args.seed + r for r in range(args.repeats)]
@@ -374,15 +353,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     wins = sum(h < r for h, r in zip(rows[0]["val_losses"], rows[1]["val_losses"]))
     table += (f"\nHypergradient descent reached a lower validation loss than random search on {wins} of "
               f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}.\n")
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Hyperparameters: hypergradient descent vs random search\n\n" + table)
+    write_table(args.out, "Hyperparameters: hypergradient descent vs random search", table)
     plot(runs, args, os.path.join(args.out, "hyperparameters.png"))
     results = {
         "config": vars(args),
-        "machine": {"device": device_description(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(cpu_description()),
         "seeds": seeds,
         "caption": caption,
         "start": start,
@@ -393,10 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     }
     # An infinite validation loss (a diverged random draw) is written as null: strict JSON.
     results = strict(results)
-    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
-    if args.json:
-        write_json(args.json, results, allow_nan=False)
-    print(f"Wrote results.md, results.json and hyperparameters.png to {args.out} ({results['seconds']:.0f} s)")
+    write_results(args.out, results, "hyperparameters.png", args.json)
     return results
 
 

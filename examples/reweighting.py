@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -82,14 +81,14 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and hypercleaning beside this file
-from cli import (add_dtype_argument, add_json_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 make_parser, positive_int, set_threads, write_json)
-from hypercleaning import DATASETS, DataError, Split, device_description, load_split  # noqa: E402
+from cli import (add_data_arguments, add_dtype_argument, add_json_argument, add_out_argument,  # noqa: E402
+                 add_quick_argument, add_seed_argument, add_threads_argument, cpu_description, fill_default_sizes,
+                 machine_description, make_parser, parse_with_quick, positive_int, save_figure, set_threads,
+                 torch_dtype, write_results, write_table)
+from hypercleaning import DataError, Split, load_split  # noqa: E402
 
 #: (training, clean, test) sizes per dataset; the flags override them.
 DEFAULT_SIZES = {"digits": (1000, 50, 747), "fashion-mnist": (5000, 100, 10000)}
-#: Where Debian's dataset-fashion-mnist package puts the IDX files.
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 QUICK = {"train_size": 200, "val_size": 20, "test_size": 100, "steps": 20, "eval_every": 10, "repeats": 2}
 METHODS = ("plain", "reweighted", "clean-only")
 LABELS = {"plain": "plain", "reweighted": "reweighted (lookahead)", "clean-only": "clean-only"}
@@ -255,7 +254,7 @@ def table_caption(args: argparse.Namespace, data: Split, seeds: Sequence[int]) -
         f"{args.corruption:.0%} of them with a uniformly random wrong label; {len(data.y_val)} clean examples; "
         f"{len(data.y_test)} test examples. MLP (two ReLU layers of {args.hidden}), {args.steps} SGD steps "
         f"(momentum 0.9, lr {args.lr:g} with a cosine schedule to 0, mini-batches of {args.batch_size}); "
-        f"{args.dtype}; seeds {', '.join(map(str, seeds))}; {device_description()}, torch {torch.__version__}. "
+        f"{args.dtype}; seeds {', '.join(map(str, seeds))}; {cpu_description()}, torch {torch.__version__}. "
         "Test accuracy after the last step, mean ± standard deviation over seeds. Plain: uniform weights on "
         "the noisy set. Reweighted: Ren et al.'s weights from a one-step lookahead on the clean set "
         "(mg.Full()). Clean-only: the clean examples alone. Early-stopped: the same run at the evaluation "
@@ -289,9 +288,7 @@ def plot(runs: Sequence[dict[str, Any]], args: argparse.Namespace, path: str) ->
     right.set_ylim(0, max(100 * args.corruption * 1.2, 5))
     right.set_title("share of each mini-batch's weight on corrupted labels", fontsize=10)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------- plumbing
@@ -302,18 +299,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "a one-step lookahead on a small clean set, by mg.MetaGradient and torch.autograd.grad; "
                     "plain training vs reweighted vs clean-only, over several seeds; write results.md, "
                     "results.json and reweighting.png.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="digits",
-                      help="digits: scikit-learn's bundled 8x8 digits (no download); fashion-mnist: the IDX files "
-                           "in --data-root")
-    data.add_argument("--data-root", default=FASHION_MNIST, metavar="DIR",
-                      help="fashion-mnist: the folder of its IDX files")
-    data.add_argument("--train-size", type=positive_int, default=None,
-                      help="noisy training examples (default: digits 1000, fashion-mnist 5000)")
-    data.add_argument("--val-size", type=positive_int, default=None,
-                      help="clean examples (default: digits 50, fashion-mnist 100)")
-    data.add_argument("--test-size", type=positive_int, default=None,
-                      help="test examples (default: digits 747, the rest; fashion-mnist 10000)")
+    data = add_data_arguments(parser, DEFAULT_SIZES,
+                              what=("noisy training examples", "clean examples", "test examples"))
     data.add_argument("--corruption", type=fraction_argument, default=0.4,
                       help="fraction of training labels replaced by a uniformly random wrong class")
     training = parser.add_argument_group("training")
@@ -326,24 +313,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           help="steps between two evaluations (the curves, and plain's early stopping)")
     add_dtype_argument(training, "floating-point type of the training runs")
     run = parser.add_argument_group("run")
-    quick = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
-    run.add_argument("--quick", action="store_true", help=f"a smoke test in seconds: {quick} (flags given win)")
+    add_quick_argument(run, QUICK)
     run.add_argument("--repeats", type=positive_int, default=3,
                      help="seeds to run: --seed, --seed + 1, ... (mean ± std over them)")
     add_threads_argument(run)
     add_seed_argument(run, "first seed: of the split, the corruption, the initialization and the batch order")
-    run.add_argument("--out", default=os.path.join("results", "reweighting"), metavar="DIR",
-                     help="output folder for results.md, results.json and reweighting.png")
+    add_out_argument(run, "reweighting", "reweighting.png")
     add_json_argument(run, "also write the results to this file")
-    args = parser.parse_args(argv)
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
-    for key, value in zip(("train_size", "val_size", "test_size"), DEFAULT_SIZES[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_quick(parser, argv, QUICK)
+    fill_default_sizes(args, DEFAULT_SIZES)
     return args
 
 
@@ -351,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     set_threads(args.threads)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     seeds = [args.seed + r for r in range(args.repeats)]
@@ -368,25 +346,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     rows = summarize(runs)
     caption = table_caption(args, data, seeds)
     table = format_table(rows, caption)
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Learning to reweight, noisy labels\n\n" + table)
+    write_table(args.out, "Learning to reweight, noisy labels", table)
     plot(runs, args, os.path.join(args.out, "reweighting.png"))
     results = {
         "config": vars(args),
-        "machine": {"device": device_description(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(cpu_description()),
         "seeds": seeds,
         "caption": caption,
         "rows": rows,
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
-    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
-    if args.json:
-        write_json(args.json, results, allow_nan=False)
-    print(f"Wrote results.md, results.json and reweighting.png to {args.out} ({results['seconds']:.0f} s)")
+    write_results(args.out, results, "reweighting.png", args.json)
     return results
 
 
