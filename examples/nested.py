@@ -58,7 +58,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -79,10 +78,10 @@ from tqdm import tqdm  # noqa: E402
 
 import metagrad as mg  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli, hypercleaning, reweighting beside this file
-from cli import (add_dtype_argument, add_json_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 make_parser, positive_int, set_threads, write_json)
-from hypercleaning import device_description  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and reweighting beside this file
+from cli import (add_dtype_argument, add_json_argument, add_out_argument, add_quick_argument,  # noqa: E402
+                 add_seed_argument, add_threads_argument, cpu_description, machine_description, make_parser,
+                 parse_with_quick, positive_int, save_figure, set_threads, torch_dtype, write_results, write_table)
 from reweighting import positive_float  # noqa: E402
 
 ESTIMATORS = {"full": mg.Full, "checkpointed": mg.Checkpointed}
@@ -315,7 +314,7 @@ def table_caption(args: argparse.Namespace, results: dict[str, Any]) -> str:
         f"{args.val_tasks} new tasks differentiated with respect to log α; {args.iterations} Adam steps (lr "
         f"{args.outer_lr:g}) on log α. Outer block mg.{ESTIMATORS[args.outer_estimator].__name__}(), inner "
         f"blocks mg.{ESTIMATORS[args.inner_estimator].__name__}(); {args.dtype}; seed {args.seed}; "
-        f"{device_description()}, torch {torch.__version__}; "
+        f"{cpu_description()}, torch {torch.__version__}; "
         f"{results['learning']['seconds_per_iteration']:.2f} s per iteration (median). Meta-validation loss: "
         f"the mean over {args.eval_streams} fixed streams of tasks of the MAML loss of {args.eval_tasks} tasks "
         f"after J MAML steps with that α. Exactness: one meta-meta-gradient at α_0, {args.maml_steps} MAML "
@@ -344,9 +343,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     right.set_ylabel("meta-validation loss after J MAML steps")
     right.set_title("the objective", fontsize=10)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------- plumbing
@@ -382,27 +379,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     evaluation.add_argument("--grid", type=positive_int, default=12,
                             help="α values of the landscape, log-spaced from α_0 / 3 to 0.3")
     run = parser.add_argument_group("run")
-    quick = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
-    run.add_argument("--quick", action="store_true", help=f"a smoke test in seconds: {quick} (flags given win)")
+    add_quick_argument(run, QUICK)
     add_threads_argument(run)
     add_seed_argument(run, "seed of θ_0 and of every stream of tasks")
-    run.add_argument("--out", default=os.path.join("results", "nested"), metavar="DIR",
-                     help="output folder for results.md, results.json and nested.png")
+    add_out_argument(run, "nested", "nested.png")
     add_json_argument(run, "also write the results to this file")
-    args = parser.parse_args(argv)
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
-    return args
+    return parse_with_quick(parser, argv, QUICK)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     set_threads(args.threads)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -417,8 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     init_loss, learned_loss = evaluate(net, [args.alpha_init, alpha_learned], args, dtype, "evaluating α_0, α")
     results: dict[str, Any] = {
         "config": vars(args),
-        "machine": {"device": device_description(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(cpu_description()),
         "exactness": exactness,
         "learning": learning,
         "evaluation": {"alpha_init": args.alpha_init, "val_loss_init": init_loss, "alpha_learned": alpha_learned,
@@ -427,19 +415,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     }
     caption = table_caption(args, results)
     table = format_table(results, caption)
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Nested blocks: learning a MAML learner's inner step size\n\n" + table)
+    write_table(args.out, "Nested blocks: learning a MAML learner's inner step size", table)
     plot(results, os.path.join(args.out, "nested.png"))
     results["caption"] = caption
     results["seconds"] = time.perf_counter() - started
     # A diverged grid point (a NaN loss) is written as null: strict JSON.
     results["grid"]["val_loss"] = [v if math.isfinite(v) else None for v in results["grid"]["val_loss"]]
-    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
-    if args.json:
-        write_json(args.json, results, allow_nan=False)
-    print(f"Wrote results.md, results.json and nested.png to {args.out} ({results['seconds']:.0f} s)")
+    write_results(args.out, results, "nested.png", args.json)
     return results
 
 
