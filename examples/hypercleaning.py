@@ -91,7 +91,6 @@ import copy
 import gzip
 import math
 import os
-import platform
 import statistics
 import struct
 import sys
@@ -115,13 +114,14 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
-from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 count_argument, counting_warnings, make_parser, order_argument, set_threads, warning_summary,
-                 write_json)
+from cli import (WarningCounts, add_data_arguments, add_dtype_argument, add_out_argument,  # noqa: E402
+                 add_quick_argument, add_seed_argument, add_threads_argument, count_argument, counting_warnings,
+                 cpu_description, fill_default_sizes, machine_description, make_parser, order_argument,
+                 parse_with_quick, save_figure, set_threads, torch_dtype, warning_summary, write_results,
+                 write_table)
 
 ESTIMATORS = ("full", "checkpointed", "truncated", "binomial", "first_order", "implicit")
 DEFAULT_ESTIMATORS = ("full", "checkpointed", "truncated", "binomial")
-DATASETS = ("digits", "fashion-mnist")
 #: (train, validation, test) sizes per dataset; the flags override them.
 DEFAULT_SIZES = {"digits": (1000, 300, 497), "fashion-mnist": (5000, 5000, 10000)}
 QUICK = {"train_size": 200, "val_size": 100, "test_size": 200, "inner_steps": 20, "outer_steps": 4,
@@ -477,7 +477,7 @@ def format_memory_table(rows: Sequence[dict[str, Any]], args: argparse.Namespace
         lines.append(f"| {r['estimator']} | {r['seconds']:.2f} | {r['peak_mib']:.1f} | {r['iterate_mib']:.2f} "
                      f"| {r['stored_iterates']} | {r['recomputed_steps']} | {r['error_vs_full']:.1e} |")
     return ("\n".join(lines) + f"\n\nOne hypergradient at the first outer step, K = {args.inner_steps}, {args.dtype}, "
-            f"{device_description()}. Peak memory: {mg.memory.peak_memory('cpu').description}. Iterates held "
+            f"{cpu_description()}. Peak memory: {mg.memory.peak_memory('cpu').description}. Iterates held "
             "at once: the exact bytes of the stored and recomputed iterates at their peak (meta.info).\n")
 
 
@@ -541,19 +541,13 @@ def table_caption(args: argparse.Namespace, data: Split) -> str:
         f"{len(data.y_val)} clean validation and {len(data.y_test)} test examples. {model}, K = "
         f"{args.inner_steps} inner SGD steps of α = {args.lr_inner} from one fixed θ_0, weights σ(w) with w = 0 "
         f"at the start, {args.outer_steps} Adam steps on w (lr {args.outer_lr}); {args.dtype}, "
-        f"{device_description()}, seed {args.seed}. Test accuracy: the classifier trained by the same inner "
+        f"{cpu_description()}, seed {args.seed}. Test accuracy: the classifier trained by the same inner "
         "loop with the learned weights (uniform weights: plain training on the corrupted set; oracle: plain "
         "training on its clean examples only). Precision, recall, F1: flagging an example as corrupted when "
         "σ(w_i) < 0.5 (precision —: nothing flagged). Hypergradient error: ‖g − g_Full‖/‖g_Full‖ for w's "
         "gradient at the first outer step (θ_0, w = 0), float64. Time: median wall time of an outer step "
         "(inner loop, hypergradient, Adam step)."
     )
-
-
-def device_description() -> str:
-    """A short description of the machine the numbers come from."""
-    threads = torch.get_num_threads()
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def implicit_note(rows: Sequence[Row], args: argparse.Namespace) -> str:
@@ -595,9 +589,7 @@ def plot_weights(rows: Sequence[Row], corrupted: torch.Tensor, path: str) -> Non
         axes[0][0].text(0.5, 0.5, "no estimator gave a hypergradient", ha="center", va="center")
     axes[0][0].set_ylabel("training examples")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- plumbing
@@ -610,17 +602,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "precision/recall/F1 of flagging the corrupted examples, the first-step hypergradient error "
                     "against Full and the time per outer step, and write results.json, results.md and weights.png.",
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="digits",
-                      help="digits: scikit-learn's bundled 8x8 digits (no download); fashion-mnist: the IDX files "
-                           "in --data-root")
-    data.add_argument("--data-root", default=None, metavar="DIR", help="fashion-mnist: the folder of its IDX files")
-    data.add_argument("--train-size", type=int, default=None,
-                      help="training examples (default: digits 1000, fashion-mnist 5000)")
-    data.add_argument("--val-size", type=int, default=None,
-                      help="clean validation examples (default: digits 300, fashion-mnist 5000)")
-    data.add_argument("--test-size", type=int, default=None,
-                      help="test examples (default: digits 497, the rest; fashion-mnist 10000)")
+    data = add_data_arguments(parser, DEFAULT_SIZES, data_root=None, size_type=int,
+                              what=("training examples", "clean validation examples", "test examples"))
     data.add_argument("--corruption", type=float, default=0.5,
                       help="fraction of training labels replaced by a uniformly random wrong class")
     inner = parser.add_argument_group("inner and outer loop")
@@ -652,22 +635,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     est.add_argument("--reg", type=float, default=1.0,
                      help="implicit: λ of its proximal term (reg/2)‖φ − θ_0‖², which it adds to the inner loss")
     run = parser.add_argument_group("run")
-    quick = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
-    run.add_argument("--quick", action="store_true",
-                     help=f"a smoke test in seconds: {quick} (flags given explicitly win)")
+    add_quick_argument(run, QUICK)
     add_threads_argument(run)
     add_seed_argument(run, "seed of the split, the corruption and θ_0")
-    run.add_argument("--out", default=os.path.join("results", "hypercleaning"), metavar="DIR",
-                     help="output folder for results.json, results.md and weights.png")
-    args = parser.parse_args(argv)
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
-    for key, value in zip(("train_size", "val_size", "test_size"), DEFAULT_SIZES[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    add_out_argument(run, "hypercleaning", "weights.png")
+    args = parse_with_quick(parser, argv, QUICK)
+    fill_default_sizes(args, DEFAULT_SIZES)
     for name in ("train_size", "val_size", "test_size", "outer_steps", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -683,7 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     set_threads(args.threads)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
 
@@ -736,15 +709,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     memory = memory_comparison(init, data, args) if args.snapshots is not None else []
     if memory:
         table += "\n## Time and memory of one hypergradient\n\n" + format_memory_table(memory, args)
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Data hyper-cleaning, one run per estimator\n\n" + table)
+    write_table(args.out, "Data hyper-cleaning, one run per estimator", table)
     plot_weights(rows, data.corrupted, os.path.join(args.out, "weights.png"))
     results = {
         "config": vars(args),
-        "machine": {"device": device_description(), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(cpu_description()),
         "data": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test),
                  "corrupted": int(data.corrupted.sum()), "classes": data.classes,
                  "corrupted_mask": data.corrupted.tolist()},
@@ -754,8 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "memory": memory,
         "seconds": time.perf_counter() - started,
     }
-    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
-    print(f"Wrote results.md, results.json and weights.png to {args.out} ({results['seconds']:.0f} s)")
+    write_results(args.out, results, "weights.png")
     return results
 
 
