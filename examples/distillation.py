@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -86,14 +85,13 @@ from tqdm import tqdm  # noqa: E402
 import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and hypercleaning beside this file
-from cli import (WarningCounts, add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
-                 add_threads_argument, count_argument, counting_warnings, make_parser, set_threads,
-                 warning_summary, write_json)
+from cli import (WarningCounts, add_data_arguments, add_dtype_argument, add_json_argument,  # noqa: E402
+                 add_out_argument, add_quick_argument, add_seed_argument, add_threads_argument, count_argument,
+                 counting_warnings, cpu_description, cpu_model, fill_default_sizes, machine_description,
+                 make_parser, parse_with_quick, save_figure, set_threads, torch_dtype, warning_summary,
+                 write_results, write_table)
 from hypercleaning import DataError, load_fashion_mnist  # noqa: E402
 
-DATASETS = ("digits", "fashion-mnist")
-#: Where Debian's dataset-fashion-mnist package puts the IDX files.
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 #: (train, validation, test) sizes per dataset; the flags override them.
 DEFAULT_SIZES = {"digits": (1000, 297, 500), "fashion-mnist": (10000, 5000, 10000)}
 ESTIMATORS = ("checkpointed", "full", "truncated", "binomial")
@@ -361,30 +359,12 @@ def table_caption(args: argparse.Namespace, data: Data, distilled: Distilled, es
         f"from real training images) and a learned inner step size (from {args.lr_inner:g}), {args.outer_steps} "
         f"Adam steps (lr {args.outer_lr:g}) on the cross-entropy of batches of {args.batch} real training images "
         f"after K = {args.inner_steps} SGD steps of a fresh MLP ({args.hidden} ReLU hidden units, a new random init "
-        f"every outer step, θ fixed), estimator {estimator}; {args.dtype}, {device_description()}, seed "
+        f"every outer step, θ fixed), estimator {estimator}; {args.dtype}, {cpu_description(cpu_model())}, seed "
         f"{args.seed}; {distilled.ms_per_outer_step:.0f} ms per outer step (median). Test accuracy on "
         f"{len(data.y_test)} test images of {args.eval_inits} fresh inits, each trained K full-batch SGD steps; "
         f"the real-image rows at the step size of {list(LR_GRID)} with the best mean accuracy on "
         f"{len(data.y_val)} validation images, the one-per-class images drawn anew for each init."
     )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_description() -> str:
-    """A short description of the machine the numbers come from."""
-    threads = torch.get_num_threads()
-    return f"CPU ({cpu_model()}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def plot_images(data: Data, distilled: Distilled, rows: Sequence[Row], path: str) -> None:
@@ -408,9 +388,7 @@ def plot_images(data: Data, distilled: Distilled, rows: Sequence[Row], path: str
     fig.suptitle(f"{learned.name}: {100 * learned.mean:.1f}% ± {100 * learned.std:.1f} test accuracy "
                  f"(α = {distilled.lr:.3g}); real images: {100 * rows[1].mean:.1f}% ± {100 * rows[1].std:.1f}",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- plumbing
@@ -423,20 +401,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "outer step. Prints the test accuracy of fresh models trained on the learned images, on real "
                     "images and on the whole training set, and writes results.md, results.json and images.png.",
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="digits",
-                      help="digits: scikit-learn's bundled 8x8 digits (no download); fashion-mnist: the IDX files "
-                           "in --data-root")
-    data.add_argument("--data-root", default=FASHION_MNIST_ROOT, metavar="DIR",
-                      help="fashion-mnist: the folder of its IDX files (default: where Debian's "
-                           "dataset-fashion-mnist package installs them)")
-    data.add_argument("--train-size", type=int, default=None,
-                      help="training images (default: digits 1000, fashion-mnist 10000)")
-    data.add_argument("--val-size", type=int, default=None,
-                      help="validation images, for the real-image rows' step size (default: digits 297, "
-                           "fashion-mnist 5000)")
-    data.add_argument("--test-size", type=int, default=None,
-                      help="test images (default: digits 500, fashion-mnist 10000)")
+    add_data_arguments(parser, DEFAULT_SIZES, size_type=int,
+                       what=("training images", "validation images, for the real-image rows' step size",
+                             "test images"))
     loop = parser.add_argument_group("inner and outer loop")
     loop.add_argument("--hidden", type=int, default=64, help="the MLP's ReLU hidden units")
     loop.add_argument("--inner-steps", type=int, default=100, help="K, inner SGD steps on the learned images")
@@ -456,25 +423,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     est.add_argument("--order", type=int, default=3, help="binomial: the order L")
     est.add_argument("--block", type=int, default=10, help="binomial: the block size S (blocks chained exactly)")
     run = parser.add_argument_group("run")
-    quick = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in QUICK.items())
-    run.add_argument("--quick", action="store_true",
-                     help=f"a smoke test in seconds: {quick} (flags given explicitly win)")
+    add_quick_argument(run, QUICK)
     run.add_argument("--eval-inits", type=int, default=10,
                      help="fresh inits each training set is trained from (mean ± std over them)")
     add_threads_argument(run)
     add_seed_argument(run, "seed of the split, the starting images, the inits and the batches")
-    run.add_argument("--out", default=os.path.join("results", "distillation"), metavar="DIR",
-                     help="output folder for results.md, results.json and images.png")
+    add_out_argument(run, "distillation", "images.png")
     add_json_argument(run, "also write results.json to this path")
-    args = parser.parse_args(argv)
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
-    for key, value in zip(("train_size", "val_size", "test_size"), DEFAULT_SIZES[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_with_quick(parser, argv, QUICK)
+    fill_default_sizes(args, DEFAULT_SIZES)
     for name in ("train_size", "val_size", "test_size", "hidden", "inner_steps", "batch", "eval_inits",
                  "order", "block", "truncate_steps"):
         if getattr(args, name) < 1:
@@ -491,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the experiment; return what was written to results.json."""
     args = parse_args(argv)
     set_threads(args.threads)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
     data = load_data(args, dtype)
@@ -505,15 +462,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                       w["of_steps"], "outer steps") for w in distilled.warnings)
     if notes:
         table += "\n" + notes + "\n"
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Dataset distillation\n\n" + table)
+    write_table(args.out, "Dataset distillation", table)
     plot_images(data, distilled, rows, os.path.join(args.out, "images.png"))
     results = {
         "config": vars(args),
-        "machine": {"device": device_description(), "cpu": cpu_model(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(cpu_description(cpu_model()), cpu=cpu_model(), cores=os.cpu_count()),
         "data": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test),
                  "classes": data.classes, "image_shape": list(data.shape)},
         "estimator": estimator,
@@ -528,10 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "labels": distilled.targets.tolist(),
         "seconds": time.perf_counter() - started,
     }
-    write_json(os.path.join(args.out, "results.json"), results, allow_nan=False)
-    if args.json:
-        write_json(args.json, results, allow_nan=False)
-    print(f"Wrote results.md, results.json and images.png to {args.out} ({results['seconds']:.0f} s)")
+    write_results(args.out, results, "images.png", args.json)
     return results
 
 
