@@ -20,7 +20,8 @@ script would otherwise write again:
   that yield to the flags given), :func:`add_data_arguments` and :func:`fill_default_sizes`
   (``--dataset digits|fashion-mnist``, ``--data-root``, the split sizes), :func:`add_out_argument`,
   :func:`torch_dtype`, :func:`cpu_description` and :func:`machine_description` (the machine the
-  numbers come from), :func:`save_figure`, :func:`write_table` and :func:`write_results`.
+  numbers come from), :func:`save_figure`, :func:`write_table` and :func:`write_results`, and
+  :func:`outer_step_warning_summary` (an estimator's warnings, counted over the outer steps).
 """
 
 from __future__ import annotations
@@ -341,6 +342,15 @@ def warning_summary(seen: WarningCounts, who: str, tasks: int, what: str = "meta
     """One line per kind of warning: ``note: <who> warned in N of <tasks> <what>; the first: ...``."""
     return [f"note: {who} warned in {entry['count']} of {tasks} {what}; the first: {entry['first']}"
             for entry in seen.values()]
+
+
+def outer_step_warning_summary(entries: Sequence[Mapping[str, Any]], who: str) -> list[str]:
+    """:func:`warning_summary`'s lines for warnings counted over outer steps, one per entry; an entry
+    (as results.json holds it) has ``message`` (the first of its kind), ``steps`` (how many warned)
+    and ``of_steps``."""
+    return [line for entry in entries
+            for line in warning_summary({"kind": {"count": entry["steps"], "first": entry["message"]}}, who,
+                                        entry["of_steps"], "outer steps")]
 
 
 if __name__ == "__main__":

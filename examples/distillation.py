@@ -88,8 +88,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and hyperc
 from cli import (WarningCounts, add_data_arguments, add_dtype_argument, add_json_argument,  # noqa: E402
                  add_out_argument, add_quick_argument, add_seed_argument, add_threads_argument, count_argument,
                  counting_warnings, cpu_description, cpu_model, fill_default_sizes, machine_description,
-                 make_parser, parse_with_quick, save_figure, set_threads, torch_dtype, warning_summary,
-                 write_results, write_table)
+                 make_parser, outer_step_warning_summary, parse_with_quick, save_figure, set_threads,
+                 torch_dtype, write_results, write_table)
 from hypercleaning import DataError, load_fashion_mnist  # noqa: E402
 
 #: (train, validation, test) sizes per dataset; the flags override them.
@@ -458,8 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     caption = table_caption(args, data, distilled, estimator)
     table = format_table(rows, caption)
-    notes = "\n".join(warning_summary({"kind": {"count": w["steps"], "first": w["message"]}}, estimator,
-                                      w["of_steps"], "outer steps") for w in distilled.warnings)
+    notes = "\n".join(outer_step_warning_summary(distilled.warnings, estimator))
     if notes:
         table += "\n" + notes + "\n"
     write_table(args.out, "Dataset distillation", table)

@@ -117,8 +117,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside thi
 from cli import (WarningCounts, add_data_arguments, add_dtype_argument, add_out_argument,  # noqa: E402
                  add_quick_argument, add_seed_argument, add_threads_argument, count_argument, counting_warnings,
                  cpu_description, fill_default_sizes, machine_description, make_parser, order_argument,
-                 parse_with_quick, save_figure, set_threads, torch_dtype, warning_summary, write_results,
-                 write_table)
+                 outer_step_warning_summary, parse_with_quick, save_figure, set_threads, torch_dtype,
+                 write_results, write_table)
 
 ESTIMATORS = ("full", "checkpointed", "truncated", "binomial", "first_order", "implicit")
 DEFAULT_ESTIMATORS = ("full", "checkpointed", "truncated", "binomial")
@@ -562,12 +562,7 @@ def implicit_note(rows: Sequence[Row], args: argparse.Namespace) -> str:
 
 def warning_notes(rows: Sequence[Row]) -> str:
     """One line per estimator and kind of warning, counted over the outer steps."""
-    lines = []
-    for r in rows:
-        for entry in r.warnings:
-            lines += warning_summary({"kind": {"count": entry["steps"], "first": entry["message"]}}, r.estimator,
-                                     entry["of_steps"], "outer steps")
-    return "\n".join(lines)
+    return "\n".join(line for r in rows for line in outer_step_warning_summary(r.warnings, r.estimator))
 
 
 def plot_weights(rows: Sequence[Row], corrupted: torch.Tensor, path: str) -> None:
