@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,7 +53,8 @@ import metagrad.distributed  # noqa: F401  (mg.distributed)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sinusoid and cli beside this file
 from cli import (WarningCounts, add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
-                 add_threads_argument, make_parser, order_argument, set_threads, warning_summary, write_json)
+                 add_threads_argument, machine_description, make_parser, order_argument, set_threads,
+                 torch_dtype, warning_summary, write_json)
 from sinusoid import (ESTIMATORS, OUTER_LR, TEST_STREAM, TRAIN_STREAM, Tasks,  # noqa: E402
                       accumulate_meta_gradients, device_description, label, make_estimator, make_model,
                       mean_ci95, meta_test_mse, sample_tasks, seed_everything, stream)
@@ -268,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     args = parse_args(argv)
     set_threads(args.threads, say=os.environ.get("RANK", "0") == "0")
     device, rank, world = setup(args)
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     try:
         result = train(args, device, dtype, rank, world)
         if dist.is_initialized():
@@ -280,9 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
             dist.destroy_process_group()
     if rank != 0:
         return None
-    result.update(config=vars(args), machine={
-        "device": device_description(device), "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform()})
+    result.update(config=vars(args), machine=machine_description(device_description(device)))
     print(f"{result['estimator']} on {world} process{'es' if world > 1 else ''} "
           f"({device_description(device)} each), meta-batch {args.meta_batch}:")
     print(f"  meta-test MSE {result['test_mse_mean']:.4f} ± {result['test_mse_ci95']:.4f} "

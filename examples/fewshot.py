@@ -83,7 +83,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -109,8 +108,9 @@ from metagrad.optim import LearningRate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli and fewshot_data beside this file
 from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 counting_warnings, exact_numerics_on, make_parser, order_argument, set_threads, setup_device,
-                 smooth, warning_summary, write_json)
+                 counting_warnings, cpu_description, exact_numerics_on, machine_description, make_parser,
+                 order_argument, save_figure, set_threads, setup_device, smooth, torch_dtype, warning_summary,
+                 write_json)
 from fewshot_data import (ClassPool, DataError, Task, load_image_folders, load_omniglot,  # noqa: E402
                           sample_task, synthetic_glyphs)
 
@@ -597,9 +597,7 @@ def plot_curves(training: Training, path: Path, title: str, chance: float,
     ax_acc.grid(True, alpha=0.3)
     ax_acc.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summarize_step_sizes(step_sizes: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -612,9 +610,7 @@ def device_description(device: torch.device) -> str:
     """A short description of the machine the numbers come from."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (TF32 off, cuDNN deterministic)"
-    threads = torch.get_num_threads()
-    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} torch "
-            f"thread{'s' if threads != 1 else ''})")
+    return cpu_description()
 
 
 def describe(args: argparse.Namespace) -> str:
@@ -800,7 +796,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 def run_experiment(args: argparse.Namespace, device: torch.device, started: float) -> dict[str, Any]:
     """Load the data, meta-train, test, write and print the results (see the module docstring)."""
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     # A task's batches are small (5 to 100 images), so intra-op threads mostly
     # synchronize; on the 2-core CPU this was written on, one thread was fastest.
     set_threads(args.threads)
@@ -886,8 +882,7 @@ def run_experiment(args: argparse.Namespace, device: torch.device, started: floa
         "config": vars(args),
         "data": {split: {"classes": pool.num_classes, "images": int(pool.images.shape[0]),
                          "image_shape": list(pool.image_shape)} for split, pool in pools.items()},
-        "machine": {"device": device_description(device), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(device_description(device)),
         "wall_time_seconds": time.perf_counter() - started,
         "training_seconds": training.training_seconds,
         "test_seconds": test_seconds,

@@ -58,7 +58,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -83,8 +82,9 @@ import metagrad as mg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # cli beside this file
 from cli import (WarningCounts, add_dtype_argument, add_seed_argument, add_threads_argument,  # noqa: E402
-                 counting_warnings, exact_numerics_on, make_parser, order_argument, set_threads, setup_device,
-                 smooth, warning_summary, write_json)
+                 counting_warnings, cpu_description, exact_numerics_on, machine_description, make_parser,
+                 order_argument, save_figure, set_threads, setup_device, smooth, torch_dtype, warning_summary,
+                 write_json, write_table)
 from metagrad.memory import peak_memory  # noqa: E402
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -492,9 +492,7 @@ def device_description(device: torch.device) -> str:
     """A short description of the machine the numbers come from."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (TF32 off, cuDNN deterministic)"
-    cores = os.cpu_count()
-    threads = torch.get_num_threads()
-    return f"CPU ({platform.machine()}, {cores} cores, {threads} torch thread{'s' if threads != 1 else ''})"
+    return cpu_description()
 
 
 def plot_learning_curves(runs: Sequence[Run], path: str, baseline_mse: float) -> None:
@@ -517,9 +515,7 @@ def plot_learning_curves(runs: Sequence[Run], path: str, baseline_mse: float) ->
     ax.set_title("Sinusoid meta-training, one run per estimator (same init, same tasks)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------- plumbing
@@ -598,7 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Meta-train, evaluate, print and write the results (see the module docstring)."""
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    dtype = torch_dtype(args.dtype)
     # Every tensor here is tiny (at most 40 x 40 per task), so intra-op threads only
     # synchronize; on a machine shared with other work, spinning threads made the
     # evaluation about 10x slower.
@@ -644,14 +640,10 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
     notes = "\n".join(filter(None, [regime_notes(rows, args), warning_notes(runs, args)]))
     if notes:
         table += "\n" + notes + "\n"
-    print()
-    print(table)
-    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
-        handle.write("# Sinusoid meta-learning, one run per estimator\n\n" + table)
+    write_table(args.out, "Sinusoid meta-learning, one run per estimator", table)
     results = {
         "config": {**vars(args), "outer_lr": OUTER_LR},
-        "machine": {"device": device_description(device), "torch": torch.__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_description(device_description(device)),
         "memory_method": memory_method,
         "caption": caption,
         "rows": [asdict(r) for r in rows],
