@@ -14,7 +14,7 @@ from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
-from .discovery import graph_inputs
+from .discovery import graph_inputs, register_block_outputs
 from .query import NothingToLearn, Snapshot, ThroughInnerLoop, Watched
 from .trajectory import Closure, Trajectory, second_order
 
@@ -382,9 +382,11 @@ class MetaGradient:
             # The unrolled iterates themselves, behind a node that only checks: backward
             # is autograd's own pass through the query and the K step graphs.
             outputs = Watched.apply(Snapshot(self, trajectory, k), *(final[n] for n in self._names))
+            register_block_outputs(outputs)
             return dict(zip(self._names, outputs))
         snapshot = Snapshot(self, trajectory, k)
         outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
+        register_block_outputs(outputs)
         return dict(zip(self._names, outputs))
 
     def _learnable(self, trajectory: Trajectory) -> bool:

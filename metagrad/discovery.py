@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import weakref
+
 import torch
 from torch.utils import _pytree as pytree
 
 from .frozen import Frozen
 from .update_rule import Params
 
-__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable",
+__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable", "register_block_outputs",
            "step_size_names"]
 
 #: One entry per meta-parameter η (:attr:`MetaParameters.tensors`): its gradient, or ``None`` for zero.
@@ -102,7 +104,7 @@ class MetaParameters:
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])
-        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop)
+        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop, blocks=True)
         self.add(found, rule=False, names=names)
         return once
 
@@ -139,7 +141,7 @@ class MetaParameters:
         size that requires grad), add them, and return whether the rule holds any."""
         found = any(t.requires_grad for t in new_params.values())
         if found:
-            self.add(graph_inputs(list(new_params.values()), set(), {})[0], rule=True,
+            self.add(graph_inputs(list(new_params.values()), set(), {}, blocks=True)[0], rule=True,
                      names=step_size_names(rule))
         before = self._rules.get(id(rule), (rule, False, frozenset()))
         holds = found or before[1]
@@ -213,13 +215,14 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
 
 
 
-def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]]
-                  ) -> tuple[list[torch.Tensor], Optional[str]]:
+def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]],
+                 *, blocks: bool = False) -> tuple[list[torch.Tensor], Optional[str]]:
     """The tensors requiring grad that the graph of ``roots`` reaches: the leaves (not in
     ``skip``, by id) and, where a node is the ``grad_fn`` of tensors in ``stop`` (by the node's
-    id), those tensors (none, for an empty list), without looking behind them. Also the first
-    node found whose backward cannot be differentiated again (:func:`once_differentiable`),
-    described, or ``None``."""
+    id), those tensors (none, for an empty list), without looking behind them; with
+    ``blocks``, also another block's fast weights (:func:`register_block_outputs`), without
+    looking behind them. Also the first node found whose backward cannot be differentiated
+    again (:func:`once_differentiable`), described, or ``None``."""
     seen: set[int] = set()
     found: list[torch.Tensor] = []
     once: Optional[str] = None
@@ -232,6 +235,11 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
         if id(node) in stop:
             found.extend(stop[id(node)])
             continue
+        if blocks and id(node) in _BLOCK_OUTPUTS:
+            outputs = [t for t in (ref() for ref in _BLOCK_OUTPUTS[id(node)]) if t is not None and t.grad_fn is node]
+            if outputs:
+                found.extend(t for t in outputs if id(t) not in skip)
+                continue
         kind = type(node)
         if kind is _ACCUMULATE:  # a leaf
             variable = node.variable
@@ -244,6 +252,24 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
             once = _ONCE_BY_TYPE[kind]
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found, once
+
+
+#: The fast weights a block hands out (the outputs of its autograd node), by the node's id, held
+#: weakly: a block opened inside another's inner loss takes them as η as they are, as it takes a
+#: captured tensor, without looking behind them (what is behind is the other block's backward).
+_BLOCK_OUTPUTS: dict[int, list["weakref.ref[torch.Tensor]"]] = {}
+
+
+def register_block_outputs(tensors: Sequence[torch.Tensor]) -> None:
+    """Note ``tensors``, the outputs of one autograd node of a block (its fast weights), for
+    :func:`graph_inputs`; entries whose tensors are gone are dropped now and then."""
+    node = tensors[0].grad_fn if tensors else None
+    if node is None:
+        return
+    if len(_BLOCK_OUTPUTS) >= 256:
+        for key in [k for k, refs in _BLOCK_OUTPUTS.items() if all(ref() is None for ref in refs)]:
+            del _BLOCK_OUTPUTS[key]
+    _BLOCK_OUTPUTS[id(node)] = [weakref.ref(t) for t in tensors]
 
 
 #: The node class of a leaf (``AccumulateGrad``).

@@ -158,16 +158,21 @@ def double_unroll(net, hyper, batch):
     return torch.autograd.grad(inner_meta_loss(hp, xo, yo), list(hp0.values()) + list(tp0.values()))
 
 
-def nested_run(net, hyper, batch, outer_estimator, inner_estimator):
+def nested_run(net, hyper, batch, outer_estimator, inner_estimator, through_helper=False):
     """What a user writes: a MetaGradient over the hyper-module, whose inner loss is the query
-    loss of a MetaGradient over the network, with example weights from the hyper-module."""
+    loss of a MetaGradient over the network, with example weights from the hyper-module (read
+    through a function the closure calls, with ``through_helper``)."""
     x, y, xv, yv, xo, yo = batch
 
     def meta_loss(fh, xq, yq):
         w = torch.sigmoid(fh(x)).squeeze(-1)
+        weights = (lambda: w) if through_helper else None
         with mg.MetaGradient(net, mg.optim.SGD(lr=A_IN), estimator=inner_estimator) as inner:
             for _ in range(K_IN):
-                inner.step(lambda f: (w * ((f(x) - y) ** 2).squeeze(-1)).mean())
+                if through_helper:
+                    inner.step(lambda f: (weights() * ((f(x) - y) ** 2).squeeze(-1)).mean())
+                else:
+                    inner.step(lambda f: (w * ((f(x) - y) ** 2).squeeze(-1)).mean())
             return F.mse_loss(inner.fmodel(xq), yq)
 
     with mg.MetaGradient(hyper, mg.optim.SGD(lr=A_OUT), estimator=outer_estimator) as outer:
@@ -189,6 +194,18 @@ def test_nested_blocks_equal_a_hand_written_double_unroll(outer, inner):
     net, hyper, batch = nested_problem(3)
     want = double_unroll(net, hyper, batch)
     close(nested_run(net, hyper, batch, outer, inner), want)
+
+
+@pytest.mark.parametrize("outer,inner", EXACT_PAIRS[:4], ids=repr)
+def test_nested_blocks_with_the_outer_weights_read_through_a_helper(outer, inner):
+    """The inner closure reads the example weights (computed from the outer block's fast
+    weights) through a function it calls, so they are found on its graph, not captured. The
+    search stops at the outer block's fast weights, which become the inner block's η: its
+    products no longer run into the outer block's node (once: "the stored inner trajectory was
+    released" with an outer Full block and an inner Checkpointed one)."""
+    net, hyper, batch = nested_problem(5)
+    want = double_unroll(net, hyper, batch)
+    close(nested_run(net, hyper, batch, outer, inner, through_helper=True), want)
 
 
 class _Offset(nn.Module):
