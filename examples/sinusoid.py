@@ -23,8 +23,11 @@ fixed-order Binomial(L) and Truncated(L) instead. The columns:
 - time per meta-iteration: the median over the run's iterations, and its ratio to
   Full's, measured in the same process;
 - peak memory of one meta-iteration's meta-gradient, measured with
-  :mod:`metagrad.memory` (on the CPU this is process resident memory, see the table
-  caption).
+  :mod:`metagrad.memory` where it means something: peak CUDA tensor memory on a GPU. On the
+  CPU the only measure is the process's resident memory, which at this model size (a few
+  thousand parameters) is allocator and framework overhead, not what the estimators store:
+  it is not measured unless ``--memory on`` (``benchmarks/budget.py`` and
+  ``benchmarks/step_sizes.py`` measure memory on models where it means something).
 
 The estimators' warnings (a series that is not converging, a fallback) are counted
 per task instead of printed into the progress bars, and reported once per estimator
@@ -456,14 +459,25 @@ def warning_notes(runs: Sequence[Run], args: argparse.Namespace) -> str:
                 {kind: {"count": train["count"], "first": first}}, label(run.estimator),
                 args.iterations * args.meta_batch,
                 f"meta-training tasks and {evaluation['count']} of the {run.evaluation_tasks} meta-gradients "
-                "after it (error comparison, memory measurement)")
+                "after it (error comparison" + (", memory measurement)" if run.evaluation_tasks > args.gradient_tasks
+                                               else ")"))
     return "\n".join(lines)
+
+
+def measure_memory(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the memory column is measured: ``--memory on``, or ``auto`` on a GPU."""
+    return args.memory == "on" or (args.memory == "auto" and device.type == "cuda")
 
 
 def table_caption(args: argparse.Namespace, device: torch.device, memory_method: str,
                   gradient_tasks: int) -> str:
     """What every column means, and the settings behind them."""
-    if memory_method == "cuda_max_memory_allocated":
+    if not memory_method:
+        memory = ("not measured (—): on the CPU the only measure is the process's resident memory, "
+                  "which at this model size is allocator and framework overhead, not what the estimators "
+                  "store (--memory on measures it anyway; benchmarks/budget.py and benchmarks/step_sizes.py "
+                  "measure memory where it means something)")
+    elif memory_method == "cuda_max_memory_allocated":
         memory = ("peak CUDA tensor memory (torch.cuda.max_memory_allocated) above the level at entry, "
                   "for one meta-batch's meta-gradient")
     elif memory_method == "proc_vmhwm":
@@ -484,7 +498,7 @@ def table_caption(args: argparse.Namespace, device: torch.device, memory_method:
         f"Hessians H_0 … H_(K−1) at that θ (power iteration), median over the same tasks; the "
         f"binomial expansion is accurate up to about 1 and diverges well above it. Time: median wall time of a meta-iteration "
         f"(meta-gradient of the meta-batch and the Adam step), and its ratio to Full's. "
-        f"Peak memory: {memory}; median of 3."
+        f"Peak memory: {memory}" + ("; median of 3." if memory_method else ".")
     )
 
 
@@ -568,6 +582,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "meta-training this net's Hessian reaches eigenvalues below −50 (reg 50 stops "
                              "with NegativeCurvatureError), and α·(ℓ + λ) < 2 keeps the inner loop stable")
     parser.add_argument("--solver", choices=("cg", "neumann"), default="cg", help="Implicit's linear solver")
+    parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
+                        help="measure the peak memory column: auto measures it on a GPU only (on the CPU "
+                             "the process's resident memory at this model size is allocator overhead)")
     parser.add_argument("--out", default=os.path.join("results", "sinusoid"),
                         help="output folder for results.json, results.md and learning_curves.png")
     args = parser.parse_args(argv)
@@ -623,9 +640,12 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
         errors = relative_gradient_errors(run.model, estimator, gradient_tasks, args.steps, args.lr_inner,
                                           run.evaluation_warnings)
         repeats = 3
-        peak, memory_method = meta_iteration_peak_memory(run.model, estimator, memory_tasks, args.steps,
-                                                         args.lr_inner, device, repeats, run.evaluation_warnings)
-        run.evaluation_tasks = len(gradient_tasks) + (1 + repeats) * len(memory_tasks)
+        peak: Optional[int] = None
+        run.evaluation_tasks = len(gradient_tasks)
+        if measure_memory(args, device):
+            peak, memory_method = meta_iteration_peak_memory(run.model, estimator, memory_tasks, args.steps,
+                                                             args.lr_inner, device, repeats, run.evaluation_warnings)
+            run.evaluation_tasks += (1 + repeats) * len(memory_tasks)
         rows.append(Row(name, label(estimator), *mse, gradient_error_median=statistics.median(errors),
                         ms_per_iteration=1000 * statistics.median(run.seconds_per_iteration),
                         peak_memory_bytes=peak,
