@@ -132,7 +132,8 @@ class Batched:
              ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int]]:
         """The rows of :meth:`vmapped_vjp` by one eager ``torch.func.vmap`` of the step's VJP
         (:func:`metagrad.step.step_vjp`): ``J_mᵀu_i``, ``B_mᵀu_i`` per explicit η (per row),
-        the rebuilt ``Φ_m(φ_m)``, losses and gradients, and the indices of those η in ``meta``."""
+        the rebuilt ``Φ_m(φ_m)``, losses and gradients (only where the rule holds η: each row's
+        gradient is an iterate's size), and the indices of those η in ``meta``."""
         tr = self.trajectory
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
@@ -156,11 +157,13 @@ class Batched:
         def loss(q: Params, module: Params, tensors: list[torch.Tensor]) -> torch.Tensor:
             return template.with_tensors(dict(zip(slots, tensors)))(model_at(q, module))
 
+        step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
+
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
                 eta: list[torch.Tensor]) -> tuple[Any, ...]:
             body = step_body(with_eta(loss, tensors, {}, eta_slots, eta_params), rule, used, state=state)
             pulled_p, pulled_eta, _, new, loss_value, grads = step_vjp(body, p, eta, [], vector, [])
-            return pulled_p, pulled_eta, new, loss_value, grads
+            return pulled_p, pulled_eta, new, loss_value, grads if step_sizes else {}
 
         try:
             # no_grad: the rule's own η (a step size that requires grad) must not record an

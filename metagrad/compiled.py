@@ -240,7 +240,7 @@ class Compiler:
                         if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
         leaves, spec = pytree.tree_flatten(state)
         carry = state_adjoint is not None
-        memo = (first.batch_key(), batched, varying, carry, str(spec))
+        memo = (first.batch_key(), batched, varying, carry, str(spec), bool(trajectory.rule_meta))
         if memo not in self._products:
             self._products[memo] = self._product_function(trajectory, first, leaves, spec, batched, varying, carry)
         found = self._products[memo]
@@ -308,10 +308,11 @@ class Compiler:
         key = ("product", template.key, template.reads_key(), module_reads_key(module), rule_key(first.rule),
                first.used, first.modes,
                first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
-               varying if batched else None, varied, str(spec))
+               varying if batched else None, varied, str(spec), bool(trajectory.rule_meta))
         if key in _REFUSED:
             return None
         rule, used = first.rule, first.used
+        step_sizes = bool(trajectory.rule_meta)
         slot_position = {slot: j for j, slot in enumerate(slots)}
         eta_slot_index = {slot_position[slot]: k for k, slot in enumerate(eta_slots)}
         eta_param_index = {name: len(eta_slots) + k for k, name in enumerate(eta_params)}
@@ -339,7 +340,8 @@ class Compiler:
                 loss_at = with_eta(graph, captured, fixed, eta_slot_index, eta_param_index)
                 body = step_body(loss_at, rule, used, state=pytree.tree_unflatten(state_leaves, spec),
                                  carried=varied)
-                return step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
+                out = step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
+                return out if step_sizes else (*out[:-1], {})  # the gradients only for the rule's η
 
             if batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]
