@@ -183,3 +183,23 @@ def test_tiny_long_horizon_run_reports_snapshots_and_plots(tmp_path: Path) -> No
     assert rows["Binomial(2, block=3, snapshots=True)"]["info"]["stored_iterates"] == 4
     assert rows["Binomial(2, block=3, snapshots=True)"]["rel_error"] < 1e-3
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_per_step_and_step_size_benchmarks_write_their_numbers(tmp_path: Path) -> None:
+    """benchmarks/per_step.py and benchmarks/step_sizes.py on tiny cases: every row and ratio
+    in the JSON (no timing asserted)."""
+    out = tmp_path / "per_step.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.per_step", "--steps", "2", "--meta-batch", "1",
+                             "--repeats", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert set(numbers["rows"]) == {"hand unroll", "Full", "Checkpointed"}
+    assert numbers["full_over_hand"] > 0 and numbers["checkpointed_over_full"] > 0
+    out = tmp_path / "step_sizes.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.step_sizes", "--K", "2", "--repeats", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {row["estimator"] for row in rows} >= {"Checkpointed()", "FirstOrder()"}
+    assert all(row["peak_learned_bytes"] > 0 and row["time_ratio"] > 0 for row in rows)
