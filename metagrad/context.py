@@ -1,4 +1,31 @@
-"""``MetaGradient``: one context manager around the user's inner loop."""
+"""``MetaGradient``: one context manager around the user's inner loop.
+
+Closures and replay: an estimator that rebuilds steps calls a copy of the closure
+frozen at its step, with the values it captured then (a loop's ``xb, yb``), and with
+the random generator states it started from if it drew random numbers (dropout). What
+cannot be frozen (an iterator read inside the closure, data modified in place, state
+read through an object) is caught by the replay check.
+
+Parameters the inner loss does not use are left as they are by the update rule (no
+weight decay, no momentum), and a parameter neither the inner loop nor the query uses
+keeps ``.grad`` as it was (``None``), as with plain autograd.
+
+Meta-parameters other than θ (MATH.md, "Meta-parameters other than θ"): η is every
+tensor that requires grad, other than the fast weights, that an inner step depends on:
+a tensor the closure captures (``log_wd``, per-example weights, ``w = hypernet(z)``, whose
+gradient then reaches ``hypernet``), a parameter not adapted (``adapt=``), a parameter
+of a module the closure calls, a step size that requires grad inside the update rule.
+Every estimator fills their ``.grad`` with what MATH.md's table defines, with no
+declaration; ``meta.info["meta_parameters"]`` lists what was found (Full's autograd
+finds them itself and lists none). They are found from the graph of each closure's
+first step (see :meth:`metagrad.discovery.MetaParameters.discover` for the rule), and a
+step size where a step first updates a fast weight.
+
+Nested blocks: a block opened inside another block's inner loss, in a step the outer
+estimator differentiates twice, runs as a differentiable unroll if its estimator is exact
+(Full, Checkpointed), which gives the same meta-gradient and one that can be differentiated
+again; an approximate estimator raises there (README, "Nested blocks").
+"""
 
 from __future__ import annotations
 
@@ -14,8 +41,8 @@ from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
-from .discovery import graph_inputs, register_block_outputs
-from .query import NothingToLearn, Snapshot, ThroughInnerLoop, Watched
+from .discovery import register_block_outputs
+from .query import NothingToLearn, Snapshot, ThroughInnerLoop, Watched, learnable, nothing_to_learn
 from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -100,31 +127,8 @@ class MetaGradient:
             ``meta.info["compiled"]`` counts the inner steps and step products that ran
             compiled (each closure's first step in a block runs eagerly: it finds η).
 
-    Closures and replay: an estimator that rebuilds steps calls a copy of the closure
-    frozen at its step, with the values it captured then (a loop's ``xb, yb``), and with
-    the random generator states it started from if it drew random numbers (dropout). What
-    cannot be frozen (an iterator read inside the closure, data modified in place, state
-    read through an object) is caught by the replay check.
-
-    Parameters the inner loss does not use are left as they are by the update rule (no
-    weight decay, no momentum), and a parameter neither the inner loop nor the query uses
-    keeps ``.grad`` as it was (``None``), as with plain autograd.
-
-    Meta-parameters other than θ (MATH.md, "Meta-parameters other than θ"): η is every
-    tensor that requires grad, other than the fast weights, that an inner step depends on:
-    a tensor the closure captures (``log_wd``, per-example weights, ``w = hypernet(z)``, whose
-    gradient then reaches ``hypernet``), a parameter not adapted (``adapt=``), a parameter
-    of a module the closure calls, a step size that requires grad inside the update rule.
-    Every estimator fills their ``.grad`` with what MATH.md's table defines, with no
-    declaration; ``meta.info["meta_parameters"]`` lists what was found (Full's autograd
-    finds them itself and lists none). They are found from the graph of each closure's
-    first step (see :meth:`metagrad.discovery.MetaParameters.discover` for the rule), and a
-    step size where a step first updates a fast weight.
-
-    Nested blocks: a block opened inside another block's inner loss, in a step the outer
-    estimator differentiates twice, runs as a differentiable unroll if its estimator is exact
-    (Full, Checkpointed), which gives the same meta-gradient and one that can be differentiated
-    again; an approximate estimator raises there (README, "Nested blocks").
+    Closures and replay, parameters the inner loss does not use, meta-parameters η and nested
+    blocks: see the module docstring.
     """
 
     def __init__(
@@ -369,9 +373,9 @@ class MetaGradient:
         behind :class:`NothingToLearn`, whose backward raises."""
         if k > 0:
             trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
-        if self._theta_fixed and not self._learnable(trajectory):
+        if self._theta_fixed and not learnable(trajectory, self._differentiable):
             weights = self._params if k == 0 else [trajectory.iterate(k)[n].detach() for n in self._names]
-            outputs = NothingToLearn.of(self._nothing_to_learn(k), weights)
+            outputs = NothingToLearn.of(nothing_to_learn(self.model, self.adapt, k), weights)
             return dict(zip(self._names, outputs))
         if k == 0:
             return dict(zip(self._names, self._params))
@@ -388,33 +392,6 @@ class MetaGradient:
         outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
         register_block_outputs(outputs)
         return dict(zip(self._names, outputs))
-
-    def _learnable(self, trajectory: Trajectory) -> bool:
-        """With θ fixed: whether the inner steps taken so far depend on a meta-parameter η.
-        The η found by discovery; a differentiable inner loop (Full) finds none and keeps the
-        ``.grad`` of what its steps reach instead, and failing that its graph is searched for a
-        leaf that requires grad other than its starting point."""
-        if trajectory.meta or trajectory.meta_saved_grads:
-            return True
-        if not self._differentiable or trajectory.length == 0:
-            return False
-        start = {id(t) for t in trajectory.theta.values()}
-        return bool(graph_inputs(list(trajectory.current.values()), start, {})[0])
-
-    def _nothing_to_learn(self, k: int) -> str:
-        """The error a backward through fast weights with nothing to learn raises."""
-        among = "" if self.adapt is None else f" among adapt={sorted(self.adapt)}"
-        steps = ("no inner step was taken" if k == 0 else
-                 f"the {k} inner step{'' if k == 1 else 's'} taken depend{'s' if k == 1 else ''} on no "
-                 "meta-parameter (a tensor that requires grad used by the inner loss, or a step "
-                 "size that requires grad in inner_opt)")
-        return (
-            f"model: {type(self.model).__name__} has no parameters that require grad{among}, and "
-            f"{steps}, so a backward through meta.fmodel has nothing to meta-learn. Make the model's "
-            "parameters require grad (model.requires_grad_()) to learn θ, or use in the closure a "
-            "tensor that requires grad (torch.tensor(..., requires_grad=True)), or pass one as "
-            "inner_opt's step size (mg.optim.SGD(lr=lr_tensor)), to learn it."
-        )
 
     def step_from_loss(self, loss: torch.Tensor, params: Params, *,
                        rule: Optional[UpdateRule] = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ raises.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Optional
 
 import torch
@@ -21,7 +21,7 @@ from .discovery import graph_inputs
 from .estimators import Estimator
 from .trajectory import Trajectory
 
-__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn"]
+__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn"]
 
 
 class Snapshot:
@@ -197,3 +197,32 @@ def _captured(eta: torch.Tensor) -> bool:
         except RuntimeError:  # "... we are currently running autograd.grad()"
             return True
     return False
+
+
+def learnable(trajectory: Any, differentiable: bool) -> bool:
+    """With θ fixed: whether the inner steps taken so far depend on a meta-parameter η.
+    The η found by discovery; a differentiable inner loop (Full) finds none and keeps the
+    ``.grad`` of what its steps reach instead, and failing that its graph is searched for a
+    leaf that requires grad other than its starting point."""
+    if trajectory.meta or trajectory.meta_saved_grads:
+        return True
+    if not differentiable or trajectory.length == 0:
+        return False
+    start = {id(t) for t in trajectory.theta.values()}
+    return bool(graph_inputs(list(trajectory.current.values()), start, {})[0])
+
+
+def nothing_to_learn(model: torch.nn.Module, adapt: Optional[Collection[str]], k: int) -> str:
+    """The error a backward through fast weights with nothing to learn raises."""
+    among = "" if adapt is None else f" among adapt={sorted(adapt)}"
+    steps = ("no inner step was taken" if k == 0 else
+             f"the {k} inner step{'' if k == 1 else 's'} taken depend{'s' if k == 1 else ''} on no "
+             "meta-parameter (a tensor that requires grad used by the inner loss, or a step "
+             "size that requires grad in inner_opt)")
+    return (
+        f"model: {type(model).__name__} has no parameters that require grad{among}, and "
+        f"{steps}, so a backward through meta.fmodel has nothing to meta-learn. Make the model's "
+        "parameters require grad (model.requires_grad_()) to learn θ, or use in the closure a "
+        "tensor that requires grad (torch.tensor(..., requires_grad=True)), or pass one as "
+        "inner_opt's step size (mg.optim.SGD(lr=lr_tensor)), to learn it."
+    )
