@@ -33,7 +33,7 @@ gradient to reuse in an exact product.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
