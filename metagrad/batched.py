@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
 from .update_rule import Params, State
@@ -120,13 +121,32 @@ class Batched:
                         pulled[n][row_index] = alone[n]
                     meta = add_meta(meta, more)
         if tr.rule_meta:  # B_mᵀu of a step size: the update with the rows' gradients held constant
-            for row_index, m in enumerate(steps):
-                if row_index in failed:
-                    continue  # (its whole product was computed alone above)
-                more = self.products.step_size_part(m, {n: t[row_index] for n, t in u.items()},
-                                                    {n: g[row_index] for n, g in grads.items()})
-                meta = add_meta(meta, more)
+            kept = [i for i in range(len(steps)) if i not in failed]  # (the others were computed alone)
+            meta = add_meta(meta, self.step_size_rows(first.rule, [chunk[i] for i in kept], states, kept,
+                                                      {n: t[kept] for n, t in u.items()},
+                                                      {n: g[kept] for n, g in grads.items()}))
         return pulled, meta
+
+    def step_size_rows(self, rule: Any, chunk: list[StepRecord], states: State, rows: list[int],
+                       u: Params, grads: Params) -> MetaGrads:
+        """``Σ_i B_{m_i}ᵀu_i`` of the rule's own η (step sizes) over the ``rows`` of a chunk, with
+        each row's gradient held constant (:meth:`~metagrad.products.Products.step_size_part`
+        for many steps): the update under ``torch.func.vmap`` over the rows, differentiated in η
+        by one autograd call."""
+        tr = self.trajectory
+        if not chunk or tr.eta.rule_holds_eta(rule, ()) is False:
+            return []
+        params = {n: torch.stack([s.params[n] for s in chunk]) for n in tr.theta}
+        index = torch.tensor(rows, device=next(iter(params.values())).device)
+        state_rows = pytree.tree_map(lambda t: t.index_select(0, index) if isinstance(t, torch.Tensor) else t,
+                                     states)
+        with torch.enable_grad():
+            new = torch.func.vmap(lambda p, g, s: rule.step(p, g, s)[0])(params, grads, state_rows)
+            names = [n for n in new if new[n].requires_grad]
+            if not names:
+                return []
+            return list(torch.autograd.grad([new[n] for n in names], tr.meta, [u[n] for n in names],
+                                            allow_unused=True, retain_graph=True))
 
     def rows(self, steps: list[int], chunk: list[StepRecord], states: State, u: Params
              ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int]]:
