@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import torch
 
 if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.cli import add_seed_argument, add_threads_argument, make_parser, write_json  # noqa: E402
+from examples.cli import add_seed_argument, add_threads_argument, cpu_model, make_parser, write_json  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distributed_sinusoid.py"
 
@@ -66,18 +65,6 @@ def run_example(processes: int, estimator: str, args: argparse.Namespace, device
         raise SystemExit(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     with open(out, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> str:
