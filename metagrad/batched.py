@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from .discovery import MetaGrads, add_meta
 from .update_rule import Params, State
 from .replay import ReplayError, check_step, refuse_twice
-from .step import StepRecord, stacked, step_body, step_vjp, with_eta
+from .step import StepRecord, stacked, step_body, step_size_vjp, step_vjp, with_eta
 
 __all__ = ["Batched"]
 
@@ -142,11 +142,7 @@ class Batched:
                                      states)
         with torch.enable_grad():
             new = torch.func.vmap(lambda p, g, s: rule.step(p, g, s)[0])(params, grads, state_rows)
-            names = [n for n in new if new[n].requires_grad]
-            if not names:
-                return []
-            return list(torch.autograd.grad([new[n] for n in names], tr.meta, [u[n] for n in names],
-                                            allow_unused=True, retain_graph=True))
+        return step_size_vjp(new, tr.meta, u)
 
     def rows(self, steps: list[int], chunk: list[StepRecord], states: State, u: Params
              ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int]]:

@@ -148,12 +148,7 @@ class Frozen:
         self.replayed = getattr(_REPLAYING, "state", None)
         module = args[0].module if args and isinstance(args[0], FunctionalModel) else None
         before = None if module is None else _buffer_versions(module)
-        values = self._values
-        if replace:
-            values = list(values)
-            for slot, tensor in replace.items():
-                values[slot] = tensor
-        out = self._function(values)(*args, **kwargs)
+        out = self.with_tensors(replace)(*args, **kwargs)
         if module is not None and before is not None:
             after = _buffer_versions(module)
             written = [name for name, version in after.items() if before.get(name) != version]

@@ -17,7 +17,7 @@ from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
-from .step import rule_tensors
+from .step import rule_slots
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
@@ -105,8 +105,7 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
 
     inner, outer = loss_of(support), loss_of(query)
     if estimator.differentiable:  # Full: autograd through the unroll
-        held_by_rule = {id(t) for t in rule_tensors(inner_opt)}
-        rule_eta = {id(t): k for k, t in enumerate(eta) if id(t) in held_by_rule}
+        rule_eta = rule_slots(inner_opt, eta)
 
         def objective(p: dict[str, torch.Tensor], e: list[torch.Tensor]) -> torch.Tensor:
             return outer(unroll(inner, p, inner_opt, steps, e, rule_eta)[0][-1], e)

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_step, refuse_twice
-from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, proximal, step_body,
+from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, proximal, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
@@ -265,12 +265,7 @@ class Products:
                                    step.state, True)
             if loss is not None:
                 self.check(m, new, loss)
-        names = [n for n in new if new[n].requires_grad]
-        if not names:
-            return [None] * len(meta)
-        with torch.enable_grad():
-            return list(torch.autograd.grad([new[n] for n in names], meta, [u[n] for n in names],
-                                            allow_unused=True, retain_graph=True))
+        return step_size_vjp(new, meta, u) or [None] * len(meta)
 
     def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,
                      replace: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:

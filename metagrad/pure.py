@@ -33,7 +33,8 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .snapshots import Schedule
 from .tape import Tape
-from .step import Body, Gradient, StepRecord, functional_gradient, held, rule_tensors, step_body, step_vjp
+from .step import (Body, Gradient, StepRecord, functional_gradient, held, rule_slots, step_body, step_vjp,
+                   zero_if_none)
 from .update_rule import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -43,10 +44,6 @@ LossAt = Callable[[Params, Sequence[torch.Tensor]], torch.Tensor]
 
 def _is_float_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
-
-
-def _or_zeros(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if t is None else t
 
 
 def unroll(loss_at: LossAt, params: Params, rule: UpdateRule, steps: int,
@@ -90,9 +87,8 @@ class PureTrajectory:
         self.theta = dict(theta)
         self.meta = list(meta)
         self.meta_names = list(meta_names)
-        held_by_rule = {id(t) for t in rule_tensors(rule)}
         #: Which η the rule holds (its step sizes), and where: id of the tensor → index in η.
-        self.rule_eta = {id(t): k for k, t in enumerate(self.meta) if id(t) in held_by_rule}
+        self.rule_eta = rule_slots(rule, self.meta)
         self.rule_meta = set(self.rule_eta.values())
         #: The tape both faces record into (metagrad.tape): every iterate, or with ``snapshots``
         #: those of the schedule, the others recomputed by the body when a product needs them.
@@ -172,7 +168,7 @@ class PureTrajectory:
         leaves = pytree.tree_leaves(self.state(m))
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
-        s_adjoint = [_or_zeros(adjoint[i] if i < len(adjoint) else None, leaves[i]) for i in carried]
+        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, leaves[i]) for i in carried]
         pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self.state(m), carried), self.iterate(m),
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
                                                         carried)

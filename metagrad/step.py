@@ -30,7 +30,7 @@ from .discovery import graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -161,6 +161,24 @@ def rule_tensors(rule: Any) -> list[torch.Tensor]:
     """The tensors among a rule's hyperparameters (a step size, per-parameter step sizes)."""
     return [leaf for leaf in pytree.tree_leaves(dict(getattr(rule, "__dict__", {})))
             if isinstance(leaf, torch.Tensor)]
+
+
+def rule_slots(rule: Any, eta: Sequence[torch.Tensor]) -> dict[int, int]:
+    """Which of ``eta`` the rule holds among its hyperparameters (its learned step sizes):
+    the tensor's id → its index in ``eta`` (a step body's ``rule_eta``)."""
+    held_by_rule = {id(t) for t in rule_tensors(rule)}
+    return {id(t): k for k, t in enumerate(eta) if id(t) in held_by_rule}
+
+
+def step_size_vjp(new_params: Params, meta: Sequence[torch.Tensor], u: Params) -> list[Optional[torch.Tensor]]:
+    """``uᵀ ∂(new_params)/∂η`` for an update computed with its gradient held constant, by autograd
+    (the graph kept: a step size's own history may be shared); ``[]`` where no update depends on η."""
+    names = [n for n in new_params if new_params[n].requires_grad]
+    if not names:
+        return []
+    with torch.enable_grad():
+        return list(torch.autograd.grad([new_params[n] for n in names], list(meta), [u[n] for n in names],
+                                        allow_unused=True, retain_graph=True))
 
 
 def rule_with(rule: Any, replace: Mapping[int, torch.Tensor]) -> Any:
