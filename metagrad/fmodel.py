@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _NormBase
@@ -123,9 +123,7 @@ class FunctionalModel:
             # would see θ instead of the fast weights. A copy of the module that holds the fast
             # weights for good is what its recomputation sees instead.
             return _holding(self._module, tensors)(*args, **kwargs)
-        # Tied names are filled in above, so functional_call's own untying, which costs as
-        # much as a small MLP's forward pass, is not needed.
-        return functional_call(self._module, tensors, args, kwargs, tie_weights=False)
+        return _call_at(self._module, self._layout.slots, tensors, args, kwargs)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights)"
@@ -144,6 +142,9 @@ class Layout:
     #: Some submodule's ``forward`` uses activation checkpointing (``torch.utils.checkpoint``):
     #: the module is evaluated as a copy that holds the fast weights (:func:`_holding`).
     checkpoints: bool = False
+    #: Every dotted name of a parameter or buffer (each name of a submodule registered under
+    #: several) → ``(submodule, key)``, the slot it names (:func:`_call_at`).
+    slots: Mapping[str, tuple[torch.nn.Module, str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
@@ -159,7 +160,10 @@ class Layout:
         first: dict[int, str] = {}
         slots: set[tuple[int, str]] = set()
         aliases = []
+        named: dict[str, tuple[torch.nn.Module, str]] = {}
         for prefix, sub in module.named_modules(remove_duplicate=False):
+            for key in [*sub._parameters, *sub._buffers]:
+                named[f"{prefix}.{key}" if prefix else key] = (sub, key)
             for key, param in sub._parameters.items():
                 if param is None or (id(sub), key) in slots:
                     continue
@@ -170,7 +174,43 @@ class Layout:
                 else:
                     first[id(param)] = name
         checkpoints = any(_calls_checkpoint(type(sub).forward) for sub in module.modules())
-        return cls(norms, aliases, checkpoints)
+        return cls(norms, aliases, checkpoints, named)
+
+
+def _call_at(module: torch.nn.Module, slots: Mapping[str, tuple[torch.nn.Module, str]],
+             tensors: Mapping[str, Optional[torch.Tensor]], args: tuple[Any, ...],
+             kwargs: Mapping[str, Any]) -> Any:
+    """``module(*args, **kwargs)`` with the parameters and buffers ``tensors`` names put in
+    their slots for the call and the module's own put back after it, as
+    ``torch.func.functional_call(module, tensors, args, kwargs, tie_weights=False)`` does
+    (tied names are in ``tensors`` already). The slots are looked up in ``slots``
+    (:attr:`Layout.slots`) instead of by walking the dotted names, which on a small network
+    costs as much as its forward pass; a name with no slot there (the module changed since),
+    and code being compiled, go through ``functional_call`` itself."""
+    found = [] if torch.compiler.is_compiling() else [_store(slots.get(name)) for name in tensors]
+    stores = [store for store in found if store is not None]
+    if not stores or len(stores) < len(tensors):
+        return functional_call(module, dict(tensors), args, dict(kwargs), tie_weights=False)
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for (store, key), tensor in zip(stores, tensors.values()):
+            saved.append((store, key, store[key]))
+            store[key] = tensor
+        return module(*args, **kwargs)
+    finally:
+        for store, key, original in reversed(saved):
+            store[key] = original
+
+
+def _store(slot: Optional[tuple[torch.nn.Module, str]]) -> Optional[tuple[dict[str, Any], str]]:
+    """The dictionary (``_parameters`` or ``_buffers``) that holds a slot's tensor now, and its key."""
+    if slot is None:
+        return None
+    sub, key = slot
+    for store in (sub._parameters, sub._buffers):
+        if key in store:
+            return store, key
+    return None
 
 
 @functools.lru_cache(maxsize=256)

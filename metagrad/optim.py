@@ -63,11 +63,25 @@ class SGD:
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
     ) -> tuple[Params, State]:
+        if isinstance(self.lr, float) and fusable():
+            # One fused kernel (and one autograd node) for every parameter instead of two each.
+            names = [name for name in params if grads.get(name) is not None]
+            if not names:
+                return dict(params), state
+            moved = torch._foreach_add([params[n] for n in names], [grads[n] for n in names], alpha=-self.lr)
+            return {**params, **dict(zip(names, moved))}, state
         new_params = {}
         for name, p in params.items():
             g = grads.get(name)
             new_params[name] = p if g is None else p - _lr_for(self.lr, name) * g
         return new_params, state
+
+
+def fusable() -> bool:
+    """Whether an update may use torch's fused ``_foreach`` kernels: not inside a
+    ``torch.func`` transform (``vmap`` has no rule for them) and not while being compiled
+    (the compiler fuses the plain form itself). Either form computes the same update."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
 
 
 def _check_learning_rate(lr: Any) -> LearningRate:
