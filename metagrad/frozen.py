@@ -430,9 +430,9 @@ class RandomState:
         cuda = None if self.cuda is None else torch.cuda.get_rng_state(self.cuda[0])
         self.end = (cpu, cuda)
         self.others = _overlapping(self.thread, self.start)
-        if not torch.equal(self.cpu, cpu):
+        if not _same(self.cpu, cpu):
             return True
-        return self.cuda is not None and cuda is not None and not torch.equal(self.cuda[1], cuda)
+        return self.cuda is not None and cuda is not None and not _same(self.cuda[1], cuda)
 
     def restore(self) -> None:
         """Put the generators back to these states."""
@@ -444,6 +444,12 @@ class RandomState:
         """A context in which the generators start from these states; the caller's states are
         restored on exit."""
         return _Replaying(self)
+
+
+def _same(state: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two generator states (byte tensors on the CPU) are equal, compared as bytes:
+    a third of ``torch.equal``'s time, once per inner step."""
+    return state.numpy().tobytes() == other.numpy().tobytes()
 
 
 def _overlapping(thread: int, start: int) -> tuple[str, ...]:
@@ -483,8 +489,8 @@ class _Replaying:
         if exc[0] is None and end is not None:
             # The replay drew what the step drew from the same start: it ends where the step
             # ended, unless something else drew from the generator during one of them.
-            moved = not torch.equal(torch.get_rng_state(), end[0])
+            moved = not _same(torch.get_rng_state(), end[0])
             if end[1] is not None and self.state.cuda is not None:
-                moved = moved or not torch.equal(torch.cuda.get_rng_state(self.state.cuda[0]), end[1])
+                moved = moved or not _same(torch.cuda.get_rng_state(self.state.cuda[0]), end[1])
             self.state.foreign = self.state.foreign or moved
         self.fork.__exit__(*exc)

@@ -54,7 +54,10 @@ def test_binomial_chunked_equals_unchunked(spec, K, lr, L):
 @given(spec=ref.problem_specs(), K=st.sampled_from(range(1, 9)), lr=ref.step_size_choices(),
        chunk_size=st.sampled_from([None, 1, 2, 3]))
 def test_binomial_identities(spec, K, lr, chunk_size):
-    """Binomial(K) = Full = the reference's exact g; Binomial(0) = FirstOrder = v."""
+    """Binomial(K) = Full = the reference's exact g; Binomial(0) = FirstOrder = v.
+
+    The exact g is measured against the size of the terms it sums (at least ‖v‖ and ‖g‖):
+    the terms can cancel to a g far smaller than v, and rounding is relative to the terms."""
     problem = ref.build(spec)
     lr = ref.make_step_sizes(problem, lr)
     run = ref.unroll(problem, K, lr)
@@ -62,8 +65,9 @@ def test_binomial_identities(spec, K, lr, chunk_size):
     first, _ = meta_gradient(problem, mg.FirstOrder(), K, lr)
     bK, _ = meta_gradient(problem, mg.Binomial(K, chunk_size=chunk_size), K, lr)
     b0, _ = meta_gradient(problem, mg.Binomial(0, chunk_size=chunk_size), K, lr)
-    assert ref.rel_err(bK, full) <= RTOL, (problem, K, lr.package)
-    assert ref.rel_err(bK, run.g) <= RTOL, (problem, K, lr.package)
+    scale = max(float(run.g.norm()), float(run.v.norm()))
+    assert ref.rel_err(bK, full, scale) <= RTOL, (problem, K, lr.package)
+    assert ref.rel_err(bK, run.g, scale) <= RTOL, (problem, K, lr.package)
     assert ref.rel_err(b0, first) <= RTOL
     assert ref.rel_err(b0, run.v) <= RTOL
 
