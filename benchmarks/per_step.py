@@ -1,11 +1,14 @@
 """The eager per-step cost of the context manager against a plain hand-written unroll, side by side.
 
 Sinusoid MAML as users write it (a 1-40-40-1 ReLU net, ``--steps`` inner SGD steps, a meta-batch
-of ``--meta-batch`` tasks, one ``MetaGradient`` block per task, a new lambda per step), three ways
+of ``--meta-batch`` tasks, one ``MetaGradient`` block per task, a new lambda per step), four ways
 in one process, in a shuffled order each round:
 
 - **hand unroll**: ``torch.func.functional_call`` and ``torch.autograd.grad(create_graph=True)``
   written out, the query's ``.backward()`` through it: what Full computes, with no bookkeeping;
+- **hand checkpointed**: what Checkpointed computes, written out: the iterates kept, each step's
+  graph rebuilt in backward and pulled back by a double backward (the floor of an eager
+  checkpointed backward, against which Checkpointed's own bookkeeping is measured);
 - **Full** and **Checkpointed**: ``mg.MetaGradient`` with that estimator.
 
 Each row is the median over ``--repeats`` rounds after a warm-up round, per meta-batch, with
@@ -63,6 +66,37 @@ def hand_unroll(net: nn.Module, tasks: list[tuple[torch.Tensor, ...]], steps: in
         split["backward"].append(time.perf_counter() - middle)
 
 
+def hand_checkpointed(net: nn.Module, tasks: list[tuple[torch.Tensor, ...]], steps: int,
+                      split: dict[str, list[float]]) -> None:
+    """What Checkpointed computes, written out with no bookkeeping: the inner loop without a
+    graph, keeping each iterate; backward rebuilds each step's graph at its iterate and pulls
+    the query's gradient back through it by ``torch.autograd.grad`` (a double backward)."""
+    names = [n for n, _ in net.named_parameters()]
+    theta = list(net.parameters())
+    for xs, ys, xq, yq in tasks:
+        start = time.perf_counter()
+        phi, iterates = [p.detach() for p in theta], []
+        for _ in range(steps):
+            iterates.append(phi)
+            leaves = [p.requires_grad_() for p in phi]
+            out = torch.func.functional_call(net, dict(zip(names, leaves)), (xs,))
+            grads = torch.autograd.grad(F.mse_loss(out, ys), leaves)
+            phi = [p.detach() - 0.01 * g for p, g in zip(leaves, grads)]
+        middle = time.perf_counter()
+        leaves = [p.requires_grad_() for p in phi]
+        u = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, dict(zip(names, leaves)), (xq,)), yq),
+                                leaves)
+        for phi in reversed(iterates):
+            leaves = [p.detach().requires_grad_() for p in phi]
+            out = torch.func.functional_call(net, dict(zip(names, leaves)), (xs,))
+            grads = torch.autograd.grad(F.mse_loss(out, ys), leaves, create_graph=True)
+            u = torch.autograd.grad([p - 0.01 * g for p, g in zip(leaves, grads)], leaves, u)
+        for p, g in zip(theta, u):
+            p.grad = g if p.grad is None else p.grad + g
+        split["inner"].append(middle - start)
+        split["backward"].append(time.perf_counter() - middle)
+
+
 def blocks(estimator: mg.Estimator) -> Callable[..., None]:
     def run(net: nn.Module, tasks: list[tuple[torch.Tensor, ...]], steps: int, split: dict[str, list[float]]) -> None:
         for xs, ys, xq, yq in tasks:
@@ -79,7 +113,8 @@ def blocks(estimator: mg.Estimator) -> Callable[..., None]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     net, tasks = problem(args.meta_batch)
-    ways = {"hand unroll": hand_unroll, "Full": blocks(mg.Full()), "Checkpointed": blocks(mg.Checkpointed())}
+    ways = {"hand unroll": hand_unroll, "hand checkpointed": hand_checkpointed, "Full": blocks(mg.Full()),
+            "Checkpointed": blocks(mg.Checkpointed())}
     times: dict[str, list[float]] = {name: [] for name in ways}
     splits: dict[str, dict[str, list[float]]] = {name: {"inner": [], "backward": []} for name in ways}
     order = list(ways)
@@ -99,7 +134,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                    "inner_ms_per_task": 1e3 * statistics.median(splits[name]["inner"]),
                    "backward_ms_per_task": 1e3 * statistics.median(splits[name]["backward"])} for name in ways}
     return {"rows": rows, "full_over_hand": median["Full"] / median["hand unroll"],
-            "checkpointed_over_full": median["Checkpointed"] / median["Full"]}
+            "checkpointed_over_full": median["Checkpointed"] / median["Full"],
+            "hand_checkpointed_over_hand": median["hand checkpointed"] / median["hand unroll"],
+            "checkpointed_over_hand_checkpointed": median["Checkpointed"] / median["hand checkpointed"]}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -125,7 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"| {name} | {row['ms_per_meta_batch']:.1f} | {row['inner_ms_per_task']:.2f} "
               f"| {row['backward_ms_per_task']:.2f} |")
     print(f"eager Full / hand unroll: {result['full_over_hand']:.2f}×; "
-          f"Checkpointed / Full: {result['checkpointed_over_full']:.2f}×")
+          f"Checkpointed / Full: {result['checkpointed_over_full']:.2f}×; "
+          f"hand checkpointed / hand unroll: {result['hand_checkpointed_over_hand']:.2f}×; "
+          f"Checkpointed / hand checkpointed: {result['checkpointed_over_hand_checkpointed']:.2f}×")
     if args.json:
         write_json(args.json, {"args": vars(args), "threads": threads, "torch": torch.__version__, **result},
                    indent=1)

@@ -102,9 +102,8 @@ class Batched:
             nexts = [tr.iterate(m + 1) for m in steps]
             names = list(tr.theta)
             recorded = torch.stack([s.loss for s in chunk])
-            failed = check_step(steps, [rebuilt[n] for n in names],
-                                [torch.stack([nxt[n] for nxt in nexts]) for n in names],
-                                [torch.stack([s.params[n] for s in chunk]) for n in names], tr.replay_rtol,
+            failed = check_step(steps, [rebuilt[n].unbind(0) for n in names], [[nxt[n] for nxt in nexts] for n in names],
+                                [[s.params[n] for s in chunk] for n in names], tr.replay_rtol,
                                 losses=(losses, recorded), raising=False)
             if failed:
                 # A batched kernel rounds differently from the one the step was taken with,

@@ -122,9 +122,8 @@ class Products:
         nexts = [tr.iterate(m + 1) for m in steps]
         starts = [tr._step(m).params for m in steps]
         recorded = [tr._step(m).loss for m in steps]
-        check_step(steps, [torch.stack([r[n] for _, r, _ in pending]) for n in names],
-                   [torch.stack([t[n] for t in nexts]) for n in names],
-                   [torch.stack([t[n] for t in starts]) for n in names], tr.replay_rtol,
+        check_step(steps, [[r[n] for _, r, _ in pending] for n in names], [[t[n] for t in nexts] for n in names],
+                   [[t[n] for t in starts] for n in names], tr.replay_rtol,
                    losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),
                    closures=[tr._step(m).closure for m in steps])
 

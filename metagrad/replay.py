@@ -58,15 +58,16 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 5e-2 if dtype == torch.float16 else 1e-1
 
 
-def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Sequence[torch.Tensor],
-               start: Sequence[torch.Tensor], rtol: float, *,
+def check_step(steps: Sequence[int], rebuilt: Sequence[Sequence[torch.Tensor]],
+               stored: Sequence[Sequence[torch.Tensor]], start: Sequence[Sequence[torch.Tensor]], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                closures: Optional[Sequence[Optional[Frozen]]] = None,
                raising: bool = True, recomputed_from: Optional[int] = None) -> list[int]:
     """Raise :class:`ReplayError` unless each rebuilt ``Φ_m(φ_m)`` equals the stored ``φ_{m+1}``.
 
-    The tensors hold one row per step of ``steps`` (a leading dimension); ``closures`` are the
-    rows' frozen closures, for the error's hint. The test, for each row::
+    ``rebuilt``, ``stored`` and ``start`` give one sequence per parameter (in one order) of one
+    tensor per step of ``steps`` (a tensor with a leading dimension over the steps will do);
+    ``closures`` are the rows' frozen closures, for the error's hint. The test, for each row::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
@@ -78,14 +79,13 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[torch.Tensor], stored: Se
     snapshot at this step (:meth:`metagrad.trajectory.Trajectory.restore`), so a mismatch may
     come from any step since, and the error says so.
     """
-    eps = torch.finfo(stored[0].dtype).eps
-
-    def rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:  # each row's tensors side by side
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1)
-
+    rows = len(steps)
+    eps = torch.finfo(stored[0][0].dtype).eps
     with torch.no_grad():
-        new, old, first = rows_of(rebuilt), rows_of(stored), rows_of(start)
-        table = torch.stack([(new - old).norm(dim=1), (old - first).norm(dim=1), old.norm(dim=1)])
+        # One stack per parameter and one concatenation: [3, rows, every entry of a row].
+        new, old, first = torch.cat([torch.stack([*a, *b, *c]).reshape(3, rows, -1)
+                                     for a, b, c in zip(rebuilt, stored, start)], 2).unbind(0)
+        table = torch.stack([new - old, old - first, old]).norm(dim=2)
         if losses is not None:
             table = torch.cat([table, torch.stack([t.reshape(-1).to(table.dtype) for t in losses])])
         values = table.tolist()

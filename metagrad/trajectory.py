@@ -372,8 +372,8 @@ class Trajectory:
                      self.replay_rtol, closures=closures, recomputed_from=start)
         names = list(self.theta)
         stored, before = self.iterate(end), self.iterate(end - 1)
-        check_step([end - 1], [params[n].unsqueeze(0) for n in names], [stored[n].unsqueeze(0) for n in names],
-                   [before[n].unsqueeze(0) for n in names], self.replay_rtol, closures=closures[-1:],
+        check_step([end - 1], [[params[n]] for n in names], [[stored[n]] for n in names],
+                   [[before[n]] for n in names], self.replay_rtol, closures=closures[-1:],
                    recomputed_from=start)
 
     # ----------------------------------------------------------------------- products
