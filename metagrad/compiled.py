@@ -9,6 +9,11 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   captures, the module's attributes), so a step whose Python state changed is recompiled or
   run eagerly, never computed with stale values. The first step of each closure runs eagerly:
   it finds the meta-parameters η and whether the closure draws random numbers.
+- **A sweep** (:meth:`~metagrad.trajectory.Trajectory.sweep`, Checkpointed's backward): a
+  vector pulled back through a run of up to 8 steps of one structure in one compiled call,
+  the run's step products traced as one graph (:func:`_segment`), each rebuilt step still
+  checked against the stored iterate. Runs of 8, 4, 2 and 1 steps are the only lengths, so a
+  larger K compiles nothing new.
 - **The step product** (:meth:`~metagrad.trajectory.Trajectory.vjp`, and the vmapped rows of
   :meth:`~metagrad.trajectory.Trajectory.batched_vjp`): ``torch.func.vjp`` of the whole step
   ``Φ(φ, η) = rule.step(φ, ∇L_tr(φ, η), s)``, with the state's adjoint where it is carried,
@@ -154,9 +159,10 @@ class Compiler:
         #: eager. Looked up once per trajectory, so that a step pays for one call.
         self._inner: dict[Any, Any] = {}
         self._products: dict[Any, Any] = {}
-        #: What ran compiled: inner steps, and step products (rows of vmapped calls counted
-        #: one each); ``meta.info["compiled"]`` reports it.
-        self.counts = {"inner_steps": 0, "products": 0}
+        #: What ran compiled: inner steps, step products (rows of vmapped calls and steps of a
+        #: sweep counted one each), and sweeps (calls that pulled a vector back through a run of
+        #: steps, :meth:`sweep`); ``meta.info["compiled"]`` reports it.
+        self.counts = {"inner_steps": 0, "products": 0, "sweeps": 0}
         #: The inner steps whose gradient came from a compiled call (for the replay error).
         self.inner_steps: set[int] = set()
 
@@ -277,11 +283,72 @@ class Compiler:
                 state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, dict(new), value, dict(grads), explicit
 
+    def sweep(self, trajectory: Any, steps: list[int], chunk: list[Any], u: dict[str, torch.Tensor],
+              state_adjoint: list[Any]) -> Optional[tuple[Any, ...]]:
+        """``u`` pulled back through the consecutive ``steps`` (last first) by one compiled call
+        (:func:`_segment` of the step's compiled VJP): ``(J_{first}ᵀ…J_{last}ᵀu, [Σ B_mᵀa_{m+1} per
+        explicit η], state adjoint, explicit η indices)``, each rebuilt step queued for the replay
+        check; or ``None`` where the steps cannot run so (then each is a product of its own).
+
+        The steps must share one structure (:meth:`~metagrad.step.StepRecord.batch_key`: the
+        closure's code and kinds of captures, the rule, the modes), replay no random numbers and
+        hold no op that cannot be differentiated twice; a learned step size's part of B (taken
+        from each step's gradient) keeps the step-by-step products."""
+        first = chunk[0]
+        key = first.batch_key()
+        if (key is None or first.closure is None or trajectory.rule_meta
+                or any(step.once or step.batch_key() != key for step in chunk)):
+            return None
+        template = first.closure
+        for m, step in zip(steps, chunk):  # a replay error names what ran compiled
+            if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
+                step.closure.compiled = "inner"
+        varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
+                        if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
+        leaves, spec = pytree.tree_flatten(first.state)
+        rows = [pytree.tree_leaves(step.state) for step in chunk]
+        if any(not isinstance(t, torch.Tensor) for row in rows for t in row):
+            return None  # a Python value in the optimizer state (a step count)
+        memo = (key, "segment", len(steps), varying, str(spec))
+        if memo not in self._products:
+            self._products[memo] = self._product_function(trajectory, first, leaves, spec, False, varying, True,
+                                                          segment=len(steps))
+        found = self._products[memo]
+        if found is None:
+            return None
+        entry_key, compiled, explicit, fixed, varied = found
+        eta = [trajectory.meta[i].detach() for i in explicit]
+        params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
+        captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying else t
+                    for j, (_, t) in enumerate(template.tensors)]
+        stacked_leaves = [torch.stack(column) for column in zip(*rows)] if leaves else []
+        moving_adjoint = [state_adjoint[i] if i < len(state_adjoint) and state_adjoint[i] is not None
+                          else torch.zeros_like(leaves[i]) for i in varied]
+        try:
+            with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
+                pulled, pulled_eta, pulled_state, new, values = compiled(
+                    params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta)
+        except Exception as error:
+            self._products[memo] = None
+            self.refuse(entry_key, template.key, error, first.rule)
+            return None
+        self.counts["products"] += len(steps)
+        self.counts["sweeps"] += 1
+        for i, (m, step) in enumerate(zip(steps, chunk)):
+            step.frozen().compiled = "product"
+            trajectory.products.check(m, {n: t[i] for n, t in new.items()}, values[i])
+        state_out: list[Any] = [None] * len(leaves)
+        for i, g in zip(varied, pulled_state):
+            state_out[i] = g
+        return dict(pulled), list(pulled_eta), state_out, explicit
+
     def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
-                          batched: bool, varying: tuple[int, ...], carry: bool) -> Optional[tuple[Any, ...]]:
+                          batched: bool, varying: tuple[int, ...], carry: bool,
+                          segment: int = 0) -> Optional[tuple[Any, ...]]:
         """The compiled product for steps like ``first`` from the process-wide cache (built
         there if missing): ``(cache key, function, explicit η indices, module tensors, the
-        state leaves carried)``, or ``None`` where it cannot be compiled."""
+        state leaves carried)``, or ``None`` where it cannot be compiled. ``segment``: the
+        function pulls a vector back through that many consecutive steps instead (:meth:`sweep`)."""
         template = first.closure
         assert template is not None
         where = trajectory.eta.explicit(first.closure)
@@ -308,7 +375,7 @@ class Compiler:
         key = ("product", template.key, template.reads_key(), module_reads_key(module), rule_key(first.rule),
                first.used, first.modes,
                first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
-               varying if batched else None, varied, str(spec), bool(trajectory.rule_meta))
+               varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment)
         if key in _REFUSED:
             return None
         rule, used = first.rule, first.used
@@ -343,7 +410,9 @@ class Compiler:
                 out = step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
                 return out if step_sizes else (*out[:-1], {})  # the gradients only for the rule's η
 
-            if batched:
+            if segment:
+                function = _segment(row, segment, varying, varied)
+            elif batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]
                 function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, 0))
             else:
@@ -360,6 +429,32 @@ class Compiler:
             self.refuse(key, template.key, error, first.rule)
             return None
         return key, compiled, explicit, fixed, varied
+
+
+def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[int, ...],
+             varied: tuple[int, ...]) -> Callable[..., tuple[Any, ...]]:
+    """A function that pulls a vector back through ``length`` consecutive steps with ``row`` (one
+    step's VJP), the last step first, as one traced graph: its inputs are the steps' iterates,
+    state leaves and captured tensors (those at ``varying``) stacked along a new first
+    dimension; it returns the vector pulled back, the η products summed, the carried state's
+    adjoint, and each step's rebuilt Φ(φ) and loss (stacked, in step order) for the replay check."""
+    def segment(params: dict[str, torch.Tensor], leaves: list[torch.Tensor], vector: dict[str, torch.Tensor],
+                moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor], fixed: dict[str, torch.Tensor],
+                eta: list[torch.Tensor]) -> tuple[Any, ...]:
+        news: list[dict[str, torch.Tensor]] = []
+        values: list[torch.Tensor] = []
+        total: Optional[list[torch.Tensor]] = None
+        for i in reversed(range(length)):
+            state = [t[i] for t in leaves]
+            vector, pulled_eta, moving_adjoint, new, value, _ = row(
+                {n: t[i] for n, t in params.items()}, [state[j] for j in varied], vector, moving_adjoint,
+                [t[i] if j in varying else t for j, t in enumerate(captured)], fixed, eta, state)
+            total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
+            news.insert(0, new)
+            values.insert(0, value)
+        return (vector, total or [], moving_adjoint, {n: torch.stack([q[n] for q in news]) for n in news[0]},
+                torch.stack(values))
+    return segment
 
 
 def _module_tensors(module: torch.nn.Module, fixed_names: tuple[str, ...], buffer_names: tuple[str, ...]

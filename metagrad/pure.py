@@ -33,8 +33,8 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .snapshots import Schedule
 from .tape import Tape
-from .step import (Body, Gradient, StepRecord, functional_gradient, held, rule_slots, step_body, step_vjp,
-                   zero_if_none)
+from .step import (Body, Gradient, StepRecord, functional_gradient, held, pull_back, rule_slots, step_body,
+                   step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -178,6 +178,12 @@ class PureTrajectory:
         for i, g in zip(carried, pulled_state):
             adjoint_out[i] = g
         return dict(pulled), list(pulled_eta), adjoint_out
+
+    def sweep(self, first: int, last: int, u: Params, state_adjoint: list[Optional[torch.Tensor]]
+              ) -> tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]:
+        """``u`` pulled back through steps ``last − 1`` down to ``first``, as
+        :meth:`metagrad.trajectory.Trajectory.sweep` defines it: :meth:`vjp` step by step."""
+        return pull_back(self.vjp, first, last, u, state_adjoint)
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
                     chunk_size: Optional[int] = None) -> tuple[Params, list[Optional[torch.Tensor]]]:

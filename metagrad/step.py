@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .discovery import graph_inputs
+from .discovery import MetaGrads, add_meta, graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
@@ -226,6 +226,17 @@ def step_vjp(body: Body, q: Params, eta: Sequence[torch.Tensor], s: Sequence[tor
     (new, _), pullback, (loss, grads) = out[0], out[1], out[2]
     pulled_q, pulled_eta, pulled_s = pullback(({n: u[n] for n in new}, list(s_adjoint)))
     return pulled_q, pulled_eta, pulled_s, new, loss, grads
+
+
+def pull_back(vjp: Callable[..., tuple[Params, MetaGrads, Any]], first: int, last: int, u: Params,
+              adjoint: Any) -> tuple[Params, MetaGrads, Any]:
+    """``u`` pulled back through steps ``last − 1`` down to ``first`` by one ``vjp(m, u, adjoint)``
+    each, and the sum of their η products (a trajectory's ``sweep``, step by step)."""
+    meta: MetaGrads = []
+    for m in reversed(range(first, last)):
+        u, grads, adjoint = vjp(m, u, adjoint)
+        meta = add_meta(meta, grads)
+    return u, meta, adjoint
 
 
 class RuleFreezer:

@@ -44,7 +44,8 @@ from .update_rule import Params, State, UpdateRule
 from .products import Products
 from .replay import check_losses, check_step, refuse_twice
 from .snapshots import Schedule
-from .step import KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads
+from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
+                   pull_back)
 from .tape import Lifetime, NestedBlockError, Tape, differentiated_twice, second_order
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -382,6 +383,23 @@ class Trajectory:
             ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
         """The primitive every estimator composes (:meth:`Products.vjp <metagrad.products.Products.vjp>`)."""
         return self.products.vjp(m, u, state_adjoint, second_order=second_order)
+
+    def sweep(self, first: int, last: int, u: Params, state_adjoint: list[Optional[torch.Tensor]]
+              ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
+        """``u`` pulled back through steps ``last − 1`` down to ``first``, the optimizer state's
+        adjoint carried: ``(J_firstᵀ⋯J_{last−1}ᵀu, Σ_m B_mᵀa_{m+1}, state adjoint)``, the
+        products :meth:`vjp` gives one by one. With ``compile=True`` a run of steps of one
+        structure is one compiled call (:meth:`Compiler.sweep <metagrad.compiled.Compiler.sweep>`)."""
+        if self.compiler is not None and last - first > 1:
+            steps = list(range(first, last))
+            out = self.compiler.sweep(self, steps, [self._step(m) for m in steps], u, state_adjoint)
+            if out is not None:
+                pulled, pulled_eta, state_out, explicit = out
+                meta: MetaGrads = [None] * len(self.meta)
+                for k, i in enumerate(explicit):
+                    meta[i] = pulled_eta[k]
+                return pulled, meta, state_out
+        return pull_back(self.vjp, first, last, u, state_adjoint)
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
                     chunk_size: Optional[int] = None) -> tuple[Params, MetaGrads]:

@@ -194,8 +194,9 @@ def test_per_step_and_step_size_benchmarks_write_their_numbers(tmp_path: Path) -
                             timeout=180, check=False)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(out.read_text())
-    assert set(numbers["rows"]) == {"hand unroll", "Full", "Checkpointed"}
+    assert set(numbers["rows"]) == {"hand unroll", "hand checkpointed", "Full", "Checkpointed"}
     assert numbers["full_over_hand"] > 0 and numbers["checkpointed_over_full"] > 0
+    assert numbers["hand_checkpointed_over_hand"] > 0 and numbers["checkpointed_over_hand_checkpointed"] > 0
     out = tmp_path / "step_sizes.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks.step_sizes", "--K", "2", "--repeats", "1",
                              "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)

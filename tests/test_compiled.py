@@ -64,7 +64,7 @@ def meta_gradient(model: torch.nn.Module, estimator: mg.Estimator, rule, compile
     if compile and not isinstance(estimator, mg.Full):
         counts = meta.info["compiled"]
         if random:
-            assert counts == {"inner_steps": 0, "products": 0}, counts
+            assert counts == {"inner_steps": 0, "products": 0, "sweeps": 0}, counts
             return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert counts["inner_steps"] == len(batches) - 1, counts
         if meta.info.get("hessian_vector_products") and not isinstance(estimator, mg.Implicit):
@@ -141,6 +141,53 @@ def test_checkpointed_compiled_equals_a_hand_unrolled_loop(steps, lr, seed):
         phi = [p - lr * g for p, g in zip(phi, grads)]
     want = torch.autograd.grad(((forward(phi, xq) - yq) ** 2).mean(), theta)
     assert relative(got, torch.cat([g.reshape(-1) for g in want])) < 1e-10
+
+
+def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
+    """Checkpointed's backward with compile=True pulls the vector back through runs of up to 8
+    steps in one call each (K = 13: runs of 8 and 4, then one product), the momentum buffer's
+    adjoint and a captured η carried through the run; against a hand-written float64 unroll."""
+    model = make_model()
+    lam = torch.tensor(0.03, dtype=DT, requires_grad=True)
+    lr, mu = 0.05, 0.9
+    task = tasks(1, 13, seed=21)[0]
+    batches, xq, yq = task
+    for p in [*model.parameters(), lam]:
+        p.grad = None
+    with mg.MetaGradient(model, mg.optim.Momentum(lr=lr, momentum=mu), estimator=mg.Checkpointed(),
+                         compile=True) as meta:
+        for x, y in batches:
+            meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
+        ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    assert meta.info["compiled"]["sweeps"] == 2 and meta.info["compiled"]["products"] == 13, meta.info["compiled"]
+    got = torch.cat([*(p.grad.reshape(-1) for p in model.parameters()), lam.grad.reshape(-1)])
+
+    theta = list(model.parameters())
+    phi, buffer = list(theta), None
+
+    def forward(params, x):
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, params[0], params[1])),
+                                          params[2], params[3])
+
+    for x, y in batches:  # torch.optim.SGD(momentum=mu), written out
+        loss = ((forward(phi, x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in phi)
+        grads = torch.autograd.grad(loss, phi, create_graph=True)
+        buffer = list(grads) if buffer is None else [mu * b + g for b, g in zip(buffer, grads)]
+        phi = [p - lr * b for p, b in zip(phi, buffer)]
+    want = torch.autograd.grad(((forward(phi, xq) - yq) ** 2).mean(), [*theta, lam])
+    assert relative(got, torch.cat([g.reshape(-1) for g in want])) < 1e-10
+
+
+def test_the_replay_check_covers_steps_of_a_compiled_sweep():
+    model = make_model()
+    batches, xq, yq = tasks(1, 6, seed=9)[0]
+    with pytest.raises(mg.ReplayError, match="step 4") as error:  # in the run of steps 2 … 5
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            batches[4][0].mul_(3.0)  # a captured mini-batch changed in place after its step
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    assert "ran compiled" in str(error.value)
 
 
 def test_float32_equals_eager_to_1e_6():

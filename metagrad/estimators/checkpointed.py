@@ -12,6 +12,10 @@ from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator
 
+#: The most steps one pull-back through a run of steps covers (:meth:`Trajectory.sweep`): with
+#: ``compile=True`` each run length (8, 4, 2, 1) is one compiled function, whatever K is.
+SWEEP = 8
+
 __all__ = ["Checkpointed"]
 
 #: Replay checks queued at most (one batch), the vectors each holds while its batch runs (the
@@ -119,9 +123,16 @@ class Checkpointed(Estimator):
             every = 1
         # With snapshots, vjp(m) recomputes m's segment from its snapshot when it first needs
         # it (Trajectory.restore) and frees the one after: sweeping backwards, each segment once.
-        for i, m in enumerate(reversed(range(steps))):  # MATH.md (1): the last step's factor acts first
-            u, grads, state_adjoint = trajectory.vjp(m, u, state_adjoint)
-            if (i + 1) % every == 0:
+        # The sweep goes by runs of steps (a power of two, at most SWEEP, within one check batch):
+        # eagerly a run is its steps' products one by one; compiled, one call.
+        last, since = steps, 0
+        while last > 0:  # MATH.md (1): the last step's factor acts first
+            size = min(SWEEP, every - since, last)
+            size = 1 << (size.bit_length() - 1)
+            u, grads, state_adjoint = trajectory.sweep(last - size, last, u, state_adjoint)
+            meta = add_meta(meta, grads)  # MATH.md (3): Σ B_mᵀ a_{m+1}
+            last, since = last - size, since + size
+            if since == every:
                 trajectory.verify()
-            meta = add_meta(meta, grads)  # MATH.md (3): B_mᵀ a_{m+1}
+                since = 0
         return u, meta, {"steps": steps, "hessian_vector_products": steps}
