@@ -12,8 +12,8 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
 - **A sweep** (:meth:`~metagrad.trajectory.Trajectory.sweep`, Checkpointed's backward): a
   vector pulled back through a run of up to 8 steps of one structure in one compiled call,
   the run's step products traced as one graph (:func:`_segment`), each rebuilt step still
-  checked against the stored iterate. Runs of 8, 4, 2 and 1 steps are the only lengths, so a
-  larger K compiles nothing new.
+  checked against the stored iterate. Runs have one length (the steps left over are single
+  products), so a larger K compiles nothing new.
 - **The step product** (:meth:`~metagrad.trajectory.Trajectory.vjp`, and the vmapped rows of
   :meth:`~metagrad.trajectory.Trajectory.batched_vjp`): ``torch.func.vjp`` of the whole step
   ``Φ(φ, η) = rule.step(φ, ∇L_tr(φ, η), s)``, with the state's adjoint where it is carried,

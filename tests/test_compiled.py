@@ -144,9 +144,10 @@ def test_checkpointed_compiled_equals_a_hand_unrolled_loop(steps, lr, seed):
 
 
 def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
-    """Checkpointed's backward with compile=True pulls the vector back through runs of up to 8
-    steps in one call each (K = 13: runs of 8 and 4, then one product), the momentum buffer's
-    adjoint and a captured η carried through the run; against a hand-written float64 unroll."""
+    """Checkpointed's backward with compile=True pulls the vector back through runs of
+    ``SWEEP`` steps in one call each (K = 13: three runs of 4, then one product), the momentum
+    buffer's adjoint and a captured η carried through each run; against a hand-written float64
+    unroll."""
     model = make_model()
     lam = torch.tensor(0.03, dtype=DT, requires_grad=True)
     lr, mu = 0.05, 0.9
@@ -159,7 +160,8 @@ def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
         for x, y in batches:
             meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
         ((meta.fmodel(xq) - yq) ** 2).mean().backward()
-    assert meta.info["compiled"]["sweeps"] == 2 and meta.info["compiled"]["products"] == 13, meta.info["compiled"]
+    runs = 13 // mg.estimators.checkpointed.SWEEP
+    assert meta.info["compiled"]["sweeps"] == runs and meta.info["compiled"]["products"] == 13, meta.info["compiled"]
     got = torch.cat([*(p.grad.reshape(-1) for p in model.parameters()), lam.grad.reshape(-1)])
 
     theta = list(model.parameters())
@@ -181,7 +183,7 @@ def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
 def test_the_replay_check_covers_steps_of_a_compiled_sweep():
     model = make_model()
     batches, xq, yq = tasks(1, 6, seed=9)[0]
-    with pytest.raises(mg.ReplayError, match="step 4") as error:  # in the run of steps 2 … 5
+    with pytest.raises(mg.ReplayError, match="step 4") as error:  # in the run of steps 2 … 5 (SWEEP = 4)
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
             for x, y in batches:
                 meta.step(lambda f: ((f(x) - y) ** 2).mean())

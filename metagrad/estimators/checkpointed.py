@@ -12,9 +12,10 @@ from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from .base import Estimator
 
-#: The most steps one pull-back through a run of steps covers (:meth:`Trajectory.sweep`): with
-#: ``compile=True`` each run length (8, 4, 2, 1) is one compiled function, whatever K is.
-SWEEP = 8
+#: The steps one pull-back through a run of steps covers (:meth:`Trajectory.sweep`): with
+#: ``compile=True`` a run is one compiled function, whatever K is (the steps left over are
+#: single products).
+SWEEP = 4
 
 __all__ = ["Checkpointed"]
 
@@ -123,12 +124,11 @@ class Checkpointed(Estimator):
             every = 1
         # With snapshots, vjp(m) recomputes m's segment from its snapshot when it first needs
         # it (Trajectory.restore) and frees the one after: sweeping backwards, each segment once.
-        # The sweep goes by runs of steps (a power of two, at most SWEEP, within one check batch):
-        # eagerly a run is its steps' products one by one; compiled, one call.
+        # The sweep goes by runs of SWEEP steps where they fit (within one check batch), single
+        # steps elsewhere: eagerly a run is its steps' products one by one; compiled, one call.
         last, since = steps, 0
         while last > 0:  # MATH.md (1): the last step's factor acts first
-            size = min(SWEEP, every - since, last)
-            size = 1 << (size.bit_length() - 1)
+            size = SWEEP if min(every - since, last) >= SWEEP else 1
             u, grads, state_adjoint = trajectory.sweep(last - size, last, u, state_adjoint)
             meta = add_meta(meta, grads)  # MATH.md (3): Σ B_mᵀ a_{m+1}
             last, since = last - size, since + size
