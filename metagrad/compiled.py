@@ -286,11 +286,12 @@ class Compiler:
         return dict(pulled), list(pulled_eta), state_out, dict(new), value, dict(grads), explicit
 
     def sweep(self, trajectory: Any, steps: list[int], chunk: list[Any], u: dict[str, torch.Tensor],
-              state_adjoint: list[Any]) -> Optional[tuple[Any, ...]]:
+              state_adjoint: Optional[list[Any]]) -> Optional[tuple[Any, ...]]:
         """``u`` pulled back through the consecutive ``steps`` (last first) by one compiled call
         (:func:`_segment` of the step's compiled VJP): ``(J_{first}ᵀ…J_{last}ᵀu, [Σ B_mᵀa_{m+1} per
         explicit η], state adjoint, explicit η indices)``, each rebuilt step queued for the replay
         check; or ``None`` where the steps cannot run so (then each is a product of its own).
+        ``state_adjoint`` ``None``: the optimizer state is held constant (no adjoint returned).
 
         The steps must share one structure (:meth:`~metagrad.step.StepRecord.batch_key`: the
         closure's code and kinds of captures, the rule, the modes), replay no random numbers and
@@ -311,9 +312,10 @@ class Compiler:
         rows = [pytree.tree_leaves(step.state) for step in chunk]
         if any(not isinstance(t, torch.Tensor) for row in rows for t in row):
             return None  # a Python value in the optimizer state (a step count)
-        memo = (key, "segment", len(steps), varying, str(spec))
+        carry = state_adjoint is not None
+        memo = (key, "segment", len(steps), varying, str(spec), carry)
         if memo not in self._products:
-            self._products[memo] = self._product_function(trajectory, first, leaves, spec, False, varying, True,
+            self._products[memo] = self._product_function(trajectory, first, leaves, spec, False, varying, carry,
                                                           segment=len(steps))
         found = self._products[memo]
         if found is None:
@@ -324,8 +326,9 @@ class Compiler:
         captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying else t
                     for j, (_, t) in enumerate(template.tensors)]
         stacked_leaves = [torch.stack(column) for column in zip(*rows)] if leaves else []
-        moving_adjoint = [state_adjoint[i] if i < len(state_adjoint) and state_adjoint[i] is not None
-                          else torch.zeros_like(leaves[i]) for i in varied]
+        adjoint = list(state_adjoint or [])
+        moving_adjoint = [adjoint[i] if i < len(adjoint) and adjoint[i] is not None else torch.zeros_like(leaves[i])
+                          for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, new, values = compiled(
@@ -339,9 +342,11 @@ class Compiler:
         for i, (m, step) in enumerate(zip(steps, chunk)):
             step.frozen().compiled = "product"
             trajectory.products.check(m, {n: t[i] for n, t in new.items()}, values[i])
-        state_out: list[Any] = [None] * len(leaves)
-        for i, g in zip(varied, pulled_state):
-            state_out[i] = g
+        state_out: Optional[list[Any]] = None
+        if carry:
+            state_out = [None] * len(leaves)
+            for i, g in zip(varied, pulled_state):
+                state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, explicit
 
     def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,

@@ -179,7 +179,7 @@ class PureTrajectory:
             adjoint_out[i] = g
         return dict(pulled), list(pulled_eta), adjoint_out
 
-    def sweep(self, first: int, last: int, u: Params, state_adjoint: list[Optional[torch.Tensor]]
+    def sweep(self, first: int, last: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
               ) -> tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]:
         """``u`` pulled back through steps ``last − 1`` down to ``first``, as
         :meth:`metagrad.trajectory.Trajectory.sweep` defines it: :meth:`vjp` step by step."""

@@ -384,11 +384,12 @@ class Trajectory:
         """The primitive every estimator composes (:meth:`Products.vjp <metagrad.products.Products.vjp>`)."""
         return self.products.vjp(m, u, state_adjoint, second_order=second_order)
 
-    def sweep(self, first: int, last: int, u: Params, state_adjoint: list[Optional[torch.Tensor]]
+    def sweep(self, first: int, last: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
               ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
-        """``u`` pulled back through steps ``last − 1`` down to ``first``, the optimizer state's
-        adjoint carried: ``(J_firstᵀ⋯J_{last−1}ᵀu, Σ_m B_mᵀa_{m+1}, state adjoint)``, the
-        products :meth:`vjp` gives one by one. With ``compile=True`` a run of steps of one
+        """``u`` pulled back through steps ``last − 1`` down to ``first``: ``(J_firstᵀ⋯J_{last−1}ᵀu,
+        Σ_m B_mᵀa_{m+1}, state adjoint)``, the products :meth:`vjp` gives one by one (the optimizer
+        state's adjoint carried where ``state_adjoint`` is given, the state held constant where
+        it is ``None``). With ``compile=True`` a run of steps of one
         structure is one compiled call (:meth:`Compiler.sweep <metagrad.compiled.Compiler.sweep>`)."""
         if self.compiler is not None and last - first > 1:
             steps = list(range(first, last))

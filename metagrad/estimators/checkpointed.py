@@ -9,13 +9,8 @@ import torch
 from ..memory import parse_bytes
 from ..update_rule import Params
 from ..snapshots import Schedule
-from ..trajectory import MetaGrads, Trajectory, add_meta
-from .base import Estimator
-
-#: The steps one pull-back through a run of steps covers (:meth:`Trajectory.sweep`): with
-#: ``compile=True`` a run is one compiled function, whatever K is (the steps left over are
-#: single products).
-SWEEP = 4
+from ..trajectory import MetaGrads, Trajectory
+from .base import Estimator, sweep_back
 
 __all__ = ["Checkpointed"]
 
@@ -112,9 +107,6 @@ class Checkpointed(Estimator):
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        u = dict(v)
-        state_adjoint: Optional[list[Optional[torch.Tensor]]] = []  # the query does not depend on the state
-        meta: MetaGrads = []
         # Each rebuilt step's replay check is queued (Trajectory.verify runs the queue): a batch
         # of checks holds about CHECK_ROWS vectors per step, so it is kept below CHECK_BYTES, and
         # to one step where the iterates are budgeted.
@@ -124,15 +116,6 @@ class Checkpointed(Estimator):
             every = 1
         # With snapshots, vjp(m) recomputes m's segment from its snapshot when it first needs
         # it (Trajectory.restore) and frees the one after: sweeping backwards, each segment once.
-        # The sweep goes by runs of SWEEP steps where they fit (within one check batch), single
-        # steps elsewhere: eagerly a run is its steps' products one by one; compiled, one call.
-        last, since = steps, 0
-        while last > 0:  # MATH.md (1): the last step's factor acts first
-            size = SWEEP if min(every - since, last) >= SWEEP else 1
-            u, grads, state_adjoint = trajectory.sweep(last - size, last, u, state_adjoint)
-            meta = add_meta(meta, grads)  # MATH.md (3): Σ B_mᵀ a_{m+1}
-            last, since = last - size, since + size
-            if since == every:
-                trajectory.verify()
-                since = 0
+        # The optimizer state's adjoint is carried, from zero: the query does not depend on it.
+        u, meta, _ = sweep_back(trajectory, 0, steps, dict(v), [], verify_every=every)
         return u, meta, {"steps": steps, "hessian_vector_products": steps}

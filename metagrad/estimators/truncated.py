@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory, add_meta
-from .base import Estimator, check_count, clamp_to_steps
+from .base import Estimator, check_count, clamp_to_steps, sweep_back
 
 __all__ = ["Truncated"]
 
@@ -36,11 +36,7 @@ class Truncated(Estimator):
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
-        u = dict(v)
-        meta: MetaGrads = []
-        for m in reversed(range(steps - kept, steps)):
-            u, grads, _ = trajectory.vjp(m, u)  # the optimizer state held constant
-            meta = add_meta(meta, grads)
+        u, meta, _ = sweep_back(trajectory, steps - kept, steps, dict(v))  # the optimizer state held constant
         for m in range(steps - kept):  # earlier steps: their gradients are constants
             _, grads, _ = trajectory.vjp(m, u, second_order=False)
             meta = add_meta(meta, grads)
