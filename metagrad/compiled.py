@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import collections
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -68,7 +68,7 @@ from .step import step_body, step_vjp, with_eta
 from .frozen import _SCALARS, _global_names
 from .frozen import _value_key as replay_value_key
 
-__all__ = ["Compiler", "clear_cache"]
+__all__ = ["Compiler", "clear_cache", "compile_settings"]
 
 #: Compiled functions kept process-wide (least recently used dropped first).
 _CACHE_SIZE = 64
@@ -77,6 +77,49 @@ _CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 _REFUSED: dict[Any, str] = {}
 #: Closures (by :attr:`~metagrad.frozen.Frozen.key`) already warned about: one warning each.
 _WARNED: set[Any] = set()
+
+
+#: ``torch.compile``'s modes (``torch._inductor.list_mode_options()``).
+MODES = ("default", "lite", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+#: The ``torch.compile`` arguments ``MetaGradient(compile={...})`` passes on.
+SETTINGS = ("mode", "options", "backend")
+
+
+def compile_settings(value: Any) -> Optional[dict[str, Any]]:
+    """``MetaGradient(compile=...)`` as ``torch.compile`` arguments, or ``None`` for no compiling:
+    ``False`` (none), ``True`` (``{}``: torch.compile's defaults), a mode string
+    (``"reduce-overhead"``: CUDA graphs on a GPU; ``"max-autotune"`` …), or a mapping with
+    some of ``mode``, ``options`` (inductor options) and ``backend``."""
+    accepted = (f"True, False, a torch.compile mode ({', '.join(repr(m) for m in MODES)}), or a dict with "
+                f"some of {', '.join(repr(k) for k in SETTINGS)}")
+    if isinstance(value, bool):
+        return {} if value else None
+    if isinstance(value, str):
+        if value not in MODES:
+            raise ValueError(f"compile: unknown torch.compile mode {value!r}; expected {accepted}.")
+        return {"mode": value}
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in SETTINGS]
+        if unknown:
+            raise ValueError(f"compile: unknown torch.compile argument(s) {unknown}; expected {accepted}.")
+        settings = dict(value)
+        if "mode" in settings and settings["mode"] not in MODES:
+            raise ValueError(f"compile: unknown torch.compile mode {settings['mode']!r}; expected {accepted}.")
+        if settings.get("mode") is not None and settings.get("options") is not None:
+            raise ValueError("compile: give a mode or options, not both (torch.compile takes one of them); "
+                             f"got {settings!r}.")
+        if settings.get("options") is not None and not isinstance(settings["options"], Mapping):
+            raise TypeError(f"compile: options must be a dict of inductor options, got "
+                            f"{type(settings['options']).__name__}.")
+        return settings
+    raise TypeError(f"compile: expected {accepted}; got {type(value).__name__} {value!r}.")
+
+
+def _settings_key(settings: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The compile settings as part of a cache key (options by value, a backend by name or identity)."""
+    backend = settings.get("backend")
+    return (settings.get("mode"), repr(sorted((settings.get("options") or {}).items())),
+            backend if isinstance(backend, (str, type(None))) else id(backend))
 
 
 def clear_cache() -> None:
@@ -154,8 +197,11 @@ class Compiler:
     ``warn`` is called with a message the first time a piece falls back to eager.
     """
 
-    def __init__(self, warn: Callable[[str], None]) -> None:
+    def __init__(self, warn: Callable[[str], None], settings: Optional[Mapping[str, Any]] = None) -> None:
         self._warn = warn
+        #: ``torch.compile``'s arguments besides ``fullgraph`` and ``dynamic`` (:func:`compile_settings`).
+        self.settings = dict(settings or {})
+        self._settings_key = _settings_key(self.settings)
         #: Per closure key (inner gradients) or step batch key (products): the compiled
         #: function found in the process-wide cache, with what calling it needs; ``None``:
         #: eager. Looked up once per trajectory, so that a step pays for one call.
@@ -208,7 +254,7 @@ class Compiler:
 
     def _inner_function(self, trajectory: Any, key: Any, params: dict[str, torch.Tensor],
                         used: tuple[str, ...]) -> Optional[tuple[Any, Callable[..., Any]]]:
-        entry_key = ("inner", key, id(trajectory.module), used, _shapes(params))
+        entry_key = ("inner", key, id(trajectory.module), used, _shapes(params), self._settings_key)
         if entry_key in _REFUSED:
             return None
         module, layout = trajectory.module, trajectory.layout
@@ -220,7 +266,7 @@ class Compiler:
                     return closure(FunctionalModel(module, {**params, **w}, layout=layout))
                 return torch.func.grad_and_value(loss_of)({n: params[n] for n in used})
 
-            return torch.compile(_fresh(inner_grad), fullgraph=True, dynamic=False)
+            return torch.compile(_fresh(inner_grad), fullgraph=True, dynamic=False, **self.settings)
 
         return entry_key, _cached(entry_key, build)
 
@@ -382,7 +428,8 @@ class Compiler:
         key = ("product", template.key, template.reads_key(), module_reads_key(module), rule_key(first.rule),
                first.used, first.modes,
                first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
-               varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment)
+               varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
+               self._settings_key)
         if key in _REFUSED:
             return None
         rule, used = first.rule, first.used
@@ -424,7 +471,7 @@ class Compiler:
                 function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, 0))
             else:
                 function = row
-            compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False)
+            compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False, **self.settings)
             # The key names objects by identity: the entry keeps them alive, so no other
             # object can take their identity while it is cached.
             setattr(compiled, "_metagrad_closure", template)

@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .compiled import Compiler
+from .compiled import Compiler, compile_settings
 from .estimators import Estimator, resolve
 from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
@@ -124,8 +124,12 @@ class MetaGradient:
             functions are reused by later blocks, tasks of the same shapes compile nothing).
             What cannot be compiled runs eagerly with one warning saying why. Full runs eagerly
             (its graph is differentiated twice); Checkpointed is the compiled exact path.
-            ``meta.info["compiled"]`` counts the inner steps and step products that ran
-            compiled (each closure's first step in a block runs eagerly: it finds η).
+            ``meta.info["compiled"]`` counts the inner steps, step products and sweeps that
+            ran compiled (each closure's first step in a block runs eagerly: it finds η).
+            ``True`` uses torch.compile's defaults; a mode string (``"reduce-overhead"``: CUDA
+            graphs on a GPU, ``"max-autotune"``, …) or a dict with some of ``mode``,
+            ``options`` and ``backend`` is passed on to every ``torch.compile`` call (compiled
+            functions are cached per setting); ``False`` compiles nothing.
 
     Closures and replay, parameters the inner loss does not use, meta-parameters η and nested
     blocks: see the module docstring.
@@ -140,7 +144,7 @@ class MetaGradient:
         check_finite: bool = True,
         check_replay: Union[bool, float] = True,
         adapt: Optional[Any] = None,
-        compile: bool = False,
+        compile: Union[bool, str, Mapping[str, Any]] = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -152,8 +156,7 @@ class MetaGradient:
         self.check_finite = check_finite
         self.check_replay = check_replay
         self.adapt = checked_adapt(adapt, model)
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile: expected True or False, got {type(compile).__name__} {compile!r}.")
+        self._compile_settings = compile_settings(compile)  # validates it
         self.compile = compile
         self.info: dict[str, Any] = {}
         self._active = False
@@ -211,13 +214,13 @@ class MetaGradient:
         compiler = None
         if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild
             pass
-        elif self.compile and self.estimator.differentiable:
+        elif self._compile_settings is not None and self.estimator.differentiable:
             warn(f"compile=True: {self.estimator!r} builds the inner loop's graph with "
                  "create_graph=True and differentiates it again, which the backward of a compiled "
                  "function cannot be in this torch; it runs eagerly. estimator=mg.Checkpointed() "
                  "gives the same exact meta-gradient with compiled steps.")
-        elif self.compile:
-            compiler = Compiler(warn)
+        elif self._compile_settings is not None:
+            compiler = Compiler(warn, self._compile_settings)
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self._differentiable,
                                       keep=None if nested else self.estimator.keep(),

@@ -316,9 +316,38 @@ def test_full_runs_eagerly_and_says_so():
     assert relative(compiled, eager) < 1e-12
 
 
-def test_compile_must_be_a_bool():
-    with pytest.raises(TypeError, match="compile: expected True or False, got str 'yes'"):
-        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), compile="yes")
+@pytest.mark.parametrize("value,error,match", [
+    ("yes", ValueError, "compile: unknown torch.compile mode 'yes'; expected True, False, a torch.compile mode"),
+    (1, TypeError, "compile: expected True, False, a torch.compile mode .* got int 1"),
+    ({"fullgraph": False}, ValueError, r"compile: unknown torch.compile argument\(s\) \['fullgraph'\]"),
+    ({"mode": "fast"}, ValueError, "compile: unknown torch.compile mode 'fast'"),
+    ({"mode": "max-autotune", "options": {"epilogue_fusion": True}}, ValueError, "give a mode or options, not both"),
+    ({"options": "fast"}, TypeError, "compile: options must be a dict of inductor options, got str"),
+])
+def test_compile_takes_what_torch_compile_takes(value, error, match):
+    with pytest.raises(error, match=match):
+        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), compile=value)
+
+
+@pytest.mark.parametrize("value", ["reduce-overhead", {"options": {"epilogue_fusion": False}}], ids=repr)
+def test_compile_settings_are_passed_on_and_give_the_same_meta_gradient(value, monkeypatch):
+    """A torch.compile mode or inductor options reach every compiled call (on the CPU,
+    "reduce-overhead" has no CUDA graphs to capture) and give eager's meta-gradient."""
+    seen: list[dict] = []
+    real = torch.compile
+
+    def spy(function, **kwargs):
+        seen.append(kwargs)
+        return real(function, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    model = make_model()
+    task = tasks(1, 3, seed=31)[0]
+    eager = meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), False, task)
+    compiled = meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), value, task)
+    assert relative(compiled, eager) < 1e-10
+    expected = {"mode": value} if isinstance(value, str) else value
+    assert seen and all({k: kw.get(k) for k in expected} == expected for kw in seen), seen
 
 
 def test_a_user_training_loop_with_compile_matches_eager():
