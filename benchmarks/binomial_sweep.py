@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -62,7 +61,7 @@ from metagrad.estimators.binomial import WARN_ESTIMATE
 
 if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.cli import add_seed_argument, add_threads_argument, make_parser, set_threads, write_json  # noqa: E402
+from examples.cli import add_seed_argument, cpu_model, add_threads_argument, make_parser, set_threads, write_json  # noqa: E402
 
 DT = torch.float64
 ORDERS = (1, 2, 3, 4)
@@ -306,14 +305,7 @@ def plot(rows: list[dict[str, Any]], path: Path, threshold: float) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 

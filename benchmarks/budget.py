@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metagrad as mg  # noqa: E402
-from examples.cli import (add_dtype_argument, add_json_argument, add_threads_argument,  # noqa: E402
+from examples.cli import (cpu_model, add_dtype_argument, add_json_argument, add_threads_argument,  # noqa: E402
                           make_parser, set_threads, write_json)
 from metagrad.memory import parse_bytes, peak_memory  # noqa: E402
 
@@ -220,7 +219,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     threads = set_threads(args.threads)
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{threads} thread(s), MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}",
           file=sys.stderr)
     if args.fit:

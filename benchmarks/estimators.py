@@ -93,7 +93,7 @@ from metagrad.memory import peak_memory
 
 if __package__ in (None, ""):  # run as a file: examples.cli from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.cli import (add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
+from examples.cli import (cpu_model, add_dtype_argument, add_json_argument, add_seed_argument,  # noqa: E402
                           add_threads_argument, count_argument, make_parser, set_threads, write_json)
 
 ESTIMATORS = ("full", "checkpointed", "first_order", "truncated", "binomial", "implicit")
@@ -738,15 +738,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     description = {
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -23,7 +23,6 @@ Run (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import statistics
 import sys
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metagrad as mg  # noqa: E402
-from examples.cli import (add_json_argument, add_threads_argument, count_argument,  # noqa: E402
+from examples.cli import (cpu_model, add_json_argument, add_threads_argument, count_argument,  # noqa: E402
                           make_parser, set_threads, write_json)
 
 
@@ -154,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     threads = set_threads(args.threads)
     result = measure(args)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} thread(s); "
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {threads} thread(s); "
           f"sinusoid 1-40-40-1, K = {args.steps}, meta-batch {args.meta_batch}, float32; median of "
           f"{args.repeats} rounds after a warm-up\n"
           "| way | ms / meta-batch | inner loop, ms / task | backward, ms / task |\n|---|---|---|---|")

@@ -23,7 +23,6 @@ Run (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import metagrad as mg  # noqa: E402
 from benchmarks.budget import make_problem, tensor_peak  # noqa: E402
-from examples.cli import (add_json_argument, add_threads_argument, count_argument,  # noqa: E402
+from examples.cli import (cpu_model, add_json_argument, add_threads_argument, count_argument,  # noqa: E402
                           make_parser, set_threads, write_json)
 
 ESTIMATORS = {
@@ -105,7 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     threads = set_threads(args.threads)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} thread(s); "
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {threads} thread(s); "
           f"8-256-256-1 tanh MLP, 64 examples, float32; median of {args.repeats} after a warm-up\n"
           "| K | estimator | time, float lr | time, learned lrs | ratio | tensor peak, float lr "
           "| tensor peak, learned lrs | ratio |\n|---|---|---|---|---|---|---|---|", flush=True)

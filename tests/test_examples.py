@@ -20,9 +20,14 @@ TINY = ["--iterations", "3", "--meta-batch", "2", "--test-tasks", "5", "--gradie
 ESTIMATOR_LABELS = ["Full", "Checkpointed", "FirstOrder", "Truncated(2)", "Binomial(2)"]
 
 
+def run_example(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python examples/<name>.py *args``, its output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return run_example(SCRIPT.stem, *args, timeout=timeout)
 
 
 def test_help_lists_the_flags() -> None:
@@ -151,12 +156,10 @@ def test_gpu_script_answers_help_without_side_effects(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ dataset distillation
-DISTILLATION = ROOT / "examples" / "distillation.py"
 
 
 def run_distillation(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(DISTILLATION), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return run_example("distillation", *args, timeout=timeout)
 
 
 def test_distillation_help_lists_the_flags() -> None:
@@ -226,9 +229,6 @@ def test_distillation_reads_fashion_mnist_idx_files(tmp_path: Path) -> None:
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def import_example(name: str):
