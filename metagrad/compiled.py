@@ -287,11 +287,7 @@ class Compiler:
         template = first.closure
         if template is None:
             return None
-        for m, step in zip(steps, chunk):  # a replay error names what ran compiled
-            if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
-                step.closure.compiled = "inner"
-        varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
-                        if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
+        varying = self._prepare(steps, chunk)
         leaves, spec = pytree.tree_flatten(state)
         carry = state_adjoint is not None
         memo = (first.batch_key(), batched, varying, carry, str(spec), bool(trajectory.rule_meta))
@@ -331,6 +327,17 @@ class Compiler:
                 state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, dict(new), value, dict(grads), explicit
 
+    def _prepare(self, steps: list[int], chunk: list[Any]) -> tuple[int, ...]:
+        """Mark the steps whose gradient a compiled call took (a replay error names what ran
+        compiled), and return the slots of the captured tensors that differ between the steps
+        (they are stacked; the others are passed once)."""
+        for m, step in zip(steps, chunk):
+            if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
+                step.closure.compiled = "inner"
+        template = chunk[0].closure
+        return tuple(j for j, (_, tensor) in enumerate(template.tensors)
+                     if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
+
     def sweep(self, trajectory: Any, steps: list[int], chunk: list[Any], u: dict[str, torch.Tensor],
               state_adjoint: Optional[list[Any]]) -> Optional[tuple[Any, ...]]:
         """``u`` pulled back through the consecutive ``steps`` (last first) by one compiled call
@@ -349,11 +356,7 @@ class Compiler:
                 or any(step.once or step.batch_key() != key for step in chunk)):
             return None
         template = first.closure
-        for m, step in zip(steps, chunk):  # a replay error names what ran compiled
-            if m in self.inner_steps and step.closure is not None and step.closure.compiled is None:
-                step.closure.compiled = "inner"
-        varying = tuple(j for j, (_, tensor) in enumerate(template.tensors)
-                        if any(s.frozen().tensors[j][1] is not tensor for s in chunk[1:]))
+        varying = self._prepare(steps, chunk)
         leaves, spec = pytree.tree_flatten(first.state)
         rows = [pytree.tree_leaves(step.state) for step in chunk]
         if any(not isinstance(t, torch.Tensor) for row in rows for t in row):
