@@ -9,8 +9,12 @@ round so that a change of load hits all of them alike:
 
 - eager metagrad, the context manager ``mg.MetaGradient`` over the tasks with Full (the
   reference every ratio and error is taken against), Checkpointed, Truncated(2), FirstOrder,
-  Binomial(3) and Implicit; and the same estimators but Full with ``compile=True``;
-- the plain eager unroll: a hand-written autograd loop with ``create_graph=True``;
+  Binomial(3) and Implicit; and the same estimators with ``compile=True`` (Full's runs its
+  exact compiled path, ``Full.under_compile``). The loop is written as users write it: a new
+  loss module per task (``nn.MSELoss()``), a new mini-batch tensor per step (the support
+  set's rows in a new order: the same loss) and a new lambda per step;
+- the plain eager unroll: a hand-written autograd loop with ``create_graph=True`` over the same
+  mini-batches;
 - ``mg.functional.meta_grad`` under ``torch.func.vmap`` over the meta-batch, eager and under
   ``torch.compile`` (inductor), with Full and Checkpointed;
 - hand-written torch.func: ``torch.func.grad`` of the unrolled loss, vmapped over the tasks,
@@ -86,6 +90,15 @@ class Batch:
         if self.loss is None:
             self.loss = mse if self.config == "sinusoid" else torch.nn.functional.cross_entropy
         self.stacked = tuple(torch.stack([t[i] for t in self.tasks]) for i in range(4))
+        # The order of the support set's rows at each inner step of each task: every step's
+        # mini-batch is a new tensor of the same shape (and, the whole support set, the same loss).
+        generator = torch.Generator().manual_seed(len(self.tasks) * 1000 + self.steps)
+        self.orders = [[torch.randperm(t[0].shape[0], generator=generator) for _ in range(self.steps)]
+                       for t in self.tasks]
+
+    def criterion(self) -> torch.nn.Module:
+        """A new loss module, as a user's loop makes one per task."""
+        return torch.nn.MSELoss() if self.config == "sinusoid" else torch.nn.CrossEntropyLoss()
 
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
@@ -105,19 +118,23 @@ def flatten(grads: dict[str, Any], names: Sequence[str]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- rows
 def eager_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = False) -> Callable[[], torch.Tensor]:
-    """The context manager over the tasks; the mean of the tasks' meta-gradients
-    (``compile=True``: its compiled steps and products, :mod:`metagrad.compiled`)."""
-    model, params, loss = batch.model, list(batch.model.parameters()), batch.loss
+    """The context manager over the tasks, the loop as users write it: a new loss module per
+    task, a new mini-batch tensor per step (the support set's rows in a new order) and a new
+    lambda per step; the mean of the tasks' meta-gradients (``compile=True``: its compiled
+    steps and products, :mod:`metagrad.compiled`)."""
+    model, params = batch.model, list(batch.model.parameters())
 
     def run() -> torch.Tensor:
         for p in params:
             p.grad = None
-        for x_s, y_s, x_q, y_q in batch.tasks:
+        for (x_s, y_s, x_q, y_q), orders in zip(batch.tasks, batch.orders):
+            criterion = batch.criterion()
             with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator,
                                  compile=compile) as meta:
-                for _ in range(batch.steps):
-                    meta.step(lambda f: loss(f(x_s), y_s))
-                (loss(meta.fmodel(x_q), y_q) / len(batch.tasks)).backward()
+                for order in orders:
+                    x_b, y_b = x_s[order], y_s[order]
+                    meta.step(lambda f: criterion(f(x_b), y_b))
+                (criterion(meta.fmodel(x_q), y_q) / len(batch.tasks)).backward()
         return torch.cat([p.grad.reshape(-1) for p in params])
 
     return run
@@ -131,11 +148,11 @@ def plain_unroll(batch: Batch) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         for p in theta:
             p.grad = None
-        for x_s, y_s, x_q, y_q in batch.tasks:
+        for (x_s, y_s, x_q, y_q), orders in zip(batch.tasks, batch.orders):
             params = theta
-            for _ in range(batch.steps):
-                out = torch.func.functional_call(model, dict(zip(names, params)), (x_s,))
-                grads = torch.autograd.grad(mse(out, y_s), params, create_graph=True)
+            for order in orders:  # the mini-batches of eager_metagradient's loop
+                out = torch.func.functional_call(model, dict(zip(names, params)), (x_s[order],))
+                grads = torch.autograd.grad(mse(out, y_s[order]), params, create_graph=True)
                 params = [p - LR * g for p, g in zip(params, grads)]
             out = torch.func.functional_call(model, dict(zip(names, params)), (x_q,))
             (mse(out, y_q) / len(batch.tasks)).backward()
@@ -298,7 +315,7 @@ def jax_row(batch: Batch, jax: Any) -> Callable[[], torch.Tensor]:
 
 def compiled_estimators(steps: int) -> list[tuple[str, mg.Estimator]]:
     """The estimators timed with ``compile=True``: each one the context manager offers."""
-    return [("checkpointed", mg.Checkpointed()), ("truncated", mg.Truncated(steps=min(2, steps))),
+    return [("full", mg.Full()), ("checkpointed", mg.Checkpointed()), ("truncated", mg.Truncated(steps=min(2, steps))),
             ("first_order", mg.FirstOrder()), ("binomial3", mg.Binomial(order=min(3, steps))),
             ("implicit", mg.Implicit(reg=100.0))]
 
@@ -325,7 +342,7 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
             eager_metagradient(batch, mg.Checkpointed())),
         *[Row(f"eager_{name}", f"eager metagrad {estimator!r} (context manager)",
               eager_metagradient(batch, estimator))
-          for name, estimator in compiled_estimators(batch.steps) if name != "checkpointed"],
+          for name, estimator in compiled_estimators(batch.steps) if name not in ("full", "checkpointed")],
         Row("plain", "plain eager unroll (autograd, create_graph=True)", plain_unroll(batch), library="torch"),
         Row("functional_full", "mg.functional.meta_grad Full, vmap, eager",
             pure_call(batch, functional_meta_grad(batch, mg.Full()))),

@@ -122,10 +122,13 @@ class MetaGradient:
             meta-gradient to rounding, and the replay check still covers every rebuilt step. The
             first call for each closure and shape compiles (seconds to a minute; compiled
             functions are reused by later blocks, tasks of the same shapes compile nothing).
-            What cannot be compiled runs eagerly with one warning saying why. Full runs eagerly
-            (its graph is differentiated twice); Checkpointed is the compiled exact path.
+            What cannot be compiled runs eagerly with one warning saying why. Full runs its
+            exact compiled path (:meth:`Full.under_compile <metagrad.Full.under_compile>`: the
+            iterates stored, the backward by compiled sweeps, as Checkpointed; its closures are
+            then replayed and checked, and its meta-gradient cannot be differentiated again).
             ``meta.info["compiled"]`` counts the inner steps, step products and sweeps that
-            ran compiled (each closure's first step in a block runs eagerly: it finds η).
+            ran compiled (each closure's first step in a block runs eagerly: it finds η), and
+            names the estimator that ran (``"estimator"``).
             ``True`` uses torch.compile's defaults; a mode string (``"reduce-overhead"``: CUDA
             graphs on a GPU, ``"max-autotune"``, …) or a dict with some of ``mode``,
             ``options`` and ``backend`` is passed on to every ``torch.compile`` call (compiled
@@ -167,6 +170,9 @@ class MetaGradient:
         self._saved_grads: list[Optional[torch.Tensor]] = []
         self._fmodel: Optional[tuple[int, bool, FunctionalModel]] = None
         self._differentiable = self.estimator.differentiable
+        #: The estimator the open block runs: :attr:`estimator`, or with ``compile=`` its
+        #: :meth:`~metagrad.Estimator.under_compile`.
+        self._running: Estimator = self.estimator
         self._hooks: list[Any] = []
         self._warned = False
 
@@ -198,12 +204,15 @@ class MetaGradient:
                 "metagrad needs them on one device. Move the model with model.to(device)."
             )
         nested = _nesting(self.estimator)
+        # With compile=, the estimator that runs: Full's exact compiled path is Checkpointed's.
+        running = self.estimator if nested or self._compile_settings is None else self.estimator.under_compile()
+        self._running = running
         self._names = tuple(n for n, _ in named)
         self._params = tuple(p for _, p in named)
         self._versions = tuple(p._version for p in self._params)
         # A differentiable inner loop (Full, or an exact estimator in a nested block) unrolls
         # from the parameters themselves; otherwise θ is detached aliases of them (no copy).
-        self._differentiable = self.estimator.differentiable or nested
+        self._differentiable = running.differentiable or nested
         if not self._differentiable:  # detached aliases of the parameters
             theta = {n: p.detach() for n, p in named}
         elif self._theta_fixed:  # an unroll needs leaves that require grad to start from
@@ -214,8 +223,8 @@ class MetaGradient:
         compiler = None
         if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild
             pass
-        elif self._compile_settings is not None and self.estimator.differentiable:
-            warn(f"compile=True: {self.estimator!r} builds the inner loop's graph with "
+        elif self._compile_settings is not None and running.differentiable:
+            warn(f"compile=True: {running!r} builds the inner loop's graph with "
                  "create_graph=True and differentiates it again, which the backward of a compiled "
                  "function cannot be in this torch; it runs eagerly. estimator=mg.Checkpointed() "
                  "gives the same exact meta-gradient with compiled steps.")
@@ -223,9 +232,9 @@ class MetaGradient:
             compiler = Compiler(warn, self._compile_settings)
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self._differentiable,
-                                      keep=None if nested else self.estimator.keep(),
-                                      proximal=self.estimator.proximal,
-                                      snapshots=None if nested else self.estimator.snapshot_schedule(),
+                                      keep=None if nested else running.keep(),
+                                      proximal=running.proximal,
+                                      snapshots=None if nested else running.snapshot_schedule(),
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
                                                                      first.device),

@@ -33,7 +33,9 @@ class Snapshot:
         self.trajectory = trajectory
         self.lifetime = trajectory.lifetime
         self.steps = steps
-        self.estimator: Estimator = owner.estimator
+        #: The estimator the block runs (with ``compile=``, :meth:`~metagrad.Estimator.under_compile`).
+        self.estimator: Estimator = owner._running
+        self.named = repr(owner.estimator)
         self.names: tuple[str, ...] = owner._names
         self.params: tuple[torch.nn.Parameter, ...] = owner._params
         self.versions: tuple[int, ...] = owner._versions
@@ -59,7 +61,7 @@ class Snapshot:
         storage = self.trajectory.storage()
         storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
         if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
-            storage["compiled"] = dict(self.trajectory.compiler.counts)
+            storage["compiled"] = {**self.trajectory.compiler.counts, "estimator": repr(self.estimator)}
         self.end({**info, **storage, "meta_parameters": self.meta_names})
         # No path from the query reaches θ_n when the query does not use φ_K[n] and the
         # estimate for it is structurally zero (an inner-only parameter that nothing couples
@@ -86,7 +88,7 @@ class Snapshot:
         unless another backward will come (``final=False``)."""
         owner = self._owner()
         if owner is not None:
-            owner.info = {"estimator": repr(self.estimator), **info}
+            owner.info = {"estimator": self.named, **info}
         if not final:
             return
         self.lifetime.backward_calls += 1
@@ -118,7 +120,7 @@ class ThroughInnerLoop(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the caller will differentiate the result
             raise RuntimeError(
                 f"MetaGradient: a backward with create_graph=True reached a block whose estimator "
-                f"{snapshot.estimator!r} computes the meta-gradient outside autograd, so the result "
+                f"{snapshot.estimator!r}{_ran_as(snapshot)} computes the meta-gradient outside autograd, so the result "
                 "could not be differentiated again and the second derivative through the block "
                 "would be lost. Use estimator=mg.Full() for that block, or open it inside another "
                 "MetaGradient block's inner step (nested blocks), where Full and Checkpointed are "
@@ -226,3 +228,12 @@ def nothing_to_learn(model: torch.nn.Module, adapt: Optional[Collection[str]], k
         "tensor that requires grad (torch.tensor(..., requires_grad=True)), or pass one as "
         "inner_opt's step size (mg.optim.SGD(lr=lr_tensor)), to learn it."
     )
+
+
+def _ran_as(snapshot: Snapshot) -> str:
+    """For an error: the estimator the block was given, where another ran in its place."""
+    named = snapshot.named
+    if named == repr(snapshot.estimator):
+        return ""
+    return (f" (running for {named} under compile=, its exact compiled path; compile=False runs "
+            f"{named} itself)")

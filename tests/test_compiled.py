@@ -61,10 +61,12 @@ def meta_gradient(model: torch.nn.Module, estimator: mg.Estimator, rule, compile
             else:
                 meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
         ((meta.fmodel(xq) - yq) ** 2).mean().backward()
-    if compile and not isinstance(estimator, mg.Full):
+    if compile:
         counts = meta.info["compiled"]
+        assert counts["estimator"] == repr(estimator.under_compile()), counts
         if random:
-            assert counts == {"inner_steps": 0, "products": 0, "sweeps": 0}, counts
+            assert {k: counts[k] for k in ("inner_steps", "products", "sweeps")} == \
+                {"inner_steps": 0, "products": 0, "sweeps": 0}, counts
             return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert counts["inner_steps"] == len(batches) - 1, counts
         if meta.info.get("hessian_vector_products") and not isinstance(estimator, mg.Implicit):
@@ -77,7 +79,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-ESTIMATORS = [mg.Checkpointed(), mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False),
+ESTIMATORS = [mg.Full(), mg.Checkpointed(), mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False),
               mg.Binomial(order=2, block=2, monitor=False), mg.Binomial(order="auto"), mg.Implicit(reg=5.0)]
 
 
@@ -163,7 +165,15 @@ def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
     runs = 13 // mg.estimators.base.SWEEP
     assert meta.info["compiled"]["sweeps"] == runs and meta.info["compiled"]["products"] == 13, meta.info["compiled"]
     got = torch.cat([*(p.grad.reshape(-1) for p in model.parameters()), lam.grad.reshape(-1)])
+    assert relative(got, hand_unroll_with_momentum(model, task, lam, lr, mu)) < 1e-10
 
+
+def hand_unroll_with_momentum(model: torch.nn.Module, task, lam: torch.Tensor, lr: float = 0.05,
+                              mu: float = 0.9) -> torch.Tensor:
+    """∇ of the query loss in (θ, λ) by autograd through a hand-written unroll of
+    ``torch.optim.SGD(momentum=mu)`` on the inner loss MSE + λ·Σ‖w‖² (:func:`meta_gradient`'s
+    closure with ``lam``)."""
+    batches, xq, yq = task
     theta = list(model.parameters())
     phi, buffer = list(theta), None
 
@@ -171,13 +181,13 @@ def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
         return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, params[0], params[1])),
                                           params[2], params[3])
 
-    for x, y in batches:  # torch.optim.SGD(momentum=mu), written out
+    for x, y in batches:
         loss = ((forward(phi, x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in phi)
         grads = torch.autograd.grad(loss, phi, create_graph=True)
         buffer = list(grads) if buffer is None else [mu * b + g for b, g in zip(buffer, grads)]
         phi = [p - lr * b for p, b in zip(phi, buffer)]
     want = torch.autograd.grad(((forward(phi, xq) - yq) ** 2).mean(), [*theta, lam])
-    assert relative(got, torch.cat([g.reshape(-1) for g in want])) < 1e-10
+    return torch.cat([g.reshape(-1) for g in want])
 
 
 def test_truncated_sweeps_its_last_steps_with_the_state_held_constant():
@@ -307,13 +317,34 @@ def test_the_replay_check_covers_compiled_products():
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
 
 
-def test_full_runs_eagerly_and_says_so():
+def test_full_with_compile_runs_the_exact_compiled_path_and_says_so():
+    """Full with compile=True: its iterates stored and pulled back by compiled sweeps, no
+    warning; the meta-gradient of θ and of a captured η equals a hand-written unroll's, and
+    meta.info names the path that ran."""
     model = make_model()
-    task = tasks(1, 3, seed=10)[0]
-    eager = meta_gradient(model, mg.Full(), mg.optim.SGD(lr=0.05), False, task)
-    with pytest.warns(mg.MetaGradientWarning, match="Checkpointed"):
-        compiled = meta_gradient(model, mg.Full(), mg.optim.SGD(lr=0.05), True, task)
-    assert relative(compiled, eager) < 1e-12
+    rule = mg.optim.Momentum(lr=0.05, momentum=0.9)
+    lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    task = tasks(1, 9, seed=10)[0]
+    compiled = meta_gradient(model, mg.Full(), rule, True, task, lam=lam)
+    assert relative(compiled, hand_unroll_with_momentum(model, task, lam)) < 1e-10
+    with mg.MetaGradient(model, rule, estimator=mg.Full(), compile=True) as meta:
+        for x, y in task[0]:
+            meta.step(lambda f: ((f(x) - y) ** 2).mean())
+        ((meta.fmodel(task[1]) - task[2]) ** 2).mean().backward()
+    assert meta.info["estimator"] == "Full()"
+    assert meta.info["compiled"]["estimator"] == "Checkpointed()"
+    assert meta.info["compiled"]["sweeps"] == 2 and meta.info["compiled"]["inner_steps"] == 8, meta.info
+
+
+def test_full_with_compile_refuses_a_second_derivative_and_says_how():
+    model = make_model()
+    batches, xq, yq = tasks(1, 3, seed=14)[0]
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Full(), compile=True) as meta:
+        for x, y in batches:
+            meta.step(lambda f: ((f(x) - y) ** 2).mean())
+        loss = ((meta.fmodel(xq) - yq) ** 2).mean()
+        with pytest.raises(RuntimeError, match=r"running for Full\(\) under compile=.*compile=False runs Full"):
+            torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
 
 
 @pytest.mark.parametrize("value,error,match", [

@@ -41,6 +41,7 @@ class Estimator(abc.ABC):
     - :meth:`keep`: how many recent steps the trajectory must keep (``None``: all).
     - :meth:`snapshot_schedule`: which iterates it stores, the others recomputed when a product
       needs them (``None``: all).
+    - :meth:`under_compile`: the estimator that runs in its place with ``compile=``.
     """
 
     differentiable: bool = False
@@ -82,6 +83,13 @@ class Estimator(abc.ABC):
         The trajectory recomputes the others, from the snapshot before them, for the products
         that need them (:meth:`Trajectory.restore <metagrad.trajectory.Trajectory.restore>`)."""
         return None
+
+    def under_compile(self) -> "Estimator":
+        """The estimator a block with ``compile=`` runs in this one's place: itself, unless its
+        backward cannot be a compiled call and an exact equivalent can (Full: the iterates
+        stored and pulled back by compiled sweeps, :meth:`Full.under_compile
+        <metagrad.Full.under_compile>`). ``meta.info["compiled"]["estimator"]`` names it."""
+        return self
 
     @abc.abstractmethod
     def backward(self, trajectory: Trajectory, steps: int, v: Params

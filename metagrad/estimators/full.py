@@ -9,6 +9,7 @@ import torch
 from ..update_rule import Params
 from ..trajectory import MetaGrads, Trajectory
 from .base import Estimator
+from .checkpointed import Checkpointed
 
 __all__ = ["Full"]
 
@@ -24,6 +25,15 @@ class Full(Estimator):
     ``.backward()`` runs through the query and the K step graphs in one autograd pass,
     as a hand-written unroll does (a pass-through node makes the block's checks).
     :meth:`backward` is the same product for callers that hold a trajectory.
+
+    With ``compile=`` (:class:`~metagrad.MetaGradient`) a block runs :meth:`under_compile`'s
+    exact path instead: autograd's double backward through a compiled function does not exist
+    in this torch, so the iterates are stored and the backward pulls the query's gradient
+    back through them by compiled step products (Checkpointed without snapshots), the same
+    meta-gradient to rounding. What that path needs, Full's does not: each step's closure is
+    called again during backward and checked against the step taken (a closure that reads an
+    iterator raises :class:`~metagrad.ReplayError`), and the meta-gradient cannot be
+    differentiated again (``create_graph=True`` raises). Run such a block with ``compile=False``.
     """
 
     differentiable = True
@@ -31,6 +41,11 @@ class Full(Estimator):
 
     def why_not_pure(self) -> str | None:
         return None  # meta_grad's own branch: torch.func.grad through the unroll
+
+    def under_compile(self) -> Estimator:
+        """:class:`Checkpointed` with every iterate stored: Full's meta-gradient by compiled
+        sweeps."""
+        return Checkpointed()
 
     def backward(self, trajectory: Trajectory, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
