@@ -41,8 +41,9 @@ from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
-from .discovery import register_block_outputs
-from .query import NothingToLearn, Snapshot, ThroughInnerLoop, Watched, learnable, nothing_to_learn
+from .estimators.base import check_count
+from .tasks import advance_tasks, with_batch
+from .query import attached, warn_if_plain
 from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -133,6 +134,15 @@ class MetaGradient:
             graphs on a GPU, ``"max-autotune"``, …) or a dict with some of ``mode``,
             ``options`` and ``backend`` is passed on to every ``torch.compile`` call (compiled
             functions are cached per setting); ``False`` compiles nothing.
+        tasks: ``None`` (default): one task per block. An integer T: the block holds T sets of
+            fast weights, each starting at θ, with a leading dimension of T; ``meta.step(closure,
+            *batch)`` takes each task's step on its slice of every batch tensor (whose first
+            dimension must be T) by calling ``closure(f_t, *batch_t)`` under ``torch.func.vmap``
+            and returns the T losses; ``meta.fmodel(x)`` maps over the first dimension of its
+            tensor arguments. θ's and every η's gradient is the sum over the tasks of each
+            task's own: what T separate blocks give, summed (:mod:`metagrad.tasks`). Every
+            estimator but Implicit and ``Binomial(order="auto")`` (which choose from norms over
+            all tasks at once).
 
     Closures and replay, parameters the inner loss does not use, meta-parameters η and nested
     blocks: see the module docstring.
@@ -148,6 +158,7 @@ class MetaGradient:
         check_replay: Union[bool, float] = True,
         adapt: Optional[Any] = None,
         compile: Union[bool, str, Mapping[str, Any]] = False,
+        tasks: Optional[int] = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -161,6 +172,10 @@ class MetaGradient:
         self.adapt = checked_adapt(adapt, model)
         self._compile_settings = compile_settings(compile)  # validates it
         self.compile = compile
+        self.tasks = check_count(tasks, "tasks", minimum=1, allow_none=True)
+        why = None if tasks is None else self.estimator.why_not_tasks()
+        if why is not None:
+            raise ValueError(f"estimator: {why}")
         self.info: dict[str, Any] = {}
         self._active = False
         self._trajectory: Optional[Trajectory] = None
@@ -219,6 +234,8 @@ class MetaGradient:
             theta = {n: p.detach().requires_grad_() for n, p in named}
         else:
             theta = dict(named)
+        if self.tasks is not None:  # φ_0 = θ for every task: a view, no copy
+            theta = {n: t.expand(self.tasks, *t.shape) for n, t in theta.items()}
         first = self._params[0]
         compiler = None
         if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild
@@ -251,18 +268,8 @@ class MetaGradient:
         return self
 
     def _reached(self, param: torch.Tensor) -> None:
-        """A backward inside the block wrote θ's ``.grad``: warn, once, if it did not go through
-        the inner loop although steps were taken (a query built from the model itself gives the
-        plain ∇L(θ))."""
-        trajectory = self._trajectory
-        if (self._warned or trajectory is None or trajectory.length == 0
-                or torch._C._current_graph_task_id() in trajectory.lifetime.tasks):
-            return
-        self._warned = True
-        warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "
-             f"through the inner loop ({trajectory.length} steps taken): its loss was built from the "
-             "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "
-             "loss from meta.fmodel (meta.fmodel(x)), the model at the fast weights.")
+        """A backward inside the block wrote θ's ``.grad`` (:func:`~metagrad.query.warn_if_plain`)."""
+        self._warned = warn_if_plain(self._trajectory, self._warned)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         trajectory = self._trajectory
@@ -286,11 +293,11 @@ class MetaGradient:
         return False
 
     # --------------------------------------------------------------- inner loop
-    def step(self, closure: Closure, *, rule: Optional[UpdateRule] = None) -> torch.Tensor:
+    def step(self, closure: Closure, *batch: Any, rule: Optional[UpdateRule] = None) -> torch.Tensor:
         """Take one inner step and return its loss, detached.
 
         Args:
-            closure: called as ``closure(fmodel)`` with the model at the current fast
+            closure: called as ``closure(fmodel, *batch)`` with the model at the current fast
                 weights; returns the scalar inner loss. Estimators that rebuild step
                 graphs (Checkpointed, Truncated, Binomial) call a copy of it frozen at this
                 step (the values it captures now, the random generator states it starts
@@ -299,6 +306,10 @@ class MetaGradient:
                 an object's attributes, data changed in place later) raises
                 :class:`~metagrad.ReplayError`. For Binomial it is also called under
                 ``torch.func.vmap``.
+            batch: tensors (or other values) passed to the closure after ``fmodel``, frozen
+                with it. In a block over ``tasks=T`` every tensor has a first dimension of T:
+                each task's step calls ``closure(f_t, *batch_t)`` (``torch.func.vmap``), and the
+                step returns the T losses.
             rule: an update rule used in place of ``inner_opt`` for this step only (and
                 for every rebuild of it), e.g. ``inner_opt`` with another step size, or one
                 that transforms the gradients first. It receives the block's optimizer state,
@@ -310,7 +321,12 @@ class MetaGradient:
             )
         if rule is not None:
             check_update_rule(rule, "rule")
-        loss = self._open_trajectory().advance(closure, rule)
+        trajectory = self._open_trajectory()
+        if self.tasks is None:
+            live, frozen = with_batch(closure, batch, None) if batch else (closure, None)
+            loss = trajectory.advance(live, rule, frozen=frozen)
+        else:
+            loss = advance_tasks(trajectory, closure, batch, rule, self.tasks)
         self._fmodel = None
         return loss
 
@@ -330,9 +346,9 @@ class MetaGradient:
         # One per step; one first made under torch.no_grad() (evaluation) holds weights without
         # the node to θ and η, and is made again for a query built with grad enabled.
         if self._fmodel is None or self._fmodel[0] != k or (grad and not self._fmodel[1]):
-            params = self._attached(trajectory, k, watched=True)
+            params = attached(self, trajectory, k, watched=True)
             self._fmodel = (k, grad, FunctionalModel(self.model, params, guard=self._check_open,
-                                                     layout=trajectory.layout))
+                                                     layout=trajectory.layout, tasks=self.tasks))
         return self._fmodel[2]
 
     # ------------------------------------------- for code that builds inner losses itself
@@ -376,34 +392,7 @@ class MetaGradient:
                              f"taken so far), got {k}.")
         if k == trajectory.length:
             return self.fast_weights()
-        return self._attached(trajectory, k, watched=False)
-
-    def _attached(self, trajectory: Trajectory, k: int, *, watched: bool) -> dict[str, torch.Tensor]:
-        """φ_k, name→tensor, attached to θ and η: behind :class:`ThroughInnerLoop` (whose
-        backward runs the estimator), or for a differentiable inner loop the unrolled iterate
-        itself (behind :class:`Watched`'s checks if ``watched``). With θ fixed and no η found,
-        behind :class:`NothingToLearn`, whose backward raises."""
-        if k > 0:
-            trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
-        if self._theta_fixed and not learnable(trajectory, self._differentiable):
-            weights = self._params if k == 0 else [trajectory.iterate(k)[n].detach() for n in self._names]
-            outputs = NothingToLearn.of(nothing_to_learn(self.model, self.adapt, k), weights)
-            return dict(zip(self._names, outputs))
-        if k == 0:
-            return dict(zip(self._names, self._params))
-        if self._differentiable:
-            final = trajectory.iterate(k)
-            if not watched:
-                return dict(final)
-            # The unrolled iterates themselves, behind a node that only checks: backward
-            # is autograd's own pass through the query and the K step graphs.
-            outputs = Watched.apply(Snapshot(self, trajectory, k), *(final[n] for n in self._names))
-            register_block_outputs(outputs)
-            return dict(zip(self._names, outputs))
-        snapshot = Snapshot(self, trajectory, k)
-        outputs = ThroughInnerLoop.apply(snapshot, *self._params, *snapshot.meta)
-        register_block_outputs(outputs)
-        return dict(zip(self._names, outputs))
+        return attached(self, trajectory, k, watched=False)
 
     def step_from_loss(self, loss: torch.Tensor, params: Params, *,
                        rule: Optional[UpdateRule] = None) -> torch.Tensor:

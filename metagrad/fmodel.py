@@ -22,6 +22,7 @@ import torch
 from dataclasses import dataclass, field
 
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 from torch.nn.modules.batchnorm import _NormBase
 
 __all__ = ["FunctionalModel", "Layout", "RUNNING_STATS"]
@@ -45,6 +46,11 @@ class FunctionalModel:
 
     ``layout`` is :meth:`Layout.of` the module, for callers that evaluate the same
     module many times (each call otherwise walks the module tree to find it).
+
+    ``tasks=T`` (a block over T tasks, ``MetaGradient(tasks=T)``): every fast weight has a
+    leading dimension of T, and a call maps over the leading dimension of its tensor
+    arguments, which must be T: task t's inputs through task t's weights
+    (``torch.func.vmap``), non-tensor arguments passed to every task as they are.
     """
 
     def __init__(
@@ -55,7 +61,9 @@ class FunctionalModel:
         guard: Optional[Callable[[], None]] = None,
         layout: Optional["Layout"] = None,
         fixed: Optional[Mapping[str, torch.Tensor]] = None,
+        tasks: Optional[int] = None,
     ) -> None:
+        self._tasks = tasks
         self._module = module
         self._params = dict(params)
         # Tensors used in place of parameters that are not fast weights (a rebuilt step's
@@ -63,6 +71,17 @@ class FunctionalModel:
         self._fixed = dict(fixed) if fixed else {}
         self._guard = guard
         self._layout = Layout.of(module) if layout is None else layout
+
+    @property
+    def tasks(self) -> Optional[int]:
+        """T, the tasks whose weights :attr:`params` stacks, or ``None`` for one task."""
+        return self._tasks
+
+    def with_params(self, params: Mapping[str, torch.Tensor], tasks: Optional[int] = None) -> "FunctionalModel":
+        """The same module (layout, fixed tensors, guard) at other fast weights: one task's
+        weights inside a map over tasks (``tasks=None``)."""
+        return FunctionalModel(self._module, params, guard=self._guard, layout=self._layout,
+                               fixed=self._fixed, tasks=tasks)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -112,6 +131,8 @@ class FunctionalModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
+        if self._tasks is not None:
+            return self._over_tasks(args, kwargs)
         params = {**self._fixed, **self._params} if self._fixed else self._params
         tensors = {**_frozen_buffers(self._layout.norms), **params}
         for alias, name in self._layout.aliases:
@@ -125,7 +146,32 @@ class FunctionalModel:
             return _holding(self._module, tensors)(*args, **kwargs)
         return _call_at(self._module, self._layout.slots, tensors, args, kwargs)
 
+    def _over_tasks(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The call mapped over tasks: tensor arguments split along their first dimension."""
+        tasks = self._tasks
+        leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        for i in where:
+            if leaves[i].dim() == 0 or leaves[i].shape[0] != tasks:
+                raise ValueError(
+                    f"meta.fmodel: a block over tasks={tasks} maps over the first dimension of every "
+                    f"tensor argument, which must be {tasks}; got a tensor of shape "
+                    f"{tuple(leaves[i].shape)}. Stack the tasks' inputs along a first dimension "
+                    "(torch.stack), or pass a tensor shared by every task as a non-tensor value.")
+
+        def one(params: Mapping[str, torch.Tensor], tensors: list[torch.Tensor]) -> Any:
+            full = list(leaves)
+            for i, tensor in zip(where, tensors):
+                full[i] = tensor
+            call_args, call_kwargs = pytree.tree_unflatten(full, spec)
+            return self.with_params(params)(*call_args, **call_kwargs)
+
+        return torch.func.vmap(one, randomness="different")(self._params, [leaves[i] for i in where])
+
     def __repr__(self) -> str:
+        if self._tasks is not None:
+            return (f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights, "
+                    f"tasks={self._tasks})")
         return f"FunctionalModel({type(self._module).__name__}, {len(self._params)} fast weights)"
 
 

@@ -112,6 +112,21 @@ class Frozen:
             if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat))
 
+    def around(self, wrap: Callable[..., Any], extra: list[Any], extra_names: list[str], tag: Any) -> "Frozen":
+        """A frozen closure that calls ``wrap(function, extra, *args)``: ``function`` is this
+        closure rebuilt from its values, ``extra`` further values frozen beside them (a step's
+        batch). Its values are this one's followed by ``extra``, so tensors among either are
+        found, batched and substituted alike; its key is this one's under ``tag``."""
+        count = len(self._values)
+
+        def build(values: list[Any]) -> Callable[..., Any]:
+            return functools.partial(wrap, self._function(values[:count]), values[count:])
+
+        out = Frozen(build, [*self._values, *extra], [*self.names, *extra_names],
+                     (tag, self.key[0], tuple(self.key[1])), self.source)
+        out.reads = self.reads
+        return out
+
     def with_tensors(self, replace: Mapping[int, torch.Tensor]) -> Callable[..., Any]:
         """The function with the captured values at slots ``replace`` swapped for other tensors."""
         values = list(self._values)

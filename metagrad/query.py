@@ -17,11 +17,12 @@ from typing import Any, Optional
 
 import torch
 
-from .discovery import graph_inputs
+from .discovery import graph_inputs, register_block_outputs
+from .errors import warn
 from .estimators import Estimator
 from .trajectory import Trajectory
 
-__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn"]
+__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn", "attached", "warn_if_plain"]
 
 
 class Snapshot:
@@ -36,6 +37,8 @@ class Snapshot:
         #: The estimator the block runs (with ``compile=``, :meth:`~metagrad.Estimator.under_compile`).
         self.estimator: Estimator = owner._running
         self.named = repr(owner.estimator)
+        #: T of a block over tasks (θ's gradient is the sum of the tasks'), or ``None``.
+        self.tasks: Optional[int] = owner.tasks
         self.names: tuple[str, ...] = owner._names
         self.params: tuple[torch.nn.Parameter, ...] = owner._params
         self.versions: tuple[int, ...] = owner._versions
@@ -63,6 +66,8 @@ class Snapshot:
         if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
             storage["compiled"] = {**self.trajectory.compiler.counts, "estimator": repr(self.estimator)}
         self.end({**info, **storage, "meta_parameters": self.meta_names})
+        if self.tasks is not None:  # φ_0 = θ for every task: θ's gradient is their sum
+            grads = {n: g.sum(0) for n, g in grads.items()}
         # No path from the query reaches θ_n when the query does not use φ_K[n] and the
         # estimate for it is structurally zero (an inner-only parameter that nothing couples
         # to the rest); plain autograd then leaves .grad as it was, and so does this.
@@ -237,3 +242,49 @@ def _ran_as(snapshot: Snapshot) -> str:
         return ""
     return (f" (running for {named} under compile=, its exact compiled path; compile=False runs "
             f"{named} itself)")
+
+
+def attached(block: Any, trajectory: Trajectory, k: int, *, watched: bool) -> dict[str, torch.Tensor]:
+    """φ_k of ``block`` (a :class:`~metagrad.MetaGradient`), name→tensor, attached to θ and η:
+    behind :class:`ThroughInnerLoop` (whose backward runs the estimator), or for a
+    differentiable inner loop the unrolled iterate itself (behind :class:`Watched`'s checks if
+    ``watched``). With θ fixed and no η found, behind :class:`NothingToLearn`, whose backward
+    raises. In a block over T tasks φ_0 is θ expanded to a leading dimension of T."""
+    names, params = block._names, block._params
+    if block.tasks is not None:
+        params = tuple(p.expand(block.tasks, *p.shape) for p in params)
+    if k > 0:
+        trajectory.iterate(k)  # raises clearly if the estimator no longer stores step k
+    if block._theta_fixed and not learnable(trajectory, block._differentiable):
+        weights = params if k == 0 else [trajectory.iterate(k)[n].detach() for n in names]
+        outputs = NothingToLearn.of(nothing_to_learn(block.model, block.adapt, k), weights)
+        return dict(zip(names, outputs))
+    if k == 0:
+        return dict(zip(names, params))
+    if block._differentiable:
+        final = trajectory.iterate(k)
+        if not watched:
+            return dict(final)
+        # The unrolled iterates themselves, behind a node that only checks: backward
+        # is autograd's own pass through the query and the K step graphs.
+        outputs = Watched.apply(Snapshot(block, trajectory, k), *(final[n] for n in names))
+        register_block_outputs(outputs)
+        return dict(zip(names, outputs))
+    snapshot = Snapshot(block, trajectory, k)
+    outputs = ThroughInnerLoop.apply(snapshot, *block._params, *snapshot.meta)
+    register_block_outputs(outputs)
+    return dict(zip(names, outputs))
+
+
+def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
+    """A backward inside a block wrote θ's ``.grad``: warn, once (returns whether it has), if it
+    did not go through the inner loop although steps were taken (a query built from the model
+    itself gives the plain ∇L(θ))."""
+    if (warned or trajectory is None or trajectory.length == 0
+            or torch._C._current_graph_task_id() in trajectory.lifetime.tasks):
+        return warned
+    warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "
+         f"through the inner loop ({trajectory.length} steps taken): its loss was built from the "
+         "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "
+         "loss from meta.fmodel (meta.fmodel(x)), the model at the fast weights.")
+    return True

@@ -197,7 +197,8 @@ class Trajectory:
         return self._step(k).params
 
     # -------------------------------------------------------------------- inner loop
-    def advance(self, closure: Closure, rule: Optional[UpdateRule] = None) -> torch.Tensor:
+    def advance(self, closure: Closure, rule: Optional[UpdateRule] = None, *,
+                frozen: Optional[Frozen] = None) -> torch.Tensor:
         """Take one inner step with ``closure``'s loss; return the loss, detached.
 
         ``rule`` replaces the trajectory's update rule for this step only (for adapters
@@ -206,10 +207,10 @@ class Trajectory:
 
         Unless the trajectory is differentiable (nothing is rebuilt then), the closure is
         frozen with the values it captures now, and the generator states it starts from are
-        kept if it draws random numbers (:mod:`metagrad.frozen`).
+        kept if it draws random numbers (:mod:`metagrad.frozen`); ``frozen``: the closure frozen
+        already (a closure with its batch, :func:`metagrad.tasks.with_batch`).
         """
         self.check_alive()
-        frozen: Optional[Frozen] = None
         rng: Optional[RandomState] = None
         if self.differentiable:
             # At step 0, aliases of θ (a view node each, no copy): the step's gradient is then
@@ -217,9 +218,10 @@ class Trajectory:
             # η computed from θ; in a nested block, an outer block's fast weights that depend
             # on θ), as every other estimator's detached iterates give it.
             params = self.tape.current if self.length else {n: t.view_as(t) for n, t in self.tape.current.items()}
+            frozen = None  # nothing is rebuilt
         else:
             params = {n: t.detach().requires_grad_() for n, t in self.tape.current.items()}
-            frozen = freeze(closure)
+            frozen = freeze(closure) if frozen is None else frozen
             rng = RandomState.capture(self.device)
         grads = None
         seen = None if frozen is None else self.eta.closures.get(frozen.key)

@@ -42,6 +42,7 @@ class Estimator(abc.ABC):
     - :meth:`snapshot_schedule`: which iterates it stores, the others recomputed when a product
       needs them (``None``: all).
     - :meth:`under_compile`: the estimator that runs in its place with ``compile=``.
+    - :meth:`why_not_tasks`: why a block over several tasks cannot run it (``None``: it can).
     """
 
     differentiable: bool = False
@@ -82,6 +83,15 @@ class Estimator(abc.ABC):
         """Which iterates the inner loop stores (:mod:`metagrad.snapshots`); ``None`` stores all.
         The trajectory recomputes the others, from the snapshot before them, for the products
         that need them (:meth:`Trajectory.restore <metagrad.trajectory.Trajectory.restore>`)."""
+        return None
+
+    def why_not_tasks(self) -> Optional[str]:
+        """Why a block over several tasks (``MetaGradient(tasks=T)``) cannot run this estimator:
+        the rest of a ``ValueError`` message after ``"estimator: "``; ``None`` where it can. A
+        block over tasks differentiates the sum of the tasks' inner losses, so an estimator
+        whose products act task by task (each one a sweep of step products) gives what T
+        separate blocks give; one that chooses something from norms or inner products over
+        the whole vector (an order, a solver's residual) would choose it for all tasks at once."""
         return None
 
     def under_compile(self) -> "Estimator":

@@ -171,6 +171,14 @@ class Binomial(Estimator):
             )
         self.snapshots = snapshots
 
+    def why_not_tasks(self) -> Optional[str]:
+        if self.order == "auto":
+            return ("Binomial(order='auto') cannot run a block over several tasks (tasks=T): it "
+                    "chooses its order from level norms, which for T tasks at once would be one "
+                    "order for all of them. Pass a fixed order (mg.Binomial(order=3)), or run each "
+                    "task in its own block (tasks unset).")
+        return None
+
     def why_not_pure(self) -> Optional[str]:
         if self.order == "auto":
             return ("Binomial(order='auto') is not supported by meta_grad: it chooses its "

@@ -96,6 +96,12 @@ class Implicit(Estimator):
             "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
         )
 
+    def why_not_tasks(self) -> Optional[str]:
+        return (f"{self!r} cannot run a block over several tasks (tasks=T): its solver stops on a "
+                "residual measured over the whole vector, which for T tasks at once stops at another "
+                "iteration than each task's own solve would. Run each task in its own block (tasks "
+                "unset), or use mg.Checkpointed() or mg.Full() with tasks=T.")
+
     def keep(self) -> Optional[int]:
         return 0
 

@@ -1,0 +1,182 @@
+"""A step's closure with its batch: one task, or T tasks at once (``MetaGradient(tasks=T)``).
+
+``meta.step(closure, *batch)`` calls ``closure(fmodel, *batch)``. In a block over T tasks the
+fast weights have a leading dimension of T, every tensor of ``batch`` too, and the step's
+closure is called for each task on its own slices, under ``torch.func.vmap``:
+``ℓ_t = closure(f_t, *batch_t)``. The inner loss the step differentiates is their sum
+``Σ_t ℓ_t(φ_t)``: task t's loss depends on its own weights only, so the gradient of the sum
+is each task's own gradient, stacked, and each task takes its own step — the update rules of
+:mod:`metagrad.optim` act element by element. Every estimator's product of the stacked step is
+block-diagonal, task by task, and a meta-parameter η shared by the tasks gets the sum of the
+tasks' gradients: the block gives what T separate one-task blocks give, summed over tasks.
+
+Both forms are a :class:`~metagrad.frozen.Frozen` closure (:meth:`Frozen.around
+<metagrad.frozen.Frozen.around>`): the closure's captured values and the batch are frozen at
+the step, batched and substituted like any captured tensor (Binomial's vmapped rows, compiled
+products), and keyed by the closure's code and the batch's shapes, so a new lambda and a new
+mini-batch per step find what the last step found.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .fmodel import FunctionalModel
+from .frozen import Frozen, freeze
+
+__all__ = ["with_batch", "check_batch", "TaskLosses", "advance_tasks", "check_rule"]
+
+
+class TaskLosses:
+    """Where a step over tasks leaves its T losses (detached) when it runs eagerly."""
+
+    def __init__(self) -> None:
+        self.losses: Optional[torch.Tensor] = None
+
+
+def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optional[int],
+               record: Optional[TaskLosses] = None) -> tuple[Callable[..., Any], Frozen]:
+    """``closure`` with ``batch``, called as ``closure(fmodel, *batch)``, or, over ``tasks``, as
+    the sum over tasks of ``closure(f_t, *batch_t)`` (its T losses left in ``record``): the
+    step's function as given (for the step itself, and for torch.compile to trace), and the
+    same frozen at the step (:meth:`Frozen.around <metagrad.frozen.Frozen.around>`)."""
+    names = [f"batch[{i}]" for i in range(len(batch))]
+    wrap = _call if tasks is None else _each_task if record is None else _Recording(record)
+    tag = "batch" if tasks is None else ("tasks", tasks)
+    return functools.partial(wrap, closure, list(batch)), freeze(closure).around(wrap, list(batch), names, tag)
+
+
+def check_batch(batch: Sequence[Any], tasks: int) -> None:
+    """Every tensor of a step's batch must have a first dimension of ``tasks``."""
+    for i, leaf in enumerate(pytree.tree_leaves(list(batch))):
+        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
+            raise ValueError(
+                f"batch: in a block over tasks={tasks} every tensor passed to meta.step after the "
+                f"closure has a first dimension of {tasks}, one slice per task; tensor {i} has shape "
+                f"{tuple(leaf.shape)}. Stack the tasks' batches (torch.stack), or capture a tensor "
+                "every task shares in the closure instead of passing it.")
+
+
+def _call(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> Any:
+    return function(fmodel, *batch)
+
+
+def _each_task(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
+    return _task_losses(function, batch, fmodel).sum()
+
+
+class _Recording:
+    """:func:`_each_task` that keeps the T losses of its eager calls in ``record``."""
+
+    def __init__(self, record: TaskLosses) -> None:
+        self.record = record
+
+    def __call__(self, function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
+        losses = _task_losses(function, batch, fmodel)
+        if not torch.compiler.is_compiling():  # (a side effect compiled code cannot have)
+            self.record.losses = losses.detach()
+        return losses.sum()
+
+
+def _task_losses(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
+    """``[closure(f_t, *batch_t) for each task t]``, by ``torch.func.vmap`` over the first
+    dimension of the fast weights and of the batch's tensors."""
+    leaves, spec = pytree.tree_flatten(list(batch))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def one(params: dict[str, torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+        full = list(leaves)
+        for i, tensor in zip(where, tensors):
+            full[i] = tensor
+        loss = function(fmodel.with_params(params), *pytree.tree_unflatten(full, spec))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a tensor of shape {tuple(loss.shape)}"
+            raise ValueError(f"closure: in a block over tasks, the closure returns each task's scalar inner "
+                             f"loss; it returned {got} for one task.")
+        return loss
+
+    return torch.func.vmap(one, randomness="different")(dict(fmodel.params), [leaves[i] for i in where])
+
+
+def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,
+                  tasks: int) -> torch.Tensor:
+    """One inner step of a block over ``tasks``: ``closure(f_t, *batch_t)`` for each task
+    (:func:`with_batch`), the update rule checked to act on each task alone
+    (:func:`check_rule`), and a closure that cannot run under ``torch.func.vmap`` named with
+    what to do. Returns the T losses, detached."""
+    check_batch(batch, tasks)
+    check_rule(trajectory.rule if rule is None else rule, trajectory.current, trajectory.tape.state, tasks)
+    record = TaskLosses()
+    live, frozen = with_batch(closure, batch, tasks, record)
+    before = trajectory.current
+    try:
+        trajectory.advance(live, rule, frozen=frozen)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise ValueError(
+            f"closure: a block over tasks={tasks} calls the closure once per task under "
+            f"torch.func.vmap, and it cannot run there: {error} Rewrite that part with tensor "
+            "operations (no .item(), no Python branch on a tensor's value), or run each task in its "
+            "own block (MetaGradient without tasks=).") from error
+    if record.losses is None:  # the step ran compiled: its T losses, computed again
+        with torch.no_grad():
+            record.losses = _task_losses(closure, list(batch), trajectory.model_at(before))
+    return record.losses
+
+
+#: The module whose update rules act element by element (so task by task on stacked weights).
+_ELEMENTWISE = "metagrad.optim"
+
+
+def check_rule(rule: Any, params: dict[str, torch.Tensor], state: Any, tasks: int) -> None:
+    """Refuse an update rule that does not act on each task's weights alone: on a probe
+    gradient that differs between tasks, its step on the stacked weights must equal its step
+    task by task (``torch.func.vmap``). The rules of :mod:`metagrad.optim` are elementwise and
+    not probed; another rule is probed once per object."""
+    if type(rule).__module__ == _ELEMENTWISE or _probed(rule):
+        return
+    with torch.no_grad():
+        params = {n: t.detach() for n, t in params.items()}
+        grads = {n: torch.linspace(-1.0, 1.0, t.numel() // tasks, dtype=t.dtype, device=t.device)
+                 .reshape(t.shape[1:]) * torch.arange(1, tasks + 1, dtype=t.dtype, device=t.device)
+                 .reshape(-1, *[1] * (t.dim() - 1)) for n, t in params.items()}
+        leaves, spec = pytree.tree_flatten(state)
+        dims = [0 if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == tasks else None for x in leaves]
+        stacked = rule.step(params, grads, state)[0]
+        try:
+            each = torch.func.vmap(lambda p, g, s: rule.step(p, g, pytree.tree_unflatten(s, spec))[0],
+                                   in_dims=(0, 0, dims))(params, grads, leaves)
+        except Exception as error:
+            raise ValueError(
+                f"inner_opt: a block over tasks={tasks} needs an update rule that acts on each task's "
+                f"weights alone; {type(rule).__name__} could not be checked task by task under "
+                f"torch.func.vmap ({error}). Use a rule of mg.optim, or run each task in its own block.") from error
+    for name in stacked:
+        if not torch.allclose(stacked[name], each[name], rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"inner_opt: a block over tasks={tasks} needs an update rule that acts on each task's "
+                f"weights alone; {type(rule).__name__}'s step on all tasks' weights at once differs from "
+                f"its step on each task's (fast weight {name!r}): it mixes the tasks (a norm or mean over "
+                "a whole tensor). Use a rule of mg.optim, or run each task in its own block.")
+    try:
+        _PROBED[rule] = True
+    except TypeError:  # not weakly referable: probed again at its next step
+        pass
+
+
+#: The rules probed so far (held weakly).
+_PROBED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _probed(rule: Any) -> bool:
+    try:
+        return rule in _PROBED
+    except TypeError:
+        return False
