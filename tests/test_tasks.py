@@ -1,0 +1,289 @@
+"""A block over T tasks at once (``MetaGradient(tasks=T)``, metagrad/tasks.py).
+
+The reference is independent of the package: a hand-written float64 autograd unroll of each
+task's inner loop, the meta-gradient of the sum of the tasks' query losses. For the approximate
+estimators (Truncated, FirstOrder, Binomial) the definition is "what T separate one-task blocks
+give, summed", so they are compared with T separate blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import metagrad as mg
+
+DT = torch.float64
+HIDDEN = 6
+
+
+def make_model(seed: int = 0, norm: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(1, HIDDEN), *([torch.nn.BatchNorm1d(HIDDEN)] if norm else []), torch.nn.Tanh(),
+              torch.nn.Linear(HIDDEN, 1)]
+    return torch.nn.Sequential(*layers).to(DT)
+
+
+def data(tasks: int, steps: int, seed: int, shots: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.rand(tasks, steps, shots, 1, generator=g, dtype=DT) * 4 - 2
+    xq = torch.rand(tasks, shots, 1, generator=g, dtype=DT) * 4 - 2
+    return xs, torch.sin(xs), xq, torch.sin(xq)
+
+
+def inner_loss(f, x, y, lam):
+    return F.mse_loss(f(x), y) + lam * sum((w ** 2).sum() for w in f.parameters())
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=DT) if t is None else t.reshape(-1) for t in tensors])
+
+
+def take_grads(leaves) -> torch.Tensor:
+    out = flat([t.grad for t in leaves])
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def block_over_tasks(model, estimator, rule, batches, lam, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop a user writes with tasks=T; the query loss is the sum of the tasks' own."""
+    xs, ys, xq, yq = batches
+    with mg.MetaGradient(model, rule, estimator=estimator, tasks=xs.shape[0], **kwargs) as meta:
+        for k in range(xs.shape[1]):
+            losses = meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
+        out = meta.fmodel(xq)
+        F.mse_loss(out, yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+    return take_grads([*model.parameters(), lam]), losses
+
+
+def separate_blocks(model, estimator, rule, batches, lam, **kwargs) -> torch.Tensor:
+    xs, ys, xq, yq = batches
+    for t in range(xs.shape[0]):
+        with mg.MetaGradient(model, rule, estimator=estimator, **kwargs) as meta:
+            for k in range(xs.shape[1]):
+                meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
+            F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
+    return take_grads([*model.parameters(), lam])
+
+
+def hand_unroll(model, lr: float, batches, lam) -> torch.Tensor:
+    """Σ_t ∇_(θ, λ) L_query(φ_K^t): each task's SGD unroll written out with create_graph=True."""
+    xs, ys, xq, yq = batches
+    theta = list(model.parameters())
+
+    def forward(w, x):
+        return F.linear(torch.tanh(F.linear(x, w[0], w[1])), w[2], w[3])
+
+    total = 0
+    for t in range(xs.shape[0]):
+        phi = theta
+        for k in range(xs.shape[1]):
+            loss = F.mse_loss(forward(phi, xs[t, k]), ys[t, k]) + lam * sum((w ** 2).sum() for w in phi)
+            grads = torch.autograd.grad(loss, phi, create_graph=True)
+            phi = [w - lr * g for w, g in zip(phi, grads)]
+        total = total + F.mse_loss(forward(phi, xq[t]), yq[t])
+    return flat(torch.autograd.grad(total, [*theta, lam]))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+EXACT = [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2)]
+APPROXIMATE = [mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False), mg.Binomial(order=2, block=2)]
+
+
+@settings(max_examples=6, deadline=None)
+@given(tasks=st.integers(1, 3), steps=st.integers(1, 4), lr=st.floats(0.02, 0.3), seed=st.integers(0, 2**16))
+def test_exact_estimators_over_tasks_equal_a_hand_written_unroll_of_each_task(tasks, steps, lr, seed):
+    model = make_model(seed % 7)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(tasks, steps, seed)
+    want = hand_unroll(model, lr, batches, lam)
+    for estimator in EXACT:
+        got, losses = block_over_tasks(model, estimator, mg.optim.SGD(lr=lr), batches, lam)
+        assert relative(got, want) < 1e-10, estimator
+        assert losses.shape == (tasks,)
+
+
+@pytest.mark.filterwarnings("ignore:FirstOrder:metagrad.MetaGradientWarning")
+@pytest.mark.parametrize("estimator", APPROXIMATE, ids=repr)
+def test_approximate_estimators_over_tasks_equal_separate_blocks(estimator):
+    model = make_model(1)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(3, 4, seed=5)
+    got, _ = block_over_tasks(model, estimator, mg.optim.SGD(lr=0.1), batches, lam)
+    want = separate_blocks(model, estimator, mg.optim.SGD(lr=0.1), batches, lam)
+    assert relative(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("rule", [mg.optim.Momentum(lr=0.1, momentum=0.9), mg.optim.Adam(lr=0.02),
+                                  mg.optim.SGD(lr=torch.full((1,), 0.1, dtype=DT, requires_grad=True))],
+                         ids=["momentum", "adam", "learned step size"])
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(order=2, monitor=False)], ids=repr)
+def test_stateful_rules_and_learned_step_sizes_over_tasks_equal_separate_blocks(rule, estimator):
+    model = make_model(2)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(3, 4, seed=6)
+    step_sizes = [t for t in vars(rule).values() if isinstance(t, torch.Tensor)]
+    got, _ = block_over_tasks(model, estimator, rule, batches, lam)
+    got_lr = take_grads(step_sizes) if step_sizes else None
+    want = separate_blocks(model, estimator, rule, batches, lam)
+    assert relative(got, want) < 1e-10
+    if step_sizes:
+        assert relative(got_lr, take_grads(step_sizes)) < 1e-10
+
+
+def test_batch_norm_in_training_mode_normalizes_each_task_by_its_own_batch():
+    model = make_model(3, norm=True)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(3, 3, seed=7)
+    before = model[1].running_mean.clone()
+    got, _ = block_over_tasks(model, mg.Checkpointed(), mg.optim.SGD(lr=0.1), batches, lam)
+    want = separate_blocks(model, mg.Checkpointed(), mg.optim.SGD(lr=0.1), batches, lam)
+    assert relative(got, want) < 1e-10
+    assert torch.equal(model[1].running_mean, before)  # the buffer policy: nothing written
+
+
+def test_adapt_a_head_over_tasks_equals_separate_blocks():
+    model = make_model(4)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(2, 3, seed=8)
+    got, _ = block_over_tasks(model, mg.Checkpointed(), mg.optim.SGD(lr=0.1), batches, lam, adapt=model[2])
+    want = separate_blocks(model, mg.Checkpointed(), mg.optim.SGD(lr=0.1), batches, lam, adapt=model[2])
+    assert relative(got, want) < 1e-10
+
+
+def test_the_loop_a_user_writes_with_a_real_outer_optimizer():
+    """The README's pattern: a meta-batch of 4 tasks in one block, the query loss a plain
+    F.mse_loss over every task's points (the mean over tasks), torch.optim.Adam outside; the
+    meta-gradient equals the mean of 4 one-task blocks', and the outer loop lowers the loss."""
+    model = make_model(5)
+    outer = torch.optim.Adam(model.parameters(), lr=0.01)
+    xs, ys, xq, yq = data(4, 3, seed=9)
+    first = None
+    for _ in range(15):
+        outer.zero_grad()
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=4) as meta:
+            for k in range(3):
+                meta.step(lambda f, x, y: F.mse_loss(f(x), y), xs[:, k], ys[:, k])
+            out = meta.fmodel(xq)
+            assert out.shape == (4, 5, 1) and meta.fmodel.params["0.weight"].shape == (4, HIDDEN, 1)
+            loss = F.mse_loss(out, yq)
+            loss.backward()
+        if first is None:
+            first = float(loss.detach())
+            got = flat([p.grad for p in model.parameters()])
+            model.zero_grad()
+            for t in range(4):
+                with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed()) as meta:
+                    for k in range(3):
+                        meta.step(lambda f: F.mse_loss(f(xs[t, k]), ys[t, k]))
+                    (F.mse_loss(meta.fmodel(xq[t]), yq[t]) / 4).backward()
+            assert relative(got, flat([p.grad for p in model.parameters()])) < 1e-10
+        outer.step()
+    assert float(loss.detach()) < first
+
+
+def test_a_batch_passed_to_step_reaches_the_closure_with_tasks_unset():
+    model = make_model(6)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    xs, ys, xq, yq = data(1, 3, seed=10)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed()) as meta:
+        for k in range(3):
+            loss = meta.step(inner_loss, xs[0, k], ys[0, k], lam)
+        F.mse_loss(meta.fmodel(xq[0]), yq[0]).backward()
+    assert loss.dim() == 0
+    got = take_grads([*model.parameters(), lam])
+    assert relative(got, hand_unroll(model, 0.1, (xs, ys, xq, yq), lam)) < 1e-10
+
+
+# ------------------------------------------------------------------------------ errors
+def test_a_batch_tensor_without_the_task_dimension_is_refused_and_nothing_is_lost():
+    model = make_model(7)
+    xs, ys, _, _ = data(3, 2, seed=11)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"batch: in a block over tasks=3 .* tensor 1 has shape \(5, 1\)"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), tasks=3) as meta:
+            meta.step(lambda f, x, y: F.mse_loss(f(x), y), xs[:, 0], ys[0, 0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do():
+    model = make_model(8)
+    xs, ys, _, _ = data(2, 1, seed=12)
+
+    def closure(f, x, y):
+        loss = F.mse_loss(f(x), y)
+        if loss.item() > 100:  # a Python branch on a tensor's value
+            loss = loss / 2
+        return loss
+
+    with pytest.raises(ValueError, match=r"closure: a block over tasks=2 .* torch.func.vmap.*MetaGradient without tasks="):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2) as meta:
+            meta.step(closure, xs[:, 0], ys[:, 0])
+
+
+def test_a_closure_must_return_each_task_a_scalar():
+    model = make_model(9)
+    xs, ys, _, _ = data(2, 1, seed=13)
+    with pytest.raises(ValueError, match=r"closure: .* returned a tensor of shape \(5, 1\)"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), tasks=2) as meta:
+            meta.step(lambda f, x, y: (f(x) - y) ** 2, xs[:, 0], ys[:, 0])
+
+
+def test_fmodel_needs_the_task_dimension():
+    model = make_model(10)
+    xs, ys, xq, _ = data(2, 1, seed=14)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), tasks=2) as meta:
+        meta.step(lambda f, x, y: F.mse_loss(f(x), y), xs[:, 0], ys[:, 0])
+        with pytest.raises(ValueError, match=r"meta.fmodel: a block over tasks=2 .* shape \(5, 1\)"):
+            meta.fmodel(xq[0])
+
+
+@pytest.mark.parametrize("estimator,match", [
+    (mg.Implicit(reg=1.0), "Implicit.*cannot run a block over several tasks"),
+    (mg.Binomial(order="auto"), r"Binomial\(order='auto'\) cannot run a block over several tasks"),
+])
+def test_estimators_that_choose_from_norms_over_all_tasks_are_refused(estimator, match):
+    with pytest.raises(ValueError, match="estimator: " + match):
+        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), estimator=estimator, tasks=2)
+
+
+@pytest.mark.parametrize("value,error", [(0, ValueError), ("2", TypeError), (2.0, TypeError), (True, TypeError)])
+def test_tasks_must_be_a_positive_integer(value, error):
+    with pytest.raises(error, match="tasks: expected an integer >= 1 or None"):
+        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), tasks=value)
+
+
+class _NormalizedStep:
+    """A user rule that divides by the gradient's norm over the whole tensor: over stacked
+    tasks it would mix them."""
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p - 0.1 * grads[n] / grads[n].norm() for n, p in params.items()}, state
+
+
+class _PlainStep:
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p - 0.1 * grads[n] for n, p in params.items()}, state
+
+
+def test_a_rule_that_mixes_the_tasks_is_refused_and_an_elementwise_one_runs():
+    model = make_model(11)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(2, 2, seed=15)
+    with pytest.raises(ValueError, match="inner_opt: a block over tasks=2 .* _NormalizedStep's step .* mixes the tasks"):
+        block_over_tasks(model, mg.Checkpointed(), _NormalizedStep(), batches, lam)
+    got, _ = block_over_tasks(model, mg.Checkpointed(), _PlainStep(), batches, lam)
+    assert relative(got, hand_unroll(model, 0.1, batches, lam)) < 1e-10
