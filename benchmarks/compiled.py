@@ -13,6 +13,8 @@ round so that a change of load hits all of them alike:
   exact compiled path, ``Full.under_compile``). The loop is written as users write it: a new
   loss module per task (``nn.MSELoss()``), a new mini-batch tensor per step (the support
   set's rows in a new order: the same loss) and a new lambda per step;
+- the context manager over the whole meta-batch in one block (``tasks=4``), Full and
+  Checkpointed, eager and with ``compile=True``, on the same mini-batches;
 - the plain eager unroll: a hand-written autograd loop with ``create_graph=True`` over the same
   mini-batches;
 - ``mg.functional.meta_grad`` under ``torch.func.vmap`` over the meta-batch, eager and under
@@ -135,6 +137,30 @@ def eager_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = Fa
                     x_b, y_b = x_s[order], y_s[order]
                     meta.step(lambda f: criterion(f(x_b), y_b))
                 (criterion(meta.fmodel(x_q), y_q) / len(batch.tasks)).backward()
+        return torch.cat([p.grad.reshape(-1) for p in params])
+
+    return run
+
+
+def tasks_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = False) -> Callable[[], torch.Tensor]:
+    """The context manager over the whole meta-batch in one block (``tasks=4``): the same
+    mini-batches as :func:`eager_metagradient`'s, stacked over tasks, a new loss module per
+    meta-batch and a new lambda per step; the query loss the mean over tasks."""
+    model, params = batch.model, list(batch.model.parameters())
+    x_s, y_s, x_q, y_q = batch.stacked
+    orders = [torch.stack(step) for step in zip(*batch.orders)]  # [tasks, shots] per step
+
+    def run() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        criterion = batch.criterion()
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator, compile=compile,
+                             tasks=len(batch.tasks)) as meta:
+            for order in orders:
+                rows = torch.arange(len(batch.tasks)).unsqueeze(1)
+                meta.step(lambda f, x, y: criterion(f(x), y), x_s[rows, order], y_s[rows, order])
+            out = meta.fmodel(x_q)
+            criterion(out.flatten(0, 1), y_q.flatten(0, 1)).backward()
         return torch.cat([p.grad.reshape(-1) for p in params])
 
     return run
@@ -343,6 +369,10 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
         *[Row(f"eager_{name}", f"eager metagrad {estimator!r} (context manager)",
               eager_metagradient(batch, estimator))
           for name, estimator in compiled_estimators(batch.steps) if name not in ("full", "checkpointed")],
+        Row("eager_tasks_full", "eager metagrad Full, tasks=4 (one block for the meta-batch)",
+            tasks_metagradient(batch, mg.Full())),
+        Row("eager_tasks_checkpointed", "eager metagrad Checkpointed, tasks=4",
+            tasks_metagradient(batch, mg.Checkpointed())),
         Row("plain", "plain eager unroll (autograd, create_graph=True)", plain_unroll(batch), library="torch"),
         Row("functional_full", "mg.functional.meta_grad Full, vmap, eager",
             pure_call(batch, functional_meta_grad(batch, mg.Full()))),
@@ -356,6 +386,12 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
             Row(f"compiled_{name}", f"metagrad {estimator!r}, compile=True (context manager)",
                 eager_metagradient(batch, estimator, compile=True), compiled=True)
             for name, estimator in compiled_estimators(batch.steps)
+        ]
+        rows += [
+            Row("compiled_tasks_full", "metagrad Full, tasks=4, compile=True",
+                tasks_metagradient(batch, mg.Full(), compile=True), compiled=True),
+            Row("compiled_tasks_checkpointed", "metagrad Checkpointed, tasks=4, compile=True",
+                tasks_metagradient(batch, mg.Checkpointed(), compile=True), compiled=True),
         ]
         rows += [
             Row("functional_full_compiled", "mg.functional.meta_grad Full, vmap, torch.compile",

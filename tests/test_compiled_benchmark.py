@@ -15,7 +15,7 @@ import torch
 from benchmarks.compiled import main
 
 EAGER_KEYS = {"eager_full", "eager_checkpointed", "eager_truncated", "eager_first_order", "eager_binomial3",
-              "eager_implicit", "plain", "functional_full", "functional_checkpointed", "torch_func", "jax"}
+              "eager_implicit", "eager_tasks_full", "eager_tasks_checkpointed", "plain", "functional_full", "functional_checkpointed", "torch_func", "jax"}
 
 
 def test_quick_run_writes_json_and_the_functional_rows_agree_with_full(tmp_path: Path) -> None:
@@ -41,7 +41,8 @@ def test_quick_run_writes_json_and_the_functional_rows_agree_with_full(tmp_path:
         assert row["failure"] is None, (key, row["failure"])
         assert len(row["times_ms"]) == data["repeats"]
         assert row["time_ms"] > 0 and row["time_ratio"] > 0
-        if not key.startswith("eager_") or key in ("eager_full", "eager_checkpointed"):  # the exact ones
+        if not key.startswith("eager_") or key in ("eager_full", "eager_checkpointed", "eager_tasks_full",
+                                                   "eager_tasks_checkpointed"):  # the exact ones
             assert row["rel_error"] < 1e-5, (key, row["rel_error"])
     assert rows["eager_full"]["rel_error"] == 0.0
     assert rows["eager_full"]["time_ratio"] == 1.0
