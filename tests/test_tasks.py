@@ -287,3 +287,15 @@ def test_a_rule_that_mixes_the_tasks_is_refused_and_an_elementwise_one_runs():
         block_over_tasks(model, mg.Checkpointed(), _NormalizedStep(), batches, lam)
     got, _ = block_over_tasks(model, mg.Checkpointed(), _PlainStep(), batches, lam)
     assert relative(got, hand_unroll(model, 0.1, batches, lam)) < 1e-10
+
+
+def test_a_task_batch_changed_in_place_after_its_step_is_caught_by_the_replay_check():
+    model = make_model(12)
+    xs, ys, xq, yq = data(3, 3, seed=16)
+    with pytest.raises(mg.ReplayError, match="step"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
+            for k in range(3):
+                meta.step(lambda f, x, y: F.mse_loss(f(x), y), xs[:, k], ys[:, k])
+            xs[1, 0].mul_(3.0)  # one task's first mini-batch, after its step
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
