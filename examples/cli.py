@@ -257,9 +257,9 @@ def cpu_model() -> str:
 
 
 def cpu_description(cpu: Optional[str] = None) -> str:
-    """``CPU (<cpu>, <n> cores, <t> torch threads)``; ``cpu`` defaults to the architecture (``x86_64``)."""
+    """``CPU (<cpu>, <n> cores, <t> torch threads)``; ``cpu`` defaults to the model name (:func:`cpu_model`)."""
     threads = torch.get_num_threads()
-    return (f"CPU ({cpu or platform.machine()}, {os.cpu_count()} cores, "
+    return (f"CPU ({cpu or cpu_model()}, {os.cpu_count()} cores, "
             f"{threads} torch thread{'s' if threads != 1 else ''})")
 
 

@@ -359,7 +359,7 @@ def table_caption(args: argparse.Namespace, data: Data, distilled: Distilled, es
         f"from real training images) and a learned inner step size (from {args.lr_inner:g}), {args.outer_steps} "
         f"Adam steps (lr {args.outer_lr:g}) on the cross-entropy of batches of {args.batch} real training images "
         f"after K = {args.inner_steps} SGD steps of a fresh MLP ({args.hidden} ReLU hidden units, a new random init "
-        f"every outer step, θ fixed), estimator {estimator}; {args.dtype}, {cpu_description(cpu_model())}, seed "
+        f"every outer step, θ fixed), estimator {estimator}; {args.dtype}, {cpu_description()}, seed "
         f"{args.seed}; {distilled.ms_per_outer_step:.0f} ms per outer step (median). Test accuracy on "
         f"{len(data.y_test)} test images of {args.eval_inits} fresh inits, each trained K full-batch SGD steps; "
         f"the real-image rows at the step size of {list(LR_GRID)} with the best mean accuracy on "
@@ -465,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     plot_images(data, distilled, rows, os.path.join(args.out, "images.png"))
     results = {
         "config": vars(args),
-        "machine": machine_description(cpu_description(cpu_model()), cpu=cpu_model(), cores=os.cpu_count()),
+        "machine": machine_description(cpu_description(), cpu=cpu_model(), cores=os.cpu_count()),
         "data": {"train": len(data.y_train), "val": len(data.y_val), "test": len(data.y_test),
                  "classes": data.classes, "image_shape": list(data.shape)},
         "estimator": estimator,

@@ -179,23 +179,43 @@ def label(estimator: mg.Estimator) -> str:
 
 # ---------------------------------------------------------------- meta-learning
 def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
-                       steps: int, lr_inner: float, warnings_seen: Optional[WarningCounts] = None) -> float:
+                       steps: int, lr_inner: float, warnings_seen: Optional[WarningCounts] = None,
+                       one_block: bool = False) -> float:
     """Accumulate the meta-batch's averaged meta-gradient into ``.grad``; return its query MSE."""
     return accumulate_meta_gradients(model, estimator, tasks, range(len(tasks)), steps, lr_inner,
-                                     warnings_seen) / len(tasks)
+                                     warnings_seen, one_block) / len(tasks)
+
+
+def in_one_block(estimator: mg.Estimator, one_block: bool) -> bool:
+    """Whether the meta-batch runs in one block (``tasks=``): asked for, and the estimator can
+    (Implicit and Binomial(order="auto") choose from norms over every task at once: a block each)."""
+    return one_block and estimator.why_not_tasks() is None
 
 
 def accumulate_meta_gradients(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
                               indices: Iterable[int], steps: int, lr_inner: float,
-                              warnings_seen: Optional[WarningCounts] = None) -> float:
+                              warnings_seen: Optional[WarningCounts] = None, one_block: bool = False) -> float:
     """Accumulate the meta-gradients of the tasks ``indices`` into ``.grad``, each scaled by
     1/len(tasks) (the whole meta-batch); return their summed query MSE.
 
-    One MetaGradient block per task: the meta-gradient of the mean query loss is
-    the mean of the per-task meta-gradients, and each block's ``.backward()``
-    accumulates into the model's ``.grad``. With ``warnings_seen``, the estimator's
-    warnings are counted there per task instead of printed (``cli.counting_warnings``).
+    The meta-gradient of the mean query loss is the mean of the per-task meta-gradients. With
+    ``one_block`` (and an estimator that can, :func:`in_one_block`) the tasks run in one
+    ``MetaGradient(tasks=...)`` block, each with its own fast weights; otherwise one block per
+    task, each block's ``.backward()`` accumulating into the model's ``.grad``. With
+    ``warnings_seen``, the estimator's warnings are counted there per block instead of printed
+    (``cli.counting_warnings``).
     """
+    indices = list(indices)
+    if in_one_block(estimator, one_block) and indices:
+        chosen = torch.tensor(indices, device=tasks.x_support.device)
+        x_s, y_s, x_q, y_q = (t[chosen] for t in (tasks.x_support, tasks.y_support, tasks.x_query, tasks.y_query))
+        with counting_warnings(warnings_seen), mg.MetaGradient(
+                model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator, tasks=len(indices)) as meta:
+            for _ in range(steps):
+                meta.step(lambda fmodel, x, y: F.mse_loss(fmodel(x), y), x_s, y_s)
+            losses = F.mse_loss(meta.fmodel(x_q), y_q, reduction="none").mean(dim=(1, 2))  # each task's
+            (losses.sum() / len(tasks)).backward()
+        return float(losses.detach().sum())
     total = 0.0
     for i in indices:
         x_s, y_s, x_q, y_q = tasks.task(i)
@@ -241,7 +261,8 @@ def meta_train(name: str, estimator: mg.Estimator, init: nn.Module, args: argpar
         synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner, run.train_warnings)
+        mse = meta_gradient_step(model, estimator, tasks, args.steps, args.lr_inner, run.train_warnings,
+                                 args.one_block == "on")
         optimizer.step()
         synchronize(device)
         run.seconds_per_iteration.append(time.perf_counter() - start)
@@ -354,19 +375,20 @@ def k_alpha_ell(model: nn.Module, tasks: Tasks, steps: int, lr_inner: float) -> 
 
 def meta_iteration_peak_memory(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
                                steps: int, lr_inner: float, device: torch.device,
-                               repeats: int = 3, warnings_seen: Optional[WarningCounts] = None) -> tuple[int, str]:
+                               repeats: int = 3, warnings_seen: Optional[WarningCounts] = None,
+                               one_block: bool = False) -> tuple[int, str]:
     """Median peak memory (bytes) of one meta-batch's meta-gradient, and the measure used.
 
     One unmeasured call first, so that one-off costs (code paths run for the first
     time, lazily allocated buffers) are not counted. ``.grad`` is restored afterwards.
     """
     saved = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen)
+    meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen, one_block)
     peaks, method = [], ""
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
         with peak_memory(device) as mem:
-            meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen)
+            meta_gradient_step(model, estimator, tasks, steps, lr_inner, warnings_seen, one_block)
         assert mem.peak_bytes is not None
         peaks.append(mem.peak_bytes)
         method = mem.method
@@ -497,7 +519,10 @@ def table_caption(args: argparse.Namespace, device: torch.device, memory_method:
         f"{gradient_tasks} held-out single tasks. K·α·ℓ: ℓ the largest |eigenvalue| of the inner "
         f"Hessians H_0 … H_(K−1) at that θ (power iteration), median over the same tasks; the "
         f"binomial expansion is accurate up to about 1 and diverges well above it. Time: median wall time of a meta-iteration "
-        f"(meta-gradient of the meta-batch and the Adam step), and its ratio to Full's. "
+        f"(meta-gradient of the meta-batch and the Adam step), and its ratio to Full's; "
+        + ("each meta-batch in one block over its tasks (MetaGradient(tasks=...)) for every estimator "
+           "but Implicit and Binomial(auto), which take a block per task. " if args.one_block == "on"
+           else "a block per task. ") +
         f"Peak memory: {memory}" + ("; median of 3." if memory_method else ".")
     )
 
@@ -582,6 +607,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "meta-training this net's Hessian reaches eigenvalues below −50 (reg 50 stops "
                              "with NegativeCurvatureError), and α·(ℓ + λ) < 2 keeps the inner loop stable")
     parser.add_argument("--solver", choices=("cg", "neumann"), default="cg", help="Implicit's linear solver")
+    parser.add_argument("--one-block", choices=("on", "off"), default="on",
+                        help="on: meta-train each meta-batch in one block over its tasks "
+                             "(MetaGradient(tasks=meta_batch)) with every estimator that can (all but "
+                             "Implicit and Binomial(order='auto'), which take a block per task); off: a "
+                             "block per task for every estimator")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="measure the peak memory column: auto measures it on a GPU only (on the CPU "
                              "the process's resident memory at this model size is allocator overhead)")
@@ -644,7 +674,8 @@ def run_experiment(args: argparse.Namespace, device: torch.device) -> dict[str, 
         run.evaluation_tasks = len(gradient_tasks)
         if measure_memory(args, device):
             peak, memory_method = meta_iteration_peak_memory(run.model, estimator, memory_tasks, args.steps,
-                                                             args.lr_inner, device, repeats, run.evaluation_warnings)
+                                                             args.lr_inner, device, repeats, run.evaluation_warnings,
+                                                             args.one_block == "on")
             run.evaluation_tasks += (1 + repeats) * len(memory_tasks)
         rows.append(Row(name, label(estimator), *mse, gradient_error_median=statistics.median(errors),
                         ms_per_iteration=1000 * statistics.median(run.seconds_per_iteration),
