@@ -240,11 +240,13 @@ def task_tensors(task: Task, device: torch.device, dtype: torch.dtype) -> tuple[
 def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[Task], steps: int,
                     lr_inner: LearningRate, device: torch.device, dtype: torch.dtype,
                     warnings_seen: Optional[WarningCounts] = None, *, adapt: Optional[Sequence[str]] = None,
-                    infos: Optional[list[dict[str, Any]]] = None) -> tuple[float, float]:
+                    infos: Optional[list[dict[str, Any]]] = None, one_block: bool = False) -> tuple[float, float]:
     """Accumulate the meta-batch's mean meta-gradient into ``.grad``; return query loss and accuracy.
 
-    One MetaGradient block per task: the meta-gradient of the mean query loss is the
-    mean of the per-task meta-gradients, and each ``.backward()`` accumulates.
+    The meta-gradient of the mean query loss is the mean of the per-task meta-gradients. With
+    ``one_block`` (and an estimator that can run it: not Implicit or Binomial(order="auto"))
+    the tasks run in one ``MetaGradient(tasks=...)`` block, each with its own fast weights
+    (their tensors stacked); otherwise one block per task, each ``.backward()`` accumulating.
 
     ``lr_inner`` is the inner SGD step size: a float, or (Meta-SGD) a mapping name → step-size
     tensor; tensors that require grad get their meta-gradient in ``.grad`` too. ``adapt``
@@ -257,6 +259,19 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
     entry per kind: the tasks it warned on and the first message; ``cli.counting_warnings``)
     and summarized at the end of the run.
     """
+    if one_block and estimator.why_not_tasks() is None:
+        x_s, y_s, x_q, y_q = (torch.stack(parts) for parts in zip(*(task_tensors(t, device, dtype) for t in tasks)))
+        with counting_warnings(warnings_seen):
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr_inner), estimator=estimator,
+                                 adapt=adapt, tasks=len(tasks)) as meta:
+                for _ in range(steps):
+                    meta.step(lambda fmodel, x, y: F.cross_entropy(fmodel(x), y), x_s, y_s)
+                logits = meta.fmodel(x_q)  # [tasks, queries, ways]
+                loss = F.cross_entropy(logits.flatten(0, 1), y_q.flatten(0, 1))  # the mean over tasks
+                loss.backward()
+        if infos is not None:
+            infos.append(dict(meta.info))
+        return loss.item(), (logits.argmax(-1) == y_q).double().mean().item()
     total_loss = total_accuracy = 0.0
     for task in tasks:
         x_s, y_s, x_q, y_q = task_tensors(task, device, dtype)
@@ -474,7 +489,7 @@ class Training:
                 try:
                     loss, accuracy = meta_batch_step(self.model, estimator, tasks, args.inner_steps,
                                                      self.inner_lr(), device, dtype, self.estimator_warnings,
-                                                     adapt=self.adapt)
+                                                     adapt=self.adapt, one_block=args.one_block == "on")
                 except (mg.NegativeCurvatureError, FloatingPointError) as error:
                     # The estimator or the inner loop cannot go on from this θ; say so
                     # plainly (and where the run can be taken up again) instead of a trace.
@@ -693,6 +708,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                             "--lr-inner, learned by the outer Adam and clamped at 0")
     train.add_argument("--iterations", type=int, default=20000, help="meta-iterations (Adam steps)")
     train.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
+    train.add_argument("--one-block", choices=("on", "off"), default="on",
+                       help="on: each meta-batch in one block over its tasks (MetaGradient(tasks=...)) "
+                            "with every estimator that can (all but Implicit and Binomial(order='auto')); "
+                            "off: a block per task")
     train.add_argument("--outer-lr", type=float, default=1e-3, help="Adam's learning rate")
     train.add_argument("--lr-inner", type=float, default=0.01,
                        help="α, the inner SGD step size (metasgd: the learned step sizes' initial value)")
