@@ -264,7 +264,10 @@ class Compiler:
                            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
                 def loss_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
                     return closure(FunctionalModel(module, {**params, **w}, layout=layout))
-                return torch.func.grad_and_value(loss_of)({n: params[n] for n in used})
+                # The gradient of the loss, or of the sum of a closure's independent losses
+                # (Trajectory.advance's ``parts``), with the value(s) as returned.
+                value, pull = torch.func.vjp(loss_of, {n: params[n] for n in used})
+                return pull(torch.ones_like(value))[0], value
 
             return torch.compile(_fresh(inner_grad), fullgraph=True, dynamic=False, **self.settings)
 

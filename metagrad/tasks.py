@@ -30,26 +30,22 @@ from torch.utils import _pytree as pytree
 from .fmodel import FunctionalModel
 from .frozen import Frozen, freeze
 
-__all__ = ["with_batch", "check_batch", "TaskLosses", "advance_tasks", "check_rule"]
+__all__ = ["with_batch", "check_batch", "advance_tasks", "check_rule"]
 
 
-class TaskLosses:
-    """Where a step over tasks leaves its T losses (detached) when it runs eagerly."""
-
-    def __init__(self) -> None:
-        self.losses: Optional[torch.Tensor] = None
-
-
-def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optional[int],
-               record: Optional[TaskLosses] = None) -> tuple[Callable[..., Any], Frozen]:
-    """``closure`` with ``batch``, called as ``closure(fmodel, *batch)``, or, over ``tasks``, as
-    the sum over tasks of ``closure(f_t, *batch_t)`` (its T losses left in ``record``): the
-    step's function as given (for the step itself, and for torch.compile to trace), and the
-    same frozen at the step (:meth:`Frozen.around <metagrad.frozen.Frozen.around>`)."""
+def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optional[int]
+               ) -> tuple[Callable[..., Any], Frozen]:
+    """``closure`` with ``batch``: the step's function as given (for the step itself, and for
+    torch.compile to trace) and the same frozen at the step (:meth:`Frozen.around
+    <metagrad.frozen.Frozen.around>`). With ``tasks`` unset both call ``closure(fmodel,
+    *batch)``; over ``tasks`` the first returns the T losses ``closure(f_t, *batch_t)``
+    (:meth:`Trajectory.advance <metagrad.trajectory.Trajectory.advance>`'s ``parts``) and the
+    frozen one, which rebuilds the step, their sum."""
     names = [f"batch[{i}]" for i in range(len(batch))]
-    wrap = _call if tasks is None else _each_task if record is None else _Recording(record)
-    tag = "batch" if tasks is None else ("tasks", tasks)
-    return functools.partial(wrap, closure, list(batch)), freeze(closure).around(wrap, list(batch), names, tag)
+    if tasks is None:
+        return functools.partial(_call, closure, list(batch)), freeze(closure).around(_call, list(batch), names, "batch")
+    return (functools.partial(_task_losses, closure, list(batch)),
+            freeze(closure).around(_each_task, list(batch), names, ("tasks", tasks)))
 
 
 def check_batch(batch: Sequence[Any], tasks: int) -> None:
@@ -69,19 +65,6 @@ def _call(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalMode
 
 def _each_task(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
     return _task_losses(function, batch, fmodel).sum()
-
-
-class _Recording:
-    """:func:`_each_task` that keeps the T losses of its eager calls in ``record``."""
-
-    def __init__(self, record: TaskLosses) -> None:
-        self.record = record
-
-    def __call__(self, function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
-        losses = _task_losses(function, batch, fmodel)
-        if not torch.compiler.is_compiling():  # (a side effect compiled code cannot have)
-            self.record.losses = losses.detach()
-        return losses.sum()
 
 
 def _task_losses(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
@@ -112,11 +95,9 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
     what to do. Returns the T losses, detached."""
     check_batch(batch, tasks)
     check_rule(trajectory.rule if rule is None else rule, trajectory.current, trajectory.tape.state, tasks)
-    record = TaskLosses()
-    live, frozen = with_batch(closure, batch, tasks, record)
-    before = trajectory.current
+    live, frozen = with_batch(closure, batch, tasks)
     try:
-        trajectory.advance(live, rule, frozen=frozen)
+        return trajectory.advance(live, rule, frozen=frozen, parts=True)
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise
@@ -125,10 +106,6 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
             f"torch.func.vmap, and it cannot run there: {error} Rewrite that part with tensor "
             "operations (no .item(), no Python branch on a tensor's value), or run each task in its "
             "own block (MetaGradient without tasks=).") from error
-    if record.losses is None:  # the step ran compiled: its T losses, computed again
-        with torch.no_grad():
-            record.losses = _task_losses(closure, list(batch), trajectory.model_at(before))
-    return record.losses
 
 
 #: The module whose update rules act element by element (so task by task on stacked weights).

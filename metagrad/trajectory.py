@@ -198,7 +198,7 @@ class Trajectory:
 
     # -------------------------------------------------------------------- inner loop
     def advance(self, closure: Closure, rule: Optional[UpdateRule] = None, *,
-                frozen: Optional[Frozen] = None) -> torch.Tensor:
+                frozen: Optional[Frozen] = None, parts: bool = False) -> torch.Tensor:
         """Take one inner step with ``closure``'s loss; return the loss, detached.
 
         ``rule`` replaces the trajectory's update rule for this step only (for adapters
@@ -208,7 +208,9 @@ class Trajectory:
         Unless the trajectory is differentiable (nothing is rebuilt then), the closure is
         frozen with the values it captures now, and the generator states it starts from are
         kept if it draws random numbers (:mod:`metagrad.frozen`); ``frozen``: the closure frozen
-        already (a closure with its batch, :func:`metagrad.tasks.with_batch`).
+        already (a closure with its batch, :func:`metagrad.tasks.with_batch`). With ``parts``
+        the closure returns a 1-D tensor of independent losses (one per task), the step's loss
+        is their sum (``frozen`` returns the sum), and the parts are returned, detached.
         """
         self.check_alive()
         rng: Optional[RandomState] = None
@@ -239,12 +241,14 @@ class Trajectory:
         if grads is None:
             with torch.enable_grad(), differentiated_twice(self.differentiable):
                 loss = closure(self.model_at(params))
+        split = loss.detach() if parts else None
+        loss = loss.sum() if parts else loss
         if rng is not None and not rng.changed():
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
                                shape=_shape(closure) if self.differentiable else None,
                                grads=grads)
-        return loss
+        return loss if split is None else split
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
