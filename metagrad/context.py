@@ -42,7 +42,7 @@ from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .replay import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
 from .estimators.base import check_count
-from .tasks import advance_tasks, with_batch
+from .tasks import advance_tasks, no_loss_steps, with_batch
 from .query import attached, warn_if_plain
 from .trajectory import Closure, Trajectory, second_order
 
@@ -412,6 +412,8 @@ class MetaGradient:
             rule: as in :meth:`step`.
         """
         trajectory = self._open_trajectory()
+        if self.tasks is not None:
+            raise ValueError(no_loss_steps(self.tasks))
         if not isinstance(params, Mapping):
             raise TypeError(f"params: expected the name→tensor mapping meta.fast_weights() "
                             f"returned, got {type(params).__name__}.")

@@ -77,6 +77,15 @@ class FunctionalModel:
         """T, the tasks whose weights :attr:`params` stacks, or ``None`` for one task."""
         return self._tasks
 
+    def task(self, index: int) -> "FunctionalModel":
+        """In a block over tasks, the model at task ``index``'s fast weights (one task's model:
+        its ``state_dict()`` and ``to_module()`` give that task's adapted model)."""
+        if self._tasks is None:
+            raise ValueError("task: this model holds one task's fast weights (tasks unset); use it as it is.")
+        if isinstance(index, bool) or not isinstance(index, int) or not -self._tasks <= index < self._tasks:
+            raise IndexError(f"index: expected an integer in [0, {self._tasks}) (tasks={self._tasks}), got {index!r}.")
+        return self.with_params({n: t[index] for n, t in self.params.items()})
+
     def with_params(self, params: Mapping[str, torch.Tensor], tasks: Optional[int] = None) -> "FunctionalModel":
         """The same module (layout, fixed tensors, guard) at other fast weights: one task's
         weights inside a map over tasks (``tasks=None``)."""
@@ -107,7 +116,9 @@ class FunctionalModel:
         """The module's ``state_dict()`` at the fast weights: the same keys (tied weights under
         each of their names), each fast weight and every other parameter and buffer detached
         (buffers as the module holds them: metagrad never writes one). For
-        ``other.load_state_dict(meta.fmodel.state_dict())``, or saving the adapted model."""
+        ``other.load_state_dict(meta.fmodel.state_dict())``, or saving the adapted model. In a
+        block over tasks, of one task: ``meta.fmodel.task(t).state_dict()``."""
+        self._one_task("state_dict")
         params = self.params
         first = dict(self._layout.aliases)
         out = {}
@@ -120,7 +131,9 @@ class FunctionalModel:
         """A deep copy of the module whose parameters hold the fast weights (detached): a real
         ``nn.Module`` at the adapted weights for evaluation code that expects one. The copy's
         parameters are new ``nn.Parameter`` objects with the module's ``requires_grad`` flags
-        and no ``.grad``; nothing of it reaches θ or the inner loop."""
+        and no ``.grad``; nothing of it reaches θ or the inner loop. In a block over tasks, of
+        one task: ``meta.fmodel.task(t).to_module()``."""
+        self._one_task("to_module")
         state = self.state_dict()
         copy_ = copy.deepcopy(self._module)
         for param in copy_.parameters():
@@ -145,6 +158,11 @@ class FunctionalModel:
             # weights for good is what its recomputation sees instead.
             return _holding(self._module, tensors)(*args, **kwargs)
         return _call_at(self._module, self._layout.slots, tensors, args, kwargs)
+
+    def _one_task(self, what: str) -> None:
+        if self._tasks is not None:
+            raise ValueError(f"{what}: meta.fmodel holds the fast weights of tasks={self._tasks}; the module "
+                             f"holds one set. Take one task's: meta.fmodel.task(t).{what}().")
 
     def _over_tasks(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The call mapped over tasks: tensor arguments split along their first dimension."""

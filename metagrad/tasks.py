@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from .fmodel import FunctionalModel
 from .frozen import Frozen, freeze
 
-__all__ = ["with_batch", "check_batch", "advance_tasks", "check_rule"]
+__all__ = ["with_batch", "check_batch", "advance_tasks", "check_rule", "no_loss_steps"]
 
 
 def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optional[int]
@@ -106,6 +106,14 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
             f"torch.func.vmap, and it cannot run there: {error} Rewrite that part with tensor "
             "operations (no .item(), no Python branch on a tensor's value), or run each task in its "
             "own block (MetaGradient without tasks=).") from error
+
+
+def no_loss_steps(tasks: int) -> str:
+    """Why a block over tasks takes no step from a given loss (``meta.step_from_loss``)."""
+    return (f"step_from_loss: a block over tasks={tasks} takes each task's step from "
+            "meta.step(closure, *batch), which differentiates the sum of the tasks' own losses; a "
+            "loss built outside it (a mean over tasks, say) would scale each task's step. Use "
+            "meta.step, or a block per task.")
 
 
 #: The module whose update rules act element by element (so task by task on stacked weights).

@@ -299,3 +299,22 @@ def test_a_task_batch_changed_in_place_after_its_step_is_caught_by_the_replay_ch
             xs[1, 0].mul_(3.0)  # one task's first mini-batch, after its step
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_tasks_adapted_model_and_what_needs_one_task():
+    model = make_model(13)
+    xs, ys, xq, yq = data(3, 2, seed=17)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
+        for k in range(2):
+            meta.step(lambda f, x, y: F.mse_loss(f(x), y), xs[:, k], ys[:, k])
+        adapted = meta.fmodel.task(1).to_module()
+        torch.testing.assert_close(adapted(xq[1]), meta.fmodel(xq)[1].detach(), rtol=1e-12, atol=1e-12)
+        for what in ("state_dict", "to_module"):
+            with pytest.raises(ValueError, match=rf"{what}: meta.fmodel holds the fast weights of tasks=3.*task\(t\)"):
+                getattr(meta.fmodel, what)()
+        with pytest.raises(IndexError, match=r"index: expected an integer in \[0, 3\)"):
+            meta.fmodel.task(3)
+        w = meta.fast_weights()
+        loss = torch.func.vmap(lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y))(w, xs[:, 0], ys[:, 0]).mean()
+        with pytest.raises(ValueError, match="step_from_loss: a block over tasks=3 .* Use meta.step"):
+            meta.step_from_loss(loss, w)
