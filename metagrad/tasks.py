@@ -132,9 +132,12 @@ def check_rule(rule: Any, params: dict[str, torch.Tensor], state: Any, tasks: in
         grads = {n: torch.linspace(-1.0, 1.0, t.numel() // tasks, dtype=t.dtype, device=t.device)
                  .reshape(t.shape[1:]) * torch.arange(1, tasks + 1, dtype=t.dtype, device=t.device)
                  .reshape(-1, *[1] * (t.dim() - 1)) for n, t in params.items()}
+        # On copies of the state: a rule that updates its state in place leaves the block's as it was.
         leaves, spec = pytree.tree_flatten(state)
+        leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         dims = [0 if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == tasks else None for x in leaves]
-        stacked = rule.step(params, grads, state)[0]
+        stacked = rule.step(params, grads, pytree.tree_unflatten([x.clone() if isinstance(x, torch.Tensor) else x
+                                                                  for x in leaves], spec))[0]
         try:
             each = torch.func.vmap(lambda p, g, s: rule.step(p, g, pytree.tree_unflatten(s, spec))[0],
                                    in_dims=(0, 0, dims))(params, grads, leaves)

@@ -318,3 +318,16 @@ def test_one_tasks_adapted_model_and_what_needs_one_task():
         loss = torch.func.vmap(lambda p, x, y: F.mse_loss(torch.func.functional_call(model, p, (x,)), y))(w, xs[:, 0], ys[:, 0]).mean()
         with pytest.raises(ValueError, match="step_from_loss: a block over tasks=3 .* Use meta.step"):
             meta.step_from_loss(loss, w)
+
+
+def test_torchopt_rules_over_tasks_equal_separate_blocks_and_one_that_mixes_tasks_is_refused():
+    torchopt = pytest.importorskip("torchopt")
+    model = make_model(14)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(3, 3, seed=18)
+    rule = torchopt.sgd(lr=0.1, momentum=0.9)
+    got, _ = block_over_tasks(model, mg.Checkpointed(), rule, batches, lam)
+    assert relative(got, separate_blocks(model, mg.Checkpointed(), rule, batches, lam)) < 1e-10
+    clipped = torchopt.chain(torchopt.clip_grad_norm(0.5), torchopt.sgd(lr=0.1))  # a norm over all tasks
+    with pytest.raises(ValueError, match="inner_opt: a block over tasks=3 needs an update rule that acts on each task"):
+        block_over_tasks(model, mg.Checkpointed(), clipped, batches, lam)
