@@ -188,7 +188,7 @@ def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
 
 def in_one_block(estimator: mg.Estimator, one_block: bool) -> bool:
     """Whether the meta-batch runs in one block (``tasks=``): asked for, and the estimator can
-    (Implicit and Binomial(order="auto") choose from norms over every task at once: a block each)."""
+    (Binomial(order="auto") chooses its order from norms over every task at once: a block each)."""
     return one_block and estimator.why_not_tasks() is None
 
 
@@ -521,7 +521,7 @@ def table_caption(args: argparse.Namespace, device: torch.device, memory_method:
         f"binomial expansion is accurate up to about 1 and diverges well above it. Time: median wall time of a meta-iteration "
         f"(meta-gradient of the meta-batch and the Adam step), and its ratio to Full's; "
         + ("each meta-batch in one block over its tasks (MetaGradient(tasks=...)) for every estimator "
-           "but Implicit and Binomial(auto), which take a block per task. " if args.one_block == "on"
+           "but Binomial(auto), which takes a block per task. " if args.one_block == "on"
            else "a block per task. ") +
         f"Peak memory: {memory}" + ("; median of 3." if memory_method else ".")
     )
@@ -610,7 +610,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--one-block", choices=("on", "off"), default="on",
                         help="on: meta-train each meta-batch in one block over its tasks "
                              "(MetaGradient(tasks=meta_batch)) with every estimator that can (all but "
-                             "Implicit and Binomial(order='auto'), which take a block per task); off: a "
+                             "Binomial(order='auto'), which takes a block per task); off: a "
                              "block per task for every estimator")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="measure the peak memory column: auto measures it on a GPU only (on the CPU "

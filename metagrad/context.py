@@ -141,7 +141,7 @@ class MetaGradient:
             and returns the T losses; ``meta.fmodel(x)`` maps over the first dimension of its
             tensor arguments. θ's and every η's gradient is the sum over the tasks of each
             task's own: what T separate blocks give, summed (:mod:`metagrad.tasks`). Every
-            estimator but Implicit and ``Binomial(order="auto")`` (which choose from norms over
+            estimator but ``Binomial(order="auto")`` (which chooses its order from norms over
             all tasks at once).
 
     Closures and replay, parameters the inner loss does not use, meta-parameters η and nested
@@ -255,7 +255,7 @@ class MetaGradient:
                                       check_finite=self.check_finite,
                                       replay_rtol=relative_tolerance(self.check_replay, first.dtype,
                                                                      first.device),
-                                      compiler=compiler)
+                                      compiler=compiler, tasks=self.tasks)
         # Every parameter's .grad, adapted or a meta-parameter, as it was at entry.
         self._every = tuple(p for _, p in every)
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]

@@ -13,9 +13,13 @@ with H the inner Hessian at the final fast weights.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 
 from .errors import NegativeCurvatureError
@@ -28,25 +32,28 @@ Operator = Callable[[Params], Params]
 
 @dataclass
 class SolveInfo:
-    """How a solve went.
+    """How a solve went; with ``tasks`` (T independent systems), each field is a list with one
+    entry per task.
 
     Attributes:
         iterations: solver iterations.
-        products: Hessian-vector products used (CG spends one more, on the final residual).
+        products: Hessian-vector products used (CG spends one more, on the final residual); one
+            product acts on every task at once, so with tasks it is one number, the most any
+            task needed.
         residual: the final relative residual ``‖(I + H/λ) x − b‖ / ‖b‖``.
         converged: whether ``residual ≤ tol``.
         diverged: whether the Neumann series was detected diverging (always False for CG).
     """
 
-    iterations: int
+    iterations: Any
     products: int
-    residual: float
-    converged: bool
-    diverged: bool = False
+    residual: Any
+    converged: Any
+    diverged: Any = False
 
 
 def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
-                       tol: float) -> tuple[Params, SolveInfo]:
+                       tol: float, tasks: Optional[int] = None) -> tuple[Params, SolveInfo]:
     """Solve ``(I + H/λ) x = b`` by conjugate gradients, starting from x = 0.
 
     Args:
@@ -55,6 +62,10 @@ def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
         reg: λ > 0.
         max_iter: at most this many iterations (one product each).
         tol: stop once the relative residual ``‖r‖/‖b‖ ≤ tol``.
+        tasks: ``b`` holds T independent systems along a first dimension of T (H acts on each
+            alone: a block over tasks); each is solved as it would be on its own — its own
+            step lengths, stopping test and residual — and a task that has stopped is left as it
+            is while the others go on. ``None``: one system.
 
     The reported residual is recomputed from x at the end (one more product), not
     taken from the recursion, whose value drifts from the true one at tight tolerances.
@@ -62,44 +73,57 @@ def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
     Raises:
         NegativeCurvatureError: if ``pᵀ(I + H/λ)p ≤ 0`` for a search direction p.
     """
+    rows = _Rows(tasks)
+
     def apply(u: Params) -> Params:
         hu = hvp(u)
         return {n: u[n] + hu[n] / reg for n in u}
 
-    b_norm = norm(b)
+    b_norm = rows.dot(b, b).sqrt()
     x = {n: torch.zeros_like(t) for n, t in b.items()}
-    if b_norm == 0.0:
-        return x, SolveInfo(iterations=0, products=0, residual=0.0, converged=True)
-    r = dict(b)
-    p = dict(b)
-    rr = _dot(r, r)
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        ap = apply(p)
-        curvature = _dot(p, ap)
-        if not curvature > 0.0:  # also catches NaN
-            raise NegativeCurvatureError(
-                f"Implicit: conjugate gradients met pᵀ(I + H/λ)p = {curvature:.3g} ≤ 0 at iteration "
-                f"{iterations}, so I + H/λ is not positive definite: the inner Hessian at the final "
-                f"fast weights has an eigenvalue below −reg = {-reg}. Increase reg, take more inner "
-                "steps so that the inner problem is near a minimum, or use another estimator."
-            )
-        step = rr / curvature
-        x = {n: x[n] + step * p[n] for n in x}
-        r = {n: r[n] - step * ap[n] for n in r}
-        rr_next = _dot(r, r)
-        if math.sqrt(rr_next) <= tol * b_norm:
-            break
-        p = {n: r[n] + (rr_next / rr) * p[n] for n in p}
-        rr = rr_next
-    ax = apply(x)
-    residual = norm({n: ax[n] - b[n] for n in b}) / b_norm
-    return x, SolveInfo(iterations=iterations, products=iterations + 1, residual=residual,
-                        converged=residual <= tol)
+    active = b_norm > 0
+    iterations = torch.zeros_like(b_norm, dtype=torch.long)
+    products = 0
+    if bool(active.any()):
+        r, p = dict(b), dict(b)
+        rr = rows.dot(r, r)
+        for k in range(1, max_iter + 1):
+            ap = apply(p)
+            products += 1
+            curvature = rows.dot(p, ap)
+            bad = active & ~(curvature > 0)  # also catches NaN
+            if bool(bad.any()):
+                which = "" if tasks is None else f" (task {int(bad.nonzero()[0, 0])})"
+                value = float(curvature[bad][0])
+                raise NegativeCurvatureError(
+                    f"Implicit: conjugate gradients met pᵀ(I + H/λ)p = {value:.3g} ≤ 0 at iteration "
+                    f"{int(iterations[bad][0]) + 1}{which}, so I + H/λ is not positive definite: the inner "
+                    f"Hessian at the final fast weights has an eigenvalue below −reg = {-reg}. Increase "
+                    "reg, take more inner steps so that the inner problem is near a minimum, or use "
+                    "another estimator."
+                )
+            step = torch.where(active, rr / curvature, torch.zeros_like(rr))
+            x = {n: x[n] + rows.scale(step, p[n]) for n in x}
+            r = {n: r[n] - rows.scale(step, ap[n]) for n in r}
+            iterations = torch.where(active, k, iterations)
+            rr_next = rows.dot(r, r)
+            active = active & ~(rr_next.sqrt() <= tol * b_norm)
+            if not bool(active.any()):
+                break
+            beta = torch.where(active, rr_next / rr, torch.zeros_like(rr))
+            p = {n: rows.pick(active, r[n] + rows.scale(beta, p[n]), p[n]) for n in p}
+            rr = torch.where(active, rr_next, rr)
+        ax = apply(x)
+        products += 1
+    else:
+        ax = b
+    residual = rows.dot(*([{n: ax[n] - b[n] for n in b}] * 2)).sqrt() / torch.where(b_norm > 0, b_norm, 1.0)
+    return x, SolveInfo(iterations=rows.out(iterations), products=products, residual=rows.out(residual),
+                        converged=rows.out(residual <= tol), diverged=rows.out(torch.zeros_like(active)))
 
 
 def neumann_series(hvp: Operator, b: Params, *, reg: float, max_iter: int,
-                   tol: float) -> tuple[Params, SolveInfo]:
+                   tol: float, tasks: Optional[int] = None) -> tuple[Params, SolveInfo]:
     """Solve ``(I + H/λ) x = b`` by the truncated series ``x = Σ_{n≤N} (−H/λ)^n b``.
 
     The residual of a partial sum is exactly its next term:
@@ -107,28 +131,67 @@ def neumann_series(hvp: Operator, b: Params, *, reg: float, max_iter: int,
     of the current sum for free. Stops when it is at most ``tol·‖b‖``, after ``max_iter``
     products, or when the terms grow (divergence: ``‖H‖/λ ≥ 1`` along b). On divergence
     the partial sum with the smallest residual is returned, with ``diverged=True``.
+    ``tasks``: T independent systems, each summed and stopped as on its own
+    (:func:`conjugate_gradient`).
     """
-    b_norm = norm(b)
+    rows = _Rows(tasks)
+    b_norm = rows.dot(b, b).sqrt()
     x = dict(b)
-    if b_norm == 0.0:
-        return x, SolveInfo(iterations=0, products=0, residual=0.0, converged=True)
+    active = b_norm > 0
+    iterations = torch.zeros_like(b_norm, dtype=torch.long)
+    residual = torch.zeros_like(b_norm)
+    converged, diverged = ~active, torch.zeros_like(active)
     term, term_norm = dict(b), b_norm
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
+    products = 0
+    for k in range(1, max_iter + 1):
+        if not bool(active.any()):
+            break
         h_term = hvp(term)
+        products += 1
         next_term = {n: -h_term[n] / reg for n in term}
-        next_norm = norm(next_term)
-        if next_norm > term_norm:
-            # Terms grow from here on; the sum before the last term had the smallest residual.
-            x = {n: x[n] - term[n] for n in x}
-            return x, SolveInfo(iterations=iterations, products=iterations,
-                                residual=term_norm / b_norm, converged=False, diverged=True)
-        if next_norm <= tol * b_norm or iterations == max_iter:
-            return x, SolveInfo(iterations=iterations, products=iterations,
-                                residual=next_norm / b_norm, converged=next_norm <= tol * b_norm)
-        x = {n: x[n] + next_term[n] for n in x}
-        term, term_norm = next_term, next_norm
-    raise AssertionError("unreachable")  # pragma: no cover
+        next_norm = rows.dot(next_term, next_term).sqrt()
+        # Terms grow from here on: the sum before the last term had the smallest residual.
+        grow = active & (next_norm > term_norm)
+        x = {n: rows.pick(grow, x[n] - term[n], x[n]) for n in x}
+        residual = torch.where(grow, term_norm / b_norm, residual)
+        diverged = diverged | grow
+        active = active & ~grow
+        met = next_norm <= tol * b_norm
+        done = active & (met | (k == max_iter))
+        residual = torch.where(done, next_norm / b_norm, residual)
+        converged = converged | (done & met)
+        iterations = torch.where(grow | done, k, iterations)
+        active = active & ~done
+        x = {n: rows.pick(active, x[n] + next_term[n], x[n]) for n in x}
+        term = {n: rows.pick(active, next_term[n], term[n]) for n in term}
+        term_norm = torch.where(active, next_norm, term_norm)
+    return x, SolveInfo(iterations=rows.out(iterations), products=products, residual=rows.out(residual),
+                        converged=rows.out(converged), diverged=rows.out(diverged))
+
+
+class _Rows:
+    """Per-system scalars of one system (``tasks=None``) or T stacked ones: inner products
+    accumulated in float64, one per system, and per-system scalars applied to the tensors."""
+
+    def __init__(self, tasks: Optional[int]) -> None:
+        self.tasks = tasks
+
+    def dot(self, a: Params, b: Params) -> torch.Tensor:
+        count = 1 if self.tasks is None else self.tasks
+        return functools.reduce(operator.add, [(a[n].double() * b[n].double()).reshape(count, -1).sum(1) for n in a])
+
+    def _column(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return s.reshape(()) if self.tasks is None else s.reshape(-1, *[1] * (t.dim() - 1))
+
+    def scale(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return t * self._column(s, t).to(t.dtype)
+
+    def pick(self, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(self._column(mask, a), a, b)
+
+    def out(self, values: torch.Tensor) -> Any:
+        """Python numbers: one for one system, a list for T."""
+        return values.item() if self.tasks is None else values.tolist()
 
 
 def _dot(a: Params, b: Params) -> float:

@@ -79,6 +79,8 @@ class Trajectory:
             this schedule (:mod:`metagrad.snapshots`), and recompute the others when a product
             needs them (:meth:`restore`); ``None`` stores every iterate. Every step's closure,
             generator states and loss are kept either way.
+        tasks: T of a block over tasks (:mod:`metagrad.tasks`): the iterates hold T independent
+            inner loops along a first dimension, whose products act on each alone; ``None``: one.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class Trajectory:
         replay_rtol: Optional[float] = None,
         compiler: Optional["Compiler"] = None,
         snapshots: Optional[Schedule] = None,
+        tasks: Optional[int] = None,
     ) -> None:
         if snapshots is not None and (differentiable or keep is not None):
             raise ValueError("snapshots: a differentiable trajectory, or one that keeps only its last "
@@ -107,6 +110,7 @@ class Trajectory:
         self.check_finite = check_finite
         self.replay_rtol = replay_rtol
         self.compiler = compiler
+        self.tasks = tasks
         self.tape = Tape(theta, rule.init(theta), keep=keep, snapshots=snapshots)
         self.lifetime = self.tape.lifetime
         #: The meta-parameters η found so far (:mod:`metagrad.discovery`).

@@ -245,13 +245,47 @@ def test_fmodel_needs_the_task_dimension():
             meta.fmodel(xq[0])
 
 
-@pytest.mark.parametrize("estimator,match", [
-    (mg.Implicit(reg=1.0), "Implicit.*cannot run a block over several tasks"),
-    (mg.Binomial(order="auto"), r"Binomial\(order='auto'\) cannot run a block over several tasks"),
-])
-def test_estimators_that_choose_from_norms_over_all_tasks_are_refused(estimator, match):
-    with pytest.raises(ValueError, match="estimator: " + match):
-        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), estimator=estimator, tasks=2)
+def test_binomial_auto_which_chooses_its_order_from_norms_over_all_tasks_is_refused():
+    with pytest.raises(ValueError, match=r"estimator: Binomial\(order='auto'\) cannot run a block over several tasks"):
+        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), estimator=mg.Binomial(order="auto"), tasks=2)
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_implicit_over_tasks_solves_each_task_on_its_own(solver):
+    """Implicit over tasks: each task's linear system is solved as on its own (its own step
+    lengths and stop), so θ's and η's gradients equal separate blocks', and meta.info lists each
+    task's iterations, residual and convergence."""
+    model = make_model(15)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    batches = data(3, 6, seed=20)
+    estimator = mg.Implicit(reg=20.0, solver=solver, tol=1e-8)
+    got, _ = block_over_tasks(model, estimator, mg.optim.SGD(lr=0.04), batches, lam)
+    xs, ys, xq, yq = batches
+    infos = []
+    for t in range(3):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.04), estimator=estimator) as meta:
+            for k in range(6):
+                meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
+            F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
+        infos.append(meta.info)
+    assert relative(got, take_grads([*model.parameters(), lam])) < 1e-10
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.04), estimator=estimator, tasks=3) as meta:
+        for k in range(6):
+            meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
+        F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+    take_grads([*model.parameters(), lam])
+    assert meta.info["iterations"] == [info["iterations"] for info in infos]
+    assert meta.info["converged"] == [True, True, True]
+    for got_residual, info in zip(meta.info["residual"], infos):
+        assert abs(got_residual - info["residual"]) <= 1e-6 * max(info["residual"], 1e-12)
+
+
+def test_implicit_over_tasks_names_the_tasks_whose_solve_stopped_short():
+    model = make_model(16)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    with pytest.warns(mg.MetaGradientWarning, match=r"Implicit: the cg solve stopped \(tasks \[0, 1\]\) at relative residual"):
+        block_over_tasks(model, mg.Implicit(reg=20.0, max_iter=1, tol=1e-12), mg.optim.SGD(lr=0.04),
+                         data(2, 3, seed=21), lam)
 
 
 @pytest.mark.parametrize("value,error", [(0, ValueError), ("2", TypeError), (2.0, TypeError), (True, TypeError)])

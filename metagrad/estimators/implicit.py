@@ -96,12 +96,6 @@ class Implicit(Estimator):
             "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
         )
 
-    def why_not_tasks(self) -> Optional[str]:
-        return (f"{self!r} cannot run a block over several tasks (tasks=T): its solver stops on a "
-                "residual measured over the whole vector, which for T tasks at once stops at another "
-                "iteration than each task's own solve would. Run each task in its own block (tasks "
-                "unset), or use mg.Checkpointed() or mg.Full() with tasks=T.")
-
     def keep(self) -> Optional[int]:
         return 0
 
@@ -115,7 +109,9 @@ class Implicit(Estimator):
         def hessian(u: Params) -> Params:  # H*u = −λ Jᵀu for this step
             return {n: -self.reg * t for n, t in step(u)[0].items()}
 
-        x, solve = SOLVERS[self.solver](hessian, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
+        # Over tasks, each task's system on its own (its own stop), as T separate blocks solve them.
+        x, solve = SOLVERS[self.solver](hessian, v, reg=self.reg, max_iter=self.max_iter, tol=self.tol,
+                                        tasks=trajectory.tasks)
         meta: MetaGrads = step(x, eta=True)[1] if steps > 0 and trajectory.meta else []
         step_sizes = [trajectory.meta_names[i] for i in sorted(trajectory.rule_meta)]
         if step_sizes:
@@ -127,17 +123,24 @@ class Implicit(Estimator):
         info = {"steps": steps, "solver": self.solver, "reg": self.reg,
                 "iterations": solve.iterations, "residual": solve.residual,
                 "converged": solve.converged, "hessian_vector_products": solve.products}
-        if solve.diverged:
+        # One entry per task over tasks (meta.info lists them); the warnings name the tasks.
+        each = [(k, *e) for k, e in enumerate(zip(*(v if isinstance(v, list) else [v] for v in (
+            solve.iterations, solve.residual, solve.converged, solve.diverged))))]
+        diverged = [e for e in each if e[4]]
+        missed = [e for e in each if not e[3] and not e[4]]
+        for bad, kind in ((diverged, "diverged"), (missed, "missed")):
+            if not bad:
+                continue
+            which = "" if trajectory.tasks is None else f" (tasks {[e[0] for e in bad]})"
+            iterations, residual = max(e[1] for e in bad), max(e[2] for e in bad)
             warn(
-                f"Implicit: the Neumann series is diverging (its terms grew after {solve.iterations} "
+                f"Implicit: the Neumann series is diverging{which} (its terms grew after {iterations} "
                 f"products): ‖H‖/λ is too large for reg={self.reg}. The best partial sum, with "
-                f"relative residual {solve.residual:.3g}, is used. Increase reg above ‖H‖, or use "
-                "solver='cg'."
-            )
-        elif not solve.converged:
-            warn(
-                f"Implicit: the {self.solver} solve stopped at relative residual "
-                f"{solve.residual:.3g} after {solve.iterations} iterations, above tol={self.tol:g}. "
+                f"relative residual {residual:.3g}, is used. Increase reg above ‖H‖, or use "
+                "solver='cg'." if kind == "diverged" else
+                f"Implicit: the {self.solver} solve stopped{which} at relative residual "
+                f"{residual:.3g} after {iterations} iterations, above tol={self.tol:g}. "
                 "Raise max_iter, loosen tol, or increase reg."
             )
+            break  # one warning: divergence first, as before
         return x, meta, info
