@@ -79,7 +79,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-ESTIMATORS = [mg.Full(), mg.Checkpointed(), mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False),
+ESTIMATORS = [mg.Checkpointed(), mg.Truncated(steps=2), mg.FirstOrder(), mg.Binomial(order=2, monitor=False),
               mg.Binomial(order=2, block=2, monitor=False), mg.Binomial(order="auto"), mg.Implicit(reg=5.0)]
 
 
