@@ -105,12 +105,15 @@ class Batch:
     def params(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.model.named_parameters()}
 
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-def make_batch(steps: int, seed: int, config: str = "sinusoid") -> Batch:
+
+def make_batch(steps: int, seed: int, config: str = "sinusoid", device: torch.device = torch.device("cpu")) -> Batch:
     """θ from ``build_problem``'s seed ``seed``, and the tasks of seeds seed … seed+3, of
-    ``benchmarks.estimators.CONFIGS[config]``."""
-    cpu = torch.device("cpu")
-    problems = [build_problem(CONFIGS[config], steps, LR, seed + i, cpu, torch.float32) for i in range(META_BATCH)]
+    ``benchmarks.estimators.CONFIGS[config]``, on ``device``."""
+    problems = [build_problem(CONFIGS[config], steps, LR, seed + i, device, torch.float32) for i in range(META_BATCH)]
     return Batch(problems[0].model, [p.task for p in problems], steps, config)
 
 
@@ -142,7 +145,7 @@ def eager_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = Fa
     return run
 
 
-def tasks_metagradient(batch: Batch, estimator: mg.Estimator, compile: bool = False) -> Callable[[], torch.Tensor]:
+def tasks_metagradient(batch: Batch, estimator: mg.Estimator, compile: Any = False) -> Callable[[], torch.Tensor]:
     """The context manager over the whole meta-batch in one block (``tasks=4``): the same
     mini-batches as :func:`eager_metagradient`'s, stacked over tasks, a new loss module per
     meta-batch and a new lambda per step; the query loss the mean over tasks."""
@@ -403,7 +406,14 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
             Row("scan_checkpointed_compiled", "hand-written Checkpointed with scan (no unroll), torch.compile, per task",
                 pure_call(batch, scan_checkpointed(batch)), compiled=True, library="torch"),
         ]
-    if batch.config != "sinusoid":
+    if compile_rows and batch.model_device.type == "cuda":  # CUDA graphs: torch.compile's reduce-overhead
+        rows.append(Row("compiled_tasks_checkpointed_cudagraphs",
+                        'metagrad Checkpointed, tasks=4, compile="reduce-overhead" (CUDA graphs)',
+                        tasks_metagradient(batch, mg.Checkpointed(), compile="reduce-overhead"), compiled=True))
+    if batch.model_device.type != "cpu":
+        rows.append(Row("jax", "JAX jit(vmap(grad(lax.scan)))", None, compiled=True, library="jax",
+                        failure="the JAX row runs on the CPU only"))
+    elif batch.config != "sinusoid":
         rows.append(Row("jax", "JAX jit(vmap(grad(lax.scan)))", None, compiled=True, library="jax",
                         failure="the JAX row is written for the sinusoid MLP only"))
     elif jax is not None:
@@ -415,14 +425,21 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
     return rows
 
 
-def measure(rows: Sequence[Row], repeats: int) -> None:
+def measure(rows: Sequence[Row], repeats: int, device: torch.device = torch.device("cpu")) -> None:
+    """Time every row; on a GPU each call is timed to its end (``torch.cuda.synchronize``)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     live = [r for r in rows if r.failure is None]
     for r in live:  # first call: compile (for compiled rows) and one run
         try:
             start = time.perf_counter()
             r.grad = r.run().detach().clone()
+            sync()
             r.first_call_s = time.perf_counter() - start
             r.run()  # warm-up
+            sync()
         except Exception as error:  # noqa: BLE001 - a failing row is reported, not fatal
             r.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             traceback.print_exc()
@@ -431,6 +448,7 @@ def measure(rows: Sequence[Row], repeats: int) -> None:
         for r in live:
             start = time.perf_counter()
             r.run()
+            sync()
             r.times_ms.append(1e3 * (time.perf_counter() - start))
 
 
@@ -486,6 +504,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", choices=["sinusoid", "omniglot"], default="sinusoid",
                         help="sinusoid: the 1-40-40-1 MLP; omniglot: CNN4 on 28×28 5-way 1-shot "
                              "(benchmarks.estimators' configs; no JAX row)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the torch rows run (cuda: every call timed to its end, TF32 off, and a "
+                             "row with compile=\"reduce-overhead\", CUDA graphs; the JAX row stays on the CPU)")
     parser.add_argument("--rows", nargs="+", default=None, metavar="KEY",
                         help="run only the rows with these keys (e.g. eager_full compiled_checkpointed; "
                              "the JSON names every row's key); eager_full always runs, as the reference")
@@ -514,6 +535,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--repeats must be >= 7")
     if any(k < 1 for k in args.steps):
         parser.error("--steps: every value must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here; use --device cpu")
     return args
 
 
@@ -536,7 +559,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         jax = setup_jax(args.threads)
     else:
         jax_note = "jax row off (--no-jax)"
-    machine = machine_description(torch.device("cpu"))
+    device = torch.device(args.device)
+    if device.type == "cuda":  # accuracy columns without TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    machine = machine_description(device)
     machine["jax"] = getattr(jax, "__version__", None)
     try:
         machine["load_average"] = list(os.getloadavg())
@@ -552,11 +579,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
               f"compile threads {args.threads}")
     cases = []
     for steps in args.steps:
-        batch = make_batch(steps, args.seed, args.config)
+        batch = make_batch(steps, args.seed, args.config, device)
         rows = build_rows(batch, args.compile, jax, jax_note)
         if args.rows is not None:
             rows = [r for r in rows if r.key in args.rows or r.key == "eager_full"]
-        measure(rows, args.repeats)
+        measure(rows, args.repeats, device)
         table = rows_json(rows)
         print(f"\n#### {CONFIGS[args.config].description}, K = {steps}, α = {LR}, meta-batch {META_BATCH}, "
               "float32\n")

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The GPU tables: every estimator and higher's, torchopt's and a plain autograd full unroll,
 # on the three configs at K = 5, 20, 50, one process per config, then the step-product
-# formulations (benchmarks/products.py) on each config. Meant to finish in under 5 minutes on
-# one H100 or H200 (it has not been timed on one yet; each part prints its own timing).
+# formulations (benchmarks/products.py) on each config, then the context manager compiled
+# (benchmarks/compiled.py on the sinusoid, K = 5 and 20: compile=True, tasks=4, CUDA graphs by
+# compile="reduce-overhead", the compiled functional face and torch.func beside eager Full;
+# its first calls compile, a minute or more each with an empty inductor cache). Meant to
+# finish within the 15 minutes of a lent GPU (it has not been timed on one yet; each part
+# prints its own timing in seconds.txt).
 #
 # The benchmark sets TF32 off, cudnn.deterministic on and cudnn.benchmark off for its run
 # and prints that it did. The error column is computed on the GPU in float32.
 #
 # Usage (from anywhere):  benchmarks/gpu.sh [OUTDIR]      benchmarks/gpu.sh --help
 #   OUTDIR defaults to results/benchmarks/gpu-<UTC time>. It receives, per config,
-#   <config>.json, <config>.md and <config>.out (stdout), plus products.json/.md,
+#   <config>.json, <config>.md and <config>.out (stdout), plus products.json/.md, compiled.json/.md,
 #   tables.md (everything) and nvidia-smi.txt.
 # PYTHON=... picks the interpreter (default: .venv/bin/python if present, else python3).
 # THREADS=... sets the torch CPU threads of every run (default 1, as in the CPU tables).
@@ -56,5 +60,12 @@ start=$SECONDS
     --json "$OUT/products.json" | tee "$OUT/products.md"
 echo "products: $((SECONDS - start)) s" | tee -a "$OUT/seconds.txt"
 
-cat "$OUT/sinusoid.md" "$OUT/omniglot.md" "$OUT/miniimagenet.md" "$OUT/products.md" > "$OUT/tables.md"
+start=$SECONDS
+# The context manager compiled (and over tasks, with CUDA graphs) against eager Full, the loop as users write it.
+"$PY" -m benchmarks.compiled --device cuda --steps 5 20 --repeats 7 --threads "$THREADS" --json "$OUT/compiled.json" \
+    --rows eager_full compiled_full compiled_checkpointed eager_tasks_full compiled_tasks_checkpointed \
+    compiled_tasks_checkpointed_cudagraphs functional_checkpointed_compiled torch_func_compiled \
+    | tee "$OUT/compiled.md"
+echo "compiled: $((SECONDS - start)) s" | tee -a "$OUT/seconds.txt"
+cat "$OUT/sinusoid.md" "$OUT/omniglot.md" "$OUT/miniimagenet.md" "$OUT/products.md" "$OUT/compiled.md" > "$OUT/tables.md"
 echo "Wrote $OUT/tables.md and the JSON beside it (total $SECONDS s)."
