@@ -66,7 +66,8 @@ class Frozen:
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
-                 attributes: tuple[str, ...] = (), bound: Any = None) -> None:
+                 attributes: tuple[str, ...] = (), bound: Any = None, known: tuple[Any, ...] = ()) -> None:
+        # known: the keys of the first values, computed already (Frozen.around).
         self._build = build
         self.source = source
         #: How a rebuild of this step was computed by a compiled call (``compile=True``):
@@ -105,12 +106,12 @@ class Frozen:
         if bound is not None:
             roots.append(("self", bound))
         self.reads = _attribute_reads(roots, frozenset(attributes)) if attributes else []
-        self.key = (identity, tuple(specs_key(specs)), tuple(
+        self.key = (identity, tuple(specs_key(specs)), known + tuple(
             # A tensor that requires grad is a meta-parameter: by identity, so that another one
             # is looked for again (MetaParameters.discover, metagrad.discovery).
             ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
             if isinstance(v, torch.Tensor)
-            else _value_key(v) for v in flat))
+            else _value_key(v) for v in flat[len(known):]))
 
     def around(self, wrap: Callable[..., Any], extra: list[Any], extra_names: list[str], tag: Any) -> "Frozen":
         """A frozen closure that calls ``wrap(function, extra, *args)``: ``function`` is this
@@ -123,7 +124,7 @@ class Frozen:
             return functools.partial(wrap, self._function(values[:count]), values[count:])
 
         out = Frozen(build, [*self._values, *extra], [*self.names, *extra_names],
-                     (tag, self.key[0], tuple(self.key[1])), self.source)
+                     (tag, self.key[0], tuple(self.key[1])), self.source, known=self.key[2])
         out.reads = self.reads
         return out
 
