@@ -10,7 +10,7 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   run eagerly, never computed with stale values. The first step of each closure runs eagerly:
   it finds the meta-parameters η and whether the closure draws random numbers.
 - **A sweep** (:meth:`~metagrad.trajectory.Trajectory.sweep`, Checkpointed's backward): a
-  vector pulled back through a run of up to 8 steps of one structure in one compiled call,
+  vector pulled back through a run of steps of one structure (``estimators.base.SWEEP``, 4) in one compiled call,
   the run's step products traced as one graph (:func:`_segment`), each rebuilt step still
   checked against the stored iterate. Runs have one length (the steps left over are single
   products), so a larger K compiles nothing new.

@@ -167,22 +167,29 @@ class FunctionalModel:
     def _over_tasks(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The call mapped over tasks: tensor arguments split along their first dimension."""
         tasks = self._tasks
-        leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
-        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        for i in where:
-            if leaves[i].dim() == 0 or leaves[i].shape[0] != tasks:
+        for leaf in pytree.tree_leaves((args, dict(kwargs))):
+            if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
                 raise ValueError(
                     f"meta.fmodel: a block over tasks={tasks} maps over the first dimension of every "
                     f"tensor argument, which must be {tasks}; got a tensor of shape "
-                    f"{tuple(leaves[i].shape)}. Stack the tasks' inputs along a first dimension "
+                    f"{tuple(leaf.shape)}. Stack the tasks' inputs along a first dimension "
                     "(torch.stack), or pass a tensor shared by every task as a non-tensor value.")
+        return self.each_task(lambda model, *a, **k: model(*a, **k), args, kwargs)
+
+    def each_task(self, function: Callable[..., Any], args: Any, kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+        """``function(model_t, *args_t, **kwargs_t)`` for each task t, stacked, by
+        ``torch.func.vmap`` over the first dimension of the fast weights (T stacked sets) and of
+        the tensors among ``args`` and ``kwargs`` (other values go to every task as they are);
+        ``model_t`` is this module at task t's weights (random draws differ between tasks)."""
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
 
         def one(params: Mapping[str, torch.Tensor], tensors: list[torch.Tensor]) -> Any:
             full = list(leaves)
             for i, tensor in zip(where, tensors):
                 full[i] = tensor
             call_args, call_kwargs = pytree.tree_unflatten(full, spec)
-            return self.with_params(params)(*call_args, **call_kwargs)
+            return function(self.with_params(params), *call_args, **call_kwargs)
 
         return torch.func.vmap(one, randomness="different")(self._params, [leaves[i] for i in where])
 

@@ -117,7 +117,8 @@ def conjugate_gradient(hvp: Operator, b: Params, *, reg: float, max_iter: int,
         products += 1
     else:
         ax = b
-    residual = rows.dot(*([{n: ax[n] - b[n] for n in b}] * 2)).sqrt() / torch.where(b_norm > 0, b_norm, 1.0)
+    difference = {n: ax[n] - b[n] for n in b}
+    residual = rows.dot(difference, difference).sqrt() / torch.where(b_norm > 0, b_norm, 1.0)
     return x, SolveInfo(iterations=rows.out(iterations), products=products, residual=rows.out(residual),
                         converged=rows.out(residual <= tol), diverged=rows.out(torch.zeros_like(active)))
 
@@ -194,11 +195,6 @@ class _Rows:
         return values.item() if self.tasks is None else values.tolist()
 
 
-def _dot(a: Params, b: Params) -> float:
-    """``⟨a, b⟩`` over name→tensor mappings, accumulated in float64."""
-    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
-
-
 def norm(a: Params) -> float:
     """The Euclidean norm of a name→tensor mapping, accumulated in float64."""
-    return math.sqrt(_dot(a, a))
+    return math.sqrt(float(_Rows(None).dot(a, a)))

@@ -68,23 +68,17 @@ def _each_task(function: Callable[..., Any], batch: list[Any], fmodel: Functiona
 
 
 def _task_losses(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> torch.Tensor:
-    """``[closure(f_t, *batch_t) for each task t]``, by ``torch.func.vmap`` over the first
-    dimension of the fast weights and of the batch's tensors."""
-    leaves, spec = pytree.tree_flatten(list(batch))
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-
-    def one(params: dict[str, torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
-        full = list(leaves)
-        for i, tensor in zip(where, tensors):
-            full[i] = tensor
-        loss = function(fmodel.with_params(params), *pytree.tree_unflatten(full, spec))
+    """``[closure(f_t, *batch_t) for each task t]`` (:meth:`FunctionalModel.each_task
+    <metagrad.fmodel.FunctionalModel.each_task>`), each a scalar."""
+    def one(model: FunctionalModel, *task_batch: Any) -> torch.Tensor:
+        loss = function(model, *task_batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a tensor of shape {tuple(loss.shape)}"
             raise ValueError(f"closure: in a block over tasks, the closure returns each task's scalar inner "
                              f"loss; it returned {got} for one task.")
         return loss
 
-    return torch.func.vmap(one, randomness="different")(dict(fmodel.params), [leaves[i] for i in where])
+    return fmodel.each_task(one, batch)
 
 
 def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,

@@ -127,20 +127,17 @@ class Implicit(Estimator):
         each = [(k, *e) for k, e in enumerate(zip(*(v if isinstance(v, list) else [v] for v in (
             solve.iterations, solve.residual, solve.converged, solve.diverged))))]
         diverged = [e for e in each if e[4]]
-        missed = [e for e in each if not e[3] and not e[4]]
-        for bad, kind in ((diverged, "diverged"), (missed, "missed")):
-            if not bad:
-                continue
+        bad = diverged or [e for e in each if not e[3]]  # one warning: divergence first
+        if bad:
             which = "" if trajectory.tasks is None else f" (tasks {[e[0] for e in bad]})"
             iterations, residual = max(e[1] for e in bad), max(e[2] for e in bad)
             warn(
                 f"Implicit: the Neumann series is diverging{which} (its terms grew after {iterations} "
                 f"products): ‖H‖/λ is too large for reg={self.reg}. The best partial sum, with "
                 f"relative residual {residual:.3g}, is used. Increase reg above ‖H‖, or use "
-                "solver='cg'." if kind == "diverged" else
+                "solver='cg'." if diverged else
                 f"Implicit: the {self.solver} solve stopped{which} at relative residual "
                 f"{residual:.3g} after {iterations} iterations, above tol={self.tol:g}. "
                 "Raise max_iter, loosen tol, or increase reg."
             )
-            break  # one warning: divergence first, as before
         return x, meta, info
