@@ -5,6 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metagrad-installed
 DEMO_OUT ?= results/sinusoid
+# Test workers (pytest-xdist): one per core, at most 4; each runs torch on one thread.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test install clean
 
@@ -22,7 +24,7 @@ demo: $(STAMP)
 	$(PY) examples/sinusoid.py --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
