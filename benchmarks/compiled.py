@@ -18,7 +18,9 @@ round so that a change of load hits all of them alike:
 - the plain eager unroll: a hand-written autograd loop with ``create_graph=True`` over the same
   mini-batches;
 - ``mg.functional.meta_grad`` under ``torch.func.vmap`` over the meta-batch, eager and under
-  ``torch.compile`` (inductor), with Full and Checkpointed;
+  ``torch.compile`` (inductor), with Full and Checkpointed; and with ``tasks=4`` (the meta-batch
+  in one call), eager and with ``compile=True`` (compiled pieces, the loops over steps in
+  Python: its compile time does not grow with K);
 - hand-written torch.func: ``torch.func.grad`` of the unrolled loss, vmapped over the tasks,
   eager and under ``torch.compile``;
 - a loop form that does not unroll: Checkpointed's sweep with ``torch._higher_order_ops.scan``,
@@ -209,6 +211,23 @@ def functional_meta_grad(batch: Batch, estimator: mg.Estimator) -> Callable[...,
     return meta_batch
 
 
+def functional_tasks(batch: Batch, estimator: mg.Estimator, compile: Any = False) -> Callable[..., dict[str, torch.Tensor]]:
+    """``mg.functional.meta_grad(..., tasks=4)``: the meta-batch in one call, the mean over the
+    tasks (``compile``: its compiled pieces, the loops over steps in Python; call it uncompiled)."""
+    model, mse = batch.model, batch.loss
+
+    def loss_fn(p: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return mse(torch.func.functional_call(model, p, (data[0],)), data[1])
+
+    def meta_batch(params: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor,
+                   x_q: torch.Tensor, y_q: torch.Tensor) -> dict[str, torch.Tensor]:
+        return mg.functional.meta_grad(loss_fn, params, (x_s, y_s), (x_q, y_q), inner_opt=mg.optim.SGD(lr=LR),
+                                       steps=batch.steps, estimator=estimator, tasks=len(batch.tasks),
+                                       compile=compile)
+
+    return meta_batch
+
+
 def hand_torch_func(batch: Batch) -> Callable[..., dict[str, torch.Tensor]]:
     """``torch.func.grad`` of the unrolled query loss, vmapped over the tasks, by hand."""
     model, steps, mse = batch.model, batch.steps, batch.loss
@@ -381,6 +400,8 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
             pure_call(batch, functional_meta_grad(batch, mg.Full()))),
         Row("functional_checkpointed", "mg.functional.meta_grad Checkpointed, vmap, eager",
             pure_call(batch, functional_meta_grad(batch, mg.Checkpointed()))),
+        Row("functional_tasks", "mg.functional.meta_grad Checkpointed, tasks=4, eager",
+            pure_call(batch, functional_tasks(batch, mg.Checkpointed()))),
         Row("torch_func", "hand-written torch.func (grad of unroll, vmap), eager",
             pure_call(batch, hand_torch_func(batch)), library="torch"),
     ]
@@ -401,6 +422,8 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
                 pure_call(batch, torch.compile(functional_meta_grad(batch, mg.Full()))), compiled=True),
             Row("functional_checkpointed_compiled", "mg.functional.meta_grad Checkpointed, vmap, torch.compile",
                 pure_call(batch, torch.compile(functional_meta_grad(batch, mg.Checkpointed()))), compiled=True),
+            Row("functional_tasks_compiled", "mg.functional.meta_grad Checkpointed, tasks=4, compile=True (compiled pieces)",
+                pure_call(batch, functional_tasks(batch, mg.Checkpointed(), compile=True)), compiled=True),
             Row("torch_func_compiled", "hand-written torch.func (grad of unroll, vmap), torch.compile",
                 pure_call(batch, torch.compile(hand_torch_func(batch))), compiled=True, library="torch"),
             Row("scan_checkpointed_compiled", "hand-written Checkpointed with scan (no unroll), torch.compile, per task",

@@ -97,6 +97,12 @@ class FunctionalModel:
         """The wrapped module (never modified)."""
         return self._module
 
+    def buffer_versions(self) -> dict[str, tuple[int, int]]:
+        """``name → (id, version counter)`` of each of the module's buffers now: a call that
+        wrote to one in place (a forward hook's update) changes its entry."""
+        return {f"{prefix}{key}": (id(buffer), buffer._version) for prefix, sub in self._layout.modules
+                for key, buffer in sub._buffers.items() if buffer is not None}
+
     @property
     def params(self) -> Mapping[str, torch.Tensor]:
         """The fast weights, as a read-only name→tensor mapping."""
@@ -216,6 +222,9 @@ class Layout:
     #: Every dotted name of a parameter or buffer (each name of a submodule registered under
     #: several) → ``(submodule, key)``, the slot it names (:func:`_call_at`).
     slots: Mapping[str, tuple[torch.nn.Module, str]] = field(default_factory=dict)
+    #: ``(prefix, submodule)`` for each submodule once, the prefix its dotted names start with
+    #: (``"body.0."``; ``""`` for the module itself).
+    modules: list[tuple[str, torch.nn.Module]] = field(default_factory=list)
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
@@ -245,7 +254,8 @@ class Layout:
                 else:
                     first[id(param)] = name
         checkpoints = any(_calls_checkpoint(type(sub).forward) for sub in module.modules())
-        return cls(norms, aliases, checkpoints, named)
+        modules = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()]
+        return cls(norms, aliases, checkpoints, named, modules)
 
 
 def _call_at(module: torch.nn.Module, slots: Mapping[str, tuple[torch.nn.Module, str]],

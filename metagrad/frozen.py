@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -162,14 +163,14 @@ class Frozen:
         # A rebuild: note the generator states it replays (set by RandomState.replay on this
         # thread), and the model's buffers it writes to in place (a forward hook's update).
         self.replayed = getattr(_REPLAYING, "state", None)
-        module = args[0].module if args and isinstance(args[0], FunctionalModel) else None
-        before = None if module is None else _buffer_versions(module)
+        model = args[0] if args and isinstance(args[0], FunctionalModel) else None
+        before = None if model is None else model.buffer_versions()
         out = self.with_tensors(replace)(*args, **kwargs)
-        if module is not None and before is not None:
-            after = _buffer_versions(module)
+        if model is not None and before:
+            after = model.buffer_versions()
             written = [name for name, version in after.items() if before.get(name) != version]
             if written:
-                self.written = (module, written)
+                self.written = (model.module, written)
         return out
 
     def _function(self, flat: list[Any]) -> Callable[..., Any]:
@@ -196,30 +197,44 @@ def _value_key(value: Any) -> tuple[Any, ...]:
     # closure keeps alive.
     if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
         return ("value", type(value), value)
-    if isinstance(value, torch.nn.Module) and _stateless(value):
-        # Its registries (parameters, buffers, submodules, hooks) are empty: its settings are
-        # the rest of its attributes.
-        return ("module", type(value), tuple((name, _setting_key(v)) for name, v in sorted(vars(value).items())))
+    if isinstance(value, torch.nn.Module):
+        settings = _settings(value)
+        if settings is not None:
+            return ("module", type(value), settings)
     return ("object", id(value))
 
 
-def _stateless(module: torch.nn.Module) -> bool:
-    """A module with no parameters, buffers, submodules or hooks of its own (a loss module;
-    CrossEntropyLoss's ``weight=None`` is an empty buffer slot)."""
-    attributes = vars(module)
-    return not any(v is not None for registry in _MODULE_REGISTRIES
-                   for v in (attributes.get(registry) or {}).values())
+def _settings(module: torch.nn.Module) -> Optional[tuple[Any, ...]]:
+    """The key of a module with no parameters, buffers, submodules or hooks of its own (a loss
+    module; CrossEntropyLoss's ``weight=None`` is an empty buffer slot): its attributes, each
+    registry or other container holding only ``None`` (or nothing) by its keys, the rest as
+    :func:`_value_key` keys them. ``None`` for a module with state. One pass, in the order the
+    attributes were set (two modules whose equal settings were set in another order get two
+    keys: a cache miss, never a wrong hit); it runs at every inner step."""
+    settings = []
+    for name, value in vars(module).items():
+        kind = type(value)
+        if kind in _PLAIN:  # (the common case first: a number, a string, an empty registry)
+            settings.append((name, ("value", kind, value)))
+        elif (kind is dict or kind is OrderedDict or kind is set) and not value:
+            settings.append((name, ("empty", ())))
+        elif isinstance(value, (dict, set)):
+            held = value.values() if isinstance(value, dict) else value
+            if any(v is not None for v in held):
+                if name in _MODULE_REGISTRIES:
+                    return None
+                settings.append((name, ("object", id(value))))
+            else:
+                settings.append((name, ("empty", tuple(map(str, value)))))
+        else:
+            settings.append((name, _value_key(value)))
+    return tuple(settings)
 
 
-def _setting_key(value: Any) -> Any:
-    """A stateless module's attribute: a registry or other container holding only ``None``
-    (or nothing) by its keys, anything else as :func:`_value_key` keys it."""
-    if isinstance(value, (dict, set)) and all(v is None for v in (value.values() if isinstance(value, dict) else value)):
-        return ("empty", tuple(sorted(map(str, value))))
-    return _value_key(value)
+_PLAIN = frozenset((bool, int, float, complex, str, bytes, type(None)))
 
-
-#: The registries of a module's state; a module with all of them empty is :func:`_stateless`.
+#: The registries of a module's state; a module with all of them empty is keyed by its settings
+#: (:func:`_settings`).
 _MODULE_REGISTRIES = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
                       "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
                       "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_load_state_dict_pre_hooks")
@@ -385,11 +400,6 @@ def _follow(root: Any, path: tuple[str, ...]) -> Any:
             return _MISSING
         value = fields[attribute]
     return value
-
-
-def _buffer_versions(module: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    return {name: (id(buffer), buffer._version) for name, buffer in module.named_buffers()
-            if buffer is not None}
 
 
 # ------------------------------------------------------------------- random numbers

@@ -8,22 +8,25 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .compiled import compile_settings
 from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
+from .pure_compiled import Pieces
 from .step import rule_slots
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
 
 def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.Tensor], support: Any, query: Any, *,
-              inner_opt: Any, steps: int, estimator: Any = None, meta: Any = None) -> Any:
+              inner_opt: Any, steps: int, estimator: Any = None, meta: Any = None, tasks: Optional[int] = None,
+              compile: Any = False) -> Any:
     """The meta-gradient ``∇_θ loss_fn(φ_K(θ), query)`` of K inner steps, as a pure function.
 
     The functional face of the estimators: the same estimator code as
@@ -72,6 +75,27 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     match the size of tensor b (8)"): write the loss as ``((pred - y) ** 2).mean()``, or pass
     ``chunk_size=1`` (one product at a time, no inner ``vmap``).
 
+    **A meta-batch** (``tasks=T``): ``support`` and ``query`` hold T tasks' batches, every tensor
+    with a leading dimension of T (other leaves go to every task as they are); each task takes
+    its own inner steps from θ, and the result is the **mean over the tasks** of their
+    meta-gradients (θ's, and η's), what ``torch.func.vmap`` of ``meta_grad`` over the tasks gives,
+    averaged. As ``MetaGradient(tasks=T)`` does, the inner loop differentiates the sum of the
+    tasks' losses at their stacked fast weights, so every estimator's products act task by task.
+
+    **Compiled** (``compile=True``, a ``torch.compile`` mode such as ``"reduce-overhead"``, or a
+    dict of its arguments, as ``MetaGradient(compile=...)`` takes): the inner loop and the
+    backward stay Python loops over compiled pieces, each compiled once (a run of inner steps,
+    a sweep of step products back through a run, Binomial's rows, the query's gradient;
+    :mod:`metagrad.pure_compiled`), so compiling takes about as long at K = 50 as at K = 5, and
+    a new call with the same shapes compiles nothing. Call it outside ``torch.compile`` and
+    ``torch.func.vmap`` (give a meta-batch by ``tasks``); ``mg.Full()`` runs as Checkpointed
+    there (:meth:`~metagrad.Estimator.under_compile`: the same meta-gradient). Without
+    ``compile``, ``meta_grad`` is the pure function above, for ``torch.compile`` and ``vmap``
+    of your own::
+
+        g = mg.functional.meta_grad(loss_fn, params, (x_s, y_s), (x_q, y_q), tasks=4, compile=True,
+                                    inner_opt=mg.optim.SGD(lr=0.01), steps=50, estimator=mg.Checkpointed())
+
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar`` (``loss_fn(params, batch, meta)`` with
             ``meta``), e.g. built on ``torch.func.functional_call(model, params, (x,))``.
@@ -83,10 +107,14 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         steps: K >= 0.
         estimator: an estimator instance or name; ``None`` is ``mg.Full()``.
         meta: the meta-parameters η, a pytree of floating-point tensors, or ``None``.
+        tasks: T, the tasks of a meta-batch in ``support`` and ``query`` (see above), or ``None``
+            for one task.
+        compile: compile the inner loop's and the backward's pieces (see above); ``False``: no.
 
     Returns:
-        The meta-gradient, name→tensor, with the layout of ``params``; with ``meta``, the pair
-        ``(that, the gradient of η with the structure of meta)``.
+        The meta-gradient, name→tensor, with the layout of ``params`` (with ``tasks``, the mean
+        over the tasks); with ``meta``, the pair ``(that, the gradient of η with the structure
+        of meta)``.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
@@ -95,30 +123,91 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     inner_opt = as_update_rule(inner_opt, model=False)
     check_count(steps, "steps", minimum=0)
     estimator = check_estimator(estimator)
+    tasks = check_count(tasks, "tasks", minimum=1, allow_none=True)
+    if tasks is not None:
+        _check_tasks(support, "support", tasks)
+        _check_tasks(query, "query", tasks)
+    settings = compile_settings(compile)
+    if settings is not None:
+        estimator = estimator.under_compile()
     eta, spec, names = _meta_leaves(meta)
     theta = dict(params)
-
-    def loss_of(batch: Any) -> Callable[[dict[str, torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]:
-        if meta is None:
-            return lambda phi, e: loss_fn(phi, batch)
-        return lambda phi, e: loss_fn(phi, batch, pytree.tree_unflatten(list(e), spec))
-
+    loss_of = TaskLoss(loss_fn, spec, meta is not None, tasks)
     inner, outer = loss_of(support), loss_of(query)
+    scale = 1.0 if tasks is None else 1.0 / tasks  # the mean over the tasks (their losses are summed)
+
+    def start(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """φ_0: θ, stacked for each task (a view; a copy for the compiled pieces, whose inputs
+        keep the layout of the iterates after it)."""
+        if settings is not None:  # (detached: the pieces' guards check requires_grad)
+            p = {n: t.detach() for n, t in p.items()}
+        if tasks is None:
+            return p
+        return {n: t.expand(tasks, *t.shape) if settings is None else t.expand(tasks, *t.shape).contiguous()
+                for n, t in p.items()}
+
     if estimator.differentiable:  # Full: autograd through the unroll
         rule_eta = rule_slots(inner_opt, eta)
 
         def objective(p: dict[str, torch.Tensor], e: list[torch.Tensor]) -> torch.Tensor:
-            return outer(unroll(inner, p, inner_opt, steps, e, rule_eta)[0][-1], e)
+            return outer(unroll(inner, start(p), inner_opt, steps, e, rule_eta)[0][-1], e) * scale
 
         g, g_eta = torch.func.grad(objective, argnums=(0, 1))(theta, eta)
         return _result(dict(g), list(g_eta), meta, spec)
+    phi = start(theta)
+    pieces = None
+    if settings is not None:  # (η as given: the rule holds its step sizes by identity)
+        support, query = pytree.tree_map(_detached, support), pytree.tree_map(_detached, query)
+        inner = loss_of(support)
+        pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta, settings)
     with torch.no_grad():
-        trajectory = PureTrajectory(inner, theta, inner_opt, steps, eta, names,
-                                    snapshots=estimator.snapshot_schedule())
-        v, direct = torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
+        trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
+                                    snapshots=estimator.snapshot_schedule(), pieces=pieces)
+        found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
+        v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]
-    return _result({n: g[n] for n in theta}, total, meta, spec)
+    if tasks is not None:  # each task's gradient of θ is its row; η's are summed already
+        g = {n: g[n].sum(0) for n in theta}
+    return _result({n: g[n] * scale for n in theta}, [t * scale for t in total], meta, spec)
+
+
+class TaskLoss:
+    """``loss_fn`` on a batch, as the trajectory calls it: ``TaskLoss(...)(batch)`` is
+    ``loss_at(φ, η)``. With ``tasks``, the sum of the tasks' losses, each task's at its own fast
+    weights (the rows of φ) and batch (``torch.func.vmap``). ``identity``: equal for two that
+    compute the same loss (the loss function's code, or the object), for the compiled pieces'
+    cache (the function itself is an argument of every compiled call, and its guards check it)."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], spec: Any, with_meta: bool,
+                 tasks: Optional[int]) -> None:
+        self.loss_fn, self.spec, self.with_meta, self.tasks = loss_fn, spec, with_meta, tasks
+        self.identity = (type(loss_fn), getattr(loss_fn, "__code__", None) or id(loss_fn), str(spec), with_meta, tasks)
+
+    def __call__(self, batch: Any) -> Callable[[dict[str, torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]:
+        def one(phi: dict[str, torch.Tensor], batch: Any, e: Sequence[torch.Tensor]) -> torch.Tensor:
+            if not self.with_meta:
+                return self.loss_fn(phi, batch)
+            return self.loss_fn(phi, batch, pytree.tree_unflatten(list(e), self.spec))
+
+        if self.tasks is None:
+            return lambda phi, e: one(phi, batch, e)
+        dims = pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
+        return lambda phi, e: torch.func.vmap(lambda p, b: one(p, b, e), in_dims=(0, dims))(phi, batch).sum()
+
+
+def _detached(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
+
+
+def _check_tasks(batch: Any, argument: str, tasks: int) -> None:
+    """Every tensor of a meta-batch's ``support`` or ``query`` has a leading dimension of T."""
+    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
+            raise ValueError(
+                f"{argument}: with tasks={tasks} every tensor holds one batch per task along its first "
+                f"dimension, but {argument}{pytree.keystr(path)} has shape {tuple(leaf.shape)}. Stack the "
+                f"tasks' batches (torch.stack of {tasks} tensors), or pass tasks=None for one task.")
 
 
 def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -74,14 +74,21 @@ class Products:
         loss = self.rebuilt_loss(m, step, params, create_graph=create_graph)
         return loss, loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used)
 
-    @contextlib.contextmanager
     def as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
-                  autocast: Optional[torch.dtype] = None) -> Iterator[None]:
+                 autocast: Optional[torch.dtype] = None) -> ContextManager[None]:
         """Run a rebuild as its step ran: the random generators from the states the step drew
         from, every submodule in the mode (train or eval) it was in, and autocast as it was
         (mixed precision set around the inner loop). All are put back."""
         tr = self.trajectory
         now = tuple(sub.training for sub in tr.submodules)
+        if rng is None and (not modes or modes == now) and autocast == autocast_dtype(tr.device.type):
+            return contextlib.nullcontext()  # as it is now (the common case: no work per rebuild)
+        return self._as_taken(rng, modes, autocast, now)
+
+    @contextlib.contextmanager
+    def _as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
+                  autocast: Optional[torch.dtype], now: tuple[bool, ...]) -> Iterator[None]:
+        tr = self.trajectory
         changed = bool(modes) and modes != now
         if changed:
             for sub, mode in zip(tr.submodules, modes):

@@ -36,6 +36,7 @@ from .tape import Tape
 from .step import (Body, Gradient, StepRecord, functional_gradient, held, pull_back, rule_slots, step_body,
                    step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
+from .pure_compiled import RUNS, Pieces
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
 
@@ -79,9 +80,12 @@ class PureTrajectory:
         meta_names: a description of each η.
     """
 
+    #: The lengths of the runs of steps a compiled call takes or sweeps, longest first.
+    runs = RUNS
+
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
                  meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
-                 snapshots: Optional[Schedule] = None) -> None:
+                 snapshots: Optional[Schedule] = None, pieces: Optional[Pieces] = None) -> None:
         self.loss_at = loss_at
         self.rule = rule
         self.theta = dict(theta)
@@ -93,13 +97,32 @@ class PureTrajectory:
         #: The tape both faces record into (metagrad.tape): every iterate, or with ``snapshots``
         #: those of the schedule, the others recomputed by the body when a product needs them.
         self.tape = Tape(self.theta, rule.init(self.theta), keep=None, snapshots=snapshots)
+        #: The compiled pieces (``meta_grad(compile=...)``), or ``None``: every step eagerly.
+        self.pieces = pieces
         with torch.no_grad():
-            for _ in range(steps):
-                current, state = self.tape.current, self.tape.state
-                (new, new_state), (loss, _) = self._body(state)(current, self.meta, [])
-                record = StepRecord(params=current, state=state, closure=None, rule=rule,
-                                    loss=torch.zeros(()) if loss is None else loss)
-                self.tape.append(record, new, new_state)
+            while self.length < steps:
+                self._advance(steps - self.length)
+
+    def _advance(self, left: int) -> None:
+        """Take the next inner steps: a compiled run, the longest of :attr:`runs` within the
+        ``left`` steps, where the pieces are compiled and the state keeps its structure; else
+        one step by the body."""
+        current, state = self.tape.current, self.tape.state
+        leaves, spec = pytree.tree_flatten(state)
+        out = None
+        if (self.pieces is not None and all(isinstance(t, torch.Tensor) for t in leaves)
+                and self.pieces.keeps_structure(state)):
+            out = self.pieces.run(current, leaves, spec, self.meta, next(run for run in self.runs if run <= left))
+        if out is None:
+            (new, new_state), (loss, _) = self._body(state)(current, self.meta, [])
+            if self.pieces is not None:
+                self.pieces.note_structure(state, new_state)
+            out = [new], [pytree.tree_leaves(new_state)], [loss]
+            spec = pytree.tree_structure(new_state)
+        for new, new_leaves, loss in zip(*out):
+            record = StepRecord(params=self.tape.current, state=self.tape.state, closure=None, rule=self.rule,
+                                loss=torch.zeros(()) if loss is None else loss)
+            self.tape.append(record, dict(new), pytree.tree_unflatten(new_leaves, spec))
 
     @property
     def length(self) -> int:
@@ -165,6 +188,9 @@ class PureTrajectory:
                 return dict(u), [], None
             body = self._body(self.state(m), gradient=held(functional_gradient))
             return dict(u), list(step_vjp(body, self.iterate(m), self.meta, [], u, [])[1]), None
+        compiled = self._compiled_sweep(m, m + 1, u, state_adjoint)
+        if compiled is not None:
+            return compiled
         leaves = pytree.tree_leaves(self.state(m))
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
@@ -182,8 +208,39 @@ class PureTrajectory:
     def sweep(self, first: int, last: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None
               ) -> tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]:
         """``u`` pulled back through steps ``last − 1`` down to ``first``, as
-        :meth:`metagrad.trajectory.Trajectory.sweep` defines it: :meth:`vjp` step by step."""
+        :meth:`metagrad.trajectory.Trajectory.sweep` defines it: :meth:`vjp` step by step, or
+        one compiled call for the run (``meta_grad(compile=...)``)."""
+        compiled = self._compiled_sweep(first, last, u, state_adjoint)
+        if compiled is not None:
+            return compiled
         return pull_back(self.vjp, first, last, u, state_adjoint)
+
+    def _compiled_sweep(self, first: int, last: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]]
+                        ) -> Optional[tuple[Params, list[Optional[torch.Tensor]], Optional[list[Optional[torch.Tensor]]]]]:
+        """:meth:`sweep` by one call of the compiled pieces, or ``None`` where there are none or
+        the steps' states are not tensors of one structure."""
+        if self.pieces is None:
+            return None
+        self.restore(first, last)  # with snapshots: their segments, recomputed once
+        spec = pytree.tree_structure(self.state(first))
+        states = [pytree.tree_leaves(self.state(m)) for m in range(first, last)]
+        if (any(pytree.tree_structure(self.state(m)) != spec for m in range(first + 1, last))
+                or not all(isinstance(t, torch.Tensor) for row in states for t in row)):
+            return None
+        carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if t.is_floating_point()]
+        adjoint = list(state_adjoint or [])
+        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, states[-1][i]) for i in carried]
+        out = self.pieces.sweep([self.iterate(m) for m in range(first, last)], states, spec, self.meta, u,
+                                carried, s_adjoint)
+        if out is None:
+            return None
+        pulled, pulled_eta, pulled_state = out
+        if state_adjoint is None:
+            return pulled, list(pulled_eta), None
+        adjoint_out: list[Optional[torch.Tensor]] = [None] * len(states[0])
+        for i, g in zip(carried, pulled_state):
+            adjoint_out[i] = g
+        return pulled, list(pulled_eta), adjoint_out
 
     def batched_vjp(self, steps: Sequence[int], vectors: Params,
                     chunk_size: Optional[int] = None) -> tuple[Params, list[Optional[torch.Tensor]]]:
@@ -212,6 +269,10 @@ class PureTrajectory:
             return dict(pulled), list(pulled_eta)
 
         state_dims = pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, states)
+        if self.pieces is not None:
+            compiled = self.pieces.rows(phis, states, state_dims, dict(vectors), self.meta, chunk_size)
+            if compiled is not None:
+                return {n: compiled[0][n] for n in vectors}, list(compiled[1])
         pulled, pulled_eta = torch.func.vmap(row, in_dims=(0, state_dims, 0, None), chunk_size=chunk_size)(
             phis, states, dict(vectors), self.meta)
         return {n: pulled[n] for n in vectors}, [g.sum(0) for g in pulled_eta]

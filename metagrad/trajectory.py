@@ -57,6 +57,11 @@ __all__ = ["Trajectory", "Closure", "Lifetime", "MetaGrads", "add_meta", "Nested
 Closure = Callable[[FunctionalModel], torch.Tensor]
 
 
+#: The longest run of steps one pull-back covers (:meth:`Trajectory.sweep`): with
+#: ``compile=True`` a run is one compiled call, and one run length compiles once whatever K is.
+SWEEP = 4
+
+
 class Trajectory:
     """Iterates ``φ_0 … φ_K`` of one inner loop and the means to rebuild each step.
 
@@ -82,6 +87,10 @@ class Trajectory:
         tasks: T of a block over tasks (:mod:`metagrad.tasks`): the iterates hold T independent
             inner loops along a first dimension, whose products act on each alone; ``None``: one.
     """
+
+    #: The lengths of the runs of steps :meth:`sweep` is asked for, longest first
+    #: (:func:`metagrad.estimators.base.sweep_back`).
+    runs: tuple[int, ...] = (SWEEP, 1)
 
     def __init__(
         self,

@@ -10,14 +10,10 @@ import torch
 from ..errors import MetaGradientWarning, warn
 from ..update_rule import Params
 from ..snapshots import Schedule
-from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..trajectory import SWEEP, MetaGrads, Trajectory, add_meta
 
 __all__ = ["Estimator", "MetaGradientWarning", "warn", "SWEEP", "sweep_back"]
 
-#: The steps one pull-back through a run of steps covers (:meth:`Trajectory.sweep
-#: <metagrad.trajectory.Trajectory.sweep>`): with ``compile=True`` a run is one compiled call,
-#: and one run length compiles once whatever K is.
-SWEEP = 4
 
 
 
@@ -133,16 +129,17 @@ def sweep_back(trajectory: Trajectory, first: int, last: int, u: Params,
                state_adjoint: Optional[list[Optional[torch.Tensor]]] = None, *, verify_every: int = 0
                ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
     """``u`` pulled back through steps ``last − 1`` down to ``first`` (MATH.md (1): the last
-    step's factor acts first) and ``Σ_m B_mᵀ a_{m+1}`` (MATH.md (3)), by runs of :data:`SWEEP`
-    steps where they fit and single steps elsewhere (:meth:`Trajectory.sweep
-    <metagrad.trajectory.Trajectory.sweep>`). ``state_adjoint``: carry the optimizer state's
+    step's factor acts first) and ``Σ_m B_mᵀ a_{m+1}`` (MATH.md (3)), by runs of steps, each
+    the longest of the trajectory's ``runs`` that fits (:meth:`Trajectory.sweep
+    <metagrad.trajectory.Trajectory.sweep>`; :data:`SWEEP` and single steps for the context
+    manager's). ``state_adjoint``: carry the optimizer state's
     adjoint (``[]`` starts from zero); ``None`` holds the state constant. ``verify_every``:
     run the queued replay checks after every that many steps (a run never crosses one)."""
     meta: MetaGrads = []
     since = 0
     while last > first:
         room = last - first if not verify_every else min(verify_every - since, last - first)
-        size = SWEEP if room >= SWEEP else 1
+        size = next(run for run in trajectory.runs if run <= room)
         u, grads, state_adjoint = trajectory.sweep(last - size, last, u, state_adjoint)
         meta = add_meta(meta, grads)
         last, since = last - size, since + size
