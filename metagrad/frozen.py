@@ -211,7 +211,7 @@ def _settings(module: torch.nn.Module) -> Optional[tuple[Any, ...]]:
     :func:`_value_key` keys them. ``None`` for a module with state. One pass, in the order the
     attributes were set (two modules whose equal settings were set in another order get two
     keys: a cache miss, never a wrong hit); it runs at every inner step."""
-    settings = []
+    settings: list[tuple[str, Any]] = []
     for name, value in vars(module).items():
         kind = type(value)
         if kind in _PLAIN:  # (the common case first: a number, a string, an empty registry)

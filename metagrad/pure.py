@@ -109,7 +109,7 @@ class PureTrajectory:
         one step by the body."""
         current, state = self.tape.current, self.tape.state
         leaves, spec = pytree.tree_flatten(state)
-        out = None
+        out: Any = None
         if (self.pieces is not None and all(isinstance(t, torch.Tensor) for t in leaves)
                 and self.pieces.keeps_structure(state)):
             out = self.pieces.run(current, leaves, spec, self.meta, next(run for run in self.runs if run <= left))
