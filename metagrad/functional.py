@@ -129,6 +129,11 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         _check_tasks(query, "query", tasks)
     settings = compile_settings(compile)
     if settings is not None:
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            raise ValueError(
+                f"compile: meta_grad(compile={compile!r}) calls functions it compiles itself, which cannot run "
+                "inside torch.compile or a torch.func transform (vmap, grad). Call it outside them, with "
+                "tasks=T for a meta-batch; or pass compile=False and compile or vmap meta_grad yourself.")
         estimator = estimator.under_compile()
     eta, spec, names = _meta_leaves(meta)
     theta = dict(params)

@@ -175,3 +175,11 @@ def test_compiled_momentum_and_binomial_equal_their_eager_selves():
 def test_bad_tasks_or_compile_names_the_argument(options, error, match):
     with pytest.raises(error, match=match):
         functional(mg.Checkpointed(), batch(1), batch(2), 2, **options)
+
+
+def test_compile_under_vmap_is_refused_with_what_to_do_instead():
+    def one(support, query):
+        return functional(mg.Checkpointed(), support, query, 2, compile=True)
+
+    with pytest.raises(ValueError, match="compile: .* cannot run inside torch.compile or a torch.func transform .* tasks=T"):
+        torch.func.vmap(one)(batch(1), batch(2))
