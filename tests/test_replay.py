@@ -391,3 +391,18 @@ def test_a_mismatch_on_a_step_that_ran_compiled_says_so():
     frozen.compiled = None  # the same mismatch, eager: the generic causes and the tolerance
     with pytest.raises(mg.ReplayError, match="check_replay=False skips this check"):
         replay.check_step([3], [2 * stored], [stored], [start], 1e-7, closures=[frozen])
+
+
+def test_a_loss_module_is_keyed_by_its_settings_and_one_with_state_by_identity():
+    """A new ``nn.MSELoss()`` per task finds what the last one found (its key is its type and
+    settings); other settings, a hook or a weight make another key."""
+    from metagrad.frozen import _value_key
+
+    assert _value_key(torch.nn.MSELoss()) == _value_key(torch.nn.MSELoss())
+    assert _value_key(torch.nn.MSELoss()) != _value_key(torch.nn.MSELoss(reduction="sum"))
+    assert _value_key(torch.nn.CrossEntropyLoss(label_smoothing=0.1)) != _value_key(torch.nn.CrossEntropyLoss())
+    hooked = torch.nn.MSELoss()
+    hooked.register_forward_hook(lambda *args: None)
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.ones(3))
+    assert _value_key(hooked) == ("object", id(hooked))
+    assert _value_key(weighted) == ("object", id(weighted))
