@@ -15,7 +15,7 @@ import torch
 from benchmarks.compiled import main
 
 EAGER_KEYS = {"eager_full", "eager_checkpointed", "eager_truncated", "eager_first_order", "eager_binomial3",
-              "eager_implicit", "eager_tasks_full", "eager_tasks_checkpointed", "plain", "functional_full", "functional_checkpointed", "torch_func", "jax"}
+              "eager_implicit", "eager_tasks_full", "eager_tasks_checkpointed", "plain", "functional_full", "functional_checkpointed", "functional_tasks", "torch_func", "jax"}
 
 
 def test_quick_run_writes_json_and_the_functional_rows_agree_with_full(tmp_path: Path) -> None:
