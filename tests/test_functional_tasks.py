@@ -167,6 +167,14 @@ def test_compiled_momentum_and_binomial_equal_their_eager_selves():
             assert relative(got[n], eager[n]) < TOL, (estimator, n)
 
 
+def test_compiled_one_task_equals_a_hand_unroll():
+    """``compile=True`` without ``tasks``: one task, the same pieces unbatched."""
+    support, query = batch(9, tasks=1), batch(10, tasks=1)
+    one_s, one_q = (support[0][0], support[1][0]), (query[0][0], query[1][0])
+    expected = hand_unrolled(support, query, 2)
+    assert relative(functional(mg.Checkpointed(), one_s, one_q, 2, compile=True), expected) < TOL
+
+
 @pytest.mark.parametrize("options,error,match", [
     ({"tasks": 0}, ValueError, "tasks: expected an integer >= 1"),
     ({"tasks": 2}, ValueError, r"support: with tasks=2 .* support\[0\] has shape \(3, 8, 2\)"),
