@@ -89,7 +89,7 @@ class Pieces:
             loss (the user's loss function, the meta-parameters' structure, the tasks).
         batch: the inner loop's batch (the support set).
         rule: the update rule; ``rule_eta``: the η it holds (id of the tensor → index in η).
-        names: the fast weights' names; ``state_spec``: the structure of the rule's state.
+        phi: φ_0 (every iterate is like it); ``eta``: η, as every piece receives it.
         settings: ``torch.compile``'s arguments (:func:`metagrad.compiled.compile_settings`).
     """
 
@@ -109,8 +109,6 @@ class Pieces:
         # What every piece's inputs are like (the iterates are like φ_0, the optimizer state like
         # the rule's of φ_0): described once, not at every call.
         self._inputs = (_described(phi), _described(list(eta)), _described(batch))
-        #: What ran compiled: inner steps, steps pulled back, rows of vmapped products.
-        self.counts = {"inner_steps": 0, "steps_pulled_back": 0, "rows": 0}
 
     # ------------------------------------------------------------------------ pieces
     def keeps_structure(self, state: Any) -> Optional[bool]:
@@ -142,10 +140,7 @@ class Pieces:
                 losses.append(loss)
             return iterates, states, losses
 
-        out = self._call(("run", length, str(spec)), steps, phi, leaves, list(eta))
-        if out is not None:
-            self.counts["inner_steps"] += length
-        return out
+        return self._call(("run", length, str(spec)), steps, phi, leaves, list(eta))
 
     def sweep(self, phis: list[Params], states: list[list[torch.Tensor]], spec: Any, eta: Sequence[torch.Tensor],
               u: Params, carried: Sequence[int], adjoint: list[torch.Tensor]
@@ -169,10 +164,7 @@ class Pieces:
                 total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             return dict(u), total or [], list(adjoint)
 
-        out = self._call(("sweep", length, carried, str(spec)), segment, phis, states, list(eta), u, adjoint)
-        if out is not None:
-            self.counts["steps_pulled_back"] += length
-        return out
+        return self._call(("sweep", length, carried, str(spec)), segment, phis, states, list(eta), u, adjoint)
 
     def rows(self, phis: Params, states: Any, state_dims: Any, vectors: Params, eta: Sequence[torch.Tensor],
              chunk_size: Optional[int]) -> Optional[tuple[Params, list[torch.Tensor]]]:
@@ -192,10 +184,7 @@ class Pieces:
                 phis, states, vectors)
             return pulled, [g.sum(0) for g in pulled_eta]
 
-        out = self._call(("rows", chunk_size, str(state_dims)), rows, phis, states, vectors, list(eta))
-        if out is not None:
-            self.counts["rows"] += next(iter(phis.values())).shape[0]
-        return out
+        return self._call(("rows", chunk_size, str(state_dims)), rows, phis, states, vectors, list(eta))
 
     def query(self, outer: Maker, identity: tuple[Any, ...], phi: Params, eta: Sequence[torch.Tensor],
               batch: Any) -> Optional[tuple[Params, list[torch.Tensor]]]:
