@@ -5,7 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metagrad-installed
 DEMO_OUT ?= results/sinusoid
-# Test workers (pytest-xdist): one per core, at most 4; each runs torch on one thread.
+# Test workers (pytest-xdist): one per core, at most 4, each running torch on one thread; a worker
+# that runs out of tests takes some of another's (worksteal), so the long compiled tests do not
+# leave one core idle at the end.
 TEST_WORKERS ?= auto
 
 .PHONY: demo test install clean
@@ -24,7 +26,7 @@ demo: $(STAMP)
 	$(PY) examples/sinusoid.py --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis
