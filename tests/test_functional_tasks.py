@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 from torch._dynamo.utils import counters
-from torch.func import functional_call
 
 import metagrad as mg
 from metagrad import compiled
+# The model, the user's loss (a learned weight decay inside it), θ, η (with Meta-SGD's step
+# sizes) and the flattening of the one-task functional tests.
+from test_functional_meta import DT, TOL, flat, loss_fn, meta_parameters, relative, theta
 
-DT = torch.float64
-TOL = 1e-10
 TASKS = 3
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
-
-
-MODEL = make_model()
 
 
 def batch(seed: int, tasks: int = TASKS, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,26 +29,6 @@ def batch(seed: int, tasks: int = TASKS, n: int = 8) -> tuple[torch.Tensor, torc
     x = torch.randn(tasks, n, 2, generator=g, dtype=DT)
     phase = torch.rand(tasks, 1, 1, generator=g, dtype=DT) * 3
     return x, torch.sin(3 * x.sum(2, keepdim=True) + phase)
-
-
-def loss_fn(params, data, meta):
-    """The user's loss: mean squared error plus a learned L2 penalty exp(log_wd)·‖φ‖²."""
-    x, y = data
-    fit = ((functional_call(MODEL, params, (x,)) - y) ** 2).mean()
-    return fit + meta["log_wd"].exp() * sum((p ** 2).sum() for p in params.values())
-
-
-def theta():
-    return {n: p.detach().clone() for n, p in MODEL.named_parameters()}
-
-
-def meta_parameters(lr: float = 0.1):
-    return {"log_wd": torch.tensor(-3.0, dtype=DT),
-            "lr": {n: torch.full_like(p, lr) for n, p in MODEL.named_parameters()}}
-
-
-def flat(g, g_meta):
-    return torch.cat([t.reshape(-1) for t in [*g.values(), g_meta["log_wd"], *g_meta["lr"].values()]])
 
 
 def hand_unrolled(support, query, K, lr=0.1):
@@ -92,10 +63,6 @@ def separately(estimator, support, query, K):
     rows = [functional(estimator, (support[0][t], support[1][t]), (query[0][t], query[1][t]), K)
             for t in range(support[0].shape[0])]
     return torch.stack(rows).mean(0)
-
-
-def relative(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Checkpointed(snapshots=2)], ids=repr)
