@@ -173,13 +173,14 @@ class FunctionalModel:
     def _over_tasks(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
         """The call mapped over tasks: tensor arguments split along their first dimension."""
         tasks = self._tasks
-        for leaf in pytree.tree_leaves((args, dict(kwargs))):
-            if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
-                raise ValueError(
-                    f"meta.fmodel: a block over tasks={tasks} maps over the first dimension of every "
-                    f"tensor argument, which must be {tasks}; got a tensor of shape "
-                    f"{tuple(leaf.shape)}. Stack the tasks' inputs along a first dimension "
-                    "(torch.stack), or pass a tensor shared by every task as a non-tensor value.")
+        assert tasks is not None  # (called over tasks only)
+        found = unstacked((args, dict(kwargs)), tasks)
+        if found is not None:
+            raise ValueError(
+                f"meta.fmodel: a block over tasks={tasks} maps over the first dimension of every "
+                f"tensor argument, which must be {tasks}; got a tensor of shape "
+                f"{tuple(found[1].shape)}. Stack the tasks' inputs along a first dimension "
+                "(torch.stack), or pass a tensor shared by every task as a non-tensor value.")
         return self.each_task(lambda model, *a, **k: model(*a, **k), args, kwargs)
 
     def each_task(self, function: Callable[..., Any], args: Any, kwargs: Optional[Mapping[str, Any]] = None) -> Any:
@@ -228,8 +229,8 @@ class Layout:
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
-        norms = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()
-                 if isinstance(sub, _NormBase) and sub.track_running_stats]
+        modules = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()]
+        norms = [(prefix, sub) for prefix, sub in modules if isinstance(sub, _NormBase) and sub.track_running_stats]
         # A name is an alias only where it reaches a slot (submodule object, attribute name)
         # that no earlier name reaches. A submodule registered under several names (``self.body``
         # also in ``self.seq``, one layer twice in a Sequential) gives one slot several names;
@@ -253,9 +254,17 @@ class Layout:
                     aliases.append((name, first[id(param)]))
                 else:
                     first[id(param)] = name
-        checkpoints = any(_calls_checkpoint(type(sub).forward) for sub in module.modules())
-        modules = [(f"{prefix}." if prefix else "", sub) for prefix, sub in module.named_modules()]
+        checkpoints = any(_calls_checkpoint(type(sub).forward) for _, sub in modules)
         return cls(norms, aliases, checkpoints, named, modules)
+
+
+def unstacked(tree: Any, tasks: int) -> Optional[tuple[int, torch.Tensor]]:
+    """The first tensor among ``tree``'s leaves that is not one slice per task (no first
+    dimension of ``tasks``), with its index among the leaves; ``None`` if there is none."""
+    for i, leaf in enumerate(pytree.tree_leaves(tree)):
+        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
+            return i, leaf
+    return None
 
 
 def _call_at(module: torch.nn.Module, slots: Mapping[str, tuple[torch.nn.Module, str]],

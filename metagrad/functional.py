@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .compiled import compile_settings
 from .estimators.base import check_count
-from .fmodel import FunctionalModel, Layout
+from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 from .pure_compiled import Pieces
@@ -137,6 +137,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         estimator = estimator.under_compile()
     eta, spec, names = _meta_leaves(meta)
     theta = dict(params)
+    if settings is not None:  # (the pieces' guards check requires_grad: batches come in detached)
+        support, query = pytree.tree_map(_detached, support), pytree.tree_map(_detached, query)
     loss_of = TaskLoss(loss_fn, spec, meta is not None, tasks)
     inner, outer = loss_of(support), loss_of(query)
     scale = 1.0 if tasks is None else 1.0 / tasks  # the mean over the tasks (their losses are summed)
@@ -162,8 +164,6 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     phi = start(theta)
     pieces = None
     if settings is not None:  # (η as given: the rule holds its step sizes by identity)
-        support, query = pytree.tree_map(_detached, support), pytree.tree_map(_detached, query)
-        inner = loss_of(support)
         pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta, settings)
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
@@ -207,12 +207,13 @@ def _detached(leaf: Any) -> Any:
 
 def _check_tasks(batch: Any, argument: str, tasks: int) -> None:
     """Every tensor of a meta-batch's ``support`` or ``query`` has a leading dimension of T."""
-    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
-        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
-            raise ValueError(
-                f"{argument}: with tasks={tasks} every tensor holds one batch per task along its first "
-                f"dimension, but {argument}{pytree.keystr(path)} has shape {tuple(leaf.shape)}. Stack the "
-                f"tasks' batches (torch.stack of {tasks} tensors), or pass tasks=None for one task.")
+    found = unstacked(batch, tasks)
+    if found is not None:
+        path = pytree.tree_flatten_with_path(batch)[0][found[0]][0]
+        raise ValueError(
+            f"{argument}: with tasks={tasks} every tensor holds one batch per task along its first "
+            f"dimension, but {argument}{pytree.keystr(path)} has shape {tuple(found[1].shape)}. Stack the "
+            f"tasks' batches (torch.stack of {tasks} tensors), or pass tasks=None for one task.")
 
 
 def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:

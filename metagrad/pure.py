@@ -222,9 +222,9 @@ class PureTrajectory:
         if self.pieces is None:
             return None
         self.restore(first, last)  # with snapshots: their segments, recomputed once
-        spec = pytree.tree_structure(self.state(first))
-        states = [pytree.tree_leaves(self.state(m)) for m in range(first, last)]
-        if (any(pytree.tree_structure(self.state(m)) != spec for m in range(first + 1, last))
+        flat = [pytree.tree_flatten(self.state(m)) for m in range(first, last)]
+        states, spec = [leaves for leaves, _ in flat], flat[0][1]
+        if (any(other != spec for _, other in flat[1:])
                 or not all(isinstance(t, torch.Tensor) for row in states for t in row)):
             return None
         carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if t.is_floating_point()]

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .fmodel import FunctionalModel
+from .fmodel import FunctionalModel, unstacked
 from .frozen import Frozen, freeze
 
 __all__ = ["with_batch", "check_batch", "advance_tasks", "check_rule", "no_loss_steps"]
@@ -50,13 +50,13 @@ def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optiona
 
 def check_batch(batch: Sequence[Any], tasks: int) -> None:
     """Every tensor of a step's batch must have a first dimension of ``tasks``."""
-    for i, leaf in enumerate(pytree.tree_leaves(list(batch))):
-        if isinstance(leaf, torch.Tensor) and (leaf.dim() == 0 or leaf.shape[0] != tasks):
-            raise ValueError(
-                f"batch: in a block over tasks={tasks} every tensor passed to meta.step after the "
-                f"closure has a first dimension of {tasks}, one slice per task; tensor {i} has shape "
-                f"{tuple(leaf.shape)}. Stack the tasks' batches (torch.stack), or capture a tensor "
-                "every task shares in the closure instead of passing it.")
+    found = unstacked(list(batch), tasks)
+    if found is not None:
+        raise ValueError(
+            f"batch: in a block over tasks={tasks} every tensor passed to meta.step after the "
+            f"closure has a first dimension of {tasks}, one slice per task; tensor {found[0]} has shape "
+            f"{tuple(found[1].shape)}. Stack the tasks' batches (torch.stack), or capture a tensor "
+            "every task shares in the closure instead of passing it.")
 
 
 def _call(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> Any:
