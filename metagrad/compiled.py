@@ -64,6 +64,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, _frozen_buffers
+from .replay import step_norms
 from .step import step_body, step_vjp, with_eta
 from .frozen import _SCALARS, _global_names
 from .frozen import _value_key as replay_value_key
@@ -374,7 +375,8 @@ class Compiler:
             return None
         entry_key, compiled, explicit, fixed, varied = found
         eta = [trajectory.meta[i].detach() for i in explicit]
-        params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
+        after = trajectory.iterate(steps[-1] + 1)  # the stored iterate the last step must rebuild
+        params = {n: torch.stack([s.params[n] for s in chunk] + [after[n]]) for n in trajectory.theta}
         captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying else t
                     for j, (_, t) in enumerate(template.tensors)]
         stacked_leaves = [torch.stack(column) for column in zip(*rows)] if leaves else []
@@ -383,7 +385,7 @@ class Compiler:
                           for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, pulled_state, new, values = compiled(
+                pulled, pulled_eta, pulled_state, norms, values = compiled(
                     params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta)
         except Exception as error:
             self._products[memo] = None
@@ -391,9 +393,9 @@ class Compiler:
             return None
         self.counts["products"] += len(steps)
         self.counts["sweeps"] += 1
-        for i, (m, step) in enumerate(zip(steps, chunk)):
+        for step in chunk:
             step.frozen().compiled = "product"
-            trajectory.products.check(m, {n: t[i] for n, t in new.items()}, values[i])
+        trajectory.products.check_norms(steps, norms, values)
         state_out: Optional[list[Any]] = None
         if carry:
             state_out = [None] * len(leaves)
@@ -494,10 +496,12 @@ class Compiler:
 def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[int, ...],
              varied: tuple[int, ...]) -> Callable[..., tuple[Any, ...]]:
     """A function that pulls a vector back through ``length`` consecutive steps with ``row`` (one
-    step's VJP), the last step first, as one traced graph: its inputs are the steps' iterates,
-    state leaves and captured tensors (those at ``varying``) stacked along a new first
-    dimension; it returns the vector pulled back, the η products summed, the carried state's
-    adjoint, and each step's rebuilt Φ(φ) and loss (stacked, in step order) for the replay check."""
+    step's VJP), the last step first, as one traced graph: its inputs are the steps' iterates
+    (and the stored iterate after the last step: ``length + 1`` rows), state leaves and captured
+    tensors (those at ``varying``) stacked along a new first dimension; it returns the vector
+    pulled back, the η products summed, the carried state's adjoint, and for the replay check
+    each step's :func:`~metagrad.replay.step_norms` (its rebuilt Φ(φ) against the stored next
+    iterate, computed in the same call) and loss (stacked, in step order)."""
     def segment(params: dict[str, torch.Tensor], leaves: list[torch.Tensor], vector: dict[str, torch.Tensor],
                 moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor], fixed: dict[str, torch.Tensor],
                 eta: list[torch.Tensor]) -> tuple[Any, ...]:
@@ -512,8 +516,9 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
             total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             news.insert(0, new)
             values.insert(0, value)
-        return (vector, total or [], moving_adjoint, {n: torch.stack([q[n] for q in news]) for n in news[0]},
-                torch.stack(values))
+        norms = step_norms([[q[n] for q in news] for n in params], [t[1:] for t in params.values()],
+                           [t[:-1] for t in params.values()])
+        return vector, total or [], moving_adjoint, norms, torch.stack(values)
     return segment
 
 

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
-from .replay import ReplayError, check_step, refuse_twice
+from .replay import ReplayError, check_norms, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, proximal, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
@@ -62,6 +62,9 @@ class Products:
         self.trajectory = trajectory
         #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss).
         self.pending: list[tuple[int, Params, torch.Tensor]] = []
+        #: Runs of rebuilt steps whose norms a compiled sweep computed (:meth:`check_norms`):
+        #: (steps, their :func:`~metagrad.replay.step_norms`, their losses).
+        self.measured: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         #: A product through a kept graph is being computed (see :meth:`vjp`).
         self.pulling = False
 
@@ -108,11 +111,22 @@ class Products:
         """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
         ``φ_{m+1}``); :meth:`verify` runs the queue, and so does every 16th entry. Checking
         steps together costs a few batched calls instead of a few calls per tensor per step."""
-        tr = self.trajectory
-        if tr.replay_rtol is None:
+        if self.trajectory.replay_rtol is None:
             return
         self.pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach()))
-        if len(self.pending) >= _CHECK_BATCH:
+        self._queued()
+
+    def check_norms(self, steps: list[int], norms: torch.Tensor, losses: torch.Tensor) -> None:
+        """Queue the replay check of ``steps`` from the norms their rebuild computed already
+        (:func:`metagrad.replay.step_norms`, ``[3, len(steps)]``: a compiled sweep returns them
+        instead of the rebuilt iterates) and their rebuilt losses."""
+        if self.trajectory.replay_rtol is None:
+            return
+        self.measured.append((list(steps), norms.detach(), losses.detach()))
+        self._queued()
+
+    def _queued(self) -> None:
+        if len(self.pending) + sum(len(steps) for steps, _, _ in self.measured) >= _CHECK_BATCH:
             self.verify()
 
     def verify(self) -> None:
@@ -122,17 +136,28 @@ class Products:
         after every estimator's backward)."""
         tr = self.trajectory
         pending, self.pending = self.pending, []
-        if not pending or tr.replay_rtol is None:
+        measured, self.measured = self.measured, []
+        if not (pending or measured) or tr.replay_rtol is None:
             return
-        names = list(tr.theta)
-        steps = [m for m, _, _ in pending]
-        nexts = [tr.iterate(m + 1) for m in steps]
-        starts = [tr._step(m).params for m in steps]
-        recorded = [tr._step(m).loss for m in steps]
-        check_step(steps, [[r[n] for _, r, _ in pending] for n in names], [[t[n] for t in nexts] for n in names],
-                   [[t[n] for t in starts] for n in names], tr.replay_rtol,
-                   losses=(torch.stack([loss for _, _, loss in pending]), torch.stack(recorded)),
-                   closures=[tr._step(m).closure for m in steps])
+        steps: list[int] = []
+        norms: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        if pending:
+            names = list(tr.theta)
+            steps = [m for m, _, _ in pending]
+            nexts = [tr.iterate(m + 1) for m in steps]
+            starts = [tr._step(m).params for m in steps]
+            with torch.no_grad():
+                norms.append(step_norms([[r[n] for _, r, _ in pending] for n in names],
+                                        [[t[n] for t in nexts] for n in names], [[t[n] for t in starts] for n in names]))
+            losses.append(torch.stack([loss for _, _, loss in pending]))
+        for run, run_norms, run_losses in measured:
+            steps += run
+            norms.append(run_norms)
+            losses.append(run_losses.reshape(-1))
+        recorded = torch.stack([tr._step(m).loss for m in steps])
+        check_norms(steps, torch.cat(norms, 1), tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
+                    losses=(torch.cat(losses), recorded), closures=[tr._step(m).closure for m in steps])
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True

@@ -37,7 +37,8 @@ import torch
 from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
-__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_losses", "tolerance"]
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "step_norms",
+           "tolerance"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -58,6 +59,33 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 5e-2 if dtype == torch.float16 else 1e-1
 
 
+def step_norms(rebuilt: Sequence[Sequence[torch.Tensor]], stored: Sequence[Sequence[torch.Tensor]],
+               start: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The norms the replay check compares, ``[3, rows]``: for each row (a step),
+    ``‖Φ_m(φ_m) − φ_{m+1}‖``, ``‖φ_{m+1} − φ_m‖`` and ``‖φ_{m+1}‖`` over all its fast weights, in
+    float32 or wider (a half-precision sum of squares overflows).
+
+    ``rebuilt``, ``stored`` and ``start`` give one sequence per parameter (in one order) of one
+    tensor per row, or a tensor with a leading dimension over the rows. The same body runs
+    eagerly (:func:`check_step`) and inside a compiled sweep (:mod:`metagrad.compiled`), whose
+    call returns the norms, so that the check reads a few numbers back instead of the rebuilt
+    iterates."""
+    def rows(t: Any) -> torch.Tensor:
+        t = t if isinstance(t, torch.Tensor) else torch.stack(list(t))
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    def squares(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], -1).pow(2).sum(1)
+
+    total: Optional[torch.Tensor] = None
+    for a, b, c in zip(rebuilt, stored, start):
+        new, old, first = rows(a), rows(b), rows(c)
+        part = torch.stack([squares(new - old), squares(old - first), squares(old)])
+        total = part if total is None else total + part
+    assert total is not None
+    return total.sqrt()
+
+
 def check_step(steps: Sequence[int], rebuilt: Sequence[Sequence[torch.Tensor]],
                stored: Sequence[Sequence[torch.Tensor]], start: Sequence[Sequence[torch.Tensor]], rtol: float, *,
                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -67,25 +95,36 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[Sequence[torch.Tensor]],
 
     ``rebuilt``, ``stored`` and ``start`` give one sequence per parameter (in one order) of one
     tensor per step of ``steps`` (a tensor with a leading dimension over the steps will do);
-    ``closures`` are the rows' frozen closures, for the error's hint. The test, for each row::
+    ``closures`` are the rows' frozen closures, for the error's hint. The test is
+    :func:`check_norms`' on their :func:`step_norms`. With ``raising=False`` it returns the rows
+    that fail instead of raising (an empty list when all pass)."""
+    with torch.no_grad():
+        norms = step_norms(rebuilt, stored, start)
+    return check_norms(steps, norms, rtol, dtype=stored[0][0].dtype, losses=losses, closures=closures,
+                       raising=raising, recomputed_from=recomputed_from)
+
+
+def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype: torch.dtype,
+                losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                closures: Optional[Sequence[Optional[Frozen]]] = None,
+                raising: bool = True, recomputed_from: Optional[int] = None) -> list[int]:
+    """The replay check of the rows of ``steps`` from their :func:`step_norms` (``[3, rows]``)
+    and ``losses`` (rebuilt, recorded). The test, for each row::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
 
-    with ε the dtype's machine epsilon: the rebuilt step must agree with the step taken to a
-    small fraction of the step's own length, and to rounding of the fast weights themselves.
-    With ``raising=False`` it returns the rows that fail instead of raising (an empty list
-    when all pass). ``recomputed_from``: the rows' iterates φ_m were recomputed forward from the
-    snapshot at this step (:meth:`metagrad.trajectory.Trajectory.restore`), so a mismatch may
-    come from any step since, and the error says so.
+    with ε the machine epsilon of ``dtype``, the fast weights': the rebuilt step must agree with the step
+    taken to a small fraction of the step's own length, and to rounding of the fast weights
+    themselves. Raises :class:`ReplayError` for the first row that fails, or with
+    ``raising=False`` returns the rows that fail. ``recomputed_from``: the rows' iterates φ_m
+    were recomputed forward from the snapshot at this step
+    (:meth:`metagrad.trajectory.Trajectory.restore`), so a mismatch may come from any step
+    since, and the error says so.
     """
-    rows = len(steps)
-    eps = torch.finfo(stored[0][0].dtype).eps
+    eps = torch.finfo(dtype).eps
     with torch.no_grad():
-        # One stack per parameter and one concatenation: [3, rows, every entry of a row].
-        new, old, first = torch.cat([torch.stack([*a, *b, *c]).reshape(3, rows, -1)
-                                     for a, b, c in zip(rebuilt, stored, start)], 2).unbind(0)
-        table = torch.stack([new - old, old - first, old]).norm(dim=2)
+        table = norms
         if losses is not None:
             table = torch.cat([table, torch.stack([t.reshape(-1).to(table.dtype) for t in losses])])
         values = table.tolist()

@@ -445,7 +445,7 @@ class Trajectory:
         """Drop every stored iterate and graph; later use raises a clear error."""
         self.tape.release()
         self.eta.clear()
-        self.products.pending = []
+        self.products.pending, self.products.measured = [], []
         self.theta = {}
 
     def _step(self, m: int) -> StepRecord:

@@ -213,14 +213,17 @@ def test_truncated_sweeps_its_last_steps_with_the_state_held_constant():
     assert relative(compiled, eager) < 1e-10
 
 
-def test_the_replay_check_covers_steps_of_a_compiled_sweep():
+@pytest.mark.parametrize("changed", [2, 4, 5])
+def test_the_replay_check_covers_steps_of_a_compiled_sweep(changed):
+    """Every step of a run of 2 … 5 (SWEEP = 4) is checked inside the compiled sweep's call, the
+    last one against φ_K, the iterate after the run."""
     model = make_model()
     batches, xq, yq = tasks(1, 6, seed=9)[0]
-    with pytest.raises(mg.ReplayError, match="step 4") as error:  # in the run of steps 2 … 5 (SWEEP = 4)
+    with pytest.raises(mg.ReplayError, match=f"step {changed}") as error:
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
             for x, y in batches:
                 meta.step(lambda f: ((f(x) - y) ** 2).mean())
-            batches[4][0].mul_(3.0)  # a captured mini-batch changed in place after its step
+            batches[changed][0].mul_(3.0)  # a captured mini-batch changed in place after its step
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
     assert "ran compiled" in str(error.value)
 
