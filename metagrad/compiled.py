@@ -516,7 +516,7 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
             total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             news.insert(0, new)
             values.insert(0, value)
-        norms = step_norms([[q[n] for q in news] for n in params], [t[1:] for t in params.values()],
+        norms = step_norms([torch.stack([q[n] for q in news]) for n in params], [t[1:] for t in params.values()],
                            [t[:-1] for t in params.values()])
         return vector, total or [], moving_adjoint, norms, torch.stack(values)
     return segment

@@ -66,21 +66,23 @@ def step_norms(rebuilt: Sequence[Sequence[torch.Tensor]], stored: Sequence[Seque
     float32 or wider (a half-precision sum of squares overflows).
 
     ``rebuilt``, ``stored`` and ``start`` give one sequence per parameter (in one order) of one
-    tensor per row, or a tensor with a leading dimension over the rows. The same body runs
+    tensor per row, or for every parameter a tensor with a leading dimension over the rows (all
+    three). The same body runs
     eagerly (:func:`check_step`) and inside a compiled sweep (:mod:`metagrad.compiled`), whose
     call returns the norms, so that the check reads a few numbers back instead of the rebuilt
     iterates."""
-    def rows(t: Any) -> torch.Tensor:
-        t = t if isinstance(t, torch.Tensor) else torch.stack(list(t))
-        return t.to(torch.promote_types(t.dtype, torch.float32))
-
-    def squares(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], -1).pow(2).sum(1)
-
+    count = len(rebuilt[0])
+    if not isinstance(rebuilt[0], torch.Tensor):  # one stack per parameter, one concatenation
+        table = torch.cat([torch.stack([*a, *b, *c]).reshape(3, count, -1) for a, b, c in zip(rebuilt, stored, start)], 2)
+        new, old, first = table.to(torch.promote_types(table.dtype, torch.float32)).unbind(0)
+        return torch.stack([new - old, old - first, old]).norm(dim=2)
+    # Rows along a first dimension (a compiled sweep's): sums of squares, no copy.
     total: Optional[torch.Tensor] = None
     for a, b, c in zip(rebuilt, stored, start):
-        new, old, first = rows(a), rows(b), rows(c)
-        part = torch.stack([squares(new - old), squares(old - first), squares(old)])
+        new, old, first = (t.reshape(count, -1) for t in (a, b, c))
+        wide = torch.promote_types(new.dtype, torch.float32)
+        part = torch.stack([(new - old).to(wide).pow(2).sum(1), (old - first).to(wide).pow(2).sum(1),
+                            old.to(wide).pow(2).sum(1)])
         total = part if total is None else total + part
     assert total is not None
     return total.sqrt()
