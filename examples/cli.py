@@ -314,7 +314,8 @@ def counting_warnings(seen: Optional[WarningCounts]) -> Iterator[None]:
     converging, a fallback, a solve that missed its tolerance) would otherwise print once
     per task, each with its own numbers, into the progress bars. Wrap one task's
     meta-gradient in this block: each kind that the task raised counts once (``count`` is
-    then the number of tasks it warned on), and the first message of each kind is kept.
+    then the number of tasks it warned on; in a block over tasks, a warning that names its task,
+    "for task 2 of the block", counts for that task), and the first message of each kind is kept.
     Other warnings are shown as they would have been. With ``seen=None`` nothing changes.
     """
     if seen is None:
@@ -331,9 +332,12 @@ def counting_warnings(seen: Optional[WarningCounts]) -> Iterator[None]:
             if issubclass(record.category, mg.MetaGradientWarning):
                 kind = warning_kind(str(record.message))
                 entry = seen.setdefault(kind, {"count": 0, "first": str(record.message)})
-                if kind not in kinds:
+                # In a block over tasks, a warning about one of them ("for task 2 of the block")
+                # counts for that task.
+                task = re.search(r"for task (\d+) of the block", str(record.message))
+                if (kind, task and task.group(1)) not in kinds:
                     entry["count"] += 1
-                    kinds.add(kind)
+                    kinds.add((kind, task and task.group(1)))
             else:  # not ours to summarize: show it as it would have been
                 warnings.showwarning(record.message, record.category, record.filename, record.lineno)
 

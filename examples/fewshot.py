@@ -244,7 +244,7 @@ def meta_batch_step(model: nn.Module, estimator: mg.Estimator, tasks: Sequence[T
     """Accumulate the meta-batch's mean meta-gradient into ``.grad``; return query loss and accuracy.
 
     The meta-gradient of the mean query loss is the mean of the per-task meta-gradients. With
-    ``one_block`` (and an estimator that can run it: not Binomial(order="auto"))
+    ``one_block`` (and an estimator that can run it: every estimator of the package can)
     the tasks run in one ``MetaGradient(tasks=...)`` block, each with its own fast weights
     (their tensors stacked); otherwise one block per task, each ``.backward()`` accumulating.
 
@@ -710,7 +710,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-iteration")
     train.add_argument("--one-block", choices=("on", "off"), default="on",
                        help="on: each meta-batch in one block over its tasks (MetaGradient(tasks=...)) "
-                            "with every estimator that can (all but Binomial(order='auto')); "
+                            "with every estimator that can (all of the package's); "
                             "off: a block per task")
     train.add_argument("--outer-lr", type=float, default=1e-3, help="Adam's learning rate")
     train.add_argument("--lr-inner", type=float, default=0.01,

@@ -188,7 +188,7 @@ def meta_gradient_step(model: nn.Module, estimator: mg.Estimator, tasks: Tasks,
 
 def in_one_block(estimator: mg.Estimator, one_block: bool) -> bool:
     """Whether the meta-batch runs in one block (``tasks=``): asked for, and the estimator can
-    (Binomial(order="auto") chooses its order from norms over every task at once: a block each)."""
+    (every estimator of the package can; Binomial(order="auto") chooses each task's order)."""
     return one_block and estimator.why_not_tasks() is None
 
 
@@ -520,8 +520,8 @@ def table_caption(args: argparse.Namespace, device: torch.device, memory_method:
         f"Hessians H_0 … H_(K−1) at that θ (power iteration), median over the same tasks; the "
         f"binomial expansion is accurate up to about 1 and diverges well above it. Time: median wall time of a meta-iteration "
         f"(meta-gradient of the meta-batch and the Adam step), and its ratio to Full's; "
-        + ("each meta-batch in one block over its tasks (MetaGradient(tasks=...)) for every estimator "
-           "but Binomial(auto), which takes a block per task. " if args.one_block == "on"
+        + ("each meta-batch in one block over its tasks (MetaGradient(tasks=...)); Binomial(auto) "
+           "chooses each task's order. " if args.one_block == "on"
            else "a block per task. ") +
         f"Peak memory: {memory}" + ("; median of 3." if memory_method else ".")
     )
@@ -609,8 +609,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--solver", choices=("cg", "neumann"), default="cg", help="Implicit's linear solver")
     parser.add_argument("--one-block", choices=("on", "off"), default="on",
                         help="on: meta-train each meta-batch in one block over its tasks "
-                             "(MetaGradient(tasks=meta_batch)) with every estimator that can (all but "
-                             "Binomial(order='auto'), which takes a block per task); off: a "
+                             "(MetaGradient(tasks=meta_batch)) with every estimator that can (all of "
+                             "the package's: Binomial(order='auto') chooses each task's order); off: a "
                              "block per task for every estimator")
     parser.add_argument("--memory", choices=("auto", "on", "off"), default="auto",
                         help="measure the peak memory column: auto measures it on a GPU only (on the CPU "

@@ -80,9 +80,16 @@ def unflat(vector: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
 
 
 def rel_err(actual: Tensor, expected: Tensor, scale: Optional[float] = None) -> float:
-    """``‖actual − expected‖ / scale`` (norm-wise; ``scale`` defaults to ``‖expected‖``)."""
-    diff = float(torch.linalg.vector_norm((actual - expected).double()))
-    denom = float(torch.linalg.vector_norm(expected.double())) if scale is None else float(scale)
+    """``‖actual − expected‖ / scale`` (norm-wise; ``scale`` defaults to ``‖expected‖``). Without
+    ``scale`` both norms are taken of the vectors divided by ``expected``'s largest entry, so that
+    a diverging problem's huge values (1e169: their squares overflow) still compare."""
+    actual, expected = actual.double(), expected.double()
+    if scale is None:
+        largest = float(expected.abs().max()) if expected.numel() else 0.0
+        if 0.0 < largest < math.inf:
+            actual, expected = actual / largest, expected / largest
+    diff = float(torch.linalg.vector_norm(actual - expected))
+    denom = float(torch.linalg.vector_norm(expected)) if scale is None else float(scale)
     if denom == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / denom

@@ -245,9 +245,37 @@ def test_fmodel_needs_the_task_dimension():
             meta.fmodel(xq[0])
 
 
-def test_binomial_auto_which_chooses_its_order_from_norms_over_all_tasks_is_refused():
-    with pytest.raises(ValueError, match=r"estimator: Binomial\(order='auto'\) cannot run a block over several tasks"):
-        mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), estimator=mg.Binomial(order="auto"), tasks=2)
+def test_binomial_auto_over_tasks_chooses_each_tasks_order_as_separate_blocks_do():
+    """Binomial(order="auto") over tasks: each task chooses its own order and fallback from its
+    own level norms, so θ's and η's gradients equal separate blocks', meta.info lists each task's
+    order, convergence and fallback, and the fallback's warning names the task."""
+    model = make_model(3)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    xs, ys, xq, yq = data(3, 6, seed=31)
+    xs, ys = xs.clone(), ys.clone()
+    xs[1:] *= 4.0  # tasks 1 and 2: larger inputs, a larger K·α·‖H‖, a diverging series
+    ys[1:] *= 3.0
+    estimator = mg.Binomial(order="auto", rtol=1e-4)
+    with pytest.warns(mg.MetaGradientWarning, match="for task [12] of the block, the level norms grew"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator, tasks=3) as meta:
+            for k in range(6):
+                meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
+            F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+    got, info = take_grads([*model.parameters(), lam]), meta.info
+    infos = []
+    with pytest.warns(mg.MetaGradientWarning, match="Falling back"):
+        for t in range(3):
+            with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+                for k in range(6):
+                    meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
+                F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
+            infos.append(meta.info)
+    assert relative(got, take_grads([*model.parameters(), lam])) < 1e-10
+    for key in ("order", "converged", "fallback"):
+        assert info[key] == [one[key] for one in infos], key
+    assert info["fallback"][0] is None and info["fallback"][1] is not None  # the tasks chose differently
+    assert info["tasks"] == 3 and info["steps"] == 6
+    assert info["hessian_vector_products"] == sum(one["hessian_vector_products"] for one in infos)
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann"])

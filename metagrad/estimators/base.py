@@ -87,7 +87,9 @@ class Estimator(abc.ABC):
         block over tasks differentiates the sum of the tasks' inner losses, so an estimator
         whose products act task by task (each one a sweep of step products) gives what T
         separate blocks give; one that chooses something from norms or inner products over
-        the whole vector (an order, a solver's residual) would choose it for all tasks at once."""
+        the whole vector (an order, a solver's residual) would choose it for all tasks at once,
+        unless it chooses per task (``trajectory.tasks``), as Implicit's solvers and
+        ``Binomial(order="auto")`` do. Every estimator of the package can."""
         return None
 
     def under_compile(self) -> "Estimator":

@@ -26,9 +26,11 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Union
 
+import torch
+
 from ..memory import parse_bytes
 from ..snapshots import Schedule
-from ..trajectory import MetaGrads, Trajectory
+from ..trajectory import MetaGrads, Trajectory, add_meta
 from ..update_rule import Params
 from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
@@ -171,14 +173,6 @@ class Binomial(Estimator):
             )
         self.snapshots = snapshots
 
-    def why_not_tasks(self) -> Optional[str]:
-        if self.order == "auto":
-            return ("Binomial(order='auto') cannot run a block over several tasks (tasks=T): it "
-                    "chooses its order from level norms, which for T tasks at once would be one "
-                    "order for all of them. Pass a fixed order (mg.Binomial(order=3)), or run each "
-                    "task in its own block (tasks unset).")
-        return None
-
     def why_not_pure(self) -> Optional[str]:
         if self.order == "auto":
             return ("Binomial(order='auto') is not supported by meta_grad: it chooses its "
@@ -217,17 +211,48 @@ class Binomial(Estimator):
             rows = steps if not isinstance(self.block, int) else min(self.block, steps)
             budget = plan_budget(trajectory, steps, v, self.max_memory, rows, self.snapshots)
             chunk = budget["chunk_size"]
-        g, meta, info = self._backward(trajectory, steps, v, chunk)
+        if self.order == "auto" and trajectory.tasks is not None:
+            g, meta, info = self._each_task(trajectory, trajectory.tasks, steps, v, chunk)
+        else:
+            g, meta, info = self._backward(trajectory, steps, v, chunk)
         return g, meta, {**info, **budget}
 
+    def _each_task(self, trajectory: Trajectory, tasks: int, steps: int, v: Params,
+                   chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
+        """``order="auto"`` in a block over ``tasks``: each task chooses its own order (and its
+        blocks, its fallback) from its own level norms, as a block of its own would. The block's
+        step acts on each task's rows alone (its Hessian is block-diagonal over the tasks), so
+        the series of ``v`` with every other task's rows zero is task t's; its rows of the
+        result are task t's meta-gradient, and its η products task t's part of η's. Backward
+        so takes T passes over the stored iterates. ``meta.info`` lists each task's report
+        under every key but ``steps``; ``hessian_vector_products`` is their sum."""
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
+        meta: MetaGrads = []
+        reports = []
+        for t in range(tasks):
+            alone = {}
+            for n, x in v.items():
+                alone[n] = torch.zeros_like(x)
+                alone[n][t] = x[t]
+            g, more, info = self._backward(trajectory, steps, alone, chunk, task=t)
+            for n in rows:
+                rows[n].append(g[n][t])
+            meta = add_meta(meta, more)
+            reports.append(info)
+        info = {key: [report.get(key) for report in reports]
+                for key in dict.fromkeys(k for report in reports for k in report) if key != "steps"}
+        info.update(steps=steps, tasks=tasks, hessian_vector_products=sum(
+            report.get("hessian_vector_products", 0) for report in reports))
+        return {n: torch.stack(r) for n, r in rows.items()}, meta, info
+
     def _backward(self, trajectory: Trajectory, steps: int, v: Params,
-                  chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
+                  chunk: Optional[int], task: Optional[int] = None) -> tuple[Params, MetaGrads, dict[str, Any]]:
         if self.order == "auto":
             if self.block == "auto":
                 g, info, _, meta = auto_blocks(trajectory, steps, v, steps, self.rtol, self.max_order,
                                                chunk, shrink=True)
                 return g, meta, info
-            return self._auto(trajectory, steps, v, chunk)
+            return self._auto(trajectory, steps, v, chunk, task)
         fixed, block = self.order, self.block
         assert isinstance(fixed, int) and not isinstance(block, str)  # block="auto" needs order="auto"
         order = clamp_to_steps(fixed, steps, "Binomial", "order")
@@ -238,8 +263,8 @@ class Binomial(Estimator):
         info = fixed_order_info(steps, order, block, u, products, spans, block_norms, self.monitor)
         return u, meta, info
 
-    def _auto(self, trajectory: Trajectory, steps: int, v: Params,
-              chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
+    def _auto(self, trajectory: Trajectory, steps: int, v: Params, chunk: Optional[int],
+              task: Optional[int] = None) -> tuple[Params, MetaGrads, dict[str, Any]]:
         if isinstance(self.block, int) and self.block < steps:  # fixed blocks: every one must converge
             g, info, failed, meta = auto_blocks(trajectory, steps, v, self.block, self.rtol,
                                                 self.max_order, chunk, shrink=False)
@@ -252,6 +277,19 @@ class Binomial(Estimator):
             if failure is None:
                 return g, meta, info
             reason = failure
-        blocked = (Binomial("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order)
+        if task is not None:
+            reason = f"for task {task} of the block, {reason}"
+        kind = Binomial if task is None else _TaskBlocks  # (one task's fallback stays that task's)
+        blocked = (kind("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order)
                    if self.fallback == "blocked" else None)
         return fall_back(trajectory, steps, v, info, reason, self.fallback, self.max_order, blocked)
+
+
+class _TaskBlocks(Binomial):
+    """``Binomial(order="auto", block="auto")`` as one task's fallback in a block over tasks
+    (:meth:`Binomial._each_task`): the blocked expansion of the vector it is given, which holds
+    that task's rows only, without splitting it over the tasks again."""
+
+    def backward(self, trajectory: Trajectory, steps: int, v: Params
+                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
+        return self._backward(trajectory, steps, v, self.chunk_size)
