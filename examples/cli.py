@@ -302,7 +302,9 @@ WarningCounts = dict[str, dict[str, Any]]
 
 
 def warning_kind(message: str) -> str:
-    """A warning's message with its numbers masked, so that one kind of warning is one key."""
+    """A warning's message with its numbers masked and the task it names in a block over tasks
+    ("for task 2 of the block, ") left out, so that one kind of warning is one key."""
+    message = re.sub(r"for task \d+ of the block, ", "", message)
     return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
 
 
