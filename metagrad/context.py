@@ -141,8 +141,8 @@ class MetaGradient:
             and returns the T losses; ``meta.fmodel(x)`` maps over the first dimension of its
             tensor arguments. θ's and every η's gradient is the sum over the tasks of each
             task's own: what T separate blocks give, summed (:mod:`metagrad.tasks`). Every
-            estimator but ``Binomial(order="auto")`` (which chooses its order from norms over
-            all tasks at once).
+            estimator; those that choose from norms (``Binomial(order="auto")``'s order,
+            Implicit's solver stop) choose per task, and ``meta.info`` lists each task's.
 
     Closures and replay, parameters the inner loss does not use, meta-parameters η and nested
     blocks: see the module docstring.
