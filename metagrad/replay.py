@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -59,8 +59,11 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 5e-2 if dtype == torch.float16 else 1e-1
 
 
-def step_norms(rebuilt: Sequence[Sequence[torch.Tensor]], stored: Sequence[Sequence[torch.Tensor]],
-               start: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+#: One parameter's rows: a tensor per row, or one tensor with a leading dimension over the rows.
+Rows = Union[Sequence[torch.Tensor], torch.Tensor]
+
+
+def step_norms(rebuilt: Sequence[Rows], stored: Sequence[Rows], start: Sequence[Rows]) -> torch.Tensor:
     """The norms the replay check compares, ``[3, rows]``: for each row (a step),
     ``‖Φ_m(φ_m) − φ_{m+1}‖``, ``‖φ_{m+1} − φ_m‖`` and ``‖φ_{m+1}‖`` over all its fast weights, in
     float32 or wider (a half-precision sum of squares overflows).
@@ -79,7 +82,7 @@ def step_norms(rebuilt: Sequence[Sequence[torch.Tensor]], stored: Sequence[Seque
     # Rows along a first dimension (a compiled sweep's): sums of squares, no copy.
     total: Optional[torch.Tensor] = None
     for a, b, c in zip(rebuilt, stored, start):
-        new, old, first = (t.reshape(count, -1) for t in (a, b, c))
+        new, old, first = (torch.as_tensor(t).reshape(count, -1) for t in (a, b, c))
         wide = torch.promote_types(new.dtype, torch.float32)
         part = torch.stack([(new - old).to(wide).pow(2).sum(1), (old - first).to(wide).pow(2).sum(1),
                             old.to(wide).pow(2).sum(1)])
