@@ -63,11 +63,14 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     and ``monitor=False`` (any ``chunk_size`` or ``block``), with snapshots too
     (``Checkpointed(snapshots=...)``, ``Binomial(..., snapshots=True)``: the iterates of the
     schedule are stored on the same tape as the context manager's, the others recomputed by the
-    pure step when a product needs them). Refused with a ``ValueError``
-    naming ``estimator``: ``Binomial(order="auto")`` and a monitored fixed order (their level
-    norms are read back as Python floats, which fails under vmap), ``Binomial(max_memory=...)``
-    (it measures a rebuilt graph), and ``Implicit`` (a proximal inner loop, and a solver that
-    stops on a residual read back as a Python float).
+    pure step when a product needs them). ``Binomial(order="auto")`` and a monitored fixed order
+    read their level norms back as Python floats: they run where ``meta_grad`` is called
+    directly (with ``tasks=T`` each task chooses its own order and fallback, as
+    ``MetaGradient(tasks=T)`` does; with ``compile=True`` too) and are refused with a
+    ``ValueError`` naming ``estimator`` under ``torch.func.vmap``, ``torch.func.grad`` or
+    ``torch.compile``. Refused everywhere: ``Binomial(max_memory=...)`` (it measures a rebuilt
+    graph), and ``Implicit`` (a proximal inner loop, and a solver that stops on a residual read
+    back as a Python float).
 
     Binomial's levels are themselves ``torch.func.vmap`` calls over the stored iterates, so
     ``vmap`` of ``meta_grad`` nests two ``vmap`` levels around a second derivative of
@@ -122,14 +125,15 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     _check_params(params)
     inner_opt = as_update_rule(inner_opt, model=False)
     check_count(steps, "steps", minimum=0)
-    estimator = check_estimator(estimator)
+    traced = torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    estimator = check_estimator(estimator, traced)
     tasks = check_count(tasks, "tasks", minimum=1, allow_none=True)
     if tasks is not None:
         _check_tasks(support, "support", tasks)
         _check_tasks(query, "query", tasks)
     settings = compile_settings(compile)
     if settings is not None:
-        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if traced:
             raise ValueError(
                 f"compile: meta_grad(compile={compile!r}) calls functions it compiles itself, which cannot run "
                 "inside torch.compile or a torch.func transform (vmap, grad). Call it outside them, with "
@@ -167,7 +171,7 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta, settings)
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
-                                    snapshots=estimator.snapshot_schedule(), pieces=pieces)
+                                    snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))

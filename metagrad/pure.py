@@ -23,6 +23,7 @@ every product, as MATH.md's table defines it for each estimator.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -78,6 +79,7 @@ class PureTrajectory:
         meta: η, the tensors ``loss_at`` receives; those the rule holds too (a step size,
             by identity) are its step sizes.
         meta_names: a description of each η.
+        tasks: T of a meta-batch, or ``None`` (one task).
     """
 
     #: The lengths of the runs of steps a compiled call takes or sweeps, longest first.
@@ -85,8 +87,12 @@ class PureTrajectory:
 
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
                  meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
-                 snapshots: Optional[Schedule] = None, pieces: Optional[Pieces] = None) -> None:
+                 snapshots: Optional[Schedule] = None, pieces: Optional[Pieces] = None,
+                 tasks: Optional[int] = None) -> None:
         self.loss_at = loss_at
+        #: T of a meta-batch (the iterates hold T tasks' fast weights stacked; the loss is the
+        #: sum of theirs), or ``None``: an estimator that chooses from norms chooses per task.
+        self.tasks = tasks
         self.rule = rule
         self.theta = dict(theta)
         self.meta = list(meta)
@@ -278,12 +284,16 @@ class PureTrajectory:
         return {n: pulled[n] for n in vectors}, [g.sum(0) for g in pulled_eta]
 
 
-def check_estimator(estimator: Any) -> Estimator:
+def check_estimator(estimator: Any, traced: bool = True) -> Estimator:
     """Resolve ``estimator`` and refuse those a pure function cannot run, with the reason the
-    estimator gives (:meth:`~metagrad.Estimator.why_not_pure`; see
+    estimator gives (:meth:`~metagrad.Estimator.why_not_pure`; ``traced``: the call runs under
+    ``torch.func.vmap``, ``torch.func.grad`` or ``torch.compile``; see
     :func:`metagrad.functional.meta_grad`)."""
     estimator = resolve(estimator)
-    reason = estimator.why_not_pure()
+    if "traced" in inspect.signature(estimator.why_not_pure).parameters:
+        reason = estimator.why_not_pure(traced=traced)
+    else:  # an override written without ``traced``: its reasons hold for every call
+        reason = estimator.why_not_pure()
     if reason is not None:
         raise ValueError(f"estimator: {reason}")
     return estimator

@@ -79,6 +79,23 @@ def test_approximate_estimators_over_a_meta_batch_equal_the_mean_of_the_tasks(es
     assert relative(functional(estimator, support, query, 4, tasks=TASKS), expected) < TOL
 
 
+def test_binomial_auto_over_a_meta_batch_chooses_each_tasks_order():
+    """Called directly (not under vmap), meta_grad runs Binomial(order="auto"): over a meta-batch
+    each task chooses its own order and fallback, as a one-task call does (task 2's larger
+    inputs make its series diverge), eagerly and with compile=True."""
+    support, query = batch(3), batch(4)
+    x = support[0].clone()
+    x[2] *= 3.0
+    support = (x, support[1])
+    estimator = mg.Binomial(order="auto", rtol=1e-4)
+    with pytest.warns(mg.MetaGradientWarning, match="the level norms grew at two consecutive orders"):
+        expected = separately(estimator, support, query, 4)
+        eager = functional(estimator, support, query, 4, tasks=TASKS)
+        compiled_pieces = functional(estimator, support, query, 4, tasks=TASKS, compile=True)
+    assert relative(eager, expected) < TOL
+    assert relative(compiled_pieces, expected) < TOL
+
+
 def user_loss():
     """The loss as a user passes it: a new lambda at every call (of one code)."""
     return lambda p, b, m: loss_fn(p, b, m)

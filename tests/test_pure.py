@@ -169,9 +169,6 @@ def test_torch_compile_equals_eager(estimator):
 
 
 @pytest.mark.parametrize("estimator, words", [
-    (lambda: mg.Binomial("auto"), "order='auto'"),
-    (lambda: "binomial", "order='auto'"),
-    (lambda: mg.Binomial(2), "monitor=False"),
     (lambda: mg.Binomial(2, max_memory="1GiB", monitor=False), "max_memory"),
     (lambda: mg.Implicit(), "Implicit"),
     (lambda: "implicit", "Implicit"),
@@ -181,6 +178,35 @@ def test_unsupported_estimators_raise_clearly(estimator, words):
         mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
                                 estimator=estimator())
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("estimator, words", [
+    (lambda: mg.Binomial("auto"), "order='auto'"),
+    (lambda: "binomial", "order='auto'"),
+    (lambda: mg.Binomial(2), "monitor=False"),
+])
+def test_estimators_that_read_norms_back_are_refused_under_vmap_and_run_when_called_directly(estimator, words):
+    """Binomial's auto order and its monitoring read level norms back as Python floats: refused
+    under torch.func.vmap with what to do, and run when meta_grad is called directly."""
+    _, _, stacked_s, stacked_q = tasks()
+
+    def call(support, query):
+        return mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=RULES["sgd"](), steps=K,
+                                       estimator=estimator())
+
+    with pytest.raises(ValueError, match="estimator: ") as info:
+        torch.func.vmap(call)(stacked_s, stacked_q)
+    assert words in str(info.value)
+    got = call(SUPPORT, QUERY)
+    assert all(torch.isfinite(t).all() for t in got.values())
+
+
+def test_binomial_auto_called_directly_equals_full_where_it_expands_every_level():
+    exact = mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                    estimator=mg.Full())
+    got = mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                  estimator=mg.Binomial("auto", rtol=1e-14, max_order=K))
+    assert_close(got, exact)
 
 
 class _Proximal(mg.Checkpointed):

@@ -53,14 +53,17 @@ class Estimator(abc.ABC):
     #: (:meth:`MetaGradient.step_from_loss <metagrad.MetaGradient.step_from_loss>`) lacks.
     needs_closure: bool = False
 
-    def why_not_pure(self) -> Optional[str]:
+    def why_not_pure(self, traced: bool = True) -> Optional[str]:
         """Why :func:`metagrad.functional.meta_grad`, a pure function that runs under
         ``torch.func.vmap`` and ``torch.compile``, cannot run this estimator: the rest of a
-        ``ValueError`` message after ``"estimator: "``. ``None`` where it can.
+        ``ValueError`` message after ``"estimator: "``. ``None`` where it can. ``traced``: the
+        call runs under such a transform (``False``: called directly, where reading a value back
+        as a Python float works).
 
         Here: a proximal term, which the pure inner loop does not add, and a differentiable
         trajectory, which it does not build (Full overrides this: it has its own branch there).
-        An estimator that reads values back as Python floats says so in its override.
+        An estimator that reads values back as Python floats says so in its override, for a
+        traced call.
         """
         if self.proximal is not None:
             return (f"{self!r} is not supported by meta_grad: its inner loop adds a proximal term "

@@ -173,21 +173,24 @@ class Binomial(Estimator):
             )
         self.snapshots = snapshots
 
-    def why_not_pure(self) -> Optional[str]:
-        if self.order == "auto":
-            return ("Binomial(order='auto') is not supported by meta_grad: it chooses its "
-                    "order (and its blocks) from level norms read back as Python floats, which "
-                    "torch.func.vmap and torch.compile cannot trace. Use a fixed order with "
-                    "monitor=False, e.g. mg.Binomial(order=2, monitor=False).")
+    def why_not_pure(self, traced: bool = True) -> Optional[str]:
         if self.max_memory is not None:
             return ("Binomial(max_memory=...) is not supported by meta_grad: it measures a "
                     "rebuilt step graph to choose its chunk size. Pass chunk_size=... instead.")
+        if not traced:  # called directly: the level norms are read back as Python floats
+            return super().why_not_pure(traced)
+        if self.order == "auto":
+            return ("Binomial(order='auto') is not supported by meta_grad under torch.func.vmap, "
+                    "torch.func.grad or torch.compile: it chooses its order (and its blocks) from "
+                    "level norms read back as Python floats, which they cannot trace. Call meta_grad "
+                    "directly (a meta-batch by tasks=T, compiled by compile=True), or use a fixed "
+                    "order with monitor=False, e.g. mg.Binomial(order=2, monitor=False).")
         if self.monitor:
             return (f"{self!r} monitors its level norms (monitor=True, the default), "
                     "which reads them back as Python floats (.item()): that fails under "
                     "torch.func.vmap and breaks torch.compile's graph. Pass monitor=False, e.g. "
                     f"mg.Binomial(order={self.order}, monitor=False).")
-        return super().why_not_pure()
+        return super().why_not_pure(traced)
 
     def snapshot_schedule(self) -> Optional[Schedule]:
         # (snapshots need an integer block: __init__)

@@ -39,7 +39,7 @@ class Full(Estimator):
     differentiable = True
     exact = True
 
-    def why_not_pure(self) -> str | None:
+    def why_not_pure(self, traced: bool = True) -> str | None:
         return None  # meta_grad's own branch: torch.func.grad through the unroll
 
     def under_compile(self) -> Estimator:

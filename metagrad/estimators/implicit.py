@@ -88,7 +88,7 @@ class Implicit(Estimator):
     def proximal(self) -> Optional[float]:
         return self.reg
 
-    def why_not_pure(self) -> Optional[str]:
+    def why_not_pure(self, traced: bool = True) -> Optional[str]:
         return (
             f"{self!r} is not supported by meta_grad. Implicit's inner loop adds "
             "a proximal term, and its solver (conjugate gradients or a Neumann series) stops on "
