@@ -64,13 +64,14 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     (``Checkpointed(snapshots=...)``, ``Binomial(..., snapshots=True)``: the iterates of the
     schedule are stored on the same tape as the context manager's, the others recomputed by the
     pure step when a product needs them). ``Binomial(order="auto")`` and a monitored fixed order
-    read their level norms back as Python floats: they run where ``meta_grad`` is called
-    directly (with ``tasks=T`` each task chooses its own order and fallback, as
-    ``MetaGradient(tasks=T)`` does; with ``compile=True`` too) and are refused with a
-    ``ValueError`` naming ``estimator`` under ``torch.func.vmap``, ``torch.func.grad`` or
-    ``torch.compile``. Refused everywhere: ``Binomial(max_memory=...)`` (it measures a rebuilt
-    graph), and ``Implicit`` (a proximal inner loop, and a solver that stops on a residual read
-    back as a Python float).
+    read their level norms back as Python floats, and ``Implicit`` its solver's residuals: they
+    run where ``meta_grad`` is called directly (with ``tasks=T`` each task chooses its own order
+    and fallback, or solves its own system, as ``MetaGradient(tasks=T)`` does; Binomial with
+    ``compile=True`` too) and are refused with a ``ValueError`` naming ``estimator`` under
+    ``torch.func.vmap``, ``torch.func.grad`` or ``torch.compile``. ``Implicit`` adds its proximal
+    term ``(λ/2)‖φ − θ‖²`` to every inner step's gradient and solves on the step's products at
+    φ_K by autograd; with ``compile=True`` it is refused (the compiled pieces take no proximal
+    term). Refused everywhere: ``Binomial(max_memory=...)`` (it measures a rebuilt graph).
 
     Binomial's levels are themselves ``torch.func.vmap`` calls over the stored iterates, so
     ``vmap`` of ``meta_grad`` nests two ``vmap`` levels around a second derivative of
@@ -138,6 +139,11 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                 f"compile: meta_grad(compile={compile!r}) calls functions it compiles itself, which cannot run "
                 "inside torch.compile or a torch.func transform (vmap, grad). Call it outside them, with "
                 "tasks=T for a meta-batch; or pass compile=False and compile or vmap meta_grad yourself.")
+        if estimator.proximal is not None:
+            raise ValueError(
+                f"compile: {estimator!r} adds a proximal term to every inner step, which meta_grad's "
+                "compiled pieces do not; pass compile=False (its backward is a solve on autograd "
+                "products at φ_K, which compiling would not speed up), or use MetaGradient(compile=True).")
         estimator = estimator.under_compile()
     eta, spec, names = _meta_leaves(meta)
     theta = dict(params)
@@ -171,7 +177,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta, settings)
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
-                                    snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks)
+                                    snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks,
+                                    proximal=estimator.proximal)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))

@@ -34,8 +34,8 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .snapshots import Schedule
 from .tape import Tape
-from .step import (Body, Gradient, StepRecord, functional_gradient, held, pull_back, rule_slots, step_body,
-                   step_vjp, zero_if_none)
+from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
+                   pull_back, rule_slots, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 from .pure_compiled import RUNS, Pieces
 
@@ -88,11 +88,14 @@ class PureTrajectory:
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
                  meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
                  snapshots: Optional[Schedule] = None, pieces: Optional[Pieces] = None,
-                 tasks: Optional[int] = None) -> None:
+                 tasks: Optional[int] = None, proximal: Optional[float] = None) -> None:
         self.loss_at = loss_at
         #: T of a meta-batch (the iterates hold T tasks' fast weights stacked; the loss is the
         #: sum of theirs), or ``None``: an estimator that chooses from norms chooses per task.
         self.tasks = tasks
+        #: λ of a proximal term ``(λ/2)‖φ − θ‖²`` every step's gradient gets (Implicit's inner
+        #: problem), or ``None``; θ is φ_0 (each task's own row of it).
+        self.proximal = proximal
         self.rule = rule
         self.theta = dict(theta)
         self.meta = list(meta)
@@ -172,9 +175,27 @@ class PureTrajectory:
 
         self.tape.restore(first, last, recompute, self.verify)
 
-    def _body(self, state: State, carried: Sequence[int] = (), gradient: Gradient = functional_gradient) -> Body:
-        return step_body(self.loss_at, self.rule, list(self.theta), state=state, carried=carried,
-                         gradient=gradient, rule_eta=self.rule_eta)
+    def _body(self, state: State, carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
+              rule: Optional[UpdateRule] = None) -> Body:
+        if self.proximal is not None:  # the proximal term's gradient λ(φ − θ), for every fast weight
+            gradient = proximal(gradient, self.theta, self.proximal)
+        return step_body(self.loss_at, self.rule if rule is None else rule, list(self.theta), state=state,
+                         carried=carried, gradient=gradient, rule_eta=None if rule is not None else self.rule_eta)
+
+    def fixed_point(self, k: int, rule: UpdateRule) -> KeptStep:
+        """The step's body at the final fast weights φ_K, with ``rule`` in place of the inner
+        loop's and the proximal term in its gradient, its autograd graph kept for repeated VJPs
+        (as :meth:`metagrad.products.Products.fixed_point` builds it for the context manager):
+        Implicit's ``(I − ∂Φ/∂φ)ᵀ λ = v`` is solved on its products. Called directly only (its
+        graph is autograd's, and the solver reads residuals back as Python floats)."""
+        if k != self.length:
+            raise RuntimeError(f"the fixed point is the final fast weights φ_K (K={self.length}), not φ_{k}.")
+        with torch.enable_grad():
+            params = {n: t.detach().requires_grad_() for n, t in self.current.items()}
+            meta = [t.detach().requires_grad_() for t in self.meta]  # leaves: B's products by autograd
+            body = self._body(rule.init(params), gradient=autograd_gradient(k - 1), rule=rule)
+            (new_params, _), _ = body(params, meta, [])
+        return KeptStep(params, new_params, meta)
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True

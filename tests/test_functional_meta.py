@@ -198,3 +198,59 @@ def test_snapshots_in_the_functional_face(estimator):
         row = flat({n: t[i] for n, t in g.items()},
                    {"log_wd": g_meta["log_wd"][i], "lr": {n: t[i] for n, t in g_meta["lr"].items()}})
         assert relative(row, hand_unrolled(supports[i], queries[i], K)) < TOL
+
+
+def dense_implicit(support, query, K, reg, lr=0.1):
+    """MATH.md's Implicit, densely, on K proximal SGD steps written out: θ's meta-gradient
+    ``x = (I + H*/λ)⁻¹ v`` with ``H* = ∇²_φ L_tr(φ_K)`` (the loss without the proximal term) and
+    ``v = ∇_φ L_val(φ_K)``, and log_wd's ``∂L_val/∂η − (1/λ)(∂_η ∇_φ L_tr(φ_K))ᵀ x``."""
+    meta = meta_parameters()
+    th = theta()
+    names, shapes = list(th), [t.shape for t in th.values()]
+
+    def unflat(vector):
+        out, i = {}, 0
+        for n, s in zip(names, shapes):
+            out[n] = vector[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        return out
+
+    phi = dict(th)
+    for _ in range(K):
+        leaves = {n: t.clone().requires_grad_() for n, t in phi.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, support, meta), list(leaves.values()))
+        phi = {n: phi[n] - lr * (g + reg * (phi[n] - th[n])) for n, g in zip(names, grads)}
+    x_K = torch.cat([t.reshape(-1) for t in phi.values()])
+    log_wd = meta["log_wd"]
+
+    def inner(x, w):
+        return loss_fn(unflat(x), support, {**meta, "log_wd": w})
+
+    H = torch.autograd.functional.hessian(lambda x: inner(x, log_wd), x_K)
+    xl, wl = x_K.clone().requires_grad_(), log_wd.clone().requires_grad_()
+    v, dval = torch.autograd.grad(loss_fn(unflat(xl), query, {**meta, "log_wd": wl}), [xl, wl])
+    x = torch.linalg.solve(torch.eye(len(x_K), dtype=DT) + (H + H.T) / (2 * reg), v)
+    # ∂_η ∇_φ L_tr(φ_K, η): the Jacobian of the inner gradient in log_wd, one column.
+    mixed = torch.autograd.functional.jacobian(lambda w: torch.func.grad(lambda xx: inner(xx, w))(x_K), log_wd.clone())
+    return torch.cat([x, (dval - mixed @ x / reg).reshape(1)])
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_implicit_called_directly_equals_its_dense_definition(solver):
+    """meta_grad(estimator=Implicit(λ)) called directly (not under vmap): the inner loop takes
+    the proximal term, and the solve runs on the step's products at φ_K, for θ and a learned
+    weight decay inside the loss; under vmap it is refused with what to do."""
+    support, query, K, reg = data(1), data(2), 6, 4.0
+    meta = {"log_wd": meta_parameters()["log_wd"]}
+    estimator = mg.Implicit(reg=reg, solver=solver, max_iter=200, tol=1e-13)
+    g, g_meta = mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=K,
+                                        estimator=estimator, meta=meta)
+    got = torch.cat([*(t.reshape(-1) for t in g.values()), g_meta["log_wd"].reshape(1)])
+    assert relative(got, dense_implicit(support, query, K, reg)) < 1e-9
+    with pytest.raises(ValueError, match="estimator: .*Call meta_grad directly"):
+        torch.func.vmap(lambda x, y: mg.functional.meta_grad(
+            loss_fn, theta(), (x, y), query, inner_opt=mg.optim.SGD(lr=0.1), steps=K, estimator=estimator,
+            meta=meta))(torch.stack([support[0]] * 2), torch.stack([support[1]] * 2))
+    with pytest.raises(ValueError, match="compile: .*proximal term"):
+        mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=K,
+                                estimator=estimator, meta=meta, compile=True)

@@ -96,6 +96,21 @@ def test_binomial_auto_over_a_meta_batch_chooses_each_tasks_order():
     assert relative(compiled_pieces, expected) < TOL
 
 
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_implicit_over_a_meta_batch_solves_each_task_as_a_one_task_call(solver):
+    support, query = batch(5), batch(6)
+    estimator = mg.Implicit(reg=20.0, solver=solver, tol=1e-12, max_iter=100)
+
+    def call(s, q, **options):
+        meta = {"log_wd": meta_parameters()["log_wd"]}
+        g, g_meta = mg.functional.meta_grad(loss_fn, theta(), s, q, inner_opt=mg.optim.SGD(lr=0.05), steps=4,
+                                            estimator=estimator, meta=meta, **options)
+        return torch.cat([*(t.reshape(-1) for t in g.values()), g_meta["log_wd"].reshape(1)])
+
+    rows = [call((support[0][t], support[1][t]), (query[0][t], query[1][t])) for t in range(TASKS)]
+    assert relative(call(support, query, tasks=TASKS), torch.stack(rows).mean(0)) < TOL
+
+
 def user_loss():
     """The loss as a user passes it: a new lambda at every call (of one code)."""
     return lambda p, b, m: loss_fn(p, b, m)

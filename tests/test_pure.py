@@ -170,8 +170,6 @@ def test_torch_compile_equals_eager(estimator):
 
 @pytest.mark.parametrize("estimator, words", [
     (lambda: mg.Binomial(2, max_memory="1GiB", monitor=False), "max_memory"),
-    (lambda: mg.Implicit(), "Implicit"),
-    (lambda: "implicit", "Implicit"),
 ])
 def test_unsupported_estimators_raise_clearly(estimator, words):
     with pytest.raises(ValueError, match="estimator") as info:
@@ -184,10 +182,13 @@ def test_unsupported_estimators_raise_clearly(estimator, words):
     (lambda: mg.Binomial("auto"), "order='auto'"),
     (lambda: "binomial", "order='auto'"),
     (lambda: mg.Binomial(2), "monitor=False"),
+    (lambda: mg.Implicit(reg=20.0), "Implicit"),
+    (lambda: "implicit", "Implicit"),
 ])
 def test_estimators_that_read_norms_back_are_refused_under_vmap_and_run_when_called_directly(estimator, words):
-    """Binomial's auto order and its monitoring read level norms back as Python floats: refused
-    under torch.func.vmap with what to do, and run when meta_grad is called directly."""
+    """Binomial's auto order and its monitoring read level norms back as Python floats, and
+    Implicit's solver its residuals: refused under torch.func.vmap with what to do, and run when
+    meta_grad is called directly."""
     _, _, stacked_s, stacked_q = tasks()
 
     def call(support, query):

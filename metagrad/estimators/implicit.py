@@ -89,11 +89,13 @@ class Implicit(Estimator):
         return self.reg
 
     def why_not_pure(self, traced: bool = True) -> Optional[str]:
+        if not traced:  # called directly: the pure inner loop adds the proximal term
+            return None
         return (
-            f"{self!r} is not supported by meta_grad. Implicit's inner loop adds "
-            "a proximal term, and its solver (conjugate gradients or a Neumann series) stops on "
-            "a residual read back as a Python float, which torch.func.vmap and torch.compile "
-            "cannot trace. Use mg.Checkpointed(), mg.Full(), or MetaGradient(estimator=Implicit(...))."
+            f"{self!r} is not supported by meta_grad under torch.func.vmap, torch.func.grad or "
+            "torch.compile: its solver (conjugate gradients or a Neumann series) stops on a residual "
+            "read back as a Python float, which they cannot trace. Call meta_grad directly (a "
+            "meta-batch by tasks=T), or use mg.Checkpointed() or mg.Full()."
         )
 
     def keep(self) -> Optional[int]:
