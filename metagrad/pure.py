@@ -80,6 +80,8 @@ class PureTrajectory:
             by identity) are its step sizes.
         meta_names: a description of each η.
         tasks: T of a meta-batch, or ``None`` (one task).
+        proximal: λ of Implicit's proximal term, or ``None``. (Every iterate is stored, whatever
+            the estimator's ``keep``: the functional face's tape keeps them all.)
     """
 
     #: The lengths of the runs of steps a compiled call takes or sweeps, longest first.
