@@ -26,7 +26,7 @@ __all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
 def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.Tensor], support: Any, query: Any, *,
               inner_opt: Any, steps: int, estimator: Any = None, meta: Any = None, tasks: Optional[int] = None,
-              compile: Any = False) -> Any:
+              compile: Any = False, info: Optional[dict[str, Any]] = None) -> Any:
     """The meta-gradient ``∇_θ loss_fn(φ_K(θ), query)`` of K inner steps, as a pure function.
 
     The functional face of the estimators: the same estimator code as
@@ -114,12 +114,18 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         tasks: T, the tasks of a meta-batch in ``support`` and ``query`` (see above), or ``None``
             for one task.
         compile: compile the inner loop's and the backward's pieces (see above); ``False``: no.
+        info: a dict to fill with the estimator's report, what ``MetaGradient``'s ``meta.info``
+            holds (Binomial's order and level norms, Implicit's iterations and residual; with
+            ``tasks``, each task's where it differs), or ``None``. It is emptied first.
 
     Returns:
         The meta-gradient, name→tensor, with the layout of ``params`` (with ``tasks``, the mean
         over the tasks); with ``meta``, the pair ``(that, the gradient of η with the structure
         of meta)``.
     """
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"info: expected a dict to fill with the estimator's report, or None; got "
+                        f"{type(info).__name__}.")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
                         f"{type(loss_fn).__name__}.")
@@ -170,6 +176,7 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
             return outer(unroll(inner, start(p), inner_opt, steps, e, rule_eta)[0][-1], e) * scale
 
         g, g_eta = torch.func.grad(objective, argnums=(0, 1))(theta, eta)
+        _report(info, estimator, {"steps": steps})
         return _result(dict(g), list(g_eta), meta, spec)
     phi = start(theta)
     pieces = None
@@ -181,7 +188,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                                     proximal=estimator.proximal)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
-        g, g_eta, _ = estimator.backward(trajectory, steps, dict(v))
+        g, g_eta, report = estimator.backward(trajectory, steps, dict(v))
+    _report(info, estimator, report)
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]
     if tasks is not None:  # each task's gradient of θ is its row; η's are summed already
         g = {n: g[n].sum(0) for n in theta}
@@ -210,6 +218,13 @@ class TaskLoss:
             return lambda phi, e: one(phi, batch, e)
         dims = pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
         return lambda phi, e: torch.func.vmap(lambda p, b: one(p, b, e), in_dims=(0, dims))(phi, batch).sum()
+
+
+def _report(info: Optional[dict[str, Any]], estimator: Any, report: dict[str, Any]) -> None:
+    """Fill ``info`` (``meta_grad``'s) with the estimator's report, as ``meta.info`` holds it."""
+    if info is not None:
+        info.clear()
+        info.update({"estimator": repr(estimator), **report})
 
 
 def _detached(leaf: Any) -> Any:

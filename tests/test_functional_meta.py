@@ -243,10 +243,15 @@ def test_implicit_called_directly_equals_its_dense_definition(solver):
     support, query, K, reg = data(1), data(2), 6, 4.0
     meta = {"log_wd": meta_parameters()["log_wd"]}
     estimator = mg.Implicit(reg=reg, solver=solver, max_iter=200, tol=1e-13)
+    report = {"stale": 1}
     g, g_meta = mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=K,
-                                        estimator=estimator, meta=meta)
+                                        estimator=estimator, meta=meta, info=report)
     got = torch.cat([*(t.reshape(-1) for t in g.values()), g_meta["log_wd"].reshape(1)])
     assert relative(got, dense_implicit(support, query, K, reg)) < 1e-9
+    assert report["converged"] and report["solver"] == solver and "stale" not in report  # meta_grad(info=...)
+    with pytest.raises(TypeError, match="info: expected a dict"):
+        mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=K,
+                                estimator=estimator, meta=meta, info=[])
     with pytest.raises(ValueError, match="estimator: .*Call meta_grad directly"):
         torch.func.vmap(lambda x, y: mg.functional.meta_grad(
             loss_fn, theta(), (x, y), query, inner_opt=mg.optim.SGD(lr=0.1), steps=K, estimator=estimator,

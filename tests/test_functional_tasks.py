@@ -88,12 +88,18 @@ def test_binomial_auto_over_a_meta_batch_chooses_each_tasks_order():
     x[2] *= 3.0
     support = (x, support[1])
     estimator = mg.Binomial(order="auto", rtol=1e-4)
+    report, reports, rows = {}, [{} for _ in range(TASKS)], []
     with pytest.warns(mg.MetaGradientWarning, match="the level norms grew at two consecutive orders"):
-        expected = separately(estimator, support, query, 4)
-        eager = functional(estimator, support, query, 4, tasks=TASKS)
+        for t in range(TASKS):  # one-task calls, each reporting its order (meta_grad(info=...))
+            rows.append(functional(estimator, (support[0][t], support[1][t]), (query[0][t], query[1][t]), 4,
+                                   info=reports[t]))
+        expected = torch.stack(rows).mean(0)
+        eager = functional(estimator, support, query, 4, tasks=TASKS, info=report)
         compiled_pieces = functional(estimator, support, query, 4, tasks=TASKS, compile=True)
     assert relative(eager, expected) < TOL
     assert relative(compiled_pieces, expected) < TOL
+    assert report["order"] == [one["order"] for one in reports]  # meta_grad(info=...): each task's
+    assert report["fallback"] == [one["fallback"] for one in reports] and report["fallback"][2] is not None
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
