@@ -35,7 +35,7 @@ from ..update_rule import Params
 from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_order,
-                               fall_back, fixed_order_info, format_bytes, plan_budget)
+                               auto_order_tasks, fall_back, fixed_order_info, format_bytes, plan_budget)
 from .binomial_series import expand
 
 # Besides the estimator and its error, the names of its control that code imports from here:
@@ -226,9 +226,18 @@ class Binomial(Estimator):
         blocks, its fallback) from its own level norms, as a block of its own would. The block's
         step acts on each task's rows alone (its Hessian is block-diagonal over the tasks), so
         the series of ``v`` with every other task's rows zero is task t's; its rows of the
-        result are task t's meta-gradient, and its η products task t's part of η's. Backward
-        so takes T passes over the stored iterates. ``meta.info`` lists each task's report
-        under every key but ``steps``; ``hessian_vector_products`` is their sum."""
+        result are task t's meta-gradient, and its η products task t's part of η's.
+
+        Without η and without blocks, one pass takes the levels for every task at once, each
+        task stopping on its own rows (:func:`~metagrad.estimators.binomial_control.auto_order_tasks`),
+        and a task whose series failed falls back on its own; otherwise each task takes a pass
+        of its own over the stored iterates. ``meta.info`` lists each task's report under every
+        key but ``steps``; ``hessian_vector_products`` counts every product taken."""
+        joint: list[Optional[tuple[Params, dict[str, Any], Optional[str]]]] = [None] * tasks
+        products = 0
+        if steps > 0 and not trajectory.meta and (self.block is None or (
+                isinstance(self.block, int) and self.block >= steps)):
+            joint, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order, chunk, tasks)
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
         meta: MetaGrads = []
         reports = []
@@ -237,14 +246,20 @@ class Binomial(Estimator):
             for n, x in v.items():
                 alone[n] = torch.zeros_like(x)
                 alone[n][t] = x[t]
-            g, more, info = self._backward(trajectory, steps, alone, chunk, task=t)
+            found = joint[t]
+            if found is not None and found[2] is None:  # converged in the joint pass
+                g, more, info = {n: x.unsqueeze(0).expand(tasks, *x.shape) for n, x in found[0].items()}, [], found[1]
+            elif found is not None:  # failed there: its fallback, on its rows alone
+                g, more, info = self._fall_back(trajectory, steps, alone, chunk, found[1], found[2], t)
+            else:
+                g, more, info = self._backward(trajectory, steps, alone, chunk, task=t)
             for n in rows:
                 rows[n].append(g[n][t])
             meta = add_meta(meta, more)
             reports.append(info)
         info = {key: [report.get(key) for report in reports]
                 for key in dict.fromkeys(k for report in reports for k in report) if key != "steps"}
-        info.update(steps=steps, tasks=tasks, hessian_vector_products=sum(
+        info.update(steps=steps, tasks=tasks, hessian_vector_products=products + sum(
             report.get("hessian_vector_products", 0) for report in reports))
         return {n: torch.stack(r) for n, r in rows.items()}, meta, info
 
@@ -280,9 +295,16 @@ class Binomial(Estimator):
             if failure is None:
                 return g, meta, info
             reason = failure
+        return self._fall_back(trajectory, steps, v, chunk, info, reason, task)
+
+    def _fall_back(self, trajectory: Trajectory, steps: int, v: Params, chunk: Optional[int],
+                   info: dict[str, Any], reason: str, task: Optional[int] = None
+                   ) -> tuple[Params, MetaGrads, dict[str, Any]]:
+        """The fallback of ``order="auto"`` where it failed for ``reason`` (the warning names
+        the task of a block over tasks; that task's blocked fallback stays its own)."""
         if task is not None:
             reason = f"for task {task} of the block, {reason}"
-        kind = Binomial if task is None else _TaskBlocks  # (one task's fallback stays that task's)
+        kind = Binomial if task is None else _TaskBlocks
         blocked = (kind("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order)
                    if self.fallback == "blocked" else None)
         return fall_back(trajectory, steps, v, info, reason, self.fallback, self.max_order, blocked)

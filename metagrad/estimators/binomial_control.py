@@ -46,7 +46,7 @@ from .truncated import Truncated
 
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
            "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
-           "auto_order", "auto_blocks", "fall_back", "fixed_order_info"]
+           "auto_order", "auto_order_tasks", "auto_blocks", "fall_back", "fixed_order_info"]
 
 FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
@@ -60,7 +60,7 @@ WARN_ESTIMATE = 0.4
 def guard(rtol: float) -> Guard:
     """The stopping rule of ``order="auto"``: ``"converged"`` once ``‖T_j‖ ≤ rtol·‖ĝ_j‖``,
     ``"diverged"`` once the level norms grew at two consecutive levels, else ``"limit"``."""
-    def stop(norms: list[float], g: Params, v: Params) -> str:
+    def stop(norms: list[float], g: Params, v: Params, level: Optional[Params] = None) -> str:
         level = len(norms)
         if norms[-1] <= rtol * norm(g):
             return "converged"
@@ -78,17 +78,60 @@ def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_o
     limit = min(max_order, steps)
     g, norms, products, stop, meta = levels(trajectory, (0, steps), v, limit, chunk_size,
                                             guard=guard(rtol))
-    order = len(norms)
-    info = _report(steps, order, norms, g, products)
-    if stop == "converged" or order == steps:
+    info, reason = _outcome(steps, norms, g, products, stop, rtol, max_order)
+    return g, meta, info, reason
+
+
+def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+                     chunk_size: Optional[int], tasks: int
+                     ) -> tuple[list[tuple[Params, dict[str, Any], Optional[str]]], int]:
+    """:func:`auto_order` for each of ``tasks`` tasks in one pass (a block over tasks without η):
+    the levels are taken for every task at once (the step's products act on each task's rows
+    alone), and each task stops where :func:`guard` says for its own rows (its level norms, its
+    estimate, its vector), its estimate kept then; the pass ends when every task has stopped.
+    Returns, per task, its rows of the estimate, its report and why it failed (``None``: it did
+    not), as :func:`auto_order` gives them for that task alone; and the products taken."""
+    limit = min(max_order, steps)
+    stop_rule = guard(rtol)
+    rows_v = [{n: x[t] for n, x in v.items()} for t in range(tasks)]
+    norms: list[list[float]] = [[] for _ in range(tasks)]
+    done: list[Optional[tuple[Params, str]]] = [None] * tasks
+
+    def each(_: list[float], g: Params, __: Params, level: Params) -> str:
+        for t in range(tasks):
+            if done[t] is not None:
+                continue
+            g_t = {n: x[t] for n, x in g.items()}
+            norms[t].append(norm({n: x[t] for n, x in level.items()}))
+            stop = stop_rule(norms[t], g_t, rows_v[t])
+            if stop != "limit" or len(norms[t]) == limit:
+                done[t] = ({n: x.clone() for n, x in g_t.items()}, stop)
+        return "converged" if all(d is not None for d in done) else "limit"
+
+    products = levels(trajectory, (0, steps), v, limit, chunk_size, guard=each)[2]
+    out = []
+    for t, entry in enumerate(done):
+        assert entry is not None  # (every task stops by the last level)
+        g_t, stop = entry
+        info, reason = _outcome(steps, norms[t], g_t, 0, stop, rtol, max_order)
+        out.append((g_t, info, reason))
+    return out, products
+
+
+def _outcome(steps: int, norms: list[float], g: Params, products: int, stop: str, rtol: float,
+             max_order: int) -> tuple[dict[str, Any], Optional[str]]:
+    """The report of ``order="auto"`` stopped for ``stop`` after ``len(norms)`` levels, and why
+    it failed (``None``: converged, or exact at K levels)."""
+    info = _report(steps, len(norms), norms, g, products)
+    if stop == "converged" or len(norms) == steps:
         info["converged"] = True
-        return g, meta, info, None
+        return info, None
     info["diverged"] = stop == "diverged"
     reason = ("the level norms grew at two consecutive orders: the binomial series is "
               "diverging, because K·α·‖H‖ is too large" if stop == "diverged" else
               f"max_order={max_order} levels left an error estimate of "
               f"{info['error_estimate']:.3g}, above rtol={rtol:g}")
-    return g, meta, info, reason
+    return info, reason
 
 
 def auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,

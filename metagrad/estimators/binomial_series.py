@@ -52,9 +52,9 @@ __all__ = ["Span", "Guard", "BlockNorms", "spans", "expand", "levels", "tight"]
 Span = tuple[int, int]  # the steps [first, last) of a block
 
 #: A stopping rule for :func:`levels`, called after each level with the level norms so far
-#: ``[‖T_1‖, …]``, the estimate so far and the vector expanded against; it returns
-#: ``"converged"`` or ``"diverged"`` to stop there, ``"limit"`` to go on.
-Guard = Callable[[list[float], Params, Params], str]
+#: ``[‖T_1‖, …]``, the estimate so far, the vector expanded against and the level itself
+#: ``T_j``; it returns ``"converged"`` or ``"diverged"`` to stop there, ``"limit"`` to go on.
+Guard = Callable[[list[float], Params, Params, Params], str]
 
 #: One block's levels as :func:`expand` keeps them: its level norms, the vector it expanded
 #: against, its order and its span.
@@ -152,7 +152,7 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
         if measured or guard is not None:
             norms.append(norm(level_sum))
         if guard is not None:
-            stop = guard(norms, g, v)
+            stop = guard(norms, g, v, level_sum)
         if stop != "limit" or level == order:
             break
     if trajectory.meta and order > 0:  # the step-size part at the last order kept
