@@ -237,7 +237,8 @@ class Binomial(Estimator):
         products = 0
         if steps > 0 and not trajectory.meta and (self.block is None or (
                 isinstance(self.block, int) and self.block >= steps)):
-            joint, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order, chunk, tasks)
+            found_all, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order, chunk, tasks)
+            joint = list(found_all)
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
         meta: MetaGrads = []
         reports = []
@@ -247,10 +248,11 @@ class Binomial(Estimator):
                 alone[n] = torch.zeros_like(x)
                 alone[n][t] = x[t]
             found = joint[t]
+            more: MetaGrads = []
             if found is not None and found[2] is None:  # converged in the joint pass
-                g, more, info = {n: x.unsqueeze(0).expand(tasks, *x.shape) for n, x in found[0].items()}, [], found[1]
+                g, info = {n: x.unsqueeze(0).expand(tasks, *x.shape) for n, x in found[0].items()}, found[1]
             elif found is not None:  # failed there: its fallback, on its rows alone
-                g, more, info = self._fall_back(trajectory, steps, alone, chunk, found[1], found[2], t)
+                g, more, info = self._fall_back(trajectory, steps, alone, chunk, found[1], str(found[2]), t)
             else:
                 g, more, info = self._backward(trajectory, steps, alone, chunk, task=t)
             for n in rows:

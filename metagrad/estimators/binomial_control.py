@@ -60,7 +60,7 @@ WARN_ESTIMATE = 0.4
 def guard(rtol: float) -> Guard:
     """The stopping rule of ``order="auto"``: ``"converged"`` once ``‖T_j‖ ≤ rtol·‖ĝ_j‖``,
     ``"diverged"`` once the level norms grew at two consecutive levels, else ``"limit"``."""
-    def stop(norms: list[float], g: Params, v: Params, level: Optional[Params] = None) -> str:
+    def stop(norms: list[float], g: Params, v: Params, latest: Optional[Params] = None) -> str:
         level = len(norms)
         if norms[-1] <= rtol * norm(g):
             return "converged"
@@ -101,9 +101,9 @@ def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float,
         for t in range(tasks):
             if done[t] is not None:
                 continue
-            g_t = {n: x[t] for n, x in g.items()}
-            norms[t].append(norm({n: x[t] for n, x in level.items()}))
-            stop = stop_rule(norms[t], g_t, rows_v[t])
+            g_t, level_t = {n: x[t] for n, x in g.items()}, {n: x[t] for n, x in level.items()}
+            norms[t].append(norm(level_t))
+            stop = stop_rule(norms[t], g_t, rows_v[t], level_t)
             if stop != "limit" or len(norms[t]) == limit:
                 done[t] = ({n: x.clone() for n, x in g_t.items()}, stop)
         return "converged" if all(d is not None for d in done) else "limit"
