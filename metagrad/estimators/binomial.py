@@ -243,15 +243,17 @@ class Binomial(Estimator):
         meta: MetaGrads = []
         reports = []
         for t in range(tasks):
-            alone = {}
+            found = joint[t]
+            if found is not None and found[2] is None:  # converged in the joint pass: its rows
+                for n in rows:
+                    rows[n].append(found[0][n])
+                reports.append(found[1])
+                continue
+            alone = {}  # v with every other task's rows zero
             for n, x in v.items():
                 alone[n] = torch.zeros_like(x)
                 alone[n][t] = x[t]
-            found = joint[t]
-            more: MetaGrads = []
-            if found is not None and found[2] is None:  # converged in the joint pass
-                g, info = {n: x.unsqueeze(0).expand(tasks, *x.shape) for n, x in found[0].items()}, found[1]
-            elif found is not None:  # failed there: its fallback, on its rows alone
+            if found is not None:  # failed in the joint pass: its fallback, on its rows alone
                 g, more, info = self._fall_back(trajectory, steps, alone, chunk, found[1], str(found[2]), t)
             else:
                 g, more, info = self._backward(trajectory, steps, alone, chunk, task=t)
