@@ -416,6 +416,8 @@ def build_rows(batch: Batch, compile_rows: bool, jax: Any, jax_note: str) -> lis
                 tasks_metagradient(batch, mg.Full(), compile=True), compiled=True),
             Row("compiled_tasks_checkpointed", "metagrad Checkpointed, tasks=4, compile=True",
                 tasks_metagradient(batch, mg.Checkpointed(), compile=True), compiled=True),
+            Row("compiled_tasks_binomial3", f"metagrad Binomial(order={min(3, batch.steps)}), tasks=4, compile=True",
+                tasks_metagradient(batch, mg.Binomial(order=min(3, batch.steps)), compile=True), compiled=True),
         ]
         rows += [
             Row("functional_full_compiled", "mg.functional.meta_grad Full, vmap, torch.compile",
