@@ -19,6 +19,7 @@ from metagrad import compiled
 # The model, the user's loss (a learned weight decay inside it), θ, η (with Meta-SGD's step
 # sizes) and the flattening of the one-task functional tests.
 from test_functional_meta import DT, TOL, flat, loss_fn, meta_parameters, relative, theta
+from test_functional_meta import hand_unrolled as one_task_unrolled
 
 TASKS = 3
 
@@ -33,23 +34,9 @@ def batch(seed: int, tasks: int = TASKS, n: int = 8) -> tuple[torch.Tensor, torc
 
 def hand_unrolled(support, query, K, lr=0.1):
     """The mean over the tasks of each task's meta-gradient of θ, log_wd and the step sizes, by
-    a plain create_graph unroll of each task alone."""
-    rows = []
-    for t in range(support[0].shape[0]):
-        th = {n: p.requires_grad_() for n, p in theta().items()}
-        meta = meta_parameters(lr)
-        leaves = [meta["log_wd"], *meta["lr"].values()]
-        for leaf in leaves:
-            leaf.requires_grad_()
-        phi = dict(th)
-        for _ in range(K):
-            grads = torch.autograd.grad(loss_fn(phi, (support[0][t], support[1][t]), meta), list(phi.values()),
-                                        create_graph=True)
-            phi = {n: phi[n] - meta["lr"][n] * g for n, g in zip(phi, grads)}
-        inputs = [*th.values(), *leaves]
-        out = torch.autograd.grad(loss_fn(phi, (query[0][t], query[1][t]), meta), inputs)
-        rows.append(torch.cat([g.reshape(-1) for g in out]))
-    return torch.stack(rows).mean(0)
+    the one-task tests' plain create_graph unroll of each task alone."""
+    return torch.stack([one_task_unrolled((support[0][t], support[1][t]), (query[0][t], query[1][t]), K, lr=lr)
+                        for t in range(support[0].shape[0])]).mean(0)
 
 
 def functional(estimator, support, query, K, lr=0.1, **options):

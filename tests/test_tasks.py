@@ -48,24 +48,30 @@ def take_grads(leaves) -> torch.Tensor:
     return out
 
 
-def block_over_tasks(model, estimator, rule, batches, lam, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loop a user writes with tasks=T; the query loss is the sum of the tasks' own."""
+def block_over_tasks(model, estimator, rule, batches, lam, infos=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop a user writes with tasks=T; the query loss is the sum of the tasks' own. The
+    block's meta.info is appended to ``infos`` when given."""
     xs, ys, xq, yq = batches
     with mg.MetaGradient(model, rule, estimator=estimator, tasks=xs.shape[0], **kwargs) as meta:
         for k in range(xs.shape[1]):
             losses = meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
         out = meta.fmodel(xq)
         F.mse_loss(out, yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+    if infos is not None:
+        infos.append(meta.info)
     return take_grads([*model.parameters(), lam]), losses
 
 
-def separate_blocks(model, estimator, rule, batches, lam, **kwargs) -> torch.Tensor:
+def separate_blocks(model, estimator, rule, batches, lam, infos=None, **kwargs) -> torch.Tensor:
+    """A block per task; each block's meta.info is appended to ``infos`` when given."""
     xs, ys, xq, yq = batches
     for t in range(xs.shape[0]):
         with mg.MetaGradient(model, rule, estimator=estimator, **kwargs) as meta:
             for k in range(xs.shape[1]):
                 meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
             F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
+        if infos is not None:
+            infos.append(meta.info)
     return take_grads([*model.parameters(), lam])
 
 
@@ -257,22 +263,13 @@ def test_binomial_auto_over_tasks_chooses_each_tasks_order_as_separate_blocks_do
     xs, ys = xs.clone(), ys.clone()
     xs[1:] *= 4.0  # tasks 1 and 2: larger inputs, a larger K·α·‖H‖, a diverging series
     ys[1:] *= 3.0
-    estimator = mg.Binomial(order="auto", rtol=1e-4)
+    estimator, rule, block, infos = mg.Binomial(order="auto", rtol=1e-4), mg.optim.SGD(lr=0.1), [], []
     with pytest.warns(mg.MetaGradientWarning, match="for task [12] of the block, the level norms grew"):
-        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator, tasks=3) as meta:
-            for k in range(6):
-                meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
-            F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
-    got, info = take_grads([*model.parameters(), lam]), meta.info
-    infos = []
+        got, _ = block_over_tasks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=block)
     with pytest.warns(mg.MetaGradientWarning, match="Falling back"):
-        for t in range(3):
-            with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
-                for k in range(6):
-                    meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
-                F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
-            infos.append(meta.info)
-    assert relative(got, take_grads([*model.parameters(), lam])) < 1e-10
+        want = separate_blocks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=infos)
+    info = block[0]
+    assert relative(got, want) < 1e-10
     for key in ("order", "converged", "fallback"):
         assert info[key] == [one[key] for one in infos], key
     assert info["fallback"][0] is None and info["fallback"][1] is not None  # the tasks chose differently
@@ -290,24 +287,13 @@ def test_implicit_over_tasks_solves_each_task_on_its_own(solver):
     lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
     batches = data(3, 6, seed=20)
     estimator = mg.Implicit(reg=20.0, solver=solver, tol=1e-8)
-    got, _ = block_over_tasks(model, estimator, mg.optim.SGD(lr=0.04), batches, lam)
-    xs, ys, xq, yq = batches
-    infos = []
-    for t in range(3):
-        with mg.MetaGradient(model, mg.optim.SGD(lr=0.04), estimator=estimator) as meta:
-            for k in range(6):
-                meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
-            F.mse_loss(meta.fmodel(xq[t]), yq[t]).backward()
-        infos.append(meta.info)
-    assert relative(got, take_grads([*model.parameters(), lam])) < 1e-10
-    with mg.MetaGradient(model, mg.optim.SGD(lr=0.04), estimator=estimator, tasks=3) as meta:
-        for k in range(6):
-            meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
-        F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
-    take_grads([*model.parameters(), lam])
-    assert meta.info["iterations"] == [info["iterations"] for info in infos]
-    assert meta.info["converged"] == [True, True, True]
-    for got_residual, info in zip(meta.info["residual"], infos):
+    block, infos = [], []
+    got, _ = block_over_tasks(model, estimator, mg.optim.SGD(lr=0.04), batches, lam, infos=block)
+    want = separate_blocks(model, estimator, mg.optim.SGD(lr=0.04), batches, lam, infos=infos)
+    assert relative(got, want) < 1e-10
+    assert block[0]["iterations"] == [info["iterations"] for info in infos]
+    assert block[0]["converged"] == [True, True, True]
+    for got_residual, info in zip(block[0]["residual"], infos):
         assert abs(got_residual - info["residual"]) <= 1e-6 * max(info["residual"], 1e-12)
 
 
