@@ -337,9 +337,10 @@ def counting_warnings(seen: Optional[WarningCounts]) -> Iterator[None]:
                 # In a block over tasks, a warning about one of them ("for task 2 of the block")
                 # counts for that task.
                 task = re.search(r"for task (\d+) of the block", str(record.message))
-                if (kind, task and task.group(1)) not in kinds:
+                key = (kind, task.group(1) if task else None)
+                if key not in kinds:
                     entry["count"] += 1
-                    kinds.add((kind, task and task.group(1)))
+                    kinds.add(key)
             else:  # not ours to summarize: show it as it would have been
                 warnings.showwarning(record.message, record.category, record.filename, record.lineno)
 
