@@ -235,28 +235,34 @@ class Trajectory:
             params = self.tape.current if self.length else {n: t.view_as(t) for n, t in self.tape.current.items()}
             frozen = None  # nothing is rebuilt
         else:
-            params = {n: t.detach().requires_grad_() for n, t in self.tape.current.items()}
+            # Detached: a compiled call takes them as they are; the eager gradient makes leaves.
+            params = self.tape.current
             frozen = freeze(closure) if frozen is None else frozen
             rng = RandomState.capture(self.device)
         grads = None
+        drew: Optional[bool] = None  # whether the closure drew random numbers (checked once)
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
                 and not seen.random:
             out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
-            if out is not None and rng is not None and rng.changed():
+            drew = out is not None and rng is not None and rng.changed()
+            if drew:
                 # It drew random numbers inside compiled code, which an eager replay cannot
                 # reproduce: the step is taken again eagerly, from the same generator states.
+                assert seen is not None and rng is not None
                 seen.random = True
                 rng.restore()
-                out = None
+                out, drew = None, None
             if out is not None:
                 loss, grads = out
         if grads is None:
+            if not self.differentiable:
+                params = {n: t.detach().requires_grad_() for n, t in params.items()}
             with torch.enable_grad(), differentiated_twice(self.differentiable):
                 loss = closure(self.model_at(params))
         split = loss.detach() if parts else None
         loss = loss.sum() if parts else loss
-        if rng is not None and not rng.changed():
+        if rng is not None and not (rng.changed() if drew is None else drew):
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
                                shape=_shape(closure) if self.differentiable else None,
