@@ -352,9 +352,13 @@ def _attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
     return reads
 
 
+#: Values :func:`_attribute_reads` does not look into.
+_LEAVES = (torch.Tensor, types.FunctionType, types.BuiltinFunctionType, _Empty, *_SCALARS)
+
+
 def _fields(value: Any) -> Optional[Mapping[str, Any]]:
     """The attributes of ``value`` that :func:`_attribute_reads` looks at, or ``None``."""
-    if isinstance(value, (torch.Tensor, types.FunctionType, types.BuiltinFunctionType, _Empty, *_SCALARS)):
+    if isinstance(value, _LEAVES):
         return None
     if isinstance(value, torch.nn.Module):
         return _ModuleFields(value)
