@@ -234,8 +234,13 @@ class MetaGradient:
             theta = {n: p.detach().requires_grad_() for n, p in named}
         else:
             theta = dict(named)
-        if self.tasks is not None:  # φ_0 = θ for every task: a view, no copy
+        if self.tasks is not None:  # φ_0 = θ for every task
             theta = {n: t.expand(self.tasks, *t.shape) for n, t in theta.items()}
+            if not self._differentiable:
+                # Stored as a plain copy (not the view, whose stride 0 an update of it may keep
+                # in a dimension of size 1): every iterate has one layout, so each compiled
+                # step and product meets one and compiles once.
+                theta = {n: t.clone(memory_format=torch.contiguous_format) for n, t in theta.items()}
         first = self._params[0]
         compiler = None
         if nested:  # autograd through the unroll: nothing to compile, nothing to rebuild

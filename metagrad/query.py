@@ -56,6 +56,10 @@ class Snapshot:
         as plain autograd would find)."""
         self.begin()
         dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
+        if self.trajectory.compiler is not None:
+            # Laid out plainly (a dimension of size 1 may come with any stride out of the query's
+            # backward): the compiled sweeps then meet one layout and compile once.
+            dense = {n: t.clone(memory_format=torch.contiguous_format) for n, t in dense.items()}
         recomputed = self.trajectory.recomputed_steps
         stored = self.trajectory.stored_iterates
         with torch.enable_grad():

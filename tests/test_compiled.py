@@ -564,6 +564,27 @@ def test_numbers_read_through_objects_key_the_compiled_products(traced_not_compi
     assert "ran compiled" in message and "temp = cfg.temp" in message and "check_replay=False" not in message
 
 
+def test_a_block_over_tasks_compiles_each_piece_once():
+    """tasks=3 with compile=True on a net with dimensions of size 1 (a [H, 1] weight), whose
+    first iterate (θ expanded over the tasks, then updated) and query gradient could come with
+    any stride there: the compiled inner step and the compiled sweep each hold one compiled
+    graph, not one for the first call and another for the rest."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1)).to(DT)
+    g = torch.Generator().manual_seed(32)
+    xs = torch.rand(3, 6, SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+    before = set(compiled_cache._CACHE)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True, tasks=3) as meta:
+        for x in xs.unbind(1):
+            meta.step(lambda f, x, y: ((f(x) - y) ** 2).mean(), x, torch.sin(x))
+        ((meta.fmodel(xs[:, 0]) - torch.sin(xs[:, 0])) ** 2).mean().backward()
+    assert meta.info["compiled"]["inner_steps"] == 5 and meta.info["compiled"]["sweeps"] == 1, meta.info
+    new = [compiled_cache._CACHE[key] for key in set(compiled_cache._CACHE) - before]
+    assert new, "the block compiled nothing new (the net's shapes are this test's own)"
+    for function in new:
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(function._torchdynamo_orig_callable)
+        assert len(entries) == 1, (function, len(entries))
+
+
 def test_a_block_over_tasks_compiles_and_equals_eager():
     """tasks=3 with compile=True: the inner steps (a vmap over tasks inside the compiled
     gradient) and the sweep run compiled, the meta-gradient and the T losses each step returns
