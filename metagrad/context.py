@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .compiled import Compiler, compile_settings
+from .compiled import Compiler, compile_settings, on_device
 from .estimators import Estimator, resolve
 from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
@@ -130,7 +130,8 @@ class MetaGradient:
             ``meta.info["compiled"]`` counts the inner steps, step products and sweeps that
             ran compiled (each closure's first step in a block runs eagerly: it finds η), and
             names the estimator that ran (``"estimator"``).
-            ``True`` uses torch.compile's defaults; a mode string (``"reduce-overhead"``: CUDA
+            ``True`` uses torch.compile's defaults (on the CPU with inductor's C++ wrapper,
+            :func:`metagrad.compiled.on_device`; ``{"options": {}}``: without it); a mode string (``"reduce-overhead"``: CUDA
             graphs on a GPU, ``"max-autotune"``, …) or a dict with some of ``mode``,
             ``options`` and ``backend`` is passed on to every ``torch.compile`` call (compiled
             functions are cached per setting); ``False`` compiles nothing.
@@ -251,7 +252,7 @@ class MetaGradient:
                  "function cannot be in this torch; it runs eagerly. estimator=mg.Checkpointed() "
                  "gives the same exact meta-gradient with compiled steps.")
         elif self._compile_settings is not None:
-            compiler = Compiler(warn, self._compile_settings)
+            compiler = Compiler(warn, on_device(self._compile_settings, first.device))
         self._trajectory = Trajectory(self.model, theta, self.inner_opt,
                                       differentiable=self._differentiable,
                                       keep=None if nested else running.keep(),

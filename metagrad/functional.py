@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .compiled import compile_settings
+from .compiled import compile_settings, on_device
 from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
@@ -181,7 +181,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     phi = start(theta)
     pieces = None
     if settings is not None:  # (η as given: the rule holds its step sizes by identity)
-        pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta, settings)
+        pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta,
+                        on_device(settings, next(iter(phi.values())).device))
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
                                     snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks,

@@ -11,6 +11,7 @@ tests (the compiled functions are cached across them, as across a user's tasks).
 
 from __future__ import annotations
 
+import collections
 import warnings
 
 import pytest
@@ -365,10 +366,16 @@ def test_compile_takes_what_torch_compile_takes(value, error, match):
         mg.MetaGradient(make_model(), mg.optim.SGD(lr=0.1), compile=value)
 
 
-@pytest.mark.parametrize("value", ["reduce-overhead", {"options": {"epilogue_fusion": False}}], ids=repr)
-def test_compile_settings_are_passed_on_and_give_the_same_meta_gradient(value, monkeypatch):
+@pytest.mark.parametrize("value,expected", [
+    ("reduce-overhead", {"mode": "reduce-overhead"}),
+    ({"options": {"epilogue_fusion": False}}, {"options": {"epilogue_fusion": False}}),
+    (True, {"mode": None, "options": {"cpp_wrapper": True}}),  # on the CPU: inductor's C++ wrapper
+    ({"options": {}}, {"mode": None, "options": {}}),  # torch.compile's own defaults
+], ids=repr)
+def test_compile_settings_are_passed_on_and_give_the_same_meta_gradient(value, expected, monkeypatch):
     """A torch.compile mode or inductor options reach every compiled call (on the CPU,
-    "reduce-overhead" has no CUDA graphs to capture) and give eager's meta-gradient."""
+    "reduce-overhead" has no CUDA graphs to capture; compile=True turns the C++ wrapper on) and
+    give eager's meta-gradient."""
     seen: list[dict] = []
     real = torch.compile
 
@@ -377,12 +384,12 @@ def test_compile_settings_are_passed_on_and_give_the_same_meta_gradient(value, m
         return real(function, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(compiled_cache, "_CACHE", collections.OrderedDict())  # compile here, not from the cache
     model = make_model()
     task = tasks(1, 3, seed=31)[0]
     eager = meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), False, task)
     compiled = meta_gradient(model, mg.Checkpointed(), mg.optim.SGD(lr=0.05), value, task)
     assert relative(compiled, eager) < 1e-10
-    expected = {"mode": value} if isinstance(value, str) else value
     assert seen and all({k: kw.get(k) for k in expected} == expected for kw in seen), seen
 
 
