@@ -55,7 +55,7 @@ class Snapshot:
         and θ_n's gradient stays ``None`` if no inner step used n either (no path reaches it,
         as plain autograd would find)."""
         self.begin()
-        dense = {n: torch.zeros_like(p) if v[n] is None else v[n] for n, p in zip(self.names, self.params)}
+        dense = {n: torch.zeros_like(p) if (g := v[n]) is None else g for n, p in zip(self.names, self.params)}
         if self.trajectory.compiler is not None:
             # Laid out plainly (a dimension of size 1 may come with any stride out of the query's
             # backward): the compiled sweeps then meet one layout and compile once.
