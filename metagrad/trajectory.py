@@ -240,19 +240,19 @@ class Trajectory:
             frozen = freeze(closure) if frozen is None else frozen
             rng = RandomState.capture(self.device)
         grads = None
-        drew: Optional[bool] = None  # whether the closure drew random numbers (checked once)
+        drew: Optional[bool] = None  # whether a compiled call drew random numbers (None: no call ran)
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
                 and not seen.random:
             out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
-            drew = out is not None and rng is not None and rng.changed()
-            if drew:
-                # It drew random numbers inside compiled code, which an eager replay cannot
-                # reproduce: the step is taken again eagerly, from the same generator states.
-                assert seen is not None and rng is not None
-                seen.random = True
-                rng.restore()
-                out, drew = None, None
+            if out is not None and rng is not None:
+                drew = rng.changed()
+                if drew:
+                    # It drew random numbers inside compiled code, which an eager replay cannot
+                    # reproduce: the step is taken again eagerly, from the same generator states.
+                    seen.random = True
+                    rng.restore()
+                    out, drew = None, None
             if out is not None:
                 loss, grads = out
         if grads is None:

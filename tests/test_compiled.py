@@ -314,6 +314,37 @@ def test_dropout_steps_are_replayed_eagerly():
     assert relative(results[1], results[0]) < 1e-10
 
 
+def test_a_closure_that_cannot_be_compiled_keeps_the_random_numbers_of_a_later_step():
+    """A closure that cannot be compiled (a branch on a tensor's value) runs eagerly after its
+    compiled call is refused; a later step of it that draws random numbers (dropout, the model
+    put in training mode after two steps in eval mode) keeps its generator states, so that its
+    replay draws the same numbers: the meta-gradient equals eager's, with no replay error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(HIDDEN, 1)).to(DT)
+    batches, xq, yq = tasks(1, 4, seed=15)[0]
+
+    def run(compile: bool) -> torch.Tensor:
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=compile) as meta:
+            for k, (x, y) in enumerate(batches):
+                model.train(k >= 2)
+
+                def closure(f, x=x, y=y):
+                    loss = ((f(x) - y) ** 2).mean()
+                    return loss if loss > 0 else -loss  # a branch on a tensor's value: no compiled graph
+                meta.step(closure)
+            model.eval()
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    eager = run(False)
+    with pytest.warns(mg.MetaGradientWarning, match="compile=True"):
+        compiled = run(True)
+    assert relative(compiled, eager) < 1e-10
+
+
 def test_the_replay_check_covers_compiled_products():
     model = make_model()
     batches, xq, yq = tasks(1, 3, seed=9)[0]
