@@ -301,11 +301,14 @@ def write_results(out: str, results: dict[str, Any], figure: str, json_path: Opt
 WarningCounts = dict[str, dict[str, Any]]
 
 
+#: The task a warning names in a block over tasks ("for task 2 of the block, ").
+_TASK = re.compile(r"for task (\d+) of the block, ")
+
+
 def warning_kind(message: str) -> str:
     """A warning's message with its numbers masked and the task it names in a block over tasks
     ("for task 2 of the block, ") left out, so that one kind of warning is one key."""
-    message = re.sub(r"for task \d+ of the block, ", "", message)
-    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
+    return re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", _TASK.sub("", message))
 
 
 @contextlib.contextmanager
@@ -332,11 +335,12 @@ def counting_warnings(seen: Optional[WarningCounts]) -> Iterator[None]:
         kinds = set()
         for record in caught:
             if issubclass(record.category, mg.MetaGradientWarning):
-                kind = warning_kind(str(record.message))
-                entry = seen.setdefault(kind, {"count": 0, "first": str(record.message)})
+                message = str(record.message)
+                kind = warning_kind(message)
+                entry = seen.setdefault(kind, {"count": 0, "first": message})
                 # In a block over tasks, a warning about one of them ("for task 2 of the block")
                 # counts for that task.
-                task = re.search(r"for task (\d+) of the block", str(record.message))
+                task = _TASK.search(message)
                 key = (kind, task.group(1) if task else None)
                 if key not in kinds:
                     entry["count"] += 1
