@@ -249,7 +249,8 @@ class Compiler:
                    key: Any, params: dict[str, torch.Tensor], used: tuple[str, ...]
                    ) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """``(L_tr(φ), ∇L_tr(φ))`` for the fast weights ``used``, by one compiled call, or
-        ``None`` where the closure cannot be compiled (then it is computed eagerly)."""
+        ``None`` where the closure cannot be compiled (then it is computed eagerly). ``params``:
+        the stored iterate φ, detached (the trajectory's, as it keeps them)."""
         if key not in self._inner:
             self._inner[key] = self._inner_function(trajectory, key, params, used)
         found = self._inner[key]
@@ -258,7 +259,7 @@ class Compiler:
         entry_key, compiled = found
         try:
             with torch.no_grad():
-                grads, loss = compiled(closure, {n: t.detach() for n, t in params.items()})
+                grads, loss = compiled(closure, params)
         except Exception as error:  # a graph break, an unsupported op: eager from now on
             self._inner[key] = None
             self.refuse(entry_key, key, error)
