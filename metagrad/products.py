@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
-from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, proximal, step_body, step_size_vjp,
+from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
@@ -385,10 +385,5 @@ class Products:
         if step.once:
             refuse_twice(k - 1, step.once)
         replace, meta = self.partial_eta(step)
-        with torch.enable_grad():
-            params = {n: t.detach().requires_grad_() for n, t in tr.iterate(k).items()}
-            body = step_body(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, list(params),
-                             state=rule.init(params),
-                             gradient=proximal(autograd_gradient(k - 1, step.used), tr.theta, tr.proximal or 0.0))
-            (new_params, _), _ = body(params, meta, [])
-        return KeptStep(params, new_params, meta)
+        return KeptStep.at(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, tr.iterate(k),
+                           meta, step=k - 1, used=step.used, theta=tr.theta, reg=tr.proximal or 0.0)

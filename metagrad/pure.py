@@ -34,7 +34,7 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .snapshots import Schedule
 from .tape import Tape
-from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
+from .step import (Body, Gradient, KeptStep, StepRecord, functional_gradient, held, proximal,
                    pull_back, rule_slots, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 from .pure_compiled import RUNS, Pieces
@@ -192,12 +192,9 @@ class PureTrajectory:
         graph is autograd's, and the solver reads residuals back as Python floats)."""
         if k != self.length:
             raise RuntimeError(f"the fixed point is the final fast weights φ_K (K={self.length}), not φ_{k}.")
-        with torch.enable_grad():
-            params = {n: t.detach().requires_grad_() for n, t in self.current.items()}
-            meta = [t.detach().requires_grad_() for t in self.meta]  # leaves: B's products by autograd
-            body = self._body(rule.init(params), gradient=autograd_gradient(k - 1), rule=rule)
-            (new_params, _), _ = body(params, meta, [])
-        return KeptStep(params, new_params, meta)
+        meta = [t.detach().requires_grad_() for t in self.meta]  # leaves: B's products by autograd
+        return KeptStep.at(self.loss_at, rule, self.current, meta, step=k - 1, used=None, theta=self.theta,
+                           reg=self.proximal or 0.0)
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True

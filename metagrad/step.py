@@ -384,6 +384,20 @@ class KeptStep:
         self._names = [n for n in new_params if new_params[n].requires_grad]
         self._outputs = [new_params[n] for n in self._names]
 
+    @classmethod
+    def at(cls, loss_at: LossAt, rule: UpdateRule, params: Params, meta: list[torch.Tensor], *, step: int,
+           used: Optional[Sequence[str]], theta: Params, reg: float) -> "KeptStep":
+        """The body of step ``step`` at ``params`` (φ_K) with ``rule``, the proximal term's
+        gradient ``reg·(φ − θ)`` in its gradient (Implicit's inner problem), built once with its
+        graph kept; ``meta``: η, leaves that require grad, which ``loss_at`` reads. Both faces
+        build Implicit's fixed-point step here."""
+        with torch.enable_grad():
+            leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
+            body = step_body(loss_at, rule, list(leaves), state=rule.init(leaves),
+                             gradient=proximal(autograd_gradient(step, used), theta, reg))
+            (new_params, _), _ = body(leaves, meta, [])
+        return cls(leaves, new_params, meta)
+
     def __call__(self, u: Params, *, eta: bool = False) -> tuple[Params, list[Optional[torch.Tensor]]]:
         """``(Jᵀu, Bᵀu)``; ``Bᵀu`` (one entry per η, ``None`` for zero) only with ``eta``."""
         params = self._params

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import torch
-
 from ..memory import parse_bytes
 from ..update_rule import Params
 from ..snapshots import Schedule
