@@ -102,7 +102,7 @@ def check_adapted_require_grad(adapt: Optional[frozenset[str]], model: torch.nn.
     have been frozen since the block was built), unless none of the adapted parameters does:
     then θ is fixed (the inner loop adapts them from their values, and only meta-parameters
     are learned)."""
-    listed = getattr(adapt, "listed", frozenset())
+    listed: frozenset[str] = getattr(adapt, "listed", frozenset())
     frozen = [n for n, p in model.named_parameters() if n in listed and not p.requires_grad]
     if not frozen:
         return

@@ -282,7 +282,7 @@ class Compiler:
                     return closure(FunctionalModel(module, {**params, **w}, layout=layout))
                 # The gradient of the loss, or of the sum of a closure's independent losses
                 # (Trajectory.advance's ``parts``), with the value(s) as returned.
-                value, pull = torch.func.vjp(loss_of, {n: params[n] for n in used})
+                value, pull = torch.func.vjp(loss_of, {n: params[n] for n in used})[:2]
                 return pull(torch.ones_like(value))[0], value
 
             return torch.compile(_fresh(inner_grad), fullgraph=True, dynamic=False, **self.settings)

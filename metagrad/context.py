@@ -30,7 +30,7 @@ again; an approximate estimator raises there (README, "Nested blocks").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -277,7 +277,7 @@ class MetaGradient:
         """A backward inside the block wrote θ's ``.grad`` (:func:`~metagrad.query.warn_if_plain`)."""
         self._warned = warn_if_plain(self._trajectory, self._warned)
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         trajectory = self._trajectory
         self._active = False
         self._fmodel = None

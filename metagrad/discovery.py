@@ -226,7 +226,7 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
     seen: set[int] = set()
     found: list[torch.Tensor] = []
     once: Optional[str] = None
-    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    stack: list[Optional[torch.autograd.graph.Node]] = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -242,7 +242,7 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
                 continue
         kind = type(node)
         if kind is _ACCUMULATE:  # a leaf
-            variable = node.variable
+            variable = getattr(node, "variable")  # an AccumulateGrad node holds its leaf
             if id(variable) not in skip:
                 found.append(variable)
             continue
@@ -272,8 +272,14 @@ def register_block_outputs(tensors: Sequence[torch.Tensor]) -> None:
     _BLOCK_OUTPUTS[id(node)] = [weakref.ref(t) for t in tensors]
 
 
+def _leaf_node_type() -> type:
+    node = torch.zeros((), requires_grad=True).expand(1).grad_fn
+    assert node is not None
+    return type(node.next_functions[0][0])
+
+
 #: The node class of a leaf (``AccumulateGrad``).
-_ACCUMULATE = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+_ACCUMULATE = _leaf_node_type()
 #: :func:`once_differentiable` per node class (each autograd.Function has a class of its own).
 _ONCE_BY_TYPE: dict[type, Optional[str]] = {}
 

@@ -73,6 +73,7 @@ of its own and stays out of the way (checked after an ordinary DDP step, with Bi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional, TypeVar, Union, cast
@@ -208,7 +209,7 @@ def average_gradients(
                     flat[values + index] = 1
                 offset += param.numel()
             flats.append(flat)
-        works = [_collective(lambda flat=flat: dist.all_reduce(flat, group=group, async_op=True),
+        works = [_collective(functools.partial(dist.all_reduce, flat, group=group, async_op=True),
                              f"launching the all-reduce of gradient bucket {i + 1} of {len(buckets)}",
                              rank, world)
                  for i, flat in enumerate(flats)]

@@ -16,7 +16,7 @@ import copy
 import functools
 import types
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from dataclasses import dataclass, field
@@ -129,7 +129,7 @@ class FunctionalModel:
         first = dict(self._layout.aliases)
         out = {}
         for key, value in self._module.state_dict(keep_vars=True).items():
-            name = key if key in params else first.get(key)
+            name = key if key in params else first.get(key, key)
             out[key] = (params[name] if name in params else value).detach()
         return out
 
@@ -280,7 +280,9 @@ def _call_at(module: torch.nn.Module, slots: Mapping[str, tuple[torch.nn.Module,
     found = [] if torch.compiler.is_compiling() else [_store(slots.get(name)) for name in tensors]
     stores = [store for store in found if store is not None]
     if not stores or len(stores) < len(tensors):
-        return functional_call(module, dict(tensors), args, dict(kwargs), tie_weights=False)
+        # (a None: a running statistic the call must not update, as functional_call takes it)
+        return functional_call(module, cast(dict[str, torch.Tensor], dict(tensors)), args, dict(kwargs),
+                               tie_weights=False)
     saved: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for (store, key), tensor in zip(stores, tensors.values()):

@@ -51,7 +51,7 @@ import ctypes
 import ctypes.util
 import sys
 from types import TracebackType
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -136,7 +136,7 @@ class PeakMemory:
         exc_type: Optional[type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> Literal[False]:
         if self.method == "cuda_max_memory_allocated":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)

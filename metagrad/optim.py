@@ -32,7 +32,7 @@ from .update_rule import (
 __all__ = ["UpdateRule", "SGD", "Momentum", "Adam", "AdamW", "RMSprop", "Adagrad",
            "TransformationRule", "RULES", "as_update_rule", "check_update_rule", "is_transformation"]
 
-LearningRate = Union[float, Mapping[str, Union[float, torch.Tensor]]]
+LearningRate = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
 
 
 class SGD:

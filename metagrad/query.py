@@ -65,7 +65,7 @@ class Snapshot:
         with torch.enable_grad():
             grads, meta, info = self.estimator.backward(self.trajectory, self.steps, dense)
         self.trajectory.forget()  # runs the replay checks still queued (metagrad.replay)
-        storage = self.trajectory.storage()
+        storage: dict[str, Any] = dict(self.trajectory.storage())
         storage.update(stored_iterates=stored, recomputed_steps=storage["recomputed_steps"] - recomputed)
         if self.trajectory.compiler is not None:  # what ran compiled, in this block so far
             storage["compiled"] = {**self.trajectory.compiler.counts, "estimator": repr(self.estimator)}

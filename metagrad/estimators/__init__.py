@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Callable
 from typing import Union
 
 from .base import Estimator, MetaGradientWarning
@@ -17,7 +18,7 @@ __all__ = ["Estimator", "MetaGradientWarning", "Full", "Checkpointed", "FirstOrd
            "Binomial", "Implicit", "SeriesDivergenceError", "resolve"]
 
 #: The names ``MetaGradient(estimator=...)`` accepts, with their defaults.
-BY_NAME = {
+BY_NAME: dict[str, Callable[[], Estimator]] = {
     "full": Full,
     "checkpointed": Checkpointed,
     "first_order": FirstOrder,
