@@ -172,11 +172,13 @@ def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = F
 
 
 def clamp_to_steps(value: int, steps: int, what: str, name: str) -> int:
-    """Clamp an order or step count to K, warning that the result is then exact."""
+    """Clamp an order or step count to K, warning that every step is then differentiated."""
     if value <= steps:
         return value
     warn(
         f"{what}: {name}={value} exceeds the number of inner steps K={steps}; using {name}={steps}, "
-        f"which gives the exact meta-gradient. Pass {name} <= K to silence this warning."
+        f"which differentiates through every inner step (the exact meta-gradient with plain gradient "
+        f"descent; with momentum or Adam the optimizer state is held constant in each step). Pass "
+        f"{name} <= K to silence this warning."
     )
     return steps

@@ -53,8 +53,12 @@ class Binomial(Estimator):
     is small when ``K·α·ℓ`` is small (ℓ the largest |eigenvalue| of the inner
     Hessians) and the series diverges once ``K·α·ℓ`` is well above 1: see MATH.md,
     "Where it works, and where it breaks". ``Binomial(0)`` is FirstOrder and
-    ``Binomial(K)`` is exact. An ``order`` larger than K is clamped to K with a
-    :class:`MetaGradientWarning` (the result is then exact).
+    ``Binomial(K)`` is Truncated(K). An ``order`` larger than K is clamped to K with a
+    :class:`MetaGradientWarning`. "Exact" here and below means equal to Full with plain
+    gradient descent (any per-parameter step sizes); with an update rule that has state
+    (momentum, Adam, AdamW, RMSprop, Adagrad) each step's Jacobian holds the state constant
+    (MATH.md, "Optimizers other than plain gradient descent"), an approximation even at
+    ``Binomial(K)``: Checkpointed is the exact estimator there.
 
     The inner loop stores iterates only. Backward runs one batched ``torch.func.vmap``
     call of products ``(J_kᵀ − I) u`` per level over the stored iterates, building the

@@ -16,8 +16,11 @@ class Truncated(Estimator):
 
     Computes ``(I − αH_{K−T}) ⋯ (I − αH_{K−1}) v`` with one rebuilt step graph at a
     time, and stores only the last T iterates. ``Truncated(0)`` is FirstOrder and
-    ``Truncated(K)`` is exact. A ``steps`` larger than K is clamped to K with a
-    :class:`MetaGradientWarning` (the result is then exact).
+    ``Truncated(K)`` is exact with plain gradient descent (any per-parameter step sizes). A
+    ``steps`` larger than K is clamped to K with a :class:`MetaGradientWarning`. With an
+    update rule that has state (momentum, Adam, AdamW, RMSprop, Adagrad) each step's Jacobian
+    holds the state constant (MATH.md, "Optimizers other than plain gradient descent"), an
+    approximation even at ``Truncated(K)``: Checkpointed is the exact estimator there.
 
     Meta-parameters η (MATH.md's table): (3) over the last T steps, plus the step-size
     part of every earlier step's ``B_k`` with ``a_{K−T}`` (the earlier inner gradients are
