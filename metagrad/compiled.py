@@ -10,7 +10,7 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   run eagerly, never computed with stale values. The first step of each closure runs eagerly:
   it finds the meta-parameters η and whether the closure draws random numbers.
 - **A sweep** (:meth:`~metagrad.trajectory.Trajectory.sweep`, Checkpointed's backward): a
-  vector pulled back through a run of steps of one structure (``estimators.base.SWEEP``, 4) in one compiled call,
+  vector pulled back through a run of steps of one structure (``trajectory.SWEEP``, 4) in one compiled call,
   the run's step products traced as one graph (:func:`_segment`), each rebuilt step still
   checked against the stored iterate. Runs have one length (the steps left over are single
   products), so a larger K compiles nothing new.
@@ -33,13 +33,13 @@ weights' shapes and dtypes, the modules' train/eval modes and autocast. A new ta
 same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
 compiled.
 
-Cost, measured (docs/benchmarks.md, "Compiled"; a 2-core Intel Xeon, one thread): a compiled
-inner gradient takes about 160 µs per call and a compiled product about 250 µs on the
-sinusoid MLP, a few times less than eagerly but mostly fixed cost (guards, wrappers, kernel
-launches); compiled Checkpointed took 0.70–1.10× of eager Full against 1.75–1.85× eagerly.
-With its backward in runs of 4 steps per call (a 2-core AMD EPYC): 1.14×, 0.92× and 0.89× of
-eager Full at K = 5, 20 and 50. The first compile of a closure takes 20–35 s with an empty
-inductor cache.
+Cost, measured (docs/benchmarks.md, "Compiled"; a 2-core AMD EPYC, one thread, the sinusoid
+MLP): a compiled inner gradient takes about 72 µs per call, of which its kernels about 40 µs
+and TorchDynamo's cache lookup and guards most of the rest; compiled Checkpointed takes 1.1×
+and 0.84× of eager Full at K = 5 and 20 with one task per block (the step's Python bookkeeping
+is as large as the compiled call), and 0.39× and 0.29× over a meta-batch of 4 in one block
+(``MetaGradient(tasks=4)``). The first compile of a closure takes about 30–40 s with an
+empty inductor cache.
 
 What falls back to eager, with one :class:`~metagrad.MetaGradientWarning` per closure that says why:
 
@@ -47,10 +47,12 @@ What falls back to eager, with one :class:`~metagrad.MetaGradientWarning` per cl
   an unsupported op); steps that draw random numbers (their generator replay is eager);
 - a product whose η is reached through an object rather than captured (only autograd can
   follow it), silently (it is not an error, only slower); a rule or closure that fails to
-  trace, such as an update rule that changes its state in place (torchopt's ``adam``);
-- the Full estimator: its inner loop is built with ``create_graph=True`` and differentiated
-  again by the query's backward, and the backward of a compiled function cannot be
-  differentiated again in this torch (it raises). Checkpointed is the compiled exact path.
+  trace, such as an update rule that changes its state in place (torchopt's ``adam``).
+
+The Full estimator's inner loop would be built with ``create_graph=True`` and differentiated
+again by the query's backward, which a compiled function's backward cannot be in this torch:
+with ``compile=`` it runs as Checkpointed (:meth:`~metagrad.Estimator.under_compile`, the same
+meta-gradient), and ``meta.info["compiled"]["estimator"]`` says so.
 """
 
 from __future__ import annotations
