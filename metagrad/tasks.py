@@ -81,6 +81,13 @@ def _task_losses(function: Callable[..., Any], batch: list[Any], fmodel: Functio
     return fmodel.each_task(one, batch)
 
 
+def _first_task(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> Any:
+    """``closure(f, *batch_0)``: the first task's loss alone, its slices taken inside (so that a
+    batch tensor that requires grad is reached through them), for
+    :meth:`Trajectory._probe <metagrad.trajectory.Trajectory._probe>`."""
+    return function(fmodel, *[b[0] if isinstance(b, torch.Tensor) else b for b in batch])
+
+
 def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,
                   tasks: int) -> torch.Tensor:
     """One inner step of a block over ``tasks``: ``closure(f_t, *batch_t)`` for each task
@@ -91,7 +98,8 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
     check_rule(trajectory.rule if rule is None else rule, trajectory.current, trajectory.tape.state, tasks)
     live, frozen = with_batch(closure, batch, tasks)
     try:
-        return trajectory.advance(live, rule, frozen=frozen, parts=True)
+        return trajectory.advance(live, rule, frozen=frozen, parts=True,
+                                  probe=functools.partial(_first_task, closure, list(batch)))
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise

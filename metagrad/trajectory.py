@@ -211,7 +211,8 @@ class Trajectory:
 
     # -------------------------------------------------------------------- inner loop
     def advance(self, closure: Closure, rule: Optional[UpdateRule] = None, *,
-                frozen: Optional[Frozen] = None, parts: bool = False) -> torch.Tensor:
+                frozen: Optional[Frozen] = None, parts: bool = False,
+                probe: Optional[Closure] = None) -> torch.Tensor:
         """Take one inner step with ``closure``'s loss; return the loss, detached.
 
         ``rule`` replaces the trajectory's update rule for this step only (for adapters
@@ -224,6 +225,9 @@ class Trajectory:
         already (a closure with its batch, :func:`metagrad.tasks.with_batch`). With ``parts``
         the closure returns a 1-D tensor of independent losses (one per task), the step's loss
         is their sum (``frozen`` returns the sum), and the parts are returned, detached.
+
+        ``probe``: one task's loss of a block over tasks (:func:`metagrad.tasks.advance_tasks`),
+        from which a closure's first step finds η where its steps are compiled (:meth:`_probe`).
         """
         self.check_alive()
         rng: Optional[RandomState] = None
@@ -242,6 +246,8 @@ class Trajectory:
         grads = None
         drew: Optional[bool] = None  # whether a compiled call drew random numbers (None: no call ran)
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
+        if seen is None and probe is not None and self.compiler is not None and frozen is not None:
+            seen = self._probe(probe, frozen, rng)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
                 and not seen.random:
             out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
@@ -268,6 +274,26 @@ class Trajectory:
                                shape=_shape(closure) if self.differentiable else None,
                                grads=grads)
         return loss if split is None else split
+
+    def _probe(self, probe: Closure, frozen: Frozen, rng: Optional[RandomState]) -> Seen:
+        """What a closure's first step in this block shows (:class:`~metagrad.discovery.Seen`:
+        η, the fast weights its loss uses, a node that cannot be differentiated twice), found
+        from ``probe``, its loss for the first task of a block over tasks alone, eagerly and
+        without ``vmap``, so that the step itself can be a compiled call. Under ``vmap`` a
+        closure cannot branch on its data, so every task's loss is the same code on other
+        values and reaches what the first task's reaches; the names and the captured tensors
+        discovery stops at are the frozen closure's, which holds every task's batch. A probe
+        that drew random numbers gives the generator states back: the step then runs
+        eagerly, from the states it started from."""
+        params = {n: t[0].detach().requires_grad_() for n, t in self.tape.current.items()}
+        with torch.enable_grad():
+            loss = checked_loss(probe(self.model_at(params)), self.length)
+            used = tuple(loss_grads(loss, params, create_graph=False, step=self.length, theta=self._theta_ids))
+        seen = self.eta.closures[frozen.key] = Seen(once=self.eta.discover(loss, params, frozen), used=used)
+        if rng is not None and rng.changed():
+            seen.random = True
+            rng.restore()
+        return seen
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:

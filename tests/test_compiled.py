@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -615,7 +616,7 @@ def test_a_block_over_tasks_compiles_each_piece_once():
         for x in xs.unbind(1):
             meta.step(lambda f, x, y: ((f(x) - y) ** 2).mean(), x, torch.sin(x))
         ((meta.fmodel(xs[:, 0]) - torch.sin(xs[:, 0])) ** 2).mean().backward()
-    assert meta.info["compiled"]["inner_steps"] == 5 and meta.info["compiled"]["sweeps"] == 1, meta.info
+    assert meta.info["compiled"]["inner_steps"] == 6 and meta.info["compiled"]["sweeps"] == 1, meta.info
     new = [compiled_cache._CACHE[key] for key in set(compiled_cache._CACHE) - before]
     assert new, "the block compiled nothing new (the net's shapes are this test's own)"
     for function in new:
@@ -642,6 +643,89 @@ def test_a_block_over_tasks_compiles_and_equals_eager():
 
     eager, eager_losses, _ = run(False)
     compiled, compiled_losses, info = run(True)
-    assert info["compiled"]["inner_steps"] == 5 and info["compiled"]["sweeps"] == 1, info
+    assert info["compiled"]["inner_steps"] == 6 and info["compiled"]["sweeps"] == 1, info
     assert compiled_losses.shape == (6, 3)
     assert relative(compiled, eager) < 1e-10 and relative(compiled_losses, eager_losses) < 1e-10
+
+
+def test_a_block_over_tasks_finds_every_kind_of_meta_parameter_from_its_first_task():
+    """tasks=3 with compile=True: the closure's first step finds η from the first task's loss
+    alone (Trajectory._probe) and is itself a compiled call. Every kind of η is found as a block
+    per task finds it: a module parameter not adapted (the body, adapt= names the head), a
+    captured leaf (a weight decay), a captured tensor computed from another (a hypernetwork's
+    scale, whose parameters get the gradient), and support inputs that require grad, passed as
+    the batch (dataset distillation), reached through each task's slice of them. Float64,
+    against a block per task run eagerly."""
+    torch.manual_seed(41)
+    model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
+    hyper = torch.nn.Linear(2, 1).to(DT)
+    lam = torch.tensor(0.02, dtype=DT, requires_grad=True)
+    g = torch.Generator().manual_seed(42)
+    xs = (torch.rand(3, 4, SHOTS, 1, generator=g, dtype=DT) * 4 - 2).requires_grad_()
+    xq = torch.rand(3, SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+    z = torch.rand(2, generator=g, dtype=DT)
+    learned = [*model.parameters(), *hyper.parameters(), lam, xs]
+
+    def loss(f, x, scale):
+        return scale * F.mse_loss(f(x), torch.sin(x.detach())) + lam * sum((w ** 2).sum() for w in f.parameters())
+
+    def grads():
+        out = torch.cat([t.grad.reshape(-1) for t in learned])
+        for t in learned:
+            t.grad = None
+        return out
+
+    def over_tasks(compile: bool):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), compile=compile, tasks=3,
+                             adapt=["2.weight", "2.bias"]) as meta:
+            scale = torch.sigmoid(hyper(z)).squeeze()  # computed: its graph reaches hyper's parameters
+            for k in range(4):  # each step's slice of xs is a captured tensor of its own
+                meta.step(lambda f, x: loss(f, x, scale), xs[:, k])
+            F.mse_loss(meta.fmodel(xq), torch.sin(xq), reduction="none").mean(dim=(1, 2)).sum().backward()
+        return grads(), meta.info
+
+    eager, eager_info = over_tasks(False)
+    compiled, info = over_tasks(True)
+    assert info["compiled"]["inner_steps"] == 4, info  # the first step too
+    assert info["meta_parameters"] == eager_info["meta_parameters"]
+    assert {"0.weight", "0.bias", "scale (captured by the closure)"} <= set(info["meta_parameters"])
+    assert info["meta_parameters"].count("batch[0] (captured by the closure)") == 4
+    assert relative(compiled, eager) < 1e-10
+    for t in range(3):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(),
+                             adapt=["2.weight", "2.bias"]) as meta:
+            scale = torch.sigmoid(hyper(z)).squeeze()
+            for k in range(4):
+                meta.step(lambda f: loss(f, xs[t, k], scale))
+            F.mse_loss(meta.fmodel(xq[t]), torch.sin(xq[t])).backward()
+    separate = grads()
+    assert relative(compiled, separate) < 1e-10
+
+
+def test_a_block_over_tasks_whose_closure_draws_random_numbers_steps_eagerly_from_its_own_states():
+    """tasks=3, compile=True, dropout in training mode: the first task's probe of the first step
+    draws random numbers, so the generator states are put back and every step runs eagerly
+    from the states it started from: the same meta-gradient, losses and generator state after
+    the block as the same block without compile."""
+    torch.manual_seed(43)
+    model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(HIDDEN, 1)).to(DT)
+    g = torch.Generator().manual_seed(44)
+    xs = torch.rand(3, 3, SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+    xq = torch.rand(3, SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+
+    def run(compile: bool):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(45)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), compile=compile,
+                             tasks=3) as meta:
+            losses = [meta.step(lambda f, x: F.mse_loss(f(x), torch.sin(x)), x) for x in xs.unbind(1)]
+            F.mse_loss(meta.fmodel(xq), torch.sin(xq)).backward()
+        after = torch.rand(4)
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), torch.stack(losses), after, meta.info
+
+    eager, eager_losses, eager_after, _ = run(False)
+    compiled, compiled_losses, compiled_after, info = run(True)
+    assert info["compiled"]["inner_steps"] == 0, info
+    assert relative(compiled, eager) < 1e-10 and relative(compiled_losses, eager_losses) < 1e-10
+    assert torch.equal(compiled_after, eager_after)
