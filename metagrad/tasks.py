@@ -84,7 +84,7 @@ def _task_losses(function: Callable[..., Any], batch: list[Any], fmodel: Functio
 def _first_task(function: Callable[..., Any], batch: list[Any], fmodel: FunctionalModel) -> Any:
     """``closure(f, *batch_0)``: the first task's loss alone, its slices taken inside (so that a
     batch tensor that requires grad is reached through them), for
-    :meth:`Trajectory._probe <metagrad.trajectory.Trajectory._probe>`."""
+    :func:`metagrad.trajectory._first_task_seen`."""
     return function(fmodel, *[b[0] if isinstance(b, torch.Tensor) else b for b in batch])
 
 

@@ -30,6 +30,7 @@ estimators compose.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -227,7 +228,7 @@ class Trajectory:
         is their sum (``frozen`` returns the sum), and the parts are returned, detached.
 
         ``probe``: one task's loss of a block over tasks (:func:`metagrad.tasks.advance_tasks`),
-        from which a closure's first step finds η where its steps are compiled (:meth:`_probe`).
+        from which a closure's first step finds η where its steps are compiled (:func:`_first_task_seen`).
         """
         self.check_alive()
         rng: Optional[RandomState] = None
@@ -247,7 +248,7 @@ class Trajectory:
         drew: Optional[bool] = None  # whether a compiled call drew random numbers (None: no call ran)
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
         if seen is None and probe is not None and self.compiler is not None and frozen is not None:
-            seen = self._probe(probe, frozen, rng)
+            seen = _first_task_seen(self, probe, frozen, rng)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
                 and not seen.random:
             out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
@@ -274,26 +275,6 @@ class Trajectory:
                                shape=_shape(closure) if self.differentiable else None,
                                grads=grads)
         return loss if split is None else split
-
-    def _probe(self, probe: Closure, frozen: Frozen, rng: Optional[RandomState]) -> Seen:
-        """What a closure's first step in this block shows (:class:`~metagrad.discovery.Seen`:
-        η, the fast weights its loss uses, a node that cannot be differentiated twice), found
-        from ``probe``, its loss for the first task of a block over tasks alone, eagerly and
-        without ``vmap``, so that the step itself can be a compiled call. Under ``vmap`` a
-        closure cannot branch on its data, so every task's loss is the same code on other
-        values and reaches what the first task's reaches; the names and the captured tensors
-        discovery stops at are the frozen closure's, which holds every task's batch. A probe
-        that drew random numbers gives the generator states back: the step then runs
-        eagerly, from the states it started from."""
-        params = {n: t[0].detach().requires_grad_() for n, t in self.tape.current.items()}
-        with torch.enable_grad():
-            loss = checked_loss(probe(self.model_at(params)), self.length)
-            used = tuple(loss_grads(loss, params, create_graph=False, step=self.length, theta=self._theta_ids))
-        seen = self.eta.closures[frozen.key] = Seen(once=self.eta.discover(loss, params, frozen), used=used)
-        if rng is not None and rng.changed():
-            seen.random = True
-            rng.restore()
-        return seen
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -384,49 +365,18 @@ class Trajectory:
         products an estimator is about to take there.
 
         With snapshots (:mod:`metagrad.snapshots`), each segment between two stored iterates
-        that holds one of them is recomputed forward from its snapshot (:meth:`_recompute`),
+        that holds one of them is recomputed forward from its snapshot (:func:`_recompute`),
         unless it is already; segments recomputed before that hold none of them are freed
         first, after their queued replay checks ran. Estimators that sweep backwards in time
         recompute every segment once. :meth:`~metagrad.products.Products.vjp` and :meth:`iterate` call this for a step
         whose iterate is missing; :meth:`~metagrad.batched.Batched.batched_vjp` for the steps of its call. Without
         snapshots it does nothing."""
-        self.tape.restore(first, last, self._recompute, self.products.verify)
+        self.tape.restore(first, last, functools.partial(_recompute, self), self.products.verify)
 
     def forget(self) -> None:
         """Free every recomputed iterate (after the queued replay checks): the end of a backward."""
         self.products.verify()
         self.tape.forget()
-
-    def _recompute(self, start: int, end: int) -> None:
-        """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
-        taken: the frozen closure, the generator states replayed, modes and autocast as they
-        were (:meth:`~metagrad.products.Products.rebuild` without ``create_graph``: only the gradient is needed), the same
-        update rule and state. The iterates between are filled in.
-
-        The replay check (MATH.md, "Replaying a step"): every recomputed loss must equal the
-        recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
-        that iterate was stored, and a step that changed since it was taken moves it."""
-        losses = []
-
-        def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
-            leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
-            with torch.enable_grad():
-                loss, grads = self.products.rebuild(m, step, leaves, create_graph=False)
-            losses.append(loss.detach())
-            return self.update(step.rule, params, grads, state, False)
-
-        params, _ = self.tape.recompute(start, end, advance)
-        if self.replay_rtol is None:
-            return
-        steps = list(range(start, end))
-        closures = [self.tape.steps[m].closure for m in steps]
-        check_losses(steps, torch.stack(losses), torch.stack([self.tape.steps[m].loss for m in steps]),
-                     self.replay_rtol, closures=closures, recomputed_from=start)
-        names = list(self.theta)
-        stored, before = self.iterate(end), self.iterate(end - 1)
-        check_step([end - 1], [[params[n]] for n in names], [[stored[n]] for n in names],
-                   [[before[n]] for n in names], self.replay_rtol, closures=closures[-1:],
-                   recomputed_from=start)
 
     # ----------------------------------------------------------------------- products
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
@@ -496,6 +446,59 @@ class Trajectory:
     def check_alive(self) -> None:
         """Raise if the trajectory was released."""
         self.lifetime.check()
+
+
+def _first_task_seen(trajectory: Trajectory, probe: Closure, frozen: Frozen, rng: Optional[RandomState]) -> Seen:
+    """What a closure's first step in this block shows (:class:`~metagrad.discovery.Seen`:
+    η, the fast weights its loss uses, a node that cannot be differentiated twice), found
+    from ``probe``, its loss for the first task of a block over tasks alone, eagerly and
+    without ``vmap``, so that the step itself can be a compiled call. Under ``vmap`` a
+    closure cannot branch on its data, so every task's loss is the same code on other
+    values and reaches what the first task's reaches; the names and the captured tensors
+    discovery stops at are the frozen closure's, which holds every task's batch. A probe
+    that drew random numbers gives the generator states back: the step then runs
+    eagerly, from the states it started from."""
+    params = {n: t[0].detach().requires_grad_() for n, t in trajectory.tape.current.items()}
+    with torch.enable_grad():
+        loss = checked_loss(probe(trajectory.model_at(params)), trajectory.length)
+        used = tuple(loss_grads(loss, params, create_graph=False, step=trajectory.length, theta=trajectory._theta_ids))
+    seen = trajectory.eta.closures[frozen.key] = Seen(once=trajectory.eta.discover(loss, params, frozen), used=used)
+    if rng is not None and rng.changed():
+        seen.random = True
+        rng.restore()
+    return seen
+
+
+def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
+    """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
+    taken: the frozen closure, the generator states replayed, modes and autocast as they
+    were (:meth:`~metagrad.products.Products.rebuild` without ``create_graph``: only the gradient is needed), the same
+    update rule and state. The iterates between are filled in.
+
+    The replay check (MATH.md, "Replaying a step"): every recomputed loss must equal the
+    recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
+    that iterate was stored, and a step that changed since it was taken moves it."""
+    losses = []
+
+    def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
+        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
+        with torch.enable_grad():
+            loss, grads = trajectory.products.rebuild(m, step, leaves, create_graph=False)
+        losses.append(loss.detach())
+        return trajectory.update(step.rule, params, grads, state, False)
+
+    params, _ = trajectory.tape.recompute(start, end, advance)
+    if trajectory.replay_rtol is None:
+        return
+    steps = list(range(start, end))
+    closures = [trajectory.tape.steps[m].closure for m in steps]
+    check_losses(steps, torch.stack(losses), torch.stack([trajectory.tape.steps[m].loss for m in steps]),
+                 trajectory.replay_rtol, closures=closures, recomputed_from=start)
+    names = list(trajectory.theta)
+    stored, before = trajectory.iterate(end), trajectory.iterate(end - 1)
+    check_step([end - 1], [[params[n]] for n in names], [[stored[n]] for n in names],
+               [[before[n]] for n in names], trajectory.replay_rtol, closures=closures[-1:],
+               recomputed_from=start)
 
 
 def _shape(closure: Callable[..., Any]) -> Optional[tuple[Any, ...]]:

@@ -650,7 +650,7 @@ def test_a_block_over_tasks_compiles_and_equals_eager():
 
 def test_a_block_over_tasks_finds_every_kind_of_meta_parameter_from_its_first_task():
     """tasks=3 with compile=True: the closure's first step finds η from the first task's loss
-    alone (Trajectory._probe) and is itself a compiled call. Every kind of η is found as a block
+    alone (trajectory._first_task_seen) and is itself a compiled call. Every kind of η is found as a block
     per task finds it: a module parameter not adapted (the body, adapt= names the head), a
     captured leaf (a weight decay), a captured tensor computed from another (a hypernetwork's
     scale, whose parameters get the gradient), and support inputs that require grad, passed as
