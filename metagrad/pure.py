@@ -108,6 +108,9 @@ class PureTrajectory:
         #: The tape both faces record into (metagrad.tape): every iterate, or with ``snapshots``
         #: those of the schedule, the others recomputed by the body when a product needs them.
         self.tape = Tape(self.theta, rule.init(self.theta), keep=None, snapshots=snapshots)
+        #: Each step's state s_k flattened (its leaves and structure) as the run that took it had
+        #: it, for the compiled sweeps; without snapshots only (they drop the states between).
+        self._flat: Optional[dict[int, tuple[list[Any], Any]]] = {} if snapshots is None else None
         #: The compiled pieces (``meta_grad(compile=...)``), or ``None``: every step eagerly.
         self.pieces = pieces
         with torch.no_grad():
@@ -120,6 +123,7 @@ class PureTrajectory:
         one step by the body."""
         current, state = self.tape.current, self.tape.state
         leaves, spec = pytree.tree_flatten(state)
+        flat = (leaves, spec)  # the state the next record starts from
         out: Any = None
         if (self.pieces is not None and all(isinstance(t, torch.Tensor) for t in leaves)
                 and self.pieces.keeps_structure(state)):
@@ -131,9 +135,12 @@ class PureTrajectory:
             out = [new], [pytree.tree_leaves(new_state)], [loss]
             spec = pytree.tree_structure(new_state)
         for new, new_leaves, loss in zip(*out):
+            if self._flat is not None:
+                self._flat[self.length] = flat
             record = StepRecord(params=self.tape.current, state=self.tape.state, closure=None, rule=self.rule,
                                 loss=torch.zeros(()) if loss is None else loss)
             self.tape.append(record, dict(new), pytree.tree_unflatten(new_leaves, spec))
+            flat = (list(new_leaves), spec)
 
     @property
     def length(self) -> int:
@@ -248,7 +255,8 @@ class PureTrajectory:
         if self.pieces is None:
             return None
         self.restore(first, last)  # with snapshots: their segments, recomputed once
-        flat = [pytree.tree_flatten(self.state(m)) for m in range(first, last)]
+        known = self._flat or {}
+        flat = [known[m] if m in known else pytree.tree_flatten(self.state(m)) for m in range(first, last)]
         states, spec = [leaves for leaves, _ in flat], flat[0][1]
         if (any(other != spec for _, other in flat[1:])
                 or not all(isinstance(t, torch.Tensor) for row in states for t in row)):
