@@ -67,7 +67,7 @@ from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, _frozen_buffers
 from .replay import step_norms
-from .step import step_body, step_vjp, with_eta
+from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
 from .frozen import _SCALARS, _global_names
 from .frozen import _value_key as replay_value_key
 
@@ -185,6 +185,25 @@ def rule_key(rule: Any) -> Any:
     if fields is None:
         return ("object", id(rule))
     return (type(rule), tuple((name, _value_key(value)) for name, value in sorted(fields.items())))
+
+
+def rule_structure(rule: Any) -> Any:
+    """What a compiled step product depends on in the update rule, whose tensors (step sizes)
+    are inputs of every call (:func:`rule_inputs`): its type, and its hyperparameters flattened
+    (their structure, numbers by value, other objects by identity, tensors by shape, dtype and
+    device). Equal for a new rule per block with new step-size tensors (``SGD(lr=log_lr.exp())``),
+    and two rules with equal structures list their tensors in the same order."""
+    fields = getattr(rule, "__dict__", None)
+    if fields is None:
+        return ("object", id(rule))
+    leaves, spec = pytree.tree_flatten(dict(fields))
+    return (type(rule), str(spec), tuple(("tensor", t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor)
+                                         else replay_value_key(t) for t in leaves))
+
+
+def rule_inputs(rule: Any) -> list[torch.Tensor]:
+    """The rule's tensors as a compiled step product takes them, in :func:`rule_structure`'s order."""
+    return [t.detach() for t in rule_tensors(rule)]
 
 
 def module_reads_key(module: torch.nn.Module) -> tuple[Any, ...]:
@@ -333,7 +352,8 @@ class Compiler:
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, new, value, grads = compiled(
-                    params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta, leaves)
+                    params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
+                    rule_inputs(first.rule), leaves)
         except Exception as error:
             self._products[memo] = None
             self.refuse(key, template.key, error, first.rule)
@@ -403,7 +423,8 @@ class Compiler:
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, norms, values = compiled(
-                    params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta)
+                    params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
+                    rule_inputs(first.rule))
         except Exception as error:
             self._products[memo] = None
             self.refuse(entry_key, template.key, error, first.rule)
@@ -449,15 +470,22 @@ class Compiler:
         params0 = first.params
         # The numbers the closure reads through the objects it captures (cfg.temp), and those
         # the modules' forwards read from their attributes, as they are now, when the graph is
-        # traced: they are constants of it. The closure's key holds objects by identity only.
-        key = ("product", template.key, template.reads_key(), module_reads_key(module), rule_key(first.rule),
+        # traced: they are constants of it. The closure's key holds objects by identity only; its
+        # tensors, η among them, are inputs of every call, so they count by kind
+        # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
+        # the compiled product of the last.
+        key = ("product", template.structure, template.reads_key(), module_reads_key(module), rule_structure(first.rule),
                first.used, first.modes,
                first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
                varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
                self._settings_key)
         if key in _REFUSED:
             return None
-        rule, used = first.rule, first.used
+        # The rule with copies of its tensors, which every call replaces by its inputs: the
+        # entry holds none of the user's (a step size computed with a graph, say).
+        rule = rule_with(first.rule, {id(t): t.detach().clone() for t in rule_tensors(first.rule)})
+        rule_ids = [id(t) for t in rule_tensors(rule)]
+        used = first.used
         step_sizes = bool(trajectory.rule_meta)
         slot_position = {slot: j for j, slot in enumerate(slots)}
         eta_slot_index = {slot_position[slot]: k for k, slot in enumerate(eta_slots)}
@@ -481,10 +509,12 @@ class Compiler:
 
             def row(p: dict[str, torch.Tensor], moving: list[torch.Tensor], vector: dict[str, torch.Tensor],
                     moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor],
-                    fixed: dict[str, torch.Tensor], eta: list[torch.Tensor], state_leaves: list[Any]
+                    fixed: dict[str, torch.Tensor], eta: list[torch.Tensor], rule_values: list[torch.Tensor],
+                    state_leaves: list[Any]
                     ) -> tuple[Any, ...]:
                 loss_at = with_eta(graph, captured, fixed, eta_slot_index, eta_param_index)
-                body = step_body(loss_at, rule, used, state=pytree.tree_unflatten(state_leaves, spec),
+                body = step_body(loss_at, rule_with(rule, dict(zip(rule_ids, rule_values))), used,
+                                 state=pytree.tree_unflatten(state_leaves, spec),
                                  carried=varied)
                 out = step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
                 return out if step_sizes else (*out[:-1], {})  # the gradients only for the rule's η
@@ -493,7 +523,7 @@ class Compiler:
                 function = _segment(row, segment, varying, varied)
             elif batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]
-                function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, 0))
+                function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, None, 0))
             else:
                 function = row
             compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False, **self.settings)
@@ -521,7 +551,7 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
     iterate, computed in the same call) and loss (stacked, in step order)."""
     def segment(params: dict[str, torch.Tensor], leaves: list[torch.Tensor], vector: dict[str, torch.Tensor],
                 moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor], fixed: dict[str, torch.Tensor],
-                eta: list[torch.Tensor]) -> tuple[Any, ...]:
+                eta: list[torch.Tensor], rule_values: list[torch.Tensor]) -> tuple[Any, ...]:
         news: list[dict[str, torch.Tensor]] = []
         values: list[torch.Tensor] = []
         total: Optional[list[torch.Tensor]] = None
@@ -529,7 +559,7 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
             state = [t[i] for t in leaves]
             vector, pulled_eta, moving_adjoint, new, value, _ = row(
                 {n: t[i] for n, t in params.items()}, [state[j] for j in varied], vector, moving_adjoint,
-                [t[i] if j in varying else t for j, t in enumerate(captured)], fixed, eta, state)
+                [t[i] if j in varying else t for j, t in enumerate(captured)], fixed, eta, rule_values, state)
             total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             news.insert(0, new)
             values.insert(0, value)

@@ -62,7 +62,7 @@ class Frozen:
     :meth:`with_tensors` substitutes those tensors (for ``torch.func.vmap``).
     """
 
-    __slots__ = ("_build", "_values", "_specs", "key", "tensors", "versions", "names", "source",
+    __slots__ = ("_build", "_values", "_specs", "key", "_structure", "tensors", "versions", "names", "source",
                  "reads", "compiled", "written", "replayed")
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
@@ -71,6 +71,7 @@ class Frozen:
         # known: the keys of the first values, computed already (Frozen.around).
         self._build = build
         self.source = source
+        self._structure: Optional[tuple[Any, ...]] = None
         #: How a rebuild of this step was computed by a compiled call (``compile=True``):
         #: ``"product"`` (the step product), ``"inner"`` (the step's gradient when it was
         #: taken), or ``None``. Set by :mod:`metagrad.compiled`, read by the replay error.
@@ -113,6 +114,20 @@ class Frozen:
             ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
             if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat[len(known):]))
+
+    @property
+    def structure(self) -> tuple[Any, ...]:
+        """:attr:`key` with each captured tensor that requires grad by its kind only, not by
+        identity: what a compiled gradient of the step depends on (the captured tensors are
+        inputs of the compiled call, whatever they are), so that a closure capturing a new
+        tensor that requires grad at every step (each step's slice of learned inputs) finds
+        the compiled function of the last. η discovery keeps :attr:`key`."""
+        if self._structure is None:
+            identity, specs, values = self.key
+            self._structure = (identity, specs, tuple(
+                value[:4] + ("requires grad",) if value[0] == "tensor" and value[4] is not None else value
+                for value in values))
+        return self._structure
 
     def around(self, wrap: Callable[..., Any], extra: list[Any], extra_names: list[str], tag: Any) -> "Frozen":
         """A frozen closure that calls ``wrap(function, extra, *args)``: ``function`` is this

@@ -251,7 +251,7 @@ class Trajectory:
             seen = _first_task_seen(self, probe, frozen, rng)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
                 and not seen.random:
-            out = self.compiler.inner_grad(self, closure, frozen.key, params, seen.used)
+            out = self.compiler.inner_grad(self, closure, frozen.structure, params, seen.used)
             if out is not None and rng is not None:
                 drew = rng.changed()
                 if drew:

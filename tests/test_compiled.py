@@ -654,8 +654,9 @@ def test_a_block_over_tasks_finds_every_kind_of_meta_parameter_from_its_first_ta
     per task finds it: a module parameter not adapted (the body, adapt= names the head), a
     captured leaf (a weight decay), a captured tensor computed from another (a hypernetwork's
     scale, whose parameters get the gradient), and support inputs that require grad, passed as
-    the batch (dataset distillation), reached through each task's slice of them. Float64,
-    against a block per task run eagerly."""
+    the batch (dataset distillation), reached through each task's slice of them; those slices,
+    a new tensor that requires grad at every step, share one compiled inner step. Float64,
+    against the same block run eagerly."""
     torch.manual_seed(41)
     model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
     hyper = torch.nn.Linear(2, 1).to(DT)
@@ -685,8 +686,11 @@ def test_a_block_over_tasks_finds_every_kind_of_meta_parameter_from_its_first_ta
         return grads(), meta.info
 
     eager, eager_info = over_tasks(False)
+    before = {key for key in compiled_cache._CACHE if key[0] == "inner"}
     compiled, info = over_tasks(True)
     assert info["compiled"]["inner_steps"] == 4, info  # the first step too
+    # A new slice of xs (a tensor that requires grad) at every step: one compiled inner step.
+    assert len({key for key in compiled_cache._CACHE if key[0] == "inner"} - before) == 1
     assert info["meta_parameters"] == eager_info["meta_parameters"]
     assert {"0.weight", "0.bias", "scale (captured by the closure)"} <= set(info["meta_parameters"])
     assert info["meta_parameters"].count("batch[0] (captured by the closure)") == 4
@@ -729,3 +733,42 @@ def test_a_block_over_tasks_whose_closure_draws_random_numbers_steps_eagerly_fro
     assert info["compiled"]["inner_steps"] == 0, info
     assert relative(compiled, eager) < 1e-10 and relative(compiled_losses, eager_losses) < 1e-10
     assert torch.equal(compiled_after, eager_after)
+
+
+def test_step_sizes_and_captured_tensors_computed_anew_each_block_reuse_the_compiled_functions():
+    """The ordinary outer loop with compile=True: a learned step size computed for each block
+    (``SGD(lr=log_lr.exp())``) and a captured scale computed by a hypernetwork for each block,
+    both new tensors every block, updated by an outer Adam between blocks. The compiled step
+    products take the rule's tensors and the captured ones as inputs, so later blocks compile
+    nothing new and use their own values: every block's gradients (θ, the hypernetwork, log α)
+    equal the same loop run eagerly, float64."""
+    def run(compile: bool):
+        torch.manual_seed(51)
+        model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
+        hyper = torch.nn.Linear(2, 1).to(DT)
+        log_lr = torch.tensor(-2.0, dtype=DT, requires_grad=True)
+        learned = [*model.parameters(), *hyper.parameters(), log_lr]
+        outer = torch.optim.Adam(learned, lr=0.05)
+        g = torch.Generator().manual_seed(52)
+        out, entries = [], []
+        for _ in range(3):
+            x = torch.rand(SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+            z = torch.rand(2, generator=g, dtype=DT)
+            outer.zero_grad()
+            with mg.MetaGradient(model, mg.optim.SGD(lr=log_lr.exp()), estimator=mg.Checkpointed(),
+                                 compile=compile) as meta:
+                scale = torch.sigmoid(hyper(z)).squeeze()
+                for _ in range(3):
+                    meta.step(lambda f: scale * F.mse_loss(f(x), torch.sin(x)))
+                F.mse_loss(meta.fmodel(x), torch.sin(x)).backward()
+            out.append(torch.cat([t.grad.reshape(-1) for t in learned]))
+            entries.append(set(compiled_cache._CACHE))
+            outer.step()
+        return out, entries, meta.info
+
+    eager, _, _ = run(False)
+    compiled, entries, info = run(True)
+    assert info["compiled"]["products"] == 3 and info["compiled"]["inner_steps"] == 2, info
+    assert entries[1] == entries[0] and entries[2] == entries[0]  # later blocks compile nothing new
+    for got, want in zip(compiled, eager):
+        assert relative(got, want) < 1e-10
