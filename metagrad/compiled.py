@@ -527,9 +527,10 @@ class Compiler:
             else:
                 function = row
             compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False, **self.settings)
-            # The key names objects by identity: the entry keeps them alive, so no other
-            # object can take their identity while it is cached.
-            setattr(compiled, "_metagrad_closure", template)
+            # The key names the captured objects by identity: the entry keeps them alive, so no
+            # other object can take their identity while it is cached. Not the captured tensors
+            # (inputs of every call, keyed by kind): an η with a graph would keep the graph.
+            setattr(compiled, "_metagrad_objects", template.objects())
             return compiled
 
         try:

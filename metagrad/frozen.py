@@ -115,6 +115,11 @@ class Frozen:
             if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat[len(known):]))
 
+    def objects(self) -> list[Any]:
+        """The captured values that are not tensors (those :attr:`structure` names by identity
+        among them)."""
+        return [value for value in self._values if not isinstance(value, torch.Tensor)]
+
     @property
     def structure(self) -> tuple[Any, ...]:
         """:attr:`key` with each captured tensor that requires grad by its kind only, not by

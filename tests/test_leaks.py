@@ -52,3 +52,27 @@ def test_two_hundred_meta_iterations_leak_nothing(estimator):
             meta_iteration()
         after = live_tensors()
     assert after <= before, f"{after - before} tensors more after 200 meta-iterations"
+
+
+def test_a_compiled_block_keeps_no_captured_tensor_alive():
+    """compile=True: the compiled functions cached for the next blocks keep the captured objects
+    their key names by identity, not the captured tensors (inputs of every call): a scale
+    computed by a hypernetwork for each block, with its graph, is freed with its block."""
+    import weakref
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    hyper = torch.nn.Linear(2, 1)
+    z, x = torch.rand(2), torch.rand(6, 1)
+    refs = []
+    for _ in range(2):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), compile=True) as meta:
+            scale = torch.sigmoid(hyper(z)).squeeze()
+            refs.append(weakref.ref(scale))
+            for _ in range(3):
+                meta.step(lambda f: scale * F.mse_loss(f(x), torch.sin(x)))
+            F.mse_loss(meta.fmodel(x), torch.sin(x)).backward()
+        assert meta.info["compiled"]["products"] == 3, meta.info
+        del scale, meta
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True]
