@@ -64,15 +64,15 @@ def test_a_compiled_block_keeps_no_captured_tensor_alive():
     model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     hyper = torch.nn.Linear(2, 1)
     z, x = torch.rand(2), torch.rand(6, 1)
-    refs = []
-    for _ in range(2):
+    def block():
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), compile=True) as meta:
             scale = torch.sigmoid(hyper(z)).squeeze()
-            refs.append(weakref.ref(scale))
             for _ in range(3):
                 meta.step(lambda f: scale * F.mse_loss(f(x), torch.sin(x)))
             F.mse_loss(meta.fmodel(x), torch.sin(x)).backward()
         assert meta.info["compiled"]["products"] == 3, meta.info
-        del scale, meta
+        return weakref.ref(scale)
+
+    refs = [block(), block()]
     gc.collect()
     assert [ref() is None for ref in refs] == [True, True]
