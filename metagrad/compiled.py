@@ -25,10 +25,12 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   :class:`~metagrad.ReplayError` instead of giving a wrong product.
 
 The compiled functions are kept in a process-wide cache keyed on what changes them: the
-closure's code and the kinds of values it captures (:attr:`metagrad.frozen.Frozen.key`), the
+closure's code and the kinds of values it captures (:attr:`metagrad.frozen.Frozen.structure`:
+its tensors, η among them, are inputs of every call, whatever their identity), the
 numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
 forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
-hyperparameters (a new step size, or a new ``cfg.temp``, compiles again), the fast
+hyperparameters (a float step size of another value, or a new ``cfg.temp``, compiles again;
+its step-size tensors are inputs, :func:`rule_structure`), the fast
 weights' shapes and dtypes, the modules' train/eval modes and autocast. A new task with the
 same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
 compiled.
