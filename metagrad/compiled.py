@@ -67,7 +67,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .fmodel import FunctionalModel, _frozen_buffers
+from .fmodel import FunctionalModel, Layout, _frozen_buffers
 from .replay import step_norms
 from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
 from .frozen import _SCALARS, _global_names
@@ -208,6 +208,29 @@ def rule_inputs(rule: Any) -> list[torch.Tensor]:
     return [t.detach() for t in rule_tensors(rule)]
 
 
+def module_structure(module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
+    """What a traced step's graph holds of the module besides the tensors it takes as inputs
+    (parameters and buffers) and the numbers :func:`module_reads_key` names: each submodule's
+    name and type, its hooks, and every other value its ``forward`` reads from its own
+    attributes (a plain tensor attribute, a function), by identity. Returns the key and the
+    objects it names by identity, which a cache entry keeps alive so that no other object can
+    take their identity: not the module, so that a new model of the same structure for every
+    block (a fresh initialization) finds the compiled functions of the last, and the old one
+    is freed."""
+    out, held = [], []
+    for prefix, sub in module.named_modules():
+        hooks = [hook for registry in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_hooks,
+                                       sub._backward_pre_hooks) for hook in registry.values()]
+        forward = getattr(type(sub).forward, "__code__", None)
+        fields = vars(sub)
+        read = [] if forward is None else [(name, fields[name]) for name in _global_names(forward)
+                                           if name in fields and not isinstance(fields[name], _SCALARS)]
+        held += hooks + [value for _, value in read]
+        out.append((prefix, type(sub), tuple(id(hook) for hook in hooks),
+                    tuple((name, id(value)) for name, value in read)))
+    return tuple(out), held
+
+
 def module_reads_key(module: torch.nn.Module) -> tuple[Any, ...]:
     """The numbers and strings each submodule's ``forward`` reads from its own attributes
     (``self.negative_slope``, ``self.temperature``, ``self.training``), by value: a traced graph
@@ -251,6 +274,13 @@ class Compiler:
         self.counts = {"inner_steps": 0, "products": 0, "sweeps": 0}
         #: The inner steps whose gradient came from a compiled call (for the replay error).
         self.inner_steps: set[int] = set()
+        self._module: Optional[tuple[tuple[Any, ...], list[Any]]] = None
+
+    def module_structure(self, module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
+        """:func:`module_structure` of the block's module, found once per block."""
+        if self._module is None:
+            self._module = module_structure(module)
+        return self._module
 
     def refuse(self, key: Any, closure_key: Any, error: BaseException, rule: Any = None) -> None:
         """Run the piece ``key`` eagerly from now on, and warn once per closure why. ``rule``:
@@ -282,7 +312,7 @@ class Compiler:
         entry_key, compiled = found
         try:
             with torch.no_grad():
-                grads, loss = compiled(closure, params)
+                grads, loss = compiled(closure, params, trajectory.module, trajectory.layout)
         except Exception as error:  # a graph break, an unsupported op: eager from now on
             self._inner[key] = None
             self.refuse(entry_key, key, error)
@@ -293,14 +323,17 @@ class Compiler:
 
     def _inner_function(self, trajectory: Any, key: Any, params: dict[str, torch.Tensor],
                         used: tuple[str, ...]) -> Optional[tuple[Any, Callable[..., Any]]]:
-        entry_key = ("inner", key, id(trajectory.module), used, _shapes(params), self._settings_key)
+        # The module is an argument of every call, which TorchDynamo guards, not a constant of
+        # the function: a new model of the same structure per block finds it, and the entry
+        # does not keep the old one alive.
+        entry_key = ("inner", key, self.module_structure(trajectory.module)[0], used, _shapes(params),
+                     self._settings_key)
         if entry_key in _REFUSED:
             return None
-        module, layout = trajectory.module, trajectory.layout
 
         def build() -> Callable[..., Any]:
-            def inner_grad(closure: Callable[..., torch.Tensor], params: dict[str, torch.Tensor]
-                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            def inner_grad(closure: Callable[..., torch.Tensor], params: dict[str, torch.Tensor],
+                           module: torch.nn.Module, layout: Layout) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
                 def loss_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
                     return closure(FunctionalModel(module, {**params, **w}, layout=layout))
                 # The gradient of the loss, or of the sum of a closure's independent losses
@@ -478,7 +511,8 @@ class Compiler:
         # the compiled product of the last.
         key = ("product", template.structure, template.reads_key(), module_reads_key(module), rule_structure(first.rule),
                first.used, first.modes,
-               first.autocast, id(module), _shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
+               first.autocast, self.module_structure(module)[0], _shapes(params0), fixed_names, buffer_names,
+               eta_slots, eta_params,
                varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
                self._settings_key)
         if key in _REFUSED:
@@ -532,7 +566,7 @@ class Compiler:
             # The key names the captured objects by identity: the entry keeps them alive, so no
             # other object can take their identity while it is cached. Not the captured tensors
             # (inputs of every call, keyed by kind): an η with a graph would keep the graph.
-            setattr(compiled, "_metagrad_objects", template.objects())
+            setattr(compiled, "_metagrad_objects", template.objects() + self.module_structure(module)[1])
             return compiled
 
         try:

@@ -772,3 +772,73 @@ def test_step_sizes_and_captured_tensors_computed_anew_each_block_reuse_the_comp
     assert entries[1] == entries[0] and entries[2] == entries[0]  # later blocks compile nothing new
     for got, want in zip(compiled, eager):
         assert relative(got, want) < 1e-10
+
+
+class _Projected(torch.nn.Module):
+    """A net whose forward reads a plain tensor attribute (a fixed random projection, not a
+    buffer): a traced graph holds it as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.randn(1, 3, dtype=DT)
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x @ self.proj)
+
+
+def _fresh_model_blocks(make, compile: bool, blocks: int = 3, hook_at: int = -1):
+    """Dataset distillation's loop: a new model (θ fixed) for every block, learned inputs; per
+    block the inputs' gradient, the compiled cache's keys after it, and a weak reference to the
+    block's model. ``hook_at``: that block's model gets a forward hook that scales its output."""
+    import weakref
+
+    g = torch.Generator().manual_seed(61)
+    images = (torch.rand(SHOTS, 1, generator=g, dtype=DT) * 4 - 2).requires_grad_()
+    x = torch.rand(SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+    out, keys, refs = [], [], []
+    for block in range(blocks):
+        torch.manual_seed(62 + block)
+        model = make().requires_grad_(False)
+        if block == hook_at:
+            model.register_forward_hook(lambda module, args, output: 2.0 * output)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), compile=compile) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(images), torch.sin(images.detach())))
+            F.mse_loss(meta.fmodel(x), torch.sin(x)).backward()
+        out.append(images.grad.clone())
+        images.grad = None
+        keys.append(set(compiled_cache._CACHE))
+        refs.append(weakref.ref(model))
+        del model, meta
+    return out, keys, refs
+
+
+def test_a_new_model_for_every_block_finds_the_compiled_functions_and_is_freed():
+    """compile=True with a fresh initialization for every block (θ fixed, learned inputs): the
+    model is an argument of the compiled calls and the cache keys its structure, so later blocks
+    compile nothing new, the cache keeps no model alive, and every block's gradient is eager's."""
+    import gc
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
+
+    eager, _, _ = _fresh_model_blocks(make, compile=False)
+    compiled, keys, refs = _fresh_model_blocks(make, compile=True)
+    assert keys[1] == keys[0] and keys[2] == keys[0]
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True]
+    for got, want in zip(compiled, eager):
+        assert relative(got, want) < 1e-10
+
+
+def test_a_new_model_whose_forward_reads_other_values_is_compiled_for_them():
+    """A new model per block whose forward reads a plain tensor attribute (another random
+    projection each time), and one block's model with a forward hook: what a traced graph
+    holds as constants is part of the cache key, so no block computes with another's; every
+    block's gradient is eager's (float64)."""
+    eager, _, _ = _fresh_model_blocks(_Projected, compile=False, hook_at=1)
+    compiled, keys, _ = _fresh_model_blocks(_Projected, compile=True, hook_at=1)
+    assert keys[1] != keys[0] and keys[2] != keys[1]
+    for got, want in zip(compiled, eager):
+        assert relative(got, want) < 1e-10
