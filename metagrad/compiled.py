@@ -30,8 +30,9 @@ its tensors, η among them, are inputs of every call, whatever their identity), 
 numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
 forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
 hyperparameters (a float step size of another value, or a new ``cfg.temp``, compiles again;
-its step-size tensors are inputs, :func:`rule_structure`), the fast
-weights' shapes and dtypes, the modules' train/eval modes and autocast. A new task with the
+its step-size tensors are inputs, :func:`rule_structure`), the module's structure (not its
+identity: :func:`module_structure`), the fast weights' shapes and dtypes, the modules'
+train/eval modes and autocast. A new task with the
 same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
 compiled.
 
