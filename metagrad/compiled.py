@@ -30,10 +30,10 @@ its tensors, η among them, are inputs of every call, whatever their identity), 
 numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
 forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
 hyperparameters (a float step size of another value, or a new ``cfg.temp``, compiles again;
-its step-size tensors are inputs, :func:`rule_structure`), the module's structure (not its
-identity: :func:`module_structure`), the fast weights' shapes and dtypes, the modules'
-train/eval modes and autocast. A new task with the
-same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
+its step-size tensors are inputs, :func:`~metagrad.compile_keys.rule_structure`), the
+module's structure (not its identity: :func:`~metagrad.compile_keys.module_structure`), the
+fast weights' shapes and dtypes, the modules' train/eval modes and autocast. A new task with
+the same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
 compiled.
 
 Cost, measured (docs/benchmarks.md, "Compiled"; a 2-core AMD EPYC, one thread, the sinusoid
@@ -70,9 +70,8 @@ from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, Layout, _frozen_buffers
 from .replay import step_norms
+from .compile_keys import module_reads_key, module_structure, rule_inputs, rule_structure, shapes
 from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
-from .frozen import _SCALARS, _global_names
-from .frozen import _value_key as replay_value_key
 
 __all__ = ["Compiler", "clear_cache", "compile_settings", "on_device"]
 
@@ -169,90 +168,6 @@ def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
     return copy
 
 
-def _value_key(value: Any) -> Any:
-    """:func:`metagrad.frozen._value_key` (numbers by value, objects by identity), with tensors
-    by identity and containers (a per-parameter step-size dict) entry by entry."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _value_key(v)) for k, v in value.items()))
-    if isinstance(value, (tuple, list)):
-        return ("seq", tuple(_value_key(v) for v in value))
-    return replay_value_key(value)
-
-
-def rule_key(rule: Any) -> Any:
-    """Equal for two update rules that compute the same step: the type and the hyperparameters
-    (numbers by value, tensors and other objects by identity)."""
-    fields = getattr(rule, "__dict__", None)
-    if fields is None:
-        return ("object", id(rule))
-    return (type(rule), tuple((name, _value_key(value)) for name, value in sorted(fields.items())))
-
-
-def rule_structure(rule: Any) -> Any:
-    """What a compiled step product depends on in the update rule, whose tensors (step sizes)
-    are inputs of every call (:func:`rule_inputs`): its type, and its hyperparameters flattened
-    (their structure, numbers by value, other objects by identity, tensors by shape, dtype and
-    device). Equal for a new rule per block with new step-size tensors (``SGD(lr=log_lr.exp())``),
-    and two rules with equal structures list their tensors in the same order."""
-    fields = getattr(rule, "__dict__", None)
-    if fields is None:
-        return ("object", id(rule))
-    leaves, spec = pytree.tree_flatten(dict(fields))
-    return (type(rule), str(spec), tuple(("tensor", t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor)
-                                         else replay_value_key(t) for t in leaves))
-
-
-def rule_inputs(rule: Any) -> list[torch.Tensor]:
-    """The rule's tensors as a compiled step product takes them, in :func:`rule_structure`'s order."""
-    return [t.detach() for t in rule_tensors(rule)]
-
-
-def module_structure(module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
-    """What a traced step's graph holds of the module besides the tensors it takes as inputs
-    (parameters and buffers) and the numbers :func:`module_reads_key` names: each submodule's
-    name and type, its hooks, and every other value its ``forward`` reads from its own
-    attributes (a plain tensor attribute, a function), by identity. Returns the key and the
-    objects it names by identity, which a cache entry keeps alive so that no other object can
-    take their identity: not the module, so that a new model of the same structure for every
-    block (a fresh initialization) finds the compiled functions of the last, and the old one
-    is freed."""
-    out, held = [], []
-    for prefix, sub in module.named_modules():
-        hooks = [hook for registry in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_hooks,
-                                       sub._backward_pre_hooks) for hook in registry.values()]
-        forward = getattr(type(sub).forward, "__code__", None)
-        fields = vars(sub)
-        read = [] if forward is None else [(name, fields[name]) for name in _global_names(forward)
-                                           if name in fields and not isinstance(fields[name], _SCALARS)]
-        held += hooks + [value for _, value in read]
-        out.append((prefix, type(sub), tuple(id(hook) for hook in hooks),
-                    tuple((name, id(value)) for name, value in read)))
-    return tuple(out), held
-
-
-def module_reads_key(module: torch.nn.Module) -> tuple[Any, ...]:
-    """The numbers and strings each submodule's ``forward`` reads from its own attributes
-    (``self.negative_slope``, ``self.temperature``, ``self.training``), by value: a traced graph
-    holds them as constants."""
-    out = []
-    for prefix, sub in module.named_modules():
-        forward = getattr(type(sub).forward, "__code__", None)
-        if forward is None:
-            continue
-        fields = vars(sub)
-        values = tuple((name, replay_value_key(fields[name])) for name in _global_names(forward)
-                       if name in fields and isinstance(fields[name], _SCALARS))
-        if values:
-            out.append((prefix, values))
-    return tuple(out)
-
-
-def _shapes(params: dict[str, torch.Tensor]) -> tuple[Any, ...]:
-    return tuple((n, t.shape, t.dtype, t.device) for n, t in params.items())
-
-
 class Compiler:
     """The compiled pieces of one trajectory (see the module docstring).
 
@@ -278,7 +193,7 @@ class Compiler:
         self._module: Optional[tuple[tuple[Any, ...], list[Any]]] = None
 
     def module_structure(self, module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
-        """:func:`module_structure` of the block's module, found once per block."""
+        """:func:`~metagrad.compile_keys.module_structure` of the block's module, found once per block."""
         if self._module is None:
             self._module = module_structure(module)
         return self._module
@@ -327,7 +242,7 @@ class Compiler:
         # The module is an argument of every call, which TorchDynamo guards, not a constant of
         # the function: a new model of the same structure per block finds it, and the entry
         # does not keep the old one alive.
-        entry_key = ("inner", key, self.module_structure(trajectory.module)[0], used, _shapes(params),
+        entry_key = ("inner", key, self.module_structure(trajectory.module)[0], used, shapes(params),
                      self._settings_key)
         if entry_key in _REFUSED:
             return None
@@ -512,7 +427,7 @@ class Compiler:
         # the compiled product of the last.
         key = ("product", template.structure, template.reads_key(), module_reads_key(module), rule_structure(first.rule),
                first.used, first.modes,
-               first.autocast, self.module_structure(module)[0], _shapes(params0), fixed_names, buffer_names,
+               first.autocast, self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names,
                eta_slots, eta_params,
                varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
                self._settings_key)

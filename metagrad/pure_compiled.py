@@ -32,8 +32,9 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .compiled import _REFUSED, _WARNED, _cached, _first_line, _fresh, _settings_key, rule_key
-from .compiled import _value_key as rule_key_value
+from .compiled import _REFUSED, _WARNED, _cached, _first_line, _fresh, _settings_key
+from .compile_keys import rule_key
+from .compile_keys import value_key as rule_key_value
 from .errors import warn
 from .step import rule_tensors, rule_with, step_body, step_vjp
 from .update_rule import Params, UpdateRule
@@ -62,7 +63,7 @@ def _described(tree: Any) -> tuple[Any, ...]:
 
 
 def _rule_identity(rule: Any, rule_eta: Mapping[int, int]) -> Any:
-    """:func:`metagrad.compiled.rule_key` with the η the rule holds (its learned step sizes, inputs
+    """:func:`metagrad.compile_keys.rule_key` with the η the rule holds (its learned step sizes, inputs
     of every piece) by their place in η instead of by identity: a new call's step sizes find
     the pieces compiled for the last."""
     fields = getattr(rule, "__dict__", None)
