@@ -64,6 +64,10 @@ def rule_inputs(rule: Any) -> list[torch.Tensor]:
     return [t.detach() for t in rule_tensors(rule)]
 
 
+#: A module's hook registries (the last two since torch 2.0).
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def module_structure(module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
     """What a traced step's graph holds of the module besides the tensors it takes as inputs
     (parameters and buffers) and the numbers :func:`module_reads_key` names: each submodule's
@@ -75,8 +79,7 @@ def module_structure(module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any
     is freed."""
     out, held = [], []
     for prefix, sub in module.named_modules():
-        hooks = [hook for registry in (sub._forward_pre_hooks, sub._forward_hooks, sub._backward_hooks,
-                                       sub._backward_pre_hooks) for hook in registry.values()]
+        hooks = [hook for name in _HOOKS for hook in getattr(sub, name, {}).values()]
         forward = getattr(type(sub).forward, "__code__", None)
         fields = vars(sub)
         read = [] if forward is None else [(name, fields[name]) for name in _global_names(forward)
