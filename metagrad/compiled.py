@@ -425,7 +425,8 @@ class Compiler:
         # tensors, η among them, are inputs of every call, so they count by kind
         # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
         # the compiled product of the last.
-        key = ("product", template.structure, template.reads_key(), module_reads_key(module), rule_structure(first.rule),
+        key = ("product", template.structure, template.reads_key(), module_reads_key(module),
+               rule_structure(first.rule),
                first.used, first.modes,
                first.autocast, self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names,
                eta_slots, eta_params,

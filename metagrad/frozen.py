@@ -273,7 +273,8 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
         def build_partial(values: list[Any]) -> Callable[..., Any]:
             return functools.partial(inner, *values[:count], **dict(zip(keywords, values[count:])))
 
-        identity: tuple[Any, ...] = ("partial", inner.key if isinstance(inner, Frozen) else id(inner), count, tuple(keywords))
+        identity: tuple[Any, ...] = ("partial", inner.key if isinstance(inner, Frozen) else id(inner), count,
+                                     tuple(keywords))
         code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
         return Frozen(build_partial, values, names, identity, closure,
                       attributes=() if code is None else _global_names(code))
