@@ -426,10 +426,8 @@ class Compiler:
         # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
         # the compiled product of the last.
         key = ("product", template.structure, template.reads_key(), module_reads_key(module),
-               rule_structure(first.rule),
-               first.used, first.modes,
-               first.autocast, self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names,
-               eta_slots, eta_params,
+               rule_structure(first.rule), first.used, first.modes, first.autocast,
+               self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
                varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
                self._settings_key)
         if key in _REFUSED:
