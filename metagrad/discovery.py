@@ -108,6 +108,17 @@ class MetaParameters:
         self.add(found, rule=False, names=names)
         return once
 
+    def first_step(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen],
+                   used: Sequence[str]) -> Seen:
+        """What a closure's first step in this block shows (:class:`Seen`): the η its loss
+        reaches, added (:meth:`discover`), the node that cannot be differentiated twice, and the
+        fast weights ``used``; kept under the closure's key, so that its later steps look no
+        further (a step taken from a loss tensor, ``closure`` ``None``, is looked at each time)."""
+        seen = Seen(once=self.discover(loss, params, closure), used=tuple(used))
+        if closure is not None:
+            self.closures[closure.key] = seen
+        return seen
+
     def differentiable_step(self, loss: torch.Tensor, inputs: Params, rule: Any,
                             shape: Optional[tuple[Any, ...]] = None) -> Optional[str]:
         """For a step whose graph autograd differentiates itself (Full): keep the ``.grad`` of

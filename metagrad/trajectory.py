@@ -322,12 +322,9 @@ class Trajectory:
         else:
             seen = None if closure is None else self.eta.closures.get(closure.key)
             if seen is None:
-                once = self.eta.discover(loss, inputs, closure)
-                if closure is not None:
-                    seen = self.eta.closures[closure.key] = Seen(once=once, used=used)
-            if seen is not None:
-                once = seen.once
-                seen.random = seen.random or rng is not None
+                seen = self.eta.first_step(loss, inputs, closure, used)
+            once = seen.once
+            seen.random = seen.random or rng is not None
             if rule_meta is None:  # a new rule, or fast weights it has not updated before
                 rule_meta = self.eta.learn_rule(rule, new_params, used)
             if rule_meta:
@@ -462,7 +459,7 @@ def _first_task_seen(trajectory: Trajectory, probe: Closure, frozen: Frozen, rng
     with torch.enable_grad():
         loss = checked_loss(probe(trajectory.model_at(params)), trajectory.length)
         used = tuple(loss_grads(loss, params, create_graph=False, step=trajectory.length, theta=trajectory._theta_ids))
-    seen = trajectory.eta.closures[frozen.key] = Seen(once=trajectory.eta.discover(loss, params, frozen), used=used)
+    seen = trajectory.eta.first_step(loss, params, frozen, used)
     if rng is not None and rng.changed():
         seen.random = True
         rng.restore()
