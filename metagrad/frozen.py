@@ -71,7 +71,6 @@ class Frozen:
         # known: the keys of the first values, computed already (Frozen.around).
         self._build = build
         self.source = source
-        self._structure: Optional[tuple[Any, ...]] = None
         #: How a rebuild of this step was computed by a compiled call (``compile=True``):
         #: ``"product"`` (the step product), ``"inner"`` (the step's gradient when it was
         #: taken), or ``None``. Set by :mod:`metagrad.compiled`, read by the replay error.
@@ -114,6 +113,9 @@ class Frozen:
             ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
             if isinstance(v, torch.Tensor)
             else _value_key(v) for v in flat[len(known):]))
+        # The key itself where no captured tensor requires grad (most steps): nothing to rewrite.
+        self._structure: Optional[tuple[Any, ...]] = (
+            None if any(t.requires_grad for _, t in self.tensors) else self.key)
 
     def objects(self) -> list[Any]:
         """The captured values that are not tensors (those :attr:`structure` names by identity
