@@ -198,3 +198,9 @@ class _Rows:
 def norm(a: Params) -> float:
     """The Euclidean norm of a name→tensor mapping, accumulated in float64."""
     return math.sqrt(float(_Rows(None).dot(a, a)))
+
+
+def task_norms(a: Params, tasks: int) -> list[float]:
+    """:func:`norm` of each of ``tasks`` rows stacked along the first dimension (a block over
+    tasks: each task's own)."""
+    return [float(x) for x in _Rows(tasks).dot(a, a).sqrt().tolist()]

@@ -10,6 +10,8 @@ second call with new data of the same shapes compiles nothing new.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -183,3 +185,29 @@ def test_compile_under_vmap_is_refused_with_what_to_do_instead():
 
     with pytest.raises(ValueError, match="compile: .* cannot run inside torch.compile or a torch.func transform .* tasks=T"):
         torch.func.vmap(one)(batch(1), batch(2))
+
+
+def test_a_monitored_fixed_order_judges_each_task_as_its_own_call_does():
+    """Binomial(order=2) monitored (the default) with tasks=T: each task's error estimate and
+    warning are those of its own one-task call (the levels' norms taken per task), and a
+    warning names its task."""
+    support, query = batch(3, tasks=2), batch(4, tasks=2)
+    # task 1's larger inputs: its error estimate 0.50, above WARN_ESTIMATE = 0.4; task 0's 0.23
+    support = (support[0] * torch.tensor([0.3, 8.0], dtype=DT).reshape(2, 1, 1), support[1])
+
+    def run(s, q, **options):
+        info = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mg.functional.meta_grad(loss_fn, theta(), s, q, inner_opt=mg.optim.SGD(lr=0.03), steps=6,
+                                    estimator=mg.Binomial(2), meta=meta_parameters(0.03), info=info, **options)
+        return info, [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
+
+    together, messages = run(support, query, tasks=2)
+    alone = [run((support[0][t], support[1][t]), (query[0][t], query[1][t])) for t in range(2)]
+    assert together["tasks"] == 2
+    assert together["warned"] == [one["warned"] for one, _ in alone] == [False, True]
+    for t, (one, _) in enumerate(alone):
+        assert together["error_estimate"][t] == pytest.approx(one["error_estimate"], rel=1e-8)
+        assert together["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
+    assert len(messages) == 1 and "not converging at order 2 for task 1 of the block" in messages[0]

@@ -8,6 +8,8 @@ give, summed", so they are compared with T separate blocks.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,6 +278,47 @@ def test_binomial_auto_over_tasks_chooses_each_tasks_order_as_separate_blocks_do
     assert info["tasks"] == 3 and info["steps"] == 6
     separate = sum(one["hessian_vector_products"] for one in infos)
     assert info["hessian_vector_products"] == separate if learned else info["hessian_vector_products"] < separate
+
+
+def test_a_monitored_fixed_order_over_tasks_judges_each_task_on_its_own_levels():
+    """Binomial(order=2) (monitor=True, the default) over tasks: each task's level norms and
+    error estimate are its own, as its own block's, so a task whose series is far off warns
+    (naming the task) even where another task's larger, converging levels would hide it in
+    norms taken over every task's rows. meta.info lists each task's report under the keys the
+    monitor sets; the gradients equal separate blocks'."""
+    model = make_model(3)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    xs, ys, xq, yq = data(2, 6, seed=31)
+    xs, ys = xs.clone(), ys.clone()
+    xs[0] *= 0.3  # task 0: a small K·α·‖H‖ (error estimate 0.18 on its own)
+    xs[1] *= 4.0  # task 1: a large one (error estimate 1.05, above WARN_ESTIMATE = 0.4)
+    ys[1] *= 3.0
+    weight = torch.tensor([1.0, 1e-3], dtype=DT)  # task 1's query loss counts little
+    estimator, rule = mg.Binomial(order=2), mg.optim.SGD(lr=0.02)
+    infos, want = [], 0
+    for t in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with mg.MetaGradient(model, rule, estimator=estimator) as meta:
+                for k in range(6):
+                    meta.step(lambda f: inner_loss(f, xs[t, k], ys[t, k], lam))
+                (weight[t] * F.mse_loss(meta.fmodel(xq[t]), yq[t])).backward()
+        assert len(caught) == t  # task 0 converges; task 1 warns
+        infos.append(meta.info)
+    want = take_grads([*model.parameters(), lam])
+    with pytest.warns(mg.MetaGradientWarning, match="not converging at order 2 for task 1 of the block") as caught:
+        with mg.MetaGradient(model, rule, estimator=estimator, tasks=2) as meta:
+            for k in range(6):
+                meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
+            (F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)) * weight).sum().backward()
+    assert len(caught) == 1
+    assert relative(take_grads([*model.parameters(), lam]), want) < 1e-10
+    info = meta.info
+    assert info["tasks"] == 2 and info["order"] == 2 and info["steps"] == 6
+    assert info["warned"] == [False, True] and info["diverged"] == [False, False]
+    for t, one in enumerate(infos):
+        assert info["error_estimate"][t] == pytest.approx(one["error_estimate"], rel=1e-8)
+        assert info["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
 
 
 @pytest.mark.parametrize("solver", ["cg", "neumann"])

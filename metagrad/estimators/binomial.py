@@ -18,7 +18,10 @@ the estimate: a heuristic for the truncation error), ``diverged`` (the level nor
 at the last order of a fixed order, in any block; two consecutive orders for ``"auto"``),
 ``converged``, ``warned`` (this result's accuracy warning was issued: a fixed order's rule
 in :mod:`~metagrad.estimators.binomial_control`, or an ``"auto"`` fallback) and ``fallback``
-(the estimator that produced the result, or ``None``).
+(the estimator that produced the result, or ``None``). In a block over tasks (``tasks=T``) each
+task is judged on its own rows, as a block of its own would be: ``order="auto"`` chooses each
+task's order, and a monitored fixed order lists each task's level norms, error estimate and
+warning under those keys.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from ..update_rule import Params
 from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_order,
-                               auto_order_tasks, fall_back, fixed_order_info, format_bytes, plan_budget)
+                               auto_order_tasks, fall_back, fixed_order_info, fixed_order_info_tasks,
+                               format_bytes, plan_budget)
 from .binomial_series import expand
 
 # Besides the estimator and its error, the names of its control that code imports from here:
@@ -282,12 +286,14 @@ class Binomial(Estimator):
         fixed, block = self.order, self.block
         assert isinstance(fixed, int) and not isinstance(block, str)  # block="auto" needs order="auto"
         order = clamp_to_steps(fixed, steps, "Binomial", "order")
+        tasks = trajectory.tasks if self.monitor else None  # over tasks, each is judged on its own
         u, meta, products, spans, block_norms = expand(
             trajectory, steps, v, order, block, chunk,
             grouping_levels=bool(self.monitor or trajectory.meta),  # η needs the adjoint at every step
-            piecewise=not self.snapshots, measured=bool(self.monitor))
-        info = fixed_order_info(steps, order, block, u, products, spans, block_norms, self.monitor)
-        return u, meta, info
+            piecewise=not self.snapshots, measured=bool(self.monitor), tasks=tasks)
+        if tasks is not None:
+            return u, meta, fixed_order_info_tasks(steps, order, block, u, products, spans, block_norms, tasks)
+        return u, meta, fixed_order_info(steps, order, block, u, products, spans, block_norms, self.monitor)
 
     def _auto(self, trajectory: Trajectory, steps: int, v: Params, chunk: Optional[int],
               task: Optional[int] = None) -> tuple[Params, MetaGrads, dict[str, Any]]:

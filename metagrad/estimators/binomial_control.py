@@ -46,7 +46,8 @@ from .truncated import Truncated
 
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
            "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
-           "auto_order", "auto_order_tasks", "auto_blocks", "fall_back", "fixed_order_info"]
+           "auto_order", "auto_order_tasks", "auto_blocks", "fall_back", "fixed_order_info",
+           "fixed_order_info_tasks"]
 
 FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
@@ -207,13 +208,38 @@ def fall_back(trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any
     return g, meta, info
 
 
+def fixed_order_info_tasks(steps: int, order: int, block: Optional[int], g: Params, products: int,
+                           spans: list[Span], block_norms: list[BlockNorms], tasks: int) -> dict[str, Any]:
+    """:func:`fixed_order_info` of a monitored block over ``tasks`` (each level's norms taken
+    per task: ``expand(..., tasks=T)``): each task is judged on its own rows (its level norms,
+    its estimate, the vector it expanded against) as its own block would be, and warns naming
+    itself, so that one task's larger, converging levels do not hide another's. The keys the
+    monitor sets list each task's value; the rest (order, blocks, products) are the block's."""
+    reports = []
+    for t in range(tasks):
+        rows = [([level[t] for level in norms], {n: x[t] for n, x in start.items()}, kept, span)
+                for norms, start, kept, span in block_norms]
+        reports.append(fixed_order_info(steps, order, block, {n: x[t] for n, x in g.items()}, products,
+                                        spans, rows, True, task=t))
+    info = dict(reports[0])
+    for key in MONITORED:
+        info[key] = [report[key] for report in reports]
+    info["tasks"] = tasks
+    return info
+
+
+#: The keys of a fixed order's report that its monitor sets (per task in a block over tasks).
+MONITORED = ("level_norms", "error_estimate", "diverged", "converged", "warned", "fallback")
+
+
 def fixed_order_info(steps: int, order: int, block: Optional[int], g: Params, products: int,
-                     spans: list[Span], block_norms: list[BlockNorms], monitor: bool
-                     ) -> dict[str, Any]:
+                     spans: list[Span], block_norms: list[BlockNorms], monitor: bool,
+                     task: Optional[int] = None) -> dict[str, Any]:
     """The report of a fixed order's expansion (blocks and level norms last first, as
     :func:`~metagrad.estimators.binomial_series.expand` returns them); when ``monitor``, also
     its error estimate, with a warning where a block's level norms grew at its last order or
-    its error estimate is at least :data:`WARN_ESTIMATE`."""
+    its error estimate is at least :data:`WARN_ESTIMATE` (naming ``task``, one task of a block
+    over tasks, when given)."""
     info: dict[str, Any] = {"steps": steps, "order": order, "depth": sum(
         min(order, b - a) for a, b in spans), "hessian_vector_products": products}
     if block is not None:
@@ -244,6 +270,8 @@ def fixed_order_info(steps: int, order: int, block: Optional[int], g: Params, pr
         else:
             where, size = f" in the block of steps {a}…{b - 1}", "S·α·‖H‖ (S the steps of a block)"
             relative = "the vector the block expanded against"
+        if task is not None:
+            where += f" for task {task} of the block"
         reason = (f"its level norms grow (‖T_{kept}‖/‖T_{kept - 1}‖ = {ratio:.3g})" if ratio >= 1 else
                   f"its last level is still {estimate:.3g} of {relative} (error estimate ≥ "
                   f"WARN_ESTIMATE = {WARN_ESTIMATE:g})")

@@ -39,11 +39,11 @@ gives up the batching across steps that the estimator exists for, so it is not u
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..linalg import norm
+from ..linalg import norm, task_norms
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from ..update_rule import Params
 
@@ -56,9 +56,9 @@ Span = tuple[int, int]  # the steps [first, last) of a block
 #: ``T_j``; it returns ``"converged"`` or ``"diverged"`` to stop there, ``"limit"`` to go on.
 Guard = Callable[[list[float], Params, Params, Params], str]
 
-#: One block's levels as :func:`expand` keeps them: its level norms, the vector it expanded
-#: against, its order and its span.
-BlockNorms = tuple[list[float], Params, int, Span]
+#: One block's levels as :func:`expand` keeps them: its level norms (each a list of each
+#: task's where ``tasks`` was given), the vector it expanded against, its order and its span.
+BlockNorms = tuple[list[Any], Params, int, Span]
 
 
 def spans(steps: int, block: Optional[int]) -> list[Span]:
@@ -74,8 +74,8 @@ def spans(steps: int, block: Optional[int]) -> list[Span]:
 
 
 def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Optional[int],
-           chunk_size: Optional[int], *, grouping_levels: bool, piecewise: bool, measured: bool = True
-           ) -> tuple[Params, MetaGrads, int, list[Span], list[BlockNorms]]:
+           chunk_size: Optional[int], *, grouping_levels: bool, piecewise: bool, measured: bool = True,
+           tasks: Optional[int] = None) -> tuple[Params, MetaGrads, int, list[Span], list[BlockNorms]]:
     """(2) at a fixed ``order`` within blocks of ``block`` steps (``None``: one block), chained
     exactly from the last block to the first: the estimate, the η-gradient, the number of
     products, the blocks (last first) and, with the level grouping, each block's levels
@@ -84,7 +84,7 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
     Each block's iterates are restored just before its levels run (with snapshots: recomputed
     once). ``grouping_levels`` picks the level grouping (norms and η) over the tight one;
     ``piecewise`` is False when the iterates are recomputed from snapshots (see
-    :func:`_products`)."""
+    :func:`_products`); ``tasks``: measure each task's level norms (:func:`levels`)."""
     blocks = spans(steps, block)
     u, products, block_norms = dict(v), 0, []
     meta: MetaGrads = []
@@ -93,7 +93,7 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
         trajectory.restore(*span)  # with snapshots: recompute the block's iterates, once
         if grouping_levels:
             u_next, norms, used, _, more = levels(trajectory, span, u, kept, chunk_size,
-                                                  piecewise=piecewise, measured=measured)
+                                                  piecewise=piecewise, measured=measured, tasks=tasks)
             block_norms.append((norms, u, kept, span))
             meta = add_meta(meta, more)
         else:
@@ -103,12 +103,13 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
 
 
 def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
-           *, guard: Optional[Guard] = None, piecewise: bool = True, measured: bool = True
-           ) -> tuple[Params, list[float], int, str, MetaGrads]:
+           *, guard: Optional[Guard] = None, piecewise: bool = True, measured: bool = True,
+           tasks: Optional[int] = None) -> tuple[Params, list[Any], int, str, MetaGrads]:
     """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
     level norms ``[‖T_1‖, …]`` (read back as Python floats: none unless ``measured`` or a
-    ``guard`` needs them, so that it runs under ``torch.func.vmap``), the number of products,
-    why it stopped, and the η-gradient.
+    ``guard`` needs them, so that it runs under ``torch.func.vmap``; with ``tasks``, and no
+    guard, each level's entry is the list of each task's norm, its rows of ``T_j``), the
+    number of products, why it stopped, and the η-gradient.
 
     With a ``guard``, stops early where it says ``"converged"`` or ``"diverged"``; otherwise
     after ``order`` levels ("limit").
@@ -149,7 +150,9 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
         _suffix_sum_(buffer, rows, rows if chunk_size is None else chunk_size)
         level_sum = {n: t[0] for n, t in buffer.items()}  # T_j
         g = {n: g[n] + level_sum[n] for n in g}
-        if measured or guard is not None:
+        if guard is None and measured and tasks is not None:
+            norms.append(task_norms(level_sum, tasks))
+        elif measured or guard is not None:
             norms.append(norm(level_sum))
         if guard is not None:
             stop = guard(norms, g, v, level_sum)
