@@ -191,6 +191,8 @@ class Compiler:
         #: The inner steps whose gradient came from a compiled call (for the replay error).
         self.inner_steps: set[int] = set()
         self._module: Optional[tuple[tuple[Any, ...], list[Any]]] = None
+        #: Warnings :meth:`refuse` keeps until :meth:`settle`, per closure key.
+        self._deferred: dict[Any, str] = {}
 
     def module_structure(self, module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
         """:func:`~metagrad.compile_keys.module_structure` of the block's module, found once per block."""
@@ -198,20 +200,32 @@ class Compiler:
             self._module = module_structure(module)
         return self._module
 
-    def refuse(self, key: Any, closure_key: Any, error: BaseException, rule: Any = None) -> None:
+    def refuse(self, key: Any, closure_key: Any, error: BaseException, rule: Any = None, *,
+               later: bool = False) -> None:
         """Run the piece ``key`` eagerly from now on, and warn once per closure why. ``rule``:
-        the update rule, for a step product (the step is the closure's gradient and the rule)."""
+        the update rule, for a step product (the step is the closure's gradient and the rule).
+        ``later``: the warning waits for :meth:`settle`, after the eager step ran (a closure that
+        fails eagerly too gets that error alone, not a warning before it)."""
         _REFUSED[key] = f"{type(error).__name__}: {_first_line(error)}"
         if closure_key not in _WARNED:
-            _WARNED.add(closure_key)
             what = ("this closure's inner steps cannot be compiled in one graph, so they run eagerly"
                     if rule is None else
                     f"the step products of this closure with the update rule {rule!r} cannot be compiled "
                     "in one graph, so they run eagerly")
-            self._warn(
+            self._deferred[closure_key] = (
                 f"compile=True: {what} ({_REFUSED[key]}). Python side effects that torch.compile cannot "
                 "trace (print, .item(), control flow on a tensor's value), an unsupported op, or an "
                 "update rule torch.compile cannot trace cause this; the meta-gradient is the same.")
+            if not later:
+                self.settle()
+
+    def settle(self) -> None:
+        """Issue the warnings :meth:`refuse` kept for later."""
+        while self._deferred:
+            closure_key, message = self._deferred.popitem()
+            if closure_key not in _WARNED:
+                _WARNED.add(closure_key)
+                self._warn(message)
 
     # ------------------------------------------------------------------ the inner step
     def inner_grad(self, trajectory: Any, closure: Callable[..., torch.Tensor],
@@ -231,7 +245,7 @@ class Compiler:
                 grads, loss = compiled(closure, params, trajectory.module, trajectory.layout)
         except Exception as error:  # a graph break, an unsupported op: eager from now on
             self._inner[key] = None
-            self.refuse(entry_key, key, error)
+            self.refuse(entry_key, key, error, later=True)  # warned once the eager step ran
             return None
         self.counts["inner_steps"] += 1
         self.inner_steps.add(trajectory.length)  # the step about to be taken

@@ -267,6 +267,8 @@ class Trajectory:
                 params = {n: t.detach().requires_grad_() for n, t in params.items()}
             with torch.enable_grad(), differentiated_twice(self.differentiable):
                 loss = closure(self.model_at(params))
+            if self.compiler is not None:
+                self.compiler.settle()  # why the step ran eagerly, now that it could
         split = loss.detach() if parts else None
         loss = loss.sum() if parts else loss
         if rng is not None and not (rng.changed() if drew is None else drew):

@@ -221,7 +221,10 @@ def test_a_batch_tensor_without_the_task_dimension_is_refused_and_nothing_is_los
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile=True"])
+def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do(compile):
+    """The error alone: with compile=True, no warning that the step could not be compiled comes
+    before it (warnings are errors here)."""
     model = make_model(8)
     xs, ys, _, _ = data(2, 1, seed=12)
 
@@ -232,7 +235,8 @@ def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do():
         return loss
 
     with pytest.raises(ValueError, match=r"closure: a block over tasks=2 .* torch.func.vmap.*MetaGradient without tasks="):
-        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2) as meta:
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2,
+                             compile=compile) as meta:
             meta.step(closure, xs[:, 0], ys[:, 0])
 
 
