@@ -11,6 +11,8 @@ other object can take their identity while it is cached.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,8 +22,8 @@ from .frozen import _SCALARS, _global_names
 from .frozen import _value_key as replay_value_key
 from .step import rule_tensors
 
-__all__ = ["rule_key", "rule_structure", "rule_inputs", "module_structure", "module_reads_key", "shapes",
-           "value_key"]
+__all__ = ["rule_key", "rule_structure", "rule_inputs", "step_sizes_as_tensors", "module_structure",
+           "module_reads_key", "shapes", "value_key"]
 
 
 def value_key(value: Any) -> Any:
@@ -57,6 +59,31 @@ def rule_structure(rule: Any) -> Any:
     leaves, spec = pytree.tree_flatten(dict(fields))
     return (type(rule), str(spec), tuple(("tensor", t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor)
                                          else replay_value_key(t) for t in leaves))
+
+
+def step_sizes_as_tensors(rule: Any, device: torch.device) -> Any:
+    """``rule`` with its step size as tensors, where it is a number: a shallow copy whose ``lr``
+    (a float, or a mapping of floats: per-parameter step sizes) is 0-dim float64 tensors on
+    ``device``; ``rule`` itself otherwise. A compiled step product of the copy takes the step
+    size as an input of every call (:func:`rule_inputs`) and keys it by kind
+    (:func:`rule_structure`), so that a step size changed between blocks (an annealed or
+    searched inner learning rate) or between steps (a schedule) compiles nothing new. The
+    product is computed with the step size cast to the fast weights' dtype either way."""
+    fields = getattr(rule, "__dict__", None)
+    lr = None if fields is None else fields.get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value: Any = torch.tensor(float(lr), dtype=torch.float64, device=device)
+    elif isinstance(lr, Mapping) and lr and all(_number(v) for v in lr.values()):
+        value = {name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in lr.items()}
+    else:
+        return rule
+    out = copy.copy(rule)
+    out.lr = value
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def rule_inputs(rule: Any) -> list[torch.Tensor]:

@@ -29,8 +29,10 @@ closure's code and the kinds of values it captures (:attr:`metagrad.frozen.Froze
 its tensors, η among them, are inputs of every call, whatever their identity), the
 numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
 forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
-hyperparameters (a float step size of another value, or a new ``cfg.temp``, compiles again;
-its step-size tensors are inputs, :func:`~metagrad.compile_keys.rule_structure`), the
+hyperparameters (its step size, a number or a tensor, is an input of every call:
+:func:`~metagrad.compile_keys.step_sizes_as_tensors`, so that a step size changed between
+blocks or by a schedule compiles nothing new; another ``momentum`` or a new ``cfg.temp``
+compiles again; :func:`~metagrad.compile_keys.rule_structure`), the
 module's structure (not its identity: :func:`~metagrad.compile_keys.module_structure`), the
 fast weights' shapes and dtypes, the modules' train/eval modes and autocast. A new task with
 the same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` counts what ran
@@ -70,7 +72,8 @@ from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, Layout, _frozen_buffers
 from .replay import step_norms
-from .compile_keys import module_reads_key, module_structure, rule_inputs, rule_structure, shapes
+from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
+                           step_sizes_as_tensors)
 from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
 
 __all__ = ["Compiler", "clear_cache", "compile_settings", "on_device"]
@@ -82,6 +85,9 @@ _CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 _REFUSED: dict[Any, str] = {}
 #: Closures (by :attr:`~metagrad.frozen.Frozen.key`) already warned about: one warning each.
 _WARNED: set[Any] = set()
+#: Update rule types whose step products did not compile with their step size as a tensor (a
+#: rule that branches on it): their step size is a constant of the graph (:meth:`Compiler.rule`).
+_CONSTANT_STEP_SIZES: set[type] = set()
 
 
 #: ``torch.compile``'s modes (``torch._inductor.list_mode_options()``).
@@ -146,6 +152,7 @@ def clear_cache() -> None:
     which closures were warned about."""
     _CACHE.clear()
     _REFUSED.clear()
+    _CONSTANT_STEP_SIZES.clear()
     _WARNED.clear()
 
 
@@ -193,6 +200,29 @@ class Compiler:
         self._module: Optional[tuple[tuple[Any, ...], list[Any]]] = None
         #: Warnings :meth:`refuse` keeps until :meth:`settle`, per closure key.
         self._deferred: dict[Any, str] = {}
+        #: Per update rule (by id): the rule, and the rule as compiled products take it (:meth:`rule`).
+        self._rules: dict[int, tuple[Any, Any]] = {}
+
+    def rule(self, rule: Any, device: torch.device) -> Any:
+        """``rule`` as a compiled step product takes it: with its step size as tensors
+        (:func:`~metagrad.compile_keys.step_sizes_as_tensors`), unless a product of its type
+        failed to compile so; converted once per rule per block."""
+        if type(rule) in _CONSTANT_STEP_SIZES:
+            return rule
+        found = self._rules.get(id(rule))
+        if found is None or found[0] is not rule:
+            found = self._rules[id(rule)] = (rule, step_sizes_as_tensors(rule, device))
+        return found[1]
+
+    def _step_size_failed(self, rule: Any, memo: Any) -> bool:
+        """After a compiled product failed: if the rule's step size was a tensor input, make it a
+        constant for rules of its type from now on and let the next call compile again (this
+        product runs eagerly, without a warning); ``False`` where it was a constant already."""
+        if type(rule) in _CONSTANT_STEP_SIZES or self.rule(rule, torch.device("cpu")) is rule:
+            return False
+        _CONSTANT_STEP_SIZES.add(type(rule))
+        self._products.pop(memo, None)
+        return True
 
     def module_structure(self, module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
         """:func:`~metagrad.compile_keys.module_structure` of the block's module, found once per block."""
@@ -318,8 +348,10 @@ class Compiler:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, new, value, grads = compiled(
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
-                    rule_inputs(first.rule), leaves)
+                    rule_inputs(self.rule(first.rule, trajectory.device)), leaves)
         except Exception as error:
+            if self._step_size_failed(first.rule, memo):
+                return None
             self._products[memo] = None
             self.refuse(key, template.key, error, first.rule)
             return None
@@ -389,8 +421,10 @@ class Compiler:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 pulled, pulled_eta, pulled_state, norms, values = compiled(
                     params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
-                    rule_inputs(first.rule))
+                    rule_inputs(self.rule(first.rule, trajectory.device)))
         except Exception as error:
+            if self._step_size_failed(first.rule, memo):
+                return None
             self._products[memo] = None
             self.refuse(entry_key, template.key, error, first.rule)
             return None
@@ -440,7 +474,7 @@ class Compiler:
         # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
         # the compiled product of the last.
         key = ("product", template.structure, template.reads_key(), module_reads_key(module),
-               rule_structure(first.rule), first.used, first.modes, first.autocast,
+               rule_structure(self.rule(first.rule, trajectory.device)), first.used, first.modes, first.autocast,
                self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
                varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
                self._settings_key)
@@ -448,7 +482,8 @@ class Compiler:
             return None
         # The rule with copies of its tensors, which every call replaces by its inputs: the
         # entry holds none of the user's (a step size computed with a graph, say).
-        rule = rule_with(first.rule, {id(t): t.detach().clone() for t in rule_tensors(first.rule)})
+        taken = self.rule(first.rule, trajectory.device)
+        rule = rule_with(taken, {id(t): t.detach().clone() for t in rule_tensors(taken)})
         rule_ids = [id(t) for t in rule_tensors(rule)]
         used = first.used
         step_sizes = bool(trajectory.rule_meta)

@@ -18,8 +18,10 @@ So a larger K compiles nothing new. Every piece takes every tensor as an input (
 weights, the optimizer state's leaves, the batch, η, the vectors): a new batch, new
 parameters or a new call of ``meta_grad`` with the same shapes finds the compiled function.
 They are kept in the process-wide cache of :mod:`metagrad.compiled`, keyed on the loss
-function (by identity: the entry keeps it), the update rule's type and hyperparameters, the
-meta-batch's size, and the shapes and dtypes of every input. A piece that cannot be compiled
+function (by identity: the entry keeps it), the update rule's type and hyperparameters (its
+step size, a number or a tensor, is an input of every piece, as in :mod:`metagrad.compiled`:
+a call with another step size compiles nothing new), the meta-batch's size, and the shapes
+and dtypes of every input. A piece that cannot be compiled
 (TorchDynamo cannot trace the loss in one graph) runs eagerly, with one
 :class:`~metagrad.MetaGradientWarning` that says why.
 """
@@ -32,8 +34,8 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .compiled import _REFUSED, _WARNED, _cached, _first_line, _fresh, _settings_key
-from .compile_keys import rule_key
+from .compiled import _CONSTANT_STEP_SIZES, _REFUSED, _WARNED, _cached, _first_line, _fresh, _settings_key
+from .compile_keys import rule_key, step_sizes_as_tensors
 from .compile_keys import value_key as rule_key_value
 from .errors import warn
 from .step import rule_tensors, rule_with, step_body, step_vjp
@@ -64,8 +66,8 @@ def _described(tree: Any) -> tuple[Any, ...]:
 
 def _rule_identity(rule: Any, rule_eta: Mapping[int, int]) -> Any:
     """:func:`metagrad.compile_keys.rule_key` with the η the rule holds (its learned step sizes, inputs
-    of every piece) by their place in η instead of by identity: a new call's step sizes find
-    the pieces compiled for the last."""
+    of every piece) by their place in η, and its other tensors (a constant step size, inputs too)
+    by kind, instead of by identity: a new call's step sizes find the pieces compiled for the last."""
     fields = getattr(rule, "__dict__", None)
     if fields is None:
         return rule_key(rule)
@@ -73,6 +75,8 @@ def _rule_identity(rule: Any, rule_eta: Mapping[int, int]) -> Any:
     def key(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and id(value) in rule_eta:
             return ("eta", rule_eta[id(value)], value.shape, value.dtype)
+        if isinstance(value, torch.Tensor):
+            return ("tensor", value.shape, value.dtype, value.device)
         if isinstance(value, dict):
             return ("dict", tuple((k, key(v)) for k, v in value.items()))
         if isinstance(value, (tuple, list)):
@@ -100,13 +104,25 @@ class Pieces:
         self.maker, self.batch = maker, batch
         self.names = list(phi)
         self.settings = dict(settings)
+        # A float step size as tensors (metagrad.compile_keys.step_sizes_as_tensors), unless a
+        # rule of this type failed to compile so: then a constant of the graphs.
+        self._rule_type = type(rule)
+        self._converted = False
+        if self._rule_type not in _CONSTANT_STEP_SIZES:
+            converted = step_sizes_as_tensors(rule, next(iter(phi.values())).device)
+            self._converted, rule = converted is not rule, converted
         self._identity = (identity, _rule_identity(rule, rule_eta), tuple(self.names), _settings_key(self.settings))
-        # The rule the pieces hold, with a copy in place of each η it holds (its step sizes): in a
-        # piece, η comes in as an input and replaces the copy, so no input is the rule's own
-        # tensor, and the next call's step sizes find the same compiled function.
-        copies = {id(t): t.detach().clone() for t in rule_tensors(rule) if id(t) in rule_eta}
+        # The rule the pieces hold, with a copy in place of each of its tensors: in a piece, an η
+        # it holds (a learned step size) comes in with η and replaces its copy, and its other
+        # tensors (a constant step size) come in as inputs of their own (:attr:`_rule_values`),
+        # so no input is the rule's own tensor, and the next call's step sizes find the same
+        # compiled function.
+        tensors = rule_tensors(rule)
+        copies = {id(t): t.detach().clone() for t in tensors}
         self.rule = rule_with(rule, copies)
         self.rule_eta = {id(copies[i]): k for i, k in rule_eta.items() if i in copies}
+        self._rule_values = [t.detach() for t in tensors if id(t) not in rule_eta]
+        self._rule_ids = [id(copies[id(t)]) for t in tensors if id(t) not in rule_eta]
         # What every piece's inputs are like (the iterates are like φ_0, the optimizer state like
         # the rule's of φ_0): described once, not at every call.
         self._inputs = (_described(phi), _described(list(eta)), _described(batch))
@@ -127,10 +143,11 @@ class Pieces:
             length: int) -> Optional[tuple[list[Params], list[list[torch.Tensor]], list[torch.Tensor]]]:
         """``length`` inner steps from ``(φ, the state's leaves)``: each step's iterate, state
         leaves and loss; ``None`` where the steps cannot run compiled."""
-        rule, names, rule_eta = self.rule, self.names, self.rule_eta
+        names, rule_eta = self.names, self.rule_eta
 
-        def steps(phi: Params, leaves: list[torch.Tensor], eta: list[torch.Tensor], batch: Any, maker: Maker) -> Any:
-            loss_at = maker(batch)
+        def steps(phi: Params, leaves: list[torch.Tensor], eta: list[torch.Tensor], batch: Any, maker: Maker,
+                  rule_values: list[torch.Tensor]) -> Any:
+            loss_at, rule = maker(batch), self._rule_at(rule_values)
             iterates, states, losses = [], [], []
             for _ in range(length):
                 body = step_body(loss_at, rule, names, state=pytree.tree_unflatten(leaves, spec), rule_eta=rule_eta)
@@ -149,12 +166,12 @@ class Pieces:
         """``u`` pulled back through the steps at ``phis`` (with their state leaves ``states``),
         the last first: ``(u, Σ B_mᵀ a_{m+1} per η, the adjoint of the state's leaves at
         carried)``; ``carried`` empty: the state held constant. ``None``: not compiled."""
-        rule, names, rule_eta, length = self.rule, self.names, self.rule_eta, len(phis)
+        names, rule_eta, length = self.names, self.rule_eta, len(phis)
         carried = tuple(carried)
 
         def segment(phis: list[Params], states: list[list[torch.Tensor]], eta: list[torch.Tensor], u: Params,
-                    adjoint: list[torch.Tensor], batch: Any, maker: Maker) -> Any:
-            loss_at = maker(batch)
+                    adjoint: list[torch.Tensor], batch: Any, maker: Maker, rule_values: list[torch.Tensor]) -> Any:
+            loss_at, rule = maker(batch), self._rule_at(rule_values)
             total: Optional[list[torch.Tensor]] = None
             for i in reversed(range(length)):
                 leaves = states[i]
@@ -171,10 +188,11 @@ class Pieces:
              chunk_size: Optional[int]) -> Optional[tuple[Params, list[torch.Tensor]]]:
         """``J_mᵀ u_i`` for each row (the stacked iterates ``phis``, states and ``vectors``;
         the state held constant) by one vmapped call, and ``Σ_i B_mᵀ u_i`` per η."""
-        rule, names, rule_eta = self.rule, self.names, self.rule_eta
+        names, rule_eta = self.names, self.rule_eta
 
-        def rows(phis: Params, states: Any, vectors: Params, eta: list[torch.Tensor], batch: Any, maker: Maker) -> Any:
-            loss_at = maker(batch)
+        def rows(phis: Params, states: Any, vectors: Params, eta: list[torch.Tensor], batch: Any, maker: Maker,
+                 rule_values: list[torch.Tensor]) -> Any:
+            loss_at, rule = maker(batch), self._rule_at(rule_values)
 
             def row(phi: Params, state: Any, u: Params) -> Any:
                 body = step_body(loss_at, rule, names, state=state, rule_eta=rule_eta)
@@ -190,7 +208,7 @@ class Pieces:
     def query(self, outer: Maker, identity: tuple[Any, ...], phi: Params, eta: Sequence[torch.Tensor],
               batch: Any) -> Optional[tuple[Params, list[torch.Tensor]]]:
         """The gradient of the query's loss ``outer(batch)`` in φ_K and in η (its direct part)."""
-        def gradient(phi: Params, eta: list[torch.Tensor], batch: Any, maker: Maker) -> Any:
+        def gradient(phi: Params, eta: list[torch.Tensor], batch: Any, maker: Maker, _: list[torch.Tensor]) -> Any:
             g, g_eta = torch.func.grad(maker(batch), argnums=(0, 1))(phi, eta)
             return dict(g), list(g_eta)
 
@@ -202,6 +220,10 @@ class Pieces:
         return {n: t.clone(memory_format=torch.contiguous_format) for n, t in out[0].items()}, out[1]
 
     # ----------------------------------------------------------------------- calling
+    def _rule_at(self, rule_values: list[torch.Tensor]) -> UpdateRule:
+        """The rule with the tensors a piece was called with in place of its copies."""
+        return rule_with(self.rule, dict(zip(self._rule_ids, rule_values)))
+
     def _call(self, kind: tuple[Any, ...], function: Callable[..., Any], *args: Any, batch: Any = None,
               maker: Optional[Maker] = None) -> Any:
         """``function(*args, batch, maker)`` by the compiled function cached for this kind and
@@ -214,14 +236,17 @@ class Pieces:
         key = ("functional", kind, self._identity, self._inputs if batch is None else (self._inputs, _described(batch)))
         batch = self.batch if batch is None else batch
         maker = self.maker if maker is None else maker
-        if key in _REFUSED:
+        if key in _REFUSED or (self._converted and self._rule_type in _CONSTANT_STEP_SIZES):
             return None
         compiled = _cached(key, lambda: torch.compile(_fresh(function), fullgraph=True, dynamic=False,
                                                       **self.settings))
         try:
             with torch.no_grad():
-                return compiled(*args, batch, maker)
+                return compiled(*args, batch, maker, self._rule_values)
         except Exception as error:  # a graph break, an unsupported op: eager from now on
+            if self._converted:  # perhaps the rule branches on its step size: a constant from the next call
+                _CONSTANT_STEP_SIZES.add(self._rule_type)
+                return None
             _REFUSED[key] = f"{type(error).__name__}: {_first_line(error)}"
             if self._identity not in _WARNED:
                 _WARNED.add(self._identity)

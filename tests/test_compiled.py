@@ -774,6 +774,85 @@ def test_step_sizes_and_captured_tensors_computed_anew_each_block_reuse_the_comp
         assert relative(got, want) < 1e-10
 
 
+def _step_size_blocks(compile: bool, rule_of, estimator, schedule=None, blocks: int = 3):
+    """Blocks whose update rule ``rule_of(block)`` has a Python float step size of another value
+    each block; ``schedule(k)``, when given, sets ``rule.lr`` before step k. Per block: θ's
+    gradient and the compiled cache's keys after it; and the last block's meta.info."""
+    torch.manual_seed(71)
+    model = torch.nn.Sequential(torch.nn.Linear(1, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)).to(DT)
+    g = torch.Generator().manual_seed(72)
+    out, entries = [], []
+    for block in range(blocks):
+        x = torch.rand(SHOTS, 1, generator=g, dtype=DT) * 4 - 2
+        rule = rule_of(block)
+        with mg.MetaGradient(model, rule, estimator=estimator, compile=compile) as meta:
+            for k in range(5):
+                if schedule is not None:
+                    rule.lr = schedule(block, k)
+                meta.step(lambda f: F.mse_loss(f(x), torch.sin(x)))
+            F.mse_loss(meta.fmodel(x), torch.sin(x)).backward()
+        out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        model.zero_grad()
+        entries.append(set(compiled_cache._CACHE))
+    return out, entries, meta.info
+
+
+@pytest.mark.parametrize("pattern,estimator", [
+    ("a step size per block", mg.Checkpointed()),
+    ("per-parameter step sizes per block", mg.Checkpointed()),
+    ("a schedule over the steps", mg.Checkpointed()),
+    ("a step size per block", mg.Binomial(order=2, monitor=False)),  # its products vmapped over steps
+], ids=lambda value: repr(value) if isinstance(value, mg.Estimator) else value)
+def test_a_float_step_size_changed_between_blocks_or_steps_compiles_nothing_new(pattern, estimator):
+    """An inner learning rate that is a Python float of another value each block (annealed,
+    searched), per parameter or not, or set by a schedule before each step: the compiled step
+    products take it as an input, so only the first block compiles, and every block's θ
+    gradient equals the same loop run eagerly (float64)."""
+    names = [n for n, _ in torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Tanh(), torch.nn.Linear(1, 1)).named_parameters()]
+    rule_of = {
+        "a step size per block": lambda b: mg.optim.SGD(lr=0.05 + 0.01 * b),
+        "per-parameter step sizes per block": lambda b: mg.optim.SGD(lr={n: 0.03 + 0.01 * (b + i) for i, n in enumerate(names)}),
+        "a schedule over the steps": lambda b: mg.optim.Momentum(lr=0.05, momentum=0.5),
+    }[pattern]
+    schedule = (lambda b, k: 0.06 * 0.8 ** k + 0.001 * b) if pattern == "a schedule over the steps" else None
+    eager, _, _ = _step_size_blocks(False, rule_of, estimator, schedule)
+    got, entries, info = _step_size_blocks(True, rule_of, estimator, schedule)
+    assert info["compiled"]["products"] == info.get("hessian_vector_products", 5), info  # every one compiled
+    assert entries[1] == entries[0] and entries[2] == entries[0]  # later blocks compile nothing new
+    for a, b in zip(got, eager):
+        assert relative(a, b) < 1e-10
+
+
+class _BranchesOnLr:
+    """A user's update rule whose step branches on its float step size (a clipped step for
+    large ones): a compiled product cannot take the step size as a tensor, so it is a
+    constant of the graph again."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        if self.lr > 0.1:
+            grads = {n: g.clamp(-1, 1) for n, g in grads.items()}
+        return {n: p - self.lr * grads[n] if n in grads else p for n, p in params.items()}, state
+
+
+def test_a_rule_that_branches_on_its_float_step_size_still_compiles_with_it_as_a_constant():
+    """No warning (warnings are errors here), every product compiled after the first block,
+    the same θ gradient as eagerly, one block each side of the branch."""
+    def run(compile: bool):
+        return _step_size_blocks(compile, lambda b: _BranchesOnLr(0.05 + 0.1 * b), mg.Checkpointed(), blocks=3)
+
+    eager, _, _ = run(False)
+    got, _, info = run(True)
+    assert info["compiled"]["products"] == 5, info
+    for a, b in zip(got, eager):
+        assert relative(a, b) < 1e-10
+
+
 class _Projected(torch.nn.Module):
     """A net whose forward reads a plain tensor attribute (a fixed random projection, not a
     buffer): a traced graph holds it as a constant."""

@@ -211,3 +211,48 @@ def test_a_monitored_fixed_order_judges_each_task_as_its_own_call_does():
         assert together["error_estimate"][t] == pytest.approx(one["error_estimate"], rel=1e-8)
         assert together["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
     assert len(messages) == 1 and "not converging at order 2 for task 1 of the block" in messages[0]
+
+
+class _BranchesOnLr:
+    """A user's update rule whose step branches on its float step size (a clipped step for
+    large ones): its compiled pieces cannot take the step size as a tensor."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        if self.lr > 0.1:
+            grads = {n: g.clamp(-1, 1) for n, g in grads.items()}
+        return {n: p - self.lr * grads[n] if n in grads else p for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("rule_of", [lambda lr: mg.optim.SGD(lr={n: lr * (1 + i) for i, n in enumerate(theta())}),
+                                     _BranchesOnLr],
+                         ids=["per-parameter float step sizes", "a rule that branches on it"])
+def test_a_float_step_size_of_another_value_each_call_compiles_nothing_new(rule_of):
+    """meta_grad(compile=True) with the inner learning rate a Python float of another value at
+    every call (an annealed or searched step size): the pieces take it as an input, so later
+    calls compile nothing new, and each equals the eager call. A rule that branches on its step
+    size runs one call eagerly (no warning) and compiles it as a constant from then on (each
+    value its own pieces: the later call repeats one)."""
+    support, query = batch(11), batch(12)
+
+    def plain(p, b):
+        return loss_fn(p, b, meta_parameters())
+
+    def call(lr, **options):
+        g = mg.functional.meta_grad(plain, theta(), support, query, inner_opt=rule_of(lr), steps=5,
+                                    estimator=mg.Checkpointed(), tasks=TASKS, **options)
+        return torch.cat([t.reshape(-1) for t in g.values()])
+
+    # (The first compiled call takes its first step eagerly: a run of 4 steps, then 4 and 1.)
+    lrs = [0.05, 0.15, 0.15, 0.15] if rule_of is _BranchesOnLr else [0.05, 0.06, 0.15, 0.07, 0.16]
+    got = [call(lr, compile=True) for lr in lrs[:3]]
+    compiled_so_far = (len(compiled._CACHE), counters["stats"]["unique_graphs"])
+    got += [call(lr, compile=True) for lr in lrs[3:]]
+    assert compiled_so_far == (len(compiled._CACHE), counters["stats"]["unique_graphs"])
+    for lr, g in zip(lrs, got):
+        assert relative(g, call(lr)) < TOL, lr

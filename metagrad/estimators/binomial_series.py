@@ -128,7 +128,7 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
     """
     first, last = span
     g = dict(v)
-    norms: list[float] = []
+    norms: list[Any] = []
     products = 0
     meta: MetaGrads = []
     stop = "limit"
