@@ -89,7 +89,6 @@ def test_vmapped_rows_that_miss_the_tolerance_are_rebuilt_alone(monkeypatch):
 def test_a_real_mismatch_in_a_vmapped_row_still_raises():
     net, data = make_net(), batches()
     lr = torch.tensor(0.2, dtype=DT, requires_grad=True)
-    log_wd = torch.tensor(-2.0, dtype=DT, requires_grad=True)
     x = data[0][0].clone()
     with pytest.raises(mg.ReplayError, match="in place"):
         with mg.MetaGradient(net, mg.optim.SGD(lr=lr), estimator=mg.Binomial(order=K)) as meta:

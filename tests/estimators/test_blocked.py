@@ -7,11 +7,9 @@ Binomial(L) and block=1 / order ≥ block = Full; and, on quadratics with a know
 spectrum, order='auto', block='auto' meets rtol where the plain expansion diverges.
 """
 
-import math
 import warnings
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import metagrad as mg
 
-from ._package import RTOL, meta_gradient, ref
+from ._package import meta_gradient, ref
 
 ROUNDING = 1e-12
 
