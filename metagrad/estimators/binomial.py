@@ -236,19 +236,20 @@ class Binomial(Estimator):
         the series of ``v`` with every other task's rows zero is task t's; its rows of the
         result are task t's meta-gradient, and its η products task t's part of η's.
 
-        Without η and without blocks, one pass takes the levels for every task at once, each
-        task stopping on its own rows (:func:`~metagrad.estimators.binomial_control.auto_order_tasks`),
-        and a task whose series failed falls back on its own; otherwise each task takes a pass
-        of its own over the stored iterates. ``meta.info`` lists each task's report under every
-        key but ``steps``; ``hessian_vector_products`` counts every product taken."""
+        Without blocks, one pass takes the levels for every task at once, each task stopping on
+        its own rows, and η's terms are taken in a pass per order the tasks stopped at, not per
+        task (:func:`~metagrad.estimators.binomial_control.auto_order_tasks`); a task whose
+        series failed falls back on its own. With blocks each task takes a pass of its own over
+        the stored iterates. ``meta.info`` lists each task's report under every key but
+        ``steps``; ``hessian_vector_products`` counts every product taken."""
         joint: list[Optional[tuple[Params, dict[str, Any], Optional[str]]]] = [None] * tasks
         products = 0
-        if steps > 0 and not trajectory.meta and (self.block is None or (
-                isinstance(self.block, int) and self.block >= steps)):
-            found_all, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order, chunk, tasks)
+        meta: MetaGrads = []
+        if steps > 0 and (self.block is None or (isinstance(self.block, int) and self.block >= steps)):
+            found_all, meta, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order,
+                                                         chunk, tasks)
             joint = list(found_all)
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
-        meta: MetaGrads = []
         reports = []
         for t in range(tasks):
             found = joint[t]

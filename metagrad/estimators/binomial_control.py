@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import torch
+
 from ..linalg import norm
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from ..update_rule import Params
@@ -85,13 +87,19 @@ def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_o
 
 def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
                      chunk_size: Optional[int], tasks: int
-                     ) -> tuple[list[tuple[Params, dict[str, Any], Optional[str]]], int]:
-    """:func:`auto_order` for each of ``tasks`` tasks in one pass (a block over tasks without η):
-    the levels are taken for every task at once (the step's products act on each task's rows
-    alone), and each task stops where :func:`guard` says for its own rows (its level norms, its
-    estimate, its vector), its estimate kept then; the pass ends when every task has stopped.
-    Returns, per task, its rows of the estimate, its report and why it failed (``None``: it did
-    not), as :func:`auto_order` gives them for that task alone; and the products taken."""
+                     ) -> tuple[list[tuple[Params, dict[str, Any], Optional[str]]], MetaGrads, int]:
+    """:func:`auto_order` for each of ``tasks`` tasks in one pass: the levels are taken for
+    every task at once (the step's products act on each task's rows alone), and each task stops
+    where :func:`guard` says for its own rows (its level norms, its estimate, its vector), its
+    estimate kept then and its rows zero from the next level on; the pass ends when every task
+    has stopped. Returns, per task, its rows of the estimate, its report and why it failed
+    (``None``: it did not), as :func:`auto_order` gives them for that task alone; the η-gradient
+    of the tasks that did not fail, each at its own order; and the products taken.
+
+    η: each task's terms stop at its order with its rows (``levels(retire=...)``), so the pass's
+    η-gradient is the tasks' own where none failed. A task that failed added terms before it
+    did: then one more pass, over the other tasks' rows only, each stopping at the order it
+    stopped at, gives theirs."""
     limit = min(max_order, steps)
     stop_rule = guard(rtol)
     rows_v = [{n: x[t] for n, x in v.items()} for t in range(tasks)]
@@ -109,14 +117,31 @@ def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float,
                 done[t] = ({n: x.clone() for n, x in g_t.items()}, stop)
         return "converged" if all(d is not None for d in done) else "limit"
 
-    products = levels(trajectory, (0, steps), v, limit, chunk_size, guard=each)[2]
+    def stopped_at(level: int) -> list[int]:
+        return [t for t in range(tasks) if done[t] is not None and len(norms[t]) == level]
+
+    _, _, products, _, meta = levels(trajectory, (0, steps), v, limit, chunk_size, guard=each, retire=stopped_at)
     out = []
     for t, entry in enumerate(done):
         assert entry is not None  # (every task stops by the last level)
         g_t, stop = entry
         info, reason = _outcome(steps, norms[t], g_t, 0, stop, rtol, max_order)
         out.append((g_t, info, reason))
-    return out, products
+    kept = [t for t, (_, _, reason) in enumerate(out) if reason is None]
+    if trajectory.meta and len(kept) < tasks:
+        meta = []
+        if kept:
+            rows = {n: torch.zeros_like(x) for n, x in v.items()}
+            for n, x in v.items():
+                rows[n][kept] = x[kept]
+
+            def kept_at(level: int) -> list[int]:
+                return [t for t in kept if len(norms[t]) == level]
+
+            _, _, used, _, meta = levels(trajectory, (0, steps), rows, max(len(norms[t]) for t in kept),
+                                         chunk_size, retire=kept_at)
+            products += used
+    return out, meta, products
 
 
 def _outcome(steps: int, norms: list[float], g: Params, products: int, stop: str, rtol: float,

@@ -104,7 +104,8 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
 
 def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
            *, guard: Optional[Guard] = None, piecewise: bool = True, measured: bool = True,
-           tasks: Optional[int] = None) -> tuple[Params, list[Any], int, str, MetaGrads]:
+           tasks: Optional[int] = None, retire: Optional[Callable[[int], list[int]]] = None
+           ) -> tuple[Params, list[Any], int, str, MetaGrads]:
     """The level grouping over the steps of ``span``: their expansion applied to ``v``, the
     level norms ``[‖T_1‖, …]`` (read back as Python floats: none unless ``measured`` or a
     ``guard`` needs them, so that it runs under ``torch.func.vmap``; with ``tasks``, and no
@@ -113,6 +114,10 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
 
     With a ``guard``, stops early where it says ``"converged"`` or ``"diverged"``; otherwise
     after ``order`` levels ("limit").
+
+    ``retire(j)``, in a block over tasks, names the tasks whose expansion ends at level j while
+    others go on: their step-size part at order j is taken then, and their rows are zero from
+    level j+1, so that their later products add nothing to the estimate or to η's terms.
 
     Memory: one buffer of ``S`` vectors (S the steps of the span), overwritten level by level.
     Row k of level j is first the product ``a^{(j)}_k = (J_kᵀ − I) S^{(j−1)}_{k+1}``, whose input
@@ -158,16 +163,32 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
             stop = guard(norms, g, v, level_sum)
         if stop != "limit" or level == order:
             break
+        retired = [] if retire is None else retire(level)
+        if retired:
+            if trajectory.meta:  # their step-size part at order j, from their rows alone
+                only = {n: torch.zeros_like(t[:rows]) for n, t in buffer.items()}
+                for n, t in buffer.items():
+                    only[n][:, retired] = t[:rows, retired]
+                meta = add_meta(meta, _step_size_part(trajectory, first, rows, only))
+            for t in buffer.values():
+                t[:, retired] = 0
     if trajectory.meta and order > 0:  # the step-size part at the last order kept
-        for i in range(rows - 1):
-            _, more, _ = trajectory.vjp(first + i, {n: t[i + 1] for n, t in buffer.items()},
-                                        second_order=False)
-            meta = add_meta(meta, more)
+        meta = add_meta(meta, _step_size_part(trajectory, first, rows, buffer))
     elif trajectory.meta:  # order 0: FirstOrder's step-size part
         for m in range(first, last):
             _, more, _ = trajectory.vjp(m, v, second_order=False)
             meta = add_meta(meta, more)
     return g, norms, products, stop if order > 0 else "limit", meta
+
+
+def _step_size_part(trajectory: Trajectory, first: int, rows: int, buffer: Params) -> MetaGrads:
+    """``Σ_k B_kᵀ S_{k+1}`` with the gradients held constant, ``S_{k+1}`` row k+1 of ``buffer``
+    for the ``rows`` rows of the last level (see :func:`levels`)."""
+    meta: MetaGrads = []
+    for i in range(rows - 1):
+        _, more, _ = trajectory.vjp(first + i, {n: t[i + 1] for n, t in buffer.items()}, second_order=False)
+        meta = add_meta(meta, more)
+    return meta
 
 
 def tight(trajectory: Trajectory, span: Span, v: Params, order: int,
