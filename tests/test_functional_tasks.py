@@ -22,6 +22,8 @@ from metagrad import compiled
 # sizes) and the flattening of the one-task functional tests.
 from test_functional_meta import DT, TOL, flat, loss_fn, meta_parameters, relative, theta
 from test_functional_meta import hand_unrolled as one_task_unrolled
+# A user's rule whose step branches on its float step size.
+from test_compiled import _BranchesOnLr
 
 TASKS = 3
 
@@ -211,22 +213,6 @@ def test_a_monitored_fixed_order_judges_each_task_as_its_own_call_does():
         assert together["error_estimate"][t] == pytest.approx(one["error_estimate"], rel=1e-8)
         assert together["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
     assert len(messages) == 1 and "not converging at order 2 for task 1 of the block" in messages[0]
-
-
-class _BranchesOnLr:
-    """A user's update rule whose step branches on its float step size (a clipped step for
-    large ones): its compiled pieces cannot take the step size as a tensor."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-
-    def init(self, params):
-        return {}
-
-    def step(self, params, grads, state):
-        if self.lr > 0.1:
-            grads = {n: g.clamp(-1, 1) for n, g in grads.items()}
-        return {n: p - self.lr * grads[n] if n in grads else p for n, p in params.items()}, state
 
 
 @pytest.mark.parametrize("rule_of", [lambda lr: mg.optim.SGD(lr={n: lr * (1 + i) for i, n in enumerate(theta())}),
