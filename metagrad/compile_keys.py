@@ -73,17 +73,14 @@ def step_sizes_as_tensors(rule: Any, device: torch.device) -> Any:
     lr = None if fields is None else fields.get("lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):
         value: Any = torch.tensor(float(lr), dtype=torch.float64, device=device)
-    elif isinstance(lr, Mapping) and lr and all(_number(v) for v in lr.values()):
+    elif isinstance(lr, Mapping) and lr and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in lr.values()):
         value = {name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in lr.items()}
     else:
         return rule
     out = copy.copy(rule)
     out.lr = value
     return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def rule_inputs(rule: Any) -> list[torch.Tensor]:

@@ -218,7 +218,8 @@ class Compiler:
         """After a compiled product failed: if the rule's step size was a tensor input, make it a
         constant for rules of its type from now on and let the next call compile again (this
         product runs eagerly, without a warning); ``False`` where it was a constant already."""
-        if type(rule) in _CONSTANT_STEP_SIZES or self.rule(rule, torch.device("cpu")) is rule:
+        found = self._rules.get(id(rule))  # (the call that failed converted it, if it could)
+        if type(rule) in _CONSTANT_STEP_SIZES or found is None or found[1] is rule:
             return False
         _CONSTANT_STEP_SIZES.add(type(rule))
         self._products.pop(memo, None)

@@ -237,8 +237,8 @@ class Binomial(Estimator):
         result are task t's meta-gradient, and its η products task t's part of η's.
 
         Without blocks, one pass takes the levels for every task at once, each task stopping on
-        its own rows, and η's terms are taken in a pass per order the tasks stopped at, not per
-        task (:func:`~metagrad.estimators.binomial_control.auto_order_tasks`); a task whose
+        its own rows, with η's terms each task's own at its order (and one more pass where a task
+        failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); a task whose
         series failed falls back on its own. With blocks each task takes a pass of its own over
         the stored iterates. ``meta.info`` lists each task's report under every key but
         ``steps``; ``hessian_vector_products`` counts every product taken."""
