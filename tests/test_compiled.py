@@ -798,20 +798,17 @@ def _step_size_blocks(compile: bool, rule_of, estimator, schedule=None, blocks: 
 
 
 @pytest.mark.parametrize("pattern,estimator", [
-    ("a step size per block", mg.Checkpointed()),
-    ("per-parameter step sizes per block", mg.Checkpointed()),
+    ("a step size per block", mg.Checkpointed()),  # (per-parameter floats: tests/test_functional_tasks.py)
     ("a schedule over the steps", mg.Checkpointed()),
     ("a step size per block", mg.Binomial(order=2, monitor=False)),  # its products vmapped over steps
 ], ids=lambda value: repr(value) if isinstance(value, mg.Estimator) else value)
 def test_a_float_step_size_changed_between_blocks_or_steps_compiles_nothing_new(pattern, estimator):
     """An inner learning rate that is a Python float of another value each block (annealed,
-    searched), per parameter or not, or set by a schedule before each step: the compiled step
+    searched), or set by a schedule before each step: the compiled step
     products take it as an input, so only the first block compiles, and every block's θ
     gradient equals the same loop run eagerly (float64)."""
-    names = [n for n, _ in torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Tanh(), torch.nn.Linear(1, 1)).named_parameters()]
     rule_of = {
         "a step size per block": lambda b: mg.optim.SGD(lr=0.05 + 0.01 * b),
-        "per-parameter step sizes per block": lambda b: mg.optim.SGD(lr={n: 0.03 + 0.01 * (b + i) for i, n in enumerate(names)}),
         "a schedule over the steps": lambda b: mg.optim.Momentum(lr=0.05, momentum=0.5),
     }[pattern]
     schedule = (lambda b, k: 0.06 * 0.8 ** k + 0.001 * b) if pattern == "a schedule over the steps" else None
