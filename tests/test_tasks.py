@@ -356,6 +356,44 @@ def test_a_monitored_fixed_order_over_tasks_judges_each_task_on_its_own_levels()
         assert info["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
 
 
+@pytest.mark.parametrize("learned_lr", [False, True], ids=["a learned weight decay", "and a learned step size"])
+def test_binomial_auto_over_tasks_falls_back_for_every_failed_task_at_once(learned_lr):
+    """Every task's series fails (K = 8, a large K·α·‖H‖) and each falls back to the blocked
+    expansion, choosing its own blocks (task 0 two blocks of 4 steps, the others four of 2): the
+    failed tasks try their blocks together, the tasks trying the same block in one pass. Each
+    task's blocks, orders and report, and θ's, λ's and α's gradients, equal separate blocks',
+    with fewer products; every task's fallback warns, naming it."""
+    model = make_model(3)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    xs, ys, xq, yq = data(4, 8, seed=31)
+    xs, ys = xs.clone(), ys.clone()
+    for t, scale in enumerate([1.0, 3.0, 4.0, 6.0]):
+        xs[t] *= scale
+    ys *= 3.0
+    step = torch.tensor(0.1, dtype=DT, requires_grad=True) if learned_lr else 0.1
+    estimator, rule, block, infos = mg.Binomial(order="auto", rtol=1e-4), mg.optim.SGD(lr=step), [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, _ = block_over_tasks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=block)
+    assert sorted(int(str(w.message).split("for task ")[1][0]) for w in caught) == [0, 1, 2, 3]
+    got_lr = take_grads([step]) if learned_lr else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = separate_blocks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=infos)
+    info = block[0]
+    assert info["blocks"] == [one["blocks"] for one in infos]
+    assert info["blocks"][0] == [(0, 4), (4, 8)] and info["blocks"][1] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    for key in ("orders", "fallback", "depth", "converged"):
+        assert info[key] == [one[key] for one in infos], key
+    assert info["error_estimate"] == pytest.approx([one["error_estimate"] for one in infos], rel=1e-8)
+    assert relative(got, want) < 1e-10
+    if learned_lr:
+        assert relative(got_lr, take_grads([step])) < 1e-10
+    # Tasks 1–3 try the same blocks: their attempts are shared (fewer products than two separate
+    # blocks take; a fallback per task took more than all four's fallbacks).
+    assert info["hessian_vector_products"] < infos[0]["hessian_vector_products"] + infos[1]["hessian_vector_products"]
+
+
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
 def test_implicit_over_tasks_solves_each_task_on_its_own(solver):
     """Implicit over tasks: each task's linear system is solved as on its own (its own step

@@ -31,15 +31,16 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..errors import warn
 from ..memory import parse_bytes
 from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
 from ..update_rule import Params
 from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
-                               VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_order,
-                               auto_order_tasks, fall_back, fixed_order_info, fixed_order_info_tasks,
-                               format_bytes, plan_budget)
+                               VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
+                               auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
+                               fixed_order_info_tasks, format_bytes, plan_budget)
 from .binomial_series import expand
 
 # Besides the estimator and its error, the names of its control that code imports from here:
@@ -238,10 +239,11 @@ class Binomial(Estimator):
 
         Without blocks, one pass takes the levels for every task at once, each task stopping on
         its own rows, with η's terms each task's own at its order (and one more pass where a task
-        failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); a task whose
-        series failed falls back on its own. With blocks each task takes a pass of its own over
-        the stored iterates. ``meta.info`` lists each task's report under every key but
-        ``steps``; ``hessian_vector_products`` counts every product taken."""
+        failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); the tasks whose
+        series failed fall back each on its own rows, the blocked fallback of them all at once
+        (:func:`~metagrad.estimators.binomial_control.auto_blocks_tasks`). With blocks each task
+        takes a pass of its own over the stored iterates. ``meta.info`` lists each task's report
+        under every key but ``steps``; ``hessian_vector_products`` counts every product taken."""
         joint: list[Optional[tuple[Params, dict[str, Any], Optional[str]]]] = [None] * tasks
         products = 0
         meta: MetaGrads = []
@@ -249,14 +251,31 @@ class Binomial(Estimator):
             found_all, meta, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order,
                                                          chunk, tasks)
             joint = list(found_all)
+        failed = {t: str(found[2]) for t, found in enumerate(joint) if found is not None and found[2] is not None}
+        # The blocked fallback of every failed task at once: its estimate and each task's report.
+        substitute: str = ""
+        fallen: Params = {}
+        fallen_infos: dict[int, dict[str, Any]] = {}
+        if failed and self.fallback == "blocked":
+            substitute = repr(Binomial("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order))
+            for t, reason in failed.items():
+                warn(f"Binomial(order='auto'): for task {t} of the block, {reason}. Falling back to {substitute}.")
+            fallen, fallen_infos, more, used = auto_blocks_tasks(trajectory, steps, v, self.rtol, self.max_order,
+                                                                 chunk, list(failed))
+            meta, products = add_meta(meta, more), products + used
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
         reports = []
         for t in range(tasks):
             found = joint[t]
-            if found is not None and found[2] is None:  # converged in the joint pass: its rows
+            if found is not None and (found[2] is None or t in fallen_infos):  # its rows are found
+                if found[2] is None:  # converged in the joint pass
+                    estimate, report = found[0], found[1]
+                else:  # fell back to the blocked expansion, with the other failed tasks
+                    estimate = {n: x[t] for n, x in fallen.items()}
+                    report = fell_back(found[1], substitute, fallen_infos[t], steps)
                 for n in rows:
-                    rows[n].append(found[0][n])
-                reports.append(found[1])
+                    rows[n].append(estimate[n])
+                reports.append(report)
                 continue
             alone = {}  # v with every other task's rows zero
             for n, x in v.items():

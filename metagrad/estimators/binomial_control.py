@@ -48,8 +48,8 @@ from .truncated import Truncated
 
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
            "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
-           "auto_order", "auto_order_tasks", "auto_blocks", "fall_back", "fixed_order_info",
-           "fixed_order_info_tasks"]
+           "auto_order", "auto_order_tasks", "auto_blocks", "auto_blocks_tasks", "fall_back", "fell_back",
+           "fixed_order_info", "fixed_order_info_tasks"]
 
 FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
@@ -88,47 +88,107 @@ def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_o
 def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
                      chunk_size: Optional[int], tasks: int
                      ) -> tuple[list[tuple[Params, dict[str, Any], Optional[str]]], MetaGrads, int]:
-    """:func:`auto_order` for each of ``tasks`` tasks in one pass: the levels are taken for
-    every task at once (the step's products act on each task's rows alone), and each task stops
-    where :func:`guard` says for its own rows (its level norms, its estimate, its vector), its
-    estimate kept then and its rows zero from the next level on; the pass ends when every task
-    has stopped. Returns, per task, its rows of the estimate, its report and why it failed
-    (``None``: it did not), as :func:`auto_order` gives them for that task alone; the η-gradient
-    of the tasks that did not fail, each at its own order; and the products taken.
+    """:func:`auto_order` for each of ``tasks`` tasks in one pass (:func:`_levels_each`).
+    Returns, per task, its rows of the estimate, its report and why it failed (``None``: it did
+    not), as :func:`auto_order` gives them for that task alone; the η-gradient of the tasks that
+    did not fail, each at its own order; and the products taken."""
+    found, meta, products = _levels_each(trajectory, (0, steps), v, min(max_order, steps), chunk_size,
+                                         list(range(tasks)), rtol)
+    out = []
+    for t in range(tasks):
+        g_t, norms, stop = found[t]
+        info, reason = _outcome(steps, norms, g_t, 0, stop, rtol, max_order)
+        out.append((g_t, info, reason))
+    return out, meta, products
 
-    η: each task's terms stop at its order with its rows (``levels(retire=...)``), so the pass's
-    η-gradient is the tasks' own where none failed. A task that failed added terms before it
-    did: then one more pass, over the other tasks' rows only, each stopping at the order it
-    stopped at, gives theirs."""
-    limit = min(max_order, steps)
+
+def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+                      chunk_size: Optional[int], members: list[int]
+                      ) -> tuple[Params, dict[int, dict[str, Any]], MetaGrads, int]:
+    """``block="auto"`` (:func:`auto_blocks` with ``shrink``) for the tasks ``members`` of a
+    block over tasks at once, each following its own blocks as it would alone: in each round
+    every task not done tries its next block, and the tasks trying the same span share one
+    :func:`_levels_each` call. Returns the estimate (the members' rows; the others zero), each
+    member's report (as :func:`auto_blocks` gives it, its products counted in the total), the
+    η-gradient of the blocks kept, and the products taken."""
+    u = {n: torch.zeros_like(x) for n, x in v.items()}
+    for n, x in v.items():
+        u[n][members] = x[members]
+    last, size = dict.fromkeys(members, steps), dict.fromkeys(members, steps)
+    kept: dict[int, list[tuple[Span, list[float]]]] = {t: [] for t in members}
+    depth, attempts, estimate = dict.fromkeys(members, 0), dict.fromkeys(members, 0), dict.fromkeys(members, 0.0)
+    meta: MetaGrads = []
+    products = 0
+    while any(last[t] > 0 for t in members):
+        tries: dict[Span, list[int]] = {}
+        for t in members:
+            if last[t] > 0:
+                tries.setdefault((max(0, last[t] - size[t]), last[t]), []).append(t)
+        for span, group in tries.items():
+            length = span[1] - span[0]
+            rows = {n: torch.zeros_like(x) for n, x in u.items()}
+            for n, x in u.items():
+                rows[n][group] = x[group]
+            found, more, used = _levels_each(trajectory, span, rows, min(max_order, length), chunk_size, group, rtol)
+            meta, products = add_meta(meta, more), products + used
+            for t in group:
+                g_t, norms, stop = found[t]
+                depth[t], attempts[t] = depth[t] + len(norms), attempts[t] + 1
+                if stop == "converged" or len(norms) == length:
+                    estimate[t] += _estimate(norms, length, len(norms), {n: x[t] for n, x in u.items()})
+                    kept[t].append((span, norms))
+                    for n in u:
+                        u[n][t] = g_t[n]
+                    last[t] = span[0]
+                else:
+                    size[t] = max(1, length // 2)
+    infos = {t: {"steps": steps, "blocks": [span for span, _ in reversed(kept[t])],
+                 "orders": [len(norms) for _, norms in reversed(kept[t])],
+                 "level_norms": [norms for _, norms in reversed(kept[t])], "depth": depth[t],
+                 "attempts": attempts[t], "error_estimate": estimate[t], "diverged": False, "converged": True,
+                 "warned": False, "fallback": None, "hessian_vector_products": 0} for t in members}
+    return u, infos, meta, products
+
+
+def _levels_each(trajectory: Trajectory, span: Span, v: Params, limit: int, chunk_size: Optional[int],
+                 members: list[int], rtol: float
+                 ) -> tuple[dict[int, tuple[Params, list[float], str]], MetaGrads, int]:
+    """:func:`levels` over ``span`` for the tasks ``members`` of a block over tasks at once (the
+    step's products act on each task's rows alone; ``v``'s other rows are zero), each task
+    stopping where :func:`guard` says for its own rows (its level norms, its estimate, its
+    vector), its estimate kept then and its rows zero from the next level on; the call ends when
+    every member has stopped, by ``limit`` levels. Returns, per member, its rows of the
+    estimate, its level norms and why it stopped; the η-gradient of the members that succeeded
+    (converged, or expanded completely), each at its own order; and the products taken.
+
+    η: each member's terms stop at its order with its rows (``levels(retire=...)``), so the
+    call's η-gradient is the members' own where none failed. A member that failed added terms
+    before it did: then one more call, over the other members' rows only, each stopping at the
+    order it stopped at, gives theirs."""
     stop_rule = guard(rtol)
-    rows_v = [{n: x[t] for n, x in v.items()} for t in range(tasks)]
-    norms: list[list[float]] = [[] for _ in range(tasks)]
-    done: list[Optional[tuple[Params, str]]] = [None] * tasks
+    length = span[1] - span[0]
+    rows_v = {t: {n: x[t] for n, x in v.items()} for t in members}
+    norms: dict[int, list[float]] = {t: [] for t in members}
+    done: dict[int, tuple[Params, str]] = {}
 
     def each(_: list[float], g: Params, __: Params, level: Params) -> str:
-        for t in range(tasks):
-            if done[t] is not None:
+        for t in members:
+            if t in done:
                 continue
             g_t, level_t = {n: x[t] for n, x in g.items()}, {n: x[t] for n, x in level.items()}
             norms[t].append(norm(level_t))
             stop = stop_rule(norms[t], g_t, rows_v[t], level_t)
             if stop != "limit" or len(norms[t]) == limit:
                 done[t] = ({n: x.clone() for n, x in g_t.items()}, stop)
-        return "converged" if all(d is not None for d in done) else "limit"
+        return "converged" if len(done) == len(members) else "limit"
 
     def stopped_at(level: int) -> list[int]:
-        return [t for t in range(tasks) if done[t] is not None and len(norms[t]) == level]
+        return [t for t in members if t in done and len(norms[t]) == level]
 
-    _, _, products, _, meta = levels(trajectory, (0, steps), v, limit, chunk_size, guard=each, retire=stopped_at)
-    out = []
-    for t, entry in enumerate(done):
-        assert entry is not None  # (every task stops by the last level)
-        g_t, stop = entry
-        info, reason = _outcome(steps, norms[t], g_t, 0, stop, rtol, max_order)
-        out.append((g_t, info, reason))
-    kept = [t for t, (_, _, reason) in enumerate(out) if reason is None]
-    if trajectory.meta and len(kept) < tasks:
+    _, _, products, _, meta = levels(trajectory, span, v, limit, chunk_size, guard=each, retire=stopped_at)
+    found = {t: (done[t][0], norms[t], done[t][1]) for t in members}  # (every member stops by the limit)
+    kept = [t for t in members if done[t][1] == "converged" or len(norms[t]) == length]
+    if trajectory.meta and len(kept) < len(members):
         meta = []
         if kept:
             rows = {n: torch.zeros_like(x) for n, x in v.items()}
@@ -138,10 +198,10 @@ def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float,
             def kept_at(level: int) -> list[int]:
                 return [t for t in kept if len(norms[t]) == level]
 
-            _, _, used, _, meta = levels(trajectory, (0, steps), rows, max(len(norms[t]) for t in kept),
-                                         chunk_size, retire=kept_at)
+            _, _, used, _, meta = levels(trajectory, span, rows, max(len(norms[t]) for t in kept), chunk_size,
+                                         retire=kept_at)
             products += used
-    return out, meta, products
+    return found, meta, products
 
 
 def _outcome(steps: int, norms: list[float], g: Params, products: int, stop: str, rtol: float,
@@ -224,13 +284,19 @@ def fall_back(trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any
         substitute = Truncated(min(max_order, steps))
     warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}.")
     g, meta, extra = substitute.backward(trajectory, steps, v)
-    info["fallback"], info["warned"] = repr(substitute), True
+    return g, meta, fell_back(info, repr(substitute), extra, steps)
+
+
+def fell_back(info: dict[str, Any], substitute: str, extra: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``info`` (of ``order="auto"``, which failed) with the report ``extra`` of the fallback
+    ``substitute`` (its repr) merged in."""
+    info["fallback"], info["warned"] = substitute, True
     info["hessian_vector_products"] += extra.get("hessian_vector_products", 0)
     info["depth"] += extra.get("depth", steps)
     for key in ("blocks", "orders", "error_estimate"):
         if key in extra:
             info[key] = extra[key]
-    return g, meta, info
+    return info
 
 
 def fixed_order_info_tasks(steps: int, order: int, block: Optional[int], g: Params, products: int,
