@@ -394,6 +394,39 @@ def test_binomial_auto_over_tasks_falls_back_for_every_failed_task_at_once(learn
     assert info["hessian_vector_products"] < infos[0]["hessian_vector_products"] + infos[1]["hessian_vector_products"]
 
 
+@pytest.mark.parametrize("learned_lr", [False, True], ids=["a learned weight decay", "and a learned step size"])
+@pytest.mark.parametrize("block", [3, "auto"], ids=["block=3", "block='auto'"])
+def test_binomial_auto_with_blocks_over_tasks_takes_every_tasks_blocks_at_once(block, learned_lr):
+    """order='auto' with blocks over 4 tasks: with block=3 tasks 0–1 keep their blocks and tasks
+    2–3 fail one and fall back; with block='auto' tasks 0–1 choose blocks of 4 steps and tasks
+    2–3 of 2. The tasks take their blocks together (those trying the same block in one pass):
+    each task's blocks, orders and fallback, and θ's, λ's and α's gradients, equal separate
+    blocks', with fewer products."""
+    model = make_model(3)
+    lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    xs, ys, xq, yq = data(4, 8, seed=31)
+    xs, ys = xs.clone(), ys.clone()
+    for t, scale in enumerate([0.3, 1.0, 3.0, 6.0]):
+        xs[t] *= scale
+    ys *= 3.0
+    step = torch.tensor(0.1, dtype=DT, requires_grad=True) if learned_lr else 0.1
+    estimator, rule, blocked, infos = mg.Binomial(order="auto", rtol=1e-4, block=block), mg.optim.SGD(lr=step), [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, _ = block_over_tasks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=blocked)
+        got_lr = take_grads([step]) if learned_lr else None
+        want = separate_blocks(model, estimator, rule, (xs, ys, xq, yq), lam, infos=infos)
+    info = blocked[0]
+    for key in ("blocks", "orders", "fallback", "converged"):
+        assert info[key] == [one[key] for one in infos], key
+    fell = [one["fallback"] is not None for one in infos]
+    assert fell == ([False, False, True, True] if block == 3 else [False] * 4)
+    assert relative(got, want) < 1e-10
+    if learned_lr:
+        assert relative(got_lr, take_grads([step])) < 1e-10
+    assert info["hessian_vector_products"] < sum(one["hessian_vector_products"] for one in infos)
+
+
 @pytest.mark.parametrize("solver", ["cg", "neumann"])
 def test_implicit_over_tasks_solves_each_task_on_its_own(solver):
     """Implicit over tasks: each task's linear system is solved as on its own (its own step

@@ -239,10 +239,10 @@ class Binomial(Estimator):
 
         Without blocks, one pass takes the levels for every task at once, each task stopping on
         its own rows, with η's terms each task's own at its order (and one more pass where a task
-        failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); the tasks whose
-        series failed fall back each on its own rows, the blocked fallback of them all at once
-        (:func:`~metagrad.estimators.binomial_control.auto_blocks_tasks`). With blocks each task
-        takes a pass of its own over the stored iterates. ``meta.info`` lists each task's report
+        failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); with blocks,
+        every task's blocks at once, each its own
+        (:func:`~metagrad.estimators.binomial_control.auto_blocks_tasks`). The tasks whose series
+        failed fall back each on its own rows, the blocked fallback of them all at once. ``meta.info`` lists each task's report
         under every key but ``steps``; ``hessian_vector_products`` counts every product taken."""
         joint: list[Optional[tuple[Params, dict[str, Any], Optional[str]]]] = [None] * tasks
         products = 0
@@ -251,6 +251,14 @@ class Binomial(Estimator):
             found_all, meta, products = auto_order_tasks(trajectory, steps, v, self.rtol, self.max_order,
                                                          chunk, tasks)
             joint = list(found_all)
+        elif steps > 0:  # blocks: every task's at once, each its own
+            shrink = self.block == "auto"
+            g_all, infos, failures, meta, products = auto_blocks_tasks(
+                trajectory, steps, v, self.rtol, self.max_order, chunk, list(range(tasks)),
+                size=None if shrink else int(self.block or steps), shrink=shrink)
+            joint = [({n: x[t] for n, x in g_all.items()}, infos[t],
+                      _block_failure(failures[t], infos[t]["diverged"]) if t in failures else None)
+                     for t in range(tasks)]
         failed = {t: str(found[2]) for t, found in enumerate(joint) if found is not None and found[2] is not None}
         # The blocked fallback of every failed task at once: its estimate and each task's report.
         substitute: str = ""
@@ -260,8 +268,8 @@ class Binomial(Estimator):
             substitute = repr(Binomial("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order))
             for t, reason in failed.items():
                 warn(f"Binomial(order='auto'): for task {t} of the block, {reason}. Falling back to {substitute}.")
-            fallen, fallen_infos, more, used = auto_blocks_tasks(trajectory, steps, v, self.rtol, self.max_order,
-                                                                 chunk, list(failed))
+            fallen, fallen_infos, _, more, used = auto_blocks_tasks(trajectory, steps, v, self.rtol,
+                                                                    self.max_order, chunk, list(failed))
             meta, products = add_meta(meta, more), products + used
         rows: dict[str, list[torch.Tensor]] = {n: [] for n in v}
         reports = []
@@ -322,8 +330,7 @@ class Binomial(Estimator):
                                                 self.max_order, chunk, shrink=False)
             if failed is None:
                 return g, meta, info
-            reason = (f"in the block of steps {failed[0]}…{failed[1] - 1}, the series "
-                      + ("diverges" if info["diverged"] else "misses rtol"))
+            reason = _block_failure(failed, info["diverged"])
         else:
             g, meta, info, failure = auto_order(trajectory, steps, v, self.rtol, self.max_order, chunk)
             if failure is None:
@@ -335,20 +342,16 @@ class Binomial(Estimator):
                    info: dict[str, Any], reason: str, task: Optional[int] = None
                    ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         """The fallback of ``order="auto"`` where it failed for ``reason`` (the warning names
-        the task of a block over tasks; that task's blocked fallback stays its own)."""
+        the task of a block over tasks; there, :meth:`_each_task` runs the blocked fallback of
+        every failed task at once, and this one the others)."""
         if task is not None:
             reason = f"for task {task} of the block, {reason}"
-        kind = Binomial if task is None else _TaskBlocks
-        blocked = (kind("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order)
+        blocked = (Binomial("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order)
                    if self.fallback == "blocked" else None)
         return fall_back(trajectory, steps, v, info, reason, self.fallback, self.max_order, blocked)
 
 
-class _TaskBlocks(Binomial):
-    """``Binomial(order="auto", block="auto")`` as one task's fallback in a block over tasks
-    (:meth:`Binomial._each_task`): the blocked expansion of the vector it is given, which holds
-    that task's rows only, without splitting it over the tasks again."""
+def _block_failure(span: tuple[int, int], diverged: bool) -> str:
+    """Why ``order="auto"`` with fixed blocks failed in the block ``span``."""
+    return f"in the block of steps {span[0]}…{span[1] - 1}, the series " + ("diverges" if diverged else "misses rtol")
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
-                 ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        return self._backward(trajectory, steps, v, self.chunk_size)

@@ -103,27 +103,35 @@ def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float,
 
 
 def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
-                      chunk_size: Optional[int], members: list[int]
-                      ) -> tuple[Params, dict[int, dict[str, Any]], MetaGrads, int]:
-    """``block="auto"`` (:func:`auto_blocks` with ``shrink``) for the tasks ``members`` of a
-    block over tasks at once, each following its own blocks as it would alone: in each round
-    every task not done tries its next block, and the tasks trying the same span share one
-    :func:`_levels_each` call. Returns the estimate (the members' rows; the others zero), each
-    member's report (as :func:`auto_blocks` gives it, its products counted in the total), the
-    η-gradient of the blocks kept, and the products taken."""
+                      chunk_size: Optional[int], members: list[int], *, size: Optional[int] = None,
+                      shrink: bool = True
+                      ) -> tuple[Params, dict[int, dict[str, Any]], dict[int, Span], MetaGrads, int]:
+    """:func:`auto_blocks` (blocks of ``size`` steps, ``None``: K, retried at half the size when
+    ``shrink``) for the tasks ``members`` of a block over tasks at once, each following its own
+    blocks as it would alone: in each round every task not done tries its next block, and the
+    tasks trying the same span share one :func:`_levels_each` call. Without ``shrink`` a task
+    whose block fails stops there. Returns the estimate (the members' rows; the others zero),
+    each member's report (as :func:`auto_blocks` gives it, its products counted in the total),
+    the failed block of each member that failed, the η-gradient of the others' blocks, and the
+    products taken.
+
+    η: a member that failed a block added the terms of the blocks it kept before; then the
+    others run again without it (their blocks are their own: the same), for their η terms."""
     u = {n: torch.zeros_like(x) for n, x in v.items()}
     for n, x in v.items():
         u[n][members] = x[members]
-    last, size = dict.fromkeys(members, steps), dict.fromkeys(members, steps)
+    last, sizes = dict.fromkeys(members, steps), dict.fromkeys(members, steps if size is None else size)
     kept: dict[int, list[tuple[Span, list[float]]]] = {t: [] for t in members}
     depth, attempts, estimate = dict.fromkeys(members, 0), dict.fromkeys(members, 0), dict.fromkeys(members, 0.0)
+    failed: dict[int, Span] = {}
+    diverged: dict[int, bool] = {}
     meta: MetaGrads = []
     products = 0
     while any(last[t] > 0 for t in members):
         tries: dict[Span, list[int]] = {}
         for t in members:
             if last[t] > 0:
-                tries.setdefault((max(0, last[t] - size[t]), last[t]), []).append(t)
+                tries.setdefault((max(0, last[t] - sizes[t]), last[t]), []).append(t)
         for span, group in tries.items():
             length = span[1] - span[0]
             rows = {n: torch.zeros_like(x) for n, x in u.items()}
@@ -140,14 +148,24 @@ def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float
                     for n in u:
                         u[n][t] = g_t[n]
                     last[t] = span[0]
+                elif shrink:
+                    sizes[t] = max(1, length // 2)
                 else:
-                    size[t] = max(1, length // 2)
+                    failed[t], diverged[t], last[t] = span, stop == "diverged", 0
+    if failed and trajectory.meta:
+        rest = [t for t in members if t not in failed]
+        meta = []
+        if rest:
+            _, _, _, meta, used = auto_blocks_tasks(trajectory, steps, v, rtol, max_order, chunk_size, rest,
+                                                    size=size, shrink=shrink)
+            products += used
     infos = {t: {"steps": steps, "blocks": [span for span, _ in reversed(kept[t])],
                  "orders": [len(norms) for _, norms in reversed(kept[t])],
                  "level_norms": [norms for _, norms in reversed(kept[t])], "depth": depth[t],
-                 "attempts": attempts[t], "error_estimate": estimate[t], "diverged": False, "converged": True,
+                 "attempts": attempts[t], "error_estimate": math.inf if t in failed else estimate[t],
+                 "diverged": diverged.get(t, False), "converged": t not in failed,
                  "warned": False, "fallback": None, "hessian_vector_products": 0} for t in members}
-    return u, infos, meta, products
+    return u, infos, failed, meta, products
 
 
 def _levels_each(trajectory: Trajectory, span: Span, v: Params, limit: int, chunk_size: Optional[int],
