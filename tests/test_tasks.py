@@ -356,6 +356,16 @@ def test_a_monitored_fixed_order_over_tasks_judges_each_task_on_its_own_levels()
         assert info["level_norms"][t] == pytest.approx(one["level_norms"], rel=1e-8)
 
 
+def scaled_tasks(scales):
+    """4 tasks of K = 8 steps, task t's inputs scaled by ``scales[t]`` (a larger K·α·‖H‖ for a
+    larger scale) and every target by 3."""
+    xs, ys, xq, yq = data(4, 8, seed=31)
+    xs, ys = xs.clone(), ys.clone()
+    for t, scale in enumerate(scales):
+        xs[t] *= scale
+    return xs, ys * 3.0, xq, yq
+
+
 @pytest.mark.parametrize("learned_lr", [False, True], ids=["a learned weight decay", "and a learned step size"])
 def test_binomial_auto_over_tasks_falls_back_for_every_failed_task_at_once(learned_lr):
     """Every task's series fails (K = 8, a large K·α·‖H‖) and each falls back to the blocked
@@ -365,11 +375,7 @@ def test_binomial_auto_over_tasks_falls_back_for_every_failed_task_at_once(learn
     with fewer products; every task's fallback warns, naming it."""
     model = make_model(3)
     lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
-    xs, ys, xq, yq = data(4, 8, seed=31)
-    xs, ys = xs.clone(), ys.clone()
-    for t, scale in enumerate([1.0, 3.0, 4.0, 6.0]):
-        xs[t] *= scale
-    ys *= 3.0
+    xs, ys, xq, yq = scaled_tasks([1.0, 3.0, 4.0, 6.0])
     step = torch.tensor(0.1, dtype=DT, requires_grad=True) if learned_lr else 0.1
     estimator, rule, block, infos = mg.Binomial(order="auto", rtol=1e-4), mg.optim.SGD(lr=step), [], []
     with warnings.catch_warnings(record=True) as caught:
@@ -404,11 +410,7 @@ def test_binomial_auto_with_blocks_over_tasks_takes_every_tasks_blocks_at_once(b
     blocks', with fewer products."""
     model = make_model(3)
     lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
-    xs, ys, xq, yq = data(4, 8, seed=31)
-    xs, ys = xs.clone(), ys.clone()
-    for t, scale in enumerate([0.3, 1.0, 3.0, 6.0]):
-        xs[t] *= scale
-    ys *= 3.0
+    xs, ys, xq, yq = scaled_tasks([0.3, 1.0, 3.0, 6.0])
     step = torch.tensor(0.1, dtype=DT, requires_grad=True) if learned_lr else 0.1
     estimator, rule, blocked, infos = mg.Binomial(order="auto", rtol=1e-4, block=block), mg.optim.SGD(lr=step), [], []
     with warnings.catch_warnings():
