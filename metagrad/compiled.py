@@ -214,16 +214,18 @@ class Compiler:
             found = self._rules[id(rule)] = (rule, step_sizes_as_tensors(rule, device))
         return found[1]
 
-    def _step_size_failed(self, rule: Any, memo: Any) -> bool:
-        """After a compiled product failed: if the rule's step size was a tensor input, make it a
-        constant for rules of its type from now on and let the next call compile again (this
-        product runs eagerly, without a warning); ``False`` where it was a constant already."""
+    def _product_failed(self, memo: Any, key: Any, closure_key: Any, error: BaseException, rule: Any) -> None:
+        """After a compiled product (or sweep) ``memo`` failed: if the rule's step size was a
+        tensor input, make it a constant for rules of its type from now on and let the next call
+        compile again (this product runs eagerly, without a warning); otherwise run ``key``
+        eagerly from now on (:meth:`refuse`)."""
         found = self._rules.get(id(rule))  # (the call that failed converted it, if it could)
-        if type(rule) in _CONSTANT_STEP_SIZES or found is None or found[1] is rule:
-            return False
-        _CONSTANT_STEP_SIZES.add(type(rule))
-        self._products.pop(memo, None)
-        return True
+        if type(rule) not in _CONSTANT_STEP_SIZES and found is not None and found[1] is not rule:
+            _CONSTANT_STEP_SIZES.add(type(rule))
+            self._products.pop(memo, None)
+            return
+        self._products[memo] = None
+        self.refuse(key, closure_key, error, rule)
 
     def module_structure(self, module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any]]:
         """:func:`~metagrad.compile_keys.module_structure` of the block's module, found once per block."""
@@ -351,10 +353,7 @@ class Compiler:
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)), leaves)
         except Exception as error:
-            if self._step_size_failed(first.rule, memo):
-                return None
-            self._products[memo] = None
-            self.refuse(key, template.key, error, first.rule)
+            self._product_failed(memo, key, template.key, error, first.rule)
             return None
         self.counts["products"] += len(steps)
         for step in chunk:
@@ -424,10 +423,7 @@ class Compiler:
                     params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)))
         except Exception as error:
-            if self._step_size_failed(first.rule, memo):
-                return None
-            self._products[memo] = None
-            self.refuse(entry_key, template.key, error, first.rule)
+            self._product_failed(memo, entry_key, template.key, error, first.rule)
             return None
         self.counts["products"] += len(steps)
         self.counts["sweeps"] += 1
