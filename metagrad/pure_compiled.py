@@ -86,6 +86,13 @@ def _rule_identity(rule: Any, rule_eta: Mapping[int, int]) -> Any:
     return (type(rule), tuple((name, key(value)) for name, value in sorted(fields.items())))
 
 
+def _rule_at(template: tuple[UpdateRule, list[int]], rule_values: list[torch.Tensor]) -> UpdateRule:
+    """The rule of ``template`` with the tensors a piece was called with in place of its copies
+    (:attr:`Pieces._template`)."""
+    rule, ids = template
+    return rule_with(rule, dict(zip(ids, rule_values)))
+
+
 class Pieces:
     """The compiled pieces of one functional inner loop (see the module docstring).
 
@@ -122,7 +129,9 @@ class Pieces:
         self.rule = rule_with(rule, copies)
         self.rule_eta = {id(copies[i]): k for i, k in rule_eta.items() if i in copies}
         self._rule_values = [t.detach() for t in tensors if id(t) not in rule_eta]
-        self._rule_ids = [id(copies[id(t)]) for t in tensors if id(t) not in rule_eta]
+        #: The rule and the ids of the copies :attr:`_rule_values` replace (:func:`_rule_at`); a
+        #: piece holds these, not the pieces (which hold the batch), in the process-wide cache.
+        self._template = (self.rule, [id(copies[id(t)]) for t in tensors if id(t) not in rule_eta])
         # What every piece's inputs are like (the iterates are like φ_0, the optimizer state like
         # the rule's of φ_0): described once, not at every call.
         self._inputs = (_described(phi), _described(list(eta)), _described(batch))
@@ -143,11 +152,11 @@ class Pieces:
             length: int) -> Optional[tuple[list[Params], list[list[torch.Tensor]], list[torch.Tensor]]]:
         """``length`` inner steps from ``(φ, the state's leaves)``: each step's iterate, state
         leaves and loss; ``None`` where the steps cannot run compiled."""
-        names, rule_eta = self.names, self.rule_eta
+        names, rule_eta, template = self.names, self.rule_eta, self._template
 
         def steps(phi: Params, leaves: list[torch.Tensor], eta: list[torch.Tensor], batch: Any, maker: Maker,
                   rule_values: list[torch.Tensor]) -> Any:
-            loss_at, rule = maker(batch), self._rule_at(rule_values)
+            loss_at, rule = maker(batch), _rule_at(template, rule_values)
             iterates, states, losses = [], [], []
             for _ in range(length):
                 body = step_body(loss_at, rule, names, state=pytree.tree_unflatten(leaves, spec), rule_eta=rule_eta)
@@ -166,12 +175,12 @@ class Pieces:
         """``u`` pulled back through the steps at ``phis`` (with their state leaves ``states``),
         the last first: ``(u, Σ B_mᵀ a_{m+1} per η, the adjoint of the state's leaves at
         carried)``; ``carried`` empty: the state held constant. ``None``: not compiled."""
-        names, rule_eta, length = self.names, self.rule_eta, len(phis)
+        names, rule_eta, template, length = self.names, self.rule_eta, self._template, len(phis)
         carried = tuple(carried)
 
         def segment(phis: list[Params], states: list[list[torch.Tensor]], eta: list[torch.Tensor], u: Params,
                     adjoint: list[torch.Tensor], batch: Any, maker: Maker, rule_values: list[torch.Tensor]) -> Any:
-            loss_at, rule = maker(batch), self._rule_at(rule_values)
+            loss_at, rule = maker(batch), _rule_at(template, rule_values)
             total: Optional[list[torch.Tensor]] = None
             for i in reversed(range(length)):
                 leaves = states[i]
@@ -188,11 +197,11 @@ class Pieces:
              chunk_size: Optional[int]) -> Optional[tuple[Params, list[torch.Tensor]]]:
         """``J_mᵀ u_i`` for each row (the stacked iterates ``phis``, states and ``vectors``;
         the state held constant) by one vmapped call, and ``Σ_i B_mᵀ u_i`` per η."""
-        names, rule_eta = self.names, self.rule_eta
+        names, rule_eta, template = self.names, self.rule_eta, self._template
 
         def rows(phis: Params, states: Any, vectors: Params, eta: list[torch.Tensor], batch: Any, maker: Maker,
                  rule_values: list[torch.Tensor]) -> Any:
-            loss_at, rule = maker(batch), self._rule_at(rule_values)
+            loss_at, rule = maker(batch), _rule_at(template, rule_values)
 
             def row(phi: Params, state: Any, u: Params) -> Any:
                 body = step_body(loss_at, rule, names, state=state, rule_eta=rule_eta)
@@ -220,10 +229,6 @@ class Pieces:
         return {n: t.clone(memory_format=torch.contiguous_format) for n, t in out[0].items()}, out[1]
 
     # ----------------------------------------------------------------------- calling
-    def _rule_at(self, rule_values: list[torch.Tensor]) -> UpdateRule:
-        """The rule with the tensors a piece was called with in place of its copies."""
-        return rule_with(self.rule, dict(zip(self._rule_ids, rule_values)))
-
     def _call(self, kind: tuple[Any, ...], function: Callable[..., Any], *args: Any, batch: Any = None,
               maker: Optional[Maker] = None) -> Any:
         """``function(*args, batch, maker)`` by the compiled function cached for this kind and
