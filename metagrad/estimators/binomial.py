@@ -40,7 +40,7 @@ from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
                                auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
-                               fixed_order_info_tasks, format_bytes, plan_budget)
+                               fixed_order_info_tasks, format_bytes, plan_budget, task_rows)
 from .binomial_series import expand
 
 # Besides the estimator and its error, the names of its control that code imports from here:
@@ -285,10 +285,7 @@ class Binomial(Estimator):
                     rows[n].append(estimate[n])
                 reports.append(report)
                 continue
-            alone = {}  # v with every other task's rows zero
-            for n, x in v.items():
-                alone[n] = torch.zeros_like(x)
-                alone[n][t] = x[t]
+            alone = task_rows(v, [t])  # v with every other task's rows zero
             if found is not None:  # failed in the joint pass: its fallback, on its rows alone
                 g, more, info = self._fall_back(trajectory, steps, alone, chunk, found[1], str(found[2]), t)
             else:

@@ -49,7 +49,7 @@ from .truncated import Truncated
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
            "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
            "auto_order", "auto_order_tasks", "auto_blocks", "auto_blocks_tasks", "fall_back", "fell_back",
-           "fixed_order_info", "fixed_order_info_tasks"]
+           "fixed_order_info", "fixed_order_info_tasks", "task_rows"]
 
 FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
@@ -117,9 +117,7 @@ def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float
 
     η: a member that failed a block added the terms of the blocks it kept before; then the
     others run again without it (their blocks are their own: the same), for their η terms."""
-    u = {n: torch.zeros_like(x) for n, x in v.items()}
-    for n, x in v.items():
-        u[n][members] = x[members]
+    u = task_rows(v, members)
     last, sizes = dict.fromkeys(members, steps), dict.fromkeys(members, steps if size is None else size)
     kept: dict[int, list[tuple[Span, list[float]]]] = {t: [] for t in members}
     depth, attempts, estimate = dict.fromkeys(members, 0), dict.fromkeys(members, 0), dict.fromkeys(members, 0.0)
@@ -134,10 +132,8 @@ def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float
                 tries.setdefault((max(0, last[t] - sizes[t]), last[t]), []).append(t)
         for span, group in tries.items():
             length = span[1] - span[0]
-            rows = {n: torch.zeros_like(x) for n, x in u.items()}
-            for n, x in u.items():
-                rows[n][group] = x[group]
-            found, more, used = _levels_each(trajectory, span, rows, min(max_order, length), chunk_size, group, rtol)
+            found, more, used = _levels_each(trajectory, span, task_rows(u, group), min(max_order, length),
+                                             chunk_size, group, rtol)
             meta, products = add_meta(meta, more), products + used
             for t in group:
                 g_t, norms, stop = found[t]
@@ -181,8 +177,8 @@ def _levels_each(trajectory: Trajectory, span: Span, v: Params, limit: int, chun
 
     η: each member's terms stop at its order with its rows (``levels(retire=...)``), so the
     call's η-gradient is the members' own where none failed. A member that failed added terms
-    before it did: then one more call, over the other members' rows only, each stopping at the
-    order it stopped at, gives theirs."""
+    before it did: then the others run again without it (their rows, and so their stops, are
+    their own: the same), for their η terms."""
     stop_rule = guard(rtol)
     length = span[1] - span[0]
     rows_v = {t: {n: x[t] for n, x in v.items()} for t in members}
@@ -209,17 +205,17 @@ def _levels_each(trajectory: Trajectory, span: Span, v: Params, limit: int, chun
     if trajectory.meta and len(kept) < len(members):
         meta = []
         if kept:
-            rows = {n: torch.zeros_like(x) for n, x in v.items()}
-            for n, x in v.items():
-                rows[n][kept] = x[kept]
-
-            def kept_at(level: int) -> list[int]:
-                return [t for t in kept if len(norms[t]) == level]
-
-            _, _, used, _, meta = levels(trajectory, span, rows, max(len(norms[t]) for t in kept), chunk_size,
-                                         retire=kept_at)
+            _, meta, used = _levels_each(trajectory, span, task_rows(v, kept), limit, chunk_size, kept, rtol)
             products += used
     return found, meta, products
+
+
+def task_rows(v: Params, tasks: list[int]) -> Params:
+    """``v`` (rows stacked over the tasks of a block) with every row but those of ``tasks`` zero."""
+    out = {n: torch.zeros_like(x) for n, x in v.items()}
+    for n, x in v.items():
+        out[n][tasks] = x[tasks]
+    return out
 
 
 def _outcome(steps: int, norms: list[float], g: Params, products: int, stop: str, rtol: float,
