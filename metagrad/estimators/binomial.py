@@ -31,7 +31,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import warn
 from ..memory import parse_bytes
 from ..snapshots import Schedule
 from ..trajectory import MetaGrads, Trajectory, add_meta
@@ -40,7 +39,8 @@ from .base import Estimator, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
                                auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
-                               fixed_order_info_tasks, format_bytes, plan_budget, task_rows)
+                               fixed_order_info_tasks, format_bytes, plan_budget, task_rows,
+                               warn_fallback)
 from .binomial_series import expand
 
 # Besides the estimator and its error, the names of its control that code imports from here:
@@ -242,8 +242,9 @@ class Binomial(Estimator):
         failed: :func:`~metagrad.estimators.binomial_control.auto_order_tasks`); with blocks,
         every task's blocks at once, each its own
         (:func:`~metagrad.estimators.binomial_control.auto_blocks_tasks`). The tasks whose series
-        failed fall back each on its own rows, the blocked fallback of them all at once. ``meta.info`` lists each task's report
-        under every key but ``steps``; ``hessian_vector_products`` counts every product taken."""
+        failed fall back each on its own rows, the blocked fallback of them all at once.
+        ``meta.info`` lists each task's report under every key but ``steps``;
+        ``hessian_vector_products`` counts every product taken."""
         joint: list[Optional[tuple[Params, dict[str, Any], Optional[str]]]] = [None] * tasks
         products = 0
         meta: MetaGrads = []
@@ -255,7 +256,7 @@ class Binomial(Estimator):
             shrink = self.block == "auto"
             g_all, infos, failures, meta, products = auto_blocks_tasks(
                 trajectory, steps, v, self.rtol, self.max_order, chunk, list(range(tasks)),
-                size=None if shrink else int(self.block or steps), shrink=shrink)
+                size=self.block if isinstance(self.block, int) else None, shrink=shrink)
             joint = [({n: x[t] for n, x in g_all.items()}, infos[t],
                       _block_failure(failures[t], infos[t]["diverged"]) if t in failures else None)
                      for t in range(tasks)]
@@ -267,7 +268,7 @@ class Binomial(Estimator):
         if failed and self.fallback == "blocked":
             substitute = repr(Binomial("auto", chunk, block="auto", rtol=self.rtol, max_order=self.max_order))
             for t, reason in failed.items():
-                warn(f"Binomial(order='auto'): for task {t} of the block, {reason}. Falling back to {substitute}.")
+                warn_fallback(f"for task {t} of the block, {reason}", substitute)
             fallen, fallen_infos, _, more, used = auto_blocks_tasks(trajectory, steps, v, self.rtol,
                                                                     self.max_order, chunk, list(failed))
             meta, products = add_meta(meta, more), products + used

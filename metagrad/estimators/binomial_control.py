@@ -49,7 +49,7 @@ from .truncated import Truncated
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
            "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
            "auto_order", "auto_order_tasks", "auto_blocks", "auto_blocks_tasks", "fall_back", "fell_back",
-           "fixed_order_info", "fixed_order_info_tasks", "task_rows"]
+           "fixed_order_info", "fixed_order_info_tasks", "task_rows", "warn_fallback"]
 
 FALLBACKS = ("blocked", "checkpointed", "truncated", None)
 
@@ -296,9 +296,14 @@ def fall_back(trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any
         substitute = Checkpointed()
     else:
         substitute = Truncated(min(max_order, steps))
-    warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute!r}.")
+    warn_fallback(reason, repr(substitute))
     g, meta, extra = substitute.backward(trajectory, steps, v)
     return g, meta, fell_back(info, repr(substitute), extra, steps)
+
+
+def warn_fallback(reason: str, substitute: str) -> None:
+    """The warning that ``order="auto"`` failed for ``reason`` and falls back to ``substitute`` (its repr)."""
+    warn(f"Binomial(order='auto'): {reason}. Falling back to {substitute}.")
 
 
 def fell_back(info: dict[str, Any], substitute: str, extra: dict[str, Any], steps: int) -> dict[str, Any]:
