@@ -191,6 +191,8 @@ class Compiler:
         #: eager. Looked up once per trajectory, so that a step pays for one call.
         self._inner: dict[Any, Any] = {}
         self._products: dict[Any, Any] = {}
+        #: Per step batch key: what the step's compiled products share (:meth:`_step_parts`).
+        self._parts: dict[Any, Any] = {}
         #: What ran compiled: inner steps, step products (rows of vmapped calls and steps of a
         #: sweep counted one each), and sweeps (calls that pulled a vector back through a run of
         #: steps, :meth:`sweep`); ``meta.info["compiled"]`` reports it.
@@ -437,6 +439,44 @@ class Compiler:
                 state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, explicit
 
+    def _step_parts(self, trajectory: Any, first: Any) -> Optional[tuple[Any, ...]]:
+        """What every compiled product of steps like ``first`` shares, found once per block for
+        each step structure (:meth:`~metagrad.step.StepRecord.batch_key`): ``(the cache key's
+        part for the step, explicit η indices, the captured η's slots, the parameters not
+        adapted that are η, the module tensors every call takes)``; ``None`` where an η is
+        reached through an object (only autograd follows it)."""
+        memo = (first.batch_key(), bool(trajectory.rule_meta))
+        if memo in self._parts:
+            return self._parts[memo]
+        template = first.closure
+        where = trajectory.eta.explicit(template)
+        if where is None:
+            self._parts[memo] = None
+            return None
+        # η as explicit inputs: the captured ones, then the parameters not adapted.
+        explicit = ([i for i, (kind, _) in where.items() if kind == "slot"]
+                    + [i for i, (kind, _) in where.items() if kind == "param"])
+        eta_slots = tuple(where[i][1] for i in explicit if where[i][0] == "slot")
+        eta_params = tuple(where[i][1] for i in explicit if where[i][0] == "param")
+        module = trajectory.module
+        fixed_names = tuple(n for n, p in module.named_parameters() if n not in trajectory.theta)
+        with trajectory.products.as_taken(None, first.modes, first.autocast):  # the step's train/eval modes
+            replaced = set(_frozen_buffers(trajectory.layout.norms))
+        buffer_names = tuple(n for n, _ in module.named_buffers() if n not in replaced)
+        # The numbers the closure reads through the objects it captures (cfg.temp), and those
+        # the modules' forwards read from their attributes, as they are now, when the graph is
+        # traced: they are constants of it. The closure's key holds objects by identity only; its
+        # tensors, η among them, are inputs of every call, so they count by kind
+        # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
+        # the compiled product of the last.
+        key = ("product", template.structure, template.reads_key(), module_reads_key(module),
+               rule_structure(self.rule(first.rule, trajectory.device)), first.used, first.modes, first.autocast,
+               self.module_structure(module)[0], shapes(first.params), fixed_names, buffer_names, eta_slots,
+               eta_params, bool(trajectory.rule_meta), self._settings_key)
+        found = (key, explicit, eta_slots, eta_params, _module_tensors(module, fixed_names, buffer_names))
+        self._parts[memo] = found
+        return found
+
     def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
                           batched: bool, varying: tuple[int, ...], carry: bool,
                           segment: int = 0) -> Optional[tuple[Any, ...]]:
@@ -446,48 +486,24 @@ class Compiler:
         function pulls a vector back through that many consecutive steps instead (:meth:`sweep`)."""
         template = first.closure
         assert template is not None
-        where = trajectory.eta.explicit(first.closure)
-        if where is None:  # an η reached through an object: only autograd follows it
+        parts = self._step_parts(trajectory, first)
+        if parts is None:  # an η reached through an object: only autograd follows it
             return None
         if any(not isinstance(t, torch.Tensor) for t in leaves):
             return None  # a Python value in the optimizer state (a step count)
-        # η as explicit inputs: the captured ones, then the parameters not adapted.
-        explicit = ([i for i, (kind, _) in where.items() if kind == "slot"]
-                    + [i for i, (kind, _) in where.items() if kind == "param"])
-        eta_slots = tuple(where[i][1] for i in explicit if where[i][0] == "slot")
-        eta_params = tuple(where[i][1] for i in explicit if where[i][0] == "param")
-        slots = [slot for slot, _ in template.tensors]
-        module = trajectory.module
-        fixed_names = tuple(n for n, p in module.named_parameters() if n not in trajectory.theta)
-        with trajectory.products.as_taken(None, first.modes, first.autocast):  # the step's train/eval modes
-            replaced = set(_frozen_buffers(trajectory.layout.norms))
-        buffer_names = tuple(n for n, _ in module.named_buffers() if n not in replaced)
+        step_key, explicit, eta_slots, eta_params, fixed = parts
         varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
-        params0 = first.params
-        # The numbers the closure reads through the objects it captures (cfg.temp), and those
-        # the modules' forwards read from their attributes, as they are now, when the graph is
-        # traced: they are constants of it. The closure's key holds objects by identity only; its
-        # tensors, η among them, are inputs of every call, so they count by kind
-        # (Frozen.structure): an η computed anew for each block (a hypernetwork's output) finds
-        # the compiled product of the last.
-        key = ("product", template.structure, template.reads_key(), module_reads_key(module),
-               rule_structure(self.rule(first.rule, trajectory.device)), first.used, first.modes, first.autocast,
-               self.module_structure(module)[0], shapes(params0), fixed_names, buffer_names, eta_slots, eta_params,
-               varying if batched or segment else None, varied, str(spec), bool(trajectory.rule_meta), segment,
-               self._settings_key)
+        key = (step_key, varying if batched or segment else None, varied, str(spec), segment)
         if key in _REFUSED:
             return None
-        # The rule with copies of its tensors, which every call replaces by its inputs: the
-        # entry holds none of the user's (a step size computed with a graph, say).
-        taken = self.rule(first.rule, trajectory.device)
-        rule = rule_with(taken, {id(t): t.detach().clone() for t in rule_tensors(taken)})
-        rule_ids = [id(t) for t in rule_tensors(rule)]
+        slots = [slot for slot, _ in template.tensors]
+        module = trajectory.module
         used = first.used
         step_sizes = bool(trajectory.rule_meta)
         slot_position = {slot: j for j, slot in enumerate(slots)}
         eta_slot_index = {slot_position[slot]: k for k, slot in enumerate(eta_slots)}
         eta_param_index = {name: len(eta_slots) + k for k, name in enumerate(eta_params)}
-        fixed = _module_tensors(module, fixed_names, buffer_names)
+        params0 = first.params
 
         def build() -> Any:
             # The closure's loss as an aten graph of (fast weights, module tensors, captured
@@ -499,6 +515,11 @@ class Compiler:
                 function = template.with_tensors(dict(zip(slots, captured)))
                 return function(FunctionalModel(module, p, layout=layout, fixed=fixed))
 
+            # The rule with copies of its tensors, which every call replaces by its inputs: the
+            # entry holds none of the user's (a step size computed with a graph, say).
+            taken = self.rule(first.rule, trajectory.device)
+            rule = rule_with(taken, {id(t): t.detach().clone() for t in rule_tensors(taken)})
+            rule_ids = [id(t) for t in rule_tensors(rule)]
             from torch.fx.experimental.proxy_tensor import make_fx
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 graph = make_fx(loss)({n: t.detach() for n, t in params0.items()}, fixed,
