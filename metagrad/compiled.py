@@ -445,8 +445,9 @@ class Compiler:
         part for the step, explicit η indices, the captured η's slots, the parameters not
         adapted that are η, the module tensors every call takes)``; ``None`` where an η is
         reached through an object (only autograd follows it)."""
-        memo = (first.batch_key(), bool(trajectory.rule_meta))
-        if memo in self._parts:
+        batch_key = first.batch_key()
+        memo = (batch_key, bool(trajectory.rule_meta))
+        if batch_key is not None and memo in self._parts:
             return self._parts[memo]
         template = first.closure
         where = trajectory.eta.explicit(template)
@@ -474,7 +475,7 @@ class Compiler:
                self.module_structure(module)[0], shapes(first.params), fixed_names, buffer_names, eta_slots,
                eta_params, bool(trajectory.rule_meta), self._settings_key)
         found = (key, explicit, eta_slots, eta_params, _module_tensors(module, fixed_names, buffer_names))
-        self._parts[memo] = found
+        self._parts[memo] = found  # (looked up again only under a batch key)
         return found
 
     def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
