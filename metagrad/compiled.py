@@ -39,12 +39,10 @@ the same shapes reuses them, and so does a larger K. ``meta.info["compiled"]`` c
 compiled.
 
 Cost, measured (docs/benchmarks.md, "Compiled"; a 2-core AMD EPYC, one thread, the sinusoid
-MLP): a compiled inner gradient takes about 72 µs per call, of which its kernels about 40 µs
-and TorchDynamo's cache lookup and guards most of the rest; compiled Checkpointed takes 1.1×
-and 0.84× of eager Full at K = 5 and 20 with one task per block (the step's Python bookkeeping
-is as large as the compiled call), and 0.39× and 0.29× over a meta-batch of 4 in one block
-(``MetaGradient(tasks=4)``). The first compile of a closure takes about 30–40 s with an
-empty inductor cache.
+MLP): a compiled inner gradient takes 70–90 µs a call, its kernels about half; compiled
+Checkpointed takes 1.0–1.1× and 0.8–0.85× of eager Full at K = 5 and 20 with one task per block (the
+step's Python bookkeeping is as large as the compiled call), and 0.36–0.45× and 0.29–0.31× over
+a meta-batch of 4 in one block (``MetaGradient(tasks=4)``). A first compile takes 30–40 s.
 
 What falls back to eager, with one :class:`~metagrad.MetaGradientWarning` per closure that says why:
 
