@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
 from .update_rule import Params, State
-from .replay import ReplayError, check_step, refuse_twice
+from .replay import ReplayError, check_norms, refuse_twice, step_norms
 from .step import StepRecord, stacked, step_body, step_size_vjp, step_vjp, with_eta
 
 __all__ = ["Batched"]
@@ -90,21 +90,25 @@ class Batched:
             refuse_twice(steps[0], first.once)
         out = None if tr.compiler is None else tr.compiler.product(tr, steps, chunk, u, states, None,
                                                                         batched=True)
+        norms: Optional[torch.Tensor] = None  # the replay norms, where the compiled call computed them
         if out is None:
             pulled, pulled_eta, rebuilt, losses, grads, explicit = self.rows(steps, chunk, states, u)
         else:
-            pulled, pulled_eta, _, rebuilt, losses, grads, explicit = out
+            pulled, pulled_eta, _, norms, losses, grads, explicit = out
         meta: MetaGrads = [None] * len(tr.meta)
         for k, i in enumerate(explicit):
             meta[i] = pulled_eta[k].sum(0)
         failed: list[int] = []
         if tr.replay_rtol is not None:
-            nexts = [tr.iterate(m + 1) for m in steps]
-            names = list(tr.theta)
             recorded = torch.stack([s.loss for s in chunk])
-            failed = check_step(steps, [rebuilt[n].unbind(0) for n in names], [[nxt[n] for nxt in nexts] for n in names],
-                                [[s.params[n] for s in chunk] for n in names], tr.replay_rtol,
-                                losses=(losses, recorded), raising=False)
+            if norms is None:
+                names = list(tr.theta)
+                with torch.no_grad():
+                    norms = step_norms([rebuilt[n].unbind(0) for n in names],
+                                       [[tr.iterate(m + 1)[n] for m in steps] for n in names],
+                                       [[s.params[n] for s in chunk] for n in names])
+            failed = check_norms(steps, norms, tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
+                                 losses=(losses, recorded), raising=False)
             if failed:
                 # A batched kernel rounds differently from the one the step was taken with,
                 # and an ill-conditioned step (BatchNorm over a few examples in float32) can

@@ -72,9 +72,10 @@ from .fmodel import FunctionalModel, Layout, _frozen_buffers
 from .replay import step_norms
 from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
                            step_sizes_as_tensors)
+from .compile_options import settings_key
 from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
 
-__all__ = ["Compiler", "clear_cache", "compile_settings", "on_device"]
+__all__ = ["Compiler", "clear_cache"]
 
 #: Compiled functions kept process-wide (least recently used dropped first).
 _CACHE_SIZE = 64
@@ -86,63 +87,6 @@ _WARNED: set[Any] = set()
 #: Update rule types whose step products did not compile with their step size as a tensor (a
 #: rule that branches on it): their step size is a constant of the graph (:meth:`Compiler.rule`).
 _CONSTANT_STEP_SIZES: set[type] = set()
-
-
-#: ``torch.compile``'s modes (``torch._inductor.list_mode_options()``).
-MODES = ("default", "lite", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-#: The ``torch.compile`` arguments ``MetaGradient(compile={...})`` passes on.
-SETTINGS = ("mode", "options", "backend")
-
-
-def compile_settings(value: Any) -> Optional[dict[str, Any]]:
-    """``MetaGradient(compile=...)`` as ``torch.compile`` arguments, or ``None`` for no compiling:
-    ``False`` (none), ``True`` (``{}``: torch.compile's defaults, with inductor's C++ wrapper
-    on the CPU, :func:`on_device`), a mode string
-    (``"reduce-overhead"``: CUDA graphs on a GPU; ``"max-autotune"`` …), or a mapping with
-    some of ``mode``, ``options`` (inductor options) and ``backend``."""
-    accepted = (f"True, False, a torch.compile mode ({', '.join(repr(m) for m in MODES)}), or a dict with "
-                f"some of {', '.join(repr(k) for k in SETTINGS)}")
-    if isinstance(value, bool):
-        return {} if value else None
-    if isinstance(value, str):
-        if value not in MODES:
-            raise ValueError(f"compile: unknown torch.compile mode {value!r}; expected {accepted}.")
-        return {"mode": value}
-    if isinstance(value, Mapping):
-        unknown = [k for k in value if k not in SETTINGS]
-        if unknown:
-            raise ValueError(f"compile: unknown torch.compile argument(s) {unknown}; expected {accepted}.")
-        settings = dict(value)
-        if "mode" in settings and settings["mode"] not in MODES:
-            raise ValueError(f"compile: unknown torch.compile mode {settings['mode']!r}; expected {accepted}.")
-        if settings.get("mode") is not None and settings.get("options") is not None:
-            raise ValueError("compile: give a mode or options, not both (torch.compile takes one of them); "
-                             f"got {settings!r}.")
-        if settings.get("options") is not None and not isinstance(settings["options"], Mapping):
-            raise TypeError(f"compile: options must be a dict of inductor options, got "
-                            f"{type(settings['options']).__name__}.")
-        return settings
-    raise TypeError(f"compile: expected {accepted}; got {type(value).__name__} {value!r}.")
-
-
-def on_device(settings: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The ``torch.compile`` arguments used for tensors on ``device``: ``settings`` as given,
-    except ``compile=True`` (torch.compile's defaults) on the CPU, which turns inductor's C++
-    wrapper on (``options={"cpp_wrapper": True}``): the compiled code then calls its kernels
-    from C++ instead of from a generated Python function, which on the small graphs of a
-    meta-learning step is much of their time. Measured (``benchmarks/compiled.py``'s loop, one
-    thread, 2-core AMD EPYC): 9–16% faster per call on the sinusoid, and a cold first call no
-    slower. ``compile={"options": {}}`` keeps torch.compile's own defaults."""
-    if not settings and device.type == "cpu":
-        return {"options": {"cpp_wrapper": True}}
-    return dict(settings)
-
-
-def _settings_key(settings: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The compile settings as part of a cache key (options by value, a backend by name or identity)."""
-    backend = settings.get("backend")
-    return (settings.get("mode"), repr(sorted((settings.get("options") or {}).items())),
-            backend if isinstance(backend, (str, type(None))) else id(backend))
 
 
 def clear_cache() -> None:
@@ -183,7 +127,7 @@ class Compiler:
         self._warn = warn
         #: ``torch.compile``'s arguments besides ``fullgraph`` and ``dynamic`` (:func:`compile_settings`).
         self.settings = dict(settings or {})
-        self._settings_key = _settings_key(self.settings)
+        self._settings_key = settings_key(self.settings)
         #: Per closure key (inner gradients) or step batch key (products): the compiled
         #: function found in the process-wide cache, with what calling it needs; ``None``:
         #: eager. Looked up once per trajectory, so that a step pays for one call.
@@ -314,8 +258,10 @@ class Compiler:
                 batched: bool) -> Optional[tuple[Any, ...]]:
         """The compiled ``torch.func.vjp`` of the step at each of ``steps`` (one step, or a
         chunk of steps with equal :meth:`~metagrad.step.StepRecord.batch_key` under ``vmap``
-        when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, Φ_m(φ_m), L_m, ∇L_m,
-        explicit η indices)``, or ``None`` where it cannot be compiled.
+        when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, the replay norms of
+        the rebuilt Φ_m(φ_m) against the stored φ_{m+1} (:func:`~metagrad.replay.step_norms`,
+        ``[3, len(steps)]``, computed in the same call), L_m, ∇L_m, explicit η indices)``, or
+        ``None`` where it cannot be compiled.
 
         ``u``, the iterates and ``state`` (stacked) have a leading dimension of ``len(steps)``
         when ``batched``; the η products are then per row. ``state_adjoint`` (not batched)
@@ -338,10 +284,11 @@ class Compiler:
         eta = [trajectory.meta[i].detach() for i in explicit]
         if batched:
             params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
+            after = {n: torch.stack([trajectory.iterate(m + 1)[n] for m in steps]) for n in trajectory.theta}
             captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying
                         else t for j, (_, t) in enumerate(template.tensors)]
         else:
-            params = first.params
+            params, after = first.params, trajectory.iterate(steps[0] + 1)
             captured = [t for _, t in template.tensors]
         moving = [leaves[i] for i in varied]
         adjoint = list(state_adjoint or [])
@@ -349,9 +296,9 @@ class Compiler:
                           for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, pulled_state, new, value, grads = compiled(
+                pulled, pulled_eta, pulled_state, norms, value, grads = compiled(
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
-                    rule_inputs(self.rule(first.rule, trajectory.device)), leaves)
+                    rule_inputs(self.rule(first.rule, trajectory.device)), leaves, after)
         except Exception as error:
             self._product_failed(memo, key, template.key, error, first.rule)
             return None
@@ -363,7 +310,7 @@ class Compiler:
             state_out = [None] * len(leaves)
             for i, g in zip(varied, pulled_state):
                 state_out[i] = g
-        return dict(pulled), list(pulled_eta), state_out, dict(new), value, dict(grads), explicit
+        return dict(pulled), list(pulled_eta), state_out, norms, value, dict(grads), explicit
 
     def _prepare(self, steps: list[int], chunk: list[Any]) -> tuple[int, ...]:
         """Mark the steps whose gradient a compiled call took (a replay error names what ran
@@ -540,9 +487,10 @@ class Compiler:
                 function = _segment(row, segment, varying, varied)
             elif batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]
-                function = torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, None, 0))
+                function = _checked(torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, None, 0)),
+                                    batched)
             else:
-                function = row
+                function = _checked(row, batched)
             compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False, **self.settings)
             # The key names the captured objects by identity: the entry keeps them alive, so no
             # other object can take their identity while it is cached. Not the captured tensors
@@ -585,6 +533,21 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
                            [t[:-1] for t in params.values()])
         return vector, total or [], moving_adjoint, norms, torch.stack(values)
     return segment
+
+
+def _checked(product: Callable[..., tuple[Any, ...]], batched: bool) -> Callable[..., tuple[Any, ...]]:
+    """``product`` (one step's VJP, or its rows under ``vmap``) with the replay check's norms of
+    its rebuilt ``Φ_m(φ_m)`` against the stored next iterates ``after`` (an extra input) in place
+    of the rebuilt iterates: the check reads a few numbers back instead of the iterates."""
+    def checked(params: dict[str, torch.Tensor], *inputs: Any) -> tuple[Any, ...]:
+        *rest, after = inputs
+        pulled, pulled_eta, pulled_state, new, value, grads = product(params, *rest)
+        if batched:
+            norms = step_norms([new[n] for n in params], [after[n] for n in params], [params[n] for n in params])
+        else:
+            norms = step_norms([[new[n]] for n in params], [[after[n]] for n in params], [[params[n]] for n in params])
+        return pulled, pulled_eta, pulled_state, norms, value, grads
+    return checked
 
 
 def _module_tensors(module: torch.nn.Module, fixed_names: tuple[str, ...], buffer_names: tuple[str, ...]

@@ -34,7 +34,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from .compiled import Compiler, compile_settings, on_device
+from .compiled import Compiler
+from .compile_options import compile_settings, on_device
 from .estimators import Estimator, resolve
 from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
@@ -131,7 +132,7 @@ class MetaGradient:
             ran compiled (each closure's first step in a block runs eagerly: it finds η), and
             names the estimator that ran (``"estimator"``).
             ``True`` uses torch.compile's defaults (on the CPU with inductor's C++ wrapper,
-            :func:`metagrad.compiled.on_device`; ``{"options": {}}``: without it); a mode string (``"reduce-overhead"``: CUDA
+            :func:`metagrad.compile_options.on_device`; ``{"options": {}}``: without it); a mode string (``"reduce-overhead"``: CUDA
             graphs on a GPU, ``"max-autotune"``, …) or a dict with some of ``mode``,
             ``options`` and ``backend`` is passed on to every ``torch.compile`` call (compiled
             functions are cached per setting); ``False`` compiles nothing.

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .compiled import compile_settings, on_device
+from .compile_options import compile_settings, on_device
 from .estimators.base import check_count
 from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule

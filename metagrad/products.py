@@ -118,8 +118,8 @@ class Products:
 
     def check_norms(self, steps: list[int], norms: torch.Tensor, losses: torch.Tensor) -> None:
         """Queue the replay check of ``steps`` from the norms their rebuild computed already
-        (:func:`metagrad.replay.step_norms`, ``[3, len(steps)]``: a compiled sweep returns them
-        instead of the rebuilt iterates) and their rebuilt losses."""
+        (:func:`metagrad.replay.step_norms`, ``[3, len(steps)]``: a compiled sweep or product returns
+        them instead of the rebuilt iterates) and their rebuilt losses."""
         if self.trajectory.replay_rtol is None:
             return
         self.measured.append((list(steps), norms.detach(), losses.detach()))
@@ -191,8 +191,8 @@ class Products:
         if tr.compiler is not None and step.graph is None and step.rng is None and not step.once:
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
-                pulled, pulled_eta, adjoint, rebuilt, loss, grads, explicit = out
-                self.check(m, rebuilt, loss)
+                pulled, pulled_eta, adjoint, norms, loss, grads, explicit = out
+                self.check_norms([m], norms, loss.reshape(1))
                 meta_grads: MetaGrads = [None] * len(meta)
                 for k, i in enumerate(explicit):
                     meta_grads[i] = pulled_eta[k]

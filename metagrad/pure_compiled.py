@@ -34,7 +34,8 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .compiled import _CONSTANT_STEP_SIZES, _REFUSED, _WARNED, _cached, _first_line, _fresh, _settings_key
+from .compiled import _CONSTANT_STEP_SIZES, _REFUSED, _WARNED, _cached, _first_line, _fresh
+from .compile_options import settings_key
 from .compile_keys import rule_key, step_sizes_as_tensors
 from .compile_keys import value_key as rule_key_value
 from .errors import warn
@@ -102,7 +103,7 @@ class Pieces:
         batch: the inner loop's batch (the support set).
         rule: the update rule; ``rule_eta``: the η it holds (id of the tensor → index in η).
         phi: φ_0 (every iterate is like it); ``eta``: η, as every piece receives it.
-        settings: ``torch.compile``'s arguments (:func:`metagrad.compiled.compile_settings`).
+        settings: ``torch.compile``'s arguments (:func:`metagrad.compile_options.compile_settings`).
     """
 
     def __init__(self, maker: Maker, identity: tuple[Any, ...], batch: Any, rule: UpdateRule,
@@ -118,7 +119,7 @@ class Pieces:
         if self._rule_type not in _CONSTANT_STEP_SIZES:
             converted = step_sizes_as_tensors(rule, next(iter(phi.values())).device)
             self._converted, rule = converted is not rule, converted
-        self._identity = (identity, _rule_identity(rule, rule_eta), tuple(self.names), _settings_key(self.settings))
+        self._identity = (identity, _rule_identity(rule, rule_eta), tuple(self.names), settings_key(self.settings))
         # The rule the pieces hold, with a copy in place of each of its tensors: in a piece, an η
         # it holds (a learned step size) comes in with η and replaces its copy, and its other
         # tensors (a constant step size) come in as inputs of their own (:attr:`_rule_values`),

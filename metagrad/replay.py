@@ -70,10 +70,9 @@ def step_norms(rebuilt: Sequence[Rows], stored: Sequence[Rows], start: Sequence[
 
     ``rebuilt``, ``stored`` and ``start`` give one sequence per parameter (in one order) of one
     tensor per row, or for every parameter a tensor with a leading dimension over the rows (all
-    three). The same body runs
-    eagerly (:func:`check_step`) and inside a compiled sweep (:mod:`metagrad.compiled`), whose
-    call returns the norms, so that the check reads a few numbers back instead of the rebuilt
-    iterates."""
+    three). The same body runs eagerly (:func:`check_step`) and inside a compiled sweep or
+    product (:mod:`metagrad.compiled`), whose call returns the norms, so that the check reads a
+    few numbers back instead of the rebuilt iterates."""
     count = len(rebuilt[0])
     if not isinstance(rebuilt[0], torch.Tensor):  # one stack per parameter, one concatenation
         table = torch.cat([torch.stack([*a, *b, *c]).reshape(3, count, -1) for a, b, c in zip(rebuilt, stored, start)], 2)

@@ -357,6 +357,22 @@ def test_the_replay_check_covers_compiled_products():
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
 
 
+@pytest.mark.parametrize("changed", [0, 2])
+def test_the_replay_check_covers_compiled_rows(changed):
+    """Binomial's levels are vmapped compiled products whose replay norms come from the same
+    call: a rebuilt step that is not the step taken still raises, naming it."""
+    model = make_model()
+    batches, xq, yq = tasks(1, 4, seed=9)[0]
+    with pytest.raises(mg.ReplayError, match=f"step {changed}") as error:
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Binomial(order=4, monitor=False),
+                             compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            batches[changed][0].mul_(3.0)  # a captured mini-batch changed in place after its step
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    assert "ran compiled" in str(error.value)
+
+
 def test_full_with_compile_runs_the_exact_compiled_path_and_says_so():
     """Full with compile=True: its iterates stored and pulled back by compiled sweeps, no
     warning; the meta-gradient of θ and of a captured η equals a hand-written unroll's, and

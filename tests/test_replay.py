@@ -69,7 +69,7 @@ def test_vmapped_rows_that_miss_the_tolerance_are_rebuilt_alone(monkeypatch):
     lr = torch.tensor(0.2, dtype=DT, requires_grad=True)
     log_wd = torch.tensor(-2.0, dtype=DT, requires_grad=True)
     expected = reference(net, data, lr, log_wd)
-    real = batched.check_step
+    real = batched.check_norms
     flagged: list[int] = []
 
     def strict_under_vmap(*args, **kwargs):
@@ -80,7 +80,7 @@ def test_vmapped_rows_that_miss_the_tolerance_are_rebuilt_alone(monkeypatch):
         flagged.extend(steps[i] for i in rows)
         return rows
 
-    monkeypatch.setattr(batched, "check_step", strict_under_vmap)
+    monkeypatch.setattr(batched, "check_norms", strict_under_vmap)
     got = metagrad_run(net, data, lr, log_wd, mg.Binomial(order=K))
     assert flagged  # the vmapped path ran and some rows were redone alone
     assert_close_all(got, expected)
