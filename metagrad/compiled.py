@@ -283,8 +283,9 @@ class Compiler:
         key, compiled, explicit, fixed, varied = found
         eta = [trajectory.meta[i].detach() for i in explicit]
         if batched:
+            nexts = [trajectory.iterate(m + 1) for m in steps]
             params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
-            after = {n: torch.stack([trajectory.iterate(m + 1)[n] for m in steps]) for n in trajectory.theta}
+            after = {n: torch.stack([nxt[n] for nxt in nexts]) for n in trajectory.theta}
             captured = [torch.stack([s.frozen().tensors[j][1] for s in chunk]) if j in varying
                         else t for j, (_, t) in enumerate(template.tensors)]
         else:
