@@ -103,9 +103,9 @@ class Batched:
             recorded = torch.stack([s.loss for s in chunk])
             if norms is None:
                 names = list(tr.theta)
+                nexts = [tr.iterate(m + 1) for m in steps]
                 with torch.no_grad():
-                    norms = step_norms([rebuilt[n].unbind(0) for n in names],
-                                       [[tr.iterate(m + 1)[n] for m in steps] for n in names],
+                    norms = step_norms([rebuilt[n].unbind(0) for n in names], [[nxt[n] for nxt in nexts] for n in names],
                                        [[s.params[n] for s in chunk] for n in names])
             failed = check_norms(steps, norms, tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
                                  losses=(losses, recorded), raising=False)
