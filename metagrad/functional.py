@@ -14,7 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .compile_options import compile_settings, on_device
-from .estimators.base import check_count
+from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
@@ -189,7 +189,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                                     proximal=estimator.proximal)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
-        g, g_eta, report = estimator.backward(trajectory, steps, dict(v))
+        view: TrajectoryView = trajectory  # (the interface every estimator reads: checked here by type)
+        g, g_eta, report = estimator.backward(view, steps, dict(v))
     _report(info, estimator, report)
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]
     if tasks is not None:  # each task's gradient of θ is its row; η's are summed already

@@ -34,7 +34,7 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .snapshots import Schedule
 from .tape import Tape
-from .step import (Body, Gradient, KeptStep, StepRecord, functional_gradient, held, proximal,
+from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
                    pull_back, rule_slots, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 from .pure_compiled import RUNS, Pieces
@@ -169,6 +169,42 @@ class PureTrajectory:
     def recomputed_steps(self) -> int:
         """Inner steps recomputed forward from a snapshot so far."""
         return self.tape.recomputed_steps
+
+    @property
+    def stored_iterates(self) -> int:
+        """How many iterates φ_k (k < K) are held now (:attr:`metagrad.tape.Tape.held`)."""
+        return self.tape.held
+
+    @property
+    def iterate_bytes(self) -> int:
+        """The bytes of the iterates and optimizer states held now."""
+        return self.tape.iterate_bytes
+
+    def graph_bytes(self, m: int) -> int:
+        """The bytes one graph of step m holds, as
+        :meth:`metagrad.products.Products.graph_bytes` measures the context manager's: the
+        tensors the step's body saves for backward with its gradient's graph (autograd's
+        ``create_graph=True``, the form whose graph a product differentiates again), each
+        storage counted once, the iterate itself not counted; built here and freed on return
+        (``Binomial(max_memory=...)`` divides its budget by it). Called directly only (it
+        counts storages as Python ints)."""
+        params = {n: t.detach().requires_grad_() for n, t in self.iterate(m).items()}
+        seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
+        held: list[list[torch.Tensor]] = []
+
+        def pack(t: torch.Tensor) -> list[torch.Tensor]:
+            storage = t.untyped_storage()
+            seen.setdefault(id(storage), storage.nbytes())
+            held.append([t])
+            return held[-1]
+
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]):
+                self._body(self.state(m), gradient=autograd_gradient(m))(params, self.meta, [])
+        finally:
+            for box in held:  # a saved output holds its own graph in a cycle: emptying frees it
+                box.clear()
+        return sum(seen.values())
 
     def verify(self) -> None:
         """Nothing to check: no step is replayed, the step function is pure."""

@@ -1,20 +1,89 @@
-"""The one interface every estimator implements."""
+"""The one interface every estimator implements (:class:`Estimator`), and the one it reads a
+trajectory through (:class:`TrajectoryView`)."""
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Literal, Optional, overload
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Protocol, overload
 
 import torch
 
+from ..discovery import MetaGrads, add_meta
 from ..errors import MetaGradientWarning, warn
-from ..update_rule import Params
+from ..step import KeptStep
+from ..update_rule import Params, UpdateRule
 from ..snapshots import Schedule
-from ..trajectory import SWEEP, MetaGrads, Trajectory, add_meta
+from ..trajectory import SWEEP
 
-__all__ = ["Estimator", "MetaGradientWarning", "warn", "SWEEP", "sweep_back"]
+__all__ = ["Estimator", "TrajectoryView", "MetaGradientWarning", "warn", "SWEEP", "sweep_back"]
+
+#: The adjoint of the optimizer state: one entry per leaf of the flattened state (``None`` for
+#: a leaf that is not a floating-point tensor, or for zero).
+StateAdjoint = Optional[list[Optional[torch.Tensor]]]
 
 
+class TrajectoryView(Protocol):
+    """What an estimator reads from the stored inner loop: the tape's iterates and the step's
+    products, nothing else. Both faces give it over the same tape (:class:`metagrad.tape.Tape`)
+    and the same step body (:func:`metagrad.step.step_body`): the context manager's
+    :class:`~metagrad.trajectory.Trajectory` (steps rebuilt from the recorded closures, each
+    checked against the stored iterate) and the functional face's
+    :class:`~metagrad.pure.PureTrajectory` (steps of a pure loss function). An estimator
+    written against this runs in both."""
+
+    @property
+    def length(self) -> int:
+        """K, the number of inner steps taken."""
+    @property
+    def theta(self) -> Params:
+        """The initialization θ (φ_0), name→tensor."""
+    @property
+    def meta(self) -> list[torch.Tensor]:
+        """The meta-parameters η (MATH.md, "Meta-parameters other than θ")."""
+    @property
+    def meta_names(self) -> list[str]:
+        """A description of each η, for messages."""
+    @property
+    def rule_meta(self) -> set[int]:
+        """Which η the update rule holds (its learned step sizes), by index in :attr:`meta`."""
+    @property
+    def tasks(self) -> Optional[int]:
+        """T of a block over tasks (the iterates hold T inner loops stacked), or ``None``."""
+    @property
+    def runs(self) -> tuple[int, ...]:
+        """The lengths of the runs of steps :meth:`sweep` is asked for, longest first (1 last)."""
+    @property
+    def stored_iterates(self) -> int:
+        """How many iterates φ_k (k < K) are held now."""
+    @property
+    def iterate_bytes(self) -> int:
+        """The bytes of the iterates and optimizer states held now."""
+
+    def iterate(self, k: int) -> Params:
+        """The fast weights φ_k after k steps (k = K: the final ones)."""
+    def vjp(self, m: int, u: Params, state_adjoint: StateAdjoint = None, *, second_order: bool = True
+            ) -> tuple[Params, MetaGrads, StateAdjoint]:
+        """``(J_mᵀu, B_mᵀu, the adjoint of s_m)`` of step m (MATH.md (1), (3)); the optimizer
+        state held constant where ``state_adjoint`` is ``None``; ``second_order=False``: the
+        gradient held constant (``J_m`` taken as the identity)."""
+    def sweep(self, first: int, last: int, u: Params, state_adjoint: StateAdjoint = None
+              ) -> tuple[Params, MetaGrads, StateAdjoint]:
+        """``u`` pulled back through steps ``last − 1`` down to ``first``, and the sum of their
+        η products: :meth:`vjp` step by step, or one call for a run of :attr:`runs`."""
+    def batched_vjp(self, steps: Sequence[int], vectors: Params, chunk_size: Optional[int] = None
+                    ) -> tuple[Params, MetaGrads]:
+        """``J_mᵀ u_i`` for each ``m = steps[i]`` and row ``u_i`` of ``vectors``, and
+        ``Σ_i B_mᵀ u_i``: many products at once (Binomial's levels)."""
+    def graph_bytes(self, m: int) -> int:
+        """The bytes one step's product graph holds at step m (``Binomial(max_memory=...)``)."""
+    def fixed_point(self, k: int, rule: UpdateRule) -> KeptStep:
+        """The step at φ_K with ``rule`` in place of the inner loop's, kept for repeated VJPs
+        (Implicit's solve)."""
+    def restore(self, first: int, last: int) -> None:
+        """Make the iterates φ_first … φ_last available (with snapshots, recompute them)."""
+    def verify(self) -> None:
+        """Run the replay checks queued so far (nothing where no step is replayed)."""
 
 
 class Estimator(abc.ABC):
@@ -22,8 +91,8 @@ class Estimator(abc.ABC):
     meta-parameters η (MATH.md, "Meta-parameters other than θ").
 
     Subclasses implement :meth:`backward` by composing the trajectory's one primitive,
-    :meth:`Trajectory.vjp <metagrad.trajectory.Trajectory.vjp>` (``J_mᵀ u`` and ``B_mᵀ u``
-    of one step; :meth:`~metagrad.trajectory.Trajectory.batched_vjp` for many at once), and
+    :meth:`TrajectoryView.vjp` (``J_mᵀ u`` and ``B_mᵀ u``
+    of one step; :meth:`~TrajectoryView.batched_vjp` for many at once), and
     may set:
 
     - ``differentiable``: the inner loop builds its graph (``create_graph=True``).
@@ -81,7 +150,7 @@ class Estimator(abc.ABC):
     def snapshot_schedule(self) -> Optional[Schedule]:
         """Which iterates the inner loop stores (:mod:`metagrad.snapshots`); ``None`` stores all.
         The trajectory recomputes the others, from the snapshot before them, for the products
-        that need them (:meth:`Trajectory.restore <metagrad.trajectory.Trajectory.restore>`)."""
+        that need them (:meth:`TrajectoryView.restore`)."""
         return None
 
     def why_not_tasks(self) -> Optional[str]:
@@ -103,7 +172,7 @@ class Estimator(abc.ABC):
         return self
 
     @abc.abstractmethod
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, list[Optional[torch.Tensor]], dict[str, Any]]:
         """Return the meta-gradient estimate for θ and for η, and a report.
 
@@ -130,13 +199,12 @@ class Estimator(abc.ABC):
         return hash((type(self), tuple(sorted(vars(self).items()))))
 
 
-def sweep_back(trajectory: Trajectory, first: int, last: int, u: Params,
+def sweep_back(trajectory: TrajectoryView, first: int, last: int, u: Params,
                state_adjoint: Optional[list[Optional[torch.Tensor]]] = None, *, verify_every: int = 0
                ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
     """``u`` pulled back through steps ``last − 1`` down to ``first`` (MATH.md (1): the last
     step's factor acts first) and ``Σ_m B_mᵀ a_{m+1}`` (MATH.md (3)), by runs of steps, each
-    the longest of the trajectory's ``runs`` that fits (:meth:`Trajectory.sweep
-    <metagrad.trajectory.Trajectory.sweep>`; :data:`SWEEP` and single steps for the context
+    the longest of the trajectory's ``runs`` that fits (:meth:`TrajectoryView.sweep`; :data:`SWEEP` and single steps for the context
     manager's). ``state_adjoint``: carry the optimizer state's
     adjoint (``[]`` starts from zero); ``None`` holds the state constant. ``verify_every``:
     run the queued replay checks after every that many steps (a run never crosses one)."""

@@ -33,9 +33,9 @@ import torch
 
 from ..memory import parse_bytes
 from ..snapshots import Schedule
-from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..discovery import MetaGrads, add_meta
 from ..update_rule import Params
-from .base import Estimator, check_count, clamp_to_steps
+from .base import Estimator, TrajectoryView, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
                                auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
@@ -102,7 +102,7 @@ class Binomial(Estimator):
     at once: about 3S vectors.
 
     **Memory budget.** With ``max_memory=B`` each backward first measures one rebuilt step
-    graph (:meth:`~metagrad.trajectory.Trajectory.graph_bytes`) and takes the largest chunk
+    graph (:meth:`~metagrad.estimators.base.TrajectoryView.graph_bytes`) and takes the largest chunk
     size that keeps the planned peak (the stored iterates, the level vectors and the chunk's
     products, :func:`plan_budget`) within B. Where no chunk size does, backward is refused
     before any product with a :class:`ValueError` that names the smallest budget that works
@@ -216,7 +216,7 @@ class Binomial(Estimator):
         snapshots = ", snapshots=True" if self.snapshots else ""
         return f"Binomial(order={self.order}{block}, {chunk}{monitor}{snapshots})"
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         chunk, budget = self.chunk_size, {}
         if self.max_memory is not None and steps > 0:
@@ -229,7 +229,7 @@ class Binomial(Estimator):
             g, meta, info = self._backward(trajectory, steps, v, chunk)
         return g, meta, {**info, **budget}
 
-    def _each_task(self, trajectory: Trajectory, tasks: int, steps: int, v: Params,
+    def _each_task(self, trajectory: TrajectoryView, tasks: int, steps: int, v: Params,
                    chunk: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any]]:
         """``order="auto"`` in a block over ``tasks``: each task chooses its own order (and its
         blocks, its fallback) from its own level norms, as a block of its own would. The block's
@@ -301,7 +301,7 @@ class Binomial(Estimator):
             report.get("hessian_vector_products", 0) for report in reports))
         return {n: torch.stack(r) for n, r in rows.items()}, meta, info
 
-    def _backward(self, trajectory: Trajectory, steps: int, v: Params,
+    def _backward(self, trajectory: TrajectoryView, steps: int, v: Params,
                   chunk: Optional[int], task: Optional[int] = None) -> tuple[Params, MetaGrads, dict[str, Any]]:
         if self.order == "auto":
             if self.block == "auto":
@@ -321,7 +321,7 @@ class Binomial(Estimator):
             return u, meta, fixed_order_info_tasks(steps, order, block, u, products, spans, block_norms, tasks)
         return u, meta, fixed_order_info(steps, order, block, u, products, spans, block_norms, self.monitor)
 
-    def _auto(self, trajectory: Trajectory, steps: int, v: Params, chunk: Optional[int],
+    def _auto(self, trajectory: TrajectoryView, steps: int, v: Params, chunk: Optional[int],
               task: Optional[int] = None) -> tuple[Params, MetaGrads, dict[str, Any]]:
         if isinstance(self.block, int) and self.block < steps:  # fixed blocks: every one must converge
             g, info, failed, meta = auto_blocks(trajectory, steps, v, self.block, self.rtol,
@@ -336,7 +336,7 @@ class Binomial(Estimator):
             reason = failure
         return self._fall_back(trajectory, steps, v, chunk, info, reason, task)
 
-    def _fall_back(self, trajectory: Trajectory, steps: int, v: Params, chunk: Optional[int],
+    def _fall_back(self, trajectory: TrajectoryView, steps: int, v: Params, chunk: Optional[int],
                    info: dict[str, Any], reason: str, task: Optional[int] = None
                    ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         """The fallback of ``order="auto"`` where it failed for ``reason`` (the warning names

@@ -38,10 +38,10 @@ from typing import Any, Optional
 import torch
 
 from ..linalg import norm
-from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..discovery import MetaGrads, add_meta
 from ..update_rule import Params
 from ..errors import SeriesDivergenceError, warn
-from .base import Estimator
+from .base import Estimator, TrajectoryView
 from .binomial_series import BlockNorms, Guard, Span, levels
 from .checkpointed import Checkpointed
 from .truncated import Truncated
@@ -73,7 +73,7 @@ def guard(rtol: float) -> Guard:
     return stop
 
 
-def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+def auto_order(trajectory: TrajectoryView, steps: int, v: Params, rtol: float, max_order: int,
                chunk_size: Optional[int]) -> tuple[Params, MetaGrads, dict[str, Any], Optional[str]]:
     """order='auto' over all the steps: the estimate, the η-gradient, the report and, where
     the series diverged or missed ``rtol`` within ``min(max_order, K)`` levels, why (else
@@ -85,7 +85,7 @@ def auto_order(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_o
     return g, meta, info, reason
 
 
-def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+def auto_order_tasks(trajectory: TrajectoryView, steps: int, v: Params, rtol: float, max_order: int,
                      chunk_size: Optional[int], tasks: int
                      ) -> tuple[list[tuple[Params, dict[str, Any], Optional[str]]], MetaGrads, int]:
     """:func:`auto_order` for each of ``tasks`` tasks in one pass (:func:`_levels_each`).
@@ -102,7 +102,7 @@ def auto_order_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float,
     return out, meta, products
 
 
-def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float, max_order: int,
+def auto_blocks_tasks(trajectory: TrajectoryView, steps: int, v: Params, rtol: float, max_order: int,
                       chunk_size: Optional[int], members: list[int], *, size: Optional[int] = None,
                       shrink: bool = True
                       ) -> tuple[Params, dict[int, dict[str, Any]], dict[int, Span], MetaGrads, int]:
@@ -164,7 +164,7 @@ def auto_blocks_tasks(trajectory: Trajectory, steps: int, v: Params, rtol: float
     return u, infos, failed, meta, products
 
 
-def _levels_each(trajectory: Trajectory, span: Span, v: Params, limit: int, chunk_size: Optional[int],
+def _levels_each(trajectory: TrajectoryView, span: Span, v: Params, limit: int, chunk_size: Optional[int],
                  members: list[int], rtol: float
                  ) -> tuple[dict[int, tuple[Params, list[float], str]], MetaGrads, int]:
     """:func:`levels` over ``span`` for the tasks ``members`` of a block over tasks at once (the
@@ -234,7 +234,7 @@ def _outcome(steps: int, norms: list[float], g: Params, products: int, stop: str
     return info, reason
 
 
-def auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: float,
+def auto_blocks(trajectory: TrajectoryView, steps: int, v: Params, size: int, rtol: float,
                 max_order: int, chunk_size: Optional[int], *, shrink: bool
                 ) -> tuple[Params, dict[str, Any], Optional[Span], MetaGrads]:
     """order='auto' in blocks of ``size`` steps, laid from the last step backwards; returns
@@ -279,7 +279,7 @@ def auto_blocks(trajectory: Trajectory, steps: int, v: Params, size: int, rtol: 
     return u, info, failed, meta
 
 
-def fall_back(trajectory: Trajectory, steps: int, v: Params, info: dict[str, Any], reason: str,
+def fall_back(trajectory: TrajectoryView, steps: int, v: Params, info: dict[str, Any], reason: str,
               fallback: Optional[str], max_order: int, blocked: Optional[Estimator]
               ) -> tuple[Params, MetaGrads, dict[str, Any]]:
     """Where order='auto' failed for ``reason``: raise :class:`SeriesDivergenceError`
@@ -421,7 +421,7 @@ def _ratio(norms: list[float], v: Params, level: int) -> float:
 
 
 #: What one product in a chunk adds to the peak of backward, in units of its step graph's saved
-#: bytes (``b``, :meth:`~metagrad.trajectory.Trajectory.graph_bytes`) and of one stored iterate
+#: bytes (``b``, :meth:`~metagrad.estimators.base.TrajectoryView.graph_bytes`) and of one stored iterate
 #: with its optimizer state (``d``): ``GRAPH_FACTOR·b + ITERATE_FACTOR·d``. Measured, not derived
 #: (``python -m benchmarks.budget --fit``): tensor memory on a 2-core x86_64 CPU (AMD EPYC), torch
 #: 2.13.0, float32, per product 2.5–3.4·b + 6·d (an 8-256-256-1 MLP, where d dominates; small CNNs
@@ -435,11 +435,11 @@ ITERATE_FACTOR = 6.5
 VECTORS = 4
 
 #: With snapshots, the replay checks of up to this many products queue before they run
-#: (:meth:`~metagrad.trajectory.Trajectory.verify`), each holding about ``CHECK_ROWS`` vectors.
+#: (:meth:`~metagrad.estimators.base.TrajectoryView.verify`), each holding about ``CHECK_ROWS`` vectors.
 CHECK_QUEUE, CHECK_ROWS = 16, 8
 
 
-def plan_budget(trajectory: Trajectory, steps: int, v: Params, budget: int, rows: int,
+def plan_budget(trajectory: TrajectoryView, steps: int, v: Params, budget: int, rows: int,
                 snapshots: bool) -> dict[str, Any]:
     """The chunk size that keeps backward's peak within ``budget`` bytes, or a
     :class:`ValueError` that names the smallest budget that would work.

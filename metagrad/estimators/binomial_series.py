@@ -44,7 +44,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..linalg import norm, task_norms
-from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..discovery import MetaGrads, add_meta
+from .base import TrajectoryView
 from ..update_rule import Params
 
 __all__ = ["Span", "Guard", "BlockNorms", "spans", "expand", "levels", "tight"]
@@ -73,7 +74,7 @@ def spans(steps: int, block: Optional[int]) -> list[Span]:
     return found
 
 
-def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Optional[int],
+def expand(trajectory: TrajectoryView, steps: int, v: Params, order: int, block: Optional[int],
            chunk_size: Optional[int], *, grouping_levels: bool, piecewise: bool, measured: bool = True,
            tasks: Optional[int] = None) -> tuple[Params, MetaGrads, int, list[Span], list[BlockNorms]]:
     """(2) at a fixed ``order`` within blocks of ``block`` steps (``None``: one block), chained
@@ -102,7 +103,7 @@ def expand(trajectory: Trajectory, steps: int, v: Params, order: int, block: Opt
     return u, meta, products, blocks, block_norms
 
 
-def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size: Optional[int],
+def levels(trajectory: TrajectoryView, span: Span, v: Params, order: int, chunk_size: Optional[int],
            *, guard: Optional[Guard] = None, piecewise: bool = True, measured: bool = True,
            tasks: Optional[int] = None, retire: Optional[Callable[[int], list[int]]] = None
            ) -> tuple[Params, list[Any], int, str, MetaGrads]:
@@ -181,7 +182,7 @@ def levels(trajectory: Trajectory, span: Span, v: Params, order: int, chunk_size
     return g, norms, products, stop if order > 0 else "limit", meta
 
 
-def _step_size_part(trajectory: Trajectory, first: int, rows: int, buffer: Params) -> MetaGrads:
+def _step_size_part(trajectory: TrajectoryView, first: int, rows: int, buffer: Params) -> MetaGrads:
     """``Σ_k B_kᵀ S_{k+1}`` with the gradients held constant, ``S_{k+1}`` row k+1 of ``buffer``
     for the ``rows`` rows of the last level (see :func:`levels`)."""
     meta: MetaGrads = []
@@ -191,7 +192,7 @@ def _step_size_part(trajectory: Trajectory, first: int, rows: int, buffer: Param
     return meta
 
 
-def tight(trajectory: Trajectory, span: Span, v: Params, order: int,
+def tight(trajectory: TrajectoryView, span: Span, v: Params, order: int,
           chunk_size: Optional[int], *, piecewise: bool = True) -> tuple[Params, int]:
     """The tight grouping over ``span``: its expansion in ``L(S−L+1)`` products, no norms.
 
@@ -225,15 +226,15 @@ def tight(trajectory: Trajectory, span: Span, v: Params, order: int,
     return {n: t[0].clone() for n, t in buffer.items()}, order * width
 
 
-def _products(trajectory: Trajectory, first: int, vectors: Params, chunk_size: Optional[int],
+def _products(trajectory: TrajectoryView, first: int, vectors: Params, chunk_size: Optional[int],
               piecewise: bool, *, backwards: bool = False
               ) -> Iterator[tuple[int, int, Params, MetaGrads]]:
     """``(a, b, J_mᵀ u_i, Σ B_mᵀ u_i)`` for the rows ``a … b−1`` of ``vectors`` (row i at step
     ``first + i``), chunk by chunk (the last chunk first with ``backwards``).
 
-    ``piecewise``: one :meth:`~metagrad.trajectory.Trajectory.batched_vjp` call per chunk, so
+    ``piecewise``: one :meth:`~metagrad.estimators.base.TrajectoryView.batched_vjp` call per chunk, so
     only a chunk's products and results exist at once, and the queued replay checks of a chunk
-    run before the next one (:meth:`~metagrad.trajectory.Trajectory.verify`). Otherwise (the
+    run before the next one (:meth:`~metagrad.estimators.base.TrajectoryView.verify`). Otherwise (the
     iterates are recomputed from snapshots: one call restores them once) one call for all the
     rows, which chunks them itself and returns all the rows at once."""
     rows = next(iter(vectors.values())).shape[0]

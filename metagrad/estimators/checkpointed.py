@@ -7,8 +7,8 @@ from typing import Any, Optional, Union
 from ..memory import parse_bytes
 from ..update_rule import Params
 from ..snapshots import Schedule
-from ..trajectory import MetaGrads, Trajectory
-from .base import Estimator, sweep_back
+from ..discovery import MetaGrads
+from .base import Estimator, TrajectoryView, sweep_back
 
 __all__ = ["Checkpointed"]
 
@@ -103,7 +103,7 @@ class Checkpointed(Estimator):
             return Schedule(max_bytes=self.max_memory)
         return None if self.snapshots is None else Schedule(capacity=self.snapshots)
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         # Each rebuilt step's replay check is queued (Trajectory.verify runs the queue): a batch
         # of checks holds about CHECK_ROWS vectors per step, so it is kept below CHECK_BYTES, and

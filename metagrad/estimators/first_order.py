@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..update_rule import Params
-from ..trajectory import MetaGrads, Trajectory, add_meta
+from ..discovery import MetaGrads, add_meta
 from ..errors import warn
-from .base import Estimator
+from .base import Estimator, TrajectoryView
 
 __all__ = ["FirstOrder"]
 
@@ -28,7 +28,7 @@ class FirstOrder(Estimator):
     def keep(self) -> Optional[int]:
         return 0
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         meta: MetaGrads = []
         for m in range(steps):

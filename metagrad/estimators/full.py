@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from ..update_rule import Params
-from ..trajectory import MetaGrads, Trajectory
-from .base import Estimator
+from ..discovery import MetaGrads
+from .base import Estimator, TrajectoryView
 from .checkpointed import Checkpointed
 
 __all__ = ["Full"]
@@ -47,7 +47,7 @@ class Full(Estimator):
         sweeps."""
         return Checkpointed()
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         final = trajectory.iterate(steps)
         theta = trajectory.theta

@@ -17,9 +17,9 @@ from typing import Any, Optional
 from ..linalg import conjugate_gradient, neumann_series
 from ..update_rule import Params
 from ..optim import SGD
-from ..trajectory import MetaGrads, Trajectory
+from ..discovery import MetaGrads
 from ..errors import warn
-from .base import Estimator, check_count
+from .base import Estimator, TrajectoryView, check_count
 
 __all__ = ["Implicit"]
 
@@ -37,7 +37,7 @@ class Implicit(Estimator):
     step's loss (without the proximal term) at φ_K, as fixed-point differentiation through
     the step's VJP (MATH.md): the step is the proximal SGD step with α = 1/λ, for which
     ``I − ∂Φ/∂φ = I + H/λ`` and ``∂Φ/∂θ = I``, built once at φ_K
-    (:meth:`~metagrad.trajectory.Trajectory.fixed_point`, the step's one body) and pulled back
+    (:meth:`~metagrad.estimators.base.TrajectoryView.fixed_point`, the step's one body) and pulled back
     through once per solver iteration; η's gradient is ``(∂Φ/∂η)ᵀ x``. No iterate is stored,
     and one graph is built, at φ_K, so memory does not grow with K. The estimate is only as
     good as φ_K is a minimizer of the proximal problem: take enough inner steps for
@@ -101,7 +101,7 @@ class Implicit(Estimator):
     def keep(self) -> Optional[int]:
         return 0
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         # Fixed-point differentiation through the step's VJP (MATH.md): the proximal SGD step
         # Φ(φ) = φ − α(∇L_tr(φ) + λ(φ − θ)) with α = 1/λ has I − ∂Φ/∂φ = I + H*/λ and

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..update_rule import Params
-from ..trajectory import MetaGrads, Trajectory, add_meta
-from .base import Estimator, check_count, clamp_to_steps, sweep_back
+from ..discovery import MetaGrads, add_meta
+from .base import Estimator, TrajectoryView, check_count, clamp_to_steps, sweep_back
 
 __all__ = ["Truncated"]
 
@@ -36,7 +36,7 @@ class Truncated(Estimator):
     def keep(self) -> Optional[int]:
         return self.steps
 
-    def backward(self, trajectory: Trajectory, steps: int, v: Params
+    def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
         u, meta, _ = sweep_back(trajectory, steps - kept, steps, dict(v))  # the optimizer state held constant
