@@ -71,7 +71,9 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
     ``torch.func.vmap``, ``torch.func.grad`` or ``torch.compile``. ``Implicit`` adds its proximal
     term ``(λ/2)‖φ − θ‖²`` to every inner step's gradient and solves on the step's products at
     φ_K by autograd; with ``compile=True`` it is refused (the compiled pieces take no proximal
-    term). Refused everywhere: ``Binomial(max_memory=...)`` (it measures a rebuilt graph).
+    term). ``Binomial(max_memory=...)`` measures one step's graph of the pure body
+    (:meth:`PureTrajectory.graph_bytes <metagrad.pure.PureTrajectory.graph_bytes>`) to choose its
+    chunk size: it too runs where ``meta_grad`` is called directly.
 
     Binomial's levels are themselves ``torch.func.vmap`` calls over the stored iterates, so
     ``vmap`` of ``meta_grad`` nests two ``vmap`` levels around a second derivative of

@@ -183,11 +183,13 @@ class Binomial(Estimator):
         self.snapshots = snapshots
 
     def why_not_pure(self, traced: bool = True) -> Optional[str]:
-        if self.max_memory is not None:
-            return ("Binomial(max_memory=...) is not supported by meta_grad: it measures a "
-                    "rebuilt step graph to choose its chunk size. Pass chunk_size=... instead.")
-        if not traced:  # called directly: the level norms are read back as Python floats
+        if not traced:  # called directly: level norms and graph sizes are read back as Python numbers
             return super().why_not_pure(traced)
+        if self.max_memory is not None:
+            return ("Binomial(max_memory=...) is not supported by meta_grad under torch.func.vmap, "
+                    "torch.func.grad or torch.compile: it measures a step's graph (the bytes its saved "
+                    "tensors take) to choose its chunk size, which they cannot trace. Call meta_grad "
+                    "directly (a meta-batch by tasks=T), or pass chunk_size=... instead.")
         if self.order == "auto":
             return ("Binomial(order='auto') is not supported by meta_grad under torch.func.vmap, "
                     "torch.func.grad or torch.compile: it chooses its order (and its blocks) from "
