@@ -325,7 +325,9 @@ def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: 
     by id) instead of the fast weights, is refused: it was built from the original module."""
     wrong = ValueError(
         f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
-        "from the model the closure receives (fmodel(x)), not from the original module."
+        "from the model the closure receives as its argument (meta.step(lambda f: loss(f(x), y))), "
+        "not from the original module, and not from meta.fmodel (inside a step it is not the "
+        "model the step differentiates)."
     )
     if not loss.requires_grad:
         raise wrong

@@ -334,6 +334,25 @@ def test_closure_computed_from_the_original_model(factory):
 
 
 @pytest.mark.parametrize("factory", ESTIMATORS)
+def test_closure_computed_from_meta_fmodel_instead_of_its_argument(factory):
+    """``meta.fmodel`` inside the step's closure is not the model the step differentiates: the
+    error says to use the closure's argument (at the first step, and at a later one; Full's
+    later steps differentiate the graph-carrying fast weights ``meta.fmodel`` holds, the same
+    model as the argument, and give the meta-gradient)."""
+    for bad_step in (0, 1) if not isinstance(factory(), mg.Full) else (0,):
+        def run(model):
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=factory()) as meta:
+                for k in range(K):
+                    if k == bad_step:
+                        meta.step(lambda f: F.mse_loss(meta.fmodel(SUPPORT[0][0]), SUPPORT[0][1]))
+                    else:
+                        meta.step(lambda f: F.mse_loss(f(SUPPORT[0][0]), SUPPORT[0][1]))
+                F.mse_loss(meta.fmodel(QUERY[0]), QUERY[1]).backward()
+
+        check_rejected(ValueError, "argument", run)
+
+
+@pytest.mark.parametrize("factory", ESTIMATORS)
 def test_closure_failing_at_a_later_step_after_a_backward(factory):
     """The error at step 2 comes after a mid-loop backward already accumulated into .grad."""
     def run(model):
