@@ -51,11 +51,12 @@ import ctypes
 import ctypes.util
 import sys
 from types import TracebackType
-from typing import Literal, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, Optional, Union
 
 import torch
 
-__all__ = ["PeakMemory", "peak_memory", "parse_bytes"]
+__all__ = ["PeakMemory", "peak_memory", "parse_bytes", "saved_bytes"]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -227,3 +228,28 @@ def _malloc_trim() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def saved_bytes(run: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """The bytes of the tensors autograd saves for backward while ``run()`` builds its graph,
+    each storage counted once, those of ``exclude`` (the inputs) not counted. The graph is freed
+    on return: what ``run`` returns is dropped. A step's graph size
+    (:meth:`metagrad.products.Products.graph_bytes`, :meth:`metagrad.pure.PureTrajectory.graph_bytes`)."""
+    seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in exclude}
+    held: list[list[torch.Tensor]] = []
+
+    def pack(t: torch.Tensor) -> list[torch.Tensor]:
+        storage = t.untyped_storage()
+        seen.setdefault(id(storage), storage.nbytes())
+        held.append([t])
+        return held[-1]
+
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]):
+            run()
+    finally:
+        # A saved output held by the hook holds its own graph in a cycle that garbage
+        # collection cannot see; emptying the boxes frees the graphs.
+        for box in held:
+            box.clear()
+    return sum(seen.values())

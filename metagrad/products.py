@@ -40,6 +40,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
+from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
@@ -335,28 +336,14 @@ class Products:
             params, grads = step.graph
             return sum(g.untyped_storage().nbytes() for g in grads.values())
         params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-        seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
 
-        held: list[list[torch.Tensor]] = []
-
-        def pack(t: torch.Tensor) -> list[torch.Tensor]:
-            storage = t.untyped_storage()
-            seen.setdefault(id(storage), storage.nbytes())
-            held.append([t])
-            return held[-1]
-
-        try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]), \
-                    self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
+        def build() -> None:
+            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
                 loss = step.frozen()(tr.model_at(params))
                 grads = loss_grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)
-        finally:
-            # A saved output held by the hook holds its own graph in a cycle that garbage
-            # collection cannot see; emptying the boxes frees the graphs.
-            for box in held:
-                box.clear()
-        return sum(seen.values())
+
+        return saved_bytes(build, params.values())
 
     def fixed_point(self, k: int, rule: UpdateRule) -> KeptStep:
         """The step's body at the final fast weights φ_K = φ*, with ``rule`` in place of the

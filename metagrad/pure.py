@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from .estimators import Estimator, resolve
 from .discovery import add_meta
+from .memory import saved_bytes
 from .snapshots import Schedule
 from .tape import Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
@@ -189,22 +190,8 @@ class PureTrajectory:
         (``Binomial(max_memory=...)`` divides its budget by it). Called directly only (it
         counts storages as Python ints)."""
         params = {n: t.detach().requires_grad_() for n, t in self.iterate(m).items()}
-        seen: dict[int, int] = {id(t.untyped_storage()): 0 for t in params.values()}
-        held: list[list[torch.Tensor]] = []
-
-        def pack(t: torch.Tensor) -> list[torch.Tensor]:
-            storage = t.untyped_storage()
-            seen.setdefault(id(storage), storage.nbytes())
-            held.append([t])
-            return held[-1]
-
-        try:
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box[0]):
-                self._body(self.state(m), gradient=autograd_gradient(m))(params, self.meta, [])
-        finally:
-            for box in held:  # a saved output holds its own graph in a cycle: emptying frees it
-                box.clear()
-        return sum(seen.values())
+        body = self._body(self.state(m), gradient=autograd_gradient(m))
+        return saved_bytes(lambda: body(params, self.meta, []), params.values())
 
     def verify(self) -> None:
         """Nothing to check: no step is replayed, the step function is pure."""
