@@ -333,3 +333,31 @@ def test_a_memory_budget_holds_the_tensors_a_functional_call_allocates():
     assert 1 <= info["chunk_size"] < 39, info  # neither one product at a time nor a whole level
     assert info["planned_peak_bytes"] <= budget
     assert peak <= budget, (peak, info)
+
+
+def test_both_trajectories_have_every_member_estimators_read():
+    """``TrajectoryView`` is what an estimator reads; the context manager's ``Trajectory`` and
+    this face's ``PureTrajectory`` both offer every member of it (methods with the protocol's
+    parameters first), so an estimator written against it runs in both."""
+    import inspect
+
+    from metagrad.estimators.base import TrajectoryView
+    from metagrad.functional import TaskLoss
+    from metagrad.pure import PureTrajectory
+    from metagrad.trajectory import Trajectory
+
+    model = make_model()
+    start = {n: p.detach() for n, p in model.named_parameters()}
+    trajectories = [Trajectory(model, start, RULES["sgd"](), differentiable=False, keep=None),
+                    PureTrajectory(TaskLoss(loss_fn, None, False, None)(SUPPORT), start, RULES["sgd"](), K)]
+    members = {n: v for n, v in vars(TrajectoryView).items() if not n.startswith("_")}
+    assert {"length", "theta", "meta", "tasks", "runs", "vjp", "sweep", "batched_vjp", "iterate",
+            "fixed_point", "restore", "verify", "graph_bytes"} <= set(members)
+    for trajectory in trajectories:
+        for name, declared in members.items():
+            assert hasattr(trajectory, name), (type(trajectory).__name__, name)
+            if isinstance(declared, property):
+                continue
+            wanted = list(inspect.signature(declared).parameters)[1:]  # without self
+            got = list(inspect.signature(getattr(trajectory, name)).parameters)
+            assert got[:len(wanted)] == wanted, (type(trajectory).__name__, name, got, wanted)
