@@ -48,6 +48,40 @@ def test_budgeted_binomial_is_the_subset_sum(spec, K, lr, L, budget):
     assert ref.rel_err(g, expected) <= RTOL
 
 
+@settings(max_examples=20)
+@given(spec=ref.problem_specs(max_K=6, varying=False), K=st.integers(1, 6), lr=ref.step_size_choices(),
+       L=st.integers(0, 6), budget=st.sampled_from(["1KiB", "64KiB", "1MiB"]))
+def test_budgeted_binomial_in_the_functional_face_is_the_subset_sum(spec, K, lr, L, budget):
+    """``mg.functional.meta_grad`` called directly plans the same budget from the pure body's
+    graph (``PureTrajectory.graph_bytes``); the estimate is MATH.md (2)'s subset sum whatever
+    chunk size the budget gives (or, below one product, the smallest budget that works)."""
+    problem = ref.build(spec)
+    lr = ref.make_step_sizes(problem, lr)
+    run = ref.unroll(problem, K, lr)
+    L = min(L, K)
+    expected, _ = ref.subset_sum(ref.factors(run), run.v, L)
+    names = problem.names
+
+    def loss_fn(params, which):  # which: 0.0 the inner loss (one batch: varying=False), 1.0 the query
+        listed = [params[n] for n in names]
+        return (1 - which) * problem.inner_loss(listed, 0) + which * problem.query_loss(listed)
+
+    theta = dict(zip(names, problem.theta))
+    zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+
+    def call(max_memory):
+        return mg.functional.meta_grad(loss_fn, theta, zero, one, inner_opt=mg.optim.SGD(lr=lr.package),
+                                       steps=K, estimator=mg.Binomial(L, max_memory=max_memory))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", mg.MetaGradientWarning)
+        try:
+            g = call(budget)
+        except ValueError as error:  # a small budget is refused with the smallest that works
+            g = call(smallest(error))
+    assert ref.rel_err(ref.flat([g[n] for n in names]), expected) <= RTOL
+
+
 def smallest(error):
     found = re.search(r"Binomial\(max_memory\): got .* smallest budget that works here is (\d+) bytes", str(error))
     assert found, str(error)
