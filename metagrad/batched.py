@@ -108,7 +108,8 @@ class Batched:
                     norms = step_norms([rebuilt[n].unbind(0) for n in names], [[nxt[n] for nxt in nexts] for n in names],
                                        [[s.params[n] for s in chunk] for n in names])
             failed = check_norms(steps, norms, tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
-                                 losses=(losses, recorded), raising=False)
+                                 losses=(losses, recorded), raising=False,
+                                 closures=[s.closure for s in chunk], meta=tr.meta_names)
             if failed:
                 # A batched kernel rounds differently from the one the step was taken with,
                 # and an ill-conditioned step (BatchNorm over a few examples in float32) can

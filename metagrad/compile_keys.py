@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .frozen import _SCALARS, _global_names
+from .reads import SCALARS, global_names
 from .frozen import _value_key as replay_value_key
 from .step import rule_tensors
 
@@ -106,8 +106,8 @@ def module_structure(module: torch.nn.Module) -> tuple[tuple[Any, ...], list[Any
         hooks = [hook for name in _HOOKS for hook in getattr(sub, name, {}).values()]
         forward = getattr(type(sub).forward, "__code__", None)
         fields = vars(sub)
-        read = [] if forward is None else [(name, fields[name]) for name in _global_names(forward)
-                                           if name in fields and not isinstance(fields[name], _SCALARS)]
+        read = [] if forward is None else [(name, fields[name]) for name in global_names(forward)
+                                           if name in fields and not isinstance(fields[name], SCALARS)]
         held += hooks + [value for _, value in read]
         out.append((prefix, type(sub), tuple(id(hook) for hook in hooks),
                     tuple((name, id(value)) for name, value in read)))
@@ -124,8 +124,8 @@ def module_reads_key(module: torch.nn.Module) -> tuple[Any, ...]:
         if forward is None:
             continue
         fields = vars(sub)
-        values = tuple((name, replay_value_key(fields[name])) for name in _global_names(forward)
-                       if name in fields and isinstance(fields[name], _SCALARS))
+        values = tuple((name, replay_value_key(fields[name])) for name in global_names(forward)
+                       if name in fields and isinstance(fields[name], SCALARS))
         if values:
             out.append((prefix, values))
     return tuple(out)

@@ -20,15 +20,19 @@ per-op overhead. With ``compile=True`` the two pieces every estimator is made of
   one compiled call per product (per chunk of rows under ``vmap``). The closure's loss is
   first traced to an aten graph (``make_fx``) with every tensor it captures, every parameter
   not adapted and every buffer as an input, so that η can be differentiated although the user
-  captured it; Python values are constants of that graph. Every rebuilt step still passes the
-  replay check against the stored iterate, so a graph whose constants went stale raises
-  :class:`~metagrad.ReplayError` instead of giving a wrong product.
+  captured it; Python values are constants of that graph, keyed (below). A tensor the loss
+  reads that is neither an input nor named by the key (a captured object's attribute, a
+  helper's global) would be a constant the key cannot follow: such a product runs eagerly.
+  Every rebuilt step still passes the replay check against the stored iterate, so a graph
+  whose constants went stale raises :class:`~metagrad.ReplayError` instead of giving a wrong
+  product.
 
 The compiled functions are kept in a process-wide cache keyed on what changes them: the
 closure's code and the kinds of values it captures (:attr:`metagrad.frozen.Frozen.structure`:
 its tensors, η among them, are inputs of every call, whatever their identity), the
-numbers it reads through the objects it captures (``cfg.temp``) and those the modules'
-forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
+numbers it reads through the objects it captures (``cfg.temp``), through the methods it calls
+on them and as the globals of the functions it calls (:mod:`metagrad.reads`), and those the
+modules' forwards read from their attributes (a LeakyReLU's slope), the update rule's type and
 hyperparameters (its step size, a number or a tensor, is an input of every call:
 :func:`~metagrad.compile_keys.step_sizes_as_tensors`, so that a step size changed between
 blocks or by a schedule compiles nothing new; another ``momentum`` or a new ``cfg.temp``
@@ -471,6 +475,7 @@ class Compiler:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
                 graph = make_fx(loss)({n: t.detach() for n, t in params0.items()}, fixed,
                                       [t.detach() for _, t in template.tensors])
+            _refuse_held_tensors(graph, self.module_structure(module)[1])
 
             def row(p: dict[str, torch.Tensor], moving: list[torch.Tensor], vector: dict[str, torch.Tensor],
                     moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor],
@@ -505,6 +510,28 @@ class Compiler:
             self.refuse(key, template.key, error, first.rule)
             return None
         return key, compiled, explicit, fixed, varied
+
+
+def _refuse_held_tensors(graph: torch.fx.GraphModule, keyed: list[Any]) -> None:
+    """Raise where the traced loss holds a tensor it did not take as an input and that the cache
+    key does not name (``keyed``: the module's plain tensor attributes its forwards read, by
+    identity): one it reads through an object or a global of a function it calls (``cfg.mask``,
+    a helper's ``MASK``), not captured by the closure itself. The compiled product would keep
+    that tensor as it was traced, for every later block with the same key, whatever the name
+    holds by then; a replay check cannot see it where it only scales a term whose η is zero.
+    (A tensor the loss creates from a literal, ``torch.tensor(2.0)``, is a constant too, copied
+    fresh at every call.)"""
+    known = {id(t) for t in keyed if isinstance(t, torch.Tensor)}
+    for node in graph.graph.nodes:
+        constant = getattr(graph, str(node.target), None) if node.op == "get_attr" else None
+        if not isinstance(constant, torch.Tensor) or id(constant) in known:
+            continue
+        if all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users):
+            continue
+        raise ValueError(
+            "the closure reads a tensor that is not among its inputs (through an object's attribute or a "
+            "global of a function it calls), which a compiled step product would keep as it was traced; "
+            "capture the tensor in the closure itself (mask = self.mask; meta.step(lambda f: ... mask ...))")
 
 
 def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[int, ...],

@@ -44,6 +44,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
+from .reads import MAX_READS, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -99,14 +100,18 @@ class Frozen:
         self.tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
         self.versions = [v._version for _, v in self.tensors]
         self.names = leaf_names
-        #: Numbers and strings the code reads through captured objects (``cfg.temp``): ``(name,
-        #: object, attribute path, value at the step)``. Not frozen (an object is shared), but
-        #: a compiled step product is keyed on their values (:meth:`reads_key`) and the replay
-        #: error names the ones that changed (:meth:`changed_reads`).
+        #: Numbers, strings and tensors the code reads through captured objects (``cfg.temp``),
+        #: through the methods it calls on them and the globals of the functions it calls
+        #: (:func:`_indirect_reads`): ``(name, object, attribute path, value at the step)``. Not
+        #: frozen (an object is shared), but a compiled step product is keyed on their values
+        #: (:meth:`reads_key`), and the replay check names the ones that changed
+        #: (:meth:`changed_reads`), and fails on them where the block has meta-parameters
+        #: (:func:`metagrad.replay.check_reads`).
         roots = [(n, v) for n, v in zip(leaf_names, flat)]
         if bound is not None:
             roots.append(("self", bound))
-        self.reads = _attribute_reads(roots, frozenset(attributes)) if attributes else []
+        self.reads = attribute_reads(roots, frozenset(attributes)) if attributes else []
+        self.reads += indirect_reads(roots, frozenset(attributes), MAX_READS - len(self.reads))
         self.key = (identity, tuple(specs_key(specs)), known + tuple(
             # A tensor that requires grad is a meta-parameter: by identity, so that another one
             # is looked for again (MetaParameters.discover, metagrad.discovery).
@@ -164,15 +169,24 @@ class Frozen:
                 if t._version != version]
 
     def reads_key(self) -> tuple[Any, ...]:
-        """The values of :attr:`reads` now (numbers by value, other objects by identity)."""
-        return tuple((name, _value_key(_follow(root, path))) for name, root, path, _ in self.reads)
+        """The values of :attr:`reads` now (numbers by value, tensors by kind, other objects by
+        identity)."""
+        return tuple((name, _value_key(follow(root, path))) for name, root, path, then in self.reads
+                     if type(then) is not TensorRead)
 
     def changed_reads(self) -> list[tuple[str, Any, Any]]:
-        """``(name, value at the step, value now)`` for each of :attr:`reads` that changed."""
+        """``(name, value at the step, value now)`` for each of :attr:`reads` that changed (a
+        tensor: another one, or the same changed in place, described in words)."""
         out = []
         for name, root, path, then in self.reads:
-            now = _follow(root, path)
-            if _value_key(now) != _value_key(then):
+            now = follow(root, path)
+            if type(then) is TensorRead:
+                if not then.same(now):
+                    what = ("the same tensor, changed in place" if now is then.tensor else
+                            f"another tensor of shape {tuple(now.shape)}" if isinstance(now, torch.Tensor)
+                            else repr(now))
+                    out.append((name, Described(f"a tensor of shape {tuple(then.tensor.shape)}"), Described(what)))
+            elif _value_key(now) != _value_key(then):
                 out.append((name, then, now))
         return out
 
@@ -279,36 +293,36 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                                      tuple(keywords))
         code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
         return Frozen(build_partial, values, names, identity, closure,
-                      attributes=() if code is None else _global_names(code))
+                      attributes=() if code is None else global_names(code))
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
     if not isinstance(function, types.FunctionType):  # a callable object: kept as it is
         call = getattr(type(closure), "__call__", None)
         code = getattr(call, "__code__", None)
         return Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
-                      attributes=() if code is None else _global_names(code), bound=closure)
+                      attributes=() if code is None else global_names(code), bound=closure)
     code = function.__code__
     cells = function.__closure__ or ()
     cell_values = [_cell_value(cell) for cell in cells]
     namespace = function.__globals__
-    global_names = [name for name in _global_names(code) if name in namespace]
+    globals_read = [name for name in global_names(code) if name in namespace]
     defaults = list(function.__defaults__ or ())
-    values = [*cell_values, *(namespace[name] for name in global_names), *defaults]
-    names = [*code.co_freevars, *global_names, *(f"default {i}" for i in range(len(defaults)))]
-    cuts = (len(cell_values), len(cell_values) + len(global_names))
+    values = [*cell_values, *(namespace[name] for name in globals_read), *defaults]
+    names = [*code.co_freevars, *globals_read, *(f"default {i}" for i in range(len(defaults)))]
+    cuts = (len(cell_values), len(cell_values) + len(globals_read))
     base = {"__builtins__": namespace.get("__builtins__"), "__name__": namespace.get("__name__")}
 
     def build(values: list[Any]) -> Callable[..., Any]:
         frozen_cells = tuple(types.CellType() if v is _EMPTY else types.CellType(v)
                              for v in values[:cuts[0]])
-        frozen_globals = {**base, **dict(zip(global_names, values[cuts[0]:cuts[1]]))}
+        frozen_globals = {**base, **dict(zip(globals_read, values[cuts[0]:cuts[1]]))}
         copy = types.FunctionType(code, frozen_globals, function.__name__,
                                   tuple(values[cuts[1]:]) or None, frozen_cells)
         copy.__kwdefaults__ = function.__kwdefaults__
         return copy if bound is None else types.MethodType(copy, bound)
 
-    identity = ("function", code, id(namespace), tuple(global_names), id(bound))
-    return Frozen(build, values, names, identity, closure, attributes=_global_names(code), bound=bound)
+    identity = ("function", code, id(namespace), tuple(globals_read), id(bound))
+    return Frozen(build, values, names, identity, closure, attributes=global_names(code), bound=bound)
 
 
 class _Empty:
@@ -324,109 +338,6 @@ def _cell_value(cell: Any) -> Any:
         return cell.cell_contents
     except ValueError:  # a cell not yet assigned
         return _EMPTY
-
-
-@functools.lru_cache(maxsize=1024)
-def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """Every name the code, and code nested in it (comprehensions, inner functions), may read
-    as a global. Attribute names are included too; they are looked up and skipped if absent."""
-    names = dict.fromkeys(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names.update(dict.fromkeys(_global_names(const)))
-    return tuple(names)
-
-
-#: At most this many attribute reads are kept per frozen closure, and objects are followed
-#: this many attributes deep (``self.cfg.temp``).
-_MAX_READS = 32
-_MAX_DEPTH = 3
-_SCALARS = (bool, int, float, complex, str, bytes, type(None))
-
-
-def _attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
-                     ) -> list[tuple[str, Any, tuple[str, ...], Any]]:
-    """The numbers and strings reachable from ``roots`` through attributes whose names the code
-    reads (``attributes``): instance attributes (a module's submodules too), and the attributes of
-    a captured class or Python module. Properties and other descriptors are not called."""
-    reads: list[tuple[str, Any, tuple[str, ...], Any]] = []
-    seen: set[int] = set()
-
-    def visit(name: str, root: Any, path: tuple[str, ...], value: Any, depth: int) -> None:
-        if len(reads) >= _MAX_READS or id(value) in seen:
-            return
-        fields = _fields(value)
-        if fields is None:
-            return
-        seen.add(id(value))
-        for attribute in attributes:
-            if attribute not in fields:
-                continue
-            found = fields[attribute]
-            if isinstance(found, _SCALARS):
-                reads.append((f"{name}.{attribute}", root, (*path, attribute), found))
-                if len(reads) >= _MAX_READS:
-                    return
-            elif depth < _MAX_DEPTH and not isinstance(value, (type, types.ModuleType)):
-                visit(f"{name}.{attribute}", root, (*path, attribute), found, depth + 1)
-
-    for name, value in roots:
-        visit(name, value, (), value, 1)
-    return reads
-
-
-#: Values :func:`_attribute_reads` does not look into.
-_LEAVES = (torch.Tensor, types.FunctionType, types.BuiltinFunctionType, _Empty, *_SCALARS)
-
-
-def _fields(value: Any) -> Optional[Mapping[str, Any]]:
-    """The attributes of ``value`` that :func:`_attribute_reads` looks at, or ``None``."""
-    if isinstance(value, _LEAVES):
-        return None
-    if isinstance(value, torch.nn.Module):
-        return _ModuleFields(value)
-    try:
-        fields = getattr(value, "__dict__", None)
-    except Exception:  # an object whose __getattr__ raises for what it does not have
-        return None
-    return fields if isinstance(fields, Mapping) else None
-
-
-class _ModuleFields(Mapping):
-    """A module's plain attributes and submodules (``self.temperature``, ``self.head``)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.plain, self.modules = vars(module), module._modules
-
-    def __getitem__(self, name: str) -> Any:
-        return self.plain[name] if name in self.plain else self.modules[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.plain or name in self.modules
-
-    def __iter__(self) -> Any:
-        return iter({**self.plain, **self.modules})
-
-    def __len__(self) -> int:
-        return len(self.plain) + len(self.modules)
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<no such attribute>"
-
-
-_MISSING = _Missing()
-
-
-def _follow(root: Any, path: tuple[str, ...]) -> Any:
-    value = root
-    for attribute in path:
-        fields = _fields(value)
-        if fields is None or attribute not in fields:
-            return _MISSING
-        value = fields[attribute]
-    return value
 
 
 # ------------------------------------------------------------------- random numbers

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
-from .replay import ReplayError, check_norms, refuse_twice, step_norms
+from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
@@ -158,7 +158,8 @@ class Products:
             losses.append(run_losses.reshape(-1))
         recorded = torch.stack([tr._step(m).loss for m in steps])
         check_norms(steps, torch.cat(norms, 1), tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
-                    losses=(torch.cat(losses), recorded), closures=[tr._step(m).closure for m in steps])
+                    losses=(torch.cat(losses), recorded), closures=[tr._step(m).closure for m in steps],
+                    meta=tr.meta_names)
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True
@@ -371,6 +372,10 @@ class Products:
         step = last
         if step.once:
             refuse_twice(k - 1, step.once)
+        # Rebuilt at φ_K, where no stored next iterate checks it: a value the closure reads that
+        # changed since its step would define another inner problem (for θ and for η alike).
+        check_reads([k - 1], [closure], "It is rebuilt at the final fast weights φ_K, where no stored "
+                    "iterate checks it, and the values it reads define the inner problem the fixed point solves.")
         replace, meta = self.partial_eta(step)
         return KeptStep.at(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, tr.iterate(k),
                            meta, step=k - 1, used=step.used, theta=tr.theta, reg=tr.proximal or 0.0)

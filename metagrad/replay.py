@@ -15,6 +15,11 @@ things make that true for the loops people write (:mod:`metagrad.frozen`: :func:
 - **The check.** The stored next iterate is the truth: every rebuilt step's ``Φ_m(φ_m)`` is
   compared with the stored ``φ_{m+1}``, and its loss with the recorded loss
   (:func:`check_step`). A mismatch beyond rounding raises :class:`ReplayError`.
+- **What only η's gradient sees.** A value the closure reads without capturing it (through a
+  captured object, a method it calls on one, a helper's globals: :mod:`metagrad.reads`) can
+  change the meta-parameters' gradient without changing the step: where it scales a term whose
+  η is zero. With meta-parameters, a rebuilt step that read such a value after it changed
+  raises :class:`ReplayError` whatever its iterate (:func:`check_reads`).
 
 What a frozen closure cannot freeze is what the check is for: state read through an object
 (``self.batch``), an iterator (``next(it)`` inside the closure), a function the closure calls
@@ -37,8 +42,8 @@ import torch
 from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
-__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "step_norms",
-           "tolerance"]
+__all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
+           "step_norms", "tolerance"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -111,9 +116,12 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[Sequence[torch.Tensor]],
 def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype: torch.dtype,
                 losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 closures: Optional[Sequence[Optional[Frozen]]] = None,
-                raising: bool = True, recomputed_from: Optional[int] = None) -> list[int]:
+                raising: bool = True, recomputed_from: Optional[int] = None,
+                meta: Sequence[str] = ()) -> list[int]:
     """The replay check of the rows of ``steps`` from their :func:`step_norms` (``[3, rows]``)
-    and ``losses`` (rebuilt, recorded). The test, for each row::
+    and ``losses`` (rebuilt, recorded). With meta-parameters (``meta``: their names), the rows'
+    ``closures`` must also have read nothing that changed since their steps
+    (:func:`check_reads`). The test, for each row::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
@@ -143,6 +151,10 @@ def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype
             bad = bad or not _loss_agrees(values[3][row], values[4][row], rtol, eps)
         if bad:
             failed.append((row, bound))
+    if meta and closures is not None:  # the rows whose iterates agree (a mismatch's error names the reads)
+        mismatched = {row for row, _ in failed}
+        check_reads([m for row, m in enumerate(steps) if row not in mismatched],
+                    [c for row, c in enumerate(closures) if row not in mismatched], meta_reason(meta))
     if not failed or not raising:
         return [row for row, _ in failed]
     row, bound = failed[0]
@@ -152,6 +164,30 @@ def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype
     if losses is not None:
         found += f"; rebuilt loss {values[3][row]:.10g}, recorded {values[4][row]:.10g}"
     raise _mismatch(which, found + _since(recomputed_from, which), None if closures is None else closures[row])
+
+
+def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reason: str) -> None:
+    """Raise :class:`ReplayError` for the first of ``steps`` whose rebuilt closure read values
+    that changed since the step was taken (:meth:`Frozen.changed_reads`: numbers read through
+    the objects it captures, or as globals of the functions it calls, and small containers of
+    them), where the comparison of iterates cannot vouch for the rebuild (``reason`` says why)."""
+    for which, frozen in zip(steps, closures):
+        changed = [] if frozen is None else frozen.changed_reads()
+        if changed:
+            listed = ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
+            raise ReplayError(
+                f"inner step {which}, rebuilt during backward, read values that changed since the step was "
+                f"taken: {listed}. {reason} Read each into a local before meta.step, so that each step keeps "
+                "its own (scale = cfg.scale; meta.step(lambda f: loss(f) + wd * scale * penalty(f))), or "
+                "hold it in a tensor, or use estimator=mg.Full(), which does not rebuild steps.")
+
+
+def meta_reason(meta: Sequence[str]) -> str:
+    """Why :func:`check_reads` holds where a block has meta-parameters ``meta`` (their names)."""
+    return (f"The block has meta-parameters ({', '.join(meta)}), whose gradient depends on such a value even "
+            "where the rebuilt step agrees with the stored one (a term whose η is zero, such as a learned "
+            "weight initialized at zero, leaves the step unchanged but not its gradient), so it is not "
+            "computed with values other than the step's.")
 
 
 def check_losses(steps: Sequence[int], rebuilt: torch.Tensor, recorded: torch.Tensor, rtol: float, *,

@@ -934,3 +934,50 @@ def test_a_new_model_whose_forward_reads_other_values_is_compiled_for_them():
     assert keys[1] != keys[0] and keys[2] != keys[1]
     for got, want in zip(compiled, eager):
         assert relative(got, want) < 1e-10
+
+
+# A coefficient a helper reads from its globals, multiplying a term whose learned weight λ is
+# zero: the step does not see it, λ's gradient does. Changed between blocks, the compiled step
+# product must not keep the value (or the tensor) it was traced with.
+_COEFFICIENT = 1.0
+_MASK = torch.ones(HIDDEN, 1, dtype=DT)
+
+
+def _term_coefficient(f):
+    return _COEFFICIENT * sum((w ** 2).sum() for w in f.parameters())
+
+
+def _term_mask(f):
+    return (_MASK * f.params["0.weight"] ** 2).sum()
+
+
+def _zero_weight_gradient(term, compile):
+    model = make_model()
+    lam = torch.zeros((), dtype=DT, requires_grad=True)
+    (batches, xq, yq), = tasks(1, 3, seed=7)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=compile) as meta:
+        for x, y in batches:
+            meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * term(f))
+        ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    return lam.grad
+
+
+def test_a_helpers_global_changed_between_blocks_is_not_kept_by_a_compiled_product():
+    global _COEFFICIENT, _MASK
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", mg.MetaGradientWarning)
+            for value in (1.0, 5.0, 1.0):  # a float: keyed, each value its own compiled product
+                _COEFFICIENT = value
+                torch.testing.assert_close(_zero_weight_gradient(_term_coefficient, True),
+                                           _zero_weight_gradient(_term_coefficient, False), rtol=1e-10, atol=1e-12)
+            ours = [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
+            assert not ours, ours
+            for value in (1.0, 5.0):  # a tensor: its products run eagerly, with one warning
+                _MASK = torch.full((HIDDEN, 1), value, dtype=DT)
+                torch.testing.assert_close(_zero_weight_gradient(_term_mask, True),
+                                           _zero_weight_gradient(_term_mask, False), rtol=1e-10, atol=1e-12)
+        warned = [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
+        assert len(warned) == 1 and "reads a tensor that is not among its inputs" in warned[0], warned
+    finally:
+        _COEFFICIENT, _MASK = 1.0, torch.ones(HIDDEN, 1, dtype=DT)

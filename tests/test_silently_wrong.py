@@ -556,3 +556,131 @@ def test_drawn_heads_schedules_and_step_sizes_equal_a_hand_unroll(K, seed, first
     want = unrolled(model, inner, query, [{n: lr * schedule[k] for n, lr in lrs.items()} for k in range(K)],
                     wrt=list(lrs.values()))
     close(grads_of(list(model.parameters()) + list(lrs.values())), want)
+
+
+# ---------------------------------------------------------------- a read only η's gradient sees
+# A learned weight that starts at zero (a regularizer's, a term's) multiplies a coefficient the
+# closure reads without capturing it: through a helper's globals, an object's attribute, a
+# method of a captured object, a global list. While the weight is zero the coefficient does not
+# change the step, so the comparison of rebuilt and stored iterates passes whatever it reads,
+# yet η's gradient is the coefficient times the term. A coefficient changed between the inner
+# steps was read at backward time by every rebuilt step: a wrong η-gradient with no error.
+SCALE = 1.0
+SCALES = [1.0]
+MASK = torch.ones(4, 2, dtype=DT)
+
+
+class _Config:
+    def __init__(self):
+        self.scale = 1.0
+
+    def penalty(self, f):
+        return self.scale * sum((p ** 2).sum() for p in f.params.values())
+
+
+def _penalty_global(f):
+    return SCALE * sum((p ** 2).sum() for p in f.params.values())
+
+
+def _penalty_list(f):
+    return SCALES[0] * sum((p ** 2).sum() for p in f.params.values())
+
+
+def _penalty_mask(f):
+    return (MASK * f.params["0.weight"] ** 2).sum()
+
+
+def _reads(kind, cfg):
+    """``(set(k), penalty(f))``: how step k sets its coefficient to 1 + k, and the term."""
+    def set_global(k):
+        global SCALE, MASK
+        SCALE, MASK = 1.0 + k, torch.full((4, 2), 1.0 + k, dtype=DT)
+
+    def set_list(k):
+        SCALES[0] = 1.0 + k
+
+    def set_attribute(k):
+        cfg.scale = 1.0 + k
+
+    return {
+        "helper global": (set_global, _penalty_global),
+        "helper global tensor": (set_global, _penalty_mask),
+        "helper global list": (set_list, _penalty_list),
+        "object attribute": (set_attribute, lambda f: cfg.scale * sum((p ** 2).sum() for p in f.params.values())),
+        "method of a captured object": (set_attribute, lambda f: cfg.penalty(f)),
+    }[kind]
+
+
+def _weight_penalty_block(estimator, kind, changing, compile=False, model=None):
+    model = mlp(0) if model is None else model
+    x, y, xq, yq = data(5)[:4]
+    cfg = _Config()
+    set_k, penalty = _reads(kind, cfg)
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator, compile=compile) as meta:
+        for k in range(3):
+            set_k(k if changing else 0)
+            meta.step(lambda f: F.mse_loss(f(x), y) + wd * penalty(f))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    set_k(0)
+    return wd.grad, model
+
+
+def _weight_penalty_exact(kind, changing):
+    """η's gradient by a plain autograd loop, the coefficient of step k as it was at step k."""
+    model = mlp(0)
+    x, y, xq, yq = data(5)[:4]
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+    mask = kind == "helper global tensor"  # the term on the first layer's weight only
+    theta = dict(model.named_parameters())
+    phi = {n: p.view_as(p) for n, p in theta.items()}
+    for k in range(3):
+        c = 1.0 + k if changing else 1.0
+        term = (c * phi["0.weight"] ** 2).sum() if mask else c * sum((p ** 2).sum() for p in phi.values())
+        loss = F.mse_loss(functional_call(model, phi, (x,)), y) + wd * term
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: p - 0.3 * g for (n, p), g in zip(phi.items(), grads)}
+    (g,) = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), [wd])
+    return g
+
+
+KINDS = ["helper global", "helper global tensor", "helper global list", "object attribute",
+         "method of a captured object"]
+REBUILDING = [mg.Checkpointed, lambda: mg.Truncated(3), lambda: mg.Binomial(3, monitor=False),
+              lambda: mg.Checkpointed(snapshots=2)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("estimator", REBUILDING)
+def test_a_read_that_only_the_meta_parameters_gradient_sees_raises_when_it_changed(kind, estimator):
+    with pytest.raises(mg.ReplayError, match="read values that changed since the step was taken"):
+        _weight_penalty_block(estimator(), kind, changing=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("estimator", [mg.Full, *REBUILDING])
+def test_a_read_that_only_the_meta_parameters_gradient_sees_is_exact_when_it_did_not_change(kind, estimator):
+    got, _ = _weight_penalty_block(estimator(), kind, changing=False)
+    torch.testing.assert_close(got, _weight_penalty_exact(kind, changing=False), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_does_not_rebuild_and_is_exact_with_a_changing_read(kind):
+    got, _ = _weight_penalty_block(mg.Full(), kind, changing=True)
+    torch.testing.assert_close(got, _weight_penalty_exact(kind, changing=True), rtol=1e-10, atol=1e-12)
+
+
+def test_implicit_refuses_a_last_step_whose_reads_changed_before_backward():
+    """Implicit rebuilds the last step at φ_K, where no stored iterate checks it: a value its
+    closure reads through an object, changed after that step, would define another inner
+    problem, for θ and η alike."""
+    model = mlp(0)
+    x, y, xq, yq = data(6)[:4]
+    cfg = _Config()
+    with pytest.raises(mg.ReplayError, match="rebuilt at the final fast weights"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=mg.Implicit(reg=5.0)) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(x), y) + 1e-3 * cfg.penalty(f))
+            cfg.scale = 2.0
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())

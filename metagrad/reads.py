@@ -1,0 +1,279 @@
+"""What a closure reads that freezing it does not keep (MATH.md, "Replaying a step").
+
+A frozen closure (:mod:`metagrad.frozen`) holds the values it captures as they were at its step.
+Some of what its code reads is not among them: numbers, small containers of numbers and tensors
+reached through the attributes of a captured object (``cfg.temp``), through the methods it calls
+on one (``self.penalty(f)`` reading ``self.scale``), or as globals of the functions it calls
+(a helper reading ``REG_SCALE``). They are found here by reading the code's names
+(:func:`attribute_reads`, :func:`indirect_reads`), kept with their values at the step, and
+looked up again when the step is rebuilt (:func:`follow`): a compiled step product is keyed on
+them, and the replay check names, or with meta-parameters refuses, the ones that changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["MAX_READS", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names", "indirect_reads"]
+
+
+@functools.lru_cache(maxsize=1024)
+def global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Every name the code, and code nested in it (comprehensions, inner functions), may read
+    as a global. Attribute names are included too; they are looked up and skipped if absent."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(dict.fromkeys(global_names(const)))
+    return tuple(names)
+
+
+#: At most this many attribute reads are kept per frozen closure, and objects are followed
+#: this many attributes deep (``self.cfg.temp``).
+MAX_READS = 32
+_MAX_DEPTH = 3
+#: Containers of numbers longer than this are not looked into.
+_MAX_ITEMS = 16
+SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
+                     ) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
+    """The numbers and strings reachable from ``roots`` through attributes whose names the code
+    reads (``attributes``): instance attributes (a module's submodules too), and the attributes of
+    a captured class or Python module. Properties and other descriptors are not called."""
+    reads: list[tuple[str, Any, tuple[Any, ...], Any]] = []
+    seen: set[int] = set()
+
+    def visit(name: str, root: Any, path: tuple[str, ...], value: Any, depth: int) -> None:
+        if len(reads) >= MAX_READS or id(value) in seen:
+            return
+        fields = _fields(value)
+        if fields is None:
+            return
+        seen.add(id(value))
+        for attribute in attributes:
+            if attribute not in fields:
+                continue
+            found = fields[attribute]
+            if isinstance(found, SCALARS):
+                reads.append((f"{name}.{attribute}", root, (*path, attribute), found))
+                if len(reads) >= MAX_READS:
+                    return
+            elif isinstance(found, torch.Tensor):  # by identity and version (not frozen: shared)
+                reads.append((f"{name}.{attribute}", root, (*path, attribute), TensorRead(found)))
+                if len(reads) >= MAX_READS:
+                    return
+            elif type(found) in (list, tuple, dict) and len(found) <= _MAX_ITEMS:
+                # A small container of numbers (an annealed coefficient in a list or dict): each.
+                items = found.items() if type(found) is dict else enumerate(found)
+                for key, item in items:
+                    if isinstance(item, SCALARS) and len(reads) < MAX_READS:
+                        reads.append((f"{name}.{attribute}[{key!r}]", root, (*path, attribute, _Item(key)), item))
+            elif depth < _MAX_DEPTH and not isinstance(value, (type, types.ModuleType)):
+                visit(f"{name}.{attribute}", root, (*path, attribute), found, depth + 1)
+
+    for name, value in roots:
+        visit(name, value, (), value, 1)
+    return reads
+
+
+def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], room: int
+                   ) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
+    """What the code reads a call away, which freezing does not keep: the attributes that the
+    methods it calls on a captured object read from that object (``cfg.penalty(f)`` reading
+    ``cfg.scale``; a captured module's ``forward``, a callable object's ``__call__``), and what a
+    function it calls reads from its own globals (``REG_SCALE``, ``CFG.scale``) and from the
+    values it captures, with the functions and objects those lead to in turn,
+    :data:`_HELPER_DEPTH` calls deep. ``roots`` are the values the code holds, ``attributes``
+    the names it reads. Library code (torch, metagrad, ...) is not looked into. At most
+    ``room`` of them."""
+    reads: list[tuple[str, Any, tuple[Any, ...], Any]] = []
+    todo = [(name, value, attributes, 1) for name, value in roots]
+    seen: set[int] = set()
+    while todo and len(reads) < room:
+        name, value, names, depth = todo.pop()
+        if id(value) in seen:
+            continue
+        if type(value) is types.FunctionType:
+            if _library(value) or depth > _HELPER_DEPTH:
+                continue
+            seen.add(id(value))
+            code_names = frozenset(global_names(value.__code__))
+            held = [(cell, _cell(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
+            namespace = value.__globals__
+            reads += attribute_reads([(value.__module__ or "<globals>", _Namespace(namespace)), *held], code_names)
+            todo += [(n, namespace[n], code_names, depth + 1) for n in code_names
+                     if type(namespace.get(n)) is types.FunctionType]
+            todo += [(n, v, code_names, depth + 1) for n, v in held if not isinstance(v, _LEAVES)]
+        elif (not isinstance(value, _LEAVES + (type, types.ModuleType)) and not _library(type(value))
+              and _fields(value) is not None):
+            seen.add(id(value))
+            for method in _methods(type(value), names):
+                method_names = frozenset(global_names(method.__code__))
+                reads += attribute_reads([(name, value)], method_names)
+                todo.append((f"{name}.{method.__name__}", method, method_names, depth))
+    return reads[:room]
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return None
+
+
+def _methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:
+    """:func:`_find_methods`, found once per class and names."""
+    key = (cls, attributes)
+    found = _METHODS.get(key)
+    if found is None:
+        if len(_METHODS) >= 1024:
+            _METHODS.clear()
+        found = _METHODS[key] = _find_methods(cls, attributes)
+    return found
+
+
+#: The methods :func:`_find_methods` found, per class and names read.
+_METHODS: dict[Any, tuple[types.FunctionType, ...]] = {}
+
+
+def _find_methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:
+    """The methods of class ``cls``, outside library code, that the code may call on one of its
+    objects: those it names, and ``forward`` (a module) or ``__call__`` (another object)."""
+    names = set(attributes) | {"forward" if issubclass(cls, torch.nn.Module) else "__call__"}
+    found = []
+    for name in sorted(names):
+        for klass in cls.__mro__:
+            if name in klass.__dict__:
+                method = klass.__dict__[name]
+                if type(method) is types.FunctionType and not _library(method):
+                    found.append(method)
+                break
+    return tuple(found)
+
+
+def _library(function: Any) -> bool:
+    return (getattr(function, "__module__", None) or "").split(".")[0] in _LIBRARIES
+
+
+class _Namespace:
+    """A function's globals, looked at as the attributes of an object (:func:`_fields`)."""
+
+    __slots__ = ("namespace",)
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        self.namespace = namespace
+
+
+#: How many calls deep :func:`indirect_reads` follows helper functions, and the top-level
+#: packages whose functions it does not look into.
+_HELPER_DEPTH = 2
+_LIBRARIES = frozenset(("torch", "metagrad", "numpy", "functools", "builtins", "typing", "math"))
+
+
+#: Values :func:`attribute_reads` does not look into.
+_LEAVES = (torch.Tensor, types.FunctionType, types.BuiltinFunctionType, *SCALARS)
+
+
+def _fields(value: Any) -> Optional[Mapping[str, Any]]:
+    """The attributes of ``value`` that :func:`attribute_reads` looks at, or ``None``."""
+    if isinstance(value, _LEAVES):
+        return None
+    if type(value) is _Namespace:
+        return value.namespace
+    if isinstance(value, torch.nn.Module):
+        return _ModuleFields(value)
+    try:
+        fields = getattr(value, "__dict__", None)
+    except Exception:  # an object whose __getattr__ raises for what it does not have
+        return None
+    return fields if isinstance(fields, Mapping) else None
+
+
+class _ModuleFields(Mapping):
+    """A module's plain attributes and submodules (``self.temperature``, ``self.head``)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.plain, self.modules = vars(module), module._modules
+
+    def __getitem__(self, name: str) -> Any:
+        return self.plain[name] if name in self.plain else self.modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.plain or name in self.modules
+
+    def __iter__(self) -> Any:
+        return iter({**self.plain, **self.modules})
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.modules)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no such attribute>"
+
+
+_MISSING = _Missing()
+
+
+def follow(root: Any, path: tuple[Any, ...]) -> Any:
+    value = root
+    for attribute in path:
+        if type(attribute) is _Item:  # an entry of a list, tuple or dict
+            try:
+                value = value[attribute.key]
+            except (LookupError, TypeError):
+                return _MISSING
+            continue
+        fields = _fields(value)
+        if fields is None or attribute not in fields:
+            return _MISSING
+        value = fields[attribute]
+    return value
+
+
+class TensorRead:
+    """A tensor read through an object or a helper's globals, as it was at the step."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.version = tensor, tensor._version
+
+    def same(self, now: Any) -> bool:
+        """Whether ``now`` holds what the step read: the same tensor, not changed in place since,
+        or another one equal to it (the step's is kept, so that one is compared)."""
+        if self.tensor._version != self.version:  # the step's tensor itself changed in place
+            return False
+        if now is self.tensor:
+            return True
+        return (isinstance(now, torch.Tensor) and now.shape == self.tensor.shape and now.dtype == self.tensor.dtype
+                and now.device == self.tensor.device and bool(torch.equal(now, self.tensor)))
+
+
+class Described:
+    """A value shown in an error by a description (``repr`` is the description)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _Item:
+    """A step of a read's path that is an entry of a container, not an attribute."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
