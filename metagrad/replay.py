@@ -249,9 +249,9 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
             text += (
                 f" Inner step {which} ran compiled: {what}. Python values the closure reads are "
                 "constants of a compiled function; metagrad compiles again when a number it reads "
-                "through a captured object (cfg.temp) or a module's forward reads from its attributes "
-                "changes, but a value read any other way (through a function the closure calls, a "
-                "helper's globals, an object's dict entry) stays as it was traced. Read such values "
+                "through a captured object (cfg.temp), a method it calls on one, a helper's globals or "
+                "a module's attributes changes, but a value read any other way (deeper than metagrad "
+                "looks, a large container) stays as it was traced. Read such values "
                 "into a local before meta.step (temp = cfg.temp; meta.step(lambda f: loss(f) * temp)) "
                 "or hold them in a tensor, or pass compile=False.")
     elif not causes:
