@@ -44,7 +44,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
-from .reads import MAX_READS, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads
+from .reads import MAX_READS, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads, read_names
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -68,7 +68,7 @@ class Frozen:
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
-                 attributes: tuple[str, ...] = (), bound: Any = None, known: tuple[Any, ...] = ()) -> None:
+                 attributes: frozenset[str] = frozenset(), bound: Any = None, known: tuple[Any, ...] = ()) -> None:
         # known: the keys of the first values, computed already (Frozen.around).
         self._build = build
         self.source = source
@@ -110,8 +110,8 @@ class Frozen:
         roots = [(n, v) for n, v in zip(leaf_names, flat)]
         if bound is not None:
             roots.append(("self", bound))
-        self.reads = attribute_reads(roots, frozenset(attributes)) if attributes else []
-        self.reads += indirect_reads(roots, frozenset(attributes), MAX_READS - len(self.reads))
+        self.reads = attribute_reads(roots, attributes) if attributes else []
+        self.reads += indirect_reads(roots, attributes, MAX_READS - len(self.reads))
         self.key = (identity, tuple(specs_key(specs)), known + tuple(
             # A tensor that requires grad is a meta-parameter: by identity, so that another one
             # is looked for again (MetaParameters.discover, metagrad.discovery).
@@ -293,14 +293,14 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                                      tuple(keywords))
         code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
         return Frozen(build_partial, values, names, identity, closure,
-                      attributes=() if code is None else global_names(code))
+                      attributes=frozenset() if code is None else read_names(code))
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
     if not isinstance(function, types.FunctionType):  # a callable object: kept as it is
         call = getattr(type(closure), "__call__", None)
         code = getattr(call, "__code__", None)
         return Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
-                      attributes=() if code is None else global_names(code), bound=closure)
+                      attributes=frozenset() if code is None else read_names(code), bound=closure)
     code = function.__code__
     cells = function.__closure__ or ()
     cell_values = [_cell_value(cell) for cell in cells]
@@ -322,7 +322,7 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
         return copy if bound is None else types.MethodType(copy, bound)
 
     identity = ("function", code, id(namespace), tuple(globals_read), id(bound))
-    return Frozen(build, values, names, identity, closure, attributes=global_names(code), bound=bound)
+    return Frozen(build, values, names, identity, closure, attributes=read_names(code), bound=bound)
 
 
 class _Empty:

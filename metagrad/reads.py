@@ -12,14 +12,18 @@ them, and the replay check names, or with meta-parameters refuses, the ones that
 
 from __future__ import annotations
 
+import dis
 import functools
+import sys
+import sysconfig
 import types
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["MAX_READS", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names", "indirect_reads"]
+__all__ = ["MAX_READS", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names", "indirect_reads",
+           "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -31,6 +35,26 @@ def global_names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(dict.fromkeys(global_names(const)))
     return tuple(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def read_names(code: types.CodeType) -> frozenset[str]:
+    """:func:`global_names` less the attributes and globals the code (or code nested in it)
+    assigns or deletes (``log.calls += 1``, ``global N; N += 1``): state the code changes
+    itself, a counter or a log, which a rebuild changes again, is not a value it was given."""
+    written = set()
+    todo = [code]
+    while todo:
+        current = todo.pop()
+        for instruction in dis.get_instructions(current):
+            if instruction.opname in _WRITES:
+                written.add(instruction.argval)
+        todo += [const for const in current.co_consts if isinstance(const, types.CodeType)]
+    return frozenset(global_names(code)) - written
+
+
+#: The instructions that assign or delete an attribute or a global.
+_WRITES = frozenset(("STORE_ATTR", "DELETE_ATTR", "STORE_GLOBAL", "DELETE_GLOBAL"))
 
 
 #: At most this many attribute reads are kept per frozen closure, and objects are followed
@@ -104,7 +128,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             if _library(value) or depth > _HELPER_DEPTH:
                 continue
             seen.add(id(value))
-            code_names = frozenset(global_names(value.__code__))
+            code_names = read_names(value.__code__)
             held = [(cell, _cell(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
             namespace = value.__globals__
             reads += attribute_reads([(value.__module__ or "<globals>", _Namespace(namespace)), *held], code_names)
@@ -115,7 +139,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
               and _fields(value) is not None):
             seen.add(id(value))
             for method in _methods(type(value), names):
-                method_names = frozenset(global_names(method.__code__))
+                method_names = read_names(method.__code__)
                 reads += attribute_reads([(name, value)], method_names)
                 todo.append((f"{name}.{method.__name__}", method, method_names, depth))
     return reads[:room]
@@ -159,7 +183,21 @@ def _find_methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionT
 
 
 def _library(function: Any) -> bool:
-    return (getattr(function, "__module__", None) or "").split(".")[0] in _LIBRARIES
+    """Whether a function or class is library code, not looked into: torch's, metagrad's, the
+    standard library's or an installed package's (the user's own code lives elsewhere, an
+    editable install of their package included)."""
+    return _library_module(getattr(function, "__module__", None) or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _library_module(name: str) -> bool:
+    if name.split(".")[0] in _LIBRARIES:
+        return True
+    path = getattr(sys.modules.get(name), "__file__", None)
+    return path is not None and path.startswith(_LIBRARY_PATHS)
+
+
+_LIBRARY_PATHS = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 class _Namespace:

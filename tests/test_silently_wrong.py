@@ -684,3 +684,42 @@ def test_implicit_refuses_a_last_step_whose_reads_changed_before_backward():
             cfg.scale = 2.0
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Log:
+    def __init__(self):
+        self.calls, self.last = 0, None
+
+
+_CALLS = 0
+
+
+def _counted(f, x, y):
+    global _CALLS
+    _CALLS += 1  # a counter the helper keeps itself: not a value it is given
+    return F.mse_loss(f(x), y)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full, mg.Checkpointed, lambda: mg.Truncated(3),
+                                       lambda: mg.Binomial(3, monitor=False, chunk_size=1),  # (float() under vmap fails)
+                                       lambda: mg.Checkpointed(snapshots=2)])
+def test_state_the_closure_writes_itself_is_not_a_read(estimator):
+    """A closure that logs (``log.last = loss.item()``, ``log.calls += 1``) or a helper that
+    counts its calls changes that state at every rebuild too; it is not a value the step was
+    given, and with meta-parameters it raises nothing: the meta-gradient is exact."""
+    model = mlp(0)
+    x, y, xq, yq = data(5)[:4]
+    log = _Log()
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+
+    def inner(f):
+        loss = _counted(f, x, y) + wd * sum((p ** 2).sum() for p in f.params.values())
+        log.calls += 1
+        log.last = float(loss.detach())
+        return loss
+
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator()) as meta:
+        for _ in range(3):
+            meta.step(inner)
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    torch.testing.assert_close(wd.grad, _weight_penalty_exact("helper global", changing=False), rtol=1e-10, atol=1e-12)
