@@ -32,11 +32,12 @@ and whether it ran compiled (:attr:`Frozen.compiled`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,7 +45,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
-from .reads import MAX_READS, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads, read_names
+from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads,
+                    locate, read_names)
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -190,6 +192,44 @@ class Frozen:
                 out.append((name, then, now))
         return out
 
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """For a rebuild: each of :attr:`reads` that changed since the step set back to its value
+        at the step (a number, an entry of a list or dict, the tensor an attribute or a global
+        named then), and the value it has now put back on exit. A tensor changed in place, or a
+        value held where it cannot be set (a tuple's entry), is left as it is:
+        :meth:`unreplayable` names those."""
+        swaps: list[tuple[Any, Any, Any]] = []
+        try:
+            for _, root, path, then in self.reads:
+                step = then.tensor if type(then) is TensorRead else then
+                if type(then) is TensorRead and then.tensor._version != then.version:
+                    continue  # changed in place: its values at the step are gone
+                slot = locate(root, path)
+                if slot is None:
+                    continue
+                container, key = slot
+                now = follow(root, path)
+                if now is step or (type(then) is not TensorRead and _value_key(now) == _value_key(step)):
+                    continue
+                container[key] = step
+                swaps.append((container, key, now))
+            yield
+        finally:
+            for container, key, now in reversed(swaps):
+                if now is MISSING:
+                    if isinstance(container, dict):
+                        container.pop(key, None)
+                else:
+                    container[key] = now
+
+    def unreplayable(self) -> list[tuple[str, Any, Any]]:
+        """:meth:`changed_reads` that :meth:`replaying` cannot set back as they were at the step."""
+        if not self.reads:
+            return []
+        with self.replaying():
+            return self.changed_reads()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call({}, *args, **kwargs)
 
@@ -293,7 +333,8 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                                      tuple(keywords))
         code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
         return Frozen(build_partial, values, names, identity, closure,
-                      attributes=frozenset() if code is None else read_names(code))
+                      attributes=frozenset() if code is None else read_names(code),
+                      bound=getattr(closure.func, "__self__", None) if isinstance(closure.func, types.MethodType) else None)
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
     if not isinstance(function, types.FunctionType):  # a callable object: kept as it is

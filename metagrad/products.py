@@ -190,7 +190,7 @@ class Products:
             return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
-        if tr.compiler is not None and step.graph is None and step.rng is None and not step.once:
+        if tr.compiler is not None and step.batch_key() is not None and not step.once:
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
                 pulled, pulled_eta, adjoint, norms, loss, grads, explicit = out
@@ -310,7 +310,8 @@ class Products:
         if step.once and create_graph:
             refuse_twice(m, step.once)
         try:
-            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph):
+            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph), \
+                    step.frozen().replaying():
                 return step.frozen().call(replace or {}, tr.model_at(params))
         except NestedBlockError:
             raise
@@ -339,7 +340,8 @@ class Products:
         params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
 
         def build() -> None:
-            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True):
+            with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(True), \
+                    step.frozen().replaying():
                 loss = step.frozen()(tr.model_at(params))
                 grads = loss_grads(loss, params, create_graph=True, step=m, used=step.used)
                 step.rule.step(params, grads, step.state)

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MAX_READS", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names", "indirect_reads",
-           "read_names"]
+__all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names",
+           "indirect_reads", "locate", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -119,15 +119,15 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
     ``room`` of them."""
     reads: list[tuple[str, Any, tuple[Any, ...], Any]] = []
     todo = [(name, value, attributes, 1) for name, value in roots]
-    seen: set[int] = set()
+    seen: set[Any] = set()
     while todo and len(reads) < room:
         name, value, names, depth = todo.pop()
-        if id(value) in seen:
+        if depth > _HELPER_DEPTH or (id(value), names) in seen:
             continue
+        seen.add((id(value), names))
         if type(value) is types.FunctionType:
-            if _library(value) or depth > _HELPER_DEPTH:
+            if _library(value):
                 continue
-            seen.add(id(value))
             code_names = read_names(value.__code__)
             held = [(cell, _cell(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
             namespace = value.__globals__
@@ -137,11 +137,11 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             todo += [(n, v, code_names, depth + 1) for n, v in held if not isinstance(v, _LEAVES)]
         elif (not isinstance(value, _LEAVES + (type, types.ModuleType)) and not _library(type(value))
               and _fields(value) is not None):
-            seen.add(id(value))
             for method in _methods(type(value), names):
                 method_names = read_names(method.__code__)
                 reads += attribute_reads([(name, value)], method_names)
                 todo.append((f"{name}.{method.__name__}", method, method_names, depth))
+                todo.append((name, value, method_names, depth + 1))  # the methods it calls on the object
     return reads[:room]
 
 
@@ -169,13 +169,16 @@ _METHODS: dict[Any, tuple[types.FunctionType, ...]] = {}
 
 def _find_methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:
     """The methods of class ``cls``, outside library code, that the code may call on one of its
-    objects: those it names, and ``forward`` (a module) or ``__call__`` (another object)."""
+    objects: those it names (a property's getter too), and ``forward`` (a module) or
+    ``__call__`` (another object)."""
     names = set(attributes) | {"forward" if issubclass(cls, torch.nn.Module) else "__call__"}
     found = []
     for name in sorted(names):
         for klass in cls.__mro__:
             if name in klass.__dict__:
                 method = klass.__dict__[name]
+                if isinstance(method, property):  # its getter reads the object like a method
+                    method = method.fget
                 if type(method) is types.FunctionType and not _library(method):
                     found.append(method)
                 break
@@ -211,7 +214,7 @@ class _Namespace:
 
 #: How many calls deep :func:`indirect_reads` follows helper functions, and the top-level
 #: packages whose functions it does not look into.
-_HELPER_DEPTH = 2
+_HELPER_DEPTH = 3
 _LIBRARIES = frozenset(("torch", "metagrad", "numpy", "functools", "builtins", "typing", "math"))
 
 
@@ -258,7 +261,7 @@ class _Missing:
         return "<no such attribute>"
 
 
-_MISSING = _Missing()
+MISSING = _Missing()
 
 
 def follow(root: Any, path: tuple[Any, ...]) -> Any:
@@ -268,13 +271,30 @@ def follow(root: Any, path: tuple[Any, ...]) -> Any:
             try:
                 value = value[attribute.key]
             except (LookupError, TypeError):
-                return _MISSING
+                return MISSING
             continue
         fields = _fields(value)
         if fields is None or attribute not in fields:
-            return _MISSING
+            return MISSING
         value = fields[attribute]
     return value
+
+
+def locate(root: Any, path: tuple[Any, ...]) -> Optional[tuple[Any, Any]]:
+    """Where the value at ``path`` from ``root`` is held, as ``(container, key)`` that
+    ``container[key] = value`` sets: an object's ``__dict__``, a function's globals, a list or a
+    dict; ``None`` where it cannot be set that way (a tuple's entry, a module's submodule or
+    parameter, a path that no longer leads anywhere)."""
+    holder = follow(root, path[:-1])
+    last = path[-1]
+    if type(last) is _Item:
+        return (holder, last.key) if type(holder) in (list, dict) else None
+    if type(holder) is _Namespace:
+        return holder.namespace, last
+    fields = None if isinstance(holder, _LEAVES) else getattr(holder, "__dict__", None)
+    if type(fields) is not dict or (isinstance(holder, torch.nn.Module) and last not in fields):
+        return None
+    return fields, last
 
 
 class TensorRead:

@@ -15,19 +15,22 @@ things make that true for the loops people write (:mod:`metagrad.frozen`: :func:
 - **The check.** The stored next iterate is the truth: every rebuilt step's ``Φ_m(φ_m)`` is
   compared with the stored ``φ_{m+1}``, and its loss with the recorded loss
   (:func:`check_step`). A mismatch beyond rounding raises :class:`ReplayError`.
-- **What only η's gradient sees.** A value the closure reads without capturing it (through a
-  captured object, a method it calls on one, a helper's globals: :mod:`metagrad.reads`) can
-  change the meta-parameters' gradient without changing the step: where it scales a term whose
-  η is zero. With meta-parameters, a rebuilt step that read such a value after it changed
-  raises :class:`ReplayError` whatever its iterate (:func:`check_reads`).
+- **What the closure reads without capturing it.** A value it reads through a captured
+  object, a method it calls on one, or a helper's globals (:mod:`metagrad.reads`) is set back to
+  its value at the step for the rebuild (:meth:`Frozen.replaying`): it can change the
+  meta-parameters' gradient without changing the step (where it scales a term whose η is
+  zero), which the comparison of iterates cannot see. With meta-parameters, a rebuilt step
+  that read one that could not be set back raises :class:`ReplayError` whatever its iterate
+  (:func:`check_reads`).
 
-What a frozen closure cannot freeze is what the check is for: state read through an object
-(``self.batch``), an iterator (``next(it)`` inside the closure), a function the closure calls
-that reads globals of its own, a generator object passed explicitly, Python state inside an
-update rule (torchopt's ``sgd(dampening>0)`` keeps a first-call flag), a buffer a forward hook
-writes at every call (spectral norm's power iteration in training mode), or a non-deterministic
-kernel. Where the error can see the cause it names it: the numbers the closure reads through
-the objects it captures (``cfg.temp``, :attr:`Frozen.reads`) that changed since the step, the
+What a frozen closure cannot freeze, and a rebuild cannot set back, is what the check is for:
+state read in a way :mod:`metagrad.reads` does not find (``getattr(obj, name)``, deeper than it
+looks), an iterator (``next(it)`` inside the closure), a generator object passed explicitly,
+Python state inside an update rule (torchopt's ``sgd(dampening>0)`` keeps a first-call flag), a
+buffer a forward hook writes at every call (spectral norm's power iteration in training mode),
+or a non-deterministic kernel. Where the error can see the cause it names it: a value the
+closure reads through the objects it captures (:attr:`Frozen.reads`) that changed since the step
+and could not be set back (a tensor changed in place), the
 buffers a rebuild wrote to, another thread's draws, a step that ran compiled.
 """
 
@@ -168,18 +171,20 @@ def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype
 
 def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reason: str) -> None:
     """Raise :class:`ReplayError` for the first of ``steps`` whose rebuilt closure read values
-    that changed since the step was taken (:meth:`Frozen.changed_reads`: numbers read through
-    the objects it captures, or as globals of the functions it calls, and small containers of
-    them), where the comparison of iterates cannot vouch for the rebuild (``reason`` says why)."""
+    that changed since the step was taken and could not be set back for the rebuild
+    (:meth:`Frozen.unreplayable`: a tensor changed in place, reached through an object it
+    captures or a global of a function it calls), where the comparison of iterates cannot vouch
+    for the rebuild (``reason`` says why)."""
     for which, frozen in zip(steps, closures):
-        changed = [] if frozen is None else frozen.changed_reads()
+        changed = [] if frozen is None else frozen.unreplayable()
         if changed:
             listed = ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
             raise ReplayError(
                 f"inner step {which}, rebuilt during backward, read values that changed since the step was "
-                f"taken: {listed}. {reason} Read each into a local before meta.step, so that each step keeps "
-                "its own (scale = cfg.scale; meta.step(lambda f: loss(f) + wd * scale * penalty(f))), or "
-                "hold it in a tensor, or use estimator=mg.Full(), which does not rebuild steps.")
+                f"taken and cannot be set back for the rebuild: {listed}. {reason} Give each step its own "
+                "tensor (mask = mask * 2, not mask.mul_(2)), or capture it in the closure itself (mask = "
+                "cfg.mask; meta.step(lambda f: loss(f) + wd * (mask * penalty(f)).sum())), or use "
+                "estimator=mg.Full(), which does not rebuild steps.")
 
 
 def meta_reason(meta: Sequence[str]) -> str:
@@ -243,7 +248,7 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
         what = ("its step product was computed by a function compiled with compile=True, traced "
                 "from the closure once" if frozen.compiled == "product" else
                 "its gradient was computed by a call compiled with compile=True")
-        if frozen.changed_reads():  # named above, with the fix
+        if frozen.unreplayable():  # named above, with the fix
             text += f" (Inner step {which} ran compiled: {what}; the same fix applies.)"
         else:
             text += (
@@ -263,7 +268,7 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
 def _causes(frozen: Frozen) -> list[str]:
     """What is known to differ between the step taken and its rebuild, each with its fix."""
     causes = []
-    changed = frozen.changed_reads()
+    changed = frozen.unreplayable()
     if changed:
         listed = ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
         causes.append(

@@ -564,7 +564,9 @@ def test_drawn_heads_schedules_and_step_sizes_equal_a_hand_unroll(K, seed, first
 # method of a captured object, a global list. While the weight is zero the coefficient does not
 # change the step, so the comparison of rebuilt and stored iterates passes whatever it reads,
 # yet η's gradient is the coefficient times the term. A coefficient changed between the inner
-# steps was read at backward time by every rebuilt step: a wrong η-gradient with no error.
+# steps was read at backward time by every rebuilt step: a wrong η-gradient with no error. Each
+# rebuild now reads what its step read (the values are set back for it); a tensor changed in
+# place, whose old values are gone, raises.
 SCALE = 1.0
 SCALES = [1.0]
 MASK = torch.ones(4, 2, dtype=DT)
@@ -652,9 +654,30 @@ REBUILDING = [mg.Checkpointed, lambda: mg.Truncated(3), lambda: mg.Binomial(3, m
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("estimator", REBUILDING)
-def test_a_read_that_only_the_meta_parameters_gradient_sees_raises_when_it_changed(kind, estimator):
-    with pytest.raises(mg.ReplayError, match="read values that changed since the step was taken"):
-        _weight_penalty_block(estimator(), kind, changing=True)
+def test_a_read_that_only_the_meta_parameters_gradient_sees_is_replayed_when_it_changed(kind, estimator):
+    got, _ = _weight_penalty_block(estimator(), kind, changing=True)
+    torch.testing.assert_close(got, _weight_penalty_exact(kind, changing=True), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", REBUILDING)
+def test_a_read_tensor_changed_in_place_raises_with_meta_parameters(estimator):
+    """A tensor a helper reads, changed in place after its step: its values at the step are
+    gone, so the rebuild cannot read them; with a meta-parameter it raises, naming it."""
+    model = mlp(0)
+    x, y, xq, yq = data(5)[:4]
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+    global MASK
+    MASK = torch.ones(4, 2, dtype=DT)
+    try:
+        with pytest.raises(mg.ReplayError, match=r"MASK was a tensor of shape \(4, 2\) at this step and is the same tensor, "
+                                                 "changed in place"):
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator()) as meta:
+                for k in range(3):
+                    MASK.fill_(1.0 + k)
+                    meta.step(lambda f: F.mse_loss(f(x), y) + wd * _penalty_mask(f))
+                F.mse_loss(meta.fmodel(xq), yq).backward()
+    finally:
+        MASK = torch.ones(4, 2, dtype=DT)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -670,20 +693,28 @@ def test_full_does_not_rebuild_and_is_exact_with_a_changing_read(kind):
     torch.testing.assert_close(got, _weight_penalty_exact(kind, changing=True), rtol=1e-10, atol=1e-12)
 
 
-def test_implicit_refuses_a_last_step_whose_reads_changed_before_backward():
+def test_implicit_rebuilds_its_last_step_with_what_it_read():
     """Implicit rebuilds the last step at φ_K, where no stored iterate checks it: a value its
-    closure reads through an object, changed after that step, would define another inner
-    problem, for θ and η alike."""
-    model = mlp(0)
+    closure reads through an object, changed after that step, is set back for the rebuild
+    (the inner problem is the one the loop solved), and one that cannot be set back (a tensor
+    changed in place) raises."""
     x, y, xq, yq = data(6)[:4]
-    cfg = _Config()
-    with pytest.raises(mg.ReplayError, match="rebuilt at the final fast weights"):
+
+    def run(change):
+        model, cfg = mlp(0), _Config()
+        cfg.mask = torch.ones(4, 2, dtype=DT)
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=mg.Implicit(reg=5.0)) as meta:
             for _ in range(3):
-                meta.step(lambda f: F.mse_loss(f(x), y) + 1e-3 * cfg.penalty(f))
-            cfg.scale = 2.0
+                meta.step(lambda f: F.mse_loss(f(x), y) + 1e-3 * cfg.penalty(f)
+                          + 1e-3 * (cfg.mask * f.params["0.weight"] ** 2).sum())
+            change(cfg)
             F.mse_loss(meta.fmodel(xq), yq).backward()
-    assert all(p.grad is None for p in model.parameters())
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    unchanged = run(lambda cfg: None)
+    torch.testing.assert_close(run(lambda cfg: setattr(cfg, "scale", 2.0)), unchanged, rtol=1e-12, atol=1e-14)
+    with pytest.raises(mg.ReplayError, match="rebuilt at the final fast weights"):
+        run(lambda cfg: cfg.mask.mul_(2.0))
 
 
 class _Log:
@@ -723,3 +754,53 @@ def test_state_the_closure_writes_itself_is_not_a_read(estimator):
             meta.step(inner)
         F.mse_loss(meta.fmodel(xq), yq).backward()
     torch.testing.assert_close(wd.grad, _weight_penalty_exact("helper global", changing=False), rtol=1e-10, atol=1e-12)
+
+
+class _Trainer:
+    """A researcher's trainer: a step counter, a flag, a coefficient behind a property, a loss
+    built by methods calling methods."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+        self.global_step, self.training, self.verbose = 0, True, False
+        self._coef = 1.0
+
+    @property
+    def coef(self):
+        return self._coef
+
+    def reg(self, f):
+        return self.coef * sum((p ** 2).sum() for p in f.params.values())
+
+    def inner_loss(self, f, wd):
+        loss = F.mse_loss(f(self.x), self.y)
+        if self.verbose and self.global_step % 10 == 0:  # logging only
+            print(self.global_step, float(loss))
+        if not self.training:
+            loss = loss * 1.0
+        return loss + wd * self.reg(f)
+
+
+@pytest.mark.parametrize("form", ["lambda", "partial"])
+@pytest.mark.parametrize("changing", [False, True])
+@pytest.mark.parametrize("estimator", [mg.Full, *REBUILDING])
+def test_a_trainers_counters_flags_and_methods_are_read_as_the_step_read_them(form, changing, estimator):
+    """What a trainer's methods read from it (a property, through a method a method calls), its
+    step counter read in a logging branch and bumped between steps, a flag set before the
+    query's backward: every rebuild reads what its step read, and η's gradient is exact."""
+    import functools
+
+    model = mlp(0)
+    x, y, xq, yq = data(5)[:4]
+    trainer = _Trainer(x, y)
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+    closure = functools.partial(trainer.inner_loss, wd=wd) if form == "partial" else \
+        (lambda f: trainer.inner_loss(f, wd))
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator()) as meta:
+        for k in range(3):
+            trainer._coef = 1.0 + k if changing else 1.0
+            meta.step(closure)
+            trainer.global_step += 1
+        trainer.training = False
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    torch.testing.assert_close(wd.grad, _weight_penalty_exact("object attribute", changing), rtol=1e-10, atol=1e-12)
