@@ -83,6 +83,9 @@ def attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
         seen.add(id(value))
         for attribute in attributes:
             if attribute not in fields:
+                owner = _class_attribute(value, attribute)
+                if owner is not None:  # a number the object's class holds (read through the object)
+                    visit(f"{name}.{attribute}", owner, (), owner, depth)
                 continue
             found = fields[attribute]
             if isinstance(found, SCALARS):
@@ -105,6 +108,18 @@ def attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
     for name, value in roots:
         visit(name, value, (), value, 1)
     return reads
+
+
+def _class_attribute(value: Any, attribute: str) -> Optional[type]:
+    """The class (outside library code) in whose ``__dict__`` an object that is not itself a
+    class finds ``attribute`` as a number or a string, or ``None``."""
+    if isinstance(value, (type, types.ModuleType, _Namespace)):
+        return None
+    for klass in type(value).__mro__:
+        if attribute in klass.__dict__:
+            held = klass.__dict__[attribute]
+            return klass if isinstance(held, SCALARS) and not _library(klass) else None
+    return None
 
 
 def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], room: int
@@ -135,7 +150,11 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             todo += [(n, namespace[n], code_names, depth + 1) for n in code_names
                      if type(namespace.get(n)) is types.FunctionType]
             todo += [(n, v, code_names, depth + 1) for n, v in held if not isinstance(v, _LEAVES)]
-        elif (not isinstance(value, _LEAVES + (type, types.ModuleType)) and not _library(type(value))
+        elif isinstance(value, types.ModuleType):  # a user's module: the functions named on it
+            if not _library_module(value.__name__):
+                todo += [(n, value.__dict__[n], names, depth + 1) for n in names
+                         if type(value.__dict__.get(n)) is types.FunctionType]
+        elif (not isinstance(value, _LEAVES + (type,)) and not _library(type(value))
               and _fields(value) is not None):
             for method in _methods(type(value), names):
                 method_names = read_names(method.__code__)
@@ -238,22 +257,28 @@ def _fields(value: Any) -> Optional[Mapping[str, Any]]:
 
 
 class _ModuleFields(Mapping):
-    """A module's plain attributes and submodules (``self.temperature``, ``self.head``)."""
+    """A module's plain attributes, submodules, parameters and buffers (``self.temperature``,
+    ``self.head``, ``self.mask``). Only the plain attributes can be set back
+    (:func:`locate`): a parameter or buffer reassigned or changed in place since its step is
+    named instead."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.plain, self.modules = vars(module), module._modules
+        self.held = (vars(module), module._modules, module._parameters, module._buffers)
 
     def __getitem__(self, name: str) -> Any:
-        return self.plain[name] if name in self.plain else self.modules[name]
+        for mapping in self.held:
+            if name in mapping:
+                return mapping[name]
+        raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.plain or name in self.modules
+        return any(name in mapping for mapping in self.held)
 
     def __iter__(self) -> Any:
-        return iter({**self.plain, **self.modules})
+        return iter({name: None for mapping in self.held for name in mapping})
 
     def __len__(self) -> int:
-        return len(self.plain) + len(self.modules)
+        return len(list(iter(self)))
 
 
 class _Missing:
@@ -288,13 +313,29 @@ def locate(root: Any, path: tuple[Any, ...]) -> Optional[tuple[Any, Any]]:
     holder = follow(root, path[:-1])
     last = path[-1]
     if type(last) is _Item:
+        if type(holder) is list and not -len(holder) <= last.key < len(holder):
+            return None  # the list shrank: no entry to set back
         return (holder, last.key) if type(holder) in (list, dict) else None
     if type(holder) is _Namespace:
         return holder.namespace, last
+    if isinstance(holder, type) and last in holder.__dict__ and not _library(holder):
+        return _ClassAttributes(holder), last
     fields = None if isinstance(holder, _LEAVES) else getattr(holder, "__dict__", None)
     if type(fields) is not dict or (isinstance(holder, torch.nn.Module) and last not in fields):
         return None
     return fields, last
+
+
+class _ClassAttributes:
+    """A class's attributes, set as ``container[key] = value`` (:func:`locate`)."""
+
+    __slots__ = ("cls",)
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self.cls, key, value)
 
 
 class TensorRead:

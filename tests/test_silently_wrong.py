@@ -573,6 +573,8 @@ MASK = torch.ones(4, 2, dtype=DT)
 
 
 class _Config:
+    shared = 1.0  # a class attribute, read through an instance
+
     def __init__(self):
         self.scale = 1.0
 
@@ -604,12 +606,16 @@ def _reads(kind, cfg):
     def set_attribute(k):
         cfg.scale = 1.0 + k
 
+    def set_class_attribute(k):
+        _Config.shared = 1.0 + k
+
     return {
         "helper global": (set_global, _penalty_global),
         "helper global tensor": (set_global, _penalty_mask),
         "helper global list": (set_list, _penalty_list),
         "object attribute": (set_attribute, lambda f: cfg.scale * sum((p ** 2).sum() for p in f.params.values())),
         "method of a captured object": (set_attribute, lambda f: cfg.penalty(f)),
+        "class attribute": (set_class_attribute, lambda f: cfg.shared * sum((p ** 2).sum() for p in f.params.values())),
     }[kind]
 
 
@@ -647,7 +653,7 @@ def _weight_penalty_exact(kind, changing):
 
 
 KINDS = ["helper global", "helper global tensor", "helper global list", "object attribute",
-         "method of a captured object"]
+         "method of a captured object", "class attribute"]
 REBUILDING = [mg.Checkpointed, lambda: mg.Truncated(3), lambda: mg.Binomial(3, monitor=False),
               lambda: mg.Checkpointed(snapshots=2)]
 
@@ -804,3 +810,25 @@ def test_a_trainers_counters_flags_and_methods_are_read_as_the_step_read_them(fo
         trainer.training = False
         F.mse_loss(meta.fmodel(xq), yq).backward()
     torch.testing.assert_close(wd.grad, _weight_penalty_exact("object attribute", changing), rtol=1e-10, atol=1e-12)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(4, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("estimator", REBUILDING)
+def test_a_modules_buffer_reassigned_after_its_step_raises_with_meta_parameters(estimator):
+    """A captured module's buffer, read by the closure and reassigned between the steps: a buffer
+    cannot be set back for a rebuild (it is the module's state, not a plain attribute), so with
+    a meta-parameter the rebuild raises, naming it."""
+    model, holder = mlp(0), _Masked()
+    x, y, xq, yq = data(5)[:4]
+    wd = torch.zeros((), dtype=DT, requires_grad=True)
+    with pytest.raises(mg.ReplayError, match=r"holder\.mask was a tensor of shape \(4, 2\)"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator()) as meta:
+            for k in range(3):
+                holder.mask = torch.full((4, 2), 1.0 + k, dtype=DT)
+                meta.step(lambda f: F.mse_loss(f(x), y) + wd * (holder.mask * f.params["0.weight"] ** 2).sum())
+            F.mse_loss(meta.fmodel(xq), yq).backward()
