@@ -113,13 +113,21 @@ def attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
 def _class_attribute(value: Any, attribute: str) -> Optional[type]:
     """The class (outside library code) in whose ``__dict__`` an object that is not itself a
     class finds ``attribute`` as a number or a string, or ``None``."""
-    if isinstance(value, (type, types.ModuleType, _Namespace)):
+    if isinstance(value, (type, types.ModuleType, _Namespace)) or _library(type(value)):
         return None
-    for klass in type(value).__mro__:
-        if attribute in klass.__dict__:
-            held = klass.__dict__[attribute]
-            return klass if isinstance(held, SCALARS) and not _library(klass) else None
-    return None
+    key = (type(value), attribute)
+    if key not in _OWNERS:
+        if len(_OWNERS) >= 4096:
+            _OWNERS.clear()
+        _OWNERS[key] = next((klass for klass in type(value).__mro__ if attribute in klass.__dict__), None)
+    owner = _OWNERS[key]
+    if owner is None or _library(owner) or not isinstance(owner.__dict__.get(attribute), SCALARS):
+        return None
+    return owner
+
+
+#: The class in whose ``__dict__`` an object's class finds an attribute (or ``None``), by class and name.
+_OWNERS: dict[Any, Optional[type]] = {}
 
 
 def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], room: int
@@ -272,7 +280,8 @@ class _ModuleFields(Mapping):
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return any(name in mapping for mapping in self.held)
+        plain, modules, parameters, buffers = self.held
+        return name in plain or name in modules or name in parameters or name in buffers
 
     def __iter__(self) -> Any:
         return iter({name: None for mapping in self.held for name in mapping})
