@@ -45,8 +45,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
-from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, follow, global_names, indirect_reads,
-                    locate, read_names)
+from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow, global_names,
+                    indirect_reads, locate, read_names)
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -182,15 +182,14 @@ class Frozen:
         out = []
         for name, root, path, then in self.reads:
             now = follow(root, path)
-            if type(then) is TensorRead:
-                if not then.same(now):
-                    what = ("the same tensor, changed in place" if now is then.tensor else
-                            f"another tensor of shape {tuple(now.shape)}" if isinstance(now, torch.Tensor)
-                            else repr(now))
-                    out.append((name, Described(f"a tensor of shape {tuple(then.tensor.shape)}"), Described(what)))
-            elif _value_key(now) != _value_key(then):
-                out.append((name, then, now))
+            if _changed(then, now):
+                out.append(_described(name, then, now))
         return out
+
+    def read_changed(self) -> bool:
+        """Whether any of :attr:`reads` changed since the step (:meth:`changed_reads`, without
+        describing them: asked for every step's batch key)."""
+        return any(_changed(then, follow(root, path)) for _, root, path, then in self.reads)
 
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
@@ -202,18 +201,12 @@ class Frozen:
         swaps: list[tuple[Any, Any, Any]] = []
         try:
             for _, root, path, then in self.reads:
-                step = then.tensor if type(then) is TensorRead else then
-                if type(then) is TensorRead and then.tensor._version != then.version:
-                    continue  # changed in place: its values at the step are gone
-                slot = locate(root, path)
-                if slot is None:
-                    continue
-                container, key = slot
                 now = follow(root, path)
-                if now is step or (type(then) is not TensorRead and _value_key(now) == _value_key(step)):
-                    continue
-                container[key] = step
-                swaps.append((container, key, now))
+                slot = _settable(root, path, then) if _changed(then, now) else None
+                if slot is not None:
+                    container, key = slot
+                    container[key] = then.tensor if type(then) is TensorRead else then
+                    swaps.append((container, key, now))
             yield
         finally:
             for container, key, now in reversed(swaps):
@@ -225,10 +218,12 @@ class Frozen:
 
     def unreplayable(self) -> list[tuple[str, Any, Any]]:
         """:meth:`changed_reads` that :meth:`replaying` cannot set back as they were at the step."""
-        if not self.reads:
-            return []
-        with self.replaying():
-            return self.changed_reads()
+        out = []
+        for name, root, path, then in self.reads:
+            now = follow(root, path)
+            if _changed(then, now) and _settable(root, path, then) is None:
+                out.append(_described(name, then, now))
+        return out
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.call({}, *args, **kwargs)
@@ -260,6 +255,31 @@ class Frozen:
                 values.append(pytree.tree_unflatten(flat[start:start + count], tree))
                 start += count
         return self._build(values)
+
+
+def _changed(then: Any, now: Any) -> bool:
+    """Whether a read's value ``now`` is not what the step read (``then``: the value, or a
+    :class:`~metagrad.reads.TensorRead`)."""
+    if type(then) is TensorRead:
+        return not then.same(now)
+    return _value_key(now) != _value_key(then)
+
+
+def _settable(root: Any, path: tuple[Any, ...], then: Any) -> Optional[tuple[Any, Any]]:
+    """Where a read's value at the step can be set back (:func:`~metagrad.reads.locate`), or
+    ``None``: not there, or a tensor changed in place, whose values at the step are gone."""
+    if type(then) is TensorRead and then.tensor._version != then.version:
+        return None
+    return locate(root, path)
+
+
+def _described(name: str, then: Any, now: Any) -> tuple[str, Any, Any]:
+    """``(name, value at the step, value now)`` for an error; tensors described in words."""
+    if type(then) is not TensorRead:
+        return name, then, now
+    what = ("the same tensor, changed in place" if now is then.tensor else
+            f"another tensor of shape {tuple(now.shape)}" if isinstance(now, torch.Tensor) else repr(now))
+    return name, Described(f"a tensor of shape {tuple(then.tensor.shape)}"), Described(what)
 
 
 def specs_key(specs: list[Any]) -> list[Any]:
@@ -344,7 +364,7 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                       attributes=frozenset() if code is None else read_names(code), bound=closure)
     code = function.__code__
     cells = function.__closure__ or ()
-    cell_values = [_cell_value(cell) for cell in cells]
+    cell_values = [cell_contents(cell, _EMPTY) for cell in cells]
     namespace = function.__globals__
     globals_read = [name for name in global_names(code) if name in namespace]
     defaults = list(function.__defaults__ or ())
@@ -372,13 +392,6 @@ class _Empty:
 
 
 _EMPTY = _Empty()
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # a cell not yet assigned
-        return _EMPTY
 
 
 # ------------------------------------------------------------------- random numbers

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "follow", "global_names",
-           "indirect_reads", "locate", "read_names"]
+__all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
+           "global_names", "indirect_reads", "locate", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -152,7 +152,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             if _library(value):
                 continue
             code_names = read_names(value.__code__)
-            held = [(cell, _cell(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
+            held = [(cell, cell_contents(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
             namespace = value.__globals__
             reads += attribute_reads([(value.__module__ or "<globals>", _Namespace(namespace)), *held], code_names)
             todo += [(n, namespace[n], code_names, depth + 1) for n in code_names
@@ -172,11 +172,12 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
     return reads[:room]
 
 
-def _cell(cell: Any) -> Any:
+def cell_contents(cell: Any, empty: Any = None) -> Any:
+    """What a closure's cell holds, or ``empty`` for a cell not yet assigned."""
     try:
         return cell.cell_contents
-    except ValueError:  # a cell not yet assigned
-        return None
+    except ValueError:
+        return empty
 
 
 def _methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:

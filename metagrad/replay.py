@@ -178,13 +178,18 @@ def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reas
     for which, frozen in zip(steps, closures):
         changed = [] if frozen is None else frozen.unreplayable()
         if changed:
-            listed = ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
+            listed = _listed(changed)
             raise ReplayError(
                 f"inner step {which}, rebuilt during backward, read values that changed since the step was "
                 f"taken and cannot be set back for the rebuild: {listed}. {reason} Give each step its own "
                 "tensor (mask = mask * 2, not mask.mul_(2)), or capture it in the closure itself (mask = "
                 "cfg.mask; meta.step(lambda f: loss(f) + wd * (mask * penalty(f)).sum())), or use "
                 "estimator=mg.Full(), which does not rebuild steps.")
+
+
+def _listed(changed: Sequence[tuple[str, Any, Any]]) -> str:
+    """``(name, value at the step, value now)`` reads, in words for an error."""
+    return ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
 
 
 def meta_reason(meta: Sequence[str]) -> str:
@@ -270,7 +275,7 @@ def _causes(frozen: Frozen) -> list[str]:
     causes = []
     changed = frozen.unreplayable()
     if changed:
-        listed = ", ".join(f"{name} was {then!r} at this step and is {now!r} now" for name, then, now in changed)
+        listed = _listed(changed)
         causes.append(
             f"The closure reads values through an object it captures, which are not frozen with the "
             f"step: {listed}. Read each into a local before meta.step, so that each step keeps its "

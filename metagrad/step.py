@@ -72,7 +72,7 @@ class StepRecord:
         """Steps with equal keys can be rebuilt in one vmapped or compiled call; ``None``: only
         alone, eagerly (a step whose closure read values that changed since: its rebuild sets
         them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`)."""
-        if self.graph is not None or self.rng is not None or self.closure is None or self.closure.changed_reads():
+        if self.graph is not None or self.rng is not None or self.closure is None or self.closure.read_changed():
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 
