@@ -34,7 +34,7 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .memory import saved_bytes
 from .snapshots import Schedule
-from .tape import Tape
+from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
                    pull_back, rule_slots, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
@@ -68,7 +68,7 @@ def unroll(loss_at: LossAt, params: Params, rule: UpdateRule, steps: int,
     return iterates, states
 
 
-class PureTrajectory:
+class PureTrajectory(OnTape):
     """The stored inner loop of a pure loss, with the products estimators use.
 
     Args:
@@ -143,16 +143,6 @@ class PureTrajectory:
             self.tape.append(record, dict(new), pytree.tree_unflatten(new_leaves, spec))
             flat = (list(new_leaves), spec)
 
-    @property
-    def length(self) -> int:
-        """The number of inner steps taken, K."""
-        return self.tape.length
-
-    @property
-    def current(self) -> Params:
-        """The final fast weights φ_K."""
-        return self.tape.current
-
     def _step(self, m: int) -> StepRecord:
         if m in self.tape.absent:
             self.restore(m, m)
@@ -165,21 +155,6 @@ class PureTrajectory:
     def state(self, k: int) -> State:
         """The update rule's state s_k before step k."""
         return self.tape.state if k == self.length else self._step(k).state
-
-    @property
-    def recomputed_steps(self) -> int:
-        """Inner steps recomputed forward from a snapshot so far."""
-        return self.tape.recomputed_steps
-
-    @property
-    def stored_iterates(self) -> int:
-        """How many iterates φ_k (k < K) are held now (:attr:`metagrad.tape.Tape.held`)."""
-        return self.tape.held
-
-    @property
-    def iterate_bytes(self) -> int:
-        """The bytes of the iterates and optimizer states held now."""
-        return self.tape.iterate_bytes
 
     def graph_bytes(self, m: int) -> int:
         """The bytes one graph of step m holds, as

@@ -25,7 +25,7 @@ from .update_rule import Params, State
 from .snapshots import Schedule
 from .step import StepRecord, nbytes
 
-__all__ = ["Tape", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order"]
+__all__ = ["Tape", "OnTape", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order"]
 
 
 _nesting = threading.local()
@@ -236,3 +236,36 @@ class Tape:
         self.last = None
         self.current, self.state = {}, {}
         self.lifetime.released = True
+
+
+class OnTape:
+    """What a trajectory of either face reads off its :class:`Tape` (``self.tape``) as it is:
+    K, the current fast weights, the iterates held and their bytes, the steps recomputed."""
+
+    tape: Tape
+
+    @property
+    def length(self) -> int:
+        """The number of inner steps taken, K."""
+        return self.tape.length
+
+    @property
+    def current(self) -> Params:
+        """The current fast weights φ_K (graph-carrying for a differentiable trajectory)."""
+        return self.tape.current
+
+    @property
+    def stored_iterates(self) -> int:
+        """How many iterates φ_k (k < K) are held now: every stored step's, or, with snapshots,
+        the snapshots' and those recomputed for backward."""
+        return self.tape.held
+
+    @property
+    def recomputed_steps(self) -> int:
+        """Inner steps recomputed forward from a snapshot so far."""
+        return self.tape.recomputed_steps
+
+    @property
+    def iterate_bytes(self) -> int:
+        """The bytes of the iterates and optimizer states held now."""
+        return self.tape.iterate_bytes

@@ -47,7 +47,7 @@ from .replay import check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
-from .tape import Lifetime, NestedBlockError, Tape, differentiated_twice, second_order
+from .tape import Lifetime, NestedBlockError, OnTape, Tape, differentiated_twice, second_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from .compiled import Compiler
@@ -63,7 +63,7 @@ Closure = Callable[[FunctionalModel], torch.Tensor]
 SWEEP = 4
 
 
-class Trajectory:
+class Trajectory(OnTape):
     """Iterates ``φ_0 … φ_K`` of one inner loop and the means to rebuild each step.
 
     Args:
@@ -137,35 +137,9 @@ class Trajectory:
 
     # ------------------------------------------------------------------ what it holds
     @property
-    def length(self) -> int:
-        """The number of inner steps taken, K."""
-        return self.tape.length
-
-    @property
     def stored(self) -> int:
         """How many steps are stored for rebuilding (at most ``keep``)."""
         return len(self.tape.steps)
-
-    @property
-    def stored_iterates(self) -> int:
-        """How many iterates φ_k (k < K) are held now: every stored step's, or, with snapshots,
-        the snapshots' and those recomputed for backward (:meth:`restore`)."""
-        return self.tape.held
-
-    @property
-    def recomputed_steps(self) -> int:
-        """Inner steps recomputed forward from a snapshot so far (:meth:`restore`)."""
-        return self.tape.recomputed_steps
-
-    @property
-    def iterate_bytes(self) -> int:
-        """The bytes of the iterates and optimizer states held now."""
-        return self.tape.iterate_bytes
-
-    @property
-    def current(self) -> Params:
-        """The current fast weights φ_K (graph-carrying for a differentiable trajectory)."""
-        return self.tape.current
 
     @property
     def meta(self) -> list[torch.Tensor]:
