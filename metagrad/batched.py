@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from .discovery import MetaGrads, add_meta
 from .update_rule import Params, State
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
-from .step import StepRecord, stacked, step_body, step_size_vjp, step_vjp, with_eta
+from .step import StepRecord, eta_grads_of, stacked, step_body, step_size_vjp, step_vjp, with_eta
 
 __all__ = ["Batched"]
 
@@ -91,8 +91,9 @@ class Batched:
         out = None if tr.compiler is None else tr.compiler.product(tr, steps, chunk, u, states, None,
                                                                         batched=True)
         norms: Optional[torch.Tensor] = None  # the replay norms, where the compiled call computed them
+        fingerprint: Optional[torch.Tensor] = None  # the rows' ∂ℓ/∂η fingerprints (eager rows only)
         if out is None:
-            pulled, pulled_eta, rebuilt, losses, grads, explicit = self.rows(steps, chunk, states, u)
+            pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint = self.rows(steps, chunk, states, u)
         else:
             pulled, pulled_eta, _, norms, losses, grads, explicit = out
         meta: MetaGrads = [None] * len(tr.meta)
@@ -109,7 +110,9 @@ class Batched:
                                        [[s.params[n] for s in chunk] for n in names])
             failed = check_norms(steps, norms, tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
                                  losses=(losses, recorded), raising=False,
-                                 closures=[s.closure for s in chunk], meta=tr.meta_names)
+                                 closures=[s.closure for s in chunk], meta=tr.meta_names,
+                                 eta=None if fingerprint is None else
+                                 (list(fingerprint.unbind(0)), [s.eta_grad for s in chunk], tr.eta_scale()))
             if failed:
                 # A batched kernel rounds differently from the one the step was taken with,
                 # and an ill-conditioned step (BatchNorm over a few examples in float32) can
@@ -149,11 +152,12 @@ class Batched:
         return step_size_vjp(new, tr.meta, u)
 
     def rows(self, steps: list[int], chunk: list[StepRecord], states: State, u: Params
-             ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int]]:
+             ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int], Optional[torch.Tensor]]:
         """The rows of :meth:`vmapped_vjp` by one eager ``torch.func.vmap`` of the step's VJP
         (:func:`metagrad.step.step_vjp`): ``J_mᵀu_i``, ``B_mᵀu_i`` per explicit η (per row),
         the rebuilt ``Φ_m(φ_m)``, losses and gradients (only where the rule holds η: each row's
-        gradient is an iterate's size), and the indices of those η in ``meta``."""
+        gradient is an iterate's size), the indices of those η in ``meta``, and the rows'
+        fingerprints of ``∂ℓ/∂η`` (``[rows, n, 3]``) where the steps kept theirs, else ``None``."""
         tr = self.trajectory
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
@@ -178,18 +182,22 @@ class Batched:
             return template.with_tensors(dict(zip(slots, tensors)))(model_at(q, module))
 
         step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
+        # ∂ℓ/∂η of each row for the replay check, where the steps kept theirs (EtaProbes).
+        fingerprints = tr.replay_rtol is not None and any(s.eta_grad is not None for s in chunk)
 
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
                 eta: list[torch.Tensor]) -> tuple[Any, ...]:
-            body = step_body(with_eta(loss, tensors, {}, eta_slots, eta_params), rule, used, state=state)
+            body = step_body(with_eta(loss, tensors, {}, eta_slots, eta_params), rule, used, state=state,
+                             eta_grads=fingerprints)
             pulled_p, pulled_eta, _, new, loss_value, grads = step_vjp(body, p, eta, [], vector, [])
-            return pulled_p, pulled_eta, new, loss_value, grads if step_sizes else {}
+            grads, eta_grads = eta_grads_of(grads, len(eta) if fingerprints else 0)
+            return pulled_p, pulled_eta, new, loss_value, grads if step_sizes else {}, eta_grads
 
         try:
             # no_grad: the rule's own η (a step size that requires grad) must not record an
             # autograd graph through the batch; its part comes from the kept update below.
             with self.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, rebuilt, losses, grads = torch.func.vmap(
+                pulled, pulled_eta, rebuilt, losses, grads, eta_grads = torch.func.vmap(
                     row, in_dims=(0, 0, 0, [0 if j in varying else None for j in range(len(slots))], None))(
                         params, states, u, captured, eta)
         except Exception as error:
@@ -209,5 +217,13 @@ class Batched:
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
                 f"estimator=Checkpointed(). ({error})"
             ) from error
-        return pulled, pulled_eta, rebuilt, losses, grads, explicit
+        fingerprint = None
+        if fingerprints:  # every η known at the steps, zero where the loss does not read it
+            count = max(len(s.eta_grad) for s in chunk if s.eta_grad is not None)
+            found: list[Optional[torch.Tensor]] = [None] * count
+            for k, i in enumerate(explicit):
+                if i < count:
+                    found[i] = eta_grads[k]
+            fingerprint = self.products.eta_fingerprint(found, rows=len(steps))
+        return pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint
 

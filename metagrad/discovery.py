@@ -42,6 +42,9 @@ class Seen:
     used: tuple[str, ...]
     #: A step of it drew random numbers (its replay must be eager).
     random: bool = False
+    #: Its loss's graph goes through another block's node (a nested block), whose backward runs
+    #: once: nothing but the step's own backward goes through it.
+    nested: bool = False
 
 
 class MetaParameters:
@@ -75,6 +78,15 @@ class MetaParameters:
         #: Per closure shape of a differentiable step: the node that cannot be differentiated twice.
         self._differentiable_seen: dict[tuple[Any, ...], Optional[str]] = {}
 
+    def read(self) -> list[torch.Tensor]:
+        """The η a loss can read, for their gradient (:class:`~metagrad.replay.EtaProbes`): all but the
+        update rule's (a step size is none of the loss's inputs), whose place holds an empty tensor."""
+        return [_NONE if i in self.rule else t for i, t in enumerate(self.tensors)]
+
+    def leaves(self) -> bool:
+        """Whether every η found so far is a leaf tensor (none is computed from another)."""
+        return all(t.grad_fn is None for t in self.tensors)
+
     def _param_names(self) -> dict[int, str]:
         """The module's parameters' names, by the parameter's id."""
         if self._names_by_id is None:
@@ -82,9 +94,11 @@ class MetaParameters:
         return self._names_by_id
 
     # --------------------------------------------------------------------- closures
-    def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen]) -> Optional[str]:
+    def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen],
+                 met: Optional[list[bool]] = None) -> Optional[str]:
         """Add the η the step's loss depends on; return the node on the loss's graph whose
-        backward cannot be differentiated again (``None``: none).
+        backward cannot be differentiated again (``None``: none); ``met`` gets an entry where
+        the graph goes through another block's node (:func:`graph_inputs`).
 
         The rule: η is every tensor that requires grad, other than the fast weights, that the
         loss's graph reaches. A tensor the closure captures (a cell, a global, a default) is
@@ -104,7 +118,7 @@ class MetaParameters:
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])
-        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop, blocks=True)
+        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop, blocks=True, met=met)
         self.add(found, rule=False, names=names)
         return once
 
@@ -114,7 +128,8 @@ class MetaParameters:
         reaches, added (:meth:`discover`), the node that cannot be differentiated twice, and the
         fast weights ``used``; kept under the closure's key, so that its later steps look no
         further (a step taken from a loss tensor, ``closure`` ``None``, is looked at each time)."""
-        seen = Seen(once=self.discover(loss, params, closure), used=tuple(used))
+        met: list[bool] = []
+        seen = Seen(once=self.discover(loss, params, closure, met), used=tuple(used), nested=bool(met))
         if closure is not None:
             self.closures[closure.key] = seen
         return seen
@@ -226,14 +241,19 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
 
 
 
+#: The place of an η whose gradient is not taken (:meth:`MetaParameters.read`).
+_NONE = torch.empty(0)
+
+
 def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list[torch.Tensor]],
-                 *, blocks: bool = False) -> tuple[list[torch.Tensor], Optional[str]]:
+                 *, blocks: bool = False, met: Optional[list[bool]] = None) -> tuple[list[torch.Tensor], Optional[str]]:
     """The tensors requiring grad that the graph of ``roots`` reaches: the leaves (not in
     ``skip``, by id) and, where a node is the ``grad_fn`` of tensors in ``stop`` (by the node's
     id), those tensors (none, for an empty list), without looking behind them; with
     ``blocks``, also another block's fast weights (:func:`register_block_outputs`), without
     looking behind them. Also the first node found whose backward cannot be differentiated
-    again (:func:`once_differentiable`), described, or ``None``."""
+    again (:func:`once_differentiable`), described, or ``None``. ``met`` (with ``blocks``) gets an
+    entry for each node of another block found."""
     seen: set[int] = set()
     found: list[torch.Tensor] = []
     once: Optional[str] = None
@@ -247,6 +267,8 @@ def graph_inputs(roots: list[torch.Tensor], skip: set[int], stop: dict[int, list
             found.extend(stop[id(node)])
             continue
         if blocks and id(node) in _BLOCK_OUTPUTS:
+            if met is not None:
+                met.append(True)
             outputs = [t for t in (ref() for ref in _BLOCK_OUTPUTS[id(node)]) if t is not None and t.grad_fn is node]
             if outputs:
                 found.extend(t for t in outputs if id(t) not in skip)

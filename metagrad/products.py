@@ -61,8 +61,9 @@ class Products:
         # trajectory: the metagrad.trajectory.Trajectory these products belong to (its tape,
         # η, module and replay tolerance); typed loosely, as it is the layer above.
         self.trajectory = trajectory
-        #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss).
-        self.pending: list[tuple[int, Params, torch.Tensor]] = []
+        #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss, the
+        #: fingerprint of its ∂ℓ/∂η or ``None``: :class:`~metagrad.replay.EtaProbes`).
+        self.pending: list[tuple[int, Params, torch.Tensor, Optional[torch.Tensor]]] = []
         #: Runs of rebuilt steps whose norms a compiled sweep computed (:meth:`check_norms`):
         #: (steps, their :func:`~metagrad.replay.step_norms`, their losses).
         self.measured: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
@@ -70,13 +71,37 @@ class Products:
         self.pulling = False
 
     def rebuild(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True
-                 ) -> tuple[torch.Tensor, Params]:
+                 ) -> tuple[torch.Tensor, Params, Optional[torch.Tensor]]:
         """Step m's loss and gradient at ``params`` (leaves that require grad), with the
         gradient's graph (``create_graph=True``; without it, for a step recomputed forward),
         from the frozen closure and, if the step drew random numbers, the generator states it
-        drew them from."""
+        drew them from; and the fingerprint of the loss's ``∂ℓ/∂η`` where the step kept one
+        (:meth:`eta_fingerprint`), else ``None``."""
         loss = self.rebuilt_loss(m, step, params, create_graph=create_graph)
-        return loss, loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used)
+        eta, out = self.eta_inputs(step)
+        grads = loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used, also=eta, also_out=out,
+                           retain_graph=True if eta else None)
+        return loss, grads, self.eta_fingerprint(out)
+
+    def eta_inputs(self, step: StepRecord, meta: Optional[list[torch.Tensor]] = None
+                   ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+        """The η whose ``∂ℓ/∂η`` a rebuild of ``step`` takes for the replay check (those known when
+        the step was taken, from ``meta`` where given: :meth:`partial_eta`'s), and the list it
+        fills; none where the step kept no fingerprint."""
+        if step.eta_grad is None or self.trajectory.replay_rtol is None:
+            return [], None
+        eta, read = list(self.trajectory.meta if meta is None else meta), self.trajectory.eta.read()
+        rule = self.trajectory.rule_meta  # (their place: an empty tensor, not differentiated)
+        return [read[i] if i in rule else t for i, t in enumerate(eta)][:len(step.eta_grad)], []
+
+    def eta_fingerprint(self, grads: Optional[list[Optional[torch.Tensor]]], rows: Optional[int] = None
+                        ) -> Optional[torch.Tensor]:
+        """:meth:`EtaProbes.fingerprint <metagrad.replay.EtaProbes.fingerprint>` of a rebuild's
+        ``∂ℓ/∂η`` (``None``: none taken)."""
+        if grads is None:
+            return None
+        tr = self.trajectory
+        return tr.eta_probes.fingerprint(grads, tr.meta[:len(grads)], rows=rows)
 
     def as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
                  autocast: Optional[torch.dtype] = None) -> ContextManager[None]:
@@ -108,13 +133,14 @@ class Products:
                 for sub, mode in zip(tr.submodules, now):
                     sub.training = mode
 
-    def check(self, m: int, rebuilt: Params, loss: torch.Tensor) -> None:
+    def check(self, m: int, rebuilt: Params, loss: torch.Tensor, eta: Optional[torch.Tensor] = None) -> None:
         """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
-        ``φ_{m+1}``); :meth:`verify` runs the queue, and so does every 16th entry. Checking
+        ``φ_{m+1}``, and ``eta``, the fingerprint of its ``∂ℓ/∂η``, against the recorded one);
+        :meth:`verify` runs the queue, and so does every 16th entry. Checking
         steps together costs a few batched calls instead of a few calls per tensor per step."""
         if self.trajectory.replay_rtol is None:
             return
-        self.pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach()))
+        self.pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach(), eta))
         self._queued()
 
     def check_norms(self, steps: list[int], norms: torch.Tensor, losses: torch.Tensor) -> None:
@@ -143,23 +169,27 @@ class Products:
         steps: list[int] = []
         norms: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
+        etas: list[Optional[torch.Tensor]] = []
         if pending:
             names = list(tr.theta)
-            steps = [m for m, _, _ in pending]
+            steps = [m for m, _, _, _ in pending]
             nexts = [tr.iterate(m + 1) for m in steps]
             starts = [tr._step(m).params for m in steps]
             with torch.no_grad():
-                norms.append(step_norms([[r[n] for _, r, _ in pending] for n in names],
+                norms.append(step_norms([[r[n] for _, r, _, _ in pending] for n in names],
                                         [[t[n] for t in nexts] for n in names], [[t[n] for t in starts] for n in names]))
-            losses.append(torch.stack([loss for _, _, loss in pending]))
+            losses.append(torch.stack([loss for _, _, loss, _ in pending]))
+            etas += [eta for _, _, _, eta in pending]
         for run, run_norms, run_losses in measured:
             steps += run
             norms.append(run_norms)
             losses.append(run_losses.reshape(-1))
-        recorded = torch.stack([tr._step(m).loss for m in steps])
+            etas += [None] * len(run)
+        records = [tr._step(m) for m in steps]
+        recorded = torch.stack([step.loss for step in records])
         check_norms(steps, torch.cat(norms, 1), tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
-                    losses=(torch.cat(losses), recorded), closures=[tr._step(m).closure for m in steps],
-                    meta=tr.meta_names)
+                    losses=(torch.cat(losses), recorded), closures=[step.closure for step in records],
+                    meta=tr.meta_names, eta=(etas, [step.eta_grad for step in records], tr.eta_scale()))
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True
@@ -205,21 +235,22 @@ class Products:
         carried = [i for i, t in enumerate(leaves)
                    if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
         with torch.enable_grad():
+            replace, meta = self.partial_eta(step)
+            eta, eta_out = self.eta_inputs(step, meta)
             if step.graph is not None:  # taken from a given loss: its gradient's graph was kept
                 params, kept = step.graph
                 gradient = kept_gradient(kept)
             else:
                 params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-                gradient = autograd_gradient(m, step.used)
+                gradient = autograd_gradient(m, step.used, also=eta, also_out=eta_out)
             moving = [leaves[i].detach().requires_grad_() for i in carried]
-            replace, meta = self.partial_eta(step)
             # The step's body (metagrad.step.step_body), differentiated again by autograd: the
             # closure reads η where it holds them, so autograd follows η wherever they are.
             body = step_body(lambda q, eta: self.rebuilt_loss(m, step, q, replace=replace), step.rule,
                              step.used, state=step.state, carried=carried, gradient=gradient)
             (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
-                self.check(m, new_params, loss)
+                self.check(m, new_params, loss, self.eta_fingerprint(eta_out))
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):  # (by the new state's leaves)
@@ -286,18 +317,18 @@ class Products:
             step = tr._step(m)
             if tr.eta.rule_holds_eta(step.rule, ()) is False:
                 return [None] * len(meta)
-            loss = None
+            loss, eta = None, None
             if grads is None and step.graph is not None:
                 grads = step.graph[1]
             elif grads is None:
                 with torch.enable_grad():
                     params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
-                    loss, grads = self.rebuild(m, step, params, create_graph=False)
+                    loss, grads, eta = self.rebuild(m, step, params, create_graph=False)
             with torch.enable_grad():
                 new, _ = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
                                    step.state, True)
             if loss is not None:
-                self.check(m, new, loss)
+                self.check(m, new, loss, eta)
         return step_size_vjp(new, meta, u) or [None] * len(meta)
 
     def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,

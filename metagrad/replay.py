@@ -22,6 +22,10 @@ things make that true for the loops people write (:mod:`metagrad.frozen`: :func:
   zero), which the comparison of iterates cannot see. With meta-parameters, a rebuilt step
   that read one that could not be set back raises :class:`ReplayError` whatever its iterate
   (:func:`check_reads`).
+- **The η side.** Where a changed value the code reading does not find enters a term whose η
+  is small or zero, the step agrees and η's gradient does not. Each step taken eagerly keeps a
+  fingerprint of its loss's gradient in η (:class:`EtaProbes`), and every rebuild must agree
+  with it (:func:`check_norms`, :func:`check_eta`).
 
 What a frozen closure cannot freeze, and a rebuild cannot set back, is what the check is for:
 state read in a way :mod:`metagrad.reads` does not find (``getattr(obj, name)``, deeper than it
@@ -46,7 +50,7 @@ from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
-           "step_norms", "tolerance"]
+           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -116,15 +120,102 @@ def check_step(steps: Sequence[int], rebuilt: Sequence[Sequence[torch.Tensor]],
                        raising=raising, recomputed_from=recomputed_from)
 
 
+class EtaProbes:
+    """The η side of the replay check: a short fingerprint of ``∂ℓ_m/∂η``, the gradient of a
+    step's loss in each meta-parameter, kept when the step is taken and compared with the
+    rebuilt step's (:func:`check_norms`).
+
+    The comparison of iterates sees a changed value only as far as it changes the step; one
+    that scales a term whose η is small or zero (``η·c·R(φ)``) moves the step by ``η·Δc`` and
+    ``B_m = ∂Φ_m/∂η`` by ``Δc``, so the step agrees to the tolerance while η's gradient is wrong.
+    ``∂ℓ_m/∂η = c·R(φ_m)`` moves by ``Δc`` too, whatever η is. For each η the fingerprint is
+    ``[‖g‖, ⟨r₁, g⟩, ⟨r₂, g⟩]`` with ``r₁, r₂`` fixed ±1 vectors of η's shape (drawn once per block
+    from a generator of their own, not the user's), so a step keeps three numbers per η."""
+
+    def __init__(self) -> None:
+        self._probes: dict[int, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(0x6D67)
+
+    def probes(self, index: int, flat: torch.Tensor) -> torch.Tensor:
+        """The two ±1 vectors of η number ``index`` as the columns of a ``[numel, 2]`` matrix, in
+        the dtype and on the device of ``flat`` (a gradient, ``[rows, numel]``)."""
+        found = self._probes.get(index)
+        if found is None or found.shape[0] != flat.shape[1] or found.dtype != flat.dtype or found.device != flat.device:
+            signs = torch.randint(0, 2, (flat.shape[1], 2), generator=self._generator).mul_(2).sub_(1)
+            found = self._probes[index] = signs.to(device=flat.device, dtype=flat.dtype)
+        return found
+
+    def fingerprint(self, grads: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor],
+                    rows: Optional[int] = None) -> torch.Tensor:
+        """``[n, 3]`` (or ``[rows, n, 3]`` for gradients with a leading dimension over ``rows``),
+        float64: each η's ``[‖g‖, ⟨r₁, g⟩, ⟨r₂, g⟩]``, zeros for ``None`` (no gradient: an η the loss
+        does not read); ``like``: the η."""
+        count = 1 if rows is None else rows
+        parts: list[Optional[torch.Tensor]] = []
+        zero: Optional[torch.Tensor] = None
+        for i, g in enumerate(grads):
+            if g is None:
+                parts.append(None)
+                continue
+            flat = g.detach().reshape(count, -1)
+            if flat.dtype not in (torch.float32, torch.float64):  # half precision: sums in float32
+                flat = flat.float()
+            parts.append(torch.cat([flat.norm(dim=1, keepdim=True), flat @ self.probes(i, flat)], 1))
+            zero = parts[-1]
+        if zero is None:  # no η has a gradient
+            device = like[0].device if like else torch.device("cpu")
+            return torch.zeros((count, len(grads), 3) if rows is not None else (len(grads), 3),
+                               dtype=torch.float64, device=device)
+        table = torch.stack([zero.new_zeros(count, 3) if p is None else p for p in parts], 1).double()
+        return table if rows is not None else table[0]
+
+
+#: The η side of :func:`check_norms` for its rows: (rebuilt fingerprints, the recorded ones
+#: (``None`` where a step kept none), the largest ‖∂ℓ/∂η‖ of the block per η: the scale of rounding).
+EtaRows = tuple[Sequence[Optional[torch.Tensor]], Sequence[Optional[torch.Tensor]], Optional[torch.Tensor]]
+
+
+def _eta_disagreeing(eta: EtaRows, rtol: float, eps: float, rows: Sequence[int]) -> dict[int, tuple[int, float, float]]:
+    """The ``rows`` whose rebuilt fingerprint differs from the recorded one beyond rounding, each
+    with the first η that does: ``row → (η index, ‖Δ‖ found, bound)``. The bound is
+    ``rtol·max(‖g‖, ‖g′‖) + 16·ε·G`` for each of the three numbers, G the block's largest ‖∂ℓ/∂η‖
+    for that η; rows where either fingerprint is missing agree."""
+    rebuilt, recorded, scale = eta
+    pairs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for row in rows:
+        new, old = rebuilt[row], recorded[row]
+        if new is not None and old is not None and min(len(new), len(old)):
+            pairs.append((row, new[:len(old)], old[:len(new)]))
+    if not pairs:
+        return {}
+    width = max(len(new) for _, new, _ in pairs)
+    with torch.no_grad():
+        table = torch.stack([torch.nn.functional.pad(torch.stack([new, old]).double(), (0, 0, 0, width - len(new)))
+                             for _, new, old in pairs]).tolist()  # [pairs, 2, width, 3]
+    big = [] if scale is None else scale.double().tolist()
+    found = {}
+    for (row, new_rows, _), (new, old) in zip(pairs, table):
+        for i in range(len(new_rows)):
+            if not all(math.isfinite(v) for v in old[i]):
+                continue  # the step taken was not finite (check_finite=False)
+            bound = rtol * max(old[i][0], new[i][0]) + 16 * eps * max(big[i] if i < len(big) else 0.0, old[i][0])
+            worst = max(abs(a - b) for a, b in zip(new[i], old[i]))
+            if not worst <= bound:  # NaN fails too
+                found[row] = (i, worst, bound)
+                break
+    return found
+
+
 def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype: torch.dtype,
                 losses: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 closures: Optional[Sequence[Optional[Frozen]]] = None,
                 raising: bool = True, recomputed_from: Optional[int] = None,
-                meta: Sequence[str] = ()) -> list[int]:
+                meta: Sequence[str] = (), eta: Optional[EtaRows] = None) -> list[int]:
     """The replay check of the rows of ``steps`` from their :func:`step_norms` (``[3, rows]``)
     and ``losses`` (rebuilt, recorded). With meta-parameters (``meta``: their names), the rows'
     ``closures`` must also have read nothing that changed since their steps
-    (:func:`check_reads`). The test, for each row::
+    (:func:`check_reads`), and the gradient of its loss in each η must agree with the recorded
+    one (``eta``: :class:`EtaProbes`' fingerprints). The test, for each row::
 
         ‖Φ_m(φ_m) − φ_{m+1}‖ ≤ rtol·‖φ_{m+1} − φ_m‖ + 16·ε·‖φ_{m+1}‖,
         |L_m(rebuilt) − L_m(recorded)| ≤ rtol·|L_m(recorded)| + 16·ε·|L_m(recorded)|
@@ -154,6 +245,11 @@ def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype
             bad = bad or not _loss_agrees(values[3][row], values[4][row], rtol, eps)
         if bad:
             failed.append((row, bound))
+    eta_failed: dict[int, tuple[int, float, float]] = {}
+    if eta is not None:
+        mismatched = {row for row, _ in failed}
+        eta_failed = _eta_disagreeing(eta, rtol, eps, [row for row in range(len(mismatch)) if row not in mismatched])
+        failed = sorted(failed + [(row, found[2]) for row, found in eta_failed.items()])
     if meta and closures is not None:  # the rows whose iterates agree (a mismatch's error names the reads)
         mismatched = {row for row, _ in failed}
         check_reads([m for row, m in enumerate(steps) if row not in mismatched],
@@ -162,11 +258,39 @@ def check_norms(steps: Sequence[int], norms: torch.Tensor, rtol: float, *, dtype
         return [row for row, _ in failed]
     row, bound = failed[0]
     which = steps[row]
+    if row in eta_failed:
+        index, worst, bound = eta_failed[row]
+        name = meta[index] if index < len(meta) else f"meta-parameter {index}"
+        found = _eta_found(name, worst, bound) + (
+            f" (‖Φ(φ_{which}) − φ_{which + 1}‖ = {mismatch[row]:.3g} against a step of length {length[row]:.3g})")
+        raise _mismatch(which, found + _since(recomputed_from, which),
+                        None if closures is None else closures[row])
     found = (f"‖Φ(φ_{which}) − φ_{which + 1}‖ = {mismatch[row]:.3g} against a step of length "
              f"{length[row]:.3g} (tolerance {bound:.3g})")
     if losses is not None:
         found += f"; rebuilt loss {values[3][row]:.10g}, recorded {values[4][row]:.10g}"
     raise _mismatch(which, found + _since(recomputed_from, which), None if closures is None else closures[row])
+
+
+def check_eta(steps: Sequence[int], eta: EtaRows, rtol: float, *, dtype: torch.dtype, meta: Sequence[str],
+              closures: Sequence[Optional[Frozen]], recomputed_from: Optional[int] = None) -> None:
+    """Raise :class:`ReplayError` for the first of ``steps`` whose rebuilt ``∂ℓ/∂η`` differs from
+    the recorded one (the η side of :func:`check_norms`, for steps recomputed forward from a
+    snapshot, whose iterates :func:`check_losses` and :func:`check_step` compare)."""
+    found = _eta_disagreeing(eta, rtol, torch.finfo(dtype).eps, range(len(steps)))
+    if found:
+        row = min(found)
+        index, worst, bound = found[row]
+        name = meta[index] if index < len(meta) else f"meta-parameter {index}"
+        raise _mismatch(steps[row], _eta_found(name, worst, bound) + _since(recomputed_from, steps[row]),
+                        closures[row])
+
+
+def _eta_found(name: str, worst: float, bound: float) -> str:
+    return (f"the gradient of its loss in the meta-parameter {name} differs from the step taken's by "
+            f"{worst:.3g} (tolerance {bound:.3g}) while the step itself agrees: a value the loss reads "
+            f"changed since, in a term whose weight in the step is small or zero, so that only this "
+            f"gradient shows it")
 
 
 def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reason: str) -> None:
@@ -243,9 +367,10 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
                     "this step: give each step its own tensor instead (x = x + noise, not x.add_(noise)).")
         text += (
             " The closure or the update rule read something that changed since that step: state read "
-            "through an object or a function the closure calls (self.batch, a helper reading globals), "
-            "an iterator (next(it) inside the closure), data changed in place, a random generator "
-            "passed explicitly, a non-deterministic kernel, or Python state in the update rule (such "
+            "through an object or a function the closure calls in a way metagrad does not follow "
+            "(getattr(cfg, name), d.get(key), deeper than three calls), an iterator (next(it) inside "
+            "the closure), data changed in place, random numbers from NumPy, Python's random module or "
+            "a generator passed explicitly, a non-deterministic kernel, or Python state in the update rule (such "
             f"as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
             "data outside the closure and capture it (xb, yb = next(it); meta.step(lambda f: "
             "loss(f(xb), yb))), or use estimator=mg.Full(), which does not rebuild steps.")

@@ -30,7 +30,7 @@ from .discovery import MetaGrads, add_meta, graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "eta_grads_of", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -61,6 +61,10 @@ class StepRecord:
     #: For a step taken from a given loss (:meth:`~metagrad.trajectory.Trajectory.advance_from_loss`): the
     #: tensors the loss was built from and its gradient, built with ``create_graph=True``.
     graph: Optional[tuple[Params, Params]] = None
+    #: The fingerprint of the loss's gradient in each meta-parameter known at the step
+    #: (:class:`~metagrad.replay.EtaProbes`, ``[n, 3]``), for the replay check; ``None`` where
+    #: none was taken (no meta-parameters, or the gradient came from a compiled call).
+    eta_grad: Optional[torch.Tensor] = None
 
     def frozen(self) -> Frozen:
         """The frozen closure of a step taken from a closure (rebuilt on demand)."""
@@ -94,19 +98,34 @@ def functional_gradient(loss_of: Callable[[Params], torch.Tensor], w: Params
     return grads, loss
 
 
-def autograd_gradient(step: int, used: Optional[Sequence[str]] = None, *, create_graph: bool = True) -> Gradient:
+def autograd_gradient(step: int, used: Optional[Sequence[str]] = None, *, create_graph: bool = True,
+                      also: Sequence[torch.Tensor] = (), also_out: Optional[list[Optional[torch.Tensor]]] = None
+                      ) -> Gradient:
     """The gradient by ``torch.autograd.grad`` with its graph (``create_graph``), for the
     eager product, which differentiates the body again with autograd (:func:`loss_grads`:
-    ``w`` must be leaves that require grad)."""
+    ``w`` must be leaves that require grad; ``also``, ``also_out``: the loss's gradient in
+    more tensors, taken in the same backward)."""
     def gradient(loss_of: Callable[[Params], torch.Tensor], w: Params) -> tuple[Params, Optional[torch.Tensor]]:
         loss = loss_of(w)
-        return loss_grads(loss, w, create_graph=create_graph, step=step, used=used), loss
+        return loss_grads(loss, w, create_graph=create_graph, step=step, used=used, also=also,
+                          also_out=also_out), loss
     return gradient
+
+
+#: Where a body built with ``eta_grads=True`` returns ``∂ℓ/∂η_k`` among its gradients (:func:`eta_grads_of`).
+_ETA_KEY = "\0∂ℓ/∂η[{}]"
+
+
+def eta_grads_of(grads: Params, count: int) -> tuple[Params, list[torch.Tensor]]:
+    """A body's gradients (built with ``eta_grads=True``, :func:`step_body`) split into the fast
+    weights' and the ``count`` explicit η's."""
+    keys = [_ETA_KEY.format(k) for k in range(count)]
+    return {n: g for n, g in grads.items() if n not in keys}, [grads[key] for key in keys]
 
 
 def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: State,
               carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
-              rule_eta: Optional[Mapping[int, int]] = None) -> Body:
+              rule_eta: Optional[Mapping[int, int]] = None, eta_grads: bool = False) -> Body:
     """The one body of an inner step, ``Φ(φ, s; η) = rule(φ, ∇_φ ℓ(φ; η), s)``.
 
     ``body(φ, η, s)`` takes the fast weights, the explicit η ``loss_at`` reads, and the
@@ -116,18 +135,27 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     may have more leaves than ``state`` (a rule whose state starts empty).
     ``gradient`` takes the inner gradient: ``torch.func``'s (the default) under a transform,
     :func:`autograd_gradient` eagerly. ``rule_eta`` maps the id of a tensor the rule holds (a
-    step size) to its index in η: the body's rule holds ``η[k]`` there (:func:`rule_with`)."""
+    step size) to its index in η: the body's rule holds ``η[k]`` there (:func:`rule_with`).
+    ``eta_grads``: the gradient is taken in the explicit η too, in the same call, and returned
+    with the fast weights' (:func:`eta_grads_of` splits them; the replay check's
+    :class:`~metagrad.replay.EtaProbes`)."""
     leaves, spec = pytree.tree_flatten(state)
 
     def body(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
              ) -> tuple[tuple[Params, State], tuple[Optional[torch.Tensor], Params]]:
-        grads, loss = gradient(lambda w: loss_at({**q, **w}, eta), {n: q[n] for n in used})
+        if eta_grads:
+            keys = [_ETA_KEY.format(k) for k in range(len(eta))]
+            both, loss = gradient(lambda w: loss_at({**q, **{n: w[n] for n in used}}, [w[key] for key in keys]),
+                                  {**{n: q[n] for n in used}, **dict(zip(keys, eta))})
+            grads = {n: both[n] for n in used if n in both}
+        else:
+            grads, loss = gradient(lambda w: loss_at({**q, **w}, eta), {n: q[n] for n in used})
         full = list(leaves)
         for i, t in zip(carried, s):
             full[i] = t
         step_rule = rule if not rule_eta else rule_with(rule, {i: eta[k] for i, k in rule_eta.items()})
         new_q, new_s = step_rule.step(q, grads, pytree.tree_unflatten(full, spec))
-        return (dict(new_q), new_s), (loss, grads)
+        return (dict(new_q), new_s), (loss, both if eta_grads else grads)
 
     return body
 
@@ -315,7 +343,9 @@ def checked_loss(loss: Any, step: int) -> torch.Tensor:
 
 
 def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
-           used: Optional[Sequence[str]] = None, theta: Optional[Container[int]] = None) -> Params:
+               used: Optional[Sequence[str]] = None, theta: Optional[Container[int]] = None,
+               also: Sequence[torch.Tensor] = (), also_out: Optional[list[Optional[torch.Tensor]]] = None,
+               retain_graph: Optional[bool] = None) -> Params:
     """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
     known: the names that had a gradient when the step was taken; a rebuilt step that no
     longer reaches one of them gets a zero gradient there, which the replay check sees).
@@ -324,7 +354,13 @@ def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: 
     A loss that uses none of the fast weights but depends on something else (a parameter
     that ``adapt=`` leaves out, a meta-parameter) takes a step that moves nothing, as a plain
     unroll does. A loss that depends on nothing, or that reaches θ's own Parameters (``theta``,
-    by id) instead of the fast weights, is refused: it was built from the original module."""
+    by id) instead of the fast weights, is refused: it was built from the original module.
+
+    ``also``: more tensors to differentiate by in the same backward (the meta-parameters, for
+    the replay check's :class:`~metagrad.replay.EtaProbes`); their gradients (``None`` for
+    none) are appended to ``also_out``. ``retain_graph``: as ``torch.autograd.grad``'s (the
+    path to an η may run through a graph of the user's, ``w = hypernet(z)`` read by a helper,
+    which a later backward still needs)."""
     wrong = ValueError(
         f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
         "from the model the closure receives as its argument (meta.step(lambda f: loss(f(x), y))), "
@@ -334,10 +370,17 @@ def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: 
     if not loss.requires_grad:
         raise wrong
     names = list(params) if used is None else list(used)
-    if not names:
+    extra = [i for i, t in enumerate(also) if t.requires_grad]
+    if not names and not extra:
+        if also_out is not None:
+            also_out.extend([None] * len(also))
         return {}
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph,
-                                allow_unused=True)
+    grads = torch.autograd.grad(loss, [params[n] for n in names] + [also[i] for i in extra],
+                                create_graph=create_graph, allow_unused=True, retain_graph=retain_graph)
+    if also_out is not None:
+        found = dict(zip(extra, grads[len(names):]))
+        also_out.extend(found.get(i) for i in range(len(also)))
+    grads = grads[:len(names)]
     if used is not None:
         return {n: zero_if_none(g, params[n]) for n, g in zip(names, grads)}
     if all(g is None for g in grads) and theta and any(

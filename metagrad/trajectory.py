@@ -43,7 +43,7 @@ from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import check_losses, check_step, refuse_twice
+from .replay import EtaProbes, check_eta, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -134,6 +134,9 @@ class Trajectory(OnTape):
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
         self._theta_ids = _ParameterIds(module, theta)
+        #: The η side of the replay check: fingerprints of each step's ``∂ℓ/∂η`` (:class:`EtaProbes`).
+        self.eta_probes = EtaProbes()
+        self._eta_scale: tuple[int, Optional[torch.Tensor]] = (-1, None)
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -270,6 +273,7 @@ class Trajectory(OnTape):
                    rng: Optional[RandomState] = None, grads: Optional[Params] = None,
                    shape: Optional[tuple[Any, ...]] = None) -> torch.Tensor:
         k = self.length
+        eager = grads is None  # (given: computed by a compiled call)
         rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
             loss = checked_loss(loss, k)
@@ -279,9 +283,20 @@ class Trajectory(OnTape):
                     "rather than propagate non-finite fast weights; lower the step size or check "
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
+            # ∂ℓ/∂η of a step that will be rebuilt, in the same backward, for the replay check
+            # (EtaProbes; a closure's first step, where its η are found: _first_fingerprint).
+            # Only where every η is a leaf (the partial derivative in an η computed from another,
+            # w = hypernet(z) or an outer block's fast weights, is not what a backward to both
+            # gives), and not through a nested block's node, whose backward runs once.
+            eta_grads: Optional[list[Optional[torch.Tensor]]] = None
+            before = None if closure is None else self.eta.closures.get(closure.key)
             if grads is None:  # (given: computed by a compiled call)
+                if (before is not None and not before.nested and self.meta and self.eta.leaves()
+                        and self.replay_rtol is not None and not self.differentiable):
+                    eta_grads = []
                 grads = loss_grads(loss, params, create_graph=self.differentiable or keep_graph, step=k,
-                                   theta=self._theta_ids)
+                                   theta=self._theta_ids, also=self.eta.read() if eta_grads is not None else (),
+                                   also_out=eta_grads, retain_graph=True if eta_grads is not None else None)
         graph = (params, grads) if keep_graph else None
         inputs = params  # the tensors the loss was built from (the step's fast weights)
         if not self.differentiable:
@@ -310,9 +325,42 @@ class Trajectory(OnTape):
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
-                          autocast=autocast_dtype(self.device.type), graph=graph)
+                          autocast=autocast_dtype(self.device.type), graph=graph,
+                          eta_grad=self._eta_fingerprint(eta_grads))
         self.tape.append(step, new_params, new_state)
+        if (before is None and closure is not None and eager and self.meta and self.eta.leaves()
+                and self.replay_rtol is not None and not self.differentiable and rng is None):
+            self._first_fingerprint(k, step, params)
         return loss.detach()
+
+    def _first_fingerprint(self, k: int, step: StepRecord, params: Params) -> None:
+        """The fingerprint of ``∂ℓ/∂η`` for a closure's first step, taken by evaluating the step
+        again now at ``params`` (φ_k), after its η were found (nothing it reads has changed yet):
+        one more forward and backward per closure per block. Not through a nested block's node."""
+        seen = self.eta.closures.get(step.frozen().key)
+        if seen is None or seen.nested or seen.once:
+            return
+        step.eta_grad = torch.zeros(len(self.meta), 3)  # asks the rebuild for ∂ℓ/∂η of every η
+        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}  # (φ_k: snapshots may drop it)
+        with torch.enable_grad():
+            found = self.products.rebuild(k, step, leaves, create_graph=False)[2]
+        step.eta_grad = found
+        self._eta_scale = (-1, None)
+
+    def _eta_fingerprint(self, grads: Optional[list[Optional[torch.Tensor]]]) -> Optional[torch.Tensor]:
+        """The fingerprint of a step's ``∂ℓ/∂η`` (:class:`EtaProbes`), ``None`` without η."""
+        return self.eta_probes.fingerprint(grads, self.meta[:len(grads)]) if grads else None
+
+    def eta_scale(self) -> Optional[torch.Tensor]:
+        """The largest ‖∂ℓ/∂η‖ the stored steps recorded, per η: the scale of their rounding in
+        the replay check (found once per length of the trajectory)."""
+        if self._eta_scale[0] != self.length:
+            rows = [s.eta_grad[:, 0] for s in self.tape.steps.values() if s.eta_grad is not None]
+            width = max((len(r) for r in rows), default=0)
+            scale = (torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).amax(0)
+                     if rows else None)
+            self._eta_scale = (self.length, scale)
+        return self._eta_scale[1]
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
                 rule_meta: Optional[bool]) -> tuple[Params, State]:
@@ -452,12 +500,14 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
     that iterate was stored, and a step that changed since it was taken moves it."""
     losses = []
+    etas = []
 
     def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
         leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
         with torch.enable_grad():
-            loss, grads = trajectory.products.rebuild(m, step, leaves, create_graph=False)
+            loss, grads, eta = trajectory.products.rebuild(m, step, leaves, create_graph=False)
         losses.append(loss.detach())
+        etas.append(eta)
         return trajectory.update(step.rule, params, grads, state, False)
 
     params, _ = trajectory.tape.recompute(start, end, advance)
@@ -467,6 +517,9 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     closures = [trajectory.tape.steps[m].closure for m in steps]
     check_losses(steps, torch.stack(losses), torch.stack([trajectory.tape.steps[m].loss for m in steps]),
                  trajectory.replay_rtol, closures=closures, recomputed_from=start)
+    check_eta(steps, (etas, [trajectory.tape.steps[m].eta_grad for m in steps], trajectory.eta_scale()),
+              trajectory.replay_rtol, dtype=next(iter(trajectory.theta.values())).dtype,
+              meta=trajectory.meta_names, closures=closures, recomputed_from=start)
     names = list(trajectory.theta)
     stored, before = trajectory.iterate(end), trajectory.iterate(end - 1)
     check_step([end - 1], [[params[n]] for n in names], [[stored[n]] for n in names],
