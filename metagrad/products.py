@@ -83,6 +83,19 @@ class Products:
                            retain_graph=True if eta else None)
         return loss, grads, self.eta_fingerprint(out)
 
+    def first_fingerprint(self, k: int, step: StepRecord, params: Params) -> None:
+        """The fingerprint of ``∂ℓ/∂η`` for a closure's first step (``step``, just taken at
+        ``params``, φ_k), by evaluating it again now that its η are found and nothing it reads has
+        changed: one more forward and backward per closure per block. Not through a nested
+        block's node (whose backward runs once), nor past a node that cannot be differentiated twice."""
+        seen = self.trajectory.eta.closures.get(step.frozen().key)
+        if seen is None or seen.nested or seen.once:
+            return
+        step.eta_grad = torch.zeros(len(self.trajectory.meta), 3)  # asks the rebuild for every η's
+        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}  # (snapshots may drop step.params)
+        with torch.enable_grad():
+            step.eta_grad = self.rebuild(k, step, leaves, create_graph=False)[2]
+
     def eta_inputs(self, step: StepRecord, meta: Optional[list[torch.Tensor]] = None
                    ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
         """The η whose ``∂ℓ/∂η`` a rebuild of ``step`` takes for the replay check (those known when

@@ -41,7 +41,7 @@ buffers a rebuild wrote to, another thread's draws, a step that ran compiled.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -50,7 +50,7 @@ from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
-           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta"]
+           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta", "largest_norms"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -168,6 +168,16 @@ class EtaProbes:
                                dtype=torch.float64, device=device)
         table = torch.stack([zero.new_zeros(count, 3) if p is None else p for p in parts], 1).double()
         return table if rows is not None else table[0]
+
+
+def largest_norms(fingerprints: Iterable[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The largest ‖∂ℓ/∂η‖ per η over steps' fingerprints (:class:`EtaProbes`; ``None`` for a
+    step without one): the scale of their rounding in the check; ``None`` where none has one."""
+    rows = [f[:, 0] for f in fingerprints if f is not None]
+    width = max((len(r) for r in rows), default=0)
+    if not rows:
+        return None
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).amax(0)
 
 
 #: The η side of :func:`check_norms` for its rows: (rebuilt fingerprints, the recorded ones

@@ -43,7 +43,7 @@ from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import EtaProbes, check_eta, check_losses, check_step, refuse_twice
+from .replay import EtaProbes, check_eta, largest_norms, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -330,22 +330,9 @@ class Trajectory(OnTape):
         self.tape.append(step, new_params, new_state)
         if (before is None and closure is not None and eager and self.meta and self.eta.leaves()
                 and self.replay_rtol is not None and not self.differentiable and rng is None):
-            self._first_fingerprint(k, step, params)
+            self.products.first_fingerprint(k, step, params)
+            self._eta_scale = (-1, None)
         return loss.detach()
-
-    def _first_fingerprint(self, k: int, step: StepRecord, params: Params) -> None:
-        """The fingerprint of ``∂ℓ/∂η`` for a closure's first step, taken by evaluating the step
-        again now at ``params`` (φ_k), after its η were found (nothing it reads has changed yet):
-        one more forward and backward per closure per block. Not through a nested block's node."""
-        seen = self.eta.closures.get(step.frozen().key)
-        if seen is None or seen.nested or seen.once:
-            return
-        step.eta_grad = torch.zeros(len(self.meta), 3)  # asks the rebuild for ∂ℓ/∂η of every η
-        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}  # (φ_k: snapshots may drop it)
-        with torch.enable_grad():
-            found = self.products.rebuild(k, step, leaves, create_graph=False)[2]
-        step.eta_grad = found
-        self._eta_scale = (-1, None)
 
     def _eta_fingerprint(self, grads: Optional[list[Optional[torch.Tensor]]]) -> Optional[torch.Tensor]:
         """The fingerprint of a step's ``∂ℓ/∂η`` (:class:`EtaProbes`), ``None`` without η."""
@@ -355,11 +342,7 @@ class Trajectory(OnTape):
         """The largest ‖∂ℓ/∂η‖ the stored steps recorded, per η: the scale of their rounding in
         the replay check (found once per length of the trajectory)."""
         if self._eta_scale[0] != self.length:
-            rows = [s.eta_grad[:, 0] for s in self.tape.steps.values() if s.eta_grad is not None]
-            width = max((len(r) for r in rows), default=0)
-            scale = (torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).amax(0)
-                     if rows else None)
-            self._eta_scale = (self.length, scale)
+            self._eta_scale = (self.length, largest_norms(s.eta_grad for s in self.tape.steps.values()))
         return self._eta_scale[1]
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
