@@ -183,6 +183,7 @@ class Batched:
 
         step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
         # ∂ℓ/∂η of each row for the replay check, where the steps kept theirs (EtaProbes).
+        tr.flush_eta()
         fingerprints = tr.replay_rtol is not None and any(s.eta_grad is not None for s in chunk)
 
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
@@ -224,6 +225,6 @@ class Batched:
             for k, i in enumerate(explicit):
                 if i < count:
                     found[i] = eta_grads[k]
-            fingerprint = self.products.eta_fingerprint(found, rows=len(steps))
+            fingerprint = tr.eta_probes.fingerprint(found, tr.meta[:count], rows=len(steps))
         return pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint
 

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from .frozen import Frozen
 from .update_rule import Params
 
-__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "once_differentiable", "register_block_outputs",
+__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "backward_once", "once_differentiable", "register_block_outputs",
            "step_size_names"]
 
 #: One entry per meta-parameter η (:attr:`MetaParameters.tensors`): its gradient, or ``None`` for zero.
@@ -239,6 +239,16 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
         out.append(b if a is None else a if b is None else a + b)
     return out
 
+
+
+def backward_once(loss: torch.Tensor) -> bool:
+    """Whether ``loss``'s graph goes through a node whose backward may run only once: another
+    block's (a nested block) or one that cannot be differentiated twice (a ``torch.compile``'d
+    function, whose backward does not keep its graph either). Nothing but the step's own
+    backward may go through it."""
+    met: list[bool] = []
+    once = graph_inputs([loss], set(), {}, blocks=True, met=met)[1]
+    return bool(met) or once is not None
 
 
 #: The place of an η whose gradient is not taken (:meth:`MetaParameters.read`).

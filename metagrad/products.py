@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
-from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
+from .replay import ReplayError, check_norms, check_reads, many_fingerprints, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
@@ -61,9 +61,9 @@ class Products:
         # trajectory: the metagrad.trajectory.Trajectory these products belong to (its tape,
         # η, module and replay tolerance); typed loosely, as it is the layer above.
         self.trajectory = trajectory
-        #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss, the
-        #: fingerprint of its ∂ℓ/∂η or ``None``: :class:`~metagrad.replay.EtaProbes`).
-        self.pending: list[tuple[int, Params, torch.Tensor, Optional[torch.Tensor]]] = []
+        #: Rebuilt steps whose replay checks are queued: (step, rebuilt Φ_m(φ_m), loss, its
+        #: ∂ℓ/∂η for the fingerprint or ``None``: :class:`~metagrad.replay.EtaProbes`).
+        self.pending: list[tuple[int, Params, torch.Tensor, Optional[list[Optional[torch.Tensor]]]]] = []
         #: Runs of rebuilt steps whose norms a compiled sweep computed (:meth:`check_norms`):
         #: (steps, their :func:`~metagrad.replay.step_norms`, their losses).
         self.measured: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
@@ -71,50 +71,29 @@ class Products:
         self.pulling = False
 
     def rebuild(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True
-                 ) -> tuple[torch.Tensor, Params, Optional[torch.Tensor]]:
+                 ) -> tuple[torch.Tensor, Params, Optional[list[Optional[torch.Tensor]]]]:
         """Step m's loss and gradient at ``params`` (leaves that require grad), with the
         gradient's graph (``create_graph=True``; without it, for a step recomputed forward),
         from the frozen closure and, if the step drew random numbers, the generator states it
-        drew them from; and the fingerprint of the loss's ``∂ℓ/∂η`` where the step kept one
-        (:meth:`eta_fingerprint`), else ``None``."""
+        drew them from; and the loss's ``∂ℓ/∂η`` where the step kept its fingerprint
+        (:meth:`eta_inputs`), else ``None``."""
         loss = self.rebuilt_loss(m, step, params, create_graph=create_graph)
         eta, out = self.eta_inputs(step)
         grads = loss_grads(loss, params, create_graph=create_graph, step=m, used=step.used, also=eta, also_out=out,
                            retain_graph=True if eta else None)
-        return loss, grads, self.eta_fingerprint(out)
-
-    def first_fingerprint(self, k: int, step: StepRecord, params: Params) -> None:
-        """The fingerprint of ``∂ℓ/∂η`` for a closure's first step (``step``, just taken at
-        ``params``, φ_k), by evaluating it again now that its η are found and nothing it reads has
-        changed: one more forward and backward per closure per block. Not through a nested
-        block's node (whose backward runs once), nor past a node that cannot be differentiated twice."""
-        seen = self.trajectory.eta.closures.get(step.frozen().key)
-        if seen is None or seen.nested or seen.once:
-            return
-        step.eta_grad = torch.zeros(len(self.trajectory.meta), 3)  # asks the rebuild for every η's
-        leaves = {n: t.detach().requires_grad_() for n, t in params.items()}  # (snapshots may drop step.params)
-        with torch.enable_grad():
-            step.eta_grad = self.rebuild(k, step, leaves, create_graph=False)[2]
+        return loss, grads, out
 
     def eta_inputs(self, step: StepRecord, meta: Optional[list[torch.Tensor]] = None
                    ) -> tuple[list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
         """The η whose ``∂ℓ/∂η`` a rebuild of ``step`` takes for the replay check (those known when
         the step was taken, from ``meta`` where given: :meth:`partial_eta`'s), and the list it
         fills; none where the step kept no fingerprint."""
+        self.trajectory.flush_eta()
         if step.eta_grad is None or self.trajectory.replay_rtol is None:
             return [], None
         eta, read = list(self.trajectory.meta if meta is None else meta), self.trajectory.eta.read()
         rule = self.trajectory.rule_meta  # (their place: an empty tensor, not differentiated)
         return [read[i] if i in rule else t for i, t in enumerate(eta)][:len(step.eta_grad)], []
-
-    def eta_fingerprint(self, grads: Optional[list[Optional[torch.Tensor]]], rows: Optional[int] = None
-                        ) -> Optional[torch.Tensor]:
-        """:meth:`EtaProbes.fingerprint <metagrad.replay.EtaProbes.fingerprint>` of a rebuild's
-        ``∂ℓ/∂η`` (``None``: none taken)."""
-        if grads is None:
-            return None
-        tr = self.trajectory
-        return tr.eta_probes.fingerprint(grads, tr.meta[:len(grads)], rows=rows)
 
     def as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
                  autocast: Optional[torch.dtype] = None) -> ContextManager[None]:
@@ -146,9 +125,10 @@ class Products:
                 for sub, mode in zip(tr.submodules, now):
                     sub.training = mode
 
-    def check(self, m: int, rebuilt: Params, loss: torch.Tensor, eta: Optional[torch.Tensor] = None) -> None:
+    def check(self, m: int, rebuilt: Params, loss: torch.Tensor,
+              eta: Optional[list[Optional[torch.Tensor]]] = None) -> None:
         """Queue the replay check of step m (the rebuilt ``Φ_m(φ_m)`` against the stored
-        ``φ_{m+1}``, and ``eta``, the fingerprint of its ``∂ℓ/∂η``, against the recorded one);
+        ``φ_{m+1}``, and the fingerprint of ``eta``, its ``∂ℓ/∂η``, against the recorded one);
         :meth:`verify` runs the queue, and so does every 16th entry. Checking
         steps together costs a few batched calls instead of a few calls per tensor per step."""
         if self.trajectory.replay_rtol is None:
@@ -192,7 +172,7 @@ class Products:
                 norms.append(step_norms([[r[n] for _, r, _, _ in pending] for n in names],
                                         [[t[n] for t in nexts] for n in names], [[t[n] for t in starts] for n in names]))
             losses.append(torch.stack([loss for _, _, loss, _ in pending]))
-            etas += [eta for _, _, _, eta in pending]
+            etas += many_fingerprints(tr.eta_probes, [eta for _, _, _, eta in pending], tr.meta)
         for run, run_norms, run_losses in measured:
             steps += run
             norms.append(run_norms)
@@ -200,9 +180,10 @@ class Products:
             etas += [None] * len(run)
         records = [tr._step(m) for m in steps]
         recorded = torch.stack([step.loss for step in records])
+        scale = tr.eta_scale()
         check_norms(steps, torch.cat(norms, 1), tr.replay_rtol, dtype=next(iter(tr.theta.values())).dtype,
                     losses=(torch.cat(losses), recorded), closures=[step.closure for step in records],
-                    meta=tr.meta_names, eta=(etas, [step.eta_grad for step in records], tr.eta_scale()))
+                    meta=tr.meta_names, eta=(etas, [step.eta_grad for step in records], scale))
 
     def vjp(self, m: int, u: Params, state_adjoint: Optional[list[Optional[torch.Tensor]]] = None,
             *, second_order: bool = True
@@ -263,7 +244,7 @@ class Products:
                              step.used, state=step.state, carried=carried, gradient=gradient)
             (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
-                self.check(m, new_params, loss, self.eta_fingerprint(eta_out))
+                self.check(m, new_params, loss, eta_out)
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):  # (by the new state's leaves)

@@ -50,7 +50,8 @@ from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
-           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta", "largest_norms"]
+           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta", "largest_norms",
+           "many_fingerprints"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -134,13 +135,15 @@ class EtaProbes:
 
     def __init__(self) -> None:
         self._probes: dict[int, torch.Tensor] = {}
-        self._generator = torch.Generator().manual_seed(0x6D67)
+        self._generator: Optional[torch.Generator] = None  # made when first needed (a block with η)
 
     def probes(self, index: int, flat: torch.Tensor) -> torch.Tensor:
         """The two ±1 vectors of η number ``index`` as the columns of a ``[numel, 2]`` matrix, in
         the dtype and on the device of ``flat`` (a gradient, ``[rows, numel]``)."""
         found = self._probes.get(index)
         if found is None or found.shape[0] != flat.shape[1] or found.dtype != flat.dtype or found.device != flat.device:
+            if self._generator is None:
+                self._generator = torch.Generator().manual_seed(0x6D67)
             signs = torch.randint(0, 2, (flat.shape[1], 2), generator=self._generator).mul_(2).sub_(1)
             found = self._probes[index] = signs.to(device=flat.device, dtype=flat.dtype)
         return found
@@ -178,6 +181,26 @@ def largest_norms(fingerprints: Iterable[Optional[torch.Tensor]]) -> Optional[to
     if not rows:
         return None
     return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows]).amax(0)
+
+
+def many_fingerprints(probes: "EtaProbes", rows: Sequence[Optional[Sequence[Optional[torch.Tensor]]]],
+                      like: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """:meth:`EtaProbes.fingerprint` of many steps' ``∂ℓ/∂η`` (a list per step, ``None`` for a step
+    without), in one call per η: each η's gradients stacked over the steps. Fingerprints taken a
+    step at a time would make many small tensors, whose garbage collection costs more than the
+    arithmetic."""
+    present = [r for r in rows if r is not None]
+    if not present:
+        return [None] * len(rows)
+    width = max(len(r) for r in present)
+    stacked: list[Optional[torch.Tensor]] = []
+    for i in range(width):
+        column = [r[i] if i < len(r) else None for r in present]
+        first = next((g for g in column if g is not None), None)
+        stacked.append(None if first is None else torch.stack(
+            [first.new_zeros(first.shape) if g is None else g.detach() for g in column]))
+    table = iter(probes.fingerprint(stacked, like[:width], rows=len(present)).unbind(0))
+    return [None if r is None else next(table)[:len(r)] for r in rows]
 
 
 #: The η side of :func:`check_norms` for its rows: (rebuilt fingerprints, the recorded ones

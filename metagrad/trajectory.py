@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from .batched import Batched
-from .discovery import MetaGrads, MetaParameters, Seen, add_meta
+from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import EtaProbes, check_eta, largest_norms, check_losses, check_step, refuse_twice
+from .replay import EtaProbes, check_eta, largest_norms, many_fingerprints, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -57,6 +57,10 @@ __all__ = ["Trajectory", "Closure", "Lifetime", "MetaGrads", "add_meta", "Nested
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
 
+
+#: The fingerprints of ∂ℓ/∂η are taken for this many steps at a time (:meth:`Trajectory.flush_eta`),
+#: or sooner where the gradients waiting hold more than _ETA_NUMEL numbers.
+_ETA_BATCH, _ETA_NUMEL = 16, 1 << 20
 
 #: The longest run of steps one pull-back covers (:meth:`Trajectory.sweep`): with
 #: ``compile=True`` a run is one compiled call, and one run length compiles once whatever K is.
@@ -134,8 +138,10 @@ class Trajectory(OnTape):
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
         self._theta_ids = _ParameterIds(module, theta)
-        #: The η side of the replay check: fingerprints of each step's ``∂ℓ/∂η`` (:class:`EtaProbes`).
+        #: The η side of the replay check: fingerprints of each step's ``∂ℓ/∂η`` (:class:`EtaProbes`),
+        #: taken for a few steps at a time (:meth:`flush_eta`: the steps waiting, with their ∂ℓ/∂η).
         self.eta_probes = EtaProbes()
+        self._eta_pending: list[tuple[StepRecord, list[Optional[torch.Tensor]]]] = []
         self._eta_scale: tuple[int, Optional[torch.Tensor]] = (-1, None)
 
     # ------------------------------------------------------------------ what it holds
@@ -273,7 +279,6 @@ class Trajectory(OnTape):
                    rng: Optional[RandomState] = None, grads: Optional[Params] = None,
                    shape: Optional[tuple[Any, ...]] = None) -> torch.Tensor:
         k = self.length
-        eager = grads is None  # (given: computed by a compiled call)
         rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
             loss = checked_loss(loss, k)
@@ -284,16 +289,19 @@ class Trajectory(OnTape):
                     "the data. Pass check_finite=False to MetaGradient to let it propagate."
                 )
             # ∂ℓ/∂η of a step that will be rebuilt, in the same backward, for the replay check
-            # (EtaProbes; a closure's first step, where its η are found: _first_fingerprint).
-            # Only where every η is a leaf (the partial derivative in an η computed from another,
-            # w = hypernet(z) or an outer block's fast weights, is not what a backward to both
-            # gives), and not through a nested block's node, whose backward runs once.
+            # (EtaProbes); a closure's first step keeps its graph until its η are found. Only where
+            # every η is a leaf (the partial derivative in an η computed from another, w =
+            # hypernet(z) or an outer block's fast weights, is not what a backward to both gives),
+            # and not through a node whose backward runs once (a nested block's, a compiled
+            # function's). The graph is kept (it may run through a graph of the user's that a
+            # later backward needs).
             eta_grads: Optional[list[Optional[torch.Tensor]]] = None
             before = None if closure is None else self.eta.closures.get(closure.key)
+            if (grads is None and closure is not None and self.replay_rtol is not None and not self.differentiable
+                    and (self.meta or before is None) and self.eta.leaves()
+                    and (not (before.nested or before.once) if before is not None else not backward_once(loss))):
+                eta_grads = []
             if grads is None:  # (given: computed by a compiled call)
-                if (before is not None and not before.nested and self.meta and self.eta.leaves()
-                        and self.replay_rtol is not None and not self.differentiable):
-                    eta_grads = []
                 grads = loss_grads(loss, params, create_graph=self.differentiable or keep_graph, step=k,
                                    theta=self._theta_ids, also=self.eta.read() if eta_grads is not None else (),
                                    also_out=eta_grads, retain_graph=True if eta_grads is not None else None)
@@ -316,6 +324,12 @@ class Trajectory(OnTape):
                 seen = self.eta.first_step(loss, inputs, closure, used)
             once = seen.once
             seen.random = seen.random or rng is not None
+            if before is None and eta_grads is not None and len(self.meta) > len(eta_grads):  # η found now
+                if self.eta.leaves() and not once:
+                    loss_grads(loss, {}, create_graph=False, step=k, used=(),
+                               also=self.eta.read()[len(eta_grads):], also_out=eta_grads, retain_graph=True)
+                else:
+                    eta_grads = None
             if rule_meta is None:  # a new rule, or fast weights it has not updated before
                 rule_meta = self.eta.learn_rule(rule, new_params, used)
             if rule_meta:
@@ -325,22 +339,30 @@ class Trajectory(OnTape):
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
-                          autocast=autocast_dtype(self.device.type), graph=graph,
-                          eta_grad=self._eta_fingerprint(eta_grads))
+                          autocast=autocast_dtype(self.device.type), graph=graph)
+        if eta_grads:
+            self._eta_pending.append((step, [None if g is None else g.detach() for g in eta_grads]))
+            if len(self._eta_pending) >= _ETA_BATCH or sum(
+                    g.numel() for _, grads in self._eta_pending for g in grads if g is not None) > _ETA_NUMEL:
+                self.flush_eta()
         self.tape.append(step, new_params, new_state)
-        if (before is None and closure is not None and eager and self.meta and self.eta.leaves()
-                and self.replay_rtol is not None and not self.differentiable and rng is None):
-            self.products.first_fingerprint(k, step, params)
-            self._eta_scale = (-1, None)
         return loss.detach()
 
-    def _eta_fingerprint(self, grads: Optional[list[Optional[torch.Tensor]]]) -> Optional[torch.Tensor]:
-        """The fingerprint of a step's ``∂ℓ/∂η`` (:class:`EtaProbes`), ``None`` without η."""
-        return self.eta_probes.fingerprint(grads, self.meta[:len(grads)]) if grads else None
+    def flush_eta(self) -> None:
+        """Take the fingerprints of the steps whose ``∂ℓ/∂η`` wait for theirs
+        (:func:`~metagrad.replay.many_fingerprints`, :attr:`StepRecord.eta_grad
+        <metagrad.step.StepRecord.eta_grad>`); before anything reads one."""
+        if self._eta_pending:
+            pending, self._eta_pending = self._eta_pending, []
+            found = many_fingerprints(self.eta_probes, [grads for _, grads in pending], self.meta)
+            for (step, _), fingerprint in zip(pending, found):
+                step.eta_grad = fingerprint
+            self._eta_scale = (-1, None)
 
     def eta_scale(self) -> Optional[torch.Tensor]:
         """The largest ‖∂ℓ/∂η‖ the stored steps recorded, per η: the scale of their rounding in
         the replay check (found once per length of the trajectory)."""
+        self.flush_eta()
         if self._eta_scale[0] != self.length:
             self._eta_scale = (self.length, largest_norms(s.eta_grad for s in self.tape.steps.values()))
         return self._eta_scale[1]
@@ -483,7 +505,7 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     recorded one, and the recomputed φ_end the stored one (the next snapshot, or φ_K): only
     that iterate was stored, and a step that changed since it was taken moves it."""
     losses = []
-    etas = []
+    etas: list[Optional[list[Optional[torch.Tensor]]]] = []
 
     def advance(m: int, step: StepRecord, params: Params, state: State) -> tuple[Params, State]:
         leaves = {n: t.detach().requires_grad_() for n, t in params.items()}
@@ -500,7 +522,9 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     closures = [trajectory.tape.steps[m].closure for m in steps]
     check_losses(steps, torch.stack(losses), torch.stack([trajectory.tape.steps[m].loss for m in steps]),
                  trajectory.replay_rtol, closures=closures, recomputed_from=start)
-    check_eta(steps, (etas, [trajectory.tape.steps[m].eta_grad for m in steps], trajectory.eta_scale()),
+    scale = trajectory.eta_scale()
+    check_eta(steps, (many_fingerprints(trajectory.eta_probes, etas, trajectory.meta),
+                      [trajectory.tape.steps[m].eta_grad for m in steps], scale),
               trajectory.replay_rtol, dtype=next(iter(trajectory.theta.values())).dtype,
               meta=trajectory.meta_names, closures=closures, recomputed_from=start)
     names = list(trajectory.theta)
