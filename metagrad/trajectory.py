@@ -43,7 +43,7 @@ from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import EtaProbes, check_eta, largest_norms, many_fingerprints, check_losses, check_step, refuse_twice
+from .replay import EtaProbes, check_eta, check_losses, check_step, largest_norms, many_fingerprints, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
