@@ -60,12 +60,16 @@ class Batched:
         pieces: list[Params] = []
         meta_sum: MetaGrads = [None] * len(tr.meta)
         start = 0
+        # With compile=True a step that kept a fingerprint of its ∂ℓ/∂η is rebuilt alone, eagerly
+        # (EtaRecords.fingerprinted), the others of its level in compiled calls.
+        alone = (lambda m: tr.etas.fingerprinted([tr._step(m)])) if tr.compiler is not None else (lambda m: False)
         while start < rows:
             first_step = tr._step(steps[start])
             key = first_step.batch_key() if not tr.meta or tr.eta.explicit(first_step.closure) else None
+            key = None if alone(steps[start]) else key
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
-                   and tr._step(steps[stop]).batch_key() == key):
+                   and tr._step(steps[stop]).batch_key() == key and not alone(steps[stop])):
                 stop += 1
             chunk = [tr._step(m) for m in steps[start:stop]]
             u = {n: t[start:stop] for n, t in vectors.items()}
@@ -88,8 +92,8 @@ class Batched:
         first = chunk[0]
         if first.once:
             refuse_twice(steps[0], first.once)
-        out = None if tr.compiler is None else tr.compiler.product(tr, steps, chunk, u, states, None,
-                                                                        batched=True)
+        out = None if tr.compiler is None or tr.etas.fingerprinted(chunk) else tr.compiler.product(
+            tr, steps, chunk, u, states, None, batched=True)
         norms: Optional[torch.Tensor] = None  # the replay norms, where the compiled call computed them
         fingerprint: Optional[torch.Tensor] = None  # the rows' ∂ℓ/∂η fingerprints (eager rows only)
         if out is None:
@@ -183,7 +187,7 @@ class Batched:
 
         step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
         # ∂ℓ/∂η of each row for the replay check, where the steps kept theirs (EtaProbes).
-        tr.flush_eta()
+        tr.etas.flush()
         fingerprints = tr.replay_rtol is not None and any(s.eta_grad is not None for s in chunk)
 
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
@@ -225,6 +229,6 @@ class Batched:
             for k, i in enumerate(explicit):
                 if i < count:
                     found[i] = eta_grads[k]
-            fingerprint = tr.eta_probes.fingerprint(found, tr.meta[:count], rows=len(steps))
+            fingerprint = tr.etas.probes.fingerprint(found, tr.meta[:count], rows=len(steps))
         return pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint
 

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta
 from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
-from .replay import ReplayError, check_norms, check_reads, many_fingerprints, refuse_twice, step_norms
+from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body, step_size_vjp,
                    zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
@@ -88,7 +88,7 @@ class Products:
         """The η whose ``∂ℓ/∂η`` a rebuild of ``step`` takes for the replay check (those known when
         the step was taken, from ``meta`` where given: :meth:`partial_eta`'s), and the list it
         fills; none where the step kept no fingerprint."""
-        self.trajectory.flush_eta()
+        self.trajectory.etas.flush()
         if step.eta_grad is None or self.trajectory.replay_rtol is None:
             return [], None
         eta, read = list(self.trajectory.meta if meta is None else meta), self.trajectory.eta.read()
@@ -172,7 +172,7 @@ class Products:
                 norms.append(step_norms([[r[n] for _, r, _, _ in pending] for n in names],
                                         [[t[n] for t in nexts] for n in names], [[t[n] for t in starts] for n in names]))
             losses.append(torch.stack([loss for _, _, loss, _ in pending]))
-            etas += many_fingerprints(tr.eta_probes, [eta for _, _, _, eta in pending], tr.meta)
+            etas += tr.etas.fingerprints([eta for _, _, _, eta in pending])
         for run, run_norms, run_losses in measured:
             steps += run
             norms.append(run_norms)
@@ -214,7 +214,10 @@ class Products:
             return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
-        if tr.compiler is not None and step.batch_key() is not None and not step.once:
+        # A step that kept a fingerprint of ∂ℓ/∂η (taken eagerly) is rebuilt eagerly, where the
+        # fingerprint is checked: the compiled product holds the closure's values as traced.
+        if (tr.compiler is not None and step.batch_key() is not None and not step.once
+                and not tr.etas.fingerprinted([step])):
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
                 pulled, pulled_eta, adjoint, norms, loss, grads, explicit = out

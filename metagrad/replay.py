@@ -41,7 +41,7 @@ buffers a rebuild wrote to, another thread's draws, a step that ran compiled.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -51,7 +51,7 @@ from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
            "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta", "largest_norms",
-           "many_fingerprints"]
+           "many_fingerprints", "EtaRecords"]
 
 
 # ------------------------------------------------------------------------ the check
@@ -201,6 +201,56 @@ def many_fingerprints(probes: "EtaProbes", rows: Sequence[Optional[Sequence[Opti
             [first.new_zeros(first.shape) if g is None else g.detach() for g in column]))
     table = iter(probes.fingerprint(stacked, like[:width], rows=len(present)).unbind(0))
     return [None if r is None else next(table)[:len(r)] for r in rows]
+
+
+class EtaRecords:
+    """One trajectory's fingerprints of ``∂ℓ/∂η`` (the η side of the replay check): the probes
+    (:class:`EtaProbes`), the steps whose ``∂ℓ/∂η`` wait for their fingerprint, taken
+    :attr:`BATCH` steps at a time (or sooner where they hold more than :attr:`NUMEL` numbers:
+    :func:`many_fingerprints`), and the scale of their rounding. ``meta`` gives the η now."""
+
+    BATCH, NUMEL = 16, 1 << 20
+
+    def __init__(self, meta: Callable[[], Sequence[torch.Tensor]]) -> None:
+        self.probes = EtaProbes()
+        self._meta = meta
+        self._pending: list[tuple[Any, list[Optional[torch.Tensor]]]] = []
+        self._scale: tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def keep(self, step: Any, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """Queue ``grads``, the ``∂ℓ/∂η`` of ``step`` (a :class:`~metagrad.step.StepRecord`), for
+        its fingerprint (``step.eta_grad``)."""
+        self._pending.append((step, [None if g is None else g.detach() for g in grads]))
+        if len(self._pending) >= self.BATCH or sum(
+                g.numel() for _, row in self._pending for g in row if g is not None) > self.NUMEL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Take the fingerprints queued; before anything reads one."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for (step, _), found in zip(pending, self.fingerprints([row for _, row in pending])):
+                step.eta_grad = found
+            self._scale = (-1, None)
+
+    def fingerprints(self, rows: Sequence[Optional[Sequence[Optional[torch.Tensor]]]]) -> list[Optional[torch.Tensor]]:
+        """:func:`many_fingerprints` of ``rows`` (rebuilt steps' ``∂ℓ/∂η``, ``None`` for none)."""
+        return many_fingerprints(self.probes, rows, self._meta())
+
+    def fingerprinted(self, steps: Sequence[Any]) -> bool:
+        """Whether one of ``steps`` kept a fingerprint (taken eagerly): its rebuild runs eagerly,
+        where the fingerprint is checked, not as a compiled product, which holds the closure's
+        values as traced."""
+        self.flush()
+        return any(step.eta_grad is not None for step in steps)
+
+    def scale(self, steps: Iterable[Any], length: int) -> Optional[torch.Tensor]:
+        """The largest ‖∂ℓ/∂η‖ the ``steps`` recorded, per η (:func:`largest_norms`), found once per
+        ``length`` of the trajectory."""
+        self.flush()
+        if self._scale[0] != length:
+            self._scale = (length, largest_norms(step.eta_grad for step in steps))
+        return self._scale[1]
 
 
 #: The η side of :func:`check_norms` for its rows: (rebuilt fingerprints, the recorded ones

@@ -43,7 +43,7 @@ from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule
 from .products import Products
-from .replay import EtaProbes, check_eta, check_losses, check_step, largest_norms, many_fingerprints, refuse_twice
+from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -57,10 +57,6 @@ __all__ = ["Trajectory", "Closure", "Lifetime", "MetaGrads", "add_meta", "Nested
 
 Closure = Callable[[FunctionalModel], torch.Tensor]
 
-
-#: The fingerprints of ∂ℓ/∂η are taken for this many steps at a time (:meth:`Trajectory.flush_eta`),
-#: or sooner where the gradients waiting hold more than _ETA_NUMEL numbers.
-_ETA_BATCH, _ETA_NUMEL = 16, 1 << 20
 
 #: The longest run of steps one pull-back covers (:meth:`Trajectory.sweep`): with
 #: ``compile=True`` a run is one compiled call, and one run length compiles once whatever K is.
@@ -138,11 +134,8 @@ class Trajectory(OnTape):
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
         self._theta_ids = _ParameterIds(module, theta)
-        #: The η side of the replay check: fingerprints of each step's ``∂ℓ/∂η`` (:class:`EtaProbes`),
-        #: taken for a few steps at a time (:meth:`flush_eta`: the steps waiting, with their ∂ℓ/∂η).
-        self.eta_probes = EtaProbes()
-        self._eta_pending: list[tuple[StepRecord, list[Optional[torch.Tensor]]]] = []
-        self._eta_scale: tuple[int, Optional[torch.Tensor]] = (-1, None)
+        #: The η side of the replay check: the fingerprints of each step's ``∂ℓ/∂η``.
+        self.etas = EtaRecords(lambda: self.eta.tensors)
 
     # ------------------------------------------------------------------ what it holds
     @property
@@ -341,31 +334,14 @@ class Trajectory(OnTape):
                           loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
                           autocast=autocast_dtype(self.device.type), graph=graph)
         if eta_grads:
-            self._eta_pending.append((step, [None if g is None else g.detach() for g in eta_grads]))
-            if len(self._eta_pending) >= _ETA_BATCH or sum(
-                    g.numel() for _, grads in self._eta_pending for g in grads if g is not None) > _ETA_NUMEL:
-                self.flush_eta()
+            self.etas.keep(step, eta_grads)
         self.tape.append(step, new_params, new_state)
         return loss.detach()
 
-    def flush_eta(self) -> None:
-        """Take the fingerprints of the steps whose ``∂ℓ/∂η`` wait for theirs
-        (:func:`~metagrad.replay.many_fingerprints`, :attr:`StepRecord.eta_grad
-        <metagrad.step.StepRecord.eta_grad>`); before anything reads one."""
-        if self._eta_pending:
-            pending, self._eta_pending = self._eta_pending, []
-            found = many_fingerprints(self.eta_probes, [grads for _, grads in pending], self.meta)
-            for (step, _), fingerprint in zip(pending, found):
-                step.eta_grad = fingerprint
-            self._eta_scale = (-1, None)
-
     def eta_scale(self) -> Optional[torch.Tensor]:
-        """The largest ‖∂ℓ/∂η‖ the stored steps recorded, per η: the scale of their rounding in
-        the replay check (found once per length of the trajectory)."""
-        self.flush_eta()
-        if self._eta_scale[0] != self.length:
-            self._eta_scale = (self.length, largest_norms(s.eta_grad for s in self.tape.steps.values()))
-        return self._eta_scale[1]
+        """The largest ‖∂ℓ/∂η‖ the stored steps recorded, per η (:meth:`EtaRecords.scale
+        <metagrad.replay.EtaRecords.scale>`)."""
+        return self.etas.scale(self.tape.steps.values(), self.length)
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
                 rule_meta: Optional[bool]) -> tuple[Params, State]:
@@ -420,7 +396,11 @@ class Trajectory(OnTape):
         structure is one compiled call (:meth:`Compiler.sweep <metagrad.compiled.Compiler.sweep>`)."""
         if self.compiler is not None and last - first > 1:
             steps = list(range(first, last))
-            out = self.compiler.sweep(self, steps, [self._step(m) for m in steps], u, state_adjoint)
+            chunk = [self._step(m) for m in steps]
+            # A step that kept a fingerprint of its ∂ℓ/∂η is rebuilt eagerly, where the fingerprint
+            # is checked: the run goes step by step (the others' products still compiled; a run of
+            # another length would compile anew).
+            out = None if self.etas.fingerprinted(chunk) else self.compiler.sweep(self, steps, chunk, u, state_adjoint)
             if out is not None:
                 pulled, pulled_eta, state_out, explicit = out
                 meta: MetaGrads = [None] * len(self.meta)
@@ -523,7 +503,7 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     check_losses(steps, torch.stack(losses), torch.stack([trajectory.tape.steps[m].loss for m in steps]),
                  trajectory.replay_rtol, closures=closures, recomputed_from=start)
     scale = trajectory.eta_scale()
-    check_eta(steps, (many_fingerprints(trajectory.eta_probes, etas, trajectory.meta),
+    check_eta(steps, (trajectory.etas.fingerprints(etas),
                       [trajectory.tape.steps[m].eta_grad for m in steps], scale),
               trajectory.replay_rtol, dtype=next(iter(trajectory.theta.values())).dtype,
               meta=trajectory.meta_names, closures=closures, recomputed_from=start)

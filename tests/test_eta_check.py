@@ -10,6 +10,7 @@ exact, where something did they raise."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,29 @@ def test_random_numbers_from_numpy_or_python_in_a_term_with_zero_eta_raise(sourc
                 meta.step(lambda f: F.mse_loss(f(x), y) + eta * F.mse_loss(f(x + noise()), y))
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert all(p.grad is None for p in net.parameters())  # nothing was written
+
+
+@pytest.mark.parametrize("read", ["getattr", "numpy"])
+def test_compile_true_rebuilds_a_fingerprinted_step_eagerly_and_raises(read):
+    """With compile=True the compiled step product holds the values the closure read when it was
+    traced; a step that kept a fingerprint (its gradient taken eagerly: a closure's first step,
+    a closure that cannot be compiled) is rebuilt eagerly, where the fingerprint is checked."""
+    net, (x, y, xq, yq) = _problem(torch.float64)
+    eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    cfg = Settings()
+    np.random.seed(0)
+    with pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mg.MetaGradientWarning)  # a closure that does not compile
+            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=True) as meta:
+                for k in range(K):
+                    cfg.scale = 1.0 + k
+                    if read == "getattr":
+                        meta.step(lambda f: F.mse_loss(f(x), y) + eta * getattr(cfg, "scale") * (f(x) ** 2).mean())
+                    else:
+                        meta.step(lambda f: F.mse_loss(f(x), y)
+                                  + eta * F.mse_loss(f(x + torch.from_numpy(np.random.randn(*x.shape))), y))
+                F.mse_loss(meta.fmodel(xq), yq).backward()
 
 
 @settings(max_examples=15, deadline=None)
