@@ -60,16 +60,12 @@ class Batched:
         pieces: list[Params] = []
         meta_sum: MetaGrads = [None] * len(tr.meta)
         start = 0
-        # With compile=True a step that kept a fingerprint of its ∂ℓ/∂η is rebuilt alone, eagerly
-        # (EtaRecords.fingerprinted), the others of its level in compiled calls.
-        alone = (lambda m: tr.etas.fingerprinted([tr._step(m)])) if tr.compiler is not None else (lambda m: False)
         while start < rows:
             first_step = tr._step(steps[start])
             key = first_step.batch_key() if not tr.meta or tr.eta.explicit(first_step.closure) else None
-            key = None if alone(steps[start]) else key
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
-                   and tr._step(steps[stop]).batch_key() == key and not alone(steps[stop])):
+                   and tr._step(steps[stop]).batch_key() == key):
                 stop += 1
             chunk = [tr._step(m) for m in steps[start:stop]]
             u = {n: t[start:stop] for n, t in vectors.items()}
@@ -92,14 +88,14 @@ class Batched:
         first = chunk[0]
         if first.once:
             refuse_twice(steps[0], first.once)
-        out = None if tr.compiler is None or tr.etas.fingerprinted(chunk) else tr.compiler.product(
-            tr, steps, chunk, u, states, None, batched=True)
+        out = None if tr.compiler is None else tr.compiler.product(tr, steps, chunk, u, states, None,
+                                                                        batched=True)
         norms: Optional[torch.Tensor] = None  # the replay norms, where the compiled call computed them
-        fingerprint: Optional[torch.Tensor] = None  # the rows' ∂ℓ/∂η fingerprints (eager rows only)
         if out is None:
-            pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint = self.rows(steps, chunk, states, u)
+            pulled, pulled_eta, rebuilt, losses, grads, explicit, eta_grads = self.rows(steps, chunk, states, u)
         else:
-            pulled, pulled_eta, _, norms, losses, grads, explicit = out
+            pulled, pulled_eta, _, norms, losses, grads, explicit, eta_grads = out
+        fingerprint = None if tr.replay_rtol is None else self.products.row_fingerprints(steps, explicit, eta_grads)
         meta: MetaGrads = [None] * len(tr.meta)
         for k, i in enumerate(explicit):
             meta[i] = pulled_eta[k].sum(0)
@@ -156,12 +152,12 @@ class Batched:
         return step_size_vjp(new, tr.meta, u)
 
     def rows(self, steps: list[int], chunk: list[StepRecord], states: State, u: Params
-             ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int], Optional[torch.Tensor]]:
+             ) -> tuple[Params, list[torch.Tensor], Params, torch.Tensor, Params, list[int], list[torch.Tensor]]:
         """The rows of :meth:`vmapped_vjp` by one eager ``torch.func.vmap`` of the step's VJP
         (:func:`metagrad.step.step_vjp`): ``J_mᵀu_i``, ``B_mᵀu_i`` per explicit η (per row),
         the rebuilt ``Φ_m(φ_m)``, losses and gradients (only where the rule holds η: each row's
-        gradient is an iterate's size), the indices of those η in ``meta``, and the rows'
-        fingerprints of ``∂ℓ/∂η`` (``[rows, n, 3]``) where the steps kept theirs, else ``None``."""
+        gradient is an iterate's size), the indices of those η in ``meta``, and each one's
+        ``∂ℓ/∂η`` per row (for the replay check's fingerprints)."""
         tr = self.trajectory
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
@@ -187,15 +183,13 @@ class Batched:
 
         step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
         # ∂ℓ/∂η of each row for the replay check, where the steps kept theirs (EtaProbes).
-        tr.etas.flush()
-        fingerprints = tr.replay_rtol is not None and any(s.eta_grad is not None for s in chunk)
 
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
                 eta: list[torch.Tensor]) -> tuple[Any, ...]:
             body = step_body(with_eta(loss, tensors, {}, eta_slots, eta_params), rule, used, state=state,
-                             eta_grads=fingerprints)
+                             eta_grads=bool(eta))  # ∂ℓ/∂η: the replay check's (EtaProbes)
             pulled_p, pulled_eta, _, new, loss_value, grads = step_vjp(body, p, eta, [], vector, [])
-            grads, eta_grads = eta_grads_of(grads, len(eta) if fingerprints else 0)
+            grads, eta_grads = eta_grads_of(grads, len(eta))
             return pulled_p, pulled_eta, new, loss_value, grads if step_sizes else {}, eta_grads
 
         try:
@@ -222,13 +216,5 @@ class Batched:
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
                 f"estimator=Checkpointed(). ({error})"
             ) from error
-        fingerprint = None
-        if fingerprints:  # every η known at the steps, zero where the loss does not read it
-            count = max(len(s.eta_grad) for s in chunk if s.eta_grad is not None)
-            found: list[Optional[torch.Tensor]] = [None] * count
-            for k, i in enumerate(explicit):
-                if i < count:
-                    found[i] = eta_grads[k]
-            fingerprint = tr.etas.probes.fingerprint(found, tr.meta[:count], rows=len(steps))
-        return pulled, pulled_eta, rebuilt, losses, grads, explicit, fingerprint
+        return pulled, pulled_eta, rebuilt, losses, grads, explicit, list(eta_grads)
 

@@ -77,7 +77,7 @@ from .replay import step_norms
 from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
                            step_sizes_as_tensors)
 from .compile_options import settings_key
-from .step import rule_tensors, rule_with, step_body, step_vjp, with_eta
+from .step import eta_grads_of, rule_tensors, rule_with, step_body, step_vjp, with_eta
 
 __all__ = ["Compiler", "clear_cache"]
 
@@ -264,7 +264,7 @@ class Compiler:
         chunk of steps with equal :meth:`~metagrad.step.StepRecord.batch_key` under ``vmap``
         when ``batched``): ``(J_mᵀu, [B_mᵀu per explicit η], state adjoint, the replay norms of
         the rebuilt Φ_m(φ_m) against the stored φ_{m+1} (:func:`~metagrad.replay.step_norms`,
-        ``[3, len(steps)]``, computed in the same call), L_m, ∇L_m, explicit η indices)``, or
+        ``[3, len(steps)]``, computed in the same call), L_m, ∇L_m, explicit η indices, ∂ℓ/∂η per explicit η)``, or
         ``None`` where it cannot be compiled.
 
         ``u``, the iterates and ``state`` (stacked) have a leading dimension of ``len(steps)``
@@ -301,7 +301,7 @@ class Compiler:
                           for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, pulled_state, norms, value, grads = compiled(
+                pulled, pulled_eta, pulled_state, norms, value, grads, eta_grads = compiled(
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)), leaves, after)
         except Exception as error:
@@ -315,7 +315,7 @@ class Compiler:
             state_out = [None] * len(leaves)
             for i, g in zip(varied, pulled_state):
                 state_out[i] = g
-        return dict(pulled), list(pulled_eta), state_out, norms, value, dict(grads), explicit
+        return dict(pulled), list(pulled_eta), state_out, norms, value, dict(grads), explicit, list(eta_grads)
 
     def _prepare(self, steps: list[int], chunk: list[Any]) -> tuple[int, ...]:
         """Mark the steps whose gradient a compiled call took (a replay error names what ran
@@ -371,7 +371,7 @@ class Compiler:
                           for i in varied]
         try:
             with trajectory.products.as_taken(None, first.modes, first.autocast), torch.no_grad():
-                pulled, pulled_eta, pulled_state, norms, values = compiled(
+                pulled, pulled_eta, pulled_state, norms, values, eta_grads = compiled(
                     params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)))
         except Exception as error:
@@ -381,7 +381,7 @@ class Compiler:
         self.counts["sweeps"] += 1
         for step in chunk:
             step.frozen().compiled = "product"
-        trajectory.products.check_norms(steps, norms, values)
+        trajectory.products.check_norms(steps, norms, values, (explicit, list(eta_grads)))
         state_out: Optional[list[Any]] = None
         if carry:
             state_out = [None] * len(leaves)
@@ -485,9 +485,10 @@ class Compiler:
                 loss_at = with_eta(graph, captured, fixed, eta_slot_index, eta_param_index)
                 body = step_body(loss_at, rule_with(rule, dict(zip(rule_ids, rule_values))), used,
                                  state=pytree.tree_unflatten(state_leaves, spec),
-                                 carried=varied)
-                out = step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
-                return out if step_sizes else (*out[:-1], {})  # the gradients only for the rule's η
+                                 carried=varied, eta_grads=bool(eta))  # ∂ℓ/∂η: the replay check's
+                *out, grads = step_vjp(body, p, eta, moving, vector, moving_adjoint, varied)
+                grads, eta_grads = eta_grads_of(grads, len(eta))
+                return (*out, grads if step_sizes else {}, eta_grads)  # the gradients only for the rule's η
 
             if segment:
                 function = _segment(row, segment, varying, varied)
@@ -542,24 +543,27 @@ def _segment(row: Callable[..., tuple[Any, ...]], length: int, varying: tuple[in
     tensors (those at ``varying``) stacked along a new first dimension; it returns the vector
     pulled back, the η products summed, the carried state's adjoint, and for the replay check
     each step's :func:`~metagrad.replay.step_norms` (its rebuilt Φ(φ) against the stored next
-    iterate, computed in the same call) and loss (stacked, in step order)."""
+    iterate, computed in the same call) and loss, and each explicit η's ∂ℓ/∂η (stacked, in step order)."""
     def segment(params: dict[str, torch.Tensor], leaves: list[torch.Tensor], vector: dict[str, torch.Tensor],
                 moving_adjoint: list[torch.Tensor], captured: list[torch.Tensor], fixed: dict[str, torch.Tensor],
                 eta: list[torch.Tensor], rule_values: list[torch.Tensor]) -> tuple[Any, ...]:
         news: list[dict[str, torch.Tensor]] = []
         values: list[torch.Tensor] = []
+        eta_grads: list[list[torch.Tensor]] = []
         total: Optional[list[torch.Tensor]] = None
         for i in reversed(range(length)):
             state = [t[i] for t in leaves]
-            vector, pulled_eta, moving_adjoint, new, value, _ = row(
+            vector, pulled_eta, moving_adjoint, new, value, _, step_eta = row(
                 {n: t[i] for n, t in params.items()}, [state[j] for j in varied], vector, moving_adjoint,
                 [t[i] if j in varying else t for j, t in enumerate(captured)], fixed, eta, rule_values, state)
             total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             news.insert(0, new)
             values.insert(0, value)
+            eta_grads.insert(0, step_eta)
         norms = step_norms([torch.stack([q[n] for q in news]) for n in params], [t[1:] for t in params.values()],
                            [t[:-1] for t in params.values()])
-        return vector, total or [], moving_adjoint, norms, torch.stack(values)
+        return (vector, total or [], moving_adjoint, norms, torch.stack(values),
+                [torch.stack(column) for column in zip(*eta_grads)])
     return segment
 
 
@@ -569,12 +573,12 @@ def _checked(product: Callable[..., tuple[Any, ...]], batched: bool) -> Callable
     of the rebuilt iterates: the check reads a few numbers back instead of the iterates."""
     def checked(params: dict[str, torch.Tensor], *inputs: Any) -> tuple[Any, ...]:
         *rest, after = inputs
-        pulled, pulled_eta, pulled_state, new, value, grads = product(params, *rest)
+        pulled, pulled_eta, pulled_state, new, value, grads, eta_grads = product(params, *rest)
         if batched:
             norms = step_norms([new[n] for n in params], [after[n] for n in params], [params[n] for n in params])
         else:
             norms = step_norms([[new[n]] for n in params], [[after[n]] for n in params], [[params[n]] for n in params])
-        return pulled, pulled_eta, pulled_state, norms, value, grads
+        return pulled, pulled_eta, pulled_state, norms, value, grads, eta_grads
     return checked
 
 

@@ -33,7 +33,7 @@ gradient to reuse in an exact product.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ContextManager, Optional
 
 import torch
@@ -65,8 +65,8 @@ class Products:
         #: ∂ℓ/∂η for the fingerprint or ``None``: :class:`~metagrad.replay.EtaProbes`).
         self.pending: list[tuple[int, Params, torch.Tensor, Optional[list[Optional[torch.Tensor]]]]] = []
         #: Runs of rebuilt steps whose norms a compiled sweep computed (:meth:`check_norms`):
-        #: (steps, their :func:`~metagrad.replay.step_norms`, their losses).
-        self.measured: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        #: (steps, their :func:`~metagrad.replay.step_norms`, their losses, their ∂ℓ/∂η fingerprints).
+        self.measured: list[tuple[list[int], torch.Tensor, torch.Tensor, list[Optional[torch.Tensor]]]] = []
         #: A product through a kept graph is being computed (see :meth:`vjp`).
         self.pulling = False
 
@@ -136,17 +136,38 @@ class Products:
         self.pending.append((m, {n: t.detach() for n, t in rebuilt.items()}, loss.detach(), eta))
         self._queued()
 
-    def check_norms(self, steps: list[int], norms: torch.Tensor, losses: torch.Tensor) -> None:
+    def check_norms(self, steps: list[int], norms: torch.Tensor, losses: torch.Tensor,
+                    eta: Optional[tuple[list[int], list[torch.Tensor]]] = None) -> None:
         """Queue the replay check of ``steps`` from the norms their rebuild computed already
         (:func:`metagrad.replay.step_norms`, ``[3, len(steps)]``: a compiled sweep or product returns
-        them instead of the rebuilt iterates) and their rebuilt losses."""
+        them instead of the rebuilt iterates), their rebuilt losses and ``eta``, their ∂ℓ/∂η
+        (explicit η indices, each one's gradients stacked over the steps: :meth:`row_fingerprints`)."""
         if self.trajectory.replay_rtol is None:
             return
-        self.measured.append((list(steps), norms.detach(), losses.detach()))
+        found = self.row_fingerprints(steps, *eta) if eta is not None else None
+        self.measured.append((list(steps), norms.detach(), losses.detach(),
+                              [None] * len(steps) if found is None else list(found.unbind(0))))
         self._queued()
 
+    def row_fingerprints(self, steps: Sequence[int], explicit: Sequence[int], grads: Sequence[torch.Tensor]
+                         ) -> Optional[torch.Tensor]:
+        """The fingerprints (``[rows, n, 3]``) of rebuilt steps' ``∂ℓ/∂η`` given for the explicit η
+        (indices into η, each one's gradients stacked over the rows; zero for the others: the rule's
+        step sizes), where one of ``steps`` kept a fingerprint to compare them with; else ``None``."""
+        tr = self.trajectory
+        tr.etas.flush()
+        kept = [tr._step(m).eta_grad for m in steps]
+        if not any(k is not None for k in kept):
+            return None
+        count = max(len(k) for k in kept if k is not None)
+        found: list[Optional[torch.Tensor]] = [None] * count
+        for k, i in enumerate(explicit):
+            if i < count:
+                found[i] = grads[k]
+        return tr.etas.probes.fingerprint(found, tr.meta[:count], rows=len(steps))
+
     def _queued(self) -> None:
-        if len(self.pending) + sum(len(steps) for steps, _, _ in self.measured) >= _CHECK_BATCH:
+        if len(self.pending) + sum(len(run[0]) for run in self.measured) >= _CHECK_BATCH:
             self.verify()
 
     def verify(self) -> None:
@@ -173,11 +194,11 @@ class Products:
                                         [[t[n] for t in nexts] for n in names], [[t[n] for t in starts] for n in names]))
             losses.append(torch.stack([loss for _, _, loss, _ in pending]))
             etas += tr.etas.fingerprints([eta for _, _, _, eta in pending])
-        for run, run_norms, run_losses in measured:
+        for run, run_norms, run_losses, run_etas in measured:
             steps += run
             norms.append(run_norms)
             losses.append(run_losses.reshape(-1))
-            etas += [None] * len(run)
+            etas += run_etas
         records = [tr._step(m) for m in steps]
         recorded = torch.stack([step.loss for step in records])
         scale = tr.eta_scale()
@@ -214,14 +235,11 @@ class Products:
             return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
-        # A step that kept a fingerprint of ∂ℓ/∂η (taken eagerly) is rebuilt eagerly, where the
-        # fingerprint is checked: the compiled product holds the closure's values as traced.
-        if (tr.compiler is not None and step.batch_key() is not None and not step.once
-                and not tr.etas.fingerprinted([step])):
+        if tr.compiler is not None and step.batch_key() is not None and not step.once:
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
-                pulled, pulled_eta, adjoint, norms, loss, grads, explicit = out
-                self.check_norms([m], norms, loss.reshape(1))
+                pulled, pulled_eta, adjoint, norms, loss, grads, explicit, eta_grads = out
+                self.check_norms([m], norms, loss.reshape(1), (explicit, [g.unsqueeze(0) for g in eta_grads]))
                 meta_grads: MetaGrads = [None] * len(meta)
                 for k, i in enumerate(explicit):
                     meta_grads[i] = pulled_eta[k]

@@ -237,13 +237,6 @@ class EtaRecords:
         """:func:`many_fingerprints` of ``rows`` (rebuilt steps' ``∂ℓ/∂η``, ``None`` for none)."""
         return many_fingerprints(self.probes, rows, self._meta())
 
-    def fingerprinted(self, steps: Sequence[Any]) -> bool:
-        """Whether one of ``steps`` kept a fingerprint (taken eagerly): its rebuild runs eagerly,
-        where the fingerprint is checked, not as a compiled product, which holds the closure's
-        values as traced."""
-        self.flush()
-        return any(step.eta_grad is not None for step in steps)
-
     def scale(self, steps: Iterable[Any], length: int) -> Optional[torch.Tensor]:
         """The largest ‖∂ℓ/∂η‖ the ``steps`` recorded, per η (:func:`largest_norms`), found once per
         ``length`` of the trajectory."""

@@ -396,11 +396,7 @@ class Trajectory(OnTape):
         structure is one compiled call (:meth:`Compiler.sweep <metagrad.compiled.Compiler.sweep>`)."""
         if self.compiler is not None and last - first > 1:
             steps = list(range(first, last))
-            chunk = [self._step(m) for m in steps]
-            # A step that kept a fingerprint of its ∂ℓ/∂η is rebuilt eagerly, where the fingerprint
-            # is checked: the run goes step by step (the others' products still compiled; a run of
-            # another length would compile anew).
-            out = None if self.etas.fingerprinted(chunk) else self.compiler.sweep(self, steps, chunk, u, state_adjoint)
+            out = self.compiler.sweep(self, steps, [self._step(m) for m in steps], u, state_adjoint)
             if out is not None:
                 pulled, pulled_eta, state_out, explicit = out
                 meta: MetaGrads = [None] * len(self.meta)
