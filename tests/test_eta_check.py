@@ -9,6 +9,7 @@ exact, where something did they raise."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
 
@@ -165,6 +166,26 @@ def test_compile_true_rebuilds_a_fingerprinted_step_eagerly_and_raises(read):
                         meta.step(lambda f: F.mse_loss(f(x), y)
                                   + eta * F.mse_loss(f(x + torch.from_numpy(np.random.randn(*x.shape))), y))
                 F.mse_loss(meta.fmodel(xq), yq).backward()
+
+
+def test_compile_true_a_value_held_as_traced_in_an_earlier_block_raises():
+    """A value read by getattr, constant within each block and changed between blocks: the compiled
+    step product of the second block holds the first block's value (TorchDynamo guards the inner
+    step, not the traced product). The second block's first step, taken eagerly, kept a
+    fingerprint; its compiled product's ∂ℓ/∂η disagrees."""
+    net, (x, y, xq, yq) = _problem(torch.float64)
+    cfg = Settings()
+    for block in range(2):
+        cfg.scale = 1.0 + 3 * block
+        eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        raised = pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter")
+        with raised if block else contextlib.nullcontext():
+            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=True) as meta:
+                for _ in range(K + 1):
+                    meta.step(lambda f: F.mse_loss(f(x), y) + eta * getattr(cfg, "scale") * (f(x) ** 2).mean())
+                F.mse_loss(meta.fmodel(xq), yq).backward()
+        if not block:
+            assert meta.info["compiled"]["products"] > 0
 
 
 @settings(max_examples=15, deadline=None)
