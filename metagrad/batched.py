@@ -182,7 +182,6 @@ class Batched:
             return template.with_tensors(dict(zip(slots, tensors)))(model_at(q, module))
 
         step_sizes = bool(tr.rule_meta)  # the rows' gradients are kept only for the rule's η
-        # ∂ℓ/∂η of each row for the replay check, where the steps kept theirs (EtaProbes).
 
         def row(p: Params, state: State, vector: Params, tensors: list[torch.Tensor],
                 eta: list[torch.Tensor]) -> tuple[Any, ...]:

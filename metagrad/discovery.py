@@ -78,10 +78,11 @@ class MetaParameters:
         #: Per closure shape of a differentiable step: the node that cannot be differentiated twice.
         self._differentiable_seen: dict[tuple[Any, ...], Optional[str]] = {}
 
-    def read(self) -> list[torch.Tensor]:
+    def read(self, tensors: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
         """The η a loss can read, for their gradient (:class:`~metagrad.replay.EtaProbes`): all but the
-        update rule's (a step size is none of the loss's inputs), whose place holds an empty tensor."""
-        return [_NONE if i in self.rule else t for i, t in enumerate(self.tensors)]
+        update rule's (a step size is none of the loss's inputs), whose place holds an empty tensor;
+        ``tensors``: the η as a rebuild holds them (:meth:`~metagrad.products.Products.partial_eta`)."""
+        return [_NONE if i in self.rule else t for i, t in enumerate(self.tensors if tensors is None else tensors)]
 
     def leaves(self) -> bool:
         """Whether every η found so far is a leaf tensor (none is computed from another)."""

@@ -91,9 +91,7 @@ class Products:
         self.trajectory.etas.flush()
         if step.eta_grad is None or self.trajectory.replay_rtol is None:
             return [], None
-        eta, read = list(self.trajectory.meta if meta is None else meta), self.trajectory.eta.read()
-        rule = self.trajectory.rule_meta  # (their place: an empty tensor, not differentiated)
-        return [read[i] if i in rule else t for i, t in enumerate(eta)][:len(step.eta_grad)], []
+        return self.trajectory.eta.read(meta)[:len(step.eta_grad)], []
 
     def as_taken(self, rng: Optional[RandomState], modes: tuple[bool, ...],
                  autocast: Optional[torch.dtype] = None) -> ContextManager[None]:

@@ -257,21 +257,21 @@ def _eta_disagreeing(eta: EtaRows, rtol: float, eps: float, rows: Sequence[int])
     ``rtol·max(‖g‖, ‖g′‖) + 16·ε·G`` for each of the three numbers, G the block's largest ‖∂ℓ/∂η‖
     for that η; rows where either fingerprint is missing agree."""
     rebuilt, recorded, scale = eta
+    big = [] if scale is None else scale.double().tolist()
     pairs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for row in rows:
-        new, old = rebuilt[row], recorded[row]
-        if new is not None and old is not None and min(len(new), len(old)):
-            pairs.append((row, new[:len(old)], old[:len(new)]))
+        new_row, old_row = rebuilt[row], recorded[row]
+        if new_row is not None and old_row is not None:
+            pairs.append((row, new_row, old_row))
     if not pairs:
         return {}
-    width = max(len(new) for _, new, _ in pairs)
-    with torch.no_grad():
-        table = torch.stack([torch.nn.functional.pad(torch.stack([new, old]).double(), (0, 0, 0, width - len(new)))
-                             for _, new, old in pairs]).tolist()  # [pairs, 2, width, 3]
-    big = [] if scale is None else scale.double().tolist()
+    with torch.no_grad():  # one transfer for every row (the fingerprints may be on a GPU)
+        values = iter(torch.cat([t.reshape(-1) for _, new, old in pairs for t in (new, old)]).tolist())
     found = {}
-    for (row, new_rows, _), (new, old) in zip(pairs, table):
-        for i in range(len(new_rows)):
+    for row, new_row, old_row in pairs:
+        new = [[next(values) for _ in range(3)] for _ in range(len(new_row))]
+        old = [[next(values) for _ in range(3)] for _ in range(len(old_row))]
+        for i in range(min(len(new), len(old))):
             if not all(math.isfinite(v) for v in old[i]):
                 continue  # the step taken was not finite (check_finite=False)
             bound = rtol * max(old[i][0], new[i][0]) + 16 * eps * max(big[i] if i < len(big) else 0.0, old[i][0])
