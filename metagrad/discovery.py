@@ -328,13 +328,20 @@ _ACCUMULATE = _leaf_node_type()
 _ONCE_BY_TYPE: dict[type, Optional[str]] = {}
 
 
+#: The fused kernels of ``scaled_dot_product_attention``, as their nodes' names spell them
+#: (``ScaledDotProductFlashAttentionForCpuBackward0``, ``ScaledDotProductEfficientAttentionBackward0``, ...):
+#: their backward has no derivative. Its math kernel is differentiable twice.
+_FUSED_ATTENTION = ("Flash", "Efficient", "Cudnn", "Fused")
+
+
 #: The code of the wrapper ``torch.autograd.function.once_differentiable`` puts around a backward.
 _ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
 
 
 def once_differentiable(node: Any) -> Optional[str]:
     """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
-    a ``torch.compile``'d function (aot_autograd has no double backward), an
+    a ``torch.compile``'d function (aot_autograd has no double backward), a fused attention
+    kernel (flash, memory-efficient, cuDNN), an
     ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
     CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
     torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
@@ -345,6 +352,9 @@ def once_differentiable(node: Any) -> Optional[str]:
         return "a torch.compile'd function (aot_autograd's backward has no double backward)"
     if name in ("DelayedError", "DelayedErrorBackward"):
         return "a once-differentiable backward (torch raises when it is differentiated twice)"
+    if "Attention" in name and any(kernel in name for kernel in _FUSED_ATTENTION):
+        return (f"a fused attention kernel ({name}: scaled_dot_product_attention's, which "
+                "nn.MultiheadAttention and nn.Transformer* layers call), whose backward has no derivative")
     function = getattr(node, "_forward_cls", None)
     if function is None:
         return None

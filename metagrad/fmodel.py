@@ -25,6 +25,8 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 from torch.nn.modules.batchnorm import _NormBase
 
+from .attention import math_attention
+
 __all__ = ["FunctionalModel", "Layout", "RUNNING_STATS"]
 
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -198,7 +200,8 @@ class FunctionalModel:
             call_args, call_kwargs = pytree.tree_unflatten(full, spec)
             return function(self.with_params(params), *call_args, **call_kwargs)
 
-        return torch.func.vmap(one, randomness="different")(self._params, [leaves[i] for i in where])
+        with math_attention():  # (the fused attention kernels have no batching rule: metagrad.attention)
+            return torch.func.vmap(one, randomness="different")(self._params, [leaves[i] for i in where])
 
     def __repr__(self) -> str:
         if self._tasks is not None:

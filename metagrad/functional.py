@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from .attention import math_attention
 from .compile_options import compile_settings, on_device
 from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, unstacked
@@ -125,6 +126,14 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         over the tasks); with ``meta``, the pair ``(that, the gradient of η with the structure
         of meta)``.
     """
+    with math_attention():  # every graph here is differentiated twice (metagrad.attention.math_attention)
+        return _meta_grad(loss_fn, params, support, query, inner_opt=inner_opt, steps=steps, estimator=estimator,
+                          meta=meta, tasks=tasks, compile=compile, info=info)
+
+
+def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.Tensor], support: Any, query: Any, *,
+               inner_opt: Any, steps: int, estimator: Any, meta: Any, tasks: Optional[int], compile: Any,
+               info: Optional[dict[str, Any]]) -> Any:
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"info: expected a dict to fill with the estimator's report, or None; got "
                         f"{type(info).__name__}.")

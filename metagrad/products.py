@@ -40,6 +40,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
+from .attention import math_attention
 from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
@@ -97,11 +98,12 @@ class Products:
                  autocast: Optional[torch.dtype] = None) -> ContextManager[None]:
         """Run a rebuild as its step ran: the random generators from the states the step drew
         from, every submodule in the mode (train or eval) it was in, and autocast as it was
-        (mixed precision set around the inner loop). All are put back."""
+        (mixed precision set around the inner loop). All are put back. A rebuild is
+        differentiated twice, so attention runs its math kernel (:class:`~metagrad.attention.math_attention`)."""
         tr = self.trajectory
         now = tuple(sub.training for sub in tr.submodules)
         if rng is None and (not modes or modes == now) and autocast == autocast_dtype(tr.device.type):
-            return contextlib.nullcontext()  # as it is now (the common case: no work per rebuild)
+            return math_attention()  # as it is now (the common case: no other work per rebuild)
         return self._as_taken(rng, modes, autocast, now)
 
     @contextlib.contextmanager
@@ -116,7 +118,7 @@ class Products:
         precision = (contextlib.nullcontext() if autocast == autocast_dtype(device_type) else
                      torch.autocast(device_type, dtype=autocast, enabled=autocast is not None))
         try:
-            with rng.replay() if rng is not None else contextlib.nullcontext(), precision:
+            with rng.replay() if rng is not None else contextlib.nullcontext(), precision, math_attention():
                 yield
         finally:
             if changed:
@@ -251,6 +253,8 @@ class Products:
             replace, meta = self.partial_eta(step)
             eta, eta_out = self.eta_inputs(step, meta)
             if step.graph is not None:  # taken from a given loss: its gradient's graph was kept
+                if step.once:  # (a closure's step is refused where it is rebuilt: rebuilt_loss)
+                    refuse_twice(m, step.once, "loss")
                 params, kept = step.graph
                 gradient = kept_gradient(kept)
             else:

@@ -541,17 +541,23 @@ def _written(module: torch.nn.Module, names: list[str]) -> str:
     return text
 
 
-def refuse_twice(step: int, what: str) -> None:
+def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
     """Raise :class:`ReplayError` for a step whose loss came through ``what``, a node whose
     backward cannot be differentiated again: the second derivatives the estimator needs there
-    would be lost, and the answer would silently be the first-order one."""
-    compiled = "torch.compile" in what
-    fix = ("Pass the closure (and the model) uncompiled" if compiled else
-           "Give the function a backward that can itself be differentiated (drop "
-           "@once_differentiable and write the backward with differentiable torch ops), or "
-           "compute the loss without it")
+    would be lost, and the answer would silently be the first-order one. ``argument``: what
+    gave the loss (``"loss"`` for a step taken from a loss tensor, whose graph was kept)."""
+    if "torch.compile" in what:
+        fix = "Pass the closure (and the model) uncompiled"
+    elif "attention" in what:  # metagrad builds the steps it takes from a closure with the math kernel
+        fix = ("Take the step from a closure (meta.step(closure), diffopt.step(closure=...)), whose graphs "
+               "metagrad builds with attention's math kernel, or build the loss inside `with "
+               "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`")
+    else:
+        fix = ("Give the function a backward that can itself be differentiated (drop "
+               "@once_differentiable and write the backward with differentiable torch ops), or "
+               "compute the loss without it")
     raise ReplayError(
-        f"closure: the inner loss at step {step} comes through {what}, so the second derivatives "
+        f"{argument}: the inner loss at step {step} comes through {what}, so the second derivatives "
         "this estimator needs through it would be lost and the meta-gradient would silently be "
         f"the first-order one. {fix}, or use estimator=mg.FirstOrder(), which needs no second "
         "derivative."

@@ -101,13 +101,13 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
         return trajectory.advance(live, rule, frozen=frozen, parts=True,
                                   probe=functools.partial(_first_task, closure, list(batch)))
     except RuntimeError as error:
-        if "vmap" not in str(error):
+        if "vmap" not in str(error) and "Batching rule" not in str(error):  # (an op vmap has no rule for)
             raise
         raise ValueError(
             f"closure: a block over tasks={tasks} calls the closure once per task under "
             f"torch.func.vmap, and it cannot run there: {error} Rewrite that part with tensor "
-            "operations (no .item(), no Python branch on a tensor's value), or run each task in its "
-            "own block (MetaGradient without tasks=).") from error
+            "operations (no .item(), no Python branch on a tensor's value, no op without a batching "
+            "rule), or run each task in its own block (MetaGradient without tasks=).") from error
 
 
 def no_loss_steps(tasks: int) -> str:

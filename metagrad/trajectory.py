@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from .attention import math_attention
 from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once
 from .fmodel import FunctionalModel, Layout
@@ -220,6 +221,24 @@ class Trajectory(OnTape):
             params = self.tape.current
             frozen = freeze(closure) if frozen is None else frozen
             rng = RandomState.capture(self.device)
+        # Attention's math kernel (metagrad.attention.math_attention), which can be differentiated twice:
+        # every step taken and rebuilt runs the same one.
+        with math_attention():
+            params, loss, grads, drew = self._loss(closure, params, frozen, rng, probe)
+        split = loss.detach() if parts else None
+        loss = loss.sum() if parts else loss
+        if rng is not None and not (rng.changed() if drew is None else drew):
+            rng = None
+        loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
+                               shape=_shape(closure) if self.differentiable else None,
+                               grads=grads)
+        return loss if split is None else split
+
+    def _loss(self, closure: Closure, params: Params, frozen: Optional[Frozen], rng: Optional[RandomState],
+              probe: Optional[Closure]) -> tuple[Params, torch.Tensor, Optional[Params], Optional[bool]]:
+        """The fast weights the step's loss was built from (``params``, or leaves made from
+        them), the loss, its gradient where a compiled call took it (else ``None``), and whether
+        that call drew random numbers (``None``: no call ran)."""
         grads = None
         drew: Optional[bool] = None  # whether a compiled call drew random numbers (None: no call ran)
         seen = None if frozen is None else self.eta.closures.get(frozen.key)
@@ -245,14 +264,7 @@ class Trajectory(OnTape):
                 loss = closure(self.model_at(params))
             if self.compiler is not None:
                 self.compiler.settle()  # why the step ran eagerly, now that it could
-        split = loss.detach() if parts else None
-        loss = loss.sum() if parts else loss
-        if rng is not None and not (rng.changed() if drew is None else drew):
-            rng = None
-        loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
-                               shape=_shape(closure) if self.differentiable else None,
-                               grads=grads)
-        return loss if split is None else split
+        return params, loss, grads, drew
 
     def advance_from_loss(self, loss: torch.Tensor, params: Params,
                           rule: Optional[UpdateRule] = None) -> torch.Tensor:
@@ -265,12 +277,12 @@ class Trajectory(OnTape):
         """
         self.check_alive()
         keep_graph = not self.differentiable and (self.keep is None or self.keep > 0)
-        return self._take_step(loss, params, closure=None, keep_graph=keep_graph, rule=rule)
+        return self._take_step(loss, params, closure=None, keep_graph=keep_graph, rule=rule, source="loss")
 
     def _take_step(self, loss: Any, params: Params, *, closure: Optional[Frozen],
                    keep_graph: bool, rule: Optional[UpdateRule],
                    rng: Optional[RandomState] = None, grads: Optional[Params] = None,
-                   shape: Optional[tuple[Any, ...]] = None) -> torch.Tensor:
+                   shape: Optional[tuple[Any, ...]] = None, source: str = "closure") -> torch.Tensor:
         k = self.length
         rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
@@ -310,7 +322,7 @@ class Trajectory(OnTape):
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
             once = self.eta.differentiable_step(loss, inputs, rule, shape)
             if once is not None:
-                refuse_twice(k, once)
+                refuse_twice(k, once, source)
         else:
             seen = None if closure is None else self.eta.closures.get(closure.key)
             if seen is None:

@@ -110,6 +110,38 @@ def test_a_once_differentiable_op_is_refused_by_every_second_order_estimator(est
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("where", ["inside", "last"])
+@pytest.mark.parametrize("estimator", [e for e in SECOND_ORDER if not isinstance(e, mg.Implicit)], ids=repr)
+def test_a_once_differentiable_op_in_a_given_loss_is_refused(estimator, where):
+    """A step taken from a loss the user built (meta.step_from_loss, the adapters' step(loss)) keeps
+    its gradient's graph; a product through it would drop the op's second derivative and give
+    another number than the exact one, without an error."""
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    with pytest.raises(mg.ReplayError, match="(?s)loss: .*once_differentiable"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(3):
+                w = meta.fast_weights()
+                out = torch.func.functional_call(model, w, (x,))
+                meta.step_from_loss(((Cube.apply(out) - y) ** 2).mean() if where == "inside"
+                                    else Cube.apply(out - y).abs().mean(), w)
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
+    from metagrad.adapters import higher
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    with pytest.raises(mg.ReplayError, match="once_differentiable"):
+        with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False,
+                                  estimator=mg.Checkpointed()) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(((Cube.apply(fmodel(x)) - y) ** 2).mean())
+            F.mse_loss(fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_once_differentiable_op_is_fine_for_first_order():
     x, y, xq, yq, _, _ = data(2)
     model = mlp(2)
