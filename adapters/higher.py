@@ -74,6 +74,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from metagrad import Estimator, FirstOrder, FunctionalModel, MetaGradient
+from metagrad.attention import math_attention
 from metagrad.estimators import resolve
 from metagrad.functional import Layout
 from metagrad.optim import SGD, Momentum, Params, State
@@ -234,8 +235,11 @@ class _PatchedModule:
     def __call__(self, *args: Any, params: Optional[Sequence[torch.Tensor]] = None,
                  **kwargs: Any) -> Any:
         weights = self._loop.weights() if params is None else self._loop.named(params)
-        # the buffer policy and tied weights, as in MetaGradient's own fmodel
-        return FunctionalModel(self._loop.module, weights, layout=self._loop.layout)(*args, **kwargs)
+        # the buffer policy and tied weights, as in MetaGradient's own fmodel; attention's math
+        # kernel, since a loss built here may be given to diffopt.step(loss), whose graph the
+        # estimator differentiates twice (the fused kernels' backward has no derivative)
+        with math_attention():
+            return FunctionalModel(self._loop.module, weights, layout=self._loop.layout)(*args, **kwargs)
 
     @property
     def fast_params(self) -> list[torch.Tensor]:

@@ -221,3 +221,32 @@ def test_a_transformer_meta_trained_as_users_write_it():
             outer.step()
         results.append([p.detach().clone() for p in model.parameters()])
     close(results[1], results[0])
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(order=3)], ids=repr)
+def test_higher_style_steps_from_losses_through_attention_equal_a_hand_unroll(estimator):
+    """higher's loop as written (diffopt.step(loss), the loss from fmodel): the adapter's fmodel
+    runs attention's math kernel, so the loss it builds can be differentiated twice."""
+    from metagrad.adapters import higher
+    model, (x, y, xq, yq) = problem(7)
+    want = hand_unroll(list(model.parameters()), x, y, xq, yq, 3, 0.1)
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1), copy_initial_weights=False,
+                              estimator=estimator) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(x), y))
+        F.mse_loss(fmodel(xq), yq).backward()
+    close([p.grad for p in model.parameters()], want)
+
+
+def test_torchopt_object_style_through_fused_attention_is_refused_with_what_to_do():
+    """torchopt's object style builds the loss with the module itself, outside metagrad."""
+    pytest.importorskip("torchopt")
+    if not fused_attention_is_chosen():
+        pytest.skip("this torch's default attention kernel can be differentiated twice")
+    from metagrad.adapters import torchopt as mg_torchopt
+    model, (x, y, xq, yq) = problem(8)
+    inner_opt = mg_torchopt.MetaSGD(model, lr=0.1, estimator=mg.Checkpointed())
+    with pytest.raises(mg.ReplayError, match="SDPBackend.MATH"):
+        for _ in range(3):
+            inner_opt.step(F.mse_loss(model(x), y))
+        F.mse_loss(model(xq), yq).backward()
