@@ -250,3 +250,21 @@ def test_torchopt_object_style_through_fused_attention_is_refused_with_what_to_d
         for _ in range(3):
             inner_opt.step(F.mse_loss(model(x), y))
         F.mse_loss(model(xq), yq).backward()
+
+
+def test_the_attention_switches_are_put_back_when_a_step_raises():
+    model, (x, y, xq, yq) = problem(9)
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled())
+
+    def failing(f):
+        f(x)
+        raise KeyError("a closure that fails after its forward")
+
+    with pytest.raises(KeyError):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed()) as meta:
+            meta.step(lambda f: F.mse_loss(f(x), y))
+            meta.step(failing)
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+    assert all(p.grad is None for p in model.parameters())
