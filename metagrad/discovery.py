@@ -334,6 +334,14 @@ _ONCE_BY_TYPE: dict[type, Optional[str]] = {}
 _FUSED_ATTENTION = ("Flash", "Efficient", "Cudnn", "Fused")
 
 
+#: Nodes of torch's own ops whose backward has no derivative in torch ("the derivative for
+#: '_cdist_backward' is not implemented"), described.
+_NO_SECOND_DERIVATIVE = {
+    "CdistBackward0": "torch.cdist (its backward, _cdist_backward, has no derivative in torch)",
+    "PdistBackward0": "torch.nn.functional.pdist (its backward, _pdist_backward, has no derivative in torch)",
+}
+
+
 #: The code of the wrapper ``torch.autograd.function.once_differentiable`` puts around a backward.
 _ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
 
@@ -341,7 +349,7 @@ _ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__cod
 def once_differentiable(node: Any) -> Optional[str]:
     """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
     a ``torch.compile``'d function (aot_autograd has no double backward), a fused attention
-    kernel (flash, memory-efficient, cuDNN), an
+    kernel (flash, memory-efficient, cuDNN), ``torch.cdist`` and ``pdist``, an
     ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
     CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
     torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
@@ -355,6 +363,8 @@ def once_differentiable(node: Any) -> Optional[str]:
     if "Attention" in name and any(kernel in name for kernel in _FUSED_ATTENTION):
         return (f"a fused attention kernel ({name}: scaled_dot_product_attention's, which "
                 "nn.MultiheadAttention and nn.Transformer* layers call), whose backward has no derivative")
+    if name in _NO_SECOND_DERIVATIVE:
+        return _NO_SECOND_DERIVATIVE[name]
     function = getattr(node, "_forward_cls", None)
     if function is None:
         return None

@@ -552,15 +552,19 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
         fix = ("Take the step from a closure (meta.step(closure), diffopt.step(closure=...)), whose graphs "
                "metagrad builds with attention's math kernel, or build the loss inside `with "
                "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`")
+    elif "cdist" in what or "pdist" in what:
+        fix = ("Compute the distances with ops that can: torch.cdist(a, b, compute_mode="
+               "'use_mm_for_euclid_dist'), or ((a[:, None] - b[None]) ** 2).sum(-1) (its square root "
+               "where the distance itself is needed)")
     else:
         fix = ("Give the function a backward that can itself be differentiated (drop "
                "@once_differentiable and write the backward with differentiable torch ops), or "
                "compute the loss without it")
     raise ReplayError(
         f"{argument}: the inner loss at step {step} comes through {what}, so the second derivatives "
-        "this estimator needs through it would be lost and the meta-gradient would silently be "
-        f"the first-order one. {fix}, or use estimator=mg.FirstOrder(), which needs no second "
-        "derivative."
+        "this estimator needs through it cannot be taken (torch raises, or drops them and the "
+        f"meta-gradient is silently the first-order one). {fix}, or use estimator=mg.FirstOrder(), "
+        "which needs no second derivative."
     )
 
 

@@ -142,6 +142,34 @@ def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
+def test_torch_cdist_is_refused_with_a_form_that_can_be_differentiated_twice(estimator):
+    """A prototype head's distances by torch.cdist (whose backward has no derivative in torch, at
+    the small batches of few-shot learning); its mm form, which the error names, is exact."""
+    x, y, xq, yq, _, _ = data(3)
+    protos = torch.randn(3, 2, dtype=DT)
+
+    def inner(mode):
+        return lambda f, k=0: torch.cdist(f(x), protos, compute_mode=mode).pow(2).mean()
+
+    def run(mode):
+        model = mlp(3, widths=(2, 4, 2))
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(3):
+                meta.step(inner(mode))
+            F.mse_loss(meta.fmodel(xq).sum(-1, keepdim=True), yq).backward()
+        return model
+
+    with pytest.raises(mg.ReplayError, match="(?s)torch.cdist.*use_mm_for_euclid_dist"):
+        run("use_mm_for_euclid_dist_if_necessary")
+    if estimator.exact:
+        model = mlp(3, widths=(2, 4, 2))
+        want = unrolled(model, inner("use_mm_for_euclid_dist"),
+                        lambda f: F.mse_loss(f(xq).sum(-1, keepdim=True), yq),
+                        [dict.fromkeys(dict(model.named_parameters()), 0.1)] * 3)
+        close(grads_of(run("use_mm_for_euclid_dist").parameters()), want)
+
+
 def test_a_once_differentiable_op_is_fine_for_first_order():
     x, y, xq, yq, _, _ = data(2)
     model = mlp(2)
