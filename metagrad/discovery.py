@@ -335,10 +335,17 @@ _FUSED_ATTENTION = ("Flash", "Efficient", "Cudnn", "Fused")
 
 
 #: Nodes of torch's own ops whose backward has no derivative in torch ("the derivative for
-#: '_cdist_backward' is not implemented"), described.
+#: '_cdist_backward' is not implemented"): the op, and a form of it that has one.
 _NO_SECOND_DERIVATIVE = {
-    "CdistBackward0": "torch.cdist (its backward, _cdist_backward, has no derivative in torch)",
-    "PdistBackward0": "torch.nn.functional.pdist (its backward, _pdist_backward, has no derivative in torch)",
+    "CdistBackward0": ("torch.cdist", "torch.cdist(a, b, compute_mode='use_mm_for_euclid_dist'), or "
+                       "((a[:, None] - b[None]) ** 2).sum(-1) and its square root"),
+    "PdistBackward0": ("torch.nn.functional.pdist", "the distances written out, as for cdist"),
+    "EmbeddingBagBackward0": ("torch.nn.functional.embedding_bag (nn.EmbeddingBag)",
+                              "F.embedding(...) and its mean or sum over the bag"),
+    "HardsigmoidBackward0": ("torch.nn.functional.hardsigmoid (nn.Hardsigmoid)", "F.relu6(x + 3) / 6"),
+    "MultiMarginLossBackward0": ("torch.nn.functional.multi_margin_loss", "the margins written out with relu"),
+    "MultilabelMarginLossBackward0": ("torch.nn.functional.multilabel_margin_loss",
+                                      "the margins written out with relu"),
 }
 
 
@@ -349,7 +356,8 @@ _ONCE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__cod
 def once_differentiable(node: Any) -> Optional[str]:
     """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
     a ``torch.compile``'d function (aot_autograd has no double backward), a fused attention
-    kernel (flash, memory-efficient, cuDNN), ``torch.cdist`` and ``pdist``, an
+    kernel (flash, memory-efficient, cuDNN), torch's own ops whose backward has no derivative (``torch.cdist``, ``embedding_bag``,
+    ``hardsigmoid``, ...), an
     ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
     CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
     torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
@@ -364,7 +372,8 @@ def once_differentiable(node: Any) -> Optional[str]:
         return (f"a fused attention kernel ({name}: scaled_dot_product_attention's, which "
                 "nn.MultiheadAttention and nn.Transformer* layers call), whose backward has no derivative")
     if name in _NO_SECOND_DERIVATIVE:
-        return _NO_SECOND_DERIVATIVE[name]
+        op, instead = _NO_SECOND_DERIVATIVE[name]
+        return f"{op}, whose backward has no derivative in torch (one that has: {instead})"
     function = getattr(node, "_forward_cls", None)
     if function is None:
         return None

@@ -552,10 +552,8 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
         fix = ("Take the step from a closure (meta.step(closure), diffopt.step(closure=...)), whose graphs "
                "metagrad builds with attention's math kernel, or build the loss inside `with "
                "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`")
-    elif "cdist" in what or "pdist" in what:
-        fix = ("Compute the distances with ops that can: torch.cdist(a, b, compute_mode="
-               "'use_mm_for_euclid_dist'), or ((a[:, None] - b[None]) ** 2).sum(-1) (its square root "
-               "where the distance itself is needed)")
+    elif "no derivative in torch" in what:
+        fix = "Compute it in the form named, which can be differentiated twice"
     else:
         fix = ("Give the function a backward that can itself be differentiated (drop "
                "@once_differentiable and write the backward with differentiable torch ops), or "

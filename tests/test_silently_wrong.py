@@ -142,32 +142,53 @@ def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
     assert all(p.grad is None for p in model.parameters())
 
 
+TABLE = torch.randn(5, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
+# torch's own ops whose backward has no derivative in torch, each with a form that has one
+NO_SECOND_DERIVATIVE = {
+    "cdist": ("torch.cdist", lambda h: torch.cdist(h, TABLE, compute_mode="use_mm_for_euclid_dist_if_necessary"),
+              lambda h: torch.cdist(h, TABLE, compute_mode="use_mm_for_euclid_dist")),
+    "hardsigmoid": ("hardsigmoid", lambda h: h * F.hardsigmoid(h), lambda h: h * F.relu6(h + 3) / 6),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NO_SECOND_DERIVATIVE))
 @pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
-def test_torch_cdist_is_refused_with_a_form_that_can_be_differentiated_twice(estimator):
-    """A prototype head's distances by torch.cdist (whose backward has no derivative in torch, at
-    the small batches of few-shot learning); its mm form, which the error names, is exact."""
+def test_a_torch_op_without_a_second_derivative_is_refused_with_a_form_that_has_one(estimator, op):
+    """torch.cdist (a prototype head's distances, at few-shot batch sizes), hardsigmoid (a
+    MobileNetV3 gate): torch raises from inside autograd for their second derivative. Every second-order estimator refuses them at the step, naming the form that
+    works, and that form is exact."""
     x, y, xq, yq, _, _ = data(3)
-    protos = torch.randn(3, 2, dtype=DT)
+    name, refused, instead = NO_SECOND_DERIVATIVE[op]
 
-    def inner(mode):
-        return lambda f, k=0: torch.cdist(f(x), protos, compute_mode=mode).pow(2).mean()
+    def inner(form):
+        return lambda f, k=0: form(f(x)).pow(2).mean()
 
-    def run(mode):
+    def run(form):
         model = mlp(3, widths=(2, 4, 2))
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
             for _ in range(3):
-                meta.step(inner(mode))
+                meta.step(inner(form))
             F.mse_loss(meta.fmodel(xq).sum(-1, keepdim=True), yq).backward()
         return model
 
-    with pytest.raises(mg.ReplayError, match="(?s)torch.cdist.*use_mm_for_euclid_dist"):
-        run("use_mm_for_euclid_dist_if_necessary")
+    with pytest.raises(mg.ReplayError, match=f"(?s){name}.*no derivative in torch.*one that has"):
+        run(refused)
     if estimator.exact:
         model = mlp(3, widths=(2, 4, 2))
-        want = unrolled(model, inner("use_mm_for_euclid_dist"),
-                        lambda f: F.mse_loss(f(xq).sum(-1, keepdim=True), yq),
+        want = unrolled(model, inner(instead), lambda f: F.mse_loss(f(xq).sum(-1, keepdim=True), yq),
                         [dict.fromkeys(dict(model.named_parameters()), 0.1)] * 3)
-        close(grads_of(run("use_mm_for_euclid_dist").parameters()), want)
+        close(grads_of(run(instead).parameters()), want)
+
+
+@pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
+def test_an_adapted_embedding_bag_is_refused(estimator):
+    model = nn.Sequential(nn.EmbeddingBag(6, 3, mode="mean", dtype=DT), nn.Tanh(), nn.Linear(3, 1, dtype=DT))
+    bags, y = torch.tensor([[0, 3], [1, 4], [2, 5]]), torch.randn(3, 1, dtype=DT)
+    with pytest.raises(mg.ReplayError, match="(?s)embedding_bag.*F.embedding"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(bags), y))
+            F.mse_loss(meta.fmodel(bags), y).backward()
 
 
 def test_a_once_differentiable_op_is_fine_for_first_order():
