@@ -346,6 +346,8 @@ _NO_SECOND_DERIVATIVE = {
     "MultiMarginLossBackward0": ("torch.nn.functional.multi_margin_loss", "the margins written out with relu"),
     "MultilabelMarginLossBackward0": ("torch.nn.functional.multilabel_margin_loss",
                                       "the margins written out with relu"),
+    "CudnnRnnBackward0": ("a cuDNN RNN (nn.LSTM, nn.GRU, nn.RNN on a GPU)", "the RNN's forward inside "
+                          "`with torch.backends.cudnn.flags(enabled=False):`, in the closure"),
 }
 
 
