@@ -133,6 +133,7 @@ import torch
 from torch.nn.modules.batchnorm import _NormBase
 
 from metagrad import Estimator, MetaGradient
+from metagrad.attention import math_attention
 from metagrad.estimators import resolve
 from metagrad.fmodel import RUNNING_STATS
 from metagrad.optim import Params, TransformationRule
@@ -259,7 +260,8 @@ class _MetaOptimizer:
         self._installed: Params = {}  # the fast weights the module holds now
         # The hooks live as long as this optimizer: close() removes them, and so does garbage
         # collection (the finalizer holds no reference to self).
-        self._detach_hooks = weakref.finalize(self, _remove_hooks, _batch_statistics_hooks(module))
+        self._detach_hooks = weakref.finalize(self, _remove_hooks,
+                                              _batch_statistics_hooks(module) + _attention_hooks(module))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.module).__name__}, estimator={self.estimator!r})"
@@ -486,6 +488,26 @@ def _show_stats(layer: _NormBase, args: Any, output: Any, *, hidden: dict[str, t
     for stat, tensor in hidden.items():
         layer._buffers[stat] = tensor
     hidden.clear()
+
+
+# ---------------------------------------------------------------------- attention
+def _attention_hooks(module: torch.nn.Module) -> list[Any]:
+    """Hooks running ``module``'s forward with attention's math kernel
+    (:class:`metagrad.attention.math_attention`): the inner losses of this style are built by
+    calling the module itself, and a step's graph must be differentiated twice, which the
+    fused kernels' is not. The switches are put back after each forward, also one that raises."""
+    entered: list[math_attention] = []
+
+    def enter(layer: torch.nn.Module, args: Any) -> None:
+        context = math_attention()
+        context.__enter__()
+        entered.append(context)
+
+    def leave(layer: torch.nn.Module, args: Any, output: Any) -> None:
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
 
 
 def _remove_hooks(handles: list[Any]) -> None:

@@ -238,18 +238,23 @@ def test_higher_style_steps_from_losses_through_attention_equal_a_hand_unroll(es
     close([p.grad for p in model.parameters()], want)
 
 
-def test_torchopt_object_style_through_fused_attention_is_refused_with_what_to_do():
-    """torchopt's object style builds the loss with the module itself, outside metagrad."""
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_torchopt_object_style_through_attention_equals_a_hand_unroll(estimator):
+    """torchopt's object style builds each inner loss by calling the module itself: the adapter's
+    hooks run its forward with attention's math kernel, and put the switches back after."""
     pytest.importorskip("torchopt")
-    if not fused_attention_is_chosen():
-        pytest.skip("this torch's default attention kernel can be differentiated twice")
     from metagrad.adapters import torchopt as mg_torchopt
     model, (x, y, xq, yq) = problem(8)
-    inner_opt = mg_torchopt.MetaSGD(model, lr=0.1, estimator=mg.Checkpointed())
-    with pytest.raises(mg.ReplayError, match="SDPBackend.MATH"):
-        for _ in range(3):
-            inner_opt.step(F.mse_loss(model(x), y))
-        F.mse_loss(model(xq), yq).backward()
+    want = hand_unroll(list(model.parameters()), x, y, xq, yq, 3, 0.1)
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    theta = list(model.parameters())  # the module holds the fast weights during the loop
+    inner_opt = mg_torchopt.MetaSGD(model, lr=0.1, estimator=estimator)
+    for _ in range(3):
+        inner_opt.step(F.mse_loss(model(x), y))
+    F.mse_loss(model(xq), yq).backward()
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags
+    inner_opt.close()
+    close([p.grad for p in theta], want)
 
 
 def test_the_attention_switches_are_put_back_when_a_step_raises():
