@@ -335,7 +335,9 @@ _FUSED_ATTENTION = ("Flash", "Efficient", "Cudnn", "Fused")
 
 
 #: Nodes of torch's own ops whose backward has no derivative in torch ("the derivative for
-#: '_cdist_backward' is not implemented"): the op, and a form of it that has one.
+#: '_cdist_backward' is not implemented"): the op, and a form of it that has one. These are the
+#: differentiable ops torch's own operator database marks ``supports_gradgrad=False`` (torch
+#: 2.13, sparse ones aside), and a cuDNN RNN.
 _NO_SECOND_DERIVATIVE = {
     "CdistBackward0": ("torch.cdist", "torch.cdist(a, b, compute_mode='use_mm_for_euclid_dist'), or "
                        "((a[:, None] - b[None]) ** 2).sum(-1) and its square root"),
@@ -346,6 +348,7 @@ _NO_SECOND_DERIVATIVE = {
     "MultiMarginLossBackward0": ("torch.nn.functional.multi_margin_loss", "the margins written out with relu"),
     "MultilabelMarginLossBackward0": ("torch.nn.functional.multilabel_margin_loss",
                                       "the margins written out with relu"),
+    "SegmentReduceBackward0": ("torch.segment_reduce", "Tensor.index_add over the segments"),
     "CudnnRnnBackward0": ("a cuDNN RNN (nn.LSTM, nn.GRU, nn.RNN on a GPU)", "the RNN's forward inside "
                           "`with torch.backends.cudnn.flags(enabled=False):`, in the closure"),
 }
