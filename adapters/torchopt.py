@@ -496,7 +496,7 @@ def _attention_hooks(module: torch.nn.Module) -> list[Any]:
     (:class:`metagrad.attention.math_attention`): the inner losses of this style are built by
     calling the module itself, and a step's graph must be differentiated twice, which the
     fused kernels' is not. The switches are put back after each forward, also one that raises."""
-    entered: list[math_attention] = []
+    entered: list[Any] = []
 
     def enter(layer: torch.nn.Module, args: Any) -> None:
         context = math_attention()

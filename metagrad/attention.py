@@ -9,7 +9,8 @@ batching rule. Its math kernel, written with ordinary differentiable ops, has bo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -30,26 +31,43 @@ def _sdp_flags() -> list[tuple[Callable[[], bool], Callable[[bool], None], bool]
 _SDP_FLAGS = _sdp_flags()
 
 
-class math_attention:
-    """Inside, ``scaled_dot_product_attention`` runs its math kernel: the backend switches
-    (``torch.backends.cuda.enable_*_sdp``, which the CPU's flash kernel obeys too) are set and
-    put back on exit, at about a microsecond. Every inner step metagrad takes from a closure and
-    every step it rebuilds runs inside (the same kernel in both, so the replay check compares
-    like with like), the functional face's whole computation, and a block over tasks' vmapped
-    forward. Nothing is changed while TorchDynamo traces (the flags are read when the graph is
-    traced, and the compiled calls are made inside)."""
+def math_attention() -> ContextManager[Any]:
+    """Inside, ``scaled_dot_product_attention`` runs its math kernel. Every inner step metagrad
+    takes from a closure and every step it rebuilds runs inside (the same kernel in both, so
+    the replay check compares like with like), the functional face's whole computation, a block
+    over tasks' vmapped forward and the adapters' forwards.
+
+    Eagerly, the backend switches (``torch.backends.cuda.enable_*_sdp``, which the CPU's flash
+    kernel obeys too) are set and put back on exit, in about 2 µs (:class:`_Switch`). While
+    TorchDynamo traces (``torch.compile`` of a function that calls ``mg.functional.meta_grad``),
+    torch's ``sdpa_kernel``, which it traces, selects the math kernel for the traced graph."""
+    if torch.compiler.is_compiling():
+        return _traced() if _traced is not None else contextlib.nullcontext()
+    return _Switch()
+
+
+class _Switch:
+    """The SDPA backend switches set to the math kernel, and put back on exit."""
 
     __slots__ = ("_before",)
 
     def __enter__(self) -> None:
-        if torch.compiler.is_compiling():
-            self._before: Optional[list[bool]] = None
-            return
         self._before = [read() for read, _, _ in _SDP_FLAGS]
         for _, write, wanted in _SDP_FLAGS:
             write(wanted)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._before is not None:
-            for (_, write, _), was in zip(_SDP_FLAGS, self._before):
-                write(was)
+        for (_, write, _), was in zip(_SDP_FLAGS, self._before):
+            write(was)
+
+
+def _traceable() -> Optional[Callable[[], ContextManager[Any]]]:
+    """``sdpa_kernel(SDPBackend.MATH)``, where this torch has it (2.3 on), else ``None``."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover (torch before torch.nn.attention)
+        return None
+    return lambda: sdpa_kernel(SDPBackend.MATH)
+
+
+_traced = _traceable()

@@ -99,7 +99,7 @@ class Products:
         """Run a rebuild as its step ran: the random generators from the states the step drew
         from, every submodule in the mode (train or eval) it was in, and autocast as it was
         (mixed precision set around the inner loop). All are put back. A rebuild is
-        differentiated twice, so attention runs its math kernel (:class:`~metagrad.attention.math_attention`)."""
+        differentiated twice, so attention runs its math kernel (:func:`~metagrad.attention.math_attention`)."""
         tr = self.trajectory
         now = tuple(sub.training for sub in tr.submodules)
         if rng is None and (not modes or modes == now) and autocast == autocast_dtype(tr.device.type):

@@ -273,3 +273,20 @@ def test_the_attention_switches_are_put_back_when_a_step_raises():
     assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_functional_face_through_attention_under_torch_compile():
+    """The user compiles the meta-gradient: the math kernel is selected in the traced graph."""
+    model, (x, y, xq, yq) = problem(10)
+    names = [n for n, _ in model.named_parameters()]
+    want = hand_unroll(list(model.parameters()), x, y, xq, yq, 2, 0.1)
+
+    def loss_fn(params, batch):
+        return F.mse_loss(torch.func.functional_call(model, params, (batch[0],)), batch[1])
+
+    def meta_gradient(params, support, query):
+        return mg.functional.meta_grad(loss_fn, params, support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=2,
+                                       estimator=mg.Checkpointed())
+
+    got = torch.compile(meta_gradient)({n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq))
+    close([got[n] for n in names], want, tol=1e-9)
