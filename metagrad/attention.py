@@ -62,7 +62,7 @@ class _Switch:
 
 
 def _traceable() -> Optional[Callable[[], ContextManager[Any]]]:
-    """``sdpa_kernel(SDPBackend.MATH)``, where this torch has it (2.3 on), else ``None``."""
+    """``sdpa_kernel(SDPBackend.MATH)``, where this torch has ``torch.nn.attention``, else ``None``."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover (torch before torch.nn.attention)
