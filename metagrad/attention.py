@@ -10,9 +10,14 @@ batching rule. Its math kernel, written with ordinary differentiable ops, has bo
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager
 
 import torch
+
+try:  # (torch.nn.attention is newer than the oldest torch metagrad runs on)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    sdpa_kernel = None  # type: ignore[assignment]
 
 __all__ = ["math_attention"]
 
@@ -38,11 +43,11 @@ def math_attention() -> ContextManager[Any]:
     over tasks' vmapped forward and the adapters' forwards.
 
     Eagerly, the backend switches (``torch.backends.cuda.enable_*_sdp``, which the CPU's flash
-    kernel obeys too) are set and put back on exit, in about 2 µs (:class:`_Switch`). While
-    TorchDynamo traces (``torch.compile`` of a function that calls ``mg.functional.meta_grad``),
-    torch's ``sdpa_kernel``, which it traces, selects the math kernel for the traced graph."""
+    kernel obeys too) are set and put back on exit (:class:`_Switch`). While TorchDynamo traces
+    (``torch.compile`` of a function that calls ``mg.functional.meta_grad``), torch's
+    ``sdpa_kernel``, which it traces, selects the math kernel for the traced graph."""
     if torch.compiler.is_compiling():
-        return _traced() if _traced is not None else contextlib.nullcontext()
+        return contextlib.nullcontext() if sdpa_kernel is None else sdpa_kernel(SDPBackend.MATH)
     return _Switch()
 
 
@@ -59,15 +64,3 @@ class _Switch:
     def __exit__(self, *exc: Any) -> None:
         for (_, write, _), was in zip(_SDP_FLAGS, self._before):
             write(was)
-
-
-def _traceable() -> Optional[Callable[[], ContextManager[Any]]]:
-    """``sdpa_kernel(SDPBackend.MATH)``, where this torch has ``torch.nn.attention``, else ``None``."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover (torch before torch.nn.attention)
-        return None
-    return lambda: sdpa_kernel(SDPBackend.MATH)
-
-
-_traced = _traceable()

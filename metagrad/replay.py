@@ -544,7 +544,8 @@ def _written(module: torch.nn.Module, names: list[str]) -> str:
 def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
     """Raise :class:`ReplayError` for a step whose loss came through ``what``, a node whose
     backward cannot be differentiated again: the second derivatives the estimator needs there
-    would be lost, and the answer would silently be the first-order one. ``argument``: what
+    cannot be taken (torch raises, or drops them and the answer is silently the first-order
+    one). ``what`` names the fix where it knows one (its wording picks the fix). ``argument``: what
     gave the loss (``"loss"`` for a step taken from a loss tensor, whose graph was kept)."""
     if "torch.compile" in what:
         fix = "Pass the closure (and the model) uncompiled"
