@@ -39,7 +39,14 @@ dampening, weight decay) becomes the native :class:`metagrad.optim.SGD` or
 type higher knows (``torch.optim.Adam``, RMSprop, ..., and those added with
 ``higher.register_optim``) runs through higher's own differentiable implementation,
 wrapped by :class:`HigherUpdateRule`, so the numbers are higher's. Per-group learning
-rates become per-parameter step sizes.
+rates become per-parameter step sizes. Two torch.optim settings higher's arithmetic
+does not read, ``maximize=True`` (every optimizer) and Adam's
+``decoupled_weight_decay=True``, are refused with a ``ValueError`` that says what to do:
+higher descends and adds the weight decay to the gradient regardless, a different rule
+than the one asked for. higher's Adam adds ε to √v before the bias correction rescales
+it, where ``torch.optim.Adam`` adds it after, so its iterates differ from torch.optim's
+by an ε-sized amount (about 3e-6 after three steps of a small float64 MLP); the adapter
+keeps higher's numbers.
 
 **Differences from higher.**
 
@@ -111,9 +118,32 @@ def update_rule(opt: torch.optim.Optimizer, model: torch.nn.Module,
             )
         for index, group in enumerate(groups):
             group[key] = values[0] if len(values) == 1 else values[index]
+    _refuse_what_higher_ignores(opt, groups)
     if type(opt) is torch.optim.SGD and not opt.state:
         return _native_sgd(groups, model)
     return HigherUpdateRule(opt, model, override)
+
+
+#: torch.optim settings that change the arithmetic of a step and that higher's differentiable
+#: optimizers (and the native SGD rule, whose arithmetic is higher's) do not read: a group that
+#: sets one would run another rule than ``opt``'s, silently. Setting → why, and what to do.
+_IGNORED_BY_HIGHER = {
+    "maximize": ("ascends the loss, but higher's differentiable optimizers ignore the flag and would "
+                 "descend it. Pass maximize=False and negate the inner loss instead "
+                 "(diffopt.step(-objective))."),
+    "decoupled_weight_decay": ("decays the weights as AdamW does, but higher's differentiable Adam "
+                               "adds weight_decay·φ to the gradient instead. Pass "
+                               "decoupled_weight_decay=False for that rule, or use "
+                               "mg.MetaGradient(model, inner_opt=mg.optim.AdamW(...)) for AdamW's."),
+}
+
+
+def _refuse_what_higher_ignores(opt: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Raise for a setting of ``opt`` (after ``override``) that the step would not apply."""
+    for key, why in _IGNORED_BY_HIGHER.items():
+        if any(group.get(key) for group in groups):
+            raise ValueError(f"opt: {type(opt).__name__}({key}=True) {why} Refused rather than run "
+                             "another rule than the optimizer's.")
 
 
 def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[SGD, Momentum]:

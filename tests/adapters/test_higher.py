@@ -377,3 +377,83 @@ def test_override_step_size_that_requires_grad_is_learned_as_higher_learns_it(ma
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     assert expected[-1].abs() > 1e-6  # the step size's gradient is not trivially zero
+
+
+def _first_steps(make_opt, adapter: bool) -> list[torch.Tensor]:
+    """The fast weights after K inner steps: through the adapter, or by ``make_opt`` itself
+    (torch.optim's own ``step()`` on a copy of the model)."""
+    model = make_model()
+    opt = make_opt(list(model.parameters()))
+    if not adapter:
+        for _ in range(K):
+            opt.zero_grad()
+            F.mse_loss(model(XS), YS).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+    with mg_higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(K):
+            diffopt.step(F.mse_loss(fmodel(XS), YS))
+        return [p.detach() for p in fmodel.parameters()]
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.2, nesterov=False, weight_decay=0.05),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=0.05),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True, momentum=0.5, weight_decay=0.05),
+    lambda ps: torch.optim.Adamax(ps, lr=0.05, weight_decay=0.05),
+    lambda ps: torch.optim.Rprop(ps, lr=0.01),
+    lambda ps: torch.optim.ASGD(ps, lr=0.05, t0=1, lambd=0.1),
+    lambda ps: torch.optim.Adadelta(ps, lr=1.0, weight_decay=0.05),
+], ids=["sgd-momentum-dampening-decay", "sgd-nesterov", "adagrad", "rmsprop-centered", "adamax", "rprop", "asgd",
+        "adadelta"])
+def test_the_adapter_steps_as_the_torch_optim_optimizer_it_is_given(make_opt):
+    """The inner loop through the adapter takes torch.optim's own steps (its ``step()`` on a
+    copy of the model), for the optimizers whose arithmetic higher shares with torch.optim.
+    (torch.optim keeps some scalars of its state, the step count and ASGD's step size, as
+    float32 tensors: 1e-9-sized differences in float64, far below a setting it ignored.)"""
+    for ours, theirs in zip(_first_steps(make_opt, True), _first_steps(make_opt, False)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
+
+
+def test_adam_through_the_adapter_is_higher_s_adam_within_an_epsilon_of_torch_optim():
+    """higher's Adam adds ε before the bias correction rescales √v (the adapter keeps higher's
+    numbers, as the module docstring says): an ε-sized difference from torch.optim.Adam."""
+    make = lambda ps: torch.optim.Adam(ps, lr=0.01)  # noqa: E731
+    for ours, theirs in zip(_first_steps(make, True), _first_steps(make, False)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, maximize=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, maximize=True),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, maximize=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1, maximize=True),
+], ids=["sgd", "momentum", "adam", "rmsprop", "adagrad"])
+def test_maximize_which_higher_ignores_is_refused_not_descended(make_opt):
+    """``maximize=True`` asks for ascent; higher's differentiable optimizers ignore it and
+    descend (measured: the fast weights 0.3–0.8 off torch.optim's after three steps). The
+    adapter refuses, naming the optimizer, the setting and the fix, before any step."""
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"opt: \w+\(maximize=True\).*negate the inner loss"):
+        with mg_higher.innerloop_ctx(model, make_opt(model.parameters()), copy_initial_weights=False):
+            pass
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+
+
+def test_maximize_set_by_override_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"maximize=True"):
+        mg_higher.update_rule(torch.optim.SGD(model.parameters(), lr=0.1), model, override={"maximize": [True]})
+
+
+def test_adam_with_decoupled_weight_decay_which_higher_ignores_is_refused():
+    model = make_model()
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+    except TypeError:
+        pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay=True.*AdamW"):
+        mg_higher.update_rule(opt, model)
