@@ -157,8 +157,11 @@ def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[S
                 "opt: parameter groups of torch.optim.SGD differ in momentum, dampening, nesterov "
                 "or weight_decay; metagrad's native rule supports per-group lr only."
             )
-    lr = {names[id(p)]: _constant(group["lr"]) for group in groups for p in group["params"]
-          if p.requires_grad}
+    # A parameter the optimizer does not hold (ANIL: an optimizer over the head alone) keeps
+    # its value at every step, as in higher, where it stays a fast weight the optimizer skips.
+    lr: dict[str, Any] = {n: 0.0 for n, p in model.named_parameters() if p.requires_grad}
+    lr.update({names[id(p)]: _constant(group["lr"]) for group in groups for p in group["params"]
+               if p.requires_grad})
     if settings["momentum"] == 0:
         if settings["weight_decay"]:
             return Momentum(lr, 0.0, weight_decay=settings["weight_decay"])
