@@ -276,9 +276,11 @@ class _PatchedModule:
 
     @property
     def fast_params(self) -> list[torch.Tensor]:
-        """The current fast weights, in ``model.parameters()`` order (frozen ones included)."""
+        """The current fast weights, in ``model.parameters()`` order (frozen ones included:
+        a parameter that does not require grad is not a fast weight and stays the module's)."""
         weights = self._loop.weights()
-        return [weights[n] for n in self._loop.names]
+        frozen = dict(self._loop.module.named_parameters())
+        return [weights[n] if n in weights else frozen[n] for n in self._loop.names]
 
     def parameters(self, recurse: bool = True, time: Optional[int] = None) -> Iterator[torch.Tensor]:
         """The fast weights after ``time`` steps (``None`` or ``-1``: the current ones; negative

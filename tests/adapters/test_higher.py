@@ -492,3 +492,27 @@ def test_an_optimizer_over_the_head_alone_equals_higher(opt_name, make_estimator
         out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     assert out[0][:-9].abs().max() > 1e-3  # the body gets a meta-gradient through the loop
     torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_name", sorted(_HEAD_OPTIMIZERS))
+@pytest.mark.parametrize("make_estimator", [mg.Full, mg.Checkpointed], ids=["full", "checkpointed"])
+def test_a_frozen_parameter_equals_higher(opt_name, make_estimator):
+    """A parameter that does not require grad (a frozen bias) in a model whose optimizer holds
+    every parameter: ``diffopt.step`` returned ``fmodel.fast_params`` with a KeyError. Now the
+    fast weights after K steps, ``fmodel(x, params=...)`` and the meta-gradient equal higher's."""
+    out = []
+    for library in (higher, mg_higher):
+        model = make_model()
+        model[0].bias.requires_grad_(False)
+        kwargs = {} if library is higher else {"estimator": make_estimator()}
+        with library.innerloop_ctx(model, _HEAD_OPTIMIZERS[opt_name](model.parameters()), copy_initial_weights=False,
+                                   **kwargs) as (fmodel, diffopt):
+            for _ in range(K):
+                diffopt.step(F.mse_loss(fmodel(XS), YS))
+            final = [p.detach().clone() for p in fmodel.parameters()]
+            F.mse_loss(fmodel(XQ, params=list(fmodel.parameters())), YQ).backward()
+        out.append((torch.cat([p.reshape(-1) for p in final]),
+                    torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])))
+    assert model[0].bias.grad is None
+    for ours, theirs in zip(out[1], out[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
