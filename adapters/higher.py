@@ -336,8 +336,12 @@ class _InnerLoop:
     """One MetaGradient block, seen through higher's objects."""
 
     def __init__(self, model: torch.nn.Module, meta: MetaGradient, detach: bool,
-                 opt: torch.optim.Optimizer, override: Optional[Mapping[str, Sequence[Any]]]) -> None:
+                 opt: torch.optim.Optimizer, override: Optional[Mapping[str, Sequence[Any]]],
+                 owner: Optional[torch.nn.Module] = None) -> None:
         self.module = model
+        #: The module whose parameters ``opt`` holds: ``model`` itself, or the one it is a copy
+        #: of (``copy_initial_weights=True``), with the same parameter names.
+        self.owner = model if owner is None else owner
         self.meta = meta
         self.detach = detach
         self.opt = opt
@@ -373,7 +377,7 @@ class _InnerLoop:
              override: Optional[Mapping[str, Sequence[Any]]], grad_callback: Optional[Callable]) -> None:
         if override:  # as in higher, a step's override stays in force for later steps
             self.override.update(override)
-            rule = update_rule(self.opt, self.module, self.override)
+            rule = update_rule(self.opt, self.owner, self.override)
             if type(rule) is not type(self.meta.inner_opt):
                 raise ValueError(
                     f"override: {sorted(override)} turns the inner rule {self.meta.inner_opt!r} into "
@@ -428,5 +432,5 @@ def innerloop_ctx(model: torch.nn.Module, opt: torch.optim.Optimizer,
     target = copy.deepcopy(model) if copy_initial_weights else model
     rule = update_rule(opt, model, override)  # a copy has the same parameter names
     with MetaGradient(target, inner_opt=rule, estimator=estimator) as meta:
-        loop = _InnerLoop(target, meta, detach=not track_higher_grads, opt=opt, override=override)
+        loop = _InnerLoop(target, meta, detach=not track_higher_grads, opt=opt, override=override, owner=model)
         yield loop.fmodel, loop.diffopt

@@ -516,3 +516,20 @@ def test_a_frozen_parameter_equals_higher(opt_name, make_estimator):
     assert model[0].bias.grad is None
     for ours, theirs in zip(out[1], out[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_name", sorted(_HEAD_OPTIMIZERS))
+def test_a_step_override_on_a_copy_of_the_model_equals_higher(opt_name):
+    """``copy_initial_weights=True`` (higher's default) with ``diffopt.step(..., override=...)``:
+    the optimizer holds the original model's parameters, the loop runs on a copy; the override
+    raised "opt: holds parameters that are not the model's". Now the gradient with respect to
+    ``fmodel.parameters(time=0)`` (how higher's users read it there) equals higher's."""
+    out = []
+    for library in (higher, mg_higher):
+        model = make_model()
+        with library.innerloop_ctx(model, _HEAD_OPTIMIZERS[opt_name](model.parameters())) as (fmodel, diffopt):
+            for k in range(K):
+                diffopt.step(F.mse_loss(fmodel(XS), YS), override={"lr": [0.03]} if k == 1 else None)
+            query = F.mse_loss(fmodel(XQ), YQ)
+            out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(query, list(fmodel.parameters(time=0)))]))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-12)
