@@ -42,7 +42,7 @@ from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
-from .update_rule import Params, State, UpdateRule
+from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
@@ -365,7 +365,7 @@ class Trajectory(OnTape):
         with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
-            return rule.step(params, grads, state)
+            return step_in_layout(rule, self.rule, params, grads, state)
 
     def _modes(self) -> tuple[bool, ...]:
         """``training`` of every submodule now; the previous step's tuple when unchanged."""

@@ -40,7 +40,7 @@ Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
 __all__ = ["UpdateRule", "TransformationRule", "RULES", "as_update_rule", "check_update_rule",
-           "is_transformation"]
+           "is_transformation", "step_in_layout"]
 
 
 @runtime_checkable
@@ -241,3 +241,29 @@ def _is_metagrad_rule(cls: type) -> bool:
     """Whether the class ``cls`` is one of metagrad's rules (:data:`RULES`, as defined in
     :mod:`metagrad.optim`), not another class of the same name."""
     return cls.__name__ in RULES and cls.__module__ == _RULES_MODULE
+
+
+def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: Params,
+                   state: State) -> tuple[Params, State]:
+    """``rule.step(params, grads, state)``, where ``state`` is the optimizer state of the block's
+    rule ``inner``. A rule given for one step (``meta.step(..., rule=...)``) whose own state has
+    another layout than ``inner``'s (Adam's for a block of SGD) fails inside its step with a
+    ``KeyError`` or the like: that is raised as a ``ValueError`` that says why and what to do."""
+    try:
+        return rule.step(params, grads, state)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+        if rule is inner:
+            raise
+        try:
+            same = pytree.tree_structure(rule.init(params)) == pytree.tree_structure(inner.init(params))
+        except Exception:  # its init fails too: the step's own error says more
+            same = True
+        if same:
+            raise
+        raise ValueError(
+            f"rule: {rule!r} cannot step from the optimizer state of inner_opt={inner!r} "
+            f"({type(error).__name__}: {error}). A rule given for one step (meta.step(..., rule=...)) "
+            "receives the block's optimizer state, so it must keep inner_opt's state layout: "
+            "inner_opt's kind with other hyperparameters (another step size), or a rule that calls "
+            "inner_opt's step. Take this step with inner_opt, or open the block with this rule as "
+            "inner_opt.") from error

@@ -795,3 +795,37 @@ def test_functional_meta_grad_loss_fn_not_callable():
 def test_functional_meta_grad_valid_arguments_still_run():
     g = functional_call_with()
     assert set(g) == set(THETA) and all(torch.isfinite(t).all() for t in g.values())
+
+
+@pytest.mark.parametrize("inner, other", [
+    (lambda: mg.optim.SGD(lr=LR), lambda: mg.optim.Adam(0.01)),
+    (lambda: mg.optim.SGD(lr=LR), lambda: mg.optim.Momentum(LR, 0.9)),
+    (lambda: mg.optim.Adam(0.01), lambda: mg.optim.Momentum(LR, 0.9)),
+], ids=["sgd-block-adam-step", "sgd-block-momentum-step", "adam-block-momentum-step"])
+@pytest.mark.parametrize("tasks", [None, 2], ids=["one-task", "tasks-2"])
+@pytest.mark.parametrize("grads", ["none", "set"])
+def test_a_step_rule_of_another_state_layout_is_refused_clearly(inner, other, tasks, grads):
+    """``meta.step(closure, rule=...)`` hands the rule the block's optimizer state. A rule
+    whose own state has another layout failed inside its step with ``KeyError: 'step'`` (or
+    'momentum_buffer'); now a ValueError names ``rule``, inner_opt and what to do, and the
+    model is left as it was."""
+    model = make_mlp()
+    state = prepare(model, grads)
+    x, y = batch(1)
+    data = (x.expand(tasks, *x.shape), y.expand(tasks, *y.shape)) if tasks else (x, y)
+    with pytest.raises(ValueError, match=r"rule: .* cannot step from the optimizer state of inner_opt=.*"
+                                         r"must keep inner_opt's state layout"):
+        with mg.MetaGradient(model, inner_opt=inner(), estimator=mg.Checkpointed(), tasks=tasks) as meta:
+            meta.step(lambda f, x, y: F.mse_loss(f(x), y), *data)
+            meta.step(lambda f, x, y: F.mse_loss(f(x), y), *data, rule=other())
+    assert_untouched(model, state)
+
+
+def test_a_step_rule_of_the_same_kind_with_another_step_size_still_runs():
+    model = make_mlp()
+    x, y = batch(1)
+    with mg.MetaGradient(model, inner_opt=mg.optim.Adam(0.01), estimator=mg.Checkpointed()) as meta:
+        meta.step(lambda f: F.mse_loss(f(x), y))
+        meta.step(lambda f: F.mse_loss(f(x), y), rule=mg.optim.Adam(0.05, betas=(0.5, 0.9)))
+        F.mse_loss(meta.fmodel(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
