@@ -109,7 +109,7 @@ def default_estimators(steps: int) -> list[Estimator]:
 
 
 def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt: UpdateRule,
-             query: Closure, estimators: Optional[Sequence[Estimator]] = None,
+             query: Closure, meta: Sequence[torch.Tensor] = (), estimators: Optional[Sequence[Estimator]] = None,
              rtol: float = 1e-2, repeats: int = 3, probes: int = 3,
              power_iterations: int = 20) -> Report:
     """Run every estimator on one task and report error, time, memory and ``K·α·ℓ``.
@@ -120,6 +120,12 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
         steps: K, the number of inner steps.
         inner_opt: the inner update rule.
         query: ``query(fmodel) -> loss`` at the adapted weights.
+        meta: the meta-parameters η the inner loop learns besides θ (a step size the rule
+            holds, a weight decay the closure reads), whose meta-gradients are compared too: a
+            row's relative error is then the larger of θ's and η's (η's tensors flattened
+            together), its cosine over both. Where a block finds η and none is given here, the
+            error column is θ's alone, which hides an estimator that gives η nothing through
+            the inner loop (FirstOrder): a :class:`MetaGradientWarning` and a note say so.
         estimators: the estimators to compare (default :func:`default_estimators`).
             Full is added if missing: it is the exact reference.
         rtol: the relative error a recommendation must meet.
@@ -134,6 +140,13 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}.")
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol: expected a float > 0, got {rtol!r}.")
+    meta = [meta] if isinstance(meta, torch.Tensor) else list(meta)
+    for i, t in enumerate(meta):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad):
+            got = f"a tensor of dtype {t.dtype}, requires_grad={t.requires_grad}" if isinstance(t, torch.Tensor) \
+                else type(t).__name__
+            raise ValueError(f"meta[{i}]: expected a floating-point tensor that requires grad (a "
+                             f"meta-parameter), got {got}.")
     device = next(model.parameters()).device
     notes = []
     if device.type == "cuda" and tf32_enabled():
@@ -149,15 +162,17 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def meta_gradient(estimator: Estimator) -> tuple[torch.Tensor, dict[str, Any]]:
-        with MetaGradient(model, inner_opt=inner_opt, estimator=estimator) as meta:
+        """θ's meta-gradient flattened, then η's (a row of :attr:`Row`'s comparison), and ``meta.info``."""
+        with MetaGradient(model, inner_opt=inner_opt, estimator=estimator) as block:
             for _ in range(steps):
-                meta.step(closure)
-            grads = torch.autograd.grad(query(meta.fmodel), params, allow_unused=True)
+                block.step(closure)
+            grads = torch.autograd.grad(query(block.fmodel), params + meta, allow_unused=True)
         flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                          for p, g in zip(params, grads)])
-        return flat.detach(), dict(meta.info)
+                          for p, g in zip(params + meta, grads)])
+        return flat.detach(), dict(block.info)
 
     exact, _ = meta_gradient(Full())
+    split = sum(p.numel() for p in params)  # θ's entries first, then η's
     rows = []
     method = ""
     for estimator in chosen:
@@ -174,8 +189,16 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
             with peak_memory(device) as memory:
                 meta_gradient(estimator)
         method = memory.description
-        rows.append(Row(estimator, _relative(g, exact), _cosine(g, exact), statistics.median(times),
-                        memory.peak_bytes, info))
+        error = max(_relative(g[:split], exact[:split]), _relative(g[split:], exact[split:]) if meta else 0.0)
+        rows.append(Row(estimator, error, _cosine(g, exact), statistics.median(times), memory.peak_bytes, info))
+    found = next((r.info["meta_parameters"] for r in rows if r.info.get("meta_parameters")), None)
+    if found and not meta:  # (Full differentiates the unroll and names none: the others do)
+        message = (f"the inner loop has meta-parameters {found}, and meta= gives none of them, so the error "
+                   "column compares θ's meta-gradient alone; an estimator that gives η no gradient "
+                   "through the inner loop (FirstOrder) can look exact. Pass meta=[...] (the tensors) "
+                   "to compare theirs too.")
+        warnings.warn(message, MetaGradientWarning, stacklevel=2)
+        notes.append("Warning: " + message)
     alpha_ell = _largest_step_curvature(model, closure, steps, inner_opt, probes, power_iterations)
     lr = getattr(inner_opt, "lr", None)
     ell = alpha_ell / lr if isinstance(inner_opt, SGD) and isinstance(lr, float) and lr > 0 else None

@@ -132,3 +132,67 @@ def test_command_line():
                          capture_output=True, text=True, check=True, timeout=120)
     assert "recommended" in out.stdout and "Binomial" in out.stdout
     assert "torch CPU threads: 1 (--threads)" in out.stdout  # one thread unless asked otherwise
+
+
+def hand_unrolled_with_meta(A, b, target, theta, lr, decay, steps):
+    """θ's, the step size's and the decay's meta-gradients by plain autograd through K steps
+    of ``φ ← φ − lr·(Aφ − b + decay·φ)`` (the inner loss plus ``(decay/2)‖φ‖²``)."""
+    theta, lr, decay = (t.detach().clone().requires_grad_() for t in (theta, lr, decay))
+    phi = theta
+    for _ in range(steps):
+        phi = phi - lr * (A @ phi - b + decay * phi)
+    grads = torch.autograd.grad(0.5 * ((phi - target) ** 2).sum(), [theta, lr, decay])
+    return [g.reshape(-1) for g in grads]
+
+
+def test_meta_parameters_are_compared_when_given():
+    """A learned step size and a weight decay read by the closure, passed as ``meta=``: each
+    row's error is the larger of θ's and η's relative errors against the hand unroll, so
+    FirstOrder, which gives the decay nothing through the inner loop, is not recommended."""
+    spectrum, steps = [2.0, 1.0, 0.5], 5
+    model, _, query = quadratic_task(spectrum)
+    A, b, target = quadratic_data(spectrum)
+    lr = torch.tensor(0.05, dtype=DT, requires_grad=True)
+    decay = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    p = lambda f: f.params["phi"]  # noqa: E731
+    closure = lambda f: 0.5 * p(f) @ A @ p(f) - b @ p(f) + 0.5 * decay * (p(f) ** 2).sum()  # noqa: E731
+    theta_g, lr_g, decay_g = hand_unrolled_with_meta(A, b, target, model.phi, lr, decay, steps)
+    report = mg.diagnose(model, closure, steps=steps, inner_opt=mg.optim.SGD(lr), query=query,
+                         meta=[lr, decay], rtol=1e-6, repeats=1,
+                         estimators=[mg.FirstOrder(), mg.Truncated(2), mg.Checkpointed(), mg.Full()])
+    assert model.phi.grad is None and lr.grad is None and decay.grad is None
+    eta = torch.cat([lr_g, decay_g])
+    for row in report.rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mg.MetaGradientWarning)
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr), estimator=row.estimator) as meta:
+                for _ in range(steps):
+                    meta.step(closure)
+                g = torch.autograd.grad(query(meta.fmodel), [model.phi, lr, decay], allow_unused=True)
+        g = [torch.zeros(1, dtype=DT) if t is None else t.reshape(-1) for t in g]
+        error = max(float((g[0] - theta_g).norm() / theta_g.norm()),
+                    float((torch.cat(g[1:]) - eta).norm() / eta.norm()))
+        assert abs(row.relative_error - error) <= 1e-9 + 1e-9 * error, (row.estimator, row.relative_error, error)
+    first_order = next(r for r in report.rows if r.estimator == mg.FirstOrder())
+    assert first_order.relative_error > 0.1
+    assert report.recommended in (mg.Checkpointed(), mg.Full())
+    assert not any("meta=" in note for note in report.notes)
+
+
+def test_meta_parameters_found_but_not_given_are_warned_about():
+    """The same loop without ``meta=``: the error column is θ's alone, and the report says so."""
+    model, _, query = quadratic_task([2.0, 1.0])
+    A, b, _ = quadratic_data([2.0, 1.0])
+    decay = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    closure = lambda f: 0.5 * f.params["phi"] @ A @ f.params["phi"] - b @ f.params["phi"] \
+        + 0.5 * decay * (f.params["phi"] ** 2).sum()  # noqa: E731
+    with pytest.warns(mg.MetaGradientWarning, match=r"meta-parameters .* Pass meta=\[\.\.\.\]"):
+        report = mg.diagnose(model, closure, steps=3, inner_opt=mg.optim.SGD(0.05), query=query,
+                             estimators=[mg.FirstOrder()], repeats=1)
+    assert any("meta=" in note for note in report.notes) and "meta=" in str(report)
+
+
+def test_meta_that_is_not_a_meta_parameter_is_refused():
+    model, closure, query = quadratic_task([1.0, 0.5])
+    with pytest.raises(ValueError, match=r"meta\[0\]: expected a floating-point tensor that requires grad"):
+        mg.diagnose(model, closure, steps=2, inner_opt=mg.optim.SGD(0.1), query=query, meta=[torch.ones(2)])
