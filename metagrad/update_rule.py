@@ -227,11 +227,13 @@ def _twin(optimizer: Any) -> str:
         settings = optimizer.param_groups[0]
     lr = settings.get("lr", 0.01)
     lr = lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else 0.01
+    # metagrad's rules descend: for an optimizer set to ascend, the loss is negated instead
+    ascend = " on the negated loss (metagrad's rules have no maximize=True)" if settings.get("maximize") else ""
     if name == "SGD" and settings.get("momentum"):
         nesterov = ", nesterov=True" if settings.get("nesterov") else ""
-        return f"mg.optim.Momentum(lr={lr!r}, momentum={settings['momentum']!r}{nesterov})"
+        return f"mg.optim.Momentum(lr={lr!r}, momentum={settings['momentum']!r}{nesterov}){ascend}"
     if name in RULES and not settings.get("amsgrad"):
-        return f"mg.optim.{name}(lr={lr!r})"
+        return f"mg.optim.{name}(lr={lr!r}){ascend}"
     missing = f"{name}(amsgrad=True)" if name in RULES else name
     return (f"one of metagrad's rules ({', '.join('mg.optim.' + r for r in RULES)}; none computes "
             f"{missing}), e.g. mg.optim.SGD(lr={lr!r})")

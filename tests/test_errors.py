@@ -263,6 +263,12 @@ def test_torch_optimizer_error_points_to_a_metagrad_rule():
     assert "Parameter Group" not in message  # names the optimizer, does not print its repr
 
 
+def test_torch_optimizer_set_to_maximize_points_to_a_rule_on_the_negated_loss():
+    model = make_mlp()
+    with pytest.raises(TypeError, match=r"mg\.optim\.Adam\(lr=0\.1\) on the negated loss"):
+        mg.MetaGradient(model, inner_opt=torch.optim.Adam(model.parameters(), lr=0.1, maximize=True))
+
+
 @pytest.mark.parametrize("not_a_model", [lambda x: x, None, {"w": torch.zeros(2)}],
                          ids=["function", "none", "dict"])
 def test_model_not_a_module(not_a_model):
