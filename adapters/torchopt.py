@@ -34,10 +34,11 @@ optimizer's constructor is the one line that changes::
         torchopt.recover_state_dict(inner_opt, opt_state)
     meta_opt.step()
 
-:class:`MetaSGD`, :class:`MetaAdam` and :class:`MetaOptimizer` (any
-``GradientTransformation``, as ``torchopt.MetaOptimizer(net, impl)``) take torchopt's
-arguments, positional ones included, plus ``estimator=`` (default Full: torchopt's own
-unroll) and ``check_finite=``. They subclass torchopt's classes, so
+:class:`MetaSGD`, :class:`MetaAdam`, torchopt's other object-style optimizers (``MetaAdamW``,
+``MetaRMSProp``, ``MetaAdaGrad``, ``MetaAdaDelta`` and their other spellings; not
+``MetaAdaMax`` and ``MetaRAdam``, whose state holds a Python int step count) and :class:`MetaOptimizer` (any ``GradientTransformation``, as
+``torchopt.MetaOptimizer(net, impl)``) take torchopt's arguments, positional ones included,
+plus ``estimator=`` (default Full: torchopt's own unroll) and ``check_finite=``. They subclass torchopt's classes, so
 ``torchopt.extract_state_dict`` and ``recover_state_dict`` accept them. Each inner loop is
 one :class:`metagrad.MetaGradient` block. It opens at the first ``step`` taken while the
 module holds ordinary parameters θ, and ends when the module holds θ again (restored by
@@ -138,11 +139,20 @@ from metagrad.estimators import resolve
 from metagrad.fmodel import RUNNING_STATS
 from metagrad.optim import Params, TransformationRule
 
-__all__ = ["as_update_rule", "TorchoptUpdateRule", "MetaOptimizer", "MetaSGD", "MetaAdam"]
+#: torchopt's other object-style optimizers, each ``MetaOptimizer(module, alias(...))`` with the
+#: alias's arguments in the same order (torchopt 0.7): class name → functional alias.
+_ALIASED = {"MetaAdamW": "adamw", "MetaRMSProp": "rmsprop", "MetaRMSprop": "rmsprop",
+            "MetaAdaGrad": "adagrad", "MetaAdagrad": "adagrad", "MetaAdaDelta": "adadelta",
+            "MetaAdadelta": "adadelta"}
+#: torchopt's object-style optimizers whose state holds a Python int (the step count), which a
+#: stored, stacked per-step state cannot (metagrad.optim.TransformationRule refuses it).
+_UNSUPPORTED = {"MetaAdaMax": "adamax", "MetaAdamax": "adamax", "MetaRAdam": "radam"}
+
+__all__ = ["as_update_rule", "TorchoptUpdateRule", "MetaOptimizer", "MetaSGD", "MetaAdam", *_ALIASED]
 
 #: The object-style classes subclass torchopt's, so they are built on first access
 #: (PEP 562 ``__getattr__`` below) and importing this module does not import torchopt.
-_OBJECT_STYLE = ("MetaOptimizer", "MetaSGD", "MetaAdam")
+_OBJECT_STYLE = ("MetaOptimizer", "MetaSGD", "MetaAdam", *_ALIASED)
 
 
 def _import_torchopt() -> Any:
@@ -198,6 +208,12 @@ TorchoptUpdateRule = TransformationRule
 def __getattr__(name: str) -> Any:
     if name in _OBJECT_STYLE:
         return _object_style_classes()[name]
+    if name in _UNSUPPORTED:
+        raise AttributeError(
+            f"{name}: torchopt.{_UNSUPPORTED[name]} keeps its step count as a Python int in the optimizer "
+            "state, which metagrad cannot store and stack step by step, so there is no metagrad "
+            f"version of torchopt.{name}. Use MetaAdam or MetaAdamW, or MetaOptimizer(module, impl) with "
+            "a transformation whose state holds tensors only.")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -217,7 +233,8 @@ def _object_style_classes() -> dict[str, type]:
     meta_optimizer = build("MetaOptimizer", _MetaOptimizer, torchopt.MetaOptimizer)
     return {"MetaOptimizer": meta_optimizer,
             "MetaSGD": build("MetaSGD", _MetaSGD, meta_optimizer),
-            "MetaAdam": build("MetaAdam", _MetaAdam, meta_optimizer)}
+            "MetaAdam": build("MetaAdam", _MetaAdam, meta_optimizer),
+            **{name: build(name, _aliased(name, alias), meta_optimizer) for name, alias in _ALIASED.items()}}
 
 
 class _MetaOptimizer:
@@ -448,6 +465,22 @@ class _MetaAdam(_MetaOptimizer):
                                        eps_root=eps_root, moment_requires_grad=moment_requires_grad,
                                        maximize=maximize, use_accelerated_op=use_accelerated_op)
         super().__init__(module, impl, estimator, check_finite=check_finite)
+
+
+def _aliased(name: str, alias: str) -> type:
+    """The logic of ``torchopt.<name>``: ``MetaOptimizer(module, torchopt.<alias>(*args, **kwargs))``."""
+    class Aliased(_MetaOptimizer):
+        def __init__(self, module: torch.nn.Module, *args: Any, estimator: Union[Estimator, str, None] = None,
+                     check_finite: bool = True, **kwargs: Any) -> None:
+            impl = getattr(_import_torchopt(), alias)(*args, **kwargs)
+            super().__init__(module, impl, estimator, check_finite=check_finite)
+
+    Aliased.__doc__ = (f"``torchopt.{name}`` whose meta-gradient comes from ``estimator``.\n\n"
+                       f"    Args: torchopt's (``torchopt.{alias}``'s, after ``module``), positional ones "
+                       "included, plus ``estimator`` (a metagrad estimator or its name; default Full, "
+                       "torchopt's unroll) and ``check_finite`` (raise at the first inner loss that is NaN "
+                       "or infinite).")
+    return Aliased
 
 
 def _parameter_slots(module: torch.nn.Module, theta: Params) -> dict[str, list[tuple[dict, str]]]:

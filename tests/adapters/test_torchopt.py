@@ -231,6 +231,14 @@ OBJECTS = {
                  lambda m, e: mg_torchopt.MetaSGD(m, 0.05, 0.9, 0.01, nesterov=True, estimator=e)),
     "adam": (lambda m: torchopt.MetaAdam(m, 0.02),
              lambda m, e: mg_torchopt.MetaAdam(m, 0.02, estimator=e)),
+    # torchopt's other object-style optimizers, positional and keyword arguments as torchopt's
+    **{name: (lambda m, name=name, a=args, k=kwargs: getattr(torchopt, name)(m, *a, **k),
+              lambda m, e, name=name, a=args, k=kwargs: getattr(mg_torchopt, name)(m, *a, **k, estimator=e))
+       for name, args, kwargs in [("MetaAdamW", (0.02,), {"eps_root": 1e-8}),
+                                  ("MetaRMSProp", (0.01,), {"momentum": 0.3, "centered": True}),
+                                  ("MetaRMSprop", (0.01,), {}), ("MetaAdaGrad", (0.1,), {"lr_decay": 0.05}),
+                                  ("MetaAdagrad", (0.1,), {}), ("MetaAdaDelta", (1.0,), {}),
+                                  ("MetaAdadelta", (1.0, 0.8), {})]},
 }
 
 
@@ -522,3 +530,12 @@ def test_meta_grad_accepts_a_gradient_transformation():
                                          steps=K, estimator=estimator)
         for n in params:
             torch.testing.assert_close(ours[n], native[n], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["MetaAdaMax", "MetaAdamax", "MetaRAdam"])
+def test_object_style_optimizers_with_an_integer_step_count_are_refused_by_name(name):
+    """torchopt's adamax and radam keep a Python int in their state: no metagrad version, and
+    the AttributeError says why and what to use."""
+    assert hasattr(torchopt, name)
+    with pytest.raises(AttributeError, match=rf"{name}: torchopt\.\w+ keeps its step count as a Python int"):
+        getattr(mg_torchopt, name)
