@@ -39,7 +39,9 @@ dampening, weight decay) becomes the native :class:`metagrad.optim.SGD` or
 type higher knows (``torch.optim.Adam``, RMSprop, ..., and those added with
 ``higher.register_optim``) runs through higher's own differentiable implementation,
 wrapped by :class:`HigherUpdateRule`, so the numbers are higher's. Per-group learning
-rates become per-parameter step sizes. Two torch.optim settings higher's arithmetic
+rates become per-parameter step sizes. ``torch.optim.AdamW``, which higher cannot
+differentiate, becomes the native :class:`metagrad.optim.AdamW` (torch.optim's arithmetic).
+Two torch.optim settings higher's arithmetic
 does not read, ``maximize=True`` (every optimizer) and Adam's
 ``decoupled_weight_decay=True``, are refused with a ``ValueError`` that says what to do:
 higher descends and adds the weight decay to the gradient regardless, a different rule
@@ -84,7 +86,7 @@ from metagrad import Estimator, FirstOrder, FunctionalModel, MetaGradient
 from metagrad.attention import math_attention
 from metagrad.estimators import resolve
 from metagrad.functional import Layout
-from metagrad.optim import SGD, Momentum, Params, State
+from metagrad.optim import SGD, AdamW, Momentum, Params, State
 
 __all__ = ["innerloop_ctx", "update_rule", "HigherUpdateRule"]
 
@@ -101,7 +103,8 @@ def update_rule(opt: torch.optim.Optimizer, model: torch.nn.Module,
 
     Returns:
         :class:`metagrad.optim.SGD` / :class:`~metagrad.optim.Momentum` for
-        ``torch.optim.SGD``; otherwise a :class:`HigherUpdateRule`.
+        ``torch.optim.SGD``, :class:`~metagrad.optim.AdamW` for ``torch.optim.AdamW`` (which
+        higher has no version of); otherwise a :class:`HigherUpdateRule`.
     """
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt: expected a torch.optim.Optimizer, got {type(opt).__name__}.")
@@ -121,6 +124,8 @@ def update_rule(opt: torch.optim.Optimizer, model: torch.nn.Module,
     _refuse_what_higher_ignores(opt, groups)
     if type(opt) is torch.optim.SGD and not opt.state:
         return _native_sgd(groups, model)
+    if type(opt) is torch.optim.AdamW and not opt.state:  # higher has none: torch.optim's own arithmetic
+        return _native_adamw(groups, model)
     return HigherUpdateRule(opt, model, override)
 
 
@@ -141,6 +146,8 @@ _IGNORED_BY_HIGHER = {
 def _refuse_what_higher_ignores(opt: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
     """Raise for a setting of ``opt`` (after ``override``) that the step would not apply."""
     for key, why in _IGNORED_BY_HIGHER.items():
+        if key == "decoupled_weight_decay" and type(opt) is torch.optim.AdamW:
+            continue  # the native AdamW decays so (torch.optim.AdamW sets the flag in its groups)
         if any(group.get(key) for group in groups):
             raise ValueError(f"opt: {type(opt).__name__}({key}=True) {why} Refused rather than run "
                              "another rule than the optimizer's.")
@@ -148,7 +155,6 @@ def _refuse_what_higher_ignores(opt: torch.optim.Optimizer, groups: list[dict[st
 
 def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[SGD, Momentum]:
     """``torch.optim.SGD``'s groups as one native rule (per-parameter step sizes)."""
-    names = {id(p): n for n, p in model.named_parameters()}
     shared = ("momentum", "dampening", "nesterov", "weight_decay")
     settings = {key: groups[0].get(key, 0) for key in shared}
     for group in groups[1:]:
@@ -157,17 +163,39 @@ def _native_sgd(groups: list[dict[str, Any]], model: torch.nn.Module) -> Union[S
                 "opt: parameter groups of torch.optim.SGD differ in momentum, dampening, nesterov "
                 "or weight_decay; metagrad's native rule supports per-group lr only."
             )
-    # A parameter the optimizer does not hold (ANIL: an optimizer over the head alone) keeps
-    # its value at every step, as in higher, where it stays a fast weight the optimizer skips.
-    lr: dict[str, Any] = {n: 0.0 for n, p in model.named_parameters() if p.requires_grad}
-    lr.update({names[id(p)]: _constant(group["lr"]) for group in groups for p in group["params"]
-               if p.requires_grad})
+    lr = _step_sizes(groups, model)
     if settings["momentum"] == 0:
         if settings["weight_decay"]:
             return Momentum(lr, 0.0, weight_decay=settings["weight_decay"])
         return SGD(lr)
     return Momentum(lr, settings["momentum"], dampening=settings["dampening"],
                     nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+
+
+def _native_adamw(groups: list[dict[str, Any]], model: torch.nn.Module) -> AdamW:
+    """``torch.optim.AdamW``'s groups as the native :class:`metagrad.optim.AdamW`, which
+    computes what torch.optim computes (higher has no differentiable AdamW)."""
+    shared = ("betas", "eps", "weight_decay", "amsgrad")
+    settings = {key: groups[0].get(key) for key in shared}
+    if any(group.get(key) != settings[key] for group in groups[1:] for key in shared):
+        raise ValueError("opt: parameter groups of torch.optim.AdamW differ in betas, eps, weight_decay or "
+                         "amsgrad; metagrad's native rule supports per-group lr only.")
+    if settings["amsgrad"]:
+        raise ValueError("opt: AdamW(amsgrad=True) has no differentiable version (neither higher nor "
+                         "metagrad.optim computes AMSGrad); pass amsgrad=False.")
+    return AdamW(_step_sizes(groups, model), betas=tuple(settings["betas"]), eps=settings["eps"],
+                 weight_decay=settings["weight_decay"])
+
+
+def _step_sizes(groups: list[dict[str, Any]], model: torch.nn.Module) -> dict[str, Any]:
+    """Each trainable parameter's step size, from its group. A parameter the optimizer does not
+    hold (ANIL: an optimizer over the head alone) gets zero and keeps its value at every step,
+    as in higher, where it stays a fast weight the optimizer skips."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr: dict[str, Any] = {n: 0.0 for n, p in model.named_parameters() if p.requires_grad}
+    lr.update({names[id(p)]: _constant(group["lr"]) for group in groups for p in group["params"]
+               if p.requires_grad})
+    return lr
 
 
 def _constant(lr: Any) -> Any:

@@ -533,3 +533,37 @@ def test_a_step_override_on_a_copy_of_the_model_equals_higher(opt_name):
             query = F.mse_loss(fmodel(XQ), YQ)
             out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(query, list(fmodel.parameters(time=0)))]))
     torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["every-parameter", "head-only"])
+def test_adamw_which_higher_cannot_differentiate_runs_as_torch_optim_computes_it(head):
+    """``torch.optim.AdamW``: higher has no differentiable version; the adapter runs the native
+    ``mg.optim.AdamW`` (torch.optim's arithmetic): the inner loop takes torch.optim's own steps,
+    and Checkpointed's meta-gradient equals Full's (the unroll)."""
+    def make(ps):
+        return torch.optim.AdamW(ps, lr=0.02, betas=(0.8, 0.99), weight_decay=0.1)
+
+    with pytest.raises(ValueError, match="not supported by higher"):  # higher's own error
+        model = make_model()
+        higher_opt = make(model.parameters())
+        with higher.innerloop_ctx(model, higher_opt) as (fmodel, diffopt):
+            pass
+    if not head:
+        for ours, theirs in zip(_first_steps(make, True), _first_steps(make, False)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    grads = []
+    for estimator in (mg.Full(), mg.Checkpointed()):
+        model = make_model()
+        with mg_higher.innerloop_ctx(model, make(model[-1].parameters() if head else model.parameters()),
+                                     copy_initial_weights=False, estimator=estimator) as (fmodel, diffopt):
+            for _ in range(K):
+                diffopt.step(F.mse_loss(fmodel(XS), YS))
+            F.mse_loss(fmodel(XQ), YQ).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_adamw_with_amsgrad_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"AdamW\(amsgrad=True\)"):
+        mg_higher.update_rule(torch.optim.AdamW(model.parameters(), amsgrad=True), model)
