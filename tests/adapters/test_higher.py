@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 import metagrad as mg
 
@@ -567,3 +568,61 @@ def test_adamw_with_amsgrad_is_refused():
     model = make_model()
     with pytest.raises(ValueError, match=r"AdamW\(amsgrad=True\)"):
         mg_higher.update_rule(torch.optim.AdamW(model.parameters(), amsgrad=True), model)
+
+
+_DRAWN_OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.2),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.7, dampening=0.1, weight_decay=0.02),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.7, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.03, weight_decay=0.01),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.03, amsgrad=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.05),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True, momentum=0.3),
+    "adamax": lambda ps: torch.optim.Adamax(ps, lr=0.05),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0),
+    "asgd": lambda ps: torch.optim.ASGD(ps, lr=0.05),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(opt=st.sampled_from(sorted(_DRAWN_OPTIMIZERS)), steps=st.integers(1, 4), frozen=st.booleans(),
+       held=st.sampled_from(["all", "head", "groups"]), copy=st.booleans(), closure=st.booleans(),
+       override=st.booleans(), callback=st.booleans(),
+       estimator=st.sampled_from(["full", "checkpointed", "checkpointed-snapshots"]))
+def test_features_drawn_together_equal_higher(opt, steps, frozen, held, copy, closure, override, callback, estimator):
+    """higher's features drawn together (the optimizer, a frozen parameter, an optimizer over
+    the head or in two groups, ``copy_initial_weights``, ``diffopt.step`` with a loss or a
+    closure, a per-step override, a ``grad_callback``) against higher itself: the fast weights
+    after K steps and the meta-gradient (into ``.grad``, or with respect to
+    ``fmodel.parameters(time=0)`` on a copy) to 1e-9."""
+    def run(library):
+        model = make_model()
+        if frozen:
+            model[0].bias.requires_grad_(False)
+        params = {"all": list(model.parameters()), "head": list(model[-1].parameters()),
+                  "groups": [{"params": list(model[0].parameters())},
+                             {"params": list(model[-1].parameters()), "lr": 0.05}]}[held]
+        kwargs = {} if library is higher else {"estimator": {
+            "full": mg.Full(), "checkpointed": mg.Checkpointed(),
+            "checkpointed-snapshots": mg.Checkpointed(snapshots=2)}[estimator]}
+        halve = (lambda grads: [None if g is None else 0.5 * g for g in grads]) if callback else None
+        with library.innerloop_ctx(model, _DRAWN_OPTIMIZERS[opt](params), copy_initial_weights=copy,
+                                   **kwargs) as (fmodel, diffopt):
+            for k in range(steps):
+                change = {"lr": [0.07]} if override and k == 1 else None
+                if closure and library is mg_higher:
+                    diffopt.step(closure=lambda f: F.mse_loss(f(XS), YS), override=change, grad_callback=halve)
+                else:
+                    diffopt.step(F.mse_loss(fmodel(XS), YS), override=change, grad_callback=halve)
+            final = torch.cat([p.detach().reshape(-1) for p in fmodel.parameters()])
+            query = F.mse_loss(fmodel(XQ), YQ)
+            if copy:
+                initial = [p for p in fmodel.parameters(time=0) if p.requires_grad]
+                grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(query, initial)])
+            else:
+                query.backward()
+                grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        return final, grad
+
+    for ours, theirs in zip(run(mg_higher), run(higher)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
