@@ -268,6 +268,8 @@ class Products:
             (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
                 self.check(m, new_params, loss, eta_out)
+            elif step.graph is not None:  # the kept gradient, but the update is run again: checked too
+                self.check(m, new_params, step.loss)
             outputs = [new_params[n] for n in params]
             cotangents = [u[n] for n in params]
             for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or []):  # (by the new state's leaves)
@@ -344,8 +346,8 @@ class Products:
             with torch.enable_grad():
                 new, _ = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
                                    step.state, True)
-            if loss is not None:
-                self.check(m, new, loss, eta)
+            if loss is not None or step.graph is not None:  # (a kept gradient: the update is run again)
+                self.check(m, new, step.loss if loss is None else loss, eta)
         return step_size_vjp(new, meta, u) or [None] * len(meta)
 
     def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,

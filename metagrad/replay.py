@@ -434,6 +434,14 @@ def _since(first: Optional[int], which: int) -> str:
 def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
     causes = [] if frozen is None else _causes(frozen)
     text = f"inner step {which}, rebuilt during backward, is not the step the inner loop took: {found}."
+    if frozen is None:  # every record without a frozen closure is a step taken from a given loss
+        return ReplayError(text + (
+            " The step was taken from a given loss (meta.step_from_loss, an adapter's step(loss)): its "
+            "gradient's graph was kept, and the update rule, run on that gradient again for the product, "
+            "gave another step. The rule keeps Python state that changes from call to call (such as "
+            "torchopt.sgd(dampening>0)'s first-call flag). Use a rule whose state is all in the optimizer "
+            "state it returns (dampening=0, or mg.optim.Momentum with dampening), or estimator=mg.Full(), "
+            "which differentiates the steps as they were taken."))
     if causes:
         text += " " + " ".join(causes)
     else:

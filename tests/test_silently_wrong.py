@@ -129,6 +129,59 @@ def test_a_once_differentiable_op_in_a_given_loss_is_refused(estimator, where):
     assert all(p.grad is None for p in model.parameters())
 
 
+class CountingSGD:
+    """SGD whose step size shrinks with every call of its step (a schedule kept as Python state,
+    outside the optimizer state it returns): calling it again for a product gives another step."""
+
+    def __init__(self, lr):
+        self.lr, self.calls = lr, 0
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        self.calls += 1
+        return {n: p - self.lr / self.calls * grads[n] for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("estimator", [e for e in SECOND_ORDER if not isinstance(e, (mg.Implicit, mg.Full))], ids=repr)
+def test_an_update_rule_with_python_state_on_a_given_loss_is_refused(estimator):
+    """A step taken from a given loss keeps its gradient's graph, and the estimators that take
+    products run the update rule on that gradient again. A rule whose step depends on Python
+    state that changed since (how often it was called) then gave another step, and a wrong
+    meta-gradient with no error; the re-run update is now checked against the step taken."""
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    with pytest.raises(mg.ReplayError, match="taken from a given loss"):
+        with mg.MetaGradient(model, CountingSGD(0.3), estimator=estimator) as meta:
+            for _ in range(3):
+                w = meta.fast_weights()
+                meta.step_from_loss(F.mse_loss(torch.func.functional_call(model, w, (x,)), y), w)
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_update_rule_with_python_state_on_a_given_loss_is_exact_with_full():
+    """Full differentiates the steps as they were taken: equal to the hand unroll."""
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    with mg.MetaGradient(model, CountingSGD(0.3), estimator=mg.Full()) as meta:
+        for _ in range(3):
+            w = meta.fast_weights()
+            meta.step_from_loss(F.mse_loss(torch.func.functional_call(model, w, (x,)), y), w)
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    reference = mlp(1)
+    params = dict(reference.named_parameters())
+    for k in range(3):
+        grads = torch.autograd.grad(F.mse_loss(functional_call(reference, params, (x,)), y), list(params.values()),
+                                    create_graph=True)
+        params = {n: p - 0.3 / (k + 1) * g for (n, p), g in zip(params.items(), grads)}
+    F.mse_loss(functional_call(reference, params, (xq,)), yq).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
     from metagrad.adapters import higher
     x, y, xq, yq, _, _ = data(1)
