@@ -198,6 +198,8 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
                                     snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks,
                                     proximal=estimator.proximal)
+        if not traced and estimator.keep() != 0 and not getattr(inner_opt, "pure_step", False):
+            trajectory.check_rule()  # the products run the rule again (PureTrajectory.check_rule)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         view: TrajectoryView = trajectory  # (the interface every estimator reads: checked here by type)

@@ -50,6 +50,10 @@ class SGD:
     ``I − diag(α) H``, and every estimator stays exact in the sense of MATH.md.
     """
 
+    #: The step depends on its arguments alone (no Python state kept between calls), so a step
+    #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
+    pure_step = True
+
     def __init__(self, lr: LearningRate) -> None:
         self.lr = _check_learning_rate(lr)
 
@@ -138,6 +142,10 @@ class Momentum:
         weight_decay: L2 coefficient added to the gradient, >= 0.
     """
 
+    #: The step depends on its arguments alone (no Python state kept between calls), so a step
+    #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
+    pure_step = True
+
     def __init__(self, lr: LearningRate, momentum: float = 0.9, *, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
         self.lr = _check_learning_rate(lr)
@@ -200,6 +208,10 @@ class Adam:
         eps: ε > 0.
         weight_decay: L2 coefficient added to the gradient, >= 0.
     """
+
+    #: The step depends on its arguments alone (no Python state kept between calls), so a step
+    #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
+    pure_step = True
 
     #: Weight decay enters the gradient, hence the moments (:class:`AdamW` decouples it).
     decoupled = False
@@ -307,6 +319,10 @@ class RMSprop:
             moment.
     """
 
+    #: The step depends on its arguments alone (no Python state kept between calls), so a step
+    #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
+    pure_step = True
+
     def __init__(self, lr: LearningRate = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
         self.lr = _check_learning_rate(lr)
@@ -379,6 +395,10 @@ class Adagrad:
         initial_accumulator_value: s at the start, >= 0.
         eps: ε > 0; 1e-10 by default, as in torch.
     """
+
+    #: The step depends on its arguments alone (no Python state kept between calls), so a step
+    #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
+    pure_step = True
 
     def __init__(self, lr: LearningRate = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:

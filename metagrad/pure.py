@@ -32,7 +32,9 @@ from torch.utils import _pytree as pytree
 
 from .estimators import Estimator, resolve
 from .discovery import add_meta
+from .errors import ReplayError
 from .memory import saved_bytes
+from .replay import step_norms, tolerance
 from .snapshots import Schedule
 from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
@@ -170,6 +172,36 @@ class PureTrajectory(OnTape):
 
     def verify(self) -> None:
         """Nothing to check: no step is replayed, the step function is pure."""
+
+    def check_rule(self) -> None:
+        """Raise :class:`~metagrad.ReplayError` unless the update rule, run again from φ_0 (up to
+        the first iterate stored after it), gives the steps the inner loop took. Every product
+        calls the rule's step again; a rule whose step depends on Python state it does not
+        return (torchopt's ``sgd(dampening>0)`` skips the dampening at its first call by a flag,
+        a counter of calls) then gives other steps, and the meta-gradient would be another.
+        Called directly only (it compares numbers), before the backward."""
+        if self.length == 0:
+            return
+        end = 1 if self.tape.schedule is None else next((k for k in self.tape.stored if k > 0), self.length)
+        params, state = self.iterate(0), self.state(0)
+        for _ in range(end):
+            params, state = self._body(state)(params, self.meta, [])[0]
+        stored, start = self.iterate(end), self.iterate(0)
+        names = list(stored)
+        norms = step_norms([[params[n]] for n in names], [[stored[n]] for n in names], [[start[n]] for n in names])
+        first = next(iter(stored.values()))
+        rtol = tolerance(first.dtype, first.device)
+        mismatch, length = float(norms[0, 0]), float(norms[1, 0])
+        if mismatch > rtol * max(length, torch.finfo(first.dtype).tiny):
+            raise ReplayError(
+                f"inner_opt: the update rule {self.rule!r}, run again from φ_0 for the meta-gradient's "
+                f"products, gave other steps than the inner loop took: ‖Φ(φ_0) − φ_{end}‖ = {mismatch:.3g} "
+                f"against {length:.3g} (tolerance {rtol:g} of it). Its step depends on Python state that "
+                "changes from call to call (such as torchopt.sgd(dampening>0)'s first-call flag, or a "
+                "counter), which mg.functional.meta_grad cannot replay. Use a rule whose state is all in "
+                "the state it returns (dampening=0, or mg.optim.Momentum with dampening), or "
+                "estimator=mg.Full() without compile=, which differentiates the unroll that calls each "
+                "step once.")
 
     def restore(self, first: int, last: int) -> None:
         """Make the iterates φ_first … φ_last available (:meth:`metagrad.tape.Tape.restore`):

@@ -182,6 +182,45 @@ def test_an_update_rule_with_python_state_on_a_given_loss_is_exact_with_full():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("estimator, compile", [
+    (mg.Checkpointed(), False), (mg.Checkpointed(snapshots=2), False), (mg.Truncated(3), False),
+    (mg.Binomial(3, monitor=False), False), (mg.Checkpointed(), True)], ids=repr)
+def test_an_update_rule_with_python_state_in_the_functional_face_is_refused(estimator, compile):
+    """mg.functional.meta_grad calls the rule's step again for every product, and has no closure
+    to replay: a rule with Python state (a call counter) gave another meta-gradient, silently
+    (torchopt's sgd(dampening>0): 10% off with Checkpointed). The rule is now run again from φ_0
+    before the backward and compared with the steps taken."""
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    with pytest.raises(mg.ReplayError, match=r"inner_opt: the update rule .* run again from φ_0"):
+        mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=CountingSGD(0.3), steps=3,
+                                estimator=estimator, compile=compile)
+
+
+def test_an_update_rule_with_python_state_in_the_functional_face_is_exact_with_full():
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    g = mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=CountingSGD(0.3), steps=3,
+                                estimator=mg.Full())
+    params = dict(model.named_parameters())
+    for k in range(3):
+        grads = torch.autograd.grad(loss_fn(params, (x, y)), list(params.values()), create_graph=True)
+        params = {n: p - 0.3 / (k + 1) * d for (n, p), d in zip(params.items(), grads)}
+    loss_fn(params, (xq, yq)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
     from metagrad.adapters import higher
     x, y, xq, yq, _, _ = data(1)
