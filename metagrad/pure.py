@@ -37,8 +37,8 @@ from .memory import saved_bytes
 from .replay import step_norms, tolerance
 from .snapshots import Schedule
 from .tape import OnTape, Tape
-from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, proximal,
-                   pull_back, rule_slots, step_body, step_vjp, zero_if_none)
+from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, hyperparameters,
+                   proximal, pull_back, rule_slots, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 from .pure_compiled import RUNS, Pieces
 
@@ -184,8 +184,16 @@ class PureTrajectory(OnTape):
             return
         end = 1 if self.tape.schedule is None else next((k for k in self.tape.stored if k > 0), self.length)
         params, state = self.iterate(0), self.state(0)
+        attributes = hyperparameters(self.rule)  # (a rule that updates its own attributes: a counter)
         for _ in range(end):
             params, state = self._body(state)(params, self.meta, [])[0]
+        if hyperparameters(self.rule) != attributes:
+            raise ReplayError(
+                f"inner_opt: the update rule {self.rule!r} changes its own attributes when it takes a step "
+                "(a counter, a schedule kept on the object), so the steps mg.functional.meta_grad runs "
+                "again for the products are not the steps the inner loop took. Keep that state in the "
+                "optimizer state the rule returns, or use estimator=mg.Full() without compile=, which "
+                "differentiates the unroll that calls each step once.")
         stored, start = self.iterate(end), self.iterate(0)
         names = list(stored)
         norms = step_norms([[params[n]] for n in names], [[stored[n]] for n in names], [[start[n]] for n in names])
