@@ -87,8 +87,9 @@ class PureTrajectory(OnTape):
             the estimator's ``keep``: the functional face's tape keeps them all.)
     """
 
-    #: The lengths of the runs of steps a compiled call takes or sweeps, longest first.
-    runs = RUNS
+    #: The lengths of the runs of steps a compiled sweep may take, longest first
+    #: (:attr:`~metagrad.tape.OnTape.runs`); the inner loop takes runs of :data:`RUNS`.
+    run_lengths = RUNS
 
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
                  meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
@@ -130,7 +131,7 @@ class PureTrajectory(OnTape):
         out: Any = None
         if (self.pieces is not None and all(isinstance(t, torch.Tensor) for t in leaves)
                 and self.pieces.keeps_structure(state)):
-            out = self.pieces.run(current, leaves, spec, self.meta, next(run for run in self.runs if run <= left))
+            out = self.pieces.run(current, leaves, spec, self.meta, next(run for run in RUNS if run <= left))
         if out is None:
             (new, new_state), (loss, _) = self._body(state)(current, self.meta, [])
             if self.pieces is not None:

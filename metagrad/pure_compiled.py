@@ -9,8 +9,9 @@ loop stays in Python and the pieces it calls are compiled, each once per structu
   (the inner loop takes K steps in runs of the lengths :data:`RUNS`, longest first);
 - **a sweep**: a vector pulled back through ``length`` consecutive stored steps by the step's
   VJP (:func:`metagrad.step.step_vjp`), last step first, with the optimizer state's adjoint
-  carried or the state held constant, and the η products summed (Checkpointed's backward
-  asks for runs of the same lengths, :func:`metagrad.estimators.base.sweep_back`);
+  carried or the state held constant, and the η products summed (a backward asks for runs of
+  the same lengths, as long as the iterates' size allows: :attr:`metagrad.tape.OnTape.runs`,
+  :func:`metagrad.estimators.base.sweep_back`);
 - **rows**: ``torch.func.vmap`` of the step's VJP over stored steps (Binomial's levels);
 - **the query's gradient** in φ_K and η.
 

@@ -25,7 +25,14 @@ from .update_rule import Params, State
 from .snapshots import Schedule
 from .step import StepRecord, nbytes
 
-__all__ = ["Tape", "OnTape", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order"]
+__all__ = ["Tape", "OnTape", "Lifetime", "NestedBlockError", "differentiated_twice", "second_order", "RUN_BYTES"]
+
+#: A run of steps one sweep pulls a vector back through (one compiled call) spans at most this
+#: many bytes of fast weights: its length times one iterate's bytes (all tasks'). Longer runs
+#: save a call per step on small models, where a call's overhead is most of a step; on larger
+#: ones they only take longer to compile (a run of 4 steps of CNN4 28×28 compiled in three
+#: times the time of one step, and ran no faster).
+RUN_BYTES = 2**18
 
 
 _nesting = threading.local()
@@ -243,6 +250,18 @@ class OnTape:
     K, the current fast weights, the iterates held and their bytes, the steps recomputed."""
 
     tape: Tape
+    #: The run lengths :attr:`runs` chooses from, longest first (1 last).
+    run_lengths: tuple[int, ...] = (1,)
+    #: Whether rebuilt steps are queued for the replay check (:mod:`metagrad.replay`), which
+    #: ``verify`` runs: the context manager's, unless ``check_replay=False``.
+    checked = False
+
+    @property
+    def runs(self) -> tuple[int, ...]:
+        """The lengths of the runs of steps a sweep is asked for, longest first: those of
+        :attr:`run_lengths` whose run spans at most :data:`RUN_BYTES` of fast weights, and 1."""
+        size = sum(t.nbytes for t in self.tape.current.values())
+        return tuple(run for run in self.run_lengths if run == 1 or run * size <= RUN_BYTES)
 
     @property
     def length(self) -> int:

@@ -90,9 +90,9 @@ class Trajectory(OnTape):
             inner loops along a first dimension, whose products act on each alone; ``None``: one.
     """
 
-    #: The lengths of the runs of steps :meth:`sweep` is asked for, longest first
-    #: (:func:`metagrad.estimators.base.sweep_back`).
-    runs: tuple[int, ...] = (SWEEP, 1)
+    #: The lengths of the runs of steps :meth:`sweep` may be asked for, longest first
+    #: (:attr:`~metagrad.tape.OnTape.runs`, :func:`metagrad.estimators.base.sweep_back`).
+    run_lengths = (SWEEP, 1)
 
     def __init__(
         self,
@@ -120,6 +120,7 @@ class Trajectory(OnTape):
         self.proximal = proximal
         self.check_finite = check_finite
         self.replay_rtol = replay_rtol
+        self.checked = replay_rtol is not None
         self.compiler = compiler
         self.tasks = tasks
         self.tape = Tape(theta, rule.init(theta), keep=keep, snapshots=snapshots)

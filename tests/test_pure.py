@@ -361,3 +361,70 @@ def test_both_trajectories_have_every_member_estimators_read():
             wanted = list(inspect.signature(declared).parameters)[1:]  # without self
             got = list(inspect.signature(getattr(trajectory, name)).parameters)
             assert got[:len(wanted)] == wanted, (type(trajectory).__name__, name, got, wanted)
+
+
+def test_the_runs_of_a_sweep_follow_the_size_of_an_iterate():
+    """A sweep's runs of steps (one compiled call each) span at most ``RUN_BYTES`` of fast
+    weights, in both faces: a small model's sweeps take the longest runs, a large one's single
+    steps (a longer run only compiles longer there)."""
+    from metagrad.functional import TaskLoss
+    from metagrad.pure import RUNS, PureTrajectory
+    from metagrad.tape import RUN_BYTES
+    from metagrad.trajectory import SWEEP, Trajectory
+
+    small = make_model()
+    large = nn.Linear(2, RUN_BYTES // 8 // 2 + 1).to(DT)  # one iterate: just over RUN_BYTES / 2
+    for model, runs in ((small, RUNS), (large, (1,))):
+        start = {n: p.detach() for n, p in model.named_parameters()}
+
+        def loss(params, data):
+            return functional_call(model, params, (data[0],)).pow(2).mean()
+
+        pure = PureTrajectory(TaskLoss(loss, None, False, None)(SUPPORT), start, RULES["sgd"](), 1)
+        assert pure.runs == runs
+        context = Trajectory(model, start, RULES["sgd"](), differentiable=False, keep=None)
+        assert context.runs == ((SWEEP, 1) if runs == RUNS else (1,))
+
+
+def test_a_compiled_functional_sweep_is_not_cut_by_a_replay_check_it_does_not_run():
+    """The functional face checks no replay (its steps are pure), so Checkpointed's backward
+    sweeps it in the longest runs (K = 8: one compiled call), where the context
+    manager's sweeps stop at each batch of replay checks (here every 5 steps: 4 tasks' iterates
+    of 26 KB); equal to the hand-unrolled loop of each task."""
+    from metagrad import pure_compiled
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 200), nn.Tanh(), nn.Linear(200, 1)).to(DT)
+    start = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(params, data):
+        return mse(functional_call(model, params, (data[0],)), data[1])
+
+    calls = []
+    sweep = pure_compiled.Pieces.sweep
+
+    def counted(self, phis, *args, **kwargs):
+        calls.append(len(phis))
+        return sweep(self, phis, *args, **kwargs)
+
+    torch._dynamo.reset()
+    support, query = batch(3, 4 * 8), batch(4, 4 * 8)
+    support, query = [t.reshape(4, 8, -1) for t in support], [t.reshape(4, 8, -1) for t in query]
+    steps, lr = 8, 0.05
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pure_compiled.Pieces, "sweep", counted)
+        got = mg.functional.meta_grad(loss, start, tuple(support), tuple(query), inner_opt=mg.optim.SGD(lr=lr),
+                                      steps=steps, estimator=mg.Checkpointed(), tasks=4,
+                                      compile={"backend": "aot_eager"})
+    assert calls == [8]
+    leaves = {n: t.clone().requires_grad_() for n, t in start.items()}
+    total = 0
+    for t in range(4):
+        phi = dict(leaves)
+        for _ in range(steps):
+            grads = torch.autograd.grad(loss(phi, (support[0][t], support[1][t])), list(phi.values()), create_graph=True)
+            phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
+        total = total + loss(phi, (query[0][t], query[1][t])) / 4
+    want = torch.autograd.grad(total, list(leaves.values()))
+    for (n, g), w in zip(got.items(), want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)

@@ -54,6 +54,9 @@ class TrajectoryView(Protocol):
     def runs(self) -> tuple[int, ...]:
         """The lengths of the runs of steps :meth:`sweep` is asked for, longest first (1 last)."""
     @property
+    def checked(self) -> bool:
+        """Whether rebuilt steps are queued for the replay check (:meth:`verify` runs them)."""
+    @property
     def stored_iterates(self) -> int:
         """How many iterates φ_k (k < K) are held now."""
     @property
@@ -204,10 +207,12 @@ def sweep_back(trajectory: TrajectoryView, first: int, last: int, u: Params,
                ) -> tuple[Params, MetaGrads, Optional[list[Optional[torch.Tensor]]]]:
     """``u`` pulled back through steps ``last − 1`` down to ``first`` (MATH.md (1): the last
     step's factor acts first) and ``Σ_m B_mᵀ a_{m+1}`` (MATH.md (3)), by runs of steps, each
-    the longest of the trajectory's ``runs`` that fits (:meth:`TrajectoryView.sweep`; :data:`SWEEP` and single steps for the context
-    manager's). ``state_adjoint``: carry the optimizer state's
+    the longest of the trajectory's ``runs`` that fits (:meth:`TrajectoryView.sweep`; runs of
+    :data:`SWEEP` and single steps for the context manager's, as long as the iterates' size
+    allows: :attr:`metagrad.tape.OnTape.runs`). ``state_adjoint``: carry the optimizer state's
     adjoint (``[]`` starts from zero); ``None`` holds the state constant. ``verify_every``:
-    run the queued replay checks after every that many steps (a run never crosses one)."""
+    run the queued replay checks after every that many steps (a run never crosses one); 0
+    where none are queued."""
     meta: MetaGrads = []
     since = 0
     while last > first:

@@ -107,9 +107,10 @@ class Checkpointed(Estimator):
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         # Each rebuilt step's replay check is queued (Trajectory.verify runs the queue): a batch
         # of checks holds about CHECK_ROWS vectors per step, so it is kept below CHECK_BYTES, and
-        # to one step where the iterates are budgeted.
+        # to one step where the iterates are budgeted. Where nothing is checked, the runs of steps
+        # are the trajectory's own (TrajectoryView.runs).
         size = sum(t.numel() * t.element_size() for t in v.values())
-        every = max(1, min(CHECK_QUEUE, CHECK_BYTES // max(CHECK_ROWS * size, 1)))
+        every = max(1, min(CHECK_QUEUE, CHECK_BYTES // max(CHECK_ROWS * size, 1))) if trajectory.checked else 0
         if self.snapshots is not None or self.max_memory is not None:
             every = 1
         # With snapshots, vjp(m) recomputes m's segment from its snapshot when it first needs
