@@ -51,7 +51,8 @@ a meta-batch of 4 in one block (``MetaGradient(tasks=4)``). A first compile take
 What falls back to eager, with one :class:`~metagrad.MetaGradientWarning` per closure that says why:
 
 - a closure TorchDynamo cannot trace in one graph (``print``, ``.item()`` in control flow,
-  an unsupported op); steps that draw random numbers (their generator replay is eager);
+  an unsupported op); steps that draw random numbers (their generator replay is eager), or
+  whose loss reaches a leaf the closure makes (``x.clone().requires_grad_()``), silently;
 - a product whose η is reached through an object rather than captured (only autograd can
   follow it), silently (it is not an error, only slower); a rule or closure that fails to
   trace, such as an update rule that changes its state in place (torchopt's ``adam``).

@@ -10,7 +10,7 @@ each η leaf's ``.grad`` as it was (restored if the block raises).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -45,6 +45,9 @@ class Seen:
     #: Its loss's graph goes through another block's node (a nested block), whose backward runs
     #: once: nothing but the step's own backward goes through it.
     nested: bool = False
+    #: Its loss reaches a leaf the closure made itself (:func:`made_leaves`), which ``torch.func``
+    #: cannot make: its steps are taken and rebuilt eagerly, one at a time.
+    made: bool = False
 
 
 class MetaParameters:
@@ -96,10 +99,13 @@ class MetaParameters:
 
     # --------------------------------------------------------------------- closures
     def discover(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen],
-                 met: Optional[list[bool]] = None) -> Optional[str]:
+                 met: Optional[list[bool]] = None, again: Optional[Callable[[], torch.Tensor]] = None
+                 ) -> tuple[Optional[str], bool]:
         """Add the η the step's loss depends on; return the node on the loss's graph whose
-        backward cannot be differentiated again (``None``: none); ``met`` gets an entry where
-        the graph goes through another block's node (:func:`graph_inputs`).
+        backward cannot be differentiated again (``None``: none), and whether the graph reaches
+        a leaf the closure made itself (not η: :func:`made_leaves`, from ``again``, the loss
+        computed once more); ``met`` gets an entry where the graph goes through another block's
+        node (:func:`graph_inputs`).
 
         The rule: η is every tensor that requires grad, other than the fast weights, that the
         loss's graph reaches. A tensor the closure captures (a cell, a global, a default) is
@@ -119,18 +125,24 @@ class MetaParameters:
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])
-        found, once = graph_inputs([loss], {id(t) for t in params.values()}, stop, blocks=True, met=met)
-        self.add(found, rule=False, names=names)
-        return once
+        skip = {id(t) for t in params.values()}
+        found, once = graph_inputs([loss], skip, stop, blocks=True, met=met)
+        unknown = [t for t in found if t.is_leaf and id(t) not in names]  # no parameter, nothing captured
+        # (not through another block: computing it again would run that block again)
+        made = made_leaves(unknown, again, skip, stop) if unknown and again is not None and not met else set()
+        self.add([t for t in found if id(t) not in made], rule=False, names=names)
+        return once, bool(made)
 
     def first_step(self, loss: torch.Tensor, params: Params, closure: Optional[Frozen],
-                   used: Sequence[str]) -> Seen:
+                   used: Sequence[str], again: Optional[Callable[[], torch.Tensor]] = None) -> Seen:
         """What a closure's first step in this block shows (:class:`Seen`): the η its loss
-        reaches, added (:meth:`discover`), the node that cannot be differentiated twice, and the
-        fast weights ``used``; kept under the closure's key, so that its later steps look no
+        reaches, added (:meth:`discover`; ``again``: the loss computed once more, to tell a leaf
+        the closure makes from one it reads), the node that cannot be differentiated twice, and
+        the fast weights ``used``; kept under the closure's key, so that its later steps look no
         further (a step taken from a loss tensor, ``closure`` ``None``, is looked at each time)."""
         met: list[bool] = []
-        seen = Seen(once=self.discover(loss, params, closure, met), used=tuple(used), nested=bool(met))
+        once, made = self.discover(loss, params, closure, met, again)
+        seen = Seen(once=once, used=tuple(used), nested=bool(met), made=made)
         if closure is not None:
             self.closures[closure.key] = seen
         return seen
@@ -228,6 +240,20 @@ class MetaParameters:
     def clear(self) -> None:
         """Forget the η (the trajectory was released); the saved ``.grad`` stay for a restore."""
         self.tensors = []
+
+
+def made_leaves(unknown: list[torch.Tensor], again: Callable[[], torch.Tensor], skip: set[int],
+                stop: dict[int, list[torch.Tensor]]) -> set[int]:
+    """Which of the leaves ``unknown`` (reached by a step's loss, neither parameters nor
+    captured) the closure made itself, by id: those the loss computed once more (``again``, at
+    the same fast weights and generator states) does not reach. A leaf the closure makes at
+    every call (``xi = x.clone().requires_grad_()``, for a derivative in the input) is no input
+    of the inner loop (a backward through the unroll writes its ``.grad``, which nothing
+    outside the closure holds), so it is not η; a tensor it reads (through an object, a
+    module it calls) is reached again. Run for a closure's first step only, where such
+    leaves are found."""
+    reached = {id(t) for t in graph_inputs([again()], skip, stop, blocks=True)[0]}
+    return {id(t) for t in unknown if id(t) not in reached}
 
 
 def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGrads:

@@ -65,6 +65,9 @@ class StepRecord:
     #: (:class:`~metagrad.replay.EtaProbes`, ``[n, 3]``), for the replay check; ``None`` where
     #: none was taken (no meta-parameters, or the gradient came from a compiled call).
     eta_grad: Optional[torch.Tensor] = None
+    #: Rebuilt alone and eagerly (its closure made a leaf its loss reaches, which ``torch.func``
+    #: cannot: :attr:`metagrad.discovery.Seen.made`), never with others under ``vmap`` or compiled.
+    alone: bool = False
 
     def frozen(self) -> Frozen:
         """The frozen closure of a step taken from a closure (rebuilt on demand)."""
@@ -76,7 +79,8 @@ class StepRecord:
         """Steps with equal keys can be rebuilt in one vmapped or compiled call; ``None``: only
         alone, eagerly (a step whose closure read values that changed since: its rebuild sets
         them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`)."""
-        if self.graph is not None or self.rng is not None or self.closure is None or self.closure.read_changed():
+        if (self.graph is not None or self.rng is not None or self.closure is None or self.alone
+                or self.closure.read_changed()):
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 

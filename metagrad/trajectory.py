@@ -30,6 +30,7 @@ estimators compose.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -246,7 +247,7 @@ class Trajectory(OnTape):
         if seen is None and probe is not None and self.compiler is not None and frozen is not None:
             seen = _first_task_seen(self, probe, frozen, rng)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
-                and not seen.random:
+                and not seen.random and not seen.made:
             out = self.compiler.inner_grad(self, closure, frozen.structure, params, seen.used)
             if out is not None and rng is not None:
                 drew = rng.changed()
@@ -319,7 +320,7 @@ class Trajectory(OnTape):
         used = tuple(grads)
         rule_meta = self.eta.rule_holds_eta(rule, used)
         new_params, new_state = self.update(rule, params, grads, self.tape.state, rule_meta)
-        once: Optional[str] = None
+        once, alone = None, False
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
             once = self.eta.differentiable_step(loss, inputs, rule, shape)
             if once is not None:
@@ -327,8 +328,9 @@ class Trajectory(OnTape):
         else:
             seen = None if closure is None else self.eta.closures.get(closure.key)
             if seen is None:
-                seen = self.eta.first_step(loss, inputs, closure, used)
-            once = seen.once
+                again = None if closure is None else _again(functools.partial(closure, self.model_at(inputs)), rng)
+                seen = self.eta.first_step(loss, inputs, closure, used, again)
+            once, alone = seen.once, seen.made
             seen.random = seen.random or rng is not None
             if before is None and eta_grads is not None and len(self.meta) > len(eta_grads):  # η found now
                 if self.eta.leaves() and not once:
@@ -345,7 +347,7 @@ class Trajectory(OnTape):
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
-                          autocast=autocast_dtype(self.device.type), graph=graph)
+                          autocast=autocast_dtype(self.device.type), graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)
         self.tape.append(step, new_params, new_state)
@@ -477,11 +479,22 @@ def _first_task_seen(trajectory: Trajectory, probe: Closure, frozen: Frozen, rng
     with torch.enable_grad():
         loss = checked_loss(probe(trajectory.model_at(params)), trajectory.length)
         used = tuple(loss_grads(loss, params, create_graph=False, step=trajectory.length, theta=trajectory._theta_ids))
-    seen = trajectory.eta.first_step(loss, params, frozen, used)
+    again = _again(functools.partial(probe, trajectory.model_at(params)), rng)
+    seen = trajectory.eta.first_step(loss, params, frozen, used, again)
     if rng is not None and rng.changed():
         seen.random = True
         rng.restore()
     return seen
+
+
+def _again(loss: Callable[[], torch.Tensor], rng: Optional[RandomState]) -> Callable[[], torch.Tensor]:
+    """``loss`` computed once more as the step computed it (the generator states it started
+    from, the caller's put back), for :meth:`MetaParameters.first_step
+    <metagrad.discovery.MetaParameters.first_step>`."""
+    def run() -> torch.Tensor:
+        with torch.enable_grad(), math_attention(), rng.replay() if rng is not None else contextlib.nullcontext():
+            return loss()
+    return run
 
 
 def _recompute(trajectory: Trajectory, start: int, end: int) -> None:

@@ -240,6 +240,55 @@ def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do(compile):
             meta.step(closure, xs[:, 0], ys[:, 0])
 
 
+def test_a_derivative_in_the_input_inside_the_closure_over_tasks():
+    """A gradient penalty in the inner loss: ``torch.func.grad`` inside the closure runs under
+    the block's vmap (eager and compiled) and equals each task's hand-written unroll; the
+    autograd form, which makes a leaf (``requires_grad_``, which torch.func refuses), is named
+    with that fix, and the model is left as it was."""
+    model = make_model(10)
+    xs, ys, xq, yq = data(2, 3, seed=14)
+    lam = torch.tensor(0.2, dtype=DT, requires_grad=True)
+
+    def penalized(f, x, y):
+        gx = torch.func.grad(lambda xi: f(xi).sum())(x)
+        return F.mse_loss(f(x), y) + lam * (gx ** 2).mean()
+
+    theta = list(model.parameters())
+
+    def forward(w, x):
+        return F.linear(torch.tanh(F.linear(x, w[0], w[1])), w[2], w[3])
+
+    total = 0
+    for t in range(2):
+        phi = theta
+        for k in range(3):
+            xi = xs[t, k].clone().requires_grad_()
+            out = forward(phi, xi)
+            gx, = torch.autograd.grad(out.sum(), xi, create_graph=True)
+            grads = torch.autograd.grad(F.mse_loss(out, ys[t, k]) + lam * (gx ** 2).mean(), phi, create_graph=True)
+            phi = [w - 0.1 * g for w, g in zip(phi, grads)]
+        total = total + F.mse_loss(forward(phi, xq[t]), yq[t])
+    want = flat(torch.autograd.grad(total, [*theta, lam]))
+    for compile in (False, {"backend": "aot_eager"}):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2, compile=compile) as meta:
+            for k in range(3):
+                meta.step(penalized, xs[:, k], ys[:, k])
+            F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+        assert relative(take_grads([*model.parameters(), lam]), want) < 1e-10
+
+    def made_leaf(f, x, y):
+        xi = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(f(xi).sum(), xi, create_graph=True)
+        return F.mse_loss(f(x), y) + lam * (gx ** 2).mean()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"tasks=2 .* torch.func.grad, not requires_grad_"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2) as meta:
+            meta.step(made_leaf, xs[:, 0], ys[:, 0])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_closure_must_return_each_task_a_scalar():
     model = make_model(9)
     xs, ys, _, _ = data(2, 1, seed=13)

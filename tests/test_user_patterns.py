@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import types
 
 import pytest
 import torch
@@ -334,6 +335,55 @@ def test_ragged_last_batch(name):
     expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
                              lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
     assert_matches(model, expected)
+
+
+def input_gradient_penalty(f, x, y, lam):
+    """A loss with a derivative in the input inside it (a gradient penalty; a physics-informed
+    residual is the same pattern): the input made a leaf inside the closure, at every call."""
+    xi = x.clone().requires_grad_()
+    out = f(xi)
+    gx, = torch.autograd.grad(out.sum(), xi, create_graph=True)
+    return F.mse_loss(out, y) + lam * (gx ** 2).mean()
+
+
+@pytest.mark.parametrize("held", ["captured", "attribute"])
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("name", ALL)
+def test_a_leaf_made_inside_the_closure_is_not_a_meta_parameter(name, compile, held):
+    """The closure makes its input a leaf that requires grad (``x.clone().requires_grad_()``)
+    to take a derivative in it. That leaf is new at every call, so it is no input of the inner
+    loop (a backward through the unroll writes a ``.grad`` nobody holds): the rebuilt steps
+    must not take it as a meta-parameter (they raised ReplayError: a rebuild's leaf is another
+    one). θ and the penalty's weight λ against the hand-unrolled loop, λ captured or read
+    through an object (``cfg.lam``: a leaf the closure reads, found again, so η)."""
+    K, lr = 3, 0.1
+    model = mlp(3, 5, 3)
+    batches, xq, yq = data(3, 3, 6, K)
+    lam = torch.tensor(0.3, dtype=D, requires_grad=True)
+    cfg = types.SimpleNamespace(lam=lam)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K),
+                         compile=compile and {"backend": "aot_eager"}) as meta:
+        for xb, yb in batches:  # (rebuilt eagerly, one at a time: torch.func cannot make a leaf)
+            if held == "captured":
+                meta.step(lambda f: input_gradient_penalty(f, xb, yb, lam))
+            else:
+                meta.step(lambda f: input_gradient_penalty(f, xb, yb, cfg.lam))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+
+    def inner(fm, k):
+        return input_gradient_penalty(fm, *batches[k], lam)
+
+    expected = sgd_reference(model, inner, lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
+    assert_matches(model, expected)
+    if restart(name) is None:  # λ's gradient through every step (Truncated(2)'s: through the last two)
+        theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        phi, leaf = dict(theta), lam.detach().clone().requires_grad_()
+        for xb, yb in batches:
+            loss = input_gradient_penalty(functional(model, phi), xb, yb, leaf)
+            grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
+        want, = torch.autograd.grad(F.mse_loss(functional(model, phi)(xq), yq), leaf)
+        assert rel_err(lam.grad, want) <= RTOL
 
 
 @pytest.mark.parametrize("name", ALL)
