@@ -20,10 +20,11 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .frozen import Frozen
+from .reads import cell_contents
 from .update_rule import Params
 
 __all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "backward_once", "once_differentiable", "register_block_outputs",
-           "step_size_names"]
+           "step_size_names", "closure_shape"]
 
 #: One entry per meta-parameter η (:attr:`MetaParameters.tensors`): its gradient, or ``None`` for zero.
 MetaGrads = list[Optional[torch.Tensor]]
@@ -80,6 +81,8 @@ class MetaParameters:
         self._rules: dict[int, tuple[Any, bool, frozenset[str]]] = {}
         #: Per closure shape of a differentiable step: the node that cannot be differentiated twice.
         self._differentiable_seen: dict[tuple[Any, ...], Optional[str]] = {}
+        #: The closure shapes whose loss may read the fast weights' history (:meth:`history_to_check`).
+        self._history: set[tuple[Any, ...]] = set()
 
     def read(self, tensors: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
         """The η a loss can read, for their gradient (:class:`~metagrad.replay.EtaProbes`): all but the
@@ -164,7 +167,18 @@ class MetaParameters:
                                      if isinstance(t, torch.Tensor) and t.requires_grad])
         if shape is not None:
             self._differentiable_seen[shape] = once
+            if found and not backward_once(loss):  # (a closure with a block inside is not run twice)
+                self._history.add(shape)
         return once
+
+    def history_to_check(self, shape: Optional[tuple[Any, ...]]) -> bool:
+        """Whether a differentiable step of closure ``shape`` is to be checked for a loss that
+        depends on the fast weights' history (:func:`metagrad.trajectory._loss_at`): once, where
+        its first step reached tensors that require grad other than the fast weights."""
+        if shape in self._history:
+            self._history.discard(shape)
+            return True
+        return False
 
     # ------------------------------------------------------------------ update rules
     def rule_holds_eta(self, rule: Any, used: Sequence[str]) -> Optional[bool]:
@@ -266,6 +280,19 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
         out.append(b if a is None else a if b is None else a + b)
     return out
 
+
+
+def closure_shape(closure: Callable[..., Any]) -> Optional[tuple[Any, ...]]:
+    """What a differentiable step's graph search is cached on (:meth:`MetaParameters.differentiable_step`):
+    the closure's code and the tensors that require grad among the values it captures, by
+    identity (a new lambda per step with the same code and captures shares it); ``None``
+    (search every step) for another callable."""
+    code = getattr(closure, "__code__", None)
+    if code is None:
+        return None
+    values = [cell_contents(cell) for cell in closure.__closure__ or ()]  # (None: a cell not filled yet)
+    values += list(closure.__defaults__ or ())
+    return (code, tuple(id(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad))
 
 
 def backward_once(loss: torch.Tensor) -> bool:

@@ -40,12 +40,12 @@ import torch
 
 from .attention import math_attention
 from .batched import Batched
-from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once
+from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once, closure_shape
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
-from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice
+from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice, tolerance
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -232,7 +232,7 @@ class Trajectory(OnTape):
         if rng is not None and not (rng.changed() if drew is None else drew):
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
-                               shape=_shape(closure) if self.differentiable else None,
+                               shape=closure_shape(closure) if self.differentiable else None,
                                grads=grads)
         return loss if split is None else split
 
@@ -263,7 +263,7 @@ class Trajectory(OnTape):
             if not self.differentiable:
                 params = {n: t.detach().requires_grad_() for n, t in params.items()}
             with torch.enable_grad(), differentiated_twice(self.differentiable):
-                loss = closure(self.model_at(params))
+                loss = _loss_at(self, closure, params)
             if self.compiler is not None:
                 self.compiler.settle()  # why the step ran eagerly, now that it could
         return params, loss, grads, drew
@@ -497,6 +497,39 @@ def _again(loss: Callable[[], torch.Tensor], rng: Optional[RandomState]) -> Call
     return run
 
 
+def _loss_at(trajectory: Trajectory, closure: Closure, params: Params) -> torch.Tensor:
+    """``closure``'s loss at the fast weights ``params``. In a differentiable trajectory (Full), the
+    first step after step 0 of a closure whose loss reaches tensors that require grad other than
+    the fast weights (:meth:`MetaParameters.history_to_check
+    <metagrad.discovery.MetaParameters.history_to_check>`) is computed once more at ``params``
+    detached, from the same generator states: a loss that differentiates by such a tensor inside
+    (``torch.autograd.grad(u.sum(), x)`` with ``x`` that requires grad) takes, through an unroll,
+    that derivative also through the earlier steps, which made ``x`` an input of the fast
+    weights. That is not the step of MATH.md, ``φ − α∇_φ L(φ, η)`` with ``L`` a function of the
+    weights' values, which every other estimator takes; so it is refused."""
+    tr = trajectory
+    if not (tr.differentiable and tr.length and tr.eta.history_to_check(closure_shape(closure))):
+        return closure(tr.model_at(params))
+    rng = RandomState.capture(tr.device)
+    loss = closure(tr.model_at(params))
+    rng.changed()
+    with rng.replay():
+        alone = closure(tr.model_at({n: t.detach().requires_grad_() for n, t in params.items()})).detach()
+    taken = loss.detach()
+    eps = torch.finfo(taken.dtype).eps if taken.is_floating_point() else 0.0
+    if not bool(((taken - alone).abs() <= (tolerance(taken.dtype, taken.device) + 16 * eps) * alone.abs()).all()):
+        raise ValueError(
+            f"closure: its loss at inner step {tr.length} depends on how the fast weights were computed, not "
+            f"only on their values ({taken.sum().item():.10g} through the unrolled steps, {alone.sum().item():.10g} "
+            "at the same weights detached). It differentiates with respect to a tensor that requires grad "
+            "and that earlier steps made the fast weights depend on (torch.autograd.grad(..., inputs=x) with x "
+            "a meta-parameter, such as collocation points made with requires_grad=True): through the unroll "
+            "that derivative also runs back through the earlier steps, unlike the step every other estimator "
+            "takes. Take the derivative at fixed weights: torch.func.grad(lambda z: f(z).sum())(x), or a leaf "
+            "made inside the closure, xi = x.detach().requires_grad_().")
+    return loss
+
+
 def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     """Run the inner steps start … end−1 again from the snapshot φ_start, as they were
     taken: the frozen closure, the generator states replayed, modes and autocast as they
@@ -534,27 +567,6 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
     check_step([end - 1], [[params[n]] for n in names], [[stored[n]] for n in names],
                [[before[n]] for n in names], trajectory.replay_rtol, closures=closures[-1:],
                recomputed_from=start)
-
-
-def _shape(closure: Callable[..., Any]) -> Optional[tuple[Any, ...]]:
-    """What a differentiable step's graph search is cached on (:meth:`MetaParameters.differentiable_step
-    <metagrad.discovery.MetaParameters.differentiable_step>`): the closure's code and the tensors
-    that require grad among the values it captures, by identity (a new lambda per step with the
-    same code and captures shares it); ``None`` (search every step) for another callable."""
-    code = getattr(closure, "__code__", None)
-    if code is None:
-        return None
-    values = [cell.cell_contents for cell in closure.__closure__ or () if _filled(cell)]
-    values += list(closure.__defaults__ or ())
-    return (code, tuple(id(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad))
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # a cell not filled yet
-        return False
-    return True
 
 
 class _ParameterIds:

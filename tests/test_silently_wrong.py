@@ -1005,3 +1005,54 @@ def test_a_modules_buffer_reassigned_after_its_step_raises_with_meta_parameters(
                 holder.mask = torch.full((4, 2), 1.0 + k, dtype=DT)
                 meta.step(lambda f: F.mse_loss(f(x), y) + wd * (holder.mask * f.params["0.weight"] ** 2).sum())
             F.mse_loss(meta.fmodel(xq), yq).backward()
+
+
+# ------------------------------------------------ a derivative by a meta-parameter inside the loss
+def residual_loss(f, xc, xb, yb, derivative):
+    """A physics-informed inner loss: the residual ``∂u/∂x₀ + ∂u/∂x₁ − u`` at collocation points
+    ``xc`` (which require grad: a meta-parameter) plus a data term; the derivative in x at the
+    current weights by ``torch.autograd.grad`` (as such code is written) or ``torch.func.grad``."""
+    u = f(xc)
+    if derivative == "autograd":
+        du, = torch.autograd.grad(u.sum(), xc, create_graph=True)
+    else:
+        du = torch.func.grad(lambda z: f(z).sum())(xc)
+    return ((du[:, 0] + du[:, 1] - u.squeeze(-1)) ** 2).mean() + F.mse_loss(f(xb), yb)
+
+
+@pytest.mark.parametrize("derivative", ["autograd", "func"])
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Truncated(3), mg.Binomial(3, monitor=False),
+                                       mg.Checkpointed(snapshots=1)], ids=repr)
+def test_a_derivative_by_a_meta_parameter_inside_the_inner_loss(estimator, derivative):
+    """Collocation points made with ``requires_grad=True`` (a meta-parameter, found on the graph)
+    and ``torch.autograd.grad(u.sum(), xc)`` inside the closure. Through an unroll (Full) that
+    derivative also runs back through the earlier steps, whose fast weights depend on ``xc``:
+    Full's θ meta-gradient came out 46% off the definition's here (relative norm), silently. The step is ``φ − α∇_φ L(φ, xc)`` with the derivative in x at
+    the weights' values (MATH.md): the estimators that rebuild steps take it so; Full refuses,
+    naming the fix, and leaves the model as it was. ``torch.func.grad`` takes it at fixed weights
+    in every estimator, Full included. The reference: the hand-written unroll with ``torch.func.grad``."""
+    K, lr = 3, 0.05
+    x = data(31, n=8)
+    xc0, xb, yb, xq, yq = x[0].abs(), x[2], x[1], x[4], x[3]
+    model = mlp(31, (2, 8, 1))
+    xc = xc0.clone().requires_grad_()
+    if isinstance(estimator, mg.Full) and derivative == "autograd":
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"closure: its loss at inner step 1 depends on how the fast weights "
+                                             r"were computed.*torch\.func\.grad"):
+            with mg.MetaGradient(model, mg.optim.SGD(lr=lr), estimator=estimator) as meta:
+                for _ in range(K):
+                    meta.step(lambda f: residual_loss(f, xc, xb, yb, derivative))
+        assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+        assert xc.grad is None
+        return
+    with mg.MetaGradient(model, mg.optim.SGD(lr=lr), estimator=estimator) as meta:
+        for _ in range(K):
+            meta.step(lambda f: residual_loss(f, xc, xb, yb, derivative))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    leaf = xc0.clone().requires_grad_()
+    want = unrolled(model, lambda f, k: residual_loss(f, leaf, xb, yb, "func"), lambda f: F.mse_loss(f(xq), yq),
+                    [{n: lr for n, _ in model.named_parameters()}] * K, wrt=[leaf])
+    got = [p.grad for p in model.parameters()] + [xc.grad]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
