@@ -10,6 +10,8 @@ each η leaf's ``.grad`` as it was (restored if the block raises).
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -284,15 +286,28 @@ def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGr
 
 def closure_shape(closure: Callable[..., Any]) -> Optional[tuple[Any, ...]]:
     """What a differentiable step's graph search is cached on (:meth:`MetaParameters.differentiable_step`):
-    the closure's code and the tensors that require grad among the values it captures, by
-    identity (a new lambda per step with the same code and captures shares it); ``None``
-    (search every step) for another callable."""
+    the closure's code and the tensors that require grad among the values it captures (a
+    ``functools.partial``'s arguments, the tensors a bound method's or a callable object's object
+    holds, and that object), by identity (a new lambda per step with the same code and captures
+    shares it); ``None`` (search every step) for another callable."""
+    values: list[Any] = []
+    if isinstance(closure, functools.partial):
+        values += [*closure.args, *closure.keywords.values()]
+        closure = closure.func
+    owner = None
+    if not isinstance(closure, (types.FunctionType, types.MethodType)):  # a callable object
+        call = getattr(type(closure), "__call__", None)
+        closure = types.MethodType(call, closure) if isinstance(call, types.FunctionType) else closure
+    if isinstance(closure, types.MethodType):  # the object, and the tensors it holds
+        bound = closure.__self__
+        owner, closure = id(bound), closure.__func__
+        values += list(getattr(bound, "__dict__", {}).values())
     code = getattr(closure, "__code__", None)
     if code is None:
         return None
-    values = [cell_contents(cell) for cell in closure.__closure__ or ()]  # (None: a cell not filled yet)
-    values += list(closure.__defaults__ or ())
-    return (code, tuple(id(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad))
+    values += [cell_contents(cell) for cell in getattr(closure, "__closure__", None) or ()]  # (None: not filled yet)
+    values += list(getattr(closure, "__defaults__", None) or ())
+    return (code, owner, tuple(id(v) for v in values if isinstance(v, torch.Tensor) and v.requires_grad))
 
 
 def backward_once(loss: torch.Tensor) -> bool:

@@ -1056,3 +1056,31 @@ def test_a_derivative_by_a_meta_parameter_inside_the_inner_loss(estimator, deriv
     got = [p.grad for p in model.parameters()] + [xc.grad]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+class _Residual:
+    """The same inner loss as a callable object holding the collocation points."""
+
+    def __init__(self, xc, xb, yb):
+        self.xc, self.xb, self.yb = xc, xb, yb
+
+    def __call__(self, f):
+        return residual_loss(f, self.xc, self.xb, self.yb, "autograd")
+
+
+@pytest.mark.parametrize("form", ["partial", "object", "method"])
+def test_full_refuses_a_derivative_by_a_meta_parameter_in_any_form_of_closure(form):
+    """The check keys closures by their code and what they hold: a ``functools.partial``, a
+    callable object and its bound method are checked as a lambda is."""
+    import functools
+
+    x = data(32, n=8)
+    model = mlp(32, (2, 8, 1))
+    xc = x[0].abs().clone().requires_grad_()
+    holder = _Residual(xc, x[2], x[1])
+    closure = {"partial": functools.partial(residual_loss, xc=xc, xb=x[2], yb=x[1], derivative="autograd"),
+               "object": holder, "method": holder.__call__}[form]
+    with pytest.raises(ValueError, match="depends on how the fast weights were computed"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Full()) as meta:
+            for _ in range(3):
+                meta.step(closure)
