@@ -173,10 +173,14 @@ class MetaParameters:
                 self._history.add(shape)
         return once
 
-    def history_to_check(self, shape: Optional[tuple[Any, ...]]) -> bool:
-        """Whether a differentiable step of closure ``shape`` is to be checked for a loss that
-        depends on the fast weights' history (:func:`metagrad.trajectory._loss_at`): once, where
-        its first step reached tensors that require grad other than the fast weights."""
+    def history_to_check(self, closure: Callable[..., Any]) -> bool:
+        """Whether a differentiable step of ``closure`` is to be checked for a loss that depends
+        on the fast weights' history (:func:`metagrad.trajectory._loss_at`): once per closure
+        shape (:func:`closure_shape`), where its first step reached tensors that require grad
+        other than the fast weights."""
+        if not self._history:  # (the common case: nothing to check, no shape to compute)
+            return False
+        shape = closure_shape(closure)
         if shape in self._history:
             self._history.discard(shape)
             return True

@@ -508,7 +508,7 @@ def _loss_at(trajectory: Trajectory, closure: Closure, params: Params) -> torch.
     weights. That is not the step of MATH.md, ``φ − α∇_φ L(φ, η)`` with ``L`` a function of the
     weights' values, which every other estimator takes; so it is refused."""
     tr = trajectory
-    if not (tr.differentiable and tr.length and tr.eta.history_to_check(closure_shape(closure))):
+    if not (tr.differentiable and tr.length and tr.eta.history_to_check(closure)):
         return closure(tr.model_at(params))
     rng = RandomState.capture(tr.device)
     loss = closure(tr.model_at(params))
