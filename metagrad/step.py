@@ -343,6 +343,11 @@ def checked_loss(loss: Any, step: int) -> torch.Tensor:
         )
     if not loss.is_floating_point():
         raise TypeError(f"closure: the loss must be floating point, got dtype {loss.dtype}.")
+    if loss.is_inference():
+        raise ValueError(
+            f"closure: the loss at step {step} was computed under torch.inference_mode(), in which "
+            "autograd records nothing, so no inner step can be differentiated. Take the inner steps "
+            "and the query outside torch.inference_mode().")
     return loss
 
 

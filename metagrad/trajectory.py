@@ -216,7 +216,7 @@ class Trajectory(OnTape):
             # the partial derivative in φ, also where the inner loss reaches θ another way (an
             # η computed from θ; in a nested block, an outer block's fast weights that depend
             # on θ), as every other estimator's detached iterates give it.
-            params = self.tape.current if self.length else {n: t.view_as(t) for n, t in self.tape.current.items()}
+            params = self.tape.current if self.length else _aliases(self.tape.current)
             frozen = None  # nothing is rebuilt
         else:
             # Detached: a compiled call takes them as they are; the eager gradient makes leaves.
@@ -225,10 +225,10 @@ class Trajectory(OnTape):
             rng = RandomState.capture(self.device)
         # Attention's math kernel (metagrad.attention.math_attention), which can be differentiated twice:
         # every step taken and rebuilt runs the same one.
-        with math_attention():
+        with math_attention(), torch.enable_grad():  # (an inner loop under torch.no_grad() builds its graph too)
             params, loss, grads, drew = self._loss(closure, params, frozen, rng, probe)
-        split = loss.detach() if parts else None
-        loss = loss.sum() if parts else loss
+            split = loss.detach() if parts else None
+            loss = loss.sum() if parts else loss
         if rng is not None and not (rng.changed() if drew is None else drew):
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
@@ -485,6 +485,14 @@ def _first_task_seen(trajectory: Trajectory, probe: Closure, frozen: Frozen, rng
         seen.random = True
         rng.restore()
     return seen
+
+
+def _aliases(theta: Params) -> Params:
+    """Aliases of θ (a view node each, no copy) for a differentiable trajectory's step 0, made
+    with grad enabled: an inner loop run under ``torch.no_grad()`` still builds its graph, as the
+    estimators that rebuild steps compute theirs whatever the caller's grad mode."""
+    with torch.enable_grad():
+        return {n: t.view_as(t) for n, t in theta.items()}
 
 
 def _again(loss: Callable[[], torch.Tensor], rng: Optional[RandomState]) -> Callable[[], torch.Tensor]:

@@ -289,6 +289,24 @@ def test_a_derivative_in_the_input_inside_the_closure_over_tasks():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("compile", [False, {"backend": "aot_eager"}], ids=["eager", "compiled"])
+@pytest.mark.parametrize("estimator", EXACT[:2], ids=repr)
+def test_inner_steps_over_tasks_taken_under_no_grad(estimator, compile):
+    """The steps of a block over tasks written inside ``torch.no_grad()``: the tasks' losses
+    were summed there without a graph ("the loss at step 0 does not depend on the fast
+    weights"); now as outside, equal to each task's hand-written unroll."""
+    model = make_model(11)
+    batches = data(2, 3, seed=15)
+    xs, ys, xq, yq = batches
+    lam = torch.tensor(0.01, dtype=DT, requires_grad=True)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator, tasks=2, compile=compile) as meta:
+        with torch.no_grad():
+            for k in range(3):
+                meta.step(lambda f, x, y: inner_loss(f, x, y, lam), xs[:, k], ys[:, k])
+        F.mse_loss(meta.fmodel(xq), yq, reduction="none").mean(dim=(1, 2)).sum().backward()
+    assert relative(take_grads([*model.parameters(), lam]), hand_unroll(model, 0.1, batches, lam)) < 1e-10
+
+
 def test_a_closure_must_return_each_task_a_scalar():
     model = make_model(9)
     xs, ys, _, _ = data(2, 1, seed=13)

@@ -387,6 +387,35 @@ def test_a_leaf_made_inside_the_closure_is_not_a_meta_parameter(name, compile, h
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_inner_steps_taken_under_no_grad(name):
+    """The inner loop written inside ``torch.no_grad()`` (the steps only, the query outside):
+    Full's unroll lost its graph there, and θ's ``.grad`` stayed None after the query's backward
+    (an outer optimizer then skips θ, silently); every estimator now takes the steps as it does
+    outside, equal to the hand-written unroll."""
+    K, lr = 3, 0.1
+    model = mlp(2, 5, 4)
+    batches, xq, yq = data(4, 2, 6, K)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        with torch.no_grad():
+            for xb, yb in batches:
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
+                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
+    assert_matches(model, expected)
+
+
+def test_inner_steps_under_inference_mode_are_refused_by_name():
+    model = mlp(2, 5, 4)
+    batches, _, _ = data(4, 2, 6, 1)
+    with pytest.raises(ValueError, match=r"inference_mode\(\).*outside"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=mg.Full()) as meta:
+            with torch.inference_mode():
+                meta.step(lambda f: F.mse_loss(f(batches[0][0]), batches[0][1]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_reused_batch_list_written_in_place(name):
     """A loader that refills one list object each iteration (``batch[:] = ...``): the frozen
     closure copies the small list it captures, so each step keeps its own batch."""
