@@ -197,6 +197,14 @@ def assert_matches(model, expected, names=None):
     assert err <= RTOL, f"relative error {err:.3g} against the hand-unrolled reference"
 
 
+def assert_matches_mse_loop(model, batches, xq, yq, K, lr, name):
+    """:func:`assert_matches` against the reference of estimator ``name`` for the mini-batch loop
+    ``F.mse_loss(f(xb), yb)`` over ``batches`` and the query ``F.mse_loss(f(xq), yq)``."""
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
+                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
+    assert_matches(model, expected)
+
+
 # ------------------------------------------------------------------ problems
 def mlp(d_in, width, seed, dropout=None):
     """Linear–tanh–[dropout]–Linear in float64, its initialization drawn from ``seed``."""
@@ -313,9 +321,7 @@ def test_minibatch_loop(style, name, case):
                 for batch in loader:
                     meta.step(lambda f: F.mse_loss(f(batch[0]), batch[1]))
             F.mse_loss(meta.fmodel(xq), yq).backward()
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -332,9 +338,7 @@ def test_ragged_last_batch(name):
         for xb, yb in batches:
             meta.step(lambda f: F.mse_loss(f(xb), yb))
         F.mse_loss(meta.fmodel(xq), yq).backward()
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 def input_gradient_penalty(f, x, y, lam):
@@ -400,9 +404,7 @@ def test_inner_steps_taken_under_no_grad(name):
             for xb, yb in batches:
                 meta.step(lambda f: F.mse_loss(f(xb), yb))
         F.mse_loss(meta.fmodel(xq), yq).backward()
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 def test_inner_steps_under_inference_mode_are_refused_by_name():
@@ -428,9 +430,7 @@ def test_reused_batch_list_written_in_place(name):
             batch[:] = [xb, yb]
             meta.step(lambda f: F.mse_loss(f(batch[0]), batch[1]))
         F.mse_loss(meta.fmodel(xq), yq).backward()
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -442,9 +442,7 @@ def test_helper_reading_its_own_globals(name):
     model = mlp(2, 4, 1)
     batches, xq, yq = data(1, 2, 5, K)
     run_script(SCRIPT_HELPER, model, estimator(name, K), lr, batches, xq, yq)
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 # ------------------------------------------------------------------ 2. iterators
@@ -477,9 +475,7 @@ def test_iterator_read_inside_closure(name):
         assert all(p.grad is None for p in model.parameters())  # nothing accumulated
         return
     _iterator_in_closure(model, estimator(name, K), it, K, xq, yq)
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, 0.1, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, 0.1, name)
 
 
 @pytest.mark.parametrize("name", REBUILDING)
@@ -507,9 +503,7 @@ def test_iterator_read_outside_closure(name):
             xb, yb = next(it)
             meta.step(lambda f: F.mse_loss(f(xb), yb))
         F.mse_loss(meta.fmodel(xq), yq).backward()
-    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
-                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
-    assert_matches(model, expected)
+    assert_matches_mse_loop(model, batches, xq, yq, K, lr, name)
 
 
 # ------------------------------------------------------------------ 3. dropout
