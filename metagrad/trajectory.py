@@ -328,7 +328,7 @@ class Trajectory(OnTape):
         else:
             seen = None if closure is None else self.eta.closures.get(closure.key)
             if seen is None:
-                again = None if closure is None else _again(functools.partial(closure, self.model_at(inputs)), rng)
+                again = None if closure is None else _again(self, closure, inputs, rng)
                 seen = self.eta.first_step(loss, inputs, closure, used, again)
             once, alone = seen.once, seen.made
             seen.random = seen.random or rng is not None
@@ -479,7 +479,7 @@ def _first_task_seen(trajectory: Trajectory, probe: Closure, frozen: Frozen, rng
     with torch.enable_grad():
         loss = checked_loss(probe(trajectory.model_at(params)), trajectory.length)
         used = tuple(loss_grads(loss, params, create_graph=False, step=trajectory.length, theta=trajectory._theta_ids))
-    again = _again(functools.partial(probe, trajectory.model_at(params)), rng)
+    again = _again(trajectory, probe, params, rng)
     seen = trajectory.eta.first_step(loss, params, frozen, used, again)
     if rng is not None and rng.changed():
         seen.random = True
@@ -495,13 +495,15 @@ def _aliases(theta: Params) -> Params:
         return {n: t.view_as(t) for n, t in theta.items()}
 
 
-def _again(loss: Callable[[], torch.Tensor], rng: Optional[RandomState]) -> Callable[[], torch.Tensor]:
-    """``loss`` computed once more as the step computed it (the generator states it started
-    from, the caller's put back), for :meth:`MetaParameters.first_step
-    <metagrad.discovery.MetaParameters.first_step>`."""
+def _again(trajectory: Trajectory, closure: Closure, params: Params,
+           rng: Optional[RandomState]) -> Callable[[], torch.Tensor]:
+    """``closure``'s loss at ``params``, computed (when called) once more as the step computed
+    it: from the generator states it started from, the caller's put back (for
+    :meth:`MetaParameters.first_step <metagrad.discovery.MetaParameters.first_step>` and
+    :func:`_loss_at`)."""
     def run() -> torch.Tensor:
         with torch.enable_grad(), math_attention(), rng.replay() if rng is not None else contextlib.nullcontext():
-            return loss()
+            return closure(trajectory.model_at(params))
     return run
 
 
@@ -521,8 +523,7 @@ def _loss_at(trajectory: Trajectory, closure: Closure, params: Params) -> torch.
     rng = RandomState.capture(tr.device)
     loss = closure(tr.model_at(params))
     rng.changed()
-    with rng.replay():
-        alone = closure(tr.model_at({n: t.detach().requires_grad_() for n, t in params.items()})).detach()
+    alone = _again(tr, closure, {n: t.detach().requires_grad_() for n, t in params.items()}, rng)().detach()
     taken = loss.detach()
     eps = torch.finfo(taken.dtype).eps if taken.is_floating_point() else 0.0
     if not bool(((taken - alone).abs() <= (tolerance(taken.dtype, taken.device) + 16 * eps) * alone.abs()).all()):
