@@ -240,18 +240,25 @@ class MetaParameters:
         """Where each η sits for a rebuild under ``torch.func`` of a step of ``closure``: a slot
         of the frozen closure (``("slot", slot)``), a module parameter not adapted (``("param",
         name)``), or the update rule (``("rule", None)``, whose part needs no rebuild). ``None``
-        if some η is elsewhere (reached through an object), which only autograd can follow."""
+        if some η is elsewhere (reached through an object), which only autograd can follow, or
+        in two places (two slots, or a slot and the module), which one input cannot stand for."""
         if closure is None:
             return None
-        slots = {id(t): slot for slot, t in closure.tensors}
+        slots: dict[int, list[Any]] = {}
+        for slot, t in closure.tensors:
+            slots.setdefault(id(t), []).append(slot)
         where: dict[int, tuple[str, Any]] = {}
         for i, tensor in enumerate(self.tensors):
             name = self._param_names().get(id(tensor))
+            held = slots.get(id(tensor), [])
+            module = name is not None and name not in self._adapted
             if i in self.rule:
                 where[i] = ("rule", None)
-            elif id(tensor) in slots:
-                where[i] = ("slot", slots[id(tensor)])
-            elif name is not None and name not in self._adapted:
+            elif len(held) + module > 1:
+                return None
+            elif held:
+                where[i] = ("slot", held[0])
+            elif module:
                 where[i] = ("param", name)
             else:
                 return None

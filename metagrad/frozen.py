@@ -45,8 +45,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
-from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow, global_names,
-                    indirect_reads, locate, read_names)
+from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow,
+                    indirect_reads, loaded_globals, locate, read_names)
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -366,7 +366,7 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
     cells = function.__closure__ or ()
     cell_values = [cell_contents(cell, _EMPTY) for cell in cells]
     namespace = function.__globals__
-    globals_read = [name for name in global_names(code) if name in namespace]
+    globals_read = [name for name in loaded_globals(code) if name in namespace]
     defaults = list(function.__defaults__ or ())
     values = [*cell_values, *(namespace[name] for name in globals_read), *defaults]
     names = [*code.co_freevars, *globals_read, *(f"default {i}" for i in range(len(defaults)))]

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
-           "global_names", "indirect_reads", "locate", "read_names"]
+           "global_names", "indirect_reads", "loaded_globals", "locate", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -35,6 +35,28 @@ def global_names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(dict.fromkeys(global_names(const)))
     return tuple(names)
+
+
+@functools.lru_cache(maxsize=1024)
+def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
+    """The names the code, and code nested in it, loads as globals: not the attribute names its
+    ``co_names`` also holds (``f.params`` beside a global ``params``), which a frozen closure must
+    not capture (a tensor it captured by mistake would be taken for where it reads a
+    meta-parameter)."""
+    names: dict[str, None] = {}
+    todo = [code]
+    while todo:
+        current = todo.pop()
+        for instruction in dis.get_instructions(current):
+            if instruction.opname in _GLOBAL_LOADS:
+                names[instruction.argval] = None
+        todo += [const for const in current.co_consts if isinstance(const, types.CodeType)]
+    return tuple(names)
+
+
+#: The instructions that read a global (``LOAD_NAME`` in code run at module level,
+#: ``LOAD_FROM_DICT_OR_GLOBALS`` in a class body inside a function, Python ≥ 3.12).
+_GLOBAL_LOADS = frozenset(("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1084,3 +1084,61 @@ def test_full_refuses_a_derivative_by_a_meta_parameter_in_any_form_of_closure(fo
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Full()) as meta:
             for _ in range(3):
                 meta.step(closure)
+
+
+# ------------------------------------------------------------ where a closure reads a meta-parameter
+SCRIPT = """
+params = list(model.parameters())   # a global named like the attribute the closure reads (f.params)
+closure = lambda f: F.mse_loss(f(x), y) + lam / 2 * sum(((a - b) ** 2).sum()
+                                                        for a, b in zip(f.params.values(), model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.Binomial(3), mg.Binomial(3, block=1)], ids=repr)
+def test_a_global_named_like_an_attribute_the_closure_reads_is_not_captured(estimator):
+    """A script's closure with a proximal term on θ read through ``model.parameters()``, beside
+    a global ``params`` holding θ: ``f.params`` is an attribute, not the global, so the frozen
+    closure must not capture the global (taken for where the closure reads θ, the vmapped rows
+    left out θ's direct term at step 0, whose first derivative vanishes there: 4.8% off)."""
+    x, y, xq, yq = data(41, n=8)[:4]
+    model = mlp(41, (2, 6, 1))
+    namespace = {"F": F, "model": model, "x": x, "y": y, "lam": 0.5}
+    exec(SCRIPT, namespace)
+    assert not any(name.startswith("params") for name in mg.frozen.freeze(namespace["closure"]).names)
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+        for _ in range(3):
+            meta.step(namespace["closure"])
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    theta = dict(model.named_parameters())
+    phi = dict(theta)
+    for _ in range(3):  # the plain unroll, θ's direct term included
+        loss = F.mse_loss(functional_call(model, phi, (x,)), y) + 0.25 * sum(
+            ((phi[n] - theta[n]) ** 2).sum() for n in theta)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()))
+    close(grads_of(theta.values()), want)
+
+
+@pytest.mark.parametrize("estimator, compile", [(mg.Checkpointed(), False), (mg.Checkpointed(), True),
+                                                (mg.Binomial(3), False)], ids=repr)
+def test_a_meta_parameter_the_closure_holds_twice(estimator, compile):
+    """Per-example weights ``w`` read by the closure both as ``w`` and as ``ws[0]``: one input of
+    a vmapped or compiled rebuild cannot stand for both, so such a step is rebuilt by autograd
+    (the compiled product put its input in one place and raised ReplayError)."""
+    x, y, xq, yq = data(43, n=8)[:4]
+    model = mlp(43, (2, 6, 1))
+    w = torch.rand(8, generator=torch.Generator().manual_seed(43), dtype=DT).requires_grad_()
+    ws = [w]
+
+    def inner(f, k=0):
+        per = ((f(x) - y) ** 2).squeeze(1)
+        return (w * per).mean() + 0.1 * (ws[0] * per).mean()
+
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator, compile=compile) as meta:
+        for _ in range(3):
+            meta.step(inner)
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    want = unrolled(model, inner, lambda f: F.mse_loss(f(xq), yq), [{n: 0.1 for n, _ in model.named_parameters()}] * 3,
+                    wrt=[w])
+    close(grads_of(list(model.parameters()) + [w]), want)
