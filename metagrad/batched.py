@@ -62,7 +62,8 @@ class Batched:
         start = 0
         while start < rows:
             first_step = tr._step(steps[start])
-            key = first_step.batch_key() if not tr.meta or tr.eta.explicit(first_step.closure) else None
+            key = (first_step.batch_key() if not tr.meta or self.products.explicit(steps[start], first_step)
+                   else None)
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
                    and tr._step(steps[stop]).batch_key() == key):
@@ -162,7 +163,7 @@ class Batched:
         first = chunk[0]
         template, rule, used = first.closure, first.rule, first.used
         assert template is not None
-        where = tr.eta.explicit(first.closure) or {}
+        where = self.products.explicit(steps[0], first) or {}
         # η as explicit, unbatched inputs of the vmapped step (the rule's own come after).
         explicit = [i for i, (kind, _) in where.items() if kind != "rule"]
         eta = [tr.meta[i] for i in explicit]

@@ -281,7 +281,8 @@ class Compiler:
         carry = state_adjoint is not None
         memo = (first.batch_key(), batched, varying, carry, str(spec), bool(trajectory.rule_meta))
         if memo not in self._products:
-            self._products[memo] = self._product_function(trajectory, first, leaves, spec, batched, varying, carry)
+            self._products[memo] = self._product_function(trajectory, steps[0], first, leaves, spec, batched, varying,
+                                                          carry)
         found = self._products[memo]
         if found is None:
             return None
@@ -355,8 +356,8 @@ class Compiler:
         carry = state_adjoint is not None
         memo = (key, "segment", len(steps), varying, str(spec), carry)
         if memo not in self._products:
-            self._products[memo] = self._product_function(trajectory, first, leaves, spec, False, varying, carry,
-                                                          segment=len(steps))
+            self._products[memo] = self._product_function(trajectory, steps[0], first, leaves, spec, False, varying,
+                                                          carry, segment=len(steps))
         found = self._products[memo]
         if found is None:
             return None
@@ -390,18 +391,18 @@ class Compiler:
                 state_out[i] = g
         return dict(pulled), list(pulled_eta), state_out, explicit
 
-    def _step_parts(self, trajectory: Any, first: Any) -> Optional[tuple[Any, ...]]:
+    def _step_parts(self, trajectory: Any, m: int, first: Any) -> Optional[tuple[Any, ...]]:
         """What every compiled product of steps like ``first`` shares, found once per block for
         each step structure (:meth:`~metagrad.step.StepRecord.batch_key`): ``(the cache key's
         part for the step, explicit η indices, the captured η's slots, the parameters not
         adapted that are η, the module tensors every call takes)``; ``None`` where an η is
-        reached through an object (only autograd follows it)."""
+        reached through an object (only autograd follows it; ``first`` is step m)."""
         batch_key = first.batch_key()
         memo = (batch_key, bool(trajectory.rule_meta))
         if batch_key is not None and memo in self._parts:
             return self._parts[memo]
         template = first.closure
-        where = trajectory.eta.explicit(template)
+        where = trajectory.products.explicit(m, first)
         if where is None:
             self._parts[memo] = None
             return None
@@ -429,16 +430,16 @@ class Compiler:
         self._parts[memo] = found  # (looked up again only under a batch key)
         return found
 
-    def _product_function(self, trajectory: Any, first: Any, leaves: list[Any], spec: Any,
+    def _product_function(self, trajectory: Any, m: int, first: Any, leaves: list[Any], spec: Any,
                           batched: bool, varying: tuple[int, ...], carry: bool,
                           segment: int = 0) -> Optional[tuple[Any, ...]]:
         """The compiled product for steps like ``first`` from the process-wide cache (built
         there if missing): ``(cache key, function, explicit η indices, module tensors, the
-        state leaves carried)``, or ``None`` where it cannot be compiled. ``segment``: the
+        state leaves carried)``, or ``None`` where it cannot be compiled (``first`` is step m). ``segment``: the
         function pulls a vector back through that many consecutive steps instead (:meth:`sweep`)."""
         template = first.closure
         assert template is not None
-        parts = self._step_parts(trajectory, first)
+        parts = self._step_parts(trajectory, m, first)
         if parts is None:  # an η reached through an object: only autograd follows it
             return None
         if any(not isinstance(t, torch.Tensor) for t in leaves):

@@ -25,7 +25,7 @@ from .frozen import Frozen
 from .reads import cell_contents
 from .update_rule import Params
 
-__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "backward_once", "once_differentiable", "register_block_outputs",
+__all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "reaches", "backward_once", "once_differentiable", "register_block_outputs",
            "step_size_names", "closure_shape"]
 
 #: One entry per meta-parameter η (:attr:`MetaParameters.tensors`): its gradient, or ``None`` for zero.
@@ -51,6 +51,9 @@ class Seen:
     #: Its loss reaches a leaf the closure made itself (:func:`made_leaves`), which ``torch.func``
     #: cannot make: its steps are taken and rebuilt eagerly, one at a time.
     made: bool = False
+    #: Its loss reads each η only where :meth:`MetaParameters.explicit` places it (``None``: not
+    #: looked at yet; :meth:`metagrad.products.Products.explicit`).
+    sole: Optional[bool] = None
 
 
 class MetaParameters:
@@ -238,27 +241,24 @@ class MetaParameters:
 
     def explicit(self, closure: Optional[Frozen]) -> Optional[dict[int, tuple[str, Any]]]:
         """Where each η sits for a rebuild under ``torch.func`` of a step of ``closure``: a slot
-        of the frozen closure (``("slot", slot)``), a module parameter not adapted (``("param",
-        name)``), or the update rule (``("rule", None)``, whose part needs no rebuild). ``None``
-        if some η is elsewhere (reached through an object), which only autograd can follow, or
-        in two places (two slots, or a slot and the module), which one input cannot stand for."""
+        of the frozen closure (``("slot", slot)``, the first that holds it), a module parameter
+        not adapted (``("param", name)``), or the update rule (``("rule", None)``, whose part needs
+        no rebuild). ``None`` if some η is elsewhere (reached through an object), which only
+        autograd can follow. Whether the closure also reads one some other way is looked at by
+        :meth:`metagrad.products.Products.explicit`."""
         if closure is None:
             return None
-        slots: dict[int, list[Any]] = {}
+        slots: dict[int, Any] = {}
         for slot, t in closure.tensors:
-            slots.setdefault(id(t), []).append(slot)
+            slots.setdefault(id(t), slot)
         where: dict[int, tuple[str, Any]] = {}
         for i, tensor in enumerate(self.tensors):
             name = self._param_names().get(id(tensor))
-            held = slots.get(id(tensor), [])
-            module = name is not None and name not in self._adapted
             if i in self.rule:
                 where[i] = ("rule", None)
-            elif len(held) + module > 1:
-                return None
-            elif held:
-                where[i] = ("slot", held[0])
-            elif module:
+            elif id(tensor) in slots:
+                where[i] = ("slot", slots[id(tensor)])
+            elif name is not None and name not in self._adapted:
                 where[i] = ("param", name)
             else:
                 return None
@@ -281,6 +281,14 @@ def made_leaves(unknown: list[torch.Tensor], again: Callable[[], torch.Tensor], 
     leaves are found."""
     reached = {id(t) for t in graph_inputs([again()], skip, stop, blocks=True)[0]}
     return {id(t) for t in unknown if id(t) not in reached}
+
+
+def reaches(loss: torch.Tensor, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the graph of ``loss`` reaches any of ``tensors`` (leaves, or computed tensors
+    whose history it does not look behind)."""
+    stop = {id(t.grad_fn): [t] for t in tensors if t.grad_fn is not None}
+    ids = {id(t) for t in tensors}
+    return any(id(t) in ids for t in graph_inputs([loss], set(), stop)[0])
 
 
 def add_meta(total: MetaGrads, more: Sequence[Optional[torch.Tensor]]) -> MetaGrads:

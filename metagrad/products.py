@@ -39,7 +39,7 @@ from typing import Any, ContextManager, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .discovery import MetaGrads, add_meta
+from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
 from .frozen import RandomState
@@ -350,11 +350,33 @@ class Products:
                 self.check(m, new, step.loss if loss is None else loss, eta)
         return step_size_vjp(new, meta, u) or [None] * len(meta)
 
+    def explicit(self, m: int, step: StepRecord) -> Optional[dict[int, tuple[str, Any]]]:
+        """Where each η sits for a rebuild of step m under ``torch.func`` (:meth:`MetaParameters.explicit
+        <metagrad.discovery.MetaParameters.explicit>`), or ``None`` where only autograd can follow
+        them: also where the closure reads one of them some other way besides (through an object or
+        a helper it calls), which its loss computed once with each placed η swapped for a copy shows
+        by still reaching that η. Looked at once per closure in a block."""
+        tr = self.trajectory
+        where = tr.eta.explicit(step.closure)
+        seen = None if where is None or step.closure is None else tr.eta.closures.get(step.closure.key)
+        if where and (seen is None or seen.sole is None):
+            copies = {i: tr.meta[i].detach().requires_grad_() for i, (kind, _) in where.items() if kind != "rule"}
+            with torch.enable_grad():
+                loss = self.rebuilt_loss(m, step, dict(step.params), create_graph=False,
+                                         replace={where[i][1]: c for i, c in copies.items() if where[i][0] == "slot"},
+                                         fixed={where[i][1]: c for i, c in copies.items() if where[i][0] == "param"})
+            sole = not reaches(loss, [tr.meta[i] for i in copies])
+            if seen is None:
+                return where if sole else None
+            seen.sole = sole
+        return where if not where or seen is None or seen.sole else None
+
     def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,
-                     replace: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
+                     replace: Optional[dict[int, torch.Tensor]] = None, fixed: Optional[Params] = None) -> torch.Tensor:
         """Step m's loss at ``params``, from the frozen closure run as the step ran
-        (:meth:`as_taken`), the captured tensors at slots ``replace`` swapped (:meth:`partial_eta`);
-        an error the closure raises now is a :class:`~metagrad.ReplayError`."""
+        (:meth:`as_taken`), the captured tensors at slots ``replace`` swapped (:meth:`partial_eta`)
+        and the module's parameters not adapted named in ``fixed``; an error the closure raises
+        now is a :class:`~metagrad.ReplayError`."""
         tr = self.trajectory
         assert step.closure is not None
         if step.once and create_graph:
@@ -362,7 +384,7 @@ class Products:
         try:
             with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph), \
                     step.frozen().replaying():
-                return step.frozen().call(replace or {}, tr.model_at(params))
+                return step.frozen().call(replace or {}, tr.model_at(params, fixed or None))
         except NestedBlockError:
             raise
         except Exception as error:
