@@ -126,9 +126,18 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
         over the tasks); with ``meta``, the pair ``(that, the gradient of η with the structure
         of meta)``.
     """
-    with math_attention():  # every graph here is differentiated twice (metagrad.attention.math_attention)
-        return _meta_grad(loss_fn, params, support, query, inner_opt=inner_opt, steps=steps, estimator=estimator,
-                          meta=meta, tasks=tasks, compile=compile, info=info)
+    try:
+        with math_attention():  # every graph here is differentiated twice (metagrad.attention.math_attention)
+            return _meta_grad(loss_fn, params, support, query, inner_opt=inner_opt, steps=steps, estimator=estimator,
+                              meta=meta, tasks=tasks, compile=compile, info=info)
+    except RuntimeError as error:
+        if "functorch transform" not in str(error):
+            raise
+        raise ValueError(
+            "loss_fn: meta_grad takes its gradients under torch.func transforms, where a tensor cannot be "
+            f"made to require grad ({error}). Take a derivative inside loss_fn by torch.func.grad, "
+            "torch.func.grad(lambda z: f(z).sum())(x) for the input gradient, not by requires_grad_ and "
+            "torch.autograd.grad; or write the inner loop in a MetaGradient block, which runs either.") from error
 
 
 def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.Tensor], support: Any, query: Any, *,

@@ -259,3 +259,38 @@ def test_implicit_called_directly_equals_its_dense_definition(solver):
     with pytest.raises(ValueError, match="compile: .*proximal term"):
         mg.functional.meta_grad(loss_fn, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=K,
                                 estimator=estimator, meta=meta, compile=True)
+
+
+def _input_gradient_loss(params, batch, derivative):
+    """An inner loss with a penalty on the input gradient of the model's output, the derivative
+    taken by ``torch.func.grad`` (at fixed weights) or by autograd on a leaf made here."""
+    x, y = batch
+    out = functional_call(MODEL, params, (x,))
+    if derivative == "func":
+        g = torch.func.grad(lambda z: functional_call(MODEL, params, (z,)).sum())(x)
+    else:
+        xi = x.clone().requires_grad_()
+        g, = torch.autograd.grad(functional_call(MODEL, params, (xi,)).sum(), xi, create_graph=True)
+    return ((out - y) ** 2).mean() + 0.1 * (g ** 2).mean()
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(3)], ids=repr)
+def test_a_derivative_inside_the_loss(estimator):
+    """By ``torch.func.grad`` it runs in the functional face and equals the hand-written unroll;
+    by ``requires_grad_`` and ``torch.autograd.grad``, which cannot run under the transforms the
+    face takes its gradients with, the error names ``loss_fn`` and what to write instead."""
+    support, query = data(71), data(72)
+    loss = functools.partial(_input_gradient_loss, derivative="func")
+    th = {n: t.requires_grad_() for n, t in theta().items()}
+    phi = dict(th)
+    for _ in range(3):
+        grads = torch.autograd.grad(loss(phi, support), list(phi.values()), create_graph=True)
+        phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(loss(phi, query), list(th.values()))
+    got = mg.functional.meta_grad(loss, theta(), support, query, inner_opt=mg.optim.SGD(lr=0.1), steps=3,
+                                  estimator=estimator)
+    for g, w in zip(got.values(), want):
+        torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
+    with pytest.raises(ValueError, match=r"loss_fn: .*torch\.func\.grad"):
+        mg.functional.meta_grad(functools.partial(_input_gradient_loss, derivative="autograd"), theta(), support,
+                                query, inner_opt=mg.optim.SGD(lr=0.1), steps=3, estimator=estimator)
