@@ -66,7 +66,7 @@ class Frozen:
     """
 
     __slots__ = ("_build", "_values", "_specs", "key", "_structure", "tensors", "versions", "names", "source",
-                 "reads", "compiled", "written", "replayed")
+                 "reads", "compiled", "written", "replayed", "inner")
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
@@ -82,6 +82,8 @@ class Frozen:
         self.written: Optional[tuple[torch.nn.Module, list[str]]] = None
         #: The generator states the last rebuild ran with (:meth:`RandomState.replay`).
         self.replayed: Optional["RandomState"] = None
+        #: For a ``functools.partial`` of a function: that function, frozen (its captured tensors).
+        self.inner: Optional[Frozen] = None
         flat: list[Any] = []
         specs: list[Any] = []
         leaf_names: list[str] = []
@@ -100,7 +102,7 @@ class Frozen:
         self._specs = specs
         #: The captured tensors, in slot order, and their version counters at the step.
         self.tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
-        self.versions = [v._version for _, v in self.tensors]
+        self.versions: list[Optional[int]] = [v._version for _, v in self.tensors]
         self.names = leaf_names
         #: Numbers, strings and tensors the code reads through captured objects (``cfg.temp``),
         #: through the methods it calls on them and the globals of the functions it calls
@@ -165,10 +167,21 @@ class Frozen:
             values[slot] = tensor
         return self._function(values)
 
+    def taken(self) -> None:
+        """Note that its step (or a rebuild of it) ran: :meth:`modified` then names the captured
+        tensors changed in place after it, never one the closure's own call wrote to (a loss
+        logged into a captured tensor: its version is forgotten)."""
+        self.versions = [None if old is None or t._version != old else old
+                         for (_, t), old in zip(self.tensors, self.versions)]
+        if self.inner is not None:
+            self.inner.taken()
+
     def modified(self) -> list[str]:
-        """The names of captured tensors changed in place since the step."""
+        """The names of captured tensors changed in place since the step (not those its own call
+        wrote to: :meth:`taken`)."""
         return [self.names[i] for (i, t), version in zip(self.tensors, self.versions)
-                if t._version != version]
+                if version is not None and t._version != version] + (
+                    [] if self.inner is None else self.inner.modified())
 
     def reads_key(self) -> tuple[Any, ...]:
         """The values of :attr:`reads` now (numbers by value, tensors by kind, other objects by
@@ -352,9 +365,11 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
         identity: tuple[Any, ...] = ("partial", inner.key if isinstance(inner, Frozen) else id(inner), count,
                                      tuple(keywords))
         code = getattr(inner.source if isinstance(inner, Frozen) else inner, "__code__", None)
-        return Frozen(build_partial, values, names, identity, closure,
-                      attributes=frozenset() if code is None else read_names(code),
-                      bound=getattr(closure.func, "__self__", None) if isinstance(closure.func, types.MethodType) else None)
+        frozen = Frozen(build_partial, values, names, identity, closure,
+                        attributes=frozenset() if code is None else read_names(code),
+                        bound=getattr(closure.func, "__self__", None) if isinstance(closure.func, types.MethodType) else None)
+        frozen.inner = inner if isinstance(inner, Frozen) else None
+        return frozen
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
     if not isinstance(function, types.FunctionType):  # a callable object: kept as it is

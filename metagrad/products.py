@@ -352,10 +352,9 @@ class Products:
 
     def explicit(self, m: int, step: StepRecord) -> Optional[dict[int, tuple[str, Any]]]:
         """Where each η sits for a rebuild of step m under ``torch.func`` (:meth:`MetaParameters.explicit
-        <metagrad.discovery.MetaParameters.explicit>`), or ``None`` where only autograd can follow
-        them: also where the closure reads one of them some other way besides (through an object or
-        a helper it calls), which its loss computed once with each placed η swapped for a copy shows
-        by still reaching that η. Looked at once per closure in a block."""
+        <metagrad.discovery.MetaParameters.explicit>`), or ``None`` where only autograd follows them: also
+        where the closure reads one some other way besides (a helper, an object), which its loss, computed
+        once per closure and block with each placed η swapped for a copy, shows by still reaching it."""
         tr = self.trajectory
         where = tr.eta.explicit(step.closure)
         seen = None if where is None or step.closure is None else tr.eta.closures.get(step.closure.key)
@@ -449,7 +448,10 @@ class Products:
         # Rebuilt at φ_K, where no stored next iterate checks it: a value the closure reads that
         # changed since its step would define another inner problem (for θ and for η alike).
         check_reads([k - 1], [closure], "It is rebuilt at the final fast weights φ_K, where no stored "
-                    "iterate checks it, and the values it reads define the inner problem the fixed point solves.")
+                    "iterate checks it, and the values it reads define the inner problem the fixed point solves.",
+                    captured=True)
         replace, meta = self.partial_eta(step)
-        return KeptStep.at(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, tr.iterate(k),
+        kept = KeptStep.at(lambda q, eta: self.rebuilt_loss(k - 1, step, q, replace=replace), rule, tr.iterate(k),
                            meta, step=k - 1, used=step.used, theta=tr.theta, reg=tr.proximal or 0.0)
+        closure.taken()  # (what the rebuild itself wrote is no change)
+        return kept

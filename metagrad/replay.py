@@ -369,13 +369,20 @@ def _eta_found(name: str, worst: float, bound: float) -> str:
             f"gradient shows it")
 
 
-def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reason: str) -> None:
+def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reason: str, *,
+                captured: bool = False) -> None:
     """Raise :class:`ReplayError` for the first of ``steps`` whose rebuilt closure read values
     that changed since the step was taken and could not be set back for the rebuild
     (:meth:`Frozen.unreplayable`: a tensor changed in place, reached through an object it
-    captures or a global of a function it calls), where the comparison of iterates cannot vouch
+    captures or a global of a function it calls; with ``captured``, before the rebuild, also a
+    tensor it captures, :meth:`Frozen.modified`), where the comparison of iterates cannot vouch
     for the rebuild (``reason`` says why)."""
     for which, frozen in zip(steps, closures):
+        if captured and frozen is not None and frozen.modified():
+            raise ReplayError(
+                f"inner step {which}, rebuilt during backward, captured tensors that were modified in place "
+                f"since the step was taken: {frozen.modified()}. {reason} Give each step its own tensor (x = x * "
+                "2, not x.mul_(2)), or leave it as it is until the backward has run.")
         changed = [] if frozen is None else frozen.unreplayable()
         if changed:
             listed = _listed(changed)

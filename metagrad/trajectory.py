@@ -227,6 +227,8 @@ class Trajectory(OnTape):
         # every step taken and rebuilt runs the same one.
         with math_attention(), torch.enable_grad():  # (an inner loop under torch.no_grad() builds its graph too)
             params, loss, grads, drew = self._loss(closure, params, frozen, rng, probe)
+            if frozen is not None:
+                frozen.taken()
             split = loss.detach() if parts else None
             loss = loss.sum() if parts else loss
         if rng is not None and not (rng.changed() if drew is None else drew):
