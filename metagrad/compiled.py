@@ -87,7 +87,7 @@ _CACHE_SIZE = 64
 _CACHE: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 #: Keys that could not be compiled, with why.
 _REFUSED: dict[Any, str] = {}
-#: Closures (by :attr:`~metagrad.frozen.Frozen.key`) already warned about: one warning each.
+#: Closures (by :attr:`~metagrad.frozen.Frozen.structure`) already warned about: one warning each.
 _WARNED: set[Any] = set()
 #: Update rule types whose step products did not compile with their step size as a tensor (a
 #: rule that branches on it): their step size is a constant of the graph (:meth:`Compiler.rule`).
@@ -307,7 +307,7 @@ class Compiler:
                     params, moving, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)), leaves, after)
         except Exception as error:
-            self._product_failed(memo, key, template.key, error, first.rule)
+            self._product_failed(memo, key, template.structure, error, first.rule)
             return None
         self.counts["products"] += len(steps)
         for step in chunk:
@@ -377,7 +377,7 @@ class Compiler:
                     params, stacked_leaves, u, moving_adjoint, [t.detach() for t in captured], fixed, eta,
                     rule_inputs(self.rule(first.rule, trajectory.device)))
         except Exception as error:
-            self._product_failed(memo, entry_key, template.key, error, first.rule)
+            self._product_failed(memo, entry_key, template.structure, error, first.rule)
             return None
         self.counts["products"] += len(steps)
         self.counts["sweeps"] += 1

@@ -22,7 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .frozen import Frozen
-from .reads import cell_contents
+from .reads import TensorRead, cell_contents
 from .update_rule import Params
 
 __all__ = ["MetaParameters", "MetaGrads", "add_meta", "graph_inputs", "reaches", "backward_once", "once_differentiable", "register_block_outputs",
@@ -130,6 +130,9 @@ class MetaParameters:
                 names.setdefault(id(tensor), f"{closure.names[slot]} (captured by the closure)")
                 if tensor.requires_grad and tensor.grad_fn is not None:
                     stop.setdefault(id(tensor.grad_fn), []).append(tensor)
+            for name, *_, then in closure.reads:  # (a tensor read through an object: found as a leaf)
+                if type(then) is TensorRead and then.tensor.is_leaf:
+                    names.setdefault(id(then.tensor), f"{name} (read by the closure)")
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])

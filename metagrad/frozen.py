@@ -118,13 +118,14 @@ class Frozen:
         self.reads += indirect_reads(roots, attributes, MAX_READS - len(self.reads))
         self.key = (identity, tuple(specs_key(specs)), known + tuple(
             # A tensor that requires grad is a meta-parameter: by identity, so that another one
-            # is looked for again (MetaParameters.discover, metagrad.discovery).
+            # is looked for again (MetaParameters.discover, metagrad.discovery); so too one it
+            # reads through an object (cfg.w set anew for each step).
             ("tensor", v.shape, v.dtype, v.device, id(v) if v.requires_grad else None)
             if isinstance(v, torch.Tensor)
-            else _value_key(v) for v in flat[len(known):]))
-        # The key itself where no captured tensor requires grad (most steps): nothing to rewrite.
+            else _value_key(v) for v in flat[len(known):])) + _read_meta(self.reads)
+        # The key itself where no tensor it captures or reads requires grad (most steps).
         self._structure: Optional[tuple[Any, ...]] = (
-            None if any(t.requires_grad for _, t in self.tensors) else self.key)
+            None if any(t.requires_grad for _, t in self.tensors) or len(self.key) > 3 else self.key)
 
     def objects(self) -> list[Any]:
         """The captured values that are not tensors (those :attr:`structure` names by identity
@@ -139,7 +140,7 @@ class Frozen:
         tensor that requires grad at every step (each step's slice of learned inputs) finds
         the compiled function of the last. η discovery keeps :attr:`key`."""
         if self._structure is None:
-            identity, specs, values = self.key
+            identity, specs, values = self.key[:3]
             self._structure = (identity, specs, tuple(
                 value[:4] + ("requires grad",) if value[0] == "tensor" and value[4] is not None else value
                 for value in values))
@@ -158,6 +159,7 @@ class Frozen:
         out = Frozen(build, [*self._values, *extra], [*self.names, *extra_names],
                      (tag, self.key[0], tuple(self.key[1])), self.source, known=self.key[2])
         out.reads = self.reads
+        out.key = out.key[:3] + self.key[3:]
         return out
 
     def with_tensors(self, replace: Mapping[int, torch.Tensor]) -> Callable[..., Any]:
@@ -293,6 +295,13 @@ def _described(name: str, then: Any, now: Any) -> tuple[str, Any, Any]:
     what = ("the same tensor, changed in place" if now is then.tensor else
             f"another tensor of shape {tuple(now.shape)}" if isinstance(now, torch.Tensor) else repr(now))
     return name, Described(f"a tensor of shape {tuple(then.tensor.shape)}"), Described(what)
+
+
+def _read_meta(reads: list[tuple[str, Any, tuple[Any, ...], Any]]) -> tuple[tuple[int, ...], ...]:
+    """The tensors that require grad among ``reads`` (:attr:`Frozen.reads`), by identity, as the
+    end of a key: ``()`` for none (most closures: the key is then the structure's)."""
+    found = tuple(id(then.tensor) for *_, then in reads if type(then) is TensorRead and then.tensor.requires_grad)
+    return (found,) if found else ()
 
 
 def specs_key(specs: list[Any]) -> list[Any]:

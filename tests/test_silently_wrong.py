@@ -1154,3 +1154,34 @@ def test_a_meta_parameter_the_closure_reads_in_two_places(held, estimator, compi
     want = unrolled(model, inner, lambda f: F.mse_loss(f(xq), yq), [{n: 0.1 for n, _ in model.named_parameters()}] * 3,
                     wrt=[w])
     close(grads_of(list(model.parameters()) + [w]), want)
+
+
+class _Holder:
+    pass
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.Binomial(3), mg.Truncated(3)], ids=repr)
+def test_a_meta_parameter_read_through_an_object_set_anew_for_each_step(estimator):
+    """Per-step learned weights handed to the closure through an object, ``cfg.w = ws[k]``
+    before each step: every one is a meta-parameter. Discovery looked at the first step of the
+    closure only (its key held ``cfg`` by identity), so ``ws[1]`` and ``ws[2]`` got no gradient,
+    with no error; a tensor that requires grad read through an object now keys the closure as a
+    captured one does."""
+    x, y, xq, yq = data(47, n=8)[:4]
+    model = mlp(47, (2, 6, 1))
+    ws = [torch.tensor(0.01 * (k + 1), dtype=DT, requires_grad=True) for k in range(3)]
+    cfg = _Holder()
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+        for k in range(3):
+            cfg.w = ws[k]
+            meta.step(lambda f: F.mse_loss(f(x), y) + cfg.w * sum((p ** 2).sum() for p in f.params.values()))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert meta.info["meta_parameters"] == ["cfg.w (read by the closure)"] * 3
+    theta = dict(model.named_parameters())
+    phi = dict(theta)
+    for k in range(3):  # the plain unroll
+        loss = F.mse_loss(functional_call(model, phi, (x,)), y) + ws[k] * sum((p ** 2).sum() for p in phi.values())
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
+    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + ws)
+    close(grads_of(list(theta.values()) + ws), want)
