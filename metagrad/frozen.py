@@ -100,7 +100,8 @@ class Frozen:
             leaf_names.append(name)
         self._values = flat
         self._specs = specs
-        #: The captured tensors, in slot order, and their version counters at the step.
+        #: The captured tensors, in slot order, and their version counters at the step (``None``
+        #: for one the closure's own call writes to: :meth:`taken`).
         self.tensors = [(i, v) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
         self.versions: list[Optional[int]] = [v._version for _, v in self.tensors]
         self.names = leaf_names
