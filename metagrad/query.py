@@ -136,7 +136,7 @@ class ThroughInnerLoop(torch.autograd.Function):
                 "differentiable."
             )
         with torch.no_grad():
-            grads, meta = snapshot.run(dict(zip(snapshot.names, grad_outputs)))
+            grads, meta = snapshot.run({n: _dense(g) for n, g in zip(snapshot.names, grad_outputs)})
         # An η the estimator gives nothing through the inner loop (FirstOrder keeps no second
         # derivative: an η of the inner loss, MATH.md's table) gets zeros where the backward is
         # a torch.autograd.grad that returns its gradient: torch would otherwise raise that it
@@ -144,6 +144,12 @@ class ThroughInnerLoop(torch.autograd.Function):
         meta = [torch.zeros_like(eta) if g is None and _captured(eta) else g
                 for g, eta in zip(meta, snapshot.meta)]
         return (None, *(grads[n] for n in snapshot.names), *meta)
+
+
+def _dense(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A fast weight's gradient as the dense vector every product takes (a sparse one comes from
+    ``nn.Embedding(sparse=True)``)."""
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad
 
 
 class Watched(torch.autograd.Function):
@@ -166,7 +172,7 @@ class Watched(torch.autograd.Function):
         # trajectory is released after that one.
         snapshot.end({"steps": snapshot.steps, "hessian_vector_products": snapshot.steps,
                       **snapshot.trajectory.storage()}, final=not torch.is_grad_enabled())
-        return (None, *grad_outputs)
+        return (None, *(_dense(g) for g in grad_outputs))
 
 
 class NothingToLearn(torch.autograd.Function):

@@ -650,6 +650,36 @@ def test_a_reused_buffer_refilled_before_the_backward_with_implicit():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, under vmap
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(3, chunk_size=1), mg.Binomial(3)],
+                         ids=repr)
+def test_an_adapted_sparse_embedding(estimator):
+    """``nn.Embedding(sparse=True)`` gives its weight a sparse gradient, which reaches the block
+    from the query: taken as the dense vector it is (Full raised torch's "reshape is not
+    implemented for sparse tensors"). Binomial's vmapped rows cannot run its sparse backward; the
+    error says to take them one at a time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1)).to(D)
+        x, xq = torch.randint(0, 10, (8, 3)), torch.randint(0, 10, (8, 3))
+    y, yq = torch.randn(8, 1, dtype=D, generator=torch.Generator().manual_seed(11)), torch.zeros(8, 1, dtype=D)
+    if isinstance(estimator, mg.Binomial) and estimator.chunk_size is None:
+        with pytest.raises(RuntimeError, match="chunk_size=1"):
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+                for _ in range(3):
+                    meta.step(lambda f: F.mse_loss(f(x), y))
+                F.mse_loss(meta.fmodel(xq), yq).backward()
+        return
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+        for _ in range(3):
+            meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(x), y), lambda fm: F.mse_loss(fm(xq), yq), 3, 0.1,
+                             "Full")
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad.to_dense(), expected[n].to_dense()) <= RTOL, n
+
+
 # ------------------------------------------------------------------ 6. torchopt's momentum
 @pytest.mark.parametrize("name", ALL)
 def test_torchopt_sgd_momentum_dampening(name):
