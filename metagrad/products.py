@@ -45,8 +45,8 @@ from .memory import saved_bytes
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
-from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, step_body, step_size_vjp,
-                   zero_if_none)
+from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, rule_slots, step_body,
+                   step_size_vjp, zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
 __all__ = ["Products"]
@@ -352,23 +352,23 @@ class Products:
 
     def explicit(self, m: int, step: StepRecord) -> Optional[dict[int, tuple[str, Any]]]:
         """Where each η sits for a rebuild of step m under ``torch.func`` (:meth:`MetaParameters.explicit
-        <metagrad.discovery.MetaParameters.explicit>`), or ``None`` where only autograd follows them: also
-        where the closure reads one some other way besides (a helper, an object), which its loss, computed
-        once per closure and block with each placed η swapped for a copy, shows by still reaching it."""
+        <metagrad.discovery.MetaParameters.explicit>`), or ``None`` where only autograd follows them: also for
+        a step size the loss reads, and where the loss with each placed η swapped for a copy still reaches one."""
         tr = self.trajectory
         where = tr.eta.explicit(step.closure)
-        seen = None if where is None or step.closure is None else tr.eta.closures.get(step.closure.key)
-        if where and (seen is None or seen.sole is None):
+        seen = None if not where or step.closure is None else tr.eta.closures.get(step.closure.key)
+        twice = bool(where) and any(where[i][0] != "rule" for i in rule_slots(step.rule, tr.meta).values())
+        sole = True if not where else False if twice else None if seen is None else seen.sole  # (once per closure)
+        if sole is None:
             copies = {i: tr.meta[i].detach().requires_grad_() for i, (kind, _) in where.items() if kind != "rule"}
             with torch.enable_grad():
                 loss = self.rebuilt_loss(m, step, dict(step.params), create_graph=False,
                                          replace={where[i][1]: c for i, c in copies.items() if where[i][0] == "slot"},
                                          fixed={where[i][1]: c for i, c in copies.items() if where[i][0] == "param"})
-            sole = not reaches(loss, [tr.meta[i] for i in copies])
-            if seen is None:
-                return where if sole else None
-            seen.sole = sole
-        return where if not where or seen is None or seen.sole else None
+            sole = not reaches(loss, list(tr.meta))  # (the rule's η: no input of the loss)
+            if seen is not None:
+                seen.sole = sole
+        return where if sole else None
 
     def rebuilt_loss(self, m: int, step: StepRecord, params: Params, *, create_graph: bool = True,
                      replace: Optional[dict[int, torch.Tensor]] = None, fixed: Optional[Params] = None) -> torch.Tensor:
