@@ -71,6 +71,9 @@ class MetaParameters:
         #: Which η come from the update rule (step sizes): their part of B_k needs no second
         #: derivative (MATH.md, "Meta-parameters other than θ").
         self.rule: set[int] = set()
+        #: Which η an update rule's step reaches (those of :attr:`rule`, and an η found first in a
+        #: closure that a rule's step size is computed from, ``lr = log_lr.exp()``).
+        self.rule_reached: set[int] = set()
         #: Each η leaf with its ``.grad`` when it was found (restored if the block raises).
         self.saved_grads: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         #: Per closure key: what its first step showed (the graph is looked at once).
@@ -206,8 +209,9 @@ class MetaParameters:
         size that requires grad), add them, and return whether the rule holds any."""
         found = any(t.requires_grad for t in new_params.values())
         if found:
-            self.add(graph_inputs(list(new_params.values()), set(), {}, blocks=True)[0], rule=True,
-                     names=step_size_names(rule))
+            reached = graph_inputs(list(new_params.values()), set(), {}, blocks=True)[0]
+            self.add(reached, rule=True, names=step_size_names(rule))
+            self.rule_reached |= {self._index[id(t)] for t in reached}
         before = self._rules.get(id(rule), (rule, False, frozenset()))
         holds = found or before[1]
         self._rules[id(rule)] = (rule, holds, before[2] | frozenset(used))  # the rule kept: its id stays its own
@@ -246,8 +250,9 @@ class MetaParameters:
         """Where each η sits for a rebuild under ``torch.func`` of a step of ``closure``: a slot
         of the frozen closure (``("slot", slot)``, the first that holds it), a module parameter
         not adapted (``("param", name)``), or the update rule (``("rule", None)``, whose part needs
-        no rebuild). ``None`` if some η is elsewhere (reached through an object), which only
-        autograd can follow. Whether the closure also reads one some other way is looked at by
+        no rebuild). ``None`` if some η is elsewhere (reached through an object), or read by the
+        loss and reached by a rule's step size too (``lr = log_lr.exp()``), which only autograd
+        can follow. Whether the closure also reads one some other way is looked at by
         :meth:`metagrad.products.Products.explicit`."""
         if closure is None:
             return None
@@ -259,6 +264,8 @@ class MetaParameters:
             name = self._param_names().get(id(tensor))
             if i in self.rule:
                 where[i] = ("rule", None)
+            elif i in self.rule_reached:  # found in the closure first: the loss and a rule's step both read it
+                return None
             elif id(tensor) in slots:
                 where[i] = ("slot", slots[id(tensor)])
             elif name is not None and name not in self._adapted:

@@ -1188,30 +1188,32 @@ def test_a_meta_parameter_read_through_an_object_set_anew_for_each_step(estimato
 
 
 @pytest.mark.parametrize("estimator, compile", [(mg.Binomial(3), False), (mg.Checkpointed(), True)], ids=repr)
-@pytest.mark.parametrize("first", ["closure", "rule"])
+@pytest.mark.parametrize("first", ["closure", "rule", "computed"])
 def test_a_learned_step_size_the_inner_loss_also_reads(first, estimator, compile):
-    """A step size ``lr`` that requires grad, held by the rule and read by the inner loss too
-    (``loss * (1 + lr)``; from the first step, or from the second, so that the rule shows it
-    first): a vmapped or compiled rebuild took it either as the loss's input or as the rule's
-    constant, and lost the other part (on a small MLP, η's gradient from Binomial's rows 44% and
-    16% off, compiled 92% and 6.5%, with no error). Such a step is rebuilt by autograd, which
-    follows both."""
+    """A step size that requires grad, held by the rule and read by the inner loss too
+    (``loss * (3 + lr)``; from the first step, or from the second, so that the rule shows it
+    first; or the rule's ``lr = log_lr.exp()`` and the loss's ``log_lr``): a vmapped or compiled
+    rebuild took it either as the loss's input or as the rule's constant, and lost the other
+    part (on a small MLP, η's gradient from Binomial's rows 16–44% off, compiled 6.5–92%, with no
+    error). Such a step is rebuilt by autograd, which follows both."""
     x, y, xq, yq = data(53, n=8)[:4]
     model = mlp(53, (2, 6, 1))
-    lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
-    scaled = [first == "closure", True, True]
+    log_lr = torch.tensor(-2.3, dtype=DT, requires_grad=True)
+    leaf = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    lr, read = (log_lr.exp(), log_lr) if first == "computed" else (leaf, leaf)
+    scaled = [first != "rule", True, True]
     with mg.MetaGradient(model, mg.optim.SGD(lr=lr), estimator=estimator, compile=compile) as meta:
         for k in range(3):
             if scaled[k]:
-                meta.step(lambda f: F.mse_loss(f(x), y) * (1 + lr))
+                meta.step(lambda f: F.mse_loss(f(x), y) * (3 + read))
             else:
                 meta.step(lambda f: F.mse_loss(f(x), y))
         F.mse_loss(meta.fmodel(xq), yq).backward()
     theta = dict(model.named_parameters())
     phi = dict(theta)
     for k in range(3):  # the plain unroll
-        loss = F.mse_loss(functional_call(model, phi, (x,)), y) * ((1 + lr) if scaled[k] else 1)
+        loss = F.mse_loss(functional_call(model, phi, (x,)), y) * ((3 + read) if scaled[k] else 1)
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
         phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
-    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + [lr])
-    close(grads_of(list(theta.values()) + [lr]), want)
+    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + [read])
+    close(grads_of(list(theta.values()) + [read]), want)
