@@ -17,7 +17,7 @@ import functools
 import sys
 import sysconfig
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -43,15 +43,7 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
     ``co_names`` also holds (``f.params`` beside a global ``params``), which a frozen closure must
     not capture (a tensor it captured by mistake would be taken for where it reads a
     meta-parameter)."""
-    names: dict[str, None] = {}
-    todo = [code]
-    while todo:
-        current = todo.pop()
-        for instruction in dis.get_instructions(current):
-            if instruction.opname in _GLOBAL_LOADS:
-                names[instruction.argval] = None
-        todo += [const for const in current.co_consts if isinstance(const, types.CodeType)]
-    return tuple(names)
+    return tuple(dict.fromkeys(i.argval for i in _instructions(code) if i.opname in _GLOBAL_LOADS))
 
 
 #: The instructions that read a global (``LOAD_NAME`` in code run at module level,
@@ -64,15 +56,17 @@ def read_names(code: types.CodeType) -> frozenset[str]:
     """:func:`global_names` less the attributes and globals the code (or code nested in it)
     assigns or deletes (``log.calls += 1``, ``global N; N += 1``): state the code changes
     itself, a counter or a log, which a rebuild changes again, is not a value it was given."""
-    written = set()
+    written = {i.argval for i in _instructions(code) if i.opname in _WRITES}
+    return frozenset(global_names(code)) - written
+
+
+def _instructions(code: types.CodeType) -> Iterator[dis.Instruction]:
+    """The instructions of ``code`` and of the code nested in it (comprehensions, inner functions)."""
     todo = [code]
     while todo:
         current = todo.pop()
-        for instruction in dis.get_instructions(current):
-            if instruction.opname in _WRITES:
-                written.add(instruction.argval)
+        yield from dis.get_instructions(current)
         todo += [const for const in current.co_consts if isinstance(const, types.CodeType)]
-    return frozenset(global_names(code)) - written
 
 
 #: The instructions that assign or delete an attribute or a global.
