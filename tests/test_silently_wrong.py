@@ -61,6 +61,20 @@ def unrolled(model, inner, query, lrs, *, first_order=False, wrt=None, forward=N
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
+def unrolled_in_weights(model, loss_at, lr, query, *, wrt=(), steps=3):
+    """The meta-gradient of θ and ``wrt`` by a plain SGD unroll whose inner loss is
+    ``loss_at(φ, k)``, φ the fast weights by name (for losses that read them, not only the
+    model's output: :func:`unrolled` gives the closure a forward only), and whose query is the
+    MSE of the model at φ_K on ``query = (xq, yq)``."""
+    theta = dict(model.named_parameters())
+    phi = dict(theta)
+    for k in range(steps):
+        grads = torch.autograd.grad(loss_at(phi, k), list(phi.values()), create_graph=True)
+        phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
+    xq, yq = query
+    return torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + list(wrt))
+
+
 def close(got, want, tol=1e-10):
     for g, w in zip(got, want):
         g = torch.zeros_like(w) if g is None else g
@@ -1110,13 +1124,8 @@ def test_a_global_named_like_an_attribute_the_closure_reads_is_not_captured(esti
             meta.step(namespace["closure"])
         F.mse_loss(meta.fmodel(xq), yq).backward()
     theta = dict(model.named_parameters())
-    phi = dict(theta)
-    for _ in range(3):  # the plain unroll, θ's direct term included
-        loss = F.mse_loss(functional_call(model, phi, (x,)), y) + 0.25 * sum(
-            ((phi[n] - theta[n]) ** 2).sum() for n in theta)
-        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
-        phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
-    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()))
+    want = unrolled_in_weights(model, lambda phi, k: F.mse_loss(functional_call(model, phi, (x,)), y) + 0.25 * sum(
+        ((phi[n] - theta[n]) ** 2).sum() for n in theta), 0.1, (xq, yq))  # θ's direct term included
     close(grads_of(theta.values()), want)
 
 
@@ -1177,14 +1186,9 @@ def test_a_meta_parameter_read_through_an_object_set_anew_for_each_step(estimato
             meta.step(lambda f: F.mse_loss(f(x), y) + cfg.w * sum((p ** 2).sum() for p in f.params.values()))
         F.mse_loss(meta.fmodel(xq), yq).backward()
     assert meta.info["meta_parameters"] == ["cfg.w (read by the closure)"] * 3
-    theta = dict(model.named_parameters())
-    phi = dict(theta)
-    for k in range(3):  # the plain unroll
-        loss = F.mse_loss(functional_call(model, phi, (x,)), y) + ws[k] * sum((p ** 2).sum() for p in phi.values())
-        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
-        phi = {n: p - 0.1 * g for (n, p), g in zip(phi.items(), grads)}
-    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + ws)
-    close(grads_of(list(theta.values()) + ws), want)
+    want = unrolled_in_weights(model, lambda phi, k: F.mse_loss(functional_call(model, phi, (x,)), y) + ws[k] * sum(
+        (p ** 2).sum() for p in phi.values()), 0.1, (xq, yq), wrt=ws)
+    close(grads_of(list(model.parameters()) + ws), want)
 
 
 @pytest.mark.parametrize("estimator, compile", [(mg.Binomial(3), False), (mg.Checkpointed(), True)], ids=repr)
@@ -1209,11 +1213,6 @@ def test_a_learned_step_size_the_inner_loss_also_reads(first, estimator, compile
             else:
                 meta.step(lambda f: F.mse_loss(f(x), y))
         F.mse_loss(meta.fmodel(xq), yq).backward()
-    theta = dict(model.named_parameters())
-    phi = dict(theta)
-    for k in range(3):  # the plain unroll
-        loss = F.mse_loss(functional_call(model, phi, (x,)), y) * ((3 + read) if scaled[k] else 1)
-        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
-        phi = {n: p - lr * g for (n, p), g in zip(phi.items(), grads)}
-    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(theta.values()) + [read])
-    close(grads_of(list(theta.values()) + [read]), want)
+    want = unrolled_in_weights(model, lambda phi, k: F.mse_loss(functional_call(model, phi, (x,)), y) * (
+        (3 + read) if scaled[k] else 1), lr, (xq, yq), wrt=[read])
+    close(grads_of(list(model.parameters()) + [read]), want)
