@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
 from .frozen import RandomState
-from .update_rule import Params, UpdateRule
+from .update_rule import Params, State, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, rule_slots, step_body,
                    step_size_vjp, zero_if_none)
@@ -244,7 +244,7 @@ class Products:
                 for k, i in enumerate(explicit):
                     meta_grads[i] = pulled_eta[k]
                 if tr.rule_meta:  # a step size's part, from the gradient the compiled call took
-                    meta_grads = add_meta(meta_grads, self.step_size_part(m, u, grads))
+                    meta_grads = add_meta(meta_grads, self.step_size_part(m, u, grads, state_adjoint))
                 return pulled, meta_grads, adjoint
         leaves, spec = pytree.tree_flatten(step.state)
         carried = [i for i, t in enumerate(leaves)
@@ -315,9 +315,14 @@ class Products:
                 meta[i] = replace[slot] = tensor.detach().requires_grad_()
         return replace, meta
 
-    def step_size_part(self, m: int, u: Params, grads: Optional[Params] = None) -> MetaGrads:
+    def step_size_part(self, m: int, u: Params, grads: Optional[Params] = None,
+                       state_adjoint: Optional[list[Optional[torch.Tensor]]] = None) -> MetaGrads:
         """``B_mᵀu`` of the update rule's own η (learned step sizes) with the gradient held
-        constant: the update ``rule(φ_m, g_m, s_m)`` differentiated in η by autograd.
+        constant: the update ``rule(φ_m, g_m, s_m)`` differentiated in η by autograd. With
+        ``state_adjoint`` (the adjoint of s_{m+1}, one entry per state leaf, as :meth:`vjp`
+        takes it), the new state's part too: a rule of the user's may compute its state from
+        its η (a learned momentum ``b ← μ b + g``), where a product that carries the state
+        must count ``ū_{s'}ᵀ ∂s_{m+1}/∂η`` as well.
 
         It is the whole of ``B_mᵀu`` for those η where the step Jacobian is taken as the
         identity (MATH.md's table: FirstOrder, Truncated's earlier steps) and their part of it
@@ -331,7 +336,9 @@ class Products:
         meta = tr.meta
         if not tr.rule_meta:
             return [None] * len(meta)
-        new = tr.tape.first_order.get(m)
+        carry = any(a is not None for a in state_adjoint or [])
+        new = None if carry else tr.tape.first_order.get(m)
+        new_state: State = {}
         if new is None:
             step = tr._step(m)
             if tr.eta.rule_holds_eta(step.rule, ()) is False:
@@ -344,11 +351,13 @@ class Products:
                     params = {n: t.detach().requires_grad_() for n, t in step.params.items()}
                     loss, grads, eta = self.rebuild(m, step, params, create_graph=False)
             with torch.enable_grad():
-                new, _ = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
-                                   step.state, True)
+                new, new_state = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
+                                           step.state, True)
             if loss is not None or step.graph is not None:  # (a kept gradient: the update is run again)
                 self.check(m, new, step.loss if loss is None else loss, eta)
-        return step_size_vjp(new, meta, u) or [None] * len(meta)
+        state_part = [(leaf, adjoint) for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or [])
+                      if carry and adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        return step_size_vjp(new, meta, u, state_part) or [None] * len(meta)
 
     def explicit(self, m: int, step: StepRecord) -> Optional[dict[int, tuple[str, Any]]]:
         """Where each η sits for a rebuild of step m under ``torch.func`` (:meth:`MetaParameters.explicit

@@ -204,15 +204,18 @@ def rule_slots(rule: Any, eta: Sequence[torch.Tensor]) -> dict[int, int]:
     return {id(t): k for k, t in enumerate(eta) if id(t) in held_by_rule}
 
 
-def step_size_vjp(new_params: Params, meta: Sequence[torch.Tensor], u: Params) -> list[Optional[torch.Tensor]]:
+def step_size_vjp(new_params: Params, meta: Sequence[torch.Tensor], u: Params,
+                  state: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> list[Optional[torch.Tensor]]:
     """``uᵀ ∂(new_params)/∂η`` for an update computed with its gradient held constant, by autograd
-    (the graph kept: a step size's own history may be shared); ``[]`` where no update depends on η."""
+    (the graph kept: a step size's own history may be shared), plus ``āᵀ ∂a/∂η`` for each pair
+    ``(a, ā)`` in ``state`` (new state leaves and their adjoints); ``[]`` where nothing depends on η."""
     names = [n for n in new_params if new_params[n].requires_grad]
-    if not names:
+    if not names and not state:
         return []
+    outputs = [new_params[n] for n in names] + [leaf for leaf, _ in state]
+    cotangents = [u[n] for n in names] + [adjoint for _, adjoint in state]
     with torch.enable_grad():
-        return list(torch.autograd.grad([new_params[n] for n in names], list(meta), [u[n] for n in names],
-                                        allow_unused=True, retain_graph=True))
+        return list(torch.autograd.grad(outputs, list(meta), cotangents, allow_unused=True, retain_graph=True))
 
 
 def rule_with(rule: Any, replace: Mapping[int, torch.Tensor]) -> Any:
