@@ -136,6 +136,9 @@ class MetaParameters:
             for name, *_, then in closure.reads:  # (a tensor read through an object: found as a leaf)
                 if type(then) is TensorRead and then.tensor.is_leaf:
                     names.setdefault(id(then.tensor), f"{name} (read by the closure)")
+            for name, module in closure.modules():  # (a learned loss the closure calls)
+                for suffix, parameter in module.named_parameters():
+                    names.setdefault(id(parameter), f"{name}.{suffix} (in a module the closure calls)")
         for t in params.values():  # fast weights that are themselves computed (adapters)
             if t.grad_fn is not None:
                 stop.setdefault(id(t.grad_fn), [])
@@ -489,10 +492,14 @@ def once_differentiable(node: Any) -> Optional[str]:
 
 
 def step_size_names(rule: Any) -> dict[int, str]:
-    """Descriptions of a rule's step-size tensors (``lr``, scalar or per parameter), by id."""
+    """Descriptions of a rule's step-size tensors (``lr``, scalar or per parameter), and of the
+    parameters of modules it holds (a learned optimizer's network), by id."""
+    names = {id(p): f"{attribute}.{suffix} (update rule)" for attribute, value in vars(rule).items()
+             if isinstance(value, torch.nn.Module) for suffix, p in value.named_parameters()
+             } if hasattr(rule, "__dict__") else {}
     lr = getattr(rule, "lr", None)
     if isinstance(lr, torch.Tensor):
-        return {id(lr): "lr (update rule)"}
-    if isinstance(lr, dict):
-        return {id(t): f"lr[{n!r}] (update rule)" for n, t in lr.items() if isinstance(t, torch.Tensor)}
-    return {}
+        names[id(lr)] = "lr (update rule)"
+    elif isinstance(lr, dict):
+        names.update({id(t): f"lr[{n!r}] (update rule)" for n, t in lr.items() if isinstance(t, torch.Tensor)})
+    return names

@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
 from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow,
-                    indirect_reads, loaded_globals, locate, read_names)
+                    indirect_reads, loaded_globals, locate, modules_reached, read_names)
 
 __all__ = ["Frozen", "freeze", "RandomState"]
 
@@ -132,6 +132,11 @@ class Frozen:
         """The captured values that are not tensors (those :attr:`structure` names by identity
         among them)."""
         return [value for value in self._values if not isinstance(value, torch.Tensor)]
+
+    def modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """The modules it captures or a function it calls holds (a learned loss, a hypernetwork),
+        with their names (:func:`~metagrad.reads.modules_reached`)."""
+        return modules_reached(list(zip(self.names, self._values)))
 
     @property
     def structure(self) -> tuple[Any, ...]:

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
 from .frozen import RandomState
-from .update_rule import Params, State, UpdateRule
+from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, rule_slots, step_body,
                    step_size_vjp, zero_if_none)
@@ -318,27 +318,20 @@ class Products:
     def step_size_part(self, m: int, u: Params, grads: Optional[Params] = None,
                        state_adjoint: Optional[list[Optional[torch.Tensor]]] = None) -> MetaGrads:
         """``B_mᵀu`` of the update rule's own η (learned step sizes) with the gradient held
-        constant: the update ``rule(φ_m, g_m, s_m)`` differentiated in η by autograd. With
-        ``state_adjoint`` (the adjoint of s_{m+1}, one entry per state leaf, as :meth:`vjp`
-        takes it), the new state's part too: a rule of the user's may compute its state from
-        its η (a learned momentum ``b ← μ b + g``), where a product that carries the state
-        must count ``ū_{s'}ᵀ ∂s_{m+1}/∂η`` as well.
-
-        It is the whole of ``B_mᵀu`` for those η where the step Jacobian is taken as the
-        identity (MATH.md's table: FirstOrder, Truncated's earlier steps) and their part of it
-        where a product was computed under ``torch.func`` (vmapped or compiled: there the rule's
-        η are constants). ``g_m`` is the gradient that product took (``grads``); else, for a step
-        whose iterate is not stored (an estimator that keeps only the last steps), the update
-        the inner loop kept; else recomputed at φ_m, one forward and backward without a second
-        derivative, and checked against the record like every rebuilt step. No estimator
-        that stores the iterates keeps an update graph per step."""
-        tr = self.trajectory
-        meta = tr.meta
+        constant: the update ``rule(φ_m, g_m, s_m)`` differentiated in η by autograd, and its new
+        state with ``state_adjoint`` (s_{m+1}'s, as :meth:`vjp` takes it; a rule may compute its
+        state from its η, a learned momentum ``b ← μ b + g``). It is the whole of ``B_mᵀu`` for
+        those η where the step Jacobian is the identity (MATH.md's table: FirstOrder, Truncated's
+        earlier steps), their part of it where a product ran under ``torch.func`` (vmapped or
+        compiled: the rule's η are constants there). ``g_m`` is that product's gradient
+        (``grads``); else, for a step whose iterate is not stored, the update the inner loop
+        kept; else recomputed at φ_m (a forward and backward, no second derivative) and checked
+        like every rebuilt step. No estimator that stores the iterates keeps an update graph per step."""
+        tr, meta = self.trajectory, self.trajectory.meta
         if not tr.rule_meta:
             return [None] * len(meta)
-        carry = any(a is not None for a in state_adjoint or [])
-        new = None if carry else tr.tape.first_order.get(m)
-        new_state: State = {}
+        carried = any(a is not None for a in state_adjoint or [])
+        new, new_state = (None, None) if carried else (tr.tape.first_order.get(m), None)
         if new is None:
             step = tr._step(m)
             if tr.eta.rule_holds_eta(step.rule, ()) is False:
@@ -355,9 +348,7 @@ class Products:
                                            step.state, True)
             if loss is not None or step.graph is not None:  # (a kept gradient: the update is run again)
                 self.check(m, new, step.loss if loss is None else loss, eta)
-        state_part = [(leaf, adjoint) for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or [])
-                      if carry and adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-        return step_size_vjp(new, meta, u, state_part) or [None] * len(meta)
+        return step_size_vjp(new, meta, u, new_state if carried else None, state_adjoint) or [None] * len(meta)
 
     def explicit(self, m: int, step: StepRecord) -> Optional[dict[int, tuple[str, Any]]]:
         """Where each η sits for a rebuild of step m under ``torch.func`` (:meth:`MetaParameters.explicit

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
-           "global_names", "indirect_reads", "loaded_globals", "locate", "read_names"]
+           "global_names", "indirect_reads", "loaded_globals", "locate", "modules_reached", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -186,6 +186,28 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
                 todo.append((f"{name}.{method.__name__}", method, method_names, depth))
                 todo.append((name, value, method_names, depth + 1))  # the methods it calls on the object
     return reads[:room]
+
+
+def modules_reached(roots: list[tuple[str, Any]]) -> list[tuple[str, torch.nn.Module]]:
+    """The modules among ``roots`` (name, value) and among what the user's functions there hold
+    in their cells and read as globals, :data:`_HELPER_DEPTH` calls deep, with the names they are
+    held under (a learned loss that a helper the closure calls applies): for naming what
+    discovery finds behind them."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    todo = [(name, value, 1) for name, value in roots]
+    seen: set[int] = set()
+    while todo:
+        name, value, depth = todo.pop()
+        if id(value) in seen or depth > _HELPER_DEPTH + 1:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.nn.Module):
+            found.append((name, value))
+        elif type(value) is types.FunctionType and not _library(value):
+            code = value.__code__
+            todo += [(n, cell_contents(c), depth + 1) for n, c in zip(code.co_freevars, value.__closure__ or ())]
+            todo += [(n, value.__globals__[n], depth + 1) for n in loaded_globals(code) if n in value.__globals__]
+    return found
 
 
 def cell_contents(cell: Any, empty: Any = None) -> Any:

@@ -204,11 +204,13 @@ def rule_slots(rule: Any, eta: Sequence[torch.Tensor]) -> dict[int, int]:
     return {id(t): k for k, t in enumerate(eta) if id(t) in held_by_rule}
 
 
-def step_size_vjp(new_params: Params, meta: Sequence[torch.Tensor], u: Params,
-                  state: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> list[Optional[torch.Tensor]]:
+def step_size_vjp(new_params: Params, meta: Sequence[torch.Tensor], u: Params, new_state: Optional[State] = None,
+                  state_adjoint: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[Optional[torch.Tensor]]:
     """``uᵀ ∂(new_params)/∂η`` for an update computed with its gradient held constant, by autograd
-    (the graph kept: a step size's own history may be shared), plus ``āᵀ ∂a/∂η`` for each pair
-    ``(a, ā)`` in ``state`` (new state leaves and their adjoints); ``[]`` where nothing depends on η."""
+    (the graph kept: a step size's own history may be shared), plus ``s̄ᵀ ∂(new_state)/∂η`` with
+    ``state_adjoint`` (one entry per leaf, ``None`` for zero); ``[]`` where nothing depends on η."""
+    state = [(leaf, adjoint) for leaf, adjoint in zip(pytree.tree_leaves(new_state), state_adjoint or ())
+             if adjoint is not None and isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     names = [n for n in new_params if new_params[n].requires_grad]
     if not names and not state:
         return []

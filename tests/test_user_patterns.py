@@ -860,3 +860,53 @@ def test_unused_parameters_momentum_weight_decay(name):
     assert_matches(model, expected, ["qhead.weight", "qhead.bias", "unused"])
     if name in ("Full", "Checkpointed"):
         assert_matches(model, expected, [n for n in expected if n != "aux"])
+
+
+# ------------------------------------------------------ learned losses and learned optimizers
+class _LearnedOptimizer:
+    """A learned optimizer: a small network maps each gradient coordinate to its update."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p - 0.1 * self.net(grads[n].reshape(-1, 1)).reshape(p.shape) for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("estimator, compile", [(mg.Checkpointed(), False), (mg.Binomial(3), False),
+                                                (mg.Checkpointed(), True)], ids=repr)
+def test_a_learned_loss_network_and_a_learned_optimizer(estimator, compile):
+    """Meta-parameters held in modules: a learned inner loss (a network the closure calls on the
+    predictions and targets) and a learned optimizer (a network the update rule calls on the
+    gradients), both meta-trained through the block. Their gradients equal a hand unroll's, and
+    ``meta.info`` names each parameter by where it is held."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(13)
+        model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)).to(D)
+        critic = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).to(D)
+        optimizer = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).to(D)
+        x, y, xq, yq = (torch.randn(8, d, dtype=D) for d in (2, 1, 2, 1))
+
+    def inner(out, target):
+        return F.mse_loss(out, target) + F.softplus(critic(torch.cat([out, target], -1))).mean()
+
+    with mg.MetaGradient(model, inner_opt=_LearnedOptimizer(optimizer), estimator=estimator,
+                         compile=compile) as meta:
+        for _ in range(3):
+            meta.step(lambda f: inner(f(x), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    theta = dict(model.named_parameters())
+    phi = dict(theta)
+    for _ in range(3):
+        grads = torch.autograd.grad(inner(functional_call(model, phi, (x,)), y), list(phi.values()), create_graph=True)
+        phi = {n: p - 0.1 * optimizer(g.reshape(-1, 1)).reshape(p.shape) for (n, p), g in zip(phi.items(), grads)}
+    wrt = list(theta.values()) + list(critic.parameters()) + list(optimizer.parameters())
+    want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), wrt)
+    for got, expected in zip(wrt, want):
+        assert rel_err(got.grad, expected) <= RTOL
+    assert sorted(meta.info["meta_parameters"]) == sorted(
+        [f"critic.{n} (in a module the closure calls)" for n, _ in critic.named_parameters()]
+        + [f"net.{n} (update rule)" for n, _ in optimizer.named_parameters()])
