@@ -279,9 +279,13 @@ class Compiler:
         varying = self._prepare(steps, chunk)
         leaves, spec = pytree.tree_flatten(state)
         carry = state_adjoint is not None
-        memo = (first.batch_key(), batched, varying, carry, str(spec), bool(trajectory.rule_meta))
+        # Each number of rows compiles a function of its own (TorchDynamo would recompile one
+        # for each, and after its recompile limit refuse the next: Binomial's levels, blocks and
+        # chunks take many).
+        rows = len(steps) if batched else 0
+        memo = (first.batch_key(), rows, varying, carry, str(spec), bool(trajectory.rule_meta))
         if memo not in self._products:
-            self._products[memo] = self._product_function(trajectory, steps[0], first, leaves, spec, batched, varying,
+            self._products[memo] = self._product_function(trajectory, steps[0], first, leaves, spec, rows, varying,
                                                           carry)
         found = self._products[memo]
         if found is None:
@@ -289,6 +293,7 @@ class Compiler:
         key, compiled, explicit, fixed, varied = found
         eta = [trajectory.meta[i].detach() for i in explicit]
         if batched:
+            u = {n: t.contiguous() for n, t in u.items()}  # (one vector for every row, expanded: compiled as the others)
             nexts = [trajectory.iterate(m + 1) for m in steps]
             params = {n: torch.stack([s.params[n] for s in chunk]) for n in trajectory.theta}
             after = {n: torch.stack([nxt[n] for nxt in nexts]) for n in trajectory.theta}
@@ -431,11 +436,12 @@ class Compiler:
         return found
 
     def _product_function(self, trajectory: Any, m: int, first: Any, leaves: list[Any], spec: Any,
-                          batched: bool, varying: tuple[int, ...], carry: bool,
+                          batched: int, varying: tuple[int, ...], carry: bool,
                           segment: int = 0) -> Optional[tuple[Any, ...]]:
         """The compiled product for steps like ``first`` from the process-wide cache (built
         there if missing): ``(cache key, function, explicit η indices, module tensors, the
-        state leaves carried)``, or ``None`` where it cannot be compiled (``first`` is step m). ``segment``: the
+        state leaves carried)``, or ``None`` where it cannot be compiled (``first`` is step m). ``batched``: the
+        number of steps taken as rows under ``vmap`` (0: one step). ``segment``: the
         function pulls a vector back through that many consecutive steps instead (:meth:`sweep`)."""
         template = first.closure
         assert template is not None
@@ -446,7 +452,7 @@ class Compiler:
             return None  # a Python value in the optimizer state (a step count)
         step_key, explicit, eta_slots, eta_params, fixed = parts
         varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
-        key = (step_key, varying if batched or segment else None, varied, str(spec), segment)
+        key = (step_key, varying if batched or segment else None, varied, str(spec), segment, batched)
         if key in _REFUSED:
             return None
         slots = [slot for slot, _ in template.tensors]
@@ -497,9 +503,9 @@ class Compiler:
             elif batched:
                 dims_captured = [0 if j in varying else None for j in range(len(slots))]
                 function = _checked(torch.func.vmap(row, in_dims=(0, 0, 0, 0, dims_captured, None, None, None, 0)),
-                                    batched)
+                                    bool(batched))
             else:
-                function = _checked(row, batched)
+                function = _checked(row, False)
             compiled = torch.compile(_fresh(function), fullgraph=True, dynamic=False, **self.settings)
             # The key names the captured objects by identity: the entry keeps them alive, so no
             # other object can take their identity while it is cached. Not the captured tensors

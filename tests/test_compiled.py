@@ -990,3 +990,18 @@ def test_a_helpers_global_changed_between_blocks_is_not_kept_by_a_compiled_produ
         assert len(warned) == 1 and "reads a tensor that is not among its inputs" in warned[0], warned
     finally:
         _COEFFICIENT, _MASK = 1.0, torch.ones(HIDDEN, 1, dtype=DT)
+
+
+def test_binomial_levels_blocks_and_chunks_compile_each_row_count_once():
+    """Binomial's vmapped products take as many rows as a level, block or chunk holds, and the
+    numbers differ: each has a compiled function of its own, so none is compiled again for
+    another (TorchDynamo recompiled one function per number of rows and, past its recompile
+    limit, refused the next: after a few estimators in one process the products ran eagerly)."""
+    model = make_model()
+    task = tasks(1, 5, seed=21)[0]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for estimator in (mg.Binomial(order=3, monitor=False), mg.Binomial(order=2, block=3, monitor=False),
+                          mg.Binomial(order=3, chunk_size=2, monitor=False)):
+            eager = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), False, task)
+            compiled = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), True, task)
+            assert relative(compiled, eager) < 1e-10
