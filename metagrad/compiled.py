@@ -194,10 +194,13 @@ class Compiler:
                     if rule is None else
                     f"the step products of this closure with the update rule {rule!r} cannot be compiled "
                     "in one graph, so they run eagerly")
+            cause = ("TorchDynamo compiled this function for as many input shapes as "
+                     "torch._dynamo.config.recompile_limit allows; raising that limit compiles more"
+                     if "RecompileLimit" in type(error).__name__ else
+                     "Python side effects that torch.compile cannot trace (print, .item(), control flow on a "
+                     "tensor's value), an unsupported op, or an update rule torch.compile cannot trace cause this")
             self._deferred[closure_key] = (
-                f"compile=True: {what} ({_REFUSED[key]}). Python side effects that torch.compile cannot "
-                "trace (print, .item(), control flow on a tensor's value), an unsupported op, or an "
-                "update rule torch.compile cannot trace cause this; the meta-gradient is the same.")
+                f"compile=True: {what} ({_REFUSED[key]}). {cause}; the meta-gradient is the same.")
             if not later:
                 self.settle()
 

@@ -1005,3 +1005,17 @@ def test_binomial_levels_blocks_and_chunks_compile_each_row_count_once():
             eager = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), False, task)
             compiled = meta_gradient(model, estimator, mg.optim.SGD(lr=0.05), True, task)
             assert relative(compiled, eager) < 1e-10
+
+
+def test_the_recompile_limit_is_named_where_it_stops_compiling():
+    """A piece refused because TorchDynamo reached its recompile limit says so, not that the
+    closure has side effects torch.compile cannot trace."""
+    model = make_model()
+    batches, xq, yq = tasks(1, 3, seed=23)[0]
+    with torch._dynamo.config.patch(recompile_limit=0), pytest.warns(mg.MetaGradientWarning) as record:
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True) as meta:
+            for x, y in batches:
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    messages = [str(w.message) for w in record]
+    assert any("recompile_limit" in m for m in messages) and not any("side effects" in m for m in messages), messages
