@@ -27,9 +27,28 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .attention import math_attention
 
-__all__ = ["FunctionalModel", "Layout", "RUNNING_STATS"]
+__all__ = ["FastWeights", "FunctionalModel", "Layout", "RUNNING_STATS"]
 
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class FastWeights(dict[str, torch.Tensor]):
+    """A name→tensor dict that refuses changes: :attr:`FunctionalModel.params`. The fast weights
+    are what the inner steps made; a changed copy (``dict(f.params)``) changes nothing else."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the fast weights (f.params) are read-only: the inner steps set them. To evaluate the "
+                        "model at other weights, build a dict, w = dict(f.params), and call "
+                        "torch.func.functional_call(model, w, args)")
+
+    __setitem__ = __delitem__ = pop = popitem = clear = setdefault = __ior__ = _refuse
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Only what each name holds already (``torch.func.functional_call`` writes the weights it
+        swapped in back into the dict it was given); anything else is refused."""
+        if any(name not in self or dict.__getitem__(self, name) is not value
+               for name, value in dict(*args, **kwargs).items()):
+            self._refuse()
 
 
 class FunctionalModel:
@@ -107,10 +126,11 @@ class FunctionalModel:
 
     @property
     def params(self) -> Mapping[str, torch.Tensor]:
-        """The fast weights, as a read-only name→tensor mapping."""
+        """The fast weights, as a read-only name→tensor dict (:class:`FastWeights`: it can be
+        handed to ``torch.func.functional_call(model, f.params, args)``)."""
         if self._guard is not None:
             self._guard()
-        return types.MappingProxyType(self._params)
+        return FastWeights(self._params)
 
     def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Iterate over ``(name, fast weight)`` pairs, like ``nn.Module.named_parameters``."""

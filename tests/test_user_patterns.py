@@ -910,3 +910,25 @@ def test_a_learned_loss_network_and_a_learned_optimizer(estimator, compile):
     assert sorted(meta.info["meta_parameters"]) == sorted(
         [f"critic.{n} (in a module the closure calls)" for n, _ in critic.named_parameters()]
         + [f"net.{n} (update rule)" for n, _ in optimizer.named_parameters()])
+
+
+# ----------------------------------------------------- the fast weights through torch.func
+@pytest.mark.parametrize("estimator, compile", [(mg.Full(), False), (mg.Checkpointed(), False),
+                                                (mg.Binomial(3), False), (mg.Checkpointed(), True)], ids=repr)
+def test_a_closure_that_calls_functional_call_with_the_fast_weights(estimator, compile):
+    """The torch.func idiom, ``functional_call(model, f.params, (x,))``, in the closure and in the
+    query: ``f.params`` is a dict (torch's ``functional_call`` refused the read-only mapping it
+    was), still read-only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(17)
+        model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).to(D)
+        x, y, xq, yq = (torch.randn(8, d, dtype=D) for d in (2, 1, 2, 1))
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator, compile=compile) as meta:
+        for _ in range(3):
+            meta.step(lambda f: F.mse_loss(functional_call(model, f.params, (x,)), y))
+        with pytest.raises(TypeError, match=r"f.params\) are read-only.*dict\(f.params\)"):
+            meta.fmodel.params["0.weight"] = torch.zeros(5, 2, dtype=D)
+        F.mse_loss(functional_call(model, meta.fmodel.params, (xq,)), yq).backward()
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(x), y), lambda fm: F.mse_loss(fm(xq), yq), 3, 0.1,
+                             "Full")
+    assert_matches(model, expected)
