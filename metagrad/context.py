@@ -40,7 +40,7 @@ from .estimators import Estimator, resolve
 from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
-from .replay import relative_tolerance
+from .numerics import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
 from .estimators.base import check_count
 from .tasks import advance_tasks, no_loss_steps, with_batch

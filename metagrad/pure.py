@@ -34,7 +34,8 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .errors import ReplayError
 from .memory import saved_bytes
-from .replay import check_norms, step_norms, tolerance
+from .numerics import tolerance
+from .replay import check_norms, step_norms
 from .snapshots import Schedule
 from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, hyperparameters,

@@ -50,28 +50,11 @@ from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
-           "step_norms", "tolerance", "EtaProbes", "EtaRows", "check_eta", "largest_norms",
+           "step_norms", "EtaProbes", "EtaRows", "check_eta", "largest_norms",
            "many_fingerprints", "EtaRecords"]
 
 
 # ------------------------------------------------------------------------ the check
-def tolerance(dtype: torch.dtype, device: torch.device) -> float:
-    """The default relative tolerance of the replay check for fast weights of ``dtype``.
-
-    A rebuilt step runs the same operations as the step taken, sometimes in other kernels
-    (batched under vmap, another convolution algorithm), so it agrees to a few units of
-    rounding in the gradient. A step that read other data, other random numbers or another
-    flag differs by a sizeable fraction of the step itself.
-    """
-    if dtype == torch.float64:
-        return 1e-7
-    if dtype == torch.float32:
-        tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
-                                          or torch.backends.cudnn.allow_tf32)
-        return 3e-2 if tf32 else 1e-3
-    return 5e-2 if dtype == torch.float16 else 1e-1
-
-
 #: One parameter's rows: a tensor per row, or one tensor with a leading dimension over the rows.
 Rows = Union[Sequence[torch.Tensor], torch.Tensor]
 
@@ -579,18 +562,4 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
         "this estimator needs through it cannot be taken (torch raises, or drops them and the "
         f"meta-gradient is silently the first-order one). {fix}, or use estimator=mg.FirstOrder(), "
         "which needs no second derivative."
-    )
-
-
-def relative_tolerance(check: Any, dtype: torch.dtype, device: torch.device) -> Optional[float]:
-    """The tolerance ``MetaGradient(check_replay=...)`` asks for: ``None`` for no check."""
-    if check is False:
-        return None
-    if check is True:
-        return tolerance(dtype, device)
-    if isinstance(check, (int, float)) and not isinstance(check, bool) and math.isfinite(check) and check > 0:
-        return float(check)
-    raise ValueError(
-        f"check_replay: expected True (the default tolerance), False (no check) or a relative "
-        f"tolerance > 0, got {check!r}."
     )

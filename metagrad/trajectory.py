@@ -45,7 +45,8 @@ from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, RandomState, freeze
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
-from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice, tolerance
+from .numerics import at_precision, tolerance
+from .replay import EtaRecords, check_eta, check_losses, check_step, refuse_twice
 from .snapshots import Schedule
 from .step import (KeptStep, RuleFreezer, StepRecord, autocast_dtype, checked_loss, detached, loss_grads,
                    pull_back)
@@ -79,14 +80,13 @@ class Trajectory(OnTape):
         proximal: λ of a proximal term ``(λ/2)‖φ − θ‖²`` added to every inner step's loss
             (the Implicit estimator's inner problem), or ``None``.
         check_finite: raise if an inner loss is NaN or infinite.
-        replay_rtol: the relative tolerance of the replay check (:func:`metagrad.replay.check_step`)
-            every rebuilt step passes, or ``None`` for no check.
+        replay_rtol: the relative tolerance of the replay check (:func:`metagrad.replay.check_step`),
+            or ``None`` for no check; a default one follows autocast (:func:`~metagrad.replay.at_precision`).
         compiler: computes inner gradients and step products by compiled calls where it can
             (:mod:`metagrad.compiled`), or ``None`` for eager.
-        snapshots: store the iterates (with their optimizer states) only at the snapshots of
-            this schedule (:mod:`metagrad.snapshots`), and recompute the others when a product
-            needs them (:meth:`restore`); ``None`` stores every iterate. Every step's closure,
-            generator states and loss are kept either way.
+        snapshots: store the iterates (with their optimizer states) only at the snapshots of this
+            schedule (:mod:`metagrad.snapshots`), recompute the others when a product needs them
+            (:meth:`restore`); ``None``: every iterate. Closures, generator states, losses: always.
         tasks: T of a block over tasks (:mod:`metagrad.tasks`): the iterates hold T independent
             inner loops along a first dimension, whose products act on each alone; ``None``: one.
     """
@@ -346,10 +346,11 @@ class Trajectory(OnTape):
                 if self.keep is not None:  # its iterate is not kept: the step-size part is this graph
                     self.tape.first_order[k] = new_params
                 new_params, new_state = detached(new_params, new_state)
+        self.replay_rtol = at_precision(self.replay_rtol, precision := autocast_dtype(self.device.type), self.device)
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
-                          autocast=autocast_dtype(self.device.type), graph=graph, alone=alone)
+                          autocast=precision, graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)
         self.tape.append(step, new_params, new_state)

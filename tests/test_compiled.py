@@ -1016,3 +1016,30 @@ def test_the_recompile_limit_is_named_where_it_stops_compiling():
     error = torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
     compiler.refuse(("test piece",), ("test closure", id(messages)), error)
     assert len(messages) == 1 and "recompile_limit" in messages[0] and "side effects" not in messages[0], messages
+
+
+def test_a_loop_under_autocast_passes_the_replay_check():
+    """Inner steps taken under ``torch.autocast`` (bfloat16 here, float16 with AMP on a GPU):
+    the compiled rebuild rounds to bfloat16 in other places than the eager step did, so the
+    default replay tolerance follows the precision the steps computed in (it stayed float32's
+    and raised ReplayError on a correct loop). A tolerance the user gives is kept."""
+    model = make_model(torch.float32, seed=3)
+    g = torch.Generator().manual_seed(29)
+    x, y, xq, yq = (torch.randn(16, 1, generator=g) for _ in range(4))
+
+    def run(compile: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.3), estimator=mg.Checkpointed(), compile=compile) as meta:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for _ in range(5):
+                    meta.step(lambda f: F.mse_loss(f(x).float(), y))
+                loss = F.mse_loss(meta.fmodel(xq).float(), yq)
+            loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    assert relative(run(True), run(False)) < 0.3  # bfloat16 rounding in other places, through a double backward
+    from metagrad.numerics import at_precision, relative_tolerance
+    default = relative_tolerance(True, torch.float32, torch.device("cpu"))
+    assert at_precision(default, torch.bfloat16, torch.device("cpu")) == 1e-1
+    assert at_precision(relative_tolerance(1e-4, torch.float32, torch.device("cpu")), torch.bfloat16,
+                        torch.device("cpu")) == 1e-4
