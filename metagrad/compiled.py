@@ -194,11 +194,10 @@ class Compiler:
                     if rule is None else
                     f"the step products of this closure with the update rule {rule!r} cannot be compiled "
                     "in one graph, so they run eagerly")
-            cause = ("TorchDynamo compiled this function for as many input shapes as "
-                     "torch._dynamo.config.recompile_limit allows; raising that limit compiles more"
-                     if "RecompileLimit" in type(error).__name__ else
-                     "Python side effects that torch.compile cannot trace (print, .item(), control flow on a "
-                     "tensor's value), an unsupported op, or an update rule torch.compile cannot trace cause this")
+            cause = ("TorchDynamo compiled it for as many input shapes as torch._dynamo.config.recompile_limit "
+                     "allows; raising that limit compiles more" if "RecompileLimit" in type(error).__name__ else
+                     "Python side effects that torch.compile cannot trace (print, .item(), control flow on a tensor's "
+                     "value), an unsupported op, or an update rule torch.compile cannot trace cause this")
             self._deferred[closure_key] = (
                 f"compile=True: {what} ({_REFUSED[key]}). {cause}; the meta-gradient is the same.")
             if not later:
@@ -282,10 +281,7 @@ class Compiler:
         varying = self._prepare(steps, chunk)
         leaves, spec = pytree.tree_flatten(state)
         carry = state_adjoint is not None
-        # Each number of rows compiles a function of its own (TorchDynamo would recompile one
-        # for each, and after its recompile limit refuse the next: Binomial's levels, blocks and
-        # chunks take many).
-        rows = len(steps) if batched else 0
+        rows = len(steps) if batched else 0  # a function per count (one would hit the recompile limit)
         memo = (first.batch_key(), rows, varying, carry, str(spec), bool(trajectory.rule_meta))
         if memo not in self._products:
             self._products[memo] = self._product_function(trajectory, steps[0], first, leaves, spec, rows, varying,
@@ -443,9 +439,8 @@ class Compiler:
                           segment: int = 0) -> Optional[tuple[Any, ...]]:
         """The compiled product for steps like ``first`` from the process-wide cache (built
         there if missing): ``(cache key, function, explicit η indices, module tensors, the
-        state leaves carried)``, or ``None`` where it cannot be compiled (``first`` is step m). ``batched``: the
-        number of steps taken as rows under ``vmap`` (0: one step). ``segment``: the
-        function pulls a vector back through that many consecutive steps instead (:meth:`sweep`)."""
+        state leaves carried)``, or ``None`` where it cannot be compiled (``first`` is step m). ``batched``: the rows
+        under ``vmap`` (0: one step); ``segment``: the steps it pulls a vector back through instead (:meth:`sweep`)."""
         template = first.closure
         assert template is not None
         parts = self._step_parts(trajectory, m, first)
