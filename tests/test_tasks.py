@@ -627,3 +627,24 @@ def test_dropout_over_tasks_is_replayed_exactly():
         grads.append(flat([p.grad for p in model.parameters()]))
     for got in grads[1:]:
         assert relative(got, grads[0]) < 1e-10
+
+
+def test_implicit_over_tasks_names_the_tasks_that_stopped_short_beside_the_one_that_diverged():
+    """The Neumann series diverges for one task (‖H‖/λ = 1.12) and converges too slowly for the
+    other's tolerance (0.90: about 4e-10 after 200 terms, against tol=1e-12): the one warning
+    names both, where it named the diverging task only."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 12, 3, generator=g, dtype=DT), torch.randn(2, 3, 12, 1, generator=g, dtype=DT)
+    xq, yq = torch.randn(2, 12, 3, generator=g, dtype=DT), torch.randn(2, 12, 1, generator=g, dtype=DT)
+    w = torch.rand(12, generator=torch.Generator().manual_seed(4), dtype=DT) + 0.5
+    model = torch.nn.Linear(3, 1, bias=False).to(DT)
+    reg = 1.6  # H* of each task: that of its last step's loss (a quadratic), the data's and the decay's
+    ratios = [float(torch.linalg.eigvalsh(x[t, 2].T @ torch.diag(w) @ x[t, 2] / 12).max() + 0.3) / reg for t in (0, 1)]
+    assert 0.85 < ratios[0] < 0.95 and ratios[1] > 1.05, ratios
+    estimator = mg.Implicit(reg=reg, solver="neumann", max_iter=200, tol=1e-12)
+    with pytest.warns(mg.MetaGradientWarning, match=r"diverging \(tasks \[1\]\).*Tasks \[0\] stopped above tol=1e-12"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.3), estimator=estimator, tasks=2) as meta:
+            for k in range(3):
+                meta.step(lambda f, a, b: 0.5 * (w * ((f(a) - b) ** 2).squeeze(-1)).mean()
+                          + 0.15 * (f.params["weight"] ** 2).sum(), x[:, k], y[:, k])
+            F.mse_loss(meta.fmodel(xq), yq).backward()

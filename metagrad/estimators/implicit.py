@@ -129,15 +129,18 @@ class Implicit(Estimator):
         each = [(k, *e) for k, e in enumerate(zip(*(v if isinstance(v, list) else [v] for v in (
             solve.iterations, solve.residual, solve.converged, solve.diverged))))]
         diverged = [e for e in each if e[4]]
-        bad = diverged or [e for e in each if not e[3]]  # one warning: divergence first
+        short = [e for e in each if not e[3] and not e[4]]
+        bad = diverged or short  # one warning: divergence first, the tasks that stopped short named in it
         if bad:
             which = "" if trajectory.tasks is None else f" (tasks {[e[0] for e in bad]})"
             iterations, residual = max(e[1] for e in bad), max(e[2] for e in bad)
+            also = (f" Tasks {[e[0] for e in short]} stopped above tol={self.tol:g}, at relative residual up to "
+                    f"{max(e[2] for e in short):.3g}." if diverged and short else "")
             warn(
                 f"Implicit: the Neumann series is diverging{which} (its terms grew after {iterations} "
                 f"products): ‖H‖/λ is too large for reg={self.reg}. The best partial sum, with "
                 f"relative residual {residual:.3g}, is used. Increase reg above ‖H‖, or use "
-                "solver='cg'." if diverged else
+                f"solver='cg'.{also}" if diverged else
                 f"Implicit: the {self.solver} solve stopped{which} at relative residual "
                 f"{residual:.3g} after {iterations} iterations, above tol={self.tol:g}. "
                 "Raise max_iter, loosen tol, or increase reg."
