@@ -249,7 +249,7 @@ class Trajectory(OnTape):
         if seen is None and probe is not None and self.compiler is not None and frozen is not None:
             seen = _first_task_seen(self, probe, frozen, rng)
         if self.compiler is not None and frozen is not None and seen is not None and not seen.once \
-                and not seen.random and not seen.made:
+                and not seen.random and not seen.made and not seen.nested:  # (a block inside: never compiles)
             out = self.compiler.inner_grad(self, closure, frozen.structure, params, seen.used)
             if out is not None and rng is not None:
                 drew = rng.changed()

@@ -1261,3 +1261,25 @@ def test_a_rule_whose_state_is_computed_from_its_own_meta_parameter(estimator, c
     wrt = list(theta.values()) + list(lr.values()) + [mu]
     want = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), wrt)
     close(grads_of(wrt), want)
+
+
+def test_an_outer_block_compiled_around_nested_blocks_is_exact_without_a_warning():
+    """``compile=True`` on the outer block of a meta-meta-gradient: its steps open blocks of their
+    own, which TorchDynamo cannot trace, so they run eagerly from the start (they were tried,
+    failed, and warned about side effects the closure does not have)."""
+    net, hyper, batch = nested_problem(3)
+    want = double_unroll(net, hyper, batch)
+    x, y, xv, yv, xo, yo = batch
+
+    def meta_loss(fh, xq, yq):
+        w = torch.sigmoid(fh(x)).squeeze(-1)
+        with mg.MetaGradient(net, mg.optim.SGD(lr=A_IN), estimator=mg.Checkpointed()) as inner:
+            for _ in range(K_IN):
+                inner.step(lambda f: (w * ((f(x) - y) ** 2).squeeze(-1)).mean())
+            return F.mse_loss(inner.fmodel(xq), yq)
+
+    with mg.MetaGradient(hyper, mg.optim.SGD(lr=A_OUT), estimator=mg.Checkpointed(), compile=True) as outer:
+        for _ in range(J_OUT):
+            outer.step(lambda fh: meta_loss(fh, xv, yv))
+        meta_loss(outer.fmodel, xo, yo).backward()
+    close(grads_of(list(hyper.parameters()) + list(net.parameters())), want)
