@@ -92,6 +92,13 @@ def _check_learning_rate(lr: Any) -> LearningRate:
     """Validate ``lr``: a step size, or a mapping name → step size."""
     if isinstance(lr, Mapping):
         return {name: _check_step_size(value, f"lr[{name!r}]") for name, value in lr.items()}
+    if isinstance(lr, (torch.nn.ParameterDict, torch.nn.ParameterList)):
+        build = ("{n: lrs[n.replace('.', '_')] for n, _ in model.named_parameters()}" if isinstance(lr, torch.nn.ParameterDict)
+                 else "dict(zip([n for n, _ in model.named_parameters()], lrs))")
+        raise TypeError(
+            f"lr: got an nn.{type(lr).__name__}. Per-parameter step sizes are a dict keyed like "
+            f"model.named_parameters() ('0.weight', ...); pass {build}, whose tensors stay the module's "
+            "and are learned as meta-parameters.")
     return _check_step_size(lr, "lr")
 
 
@@ -496,8 +503,9 @@ def _check_step_size(value: Any, argument: str) -> float | torch.Tensor:
                 raise ValueError(f"{argument}: step sizes must be >= 0, got {value}.")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        also = ", or a mapping parameter name → step size" if argument == "lr" else ""
         raise TypeError(
-            f"{argument}: expected a finite float >= 0 or a tensor, got {type(value).__name__} {value!r}."
+            f"{argument}: expected a finite float >= 0 or a tensor{also}, got {type(value).__name__} {value!r}."
         )
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument}: expected a finite float >= 0, got {value!r}.")

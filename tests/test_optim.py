@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -143,6 +144,26 @@ def assert_is_p_minus_lr_g(new, p, lr, g):
 def test_bad_lr(lr, error):
     with pytest.raises(error, match="lr"):
         mg.optim.SGD(lr=lr)
+
+
+@pytest.mark.parametrize("holder", ["ParameterDict", "ParameterList"])
+def test_step_sizes_held_in_a_parameter_container_are_refused_with_the_dict_to_build(holder):
+    """Meta-SGD code often keeps its step sizes in an ``nn.ParameterDict`` (keys without dots) or an
+    ``nn.ParameterList``; the error shows the dict keyed like ``named_parameters()`` to pass."""
+    model = torch.nn.Linear(2, 1)
+    if holder == "ParameterDict":
+        lrs = torch.nn.ParameterDict({n.replace(".", "_"): torch.nn.Parameter(torch.full_like(p, 0.1))
+                                      for n, p in model.named_parameters()})
+        build = "{n: lrs[n.replace('.', '_')] for n, _ in model.named_parameters()}"
+    else:
+        lrs = torch.nn.ParameterList([torch.nn.Parameter(torch.full_like(p, 0.1)) for p in model.parameters()])
+        build = "dict(zip([n for n, _ in model.named_parameters()], lrs))"
+    with pytest.raises(TypeError, match=rf"lr: got an nn.{holder}.*pass {re.escape(build)}"):
+        mg.optim.SGD(lr=lrs)
+    names = [n for n, _ in model.named_parameters()]
+    built = eval(build, {"model": model, "lrs": lrs})  # the code the error shows, as written
+    assert set(built) == set(names) and all(isinstance(t, torch.nn.Parameter) for t in built.values())
+    mg.optim.SGD(lr=built).init(dict(model.named_parameters()))
 
 
 @pytest.mark.parametrize("value,error", [
