@@ -81,7 +81,7 @@ class Trajectory(OnTape):
             (the Implicit estimator's inner problem), or ``None``.
         check_finite: raise if an inner loss is NaN or infinite.
         replay_rtol: the relative tolerance of the replay check (:func:`metagrad.replay.check_step`),
-            or ``None`` for no check; a default one follows autocast (:func:`~metagrad.replay.at_precision`).
+            or ``None`` for no check; a default one follows autocast (:func:`~metagrad.numerics.at_precision`).
         compiler: computes inner gradients and step products by compiled calls where it can
             (:mod:`metagrad.compiled`), or ``None`` for eager.
         snapshots: store the iterates (with their optimizer states) only at the snapshots of this

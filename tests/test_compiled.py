@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import metagrad as mg
 import metagrad.compiled as compiled_cache
+from metagrad.numerics import at_precision, relative_tolerance
 
 DT = torch.float64
 HIDDEN = 8
@@ -1038,7 +1039,6 @@ def test_a_loop_under_autocast_passes_the_replay_check():
         return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
     assert relative(run(True), run(False)) < 0.3  # bfloat16 rounding in other places, through a double backward
-    from metagrad.numerics import at_precision, relative_tolerance
     default = relative_tolerance(True, torch.float32, torch.device("cpu"))
     assert at_precision(default, torch.bfloat16, torch.device("cpu")) == 1e-1
     assert at_precision(relative_tolerance(1e-4, torch.float32, torch.device("cpu")), torch.bfloat16,
