@@ -207,7 +207,7 @@ class Batched:
                     f"{type(error).__name__}: {error}. It ran at those steps in the inner loop, so it "
                     "reads something that has changed since (an iterator read with next() inside the "
                     "closure). Compute each step's data outside the closure and capture it, or use "
-                    "estimator=mg.Full(), which does not rebuild steps."
+                    "estimator=mg.Full(), which without compile=True does not rebuild steps."
                 ) from error
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "

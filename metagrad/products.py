@@ -393,7 +393,7 @@ class Products:
                 f"{error}. It ran at that step in the inner loop, so it reads something that has "
                 "changed since (an iterator read with next() inside the closure is exhausted, an "
                 "object's state moved on). Compute each step's data outside the closure and capture "
-                "it, or use estimator=mg.Full(), which does not rebuild steps."
+                "it, or use estimator=mg.Full(), which without compile=True does not rebuild steps."
             ) from error
 
     def graph_bytes(self, m: int) -> int:

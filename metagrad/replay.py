@@ -374,7 +374,7 @@ def check_reads(steps: Sequence[int], closures: Sequence[Optional[Frozen]], reas
                 f"taken and cannot be set back for the rebuild: {listed}. {reason} Give each step its own "
                 "tensor (mask = mask * 2, not mask.mul_(2)), or capture it in the closure itself (mask = "
                 "cfg.mask; meta.step(lambda f: loss(f) + wd * (mask * penalty(f)).sum())), or use "
-                "estimator=mg.Full(), which does not rebuild steps.")
+                "estimator=mg.Full(), which without compile=True does not rebuild steps.")
 
 
 def _listed(changed: Sequence[tuple[str, Any, Any]]) -> str:
@@ -447,7 +447,7 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
             "a generator passed explicitly, a non-deterministic kernel, or Python state in the update rule (such "
             f"as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
             "data outside the closure and capture it (xb, yb = next(it); meta.step(lambda f: "
-            "loss(f(xb), yb))), or use estimator=mg.Full(), which does not rebuild steps.")
+            "loss(f(xb), yb))), or use estimator=mg.Full(), which without compile=True does not rebuild steps.")
     if frozen is not None and frozen.compiled is not None:
         what = ("its step product was computed by a function compiled with compile=True, traced "
                 "from the closure once" if frozen.compiled == "product" else
@@ -479,7 +479,7 @@ def _causes(frozen: Frozen) -> list[str]:
             f"The closure reads values through an object it captures, which are not frozen with the "
             f"step: {listed}. Read each into a local before meta.step, so that each step keeps its "
             f"own (temp = cfg.temp; meta.step(lambda f: loss(f) * temp)), or use estimator=mg.Full(), "
-            f"which does not rebuild steps.")
+            f"which without compile=True does not rebuild steps.")
     if frozen.written is not None:
         causes.append(_written(*frozen.written))
     state = frozen.replayed
@@ -496,7 +496,7 @@ def _causes(frozen: Frozen) -> list[str]:
             "thread interleaves with cannot be replayed. To fix it, run the MetaGradient blocks "
             "that draw random numbers in one thread; or, in each thread, draw the step's random "
             "tensors (dropout masks, augmented batches) outside the closure from a torch.Generator "
-            "of its own and capture them; or use estimator=mg.Full(), which does not rebuild steps.")
+            "of its own and capture them; or use estimator=mg.Full(), which without compile=True does not rebuild steps.")
     if causes and frozen.modified():
         causes.append(f"The closure's captured tensors {frozen.modified()} were also modified in place "
                       "after this step: give each step its own tensor (x = x + noise, not x.add_(noise)).")
@@ -535,7 +535,7 @@ def _written(module: torch.nn.Module, names: list[str]) -> str:
     else:
         text += (" A forward hook or the module's forward writes them at every call: hold them fixed "
                  "during the inner loop (eval mode, or the module's own switch), or use "
-                 "estimator=mg.Full(), which does not rebuild steps.")
+                 "estimator=mg.Full(), which without compile=True does not rebuild steps.")
     return text
 
 
