@@ -54,7 +54,16 @@ class SGD:
     #: run again gives the same update: ``mg.functional.meta_grad`` need not check it.
     pure_step = True
 
-    def __init__(self, lr: LearningRate) -> None:
+    def __init__(self, lr: LearningRate, **torch_options: Any) -> None:
+        if torch_options:
+            given = ", ".join(f"{name}={value!r}" for name, value in torch_options.items())
+            known = set(torch_options) <= {"momentum", "dampening", "nesterov", "weight_decay"}
+            raise TypeError(
+                f"SGD: got {given}; mg.optim.SGD takes only lr (plain gradient descent). "
+                + ("torch.optim.SGD's momentum, dampening, nesterov and weight_decay are "
+                   "mg.optim.Momentum's: mg.optim.Momentum(lr=..., momentum=0.9, weight_decay=...) "
+                   "(momentum=0 for a plain step with weight decay)." if known else
+                   "Pass the step size as SGD(lr=0.1), or a dict from parameter name to step size."))
         self.lr = _check_learning_rate(lr)
 
     def __repr__(self) -> str:

@@ -166,6 +166,33 @@ def test_step_sizes_held_in_a_parameter_container_are_refused_with_the_dict_to_b
     mg.optim.SGD(lr=built).init(dict(model.named_parameters()))
 
 
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"weight_decay": 1e-2}, {"momentum": 0.9, "nesterov": True}])
+def test_torch_optim_sgd_options_are_refused_with_the_rule_that_takes_them(options):
+    """``mg.optim.SGD(lr=0.1, momentum=0.9)``, written as for ``torch.optim.SGD``, names
+    ``mg.optim.Momentum``, which takes those options and steps as ``torch.optim.SGD`` does."""
+    with pytest.raises(TypeError, match=r"SGD: got .*mg\.optim\.Momentum\(lr=\.\.\., momentum=0\.9") as info:
+        mg.optim.SGD(lr=0.1, **options)
+    for name, value in options.items():
+        assert f"{name}={value!r}" in str(info.value)
+    params, grads = params_and_grads()
+    rule = mg.optim.Momentum(lr=0.1, **{"momentum": 0.0, **options})
+    weights = {n: p.clone().requires_grad_() for n, p in params.items()}
+    opt = torch.optim.SGD(list(weights.values()), lr=0.1, **options)
+    phi, state = dict(params), rule.init(params)
+    for _ in range(3):
+        for n, w in weights.items():
+            w.grad = grads[n].clone()
+        opt.step()
+        phi, state = rule.step(phi, grads, state)
+    for n in params:
+        torch.testing.assert_close(phi[n], weights[n].detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_sgd_option_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"SGD: got betas=\(0\.9, 0\.99\); mg\.optim\.SGD takes only lr"):
+        mg.optim.SGD(lr=0.1, betas=(0.9, 0.99))
+
+
 @pytest.mark.parametrize("value,error", [
     (float("nan"), ValueError),
     (math.inf, ValueError),
