@@ -932,3 +932,43 @@ def test_a_closure_that_calls_functional_call_with_the_fast_weights(estimator, c
     expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(x), y), lambda fm: F.mse_loss(fm(xq), yq), 3, 0.1,
                              "Full")
     assert_matches(model, expected)
+
+
+# ------------------------------------------- a query over every iterate (MAML++'s multi-step loss)
+@pytest.mark.parametrize("name", [n for n in ALL if restart(n) is None])
+def test_a_query_over_every_iterate_by_weights_at(name):
+    """MAML++'s multi-step loss, ``Σ_k w_k L_q(φ_k)`` with ``meta.weights_at(k)``, an estimator
+    whose order or depth is K: each φ_k is differentiated through its k steps, exactly, without
+    the warning that the order exceeds K (each earlier iterate has fewer steps than the order; the
+    block has K). Against a hand unroll that sums the same losses."""
+    K, lr, weights = 4, 0.1, [0.1, 0.2, 0.3, 0.4, 1.0]
+    model = mlp(2, 5, seed=3)
+    batches, xq, yq = data(3, 2, 6, K)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    phi, total = dict(theta), weights[0] * F.mse_loss(functional(model, theta)(xq), yq)
+    for k in range(K):
+        loss = F.mse_loss(functional(model, phi)(batches[k][0]), batches[k][1])
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: t - lr * g for (n, t), g in zip(phi.items(), grads)}
+        total = total + weights[k + 1] * F.mse_loss(functional(model, phi)(xq), yq)
+    expected = dict(zip(theta, torch.autograd.grad(total, list(theta.values()))))
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches:
+            meta.step(lambda f: F.mse_loss(f(xb), yb))
+        sum(w * F.mse_loss(functional_call(model, meta.weights_at(k), (xq,)), yq)
+            for k, w in enumerate(weights)).backward()
+    assert_matches(model, expected)
+
+
+@pytest.mark.parametrize("make, text", [(lambda: mg.Binomial(order=5), "Binomial: order=5"),
+                                        (lambda: mg.Truncated(5), "Truncated: steps=5")])
+def test_an_order_beyond_the_steps_taken_warns_once_naming_k(make, text):
+    model = mlp(2, 5, seed=3)
+    batches, xq, yq = data(3, 2, 6, 3)
+    with pytest.warns(mg.MetaGradientWarning, match=rf"{re.escape(text)} exceeds the number of inner steps K=3") as caught:
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=make()) as meta:
+            for xb, yb in batches:
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert len([w for w in caught if "exceeds" in str(w.message)]) == 1
+    assert_matches_mse_loop(model, batches, xq, yq, 3, 0.1, "Full")

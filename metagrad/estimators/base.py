@@ -244,14 +244,17 @@ def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = F
     return value
 
 
-def clamp_to_steps(value: int, steps: int, what: str, name: str) -> int:
-    """Clamp an order or step count to K, warning that every step is then differentiated."""
+def clamp_to_steps(value: int, steps: int, taken: int, what: str, name: str) -> int:
+    """Clamp an order or step count to the ``steps`` differentiated through, warning that every
+    step is then differentiated where it exceeds the block's ``taken`` steps K (not where a
+    query reads an earlier iterate, ``meta.weights_at(k)``, whose k steps it covers exactly)."""
     if value <= steps:
         return value
-    warn(
-        f"{what}: {name}={value} exceeds the number of inner steps K={steps}; using {name}={steps}, "
-        f"which differentiates through every inner step (the exact meta-gradient with plain gradient "
-        f"descent; with momentum or Adam the optimizer state is held constant in each step). Pass "
-        f"{name} <= K to silence this warning."
-    )
+    if value > taken:
+        warn(
+            f"{what}: {name}={value} exceeds the number of inner steps K={taken}; using {name}={taken}, "
+            f"which differentiates through every inner step (the exact meta-gradient with plain gradient "
+            f"descent; with momentum or Adam the optimizer state is held constant in each step). Pass "
+            f"{name} <= K to silence this warning."
+        )
     return steps

@@ -313,7 +313,7 @@ class Binomial(Estimator):
             return self._auto(trajectory, steps, v, chunk, task)
         fixed, block = self.order, self.block
         assert isinstance(fixed, int) and not isinstance(block, str)  # block="auto" needs order="auto"
-        order = clamp_to_steps(fixed, steps, "Binomial", "order")
+        order = clamp_to_steps(fixed, steps, trajectory.length, "Binomial", "order")
         tasks = trajectory.tasks if self.monitor else None  # over tasks, each is judged on its own
         u, meta, products, spans, block_norms = expand(
             trajectory, steps, v, order, block, chunk,

@@ -38,7 +38,7 @@ class Truncated(Estimator):
 
     def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        kept = clamp_to_steps(self.steps, steps, "Truncated", "steps")
+        kept = clamp_to_steps(self.steps, steps, trajectory.length, "Truncated", "steps")
         u, meta, _ = sweep_back(trajectory, steps - kept, steps, dict(v))  # the optimizer state held constant
         for m in range(steps - kept):  # earlier steps: their gradients are constants
             _, grads, _ = trajectory.vjp(m, u, second_order=False)
