@@ -101,12 +101,15 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
         return trajectory.advance(live, rule, frozen=frozen, parts=True,
                                   probe=functools.partial(_first_task, closure, list(batch)))
     except RuntimeError as error:
-        if not any(word in str(error) for word in ("vmap", "Batching rule", "functorch transform")):
-            raise  # (not one of vmap's: an op it has no rule for, requires_grad_ inside it)
+        if not any(word in str(error) for word in ("vmap", "Batching rule", "functorch transform",
+                                                   "doesn't have storage")):
+            raise  # (not one of vmap's: an op it has no rule for, requires_grad_ inside it, .numpy() on a slice)
+        said = str(error).strip()
+        said += "" if said.endswith(".") else "."
         raise ValueError(
             f"closure: a block over tasks={tasks} calls the closure once per task under "
-            f"torch.func.vmap, and it cannot run there: {error} Rewrite that part with tensor "
-            "operations (no .item(), no Python branch on a tensor's value, no op without a batching "
+            f"torch.func.vmap, and it cannot run there: {said} Rewrite that part with tensor "
+            "operations (no .item() or .numpy(), no Python branch on a tensor's value, no op without a batching "
             "rule; a derivative inside the closure by torch.func.grad, not requires_grad_ and "
             "torch.autograd.grad), or run each task in its own block (MetaGradient without tasks=).") from error
 

@@ -221,20 +221,27 @@ def test_a_batch_tensor_without_the_task_dimension_is_refused_and_nothing_is_los
     assert all(p.grad is None for p in model.parameters())
 
 
+def _branches_on_item(f, x, y):
+    loss = F.mse_loss(f(x), y)
+    if loss.item() > 100:  # a Python branch on a tensor's value
+        loss = loss / 2
+    return loss
+
+
+def _reads_numpy(f, x, y):
+    return F.mse_loss(f(x), y) * float(x.numpy().std())  # a NumPy value of the batch (torch's says "storage")
+
+
+@pytest.mark.parametrize("closure", [_branches_on_item, _reads_numpy], ids=["item", "numpy"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile=True"])
-def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do(compile):
+def test_a_closure_that_cannot_run_under_vmap_is_named_with_what_to_do(compile, closure):
     """The error alone: with compile=True, no warning that the step could not be compiled comes
     before it (warnings are errors here)."""
     model = make_model(8)
     xs, ys, _, _ = data(2, 1, seed=12)
 
-    def closure(f, x, y):
-        loss = F.mse_loss(f(x), y)
-        if loss.item() > 100:  # a Python branch on a tensor's value
-            loss = loss / 2
-        return loss
-
-    with pytest.raises(ValueError, match=r"closure: a block over tasks=2 .* torch.func.vmap.*MetaGradient without tasks="):
+    with pytest.raises(ValueError, match=r"closure: a block over tasks=2 .* torch.func.vmap, and it cannot run "
+                                         r"there: [^\n]*\. Rewrite .*\.numpy\(\).*MetaGradient without tasks="):
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=2,
                              compile=compile) as meta:
             meta.step(closure, xs[:, 0], ys[:, 0])
