@@ -7,6 +7,8 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -149,6 +151,8 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
                         f"{type(loss_fn).__name__}.")
+    if not torch.compiler.is_compiling():  # (TorchDynamo does not trace inspect.signature)
+        _check_arity(loss_fn, meta is not None)
     _check_params(params)
     inner_opt = as_update_rule(inner_opt, model=False)
     check_count(steps, "steps", minimum=0)
@@ -235,8 +239,14 @@ class TaskLoss:
     def __call__(self, batch: Any) -> Callable[[dict[str, torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]:
         def one(phi: dict[str, torch.Tensor], batch: Any, e: Sequence[torch.Tensor]) -> torch.Tensor:
             if not self.with_meta:
-                return self.loss_fn(phi, batch)
-            return self.loss_fn(phi, batch, pytree.tree_unflatten(list(e), self.spec))
+                value = self.loss_fn(phi, batch)
+            else:
+                value = self.loss_fn(phi, batch, pytree.tree_unflatten(list(e), self.spec))
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                got = (f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__)
+                raise ValueError(f"loss_fn: must return a scalar (0-dim) tensor loss, got {got}; reduce it "
+                                 "with .mean() or .sum().")
+            return value
 
         if self.tasks is None:
             return lambda phi, e: one(phi, batch, e)
@@ -249,6 +259,24 @@ def _report(info: Optional[dict[str, Any]], estimator: Any, report: dict[str, An
     if info is not None:
         info.clear()
         info.update({"estimator": repr(estimator), **report})
+
+
+def _check_arity(loss_fn: Callable[..., torch.Tensor], with_meta: bool) -> None:
+    """``loss_fn`` takes the arguments it will be called with: ``(params, batch)``, or
+    ``(params, batch, meta)`` with ``meta`` (where its signature can be read)."""
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin or an object without one: its own call says
+        return
+    try:
+        signature.bind(*range(3 if with_meta else 2))
+    except TypeError:
+        called = "loss_fn(params, batch, meta)" if with_meta else "loss_fn(params, batch)"
+        raise TypeError(
+            f"loss_fn: it is called as {called}, {'since meta= is given' if with_meta else 'without meta='}, "
+            f"but its signature is {loss_fn.__name__ if hasattr(loss_fn, '__name__') else type(loss_fn).__name__}"
+            f"{signature}. " + ("Add a third argument for the meta-parameters (the structure of meta)."
+                                if with_meta else "Pass meta= for a third argument, or drop it.")) from None
 
 
 def _detached(leaf: Any) -> Any:

@@ -255,6 +255,31 @@ def test_bad_steps_raise():
         mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=2.0)
 
 
+def test_a_loss_fn_that_takes_other_arguments_than_it_is_called_with_is_named():
+    """``meta=`` makes the call ``loss_fn(params, batch, meta)``: a two-argument loss is refused
+    with its signature and what to add, before any step; so is a third argument without ``meta``."""
+    with pytest.raises(TypeError, match=r"loss_fn: it is called as loss_fn\(params, batch, meta\), since meta= "
+                                        r"is given, but its signature is loss_fn\(params, data\)\. Add a third"):
+        mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                meta={"wd": torch.tensor(0.1, dtype=DT)})
+    with pytest.raises(TypeError, match=r"loss_fn: it is called as loss_fn\(params, batch\), without meta=.*"
+                                        r"Pass meta="):
+        mg.functional.meta_grad(lambda p, b, m: loss_fn(p, b), theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](),
+                                steps=K)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_a_loss_fn_that_returns_per_example_losses_is_refused_with_what_to_do(estimator):
+    def per_example(params, data):
+        x, y = data
+        return (functional_call(MODEL, params, (x,)) - y) ** 2
+
+    with pytest.raises(ValueError, match=r"loss_fn: must return a scalar \(0-dim\) tensor loss, got shape "
+                                         r"\(8, 1\); reduce it with \.mean\(\) or \.sum\(\)"):
+        mg.functional.meta_grad(per_example, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                estimator=estimator)
+
+
 def test_mse_loss_works_under_vmap_with_chunk_size_1():
     """F.mse_loss under vmap of meta_grad: Checkpointed (no inner vmap) and Binomial with
     chunk_size=1 (one product at a time) equal the per-task loop."""
