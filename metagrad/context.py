@@ -43,7 +43,7 @@ from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .numerics import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
 from .estimators.base import check_count
-from .tasks import advance_tasks, no_loss_steps, with_batch
+from .tasks import no_loss_steps, take_step
 from .query import attached, warn_if_plain
 from .trajectory import Closure, Trajectory, second_order
 
@@ -328,12 +328,7 @@ class MetaGradient:
             )
         if rule is not None:
             check_update_rule(rule, "rule")
-        trajectory = self._open_trajectory()
-        if self.tasks is None:
-            live, frozen = with_batch(closure, batch, None) if batch else (closure, None)
-            loss = trajectory.advance(live, rule, frozen=frozen)
-        else:
-            loss = advance_tasks(trajectory, closure, batch, rule, self.tasks)
+        loss = take_step(self._open_trajectory(), closure, batch, rule, self.tasks)
         self._fmodel = None
         return loss
 

@@ -20,6 +20,7 @@ mini-batch per step find what the last step found.
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -30,7 +31,7 @@ from torch.utils import _pytree as pytree
 from .fmodel import FunctionalModel, unstacked
 from .frozen import Frozen, freeze
 
-__all__ = ["with_batch", "check_batch", "advance_tasks", "check_rule", "no_loss_steps"]
+__all__ = ["take_step", "with_batch", "check_batch", "advance_tasks", "check_rule", "no_loss_steps"]
 
 
 def with_batch(closure: Callable[..., Any], batch: Sequence[Any], tasks: Optional[int]
@@ -86,6 +87,48 @@ def _first_task(function: Callable[..., Any], batch: list[Any], fmodel: Function
     batch tensor that requires grad is reached through them), for
     :func:`metagrad.trajectory._first_task_seen`."""
     return function(fmodel, *[b[0] if isinstance(b, torch.Tensor) else b for b in batch])
+
+
+def take_step(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,
+              tasks: Optional[int]) -> torch.Tensor:
+    """``meta.step(closure, *batch, rule=rule)``: one inner step, of one task or of ``tasks``
+    (:func:`advance_tasks`); a closure whose signature cannot take ``(fmodel, *batch)`` is
+    named with what it is called with."""
+    try:
+        if tasks is None:
+            live, frozen = with_batch(closure, batch, None) if batch else (closure, None)
+            return trajectory.advance(live, rule, frozen=frozen)
+        return advance_tasks(trajectory, closure, batch, rule, tasks)
+    except TypeError as error:
+        _refuse_misfit(closure, len(batch), tasks, error)
+        raise
+
+
+def _refuse_misfit(closure: Callable[..., Any], count: int, tasks: Optional[int], error: TypeError) -> None:
+    """Raise where ``closure``'s signature cannot take ``(fmodel, *batch)`` with ``count`` batch
+    values (the ``TypeError`` of its call, ``error``, then came from that); return where it can
+    or cannot be read (the error came from inside it)."""
+    try:
+        signature = inspect.signature(closure)
+    except (TypeError, ValueError):  # no signature to read
+        return
+    try:
+        signature.bind(None, *range(count))
+        return
+    except TypeError:
+        pass
+    try:
+        signature.bind_partial(None, *range(count))
+        advice = (f"Pass its batch after the closure, meta.step(closure, x_s, y_s)"
+                  + (f", each tensor with a first dimension of {tasks} (one slice per task)." if tasks else "."))
+    except TypeError:  # it takes fewer
+        advice = ("Take them as arguments after fmodel, meta.step(lambda f, x, y: loss(f(x), y), x_s, y_s)"
+                  + (", each task gets its own slices," if tasks else ",") + " or capture them and pass none.")
+    given = ("no batch values (none passed after the closure)" if count == 0 else
+             f"the {count} batch value(s) passed after the closure" + (" (each task's slices)" if tasks else ""))
+    name = getattr(closure, "__qualname__", type(closure).__name__)
+    raise TypeError(f"closure: meta.step calls closure(fmodel, *batch), here with {given}, but its signature "
+                    f"is {name}{signature}. {advice}") from error
 
 
 def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,

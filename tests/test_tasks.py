@@ -221,6 +221,39 @@ def test_a_batch_tensor_without_the_task_dimension_is_refused_and_nothing_is_los
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("tasks, closure, passed, text", [
+    (2, lambda f: F.mse_loss(f(torch.zeros(5, 1, dtype=DT)), torch.zeros(5, 1, dtype=DT)), True,
+     r"here with the 2 batch value\(s\) passed after the closure \(each task's slices\), but its signature is "
+     r".*<lambda>\(f\)\. Take them as arguments after fmodel"),
+    (2, lambda f, x, y: F.mse_loss(f(x), y), False,
+     r"here with no batch values \(none passed after the closure\), but its signature is .*<lambda>\(f, x, y\)\. "
+     r"Pass its batch after the closure, meta.step\(closure, x_s, y_s\), each tensor with a first dimension of 2"),
+    (None, lambda f, x: F.mse_loss(f(x), x.sum(1, keepdim=True)), False,
+     r"here with no batch values .*<lambda>\(f, x\)\. Pass its batch after the closure, meta.step\(closure, x_s, y_s\)\.$"),
+], ids=["tasks, too many", "tasks, too few", "one task, too few"])
+def test_a_closure_whose_signature_does_not_take_the_batch_is_named_with_the_call(tasks, closure, passed, text):
+    """``meta.step(closure, *batch)`` calls ``closure(fmodel, *batch)``: a closure that cannot take
+    what is passed is named with its signature and the call to write (not Python's "takes 1
+    positional argument but 3 were given"), and the model is left as it was."""
+    model = make_model(8)
+    xs, ys, _, _ = data(2, 1, seed=12)
+    params = [p.detach().clone() for p in model.parameters()]
+    batch = (xs[:, 0], ys[:, 0]) if passed else ()
+    with pytest.raises(TypeError, match="closure: meta.step calls closure\\(fmodel, \\*batch\\), " + text):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=tasks) as meta:
+            meta.step(closure, *batch)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_type_error_inside_the_closure_is_the_closures_own():
+    model = make_model(8)
+    xs, ys, _, _ = data(2, 1, seed=12)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), tasks=2) as meta:
+            meta.step(lambda f, x, y: F.mse_loss(f(x), y) + (None + 1), xs[:, 0], ys[:, 0])
+
+
 def _branches_on_item(f, x, y):
     loss = F.mse_loss(f(x), y)
     if loss.item() > 100:  # a Python branch on a tensor's value
