@@ -8,7 +8,6 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
