@@ -439,7 +439,9 @@ class MetaGradient:
         if not self._active:
             raise RuntimeError(
                 "meta.fmodel/meta.step: this MetaGradient block has ended (or was never "
-                "entered). Use them inside `with mg.MetaGradient(...) as meta:`."
+                "entered). Use them inside `with mg.MetaGradient(...) as meta:`; to use the adapted "
+                "model after the block, take meta.fmodel.to_module() (a copy of the module at the fast "
+                "weights, detached) or meta.fmodel.state_dict() inside it."
             )
 
     def __repr__(self) -> str:

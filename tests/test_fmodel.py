@@ -136,6 +136,11 @@ def test_after_the_block_it_raises_clearly():
     with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed()) as meta:
         meta.step(lambda f: F.mse_loss(f(x), y))
         fmodel = meta.fmodel
+        kept = fmodel.to_module()
+    with pytest.raises(RuntimeError, match=r"block has ended.*take meta\.fmodel\.to_module\(\)"):
+        fmodel(x)
+    assert kept(x).shape == (len(x), 2)  # what the error points to runs after the block, at φ_1
+    assert not torch.equal(kept.last.weight, net.last.weight.detach())
     with pytest.raises(RuntimeError, match="block has ended"):
         fmodel.state_dict()
     with pytest.raises(RuntimeError, match="block has ended"):
