@@ -972,3 +972,30 @@ def test_an_order_beyond_the_steps_taken_warns_once_naming_k(make, text):
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert len([w for w in caught if "exceeds" in str(w.message)]) == 1
     assert_matches_mse_loop(model, batches, xq, yq, 3, 0.1, "Full")
+
+
+# ------------------------------------------ a penalty on θ back-propagated beside the query
+@pytest.mark.parametrize("name", ["Full", "Checkpointed", "Binomial(K)"])
+def test_a_penalty_on_theta_backpropagated_after_the_query_is_added_without_a_warning(name):
+    """``query.backward()`` then ``(λ‖θ‖²).backward()`` in the block: θ's ``.grad`` is the
+    meta-gradient plus the penalty's gradient, and the penalty's backward, which reaches θ but
+    not the inner loop, is not taken for a query built from the model itself (warnings are errors
+    here). The same backward before any through the inner loop still warns."""
+    K, lr, lam = 3, 0.1, 1e-2
+    model = mlp(2, 5, seed=4)
+    batches, xq, yq = data(4, 2, 6, K)
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(batches[k][0]), batches[k][1]),
+                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, "Full")
+    expected = {n: g + 2 * lam * p.detach() for (n, p), g in zip(model.named_parameters(), expected.values())}
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches[:K]:
+            meta.step(lambda f: F.mse_loss(f(xb), yb))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+        (lam * sum((p ** 2).sum() for p in model.parameters())).backward()
+    assert_matches(model, expected)
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(mg.MetaGradientWarning, match="not through the inner loop"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+            for xb, yb in batches[:K]:
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+            F.mse_loss(model(xq), yq).backward()  # the mistaken query: the model itself
