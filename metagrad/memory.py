@@ -56,7 +56,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-__all__ = ["PeakMemory", "peak_memory", "parse_bytes", "saved_bytes"]
+__all__ = ["PeakMemory", "peak_memory", "parse_bytes", "format_bytes", "saved_bytes"]
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -188,6 +188,15 @@ def parse_bytes(value: Union[int, str], argument: str) -> int:
         raise ValueError(f"{argument}: expected {accepted}, got {value!r}. Units: B, KB, MB, "
                          "GB, TB, KiB, MiB, GiB, TiB.")
     raise TypeError(f"{argument}: expected {accepted}, got {type(value).__name__} {value!r}.")
+
+
+def format_bytes(size: int) -> str:
+    """``size`` bytes as :func:`parse_bytes` reads them back: in the largest binary unit that
+    divides it (``"2GiB"``, ``"500MiB"``), else in bytes (``"1000B"``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
 
 
 def _clear_refs_writable() -> bool:

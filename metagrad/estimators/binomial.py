@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..memory import parse_bytes
+from ..memory import format_bytes, parse_bytes
 from ..snapshots import Schedule
 from ..discovery import MetaGrads, add_meta
 from ..update_rule import Params
@@ -39,7 +39,7 @@ from .base import Estimator, TrajectoryView, check_count, clamp_to_steps
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
                                auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
-                               fixed_order_info_tasks, format_bytes, plan_budget, task_rows,
+                               fixed_order_info_tasks, plan_budget, task_rows,
                                warn_fallback)
 from .binomial_series import expand
 

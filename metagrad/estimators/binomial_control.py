@@ -39,6 +39,7 @@ import torch
 
 from ..linalg import norm
 from ..discovery import MetaGrads, add_meta
+from ..memory import format_bytes
 from ..update_rule import Params
 from ..errors import SeriesDivergenceError, warn
 from .base import Estimator, TrajectoryView
@@ -47,7 +48,7 @@ from .checkpointed import Checkpointed
 from .truncated import Truncated
 
 __all__ = ["SeriesDivergenceError", "FALLBACKS", "WARN_ESTIMATE", "GRAPH_FACTOR", "ITERATE_FACTOR",
-           "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "format_bytes", "guard",
+           "VECTORS", "CHECK_QUEUE", "CHECK_ROWS", "plan_budget", "guard",
            "auto_order", "auto_order_tasks", "auto_blocks", "auto_blocks_tasks", "fall_back", "fell_back",
            "fixed_order_info", "fixed_order_info_tasks", "task_rows", "warn_fallback"]
 
@@ -484,8 +485,3 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def format_bytes(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return f"{size}B"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from ..memory import parse_bytes
+from ..memory import format_bytes, parse_bytes
 from ..update_rule import Params
 from ..snapshots import Schedule
 from ..discovery import MetaGrads
@@ -95,7 +95,7 @@ class Checkpointed(Estimator):
 
     def __repr__(self) -> str:
         if self.max_memory is not None:
-            return f"Checkpointed(max_memory={self.max_memory})"
+            return f"Checkpointed(max_memory={format_bytes(self.max_memory)!r})"
         return "Checkpointed()" if self.snapshots is None else f"Checkpointed(snapshots={self.snapshots!r})"
 
     def snapshot_schedule(self) -> Optional[Schedule]:

@@ -232,3 +232,14 @@ def test_sqrt_snapshots_hold_about_two_sqrt_k_iterates(K):
             meta.step(lambda f: F.mse_loss(f(x), y))
         F.mse_loss(meta.fmodel(x), y).backward()
     assert meta.info["peak_iterates"] <= 2.13 * math.sqrt(K) + 1, meta.info
+
+
+def test_checkpointed_and_binomial_show_a_memory_budget_alike():
+    """Both reprs show ``max_memory`` as a string ``parse_bytes`` reads back (Checkpointed's
+    showed a bare integer, Binomial's a string)."""
+    from metagrad.memory import format_bytes, parse_bytes
+
+    assert repr(mg.Checkpointed(max_memory="512MiB")) == "Checkpointed(max_memory='512MiB')"
+    assert "max_memory='512MiB'" in repr(mg.Binomial(3, max_memory=512 * 2**20))
+    for size in (1, 1000, 1024, 10**9, 2**30, 3 * 2**20 + 1):
+        assert parse_bytes(format_bytes(size), "max_memory") == size
