@@ -22,6 +22,15 @@ def params_and_grads(seed=0):
     return params, grads
 
 
+def step_both(rule, params, state, optimizer, twins, grads):
+    """One step of ``rule`` from ``(params, state)`` and of the torch ``optimizer`` over ``twins``
+    (name→Parameter), both on ``grads``; returns the rule's ``(params, state)``."""
+    for n, p in twins.items():
+        p.grad = grads[n].clone()
+    optimizer.step()
+    return rule.step(params, grads, state)
+
+
 def test_is_an_update_rule():
     rule = mg.optim.SGD(lr=0.1)
     assert isinstance(rule, mg.optim.UpdateRule)
@@ -180,10 +189,7 @@ def test_torch_optim_sgd_options_are_refused_with_the_rule_that_takes_them(optio
     opt = torch.optim.SGD(list(weights.values()), lr=0.1, **options)
     phi, state = dict(params), rule.init(params)
     for _ in range(3):
-        for n, w in weights.items():
-            w.grad = grads[n].clone()
-        opt.step()
-        phi, state = rule.step(phi, grads, state)
+        phi, state = step_both(rule, phi, state, opt, weights, grads)
     for n in params:
         torch.testing.assert_close(phi[n], weights[n].detach(), rtol=1e-12, atol=1e-12)
 
@@ -255,19 +261,16 @@ def test_rule_equals_torch_optim_on_the_same_gradients(name, ours, theirs):
     gen = torch.Generator().manual_seed(3)
     start = {"w": torch.randn(3, 4, dtype=torch.float64, generator=gen),
              "b": torch.randn(5, dtype=torch.float64, generator=gen)}
-    twins = [torch.nn.Parameter(t.clone()) for t in start.values()]
-    optimizer = theirs(twins)
+    twins = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+    optimizer = theirs(list(twins.values()))
     rule = ours()
     params, state = dict(start), rule.init(start)
     for step in range(7):
         grads = {n: torch.randn(t.shape, dtype=torch.float64, generator=gen) for n, t in params.items()}
         if step == 2:
             grads["b"] = torch.zeros_like(grads["b"])  # a zero gradient: Adam's √v at 0
-        for p, g in zip(twins, grads.values()):
-            p.grad = g.clone()
-        optimizer.step()
-        params, state = rule.step(params, grads, state)
-        for p, n in zip(twins, params):
+        params, state = step_both(rule, params, state, optimizer, twins, grads)
+        for n, p in twins.items():
             torch.testing.assert_close(params[n], p.detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -350,10 +353,7 @@ def test_per_parameter_step_sizes_equal_torch_parameter_groups(ours, theirs):
     params, state = dict(start), rule.init(start)
     for _ in range(4):
         grads = {n: torch.randn(t.shape, dtype=DT, generator=gen) for n, t in params.items()}
-        for n, p in twins.items():
-            p.grad = grads[n].clone()
-        optimizer.step()
-        params, state = rule.step(params, grads, state)
+        params, state = step_both(rule, params, state, optimizer, twins, grads)
     for n in start:
         torch.testing.assert_close(params[n], twins[n].detach(), rtol=1e-12, atol=1e-12)
 
