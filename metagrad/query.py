@@ -291,9 +291,8 @@ def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
     did not go through the inner loop although steps were taken (a query built from the model
     itself gives the plain ∇L(θ)), and no earlier backward of the block did (after the query's,
     a penalty on θ back-propagated on its own is a term of the user's, not a mistaken query)."""
-    if (warned or trajectory is None or trajectory.length == 0
-            or torch._C._current_graph_task_id() in trajectory.lifetime.tasks or trajectory.lifetime.tasks):
-        return warned
+    if warned or trajectory is None or trajectory.length == 0 or trajectory.lifetime.tasks:
+        return warned  # (this backward, or an earlier one, went through the block's node)
     warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "
          f"through the inner loop ({trajectory.length} steps taken): its loss was built from the "
          "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "
