@@ -6,14 +6,16 @@ importable from the top level (``mg.ReplayError``, ``mg.MetaGradientWarning``, .
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
+from typing import Any, Optional
 
 import torch
 
 __all__ = ["ReplayError", "NestedBlockError", "SeriesDivergenceError", "NegativeCurvatureError",
-           "MetaGradientWarning", "warn"]
+           "MetaGradientWarning", "warn", "misfit_signature"]
 
 
 class ReplayError(RuntimeError):
@@ -58,3 +60,17 @@ def warn(message: str) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, MetaGradientWarning, stacklevel=level)
+
+
+def misfit_signature(function: Any, count: int) -> Optional[inspect.Signature]:
+    """``function``'s signature where it cannot take ``count`` positional arguments (for an error
+    that shows it); ``None`` where it can, or where it has no signature to read."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return signature
+    return None

@@ -7,7 +7,6 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -16,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
+from .errors import misfit_signature
 from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
@@ -263,19 +263,14 @@ def _report(info: Optional[dict[str, Any]], estimator: Any, report: dict[str, An
 def _check_arity(loss_fn: Callable[..., torch.Tensor], with_meta: bool) -> None:
     """``loss_fn`` takes the arguments it will be called with: ``(params, batch)``, or
     ``(params, batch, meta)`` with ``meta`` (where its signature can be read)."""
-    try:
-        signature = inspect.signature(loss_fn)
-    except (TypeError, ValueError):  # a builtin or an object without one: its own call says
-        return
-    try:
-        signature.bind(*range(3 if with_meta else 2))
-    except TypeError:
+    signature = misfit_signature(loss_fn, 3 if with_meta else 2)
+    if signature is not None:
         called = "loss_fn(params, batch, meta)" if with_meta else "loss_fn(params, batch)"
         raise TypeError(
             f"loss_fn: it is called as {called}, {'since meta= is given' if with_meta else 'without meta='}, "
             f"but its signature is {loss_fn.__name__ if hasattr(loss_fn, '__name__') else type(loss_fn).__name__}"
             f"{signature}. " + ("Add a third argument for the meta-parameters (the structure of meta)."
-                                if with_meta else "Pass meta= for a third argument, or drop it.")) from None
+                                if with_meta else "Pass meta= for a third argument, or drop it."))
 
 
 def _detached(leaf: Any) -> Any:

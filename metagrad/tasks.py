@@ -20,7 +20,6 @@ mini-batch per step find what the last step found.
 from __future__ import annotations
 
 import functools
-import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import misfit_signature
 from .fmodel import FunctionalModel, unstacked
 from .frozen import Frozen, freeze
 
@@ -108,15 +108,9 @@ def _refuse_misfit(closure: Callable[..., Any], count: int, tasks: Optional[int]
     """Raise where ``closure``'s signature cannot take ``(fmodel, *batch)`` with ``count`` batch
     values (the ``TypeError`` of its call, ``error``, then came from that); return where it can
     or cannot be read (the error came from inside it)."""
-    try:
-        signature = inspect.signature(closure)
-    except (TypeError, ValueError):  # no signature to read
+    signature = misfit_signature(closure, 1 + count)
+    if signature is None:
         return
-    try:
-        signature.bind(None, *range(count))
-        return
-    except TypeError:
-        pass
     try:
         signature.bind_partial(None, *range(count))
         advice = (f"Pass its batch after the closure, meta.step(closure, x_s, y_s)"
