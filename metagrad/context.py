@@ -44,7 +44,7 @@ from .numerics import relative_tolerance
 from .adapted import check_adapted_require_grad, checked_adapt
 from .estimators.base import check_count
 from .tasks import no_loss_steps, take_step
-from .query import attached, warn_if_plain
+from .query import attached, warn_at_end, warn_if_plain
 from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -288,6 +288,8 @@ class MetaGradient:
         self._trajectory = None
         if trajectory is not None:
             trajectory.lifetime.block_ended = True
+            if exc_type is None:
+                warn_at_end(self.estimator, trajectory)
             if exc_type is not None or trajectory.lifetime.backward_calls > 0:
                 trajectory.release()
         if exc_type is not None:

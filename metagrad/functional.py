@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
-from .errors import misfit_signature
+from .errors import misfit_signature, warn
 from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
@@ -174,6 +174,8 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
                 "compiled pieces do not; pass compile=False (its backward is a solve on autograd "
                 "products at φ_K, which compiling would not speed up), or use MetaGradient(compile=True).")
         estimator = estimator.under_compile()
+    if (said := estimator.length_warning(steps)) is not None:
+        warn(said)
     eta, spec, names = _meta_leaves(meta)
     theta = dict(params)
     if settings is not None:  # (the pieces' guards check requires_grad: batches come in detached)

@@ -298,3 +298,11 @@ def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
          "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "
          "loss from meta.fmodel (meta.fmodel(x)), the model at the fast weights.")
     return True
+
+
+def warn_at_end(estimator: Estimator, trajectory: Trajectory) -> None:
+    """What ``estimator`` says about the block's K steps (:meth:`~metagrad.Estimator.length_warning`),
+    once the block has ended without an error and a backward went through it: only then is K
+    known (MAML++'s per-step losses are back-propagated after each of the first k < K steps)."""
+    if trajectory.lifetime.backward_calls > 0 and (said := estimator.length_warning(trajectory.length)):
+        warn(said)

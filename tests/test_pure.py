@@ -159,6 +159,18 @@ def test_zero_steps_is_the_query_gradient():
         assert_close(g, dict(torch.func.grad(loss_fn)(theta(), QUERY)))
 
 
+@pytest.mark.parametrize("make, text", [(lambda: mg.Truncated(K + 2), f"Truncated: steps={K + 2}"),
+                                        (lambda: mg.Binomial(K + 1, monitor=False), f"Binomial: order={K + 1}")])
+def test_an_order_beyond_k_warns_once_and_differentiates_every_step(make, text):
+    """The functional face says what a block says at its end (K is known before the loop), once,
+    and the estimate is the exact one of every step (SGD)."""
+    with pytest.warns(mg.MetaGradientWarning, match=rf"{re.escape(text)} exceeds the number of inner steps K={K}") as caught:
+        g = mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
+                                    estimator=make())
+    assert len([w for w in caught if "exceeds" in str(w.message)]) == 1
+    assert_close(g, hand_unrolled("sgd"))
+
+
 @pytest.mark.parametrize("estimator", [mg.Checkpointed, mg.Full])
 def test_torch_compile_equals_eager(estimator):
     """One graph, no graph break (fullgraph=True); aot_eager keeps it to a few seconds."""

@@ -974,6 +974,30 @@ def test_an_order_beyond_the_steps_taken_warns_once_naming_k(make, text):
     assert_matches_mse_loop(model, batches, xq, yq, 3, 0.1, "Full")
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if restart(n) is None and n != "Full"])
+def test_per_step_query_losses_backpropagated_one_at_a_time_do_not_warn(name):
+    """MAML++'s per-step losses back-propagated as the loop goes (``L_q(φ_k).backward()`` after
+    step k): θ's ``.grad`` sums them, exactly, and an order or depth of K is not said to exceed
+    the k steps taken when an early backward runs (the block ends with K; warnings are errors
+    here). Full keeps one graph, which a plain unroll back-propagates with retain_graph=True."""
+    K, lr = 4, 0.1
+    model = mlp(2, 5, seed=5)
+    batches, xq, yq = data(5, 2, 6, K)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    phi, total = dict(theta), 0
+    for k in range(K):
+        loss = F.mse_loss(functional(model, phi)(batches[k][0]), batches[k][1])
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: t - lr * g for (n, t), g in zip(phi.items(), grads)}
+        total = total + F.mse_loss(functional(model, phi)(xq), yq)
+    expected = dict(zip(theta, torch.autograd.grad(total, list(theta.values()))))
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches:
+            meta.step(lambda f: F.mse_loss(f(xb), yb))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert_matches(model, expected)
+
+
 # ------------------------------------------ a penalty on θ back-propagated beside the query
 @pytest.mark.parametrize("name", ["Full", "Checkpointed", "Binomial(K)"])
 def test_a_penalty_on_theta_backpropagated_after_the_query_is_added_without_a_warning(name):

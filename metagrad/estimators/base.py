@@ -111,6 +111,7 @@ class Estimator(abc.ABC):
       needs them (``None``: all).
     - :meth:`under_compile`: the estimator that runs in its place with ``compile=``.
     - :meth:`why_not_tasks`: why a block over several tasks cannot run it (``None``: it can).
+    - :meth:`length_warning`: what to say about it on an inner loop of K steps (``None``: nothing).
     """
 
     differentiable: bool = False
@@ -165,6 +166,14 @@ class Estimator(abc.ABC):
         the whole vector (an order, a solver's residual) would choose it for all tasks at once,
         unless it chooses per task (``trajectory.tasks``), as Implicit's solvers and
         ``Binomial(order="auto")`` do. Every estimator of the package can."""
+        return None
+
+    def length_warning(self, steps: int) -> Optional[str]:
+        """A warning about running this estimator on an inner loop of K = ``steps`` steps (an order
+        beyond K), or ``None``. Said once K is known: when a block with a backward through it has
+        ended (an earlier backward, after k < K steps, cannot know K), and by ``meta_grad`` before
+        its inner loop. A backward through fewer steps than the order (``meta.weights_at(k)``)
+        differentiates all of them, silently."""
         return None
 
     def under_compile(self) -> "Estimator":
@@ -244,17 +253,12 @@ def check_count(value: Any, argument: str, *, minimum: int, allow_none: bool = F
     return value
 
 
-def clamp_to_steps(value: int, steps: int, taken: int, what: str, name: str) -> int:
-    """Clamp an order or step count to the ``steps`` differentiated through, warning that every
-    step is then differentiated where it exceeds the block's ``taken`` steps K (not where a
-    query reads an earlier iterate, ``meta.weights_at(k)``, whose k steps it covers exactly)."""
+def beyond_steps(value: int, steps: int, what: str, name: str) -> Optional[str]:
+    """The warning that an order or step count exceeds the block's K inner steps, so that every
+    step is differentiated (:meth:`Estimator.length_warning`), or ``None`` where it does not."""
     if value <= steps:
-        return value
-    if value > taken:
-        warn(
-            f"{what}: {name}={value} exceeds the number of inner steps K={taken}; using {name}={taken}, "
+        return None
+    return (f"{what}: {name}={value} exceeds the number of inner steps K={steps}; using {name}={steps}, "
             f"which differentiates through every inner step (the exact meta-gradient with plain gradient "
             f"descent; with momentum or Adam the optimizer state is held constant in each step). Pass "
-            f"{name} <= K to silence this warning."
-        )
-    return steps
+            f"{name} <= K to silence this warning.")

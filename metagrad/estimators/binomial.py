@@ -35,7 +35,7 @@ from ..memory import format_bytes, parse_bytes
 from ..snapshots import Schedule
 from ..discovery import MetaGrads, add_meta
 from ..update_rule import Params
-from .base import Estimator, TrajectoryView, check_count, clamp_to_steps
+from .base import Estimator, TrajectoryView, beyond_steps, check_count
 from .binomial_control import (CHECK_QUEUE, CHECK_ROWS, FALLBACKS, GRAPH_FACTOR, ITERATE_FACTOR,
                                VECTORS, WARN_ESTIMATE, SeriesDivergenceError, auto_blocks, auto_blocks_tasks,
                                auto_order, auto_order_tasks, fall_back, fell_back, fixed_order_info,
@@ -207,6 +207,9 @@ class Binomial(Estimator):
         # (snapshots need an integer block: __init__)
         return Schedule(stride=self.block) if self.snapshots and isinstance(self.block, int) else None
 
+    def length_warning(self, steps: int) -> Optional[str]:
+        return None if isinstance(self.order, str) else beyond_steps(self.order, steps, "Binomial", "order")
+
     def __repr__(self) -> str:
         block = "" if self.block is None else f", block={self.block!r}"
         chunk = (f"chunk_size={self.chunk_size}" if self.max_memory is None
@@ -313,7 +316,7 @@ class Binomial(Estimator):
             return self._auto(trajectory, steps, v, chunk, task)
         fixed, block = self.order, self.block
         assert isinstance(fixed, int) and not isinstance(block, str)  # block="auto" needs order="auto"
-        order = clamp_to_steps(fixed, steps, trajectory.length, "Binomial", "order")
+        order = min(fixed, steps)
         tasks = trajectory.tasks if self.monitor else None  # over tasks, each is judged on its own
         u, meta, products, spans, block_norms = expand(
             trajectory, steps, v, order, block, chunk,

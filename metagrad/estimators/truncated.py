@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ..update_rule import Params
 from ..discovery import MetaGrads, add_meta
-from .base import Estimator, TrajectoryView, check_count, clamp_to_steps, sweep_back
+from .base import Estimator, TrajectoryView, beyond_steps, check_count, sweep_back
 
 __all__ = ["Truncated"]
 
@@ -36,9 +36,12 @@ class Truncated(Estimator):
     def keep(self) -> Optional[int]:
         return self.steps
 
+    def length_warning(self, steps: int) -> Optional[str]:
+        return beyond_steps(self.steps, steps, "Truncated", "steps")
+
     def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
-        kept = clamp_to_steps(self.steps, steps, trajectory.length, "Truncated", "steps")
+        kept = min(self.steps, steps)
         u, meta, _ = sweep_back(trajectory, steps - kept, steps, dict(v))  # the optimizer state held constant
         for m in range(steps - kept):  # earlier steps: their gradients are constants
             _, grads, _ = trajectory.vjp(m, u, second_order=False)
