@@ -546,7 +546,8 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
     one). ``what`` names the fix where it knows one (its wording picks the fix). ``argument``: what
     gave the loss (``"loss"`` for a step taken from a loss tensor, whose graph was kept)."""
     if "torch.compile" in what:
-        fix = "Pass the closure (and the model) uncompiled"
+        fix = ("Pass the closure and the model uncompiled (for model = torch.compile(net), the module it "
+               "wraps: model._orig_mod), and MetaGradient(compile=True) for compiled inner steps")
     elif "attention" in what:  # metagrad builds the steps it takes from a closure with the math kernel
         fix = ("Take the step from a closure (meta.step(closure), diffopt.step(closure=...)), whose graphs "
                "metagrad builds with attention's math kernel, or build the loss inside `with "

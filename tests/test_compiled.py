@@ -472,6 +472,20 @@ def test_a_closure_the_user_compiled_still_raises_for_second_order_estimators():
             ((meta.fmodel(xq) - yq) ** 2).mean().backward()
 
 
+def test_a_model_the_user_compiled_is_refused_naming_the_module_it_wraps():
+    """``torch.compile(model)`` passed to the block: its forward's backward has no second
+    derivative; the error names ``model._orig_mod`` and ``compile=True``, and leaves ``.grad`` as it was."""
+    model = make_model()
+    batches, xq, yq = tasks(1, 2, seed=13)[0]
+    compiled = torch.compile(model)
+    with pytest.raises(mg.ReplayError, match=r"model._orig_mod\), and MetaGradient\(compile=True\)"):
+        with mg.MetaGradient(compiled, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed()) as meta:
+            for x, y in batches:
+                meta.step(lambda f: ((f(x) - y) ** 2).mean())
+            ((meta.fmodel(xq) - yq) ** 2).mean().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("estimator", [mg.Checkpointed(snapshots="sqrt"),
                                        mg.Binomial(order=2, block=2, snapshots=True, monitor=False)], ids=repr)
 def test_snapshots_with_compiled_products(estimator):
