@@ -83,12 +83,11 @@ class MetaGradient:
     every ``.grad`` as it was; an η the estimator gives nothing through the inner loop
     (FirstOrder: an η of the inner loss) gets zeros there, after the estimator's warning.
 
-    If the block raises, every parameter's ``.grad`` is restored to its value at
-    entry, and the stored trajectory (iterates and graphs) is released.
+    If the block raises (or a warning at its end is turned into an error), every parameter's
+    ``.grad`` is restored to its value at entry, and the stored trajectory is released.
 
-    A loss built inside the block may be backpropagated after it ends; the
-    trajectory is kept until that first backward and released after it. Once a
-    backward has run inside the block, the trajectory is released at its end.
+    A loss built inside the block may be backpropagated after it ends; the trajectory is kept
+    until that first backward and released after it, or at the block's end after one inside it.
 
     Args:
         model: any ``nn.Module``. All its parameters and buffers must be on one device.
@@ -280,6 +279,8 @@ class MetaGradient:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         trajectory = self._trajectory
+        said = None if trajectory is None or exc_type is not None else warn_at_end(self.estimator, trajectory)
+        failed = exc_type is not None or said is not None
         self._active = False
         self._fmodel = None
         for hook in self._hooks:
@@ -288,17 +289,17 @@ class MetaGradient:
         self._trajectory = None
         if trajectory is not None:
             trajectory.lifetime.block_ended = True
-            if exc_type is None:
-                warn_at_end(self.estimator, trajectory)
-            if exc_type is not None or trajectory.lifetime.backward_calls > 0:
+            if failed or trajectory.lifetime.backward_calls > 0:
                 trajectory.release()
-        if exc_type is not None:
+        if failed:
             for param, saved in zip(self._every, self._saved_grads):
                 param.grad = saved
             if trajectory is not None:  # the other meta-parameters, as found
                 for tensor, saved in trajectory.meta_saved_grads:
                     tensor.grad = saved
         self._saved_grads = []
+        if said is not None:
+            raise said
         return False
 
     # --------------------------------------------------------------- inner loop

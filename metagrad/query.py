@@ -300,9 +300,15 @@ def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
     return True
 
 
-def warn_at_end(estimator: Estimator, trajectory: Trajectory) -> None:
-    """What ``estimator`` says about the block's K steps (:meth:`~metagrad.Estimator.length_warning`),
-    once the block has ended without an error and a backward went through it: only then is K
-    known (MAML++'s per-step losses are back-propagated after each of the first k < K steps)."""
+def warn_at_end(estimator: Estimator, trajectory: Trajectory) -> Optional[Exception]:
+    """Say what ``estimator`` says about the block's K steps (:meth:`~metagrad.Estimator.length_warning`)
+    once the block has ended without an error and a backward went through it: only then is K known
+    (MAML++'s per-step losses are back-propagated after each of the first k < K steps). Returns the
+    warning where the warnings filter turned it into an error (the block then ends as one that
+    raised), else ``None``."""
     if trajectory.lifetime.backward_calls > 0 and (said := estimator.length_warning(trajectory.length)):
-        warn(said)
+        try:
+            warn(said)
+        except Exception as error:  # (warnings.simplefilter("error"))
+            return error
+    return None

@@ -998,6 +998,21 @@ def test_per_step_query_losses_backpropagated_one_at_a_time_do_not_warn(name):
     assert_matches(model, expected)
 
 
+def test_an_order_beyond_k_turned_into_an_error_leaves_grad_as_it_was():
+    """Under ``warnings.simplefilter("error")`` the warning said at the block's end raises there,
+    and the block ends as one that raised: ``.grad`` as at entry."""
+    model = mlp(2, 5, seed=3)
+    batches, xq, yq = data(3, 2, 6, 2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(mg.MetaGradientWarning, match="steps=5 exceeds the number of inner steps K=2"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=mg.Truncated(5)) as meta:
+            for xb, yb in batches:
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
 # ------------------------------------------ a penalty on θ back-propagated beside the query
 @pytest.mark.parametrize("name", ["Full", "Checkpointed", "Binomial(K)"])
 def test_a_penalty_on_theta_backpropagated_after_the_query_is_added_without_a_warning(name):
