@@ -101,8 +101,11 @@ class Snapshot:
         if not final:
             return
         self.lifetime.backward_calls += 1
-        if self.lifetime.block_ended:
+        if self.lifetime.block_ended:  # (its end said nothing on K where no backward had run)
+            said = warn_at_end(self.estimator, self.trajectory) if self.lifetime.backward_calls == 1 else None
             self.trajectory.release()
+            if said is not None:
+                raise said
 
 
 class ThroughInnerLoop(torch.autograd.Function):
@@ -302,8 +305,9 @@ def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
 
 def warn_at_end(estimator: Estimator, trajectory: Trajectory) -> Optional[Exception]:
     """Say what ``estimator`` says about the block's K steps (:meth:`~metagrad.Estimator.length_warning`)
-    once the block has ended without an error and a backward went through it: only then is K known
-    (MAML++'s per-step losses are back-propagated after each of the first k < K steps). Returns the
+    once the block has ended without an error and a backward went through it (at its end, or at
+    the first backward after it): only then is K known (MAML++'s per-step losses are
+    back-propagated after each of the first k < K steps). Returns the
     warning where the warnings filter turned it into an error (the block then ends as one that
     raised), else ``None``."""
     if trajectory.lifetime.backward_calls > 0 and (said := estimator.length_warning(trajectory.length)):

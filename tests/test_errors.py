@@ -609,6 +609,20 @@ def test_an_order_beyond_k_warns_at_the_end_of_the_users_block(make_estimator):
     assert len(record) == 1 and record[0].filename == __file__
 
 
+@pytest.mark.parametrize("make_estimator", [lambda: mg.Binomial(order=K + 2), lambda: mg.Truncated(steps=K + 2)])
+def test_an_order_beyond_k_warns_at_a_backward_after_the_block(make_estimator):
+    """A query built in the block and back-propagated after it: said once, at that backward."""
+    model = make_mlp()
+    with pytest.warns(mg.MetaGradientWarning, match=f"exceeds the number of inner steps K={K}") as record:
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=make_estimator()) as meta:
+            for k in range(K):
+                meta.step(closure_for(*SUPPORT[k]))
+            loss = query_loss(meta.fmodel)
+        assert not record
+        loss.backward()
+    assert len(record) == 1 and record[0].filename == __file__
+
+
 # ------------------------------------------------------------------ adapt=
 def _meta_gradient(model, adapt):
     model.zero_grad(set_to_none=True)
