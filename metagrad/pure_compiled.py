@@ -180,20 +180,24 @@ class Pieces:
         names, rule_eta, template, length = self.names, self.rule_eta, self._template, len(phis)
         carried = tuple(carried)
 
-        def segment(phis: list[Params], states: list[list[torch.Tensor]], eta: list[torch.Tensor], u: Params,
+        def segment(stacked: Params, states: list[torch.Tensor], eta: list[torch.Tensor], u: Params,
                     adjoint: list[torch.Tensor], batch: Any, maker: Maker, rule_values: list[torch.Tensor]) -> Any:
             loss_at, rule = maker(batch), _rule_at(template, rule_values)
             total: Optional[list[torch.Tensor]] = None
             for i in reversed(range(length)):
-                leaves = states[i]
+                leaves = [t[i] for t in states]
                 body = step_body(loss_at, rule, names, state=pytree.tree_unflatten(leaves, spec), carried=carried,
                                  rule_eta=rule_eta)
-                u, pulled_eta, adjoint, *_ = step_vjp(body, phis[i], eta, [leaves[j] for j in carried], u,
-                                                      adjoint, carried)
+                u, pulled_eta, adjoint, *_ = step_vjp(body, {n: t[i] for n, t in stacked.items()}, eta,
+                                                      [leaves[j] for j in carried], u, adjoint, carried)
                 total = list(pulled_eta) if total is None else [a + b for a, b in zip(total, pulled_eta)]
             return dict(u), total or [], list(adjoint)
 
-        return self._call(("sweep", length, carried, str(spec)), segment, phis, states, list(eta), u, adjoint)
+        # The steps' iterates and state leaves stacked, one input per tensor of a step: a compiled
+        # call's guards and inputs cost per tensor, and a run has as many steps' worth.
+        stacked = {n: torch.stack([phi[n] for phi in phis]) for n in names}
+        columns = [torch.stack(column) for column in zip(*states)] if states and states[0] else []
+        return self._call(("sweep", length, carried, str(spec)), segment, stacked, columns, list(eta), u, adjoint)
 
     def rows(self, phis: Params, states: Any, state_dims: Any, vectors: Params, eta: Sequence[torch.Tensor],
              chunk_size: Optional[int]) -> Optional[tuple[Params, list[torch.Tensor]]]:
