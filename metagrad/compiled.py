@@ -78,7 +78,7 @@ from .replay import step_norms
 from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
                            step_sizes_as_tensors)
 from .compile_options import settings_key
-from .step import eta_grads_of, rule_tensors, rule_with, step_body, step_vjp, with_eta
+from .step import eta_grads_of, rule_tensors, rule_with, same_shapes, step_body, step_vjp, with_eta
 
 __all__ = ["Compiler", "clear_cache"]
 
@@ -355,8 +355,8 @@ class Compiler:
         varying = self._prepare(steps, chunk)
         leaves, spec = pytree.tree_flatten(first.state)
         rows = [pytree.tree_leaves(step.state) for step in chunk]
-        if any(not isinstance(t, torch.Tensor) for row in rows for t in row):
-            return None  # a Python value in the optimizer state (a step count)
+        if any(not isinstance(t, torch.Tensor) for row in rows for t in row) or not same_shapes(list(zip(*rows))):
+            return None  # a Python value in the optimizer state (a step count), a leaf that grows
         carry = state_adjoint is not None
         memo = (key, "segment", len(steps), varying, str(spec), carry)
         if memo not in self._products:

@@ -39,7 +39,7 @@ from .replay import check_norms, step_norms
 from .snapshots import Schedule
 from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, hyperparameters,
-                   proximal, pull_back, rule_slots, step_body, step_vjp, zero_if_none)
+                   proximal, pull_back, rule_slots, same_shapes, step_body, step_vjp, zero_if_none)
 from .update_rule import Params, State, UpdateRule
 from .pure_compiled import RUNS, Pieces
 
@@ -267,7 +267,8 @@ class PureTrajectory(OnTape):
         leaves = pytree.tree_leaves(self.state(m))
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
-        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, leaves[i]) for i in carried]
+        after = pytree.tree_leaves(self.state(m + 1)) if carried else []  # (s_{m+1}: its adjoint's shapes)
+        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in carried]
         pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self.state(m), carried), self.iterate(m),
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
                                                         carried)
@@ -303,7 +304,8 @@ class PureTrajectory(OnTape):
             return None
         carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if t.is_floating_point()]
         adjoint = list(state_adjoint or [])
-        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, states[-1][i]) for i in carried]
+        after = pytree.tree_leaves(self.state(last)) if carried else []  # (s_last: its adjoint's shapes)
+        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in carried]
         out = self.pieces.sweep([self.iterate(m) for m in range(first, last)], states, spec, self.meta, u,
                                 carried, s_adjoint)
         if out is None:
@@ -325,7 +327,11 @@ class PureTrajectory(OnTape):
         step) computes one :meth:`vjp` at a time without ``vmap``, as
         :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
         steps = list(steps)
-        if chunk_size == 1 or len(steps) == 1:  # one product at a time, without vmap
+        if chunk_size != 1 and len(steps) > 1:
+            self.restore(min(steps), max(steps) + 1)  # with snapshots: their segments, recomputed once
+        if chunk_size == 1 or len(steps) == 1 or not same_shapes(
+                list(zip(*(pytree.tree_leaves(self.state(m)) for m in steps)))):
+            # one product at a time, without vmap (also where a state leaf changes shape step by step)
             rows: list[Params] = []
             meta: list[Optional[torch.Tensor]] = []
             for i, m in enumerate(steps):
@@ -333,7 +339,6 @@ class PureTrajectory(OnTape):
                 rows.append(pulled)
                 meta = add_meta(meta, more)
             return {n: torch.stack([r[n] for r in rows]) for n in vectors}, meta
-        self.restore(min(steps), max(steps) + 1)  # with snapshots: their segments, recomputed once
         phis = {n: torch.stack([self.iterate(m)[n] for m in steps]) for n in self.theta}
         states = pytree.tree_map(lambda *ts: torch.stack(ts) if isinstance(ts[0], torch.Tensor) else ts[0],
                                  *[self.state(m) for m in steps])

@@ -40,7 +40,7 @@ from .compile_options import settings_key
 from .compile_keys import rule_key, step_sizes_as_tensors
 from .compile_keys import value_key as rule_key_value
 from .errors import warn
-from .step import rule_tensors, rule_with, step_body, step_vjp
+from .step import rule_tensors, rule_with, same_shapes, step_body, step_vjp
 from .update_rule import Params, UpdateRule
 
 __all__ = ["Pieces", "RUNS"]
@@ -195,6 +195,8 @@ class Pieces:
 
         # The steps' iterates and state leaves stacked, one input per tensor of a step: a compiled
         # call's guards and inputs cost per tensor, and a run has as many steps' worth.
+        if not same_shapes(list(zip(*states))):
+            return None  # a state leaf whose shape changes from step to step: the steps one by one
         stacked = {n: torch.stack([phi[n] for phi in phis]) for n in names}
         columns = [torch.stack(column) for column in zip(*states)] if states and states[0] else []
         return self._call(("sweep", length, carried, str(spec)), segment, stacked, columns, list(eta), u, adjoint)

@@ -30,7 +30,7 @@ from .discovery import MetaGrads, add_meta, graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule
 
-__all__ = ["StepRecord", "step_body", "eta_grads_of", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked",
+__all__ = ["StepRecord", "step_body", "eta_grads_of", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked", "same_shapes",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
 
 
@@ -423,8 +423,8 @@ def zero_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tens
 
 def stacked(states: list[State]) -> Optional[State]:
     """The optimizer states of several steps stacked along a new first dimension, or
-    ``None`` where they cannot be (different structures, or leaves that are not
-    tensors, such as a Python step count)."""
+    ``None`` where they cannot be (different structures, leaves that are not tensors, such
+    as a Python step count, or a leaf whose shape changes from step to step)."""
     flat = [pytree.tree_flatten(state) for state in states]
     spec = flat[0][1]
     if any(other != spec for _, other in flat[1:]):
@@ -432,7 +432,16 @@ def stacked(states: list[State]) -> Optional[State]:
     columns = list(zip(*(leaves for leaves, _ in flat)))
     if not all(isinstance(leaf, torch.Tensor) for column in columns for leaf in column):
         return None
+    if not same_shapes(columns):
+        return None
     return pytree.tree_unflatten([torch.stack(column) for column in columns], spec)
+
+
+def same_shapes(columns: Sequence[Sequence[Any]]) -> bool:
+    """Whether each column's tensors (one leaf of a state, over steps) have one shape and dtype,
+    so that they can be stacked (a rule may grow a leaf step by step: a history)."""
+    return all(len({(t.shape, t.dtype) for t in column if isinstance(t, torch.Tensor)}) <= 1
+               for column in columns)
 
 
 class KeptStep:

@@ -222,3 +222,63 @@ def test_state_held_constant_reference_is_exact_for_sgd():
     for T in range(K + 1):
         restart = ref.restarted_gradient(loop, problem.inner_loss, problem.query_loss, rule, T)
         assert ref.rel_err(restart, ref.last_factors(Bs, loop.v, T)) <= RTOL
+
+
+# ------------------------------------------------- a state leaf that grows step by step
+class GrowingHistory:
+    """A rule of the user's whose state is a history that grows each step: the mean squared
+    gradient of every step so far, ``h_{k+1} = [h_k, mean(g²)]``, and the step
+    ``φ ← φ − α g / (1 + Σ h_{k+1})``. Its state's adjoint matters (Full and Checkpointed carry it)."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return {"history": torch.zeros(1, dtype=DT)}
+
+    def step(self, params, grads, state):
+        energy = sum((g * g).mean() for g in grads.values()) / len(grads)
+        history = torch.cat([state["history"], energy.reshape(1)])
+        scale = 1 + history.sum()
+        return {n: p - self.lr * grads[n] / scale for n, p in params.items()}, {"history": history}
+
+
+def growing_reference(lr):
+    theta = [p.detach().clone().requires_grad_() for p in make_model().parameters()]
+    phi, history = theta, torch.zeros(1, dtype=DT)
+    for _ in range(K):
+        g = torch.autograd.grad(F.mse_loss(forward(phi, XS), YS), phi, create_graph=True)
+        history = torch.cat([history, (sum((gi * gi).mean() for gi in g) / len(g)).reshape(1)])
+        phi = [p - lr * gi / (1 + history.sum()) for p, gi in zip(phi, g)]
+    grads = torch.autograd.grad(F.mse_loss(forward(phi, XQ), YQ), theta)
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("face", ["context", "functional"])
+def test_a_rule_whose_state_grows_step_by_step(face):
+    """The exact estimators equal the hand unroll in both faces; those that hold the state
+    constant (Truncated, Binomial, whose levels stack the steps' states) run and agree across the
+    faces: a state leaf whose shape changes is taken step by step, not stacked."""
+    lr = 0.3
+    expected = growing_reference(lr)
+    estimators = {"full": mg.Full(), "checkpointed": mg.Checkpointed(), "snapshots": mg.Checkpointed(snapshots=2),
+                  "truncated": mg.Truncated(2), "binomial": mg.Binomial(3, monitor=False),
+                  "blocked": mg.Binomial(2, block=2, monitor=False)}
+    got = {}
+    for name, estimator in estimators.items():
+        if face == "context":
+            got[name] = meta_gradient(GrowingHistory(lr), estimator)
+        else:
+            model = make_model()
+            theta = {n: p.detach() for n, p in model.named_parameters()}
+
+            def loss(params, data):
+                return F.mse_loss(torch.func.functional_call(model, params, (data[0],)), data[1])
+
+            g = mg.functional.meta_grad(loss, theta, (XS, YS), (XQ, YQ), inner_opt=GrowingHistory(lr), steps=K,
+                                        estimator=estimator)
+            got[name] = torch.cat([g[n].flatten() for n in theta])
+    for name in ("full", "checkpointed", "snapshots"):
+        assert torch.linalg.vector_norm(got[name] - expected) <= RTOL * torch.linalg.vector_norm(expected), name
+    for name in ("truncated", "binomial", "blocked"):
+        assert torch.isfinite(got[name]).all() and got[name].norm() > 0, name
