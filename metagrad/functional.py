@@ -185,14 +185,14 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
     scale = 1.0 if tasks is None else 1.0 / tasks  # the mean over the tasks (their losses are summed)
 
     def start(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """φ_0: θ, stacked for each task (a view; a copy for the compiled pieces, whose inputs
-        keep the layout of the iterates after it)."""
+        """φ_0: a copy of θ, stacked for each task: a rule that writes in place (refused at its
+        step) leaves the caller's θ as it was, and the compiled pieces' inputs keep the layout
+        of the iterates after it."""
         if settings is not None:  # (detached: the pieces' guards check requires_grad)
             p = {n: t.detach() for n, t in p.items()}
         if tasks is None:
-            return p
-        return {n: t.expand(tasks, *t.shape) if settings is None else t.expand(tasks, *t.shape).contiguous()
-                for n, t in p.items()}
+            return {n: t.clone() for n, t in p.items()}
+        return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
     if estimator.differentiable:  # Full: autograd through the unroll
         rule_eta = rule_slots(inner_opt, eta)

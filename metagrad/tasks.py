@@ -171,7 +171,7 @@ def check_rule(rule: Any, params: dict[str, torch.Tensor], state: Any, tasks: in
     if type(rule).__module__ == _ELEMENTWISE or _probed(rule):
         return
     with torch.no_grad():
-        params = {n: t.detach() for n, t in params.items()}
+        params = {n: t.detach().clone() for n, t in params.items()}  # (a rule may write them in place)
         grads = {n: torch.linspace(-1.0, 1.0, t.numel() // tasks, dtype=t.dtype, device=t.device)
                  .reshape(t.shape[1:]) * torch.arange(1, tasks + 1, dtype=t.dtype, device=t.device)
                  .reshape(-1, *[1] * (t.dim() - 1)) for n, t in params.items()}

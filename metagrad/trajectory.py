@@ -371,7 +371,7 @@ class Trajectory(OnTape):
         with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
-            return step_in_layout(rule, self.rule, params, grads, state)
+            return step_in_layout(rule, self.rule, params, grads, state, copy=self.length == 0)  # (φ_0: θ's storage)
 
     def _modes(self) -> tuple[bool, ...]:
         """``training`` of every submodule now; the previous step's tuple when unchanged."""

@@ -40,7 +40,7 @@ Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
 __all__ = ["UpdateRule", "TransformationRule", "RULES", "as_update_rule", "check_update_rule",
-           "is_transformation", "step_in_layout"]
+           "is_transformation", "step_in_layout", "refusing_in_place"]
 
 
 @runtime_checkable
@@ -246,11 +246,43 @@ def _is_metagrad_rule(cls: type) -> bool:
 
 
 def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: Params,
-                   state: State) -> tuple[Params, State]:
+                   state: State, *, copy: bool = False) -> tuple[Params, State]:
     """``rule.step(params, grads, state)``, where ``state`` is the optimizer state of the block's
     rule ``inner``. A rule given for one step (``meta.step(..., rule=...)``) whose own state has
     another layout than ``inner``'s (Adam's for a block of SGD) fails inside its step with a
-    ``KeyError`` or the like: that is raised as a ``ValueError`` that says why and what to do."""
+    ``KeyError`` or the like: that is raised as a ``ValueError`` that says why and what to do.
+    A rule that writes the fast weights or the state it was given in place (``p.sub_(lr * g)``,
+    as a torch.optim optimizer does) would change the stored iterates it was given: that raises a
+    ``ValueError`` too. ``copy``: the rule gets copies of ``params`` (φ_0, whose storage is θ's:
+    such a rule then leaves the model's parameters as they were)."""
+    if copy:
+        params = {n: t.clone() for n, t in params.items()}
+    return refusing_in_place(rule, params, state, lambda: _step(rule, inner, params, grads, state))
+
+
+def refusing_in_place(rule: UpdateRule, params: Params, state: State,
+                      step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
+    """``step()``, the step of ``rule`` on ``params`` and ``state``, raising a ``ValueError`` if it
+    wrote them in place (``p.sub_(lr * g)``, ``buf.mul_(momentum)``, as torch.optim optimizers
+    do): the iterates and states it was given are kept for the backward (and φ_0 is θ). Read from
+    the tensors' version counters; not while torch.compile traces (a compiled call's inputs are
+    checked where it is called), and a rule under ``torch.func.vmap`` is checked where it runs
+    eagerly."""
+    if torch.compiler.is_compiling():
+        return step()
+    given = [t for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
+    versions = [t._version for t in given]
+    out = step()
+    if any(t._version != version for t, version in zip(given, versions)):
+        raise ValueError(
+            f"inner_opt: the update rule {rule!r} wrote the fast weights or the optimizer state it was given in "
+            "place (p.sub_(lr * g), buf.mul_(momentum), as torch.optim optimizers do), which would change the "
+            "iterates and states metagrad keeps for the backward. Return new tensors instead "
+            "(p - lr * g, momentum * buf + g); the rules of mg.optim do.")
+    return out
+
+
+def _step(rule: UpdateRule, inner: UpdateRule, params: Params, grads: Params, state: State) -> tuple[Params, State]:
     try:
         return rule.step(params, grads, state)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:

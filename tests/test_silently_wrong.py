@@ -1283,3 +1283,74 @@ def test_an_outer_block_compiled_around_nested_blocks_is_exact_without_a_warning
             outer.step(lambda fh: meta_loss(fh, xv, yv))
         meta_loss(outer.fmodel, xo, yo).backward()
     close(grads_of(list(hyper.parameters()) + list(net.parameters())), want)
+
+
+# ------------------------------------------------- an update rule that writes in place
+class InPlaceSGD:
+    """SGD written as torch.optim writes it, ``p.sub_(lr * g)`` under no_grad: the fast weights
+    it was given are overwritten (at step 0 they share θ's storage)."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return None
+
+    def step(self, params, grads, state):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.sub_(self.lr * grads[n])
+        return params, state
+
+
+class InPlaceMomentum:
+    """Heavy ball with its buffer updated in place (``buf.mul_(μ).add_(g)``): the state kept for
+    the backward would be overwritten."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def step(self, params, grads, state):
+        for n in state:
+            state[n].mul_(0.9).add_(grads[n])
+        return {n: p - self.lr * state[n] for n, p in params.items()}, state
+
+
+IN_PLACE = {"params": InPlaceSGD, "state": InPlaceMomentum}
+
+
+@pytest.mark.parametrize("written", list(IN_PLACE))
+@pytest.mark.parametrize("estimator, tasks", [(mg.Full(), None), (mg.Checkpointed(), None),
+                                              (mg.Binomial(2, monitor=False), None), (mg.Checkpointed(), 2)], ids=repr)
+def test_a_rule_that_writes_in_place_is_refused_and_the_model_is_left_as_it_was(written, estimator, tasks):
+    """Written to: θ itself (φ_0 is θ's storage; the functional face gave a wrong meta-gradient
+    with no error and changed the caller's tensors), or the iterates and states the backward
+    reads. The step refuses it, naming the rule and the fix, and the parameters, their
+    ``.grad`` and the caller's θ are as they were, in both faces."""
+    x, y, xq, yq, _, _ = data(2)
+    model = mlp(2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    match = r"inner_opt: the update rule .* wrote the fast weights or the optimizer state it was given in place"
+    xs, ys, xqs, yqs = (t if tasks is None else torch.stack([t, t + 1]) for t in (x, y, xq, yq))
+    with pytest.raises(ValueError, match=match):
+        with mg.MetaGradient(model, inner_opt=IN_PLACE[written](0.2), estimator=estimator, tasks=tasks) as meta:
+            for _ in range(3):
+                meta.step(lambda f, a, b: F.mse_loss(f(a), b), xs, ys)
+            F.mse_loss(meta.fmodel(xqs), yqs).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]) and torch.equal(p.grad, torch.ones_like(p)), n
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    with pytest.raises(ValueError, match=match):
+        mg.functional.meta_grad(loss_fn, theta, (xs, ys), (xqs, yqs), inner_opt=IN_PLACE[written](0.2), steps=3,
+                                estimator=estimator, tasks=tasks)
+    for n, t in theta.items():
+        assert torch.equal(t, before[n]), n
