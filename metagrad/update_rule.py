@@ -266,11 +266,10 @@ def refusing_in_place(rule: UpdateRule, params: Params, state: State,
     wrote them in place (``p.sub_(lr * g)``, ``buf.mul_(momentum)``, as torch.optim optimizers
     do): the iterates and states it was given are kept for the backward (and φ_0 is θ). Read from
     the tensors' version counters; not while torch.compile traces (a compiled call's inputs are
-    checked where it is called), and a rule under ``torch.func.vmap`` is checked where it runs
-    eagerly."""
+    checked where it is called); under ``torch.func`` transforms, on the tensors they wrap."""
     if torch.compiler.is_compiling():
         return step()
-    given = [t for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
+    given = [_underlying(t) for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
     versions = [t._version for t in given]
     out = step()
     if any(t._version != version for t, version in zip(given, versions)):
@@ -280,6 +279,15 @@ def refusing_in_place(rule: UpdateRule, params: Params, state: State,
             "iterates and states metagrad keeps for the backward. Return new tensors instead "
             "(p - lr * g, momentum * buf + g); the rules of mg.optim do.")
     return out
+
+
+def _underlying(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a ``torch.func`` transform wraps (under ``vmap`` a batched tensor's own version
+    counter does not move when it is written in place; the one it wraps does)."""
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(tensor) or functorch.is_gradtrackingtensor(tensor):
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def _step(rule: UpdateRule, inner: UpdateRule, params: Params, grads: Params, state: State) -> tuple[Params, State]:

@@ -1354,3 +1354,25 @@ def test_a_rule_that_writes_in_place_is_refused_and_the_model_is_left_as_it_was(
                                 estimator=estimator, tasks=tasks)
     for n, t in theta.items():
         assert torch.equal(t, before[n]), n
+
+
+@pytest.mark.parametrize("written", list(IN_PLACE))
+def test_a_rule_that_writes_in_place_is_refused_under_vmap_of_meta_grad(written):
+    """Under the user's ``torch.func.vmap`` of ``meta_grad`` (θ batched), the rule's writes land in
+    the tensors the transform wraps, whose version counters are read."""
+    x, y, xq, yq, _, _ = data(3)
+    model = mlp(3)
+    thetas = {n: torch.stack([p.detach(), p.detach() + 0.1]) for n, p in model.named_parameters()}
+    before = {n: t.clone() for n, t in thetas.items()}
+
+    def loss_fn(p, batch):
+        return ((functional_call(model, p, (batch[0],)) - batch[1]) ** 2).mean()
+
+    def one(theta):
+        return mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=IN_PLACE[written](0.2), steps=3,
+                                       estimator=mg.Checkpointed())
+
+    with pytest.raises(ValueError, match=r"wrote the fast weights or the optimizer state it was given in place"):
+        torch.func.vmap(one)(thetas)
+    for n, t in thetas.items():
+        assert torch.equal(t, before[n]), n
