@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta, graph_inputs
 from .frozen import Frozen, RandomState
-from .update_rule import Params, State, UpdateRule, refusing_in_place
+from .update_rule import Params, State, UpdateRule, checked_step
 
 __all__ = ["StepRecord", "step_body", "eta_grads_of", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked", "same_shapes",
            "zero_if_none", "autocast_dtype", "hyperparameters", "clone_constant"]
@@ -159,7 +159,7 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
             full[i] = t
         step_rule = rule if not rule_eta else rule_with(rule, {i: eta[k] for i, k in rule_eta.items()})
         given = pytree.tree_unflatten(full, spec)
-        new_q, new_s = refusing_in_place(step_rule, q, given, lambda: step_rule.step(q, grads, given))
+        new_q, new_s = checked_step(step_rule, q, given, lambda: step_rule.step(q, grads, given))
         return (dict(new_q), new_s), (loss, both if eta_grads else grads)
 
     return body

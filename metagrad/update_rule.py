@@ -40,7 +40,7 @@ Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
 __all__ = ["UpdateRule", "TransformationRule", "RULES", "as_update_rule", "check_update_rule",
-           "is_transformation", "step_in_layout", "refusing_in_place"]
+           "is_transformation", "step_in_layout", "checked_step"]
 
 
 @runtime_checkable
@@ -257,28 +257,36 @@ def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: P
     such a rule then leaves the model's parameters as they were)."""
     if copy:
         params = {n: t.clone() for n, t in params.items()}
-    return refusing_in_place(rule, params, state, lambda: _step(rule, inner, params, grads, state))
+    return checked_step(rule, params, state, lambda: _step(rule, inner, params, grads, state))
 
 
-def refusing_in_place(rule: UpdateRule, params: Params, state: State,
-                      step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
+def checked_step(rule: UpdateRule, params: Params, state: State,
+                 step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
     """``step()``, the step of ``rule`` on ``params`` and ``state``, raising a ``ValueError`` if it
     wrote them in place (``p.sub_(lr * g)``, ``buf.mul_(momentum)``, as torch.optim optimizers
-    do): the iterates and states it was given are kept for the backward (and φ_0 is θ). Read from
-    the tensors' version counters; not while torch.compile traces (a compiled call's inputs are
-    checked where it is called); under ``torch.func`` transforms, on the tensors they wrap."""
+    do: the iterates and states it was given are kept for the backward, and φ_0 is θ) or if it
+    returned other fast weights than it was given (every one, unchanged where it has no
+    gradient). The writes are read from the tensors' version counters; not while torch.compile
+    traces (a compiled call's inputs are checked where it is called); under ``torch.func``
+    transforms, on the tensors they wrap."""
     if torch.compiler.is_compiling():
         return step()
     given = [_underlying(t) for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
     versions = [t._version for t in given]
-    out = step()
+    new_params, new_state = step()
     if any(t._version != version for t, version in zip(given, versions)):
         raise ValueError(
             f"inner_opt: the update rule {rule!r} wrote the fast weights or the optimizer state it was given in "
             "place (p.sub_(lr * g), buf.mul_(momentum), as torch.optim optimizers do), which would change the "
             "iterates and states metagrad keeps for the backward. Return new tensors instead "
             "(p - lr * g, momentum * buf + g); the rules of mg.optim do.")
-    return out
+    if not isinstance(new_params, Mapping) or set(new_params) != set(params):
+        got = sorted(new_params) if isinstance(new_params, Mapping) else type(new_params).__name__
+        raise ValueError(
+            f"inner_opt: the update rule {rule!r} returned fast weights {got} for the fast weights "
+            f"{sorted(params)} it was given; step(params, grads, state) returns a name→tensor dict with every "
+            "name it was given (a parameter without a gradient as it is), and the new state.")
+    return new_params, new_state
 
 
 def _underlying(tensor: torch.Tensor) -> torch.Tensor:

@@ -1376,3 +1376,38 @@ def test_a_rule_that_writes_in_place_is_refused_under_vmap_of_meta_grad(written)
         torch.func.vmap(one)(thetas)
     for n, t in thetas.items():
         assert torch.equal(t, before[n]), n
+
+
+class HeadOnlySGD:
+    """A rule that returns only the fast weights it updates (here the first layer's), dropping
+    the others: in the functional face the dropped ones fell back to the module's own θ from the
+    next step on, and Full gave a meta-gradient of that other inner loop with no error."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return None
+
+    def step(self, params, grads, state):
+        return {n: params[n] - self.lr * grads[n] for n in list(params)[:2]}, state
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_a_rule_that_drops_fast_weights_is_refused_naming_them(estimator):
+    x, y, xq, yq, _, _ = data(4)
+    model = mlp(4)
+    match = r"returned fast weights \['0.bias', '0.weight'\] for the fast weights \['0.bias', '0.weight', '2.bias'"
+    with pytest.raises(ValueError, match=match):
+        with mg.MetaGradient(model, inner_opt=HeadOnlySGD(0.2), estimator=estimator) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    with pytest.raises(ValueError, match=match):
+        mg.functional.meta_grad(loss_fn, {n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq),
+                                inner_opt=HeadOnlySGD(0.2), steps=3, estimator=estimator)
