@@ -267,11 +267,13 @@ class PureTrajectory(OnTape):
         leaves = pytree.tree_leaves(self.state(m))
         carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
         adjoint = list(state_adjoint or [])
-        after = pytree.tree_leaves(self.state(m + 1)) if carried else []  # (s_{m+1}: its adjoint's shapes)
-        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in carried]
+        # s_{m+1}'s float leaves take the adjoint (its shapes; a state that starts empty has more)
+        after = [] if state_adjoint is None else pytree.tree_leaves(self.state(m + 1))
+        returned = [i for i, t in enumerate(after) if _is_float_tensor(t)]
+        s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in returned]
         pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self.state(m), carried), self.iterate(m),
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
-                                                        carried)
+                                                        carried, returned)
         if state_adjoint is None:
             return dict(pulled), list(pulled_eta), None
         adjoint_out: list[Optional[torch.Tensor]] = [None] * len(leaves)
@@ -304,6 +306,8 @@ class PureTrajectory(OnTape):
             return None
         carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if t.is_floating_point()]
         adjoint = list(state_adjoint or [])
+        if state_adjoint is not None and pytree.tree_structure(self.state(last)) != spec:
+            return None  # (a state that starts empty: its first step, by vjp)
         after = pytree.tree_leaves(self.state(last)) if carried else []  # (s_last: its adjoint's shapes)
         s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in carried]
         out = self.pieces.sweep([self.iterate(m) for m in range(first, last)], states, spec, self.meta, u,

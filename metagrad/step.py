@@ -252,15 +252,19 @@ def with_eta(loss: Callable[[Params, Params, list[torch.Tensor]], torch.Tensor],
 
 
 def step_vjp(body: Body, q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor],
-             u: Params, s_adjoint: Sequence[torch.Tensor], carried: Sequence[int] = ()) -> tuple[Any, ...]:
+             u: Params, s_adjoint: Sequence[torch.Tensor], carried: Sequence[int] = (),
+             returned: Optional[Sequence[int]] = None) -> tuple[Any, ...]:
     """The step's VJP by ``torch.func.vjp`` of :func:`step_body`: ``(J_mᵀu + the state's part,
     B_mᵀu per explicit η, the adjoint of the carried state, Φ(φ), ℓ(φ), ∇ℓ(φ))``. ``u`` and
-    ``s_adjoint`` are the cotangents of Φ(φ) and of the new state's leaves at ``carried``
-    (the body's ``carried``: the state keeps its structure)."""
+    ``s_adjoint`` are the cotangents of Φ(φ) and of the new state's leaves at ``returned``
+    (default: the body's ``carried``, where the state keeps its structure; a rule whose state
+    starts empty returns leaves its input did not have)."""
+    outputs = carried if returned is None else returned
+
     def selected(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]) -> Any:
         (new_q, new_s), aux = body(q, eta, s)
         new_leaves = pytree.tree_leaves(new_s)
-        return (new_q, [new_leaves[i] for i in carried]), aux
+        return (new_q, [new_leaves[i] for i in outputs]), aux
 
     out: Any = torch.func.vjp(selected, q, list(eta), list(s), has_aux=True)
     (new, _), pullback, (loss, grads) = out[0], out[1], out[2]
