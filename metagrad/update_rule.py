@@ -286,6 +286,11 @@ def checked_step(rule: UpdateRule, params: Params, state: State,
             f"inner_opt: the update rule {rule!r} returned fast weights {got} for the fast weights "
             f"{sorted(params)} it was given; step(params, grads, state) returns a name→tensor dict with every "
             "name it was given (a parameter without a gradient as it is), and the new state.")
+    changed = [f"{n}: {tuple(t.shape)} {t.dtype} for {tuple(params[n].shape)} {params[n].dtype}"
+               for n, t in new_params.items() if t.shape != params[n].shape or t.dtype != params[n].dtype]
+    if changed:
+        raise ValueError(f"inner_opt: the update rule {rule!r} returned fast weights of another shape or dtype than "
+                         f"it was given ({'; '.join(changed)}); return each in its own shape and dtype.")
     return new_params, new_state
 
 

@@ -1411,3 +1411,21 @@ def test_a_rule_that_drops_fast_weights_is_refused_naming_them(estimator):
     with pytest.raises(ValueError, match=match):
         mg.functional.meta_grad(loss_fn, {n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq),
                                 inner_opt=HeadOnlySGD(0.2), steps=3, estimator=estimator)
+
+
+class Float32SGD(HeadOnlySGD):
+    """Returns the fast weights in float32 whatever they were (a torch error deep in the next
+    forward before)."""
+
+    def step(self, params, grads, state):
+        return {n: (p - self.lr * grads[n]).float() for n, p in params.items()}, state
+
+
+def test_a_rule_that_changes_a_fast_weights_dtype_is_refused_naming_it():
+    x, y, xq, yq, _, _ = data(5)
+    model = mlp(5)
+    with pytest.raises(ValueError, match=r"another shape or dtype .*0.weight: \(4, 2\) torch.float32 for \(4, 2\) "
+                                         r"torch.float64"):
+        with mg.MetaGradient(model, inner_opt=Float32SGD(0.2), estimator=mg.Checkpointed()) as meta:
+            meta.step(lambda f: F.mse_loss(f(x), y))
+    assert all(p.grad is None for p in model.parameters())
