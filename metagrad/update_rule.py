@@ -271,7 +271,9 @@ def checked_step(rule: UpdateRule, params: Params, state: State,
     transforms, on the tensors they wrap."""
     if torch.compiler.is_compiling():
         return step()
-    given = [_underlying(t) for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
+    given = [t for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # (inside a torch.func transform)
+        given = [_underlying(t) for t in given]
     versions = [t._version for t in given]
     new_params, new_state = step()
     if any(t._version != version for t, version in zip(given, versions)):
@@ -286,9 +288,9 @@ def checked_step(rule: UpdateRule, params: Params, state: State,
             f"inner_opt: the update rule {rule!r} returned fast weights {got} for the fast weights "
             f"{sorted(params)} it was given; step(params, grads, state) returns a name→tensor dict with every "
             "name it was given (a parameter without a gradient as it is), and the new state.")
-    changed = [f"{n}: {tuple(t.shape)} {t.dtype} for {tuple(params[n].shape)} {params[n].dtype}"
-               for n, t in new_params.items() if t.shape != params[n].shape or t.dtype != params[n].dtype]
-    if changed:
+    if any(t.shape != params[n].shape or t.dtype != params[n].dtype for n, t in new_params.items()):
+        changed = [f"{n}: {tuple(t.shape)} {t.dtype} for {tuple(params[n].shape)} {params[n].dtype}"
+                   for n, t in new_params.items() if t.shape != params[n].shape or t.dtype != params[n].dtype]
         raise ValueError(f"inner_opt: the update rule {rule!r} returned fast weights of another shape or dtype than "
                          f"it was given ({'; '.join(changed)}); return each in its own shape and dtype.")
     return new_params, new_state
