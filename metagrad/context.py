@@ -279,7 +279,7 @@ class MetaGradient:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         trajectory = self._trajectory
-        said = None if trajectory is None or exc_type is not None else warn_at_end(self.estimator, trajectory)
+        said = None if trajectory is None or exc_type is not None else warn_at_end(self._running, trajectory)
         failed = exc_type is not None or said is not None
         self._active = False
         self._fmodel = None

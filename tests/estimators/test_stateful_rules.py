@@ -80,6 +80,19 @@ def meta_gradient(rule, estimator):
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+def functional_meta_gradient(rule, estimator, compile=False):
+    """:func:`meta_gradient` by ``mg.functional.meta_grad`` on the same problem."""
+    model = make_model()
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(params, data):
+        return F.mse_loss(torch.func.functional_call(model, params, (data[0],)), data[1])
+
+    g = mg.functional.meta_grad(loss, theta, (XS, YS), (XQ, YQ), inner_opt=rule, steps=K, estimator=estimator,
+                                compile=compile)
+    return torch.cat([g[n].flatten() for n in theta])
+
+
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -266,18 +279,8 @@ def test_a_rule_whose_state_grows_step_by_step(face):
                   "blocked": mg.Binomial(2, block=2, monitor=False)}
     got = {}
     for name, estimator in estimators.items():
-        if face == "context":
-            got[name] = meta_gradient(GrowingHistory(lr), estimator)
-        else:
-            model = make_model()
-            theta = {n: p.detach() for n, p in model.named_parameters()}
-
-            def loss(params, data):
-                return F.mse_loss(torch.func.functional_call(model, params, (data[0],)), data[1])
-
-            g = mg.functional.meta_grad(loss, theta, (XS, YS), (XQ, YQ), inner_opt=GrowingHistory(lr), steps=K,
-                                        estimator=estimator)
-            got[name] = torch.cat([g[n].flatten() for n in theta])
+        face_gradient = meta_gradient if face == "context" else functional_meta_gradient
+        got[name] = face_gradient(GrowingHistory(lr), estimator)
     for name in ("full", "checkpointed", "snapshots"):
         assert torch.linalg.vector_norm(got[name] - expected) <= RTOL * torch.linalg.vector_norm(expected), name
     for name in ("truncated", "binomial", "blocked"):
@@ -322,13 +325,5 @@ def test_a_rule_whose_state_starts_empty(face, compile):
         if face == "context":
             got = meta_gradient(LazyMomentum(lr), estimator)
         else:
-            model = make_model()
-            theta = {n: p.detach() for n, p in model.named_parameters()}
-
-            def loss(params, data):
-                return F.mse_loss(torch.func.functional_call(model, params, (data[0],)), data[1])
-
-            g = mg.functional.meta_grad(loss, theta, (XS, YS), (XQ, YQ), inner_opt=LazyMomentum(lr), steps=K,
-                                        estimator=estimator, compile=compile)
-            got = torch.cat([g[n].flatten() for n in theta])
+            got = functional_meta_gradient(LazyMomentum(lr), estimator, compile=compile)
         assert torch.linalg.vector_norm(got - expected) <= RTOL * torch.linalg.vector_norm(expected), estimator
