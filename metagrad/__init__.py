@@ -9,7 +9,7 @@ from . import distributed, errors, functional, linalg, numerics, optim, replay
 from .diagnosis import diagnose
 from .context import MetaGradient
 from .errors import (MetaGradientWarning, NegativeCurvatureError, NestedBlockError, ReplayError,
-                     SeriesDivergenceError)
+                     SeriesDivergenceError, UpdateRuleError)
 from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, Implicit, Truncated
 from .fmodel import FunctionalModel
 
@@ -29,6 +29,7 @@ __all__ = [
     "SeriesDivergenceError",
     "ReplayError",
     "NestedBlockError",
+    "UpdateRuleError",
     "errors",
     "MetaGradientWarning",
     "optim",

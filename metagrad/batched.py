@@ -16,6 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
+from .errors import UpdateRuleError
 from .update_rule import Params, State
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
 from .step import StepRecord, eta_grads_of, stacked, step_body, step_size_vjp, step_vjp, with_eta
@@ -199,6 +200,8 @@ class Batched:
                 pulled, pulled_eta, rebuilt, losses, grads, eta_grads = torch.func.vmap(
                     row, in_dims=(0, 0, 0, [0 if j in varying else None for j in range(len(slots))], None))(
                         params, states, u, captured, eta)
+        except UpdateRuleError:  # (the rule's own fault, said where it is found)
+            raise
         except Exception as error:
             if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
                 self.products.verify()

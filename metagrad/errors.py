@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["ReplayError", "NestedBlockError", "SeriesDivergenceError", "NegativeCurvatureError",
+__all__ = ["ReplayError", "NestedBlockError", "UpdateRuleError", "SeriesDivergenceError", "NegativeCurvatureError",
            "MetaGradientWarning", "warn", "misfit_signature"]
 
 
@@ -26,6 +26,12 @@ class ReplayError(RuntimeError):
 class NestedBlockError(ValueError):
     """A ``MetaGradient`` block nested in an outer block's inner step cannot give what the
     outer estimator needs there (its estimator, or a ``torch.func`` transform around it)."""
+
+
+class UpdateRuleError(ValueError):
+    """An update rule's step that a meta-gradient cannot go through: it writes the fast weights
+    or the state it was given in place, returns other fast weights (or in another shape or
+    dtype), or returns fast weights that do not depend on those it was given."""
 
 
 class SeriesDivergenceError(ArithmeticError):

@@ -40,7 +40,7 @@ from .snapshots import Schedule
 from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, hyperparameters,
                    proximal, pull_back, rule_slots, same_shapes, step_body, step_vjp, zero_if_none)
-from .update_rule import Params, State, UpdateRule
+from .update_rule import Params, State, UpdateRule, at_vjp_level
 from .pure_compiled import RUNS, Pieces
 
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
@@ -187,8 +187,10 @@ class PureTrajectory(OnTape):
         end = 1 if self.tape.schedule is None else next((k for k in self.tape.stored if k > 0), self.length)
         params, state = self.iterate(0), self.state(0)
         attributes = hyperparameters(self.rule)  # (a rule that updates its own attributes: a counter)
-        for _ in range(end):
-            params, state = self._body(state)(params, self.meta, [])[0]
+        for k in range(end):  # (the first at a torch.func.vjp level: a rule written under torch.no_grad() is refused)
+            body = self._body(state)
+            params, state = at_vjp_level(lambda p: body(p, self.meta, [])[0], params) if k == 0 else \
+                body(params, self.meta, [])[0]
         if hyperparameters(self.rule) != attributes:
             raise ReplayError(
                 f"inner_opt: the update rule {self.rule!r} changes its own attributes when it takes a step "

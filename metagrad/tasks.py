@@ -113,7 +113,7 @@ def _refuse_misfit(closure: Callable[..., Any], count: int, tasks: Optional[int]
         return
     try:
         signature.bind_partial(None, *range(count))
-        advice = (f"Pass its batch after the closure, meta.step(closure, x_s, y_s)"
+        advice = ("Pass its batch after the closure, meta.step(closure, x_s, y_s)"
                   + (f", each tensor with a first dimension of {tasks} (one slice per task)." if tasks else "."))
     except TypeError:  # it takes fewer
         advice = ("Take them as arguments after fmodel, meta.step(lambda f, x, y: loss(f(x), y), x_s, y_s)"

@@ -363,15 +363,15 @@ class Trajectory(OnTape):
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
                 rule_meta: Optional[bool]) -> tuple[Params, State]:
-        """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (the
-        Implicit estimator's inner problem). It runs with grad enabled where the rule may hold
-        η of its own (a step size that requires grad; ``rule_meta`` not known yet, or true):
-        its inputs are detached, so the graph reaches only those. A rule seen before without
-        any runs without."""
+        """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (Implicit's
+        inner problem), with grad enabled where the rule may hold η of its own (a step size that
+        requires grad; ``rule_meta`` unknown or true): its inputs are detached, so the graph
+        reaches only those. A rule seen before without any runs without."""
         with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
-            return step_in_layout(rule, self.rule, params, grads, state, copy=self.length == 0)  # (φ_0: θ's storage)
+            return step_in_layout(rule, self.rule, params, grads, state, copy=self.length == 0,  # (φ_0: θ's storage)
+                                  differentiated=self.compiler is not None and self.keep != 0)
 
     def _modes(self) -> tuple[bool, ...]:
         """``training`` of every submodule now; the previous step's tuple when unchanged."""

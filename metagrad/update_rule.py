@@ -36,6 +36,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import UpdateRuleError
+
 Params = dict[str, torch.Tensor]
 State = dict[str, Any]
 
@@ -246,7 +248,7 @@ def _is_metagrad_rule(cls: type) -> bool:
 
 
 def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: Params,
-                   state: State, *, copy: bool = False) -> tuple[Params, State]:
+                   state: State, *, copy: bool = False, differentiated: bool = False) -> tuple[Params, State]:
     """``rule.step(params, grads, state)``, where ``state`` is the optimizer state of the block's
     rule ``inner``. A rule given for one step (``meta.step(..., rule=...)``) whose own state has
     another layout than ``inner``'s (Adam's for a block of SGD) fails inside its step with a
@@ -254,11 +256,40 @@ def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: P
     A rule that writes the fast weights or the state it was given in place (``p.sub_(lr * g)``,
     as a torch.optim optimizer does) would change the stored iterates it was given: that raises a
     ``ValueError`` too. ``copy``: the rule gets copies of ``params`` (φ_0, whose storage is θ's:
-    such a rule then leaves the model's parameters as they were)."""
+    such a rule then leaves the model's parameters as they were). ``differentiated``: a compiled
+    product will differentiate the step in φ, where its graph is not checked
+    (:func:`check_differentiable`)."""
     if copy:
         params = {n: t.clone() for n, t in params.items()}
+    if differentiated and copy and not _is_metagrad_rule(type(rule)):
+        return at_vjp_level(lambda p: checked_step(rule, p, state, lambda: _step(rule, inner, p, grads, state)), params)
     return checked_step(rule, params, state, lambda: _step(rule, inner, params, grads, state))
 
+
+def at_vjp_level(step: Callable[[Params], tuple[Params, State]], params: Params) -> tuple[Params, State]:
+    """``step(params)``, with ``params`` taken at a ``torch.func.vjp`` level (its primal results,
+    which keep the autograd graph to tensors that require grad outside, a rule's step size): there
+    they require grad, so :func:`checked_step` refuses a rule whose new fast weights do not depend
+    on them (written under ``torch.no_grad()``) in a step that is otherwise taken detached (whose
+    products a compiled call will take, where the traced step is not checked)."""
+    kept: dict[str, Any] = {}
+
+    def taken(p: Params) -> tuple[Params, list[torch.Tensor]]:
+        new_params, new_state = step(p)
+        leaves, kept["spec"] = pytree.tree_flatten(new_state)
+        kept["leaves"] = leaves
+        return dict(new_params), [t for t in leaves if isinstance(t, torch.Tensor)]  # (the state: any dtype)
+
+    try:
+        vjp: Any = torch.func.vjp  # (typed without has_aux's third result)
+        new_params, _, tensors = vjp(taken, params, has_aux=True)
+    except RuntimeError as error:  # a write in place into them: the step as it is says so
+        if "in-place" not in str(error):
+            raise
+        return step(params)
+    given = iter(tensors)
+    leaves = [next(given) if isinstance(t, torch.Tensor) else t for t in kept["leaves"]]
+    return new_params, pytree.tree_unflatten(leaves, kept["spec"])
 
 def checked_step(rule: UpdateRule, params: Params, state: State,
                  step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
@@ -277,24 +308,44 @@ def checked_step(rule: UpdateRule, params: Params, state: State,
     versions = [t._version for t in given]
     new_params, new_state = step()
     if any(t._version != version for t, version in zip(given, versions)):
-        raise ValueError(
+        raise UpdateRuleError(
             f"inner_opt: the update rule {rule!r} wrote the fast weights or the optimizer state it was given in "
             "place (p.sub_(lr * g), buf.mul_(momentum), as torch.optim optimizers do), which would change the "
             "iterates and states metagrad keeps for the backward. Return new tensors instead "
             "(p - lr * g, momentum * buf + g); the rules of mg.optim do.")
     if not isinstance(new_params, Mapping) or set(new_params) != set(params):
         got = sorted(new_params) if isinstance(new_params, Mapping) else type(new_params).__name__
-        raise ValueError(
+        raise UpdateRuleError(
             f"inner_opt: the update rule {rule!r} returned fast weights {got} for the fast weights "
             f"{sorted(params)} it was given; step(params, grads, state) returns a name→tensor dict with every "
             "name it was given (a parameter without a gradient as it is), and the new state.")
+    _refuse_cut(rule, _cut(params, new_params))
     if any(t.shape != params[n].shape or t.dtype != params[n].dtype for n, t in new_params.items()):
         changed = [f"{n}: {tuple(t.shape)} {t.dtype} for {tuple(params[n].shape)} {params[n].dtype}"
                    for n, t in new_params.items() if t.shape != params[n].shape or t.dtype != params[n].dtype]
-        raise ValueError(f"inner_opt: the update rule {rule!r} returned fast weights of another shape or dtype than "
+        raise UpdateRuleError(f"inner_opt: the update rule {rule!r} returned fast weights of another shape or dtype than "
                          f"it was given ({'; '.join(changed)}); return each in its own shape and dtype.")
     return new_params, new_state
 
+
+def _refuse_cut(rule: UpdateRule, cut: list[str]) -> None:
+    """Raise a ``ValueError`` naming the fast weights ``cut`` that ``rule`` returned without
+    their dependence on the fast weights it was given (every meta-gradient through them zero)."""
+    if cut:
+        raise UpdateRuleError(
+            f"inner_opt: the update rule {rule!r} returned fast weights {cut} that do not depend on the fast "
+            "weights it was given (computed under torch.no_grad(), or from .detach() or .data), so every "
+            "meta-gradient through its step would be zero. A meta-gradient differentiates the step: compute "
+            "the new fast weights with autograd on (p - lr * g, not under torch.no_grad()), as the rules of "
+            "mg.optim do.")
+
+
+def _cut(params: Params, new_params: Params) -> list[str]:
+    """The fast weights that require grad in ``params`` and not in ``new_params``, with grad
+    enabled (none without)."""
+    if not torch.is_grad_enabled():
+        return []
+    return [n for n, t in new_params.items() if n in params and params[n].requires_grad and not t.requires_grad]
 
 def _underlying(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor a ``torch.func`` transform wraps (under ``vmap`` a batched tensor's own version

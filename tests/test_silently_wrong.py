@@ -1429,3 +1429,63 @@ def test_a_rule_that_changes_a_fast_weights_dtype_is_refused_naming_it():
         with mg.MetaGradient(model, inner_opt=Float32SGD(0.2), estimator=mg.Checkpointed()) as meta:
             meta.step(lambda f: F.mse_loss(f(x), y))
     assert all(p.grad is None for p in model.parameters())
+
+
+class NoGradSGD(HeadOnlySGD):
+    """SGD whose step is written under ``torch.no_grad()`` as torch.optim's are, but out of place:
+    the fast weights it returns do not depend on those it was given, so every meta-gradient
+    through its steps is zero."""
+
+    @torch.no_grad()
+    def step(self, params, grads, state):
+        return {n: p - self.lr * grads[n] for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("estimator, compile", [
+    (mg.Full(), False), (mg.Checkpointed(), False), (mg.Checkpointed(snapshots=2), False), (mg.Truncated(2), False),
+    (mg.Binomial(2, monitor=False), False), (mg.Checkpointed(), True)], ids=repr)
+def test_a_rule_written_under_no_grad_is_refused_in_both_faces(estimator, compile):
+    """``mg.functional.meta_grad`` returned a meta-gradient of zeros with no error (eagerly and
+    compiled), as did a block with ``compile=True``; an eager block raised torch's "element 0 of
+    tensors does not require grad" from inside its backward, or blamed the closure (Full). Now
+    the rule is named, and ``.grad`` is as it was."""
+    x, y, xq, yq, _, _ = data(6)
+    model = mlp(6)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    match = r"inner_opt: the update rule .* returned fast weights \['0.weight', .*\] that do not depend on"
+    with pytest.raises(mg.UpdateRuleError, match=match):
+        with mg.MetaGradient(model, inner_opt=NoGradSGD(0.2), estimator=estimator, compile=compile) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    with pytest.raises(mg.UpdateRuleError, match=match):
+        mg.functional.meta_grad(loss_fn, {n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq),
+                                inner_opt=NoGradSGD(0.2), steps=3, estimator=estimator, compile=compile)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_first_order_takes_a_rule_written_under_no_grad(compile):
+    """FirstOrder does not differentiate the steps, so a rule written under ``torch.no_grad()``
+    gives its meta-gradient (FOMAML's, against the plain first-order loop), in both faces."""
+    x, y, xq, yq, _, _ = data(7)
+    model = mlp(7)
+    lrs = [dict.fromkeys(dict(model.named_parameters()), 0.2)] * 3
+    want = unrolled(model, lambda f, k: F.mse_loss(f(x), y), lambda f: F.mse_loss(f(xq), yq), lrs, first_order=True)
+    with mg.MetaGradient(model, inner_opt=NoGradSGD(0.2), estimator=mg.FirstOrder(), compile=compile) as meta:
+        for _ in range(3):
+            meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    close([p.grad for p in model.parameters()], want)
+
+    def loss_fn(p, batch):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    got = mg.functional.meta_grad(loss_fn, {n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq),
+                                  inner_opt=NoGradSGD(0.2), steps=3, estimator=mg.FirstOrder(), compile=compile)
+    close(list(got.values()), want)
