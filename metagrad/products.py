@@ -46,7 +46,7 @@ from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, rule_slots, step_body,
-                   step_size_vjp, zero_if_none)
+                   same_shapes, step_size_vjp, zero_if_none)
 from .tape import NestedBlockError, differentiated_twice
 
 __all__ = ["Products"]
@@ -235,7 +235,7 @@ class Products:
             return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
-        if tr.compiler is not None and step.batch_key() is not None and not step.once:
+        if tr.compiler is not None and step.batch_key() is not None and not step.once and keeps_shapes(tr, m):
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
                 pulled, pulled_eta, adjoint, norms, loss, grads, explicit, eta_grads = out
@@ -455,3 +455,13 @@ class Products:
                            meta, step=k - 1, used=step.used, theta=tr.theta, reg=tr.proximal or 0.0)
         closure.taken()  # (what the rebuild itself wrote is no change)
         return kept
+
+
+def keeps_shapes(trajectory: Any, m: int) -> bool:
+    """Whether step m returned an optimizer state whose leaves have the shapes of those it was
+    given, where both are stored: a compiled product is traced for fixed shapes, so the steps of
+    a rule whose state grows (a history) are taken eagerly."""
+    after = trajectory.tape.state if m + 1 == trajectory.length else \
+        getattr(trajectory.tape.steps.get(m + 1), "state", None)
+    before, returned = pytree.tree_leaves(trajectory.tape.steps[m].state), pytree.tree_leaves(after)
+    return len(before) != len(returned) or same_shapes(list(zip(before, returned)))
