@@ -21,7 +21,7 @@ from .fmodel import FunctionalModel, Layout, unstacked
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 from .pure_compiled import Pieces
-from .step import rule_slots
+from .step import rule_slots, rule_tensors
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
@@ -194,6 +194,8 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
             return {n: t.clone() for n, t in p.items()}
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
+    if eta and not traced:
+        _check_meta_read((outer, inner), start(theta), eta, inner_opt, names, loss_of.identity)
     if estimator.differentiable:  # Full: autograd through the unroll
         rule_eta = rule_slots(inner_opt, eta)
 
@@ -305,6 +307,48 @@ def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:
             raise TypeError(f"meta: {name} is {got}; every leaf of meta must be a floating-point tensor "
                             "(it is differentiated).")
     return [leaf for _, leaf in flat], spec, names
+
+
+def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: dict[str, torch.Tensor],
+                     eta: list[torch.Tensor], rule: Any, names: list[str], identity: Any) -> None:
+    """Where the update rule holds a floating-point tensor that is not in ``meta`` (a step size
+    computed from η outside, ``SGD(lr=log_lr.exp())``, which ``meta_grad`` cannot see: it learns a
+    step size the rule holds as the very tensor of ``meta``), raise a ``ValueError`` naming each
+    tensor of ``meta`` that the rule does not hold and the loss does not read, on the query batch
+    or the support batch (``losses``, tried in turn, at φ_0): its gradient would come out zero
+    with no error. A loss found to read them (``identity``: :attr:`TaskLoss.identity`) is not
+    tried again for the same ones."""
+    ids = {id(t) for t in eta}
+    held = rule_slots(rule, eta)
+    unread = [k for k, t in enumerate(eta) if id(t) not in held]
+    key = (identity, tuple(unread))
+    if not unread or key in _READ or not any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
+        return
+    p = {n: t.detach() for n, t in phi.items()}
+    for loss_at in losses:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in eta]
+            loss = loss_at(p, leaves)
+            read = torch.autograd.grad(loss, [leaves[k] for k in unread], allow_unused=True) \
+                if loss.requires_grad else [None] * len(unread)
+        unread = [k for k, g in zip(unread, read) if g is None]
+        if not unread:
+            if not isinstance(identity[1], int):  # (a function's code; an object's id may be another's later)
+                _READ.add(key)
+            return
+    said = ", ".join(names[k] for k in unread)
+    raise ValueError(
+        f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
+        "while inner_opt holds a tensor that is not in meta. A step size computed from a tensor of meta outside "
+        "meta_grad (SGD(lr=log_lr.exp()) with meta={'log_lr': log_lr}) is a constant to it: meta_grad learns "
+        "a step size that inner_opt holds as the very tensor passed in meta, so the gradient of "
+        f"{said} would be zero. Hold that tensor itself in a rule of your own that computes the step size in "
+        "its step (self.log_lr.exp()), or pass the tensor inner_opt holds in meta; leave out of meta what the "
+        "loss does not use. (MetaGradient finds step sizes computed from a meta-parameter by autograd.)")
+
+
+#: The losses (:attr:`TaskLoss.identity`) and unheld tensors of meta :func:`_check_meta_read` found read.
+_READ: set[tuple[Any, tuple[int, ...]]] = set()
 
 
 def _result(g: dict[str, torch.Tensor], g_eta: list[torch.Tensor], meta: Any, spec: Any) -> Any:

@@ -1489,3 +1489,44 @@ def test_first_order_takes_a_rule_written_under_no_grad(compile):
     got = mg.functional.meta_grad(loss_fn, {n: p.detach() for n, p in model.named_parameters()}, (x, y), (xq, yq),
                                   inner_opt=NoGradSGD(0.2), steps=3, estimator=mg.FirstOrder(), compile=compile)
     close(list(got.values()), want)
+
+
+class ExpSGD(HeadOnlySGD):
+    """SGD with the step size ``exp(log_lr)`` computed inside the step from the tensor it holds."""
+
+    def step(self, params, grads, state):
+        return {n: p - self.lr.exp() * grads[n] for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.FirstOrder()], ids=repr)
+def test_a_step_size_computed_from_meta_outside_meta_grad_is_refused(estimator):
+    """``meta_grad(..., inner_opt=SGD(lr=log_lr.exp()), meta={"log_lr": log_lr})``: the rule holds a
+    tensor computed from η, which the functional face cannot see, so η's gradient came out 0.0
+    (the hand unroll's is about -0.07) with no error. Refused, naming ``meta['log_lr']``; a rule
+    that holds ``log_lr`` itself and takes ``exp`` in its step gets the hand unroll's gradient."""
+    x, y, xq, yq, _, _ = data(8)
+    model = mlp(8)
+    log_lr = torch.tensor(-1.0, dtype=DT)
+
+    def loss_fn(p, batch, meta):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"meta: meta\['log_lr'\] is neither read by loss_fn .* nor held by inner_opt"):
+        mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=log_lr.exp()), steps=3,
+                                estimator=estimator, meta={"log_lr": log_lr})
+    got = mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=ExpSGD(log_lr), steps=3,
+                                  estimator=estimator, meta={"log_lr": log_lr})[1]["log_lr"]
+    learned = log_lr.clone().requires_grad_()
+    lrs = [dict.fromkeys(theta, learned.exp())] * 3
+    if isinstance(estimator, mg.FirstOrder):  # (MATH.md: first-order Meta-SGD's step-size part, φ_k detached)
+        phi, gradients = {n: t.clone().requires_grad_() for n, t in theta.items()}, []
+        for _ in range(3):
+            gradients.append(torch.autograd.grad(F.mse_loss(functional_call(model, phi, (x,)), y), list(phi.values())))
+            phi = {n: (p - log_lr.exp() * g).detach().requires_grad_() for (n, p), g in zip(phi.items(), gradients[-1])}
+        v = torch.autograd.grad(F.mse_loss(functional_call(model, phi, (xq,)), yq), list(phi.values()))
+        want = -log_lr.exp() * sum((g * w).sum() for step in gradients for g, w in zip(step, v))
+    else:
+        want = unrolled(model, lambda f, k: F.mse_loss(f(x), y), lambda f: F.mse_loss(f(xq), yq), lrs,
+                        wrt=[learned])[-1]
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (got, want)
