@@ -311,18 +311,18 @@ def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:
 
 def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: dict[str, torch.Tensor],
                      eta: list[torch.Tensor], rule: Any, names: list[str], identity: Any) -> None:
-    """Where the update rule holds a floating-point tensor that is not in ``meta`` (a step size
-    computed from η outside, ``SGD(lr=log_lr.exp())``, which ``meta_grad`` cannot see: it learns a
-    step size the rule holds as the very tensor of ``meta``), raise a ``ValueError`` naming each
-    tensor of ``meta`` that the rule does not hold and the loss does not read, on the query batch
-    or the support batch (``losses``, tried in turn, at φ_0): its gradient would come out zero
-    with no error. A loss found to read them (``identity``: :attr:`TaskLoss.identity`) is not
-    tried again for the same ones."""
-    ids = {id(t) for t in eta}
+    """Say which tensors of ``meta`` the update rule does not hold and the loss does not read, on
+    the query batch or the support batch (``losses``, tried in turn, at φ_0): their gradient
+    comes out zero. Most often the loss or the rule reads a tensor computed from them outside,
+    which ``meta_grad`` cannot see (it differentiates in the tensors of ``meta`` themselves:
+    ``SGD(lr=log_lr.exp())``, a captured ``wd = log_wd.exp()``). A ``ValueError`` where the rule
+    holds a floating-point tensor that is not in ``meta`` (a step size computed so), else a
+    warning (a tensor of ``meta`` that nothing uses). Once per loss function's code
+    (``identity``: :attr:`TaskLoss.identity`) and tensors of ``meta``."""
     held = rule_slots(rule, eta)
     unread = [k for k, t in enumerate(eta) if id(t) not in held]
     key = (identity, tuple(unread))
-    if not unread or key in _READ or not any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
+    if not unread or key in _TRIED:
         return
     p = {n: t.detach() for n, t in phi.items()}
     for loss_at in losses:
@@ -333,22 +333,29 @@ def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: dict[st
                 if loss.requires_grad else [None] * len(unread)
         unread = [k for k, g in zip(unread, read) if g is None]
         if not unread:
-            if not isinstance(identity[1], int):  # (a function's code; an object's id may be another's later)
-                _READ.add(key)
-            return
+            break
+    ids = {id(t) for t in eta}
     said = ", ".join(names[k] for k in unread)
-    raise ValueError(
-        f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
-        "while inner_opt holds a tensor that is not in meta. A step size computed from a tensor of meta outside "
-        "meta_grad (SGD(lr=log_lr.exp()) with meta={'log_lr': log_lr}) is a constant to it: meta_grad learns "
-        "a step size that inner_opt holds as the very tensor passed in meta, so the gradient of "
-        f"{said} would be zero. Hold that tensor itself in a rule of your own that computes the step size in "
-        "its step (self.log_lr.exp()), or pass the tensor inner_opt holds in meta; leave out of meta what the "
-        "loss does not use. (MetaGradient finds step sizes computed from a meta-parameter by autograd.)")
+    if unread and any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
+        raise ValueError(
+            f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
+            "while inner_opt holds a tensor that is not in meta. A step size computed from a tensor of meta outside "
+            "meta_grad (SGD(lr=log_lr.exp()) with meta={'log_lr': log_lr}) is a constant to it: meta_grad learns "
+            "a step size that inner_opt holds as the very tensor passed in meta, so the gradient of "
+            f"{said} would be zero. Hold that tensor itself in a rule of your own that computes the step size in "
+            "its step (self.log_lr.exp()), or pass the tensor inner_opt holds in meta; leave out of meta what the "
+            "loss does not use. (MetaGradient finds step sizes computed from a meta-parameter by autograd.)")
+    if not isinstance(identity[1], int):  # (a function's code; an object's id may be another's later)
+        _TRIED.add(key)
+    if unread:
+        warn(f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
+             "so its gradient is zero. If loss_fn reads a tensor computed from it outside (wd = log_wd.exp(), "
+             "captured), read it from loss_fn's meta argument instead (meta['log_wd'].exp()): meta_grad "
+             "differentiates in the tensors of meta themselves. Leave out of meta what the loss does not use.")
 
 
-#: The losses (:attr:`TaskLoss.identity`) and unheld tensors of meta :func:`_check_meta_read` found read.
-_READ: set[tuple[Any, tuple[int, ...]]] = set()
+#: The losses (:attr:`TaskLoss.identity`) and tensors of meta :func:`_check_meta_read` tried.
+_TRIED: set[tuple[Any, tuple[int, ...]]] = set()
 
 
 def _result(g: dict[str, torch.Tensor], g_eta: list[torch.Tensor], meta: Any, spec: Any) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
@@ -200,6 +201,7 @@ def test_the_context_manager_with_features_drawn_together_equals_a_hand_unroll(c
 
 @settings(max_examples=20)
 @given(draws())
+@pytest.mark.filterwarnings("ignore:meta. .* is neither read by loss_fn:metagrad.MetaGradientWarning")  # (η drawn unused)
 def test_the_functional_face_with_features_drawn_together_equals_a_hand_unroll(c):
     # The functional face: one batch for every step, η passed to the loss as ``meta``; no
     # adapt= (every parameter is a fast weight) and no weights computed before the call.

@@ -199,10 +199,11 @@ def test_a_monitored_fixed_order_judges_each_task_as_its_own_call_does():
 
     def run(s, q, **options):
         info = {}
+        meta = meta_parameters(0.03)  # (its step sizes held by the rule: every tensor of meta is used)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            mg.functional.meta_grad(loss_fn, theta(), s, q, inner_opt=mg.optim.SGD(lr=0.03), steps=6,
-                                    estimator=mg.Binomial(2), meta=meta_parameters(0.03), info=info, **options)
+            mg.functional.meta_grad(loss_fn, theta(), s, q, inner_opt=mg.optim.SGD(lr=meta["lr"]), steps=6,
+                                    estimator=mg.Binomial(2), meta=meta, info=info, **options)
         return info, [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
 
     together, messages = run(support, query, tasks=2)

@@ -1530,3 +1530,36 @@ def test_a_step_size_computed_from_meta_outside_meta_grad_is_refused(estimator):
         want = unrolled(model, lambda f, k: F.mse_loss(f(x), y), lambda f: F.mse_loss(f(xq), yq), lrs,
                         wrt=[learned])[-1]
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (got, want)
+
+
+def test_a_meta_parameter_the_loss_reads_only_through_a_tensor_computed_outside_is_named():
+    """``loss_fn`` that reads a weight decay computed from η outside (``wd = log_wd.exp()``,
+    captured) rather than from its ``meta`` argument: ``log_wd``'s gradient is zero, as a pure
+    function of ``meta`` (nothing reads it), and used to come with no word. Now a warning names
+    it and says to read it from ``meta``; read from there, it equals the hand unroll's."""
+    x, y, xq, yq, _, _ = data(9)
+    model = mlp(9)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    log_wd = torch.tensor(-2.0, dtype=DT)
+    wd = log_wd.exp()
+
+    def captured(p, batch, meta):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1]) + wd * sum((t * t).sum() for t in p.values())
+
+    with pytest.warns(mg.MetaGradientWarning, match=r"meta: meta\['log_wd'\] is neither read by loss_fn"):
+        mg.functional.meta_grad(captured, theta, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.2), steps=3,
+                                estimator=mg.Checkpointed(), meta={"log_wd": log_wd})
+
+    def read(p, batch, meta):
+        decay = meta["log_wd"].exp() * sum((t * t).sum() for t in p.values())
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1]) + decay
+
+    got = mg.functional.meta_grad(read, theta, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.2), steps=3,
+                                  estimator=mg.Checkpointed(), meta={"log_wd": log_wd})[1]["log_wd"]
+    learned = log_wd.clone().requires_grad_()  # by hand: the same loss at every step and at the query
+    phi = {n: t.clone().requires_grad_() for n, t in theta.items()}
+    for _ in range(3):
+        grads = torch.autograd.grad(read(phi, (x, y), {"log_wd": learned}), list(phi.values()), create_graph=True)
+        phi = {n: p - 0.2 * g for (n, p), g in zip(phi.items(), grads)}
+    want, = torch.autograd.grad(read(phi, (xq, yq), {"log_wd": learned}), [learned])
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (got, want)
