@@ -184,8 +184,8 @@ class FunctionalModel:
             # after functional_call has put the module's own parameters back: the recomputation
             # would see θ instead of the fast weights. A copy of the module that holds the fast
             # weights for good is what its recomputation sees instead.
-            return _holding(self._module, tensors)(*args, **kwargs)
-        return _call_at(self._module, self._layout.slots, tensors, args, kwargs)
+            return _unwritten(lambda: _holding(self._module, tensors)(*args, **kwargs), self._params)
+        return _unwritten(lambda: _call_at(self._module, self._layout.slots, tensors, args, kwargs), self._params)
 
     def _one_task(self, what: str) -> None:
         if self._tasks is not None:
@@ -315,6 +315,37 @@ def _call_at(module: torch.nn.Module, slots: Mapping[str, tuple[torch.nn.Module,
     finally:
         for store, key, original in reversed(saved):
             store[key] = original
+
+
+def _unwritten(call: Callable[[], Any], params: Mapping[str, torch.Tensor]) -> Any:
+    """``call()``, the module's forward at the fast weights ``params``, raising a ``ValueError``
+    if it wrote any of them in place (``nn.Embedding(max_norm=...)`` renormalizes the rows it
+    looks up; a forward that clips its weight under ``torch.no_grad()``): the stored iterates
+    share their storage, and autograd does not see the write (nor these counters one through
+    ``.data``). Read from the version counters, eagerly
+    (not while torch.compile traces, nor inside torch.func transforms)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return call()
+    versions = [t._version for t in params.values()]
+    try:
+        out = call()
+    except RuntimeError as error:
+        if "modified inplace" in str(error) or any(t._version != v for t, v in zip(params.values(), versions)):
+            _refuse_written(params, versions, error)
+        raise
+    if any(t._version != v for t, v in zip(params.values(), versions)):
+        _refuse_written(params, versions, None)
+    return out
+
+
+def _refuse_written(params: Mapping[str, torch.Tensor], versions: list[int], error: Optional[BaseException]) -> None:
+    written = [n for (n, t), v in zip(params.items(), versions) if t._version != v] or "some of"
+    raise ValueError(
+        f"model: its forward wrote the fast weights {written} in place (nn.Embedding(max_norm=...) renormalizes "
+        "the rows it looks up in place; so does a forward that clips its weight under torch.no_grad()), which autograd does not "
+        "see and which would change the iterates kept for the backward. Compute it out of place (an embedding "
+        "without max_norm, its rows scaled by (max_norm / norm).clamp(max=1); w.clamp(...) on the weight it "
+        "uses), as a function of the fast weights.") from error
 
 
 def _store(slot: Optional[tuple[torch.nn.Module, str]]) -> Optional[tuple[dict[str, Any], str]]:

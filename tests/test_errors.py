@@ -851,3 +851,41 @@ def test_a_step_rule_of_the_same_kind_with_another_step_size_still_runs():
         meta.step(lambda f: F.mse_loss(f(x), y), rule=mg.optim.Adam(0.05, betas=(0.5, 0.9)))
         F.mse_loss(meta.fmodel(x), y).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _ClipsInForward(nn.Module):
+    """A forward that clips its weight in place under ``torch.no_grad()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lin.weight.clamp_(-0.1, 0.1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+@pytest.mark.parametrize("make", ["embedding max_norm", "clip under no_grad"])
+def test_a_forward_that_writes_the_fast_weights_in_place_is_named(estimator, make):
+    """``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up in place, and a forward
+    may clip its weight under ``torch.no_grad()``: the fast weights (whose storage the stored iterates share)
+    change unseen by autograd. Full raised torch's "Output 0 of Watched is a view ... modified
+    inplace", the other estimators blamed "outer.step()" at the backward; the step now names the
+    forward and the weights. (A write through ``.data`` moves no version counter: not seen.)"""
+    torch.manual_seed(0)
+    if make == "embedding max_norm":
+        model = nn.Sequential(nn.Embedding(10, 3, max_norm=0.5, dtype=torch.float64), nn.Flatten(),
+                              nn.Linear(6, 1, dtype=torch.float64))
+        x, xq = torch.randint(0, 10, (5, 2)), torch.randint(0, 10, (4, 2))
+    else:
+        model = _ClipsInForward()
+        x, xq = torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    y, yq = torch.randn(5, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model: its forward wrote the fast weights \[.*weight'\] in place"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(2):
+                meta.step(lambda f: F.mse_loss(f(x), y))
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
