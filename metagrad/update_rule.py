@@ -291,13 +291,15 @@ def at_vjp_level(step: Callable[[Params], tuple[Params, State]], params: Params)
 
 def checked_step(rule: UpdateRule, params: Params, state: State,
                  step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
-    """``step()``, the step of ``rule`` on ``params`` and ``state``, raising a ``ValueError`` if it
-    wrote them in place (``p.sub_(lr * g)``, ``buf.mul_(momentum)``, as torch.optim optimizers
-    do: the iterates and states it was given are kept for the backward, and φ_0 is θ) or if it
-    returned other fast weights than it was given (every one, unchanged where it has no
-    gradient). The writes are read from the tensors' version counters; not while torch.compile
-    traces (a compiled call's inputs are checked where it is called); under ``torch.func``
-    transforms, on the tensors they wrap."""
+    """``step()``, the step of ``rule`` on ``params`` and ``state``, raising
+    :class:`~metagrad.UpdateRuleError` (a ``ValueError``) if it wrote them in place
+    (``p.sub_(lr * g)``, ``buf.mul_(momentum)``, as torch.optim optimizers do: the iterates and
+    states it was given are kept for the backward, and φ_0 is θ), if it returned other fast
+    weights than it was given (every one, unchanged where it has no gradient, in its shape and
+    dtype), or if, with grad enabled, a fast weight that required grad comes back without (a
+    step written under ``torch.no_grad()``). The writes are read from the tensors' version
+    counters; not while torch.compile traces (a compiled call's inputs are checked where it is
+    called); under ``torch.func`` transforms, on the tensors they wrap."""
     if torch.compiler.is_compiling():
         return step()
     given = [t for t in (*params.values(), *pytree.tree_leaves(state)) if isinstance(t, torch.Tensor)]
