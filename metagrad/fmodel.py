@@ -322,8 +322,8 @@ def _unwritten(call: Callable[[], Any], params: Mapping[str, torch.Tensor]) -> A
     if it wrote any of them in place (``nn.Embedding(max_norm=...)`` renormalizes the rows it
     looks up; a forward that clips its weight under ``torch.no_grad()``): the stored iterates
     share their storage, and autograd does not see the write (nor these counters one through
-    ``.data``). Read from the version counters, eagerly
-    (not while torch.compile traces, nor inside torch.func transforms)."""
+    ``.data``). Read from the version counters, eagerly (not while torch.compile traces, nor
+    inside torch.func transforms)."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return call()
     versions = [t._version for t in params.values()]
@@ -342,8 +342,8 @@ def _refuse_written(params: Mapping[str, torch.Tensor], versions: list[int], err
     written = [n for (n, t), v in zip(params.items(), versions) if t._version != v] or "some of"
     raise ValueError(
         f"model: its forward wrote the fast weights {written} in place (nn.Embedding(max_norm=...) renormalizes "
-        "the rows it looks up in place; so does a forward that clips its weight under torch.no_grad()), which autograd does not "
-        "see and which would change the iterates kept for the backward. Compute it out of place (an embedding "
+        "the rows it looks up in place; so does a forward that clips its weight under torch.no_grad()), which "
+        "autograd does not see and which would change the iterates kept for the backward. Compute it out of place (an embedding "
         "without max_norm, its rows scaled by (max_norm / norm).clamp(max=1); w.clamp(...) on the weight it "
         "uses), as a function of the fast weights.") from error
 

@@ -256,9 +256,9 @@ def step_in_layout(rule: UpdateRule, inner: UpdateRule, params: Params, grads: P
     A rule that writes the fast weights or the state it was given in place (``p.sub_(lr * g)``,
     as a torch.optim optimizer does) would change the stored iterates it was given: that raises a
     ``ValueError`` too. ``copy``: the rule gets copies of ``params`` (φ_0, whose storage is θ's:
-    such a rule then leaves the model's parameters as they were). ``differentiated``: a compiled
-    product will differentiate the step in φ, where its graph is not checked
-    (:func:`check_differentiable`)."""
+    such a rule then leaves the model's parameters as they were). ``differentiated``: compiled
+    products will differentiate the step in φ, where the traced step is not checked: the first
+    step (``copy``) of a rule not of :mod:`metagrad.optim` is taken by :func:`at_vjp_level`."""
     if copy:
         params = {n: t.clone() for n, t in params.items()}
     if differentiated and copy and not _is_metagrad_rule(type(rule)):
@@ -288,6 +288,7 @@ def at_vjp_level(step: Callable[[Params], tuple[Params, State]], params: Params)
     given = iter(tensors)
     leaves = [next(given) if isinstance(t, torch.Tensor) else t for t in kept["leaves"]]
     return new_params, pytree.tree_unflatten(leaves, kept["spec"])
+
 
 def checked_step(rule: UpdateRule, params: Params, state: State,
                  step: Callable[[], tuple[Params, State]]) -> tuple[Params, State]:
