@@ -339,11 +339,12 @@ def _unwritten(call: Callable[[], Any], params: Mapping[str, torch.Tensor]) -> A
 
 
 def _refuse_written(params: Mapping[str, torch.Tensor], versions: list[int], error: Optional[BaseException]) -> None:
-    written = [n for (n, t), v in zip(params.items(), versions) if t._version != v] or "some of"
+    written = [n for (n, t), v in zip(params.items(), versions) if t._version != v]
     raise ValueError(
-        f"model: its forward wrote the fast weights {written} in place (nn.Embedding(max_norm=...) renormalizes "
-        "the rows it looks up in place; so does a forward that clips its weight under torch.no_grad()), which "
-        "autograd does not see and which would change the iterates kept for the backward. Compute it out of place (an embedding "
+        f"model: its forward wrote the fast weights {written or '(some of them)'} in place "
+        "(nn.Embedding(max_norm=...) renormalizes the rows it looks up in place; so does a forward that clips its "
+        "weight under torch.no_grad()), which autograd does not see and which would change the iterates kept for "
+        "the backward. Compute it out of place (an embedding "
         "without max_norm, its rows scaled by (max_norm / norm).clamp(max=1); w.clamp(...) on the weight it "
         "uses), as a function of the fast weights.") from error
 

@@ -195,7 +195,7 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
     if eta and not traced:
-        _check_meta_read((outer, inner), start(theta), eta, inner_opt, names, loss_of.identity)
+        _check_meta_read((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of.identity)
     if estimator.differentiable:  # Full: autograd through the unroll
         rule_eta = rule_slots(inner_opt, eta)
 
@@ -309,10 +309,10 @@ def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:
     return [leaf for _, leaf in flat], spec, names
 
 
-def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: dict[str, torch.Tensor],
+def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[], dict[str, torch.Tensor]],
                      eta: list[torch.Tensor], rule: Any, names: list[str], identity: Any) -> None:
     """Say which tensors of ``meta`` the update rule does not hold and the loss does not read, on
-    the query batch or the support batch (``losses``, tried in turn, at φ_0): their gradient
+    the query batch or the support batch (``losses``, tried in turn, at φ_0 = ``phi()``): their gradient
     comes out zero. Most often the loss or the rule reads a tensor computed from them outside,
     which ``meta_grad`` cannot see (it differentiates in the tensors of ``meta`` themselves:
     ``SGD(lr=log_lr.exp())``, a captured ``wd = log_wd.exp()``). A ``ValueError`` where the rule
@@ -324,7 +324,7 @@ def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: dict[st
     key = (identity, tuple(unread))
     if not unread or key in _TRIED:
         return
-    p = {n: t.detach() for n, t in phi.items()}
+    p = {n: t.detach() for n, t in phi().items()}
     for loss_at in losses:
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in eta]

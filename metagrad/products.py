@@ -235,7 +235,7 @@ class Products:
             return dict(u), self.step_size_part(m, u), None
         step = tr._step(m)
         carry = state_adjoint is not None
-        if tr.compiler is not None and step.batch_key() is not None and not step.once and keeps_shapes(tr, m):
+        if tr.compiler is not None and step.batch_key() is not None and not step.once and keeps_shapes(tr, m, step.state):
             out = tr.compiler.product(tr, [m], [step], u, step.state, state_adjoint, batched=False)
             if out is not None:
                 pulled, pulled_eta, adjoint, norms, loss, grads, explicit, eta_grads = out
@@ -457,11 +457,11 @@ class Products:
         return kept
 
 
-def keeps_shapes(trajectory: Any, m: int) -> bool:
-    """Whether step m returned an optimizer state whose leaves have the shapes of those it was
-    given, where both are stored: a compiled product is traced for fixed shapes, so the steps of
-    a rule whose state grows (a history) are taken eagerly."""
+def keeps_shapes(trajectory: Any, m: int, state: Any) -> bool:
+    """Whether step m returned an optimizer state whose leaves have the shapes of those of
+    ``state``, the one it was given, where the one it returned is stored: a compiled product is
+    traced for fixed shapes, so the steps of a rule whose state grows (a history) are taken eagerly."""
     after = trajectory.tape.state if m + 1 == trajectory.length else \
         getattr(trajectory.tape.steps.get(m + 1), "state", None)
-    before, returned = pytree.tree_leaves(trajectory.tape.steps[m].state), pytree.tree_leaves(after)
+    before, returned = pytree.tree_leaves(state), pytree.tree_leaves(after)
     return len(before) != len(returned) or same_shapes(list(zip(before, returned)))
