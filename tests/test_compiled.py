@@ -27,6 +27,11 @@ from metagrad.numerics import at_precision, relative_tolerance
 DT = torch.float64
 HIDDEN = 8
 SHOTS = 6
+#: ``compile=`` for the tests of what metagrad does around torch.compile (what is traced, guarded,
+#: cached, compiled again, run eagerly): TorchDynamo and AOTAutograd as ``compile=True`` runs them,
+#: without inductor's code generation (a C++ compile per graph, most of a cold test's time). The
+#: compiled numbers themselves are tested with ``compile=True``.
+TRACED = {"backend": "aot_eager"}
 
 
 def make_model(dtype: torch.dtype = DT, seed: int = 0) -> torch.nn.Module:
@@ -165,7 +170,7 @@ def test_checkpointed_sweeps_runs_of_steps_in_one_compiled_call():
     for p in [*model.parameters(), lam]:
         p.grad = None
     with mg.MetaGradient(model, mg.optim.Momentum(lr=lr, momentum=mu), estimator=mg.Checkpointed(),
-                         compile=True) as meta:
+                         compile=TRACED) as meta:
         for x, y in batches:
             meta.step(lambda f: ((f(x) - y) ** 2).mean() + lam * sum((w ** 2).sum() for w in f.parameters()))
         ((meta.fmodel(xq) - yq) ** 2).mean().backward()
@@ -652,7 +657,7 @@ def test_a_block_over_tasks_compiles_each_piece_once():
     g = torch.Generator().manual_seed(32)
     xs = torch.rand(3, 6, SHOTS, 1, generator=g, dtype=DT) * 4 - 2
     before = set(compiled_cache._CACHE)
-    with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=True, tasks=3) as meta:
+    with mg.MetaGradient(model, mg.optim.SGD(lr=0.05), estimator=mg.Checkpointed(), compile=TRACED, tasks=3) as meta:
         for x in xs.unbind(1):
             meta.step(lambda f, x, y: ((f(x) - y) ** 2).mean(), x, torch.sin(x))
         ((meta.fmodel(xs[:, 0]) - torch.sin(xs[:, 0])) ** 2).mean().backward()
@@ -814,7 +819,7 @@ def test_step_sizes_and_captured_tensors_computed_anew_each_block_reuse_the_comp
         assert relative(got, want) < 1e-10
 
 
-def _step_size_blocks(compile: bool, rule_of, estimator, schedule=None, blocks: int = 3):
+def _step_size_blocks(compile, rule_of, estimator, schedule=None, blocks: int = 3):
     """Blocks whose update rule ``rule_of(block)`` has a Python float step size of another value
     each block; ``schedule(k)``, when given, sets ``rule.lr`` before step k. Per block: θ's
     gradient and the compiled cache's keys after it; and the last block's meta.info."""
@@ -853,7 +858,7 @@ def test_a_float_step_size_changed_between_blocks_or_steps_compiles_nothing_new(
     }[pattern]
     schedule = (lambda b, k: 0.06 * 0.8 ** k + 0.001 * b) if pattern == "a schedule over the steps" else None
     eager, _, _ = _step_size_blocks(False, rule_of, estimator, schedule)
-    got, entries, info = _step_size_blocks(True, rule_of, estimator, schedule)
+    got, entries, info = _step_size_blocks(TRACED, rule_of, estimator, schedule)
     assert info["compiled"]["products"] == info.get("hessian_vector_products", 5), info  # every one compiled
     assert entries[1] == entries[0] and entries[2] == entries[0]  # later blocks compile nothing new
     for a, b in zip(got, eager):
@@ -880,11 +885,11 @@ class _BranchesOnLr:
 def test_a_rule_that_branches_on_its_float_step_size_still_compiles_with_it_as_a_constant():
     """No warning (warnings are errors here), every product compiled after the first block,
     the same θ gradient as eagerly, one block each side of the branch."""
-    def run(compile: bool):
+    def run(compile):
         return _step_size_blocks(compile, lambda b: _BranchesOnLr(0.05 + 0.1 * b), mg.Checkpointed(), blocks=3)
 
     eager, _, _ = run(False)
-    got, _, info = run(True)
+    got, _, info = run(TRACED)
     assert info["compiled"]["products"] == 5, info
     for a, b in zip(got, eager):
         assert relative(a, b) < 1e-10
@@ -993,13 +998,13 @@ def test_a_helpers_global_changed_between_blocks_is_not_kept_by_a_compiled_produ
             warnings.simplefilter("always", mg.MetaGradientWarning)
             for value in (1.0, 5.0, 1.0):  # a float: keyed, each value its own compiled product
                 _COEFFICIENT = value
-                torch.testing.assert_close(_zero_weight_gradient(_term_coefficient, True),
+                torch.testing.assert_close(_zero_weight_gradient(_term_coefficient, TRACED),
                                            _zero_weight_gradient(_term_coefficient, False), rtol=1e-10, atol=1e-12)
             ours = [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
             assert not ours, ours
             for value in (1.0, 5.0):  # a tensor: its products run eagerly, with one warning
                 _MASK = torch.full((HIDDEN, 1), value, dtype=DT)
-                torch.testing.assert_close(_zero_weight_gradient(_term_mask, True),
+                torch.testing.assert_close(_zero_weight_gradient(_term_mask, TRACED),
                                            _zero_weight_gradient(_term_mask, False), rtol=1e-10, atol=1e-12)
         warned = [str(w.message) for w in caught if issubclass(w.category, mg.MetaGradientWarning)]
         assert len(warned) == 1 and "reads a tensor that is not among its inputs" in warned[0], warned

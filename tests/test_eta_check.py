@@ -21,6 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 import metagrad as mg
 
+from test_compiled import TRACED
+
 K, LR = 4, 0.1
 
 
@@ -157,7 +159,7 @@ def test_compile_true_rebuilds_a_fingerprinted_step_eagerly_and_raises(read):
     with pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mg.MetaGradientWarning)  # a closure that does not compile
-            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=True) as meta:
+            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=TRACED) as meta:
                 for k in range(K):
                     cfg.scale = 1.0 + k
                     if read == "getattr":
@@ -180,7 +182,7 @@ def test_compile_true_a_value_held_as_traced_in_an_earlier_block_raises():
         eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
         raised = pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter")
         with raised if block else contextlib.nullcontext():
-            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=True) as meta:
+            with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed(), compile=TRACED) as meta:
                 for _ in range(K + 1):
                     meta.step(lambda f: F.mse_loss(f(x), y) + eta * getattr(cfg, "scale") * (f(x) ** 2).mean())
                 F.mse_loss(meta.fmodel(xq), yq).backward()

@@ -23,7 +23,7 @@ from metagrad import compiled
 from test_functional_meta import DT, TOL, flat, loss_fn, meta_parameters, relative, theta
 from test_functional_meta import hand_unrolled as one_task_unrolled
 # A user's rule whose step branches on its float step size.
-from test_compiled import _BranchesOnLr
+from test_compiled import TRACED, _BranchesOnLr
 
 TASKS = 3
 
@@ -86,7 +86,7 @@ def test_binomial_auto_over_a_meta_batch_chooses_each_tasks_order():
                                    info=reports[t]))
         expected = torch.stack(rows).mean(0)
         eager = functional(estimator, support, query, 4, tasks=TASKS, info=report)
-        compiled_pieces = functional(estimator, support, query, 4, tasks=TASKS, compile=True)
+        compiled_pieces = functional(estimator, support, query, 4, tasks=TASKS, compile=TRACED)
     assert relative(eager, expected) < TOL
     assert relative(compiled_pieces, expected) < TOL
     assert report["order"] == [one["order"] for one in reports]  # meta_grad(info=...): each task's
@@ -158,7 +158,7 @@ def test_compiled_momentum_and_binomial_equal_their_eager_selves():
     for rule, estimator in cases:
         kw = dict(inner_opt=rule, steps=5, estimator=estimator, tasks=TASKS)
         eager = mg.functional.meta_grad(plain, theta(), support, query, **kw)
-        got = mg.functional.meta_grad(plain, theta(), support, query, compile=True, **kw)
+        got = mg.functional.meta_grad(plain, theta(), support, query, compile=TRACED, **kw)
         for n in eager:
             assert relative(got[n], eager[n]) < TOL, (estimator, n)
 
@@ -237,9 +237,9 @@ def test_a_float_step_size_of_another_value_each_call_compiles_nothing_new(rule_
 
     # (The first compiled call takes its first step eagerly: a run of 4 steps, then 4 and 1.)
     lrs = [0.05, 0.15, 0.15, 0.15] if rule_of is _BranchesOnLr else [0.05, 0.06, 0.15, 0.07, 0.16]
-    got = [call(lr, compile=True) for lr in lrs[:3]]
+    got = [call(lr, compile=TRACED) for lr in lrs[:3]]
     compiled_so_far = (len(compiled._CACHE), counters["stats"]["unique_graphs"])
-    got += [call(lr, compile=True) for lr in lrs[3:]]
+    got += [call(lr, compile=TRACED) for lr in lrs[3:]]
     assert compiled_so_far == (len(compiled._CACHE), counters["stats"]["unique_graphs"])
     for lr, g in zip(lrs, got):
         assert relative(g, call(lr)) < TOL, lr
