@@ -7,8 +7,12 @@ inner loss (a weight decay coefficient, per-example weights captured by the clos
 per task in the batch, weights computed from another tensor before the block); a mini-batch
 per step captured by a new lambda; a block over tasks (``tasks=2``); ``adapt=`` (the last
 layer only); a query with a direct term in η; and an exact estimator (Full, Checkpointed,
-Checkpointed with snapshots, and for plain SGD Truncated(K) and Binomial(order=K)). The same
-draws run through ``mg.functional.meta_grad``.
+Checkpointed with snapshots, and for plain SGD Truncated(K) and Binomial(order=K)). With one
+task, the context manager's draws add: the rule given as a rule of the user's own (the
+reference's rule behind ``init``/``step`` over name→tensor dicts, a Python step count in its
+state), steps taken from a loss the loop built (``meta.step_from_loss``), a query term on every
+past iterate (``meta.weights_at(k)``), and dropout in the model (each step's mask replayed from
+its generator state). The same draws run through ``mg.functional.meta_grad``.
 
 The reference differentiates the unrolled loop with ``torch.autograd.grad(create_graph=True)``
 in float64; every gradient (θ's and each η's) must match it to 1e-8, relative to the largest
@@ -38,12 +42,12 @@ N = 6  # support (and query) examples per task
 RTOL = 1e-8
 
 
-def model(seed: int, depth: int) -> nn.Module:
+def model(seed: int, depth: int, dropout: bool = False) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     width = 2
-    for _ in range(depth):
-        layers += [nn.Linear(width, 4), nn.Tanh()]
+    for i in range(depth):
+        layers += [nn.Linear(width, 4), nn.Tanh()] + ([nn.Dropout(0.25)] if dropout and i == 0 else [])
         width = 4
     layers.append(nn.Linear(width, 1))
     net = nn.Sequential(*layers).to(D)
@@ -62,6 +66,21 @@ def rules(kind: str, lr: Any) -> tuple[Any, Any]:
     if kind == "nesterov":
         return mg.optim.Momentum(lr, 0.5, nesterov=True), MomentumRule(lr, 0.5, nesterov=True)
     return mg.optim.Adam(lr), AdamRule(lr)
+
+
+class OwnRule:
+    """A rule of the user's own: the reference's rule (over lists) behind ``init``/``step`` over
+    name→tensor dicts, with the state as the reference keeps it (a Python step count in it)."""
+
+    def __init__(self, rule: Any) -> None:
+        self.rule = rule
+
+    def init(self, params: dict[str, torch.Tensor]) -> Any:
+        return self.rule.init(list(params.values()))
+
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: Any) -> Any:
+        new, state = self.rule.step(list(params.values()), [grads[n] for n in params], state)
+        return dict(zip(params, new)), state
 
 
 def estimator(kind: str, steps: int) -> mg.Estimator:
@@ -86,6 +105,9 @@ def draws(draw: Any) -> dict[str, Any]:
         c["estimator"] = "Checkpointed"  # exact for plain SGD only (MATH.md: the state held constant)
     if c["eta"] == "weights per task" and c["tasks"] is None:
         c["eta"] = "weights"
+    one_task = c["tasks"] is None  # (the forms below are drawn for one task)
+    c.update(own_rule=draw(st.booleans()), from_loss=one_task and draw(st.booleans()),
+             history=one_task and draw(st.booleans()), dropout=one_task and draw(st.booleans()))
     return c
 
 
@@ -94,7 +116,7 @@ class Problem:
 
     def __init__(self, c: dict[str, Any]) -> None:
         self.c = c
-        self.net = model(c["seed"], c["depth"])
+        self.net = model(c["seed"], c["depth"], c.get("dropout", False))
         self.names = [n for n, _ in self.net.named_parameters()]
         self.adapted = self.names[-2:] if c.get("last_layer") else list(self.names)
         generator = torch.Generator().manual_seed(c["seed"] + 1)
@@ -131,6 +153,12 @@ class Problem:
             loss = loss + self.eta["wd"] * sum((p ** 2).sum() for p in adapted)
         return loss
 
+    def history(self, query: torch.Tensor, past: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The query with a term on each past iterate φ_0 … φ_{K−1} (``meta.weights_at(k)``)."""
+        for params in past if self.c.get("history") else []:
+            query = query + 0.1 * (functional_call(self.net, params, (self.xq,)) ** 2).mean()
+        return query
+
     def direct(self, query: torch.Tensor) -> torch.Tensor:
         if not self.c["direct"]:
             return query
@@ -148,11 +176,14 @@ def by_hand(c: dict[str, Any]) -> dict[str, torch.Tensor]:
     _, rule = rules(c["rule"], pb.lr())
     theta = dict(pb.net.named_parameters())
     total = torch.zeros((), dtype=D)
+    torch.manual_seed(c["seed"] + 2)  # (dropout's masks)
     for t in range(c["tasks"] or 1):
         pick = (lambda a: a[t]) if c["tasks"] else (lambda a: a)
         params = dict(theta)
+        past = []
         state = rule.init([params[n] for n in pb.adapted])
         for k in range(c["K"]):
+            past.append(dict(params))
             rows = pb.rows(k)
             w = pb.eta["w"][t, rows] if c["eta"] == "weights per task" else None
             adapted = [params[n] for n in pb.adapted]
@@ -161,15 +192,17 @@ def by_hand(c: dict[str, Any]) -> dict[str, torch.Tensor]:
             new, state = rule.step(adapted, list(grads), state)
             params.update(zip(pb.adapted, new))
         total = total + ((functional_call(pb.net, params, (pick(pb.xq),)) - pick(pb.yq)) ** 2).mean()
-    pb.direct(total / (c["tasks"] or 1)).backward()
+    pb.direct(pb.history(total / (c["tasks"] or 1), past)).backward()
     return pb.gradients()
 
 
 def with_metagrad(c: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The same loop as users write it: a new lambda per step capturing its mini-batch."""
     pb = Problem(c)
-    rule, _ = rules(c["rule"], pb.lr())
+    rule, reference_rule = rules(c["rule"], pb.lr())
+    rule = OwnRule(reference_rule) if c["own_rule"] else rule
     tasks = c["tasks"]
+    torch.manual_seed(c["seed"] + 2)  # (dropout's masks)
     with mg.MetaGradient(pb.net, inner_opt=rule, estimator=estimator(c["estimator"], c["K"]), tasks=tasks,
                          adapt=pb.adapted if c["last_layer"] else None) as meta:
         for k in range(c["K"]):
@@ -178,10 +211,16 @@ def with_metagrad(c: dict[str, Any]) -> dict[str, torch.Tensor]:
                 w = pb.eta["w"][:, rows] if c["eta"] == "weights per task" else torch.zeros(tasks, N, dtype=D)[:, rows]
                 meta.step(lambda f, x, y, w: pb.inner(f(x), y, [f.params[n] for n in pb.adapted], w, rows),
                           pb.x[:, rows], pb.y[:, rows], w)
+            elif c["from_loss"]:
+                w = meta.fast_weights()
+                meta.step_from_loss(pb.inner(functional_call(pb.net, w, (pb.x[rows],)), pb.y[rows],
+                                             [w[n] for n in pb.adapted], None, rows), w)
             else:
                 x, y = pb.x[rows], pb.y[rows]
                 meta.step(lambda f: pb.inner(f(x), y, [f.params[n] for n in pb.adapted], None, rows))
-        pb.direct(((meta.fmodel(pb.xq) - pb.yq) ** 2).mean()).backward()
+        query = ((meta.fmodel(pb.xq) - pb.yq) ** 2).mean()
+        past = [meta.weights_at(k) for k in range(c["K"])] if c["history"] else []
+        pb.direct(pb.history(query, past)).backward()
     return pb.gradients()
 
 
@@ -193,7 +232,7 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], c:
         assert error <= RTOL * size, f"{name}: off by {error:.3g} (scale {size:.3g}) in {c}"
 
 
-@settings(max_examples=30)
+@settings(max_examples=80)
 @given(draws())
 def test_the_context_manager_with_features_drawn_together_equals_a_hand_unroll(c):
     assert_close(with_metagrad(c), by_hand(c), c)
@@ -204,8 +243,9 @@ def test_the_context_manager_with_features_drawn_together_equals_a_hand_unroll(c
 @pytest.mark.filterwarnings("ignore:meta. .* is neither read by loss_fn:metagrad.MetaGradientWarning")  # (η drawn unused)
 def test_the_functional_face_with_features_drawn_together_equals_a_hand_unroll(c):
     # The functional face: one batch for every step, η passed to the loss as ``meta``; no
-    # adapt= (every parameter is a fast weight) and no weights computed before the call.
-    c = dict(c, minibatch=False, last_layer=False,
+    # adapt= (every parameter is a fast weight), no weights computed before the call, and none
+    # of the context manager's forms (its rule is metagrad's; no dropout).
+    c = dict(c, minibatch=False, last_layer=False, dropout=False,
              eta={"computed weights": "weights"}.get(c["eta"], c["eta"]))
     pb = Problem(c)
     meta = {n: t.detach() for n, t in pb.eta.items() if n != "z"}
