@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import misfit_signature
+from .errors import misfit_signature, warn
 from .fmodel import FunctionalModel, unstacked
 from .frozen import Frozen, freeze
 
@@ -134,6 +134,8 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
     check_batch(batch, tasks)
     check_rule(trajectory.rule if rule is None else rule, trajectory.current, trajectory.tape.state, tasks)
     live, frozen = with_batch(closure, batch, tasks)
+    if not batch:
+        _warn_whole(closure, frozen, tasks)
     try:
         return trajectory.advance(live, rule, frozen=frozen, parts=True,
                                   probe=functools.partial(_first_task, closure, list(batch)))
@@ -149,6 +151,33 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
             "operations (no .item() or .numpy(), no Python branch on a tensor's value, no op without a batching "
             "rule; a derivative inside the closure by torch.func.grad, not requires_grad_ and "
             "torch.autograd.grad), or run each task in its own block (MetaGradient without tasks=).") from error
+
+
+def _warn_whole(closure: Callable[..., Any], frozen: Frozen, tasks: int) -> None:
+    """Warn, once per closure code, where a step over ``tasks`` is given no batch and the
+    closure captures tensors whose first dimension is ``tasks``: each task is given them whole
+    (only what is passed after the closure is sliced), which is what the one-task loop's
+    closure written for stacked data does (``lambda f: loss(f(x_s), y_s)``: every task takes
+    the same step, on every task's data)."""
+    function = closure.func if isinstance(closure, functools.partial) else closure
+    key = (id(getattr(function, "__code__", type(function))), tasks)
+    if key in _LOOKED_AT:
+        return
+    if len(_LOOKED_AT) >= 1024:
+        _LOOKED_AT.clear()
+    _LOOKED_AT.add(key)
+    whole = [f"{frozen.names[slot]} {tuple(t.shape)}" for slot, t in frozen.tensors
+             if t.dim() > 0 and t.shape[0] == tasks and not t.requires_grad]
+    if whole:
+        warn(f"meta.step: a block over tasks={tasks} was given no batch after the closure, and the closure "
+             f"captures {', '.join(whole)}, with a first dimension of {tasks}: every task is given all of it "
+             "(only the tensors passed after the closure are sliced, one slice per task), so every task takes "
+             "the same step on every task's data. Pass the tasks' data after the closure: "
+             "meta.step(lambda f, x, y: loss(f(x), y), x_s, y_s).")
+
+
+#: The closures (by their code's id, and the number of tasks) :func:`_warn_whole` looked at.
+_LOOKED_AT: set[tuple[int, int]] = set()
 
 
 def no_loss_steps(tasks: int) -> str:

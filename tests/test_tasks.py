@@ -221,6 +221,31 @@ def test_a_batch_tensor_without_the_task_dimension_is_refused_and_nothing_is_los
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_one_task_closure_over_stacked_data_warns_that_every_task_gets_all_of_it():
+    """The one-task loop's closure moved to tasks=T with the data stacked but not passed after it
+    (``lambda f: loss(f(x_s), y_s)``): each task is given all of the captured data, so every task
+    takes the same step (the block runs, as documented). It warns once, naming the tensors; passed
+    after the closure, the tasks' own slices, it does not."""
+    model = make_model(12)
+    xs, ys, xq, yq = data(3, 2, seed=12)
+    x0, y0 = xs[:, 0], ys[:, 0]
+    with pytest.warns(mg.MetaGradientWarning, match=r"tasks=3 was given no batch after the closure, and the "
+                      r"closure captures x0 \(3, 5, 1\), y0 \(3, 5, 1\).* every task takes the same step") as caught:
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
+            for _ in range(2):
+                meta.step(lambda f: F.mse_loss(f(x0), y0))
+            params = meta.fmodel.params
+            assert all(torch.equal(t[0], t[2]) for t in params.values())  # what was written: the same step
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert len([w for w in caught if issubclass(w.category, mg.MetaGradientWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mg.MetaGradientWarning)
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
+            for _ in range(2):
+                meta.step(lambda f, x, y: F.mse_loss(f(x), y), x0, y0)
+            assert not torch.equal(meta.fmodel.params["0.weight"][0], meta.fmodel.params["0.weight"][2])
+
+
 @pytest.mark.parametrize("tasks, closure, passed, text", [
     (2, lambda f: F.mse_loss(f(torch.zeros(5, 1, dtype=DT)), torch.zeros(5, 1, dtype=DT)), True,
      r"here with the 2 batch value\(s\) passed after the closure \(each task's slices\), but its signature is "
