@@ -22,6 +22,24 @@ class _Adapted(frozenset):
     listed: frozenset[str] = frozenset()
 
 
+def _name_hint(entry: str, model: torch.nn.Module, valid: list[str]) -> str:
+    """What a name given to ``adapt=`` that is no parameter's name may have meant: a submodule
+    (every parameter it holds), or a name relative to a submodule (its own ``named_parameters()``)."""
+    try:
+        module = model.get_submodule(entry) if entry else None
+    except AttributeError:
+        module = None
+    if module is not None:
+        held = [f"{entry}.{name}" for name, _ in module.named_parameters()]
+        attribute = f"adapt=model.{entry}" if all(part.isidentifier() for part in entry.split(".")) else "the module"
+        return f" {entry!r} is a submodule: pass {attribute}, or its parameters' names {held}."
+    ends = [name for name in valid if name.endswith("." + entry)]
+    if ends:
+        return (f" Names that end in {entry!r}: {ends} (a submodule's named_parameters() names them relative to "
+                "it): pass the submodule itself, or the names as the model gives them.")
+    return ""
+
+
 def checked_adapt(adapt: Any, model: torch.nn.Module) -> Optional[frozenset[str]]:
     """``adapt=`` as a set of parameter names, or ``None`` for every parameter.
 
@@ -52,7 +70,7 @@ def checked_adapt(adapt: Any, model: torch.nn.Module) -> Optional[frozenset[str]
         if isinstance(entry, str):
             if entry not in valid:
                 raise ValueError(f"adapt: {entry!r} is not a parameter of {owner}; "
-                                 f"valid names: {valid}.")
+                                 f"valid names: {valid}.{_name_hint(entry, model, valid)}")
             names.append(entry)
             listed.append(entry)
         elif isinstance(entry, torch.Tensor):

@@ -663,6 +663,20 @@ def test_adapt_a_submodule_without_parameters():
 
 
 @pytest.mark.parametrize("adapt,shown", [
+    (["2"], "'2' is a submodule: pass the module, or its parameters' names ['2.weight', '2.bias']"),
+    (lambda model: dict(model[2].named_parameters()),
+     "Names that end in 'weight': ['0.weight', '2.weight'] (a submodule's named_parameters() names them relative"),
+    (["2.kernel"], "valid names: ['0.weight', '0.bias', '2.weight', '2.bias']."),
+], ids=["a submodule's name", "names relative to a submodule", "no such name"])
+def test_adapt_a_name_that_is_no_parameters_says_what_it_may_have_meant(adapt, shown):
+    def run(model):
+        full_task(model, adapt=adapt(model) if callable(adapt) else adapt)
+
+    info = check_rejected(ValueError, "adapt", run)
+    assert shown in str(info.value)
+
+
+@pytest.mark.parametrize("adapt,shown", [
     (3, "got int 3"),
     ([2.5], "got float 2.5"),
     (lambda model: model[2].named_parameters(), "named_parameters() yields"),
