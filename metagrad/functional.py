@@ -267,14 +267,33 @@ def _report(info: Optional[dict[str, Any]], estimator: Any, report: dict[str, An
 def _check_arity(loss_fn: Callable[..., torch.Tensor], with_meta: bool) -> None:
     """``loss_fn`` takes the arguments it will be called with: ``(params, batch)``, or
     ``(params, batch, meta)`` with ``meta`` (where its signature can be read)."""
-    signature = misfit_signature(loss_fn, 3 if with_meta else 2)
+    count = 3 if with_meta else 2
+    signature = misfit_signature(loss_fn, count)
     if signature is not None:
         called = "loss_fn(params, batch, meta)" if with_meta else "loss_fn(params, batch)"
+        if not with_meta and _takes(signature, 3):
+            advice = "Pass meta= for a third argument, or drop it."
+        elif with_meta and _takes(signature, 2):
+            advice = "Add a third argument for the meta-parameters (the structure of meta)."
+        elif not _takes(signature, count, partial=True):  # it takes fewer
+            advice = (f"It takes the fast weights by name (params), one batch (the support's, then the "
+                      f"query's){', and the meta-parameters' if with_meta else ''}: def {called}.")
+        else:
+            advice = f"Give the arguments after the first {count} default values, or drop them."
         raise TypeError(
             f"loss_fn: it is called as {called}, {'since meta= is given' if with_meta else 'without meta='}, "
             f"but its signature is {loss_fn.__name__ if hasattr(loss_fn, '__name__') else type(loss_fn).__name__}"
-            f"{signature}. " + ("Add a third argument for the meta-parameters (the structure of meta)."
-                                if with_meta else "Pass meta= for a third argument, or drop it."))
+            f"{signature}. {advice}")
+
+
+def _takes(signature: Any, count: int, partial: bool = False) -> bool:
+    """Whether ``signature`` binds ``count`` positional arguments (``partial``: with more still
+    to give)."""
+    try:
+        (signature.bind_partial if partial else signature.bind)(*range(count))
+        return True
+    except TypeError:
+        return False
 
 
 def _detached(leaf: Any) -> Any:

@@ -269,7 +269,8 @@ def test_bad_steps_raise():
 
 def test_a_loss_fn_that_takes_other_arguments_than_it_is_called_with_is_named():
     """``meta=`` makes the call ``loss_fn(params, batch, meta)``: a two-argument loss is refused
-    with its signature and what to add, before any step; so is a third argument without ``meta``."""
+    with its signature and what to add, before any step; so is a third argument without ``meta``,
+    one argument, and a fourth without a default value."""
     with pytest.raises(TypeError, match=r"loss_fn: it is called as loss_fn\(params, batch, meta\), since meta= "
                                         r"is given, but its signature is loss_fn\(params, data\)\. Add a third"):
         mg.functional.meta_grad(loss_fn, theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K,
@@ -278,6 +279,14 @@ def test_a_loss_fn_that_takes_other_arguments_than_it_is_called_with_is_named():
                                         r"Pass meta="):
         mg.functional.meta_grad(lambda p, b, m: loss_fn(p, b), theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](),
                                 steps=K)
+    with pytest.raises(TypeError, match=r"signature is <lambda>\(params\)\. It takes the fast weights by name "
+                                        r"\(params\), one batch .*: def loss_fn\(params, batch\)\."):
+        mg.functional.meta_grad(lambda params: params["0.weight"].sum(), theta(), SUPPORT, QUERY,
+                                inner_opt=RULES["sgd"](), steps=K)
+    with pytest.raises(TypeError, match=r"signature is <lambda>\(p, b, m, scale\)\. Give the arguments after the "
+                                        r"first 3 default values"):
+        mg.functional.meta_grad(lambda p, b, m, scale: loss_fn(p, b), theta(), SUPPORT, QUERY, inner_opt=RULES["sgd"](),
+                                steps=K, meta={"wd": torch.tensor(0.1, dtype=DT)})
 
 
 @pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
