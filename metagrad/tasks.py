@@ -171,8 +171,8 @@ def _warn_whole(closure: Callable[..., Any], frozen: Frozen, tasks: int) -> None
     if whole:
         warn(f"meta.step: a block over tasks={tasks} was given no batch after the closure, and the closure "
              f"captures {', '.join(whole)}, with a first dimension of {tasks}: every task is given all of it "
-             "(only the tensors passed after the closure are sliced, one slice per task), so every task takes "
-             "the same step on every task's data. Pass the tasks' data after the closure: "
+             "(only the tensors passed after the closure are sliced, one slice per task): each task's step is "
+             "taken on every task's data. Pass the tasks' data after the closure: "
              "meta.step(lambda f, x, y: loss(f(x), y), x_s, y_s).")
 
 
