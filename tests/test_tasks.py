@@ -235,7 +235,7 @@ def test_the_one_task_closure_over_stacked_data_warns_that_every_task_gets_all_o
             for _ in range(2):
                 meta.step(lambda f: F.mse_loss(f(x0), y0))
             params = meta.fmodel.params
-            assert all(torch.equal(t[0], t[2]) for t in params.values())  # what was written: the same step
+            assert all(torch.allclose(t[0], t[2], rtol=1e-12, atol=1e-14) for t in params.values())  # the same step
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert len([w for w in caught if issubclass(w.category, mg.MetaGradientWarning)]) == 1
     with warnings.catch_warnings():
@@ -243,7 +243,8 @@ def test_the_one_task_closure_over_stacked_data_warns_that_every_task_gets_all_o
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
             for _ in range(2):
                 meta.step(lambda f, x, y: F.mse_loss(f(x), y), x0, y0)
-            assert not torch.equal(meta.fmodel.params["0.weight"][0], meta.fmodel.params["0.weight"][2])
+            first = meta.fmodel.params["0.weight"]
+            assert (first[0] - first[2]).abs().max() > 1e-6  # each task its own step
 
 
 @pytest.mark.parametrize("tasks, closure, passed, text", [
