@@ -229,8 +229,9 @@ def test_the_one_task_closure_over_stacked_data_warns_that_every_task_gets_all_o
     model = make_model(12)
     xs, ys, xq, yq = data(3, 2, seed=12)
     x0, y0 = xs[:, 0], ys[:, 0]
-    with pytest.warns(mg.MetaGradientWarning, match=r"tasks=3 was given no batch after the closure, and the "
-                      r"closure captures x0 \(3, 5, 1\), y0 \(3, 5, 1\).* each task's step is taken on every task's data") as caught:
+    said = (r"tasks=3 was given no batch after the closure, and the closure captures x0 \(3, 5, 1\), "
+            r"y0 \(3, 5, 1\).* each task's step is taken on every task's data")
+    with pytest.warns(mg.MetaGradientWarning, match=said) as caught:
         with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed(), tasks=3) as meta:
             for _ in range(2):
                 meta.step(lambda f: F.mse_loss(f(x0), y0))
