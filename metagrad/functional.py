@@ -132,6 +132,13 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
             return _meta_grad(loss_fn, params, support, query, inner_opt=inner_opt, steps=steps, estimator=estimator,
                               meta=meta, tasks=tasks, compile=compile, info=info)
     except RuntimeError as error:
+        if "mutate a captured Tensor" in str(error):
+            raise ValueError(
+                "loss_fn: meta_grad takes its gradients under torch.func transforms, where the loss cannot "
+                f"write in place to a tensor made outside it ({error}). A BatchNorm in training mode writes its "
+                "running statistics so: build it with track_running_stats=False (each batch normalized by its "
+                "own statistics, as in MAML), or put the model in eval mode; a MetaGradient block runs such a "
+                "model as it is and never writes its buffers.") from error
         if "functorch transform" not in str(error):
             raise
         raise ValueError(

@@ -290,6 +290,32 @@ def test_a_loss_fn_that_takes_other_arguments_than_it_is_called_with_is_named():
 
 
 @pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_a_batchnorm_that_writes_its_running_statistics_is_named_with_what_to_do(estimator):
+    """A BatchNorm in training mode writes its running statistics in place, which torch.func's
+    transforms refuse (torch's error names a captured tensor): said with the ways out, and the
+    same net built with ``track_running_stats=False`` runs."""
+    def net(track):
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6, track_running_stats=track), nn.Tanh(),
+                             nn.Linear(6, 1)).to(DT)
+
+    def loss_of(model):
+        return lambda params, data: mse(functional_call(model, params, (data[0],)), data[1])
+
+    for track in (True, False):
+        model = net(track)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        call = functools.partial(mg.functional.meta_grad, loss_of(model), params, SUPPORT, QUERY,
+                                 inner_opt=RULES["sgd"](), steps=K, estimator=estimator)
+        if track:
+            with pytest.raises(ValueError, match=r"loss_fn: .* cannot write in place to a tensor made outside it .* "
+                                                 r"A BatchNorm in training mode .* track_running_stats=False"):
+                call()
+        else:
+            assert set(call()) == set(params)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
 def test_a_loss_fn_that_returns_per_example_losses_is_refused_with_what_to_do(estimator):
     def per_example(params, data):
         x, y = data
