@@ -414,4 +414,6 @@ def _check_params(params: Any) -> None:
                             f"params must be {accepted}.")
         if not value.is_floating_point():
             raise TypeError(f"params[{name!r}]: expected a floating-point tensor (it is "
-                            f"differentiated), got dtype {value.dtype}.")
+                            f"differentiated), got dtype {value.dtype}. params are the weights the inner loop "
+                            "adapts, not a state_dict's buffers (a BatchNorm's num_batches_tracked): "
+                            "{n: p.detach() for n, p in model.named_parameters()}.")

@@ -791,8 +791,10 @@ def functional_call_with(**changes):
     ({**THETA, "0.bias": 0.5}, TypeError, "params['0.bias']: expected a tensor, got float"),
     ({**THETA, 3: THETA["0.bias"]}, TypeError, "params: names must be strings"),
     ({**THETA, "0.bias": THETA["0.bias"].long()}, TypeError, "floating-point"),
+    ({**THETA, "1.num_batches_tracked": torch.tensor(0)}, TypeError,
+     "not a state_dict's buffers (a BatchNorm's num_batches_tracked): {n: p.detach() for n, p in model.named_parameters()}"),
     ({}, ValueError, "params: empty"),
-], ids=["list", "named-pairs", "nested", "float-value", "int-key", "integer-tensor", "empty"])
+], ids=["list", "named-pairs", "nested", "float-value", "int-key", "integer-tensor", "a state_dict", "empty"])
 def test_functional_meta_grad_bad_params(params, error, shown):
     with pytest.raises(error) as info:
         functional_call_with(params=params)
