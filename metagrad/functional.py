@@ -7,6 +7,7 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -201,6 +202,8 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
             return {n: t.clone() for n, t in p.items()}
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
+    if not traced:
+        _check_params_read((outer, inner), lambda: start(theta), eta, loss_of)
     if eta and not traced:
         _check_meta_read((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of.identity)
     if estimator.differentiable:  # Full: autograd through the unroll
@@ -378,6 +381,52 @@ def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callabl
              "so its gradient is zero. If loss_fn reads a tensor computed from it outside (wd = log_wd.exp(), "
              "captured), read it from loss_fn's meta argument instead (meta['log_wd'].exp()): meta_grad "
              "differentiates in the tensors of meta themselves. Leave out of meta what the loss does not use.")
+
+
+def _check_params_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[], dict[str, torch.Tensor]],
+                       eta: list[torch.Tensor], loss_of: "TaskLoss") -> None:
+    """Say which of ``params`` the loss does not read, on the query batch or the support batch
+    (``losses``, tried in turn, at φ_0 = ``phi()``): their meta-gradient is zero. None read is a
+    ``ValueError`` (a ``loss_fn`` that calls the module, ``model(x)``, instead of
+    ``functional_call(model, params, (x,))``: every gradient would be zero), some a warning. Once
+    per loss function (its code, or the object: ``loss_of``, :class:`TaskLoss`) and names."""
+    start = phi()
+    key = (loss_of.identity, tuple(start))
+    tried = _PARAMS_TRIED
+    if isinstance(loss_of.identity[1], int):  # no code (a partial, an object): remembered while it lives
+        try:
+            tried = _PARAMS_TRIED_BY_OBJECT.setdefault(loss_of.loss_fn, set())
+        except TypeError:  # (not weakly referable: looked at on every call)
+            tried = set()
+    if key in tried:
+        return
+    unread = list(start)
+    for loss_at in losses:
+        with torch.enable_grad():
+            leaves = {n: t.detach().requires_grad_() for n, t in start.items()}
+            loss = loss_at(leaves, [t.detach() for t in eta])
+            read = torch.autograd.grad(loss, [leaves[n] for n in unread], allow_unused=True) \
+                if loss.requires_grad else [None] * len(unread)
+        unread = [n for n, g in zip(unread, read) if g is None]
+        if not unread:
+            break
+    if len(unread) == len(start):
+        raise ValueError(
+            f"loss_fn: its loss does not depend on params (no gradient reaches {unread} from the query or the "
+            "support batch), so every meta-gradient would be zero. Build the loss from the params argument, "
+            "torch.func.functional_call(model, params, (x,)), not from the module itself (model(x)).")
+    tried.add(key)
+    if unread:
+        warn(f"params: {', '.join(unread)} read by loss_fn neither on the query nor on the support batch, so their "
+             "meta-gradient is zero. If loss_fn reads those weights from the module (functional_call with some "
+             "of params, the rest the module's own), pass it all of params; leave out of params what the loss "
+             "does not use.")
+
+
+#: The losses (:attr:`TaskLoss.identity`) and names of params :func:`_check_params_read` tried: by
+#: their code, and (held weakly) the loss functions without one.
+_PARAMS_TRIED: set[tuple[Any, tuple[str, ...]]] = set()
+_PARAMS_TRIED_BY_OBJECT: "weakref.WeakKeyDictionary[Any, set[tuple[Any, tuple[str, ...]]]]" = weakref.WeakKeyDictionary()
 
 
 #: The losses (:attr:`TaskLoss.identity`) and tensors of meta :func:`_check_meta_read` tried.

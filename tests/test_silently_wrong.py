@@ -11,6 +11,8 @@ and an inner learning-rate schedule, and a step whose loss uses none of the adap
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +24,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 import metagrad as mg
+import metagrad.functional as functional_face
 
 DT = torch.float64
 
@@ -1563,3 +1566,40 @@ def test_a_meta_parameter_the_loss_reads_only_through_a_tensor_computed_outside_
         phi = {n: p - 0.2 * g for (n, p), g in zip(phi.items(), grads)}
     want, = torch.autograd.grad(read(phi, (xq, yq), {"log_wd": learned}), [learned])
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), (got, want)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.FirstOrder()], ids=repr)
+def test_a_loss_fn_that_calls_the_module_instead_of_reading_params_is_refused(estimator, monkeypatch):
+    """``meta_grad`` with a ``loss_fn`` that calls the module (``model(x)``) rather than
+    ``functional_call(model, params, (x,))``: its loss depends on none of ``params``, and every
+    meta-gradient came out zero with no word (a MetaGradient block names such a closure). Now a
+    ``ValueError`` says so; a loss that reads some of ``params`` (the rest the module's own) is
+    warned about, naming the others, and its gradient for the ones it reads is the hand unroll's."""
+    x, y, xq, yq, _, _ = data(10)
+    model = mlp(10)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    call = functools.partial(mg.functional.meta_grad, params=theta, support=(x, y), query=(xq, yq),
+                             inner_opt=mg.optim.SGD(lr=0.2), steps=3, estimator=estimator)
+    with pytest.raises(ValueError, match=r"loss_fn: its loss does not depend on params .* not from the module "
+                                         r"itself \(model\(x\)\)"):
+        call(lambda p, batch: F.mse_loss(model(batch[0]), batch[1]))
+
+    first = ["0.weight", "0.bias"]
+    monkeypatch.setattr(functional_face, "_PARAMS_TRIED", set())  # (said once per loss code: here for each estimator)
+
+    def some(p, batch):  # the first layer's fast weights; the module's own for the rest
+        return F.mse_loss(functional_call(model, {n: p[n] for n in first}, (batch[0],)), batch[1])
+
+    with pytest.warns(mg.MetaGradientWarning, match=r"params: 2.weight, 2.bias read by loss_fn neither on the query "
+                                                    r"nor on the support batch, so their meta-gradient is zero"):
+        got = call(some)
+    assert all(torch.count_nonzero(got[n]) == 0 for n in ("2.weight", "2.bias"))
+    if not isinstance(estimator, mg.FirstOrder):  # by hand: the first layer's weights unrolled
+        leaves = {n: theta[n].clone().requires_grad_() for n in first}
+        phi = dict(leaves)
+        for _ in range(3):
+            grads = torch.autograd.grad(some(phi, (x, y)), list(phi.values()), create_graph=True)
+            phi = {n: p - 0.2 * g for (n, p), g in zip(phi.items(), grads)}
+        want = torch.autograd.grad(some(phi, (xq, yq)), list(leaves.values()))
+        for n, w in zip(first, want):
+            assert torch.allclose(got[n], w, rtol=1e-10, atol=1e-14), n
