@@ -364,7 +364,7 @@ def checked_loss(loss: Any, step: int) -> torch.Tensor:
 def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: int,
                used: Optional[Sequence[str]] = None, theta: Optional[Container[int]] = None,
                also: Sequence[torch.Tensor] = (), also_out: Optional[list[Optional[torch.Tensor]]] = None,
-               retain_graph: Optional[bool] = None) -> Params:
+               retain_graph: Optional[bool] = None, source: str = "closure") -> Params:
     """``∇L_tr(φ)`` by autograd, for the fast weights the loss depends on (``used``, if
     known: the names that had a gradient when the step was taken; a rebuilt step that no
     longer reaches one of them gets a zero gradient there, which the replay check sees).
@@ -379,12 +379,16 @@ def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: 
     the replay check's :class:`~metagrad.replay.EtaProbes`); their gradients (``None`` for
     none) are appended to ``also_out``. ``retain_graph``: as ``torch.autograd.grad``'s (the
     path to an η may run through a graph of the user's, ``w = hypernet(z)`` read by a helper,
-    which a later backward still needs)."""
+    which a later backward still needs). ``source``: ``"loss"`` for a loss the caller built
+    (``meta.step_from_loss``, the adapters' ``step(loss)``), which the refusal then names."""
     wrong = ValueError(
         f"closure: the loss at step {step} does not depend on the fast weights. Compute it "
         "from the model the closure receives as its argument (meta.step(lambda f: loss(f(x), y))), "
         "not from the original module, and not from meta.fmodel (inside a step it is not the "
-        "model the step differentiates)."
+        "model the step differentiates)." if source != "loss" else
+        f"loss: the loss given at step {step} does not depend on the fast weights. Build it from the "
+        "fast weights the block hands out (meta.fast_weights(), or the functional model an adapter "
+        "gives), not from the original module."
     )
     if not loss.requires_grad:
         raise wrong

@@ -905,3 +905,29 @@ def test_a_forward_that_writes_the_fast_weights_in_place_is_named(estimator, mak
                 meta.step(lambda f: F.mse_loss(f(x), y))
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_a_given_loss_built_from_the_module_is_named_as_a_given_loss(estimator):
+    """``meta.step_from_loss(loss, w)`` and the higher adapter's ``diffopt.step(loss)`` with a loss
+    built from the module itself: at step 0 the module holds φ_0 = θ, at step 1 it no longer
+    holds the fast weights. The refusal speaks of the loss given (not of a closure) and of the
+    fast weights handed out, and nothing is written."""
+    from metagrad.adapters import higher
+
+    def from_loss(model):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=estimator) as meta:
+            for k in range(2):
+                w = meta.fast_weights()
+                meta.step_from_loss(F.mse_loss(model(SUPPORT[k][0]), SUPPORT[k][1]), w)
+
+    def adapter(model):
+        with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=LR), copy_initial_weights=False,
+                                  estimator=estimator) as (fmodel, diffopt):
+            for k in range(2):
+                diffopt.step(F.mse_loss(model(SUPPORT[k][0]), SUPPORT[k][1]))
+
+    for run in (from_loss, adapter):
+        info = check_rejected(ValueError, "loss", run)
+        assert str(info.value).startswith("loss: the loss given at step 1 does not depend on the fast weights")
+        assert "meta.fast_weights()" in str(info.value) and "closure" not in str(info.value)
