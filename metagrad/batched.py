@@ -215,7 +215,8 @@ class Batched:
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
                 "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "
-                "data-dependent control flow, no in-place writes to captured tensors, no op torch "
+                "data-dependent control flow, no in-place writes to captured tensors, no .backward() (meta.step "
+                "takes the inner gradient itself: return the loss), no op torch "
                 "cannot vmap there (an op without a batching rule; LayerNorm's double backward under "
                 "bfloat16 autocast). Use "
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "

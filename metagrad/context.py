@@ -331,7 +331,7 @@ class MetaGradient:
             )
         if rule is not None:
             check_update_rule(rule, "rule")
-        loss = take_step(self._open_trajectory(), closure, batch, rule, self.tasks)
+        loss = take_step(self._open_trajectory(), closure, batch, rule, self.tasks, self._every)
         self._fmodel = None
         return loss
 

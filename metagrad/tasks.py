@@ -90,18 +90,43 @@ def _first_task(function: Callable[..., Any], batch: list[Any], fmodel: Function
 
 
 def take_step(trajectory: Any, closure: Callable[..., Any], batch: Sequence[Any], rule: Any,
-              tasks: Optional[int]) -> torch.Tensor:
+              tasks: Optional[int], parameters: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """``meta.step(closure, *batch, rule=rule)``: one inner step, of one task or of ``tasks``
     (:func:`advance_tasks`); a closure whose signature cannot take ``(fmodel, *batch)`` is
-    named with what it is called with."""
+    named with what it is called with, and one that backpropagates its own loss (a
+    ``torch.optim`` closure's ``loss.backward()``: into the model's ``parameters``, whose
+    ``.grad`` it would add the inner gradients to) is refused."""
+    marks = _grad_marks(parameters)
     try:
         if tasks is None:
             live, frozen = with_batch(closure, batch, None) if batch else (closure, None)
-            return trajectory.advance(live, rule, frozen=frozen)
-        return advance_tasks(trajectory, closure, batch, rule, tasks)
+            loss = trajectory.advance(live, rule, frozen=frozen)
+        else:
+            loss = advance_tasks(trajectory, closure, batch, rule, tasks)
     except TypeError as error:
         _refuse_misfit(closure, len(batch), tasks, error)
         raise
+    except RuntimeError as error:
+        if "backward through the graph a second time" not in str(error):
+            raise
+        raise ValueError(_BACKWARD_INSIDE + f" (torch: {str(error).split('.')[0]}.)") from error
+    if _grad_marks(parameters) != marks:
+        raise ValueError(_BACKWARD_INSIDE + " The model's .grad changed during the step (a backward, or "
+                         "zero_grad(), inside the closure): the inner gradients would have been added to the "
+                         "meta-gradient, or the meta-gradient accumulated so far lost.")
+    return loss
+
+
+#: Why a closure may not backpropagate its own loss.
+_BACKWARD_INSIDE = ("closure: it backpropagated during the inner step (loss.backward() inside the closure, as a "
+                    "torch.optim closure does). meta.step takes the inner gradient itself, and differentiates "
+                    "it: return the loss without calling .backward() on it.")
+
+
+def _grad_marks(parameters: Sequence[torch.Tensor]) -> list[Optional[tuple[int, int]]]:
+    """Each tensor's ``.grad`` as an (identity, version) pair (``None`` without one): a backward
+    that reaches it replaces or adds to it, and changes the pair."""
+    return [None if (g := p.grad) is None else (id(g), g._version) for p in parameters]
 
 
 def _refuse_misfit(closure: Callable[..., Any], count: int, tasks: Optional[int], error: TypeError) -> None:

@@ -417,6 +417,40 @@ def test_inner_steps_under_inference_mode_are_refused_by_name():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("estimator,form", [
+    (mg.Full(), "backward(retain_graph=True)"),
+    *[(e, form) for e in (mg.Full(), mg.Checkpointed(), mg.FirstOrder()) for form in ("backward()", "zero_grad()")],
+], ids=lambda value: repr(value) if isinstance(value, mg.Estimator) else value)
+def test_a_closure_that_backpropagates_its_own_loss_is_refused(estimator, form):
+    """A torch.optim closure's habit, ``loss.backward(); return loss``, inside ``meta.step``: with
+    Full and ``retain_graph=True`` it added every inner gradient to θ's ``.grad`` with no error;
+    without, torch's "backward through the graph a second time" came out of metagrad's own
+    gradient. Refused by name, the model's ``.grad`` left as it was; so is a ``zero_grad()``
+    inside the closure, which would lose the meta-gradient accumulated so far. (A rebuilding
+    estimator given ``retain_graph=True`` backpropagates into its detached fast weights only, and
+    its meta-gradient is the one without the call.)"""
+    model = mlp(2, 5, 7)
+    batches, _, _ = data(7, 2, 6, 1)
+    x, y = batches[0]
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # (an earlier task's meta-gradient)
+
+    def closure(f):
+        loss = F.mse_loss(f(x), y)
+        if form == "zero_grad()":
+            model.zero_grad()
+        else:
+            loss.backward(retain_graph=form != "backward()")
+        return loss
+
+    with pytest.raises(ValueError, match=r"closure: it backpropagated during the inner step \(loss.backward\(\) "
+                                         r"inside the closure, as a torch.optim closure does\)"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+            for _ in range(2):
+                meta.step(closure)
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_reused_batch_list_written_in_place(name):
     """A loader that refills one list object each iteration (``batch[:] = ...``): the frozen
