@@ -313,8 +313,7 @@ class Trajectory(OnTape):
             if grads is None:  # (given: computed by a compiled call)
                 grads = loss_grads(loss, params, create_graph=self.differentiable or keep_graph, step=k,
                                    theta=self._theta_ids, also=self.eta.read() if eta_grads is not None else (),
-                                   also_out=eta_grads, retain_graph=True if eta_grads is not None else None,
-                                   source=source)
+                                   also_out=eta_grads, retain_graph=eta_grads is not None or None, source=source)
         graph = (params, grads) if keep_graph else None
         inputs = params  # the tensors the loss was built from (the step's fast weights)
         if not self.differentiable:
