@@ -203,9 +203,7 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
     if not traced:
-        _check_params_read((outer, inner), lambda: start(theta), eta, loss_of)
-    if eta and not traced:
-        _check_meta_read((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of.identity)
+        _check_reads((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of)
     if estimator.differentiable:  # Full: autograd through the unroll
         rule_eta = rule_slots(inner_opt, eta)
 
@@ -338,34 +336,61 @@ def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:
     return [leaf for _, leaf in flat], spec, names
 
 
-def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[], dict[str, torch.Tensor]],
-                     eta: list[torch.Tensor], rule: Any, names: list[str], identity: Any) -> None:
-    """Say which tensors of ``meta`` the update rule does not hold and the loss does not read, on
-    the query batch or the support batch (``losses``, tried in turn, at φ_0 = ``phi()``): their gradient
-    comes out zero. Most often the loss or the rule reads a tensor computed from them outside,
-    which ``meta_grad`` cannot see (it differentiates in the tensors of ``meta`` themselves:
-    ``SGD(lr=log_lr.exp())``, a captured ``wd = log_wd.exp()``). A ``ValueError`` where the rule
-    holds a floating-point tensor that is not in ``meta`` (a step size computed so), else a
-    warning (a tensor of ``meta`` that nothing uses). Once per loss function's code
-    (``identity``: :attr:`TaskLoss.identity`) and tensors of ``meta``."""
+def _check_reads(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[], dict[str, torch.Tensor]],
+                 eta: list[torch.Tensor], rule: Any, names: list[str], loss_of: "TaskLoss") -> None:
+    """Say which of ``params``, and which tensors of ``meta`` the update rule does not hold, the
+    loss does not read, on the query batch or the support batch (``losses``, tried in turn, at
+    φ_0 = ``phi()``, one gradient for both): their meta-gradient comes out zero.
+
+    - No parameter read is a ``ValueError`` (a ``loss_fn`` that calls the module, ``model(x)``,
+      instead of ``functional_call(model, params, (x,))``: every gradient would be zero), some a
+      warning.
+    - A tensor of ``meta`` read by neither: most often the loss or the rule reads a tensor computed
+      from it outside, which ``meta_grad`` cannot see (it differentiates in the tensors of ``meta``
+      themselves: ``SGD(lr=log_lr.exp())``, a captured ``wd = log_wd.exp()``). A ``ValueError``
+      where the rule holds a floating-point tensor that is not in ``meta`` (a step size computed
+      so), else a warning (a tensor of ``meta`` that nothing uses).
+
+    Each once per loss function (its code, or the object: ``loss_of``, :class:`TaskLoss`), with
+    the parameters' names and the tensors of ``meta`` looked at."""
+    start = phi()
     held = rule_slots(rule, eta)
-    unread = [k for k, t in enumerate(eta) if id(t) not in held]
-    key = (identity, tuple(unread))
-    if not unread or key in _TRIED:
+    unheld = [k for k, t in enumerate(eta) if id(t) not in held]
+    tried = _tried(loss_of)
+    params_key, meta_key = ("params", tuple(start)), ("meta", tuple(unheld))
+    check_params, check_meta = params_key not in tried, bool(unheld) and meta_key not in tried
+    if not (check_params or check_meta):
         return
-    p = {n: t.detach() for n, t in phi().items()}
+    unread = list(start) if check_params else []
+    unread_eta = list(unheld) if check_meta else []
     for loss_at in losses:
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in eta]
-            loss = loss_at(p, leaves)
-            read = torch.autograd.grad(loss, [leaves[k] for k in unread], allow_unused=True) \
-                if loss.requires_grad else [None] * len(unread)
-        unread = [k for k, g in zip(unread, read) if g is None]
-        if not unread:
+            p = {n: t.detach().requires_grad_(n in unread) for n, t in start.items()}
+            e = [t.detach().requires_grad_(k in unread_eta) for k, t in enumerate(eta)]
+            loss = loss_at(p, e)
+            wrt = [p[n] for n in unread] + [e[k] for k in unread_eta]
+            read = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+        unread, unread_eta = ([n for n, g in zip(unread, read) if g is None],
+                              [k for k, g in zip(unread_eta, read[len(unread):]) if g is None])
+        if not unread and not unread_eta:
             break
+    if check_params:
+        if len(unread) == len(start):
+            raise ValueError(
+                f"loss_fn: its loss does not depend on params (no gradient reaches {unread} from the query or the "
+                "support batch), so every meta-gradient would be zero. Build the loss from the params argument, "
+                "torch.func.functional_call(model, params, (x,)), not from the module itself (model(x)).")
+        tried.add(params_key)
+        if unread:
+            warn(f"params: {', '.join(unread)} read by loss_fn neither on the query nor on the support batch, so "
+                 "their meta-gradient is zero. If loss_fn reads those weights from the module (functional_call with "
+                 "some of params, the rest the module's own), pass it all of params; leave out of params what the "
+                 "loss does not use.")
+    if not check_meta:
+        return
     ids = {id(t) for t in eta}
-    said = ", ".join(names[k] for k in unread)
-    if unread and any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
+    said = ", ".join(names[k] for k in unread_eta)
+    if unread_eta and any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
         raise ValueError(
             f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
             "while inner_opt holds a tensor that is not in meta. A step size computed from a tensor of meta outside "
@@ -374,63 +399,30 @@ def _check_meta_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callabl
             f"{said} would be zero. Hold that tensor itself in a rule of your own that computes the step size in "
             "its step (self.log_lr.exp()), or pass the tensor inner_opt holds in meta; leave out of meta what the "
             "loss does not use. (MetaGradient finds step sizes computed from a meta-parameter by autograd.)")
-    if not isinstance(identity[1], int):  # (a function's code; an object's id may be another's later)
-        _TRIED.add(key)
-    if unread:
+    tried.add(meta_key)
+    if unread_eta:
         warn(f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
              "so its gradient is zero. If loss_fn reads a tensor computed from it outside (wd = log_wd.exp(), "
              "captured), read it from loss_fn's meta argument instead (meta['log_wd'].exp()): meta_grad "
              "differentiates in the tensors of meta themselves. Leave out of meta what the loss does not use.")
 
 
-def _check_params_read(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[], dict[str, torch.Tensor]],
-                       eta: list[torch.Tensor], loss_of: "TaskLoss") -> None:
-    """Say which of ``params`` the loss does not read, on the query batch or the support batch
-    (``losses``, tried in turn, at φ_0 = ``phi()``): their meta-gradient is zero. None read is a
-    ``ValueError`` (a ``loss_fn`` that calls the module, ``model(x)``, instead of
-    ``functional_call(model, params, (x,))``: every gradient would be zero), some a warning. Once
-    per loss function (its code, or the object: ``loss_of``, :class:`TaskLoss`) and names."""
-    start = phi()
-    key = (loss_of.identity, tuple(start))
-    tried = _PARAMS_TRIED
-    if isinstance(loss_of.identity[1], int):  # no code (a partial, an object): remembered while it lives
-        try:
-            tried = _PARAMS_TRIED_BY_OBJECT.setdefault(loss_of.loss_fn, set())
-        except TypeError:  # (not weakly referable: looked at on every call)
-            tried = set()
-    if key in tried:
-        return
-    unread = list(start)
-    for loss_at in losses:
-        with torch.enable_grad():
-            leaves = {n: t.detach().requires_grad_() for n, t in start.items()}
-            loss = loss_at(leaves, [t.detach() for t in eta])
-            read = torch.autograd.grad(loss, [leaves[n] for n in unread], allow_unused=True) \
-                if loss.requires_grad else [None] * len(unread)
-        unread = [n for n, g in zip(unread, read) if g is None]
-        if not unread:
-            break
-    if len(unread) == len(start):
-        raise ValueError(
-            f"loss_fn: its loss does not depend on params (no gradient reaches {unread} from the query or the "
-            "support batch), so every meta-gradient would be zero. Build the loss from the params argument, "
-            "torch.func.functional_call(model, params, (x,)), not from the module itself (model(x)).")
-    tried.add(key)
-    if unread:
-        warn(f"params: {', '.join(unread)} read by loss_fn neither on the query nor on the support batch, so their "
-             "meta-gradient is zero. If loss_fn reads those weights from the module (functional_call with some "
-             "of params, the rest the module's own), pass it all of params; leave out of params what the loss "
-             "does not use.")
+def _tried(loss_of: "TaskLoss") -> set[tuple[str, tuple[Any, ...]]]:
+    """What :func:`_check_reads` looked at for this loss function: by its code, or (a partial, a
+    callable object: no code) by the object, held weakly, while it lives (an empty set, looked at
+    again on every call, for one that cannot be held weakly)."""
+    if not isinstance(loss_of.identity[1], int):
+        return _TRIED.setdefault(loss_of.identity, set())
+    try:
+        return _TRIED_BY_OBJECT.setdefault(loss_of.loss_fn, set())
+    except TypeError:
+        return set()
 
 
-#: The losses (:attr:`TaskLoss.identity`) and names of params :func:`_check_params_read` tried: by
-#: their code, and (held weakly) the loss functions without one.
-_PARAMS_TRIED: set[tuple[Any, tuple[str, ...]]] = set()
-_PARAMS_TRIED_BY_OBJECT: "weakref.WeakKeyDictionary[Any, set[tuple[Any, tuple[str, ...]]]]" = weakref.WeakKeyDictionary()
-
-
-#: The losses (:attr:`TaskLoss.identity`) and tensors of meta :func:`_check_meta_read` tried.
-_TRIED: set[tuple[Any, tuple[int, ...]]] = set()
+#: What :func:`_check_reads` looked at, per loss function: by its code (:attr:`TaskLoss.identity`),
+#: and (held weakly) the loss functions without one.
+_TRIED: dict[Any, set[tuple[str, tuple[Any, ...]]]] = {}
+_TRIED_BY_OBJECT: "weakref.WeakKeyDictionary[Any, set[tuple[str, tuple[Any, ...]]]]" = weakref.WeakKeyDictionary()
 
 
 def _result(g: dict[str, torch.Tensor], g_eta: list[torch.Tensor], meta: Any, spec: Any) -> Any:

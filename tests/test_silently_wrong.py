@@ -1585,7 +1585,7 @@ def test_a_loss_fn_that_calls_the_module_instead_of_reading_params_is_refused(es
         call(lambda p, batch: F.mse_loss(model(batch[0]), batch[1]))
 
     first = ["0.weight", "0.bias"]
-    monkeypatch.setattr(functional_face, "_PARAMS_TRIED", set())  # (said once per loss code: here for each estimator)
+    monkeypatch.setattr(functional_face, "_TRIED", {})  # (said once per loss code: here for each estimator)
 
     def some(p, batch):  # the first layer's fast weights; the module's own for the rest
         return F.mse_loss(functional_call(model, {n: p[n] for n in first}, (batch[0],)), batch[1])
