@@ -30,6 +30,7 @@ again; an approximate estimator raises there (README, "Nested blocks").
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -267,15 +268,16 @@ class MetaGradient:
         self._saved_grads = [None if p.grad is None else p.grad.clone() for p in self._every]
         self._fmodel = None
         self.info = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._reached) for p in self._params
-                       if p.requires_grad]
+        self._hooks = [p.register_post_accumulate_grad_hook(partial(self._reached, v))
+                       for p, v in zip(self._params, self._versions) if p.requires_grad]
         self._warned = False
         self._active = True
         return self
 
-    def _reached(self, param: torch.Tensor) -> None:
+    def _reached(self, version: int, param: torch.Tensor) -> None:
         """A backward inside the block wrote θ's ``.grad`` (:func:`~metagrad.query.warn_if_plain`)."""
-        self._warned = warn_if_plain(self._trajectory, self._warned)
+        written = list(zip(self._names, self._params, self._versions)) if param._version != version else None
+        self._warned = warn_if_plain(self._trajectory, self._warned, written)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         trajectory = self._trajectory
@@ -285,8 +287,7 @@ class MetaGradient:
         self._fmodel = None
         for hook in self._hooks:
             hook.remove()
-        self._hooks = []
-        self._trajectory = None
+        self._hooks, self._trajectory = [], None
         if trajectory is not None:
             trajectory.lifetime.block_ended = True
             if failed or trajectory.lifetime.backward_calls > 0:

@@ -289,11 +289,31 @@ def attached(block: Any, trajectory: Trajectory, k: int, *, watched: bool) -> di
     return dict(zip(names, outputs))
 
 
-def warn_if_plain(trajectory: Optional[Trajectory], warned: bool) -> bool:
+def warn_if_plain(trajectory: Optional[Trajectory], warned: bool,
+                  written: Optional[Sequence[tuple[str, torch.Tensor, int]]] = None) -> bool:
     """A backward inside a block wrote θ's ``.grad``: warn, once (returns whether it has), if it
     did not go through the inner loop although steps were taken (a query built from the model
     itself gives the plain ∇L(θ)), and no earlier backward of the block did (after the query's,
-    a penalty on θ back-propagated on its own is a term of the user's, not a mistaken query)."""
+    a penalty on θ back-propagated on its own is a term of the user's, not a mistaken query).
+
+    ``written``, given when the parameter whose ``.grad`` was written had been changed in place
+    since the block began (``(name, parameter, version at entry)`` of each of θ): raise. That
+    gradient was taken at parameters the block's inner loop does not start from; with no step
+    taken, it is an inner loop that updates the model itself (``torch.optim``'s ``step()``), whose
+    gradient is the plain one at the updated parameters and no meta-gradient."""
+    if written is not None:
+        changed = [n for n, p, version in written if p._version != version]
+        inner = (" No inner step was taken with meta.step: an inner loop that updates the model "
+                 "itself (an optimizer's opt.step() on model.parameters(), or a write under "
+                 "torch.no_grad()) changes θ and gives the plain gradient at the changed parameters, "
+                 "not a meta-gradient. Take each inner step with meta.step(closure, *batch), which "
+                 "adapts fast weights and leaves the parameters as they are."
+                 if trajectory is None or trajectory.length == 0 else "")
+        raise RuntimeError(
+            f"model: parameters {changed} were modified in place inside the block, before a backward "
+            f"that reached them.{inner} Update the model (outer_opt.step()) only after the query's "
+            "backward."
+        )
     if warned or trajectory is None or trajectory.length == 0 or trajectory.lifetime.tasks:
         return warned  # (this backward, or an earlier one, went through the block's node)
     warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "

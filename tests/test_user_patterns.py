@@ -451,6 +451,42 @@ def test_a_closure_that_backpropagates_its_own_loss_is_refused(estimator, form):
     assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
 
 
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.FirstOrder()], ids=repr)
+@pytest.mark.parametrize("form", ["torch.optim.SGD", "torch.optim.Adam", "autograd.grad under no_grad"])
+def test_an_inner_loop_that_updates_the_model_itself_is_refused(estimator, form):
+    """The plain training loop moved inside a block (``opt.step()`` on ``model.parameters()``)
+    instead of ``meta.step``: no inner step is recorded, each backward is the plain gradient at
+    the parameters the loop changed, and the block ended with no error. Refused at the first
+    backward after a write, the model's ``.grad`` left as it was; an outer step inside a block
+    with no inner step, after its query's backward, is still allowed."""
+    model = mlp(2, 5, 8)
+    batches, xq, yq = data(8, 2, 6, 3)
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # (an earlier task's meta-gradient)
+    with pytest.raises(RuntimeError, match=r"modified in place inside the block, before a backward that "
+                                           r"reached them\. No inner step was taken with meta\.step"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator):
+            opt = (torch.optim.Adam if form == "torch.optim.Adam" else torch.optim.SGD)(model.parameters(), lr=0.1)
+            for x, y in batches:
+                if form.startswith("torch.optim"):
+                    opt.zero_grad()
+                    F.mse_loss(model(x), y).backward()
+                    opt.step()
+                else:
+                    grads = torch.autograd.grad(F.mse_loss(model(x), y), list(model.parameters()))
+                    with torch.no_grad():
+                        for p, g in zip(model.parameters(), grads):
+                            p -= 0.1 * g
+            F.mse_loss(model(xq), yq).backward()
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
+
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)  # zero inner steps, the outer step inside
+    model.zero_grad()
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+        outer.step()
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_reused_batch_list_written_in_place(name):
     """A loader that refills one list object each iteration (``batch[:] = ...``): the frozen
