@@ -462,7 +462,7 @@ def once_differentiable(node: Any) -> Optional[str]:
     """A description of ``node`` if its backward cannot be differentiated again, else ``None``:
     a ``torch.compile``'d function (aot_autograd has no double backward), a fused attention
     kernel (flash, memory-efficient, cuDNN), torch's own ops whose backward has no derivative (``torch.cdist``, ``embedding_bag``,
-    ``hardsigmoid``, ...), an
+    ``hardsigmoid``, ...) or a wrong one (the fused weight norm, through v), an
     ``autograd.Function`` whose backward is marked ``@once_differentiable`` (as many custom
     CUDA ops are), and a node that raises when differentiated twice (``DelayedError``, which
     torch puts where a once-differentiable backward ran with ``create_graph=True``). A metagrad
@@ -479,6 +479,14 @@ def once_differentiable(node: Any) -> Optional[str]:
     if name in _NO_SECOND_DERIVATIVE:
         op, instead = _NO_SECOND_DERIVATIVE[name]
         return f"{op}, whose backward has no derivative in torch (one that has: {instead})"
+    if name == "WeightNormInterfaceBackward0" and node.next_functions[0][0] is not None:
+        # torch's double backward of its fused weight norm takes the saved norms ‖v‖ as constants:
+        # second derivatives through v come out wrong, with no error (those through g alone are right).
+        return ("torch's fused weight norm (torch._weight_norm, which nn.utils.parametrizations.weight_norm "
+                "and nn.utils.weight_norm call), whose backward's derivative in torch is wrong: it "
+                "treats the norm of v as a constant (one that is right: the weight written out, "
+                "g * v / v.norm(dim=1, keepdim=True) for dim=0, e.g. as a parametrization of your own "
+                "registered with torch.nn.utils.parametrize.register_parametrization)")
     function = getattr(node, "_forward_cls", None)
     if function is None:
         return None

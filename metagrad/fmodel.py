@@ -22,12 +22,14 @@ import torch
 from dataclasses import dataclass, field
 
 from torch.func import functional_call
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import is_parametrized
 from torch.utils import _pytree as pytree
 from torch.nn.modules.batchnorm import _NormBase
 
 from .attention import math_attention
 
-__all__ = ["FastWeights", "FunctionalModel", "Layout", "RUNNING_STATS"]
+__all__ = ["FastWeights", "FunctionalModel", "Layout", "RUNNING_STATS", "refuse_cached"]
 
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -172,6 +174,9 @@ class FunctionalModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._guard is not None:
             self._guard()
+        if self._layout.parametrized:
+            refuse_cached(f"model: its submodules {list(self._layout.parametrized)} have parametrized tensors "
+                          "(torch.nn.utils.parametrize), and")
         if self._tasks is not None:
             return self._over_tasks(args, kwargs)
         params = {**self._fixed, **self._params} if self._fixed else self._params
@@ -249,6 +254,8 @@ class Layout:
     #: ``(prefix, submodule)`` for each submodule once, the prefix its dotted names start with
     #: (``"body.0."``; ``""`` for the module itself).
     modules: list[tuple[str, torch.nn.Module]] = field(default_factory=list)
+    #: The submodules with a parametrized tensor (``torch.nn.utils.parametrize``), by name.
+    parametrized: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> "Layout":
@@ -278,7 +285,21 @@ class Layout:
                 else:
                     first[id(param)] = name
         checkpoints = any(_calls_checkpoint(type(sub).forward) for _, sub in modules)
-        return cls(norms, aliases, checkpoints, named, modules)
+        parametrized = tuple(prefix.rstrip(".") or "(the model)" for prefix, sub in modules if is_parametrized(sub))
+        return cls(norms, aliases, checkpoints, named, modules, parametrized)
+
+
+def refuse_cached(what: str) -> None:
+    """Raise if ``torch.nn.utils.parametrize.cached()`` is active: a parametrized tensor is then
+    computed once and reused while the cache lives, so a call at other fast weights would see
+    the first ones (``what`` begins the message)."""
+    if getattr(parametrize, "_cache_enabled", 0):
+        raise ValueError(
+            f"{what} torch.nn.utils.parametrize.cached() is active: each parametrized tensor is computed once and then reused while the cache lives, "
+            "so the inner steps and the query would not see the fast weights change, and the "
+            "meta-gradient would be wrong with no error. Run the inner loop outside `with "
+            "parametrize.cached():` (the parametrization is then computed from the fast weights at "
+            "every call).")
 
 
 def unstacked(tree: Any, tasks: int) -> Optional[tuple[int, torch.Tensor]]:

@@ -16,12 +16,14 @@ from torch.utils import _pytree as pytree
 
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
+from .discovery import graph_inputs
 from .errors import misfit_signature, warn
 from .estimators.base import TrajectoryView, check_count
-from .fmodel import FunctionalModel, Layout, unstacked
+from .fmodel import FunctionalModel, Layout, refuse_cached, unstacked
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 from .pure_compiled import Pieces
+from .replay import refuse_twice
 from .step import rule_slots, rule_tensors
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
@@ -158,6 +160,7 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got "
                         f"{type(loss_fn).__name__}.")
+    refuse_cached("meta_grad: called while")
     if not torch.compiler.is_compiling():  # (TorchDynamo does not trace inspect.signature)
         _check_arity(loss_fn, meta is not None)
     _check_params(params)
@@ -202,9 +205,13 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
             return {n: t.clone() for n, t in p.items()}
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
+    once = None
     if not traced:
         _check_reads((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of)
+        once = _once(inner, lambda: start(theta), eta, loss_of)
     if estimator.differentiable:  # Full: autograd through the unroll
+        if once is not None and steps > 0:
+            refuse_twice(0, once, "loss_fn")
         rule_eta = rule_slots(inner_opt, eta)
 
         def objective(p: dict[str, torch.Tensor], e: list[torch.Tensor]) -> torch.Tensor:
@@ -221,7 +228,7 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
                                     snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks,
-                                    proximal=estimator.proximal)
+                                    proximal=estimator.proximal, once=once)
         if not traced and estimator.keep() != 0 and not getattr(inner_opt, "pure_step", False):
             trajectory.check_rule()  # the products run the rule again (PureTrajectory.check_rule)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
@@ -405,6 +412,23 @@ def _check_reads(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[]
              "so its gradient is zero. If loss_fn reads a tensor computed from it outside (wd = log_wd.exp(), "
              "captured), read it from loss_fn's meta argument instead (meta['log_wd'].exp()): meta_grad "
              "differentiates in the tensors of meta themselves. Leave out of meta what the loss does not use.")
+
+
+def _once(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torch.Tensor]],
+          eta: list[torch.Tensor], loss_of: "TaskLoss") -> Optional[str]:
+    """What in the graph of the support loss at φ_0 cannot be differentiated twice, or has a
+    wrong derivative in torch (:func:`metagrad.discovery.once_differentiable`), described, or
+    ``None``: the products that take second derivatives refuse it
+    (:meth:`metagrad.pure.PureTrajectory._twice`). Looked at once per loss function (:func:`_tried`)."""
+    tried = _tried(loss_of)
+    known = next((found for kind, found in tried if kind == "once"), None)
+    if known is None:
+        with torch.enable_grad():
+            loss = inner({n: t.detach().requires_grad_() for n, t in phi().items()},
+                         [t.detach().requires_grad_() for t in eta])
+        known = (graph_inputs([loss], set(), {})[1],)
+        tried.add(("once", known))
+    return known[0]
 
 
 def _tried(loss_of: "TaskLoss") -> set[tuple[str, tuple[Any, ...]]]:

@@ -35,7 +35,7 @@ from .discovery import add_meta
 from .errors import ReplayError
 from .memory import saved_bytes
 from .numerics import tolerance
-from .replay import check_norms, step_norms
+from .replay import check_norms, refuse_twice, step_norms
 from .snapshots import Schedule
 from .tape import OnTape, Tape
 from .step import (Body, Gradient, KeptStep, StepRecord, autograd_gradient, functional_gradient, held, hyperparameters,
@@ -86,6 +86,7 @@ class PureTrajectory(OnTape):
         tasks: T of a meta-batch, or ``None`` (one task).
         proximal: λ of Implicit's proximal term, or ``None``. (Every iterate is stored, whatever
             the estimator's ``keep``: the functional face's tape keeps them all.)
+        once: what in the loss's graph cannot be differentiated twice (:attr:`once`), or ``None``.
     """
 
     #: The lengths of the runs of steps a compiled sweep may take, longest first
@@ -95,8 +96,12 @@ class PureTrajectory(OnTape):
     def __init__(self, loss_at: LossAt, theta: Params, rule: UpdateRule, steps: int,
                  meta: Sequence[torch.Tensor] = (), meta_names: Sequence[str] = (),
                  snapshots: Optional[Schedule] = None, pieces: Optional[Pieces] = None,
-                 tasks: Optional[int] = None, proximal: Optional[float] = None) -> None:
+                 tasks: Optional[int] = None, proximal: Optional[float] = None, once: Optional[str] = None) -> None:
         self.loss_at = loss_at
+        #: A node of the loss's graph whose backward cannot be differentiated again, or whose
+        #: derivative in torch is wrong (:func:`metagrad.discovery.once_differentiable`), described:
+        #: every product that takes second derivatives refuses it (:meth:`_twice`); ``None``: none.
+        self.once = once
         #: T of a meta-batch (the iterates hold T tasks' fast weights stacked; the loss is the
         #: sum of theirs), or ``None``: an estimator that chooses from norms chooses per task.
         self.tasks = tasks
@@ -226,6 +231,12 @@ class PureTrajectory(OnTape):
 
         self.tape.restore(first, last, recompute, self.verify)
 
+    def _twice(self, m: int) -> None:
+        """Refuse a product through step ``m`` that takes second derivatives where the loss's
+        graph cannot be differentiated twice (:attr:`once`), as the context manager refuses its steps."""
+        if self.once is not None:
+            refuse_twice(m, self.once, "loss_fn")
+
     def _body(self, state: State, carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
               rule: Optional[UpdateRule] = None) -> Body:
         if self.proximal is not None:  # the proximal term's gradient λ(φ − θ), for every fast weight
@@ -241,6 +252,7 @@ class PureTrajectory(OnTape):
         graph is autograd's, and the solver reads residuals back as Python floats)."""
         if k != self.length:
             raise RuntimeError(f"the fixed point is the final fast weights φ_K (K={self.length}), not φ_{k}.")
+        self._twice(k - 1)
         meta = [t.detach().requires_grad_() for t in self.meta]  # leaves: B's products by autograd
         return KeptStep.at(self.loss_at, rule, self.current, meta, step=k - 1, used=None, theta=self.theta,
                            reg=self.proximal or 0.0)
@@ -263,6 +275,7 @@ class PureTrajectory(OnTape):
                 return dict(u), [], None
             body = self._body(self.state(m), gradient=held(functional_gradient))
             return dict(u), list(step_vjp(body, self.iterate(m), self.meta, [], u, [])[1]), None
+        self._twice(m)
         compiled = self._compiled_sweep(m, m + 1, u, state_adjoint)
         if compiled is not None:
             return compiled
@@ -299,6 +312,7 @@ class PureTrajectory(OnTape):
         the steps' states are not tensors of one structure."""
         if self.pieces is None:
             return None
+        self._twice(last - 1)
         self.restore(first, last)  # with snapshots: their segments, recomputed once
         known = self._flat or {}
         flat = [known[m] if m in known else pytree.tree_flatten(self.state(m)) for m in range(first, last)]
@@ -333,6 +347,7 @@ class PureTrajectory(OnTape):
         step) computes one :meth:`vjp` at a time without ``vmap``, as
         :meth:`metagrad.trajectory.Trajectory.batched_vjp` does."""
         steps = list(steps)
+        self._twice(max(steps, default=0))
         if chunk_size != 1 and len(steps) > 1:
             self.restore(min(steps), max(steps) + 1)  # with snapshots: their segments, recomputed once
         if chunk_size == 1 or len(steps) == 1 or not same_shapes(

@@ -542,8 +542,8 @@ def _written(module: torch.nn.Module, names: list[str]) -> str:
 def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
     """Raise :class:`ReplayError` for a step whose loss came through ``what``, a node whose
     backward cannot be differentiated again: the second derivatives the estimator needs there
-    cannot be taken (torch raises, or drops them and the answer is silently the first-order
-    one). ``what`` names the fix where it knows one (its wording picks the fix). ``argument``: what
+    cannot be taken (torch raises, or drops them or takes them wrongly and the answer is silently
+    wrong). ``what`` names the fix where it knows one (its wording picks the fix). ``argument``: what
     gave the loss (``"loss"`` for a step taken from a loss tensor, whose graph was kept)."""
     if "torch.compile" in what:
         fix = ("Pass the closure and the model uncompiled (for model = torch.compile(net), the module it "
@@ -552,7 +552,7 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
         fix = ("Take the step from a closure (meta.step(closure), diffopt.step(closure=...)), whose graphs "
                "metagrad builds with attention's math kernel, or build the loss inside `with "
                "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`")
-    elif "no derivative in torch" in what:
+    elif "no derivative in torch" in what or "derivative in torch is wrong" in what:
         fix = "Compute it in the form named, which can be differentiated twice"
     else:
         fix = ("Give the function a backward that can itself be differentiated (drop "
@@ -561,6 +561,6 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
     raise ReplayError(
         f"{argument}: the inner loss at step {step} comes through {what}, so the second derivatives "
         "this estimator needs through it cannot be taken (torch raises, or drops them and the "
-        f"meta-gradient is silently the first-order one). {fix}, or use estimator=mg.FirstOrder(), "
+        f"meta-gradient is silently wrong). {fix}, or use estimator=mg.FirstOrder(), "
         "which needs no second derivative."
     )

@@ -289,6 +289,104 @@ def test_a_torch_op_without_a_second_derivative_is_refused_with_a_form_that_has_
         close(grads_of(run(instead).parameters()), want)
 
 
+class WrittenOutWeightNorm(nn.Module):
+    """The weight norm as a parametrization of one's own, ``g · v / ‖v‖`` over each output row:
+    differentiable twice, as every op it calls."""
+
+    def forward(self, g, v):
+        return g * v / v.norm(dim=1, keepdim=True)
+
+    def right_inverse(self, weight):
+        return weight.norm(dim=1, keepdim=True), weight
+
+
+def weight_normed(seed, fused):
+    model = mlp(seed, widths=(2, 4, 1))
+    if fused:
+        nn.utils.parametrizations.weight_norm(model[0])
+    else:
+        nn.utils.parametrize.register_parametrization(model[0], "weight", WrittenOutWeightNorm(), unsafe=True)
+    return model
+
+
+def test_torchs_fused_weight_norm_has_a_wrong_second_derivative():
+    """Why the fused weight norm is refused: torch's double backward of ``torch._weight_norm``
+    takes ‖v‖ as a constant, so a Hessian-vector product through v is off by O(1) against the
+    weight written out (whose first derivatives agree with it to rounding). If a torch release
+    fixes it, this fails: then drop the refusal (metagrad.discovery.once_differentiable)."""
+    g = torch.Generator().manual_seed(0)
+    x, v, gain, u = (torch.randn(*s, generator=g, dtype=DT) for s in ((6, 4), (4, 4), (4, 1), (4, 4)))
+
+    def gradient_and_hvp(weight_of):
+        leaf = v.clone().requires_grad_()
+        loss = torch.tanh(x @ weight_of(leaf).T).pow(2).sum()
+        grad, = torch.autograd.grad(loss, leaf, create_graph=True)
+        return grad, torch.autograd.grad((grad * u).sum(), leaf)[0]
+
+    fused_grad, fused_hvp = gradient_and_hvp(lambda w: torch._weight_norm(w, gain, 0))
+    grad, hvp = gradient_and_hvp(lambda w: gain * w / w.norm(dim=1, keepdim=True))
+    close([fused_grad], [grad])
+    assert (fused_hvp - hvp).abs().max() > 0.1 * hvp.abs().max()
+
+
+@pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
+def test_a_fused_weight_norm_is_refused_and_the_written_out_one_is_exact(estimator):
+    """``nn.utils.parametrizations.weight_norm`` (and the older ``nn.utils.weight_norm``) call
+    torch's fused kernel, whose second derivative through v is wrong (above): every estimator
+    came out wrong with no error (Full and Checkpointed 5e-4 relative off the finite difference
+    on a 2-5-1 MLP at K=3). Every second-order estimator refuses it at the step, in both faces,
+    naming the weight written out, and that form is exact against a hand unroll; FirstOrder,
+    which takes no second derivative, runs."""
+    x, y, xq, yq, _, _ = data(4)
+    inner = lambda f, k=0: F.mse_loss(f(x), y)  # noqa: E731
+    query = lambda f: F.mse_loss(f(xq), yq)  # noqa: E731
+
+    def run(model, est):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=est) as meta:
+            for _ in range(3):
+                meta.step(inner)
+            query(meta.fmodel).backward()
+        return model
+
+    refused = "(?s)fused weight norm.*derivative in torch is wrong.*register_parametrization"
+    with pytest.raises(mg.ReplayError, match=refused):
+        run(weight_normed(4, fused=True), estimator)
+    model = weight_normed(4, fused=True)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(mg.ReplayError, match=refused):
+        mg.functional.meta_grad(lambda p, b: F.mse_loss(functional_call(model, p, (b[0],)), b[1]), params,
+                                (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.1), steps=3, estimator=estimator)
+    run(weight_normed(4, fused=True), mg.FirstOrder())
+    if estimator.exact:
+        model = weight_normed(4, fused=False)
+        want = unrolled(model, inner, query, [dict.fromkeys(dict(model.named_parameters()), 0.1)] * 3)
+        close(grads_of(run(model, estimator).parameters()), want)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.FirstOrder()], ids=repr)
+def test_a_parametrization_cached_by_torch_is_refused(estimator):
+    """Under ``torch.nn.utils.parametrize.cached()`` a parametrized weight is computed at its
+    first use and reused while the cache lives, so every inner step and the query saw the first
+    fast weights: Full's meta-gradient came out wrong with no error (relative error 5 with a symmetric
+    weight on a 3-3-1 MLP) (the rebuilding estimators'
+    replay check caught it, naming other causes), and the functional face's off too. Both faces
+    refuse it, naming cached(); the model's ``.grad`` stays as it was."""
+    x, y, xq, yq, _, _ = data(5)
+    model = weight_normed(5, fused=False)
+    with pytest.raises(ValueError, match=r"submodules \['0'\] have parametrized tensors.*parametrize\.cached\(\) is active"):
+        with nn.utils.parametrize.cached():
+            with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=estimator) as meta:
+                for _ in range(3):
+                    meta.step(lambda f: F.mse_loss(f(x), y))
+                F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert all(p.grad is None for p in model.parameters())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"meta_grad: called while torch\.nn\.utils\.parametrize\.cached\(\) is active"):
+        with nn.utils.parametrize.cached():
+            mg.functional.meta_grad(lambda p, b: F.mse_loss(functional_call(model, p, (b[0],)), b[1]), params,
+                                    (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.1), steps=3, estimator=estimator)
+
+
 @pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
 def test_an_adapted_embedding_bag_is_refused(estimator):
     model = nn.Sequential(nn.EmbeddingBag(6, 3, mode="mean", dtype=DT), nn.Tanh(), nn.Linear(3, 1, dtype=DT))
