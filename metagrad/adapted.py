@@ -24,7 +24,8 @@ class _Adapted(frozenset):
 
 def _name_hint(entry: str, model: torch.nn.Module, valid: list[str]) -> str:
     """What a name given to ``adapt=`` that is no parameter's name may have meant: a submodule
-    (every parameter it holds), or a name relative to a submodule (its own ``named_parameters()``)."""
+    (every parameter it holds), a further name of a tied weight, or a name relative to a
+    submodule (its own ``named_parameters()``)."""
     try:
         module = model.get_submodule(entry) if entry else None
     except AttributeError:
@@ -33,6 +34,11 @@ def _name_hint(entry: str, model: torch.nn.Module, valid: list[str]) -> str:
         held = [f"{entry}.{name}" for name, _ in module.named_parameters()]
         attribute = f"adapt=model.{entry}" if all(part.isidentifier() for part in entry.split(".")) else "the module"
         return f" {entry!r} is a submodule: pass {attribute}, or its parameters' names {held}."
+    every = dict(model.named_parameters(remove_duplicate=False))
+    if entry in every:  # a further name of a Parameter held in several places (tied weights)
+        first = next(name for name, p in model.named_parameters() if p is every[entry])
+        return (f" {entry!r} is the same Parameter as {first!r} (tied weights: named_parameters() names it once, "
+                f"by its first name): pass {first!r}, which adapts it wherever it is used.")
     ends = [name for name in valid if name.endswith("." + entry)]
     if ends:
         return (f" Names that end in {entry!r}: {ends} (a submodule's named_parameters() names them relative to "

@@ -9,6 +9,8 @@ comes from the update the inner loop kept.
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -16,12 +18,18 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
-from .errors import UpdateRuleError
+from .errors import UpdateRuleError, warn
+from .numerics import tolerance
 from .update_rule import Params, State
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
-from .step import StepRecord, eta_grads_of, stacked, step_body, step_size_vjp, step_vjp, with_eta
+from .step import StepRecord, eta_grads_of, stacked, step_body, step_size_vjp, step_vjp, with_eta, zero_if_none
 
-__all__ = ["Batched"]
+__all__ = ["AGREES", "Batched"]
+
+#: For each module (held weakly), the kinds of step (:meth:`Batched.agrees`) whose vmapped products
+#: were compared with one computed alone: whether they agreed. Process-wide, so that only a kind's
+#: first vmapped call on a module pays.
+AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, bool]]" = weakref.WeakKeyDictionary()
 
 
 class Batched:
@@ -115,26 +123,65 @@ class Batched:
                                  closures=[s.closure for s in chunk], meta=tr.meta_names,
                                  eta=None if fingerprint is None else
                                  (list(fingerprint.unbind(0)), [s.eta_grad for s in chunk], tr.eta_scale()))
-            if failed:
-                # A batched kernel rounds differently from the one the step was taken with,
-                # and an ill-conditioned step (BatchNorm over a few examples in float32) can
-                # magnify that past the tolerance. Those rows are rebuilt alone, as the step
-                # was taken, and checked again there: a real mismatch raises then.
-                pulled = {n: t.clone() for n, t in pulled.items()}
-                for row_index in failed:
-                    for k, i in enumerate(explicit):
-                        total = meta[i]
-                        meta[i] = None if total is None else total - pulled_eta[k][row_index]
-                    alone, more, _ = self.products.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
-                    for n in pulled:
-                        pulled[n][row_index] = alone[n]
-                    meta = add_meta(meta, more)
+        if not failed and not self.agrees(steps[0], chunk[0], {n: t[0] for n, t in u.items()},
+                                          {n: t[0] for n, t in pulled.items()}, [e[0] for e in pulled_eta], explicit):
+            failed = list(range(len(steps)))  # (this kind of step is computed alone from now on)
+        if failed:
+            # A batched kernel rounds differently from the one the step was taken with,
+            # and an ill-conditioned step (BatchNorm over a few examples in float32) can
+            # magnify that past the tolerance. Those rows are rebuilt alone, as the step
+            # was taken, and checked again there: a real mismatch raises then.
+            pulled = {n: t.clone() for n, t in pulled.items()}
+            for row_index in failed:
+                for k, i in enumerate(explicit):
+                    total = meta[i]
+                    meta[i] = None if total is None else total - pulled_eta[k][row_index]
+                alone, more, _ = self.products.vjp(steps[row_index], {n: t[row_index] for n, t in u.items()})
+                for n in pulled:
+                    pulled[n][row_index] = alone[n]
+                meta = add_meta(meta, more)
         if tr.rule_meta:  # B_mᵀu of a step size: the update with the rows' gradients held constant
             kept = [i for i in range(len(steps)) if i not in failed]  # (the others were computed alone)
             meta = add_meta(meta, self.step_size_rows(first.rule, [chunk[i] for i in kept], states, kept,
                                                       {n: t[kept] for n, t in u.items()},
                                                       {n: g[kept] for n, g in grads.items()}))
         return pulled, meta
+
+    def agrees(self, m: int, step: StepRecord, u: Params, pulled: Params, pulled_eta: list[torch.Tensor],
+               explicit: list[int]) -> bool:
+        """Whether the vmapped product of step ``m`` (its row ``pulled``, and its ``pulled_eta`` of
+        the ``explicit`` η) agrees with the product computed alone, by autograd: looked at once
+        per module and kind of step (:data:`AGREES`: the closure's key, the rule's type, the weights
+        used, the modes), at its first vmapped call. torch.func takes some second derivatives otherwise
+        than autograd: through a TorchScript function (``torch.jit.script``), whose autodiff graph
+        it differentiates wrongly, in torch 2.13. A kind that disagrees is computed alone from
+        then on (:meth:`batched_vjp`), with a warning."""
+        key = step.batch_key()
+        known = AGREES.setdefault(self.trajectory.module, {})
+        kind = None if key is None else (key[0], type(step.rule), *key[2:])
+        if kind is None or kind in known:
+            return known.get(kind, True)
+        alone, more, _ = self.products.vjp(m, u)
+        # Compared where a second derivative enters: u − Jᵀu (J = I − αH for SGD) and η's part.
+        batched = [u[n] - pulled[n] for n in u] + [pulled_eta[k] for k in range(len(explicit))]
+        single = [u[n] - alone[n] for n in u] + [zero_if_none(more[i] if i < len(more) else None, pulled_eta[k])
+                                                  for k, i in enumerate(explicit)]
+        first = next(iter(u.values()))
+        eps = torch.finfo(first.dtype).eps
+        norm = lambda ts: float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in ts])))  # noqa: E731
+        off = norm([a - b for a, b in zip(batched, single)])
+        allowed = tolerance(first.dtype, first.device) * norm(single) + 100 * eps * (norm(list(u.values())) + norm(single))
+        if not (math.isfinite(off) and math.isfinite(allowed)):
+            return True  # (a product that is not finite tells nothing: looked at again at the next call)
+        known[kind] = agrees = off <= allowed
+        if not agrees:
+            warn(f"closure: the products of inner step {m} computed together under torch.func.vmap (Binomial's "
+                 f"rows) differ from the same product computed alone by autograd ({off:.3g} against "
+                 f"{norm(single):.3g}): torch.func takes a second derivative in its loss otherwise than autograd, "
+                 "as it does through a TorchScript function (torch.jit.script), wrongly. Steps of this closure "
+                 "are rebuilt one at a time from now on, as Binomial(chunk_size=1) does; define such a function "
+                 "without torch.jit.script to batch them.")
+        return agrees
 
     def step_size_rows(self, rule: Any, chunk: list[StepRecord], states: State, rows: list[int],
                        u: Params, grads: Params) -> MetaGrads:

@@ -7,6 +7,7 @@ loss function. :class:`~metagrad.FunctionalModel` (the module at fast weights) l
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
+from .numerics import tolerance
 from .discovery import graph_inputs
 from .errors import misfit_signature, warn
 from .estimators.base import TrajectoryView, check_count
@@ -421,17 +423,91 @@ def _once(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torch.
     ``None``: the products that take second derivatives refuse it
     (:meth:`metagrad.pure.PureTrajectory._twice`). Looked at once per loss function (:func:`_tried`)."""
     tried = _tried(loss_of)
-    known = next((found for kind, found in tried if kind == "once"), None)
+    # (by what the loss function reads too: one code may close over another model)
+    reads = ("once", _captured(loss_of.loss_fn))
+    known = next((found for kind, found in tried if kind == reads), None)
     if known is None:
+        start = phi()
         with torch.enable_grad():
-            loss = inner({n: t.detach().requires_grad_() for n, t in phi().items()},
-                         [t.detach().requires_grad_() for t in eta])
-        known = (graph_inputs([loss], set(), {})[1],)
-        tried.add(("once", known))
+            p = {n: t.detach().requires_grad_() for n, t in start.items()}
+            loss = inner(p, [t.detach().requires_grad_() for t in eta])
+            once = graph_inputs([loss], set(), {})[1]
+            if once is None and loss.requires_grad:
+                once = _unlike_autograd(inner, start, eta, p, loss)
+        known = (once,)
+        for entry in [e for e in tried if isinstance(e[0], tuple) and _dead(e[0][1])]:
+            tried.discard(entry)  # (what a loss function read before, gone since)
+        tried.add((reads, known))
     return known[0]
 
 
-def _tried(loss_of: "TaskLoss") -> set[tuple[str, tuple[Any, ...]]]:
+def _dead(captured: tuple[Any, ...]) -> bool:
+    return any(isinstance(ref, weakref.ref) and ref() is None for ref in captured)
+
+
+def _captured(function: Any) -> tuple[Any, ...]:
+    """The modules and functions ``function`` closes over or names as globals (what decides
+    which ops its loss runs; not its data), each by a weak reference (equal to another only while
+    both are alive and of the same object: a new object at a freed one's address is another), or
+    by identity where it cannot be referenced so."""
+    values = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # (an empty cell)
+            values.append(None)
+    names = getattr(getattr(function, "__code__", None), "co_names", ())
+    found = getattr(function, "__globals__", {})
+    values += [found[n] for n in names if n in found]
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, torch.Tensor) or not (isinstance(value, torch.nn.Module) or callable(value)):
+            continue
+        try:
+            ref = weakref.ref(value)
+            hash(ref)  # (the referent's hash, kept by the reference)
+            out.append(ref)
+        except TypeError:
+            out.append(("id", id(value)))
+    return tuple(out)
+
+
+def _unlike_autograd(inner: Callable[..., torch.Tensor], start: dict[str, torch.Tensor], eta: list[torch.Tensor],
+                     p: dict[str, torch.Tensor], loss: torch.Tensor) -> Optional[str]:
+    """A description if the support loss's Hessian-vector product at φ_0 (along a fixed direction) by
+    ``torch.func``, as every product of ``meta_grad`` takes it, differs from autograd's (of ``loss``
+    at the leaves ``p``), else ``None``. torch.func differentiates the autodiff graph of a
+    TorchScript function (``torch.jit.script``) twice wrongly, in torch 2.13, and autograd rightly."""
+    names = [n for n in p]
+    grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True, allow_unused=True)
+    used = [(n, g) for n, g in zip(names, grads) if g is not None and g.requires_grad]
+    if not used:
+        return None
+    # Along a pseudo-random direction (the caller's random numbers untouched): ‖Hu‖ is then of the
+    # size of H itself, and no symmetry of the loss (a shift of all logits) makes it vanish.
+    draw = torch.Generator().manual_seed(0)
+    along = {n: torch.randn(start[n].shape, generator=draw, dtype=start[n].dtype).to(start[n].device) for n, _ in used}
+    by_autograd = torch.autograd.grad([g for _, g in used], [p[n] for n, _ in used], [along[n] for n, _ in used],
+                                      allow_unused=True)
+    fixed = [t.detach() for t in eta]
+    gradient = torch.func.grad(lambda w: inner({**start, **w}, fixed))
+    pull = torch.func.vjp(lambda w: {n: g for n, g in gradient(w).items() if n in along},
+                          {n: start[n].detach() for n in along})[1]
+    by_func = pull(along)[0]
+    off = sum(float((by_func[n] - (torch.zeros_like(start[n]) if a is None else a)).norm() ** 2)
+              for (n, _), a in zip(used, by_autograd)) ** 0.5
+    scale = sum(float(0 if a is None else a.norm() ** 2) for a in by_autograd) ** 0.5
+    first = next(iter(start.values()))
+    if not (math.isfinite(off) and math.isfinite(scale)):
+        return None  # (a product that is not finite tells nothing)
+    if off <= tolerance(first.dtype, first.device) * scale + 100 * torch.finfo(first.dtype).eps * (scale + 1):
+        return None
+    return (f"an op whose second derivatives torch.func takes otherwise than autograd (the loss's Hessian-vector "
+            f"product at params differs by {off:.3g} against {scale:.3g}), as a TorchScript function's "
+            "(torch.jit.script) autodiff graph, which torch.func differentiates twice wrongly")
+
+
+def _tried(loss_of: "TaskLoss") -> set[tuple[Any, tuple[Any, ...]]]:
     """What :func:`_check_reads` looked at for this loss function: by its code, or (a partial, a
     callable object: no code) by the object, held weakly, while it lives (an empty set, looked at
     again on every call, for one that cannot be held weakly)."""
@@ -445,8 +521,8 @@ def _tried(loss_of: "TaskLoss") -> set[tuple[str, tuple[Any, ...]]]:
 
 #: What :func:`_check_reads` looked at, per loss function: by its code (:attr:`TaskLoss.identity`),
 #: and (held weakly) the loss functions without one.
-_TRIED: dict[Any, set[tuple[str, tuple[Any, ...]]]] = {}
-_TRIED_BY_OBJECT: "weakref.WeakKeyDictionary[Any, set[tuple[str, tuple[Any, ...]]]]" = weakref.WeakKeyDictionary()
+_TRIED: dict[Any, set[tuple[Any, tuple[Any, ...]]]] = {}
+_TRIED_BY_OBJECT: "weakref.WeakKeyDictionary[Any, set[tuple[Any, tuple[Any, ...]]]]" = weakref.WeakKeyDictionary()
 
 
 def _result(g: dict[str, torch.Tensor], g_eta: list[torch.Tensor], meta: Any, spec: Any) -> Any:

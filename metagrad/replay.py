@@ -554,6 +554,9 @@ def refuse_twice(step: int, what: str, argument: str = "closure") -> None:
                "torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):`")
     elif "no derivative in torch" in what or "derivative in torch is wrong" in what:
         fix = "Compute it in the form named, which can be differentiated twice"
+    elif "torch.func takes otherwise" in what:  # (meta_grad: every product is torch.func's)
+        fix = ("Define the function without torch.jit.script, or write the inner loop in a MetaGradient "
+               "block, whose steps autograd differentiates")
     else:
         fix = ("Give the function a backward that can itself be differentiated (drop "
                "@once_differentiable and write the backward with differentiable torch ops), or "

@@ -676,6 +676,28 @@ def test_adapt_a_name_that_is_no_parameters_says_what_it_may_have_meant(adapt, s
     assert shown in str(info.value)
 
 
+def test_adapt_the_second_name_of_a_tied_weight_names_the_first():
+    """A decoder tied to its embedding (``out.weight = emb.weight``): ``named_parameters()`` names
+    the Parameter once, by its first name, and ``adapt=["out.weight"]`` says so."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(7, 4, dtype=torch.float64), nn.Linear(4, 7, bias=False, dtype=torch.float64)
+            self.out.weight = self.emb.weight
+
+        def forward(self, i):
+            return self.out(torch.tanh(self.emb(i)))
+
+    model = Tied()
+    tokens = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match=r"'out\.weight' is the same Parameter as 'emb\.weight' \(tied weights"):
+        mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), adapt=["out.weight"])
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), adapt=["emb.weight"]) as meta:
+        meta.step(lambda f: F.cross_entropy(f(tokens), tokens))
+        F.cross_entropy(meta.fmodel(tokens), tokens).backward()
+    assert model.emb.weight.grad is not None
+
+
 @pytest.mark.parametrize("adapt,shown", [
     (3, "got int 3"),
     ([2.5], "got float 2.5"),
