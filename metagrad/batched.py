@@ -265,7 +265,8 @@ class Batched:
                 "data-dependent control flow, no in-place writes to captured tensors, no .backward() (meta.step "
                 "takes the inner gradient itself: return the loss), no op torch "
                 "cannot vmap there (an op without a batching rule; LayerNorm's double backward under "
-                "bfloat16 autocast). Use "
+                "bfloat16 autocast), no module backward hook (register_full_backward_hook) and no "
+                "saved-tensor hooks (torch.autograd.graph.save_on_cpu) around it. Use "
                 "Binomial(chunk_size=1), which rebuilds one step at a time without vmap, or "
                 f"estimator=Checkpointed(). ({error})"
             ) from error

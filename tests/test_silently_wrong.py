@@ -25,7 +25,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 import metagrad as mg
-import metagrad.functional as functional_face
+import metagrad.loss_checks as loss_checks
 
 DT = torch.float64
 
@@ -475,6 +475,30 @@ def test_meta_grad_through_a_torchscript_function_is_refused(estimator):
         meta_grad(scripted, estimator)
     close(list(meta_grad(scripted, mg.FirstOrder()).values()), list(meta_grad(plain, mg.FirstOrder()).values()))
     close(list(meta_grad(plain, estimator).values()), list(want.values()))
+
+
+def test_meta_grad_refuses_a_loss_that_draws_random_numbers_where_it_runs_the_loss_again():
+    """Dropout in loss_fn: meta_grad's rebuilding estimators run loss_fn again at the stored fast
+    weights and drew other masks than the inner steps had (Checkpointed 0.186 against Full's
+    0.248 in a gradient's norm, with no error). Refused, naming the ways out; Full (one pass: what
+    it draws is what it differentiates) and FirstOrder (nothing run again) still run. The same
+    module in eval mode draws nothing and runs (its mode is part of what is remembered), equal to
+    Full."""
+    model = nn.Sequential(nn.Linear(2, 6, dtype=DT), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 1, dtype=DT))
+    x, y, xq, yq, _, _ = data(8)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def meta_grad(est):
+        return mg.functional.meta_grad(lambda p, b: F.mse_loss(functional_call(model, p, (b[0],)), b[1]), params,
+                                       (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.3), steps=3, estimator=est)
+
+    for est in (mg.Checkpointed(), mg.Truncated(2), mg.Binomial(2), mg.Implicit()):
+        with pytest.raises(ValueError, match=r"loss_fn: it draws random numbers \(dropout, noise\).*estimator=mg\.Full\(\)"):
+            meta_grad(est)
+    meta_grad(mg.Full())
+    meta_grad(mg.FirstOrder())
+    model.eval()
+    close(list(meta_grad(mg.Checkpointed()).values()), list(meta_grad(mg.Full()).values()))
 
 
 @pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
@@ -1773,7 +1797,7 @@ def test_a_loss_fn_that_calls_the_module_instead_of_reading_params_is_refused(es
         call(lambda p, batch: F.mse_loss(model(batch[0]), batch[1]))
 
     first = ["0.weight", "0.bias"]
-    monkeypatch.setattr(functional_face, "_TRIED", {})  # (said once per loss code: here for each estimator)
+    monkeypatch.setattr(loss_checks, "_TRIED", {})  # (said once per loss code: here for each estimator)
 
     def some(p, batch):  # the first layer's fast weights; the module's own for the rest
         return F.mse_loss(functional_call(model, {n: p[n] for n in first}, (batch[0],)), batch[1])
