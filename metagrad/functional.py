@@ -211,12 +211,13 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         if random and not estimator.differentiable and (
                 estimator.keep() != 0 or estimator.proximal is not None or rule_slots(inner_opt, eta)):
             raise ValueError(
-                f"loss_fn: it draws random numbers (dropout, noise), and {estimator!r} runs it again at the "
+                f"loss_fn: it draws random numbers (dropout, noise, a generator of its own), and {estimator!r} "
+                "runs it again at the "
                 "stored fast weights, where it would draw others than the inner steps did: the meta-gradient "
                 "would not be the one of the steps taken. Use estimator=mg.Full() (one pass: what it draws is "
                 "what it differentiates), draw the randomness outside and pass it in the batch (a dropout mask, "
                 "the noise), put the model in eval mode, or write the inner loop in a MetaGradient block, which "
-                "replays the generator's state for every rebuilt step.")
+                "replays the states of torch's default generators for every rebuilt step.")
     if estimator.differentiable:  # Full: autograd through the unroll
         if once is not None and steps > 0:
             refuse_twice(0, once, "loss_fn")

@@ -104,7 +104,9 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
     wrong derivative in torch (:func:`metagrad.discovery.once_differentiable`), or a second
     derivative that torch.func takes otherwise than autograd (:func:`_unlike_autograd`),
     described, or ``None``: the products that take second derivatives refuse it
-    (:meth:`metagrad.pure.PureTrajectory._twice`); and whether the loss draws random numbers.
+    (:meth:`metagrad.pure.PureTrajectory._twice`); and whether the loss draws random numbers (it
+    changes torch's generators, or gives another value from the same states: a generator of its
+    own, NumPy's). The comparison of second derivatives needs a loss that draws none.
     Looked at once per loss function (:func:`_tried`), the modules it reads and their mode; the
     caller's generators are left as they were."""
     tried = _tried(loss_of)
@@ -119,8 +121,14 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
             p = {n: t.detach().requires_grad_() for n, t in start.items()}
             loss = inner(p, [t.detach().requires_grad_() for t in eta])
             random = any(not torch.equal(a, b) for a, b in zip(before, _generator_states(devices)))
+            if not random:  # a generator of its own, NumPy's, Python's: the loss again, from the same states
+                _set_generator_states(devices, before)
+                with torch.no_grad():
+                    again = inner({n: t.detach() for n, t in start.items()}, [t.detach() for t in eta])
+                first = loss.detach()
+                random = not bool((again - first).abs() <= 1e-2 * tolerance(first.dtype, first.device) * first.abs())
             once = graph_inputs([loss], set(), {})[1]
-            if once is None and loss.requires_grad:  # (each evaluation from the same generator states)
+            if once is None and loss.requires_grad and not random:  # (each from the same generator states)
                 once = _unlike_autograd(inner, start, eta, p, loss, lambda: _set_generator_states(devices, before))
         known = (once, random)
         for entry in [e for e in tried if isinstance(e[0], tuple) and _dead(e[0][1])]:

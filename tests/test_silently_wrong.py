@@ -478,8 +478,8 @@ def test_meta_grad_through_a_torchscript_function_is_refused(estimator):
 
 
 def test_meta_grad_refuses_a_loss_that_draws_random_numbers_where_it_runs_the_loss_again():
-    """Dropout in loss_fn: meta_grad's rebuilding estimators run loss_fn again at the stored fast
-    weights and drew other masks than the inner steps had (Checkpointed 0.186 against Full's
+    """Dropout in loss_fn (or noise from a generator of its own): meta_grad's rebuilding estimators
+    run loss_fn again at the stored fast weights and drew other masks than the inner steps had (Checkpointed 0.186 against Full's
     0.248 in a gradient's norm, with no error). Refused, naming the ways out; Full (one pass: what
     it draws is what it differentiates) and FirstOrder (nothing run again) still run. The same
     module in eval mode draws nothing and runs (its mode is part of what is remembered), equal to
@@ -493,12 +493,24 @@ def test_meta_grad_refuses_a_loss_that_draws_random_numbers_where_it_runs_the_lo
                                        (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.3), steps=3, estimator=est)
 
     for est in (mg.Checkpointed(), mg.Truncated(2), mg.Binomial(2), mg.Implicit()):
-        with pytest.raises(ValueError, match=r"loss_fn: it draws random numbers \(dropout, noise\).*estimator=mg\.Full\(\)"):
+        with pytest.raises(ValueError, match=r"loss_fn: it draws random numbers \(dropout, noise, .*estimator=mg\.Full\(\)"):
             meta_grad(est)
     meta_grad(mg.Full())
     meta_grad(mg.FirstOrder())
     model.eval()
     close(list(meta_grad(mg.Checkpointed()).values()), list(meta_grad(mg.Full()).values()))
+
+    own = torch.Generator().manual_seed(0)  # noise from a generator of the loss's own: found by calling it twice
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def noisy(p, b):
+        noise = 0.1 * torch.randn(b[0].shape, generator=own, dtype=DT)
+        return F.mse_loss(functional_call(model, p, (b[0] + noise,)), b[1])
+
+    with pytest.raises(ValueError, match=r"loss_fn: it draws random numbers"):
+        mg.functional.meta_grad(noisy, params, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.3), steps=3,
+                                estimator=mg.Checkpointed())
+    mg.functional.meta_grad(noisy, params, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.3), steps=3, estimator=mg.Full())
 
 
 @pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
