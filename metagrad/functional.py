@@ -141,6 +141,12 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                 "running statistics so: build it with track_running_stats=False (each batch normalized by its "
                 "own statistics, as in MAML), or put the model in eval mode; a MetaGradient block runs such a "
                 "model as it is and never writes its buffers.") from error
+        if "saved tensor hooks" in str(error):
+            raise ValueError(
+                f"loss_fn: meta_grad takes its gradients under torch.func transforms, which do not run saved-tensor "
+                f"hooks ({error}): activation checkpointing in the model (torch.utils.checkpoint) and "
+                "torch.autograd.graph.save_on_cpu install them. Write the inner loop in a MetaGradient block, "
+                "which runs a checkpointed model as it is, or call the model without checkpointing.") from error
         if "functorch transform" not in str(error):
             raise
         raise ValueError(

@@ -122,9 +122,8 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
             loss = inner(p, [t.detach().requires_grad_() for t in eta])
             random = any(not torch.equal(a, b) for a, b in zip(before, _generator_states(devices)))
             if not random:  # a generator of its own, NumPy's, Python's: the loss again, from the same states
-                _set_generator_states(devices, before)
-                with torch.no_grad():
-                    again = inner({n: t.detach() for n, t in start.items()}, [t.detach() for t in eta])
+                _set_generator_states(devices, before)  # (grad mode on: a loss may take a derivative inside)
+                again = inner({n: t.detach() for n, t in start.items()}, [t.detach() for t in eta]).detach()
                 first = loss.detach()
                 random = not bool((again - first).abs() <= 1e-2 * tolerance(first.dtype, first.device) * first.abs())
             once = graph_inputs([loss], set(), {})[1]

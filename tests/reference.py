@@ -561,6 +561,13 @@ class MomentumRule:
         return new_params, (count + 1, new_buffers)
 
 
+def _root(v):
+    """√v for a sum of squares, with derivative 0 where v = 0 (a gradient entry that is exactly
+    zero, such as a unit dropout removed for every example): autograd's own √ gives inf·0 = NaN
+    there. Clamped below at 1e-300, whose root (1e-150) is nothing beside ε."""
+    return torch.sqrt(v.clamp_min(1e-300))
+
+
 class AdamRule:
     """``torch.optim.Adam(lr, betas, eps, weight_decay)`` (not AMSGrad): with t the step
     number from 1, ``m ← β1 m + (1 − β1)g``, ``v ← β2 v + (1 − β2)g²``,
@@ -583,7 +590,7 @@ class AdamRule:
             g = g + self.weight_decay * p if self.weight_decay else g
             m = beta1 * m + (1 - beta1) * g
             v = beta2 * v + (1 - beta2) * g * g
-            denom = torch.sqrt(v) / math.sqrt(c2) + self.eps
+            denom = _root(v) / math.sqrt(c2) + self.eps
             new_params.append(p - (_per_param(self.lr, i) / c1) * m / denom)
             new_ms.append(m)
             new_vs.append(v)
@@ -605,7 +612,7 @@ class AdagradRule:
         new_params, new_sums = [], []
         for i, (p, g, s) in enumerate(zip(params, grads, sums)):
             s = s + g * g
-            new_params.append(p - _per_param(self.lr, i) * g / (torch.sqrt(s) + self.eps))
+            new_params.append(p - _per_param(self.lr, i) * g / (_root(s) + self.eps))
             new_sums.append(s)
         return new_params, (count + 1, new_sums)
 

@@ -316,6 +316,28 @@ def test_a_batchnorm_that_writes_its_running_statistics_is_named_with_what_to_do
 
 
 @pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
+def test_activation_checkpointing_in_the_model_is_named_with_what_to_do(estimator):
+    """torch.utils.checkpoint in the model's forward installs saved-tensor hooks, which torch.func's
+    transforms refuse ("don't yet support saved tensor hooks"): said with the way out, a
+    MetaGradient block, which runs the checkpointed model as it is."""
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(2, 6, dtype=DT), nn.Linear(6, 1, dtype=DT)
+
+        def forward(self, x):
+            return self.head(torch.utils.checkpoint.checkpoint(lambda h: torch.tanh(self.body(h)), x,
+                                                               use_reentrant=False))
+
+    model = Checkpointed()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"loss_fn: .* do not run saved-tensor hooks .*\(torch\.utils\.checkpoint\).*"
+                                         r"MetaGradient block"):
+        mg.functional.meta_grad(lambda p, data: mse(functional_call(model, p, (data[0],)), data[1]), params,
+                                SUPPORT, QUERY, inner_opt=RULES["sgd"](), steps=K, estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed()], ids=repr)
 def test_a_loss_fn_that_returns_per_example_losses_is_refused_with_what_to_do(estimator):
     def per_example(params, data):
         x, y = data
