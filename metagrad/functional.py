@@ -211,19 +211,21 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         return {n: t.expand(tasks, *t.shape).contiguous() for n, t in p.items()}
 
     once: Optional[str] = None
+    random = False
     if not traced:
         check_reads((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of)
-        once, random = look_at(inner, lambda: start(theta), eta, loss_of)
-        if random and not estimator.differentiable and (
-                estimator.keep() != 0 or estimator.proximal is not None or rule_slots(inner_opt, eta)):
-            raise ValueError(
-                f"loss_fn: it draws random numbers (dropout, noise, a generator of its own), and {estimator!r} "
-                "runs it again at the "
-                "stored fast weights, where it would draw others than the inner steps did: the meta-gradient "
-                "would not be the one of the steps taken. Use estimator=mg.Full() (one pass: what it draws is "
-                "what it differentiates), draw the randomness outside and pass it in the batch (a dropout mask, "
-                "the noise), put the model in eval mode, or write the inner loop in a MetaGradient block, which "
-                "replays the states of torch's default generators for every rebuilt step.")
+    if not torch.compiler.is_compiling():  # (under vmap or grad: what a direct call found, if one did)
+        once, random = look_at(inner, lambda: start(theta), eta, loss_of, compute=not traced)
+    if random and not estimator.differentiable and (
+            estimator.keep() != 0 or estimator.proximal is not None or rule_slots(inner_opt, eta)):
+        raise ValueError(
+            f"loss_fn: it draws random numbers (dropout, noise, a generator of its own), and {estimator!r} "
+            "runs it again at the "
+            "stored fast weights, where it would draw others than the inner steps did: the meta-gradient "
+            "would not be the one of the steps taken. Use estimator=mg.Full() (one pass: what it draws is "
+            "what it differentiates), draw the randomness outside and pass it in the batch (a dropout mask, "
+            "the noise), put the model in eval mode, or write the inner loop in a MetaGradient block, which "
+            "replays the states of torch's default generators for every rebuilt step.")
     if estimator.differentiable:  # Full: autograd through the unroll
         if once is not None and steps > 0:
             refuse_twice(0, once, "loss_fn")

@@ -99,7 +99,7 @@ def check_reads(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[],
 
 
 def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torch.Tensor]],
-          eta: list[torch.Tensor], loss_of: Any) -> tuple[Optional[str], bool]:
+          eta: list[torch.Tensor], loss_of: Any, compute: bool = True) -> tuple[Optional[str], bool]:
     """What in the graph of the support loss at φ_0 cannot be differentiated twice, or has a
     wrong derivative in torch (:func:`metagrad.discovery.once_differentiable`), or a second
     derivative that torch.func takes otherwise than autograd (:func:`_unlike_autograd`),
@@ -108,11 +108,14 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
     changes torch's generators, or gives another value from the same states: a generator of its
     own, NumPy's). The comparison of second derivatives needs a loss that draws none.
     Looked at once per loss function (:func:`_tried`), the modules it reads and their mode; the
-    caller's generators are left as they were."""
+    caller's generators are left as they were. ``compute=False`` (under a transform, where nothing
+    can be read back): what an earlier direct call found, or ``(None, False)``."""
     tried = _tried(loss_of)
     # (by what the loss function reads too: one code may close over another model)
     reads = ("once", _captured(loss_of.loss_fn))
     known = next((found for kind, found in tried if kind == reads), None)
+    if known is None and not compute:
+        return None, False
     if known is None:
         start = phi()
         devices = sorted({t.device.index or 0 for t in start.values() if t.device.type == "cuda"})
