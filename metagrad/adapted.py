@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["checked_adapt", "check_adapted_require_grad"]
+__all__ = ["checked_adapt", "check_adapted_require_grad", "check_at_entry"]
 
 
 class _Adapted(frozenset):
@@ -119,6 +119,18 @@ def _described(value: Any) -> str:
         return f"a tensor of shape {tuple(value.shape)}"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def check_at_entry(adapt: Optional[frozenset[str]], model: torch.nn.Module) -> None:
+    """At block entry: the model's parameters exist (a lazy module has run once), and
+    :func:`check_adapted_require_grad`."""
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, torch.nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"model: parameters {lazy} are not initialized yet (a lazy module, such as nn.LazyLinear, makes "
+            "them at its first forward). Run the model once on a batch before the block (model(x)), so "
+            "that the inner loop has weights to adapt.")
+    check_adapted_require_grad(adapt, model)
 
 
 def check_adapted_require_grad(adapt: Optional[frozenset[str]], model: torch.nn.Module) -> None:

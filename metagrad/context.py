@@ -42,7 +42,7 @@ from .errors import NestedBlockError, warn
 from .fmodel import FunctionalModel
 from .update_rule import Params, UpdateRule, as_update_rule, check_update_rule
 from .numerics import relative_tolerance
-from .adapted import check_adapted_require_grad, checked_adapt
+from .adapted import check_at_entry, checked_adapt
 from .estimators.base import check_count
 from .tasks import no_loss_steps, take_step
 from .query import attached, warn_at_end, warn_if_plain
@@ -197,7 +197,7 @@ class MetaGradient:
     def __enter__(self) -> "MetaGradient":
         if self._active:
             raise RuntimeError("MetaGradient: this block is already open; it is not re-entrant.")
-        check_adapted_require_grad(self.adapt, self.model)
+        check_at_entry(self.adapt, self.model)
         every = list(self.model.named_parameters())
         adapted = [(n, p) for n, p in every if self.adapt is None or n in self.adapt]
         named = [(n, p) for n, p in adapted if p.requires_grad]

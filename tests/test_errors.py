@@ -676,6 +676,21 @@ def test_adapt_a_name_that_is_no_parameters_says_what_it_may_have_meant(adapt, s
     assert shown in str(info.value)
 
 
+def test_a_lazy_module_not_run_yet_is_named_and_runs_once_it_has():
+    """nn.LazyLinear makes its parameters at its first forward: a block entered before it names
+    them and says to run the model once; after that the block runs, as for nn.Linear."""
+    model = nn.Sequential(nn.LazyLinear(4, dtype=torch.float64), nn.Tanh(), nn.LazyLinear(1, dtype=torch.float64))
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model: parameters \['0\.weight', .*not initialized yet.*model\(x\)"):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1)):
+            pass
+    model(x)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.1), estimator=mg.Checkpointed()) as meta:
+        meta.step(lambda f: F.mse_loss(f(x), y))
+        F.mse_loss(meta.fmodel(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_adapt_the_second_name_of_a_tied_weight_names_the_first():
     """A decoder tied to its embedding (``out.weight = emb.weight``): ``named_parameters()`` names
     the Parameter once, by its first name, and ``adapt=["out.weight"]`` says so."""
