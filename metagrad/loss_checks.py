@@ -209,14 +209,15 @@ def _unlike_autograd(inner: Callable[..., torch.Tensor], start: dict[str, torch.
     by_autograd = torch.autograd.grad([g for _, g in used], [p[n] for n, _ in used], [along[n] for n, _ in used],
                                       allow_unused=True)
     fixed = [t.detach() for t in eta]
+    base = {n: t.detach() for n, t in start.items()}  # (params may require grad: no graph to them here)
     rewind()
-    gradient = torch.func.grad(lambda w: inner({**start, **w}, fixed))
+    gradient = torch.func.grad(lambda w: inner({**base, **w}, fixed))
     pull = torch.func.vjp(lambda w: {n: g for n, g in gradient(w).items() if n in along},
-                          {n: start[n].detach() for n in along})[1]
+                          {n: base[n] for n in along})[1]
     by_func = pull(along)[0]
-    off = sum(float((by_func[n] - (torch.zeros_like(start[n]) if a is None else a)).norm() ** 2)
+    off = sum(float((by_func[n].detach() - (torch.zeros_like(base[n]) if a is None else a.detach())).norm() ** 2)
               for (n, _), a in zip(used, by_autograd)) ** 0.5
-    scale = sum(float(0 if a is None else a.norm() ** 2) for a in by_autograd) ** 0.5
+    scale = sum(float(0 if a is None else a.detach().norm() ** 2) for a in by_autograd) ** 0.5
     first = next(iter(start.values()))
     if not (math.isfinite(off) and math.isfinite(scale)):
         return None  # (a product that is not finite tells nothing)
