@@ -449,6 +449,8 @@ _NO_SECOND_DERIVATIVE = {
     "MultilabelMarginLossBackward0": ("torch.nn.functional.multilabel_margin_loss",
                                       "the margins written out with relu"),
     "SegmentReduceBackward0": ("torch.segment_reduce", "Tensor.index_add over the segments"),
+    "CtcLossBackward0": ("torch.nn.functional.ctc_loss (nn.CTCLoss)",
+                         "the CTC forward recursion over the extended labels written with torch.logsumexp"),
     "CudnnRnnBackward0": ("a cuDNN RNN (nn.LSTM, nn.GRU, nn.RNN on a GPU)", "the RNN's forward inside "
                           "`with torch.backends.cudnn.flags(enabled=False):`, in the closure"),
 }

@@ -520,6 +520,30 @@ def test_meta_grad_refuses_a_loss_that_draws_random_numbers_where_it_runs_the_lo
     mg.functional.meta_grad(noisy, params, (x, y), (xq, yq), inner_opt=mg.optim.SGD(lr=0.3), steps=3, estimator=mg.Full())
 
 
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(2)], ids=repr)
+def test_a_ctc_loss_is_refused_by_name_and_runs_first_order(estimator):
+    """nn.CTCLoss (few-shot speech): torch has no derivative of its backward and raised its own
+    error from inside autograd; every second-order estimator now names it at the step, and
+    FirstOrder runs."""
+    g = torch.Generator().manual_seed(9)
+    frames, targets = torch.randn(7, 2, 3, generator=g, dtype=DT), torch.tensor([[1, 2], [2, 2]])
+    model = nn.Sequential(nn.Linear(3, 6, dtype=DT), nn.Tanh(), nn.Linear(6, 4, dtype=DT))
+
+    def ctc(f):
+        return F.ctc_loss(f(frames).log_softmax(-1), targets, torch.tensor([7, 7]), torch.tensor([2, 2]))
+
+    def run(est):
+        with mg.MetaGradient(model, mg.optim.SGD(lr=0.1), estimator=est) as meta:
+            for _ in range(2):
+                meta.step(ctc)
+            ctc(meta.fmodel).backward()
+
+    with pytest.raises(mg.ReplayError, match=r"(?s)ctc_loss.*no derivative in torch.*logsumexp.*FirstOrder"):
+        run(estimator)
+    run(mg.FirstOrder())
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("estimator", SECOND_ORDER, ids=repr)
 def test_an_adapted_embedding_bag_is_refused(estimator):
     model = nn.Sequential(nn.EmbeddingBag(6, 3, mode="mean", dtype=DT), nn.Tanh(), nn.Linear(3, 1, dtype=DT))
