@@ -73,6 +73,8 @@ class Batched:
             first_step = tr._step(steps[start])
             key = (first_step.batch_key() if not tr.meta or self.products.explicit(steps[start], first_step)
                    else None)
+            if key is not None and AGREES.get(tr.module, {}).get(_kind(first_step, key)) is False:
+                key = None  # (a kind whose vmapped products were found wrong: alone, :meth:`agrees`)
             stop = start + 1
             while (key is not None and stop < rows and stop - start < size
                    and tr._step(steps[stop]).batch_key() == key):
@@ -158,7 +160,7 @@ class Batched:
         then on (:meth:`batched_vjp`), with a warning."""
         key = step.batch_key()
         known = AGREES.setdefault(self.trajectory.module, {})
-        kind = None if key is None else (key[0], type(step.rule), *key[2:])
+        kind = None if key is None else _kind(step, key)
         if kind is None or kind in known:
             return known.get(kind, True)
         alone, more, _ = self.products.vjp(m, u)
@@ -272,3 +274,7 @@ class Batched:
             ) from error
         return pulled, pulled_eta, rebuilt, losses, grads, explicit, list(eta_grads)
 
+
+def _kind(step: StepRecord, key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A kind of step for :data:`AGREES`: its batch key with the rule's type for the rule itself."""
+    return (key[0], type(step.rule), *key[2:])
