@@ -45,7 +45,7 @@ from .numerics import relative_tolerance
 from .adapted import check_at_entry, checked_adapt
 from .estimators.base import check_count
 from .tasks import no_loss_steps, take_step
-from .query import attached, warn_at_end, warn_if_plain
+from .query import attached, warn_at_end, on_theta_grad
 from .trajectory import Closure, Trajectory, second_order
 
 __all__ = ["MetaGradient"]
@@ -275,9 +275,9 @@ class MetaGradient:
         return self
 
     def _reached(self, version: int, param: torch.Tensor) -> None:
-        """A backward inside the block wrote θ's ``.grad`` (:func:`~metagrad.query.warn_if_plain`)."""
+        """A backward inside the block wrote θ's ``.grad`` (:func:`~metagrad.query.on_theta_grad`)."""
         written = list(zip(self._names, self._params, self._versions)) if param._version != version else None
-        self._warned = warn_if_plain(self._trajectory, self._warned, written)
+        self._warned = on_theta_grad(self._trajectory, self._warned, written)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         trajectory = self._trajectory

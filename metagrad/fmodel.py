@@ -295,8 +295,8 @@ def refuse_cached(what: str) -> None:
     the first ones (``what`` begins the message)."""
     if getattr(parametrize, "_cache_enabled", 0):
         raise ValueError(
-            f"{what} torch.nn.utils.parametrize.cached() is active: each parametrized tensor is computed once and then reused while the cache lives, "
-            "so the inner steps and the query would not see the fast weights change, and the "
+            f"{what} torch.nn.utils.parametrize.cached() is active: each parametrized tensor is computed "
+            "once and then reused while the cache lives, so the inner steps and the query would not see the fast weights change, and the "
             "meta-gradient would be wrong with no error. Run the inner loop outside `with "
             "parametrize.cached():` (the parametrization is then computed from the fast weights at "
             "every call).")

@@ -22,7 +22,7 @@ from .errors import warn
 from .estimators import Estimator
 from .trajectory import Trajectory
 
-__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn", "attached", "warn_if_plain"]
+__all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn", "attached", "on_theta_grad"]
 
 
 class Snapshot:
@@ -289,7 +289,7 @@ def attached(block: Any, trajectory: Trajectory, k: int, *, watched: bool) -> di
     return dict(zip(names, outputs))
 
 
-def warn_if_plain(trajectory: Optional[Trajectory], warned: bool,
+def on_theta_grad(trajectory: Optional[Trajectory], warned: bool,
                   written: Optional[Sequence[tuple[str, torch.Tensor, int]]] = None) -> bool:
     """A backward inside a block wrote θ's ``.grad``: warn, once (returns whether it has), if it
     did not go through the inner loop although steps were taken (a query built from the model
