@@ -220,25 +220,47 @@ def _hint(value: Any) -> str:
     return ""
 
 
+#: For each of metagrad's rules, the torch.optim settings it takes and its defaults for them
+#: (:func:`_twin` writes out the ones an optimizer sets otherwise).
+_SETTINGS: dict[str, dict[str, Any]] = {
+    "SGD": {},
+    "Momentum": {"momentum": None, "dampening": 0, "nesterov": False, "weight_decay": 0},
+    "Adam": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0},
+    "AdamW": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+    "RMSprop": {"alpha": 0.99, "eps": 1e-8, "weight_decay": 0, "momentum": 0, "centered": False},
+    "Adagrad": {"lr_decay": 0, "weight_decay": 0, "initial_accumulator_value": 0, "eps": 1e-10},
+}
+
+
 def _twin(optimizer: Any) -> str:
     """The metagrad rule that computes what a torch.optim optimizer (or class) computes, as
-    code to write; where there is none, the list of metagrad's rules."""
+    code to write, with every setting the optimizer has that differs from the rule's default;
+    where there is none, the list of metagrad's rules. Parameter groups that differ are said."""
     name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
-    settings: dict[str, Any] = {}
-    if not isinstance(optimizer, type) and optimizer.param_groups:
-        settings = optimizer.param_groups[0]
+    groups: list[dict[str, Any]] = [] if isinstance(optimizer, type) else list(optimizer.param_groups)
+    settings = groups[0] if groups else {}
     lr = settings.get("lr", 0.01)
     lr = lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else 0.01
     # metagrad's rules descend: for an optimizer set to ascend, the loss is negated instead
     ascend = " on the negated loss (metagrad's rules have no maximize=True)" if settings.get("maximize") else ""
-    if name == "SGD" and settings.get("momentum"):
-        nesterov = ", nesterov=True" if settings.get("nesterov") else ""
-        return f"mg.optim.Momentum(lr={lr!r}, momentum={settings['momentum']!r}{nesterov}){ascend}"
-    if name in RULES and not settings.get("amsgrad"):
-        return f"mg.optim.{name}(lr={lr!r}){ascend}"
-    missing = f"{name}(amsgrad=True)" if name in RULES else name
-    return (f"one of metagrad's rules ({', '.join('mg.optim.' + r for r in RULES)}; none computes "
-            f"{missing}), e.g. mg.optim.SGD(lr={lr!r})")
+    rule = name
+    if name == "SGD" and (settings.get("momentum") or settings.get("weight_decay")):
+        rule = "Momentum"  # (SGD with weight decay alone: Momentum with momentum=0)
+    if name == "Adam" and settings.get("decoupled_weight_decay"):
+        rule = "AdamW"
+    if rule not in _SETTINGS or settings.get("amsgrad"):
+        missing = f"{name}(amsgrad=True)" if settings.get("amsgrad") else name
+        return (f"one of metagrad's rules ({', '.join('mg.optim.' + r for r in RULES)}; none computes "
+                f"{missing}), e.g. mg.optim.SGD(lr={lr!r})")
+    given = [f"{key}={settings.get(key, default)!r}" for key, default in _SETTINGS[rule].items()
+             if key in settings and (default is None or settings[key] != default)]
+    if rule == "Momentum" and not settings.get("momentum"):
+        given = ["momentum=0", *[g for g in given if not g.startswith("momentum=")]]
+    differ = sorted({key for group in groups[1:] for key, value in group.items()
+                     if key != "params" and value != settings.get(key)})
+    split = (f" (its {len(groups)} parameter groups differ in {', '.join(differ)}: give lr per parameter, "
+             "as a dict by parameter name)" if differ else "")
+    return f"mg.optim.{rule}({', '.join([f'lr={lr!r}', *given])}){ascend}{split}"
 
 
 def _is_metagrad_rule(cls: type) -> bool:

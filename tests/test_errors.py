@@ -804,6 +804,49 @@ def test_torch_sgd_with_momentum_suggests_mg_momentum():
         mg.MetaGradient(model, inner_opt=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.05),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.05, decoupled_weight_decay=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, momentum=0.5, centered=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1),
+], ids=["sgd-nesterov-wd", "sgd-dampening", "sgd-wd", "adam-settings", "adam-decoupled", "adamw", "rmsprop",
+        "adagrad"])
+def test_the_rule_a_torch_optimizer_error_suggests_takes_the_optimizers_steps(make):
+    """The rule the error writes out carries every setting of the optimizer (weight decay,
+    dampening, betas, ...: it dropped them), and, written as said, takes the optimizer's steps."""
+    import re
+
+    model = make_mlp()
+    with pytest.raises(TypeError) as info:
+        mg.MetaGradient(model, inner_opt=make(model.parameters()))
+    suggested = re.search(r"Use (mg\.optim\.\w+\((?:[^()]|\([^()]*\))*\))", str(info.value)).group(1)
+    rule = eval(suggested, {"mg": mg})
+    twin = make_mlp()
+    optimizer = make(twin.parameters())
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = rule.init(params)
+    for x, y in SUPPORT[:3]:  # the same gradients to both: the optimizer's at its own weights
+        optimizer.zero_grad()
+        F.mse_loss(twin(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in twin.named_parameters()}
+        optimizer.step()
+        params, state = rule.step(params, grads, state)
+        for n, p in twin.named_parameters():
+            torch.testing.assert_close(params[n], p.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_torch_optimizer_with_parameter_groups_that_differ_is_said_so():
+    model = make_mlp()
+    groups = [{"params": list(model[0].parameters()), "lr": 0.2}, {"params": list(model[2].parameters())}]
+    with pytest.raises(TypeError, match=r"mg\.optim\.Momentum\(lr=0\.2, momentum=0\.5\) \(its 2 parameter groups "
+                                        r"differ in lr: give lr per parameter"):
+        mg.MetaGradient(model, inner_opt=torch.optim.SGD(groups, lr=0.1, momentum=0.5))
+
+
 # ------------------------------------------------------------------ mg.functional.meta_grad
 THETA = {n: p.detach() for n, p in make_mlp().named_parameters()}
 
