@@ -125,13 +125,13 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
             loss = inner(p, [t.detach().requires_grad_() for t in eta])
             random = any(not torch.equal(a, b) for a, b in zip(before, _generator_states(devices)))
             if not random:  # a generator of its own, NumPy's, Python's: the loss again, from the same states
-                _set_generator_states(devices, before)  # (grad mode on: a loss may take a derivative inside)
+                # (torch's are as they were: nothing drew from them; grad mode on: a loss may take a derivative inside)
                 again = inner({n: t.detach() for n, t in start.items()}, [t.detach() for t in eta]).detach()
                 first = loss.detach()
                 random = not bool((again - first).abs() <= 1e-2 * tolerance(first.dtype, first.device) * first.abs())
             once = graph_inputs([loss], set(), {})[1]
-            if once is None and loss.requires_grad and not random:  # (each from the same generator states)
-                once = _unlike_autograd(inner, start, eta, p, loss, lambda: _set_generator_states(devices, before))
+            if once is None and loss.requires_grad and not random:  # (a loss that draws: no one function to compare)
+                once = _unlike_autograd(inner, start, eta, p, loss)
         known = (once, random)
         for entry in [e for e in tried if isinstance(e[0], tuple) and _dead(e[0][1])]:
             tried.discard(entry)  # (what a loss function read before, gone since)
@@ -141,12 +141,6 @@ def look_at(inner: Callable[..., torch.Tensor], phi: Callable[[], dict[str, torc
 
 def _generator_states(devices: list[int]) -> list[torch.Tensor]:
     return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
-
-
-def _set_generator_states(devices: list[int], states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    for d, state in zip(devices, states[1:]):
-        torch.cuda.set_rng_state(state, d)
 
 
 def _dead(captured: tuple[Any, ...]) -> bool:
@@ -190,13 +184,12 @@ def _captured(function: Any) -> tuple[Any, ...]:
 
 
 def _unlike_autograd(inner: Callable[..., torch.Tensor], start: dict[str, torch.Tensor], eta: list[torch.Tensor],
-                     p: dict[str, torch.Tensor], loss: torch.Tensor, rewind: Callable[[], None]) -> Optional[str]:
+                     p: dict[str, torch.Tensor], loss: torch.Tensor) -> Optional[str]:
     """A description if the support loss's Hessian-vector product at φ_0 (along a fixed direction) by
     ``torch.func``, as every product of ``meta_grad`` takes it, differs from autograd's (of ``loss``
     at the leaves ``p``), else ``None``. torch.func differentiates the autodiff graph of a
     TorchScript function (``torch.jit.script``) twice wrongly, in torch 2.13, and autograd rightly.
-    ``rewind`` sets the generators back to the states ``loss`` was drawn from (dropout draws the
-    same masks in both)."""
+    Called for a loss that draws no random numbers (:func:`look_at`), so both evaluate one function."""
     names = [n for n in p]
     grads = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True, allow_unused=True)
     used = [(n, g) for n, g in zip(names, grads) if g is not None and g.requires_grad]
@@ -210,7 +203,6 @@ def _unlike_autograd(inner: Callable[..., torch.Tensor], start: dict[str, torch.
                                       allow_unused=True)
     fixed = [t.detach() for t in eta]
     base = {n: t.detach() for n, t in start.items()}  # (params may require grad: no graph to them here)
-    rewind()
     gradient = torch.func.grad(lambda w: inner({**base, **w}, fixed))
     pull = torch.func.vjp(lambda w: {n: g for n, g in gradient(w).items() if n in along},
                           {n: base[n] for n in along})[1]
