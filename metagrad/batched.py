@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .discovery import MetaGrads, add_meta
-from .errors import UpdateRuleError, warn
+from .errors import SparseGradientError, UpdateRuleError, sparse_gradient, warn
 from .numerics import tolerance
 from .update_rule import Params, State
 from .replay import ReplayError, check_norms, refuse_twice, step_norms
@@ -249,7 +249,7 @@ class Batched:
                 pulled, pulled_eta, rebuilt, losses, grads, eta_grads = torch.func.vmap(
                     row, in_dims=(0, 0, 0, [0 if j in varying else None for j in range(len(slots))], None))(
                         params, states, u, captured, eta)
-        except UpdateRuleError:  # (the rule's own fault, said where it is found)
+        except (UpdateRuleError, SparseGradientError):  # (said where it is found)
             raise
         except Exception as error:
             if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
@@ -261,6 +261,8 @@ class Batched:
                     "closure). Compute each step's data outside the closure and capture it, or use "
                     "estimator=mg.Full(), which without compile=True does not rebuild steps."
                 ) from error
+            if (sparse := sparse_gradient(error)) is not None:
+                raise sparse from error
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
                 "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "

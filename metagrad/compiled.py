@@ -74,6 +74,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel, Layout, _frozen_buffers
+from .numerics import inexact
 from .replay import step_norms
 from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
                            step_sizes_as_tensors)
@@ -449,7 +450,7 @@ class Compiler:
         if any(not isinstance(t, torch.Tensor) for t in leaves):
             return None  # a Python value in the optimizer state (a step count)
         step_key, explicit, eta_slots, eta_params, fixed = parts
-        varied = tuple(i for i, t in enumerate(leaves) if carry and t.is_floating_point())
+        varied = tuple(i for i, t in enumerate(leaves) if carry and inexact(t))
         key = (step_key, varying if batched or segment else None, varied, str(spec), segment, batched)
         if key in _REFUSED:
             return None

@@ -42,7 +42,7 @@ from .estimators import Binomial, Checkpointed, Estimator, FirstOrder, Full, Met
 from .fmodel import FunctionalModel
 from .linalg import norm
 from .memory import peak_memory
-from .numerics import tf32_enabled
+from .numerics import real_view, tf32_enabled
 from .optim import SGD, UpdateRule
 
 __all__ = ["diagnose", "Report", "Row"]
@@ -167,7 +167,7 @@ def diagnose(model: torch.nn.Module, closure: Closure, *, steps: int, inner_opt:
             for _ in range(steps):
                 block.step(closure)
             grads = torch.autograd.grad(query(block.fmodel), params + meta, allow_unused=True)
-        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+        flat = torch.cat([real_view(torch.zeros_like(p) if g is None else g).reshape(-1)
                           for p, g in zip(params + meta, grads)])
         return flat.detach(), dict(block.info)
 

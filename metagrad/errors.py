@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 import warnings
 from typing import Any, Optional
@@ -15,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["ReplayError", "NestedBlockError", "UpdateRuleError", "SeriesDivergenceError", "NegativeCurvatureError",
-           "MetaGradientWarning", "warn", "misfit_signature"]
+           "MetaGradientWarning", "warn", "misfit_signature", "SparseGradientError",
+           "sparse_gradient"]
 
 
 class ReplayError(RuntimeError):
@@ -80,3 +82,28 @@ def misfit_signature(function: Any, count: int) -> Optional[inspect.Signature]:
     except TypeError:
         return signature
     return None
+
+
+#: What torch says where a sparse tensor meets an op or a transform that has no kernel for it.
+_SPARSE = re.compile(r"for sparse tensors|'Sparse\w*' backend|\(sparse, dense\)|sparse_coo")
+
+
+class SparseGradientError(RuntimeError):
+    """An inner gradient is sparse where ``torch.func.vmap`` runs it (:func:`sparse_gradient`): a
+    ``RuntimeError``, as torch's own error there is."""
+
+
+def sparse_gradient(error: BaseException) -> Optional[SparseGradientError]:
+    """The error to raise instead of torch's where ``error`` came from a sparse gradient under
+    ``torch.func.vmap`` (torch has no batching rule for sparse tensors); ``None`` for any other."""
+    if (not isinstance(error, RuntimeError) or isinstance(error, SparseGradientError)  # (NotImplementedError is one)
+            or not _SPARSE.search(str(error))):
+        return None
+    return SparseGradientError(
+        "model: the inner loss's gradient is sparse (nn.Embedding(sparse=True) or "
+        "F.embedding(..., sparse=True)), and torch.func.vmap, which runs a block's tasks (tasks=), "
+        "Binomial's batched rows and meta_grad over tasks, cannot batch sparse tensors "
+        f"(torch: {str(error).splitlines()[0][:160]}). Build the embedding with sparse=False (the "
+        "default): its gradient holds the same numbers, densely, and the fast weights it moves are "
+        "dense anyway. Or run one task per block (tasks unset), or Binomial(..., chunk_size=1)."
+    )

@@ -15,15 +15,16 @@ from torch.utils import _pytree as pytree
 
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
-from .errors import misfit_signature, warn
+from .errors import misfit_signature, sparse_gradient, warn
 from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, refuse_cached, unstacked
 from .update_rule import as_update_rule
 from .pure import PureTrajectory, check_estimator, unroll
 from .pure_compiled import Pieces
 from .replay import refuse_twice
-from .step import rule_slots
+from .step import dense, rule_slots
 from .loss_checks import check_reads, look_at
+from .numerics import inexact
 
 __all__ = ["FunctionalModel", "Layout", "meta_grad"]
 
@@ -134,6 +135,8 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
             return _meta_grad(loss_fn, params, support, query, inner_opt=inner_opt, steps=steps, estimator=estimator,
                               meta=meta, tasks=tasks, compile=compile, info=info)
     except RuntimeError as error:
+        if (sparse := sparse_gradient(error)) is not None:
+            raise sparse from error
         if "mutate a captured Tensor" in str(error):
             raise ValueError(
                 "loss_fn: meta_grad takes its gradients under torch.func transforms, where the loss cannot "
@@ -251,7 +254,7 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)
         v, direct = found if found is not None else torch.func.grad(outer, argnums=(0, 1))(trajectory.current, eta)
         view: TrajectoryView = trajectory  # (the interface every estimator reads: checked here by type)
-        g, g_eta, report = estimator.backward(view, steps, dict(v))
+        g, g_eta, report = estimator.backward(view, steps, {n: dense(t) for n, t in v.items()})
     _report(info, estimator, report)
     total = [d if i >= len(g_eta) or g_eta[i] is None else d + g_eta[i] for i, d in enumerate(direct)]
     if tasks is not None:  # each task's gradient of θ is its row; η's are summed already
@@ -353,14 +356,15 @@ def _meta_leaves(meta: Any) -> tuple[list[torch.Tensor], Any, list[str]]:
                          "tensors (a dict, a list), or meta=None.")
     names = [f"meta{pytree.keystr(path)}" for path, _ in flat]
     for name, (_, leaf) in zip(names, flat):
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+        if not inexact(leaf):
             got = type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"a tensor of dtype {leaf.dtype}"
-            raise TypeError(f"meta: {name} is {got}; every leaf of meta must be a floating-point tensor "
+            raise TypeError(f"meta: {name} is {got}; every leaf of meta must be a floating-point or complex tensor "
                             "(it is differentiated).")
     return [leaf for _, leaf in flat], spec, names
 
 
 def _result(g: dict[str, torch.Tensor], g_eta: list[torch.Tensor], meta: Any, spec: Any) -> Any:
+    g = {n: dense(t) for n, t in g.items()}  # (a sparse gradient: nn.Embedding(sparse=True))
     if meta is None:
         return g
     return g, pytree.tree_unflatten(g_eta, spec)
@@ -388,8 +392,8 @@ def _check_params(params: Any) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"params[{name!r}]: expected a tensor, got {type(value).__name__}; "
                             f"params must be {accepted}.")
-        if not value.is_floating_point():
-            raise TypeError(f"params[{name!r}]: expected a floating-point tensor (it is "
+        if not inexact(value):
+            raise TypeError(f"params[{name!r}]: expected a floating-point or complex tensor (it is "
                             f"differentiated), got dtype {value.dtype}. params are the weights the inner loop "
                             "adapts, not a state_dict's buffers (a BatchNorm's num_batches_tracked): "
                             "{n: p.detach() for n, p in model.named_parameters()}.")

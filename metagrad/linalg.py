@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import NegativeCurvatureError
+from .numerics import real_view
 from .update_rule import Params
 
 __all__ = ["SolveInfo", "NegativeCurvatureError", "conjugate_gradient", "neumann_series", "norm"]
@@ -179,7 +180,8 @@ class _Rows:
 
     def dot(self, a: Params, b: Params) -> torch.Tensor:
         count = 1 if self.tasks is None else self.tasks
-        return functools.reduce(operator.add, [(a[n].double() * b[n].double()).reshape(count, -1).sum(1) for n in a])
+        return functools.reduce(operator.add, [(real_view(a[n]).double() * real_view(b[n]).double()).reshape(count, -1).sum(1)
+                                                   for n in a])
 
     def _column(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return s.reshape(()) if self.tasks is None else s.reshape(-1, *[1] * (t.dim() - 1))

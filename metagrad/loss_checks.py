@@ -21,7 +21,7 @@ import torch
 
 from .discovery import graph_inputs
 from .errors import warn
-from .numerics import tolerance
+from .numerics import inexact, tolerance
 from .step import rule_slots, rule_tensors
 
 __all__ = ["check_reads", "look_at"]
@@ -81,7 +81,7 @@ def check_reads(losses: Sequence[Callable[..., torch.Tensor]], phi: Callable[[],
         return
     ids = {id(t) for t in eta}
     said = ", ".join(names[k] for k in unread_eta)
-    if unread_eta and any(t.is_floating_point() and id(t) not in ids for t in rule_tensors(rule)):
+    if unread_eta and any(inexact(t) and id(t) not in ids for t in rule_tensors(rule)):
         raise ValueError(
             f"meta: {said} is neither read by loss_fn (on the query or the support batch) nor held by inner_opt, "
             "while inner_opt holds a tensor that is not in meta. A step size computed from a tensor of meta outside "

@@ -55,11 +55,27 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
     rounding in the gradient. A step that read other data, other random numbers or another
     flag differs by a sizeable fraction of the step itself.
     """
+    if dtype.is_complex:  # each part rounds as its real dtype does
+        dtype = dtype.to_real()
     if dtype == torch.float64:
         return 1e-7
     if dtype == torch.float32:
         return 3e-2 if device.type == "cuda" and tf32_enabled() else 1e-3
     return 5e-2 if dtype == torch.float16 else 1e-1
+
+
+def inexact(t: Any) -> bool:
+    """Whether ``t`` is a tensor autograd differentiates: floating point or complex (an
+    optimizer's state of complex fast weights is complex; its adjoint is carried too)."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (a last dimension of 2), a real one as
+    it is: the norms and inner products of the fast weights are those of ℝ²ⁿ, ``Re Σ conj(a)·b``,
+    which sums of products of these views give (a cast to a real dtype would drop the
+    imaginary parts)."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 class DefaultTolerance(float):

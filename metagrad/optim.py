@@ -298,16 +298,17 @@ def _adam_step(rule: Adam, params: Mapping[str, torch.Tensor],
         if g is None:  # not in the loss: left as it is, with its moments
             new_params[name] = p
             continue
-        lr = _lr_for(rule.lr, name)
+        parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
+        p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(rule.lr, name))
         if decoupled and rule.weight_decay:
             p = p * (1 - lr * rule.weight_decay)
         elif rule.weight_decay:
             g = g + rule.weight_decay * p
-        m = torch.lerp(state["exp_avg"][name], g, 1 - beta1)
-        v = beta2 * state["exp_avg_sq"][name] + (1 - beta2) * g * g
+        m = torch.lerp(parts.real(state["exp_avg"][name]), g, 1 - beta1)
+        v = beta2 * parts.real(state["exp_avg_sq"][name]) + (1 - beta2) * g * g
         denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + rule.eps
-        new_params[name] = p - (lr / bias_correction1) * m / denom
-        exp_avg[name], exp_avg_sq[name] = m, v
+        new_params[name] = parts.back(p - (lr / bias_correction1) * m / denom)
+        exp_avg[name], exp_avg_sq[name] = parts.back(m), parts.back(v)
     return new_params, {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
@@ -374,21 +375,23 @@ class RMSprop:
             if g is None:  # not in the loss: left as it is, with its averages
                 new_params[name] = p
                 continue
+            parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
+            p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(self.lr, name))
             g = g + self.weight_decay * p if self.weight_decay else g
-            v = alpha * state["square_avg"][name] + (1 - alpha) * g * g
-            new_state["square_avg"][name] = v
+            v = alpha * parts.real(state["square_avg"][name]) + (1 - alpha) * g * g
+            new_state["square_avg"][name] = parts.back(v)
             if self.centered:
-                m = torch.lerp(state["grad_avg"][name], g, 1 - alpha)
-                new_state["grad_avg"][name] = m
+                m = torch.lerp(parts.real(state["grad_avg"][name]), g, 1 - alpha)
+                new_state["grad_avg"][name] = parts.back(m)
                 avg = _safe_sqrt(v - m * m) + self.eps
             else:
                 avg = _safe_sqrt(v) + self.eps
             if self.momentum:
-                b = self.momentum * state["momentum_buffer"][name] + g / avg
-                new_state["momentum_buffer"][name] = b
-                new_params[name] = p - _lr_for(self.lr, name) * b
+                b = self.momentum * parts.real(state["momentum_buffer"][name]) + g / avg
+                new_state["momentum_buffer"][name] = parts.back(b)
+                new_params[name] = parts.back(p - lr * b)
             else:
-                new_params[name] = p - _lr_for(self.lr, name) * (g / avg)
+                new_params[name] = parts.back(p - lr * (g / avg))
         return new_params, new_state
 
 
@@ -433,7 +436,12 @@ class Adagrad:
     def init(self, params: Mapping[str, torch.Tensor]) -> State:
         _check_learning_rate_fits(self.lr, params)
         return {"step": _step_counter(params),
-                "sum": {n: torch.full_like(p, self.initial_accumulator_value) for n, p in params.items()}}
+                "sum": {n: torch.full_like(p, self._initial(p)) for n, p in params.items()}}
+
+    def _initial(self, param: torch.Tensor) -> Union[float, complex]:
+        """s at the start: both parts of a complex parameter's start at the value (as in torch)."""
+        value = self.initial_accumulator_value
+        return complex(value, value) if param.is_complex() else value
 
     def step(
         self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: State
@@ -446,13 +454,33 @@ class Adagrad:
             if g is None:  # not in the loss: left as it is, with its sum
                 new_params[name] = p
                 continue
+            parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
+            p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(self.lr, name))
             g = g + self.weight_decay * p if self.weight_decay else g
-            s = state["sum"][name] + g * g
-            lr = _lr_for(self.lr, name)
+            s = parts.real(state["sum"][name]) + g * g
             lr = lr if decay is None else lr / decay
-            new_params[name] = p - lr * (g / (_safe_sqrt(s) + self.eps))
-            sums[name] = s
+            new_params[name] = parts.back(p - lr * (g / (_safe_sqrt(s) + self.eps)))
+            sums[name] = parts.back(s)
         return new_params, {"step": t, "sum": sums}
+
+
+class _Parts:
+    """A complex parameter seen as torch.optim's Adam, RMSprop and Adagrad see it: its real
+    and imaginary parts as two real entries (``torch.view_as_real``), each with its own
+    moments. A real parameter passes through as it is."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.complex = param.is_complex()
+
+    def real(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(t) if self.complex else t
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_complex(t) if self.complex else t
+
+    def step_size(self, lr: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+        """A per-entry step size, broadcast over the two parts."""
+        return lr.unsqueeze(-1) if self.complex and isinstance(lr, torch.Tensor) and lr.dim() > 0 else lr
 
 
 def _step_counter(params: Mapping[str, torch.Tensor]) -> torch.Tensor:

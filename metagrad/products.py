@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
+from .numerics import inexact
 from .frozen import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
@@ -248,7 +249,7 @@ class Products:
                 return pulled, meta_grads, adjoint
         leaves, spec = pytree.tree_flatten(step.state)
         carried = [i for i, t in enumerate(leaves)
-                   if carry and isinstance(t, torch.Tensor) and t.is_floating_point()]
+                   if carry and inexact(t)]
         with torch.enable_grad():
             replace, meta = self.partial_eta(step)
             eta, eta_out = self.eta_inputs(step, meta)

@@ -34,7 +34,7 @@ from .estimators import Estimator, resolve
 from .discovery import add_meta
 from .errors import ReplayError
 from .memory import saved_bytes
-from .numerics import tolerance
+from .numerics import inexact, tolerance
 from .replay import check_norms, refuse_twice, step_norms
 from .snapshots import Schedule
 from .tape import OnTape, Tape
@@ -46,10 +46,6 @@ from .pure_compiled import RUNS, Pieces
 __all__ = ["PureTrajectory", "check_estimator", "unroll"]
 
 LossAt = Callable[[Params, Sequence[torch.Tensor]], torch.Tensor]
-
-
-def _is_float_tensor(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def unroll(loss_at: LossAt, params: Params, rule: UpdateRule, steps: int,
@@ -280,11 +276,11 @@ class PureTrajectory(OnTape):
         if compiled is not None:
             return compiled
         leaves = pytree.tree_leaves(self.state(m))
-        carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if _is_float_tensor(t)]
+        carried = [] if state_adjoint is None else [i for i, t in enumerate(leaves) if inexact(t)]
         adjoint = list(state_adjoint or [])
         # s_{m+1}'s float leaves take the adjoint (its shapes; a state that starts empty has more)
         after = [] if state_adjoint is None else pytree.tree_leaves(self.state(m + 1))
-        returned = [i for i, t in enumerate(after) if _is_float_tensor(t)]
+        returned = [i for i, t in enumerate(after) if inexact(t)]
         s_adjoint = [zero_if_none(adjoint[i] if i < len(adjoint) else None, after[i]) for i in returned]
         pulled, pulled_eta, pulled_state, *_ = step_vjp(self._body(self.state(m), carried), self.iterate(m),
                                                         self.meta, [leaves[i] for i in carried], u, s_adjoint,
@@ -320,7 +316,7 @@ class PureTrajectory(OnTape):
         if (any(other != spec for _, other in flat[1:])
                 or not all(isinstance(t, torch.Tensor) for row in states for t in row)):
             return None
-        carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if t.is_floating_point()]
+        carried = [] if state_adjoint is None else [i for i, t in enumerate(states[0]) if inexact(t)]
         adjoint = list(state_adjoint or [])
         if state_adjoint is not None and pytree.tree_structure(self.state(last)) != spec:
             return None  # (a state that starts empty: its first step, by vjp)

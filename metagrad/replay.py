@@ -48,6 +48,7 @@ import torch
 
 from .errors import ReplayError
 from .frozen import Frozen, RandomState, freeze
+from .numerics import real_view
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
            "step_norms", "EtaProbes", "EtaRows", "check_eta", "largest_norms",
@@ -71,13 +72,14 @@ def step_norms(rebuilt: Sequence[Rows], stored: Sequence[Rows], start: Sequence[
     few numbers back instead of the rebuilt iterates."""
     count = len(rebuilt[0])
     if not isinstance(rebuilt[0], torch.Tensor):  # one stack per parameter, one concatenation
-        table = torch.cat([torch.stack([*a, *b, *c]).reshape(3, count, -1) for a, b, c in zip(rebuilt, stored, start)], 2)
+        table = torch.cat([real_view(torch.stack([*a, *b, *c])).reshape(3, count, -1)
+                           for a, b, c in zip(rebuilt, stored, start)], 2)
         new, old, first = table.to(torch.promote_types(table.dtype, torch.float32)).unbind(0)
         return torch.stack([new - old, old - first, old]).norm(dim=2)
     # Rows along a first dimension (a compiled sweep's): sums of squares, no copy.
     total: Optional[torch.Tensor] = None
     for a, b, c in zip(rebuilt, stored, start):
-        new, old, first = (torch.as_tensor(t).reshape(count, -1) for t in (a, b, c))
+        new, old, first = (real_view(torch.as_tensor(t)).reshape(count, -1) for t in (a, b, c))
         wide = torch.promote_types(new.dtype, torch.float32)
         part = torch.stack([(new - old).to(wide).pow(2).sum(1), (old - first).to(wide).pow(2).sum(1),
                             old.to(wide).pow(2).sum(1)])
@@ -143,7 +145,7 @@ class EtaProbes:
             if g is None:
                 parts.append(None)
                 continue
-            flat = g.detach().reshape(count, -1)
+            flat = real_view(g.detach()).reshape(count, -1)
             if flat.dtype not in (torch.float32, torch.float64):  # half precision: sums in float32
                 flat = flat.float()
             parts.append(torch.cat([flat.norm(dim=1, keepdim=True), flat @ self.probes(i, flat)], 1))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import sparse_gradient
 from .discovery import MetaGrads, add_meta, graph_inputs
 from .frozen import Frozen, RandomState
 from .update_rule import Params, State, UpdateRule, checked_step
@@ -99,7 +100,14 @@ def functional_gradient(loss_of: Callable[[Params], torch.Tensor], w: Params
                         ) -> tuple[Params, Optional[torch.Tensor]]:
     """The gradient under ``torch.func`` transforms (:func:`step_vjp`, vmapped, compiled)."""
     grads, loss = torch.func.grad_and_value(loss_of)(w)
-    return grads, loss
+    return {n: dense(g) for n, g in grads.items()}, loss
+
+
+def dense(grad: torch.Tensor) -> torch.Tensor:
+    """An inner gradient as the dense tensor every update rule and product takes: a sparse one
+    (``nn.Embedding(sparse=True)``) holds the same numbers, and the fast weights it moves are
+    dense anyway."""
+    return grad.to_dense() if grad.layout != torch.strided else grad
 
 
 def autograd_gradient(step: int, used: Optional[Sequence[str]] = None, *, create_graph: bool = True,
@@ -398,12 +406,17 @@ def loss_grads(loss: torch.Tensor, params: Params, *, create_graph: bool, step: 
         if also_out is not None:
             also_out.extend([None] * len(also))
         return {}
-    grads = torch.autograd.grad(loss, [params[n] for n in names] + [also[i] for i in extra],
-                                create_graph=create_graph, allow_unused=True, retain_graph=retain_graph)
+    try:
+        grads = torch.autograd.grad(loss, [params[n] for n in names] + [also[i] for i in extra],
+                                    create_graph=create_graph, allow_unused=True, retain_graph=retain_graph)
+    except RuntimeError as error:
+        if (sparse := sparse_gradient(error)) is not None:
+            raise sparse from error
+        raise
     if also_out is not None:
         found = dict(zip(extra, grads[len(names):]))
         also_out.extend(found.get(i) for i in range(len(also)))
-    grads = grads[:len(names)]
+    grads = tuple(None if g is None else dense(g) for g in grads[:len(names)])
     if used is not None:
         return {n: zero_if_none(g, params[n]) for n, g in zip(names, grads)}
     if all(g is None for g in grads) and theta and any(

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import misfit_signature, warn
+from .errors import SparseGradientError, misfit_signature, warn
 from .fmodel import FunctionalModel, unstacked
 from .frozen import Frozen, freeze
 
@@ -165,8 +165,8 @@ def advance_tasks(trajectory: Any, closure: Callable[..., Any], batch: Sequence[
         return trajectory.advance(live, rule, frozen=frozen, parts=True,
                                   probe=functools.partial(_first_task, closure, list(batch)))
     except RuntimeError as error:
-        if not any(word in str(error) for word in ("vmap", "Batching rule", "functorch transform",
-                                                   "doesn't have storage")):
+        if isinstance(error, SparseGradientError) or not any(
+                word in str(error) for word in ("vmap", "Batching rule", "functorch transform", "doesn't have storage")):
             raise  # (not one of vmap's: an op it has no rule for, requires_grad_ inside it, .numpy() on a slice)
         said = str(error).strip()
         said += "" if said.endswith(".") else "."
