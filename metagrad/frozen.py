@@ -11,7 +11,9 @@ What makes it so for the loops people write is kept here:
   ``functools.partial``, and shallow copies of small tuples, lists and dicts among them.
   ``for xb, yb in batches: meta.step(lambda f: loss(f(xb), yb))`` then rebuilds every step with
   its own batch. Tensors are not copied: a tensor changed in place after its step is caught by
-  the replay check, and named in its error (:meth:`Frozen.modified`).
+  the replay check, and named in its error (:meth:`Frozen.modified`). A list or dict that the
+  step's own call wrote to (a forward hook's stored activations) is not a copy in a rebuild
+  but the object itself, holding what it held when the step began (:meth:`Frozen.taken`).
 - **Random numbers.** A closure that consumed random numbers (dropout, augmentation) is replayed
   with the generator states it started from, CPU and the model's CUDA device, as
   ``torch.utils.checkpoint(preserve_rng_state=True)`` does; the caller's generators are left as
@@ -66,7 +68,7 @@ class Frozen:
     """
 
     __slots__ = ("_build", "_values", "_specs", "key", "_structure", "tensors", "versions", "names", "source",
-                 "reads", "compiled", "written", "replayed", "inner")
+                 "reads", "compiled", "written", "replayed", "inner", "_containers", "_live", "_seen", "_wrapped")
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
@@ -84,13 +86,22 @@ class Frozen:
         self.replayed: Optional["RandomState"] = None
         #: For a ``functools.partial`` of a function: that function, frozen (its captured tensors).
         self.inner: Optional[Frozen] = None
+        self._wrapped: Optional[Frozen] = None  # (the one :meth:`around` wraps: told of the step too)
         flat: list[Any] = []
         specs: list[Any] = []
         leaf_names: list[str] = []
+        #: The lists and dicts copied, by their slot in ``specs``: (the captured object, its leaves
+        #: and structure when frozen), for :meth:`taken` to find those the step's own call wrote.
+        self._containers: dict[int, tuple[Any, list[Any], Any]] = {}
+        #: The slots of those the step's call wrote: a rebuild hands it the object itself (:func:`_live`).
+        self._live: frozenset[int] = frozenset()
+        self._seen = False
         for name, value in zip(names, values):
             if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
                 leaves, spec = pytree.tree_flatten(value)
                 if len(leaves) <= _MAX_LEAVES:
+                    if isinstance(value, (list, dict)):
+                        self._containers[len(specs)] = (value, leaves, spec)
                     flat.extend(leaves)
                     specs.append((spec, len(leaves)))
                     leaf_names.extend(f"{name}[{i}]" for i in range(len(leaves)))
@@ -164,6 +175,7 @@ class Frozen:
 
         out = Frozen(build, [*self._values, *extra], [*self.names, *extra_names],
                      (tag, self.key[0], tuple(self.key[1])), self.source, known=self.key[2])
+        out._wrapped = self
         out.reads = self.reads
         out.key = out.key[:3] + self.key[3:]
         return out
@@ -178,11 +190,20 @@ class Frozen:
     def taken(self) -> None:
         """Note that its step (or a rebuild of it) ran: :meth:`modified` then names the captured
         tensors changed in place after it, never one the closure's own call wrote to (a loss
-        logged into a captured tensor: its version is forgotten)."""
+        logged into a captured tensor: its version is forgotten).
+
+        After the step itself, a captured list or dict that the step's own call changed (a forward
+        hook's ``acts[name] = output``, read by the loss after the forward) is handed to a rebuild
+        as the object itself, holding what it held when the step began (:func:`_live`)."""
         self.versions = [None if old is None or t._version != old else old
                          for (_, t), old in zip(self.tensors, self.versions)]
-        if self.inner is not None:
-            self.inner.taken()
+        if not self._seen:
+            self._seen = True
+            self._live = frozenset(slot for slot, (value, leaves, spec) in self._containers.items()
+                                   if _rewritten(value, leaves, spec))
+        for other in (self.inner, self._wrapped):
+            if other is not None:
+                other.taken()
 
     def modified(self) -> list[str]:
         """The names of captured tensors changed in place since the step (not those its own call
@@ -266,16 +287,48 @@ class Frozen:
         return out
 
     def _function(self, flat: list[Any]) -> Callable[..., Any]:
-        values, start = [], 0
-        for spec in self._specs:
+        values, start, live = [], 0, []
+        for slot, spec in enumerate(self._specs):
             if spec is None:
                 values.append(flat[start])
                 start += 1
             else:
                 tree, count = spec
-                values.append(pytree.tree_unflatten(flat[start:start + count], tree))
+                copy = pytree.tree_unflatten(flat[start:start + count], tree)
+                if slot in self._live:
+                    live.append((self._containers[slot][0], copy))
+                    copy = self._containers[slot][0]
+                values.append(copy)
                 start += count
-        return self._build(values)
+        function = self._build(values)
+        return function if not live else functools.partial(_live, function, live)
+
+
+def _rewritten(value: Any, leaves: list[Any], spec: Any) -> bool:
+    """Whether a list or dict no longer holds ``leaves`` (by identity) in the structure ``spec``."""
+    now, structure = pytree.tree_flatten(value)
+    return structure != spec or any(a is not b for a, b in zip(now, leaves))
+
+
+def _live(function: Callable[..., Any], containers: list[tuple[Any, Any]], *args: Any, **kwargs: Any) -> Any:
+    """``function`` called with each list or dict of ``containers`` (``(the object, what it held at
+    the step)``) holding what it held at the step, set back to what it holds now afterwards."""
+    saved = [(value, list(value) if isinstance(value, list) else dict(value)) for value, _ in containers]
+    try:
+        for value, then in containers:
+            _hold(value, then)
+        return function(*args, **kwargs)
+    finally:
+        for value, now in saved:
+            _hold(value, now)
+
+
+def _hold(container: Any, contents: Any) -> None:
+    if isinstance(container, list):
+        container[:] = contents
+    else:
+        container.clear()
+        container.update(contents)
 
 
 def _changed(then: Any, now: Any) -> bool:

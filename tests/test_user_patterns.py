@@ -720,6 +720,52 @@ def test_a_reused_buffer_refilled_before_the_backward_with_implicit():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("store", ["dict", "list"])
+@pytest.mark.parametrize("name", ALL + ["Checkpointed, compile=True"])
+def test_activations_a_forward_hook_stores_for_the_loss(name, store):
+    """A forward hook stores a layer's output in a dict or list the closure captures
+    (``acts["h"] = output``), and the inner and query losses read it after the forward (a
+    feature penalty). A rebuilt step's closure was handed a copy of the dict made before the
+    step, so it read the step's own activation (or none at step 0), not its own forward's: a
+    ReplayError ("it raised KeyError", or "is not the step the inner loop took"). The dict
+    itself, holding what it held when the step began, is now handed to the rebuild; the
+    caller's dict and list are left as they were (the closure's own log of its losses too)."""
+    K, lr = 3, 0.2
+    compiled = name.endswith("compile=True")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).to(D)
+    g = torch.Generator().manual_seed(3)
+    x, y, xq, yq = (torch.randn(8, 2, generator=g, dtype=D), torch.randn(8, 1, generator=g, dtype=D),
+                    torch.randn(8, 2, generator=g, dtype=D), torch.randn(8, 1, generator=g, dtype=D))
+    acts, log = ({} if store == "dict" else []), []
+    keep = (lambda o: acts.__setitem__("h", o)) if store == "dict" else acts.append
+    model[1].register_forward_hook(lambda module, inputs, output: keep(output))
+    key = "h" if store == "dict" else -1
+
+    def inner(f, k=None):
+        loss = F.mse_loss(f(x), y) + 0.3 * acts[key].pow(2).mean()
+        log.append(loss.detach())
+        return loss
+
+    def query(f):
+        return F.mse_loss(f(xq), yq) + 0.1 * acts[key].pow(2).mean()
+
+    expected = sgd_reference(model, inner, query, K, lr, "Full" if compiled else name)
+    log.clear()
+    acts.clear()
+    kind = mg.Checkpointed() if compiled else estimator(name, K)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=kind, compile=compiled) as meta:
+        for _ in range(K):
+            meta.step(inner)
+        loss = query(meta.fmodel)
+        logged, stored = len(log), list(acts) if store == "list" else dict(acts)
+        loss.backward()
+    assert_matches(model, expected)
+    assert len(log) == logged  # what the rebuilds logged and stored was taken back
+    pairs = [(acts[k], stored[k]) for k in stored] if store == "dict" else list(zip(acts, stored))
+    assert len(acts) == len(stored) and all(a is b for a, b in pairs)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, under vmap
 @pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(3, chunk_size=1), mg.Binomial(3)],
                          ids=repr)
