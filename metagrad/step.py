@@ -475,6 +475,8 @@ class KeptStep:
         self._params, self._meta = params, meta
         self._names = [n for n in new_params if new_params[n].requires_grad]
         self._outputs = [new_params[n] for n in self._names]
+        #: ``φ − Φ(φ)``, detached: how far φ is from being the step's fixed point.
+        self.moved = {n: params[n].detach() - new_params[n].detach() for n in new_params}
 
     @classmethod
     def at(cls, loss_at: LossAt, rule: UpdateRule, params: Params, meta: list[torch.Tensor], *, step: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from ..linalg import conjugate_gradient, neumann_series
+from ..linalg import conjugate_gradient, neumann_series, norm, task_norms
 from ..update_rule import Params
 from ..optim import SGD
 from ..discovery import MetaGrads
@@ -44,8 +44,10 @@ class Implicit(Estimator):
     the inner loop to converge.
 
     After backward, ``meta.info`` holds ``solver``, ``iterations``, ``residual`` (the
-    final relative residual ``‖(I + H/λ)x − b‖/‖b‖``), ``converged`` and
-    ``hessian_vector_products``. A solve that misses ``tol`` issues a
+    final relative residual ``‖(I + H/λ)x − b‖/‖b‖``), ``converged``,
+    ``hessian_vector_products`` and ``stationarity``: ``‖r‖ / (‖∇L_tr(φ_K)‖ + λ‖φ_K − θ‖)``
+    with ``r = ∇L_tr(φ_K) + λ(φ_K − θ)``, 0 at the proximal problem's stationary point, where
+    the formula is the derivative, and near 1 far from it (one small step). A solve that misses ``tol`` issues a
     :class:`MetaGradientWarning` giving the residual; a Neumann series detected
     diverging (``‖H‖/λ ≥ 1``) warns and returns its best partial sum; conjugate
     gradients that meet negative curvature raise
@@ -101,6 +103,21 @@ class Implicit(Estimator):
     def keep(self) -> Optional[int]:
         return 0
 
+    def _stationarity(self, moved: Params, trajectory: TrajectoryView) -> Any:
+        """How far φ_K is from the proximal problem's stationary point, where the formula holds:
+        ``‖r‖ / (‖∇L_tr(φ_K)‖ + λ‖φ_K − θ‖)`` with ``r = ∇L_tr(φ_K) + λ(φ_K − θ)``, the gradient of
+        the proximal problem (0 at its stationary point, near 1 where either part is far larger
+        than the other is undone). The fixed-point step with α = 1/λ moves φ_K by ``r/λ``; one number,
+        or one per task."""
+        theta, phi = trajectory.theta, trajectory.iterate(trajectory.length)
+        pull = {n: self.reg * (phi[n] - theta[n]) for n in moved}
+        residual = {n: self.reg * moved[n] for n in moved}
+        gradient = {n: residual[n] - pull[n] for n in moved}
+        tasks = trajectory.tasks
+        size = (lambda a: task_norms(a, tasks)) if tasks is not None else (lambda a: [norm(a)])
+        out = [r / (g + p) if g + p > 0 else 0.0 for r, g, p in zip(size(residual), size(gradient), size(pull))]
+        return out if tasks is not None else out[0]
+
     def backward(self, trajectory: TrajectoryView, steps: int, v: Params
                  ) -> tuple[Params, MetaGrads, dict[str, Any]]:
         # Fixed-point differentiation through the step's VJP (MATH.md): the proximal SGD step
@@ -124,7 +141,8 @@ class Implicit(Estimator):
             )
         info = {"steps": steps, "solver": self.solver, "reg": self.reg,
                 "iterations": solve.iterations, "residual": solve.residual,
-                "converged": solve.converged, "hessian_vector_products": solve.products}
+                "converged": solve.converged, "hessian_vector_products": solve.products,
+                "stationarity": self._stationarity(step.moved, trajectory)}
         # One entry per task over tasks (meta.info lists them); the warnings name the tasks.
         each = [(k, *e) for k, e in enumerate(zip(*(v if isinstance(v, list) else [v] for v in (
             solve.iterations, solve.residual, solve.converged, solve.diverged))))]

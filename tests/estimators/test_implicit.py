@@ -572,6 +572,39 @@ def test_info_after_backward():
     assert "Implicit" in info["estimator"]
 
 
+@pytest.mark.parametrize("tasks", [None, 2])
+def test_stationarity_says_how_far_the_inner_loop_is_from_the_fixed_point(tasks):
+    """``meta.info["stationarity"]`` is ``‖r‖ / (‖∇L_tr(φ_K)‖ + λ‖φ_K − θ‖)`` with
+    ``r = ∇L_tr(φ_K) + λ(φ_K − θ)``, computed here by hand from φ_K: near 1 after one small
+    step, near 0 once the proximal loop has converged (where the implicit formula holds); one
+    number per task over tasks."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(tasks or 1, 12, 2, generator=g, dtype=F64), torch.randn(tasks or 1, 12, 1, generator=g, dtype=F64)
+    lam = 2.0
+    for K, lr, near in ((1, 0.02, (0.8, 1.0)), (150, 0.3, (0.0, 1e-6))):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(2, 6, dtype=F64), nn.Tanh(), nn.Linear(6, 1, dtype=F64))
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=mg.Implicit(reg=lam, tol=1e-10),
+                             tasks=tasks) as meta:
+            for _ in range(K):
+                if tasks:
+                    meta.step(lambda f, a, b: F.mse_loss(f(a), b), x, y)
+                else:
+                    meta.step(lambda f: F.mse_loss(f(x[0]), y[0]))
+            phi = {n: t.detach() for n, t in meta.fmodel.params.items()}
+            (F.mse_loss(meta.fmodel(x), y) if tasks else F.mse_loss(meta.fmodel(x[0]), y[0])).backward()
+        got = meta.info["stationarity"] if tasks else [meta.info["stationarity"]]
+        for t in range(tasks or 1):
+            leaves = {n: (p[t] if tasks else p).clone().requires_grad_() for n, p in phi.items()}
+            grads = torch.autograd.grad(F.mse_loss(torch.func.functional_call(model, leaves, (x[t],)), y[t]),
+                                        list(leaves.values()))
+            pull = [lam * (leaves[n].detach() - p.detach()) for n, p in model.named_parameters()]
+            r = flat([a + b for a, b in zip(grads, pull)]).norm()
+            want = float(r / (flat(grads).norm() + flat(pull).norm()))
+            assert got[t] == pytest.approx(want, rel=1e-8, abs=1e-12), (K, t)
+            assert near[0] <= got[t] <= near[1], (K, got)
+
+
 def test_estimator_by_name():
     """``estimator="implicit"`` is Implicit(reg=1.0, solver="cg", max_iter=50, tol=1e-6);
     it matches the λ = 1 closed form to the accuracy its tol allows."""
