@@ -11,6 +11,7 @@ raises.
 
 from __future__ import annotations
 
+import collections
 import weakref
 from collections.abc import Collection, Sequence
 from typing import Any, Optional
@@ -23,6 +24,10 @@ from .estimators import Estimator
 from .trajectory import Trajectory
 
 __all__ = ["Snapshot", "ThroughInnerLoop", "Watched", "NothingToLearn", "learnable", "nothing_to_learn", "attached", "on_theta_grad"]
+
+#: The latest autograd graph tasks whose backward went through some block's inner loop (any
+#: block's: two blocks open on one model each see the other's query reach θ).
+_THROUGH_A_BLOCK: collections.deque[int] = collections.deque(maxlen=64)
 
 
 class Snapshot:
@@ -83,6 +88,7 @@ class Snapshot:
         """Raise if the trajectory was released or θ changed in place since the block began."""
         self.lifetime.check()
         self.lifetime.tasks.add(torch._C._current_graph_task_id())
+        _THROUGH_A_BLOCK.append(torch._C._current_graph_task_id())
         changed = [n for n, p, version in zip(self.names, self.params, self.versions)
                    if p._version != version]
         if changed:
@@ -316,6 +322,8 @@ def on_theta_grad(trajectory: Optional[Trajectory], warned: bool,
         )
     if warned or trajectory is None or trajectory.length == 0 or trajectory.lifetime.tasks:
         return warned  # (this backward, or an earlier one, went through the block's node)
+    if torch._C._current_graph_task_id() in _THROUGH_A_BLOCK:
+        return warned  # (through another block's: one open on the same model, its query's backward)
     warn(f"MetaGradient: a backward inside the block reached the model's parameters but not "
          f"through the inner loop ({trajectory.length} steps taken): its loss was built from the "
          "model itself, so it gives the plain gradient at θ, not a meta-gradient. Build the query "

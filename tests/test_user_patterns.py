@@ -720,6 +720,31 @@ def test_a_reused_buffer_refilled_before_the_backward_with_implicit():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("second", ["Full", "Checkpointed", "Binomial(K)"])
+def test_two_blocks_open_on_one_model_for_two_tasks(second):
+    """Two blocks open at once on the same model, one task each, their steps interleaved, each
+    query back-propagated on its own: θ's gradient is the sum of the two tasks' meta-gradients,
+    and neither block warns that the other's backward reached θ "not through the inner loop"
+    (each did, through its own block)."""
+    K, lr = 3, 0.2
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).to(D)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 8, 2, generator=g, dtype=D), torch.randn(2, 8, 1, generator=g, dtype=D)
+    inner = [lambda f, k, t=t: F.mse_loss(f(x[t]), y[t]) for t in range(2)]
+    query = [lambda f, t=t: F.mse_loss(f(x[t]), y[t]) for t in range(2)]
+    refs = [sgd_reference(model, inner[t], query[t], K, lr, "Full") for t in range(2)]
+    expected = {n: refs[0][n] + refs[1][n] for n in refs[0]}
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=mg.Checkpointed()) as first, \
+            mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(second, K)) as other:
+        for _ in range(K):
+            first.step(lambda f: F.mse_loss(f(x[0]), y[0]))
+            other.step(lambda f: F.mse_loss(f(x[1]), y[1]))
+        query[0](first.fmodel).backward()
+        query[1](other.fmodel).backward()
+    assert_matches(model, expected)
+
+
 @pytest.mark.parametrize("store", ["dict", "list"])
 @pytest.mark.parametrize("name", ALL + ["Checkpointed, compile=True"])
 def test_activations_a_forward_hook_stores_for_the_loss(name, store):
