@@ -351,8 +351,13 @@ def clone_constant(value: Any) -> Any:
 
 def checked_loss(loss: Any, step: int) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
+        what = ("; return the loss alone (meta.step(lambda f: loss_fn(f(x), y))), and compute what else "
+                "you need from meta.fmodel after the step" if isinstance(loss, (tuple, list, dict)) else
+                "; return the tensor itself: a Python number (.item(), float(...)) carries no gradient"
+                if isinstance(loss, (int, float)) else
+                "; it returned nothing: a closure written with def needs `return loss`" if loss is None else "")
         raise TypeError(
-            f"closure: must return a scalar loss tensor, got {type(loss).__name__} at step {step}."
+            f"closure: must return a scalar loss tensor, got {type(loss).__name__} at step {step}{what}."
         )
     if loss.dim() != 0:
         raise ValueError(

@@ -1011,3 +1011,21 @@ def test_a_given_loss_built_from_the_module_is_named_as_a_given_loss(estimator):
         info = check_rejected(ValueError, "loss", run)
         assert str(info.value).startswith("loss: the loss given at step 1 does not depend on the fast weights")
         assert "meta.fast_weights()" in str(info.value) and "closure" not in str(info.value)
+
+
+def _returns_nothing(f):
+    F.mse_loss(f(QUERY[0]), QUERY[1])
+
+
+@pytest.mark.parametrize("closure,said", [
+    (lambda f: (F.mse_loss(f(QUERY[0]), QUERY[1]), f(QUERY[0])), r"got tuple at step 0; return the loss alone"),
+    (lambda f: F.mse_loss(f(QUERY[0]), QUERY[1]).item(), r"got float at step 0; return the tensor itself"),
+    (_returns_nothing, r"got NoneType at step 0; it returned nothing: a closure written with def needs `return loss`"),
+    (lambda f: F.mse_loss(f(QUERY[0]), QUERY[1], reduction="none"), r"got shape \(6, 1\) at step 0; reduce it"),
+], ids=["tuple", "item", "no return", "not reduced"])
+def test_a_closure_that_does_not_return_a_scalar_loss_tensor_is_told_what_to_return(closure, said):
+    model = make_mlp()
+    with pytest.raises((TypeError, ValueError), match=said):
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed()) as meta:
+            meta.step(closure)
+    assert all(p.grad is None for p in model.parameters())
