@@ -76,8 +76,7 @@ from torch.utils import _pytree as pytree
 from .fmodel import FunctionalModel, Layout, _frozen_buffers
 from .numerics import inexact
 from .replay import step_norms
-from .compile_keys import (module_reads_key, module_structure, rule_inputs, rule_structure, shapes,
-                           step_sizes_as_tensors)
+from .compile_keys import module_reads_key, module_structure, rule_inputs, rule_structure, shapes, step_sizes_as_tensors
 from .compile_options import settings_key
 from .step import eta_grads_of, rule_tensors, rule_with, same_shapes, step_body, step_vjp, with_eta
 
