@@ -497,9 +497,21 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(x))
 
 
+def _not_a_tensor(value: Any, argument: str) -> str:
+    """What to do instead, for a tensor given where a rule takes a float (only ``lr`` is learned
+    as a tensor): a learned weight decay is a term of the inner loss."""
+    if not isinstance(value, torch.Tensor):
+        return ""
+    if argument == "weight_decay":
+        return (" A learned weight decay is a term of the inner loss (the L2 form of Momentum's and Adam's "
+                "weight_decay), whose tensor is then a meta-parameter: "
+                "meta.step(lambda f: loss(f(x), y) + wd / 2 * sum((p ** 2).sum() for p in f.params.values())).")
+    return " Of a rule's settings only lr may be a tensor (a learned step size)."
+
+
 def _check_unit(value: Any, argument: str, *, upper_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{argument}: expected a float, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{argument}: expected a float, got {type(value).__name__} {value!r}.{_not_a_tensor(value, argument)}")
     if value < 0 or value > 1 or (upper_open and value == 1):
         interval = "[0, 1)" if upper_open else "[0, 1]"
         raise ValueError(f"{argument}: expected a float in {interval}, got {value!r}.")
@@ -508,7 +520,8 @@ def _check_unit(value: Any, argument: str, *, upper_open: bool = False) -> float
 
 def _check_nonnegative(value: Any, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{argument}: expected a finite float >= 0, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"{argument}: expected a finite float >= 0, got {type(value).__name__} {value!r}."
+                        f"{_not_a_tensor(value, argument)}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{argument}: expected a finite float >= 0, got {value!r}.")
     return float(value)

@@ -1029,3 +1029,13 @@ def test_a_closure_that_does_not_return_a_scalar_loss_tensor_is_told_what_to_ret
         with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed()) as meta:
             meta.step(closure)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("make,said", [
+    (lambda t: mg.optim.Momentum(lr=0.1, weight_decay=t), r"weight_decay: .*A learned weight decay is a term of the inner loss"),
+    (lambda t: mg.optim.Adam(lr=0.1, betas=(t, 0.99)), r"betas\[0\]: .*only lr may be a tensor"),
+    (lambda t: mg.optim.RMSprop(lr=0.1, eps=t), r"eps: .*only lr may be a tensor"),
+])
+def test_a_tensor_for_a_rule_setting_other_than_lr_says_how_to_learn_it(make, said):
+    with pytest.raises(TypeError, match=said):
+        make(torch.tensor(0.01, requires_grad=True))
