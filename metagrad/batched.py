@@ -82,15 +82,24 @@ class Batched:
             chunk = [tr._step(m) for m in steps[start:stop]]
             u = {n: t[start:stop] for n, t in vectors.items()}
             states = stacked([s.state for s in chunk]) if stop - start > 1 else None
+            if states is not None:
+                try:
+                    pulled, meta_grads = self.vmapped_vjp(list(steps[start:stop]), chunk, states, u)
+                    pieces.append(pulled)
+                    meta_sum = add_meta(meta_sum, meta_grads)
+                except SparseGradientError:  # (this kind of step alone from now on, as autograd takes it)
+                    assert key is not None  # (steps batched together share one)
+                    AGREES.setdefault(tr.module, {})[_kind(first_step, key)] = False
+                    warn("closure: its inner gradient is sparse (nn.Embedding(sparse=True)), which "
+                         "torch.func.vmap cannot batch, so Binomial rebuilds these steps one at a time "
+                         "(exact, slower). Build the embedding with sparse=False (the same gradient, "
+                         "dense) to batch them.")
+                    states = None
             if states is None:  # one step, or states that cannot be batched: one product per step
                 for i, m in enumerate(steps[start:stop]):
                     pulled, meta_grads, _ = self.products.vjp(m, {n: t[i] for n, t in u.items()})
                     pieces.append({n: t.unsqueeze(0) for n, t in pulled.items()})
                     meta_sum = add_meta(meta_sum, meta_grads)
-            else:
-                pulled, meta_grads = self.vmapped_vjp(list(steps[start:stop]), chunk, states, u)
-                pieces.append(pulled)
-                meta_sum = add_meta(meta_sum, meta_grads)
             start = stop
         return {n: torch.cat([p[n] for p in pieces]) for n in vectors}, meta_sum
 

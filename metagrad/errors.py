@@ -101,9 +101,9 @@ def sparse_gradient(error: BaseException) -> Optional[SparseGradientError]:
         return None
     return SparseGradientError(
         "model: the inner loss's gradient is sparse (nn.Embedding(sparse=True) or "
-        "F.embedding(..., sparse=True)), and torch.func.vmap, which runs a block's tasks (tasks=), "
-        "Binomial's batched rows and meta_grad over tasks, cannot batch sparse tensors "
+        "F.embedding(..., sparse=True)), and torch.func.vmap, which runs a block's tasks (tasks=) "
+        "and meta_grad's products, cannot batch sparse tensors "
         f"(torch: {str(error).splitlines()[0][:160]}). Build the embedding with sparse=False (the "
         "default): its gradient holds the same numbers, densely, and the fast weights it moves are "
-        "dense anyway. Or run one task per block (tasks unset), or Binomial(..., chunk_size=1)."
+        "dense anyway. Or run one task per block (tasks unset)."
     )

@@ -229,17 +229,24 @@ def dense_unroll(K=3, lr=0.3):
     return torch.autograd.grad(F.mse_loss(functional_call(model, phi, (i[0],)), y[0]), list(model.parameters()))
 
 
-@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(order=3, chunk_size=1)], ids=repr)
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("estimator", [mg.Full(), mg.Checkpointed(), mg.Binomial(order=3, chunk_size=1),
+                                       mg.Binomial(order=3)], ids=repr)
 def test_a_sparse_embedding_gradient_gives_the_dense_meta_gradient(estimator):
     """``nn.Embedding(sparse=True)``: the block, and meta_grad, give the meta-gradient of the
-    same model with a dense embedding, dense."""
+    same model with a dense embedding, dense. Binomial's vmapped rows, which torch cannot run
+    on a sparse gradient, are rebuilt one at a time with a warning (they raised)."""
     want = dense_unroll()
     model = Bag(sparse=True)
     i, y = tokens()
-    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator) as meta:
-        for _ in range(3):
-            meta.step(lambda f: F.mse_loss(f(i[0]), y[0]))
-        F.mse_loss(meta.fmodel(i[0]), y[0]).backward()
+    batched = isinstance(estimator, mg.Binomial) and estimator.chunk_size is None
+    with warnings.catch_warnings():
+        if batched:
+            warnings.filterwarnings("ignore", "closure: its inner gradient is sparse", mg.MetaGradientWarning)
+        with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), estimator=estimator) as meta:
+            for _ in range(3):
+                meta.step(lambda f: F.mse_loss(f(i[0]), y[0]))
+            F.mse_loss(meta.fmodel(i[0]), y[0]).backward()
     for p, w in zip(model.parameters(), want):
         assert p.grad.layout == torch.strided
         torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-13)
@@ -279,7 +286,7 @@ def test_implicit_and_adam_take_a_sparse_inner_gradient():
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-@pytest.mark.parametrize("where", ["tasks", "binomial", "meta_grad over tasks"])
+@pytest.mark.parametrize("where", ["tasks", "meta_grad over tasks"])
 def test_a_sparse_gradient_under_vmap_is_named(where):
     """torch.func.vmap cannot batch sparse tensors; the error names the embedding and
     sparse=False (torch's was "reshape is not implemented for sparse tensors")."""
@@ -291,13 +298,8 @@ def test_a_sparse_gradient_under_vmap_is_named(where):
                                     {n: p.detach() for n, p in model.named_parameters()}, (i, y), (i, y),
                                     inner_opt=mg.optim.SGD(lr=0.3), steps=2, estimator=mg.Checkpointed(), tasks=2)
         else:
-            tasks = 2 if where == "tasks" else None
-            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), tasks=tasks,
-                                 estimator=mg.Checkpointed() if tasks else mg.Binomial(order=2)) as meta:
+            with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=0.3), tasks=2, estimator=mg.Checkpointed()) as meta:
                 for _ in range(2):
-                    if tasks:
-                        meta.step(lambda f, a, b: F.mse_loss(f(a), b), i, y)
-                    else:
-                        meta.step(lambda f: F.mse_loss(f(i[0]), y[0]))
-                (F.mse_loss(meta.fmodel(i), y) if tasks else F.mse_loss(meta.fmodel(i[0]), y[0])).backward()
+                    meta.step(lambda f, a, b: F.mse_loss(f(a), b), i, y)
+                F.mse_loss(meta.fmodel(i), y).backward()
     assert all(p.grad is None for p in model.parameters())
