@@ -205,6 +205,11 @@ class Frozen:
             if other is not None:
                 other.taken()
 
+    @property
+    def live(self) -> bool:
+        """Whether its step's own call wrote a captured list or dict (:meth:`taken`): rebuilt alone."""
+        return bool(self._live) or any(other is not None and other.live for other in (self.inner, self._wrapped))
+
     def modified(self) -> list[str]:
         """The names of captured tensors changed in place since the step (not those its own call
         wrote to: :meth:`taken`)."""
@@ -324,11 +329,8 @@ def _live(function: Callable[..., Any], containers: list[tuple[Any, Any]], *args
 
 
 def _hold(container: Any, contents: Any) -> None:
-    if isinstance(container, list):
-        container[:] = contents
-    else:
-        container.clear()
-        container.update(contents)
+    container.clear()
+    (container.extend if isinstance(container, list) else container.update)(contents)
 
 
 def _changed(then: Any, now: Any) -> bool:

@@ -79,9 +79,10 @@ class StepRecord:
     def batch_key(self) -> Optional[tuple[Any, ...]]:
         """Steps with equal keys can be rebuilt in one vmapped or compiled call; ``None``: only
         alone, eagerly (a step whose closure read values that changed since: its rebuild sets
-        them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`)."""
+        them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`; one whose call
+        wrote a list or dict it captures, :attr:`Frozen.live <metagrad.frozen.Frozen.live>`)."""
         if (self.graph is not None or self.rng is not None or self.closure is None or self.alone
-                or self.closure.read_changed()):
+                or self.closure.live or self.closure.read_changed()):
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 

@@ -721,6 +721,27 @@ def test_a_reused_buffer_refilled_before_the_backward_with_implicit():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["Full", "Checkpointed", "Truncated(K)", "Binomial(K)"])
+def test_activations_a_forward_hook_stores_for_the_inner_loss_over_tasks(name):
+    """The same hook in a block over two tasks: each task's closure reads, under vmap, what its
+    own forward stored. Binomial rebuilds such steps one at a time (its vmapped rows over steps
+    and tasks raised an internal error of torch's); the others raised a ReplayError."""
+    K, lr = 3, 0.2
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1)).to(D)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 8, 2, generator=g, dtype=D), torch.randn(2, 8, 1, generator=g, dtype=D)
+    acts = {}
+    model[1].register_forward_hook(lambda module, inputs, output: acts.__setitem__("h", output))
+    refs = [sgd_reference(model, lambda f, k, t=t: F.mse_loss(f(x[t]), y[t]) + 0.3 * acts["h"].pow(2).mean(),
+                          lambda f, t=t: F.mse_loss(f(x[t]), y[t]) / 2, K, lr, name) for t in range(2)]
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K), tasks=2) as meta:
+        for _ in range(K):
+            meta.step(lambda f, a, b: F.mse_loss(f(a), b) + 0.3 * acts["h"].pow(2).mean(), x, y)
+        F.mse_loss(meta.fmodel(x), y).backward()
+    assert_matches(model, {n: refs[0][n] + refs[1][n] for n in refs[0]})
+
+
 @pytest.mark.parametrize("second", ["Full", "Checkpointed", "Binomial(K)"])
 def test_two_blocks_open_on_one_model_for_two_tasks(second):
     """Two blocks open at once on the same model, one task each, their steps interleaved, each
