@@ -201,6 +201,7 @@ class Frozen:
             self._seen = True
             self._live = frozenset(slot for slot, (value, leaves, spec) in self._containers.items()
                                    if _rewritten(value, leaves, spec))
+            self._containers = {slot: self._containers[slot] for slot in self._live}  # (no others held)
         for other in (self.inner, self._wrapped):
             if other is not None:
                 other.taken()
