@@ -721,6 +721,37 @@ def test_a_reused_buffer_refilled_before_the_backward_with_implicit():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", REBUILDING)
+@settings(max_examples=8, deadline=None)
+@given(case=cases(), hook=st.sampled_from(["dict", "append", "replace"]), in_query=st.booleans())
+def test_activations_a_forward_hook_stores_over_a_minibatch_loop(name, case, hook, in_query):
+    """The hook pattern with a new mini-batch and lambda per step, drawn: a dict entry, a list the
+    hook appends to, or one it clears first; read by every inner loss and maybe the query."""
+    K, lr = case["K"], case["lr"]
+    model = mlp(case["d_in"], case["width"], case["seed"])
+    batches, xq, yq = data(case["seed"], case["d_in"], case["n"], K)
+    acts = {} if hook == "dict" else []
+    key = "h" if hook == "dict" else -1
+
+    def store(module, inputs, output):  # (a hook that returns None leaves the output as it is)
+        if hook == "dict":
+            acts["h"] = output
+        else:
+            if hook == "replace":
+                acts.clear()
+            acts.append(output)
+
+    model[1].register_forward_hook(store)
+    inner = lambda f, k: F.mse_loss(f(batches[k][0]), batches[k][1]) + 0.2 * acts[key].pow(2).mean()  # noqa: E731
+    query = (lambda f: F.mse_loss(f(xq), yq) + (0.1 * acts[key].pow(2).mean() if in_query else 0))  # noqa: E731
+    expected = sgd_reference(model, inner, query, K, lr, name)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches:
+            meta.step(lambda f: F.mse_loss(f(xb), yb) + 0.2 * acts[key].pow(2).mean())
+        query(meta.fmodel).backward()
+    assert_matches(model, expected)
+
+
 @pytest.mark.parametrize("name", ["Full", "Checkpointed", "Truncated(K)", "Binomial(K)"])
 def test_activations_a_forward_hook_stores_for_the_inner_loss_over_tasks(name):
     """The same hook in a block over two tasks: each task's closure reads, under vmap, what its
