@@ -87,13 +87,12 @@ class Batched:
                     pulled, meta_grads = self.vmapped_vjp(list(steps[start:stop]), chunk, states, u)
                     pieces.append(pulled)
                     meta_sum = add_meta(meta_sum, meta_grads)
-                except SparseGradientError:  # (this kind of step alone from now on, as autograd takes it)
+                except (SparseGradientError, _Unbatchable) as error:  # (this kind alone from now on)
                     assert key is not None  # (steps batched together share one)
                     AGREES.setdefault(tr.module, {})[_kind(first_step, key)] = False
-                    warn("closure: its inner gradient is sparse (nn.Embedding(sparse=True)), which "
-                         "torch.func.vmap cannot batch, so Binomial rebuilds these steps one at a time "
-                         "(exact, slower). Build the embedding with sparse=False (the same gradient, "
-                         "dense) to batch them.")
+                    what, fix = _unbatchable(error)
+                    warn(f"closure: {what}, which torch.func.vmap cannot batch, so Binomial rebuilds these "
+                         f"steps one at a time, as autograd takes them (exact, slower). {fix}")
                     states = None
             if states is None:  # one step, or states that cannot be batched: one product per step
                 for i, m in enumerate(steps[start:stop]):
@@ -272,6 +271,10 @@ class Batched:
                 ) from error
             if (sparse := sparse_gradient(error)) is not None:
                 raise sparse from error
+            if "setup_context" in str(error):  # (torch.func runs only the new style of autograd.Function)
+                raise _Unbatchable("it calls a torch.autograd.Function written without setup_context (its "
+                                   "forward takes ctx)", "To batch them, give the Function a setup_context "
+                                   "staticmethod and generate_vmap_rule = True.") from error
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
                 "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "
@@ -284,6 +287,19 @@ class Batched:
                 f"estimator=Checkpointed(). ({error})"
             ) from error
         return pulled, pulled_eta, rebuilt, losses, grads, explicit, list(eta_grads)
+
+
+class _Unbatchable(RuntimeError):
+    """A kind of step whose products ``torch.func.vmap`` cannot take, which autograd takes alone."""
+
+
+def _unbatchable(error: Exception) -> tuple[str, str]:
+    """What :meth:`Batched.batched_vjp`'s warning says of ``error``: why, and how to batch them."""
+    if isinstance(error, SparseGradientError):
+        return ("its inner gradient is sparse (nn.Embedding(sparse=True))",
+                "To batch them, build the embedding with sparse=False (the same gradient, dense).")
+    what, fix = error.args
+    return what, fix
 
 
 def _kind(step: StepRecord, key: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -150,6 +150,12 @@ def meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.T
                 f"hooks ({error}): activation checkpointing in the model (torch.utils.checkpoint) and "
                 "torch.autograd.graph.save_on_cpu install them. Write the inner loop in a MetaGradient block, "
                 "which runs a checkpointed model as it is, or call the model without checkpointing.") from error
+        if "setup_context" in str(error):
+            raise ValueError(
+                "loss_fn: meta_grad takes its gradients under torch.func transforms, which run a "
+                "torch.autograd.Function only if it has a setup_context staticmethod (its forward does not "
+                f"take ctx; {error}). Give the Function one (and generate_vmap_rule = True for vmap), or "
+                "write the inner loop in a MetaGradient block, which runs it as it is.") from error
         if "functorch transform" not in str(error):
             raise
         raise ValueError(
