@@ -87,10 +87,10 @@ class Batched:
                     pulled, meta_grads = self.vmapped_vjp(list(steps[start:stop]), chunk, states, u)
                     pieces.append(pulled)
                     meta_sum = add_meta(meta_sum, meta_grads)
-                except (SparseGradientError, _Unbatchable) as error:  # (this kind alone from now on)
+                except _Unbatchable as error:  # (this kind alone from now on)
                     assert key is not None  # (steps batched together share one)
                     AGREES.setdefault(tr.module, {})[_kind(first_step, key)] = False
-                    what, fix = _unbatchable(error)
+                    what, fix = error.args
                     warn(f"closure: {what}, which torch.func.vmap cannot batch, so Binomial rebuilds these "
                          f"steps one at a time, as autograd takes them (exact, slower). {fix}")
                     states = None
@@ -257,9 +257,11 @@ class Batched:
                 pulled, pulled_eta, rebuilt, losses, grads, eta_grads = torch.func.vmap(
                     row, in_dims=(0, 0, 0, [0 if j in varying else None for j in range(len(slots))], None))(
                         params, states, u, captured, eta)
-        except (UpdateRuleError, SparseGradientError):  # (said where it is found)
+        except UpdateRuleError:  # (the rule's own fault, said where it is found)
             raise
         except Exception as error:
+            if (unbatchable := _unbatchable(error)) is not None:
+                raise unbatchable from error
             if not isinstance(error, (RuntimeError, ValueError)):  # e.g. an exhausted iterator
                 self.products.verify()
                 raise ReplayError(
@@ -269,12 +271,6 @@ class Batched:
                     "closure). Compute each step's data outside the closure and capture it, or use "
                     "estimator=mg.Full(), which without compile=True does not rebuild steps."
                 ) from error
-            if (sparse := sparse_gradient(error)) is not None:
-                raise sparse from error
-            if "setup_context" in str(error):  # (torch.func runs only the new style of autograd.Function)
-                raise _Unbatchable("it calls a torch.autograd.Function written without setup_context (its "
-                                   "forward takes ctx)", "To batch them, give the Function a setup_context "
-                                   "staticmethod and generate_vmap_rule = True.") from error
             raise RuntimeError(
                 "closure or update rule: rebuilding inner steps under torch.func.vmap failed. "
                 "Closures and update rules used with Binomial must be vmap-compatible: no .item() or "
@@ -293,13 +289,17 @@ class _Unbatchable(RuntimeError):
     """A kind of step whose products ``torch.func.vmap`` cannot take, which autograd takes alone."""
 
 
-def _unbatchable(error: Exception) -> tuple[str, str]:
-    """What :meth:`Batched.batched_vjp`'s warning says of ``error``: why, and how to batch them."""
-    if isinstance(error, SparseGradientError):
-        return ("its inner gradient is sparse (nn.Embedding(sparse=True))",
-                "To batch them, build the embedding with sparse=False (the same gradient, dense).")
-    what, fix = error.args
-    return what, fix
+def _unbatchable(error: Exception) -> Optional[_Unbatchable]:
+    """``error``, raised by vmapped rows, as a kind of step that autograd takes alone (its args: why,
+    and how to batch them, for :meth:`Batched.batched_vjp`'s warning), or ``None``."""
+    if isinstance(error, SparseGradientError) or sparse_gradient(error) is not None:
+        return _Unbatchable("its inner gradient is sparse (nn.Embedding(sparse=True))",
+                            "To batch them, build the embedding with sparse=False (the same gradient, dense).")
+    if isinstance(error, RuntimeError) and "setup_context" in str(error):  # (torch.func: the new style only)
+        return _Unbatchable("it calls a torch.autograd.Function written without setup_context (its forward "
+                            "takes ctx)", "To batch them, give the Function a setup_context staticmethod "
+                            "and generate_vmap_rule = True.")
+    return None
 
 
 def _kind(step: StepRecord, key: tuple[Any, ...]) -> tuple[Any, ...]:
