@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import torch
 
+from .numerics import real_view
 from .update_rule import (
     RULES,
     Params,
@@ -299,13 +300,13 @@ def _adam_step(rule: Adam, params: Mapping[str, torch.Tensor],
             new_params[name] = p
             continue
         parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
-        p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(rule.lr, name))
+        p, g, lr = real_view(p), real_view(g), parts.step_size(_lr_for(rule.lr, name))
         if decoupled and rule.weight_decay:
             p = p * (1 - lr * rule.weight_decay)
         elif rule.weight_decay:
             g = g + rule.weight_decay * p
-        m = torch.lerp(parts.real(state["exp_avg"][name]), g, 1 - beta1)
-        v = beta2 * parts.real(state["exp_avg_sq"][name]) + (1 - beta2) * g * g
+        m = torch.lerp(real_view(state["exp_avg"][name]), g, 1 - beta1)
+        v = beta2 * real_view(state["exp_avg_sq"][name]) + (1 - beta2) * g * g
         denom = _safe_sqrt(v) / torch.sqrt(bias_correction2) + rule.eps
         new_params[name] = parts.back(p - (lr / bias_correction1) * m / denom)
         exp_avg[name], exp_avg_sq[name] = parts.back(m), parts.back(v)
@@ -376,18 +377,18 @@ class RMSprop:
                 new_params[name] = p
                 continue
             parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
-            p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(self.lr, name))
+            p, g, lr = real_view(p), real_view(g), parts.step_size(_lr_for(self.lr, name))
             g = g + self.weight_decay * p if self.weight_decay else g
-            v = alpha * parts.real(state["square_avg"][name]) + (1 - alpha) * g * g
+            v = alpha * real_view(state["square_avg"][name]) + (1 - alpha) * g * g
             new_state["square_avg"][name] = parts.back(v)
             if self.centered:
-                m = torch.lerp(parts.real(state["grad_avg"][name]), g, 1 - alpha)
+                m = torch.lerp(real_view(state["grad_avg"][name]), g, 1 - alpha)
                 new_state["grad_avg"][name] = parts.back(m)
                 avg = _safe_sqrt(v - m * m) + self.eps
             else:
                 avg = _safe_sqrt(v) + self.eps
             if self.momentum:
-                b = self.momentum * parts.real(state["momentum_buffer"][name]) + g / avg
+                b = self.momentum * real_view(state["momentum_buffer"][name]) + g / avg
                 new_state["momentum_buffer"][name] = parts.back(b)
                 new_params[name] = parts.back(p - lr * b)
             else:
@@ -455,9 +456,9 @@ class Adagrad:
                 new_params[name] = p
                 continue
             parts = _Parts(p)  # a complex parameter's real and imaginary parts, each its own entry
-            p, g, lr = parts.real(p), parts.real(g), parts.step_size(_lr_for(self.lr, name))
+            p, g, lr = real_view(p), real_view(g), parts.step_size(_lr_for(self.lr, name))
             g = g + self.weight_decay * p if self.weight_decay else g
-            s = parts.real(state["sum"][name]) + g * g
+            s = real_view(state["sum"][name]) + g * g
             lr = lr if decay is None else lr / decay
             new_params[name] = parts.back(p - lr * (g / (_safe_sqrt(s) + self.eps)))
             sums[name] = parts.back(s)
@@ -466,14 +467,12 @@ class Adagrad:
 
 class _Parts:
     """A complex parameter seen as torch.optim's Adam, RMSprop and Adagrad see it: its real
-    and imaginary parts as two real entries (``torch.view_as_real``), each with its own
-    moments. A real parameter passes through as it is."""
+    and imaginary parts as two real entries (:func:`~metagrad.numerics.real_view` of it, its
+    gradient and its state), each with its own moments; back to complex tensors after the step.
+    A real parameter passes through as it is."""
 
     def __init__(self, param: torch.Tensor) -> None:
         self.complex = param.is_complex()
-
-    def real(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.view_as_real(t) if self.complex else t
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
         return torch.view_as_complex(t) if self.complex else t
