@@ -67,7 +67,7 @@ def variant(name: str) -> Iterator[dict[str, Any]]:
         return replay.Frozen(lambda values: closure, [], [], key, closure)
 
     with mock.patch.object(trajectory, "freeze", opaque), \
-            mock.patch.object(trajectory.RandomState, "capture", staticmethod(lambda device: _Still())):
+            mock.patch.object(trajectory.RandomState, "capture", staticmethod(lambda device, sources=(): _Still())):
         yield {"check_replay": False}
 
 

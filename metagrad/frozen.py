@@ -15,13 +15,11 @@ What makes it so for the loops people write is kept here:
   step's own call wrote to (a forward hook's stored activations) is not a copy in a rebuild
   but the object itself, holding what it held when the step began (:meth:`Frozen.taken`).
 - **Random numbers.** A closure that consumed random numbers (dropout, augmentation) is replayed
-  with the generator states it started from, CPU and the model's CUDA device, as
+  with the generator states it started from, torch's and the other generators its code reaches
+  (Python's ``random``, NumPy's, a generator object of its own: :attr:`Frozen.sources`), as
   ``torch.utils.checkpoint(preserve_rng_state=True)`` does; the caller's generators are left as
-  they were (:class:`RandomState`). Such steps are rebuilt one at a time, never under
-  ``torch.func.vmap``. torch's default generators are one per process: a step whose draws
-  another thread interleaved with cannot be replayed, and nothing here can prevent it. What
-  shows it is kept: a replay that does not end at the state the step ended at, and the threads
-  whose inner steps overlapped.
+  they were (:class:`metagrad.generators.RandomState`). Such steps are rebuilt one at a time,
+  never under ``torch.func.vmap``.
 - **Batching.** Frozen closures that differ only in the tensors they capture, with equal shapes
   and dtypes (a mini-batch loop), share a :attr:`Frozen.key`; :meth:`Frozen.with_tensors` puts
   batched tensors in their place, so their steps still go into one vmapped call.
@@ -36,21 +34,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
+from .generators import REPLAYING, RandomState, Source, generators_reached
 from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow,
                     indirect_reads, loaded_globals, locate, modules_reached, read_names)
 
-__all__ = ["Frozen", "freeze", "RandomState"]
+__all__ = ["Frozen", "freeze"]
 
 #: Containers captured by a closure are copied (and their tensors batched) up to this many
 #: leaves; larger ones are kept by reference, and the replay check guards them.
@@ -68,7 +65,8 @@ class Frozen:
     """
 
     __slots__ = ("_build", "_values", "_specs", "key", "_structure", "tensors", "versions", "names", "source",
-                 "reads", "compiled", "written", "replayed", "inner", "_containers", "_live", "_seen", "_wrapped")
+                 "reads", "compiled", "written", "replayed", "inner", "_containers", "_live", "_seen", "_wrapped",
+                 "sources")
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
@@ -83,10 +81,13 @@ class Frozen:
         #: ``(module, buffer names)`` a rebuild of this step wrote to in place, if any.
         self.written: Optional[tuple[torch.nn.Module, list[str]]] = None
         #: The generator states the last rebuild ran with (:meth:`RandomState.replay`).
-        self.replayed: Optional["RandomState"] = None
+        self.replayed: Optional[RandomState] = None
         #: For a ``functools.partial`` of a function: that function, frozen (its captured tensors).
         self.inner: Optional[Frozen] = None
         self._wrapped: Optional[Frozen] = None  # (the one :meth:`around` wraps: told of the step too)
+        #: The generators besides torch's default ones that its code reaches (Python's ``random``,
+        #: NumPy's, its own generator objects): replayed with torch's (:func:`freeze`).
+        self.sources: tuple[Source, ...] = ()
         flat: list[Any] = []
         specs: list[Any] = []
         leaf_names: list[str] = []
@@ -177,6 +178,7 @@ class Frozen:
                      (tag, self.key[0], tuple(self.key[1])), self.source, known=self.key[2])
         out._wrapped = self
         out.reads = self.reads
+        out.sources = self.sources
         out.key = out.key[:3] + self.key[3:]
         return out
 
@@ -281,7 +283,7 @@ class Frozen:
         :meth:`with_tensors`), noting what a rebuild notes."""
         # A rebuild: note the generator states it replays (set by RandomState.replay on this
         # thread), and the model's buffers it writes to in place (a forward hook's update).
-        self.replayed = getattr(_REPLAYING, "state", None)
+        self.replayed = getattr(REPLAYING, "state", None)
         model = args[0] if args and isinstance(args[0], FunctionalModel) else None
         before = None if model is None else model.buffer_versions()
         out = self.with_tensors(replace)(*args, **kwargs)
@@ -440,14 +442,18 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                         attributes=frozenset() if code is None else read_names(code),
                         bound=getattr(closure.func, "__self__", None) if isinstance(closure.func, types.MethodType) else None)
         frozen.inner = inner if isinstance(inner, Frozen) else None
+        frozen.sources = _sources(frozen.inner.sources if frozen.inner is not None else
+                                  generators_reached([("closure", inner)]), generators_reached(zip(names, values)))
         return frozen
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
     if not isinstance(function, types.FunctionType):  # a callable object: kept as it is
         call = getattr(type(closure), "__call__", None)
         code = getattr(call, "__code__", None)
-        return Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
-                      attributes=frozenset() if code is None else read_names(code), bound=closure)
+        frozen = Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
+                        attributes=frozenset() if code is None else read_names(code), bound=closure)
+        frozen.sources = generators_reached([("closure", closure)])
+        return frozen
     code = function.__code__
     cells = function.__closure__ or ()
     cell_values = [cell_contents(cell, _EMPTY) for cell in cells]
@@ -469,7 +475,18 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
         return copy if bound is None else types.MethodType(copy, bound)
 
     identity = ("function", code, id(namespace), tuple(globals_read), id(bound))
-    return Frozen(build, values, names, identity, closure, attributes=read_names(code), bound=bound)
+    frozen = Frozen(build, values, names, identity, closure, attributes=read_names(code), bound=bound)
+    frozen.sources = generators_reached([*zip(names, values), ("self", bound)], read_names(code))
+    return frozen
+
+
+def _sources(*groups: tuple[Source, ...]) -> tuple[Source, ...]:
+    """The generators of ``groups``, each once."""
+    found: dict[int, Source] = {}
+    for group in groups:
+        for source in group:
+            found.setdefault(id(source.generator), source)
+    return tuple(found.values())
 
 
 class _Empty:
@@ -478,123 +495,3 @@ class _Empty:
 
 
 _EMPTY = _Empty()
-
-
-# ------------------------------------------------------------------- random numbers
-#: The inner steps being taken now, per thread: ``thread id -> [start, end]`` in the order of
-#: :data:`_CLOCK` (``end`` is ``None`` while the step runs). Two steps that overlap in time, in
-#: two threads, draw from the one process-wide generator in an order nothing fixes.
-_WINDOWS: dict[int, list[Any]] = {}
-_CLOCK = [0]
-_WINDOWS_LOCK = threading.Lock()
-#: The generator states being replayed on this thread (``state``), for :class:`Frozen`.
-_REPLAYING = threading.local()
-
-
-@dataclass
-class RandomState:
-    """The generator states a step's closure started from (CPU, and a CUDA device if used).
-
-    torch's default generators are one per process, shared by every thread: a step whose
-    random numbers another thread drew from in the middle cannot be replayed. So the state also
-    keeps what shows that happened: the states the step ended at (:meth:`changed`), the threads
-    that took inner steps at the same time (:attr:`others`), and whether a replay ended at
-    other states than the step did (:attr:`foreign`)."""
-
-    cpu: torch.Tensor
-    cuda: Optional[tuple[int, torch.Tensor]] = None
-    #: The states when the step's closure returned (CPU, CUDA or ``None``).
-    end: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-    #: The names of other threads that took inner steps while this one ran.
-    others: tuple[str, ...] = ()
-    #: A replay from :attr:`cpu` ended at other states than :attr:`end`: something else drew
-    #: from the generator while the step (or the replay) ran.
-    foreign: bool = False
-    thread: int = 0
-    start: int = 0
-
-    @staticmethod
-    def capture(device: torch.device) -> "RandomState":
-        cuda = None
-        if device.type == "cuda" and torch.cuda.is_initialized():
-            index = torch.cuda.current_device() if device.index is None else device.index
-            cuda = (index, torch.cuda.get_rng_state(index))
-        thread = threading.get_ident()
-        with _WINDOWS_LOCK:
-            _CLOCK[0] += 1
-            start = _CLOCK[0]
-            _WINDOWS[thread] = [start, None]
-        return RandomState(torch.get_rng_state(), cuda, thread=thread, start=start)
-
-    def changed(self) -> bool:
-        """Whether any generator has moved since :meth:`capture` (the closure drew numbers).
-        Called when the closure returned: it keeps the states the step ended at, and the
-        threads whose steps overlapped this one."""
-        cpu = torch.get_rng_state()
-        cuda = None if self.cuda is None else torch.cuda.get_rng_state(self.cuda[0])
-        self.end = (cpu, cuda)
-        self.others = _overlapping(self.thread, self.start)
-        if not _same(self.cpu, cpu):
-            return True
-        return self.cuda is not None and cuda is not None and not _same(self.cuda[1], cuda)
-
-    def restore(self) -> None:
-        """Put the generators back to these states."""
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
-
-    def replay(self) -> Any:
-        """A context in which the generators start from these states; the caller's states are
-        restored on exit."""
-        return _Replaying(self)
-
-
-def _same(state: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether two generator states (byte tensors on the CPU) are equal, compared as bytes:
-    a third of ``torch.equal``'s time, once per inner step."""
-    return state.numpy().tobytes() == other.numpy().tobytes()
-
-
-def _overlapping(thread: int, start: int) -> tuple[str, ...]:
-    """The names of the live threads, other than ``thread``, whose last inner step overlapped
-    the one that started at ``start`` (and ends now)."""
-    with _WINDOWS_LOCK:
-        _CLOCK[0] += 1
-        if thread in _WINDOWS and _WINDOWS[thread][0] == start:
-            _WINDOWS[thread][1] = _CLOCK[0]
-        others = [ident for ident, (_, end) in _WINDOWS.items()
-                  if ident != thread and (end is None or end >= start)]
-        if not others and len(_WINDOWS) <= 64:
-            return ()
-        alive = {t.ident: t.name for t in threading.enumerate()}
-        for ident in [i for i in _WINDOWS if i not in alive]:  # threads that have ended
-            del _WINDOWS[ident]
-    return tuple(alive[i] for i in others if i in alive)
-
-
-class _Replaying:
-    def __init__(self, state: RandomState) -> None:
-        self.state = state
-        self.fork: Any = None
-        self.outer: Any = None
-
-    def __enter__(self) -> None:
-        devices = [] if self.state.cuda is None else [self.state.cuda[0]]
-        self.fork = torch.random.fork_rng(devices=devices)
-        self.fork.__enter__()
-        self.state.restore()
-        self.outer = getattr(_REPLAYING, "state", None)
-        _REPLAYING.state = self.state
-
-    def __exit__(self, *exc: Any) -> None:
-        _REPLAYING.state = self.outer
-        end = self.state.end
-        if exc[0] is None and end is not None:
-            # The replay drew what the step drew from the same start: it ends where the step
-            # ended, unless something else drew from the generator during one of them.
-            moved = not _same(torch.get_rng_state(), end[0])
-            if end[1] is not None and self.state.cuda is not None:
-                moved = moved or not _same(torch.cuda.get_rng_state(self.state.cuda[0]), end[1])
-            self.state.foreign = self.state.foreign or moved
-        self.fork.__exit__(*exc)

@@ -43,7 +43,7 @@ from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
 from .numerics import inexact
-from .frozen import RandomState
+from .generators import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
 from .step import (KeptStep, StepRecord, autocast_dtype, autograd_gradient, kept_gradient, loss_grads, rule_slots, step_body,

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
-           "global_names", "indirect_reads", "loaded_globals", "locate", "modules_reached", "read_names"]
+           "global_names", "indirect_reads", "library", "loaded_globals", "locate", "modules_reached", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -129,7 +129,7 @@ def attribute_reads(roots: list[tuple[str, Any]], attributes: frozenset[str]
 def _class_attribute(value: Any, attribute: str) -> Optional[type]:
     """The class (outside library code) in whose ``__dict__`` an object that is not itself a
     class finds ``attribute`` as a number or a string, or ``None``."""
-    if isinstance(value, (type, types.ModuleType, _Namespace)) or _library(type(value)):
+    if isinstance(value, (type, types.ModuleType, _Namespace)) or library(type(value)):
         return None
     key = (type(value), attribute)
     if key not in _OWNERS:
@@ -137,7 +137,7 @@ def _class_attribute(value: Any, attribute: str) -> Optional[type]:
             _OWNERS.clear()
         _OWNERS[key] = next((klass for klass in type(value).__mro__ if attribute in klass.__dict__), None)
     owner = _OWNERS[key]
-    if owner is None or _library(owner) or not isinstance(owner.__dict__.get(attribute), SCALARS):
+    if owner is None or library(owner) or not isinstance(owner.__dict__.get(attribute), SCALARS):
         return None
     return owner
 
@@ -165,7 +165,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             continue
         seen.add((id(value), names))
         if type(value) is types.FunctionType:
-            if _library(value):
+            if library(value):
                 continue
             code_names = read_names(value.__code__)
             held = [(cell, cell_contents(content)) for cell, content in zip(value.__code__.co_freevars, value.__closure__ or ())]
@@ -178,7 +178,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
             if not _library_module(value.__name__):
                 todo += [(n, value.__dict__[n], names, depth + 1) for n in names
                          if type(value.__dict__.get(n)) is types.FunctionType]
-        elif (not isinstance(value, _LEAVES + (type,)) and not _library(type(value))
+        elif (not isinstance(value, _LEAVES + (type,)) and not library(type(value))
               and _fields(value) is not None):
             for method in _methods(type(value), names):
                 method_names = read_names(method.__code__)
@@ -203,7 +203,7 @@ def modules_reached(roots: list[tuple[str, Any]]) -> list[tuple[str, torch.nn.Mo
         seen.add(id(value))
         if isinstance(value, torch.nn.Module):
             found.append((name, value))
-        elif type(value) is types.FunctionType and not _library(value):
+        elif type(value) is types.FunctionType and not library(value):
             code = value.__code__
             todo += [(n, cell_contents(c), depth + 1) for n, c in zip(code.co_freevars, value.__closure__ or ())]
             todo += [(n, value.__globals__[n], depth + 1) for n in loaded_globals(code) if n in value.__globals__]
@@ -245,13 +245,13 @@ def _find_methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionT
                 method = klass.__dict__[name]
                 if isinstance(method, property):  # its getter reads the object like a method
                     method = method.fget
-                if type(method) is types.FunctionType and not _library(method):
+                if type(method) is types.FunctionType and not library(method):
                     found.append(method)
                 break
     return tuple(found)
 
 
-def _library(function: Any) -> bool:
+def library(function: Any) -> bool:
     """Whether a function or class is library code, not looked into: torch's, metagrad's, the
     standard library's or an installed package's (the user's own code lives elsewhere, an
     editable install of their package included)."""
@@ -366,7 +366,7 @@ def locate(root: Any, path: tuple[Any, ...]) -> Optional[tuple[Any, Any]]:
         return (holder, last.key) if type(holder) in (list, dict) else None
     if type(holder) is _Namespace:
         return holder.namespace, last
-    if isinstance(holder, type) and last in holder.__dict__ and not _library(holder):
+    if isinstance(holder, type) and last in holder.__dict__ and not library(holder):
         return _ClassAttributes(holder), last
     fields = None if isinstance(holder, _LEAVES) else getattr(holder, "__dict__", None)
     if type(fields) is not dict or (isinstance(holder, torch.nn.Module) and last not in fields):

@@ -2,14 +2,16 @@
 
 Checkpointed, Truncated and Binomial call the user's closure again during backward, at a
 stored iterate φ_m. They are right only if the rebuilt step is the step that was taken. Three
-things make that true for the loops people write (:mod:`metagrad.frozen`: :func:`freeze`,
-:class:`RandomState`, :attr:`Frozen.key`, re-exported here), and one makes it checkable:
+things make that true for the loops people write (:func:`~metagrad.frozen.freeze`,
+:class:`~metagrad.generators.RandomState`, :attr:`Frozen.key`, re-exported here), and one makes it
+checkable:
 
 - **Frozen closures.** Each step's closure is called again with the values it captured bound
   as they were at the step (its cells, the globals it reads, its defaults, a partial's
   arguments).
 - **Random numbers.** A closure that consumed random numbers is replayed with the generator
-  states it started from.
+  states it started from: torch's, and Python's, NumPy's or its own generator objects where its
+  code reaches them (:mod:`metagrad.generators`).
 - **Batching.** Frozen closures that differ only in the tensors they capture still go into one
   vmapped call.
 - **The check.** The stored next iterate is the truth: every rebuilt step's ``Φ_m(φ_m)`` is
@@ -47,7 +49,8 @@ from typing import Any, Optional, Union
 import torch
 
 from .errors import ReplayError
-from .frozen import Frozen, RandomState, freeze
+from .frozen import Frozen, freeze
+from .generators import RandomState
 from .numerics import real_view
 
 __all__ = ["ReplayError", "Frozen", "freeze", "RandomState", "check_step", "check_norms", "check_losses", "check_reads",
@@ -445,9 +448,12 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
             " The closure or the update rule read something that changed since that step: state read "
             "through an object or a function the closure calls in a way metagrad does not follow "
             "(getattr(cfg, name), d.get(key), deeper than three calls), an iterator (next(it) inside "
-            "the closure), data changed in place, random numbers from NumPy, Python's random module or "
-            "a generator passed explicitly, a non-deterministic kernel, or Python state in the update rule (such "
-            f"as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
+            "the closure), data changed in place, random numbers from a generator metagrad does not "
+            "replay (torch's, Python's random, NumPy's global one and the generator objects that the "
+            "closure, the functions it calls or the model's forward hold are replayed; not one made "
+            "inside the closure, such as np.random.default_rng(), or reached through a container), "
+            "random numbers the update rule draws, a non-deterministic kernel, or Python state in the "
+            f"update rule (such as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
             "data outside the closure and capture it (xb, yb = next(it); meta.step(lambda f: "
             "loss(f(xb), yb))), or use estimator=mg.Full(), which without compile=True does not rebuild steps.")
     if frozen is not None and frozen.compiled is not None:

@@ -28,7 +28,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import sparse_gradient
 from .discovery import MetaGrads, add_meta, graph_inputs
-from .frozen import Frozen, RandomState
+from .frozen import Frozen
+from .generators import RandomState
 from .update_rule import Params, State, UpdateRule, checked_step
 
 __all__ = ["StepRecord", "step_body", "eta_grads_of", "step_vjp", "functional_gradient", "autograd_gradient", "Gradient", "with_eta", "held", "proximal", "kept_gradient", "rule_with", "rule_tensors", "rule_slots", "step_size_vjp", "RuleFreezer", "KeptStep", "checked_loss", "loss_grads", "detached", "nbytes", "stacked", "same_shapes",

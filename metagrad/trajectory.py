@@ -42,7 +42,8 @@ from .attention import math_attention
 from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once, closure_shape
 from .fmodel import FunctionalModel, Layout
-from .frozen import Frozen, RandomState, freeze
+from .frozen import Frozen, freeze
+from .generators import RandomState, generators_reached
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .numerics import at_precision, tolerance
@@ -133,6 +134,7 @@ class Trajectory(OnTape):
         self.submodules = list(module.modules())
         self.layout = Layout.of(module)
         self.device = next(iter(theta.values())).device if theta else torch.device("cpu")
+        self.sources = generators_reached(module.named_modules())  # (what its own classes' forward reach)
         #: Each step's update rule as it was when the step was taken (schedules, :class:`RuleFreezer`).
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
@@ -199,15 +201,14 @@ class Trajectory(OnTape):
         whose users change hyperparameters or transform gradients per step); it must use
         the same state as the trajectory's rule.
 
-        Unless the trajectory is differentiable (nothing is rebuilt then), the closure is
-        frozen with the values it captures now, and the generator states it starts from are
-        kept if it draws random numbers (:mod:`metagrad.frozen`); ``frozen``: the closure frozen
-        already (a closure with its batch, :func:`metagrad.tasks.with_batch`). With ``parts``
-        the closure returns a 1-D tensor of independent losses (one per task), the step's loss
-        is their sum (``frozen`` returns the sum), and the parts are returned, detached.
-
-        ``probe``: one task's loss of a block over tasks (:func:`metagrad.tasks.advance_tasks`),
-        from which a closure's first step finds η where its steps are compiled (:func:`_first_task_seen`).
+        Unless the trajectory is differentiable (nothing is rebuilt then), the closure is frozen
+        with the values it captures now (:mod:`metagrad.frozen`), and the generator states it starts
+        from are kept if it draws random numbers (:mod:`metagrad.generators`); ``frozen``: the closure
+        frozen already (with its batch, :func:`metagrad.tasks.with_batch`). With ``parts`` the closure
+        returns a 1-D tensor of independent losses (one per task), the step's loss is their sum
+        (``frozen`` returns the sum), and the parts are returned, detached. ``probe``: one task's
+        loss of a block over tasks (:func:`metagrad.tasks.advance_tasks`), from which a closure's
+        first step finds η where its steps are compiled (:func:`_first_task_seen`).
         """
         self.check_alive()
         rng: Optional[RandomState] = None
@@ -222,7 +223,7 @@ class Trajectory(OnTape):
             # Detached: a compiled call takes them as they are; the eager gradient makes leaves.
             params = self.tape.current
             frozen = freeze(closure) if frozen is None else frozen
-            rng = RandomState.capture(self.device)
+            rng = RandomState.capture(self.device, frozen.sources + self.sources)
         # Attention's math kernel (metagrad.attention.math_attention), which can be differentiated twice:
         # every step taken and rebuilt runs the same one.
         with math_attention(), torch.enable_grad():  # (an inner loop under torch.no_grad() builds its graph too)
@@ -523,7 +524,7 @@ def _loss_at(trajectory: Trajectory, closure: Closure, params: Params) -> torch.
     tr = trajectory
     if not (tr.differentiable and tr.length and tr.eta.history_to_check(closure)):
         return closure(tr.model_at(params))
-    rng = RandomState.capture(tr.device)
+    rng = RandomState.capture(tr.device, freeze(closure).sources + tr.sources)
     loss = closure(tr.model_at(params))
     rng.changed()
     alone = _again(tr, closure, {n: t.detach().requires_grad_() for n, t in params.items()}, rng)().detach()

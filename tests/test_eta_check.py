@@ -124,25 +124,56 @@ def test_a_block_over_tasks_raises_too(name):
             F.mse_loss(meta.fmodel(torch.stack([xq, xq])), torch.stack([yq, yq])).backward()
 
 
+def _noise(source: str, shape: torch.Size) -> torch.Tensor:
+    if source == "numpy":  # NumPy's global generator
+        return torch.from_numpy(np.random.randn(*shape))
+    if source == "python":  # Python's random module
+        return torch.tensor([[random.gauss(0, 1) for _ in range(shape[1])] for _ in range(shape[0])],
+                            dtype=torch.float64)
+    # A generator made anew inside the closure, from the OS's entropy: nothing can replay it.
+    return torch.from_numpy(np.random.default_rng().standard_normal(tuple(shape)))
+
+
 @pytest.mark.parametrize("source", ["numpy", "python"])
-def test_random_numbers_from_numpy_or_python_in_a_term_with_zero_eta_raise(source):
-    """Noise drawn from NumPy's or Python's generator, which metagrad does not replay, in a
-    term whose learned weight starts at zero: the steps agree, η's gradient would not."""
+def test_random_numbers_from_numpy_or_python_in_a_term_with_zero_eta_are_replayed(source):
+    """Noise drawn from NumPy's or Python's global generator in a term whose learned weight
+    starts at zero: each rebuilt step draws it again from the generator's state at its step
+    (metagrad.generators), so η's gradient, and θ's, are the plain unroll's."""
     net, (x, y, xq, yq) = _problem(torch.float64)
-    eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     np.random.seed(0)
     random.seed(0)
+    eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    phi = dict(theta)
+    for _ in range(K):
+        f = lambda a: torch.func.functional_call(net, phi, (a,))  # noqa: E731
+        loss = F.mse_loss(f(x), y) + eta * F.mse_loss(f(x + _noise(source, x.shape)), y)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: p - LR * g for (n, p), g in zip(phi.items(), grads)}
+    expected = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, phi, (xq,)), yq), [eta, *theta.values()])
 
-    def noise() -> torch.Tensor:
-        if source == "numpy":
-            return torch.from_numpy(np.random.randn(*x.shape))
-        return torch.tensor([[random.gauss(0, 1) for _ in range(x.shape[1])] for _ in range(x.shape[0])],
-                            dtype=torch.float64)
+    np.random.seed(0)
+    random.seed(0)
+    with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed()) as meta:
+        for _ in range(K):
+            meta.step(lambda f: F.mse_loss(f(x), y) + eta * F.mse_loss(f(x + _noise(source, x.shape)), y))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    got = torch.cat([eta.grad.reshape(-1), *(p.grad.reshape(-1) for p in net.parameters())])
+    want = torch.cat([g.reshape(-1) for g in expected])
+    assert torch.linalg.vector_norm(got - want) <= 1e-10 * torch.linalg.vector_norm(want)
+    assert abs(eta.grad - expected[0]) <= 1e-10 * abs(expected[0])
 
+
+def test_random_numbers_from_a_generator_made_inside_the_closure_in_a_term_with_zero_eta_raise():
+    """Noise from a generator the closure makes anew at each call (``np.random.default_rng()``,
+    seeded by the OS), which nothing can replay, in a term whose learned weight starts at zero:
+    the steps agree, η's gradient would not."""
+    net, (x, y, xq, yq) = _problem(torch.float64)
+    eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     with pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter"):
         with mg.MetaGradient(net, inner_opt=mg.optim.SGD(lr=LR), estimator=mg.Checkpointed()) as meta:
             for _ in range(K):
-                meta.step(lambda f: F.mse_loss(f(x), y) + eta * F.mse_loss(f(x + noise()), y))
+                meta.step(lambda f: F.mse_loss(f(x), y) + eta * F.mse_loss(f(x + _noise("fresh", x.shape)), y))
             F.mse_loss(meta.fmodel(xq), yq).backward()
     assert all(p.grad is None for p in net.parameters())  # nothing was written
 
@@ -155,7 +186,6 @@ def test_compile_true_rebuilds_a_fingerprinted_step_eagerly_and_raises(read):
     net, (x, y, xq, yq) = _problem(torch.float64)
     eta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     cfg = Settings()
-    np.random.seed(0)
     with pytest.raises(mg.ReplayError, match="gradient of its loss in the meta-parameter"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mg.MetaGradientWarning)  # a closure that does not compile
@@ -166,7 +196,7 @@ def test_compile_true_rebuilds_a_fingerprinted_step_eagerly_and_raises(read):
                         meta.step(lambda f: F.mse_loss(f(x), y) + eta * getattr(cfg, "scale") * (f(x) ** 2).mean())
                     else:
                         meta.step(lambda f: F.mse_loss(f(x), y)
-                                  + eta * F.mse_loss(f(x + torch.from_numpy(np.random.randn(*x.shape))), y))
+                                  + eta * F.mse_loss(f(x + _noise("fresh", x.shape)), y))
                 F.mse_loss(meta.fmodel(xq), yq).backward()
 
 

@@ -331,6 +331,51 @@ def test_random_state_sees_draws_that_are_not_the_steps_own():
     assert state.foreign
 
 
+def test_generators_reached_are_those_the_code_draws_from():
+    """metagrad.generators finds the generators besides torch's default ones from the closure's
+    code: Python's random module, NumPy's global generator where the code reads ``.random``
+    (not ``np.sqrt``, which draws nothing: capturing NumPy's state would cost every step),
+    generator objects held or read through a helper; none for the OS's entropy or a closure
+    that draws from nothing; and the caller's states are put back after a replay."""
+    import random
+
+    import numpy as np
+
+    from metagrad.frozen import freeze
+    from metagrad.generators import RandomState
+
+    x = torch.randn(3, dtype=DT)
+    own = np.random.default_rng(1)
+
+    def helper(a):
+        return a * own.random()
+
+    def kinds(closure):
+        return sorted(source.kind for source in freeze(closure).sources)
+
+    assert kinds(lambda f: f(x).sum() * np.sqrt(2.0) * np.pi) == []
+    assert kinds(lambda f: f(x).sum()) == []
+    assert kinds(lambda f: f(x).sum() * np.random.rand()) == ["numpy"]
+    assert kinds(lambda f: f(x).sum() * random.random()) == ["python"]
+    assert kinds(lambda f: f(helper(x)).sum()) == ["numpy.Generator"]
+    assert kinds(lambda f: f(x).sum() * random.SystemRandom().random()) == ["python"]  # (the module)
+    system = random.SystemRandom()
+    assert kinds(lambda f: f(x).sum() * system.random()) == []
+
+    sources = freeze(lambda f: f(x).sum() * random.random() * np.random.rand() * helper(x).sum()).sources
+    random.seed(0)
+    np.random.seed(0)
+    state = RandomState.capture(torch.device("cpu"), sources)
+    drawn = (random.random(), np.random.rand(), own.random())
+    assert state.changed()
+    after = (random.getstate(), np.random.get_state()[1].copy(), own.bit_generator.state)
+    with state.replay():
+        assert (random.random(), np.random.rand(), own.random()) == drawn
+    assert not state.foreign
+    assert random.getstate() == after[0] and (np.random.get_state()[1] == after[1]).all()
+    assert own.bit_generator.state == after[2]
+
+
 def test_a_thread_drawing_during_another_threads_step_is_named():
     """Two threads, each with its own model and block, dropout on. The events make thread B draw
     its dropout mask while thread A's step is open (what happens by chance in 12–28% of blocks

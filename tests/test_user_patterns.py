@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import re
 import types
 import warnings
@@ -665,6 +666,144 @@ def test_generator_state_left_as_it_was():
             F.mse_loss(meta.fmodel(xq), yq).backward()
         draws.append(torch.rand(3, dtype=D))
     assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+# ------------------------------------------------------------------ 4b. generators besides torch's
+try:
+    import numpy
+except ImportError:  # (installed with the test dependencies; the tests below skip without it)
+    numpy = None
+
+#: Generators of the script's own, read as globals (each test puts them at fixed states).
+SCRIPT_RANDOM = random.Random(0)
+SCRIPT_NUMPY = None if numpy is None else numpy.random.default_rng(0)
+SCRIPT_TORCH = torch.Generator()
+SOURCES = ["random", "numpy", "random.Random", "numpy Generator", "torch.Generator"]
+WHERE = ["closure", "helper", "model"]
+
+
+def seed_generators(seed):
+    random.seed(seed)
+    numpy.random.seed(seed)
+    SCRIPT_RANDOM.seed(seed)
+    SCRIPT_NUMPY.bit_generator.state = numpy.random.default_rng(seed).bit_generator.state
+    SCRIPT_TORCH.manual_seed(seed)
+
+
+def generator_states():
+    return (random.getstate(), numpy.random.get_state()[1].tobytes(), SCRIPT_RANDOM.getstate(),
+            SCRIPT_NUMPY.bit_generator.state, SCRIPT_TORCH.get_state().numpy().tobytes())
+
+
+def jittered(x, source):
+    """``x`` scaled or shifted by draws from ``source`` (a helper reading the generators as globals)."""
+    if source == "random":
+        return x * (1 + 0.2 * random.random())
+    if source == "numpy":
+        return x + torch.from_numpy(0.1 * numpy.random.standard_normal(tuple(x.shape)))
+    if source == "random.Random":
+        return x * (1 + 0.2 * SCRIPT_RANDOM.gauss(0.0, 1.0))
+    if source == "numpy Generator":
+        return x + torch.from_numpy(0.1 * SCRIPT_NUMPY.standard_normal(tuple(x.shape)))
+    return x + 0.1 * torch.randn(x.shape, generator=SCRIPT_TORCH, dtype=x.dtype)
+
+
+def jitter_of(source):
+    """A function drawing from ``source`` alone, holding a generator of its own in its cell
+    where there is one (the numpy and torch generators passed in)."""
+    own = {"numpy Generator": SCRIPT_NUMPY, "torch.Generator": SCRIPT_TORCH}.get(source)
+    if source == "random":
+        return lambda x: x * (1 + 0.2 * random.random())
+    if source == "numpy":
+        return lambda x: x + torch.from_numpy(0.1 * numpy.random.standard_normal(tuple(x.shape)))
+    if source == "random.Random":
+        return lambda x: x * (1 + 0.2 * SCRIPT_RANDOM.gauss(0.0, 1.0))
+    if source == "numpy Generator":
+        return lambda x: x + torch.from_numpy(0.1 * own.standard_normal(tuple(x.shape)))
+    return lambda x: x + 0.1 * torch.randn(x.shape, generator=own, dtype=x.dtype)
+
+
+class Jittered(nn.Module):
+    """A model of the user's class whose forward draws from a generator (augmentation inside
+    the model), through a method of its own that reads the jitter as an attribute."""
+
+    def __init__(self, body, jitter):
+        super().__init__()
+        self.body, self.jitter = body, jitter
+
+    def augment(self, x):
+        return self.jitter(x)
+
+    def forward(self, x):
+        return self.body(self.augment(x))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("where", WHERE)
+@FEW
+@given(case=cases(), source=st.sampled_from(SOURCES))
+def test_draws_from_python_numpy_and_own_generators_are_replayed(name, where, case, source):
+    """Augmentation that draws from Python's ``random``, NumPy's global generator, or a
+    ``random.Random``, NumPy ``Generator`` or ``torch.Generator`` of the user's, in the closure,
+    in a helper it calls, or in the forward of the model's own class: each rebuilt step replays
+    the states its step drew from, so the meta-gradient is the plain unroll's, and the caller's
+    generators end where the plain unroll leaves them."""
+    if numpy is None:
+        pytest.skip("numpy is not installed")
+    K, lr, seed = case["K"], case["lr"], case["seed"]
+    batches, xq, yq = data(seed, case["d_in"], case["n"], K)
+    jitter = jitter_of(source)
+    body = mlp(case["d_in"], case["width"], seed)
+    model = Jittered(body, jitter) if where == "model" else body
+    augment = {"closure": jitter, "helper": lambda x: jittered(x, source), "model": lambda x: x}[where]
+
+    seed_generators(seed)
+    expected = sgd_reference(model, lambda fm, k: F.mse_loss(fm(augment(batches[k][0])), batches[k][1]),
+                             lambda fm: F.mse_loss(fm(xq), yq), K, lr, name)
+    after = generator_states()
+    seed_generators(seed)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches:
+            if where == "closure":
+                meta.step(lambda f: F.mse_loss(f(jitter(xb)), yb))
+            elif where == "helper":
+                meta.step(lambda f: F.mse_loss(f(jittered(xb, source)), yb))
+            else:
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert_matches(model, expected)
+    assert generator_states() == after
+
+
+@pytest.mark.parametrize("name", ["Checkpointed", "Truncated(K)", "Binomial(K)"])
+def test_draws_from_python_numpy_and_own_generators_over_tasks(name):
+    """The same over tasks (``tasks=2``): the closure runs once for both tasks under vmap, so
+    both see one draw per step, and the rebuilt steps replay it."""
+    if numpy is None:
+        pytest.skip("numpy is not installed")
+    K, lr, T = 3, 0.2, 2
+    model = mlp(2, 5, 3)
+    g = torch.Generator().manual_seed(5)
+    x, y, xq, yq = (torch.randn(T, 6, d, generator=g, dtype=D) for d in (2, 1, 2, 1))
+
+    def jitter(a):
+        return a * (1 + 0.2 * random.random()) + torch.from_numpy(0.1 * numpy.random.standard_normal((6, 2)))
+
+    expected = None
+    for t in range(T):  # each task's own unroll, from the same generator states: the same draws at each step
+        random.seed(1)
+        numpy.random.seed(2)
+        one = hand_unrolled(model, lambda fm, k: F.mse_loss(fm(jitter(x[t])), y[t]),
+                            lambda fm: F.mse_loss(fm(xq[t]), yq[t]) / T, K, rule=SGDRef(lr),
+                            restart_at=restart(name))
+        expected = one if expected is None else {n: expected[n] + one[n] for n in one}
+    random.seed(1)
+    numpy.random.seed(2)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K), tasks=T) as meta:
+        for _ in range(K):
+            meta.step(lambda f, a, b: F.mse_loss(f(jitter(a)), b), x, y)
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert_matches(model, expected)
 
 
 # ------------------------------------------------------------------ 5. data changed in place
