@@ -16,7 +16,7 @@ What makes it so for the loops people write is kept here:
   but the object itself, holding what it held when the step began (:meth:`Frozen.taken`).
 - **Random numbers.** A closure that consumed random numbers (dropout, augmentation) is replayed
   with the generator states it started from, torch's and the other generators its code reaches
-  (Python's ``random``, NumPy's, a generator object of its own: :attr:`Frozen.sources`), as
+  (Python's ``random``, NumPy's, a generator object of its own: :meth:`Frozen.generators`), as
   ``torch.utils.checkpoint(preserve_rng_state=True)`` does; the caller's generators are left as
   they were (:class:`metagrad.generators.RandomState`). Such steps are rebuilt one at a time,
   never under ``torch.func.vmap``.
@@ -43,7 +43,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fmodel import FunctionalModel
-from .generators import REPLAYING, RandomState, Source, generators_reached
+from .generators import REPLAYING, RandomState, Source, generators_reached, merged
 from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow,
                     indirect_reads, loaded_globals, locate, modules_reached, read_names)
 
@@ -66,7 +66,7 @@ class Frozen:
 
     __slots__ = ("_build", "_values", "_specs", "key", "_structure", "tensors", "versions", "names", "source",
                  "reads", "compiled", "written", "replayed", "inner", "_containers", "_live", "_seen", "_wrapped",
-                 "sources")
+                 "_sources", "_find")
 
     def __init__(self, build: Callable[[list[Any]], Callable[..., Any]], values: list[Any],
                  names: list[str], identity: tuple[Any, ...], source: Callable[..., Any], *,
@@ -85,9 +85,10 @@ class Frozen:
         #: For a ``functools.partial`` of a function: that function, frozen (its captured tensors).
         self.inner: Optional[Frozen] = None
         self._wrapped: Optional[Frozen] = None  # (the one :meth:`around` wraps: told of the step too)
-        #: The generators besides torch's default ones that its code reaches (Python's ``random``,
-        #: NumPy's, its own generator objects): replayed with torch's (:func:`freeze`).
-        self.sources: tuple[Source, ...] = ()
+        #: The generators besides torch's default ones that its code reaches, and how to find them
+        #: (:meth:`generators`; set by :func:`freeze`).
+        self._sources: Optional[tuple[Source, ...]] = None
+        self._find: Optional[Callable[[], tuple[Source, ...]]] = None
         flat: list[Any] = []
         specs: list[Any] = []
         leaf_names: list[str] = []
@@ -145,6 +146,14 @@ class Frozen:
         among them)."""
         return [value for value in self._values if not isinstance(value, torch.Tensor)]
 
+    def generators(self) -> tuple[Source, ...]:
+        """The generators besides torch's default ones that its code reaches (Python's
+        ``random``, NumPy's global one, generator objects of the user's:
+        :func:`~metagrad.generators.generators_reached`), found when first asked."""
+        if self._sources is None:
+            self._sources = () if self._find is None else self._find()
+        return self._sources
+
     def modules(self) -> list[tuple[str, torch.nn.Module]]:
         """The modules it captures or a function it calls holds (a learned loss, a hypernetwork),
         with their names (:func:`~metagrad.reads.modules_reached`)."""
@@ -178,7 +187,7 @@ class Frozen:
                      (tag, self.key[0], tuple(self.key[1])), self.source, known=self.key[2])
         out._wrapped = self
         out.reads = self.reads
-        out.sources = self.sources
+        out._find = self.generators
         out.key = out.key[:3] + self.key[3:]
         return out
 
@@ -442,8 +451,8 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
                         attributes=frozenset() if code is None else read_names(code),
                         bound=getattr(closure.func, "__self__", None) if isinstance(closure.func, types.MethodType) else None)
         frozen.inner = inner if isinstance(inner, Frozen) else None
-        frozen.sources = _sources(frozen.inner.sources if frozen.inner is not None else
-                                  generators_reached([("closure", inner)]), generators_reached(zip(names, values)))
+        frozen._find = lambda: merged(frozen.inner.generators() if frozen.inner is not None else
+                                      generators_reached([("closure", inner)]), generators_reached(zip(names, values)))
         return frozen
     bound = getattr(closure, "__self__", None) if isinstance(closure, types.MethodType) else None
     function = closure.__func__ if isinstance(closure, types.MethodType) else closure
@@ -452,7 +461,7 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
         code = getattr(call, "__code__", None)
         frozen = Frozen(lambda values: closure, [], [], ("object", id(closure)), closure,
                         attributes=frozenset() if code is None else read_names(code), bound=closure)
-        frozen.sources = generators_reached([("closure", closure)])
+        frozen._find = lambda: generators_reached([("closure", closure)])
         return frozen
     code = function.__code__
     cells = function.__closure__ or ()
@@ -476,17 +485,8 @@ def freeze(closure: Callable[..., Any]) -> Frozen:
 
     identity = ("function", code, id(namespace), tuple(globals_read), id(bound))
     frozen = Frozen(build, values, names, identity, closure, attributes=read_names(code), bound=bound)
-    frozen.sources = generators_reached([*zip(names, values), ("self", bound)], read_names(code))
+    frozen._find = lambda: generators_reached([*zip(names, values), ("self", bound)], read_names(code))
     return frozen
-
-
-def _sources(*groups: tuple[Source, ...]) -> tuple[Source, ...]:
-    """The generators of ``groups``, each once."""
-    found: dict[int, Source] = {}
-    for group in groups:
-        for source in group:
-            found.setdefault(id(source.generator), source)
-    return tuple(found.values())
 
 
 class _Empty:

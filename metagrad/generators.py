@@ -26,15 +26,15 @@ import random
 import sys
 import threading
 import types
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from .reads import cell_contents, global_names, library, loaded_globals, read_names
+from .reads import cell_contents, library, loaded_globals, methods_called, read_names
 
-__all__ = ["RandomState", "Source", "generators_reached"]
+__all__ = ["RandomState", "Source", "generators_reached", "merged", "step_sources"]
 
 
 # ------------------------------------------------------------------ generators besides torch's
@@ -76,7 +76,7 @@ class Source:
 _PYTHON: random.Random = getattr(random, "_inst")
 
 
-def _source(name: str, value: Any, names: Optional[Collection[str]] = None) -> Optional[Source]:
+def _source(name: str, value: Any, names: Optional[frozenset[str]] = None) -> Optional[Source]:
     """The generator ``value`` is, or draws from (a bound method such as ``random.random`` or
     ``np.random.normal``; the ``random`` module, the ``numpy`` module where the code reads its
     ``random``, ``numpy.random``), or ``None``. ``names``: what the code holding it reads."""
@@ -111,31 +111,33 @@ def _source(name: str, value: Any, names: Optional[Collection[str]] = None) -> O
 _DEPTH = 3
 
 
-def generators_reached(roots: Iterable[tuple[str, Any]], names: Optional[Collection[str]] = None
+def generators_reached(roots: Iterable[tuple[str, Any]], names: Optional[frozenset[str]] = None
                        ) -> tuple[Source, ...]:
     """The generators besides torch's default ones that code holding ``roots`` (name, value)
-    may draw from: those among the values, and those that the user's functions among them read
-    as globals or hold in their cells, and the user's objects among them (modules included)
-    reach through the methods of their classes and the attributes those read (``self.rng``),
-    :data:`_DEPTH` calls deep. ``names``: the names the code holding ``roots`` reads (NumPy's
-    global generator is reached through the ``numpy`` module only by code that reads
-    ``.random``: ``np.sqrt`` draws nothing); ``None``, unknown. Library code (torch, NumPy, ...)
-    is not looked into. Runs at every inner step: a value of a library type that is not a
-    generator costs a lookup."""
+    may draw from: those among the values; those that the user's functions among them read as
+    globals or hold in their cells; and those that the user's objects among them (modules
+    included) reach through the methods the code calls on them (``forward``, ``__call__``, the
+    methods it names, and those these call on the object) and the attributes those read
+    (``self.rng``), :data:`_DEPTH` calls deep. ``names``: the names the code holding ``roots``
+    reads (NumPy's global generator is reached through the ``numpy`` module only by code that
+    reads ``.random``: ``np.sqrt`` draws nothing); ``None``, unknown. Library code (torch,
+    NumPy, ...) is not looked into. Runs at every inner step: a value of a library type that is
+    not a generator costs a lookup."""
     found: dict[int, Source] = {}
     todo = [(name, value, 1, names) for name, value in roots]
-    seen: set[int] = set()
+    seen: set[Any] = set()
     while todo:
         name, value, depth, read = todo.pop()
         kind = type(value)
         what = _KINDS.get(kind)
         if what is None:
             what = _kind(kind)
-        if what == "library" or id(value) in seen:
+        # (an object or a module is looked at again by code that reads other names of it)
+        key = (id(value), read) if what == "object" or kind is types.ModuleType else id(value)
+        if what == "library" or key in seen:
             continue
+        seen.add(key)
         source = _source(name, value, read)
-        if kind is not types.ModuleType:  # (a module: reached again by code that may read more of it)
-            seen.add(id(value))
         if source is not None:
             found.setdefault(id(source.generator), source)
         elif depth > _DEPTH:
@@ -147,13 +149,38 @@ def generators_reached(roots: Iterable[tuple[str, Any]], names: Optional[Collect
             todo += [(name, value.__func__, depth, read), (name, value.__self__, depth, read)]
         elif what == "object":  # an object of the user's class
             fields = getattr(value, "__dict__", None)
-            for method in _methods(kind):
+            for method in methods_called(kind, read or frozenset()):
+                method_names = read_names(method.__code__)
                 todo += _held(method, f"{name}.{method.__name__}", depth)
+                todo.append((name, value, depth + 1, method_names))  # the methods it calls on the object
                 if fields is not None:
-                    method_names = global_names(method.__code__)
-                    todo += [(f"{name}.{n}", fields[n], depth + 1, method_names)
-                             for n in read_names(method.__code__) if n in fields]
+                    todo += [(f"{name}.{n}", fields[n], depth + 1, method_names) for n in method_names if n in fields]
     return tuple(found.values())
+
+
+def merged(*groups: tuple[Source, ...]) -> tuple[Source, ...]:
+    """The generators of ``groups``, each once."""
+    found: dict[int, Source] = {}
+    for group in groups:
+        for source in group:
+            found.setdefault(id(source.generator), source)
+    return tuple(found.values())
+
+
+def step_sources(memo: dict[Any, tuple[Source, ...]], frozen: Any, module: torch.nn.Module) -> tuple[Source, ...]:
+    """The generators a step of the frozen closure ``frozen`` may draw from: those its code
+    reaches (:meth:`~metagrad.frozen.Frozen.generators`) and those the forward of ``module``'s
+    own classes reaches. Found at the first step of each closure structure (``frozen.key``) of a
+    block, ``memo`` being the block's: the values a structure holds are the same objects for
+    the block's life, and the walk through the user's code costs more than a step's other
+    bookkeeping (a trainer object's methods)."""
+    sources = memo.get(frozen.key)
+    if sources is None:
+        model = memo.get(None)
+        if model is None:
+            model = memo[None] = generators_reached(module.named_modules())
+        sources = memo[frozen.key] = merged(frozen.generators(), model)
+    return sources
 
 
 def _kind(kind: type) -> str:
@@ -177,30 +204,15 @@ def _kind(kind: type) -> str:
 _KINDS: dict[type, str] = {}
 
 
-def _held(function: types.FunctionType, name: str, depth: int) -> list[tuple[str, Any, int, Collection[str]]]:
+def _held(function: types.FunctionType, name: str, depth: int) -> list[tuple[str, Any, int, frozenset[str]]]:
     """What a user's function holds in its cells and reads as globals, one call deeper, with the
     names its code reads."""
     code = function.__code__
-    names = global_names(code)
+    names = read_names(code)
     cells = [(n, cell_contents(c)) for n, c in zip(code.co_freevars, function.__closure__ or ())]
     namespace = function.__globals__
     return [(n, v, depth + 1, names) for n, v in cells] + [
         (n, namespace[n], depth + 1, names) for n in loaded_globals(code) if n in namespace]
-
-
-def _methods(cls: type) -> list[types.FunctionType]:
-    """The methods of the user's class ``cls`` that the code may call on one of its objects
-    (every function its classes outside library code define: a module's forward and its helpers)."""
-    found = _METHODS.get(cls)
-    if found is None:
-        if len(_METHODS) >= 1024:
-            _METHODS.clear()
-        found = _METHODS[cls] = [method for klass in cls.__mro__ if not library(klass)
-                                 for method in vars(klass).values() if type(method) is types.FunctionType]
-    return found
-
-
-_METHODS: dict[type, list[types.FunctionType]] = {}
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -23,7 +23,8 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
-           "global_names", "indirect_reads", "library", "loaded_globals", "locate", "modules_reached", "read_names"]
+           "global_names", "indirect_reads", "library", "loaded_globals", "locate", "methods_called",
+           "modules_reached", "read_names"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -180,7 +181,7 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
                          if type(value.__dict__.get(n)) is types.FunctionType]
         elif (not isinstance(value, _LEAVES + (type,)) and not library(type(value))
               and _fields(value) is not None):
-            for method in _methods(type(value), names):
+            for method in methods_called(type(value), names):
                 method_names = read_names(method.__code__)
                 reads += attribute_reads([(name, value)], method_names)
                 todo.append((f"{name}.{method.__name__}", method, method_names, depth))
@@ -218,7 +219,7 @@ def cell_contents(cell: Any, empty: Any = None) -> Any:
         return empty
 
 
-def _methods(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:
+def methods_called(cls: Any, attributes: frozenset[str]) -> tuple[types.FunctionType, ...]:
     """:func:`_find_methods`, found once per class and names."""
     key = (cls, attributes)
     found = _METHODS.get(key)

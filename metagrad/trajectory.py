@@ -43,7 +43,7 @@ from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once, closure_shape
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, freeze
-from .generators import RandomState, generators_reached
+from .generators import RandomState, Source, step_sources
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .numerics import at_precision, tolerance
@@ -134,7 +134,7 @@ class Trajectory(OnTape):
         self.submodules = list(module.modules())
         self.layout = Layout.of(module)
         self.device = next(iter(theta.values())).device if theta else torch.device("cpu")
-        self.sources = generators_reached(module.named_modules())  # (what its own classes' forward reach)
+        self.sources: dict[Any, tuple[Source, ...]] = {}  # (the generators steps reach: step_sources)
         #: Each step's update rule as it was when the step was taken (schedules, :class:`RuleFreezer`).
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
@@ -223,7 +223,7 @@ class Trajectory(OnTape):
             # Detached: a compiled call takes them as they are; the eager gradient makes leaves.
             params = self.tape.current
             frozen = freeze(closure) if frozen is None else frozen
-            rng = RandomState.capture(self.device, frozen.sources + self.sources)
+            rng = RandomState.capture(self.device, step_sources(self.sources, frozen, self.module))
         # Attention's math kernel (metagrad.attention.math_attention), which can be differentiated twice:
         # every step taken and rebuilt runs the same one.
         with math_attention(), torch.enable_grad():  # (an inner loop under torch.no_grad() builds its graph too)
@@ -524,7 +524,7 @@ def _loss_at(trajectory: Trajectory, closure: Closure, params: Params) -> torch.
     tr = trajectory
     if not (tr.differentiable and tr.length and tr.eta.history_to_check(closure)):
         return closure(tr.model_at(params))
-    rng = RandomState.capture(tr.device, freeze(closure).sources + tr.sources)
+    rng = RandomState.capture(tr.device, step_sources(tr.sources, freeze(closure), tr.module))
     loss = closure(tr.model_at(params))
     rng.changed()
     alone = _again(tr, closure, {n: t.detach().requires_grad_() for n, t in params.items()}, rng)().detach()

@@ -351,7 +351,7 @@ def test_generators_reached_are_those_the_code_draws_from():
         return a * own.random()
 
     def kinds(closure):
-        return sorted(source.kind for source in freeze(closure).sources)
+        return sorted(source.kind for source in freeze(closure).generators())
 
     assert kinds(lambda f: f(x).sum() * np.sqrt(2.0) * np.pi) == []
     assert kinds(lambda f: f(x).sum()) == []
@@ -362,7 +362,7 @@ def test_generators_reached_are_those_the_code_draws_from():
     system = random.SystemRandom()
     assert kinds(lambda f: f(x).sum() * system.random()) == []
 
-    sources = freeze(lambda f: f(x).sum() * random.random() * np.random.rand() * helper(x).sum()).sources
+    sources = freeze(lambda f: f(x).sum() * random.random() * np.random.rand() * helper(x).sum()).generators()
     random.seed(0)
     np.random.seed(0)
     state = RandomState.capture(torch.device("cpu"), sources)
