@@ -8,8 +8,9 @@ captures the step's batch) three ways:
 
 - ``shipped``: as metagrad runs by default (frozen closures, generator states, the check);
 - ``no check``: ``MetaGradient(check_replay=False)`` (frozen closures and generator states);
-- ``bare``: closures kept as given, no generator state, no check (what metagrad did before
-  replay existed; wrong on a mini-batch loop, timed only to show the cost). Its steps are
+- ``bare``: closures kept as given, no generator states (the closure's or the update rule's),
+  no check (what metagrad did before replay existed; wrong on a mini-batch loop, timed only to
+  show the cost). Its steps are
   still grouped by the closure's code, so Binomial batches them as the frozen ones are: the
   ratios measure the replay machinery, not batching.
 
@@ -53,6 +54,9 @@ class _Still:
     def changed(self) -> bool:
         return False
 
+    def ended(self) -> None:
+        return None
+
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[dict[str, Any]]:
@@ -67,7 +71,8 @@ def variant(name: str) -> Iterator[dict[str, Any]]:
         return replay.Frozen(lambda values: closure, [], [], key, closure)
 
     with mock.patch.object(trajectory, "freeze", opaque), \
-            mock.patch.object(trajectory.RandomState, "capture", staticmethod(lambda device, sources=(): _Still())):
+            mock.patch.object(trajectory.RandomState, "capture", staticmethod(lambda device, sources=(): _Still())), \
+            mock.patch.object(trajectory, "rule_draws", lambda device, then, sources, run: (run(), None)):
         yield {"check_replay": False}
 
 

@@ -26,7 +26,7 @@ import random
 import sys
 import threading
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,7 +34,7 @@ import torch
 
 from .reads import cell_contents, library, loaded_globals, methods_called, read_names
 
-__all__ = ["RandomState", "Source", "generators_reached", "merged", "step_sources"]
+__all__ = ["RandomState", "Source", "generators_reached", "merged", "rule_draws", "rule_sources", "step_sources"]
 
 
 # ------------------------------------------------------------------ generators besides torch's
@@ -183,6 +183,17 @@ def step_sources(memo: dict[Any, tuple[Source, ...]], frozen: Any, module: torch
     return sources
 
 
+def rule_sources(memo: dict[Any, tuple[Source, ...]], rule: Any) -> tuple[Source, ...]:
+    """The generators besides torch's default ones that an update rule's ``step`` reaches (a
+    noisy rule of the user's drawing from NumPy), found once per rule object in a block
+    (``memo``, the block's)."""
+    key = ("rule", id(rule))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = generators_reached([("rule", rule)], frozenset(("step",)))
+    return found
+
+
 def _kind(kind: type) -> str:
     """How :func:`generators_reached` treats a value of type ``kind``: ``"library"`` (not looked
     into: a tensor, a number, a torch module, a container), ``"object"`` (the user's class),
@@ -267,10 +278,7 @@ class RandomState:
 
     @staticmethod
     def capture(device: torch.device, sources: tuple[Source, ...] = ()) -> "RandomState":
-        cuda = None
-        if device.type == "cuda" and torch.cuda.is_initialized():
-            index = torch.cuda.current_device() if device.index is None else device.index
-            cuda = (index, torch.cuda.get_rng_state(index))
+        cuda = _cuda(device)
         thread = threading.get_ident()
         with _WINDOWS_LOCK:
             _CLOCK[0] += 1
@@ -294,6 +302,13 @@ class RandomState:
             return True
         return self.cuda is not None and cuda is not None and not _same(self.cuda[1], cuda)
 
+    def ended(self) -> Optional[tuple[torch.Tensor, Optional[tuple[int, torch.Tensor]]]]:
+        """The CPU and CUDA states the step's closure ended at (read by :meth:`changed`), as
+        :func:`rule_draws` takes them, or ``None`` before."""
+        if self.end is None:
+            return None
+        return self.end[0], None if self.cuda is None or self.end[1] is None else (self.cuda[0], self.end[1])
+
     def restore(self) -> None:
         """Put the generators back to these states."""
         torch.set_rng_state(self.cpu)
@@ -306,6 +321,34 @@ class RandomState:
         """A context in which the generators start from these states; the caller's states are
         restored on exit."""
         return _Replaying(self)
+
+
+def rule_draws(device: torch.device, then: Optional[tuple[Any, ...]], sources: tuple[Source, ...],
+               run: Callable[[], Any]) -> tuple[Any, Optional[RandomState]]:
+    """``run()`` (an update rule's step), and the generator states it started from if it drew
+    random numbers (a noisy update: SGLD, perturbed gradient descent), as a :class:`RandomState`
+    its rebuilds replay; else ``None``. ``then``: the CPU and CUDA states it starts from where
+    known already (the states the step's closure ended at, :attr:`RandomState.end`), else
+    read here; ``sources``: the other generators the rule's code reaches."""
+    cpu, cuda = (torch.get_rng_state(), _cuda(device)) if then is None else (then[0], then[1])
+    states = tuple(source.get() for source in sources) if sources else ()
+    out = run()
+    now_cuda = None if cuda is None else torch.cuda.get_rng_state(cuda[0])
+    now = torch.get_rng_state()
+    if _same(cpu, now) and (cuda is None or now_cuda is None or _same(cuda[1], now_cuda)) and (
+            not sources or all(_equal(a, source.get()) for a, source in zip(states, sources))):
+        return out, None
+    state = RandomState(cpu, cuda, sources=sources, states=states, thread=threading.get_ident())
+    state.end = (now, now_cuda, tuple(source.get() for source in sources))
+    return out, state
+
+
+def _cuda(device: torch.device) -> Optional[tuple[int, torch.Tensor]]:
+    """The model's CUDA device and its generator's state, where the model is on one."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return index, torch.cuda.get_rng_state(index)
 
 
 def _same(state: torch.Tensor, other: torch.Tensor) -> bool:

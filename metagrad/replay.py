@@ -450,10 +450,10 @@ def _mismatch(which: int, found: str, frozen: Optional[Frozen]) -> ReplayError:
             "(getattr(cfg, name), d.get(key), deeper than three calls), an iterator (next(it) inside "
             "the closure), data changed in place, random numbers from a generator metagrad does not "
             "replay (torch's, Python's random, NumPy's global one and the generator objects that the "
-            "closure, the functions it calls or the model's forward hold are replayed; not one made "
-            "inside the closure, such as np.random.default_rng(), or reached through a container), "
-            "random numbers the update rule draws, a non-deterministic kernel, or Python state in the "
-            f"update rule (such as torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
+            "closure, the functions it calls, the model's forward or the update rule hold are replayed; "
+            "not one made inside the closure, such as np.random.default_rng(), or reached through a "
+            "container), a non-deterministic kernel, or Python state in the update rule (such as "
+            f"torchopt.sgd(dampening>0)'s first-call flag).{hint} To fix it, compute each step's "
             "data outside the closure and capture it (xb, yb = next(it); meta.step(lambda f: "
             "loss(f(xb), yb))), or use estimator=mg.Full(), which without compile=True does not rebuild steps.")
     if frozen is not None and frozen.compiled is not None:

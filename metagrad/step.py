@@ -18,6 +18,7 @@ product is a transformation of it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class StepRecord:
     used: tuple[str, ...] = ()
     #: The generator states the closure started from, if it drew random numbers.
     rng: Optional[RandomState] = None
+    #: The generator states the update rule started from, if it drew random numbers (SGLD's noise).
+    rule_rng: Optional[RandomState] = None
     #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
     once: Optional[str] = None
     #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
@@ -82,8 +85,8 @@ class StepRecord:
         alone, eagerly (a step whose closure read values that changed since: its rebuild sets
         them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`; one whose call
         wrote a list or dict it captures, :attr:`Frozen.live <metagrad.frozen.Frozen.live>`)."""
-        if (self.graph is not None or self.rng is not None or self.closure is None or self.alone
-                or self.closure.live or self.closure.read_changed()):
+        if (self.graph is not None or self.rng is not None or self.rule_rng is not None or self.closure is None
+                or self.alone or self.closure.live or self.closure.read_changed()):
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 
@@ -139,7 +142,8 @@ def eta_grads_of(grads: Params, count: int) -> tuple[Params, list[torch.Tensor]]
 
 def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: State,
               carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
-              rule_eta: Optional[Mapping[int, int]] = None, eta_grads: bool = False) -> Body:
+              rule_eta: Optional[Mapping[int, int]] = None, eta_grads: bool = False,
+              rule_rng: Optional[RandomState] = None) -> Body:
     """The one body of an inner step, ``Φ(φ, s; η) = rule(φ, ∇_φ ℓ(φ; η), s)``.
 
     ``body(φ, η, s)`` takes the fast weights, the explicit η ``loss_at`` reads, and the
@@ -152,7 +156,8 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     step size) to its index in η: the body's rule holds ``η[k]`` there (:func:`rule_with`).
     ``eta_grads``: the gradient is taken in the explicit η too, in the same call, and returned
     with the fast weights' (:func:`eta_grads_of` splits them; the replay check's
-    :class:`~metagrad.replay.EtaProbes`)."""
+    :class:`~metagrad.replay.EtaProbes`). ``rule_rng``: the generator states the rule started
+    from at the step, where it drew random numbers (eager bodies only: :meth:`StepRecord.batch_key`)."""
     leaves, spec = pytree.tree_flatten(state)
 
     def body(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
@@ -169,7 +174,8 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
             full[i] = t
         step_rule = rule if not rule_eta else rule_with(rule, {i: eta[k] for i, k in rule_eta.items()})
         given = pytree.tree_unflatten(full, spec)
-        new_q, new_s = checked_step(step_rule, q, given, lambda: step_rule.step(q, grads, given))
+        with rule_rng.replay() if rule_rng is not None else contextlib.nullcontext():
+            new_q, new_s = checked_step(step_rule, q, given, lambda: step_rule.step(q, grads, given))
         return (dict(new_q), new_s), (loss, both if eta_grads else grads)
 
     return body

@@ -43,7 +43,7 @@ from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once, closure_shape
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, freeze
-from .generators import RandomState, Source, step_sources
+from .generators import RandomState, Source, rule_draws, rule_sources, step_sources
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .numerics import at_precision, tolerance
@@ -96,21 +96,10 @@ class Trajectory(OnTape):
     #: (:attr:`~metagrad.tape.OnTape.runs`, :func:`metagrad.estimators.base.sweep_back`).
     run_lengths = (SWEEP, 1)
 
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        theta: Params,
-        rule: UpdateRule,
-        *,
-        differentiable: bool,
-        keep: Optional[int],
-        proximal: Optional[float] = None,
-        check_finite: bool = True,
-        replay_rtol: Optional[float] = None,
-        compiler: Optional["Compiler"] = None,
-        snapshots: Optional[Schedule] = None,
-        tasks: Optional[int] = None,
-    ) -> None:
+    def __init__(self, module: torch.nn.Module, theta: Params, rule: UpdateRule, *, differentiable: bool,
+                 keep: Optional[int], proximal: Optional[float] = None, check_finite: bool = True,
+                 replay_rtol: Optional[float] = None, compiler: Optional["Compiler"] = None,
+                 snapshots: Optional[Schedule] = None, tasks: Optional[int] = None) -> None:
         if snapshots is not None and (differentiable or keep is not None):
             raise ValueError("snapshots: a differentiable trajectory, or one that keeps only its last "
                              f"steps (keep={keep!r}), stores no snapshots; got {snapshots!r}.")
@@ -232,11 +221,12 @@ class Trajectory(OnTape):
                 frozen.taken()
             split = loss.detach() if parts else None
             loss = loss.sum() if parts else loss
+        then = rng  # (the states the closure ended at are the rule's start: _take_step)
         if rng is not None and not (rng.changed() if drew is None else drew):
             rng = None
         loss = self._take_step(loss, params, closure=frozen, keep_graph=False, rule=rule, rng=rng,
                                shape=closure_shape(closure) if self.differentiable else None,
-                               grads=grads)
+                               grads=grads, then=None if then is None else then.ended())
         return loss if split is None else split
 
     def _loss(self, closure: Closure, params: Params, frozen: Optional[Frozen], rng: Optional[RandomState],
@@ -285,9 +275,9 @@ class Trajectory(OnTape):
         return self._take_step(loss, params, closure=None, keep_graph=keep_graph, rule=rule, source="loss")
 
     def _take_step(self, loss: Any, params: Params, *, closure: Optional[Frozen],
-                   keep_graph: bool, rule: Optional[UpdateRule],
-                   rng: Optional[RandomState] = None, grads: Optional[Params] = None,
-                   shape: Optional[tuple[Any, ...]] = None, source: str = "closure") -> torch.Tensor:
+                   keep_graph: bool, rule: Optional[UpdateRule], rng: Optional[RandomState] = None,
+                   grads: Optional[Params] = None, shape: Optional[tuple[Any, ...]] = None,
+                   source: str = "closure", then: Optional[tuple[Any, ...]] = None) -> torch.Tensor:
         k = self.length
         rule = self._frozen_rule(self.rule if rule is None else rule)
         with torch.enable_grad():
@@ -322,7 +312,10 @@ class Trajectory(OnTape):
             grads = {n: g.detach() for n, g in grads.items()}
         used = tuple(grads)
         rule_meta = self.eta.rule_holds_eta(rule, used)
-        new_params, new_state = self.update(rule, params, grads, self.tape.state, rule_meta)
+        run = functools.partial(self.update, rule, params, grads, self.tape.state, rule_meta)
+        # A rule that draws random numbers (SGLD's noise) is replayed where the step is rebuilt.
+        (new_params, new_state), rule_rng = (run(), None) if self.differentiable else rule_draws(
+            self.device, then, rule_sources(self.sources, rule), run)
         once, alone = None, False
         if self.differentiable:  # autograd differentiates this step's graph twice, now or later
             once = self.eta.differentiable_step(loss, inputs, rule, shape)
@@ -350,7 +343,7 @@ class Trajectory(OnTape):
         self.replay_rtol = at_precision(self.replay_rtol, precision := autocast_dtype(self.device.type), self.device)
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
-                          loss=loss.detach(), rng=rng, once=once, modes=self._modes(),
+                          loss=loss.detach(), rng=rng, rule_rng=rule_rng, once=once, modes=self._modes(),
                           autocast=precision, graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)
@@ -363,12 +356,14 @@ class Trajectory(OnTape):
         return self.etas.scale(self.tape.steps.values(), self.length)
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
-                rule_meta: Optional[bool]) -> tuple[Params, State]:
+                rule_meta: Optional[bool], rng: Optional[RandomState] = None) -> tuple[Params, State]:
         """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (Implicit's
         inner problem), with grad enabled where the rule may hold η of its own (a step size that
         requires grad; ``rule_meta`` unknown or true): its inputs are detached, so the graph
-        reaches only those. A rule seen before without any runs without."""
-        with torch.set_grad_enabled(self.differentiable or rule_meta is not False):
+        reaches only those. A rule seen before without any runs without. ``rng``: the generator
+        states the rule drew from when the step was taken (:attr:`StepRecord.rule_rng`), replayed."""
+        with torch.set_grad_enabled(self.differentiable or rule_meta is not False), \
+                rng.replay() if rng is not None else contextlib.nullcontext():
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             return step_in_layout(rule, self.rule, params, grads, state, copy=self.length == 0,  # (φ_0: θ's storage)
@@ -561,7 +556,7 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
             loss, grads, eta = trajectory.products.rebuild(m, step, leaves, create_graph=False)
         losses.append(loss.detach())
         etas.append(eta)
-        return trajectory.update(step.rule, params, grads, state, False)
+        return trajectory.update(step.rule, params, grads, state, False, step.rule_rng)
 
     params, _ = trajectory.tape.recompute(start, end, advance)
     if trajectory.replay_rtol is None:

@@ -806,6 +806,73 @@ def test_draws_from_python_numpy_and_own_generators_over_tasks(name):
     assert_matches(model, expected)
 
 
+# ------------------------------------------------------------------ 4c. an update rule that draws
+class NoisyRule:
+    """SGLD-style ``φ ← φ − α g + σ ξ``, ``ξ`` from torch's generator or NumPy's global one, with a
+    learned noise scale σ (a tensor that requires grad: an η the rule holds)."""
+
+    def __init__(self, lr, sigma, source):
+        self.lr, self.sigma, self.source = lr, sigma, source
+
+    def init(self, params):
+        return {}
+
+    def noise(self, p):
+        if self.source == "numpy":
+            return torch.from_numpy(numpy.random.standard_normal(tuple(p.shape)))
+        return torch.randn_like(p)
+
+    def step(self, params, grads, state):
+        return {n: p if grads.get(n) is None else p - self.lr * grads[n] + self.sigma * self.noise(p)
+                for n, p in params.items()}, state
+
+
+EXACT = [name for name in ALL if restart(name) is None]
+
+
+@pytest.mark.parametrize("name", EXACT)
+@FEW
+@given(case=cases(), sigma=st.sampled_from([0.0, 1e-9, 0.05]), source=st.sampled_from(["torch", "numpy"]))
+def test_an_update_rule_that_draws_random_numbers_is_replayed(name, case, sigma, source):
+    """A noisy update rule (SGLD, a learned SG-MCMC sampler) with a learned noise scale σ: each
+    rebuilt step replays the numbers its rule drew, so θ's and σ's gradients are the plain
+    unroll's. With σ = 0 (or tiny) every rebuilt step agrees with the stored one whatever it
+    draws, so nothing but the replay keeps σ's gradient right (it came out 2–10 off, silently)."""
+    if source == "numpy" and numpy is None:
+        pytest.skip("numpy is not installed")
+    K, lr, seed = case["K"], case["lr"], case["seed"]
+    batches, xq, yq = data(seed, case["d_in"], case["n"], K)
+    model = mlp(case["d_in"], case["width"], seed)
+
+    def seed_all():
+        torch.manual_seed(seed)
+        if numpy is not None:
+            numpy.random.seed(seed)
+
+    seed_all()
+    s = torch.tensor(sigma, dtype=D, requires_grad=True)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    rule, phi = NoisyRule(lr, s, source), dict(theta)
+    for xb, yb in batches:
+        grads = torch.autograd.grad(F.mse_loss(functional(model, phi)(xb), yb), list(phi.values()), create_graph=True)
+        phi, _ = rule.step(phi, dict(zip(phi, grads)), {})
+    expected = torch.autograd.grad(F.mse_loss(functional(model, phi)(xq), yq), [s, *theta.values()])
+    after = (torch.rand(4, dtype=D), None if numpy is None else numpy.random.rand())
+
+    seed_all()
+    sigma_block = torch.tensor(sigma, dtype=D, requires_grad=True)
+    with mg.MetaGradient(model, inner_opt=NoisyRule(lr, sigma_block, source), estimator=estimator(name, K)) as meta:
+        for xb, yb in batches:
+            meta.step(lambda f: F.mse_loss(f(xb), yb))
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    got = torch.cat([sigma_block.grad.reshape(1), *(p.grad.reshape(-1) for p in model.parameters())])
+    want = torch.cat([expected[0].reshape(1), *(g.reshape(-1) for g in expected[1:])])
+    assert rel_err(got, want) <= RTOL
+    assert abs(float(sigma_block.grad - expected[0])) <= RTOL * max(1.0, abs(float(expected[0])))
+    assert torch.equal(torch.rand(4, dtype=D), after[0])  # the caller's generators where the unroll left them
+    assert numpy is None or numpy.random.rand() == after[1]
+
+
 # ------------------------------------------------------------------ 5. data changed in place
 @pytest.mark.parametrize("name", REBUILDING)
 def test_data_mutated_in_place(name):
