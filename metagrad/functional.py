@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 from .attention import math_attention
 from .compile_options import compile_settings, on_device
 from .errors import misfit_signature, sparse_gradient, warn
+from .generators import RandomState, generators_reached
 from .estimators.base import TrajectoryView, check_count
 from .fmodel import FunctionalModel, Layout, refuse_cached, unstacked
 from .update_rule import as_update_rule
@@ -225,8 +226,9 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
         check_reads((outer, inner), lambda: start(theta), eta, inner_opt, names, loss_of)
     if not torch.compiler.is_compiling():  # (under vmap or grad: what a direct call found, if one did)
         once, random = look_at(inner, lambda: start(theta), eta, loss_of, compute=not traced)
-    if random and not estimator.differentiable and (
-            estimator.keep() != 0 or estimator.proximal is not None or rule_slots(inner_opt, eta)):
+    again = not estimator.differentiable and (  # (the products run the loss and the rule again)
+        estimator.keep() != 0 or estimator.proximal is not None or bool(rule_slots(inner_opt, eta)))
+    if random and again:
         raise ValueError(
             f"loss_fn: it draws random numbers (dropout, noise, a generator of its own), and {estimator!r} "
             "runs it again at the "
@@ -251,10 +253,22 @@ def _meta_grad(loss_fn: Callable[..., torch.Tensor], params: Mapping[str, torch.
     if settings is not None:  # (η as given: the rule holds its step sizes by identity)
         pieces = Pieces(loss_of, loss_of.identity, support, inner_opt, rule_slots(inner_opt, eta), phi, eta,
                         on_device(settings, next(iter(phi.values())).device))
+    # A rule that draws random numbers (SGLD's noise) would draw others where the products run it
+    # again: seen from the generators across the inner loop, whose loss draws none (refused above).
+    drawn = None if traced or not again else RandomState.capture(
+        next(iter(phi.values())).device, generators_reached([("inner_opt", inner_opt)], frozenset(("step",))))
     with torch.no_grad():
         trajectory = PureTrajectory(inner, phi, inner_opt, steps, eta, names,
                                     snapshots=estimator.snapshot_schedule(), pieces=pieces, tasks=tasks,
                                     proximal=estimator.proximal, once=once)
+        if drawn is not None and drawn.changed():
+            raise ValueError(
+                f"inner_opt: its step draws random numbers (a noisy update such as SGLD's), and {estimator!r} "
+                "runs the update rule again for its products, where it would draw others than the inner "
+                "steps did: the meta-gradient (a learned noise scale's above all) would not be the one of the "
+                "steps taken. Use estimator=mg.Full() (one pass), draw the noise outside and pass it in the "
+                "batch, or write the inner loop in a MetaGradient block, which replays the update rule's "
+                "draws for every rebuilt step.")
         if not traced and estimator.keep() != 0 and not getattr(inner_opt, "pure_step", False):
             trajectory.check_rule()  # the products run the rule again (PureTrajectory.check_rule)
         found = None if pieces is None else pieces.query(loss_of, loss_of.identity, trajectory.current, eta, query)

@@ -239,6 +239,55 @@ def test_an_update_rule_with_python_state_in_the_functional_face_is_exact_with_f
         torch.testing.assert_close(g[n], p.grad, rtol=1e-10, atol=1e-12)
 
 
+class NoisySGD:
+    """SGLD's step ``φ − αg + σξ`` with a noise scale σ the caller learns (passed in ``meta``)."""
+
+    def __init__(self, lr, sigma):
+        self.lr, self.sigma = lr, sigma
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p - self.lr * grads[n] + self.sigma * torch.randn_like(p) for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.FirstOrder(), mg.Truncated(2),
+                                       mg.Binomial(order=2, monitor=False), mg.Checkpointed(snapshots=2)],
+                         ids=["Checkpointed", "FirstOrder", "Truncated(2)", "Binomial(2)", "snapshots"])
+def test_an_update_rule_that_draws_random_numbers_in_the_functional_face_is_refused(estimator):
+    """mg.functional.meta_grad runs the rule's step again for its products, where a noisy rule
+    (SGLD) draws other numbers: with a learned noise scale at zero, every rerun step agrees with
+    the one taken and σ's gradient came out wrong with no error (−6.7 against Full's −5.3). A
+    rule whose steps moved the generators across the inner loop is refused, naming inner_opt and
+    the MetaGradient block, which replays its draws; Full runs each step once and is exact."""
+    x, y, xq, yq, _, _ = data(1)
+    model = mlp(1)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    sigma = torch.zeros((), dtype=torch.float64)
+
+    def loss_fn(p, batch, meta):
+        return F.mse_loss(functional_call(model, p, (batch[0],)), batch[1])
+
+    with pytest.raises(ValueError, match=r"inner_opt: its step draws random numbers.*MetaGradient block"):
+        mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=NoisySGD(0.3, sigma), steps=3,
+                                estimator=estimator, meta={"sigma": sigma})
+
+    torch.manual_seed(3)
+    g, g_meta = mg.functional.meta_grad(loss_fn, theta, (x, y), (xq, yq), inner_opt=NoisySGD(0.3, sigma),
+                                        steps=3, estimator=mg.Full(), meta={"sigma": sigma})
+    torch.manual_seed(3)
+    s = sigma.clone().requires_grad_()
+    params, rule = dict(model.named_parameters()), NoisySGD(0.3, s)
+    for _ in range(3):
+        grads = torch.autograd.grad(loss_fn(params, (x, y), None), list(params.values()), create_graph=True)
+        params, _ = rule.step(params, dict(zip(params, grads)), {})
+    loss_fn(params, (xq, yq), None).backward()
+    torch.testing.assert_close(g_meta["sigma"], s.grad, rtol=1e-10, atol=1e-12)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_a_once_differentiable_op_in_a_higher_style_loss_is_refused():
     from metagrad.adapters import higher
     x, y, xq, yq, _, _ = data(1)
