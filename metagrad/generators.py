@@ -121,8 +121,8 @@ def generators_reached(roots: Iterable[tuple[str, Any]], names: Optional[frozens
     (``self.rng``), :data:`_DEPTH` calls deep. ``names``: the names the code holding ``roots``
     reads (NumPy's global generator is reached through the ``numpy`` module only by code that
     reads ``.random``: ``np.sqrt`` draws nothing); ``None``, unknown. Library code (torch,
-    NumPy, ...) is not looked into. Runs at every inner step: a value of a library type that is
-    not a generator costs a lookup."""
+    NumPy, ...) is not looked into, and neither are containers nor classes. A block runs it once
+    per closure structure (:func:`step_sources`) and update rule (:func:`rule_sources`)."""
     found: dict[int, Source] = {}
     todo = [(name, value, 1, names) for name, value in roots]
     seen: set[Any] = set()
