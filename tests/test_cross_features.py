@@ -11,8 +11,10 @@ Checkpointed with snapshots, and for plain SGD Truncated(K) and Binomial(order=K
 task, the context manager's draws add: the rule given as a rule of the user's own (the
 reference's rule behind ``init``/``step`` over name→tensor dicts, a Python step count in its
 state), steps taken from a loss the loop built (``meta.step_from_loss``), a query term on every
-past iterate (``meta.weights_at(k)``), and dropout in the model (each step's mask replayed from
-its generator state). The same draws run through ``mg.functional.meta_grad``.
+past iterate (``meta.weights_at(k)``), dropout in the model (each step's mask replayed from
+its generator state), and noise the user's rule adds to each update (SGLD's ``σξ``, with a
+learned noise scale σ, zero or not: each rebuilt update replays its draws). The same draws run
+through ``mg.functional.meta_grad``.
 
 The reference differentiates the unrolled loop with ``torch.autograd.grad(create_graph=True)``
 in float64; every gradient (θ's and each η's) must match it to 1e-8, relative to the largest
@@ -70,17 +72,22 @@ def rules(kind: str, lr: Any) -> tuple[Any, Any]:
 
 class OwnRule:
     """A rule of the user's own: the reference's rule (over lists) behind ``init``/``step`` over
-    name→tensor dicts, with the state as the reference keeps it (a Python step count in it)."""
+    name→tensor dicts, with the state as the reference keeps it (a Python step count in it), and
+    with ``sigma`` noise ``σξ`` added to each update (ξ from torch's generator: SGLD)."""
 
-    def __init__(self, rule: Any) -> None:
-        self.rule = rule
+    def __init__(self, rule: Any, sigma: Optional[torch.Tensor] = None) -> None:
+        self.rule, self.sigma = rule, sigma
 
     def init(self, params: dict[str, torch.Tensor]) -> Any:
         return self.rule.init(list(params.values()))
 
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: Any) -> Any:
         new, state = self.rule.step(list(params.values()), [grads[n] for n in params], state)
-        return dict(zip(params, new)), state
+        return dict(zip(params, noisy(new, self.sigma))), state
+
+
+def noisy(new: list[torch.Tensor], sigma: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    return new if sigma is None else [p + sigma * torch.randn_like(p) for p in new]
 
 
 def estimator(kind: str, steps: int) -> mg.Estimator:
@@ -107,7 +114,10 @@ def draws(draw: Any) -> dict[str, Any]:
         c["eta"] = "weights"
     one_task = c["tasks"] is None  # (the forms below are drawn for one task)
     c.update(own_rule=draw(st.booleans()), from_loss=one_task and draw(st.booleans()),
-             history=one_task and draw(st.booleans()), dropout=one_task and draw(st.booleans()))
+             history=one_task and draw(st.booleans()), dropout=one_task and draw(st.booleans()),
+             noise=one_task and draw(st.booleans()), sigma=draw(st.sampled_from([0.0, 0.02])))
+    if c["noise"]:
+        c["own_rule"] = True  # (the noise is the user's rule's)
     return c
 
 
@@ -128,7 +138,8 @@ class Problem:
                     "wd": torch.tensor(0.05, dtype=D, requires_grad=True),
                     "w": (torch.rand(*(lead if c["eta"] == "weights per task" else ()), N, generator=generator,
                                      dtype=D) + 0.5).requires_grad_(),
-                    "z": torch.randn(N, generator=generator, dtype=D, requires_grad=True)}
+                    "z": torch.randn(N, generator=generator, dtype=D, requires_grad=True),
+                    "s": torch.tensor(c.get("sigma", 0.0), dtype=D, requires_grad=True)}
         self.computed = torch.nn.functional.softplus(self.eta["z"]) + 0.1  # a non-leaf η, before the block
 
     def lr(self) -> Any:
@@ -190,7 +201,7 @@ def by_hand(c: dict[str, Any]) -> dict[str, torch.Tensor]:
             loss = pb.inner(functional_call(pb.net, params, (pick(pb.x)[rows],)), pick(pb.y)[rows], adapted, w, rows)
             grads = torch.autograd.grad(loss, adapted, create_graph=True)
             new, state = rule.step(adapted, list(grads), state)
-            params.update(zip(pb.adapted, new))
+            params.update(zip(pb.adapted, noisy(new, pb.eta["s"] if c.get("noise") else None)))
         total = total + ((functional_call(pb.net, params, (pick(pb.xq),)) - pick(pb.yq)) ** 2).mean()
     pb.direct(pb.history(total / (c["tasks"] or 1), past)).backward()
     return pb.gradients()
@@ -200,7 +211,7 @@ def with_metagrad(c: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The same loop as users write it: a new lambda per step capturing its mini-batch."""
     pb = Problem(c)
     rule, reference_rule = rules(c["rule"], pb.lr())
-    rule = OwnRule(reference_rule) if c["own_rule"] else rule
+    rule = OwnRule(reference_rule, pb.eta["s"] if c.get("noise") else None) if c["own_rule"] else rule
     tasks = c["tasks"]
     torch.manual_seed(c["seed"] + 2)  # (dropout's masks)
     with mg.MetaGradient(pb.net, inner_opt=rule, estimator=estimator(c["estimator"], c["K"]), tasks=tasks,
@@ -245,10 +256,10 @@ def test_the_functional_face_with_features_drawn_together_equals_a_hand_unroll(c
     # The functional face: one batch for every step, η passed to the loss as ``meta``; no
     # adapt= (every parameter is a fast weight), no weights computed before the call, and none
     # of the context manager's forms (its rule is metagrad's; no dropout).
-    c = dict(c, minibatch=False, last_layer=False, dropout=False,
+    c = dict(c, minibatch=False, last_layer=False, dropout=False, noise=False,
              eta={"computed weights": "weights"}.get(c["eta"], c["eta"]))
     pb = Problem(c)
-    meta = {n: t.detach() for n, t in pb.eta.items() if n != "z"}
+    meta = {n: t.detach() for n, t in pb.eta.items() if n not in ("z", "s")}
     rule, _ = rules(c["rule"], meta["lr"] if c["learned_lr"] else pb.lr())
 
     def loss_fn(params: dict[str, torch.Tensor], batch: Any, eta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -274,7 +285,7 @@ def test_the_functional_face_with_features_drawn_together_equals_a_hand_unroll(c
 def functional_reference(c: dict[str, Any]) -> dict[str, torch.Tensor]:
     """By hand: the functional face's loss, η read from its argument, for the steps and the query."""
     pb = Problem(c)
-    meta = {n: t for n, t in pb.eta.items() if n != "z"}
+    meta = {n: t for n, t in pb.eta.items() if n not in ("z", "s")}
     _, rule = rules(c["rule"], meta["lr"] if c["learned_lr"] else pb.lr())
     theta = dict(pb.net.named_parameters())
     total = torch.zeros((), dtype=D)
