@@ -239,6 +239,12 @@ def check_rule(rule: Any, params: dict[str, torch.Tensor], state: Any, tasks: in
             each = torch.func.vmap(lambda p, g, s: rule.step(p, g, pytree.tree_unflatten(s, spec))[0],
                                    in_dims=(0, 0, dims))(params, grads, leaves)
         except Exception as error:
+            if "random operation" in str(error):  # (vmap's randomness="error")
+                raise ValueError(
+                    f"inner_opt: {type(rule).__name__}'s step draws random numbers (a noisy update such as "
+                    f"SGLD's), so a block over tasks={tasks} cannot check that it acts on each task's weights "
+                    "alone (torch.func.vmap refuses random operations). Run each task in its own block "
+                    "(MetaGradient without tasks=), where the rule's draws are replayed for every rebuilt step.") from error
             raise ValueError(
                 f"inner_opt: a block over tasks={tasks} needs an update rule that acts on each task's "
                 f"weights alone; {type(rule).__name__} could not be checked task by task under "
