@@ -36,8 +36,8 @@ import contextlib
 import functools
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -47,7 +47,7 @@ from .generators import REPLAYING, RandomState, Source, generators_reached, merg
 from .reads import (MAX_READS, MISSING, Described, TensorRead, attribute_reads, cell_contents, follow,
                     indirect_reads, loaded_globals, locate, modules_reached, read_names)
 
-__all__ = ["Frozen", "freeze"]
+__all__ = ["Frozen", "freeze", "reads_changed", "replaying_reads"]
 
 #: Containers captured by a closure are copied (and their tensors batched) up to this many
 #: leaves; larger ones are kept by reference, and the replay check guards them.
@@ -248,32 +248,12 @@ class Frozen:
     def read_changed(self) -> bool:
         """Whether any of :attr:`reads` changed since the step (:meth:`changed_reads`, without
         describing them: asked for every step's batch key)."""
-        return any(_changed(then, follow(root, path)) for _, root, path, then in self.reads)
+        return reads_changed(self.reads)
 
-    @contextlib.contextmanager
-    def replaying(self) -> Iterator[None]:
+    def replaying(self) -> ContextManager[None]:
         """For a rebuild: each of :attr:`reads` that changed since the step set back to its value
-        at the step (a number, an entry of a list or dict, the tensor an attribute or a global
-        named then), and the value it has now put back on exit. A tensor changed in place, or a
-        value held where it cannot be set (a tuple's entry), is left as it is:
-        :meth:`unreplayable` names those."""
-        swaps: list[tuple[Any, Any, Any]] = []
-        try:
-            for _, root, path, then in self.reads:
-                now = follow(root, path)
-                slot = _settable(root, path, then) if _changed(then, now) else None
-                if slot is not None:
-                    container, key = slot
-                    container[key] = then.tensor if type(then) is TensorRead else then
-                    swaps.append((container, key, now))
-            yield
-        finally:
-            for container, key, now in reversed(swaps):
-                if now is MISSING:
-                    if isinstance(container, dict):
-                        container.pop(key, None)
-                else:
-                    container[key] = now
+        at the step (:func:`replaying_reads`); :meth:`unreplayable` names those it cannot."""
+        return replaying_reads(self.reads)
 
     def unreplayable(self) -> list[tuple[str, Any, Any]]:
         """:meth:`changed_reads` that :meth:`replaying` cannot set back as they were at the step."""
@@ -319,6 +299,37 @@ class Frozen:
                 start += count
         function = self._build(values)
         return function if not live else functools.partial(_live, function, live)
+
+
+def reads_changed(reads: Sequence[tuple[str, Any, tuple[Any, ...], Any]]) -> bool:
+    """Whether any of ``reads`` (``(name, root, path, value at the step)``) changed since."""
+    return any(_changed(then, follow(root, path)) for _, root, path, then in reads)
+
+
+@contextlib.contextmanager
+def replaying_reads(reads: Sequence[tuple[str, Any, tuple[Any, ...], Any]]) -> Iterator[None]:
+    """Each of ``reads`` (what a closure or an update rule read at its step,
+    ``(name, root, path, value then)``) that changed since set back to its value at the step (a
+    number, an entry of a list or dict, the tensor an attribute or a global named then), and the
+    value it has now put back on exit. A tensor changed in place, or a value held where it
+    cannot be set (a tuple's entry), is left as it is."""
+    swaps: list[tuple[Any, Any, Any]] = []
+    try:
+        for _, root, path, then in reads:
+            now = follow(root, path)
+            slot = _settable(root, path, then) if _changed(then, now) else None
+            if slot is not None:
+                container, key = slot
+                container[key] = then.tensor if type(then) is TensorRead else then
+                swaps.append((container, key, now))
+        yield
+    finally:
+        for container, key, now in reversed(swaps):
+            if now is MISSING:
+                if isinstance(container, dict):
+                    container.pop(key, None)
+            else:
+                container[key] = now
 
 
 def _rewritten(value: Any, leaves: list[Any], spec: Any) -> bool:

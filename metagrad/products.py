@@ -265,7 +265,7 @@ class Products:
             # The step's body (metagrad.step.step_body), differentiated again by autograd: the
             # closure reads η where it holds them, so autograd follows η wherever they are.
             body = step_body(lambda q, eta: self.rebuilt_loss(m, step, q, replace=replace), step.rule,
-                             step.used, state=step.state, carried=carried, gradient=gradient, rule_rng=step.rule_rng)
+                             step.used, state=step.state, carried=carried, gradient=gradient, around_rule=step.rule_as_taken)
             (new_params, new_state), (loss, _) = body(params, meta, moving)
             if loss is not None:
                 self.check(m, new_params, loss, eta_out)
@@ -346,7 +346,7 @@ class Products:
                     loss, grads, eta = self.rebuild(m, step, params, create_graph=False)
             with torch.enable_grad():
                 new, new_state = tr.update(step.rule, step.params, {n: g.detach() for n, g in grads.items()},
-                                           step.state, True, step.rule_rng)
+                                           step.state, True, step.rule_as_taken)
             if loss is not None or step.graph is not None:  # (a kept gradient: the update is run again)
                 self.check(m, new, step.loss if loss is None else loss, eta)
         return step_size_vjp(new, meta, u, new_state if carried else None, state_adjoint) or [None] * len(meta)
@@ -416,7 +416,7 @@ class Products:
                     step.frozen().replaying():
                 loss = step.frozen()(tr.model_at(params))
                 grads = loss_grads(loss, params, create_graph=True, step=m, used=step.used)
-                tr.update(step.rule, params, grads, step.state, None, step.rule_rng)
+                tr.update(step.rule, params, grads, step.state, None, step.rule_as_taken)
 
         return saved_bytes(build, params.values())
 

@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
            "global_names", "indirect_reads", "library", "loaded_globals", "locate", "methods_called",
-           "modules_reached", "read_names"]
+           "modules_reached", "read_names", "rule_reads"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -187,6 +187,20 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
                 todo.append((f"{name}.{method.__name__}", method, method_names, depth))
                 todo.append((name, value, method_names, depth + 1))  # the methods it calls on the object
     return reads[:room]
+
+
+def rule_reads(rule: Any) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
+    """What an update rule of the user's reads that its frozen copy at a step does not hold
+    (:class:`metagrad.step.RuleFreezer` keeps its own attributes as they were): the globals its
+    step and the functions it calls read (a scale a schedule sets, ``SCALE``), and the numbers of
+    objects it holds (``self.cfg.scale``), with their values now (:func:`indirect_reads`).
+    ``[]`` for a rule of library code (:mod:`metagrad.optim`'s)."""
+    if library(type(rule)):
+        return []
+    step = getattr(type(rule), "step", None)
+    names = read_names(step.__code__) if type(step) is types.FunctionType else frozenset()
+    found = indirect_reads([("inner_opt", rule)], names | {"step"}, MAX_READS)
+    return [read for read in found if not (read[1] is rule and len(read[2]) == 1)]  # (its own: frozen)
 
 
 def modules_reached(roots: list[tuple[str, Any]]) -> list[tuple[str, torch.nn.Module]]:

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .errors import sparse_gradient
 from .discovery import MetaGrads, add_meta, graph_inputs
-from .frozen import Frozen
+from .frozen import Frozen, reads_changed, replaying_reads
 from .generators import RandomState
 from .update_rule import Params, State, UpdateRule, checked_step
 
@@ -57,6 +57,9 @@ class StepRecord:
     rng: Optional[RandomState] = None
     #: The generator states the update rule started from, if it drew random numbers (SGLD's noise).
     rule_rng: Optional[RandomState] = None
+    #: What the update rule read that its frozen copy does not hold (a global its step reads), with
+    #: the values then (:func:`metagrad.reads.rule_reads`).
+    rule_reads: Sequence[tuple[str, Any, tuple[Any, ...], Any]] = ()
     #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
     once: Optional[str] = None
     #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
@@ -86,9 +89,17 @@ class StepRecord:
         them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`; one whose call
         wrote a list or dict it captures, :attr:`Frozen.live <metagrad.frozen.Frozen.live>`)."""
         if (self.graph is not None or self.rng is not None or self.rule_rng is not None or self.closure is None
-                or self.alone or self.closure.live or self.closure.read_changed()):
+                or self.alone or self.closure.live or self.closure.read_changed() or reads_changed(self.rule_reads)):
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
+
+    @contextlib.contextmanager
+    def rule_as_taken(self) -> Iterator[None]:
+        """Run the update rule, in a rebuild, as the step ran it: from the generator states it
+        drew from (:attr:`rule_rng`) and with what it read set back (:attr:`rule_reads`)."""
+        with self.rule_rng.replay() if self.rule_rng is not None else contextlib.nullcontext(), \
+                replaying_reads(self.rule_reads):
+            yield
 
 
 #: ``gradient(loss_of, w) -> (∇loss_of(w), loss_of(w))``: how a step body takes its inner gradient
@@ -143,7 +154,7 @@ def eta_grads_of(grads: Params, count: int) -> tuple[Params, list[torch.Tensor]]
 def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: State,
               carried: Sequence[int] = (), gradient: Gradient = functional_gradient,
               rule_eta: Optional[Mapping[int, int]] = None, eta_grads: bool = False,
-              rule_rng: Optional[RandomState] = None) -> Body:
+              around_rule: Optional[Callable[[], ContextManager[Any]]] = None) -> Body:
     """The one body of an inner step, ``Φ(φ, s; η) = rule(φ, ∇_φ ℓ(φ; η), s)``.
 
     ``body(φ, η, s)`` takes the fast weights, the explicit η ``loss_at`` reads, and the
@@ -156,8 +167,8 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
     step size) to its index in η: the body's rule holds ``η[k]`` there (:func:`rule_with`).
     ``eta_grads``: the gradient is taken in the explicit η too, in the same call, and returned
     with the fast weights' (:func:`eta_grads_of` splits them; the replay check's
-    :class:`~metagrad.replay.EtaProbes`). ``rule_rng``: the generator states the rule started
-    from at the step, where it drew random numbers (eager bodies only: :meth:`StepRecord.batch_key`)."""
+    :class:`~metagrad.replay.EtaProbes`). ``around_rule``: the context the rule runs in, as the
+    step ran it (:meth:`StepRecord.rule_as_taken`; eager bodies only: :meth:`StepRecord.batch_key`)."""
     leaves, spec = pytree.tree_flatten(state)
 
     def body(q: Params, eta: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
@@ -174,7 +185,7 @@ def step_body(loss_at: LossAt, rule: UpdateRule, used: Sequence[str], *, state: 
             full[i] = t
         step_rule = rule if not rule_eta else rule_with(rule, {i: eta[k] for i, k in rule_eta.items()})
         given = pytree.tree_unflatten(full, spec)
-        with rule_rng.replay() if rule_rng is not None else contextlib.nullcontext():
+        with around_rule() if around_rule is not None else contextlib.nullcontext():
             new_q, new_s = checked_step(step_rule, q, given, lambda: step_rule.step(q, grads, given))
         return (dict(new_q), new_s), (loss, both if eta_grads else grads)
 

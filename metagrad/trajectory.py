@@ -44,6 +44,7 @@ from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once,
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, freeze
 from .generators import RandomState, Source, rule_draws, rule_sources, step_sources
+from .reads import rule_reads
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .numerics import at_precision, tolerance
@@ -344,6 +345,7 @@ class Trajectory(OnTape):
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, rule_rng=rule_rng, once=once, modes=self._modes(),
+                          rule_reads=() if self.differentiable else rule_reads(rule),
                           autocast=precision, graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)
@@ -356,14 +358,14 @@ class Trajectory(OnTape):
         return self.etas.scale(self.tape.steps.values(), self.length)
 
     def update(self, rule: UpdateRule, params: Params, grads: Params, state: State,
-                rule_meta: Optional[bool], rng: Optional[RandomState] = None) -> tuple[Params, State]:
+                rule_meta: Optional[bool], around: Optional[Callable[[], Any]] = None) -> tuple[Params, State]:
         """One update of the rule, with the proximal term's gradient ``λ(φ − θ)`` added (Implicit's
         inner problem), with grad enabled where the rule may hold η of its own (a step size that
         requires grad; ``rule_meta`` unknown or true): its inputs are detached, so the graph
-        reaches only those. A rule seen before without any runs without. ``rng``: the generator
-        states the rule drew from when the step was taken (:attr:`StepRecord.rule_rng`), replayed."""
+        reaches only those. A rule seen before without any runs without. ``around``: for a rebuild,
+        the rule as the step ran it (:meth:`StepRecord.rule_as_taken`: its draws, what it read)."""
         with torch.set_grad_enabled(self.differentiable or rule_meta is not False), \
-                rng.replay() if rng is not None else contextlib.nullcontext():
+                around() if around is not None else contextlib.nullcontext():
             if self.proximal is not None:  # the gradient of (λ/2)‖φ − θ‖²
                 grads = {n: g + self.proximal * (params[n] - self.theta[n]) for n, g in grads.items()}
             return step_in_layout(rule, self.rule, params, grads, state, copy=self.length == 0,  # (φ_0: θ's storage)
@@ -556,7 +558,7 @@ def _recompute(trajectory: Trajectory, start: int, end: int) -> None:
             loss, grads, eta = trajectory.products.rebuild(m, step, leaves, create_graph=False)
         losses.append(loss.detach())
         etas.append(eta)
-        return trajectory.update(step.rule, params, grads, state, False, step.rule_rng)
+        return trajectory.update(step.rule, params, grads, state, False, step.rule_as_taken)
 
     params, _ = trajectory.tape.recompute(start, end, advance)
     if trajectory.replay_rtol is None:

@@ -873,6 +873,66 @@ def test_an_update_rule_that_draws_random_numbers_is_replayed(name, case, sigma,
     assert numpy is None or numpy.random.rand() == after[1]
 
 
+#: A scale the loop sets before each step, read by the rule below as a global.
+RULE_SCALE = 1.0
+
+
+class GlobalScaledSGD:
+    """SGD whose step size is ``lr · RULE_SCALE``, a global the loop sets before each step (a
+    schedule kept outside the rule), with a learned ``lr``."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p if grads.get(n) is None else p - self.lr * RULE_SCALE * grads[n]
+                for n, p in params.items()}, state
+
+
+@pytest.mark.parametrize("name", EXACT)
+@FEW
+@given(case=cases(), lr0=st.sampled_from([0.0, 0.05]))
+def test_an_update_rule_that_reads_a_global_the_loop_changes_is_replayed(name, case, lr0):
+    """A rule of the user's that reads a global the loop sets before each step: each rebuilt
+    update reads the value its step read (set back for the rebuild, as a closure's reads are), so
+    θ's and the learned step size's gradients are the plain unroll's. With a step size learned
+    from zero every rebuilt step agreed with the stored one while the step size's gradient came
+    out wrong (by the ratio of the last scale to each step's), with no error; with a nonzero one
+    the replay check raised."""
+    global RULE_SCALE
+    K, seed = case["K"], case["seed"]
+    batches, xq, yq = data(seed, case["d_in"], case["n"], K)
+    model = mlp(case["d_in"], case["width"], seed)
+    scales = [1.0 + 0.5 * k for k in range(K)]
+
+    lr = torch.tensor(lr0, dtype=D, requires_grad=True)
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    rule, phi = GlobalScaledSGD(lr), dict(theta)
+    for (xb, yb), scale in zip(batches, scales):
+        RULE_SCALE = scale
+        grads = torch.autograd.grad(F.mse_loss(functional(model, phi)(xb), yb), list(phi.values()), create_graph=True)
+        phi, _ = rule.step(phi, dict(zip(phi, grads)), {})
+    expected = torch.autograd.grad(F.mse_loss(functional(model, phi)(xq), yq), [lr, *theta.values()])
+
+    lr_block = torch.tensor(lr0, dtype=D, requires_grad=True)
+    try:
+        with mg.MetaGradient(model, inner_opt=GlobalScaledSGD(lr_block), estimator=estimator(name, K)) as meta:
+            for (xb, yb), scale in zip(batches, scales):
+                RULE_SCALE = scale
+                meta.step(lambda f: F.mse_loss(f(xb), yb))
+            RULE_SCALE = 7.0  # (what the loop leaves there: not what any step read)
+            F.mse_loss(meta.fmodel(xq), yq).backward()
+    finally:
+        RULE_SCALE = 1.0
+    got = torch.cat([lr_block.grad.reshape(1), *(p.grad.reshape(-1) for p in model.parameters())])
+    want = torch.cat([expected[0].reshape(1), *(g.reshape(-1) for g in expected[1:])])
+    assert rel_err(got, want) <= RTOL
+    assert abs(float(lr_block.grad - expected[0])) <= RTOL * max(1.0, abs(float(expected[0])))
+
+
 # ------------------------------------------------------------------ 5. data changed in place
 @pytest.mark.parametrize("name", REBUILDING)
 def test_data_mutated_in_place(name):
