@@ -189,18 +189,30 @@ def indirect_reads(roots: list[tuple[str, Any]], attributes: frozenset[str], roo
     return reads[:room]
 
 
-def rule_reads(rule: Any) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
+def rule_reads(rule: Any, memo: dict[Any, Any]) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
     """What an update rule of the user's reads that its frozen copy at a step does not hold
     (:class:`metagrad.step.RuleFreezer` keeps its own attributes as they were): the globals its
     step and the functions it calls read (a scale a schedule sets, ``SCALE``), and the numbers of
     objects it holds (``self.cfg.scale``), with their values now (:func:`indirect_reads`).
-    ``[]`` for a rule of library code (:mod:`metagrad.optim`'s)."""
+    ``[]`` for a rule of library code (:mod:`metagrad.optim`'s). Where they are is found once per
+    rule object in a block (``memo``, the block's); their values at every step."""
     if library(type(rule)):
         return []
-    step = getattr(type(rule), "step", None)
-    names = read_names(step.__code__) if type(step) is types.FunctionType else frozenset()
-    found = indirect_reads([("inner_opt", rule)], names | {"step"}, MAX_READS)
-    return [read for read in found if not (read[1] is rule and len(read[2]) == 1)]  # (its own: frozen)
+    key = ("reads", id(rule))
+    where = memo.get(key)
+    if where is None:
+        step = getattr(type(rule), "step", None)
+        names = read_names(step.__code__) if type(step) is types.FunctionType else frozenset()
+        found = indirect_reads([("inner_opt", rule)], names | {"step"}, MAX_READS)
+        found = [read for read in found if not (read[1] is rule and len(read[2]) == 1)]  # (its own: frozen)
+        memo[key] = [read[:3] for read in found]
+        return found
+    return [(name, root, path, _as_read(follow(root, path))) for name, root, path in where]
+
+
+def _as_read(value: Any) -> Any:
+    """A value read now as :func:`attribute_reads` keeps it (a tensor by identity and version)."""
+    return TensorRead(value) if isinstance(value, torch.Tensor) else value
 
 
 def modules_reached(roots: list[tuple[str, Any]]) -> list[tuple[str, torch.nn.Module]]:

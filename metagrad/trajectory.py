@@ -43,7 +43,7 @@ from .batched import Batched
 from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once, closure_shape
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, freeze
-from .generators import RandomState, Source, rule_draws, rule_sources, step_sources
+from .generators import RandomState, rule_draws, rule_sources, step_sources
 from .reads import rule_reads
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
@@ -124,7 +124,7 @@ class Trajectory(OnTape):
         self.submodules = list(module.modules())
         self.layout = Layout.of(module)
         self.device = next(iter(theta.values())).device if theta else torch.device("cpu")
-        self.sources: dict[Any, tuple[Source, ...]] = {}  # (the generators steps reach: step_sources)
+        self.sources: dict[Any, Any] = {}  # (what steps reach, found once: step_sources, rule_reads)
         #: Each step's update rule as it was when the step was taken (schedules, :class:`RuleFreezer`).
         self._frozen_rule = RuleFreezer()
         #: θ's own Parameters, by id (a loss that reaches them was built from the module itself).
@@ -345,7 +345,7 @@ class Trajectory(OnTape):
         step = StepRecord(params=self.tape.current,  # detached unless differentiable
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, rule_rng=rule_rng, once=once, modes=self._modes(),
-                          rule_reads=() if self.differentiable else rule_reads(rule),
+                          rule_reads=() if self.differentiable else rule_reads(rule, self.sources),
                           autocast=precision, graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)
