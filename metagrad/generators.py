@@ -167,30 +167,32 @@ def merged(*groups: tuple[Source, ...]) -> tuple[Source, ...]:
     return tuple(found.values())
 
 
-def step_sources(memo: dict[Any, tuple[Source, ...]], frozen: Any, module: torch.nn.Module) -> tuple[Source, ...]:
+def step_sources(memo: dict[Any, Any], frozen: Any, module: torch.nn.Module) -> tuple[Source, ...]:
     """The generators a step of the frozen closure ``frozen`` may draw from: those its code
     reaches (:meth:`~metagrad.frozen.Frozen.generators`) and those the forward of ``module``'s
     own classes reaches. Found at the first step of each closure structure (``frozen.key``) of a
     block, ``memo`` being the block's: the values a structure holds are the same objects for
     the block's life, and the walk through the user's code costs more than a step's other
     bookkeeping (a trainer object's methods)."""
-    sources = memo.get(frozen.key)
+    sources: Optional[tuple[Source, ...]] = memo.get(frozen.key, (None, None))[1]
     if sources is None:
         model = memo.get(None)
         if model is None:
             model = memo[None] = generators_reached(module.named_modules())
-        sources = memo[frozen.key] = merged(frozen.generators(), model)
+        sources = merged(frozen.generators(), model)
+        memo[frozen.key] = (frozen, sources)  # (held with it: the ids in its key stay their objects')
     return sources
 
 
-def rule_sources(memo: dict[Any, tuple[Source, ...]], rule: Any) -> tuple[Source, ...]:
+def rule_sources(memo: dict[Any, Any], rule: Any) -> tuple[Source, ...]:
     """The generators besides torch's default ones that an update rule's ``step`` reaches (a
     noisy rule of the user's drawing from NumPy), found once per rule object in a block
     (``memo``, the block's)."""
     key = ("rule", id(rule))
-    found = memo.get(key)
+    found: Optional[tuple[Source, ...]] = memo.get(key, (None, None))[1]  # (held with the rule: its id stays its own)
     if found is None:
-        found = memo[key] = generators_reached([("rule", rule)], frozenset(("step",)))
+        found = generators_reached([("rule", rule)], frozenset(("step",)))
+        memo[key] = (rule, found)
     return found
 
 

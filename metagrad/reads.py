@@ -199,13 +199,13 @@ def rule_reads(rule: Any, memo: dict[Any, Any]) -> list[tuple[str, Any, tuple[An
     if library(type(rule)):
         return []
     key = ("reads", id(rule))
-    where = memo.get(key)
+    where = memo.get(key, (None, None))[1]  # (the rule is held with it: its id stays its own)
     if where is None:
         step = getattr(type(rule), "step", None)
         names = read_names(step.__code__) if type(step) is types.FunctionType else frozenset()
         found = indirect_reads([("inner_opt", rule)], names | {"step"}, MAX_READS)
         found = [read for read in found if not (read[1] is rule and len(read[2]) == 1)]  # (its own: frozen)
-        memo[key] = [read[:3] for read in found]
+        memo[key] = (rule, [read[:3] for read in found])
         return found
     return [(name, root, path, _as_read(follow(root, path))) for name, root, path in where]
 
