@@ -878,24 +878,31 @@ RULE_SCALE = 1.0
 
 
 class GlobalScaledSGD:
-    """SGD whose step size is ``lr · RULE_SCALE``, a global the loop sets before each step (a
-    schedule kept outside the rule), with a learned ``lr``."""
+    """SGD whose step size is ``lr`` times a scale the loop sets before each step (a schedule
+    kept outside the rule): the global ``RULE_SCALE``, or ``self.cfg.scale`` of an object it
+    holds; with a learned ``lr``."""
 
-    def __init__(self, lr):
-        self.lr = lr
+    def __init__(self, lr, cfg=None):
+        self.lr, self.cfg = lr, cfg
 
     def init(self, params):
         return {}
 
     def step(self, params, grads, state):
-        return {n: p if grads.get(n) is None else p - self.lr * RULE_SCALE * grads[n]
+        scale = RULE_SCALE if self.cfg is None else self.cfg.scale
+        return {n: p if grads.get(n) is None else p - self.lr * scale * grads[n]
                 for n, p in params.items()}, state
 
 
+class _Schedule:
+    scale = 1.0
+
+
 @pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("where", ["global", "object"])
 @FEW
 @given(case=cases(), lr0=st.sampled_from([0.0, 0.05]))
-def test_an_update_rule_that_reads_a_global_the_loop_changes_is_replayed(name, case, lr0):
+def test_an_update_rule_that_reads_a_global_the_loop_changes_is_replayed(name, where, case, lr0):
     """A rule of the user's that reads a global the loop sets before each step: each rebuilt
     update reads the value its step read (set back for the rebuild, as a closure's reads are), so
     θ's and the learned step size's gradients are the plain unroll's. With a step size learned
@@ -908,22 +915,31 @@ def test_an_update_rule_that_reads_a_global_the_loop_changes_is_replayed(name, c
     model = mlp(case["d_in"], case["width"], seed)
     scales = [1.0 + 0.5 * k for k in range(K)]
 
+    cfg = _Schedule() if where == "object" else None
+
+    def set_scale(value):
+        global RULE_SCALE
+        if cfg is None:
+            RULE_SCALE = value
+        else:
+            cfg.scale = value
+
     lr = torch.tensor(lr0, dtype=D, requires_grad=True)
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    rule, phi = GlobalScaledSGD(lr), dict(theta)
+    rule, phi = GlobalScaledSGD(lr, cfg), dict(theta)
     for (xb, yb), scale in zip(batches, scales):
-        RULE_SCALE = scale
+        set_scale(scale)
         grads = torch.autograd.grad(F.mse_loss(functional(model, phi)(xb), yb), list(phi.values()), create_graph=True)
         phi, _ = rule.step(phi, dict(zip(phi, grads)), {})
     expected = torch.autograd.grad(F.mse_loss(functional(model, phi)(xq), yq), [lr, *theta.values()])
 
     lr_block = torch.tensor(lr0, dtype=D, requires_grad=True)
     try:
-        with mg.MetaGradient(model, inner_opt=GlobalScaledSGD(lr_block), estimator=estimator(name, K)) as meta:
+        with mg.MetaGradient(model, inner_opt=GlobalScaledSGD(lr_block, cfg), estimator=estimator(name, K)) as meta:
             for (xb, yb), scale in zip(batches, scales):
-                RULE_SCALE = scale
+                set_scale(scale)
                 meta.step(lambda f: F.mse_loss(f(xb), yb))
-            RULE_SCALE = 7.0  # (what the loop leaves there: not what any step read)
+            set_scale(7.0)  # (what the loop leaves there: not what any step read)
             F.mse_loss(meta.fmodel(xq), yq).backward()
     finally:
         RULE_SCALE = 1.0
