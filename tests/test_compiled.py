@@ -321,6 +321,44 @@ def test_dropout_steps_are_replayed_eagerly():
     assert relative(results[1], results[0]) < 1e-10
 
 
+class _NoisySGD:
+    """SGLD's ``φ − αg + σξ`` with a learned noise scale σ."""
+
+    def __init__(self, lr, sigma):
+        self.lr, self.sigma = lr, sigma
+
+    def init(self, params):
+        return {}
+
+    def step(self, params, grads, state):
+        return {n: p - self.lr * grads[n] + self.sigma * torch.randn_like(p) for n, p in params.items()}, state
+
+
+def test_numpy_draws_in_the_closure_and_a_noisy_rule_are_replayed_under_compile():
+    """A closure that draws from NumPy's global generator and a rule that draws from torch's
+    (σ learned from zero, where no rebuilt step's value shows a draw not replayed): compiled
+    Checkpointed equals eager Full, for θ and σ."""
+    np = pytest.importorskip("numpy")
+    model = make_model(seed=3)
+    task = tasks(1, 3, seed=9)[0]
+    batches, xq, yq = task
+    results = []
+    for estimator, compile in ((mg.Full(), False), (mg.Checkpointed(), TRACED)):
+        for p in model.parameters():
+            p.grad = None
+        sigma = torch.zeros((), dtype=DT, requires_grad=True)
+        torch.manual_seed(4)
+        np.random.seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mg.MetaGradientWarning)  # (a closure that draws runs eagerly)
+            with mg.MetaGradient(model, _NoisySGD(0.05, sigma), estimator=estimator, compile=compile) as meta:
+                for x, y in batches:
+                    meta.step(lambda f: F.mse_loss(f(x + torch.from_numpy(0.1 * np.random.standard_normal(tuple(x.shape)))), y))
+                F.mse_loss(meta.fmodel(xq), yq).backward()
+        results.append(torch.cat([sigma.grad.reshape(1), *(p.grad.reshape(-1) for p in model.parameters())]))
+    assert relative(results[1], results[0]) < 1e-10
+
+
 def test_a_closure_that_cannot_be_compiled_keeps_the_random_numbers_of_a_later_step():
     """A closure that cannot be compiled (a branch on a tensor's value) runs eagerly after its
     compiled call is refused; a later step of it that draws random numbers (dropout, the model
