@@ -43,6 +43,7 @@ from .discovery import MetaGrads, add_meta, reaches
 from .attention import math_attention
 from .memory import saved_bytes
 from .numerics import inexact
+from .frozen import replaying_reads
 from .generators import RandomState
 from .update_rule import Params, UpdateRule
 from .replay import ReplayError, check_norms, check_reads, refuse_twice, step_norms
@@ -383,7 +384,7 @@ class Products:
             refuse_twice(m, step.once)
         try:
             with self.as_taken(step.rng, step.modes, step.autocast), differentiated_twice(create_graph), \
-                    step.frozen().replaying():
+                    step.frozen().replaying(), replaying_reads(step.model_reads):
                 return step.frozen().call(replace or {}, tr.model_at(params, fixed or None))
         except NestedBlockError:
             raise

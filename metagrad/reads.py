@@ -24,7 +24,7 @@ import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
            "global_names", "indirect_reads", "library", "loaded_globals", "locate", "methods_called",
-           "modules_reached", "read_names", "rule_reads"]
+           "model_reads", "modules_reached", "read_names", "rule_reads"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -206,6 +206,22 @@ def rule_reads(rule: Any, memo: dict[Any, Any]) -> list[tuple[str, Any, tuple[An
         found = indirect_reads([("inner_opt", rule)], names | {"step"}, MAX_READS)
         found = [read for read in found if not (read[1] is rule and len(read[2]) == 1)]  # (its own: frozen)
         memo[key] = (rule, [read[:3] for read in found])
+        return found
+    return [(name, root, path, _as_read(follow(root, path))) for name, root, path in where]
+
+
+def model_reads(module: torch.nn.Module, memo: dict[Any, Any]) -> list[tuple[str, Any, tuple[Any, ...], Any]]:
+    """What the forward of the module's own classes reads besides the fast weights, which a step's
+    closure reaches through the model it is given rather than by capturing it: numbers of the
+    modules (``self.temp``, annealed between steps) and the globals of their forward and the
+    functions it calls (:func:`indirect_reads`), with their values now. Where they are is found
+    once per block (``memo``, the block's); their values at every step. ``[]`` for a model of
+    library modules only."""
+    where = memo.get("model reads")
+    if where is None:
+        roots = [(name or "model", sub) for name, sub in module.named_modules() if not library(type(sub))]
+        found = indirect_reads(roots, frozenset(), MAX_READS) if roots else []
+        memo["model reads"] = [read[:3] for read in found]
         return found
     return [(name, root, path, _as_read(follow(root, path))) for name, root, path in where]
 

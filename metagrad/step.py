@@ -60,6 +60,9 @@ class StepRecord:
     #: What the update rule read that its frozen copy does not hold (a global its step reads), with
     #: the values then (:func:`metagrad.reads.rule_reads`).
     rule_reads: Sequence[tuple[str, Any, tuple[Any, ...], Any]] = ()
+    #: What the forward of the model's own classes read (``self.temp``), with the values then
+    #: (:func:`metagrad.reads.model_reads`): set back for a rebuild of the closure.
+    model_reads: Sequence[tuple[str, Any, tuple[Any, ...], Any]] = ()
     #: The loss came through a node that cannot be differentiated twice: which one, or ``None``.
     once: Optional[str] = None
     #: ``training`` of every submodule when the step was taken (dropout, BatchNorm's mode).
@@ -89,7 +92,8 @@ class StepRecord:
         them back, :meth:`Frozen.replaying <metagrad.frozen.Frozen.replaying>`; one whose call
         wrote a list or dict it captures, :attr:`Frozen.live <metagrad.frozen.Frozen.live>`)."""
         if (self.graph is not None or self.rng is not None or self.rule_rng is not None or self.closure is None
-                or self.alone or self.closure.live or self.closure.read_changed() or reads_changed(self.rule_reads)):
+                or self.alone or self.closure.live or self.closure.read_changed() or reads_changed(self.rule_reads)
+                or reads_changed(self.model_reads)):
             return None
         return (self.closure.key, id(self.rule), self.used, self.modes, self.autocast)
 

@@ -44,7 +44,7 @@ from .discovery import MetaGrads, MetaParameters, Seen, add_meta, backward_once,
 from .fmodel import FunctionalModel, Layout
 from .frozen import Frozen, freeze
 from .generators import RandomState, rule_draws, rule_sources, step_sources
-from .reads import rule_reads
+from .reads import model_reads, rule_reads
 from .update_rule import Params, State, UpdateRule, step_in_layout
 from .products import Products
 from .numerics import at_precision, tolerance
@@ -346,6 +346,7 @@ class Trajectory(OnTape):
                           state=self.tape.state, closure=closure, rule=rule, used=used,
                           loss=loss.detach(), rng=rng, rule_rng=rule_rng, once=once, modes=self._modes(),
                           rule_reads=() if self.differentiable else rule_reads(rule, self.sources),
+                          model_reads=() if self.differentiable else model_reads(self.module, self.sources),
                           autocast=precision, graph=graph, alone=alone)
         if eta_grads:
             self.etas.keep(step, eta_grads)

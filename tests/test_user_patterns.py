@@ -949,6 +949,50 @@ def test_an_update_rule_that_reads_a_global_the_loop_changes_is_replayed(name, w
     assert abs(float(lr_block.grad - expected[0])) <= RTOL * max(1.0, abs(float(expected[0])))
 
 
+class Tempered(nn.Module):
+    """A model of the user's class whose forward divides its hidden layer by ``self.temp``, a
+    number the loop anneals between inner steps."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.first, self.rest, self.temp = body[0], body[1:], 1.0
+
+    def forward(self, x):
+        return self.rest(self.first(x) / self.temp)
+
+
+@pytest.mark.parametrize("name", ALL)
+@FEW
+@given(case=cases())
+def test_a_model_attribute_the_loop_anneals_between_steps(name, case):
+    """``model.temp`` set before each inner step (a temperature annealed inside the inner loop),
+    read by the forward of the model's own class: each rebuilt step reads the value its step
+    read (set back for the rebuild, as a closure's reads are), so every estimator is the plain
+    unroll's; it raised ReplayError before."""
+    K, lr, seed = case["K"], case["lr"], case["seed"]
+    batches, xq, yq = data(seed, case["d_in"], case["n"], K)
+    model = Tempered(mlp(case["d_in"], case["width"], seed))
+    temps = [1.0 + 0.5 * k for k in range(K)]
+
+    def inner(fm, k):
+        model.temp = temps[k]
+        xb, yb = batches[k]
+        return F.mse_loss(fm(xb), yb)
+
+    def query(fm):
+        model.temp = 1.0
+        return F.mse_loss(fm(xq), yq)
+
+    expected = sgd_reference(model, inner, query, K, lr, name)
+    with mg.MetaGradient(model, inner_opt=mg.optim.SGD(lr=lr), estimator=estimator(name, K)) as meta:
+        for (xb, yb), temp in zip(batches, temps):
+            model.temp = temp
+            meta.step(lambda f: F.mse_loss(f(xb), yb))
+        model.temp = 1.0
+        F.mse_loss(meta.fmodel(xq), yq).backward()
+    assert_matches(model, expected)
+
+
 # ------------------------------------------------------------------ 5. data changed in place
 @pytest.mark.parametrize("name", REBUILDING)
 def test_data_mutated_in_place(name):
