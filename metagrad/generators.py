@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from .reads import cell_contents, library, loaded_globals, methods_called, read_names
+from .reads import cell_contents, imported_modules, library, loaded_globals, methods_called, read_names
 
 __all__ = ["RandomState", "Source", "generators_reached", "merged", "rule_draws", "rule_sources", "step_sources"]
 
@@ -218,14 +218,15 @@ _KINDS: dict[type, str] = {}
 
 
 def _held(function: types.FunctionType, name: str, depth: int) -> list[tuple[str, Any, int, frozenset[str]]]:
-    """What a user's function holds in its cells and reads as globals, one call deeper, with the
-    names its code reads."""
+    """What a user's function holds in its cells, reads as globals and imports as it runs (a
+    module imported inside it: ``import numpy``), one call deeper, with the names its code reads."""
     code = function.__code__
     names = read_names(code)
     cells = [(n, cell_contents(c)) for n, c in zip(code.co_freevars, function.__closure__ or ())]
     namespace = function.__globals__
     return [(n, v, depth + 1, names) for n, v in cells] + [
-        (n, namespace[n], depth + 1, names) for n in loaded_globals(code) if n in namespace]
+        (n, namespace[n], depth + 1, names) for n in loaded_globals(code) if n in namespace] + [
+        (n, sys.modules[n], depth + 1, names) for n in imported_modules(code) if n in sys.modules]
 
 
 def _equal(a: Any, b: Any) -> bool:

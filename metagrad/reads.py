@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["MAX_READS", "MISSING", "SCALARS", "Described", "TensorRead", "attribute_reads", "cell_contents", "follow",
-           "global_names", "indirect_reads", "library", "loaded_globals", "locate", "methods_called",
+           "global_names", "imported_modules", "indirect_reads", "library", "loaded_globals", "locate", "methods_called",
            "model_reads", "modules_reached", "read_names", "rule_reads"]
 
 
@@ -59,6 +59,13 @@ def read_names(code: types.CodeType) -> frozenset[str]:
     itself, a counter or a log, which a rebuild changes again, is not a value it was given."""
     written = {i.argval for i in _instructions(code) if i.opname in _WRITES}
     return frozenset(global_names(code)) - written
+
+
+@functools.lru_cache(maxsize=1024)
+def imported_modules(code: types.CodeType) -> tuple[str, ...]:
+    """The modules the code, and code nested in it, imports as it runs (``import numpy`` inside a
+    function; ``from random import gauss``): what it reads as a global is not all it reaches."""
+    return tuple(dict.fromkeys(i.argval for i in _instructions(code) if i.opname == "IMPORT_NAME"))
 
 
 def _instructions(code: types.CodeType) -> Iterator[dis.Instruction]:

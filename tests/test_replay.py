@@ -335,8 +335,9 @@ def test_generators_reached_are_those_the_code_draws_from():
     """metagrad.generators finds the generators besides torch's default ones from the closure's
     code: Python's random module, NumPy's global generator where the code reads ``.random``
     (not ``np.sqrt``, which draws nothing: capturing NumPy's state would cost every step),
-    generator objects held or read through a helper; none for the OS's entropy or a closure
-    that draws from nothing; and the caller's states are put back after a replay."""
+    generator objects held or read through a helper, modules a helper imports as it runs; none
+    for the OS's entropy or a closure that draws from nothing; and the caller's states are put
+    back after a replay."""
     import random
 
     import numpy as np
@@ -358,6 +359,22 @@ def test_generators_reached_are_those_the_code_draws_from():
     assert kinds(lambda f: f(x).sum() * np.random.rand()) == ["numpy"]
     assert kinds(lambda f: f(x).sum() * random.random()) == ["python"]
     assert kinds(lambda f: f(helper(x)).sum()) == ["numpy.Generator"]
+
+    def imports_numpy(a):  # (a module imported as the function runs is reached too)
+        import numpy
+        return a * numpy.random.rand()
+
+    def imports_gauss(a):
+        from random import gauss
+        return a * gauss(0.0, 1.0)
+
+    def imports_numpy_for_math(a):
+        import numpy
+        return a * numpy.sqrt(2.0)
+
+    assert kinds(lambda f: f(imports_numpy(x)).sum()) == ["numpy"]
+    assert kinds(lambda f: f(imports_gauss(x)).sum()) == ["python"]
+    assert kinds(lambda f: f(imports_numpy_for_math(x)).sum()) == []
     assert kinds(lambda f: f(x).sum() * random.SystemRandom().random()) == ["python"]  # (the module)
     system = random.SystemRandom()
     assert kinds(lambda f: f(x).sum() * system.random()) == []
