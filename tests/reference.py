@@ -536,6 +536,29 @@ class SGDRule:
         return [p - _per_param(self.lr, i) * g for i, (p, g) in enumerate(zip(params, grads))], (state[0] + 1,)
 
 
+class NoisySGD:
+    """SGLD's step ``φ ← φ − α g + σ ξ`` over name→tensor dicts (an update rule of the user's, as
+    ``MetaGradient`` and ``meta_grad`` take it), ``ξ`` drawn from torch's generator or, with
+    ``source="numpy"``, NumPy's global one; σ may be a learned tensor. A parameter without a
+    gradient is left as it is."""
+
+    def __init__(self, lr, sigma, source: str = "torch") -> None:
+        self.lr, self.sigma, self.source = lr, sigma, source
+
+    def init(self, params):
+        return {}
+
+    def noise(self, p: Tensor) -> Tensor:
+        if self.source == "numpy":
+            import numpy
+            return torch.from_numpy(numpy.random.standard_normal(tuple(p.shape))).to(p.dtype)
+        return torch.randn_like(p)
+
+    def step(self, params, grads, state):
+        return {n: p if grads.get(n) is None else p - self.lr * grads[n] + self.sigma * self.noise(p)
+                for n, p in params.items()}, state
+
+
 class MomentumRule:
     """``torch.optim.SGD(lr, momentum, dampening, nesterov, weight_decay)``: with
     ``g ← g + wd·φ``, ``b ← g`` at the first step, else ``b ← μb + (1 − dampening)g``;

@@ -24,6 +24,11 @@ import metagrad as mg
 import metagrad.compiled as compiled_cache
 from metagrad.numerics import at_precision, relative_tolerance
 
+try:
+    from reference import NoisySGD
+except ImportError:  # collected as a package (pytest --import-mode=importlib, python -m pytest from elsewhere)
+    from tests.reference import NoisySGD
+
 DT = torch.float64
 HIDDEN = 8
 SHOTS = 6
@@ -321,19 +326,6 @@ def test_dropout_steps_are_replayed_eagerly():
     assert relative(results[1], results[0]) < 1e-10
 
 
-class _NoisySGD:
-    """SGLD's ``φ − αg + σξ`` with a learned noise scale σ."""
-
-    def __init__(self, lr, sigma):
-        self.lr, self.sigma = lr, sigma
-
-    def init(self, params):
-        return {}
-
-    def step(self, params, grads, state):
-        return {n: p - self.lr * grads[n] + self.sigma * torch.randn_like(p) for n, p in params.items()}, state
-
-
 def test_numpy_draws_in_the_closure_and_a_noisy_rule_are_replayed_under_compile():
     """A closure that draws from NumPy's global generator and a rule that draws from torch's
     (σ learned from zero, where no rebuilt step's value shows a draw not replayed): compiled
@@ -351,7 +343,7 @@ def test_numpy_draws_in_the_closure_and_a_noisy_rule_are_replayed_under_compile(
         np.random.seed(5)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mg.MetaGradientWarning)  # (a closure that draws runs eagerly)
-            with mg.MetaGradient(model, _NoisySGD(0.05, sigma), estimator=estimator, compile=compile) as meta:
+            with mg.MetaGradient(model, NoisySGD(0.05, sigma), estimator=estimator, compile=compile) as meta:
                 for x, y in batches:
                     meta.step(lambda f: F.mse_loss(f(x + torch.from_numpy(0.1 * np.random.standard_normal(tuple(x.shape)))), y))
                 F.mse_loss(meta.fmodel(xq), yq).backward()

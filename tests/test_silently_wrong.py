@@ -27,6 +27,11 @@ from torch.utils.checkpoint import checkpoint
 import metagrad as mg
 import metagrad.loss_checks as loss_checks
 
+try:
+    from reference import NoisySGD
+except ImportError:  # collected as a package (pytest --import-mode=importlib, python -m pytest from elsewhere)
+    from tests.reference import NoisySGD
+
 DT = torch.float64
 
 
@@ -237,19 +242,6 @@ def test_an_update_rule_with_python_state_in_the_functional_face_is_exact_with_f
     loss_fn(params, (xq, yq)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(g[n], p.grad, rtol=1e-10, atol=1e-12)
-
-
-class NoisySGD:
-    """SGLD's step ``φ − αg + σξ`` with a noise scale σ the caller learns (passed in ``meta``)."""
-
-    def __init__(self, lr, sigma):
-        self.lr, self.sigma = lr, sigma
-
-    def init(self, params):
-        return {}
-
-    def step(self, params, grads, state):
-        return {n: p - self.lr * grads[n] + self.sigma * torch.randn_like(p) for n, p in params.items()}, state
 
 
 @pytest.mark.parametrize("estimator", [mg.Checkpointed(), mg.FirstOrder(), mg.Truncated(2),

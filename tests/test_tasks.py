@@ -17,6 +17,11 @@ from hypothesis import given, settings, strategies as st
 
 import metagrad as mg
 
+try:
+    from reference import NoisySGD
+except ImportError:  # collected as a package (pytest --import-mode=importlib, python -m pytest from elsewhere)
+    from tests.reference import NoisySGD
+
 DT = torch.float64
 HIDDEN = 6
 
@@ -628,23 +633,13 @@ def test_a_rule_that_mixes_the_tasks_is_refused_and_an_elementwise_one_runs():
     assert relative(got, hand_unroll(model, 0.1, batches, lam)) < 1e-10
 
 
-class _NoisyStep:
-    """SGLD: the update adds noise drawn from torch's generator."""
-
-    def init(self, params):
-        return {}
-
-    def step(self, params, grads, state):
-        return {n: p - 0.1 * grads[n] + 0.01 * torch.randn_like(p) for n, p in params.items()}, state
-
-
 def test_a_rule_that_draws_random_numbers_over_tasks_is_refused_naming_the_one_task_block():
     """vmap refuses random operations, so a noisy rule cannot be checked task by task: the error
     says the rule draws and that a block per task replays its draws (not torch's words alone)."""
     model = make_model(11)
     lam = torch.tensor(0.05, dtype=DT, requires_grad=True)
-    with pytest.raises(ValueError, match="inner_opt: _NoisyStep's step draws random numbers .* without tasks="):
-        block_over_tasks(model, mg.Checkpointed(), _NoisyStep(), data(2, 2, seed=15), lam)
+    with pytest.raises(ValueError, match="inner_opt: NoisySGD's step draws random numbers .* without tasks="):
+        block_over_tasks(model, mg.Checkpointed(), NoisySGD(0.1, 0.01), data(2, 2, seed=15), lam)
     assert all(p.grad is None for p in model.parameters()) and lam.grad is None
 
 

@@ -40,6 +40,11 @@ from torch.func import functional_call
 
 import metagrad as mg
 
+try:
+    from reference import NoisySGD
+except ImportError:  # collected as a package (pytest --import-mode=importlib, python -m pytest from elsewhere)
+    from tests.reference import NoisySGD
+
 D = torch.float64
 RTOL = 1e-10
 
@@ -807,26 +812,6 @@ def test_draws_from_python_numpy_and_own_generators_over_tasks(name):
 
 
 # ------------------------------------------------------------------ 4c. an update rule that draws
-class NoisyRule:
-    """SGLD-style ``φ ← φ − α g + σ ξ``, ``ξ`` from torch's generator or NumPy's global one, with a
-    learned noise scale σ (a tensor that requires grad: an η the rule holds)."""
-
-    def __init__(self, lr, sigma, source):
-        self.lr, self.sigma, self.source = lr, sigma, source
-
-    def init(self, params):
-        return {}
-
-    def noise(self, p):
-        if self.source == "numpy":
-            return torch.from_numpy(numpy.random.standard_normal(tuple(p.shape)))
-        return torch.randn_like(p)
-
-    def step(self, params, grads, state):
-        return {n: p if grads.get(n) is None else p - self.lr * grads[n] + self.sigma * self.noise(p)
-                for n, p in params.items()}, state
-
-
 EXACT = [name for name in ALL if restart(name) is None]
 
 
@@ -852,7 +837,7 @@ def test_an_update_rule_that_draws_random_numbers_is_replayed(name, case, sigma,
     seed_all()
     s = torch.tensor(sigma, dtype=D, requires_grad=True)
     theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    rule, phi = NoisyRule(lr, s, source), dict(theta)
+    rule, phi = NoisySGD(lr, s, source), dict(theta)
     for xb, yb in batches:
         grads = torch.autograd.grad(F.mse_loss(functional(model, phi)(xb), yb), list(phi.values()), create_graph=True)
         phi, _ = rule.step(phi, dict(zip(phi, grads)), {})
@@ -861,7 +846,7 @@ def test_an_update_rule_that_draws_random_numbers_is_replayed(name, case, sigma,
 
     seed_all()
     sigma_block = torch.tensor(sigma, dtype=D, requires_grad=True)
-    with mg.MetaGradient(model, inner_opt=NoisyRule(lr, sigma_block, source), estimator=estimator(name, K)) as meta:
+    with mg.MetaGradient(model, inner_opt=NoisySGD(lr, sigma_block, source), estimator=estimator(name, K)) as meta:
         for xb, yb in batches:
             meta.step(lambda f: F.mse_loss(f(xb), yb))
         F.mse_loss(meta.fmodel(xq), yq).backward()
